@@ -1,0 +1,53 @@
+# xnet: make build | test | demo | bench | generate | install
+GO      ?= go
+BIN     := bin/xnetd
+PREFIX  ?= /usr/local
+# Tests create network namespaces and load BPF programs: they need root. They run one package
+# at a time per CPU and each names what it creates uniquely, so packages may run in parallel.
+TESTFLAGS ?= -count=1 -timeout 12m
+
+.PHONY: all build test vet lint unit demo bench generate check-generated install clean deps
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/xnetd
+
+vet:
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+lint: vet
+	$(GO) tool staticcheck ./...
+
+unit:
+	$(GO) test $(TESTFLAGS) ./...
+
+# The README's test command: formatting, vet, staticcheck, then every test (as root).
+test: lint unit
+
+# A 3-host cluster in network namespaces with an embedded etcd; cleans up on exit and Ctrl-C.
+demo: build
+	$(GO) run ./test/cmd/demo -xnetd $(BIN)
+
+# The benchmark protocol of DESIGN.md; installs iperf3 from Debian if it is missing.
+bench: build
+	@command -v iperf3 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3)
+	$(GO) run ./test/cmd/bench -xnetd $(BIN) -out bench
+
+# Rebuild the BPF objects and their Go bindings (needs clang, llvm, libbpf-dev).
+generate:
+	$(GO) generate ./bpf/...
+
+# CI: the committed generated files must be what `make generate` produces.
+check-generated: generate
+	@git diff --exit-code --stat -- bpf/ || (echo "generated BPF files are stale: run 'make generate' and commit"; exit 1)
+
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/xnetd
+	install -D -m 0644 packaging/xnetd.service $(DESTDIR)/etc/systemd/system/xnetd.service
+	install -D -m 0644 packaging/docker-xnet.conf $(DESTDIR)/etc/systemd/system/docker.service.d/xnet.conf
+	install -D -m 0644 packaging/config.json $(DESTDIR)/etc/xnet/config.json.example
+
+clean:
+	rm -rf bin

@@ -1,0 +1,96 @@
+// Package subnetmgr is xnet's control plane: it reads the network config from etcd, leases one
+// subnet per host, renews that lease, and streams every host's lease to the caller as events.
+//
+// The etcd schema is flannel's (see DESIGN.md), so a host running flannel and a host running xnet
+// share one etcd and one prefix. This package owns the etcd keys, the lease JSON, the config JSON
+// and the subnet/Docker files; it knows nothing about datapaths (that is package backend).
+package subnetmgr
+
+import (
+	"encoding/json"
+	"net/netip"
+	"time"
+)
+
+// Backend types accepted in the config's Backend.Type and on the --backend flag.
+const (
+	BackendEBPF   = "ebpf"
+	BackendVXLAN  = "vxlan"
+	BackendUDP    = "udp"
+	BackendHostGW = "host-gw"
+)
+
+// Config is the operator's <prefix>/config, validated and with flannel's defaults filled in.
+type Config struct {
+	Network   netip.Prefix
+	SubnetLen int
+	SubnetMin netip.Addr
+	SubnetMax netip.Addr
+	Backend   BackendConfig
+}
+
+// BackendConfig is the config's "Backend" object. VNI and Port default to 1 and 8472.
+type BackendConfig struct {
+	Type string
+	VNI  int
+	Port int
+}
+
+// Lease is one host's subnet as stored under <prefix>/subnets/<a.b.c.d>-<len>.
+type Lease struct {
+	Subnet      netip.Prefix
+	PublicIP    netip.Addr
+	BackendType string          // "vxlan" for every VXLAN-speaking backend, "host-gw" otherwise
+	BackendData json.RawMessage // {"VNI":1,"VtepMAC":"..."} for vxlan; may be null
+	// Expiration is when the etcd lease behind the key runs out; zero for a reservation
+	// (a key with no TTL), which xnetd never takes unless its PublicIP is ours.
+	Expiration time.Time
+}
+
+// VXLANData is the BackendData of a lease whose BackendType is "vxlan".
+type VXLANData struct {
+	VNI     int    `json:"VNI"`
+	VtepMAC string `json:"VtepMAC"`
+}
+
+// EventType says what happened to a lease.
+type EventType int
+
+const (
+	EventAdded EventType = iota + 1
+	EventRemoved
+	EventChanged
+)
+
+func (t EventType) String() string {
+	switch t {
+	case EventAdded:
+		return "added"
+	case EventRemoved:
+		return "removed"
+	case EventChanged:
+		return "changed"
+	}
+	return "unknown"
+}
+
+// Event is one change to the set of leases. For EventRemoved, Lease holds the last known value.
+type Event struct {
+	Type  EventType
+	Lease Lease
+}
+
+// LeaseAttrs is what a host publishes in its lease.
+type LeaseAttrs struct {
+	PublicIP    netip.Addr
+	BackendType string
+	BackendData json.RawMessage
+}
+
+// SubnetFile is the content of /run/xnet/subnet.env and /run/xnet/docker.
+type SubnetFile struct {
+	Network netip.Prefix // the overlay Network
+	Subnet  netip.Prefix // our lease; files show its first host address as gateway (10.244.5.1/24)
+	MTU     int
+	IPMasq  bool
+}
