@@ -1,0 +1,409 @@
+// Package vxlan is xnet's kernel VXLAN backend: one Linux vxlan device (xnet.<VNI>, xnet.1 by
+// default) programmed exactly as flannel's vxlan backend programs flannel.<VNI>, so that a host
+// running this backend and a host running flannel reach each other's containers. It is the
+// compatibility reference for the ebpf backend and the fallback when BPF cannot load.
+//
+// It owns the device, its address, and the per-peer route, neighbour and fdb entries on it. It
+// does not own leases (package subnetmgr), masquerading (package ipmasq), or the underlay NIC.
+//
+// Design history (why it looks like flannel's):
+//
+// flannel's first vxlan backend answered the kernel's L2/L3 miss notifications from user space:
+// a restarted or slow daemon meant lost packets. Since flannel 0.9 it programs everything up
+// front and the kernel never asks: per peer, one route, one permanent neighbour and one fdb
+// entry:
+//
+//	ip route replace <peer subnet> via <peer subnet addr> dev xnet.1 onlink
+//	ip neigh replace <peer subnet addr> lladdr <peer VtepMAC> dev xnet.1 nud permanent
+//	bridge fdb replace <peer VtepMAC> dev xnet.1 dst <peer PublicIP> self permanent
+//
+// The route sends a remote subnet's traffic to a gateway address that exists only as a
+// neighbour entry (the peer's subnet address, e.g. 10.244.5.0), the neighbour entry gives the
+// inner destination MAC (the peer's VTEP MAC), and the fdb entry maps that MAC to the peer's
+// underlay address. Nothing is learned, so nothing times out and a restart changes nothing.
+//
+// We differ from flannel in one deliberate way: the device MAC is backend.VtepMAC(PublicIP), not
+// random. flannel keeps whatever MAC an existing device has and publishes it; we derive it, so a
+// host whose device was deleted (reboot, teardown) comes back with the MAC its peers already have.
+// flannel also writes net.ipv6.conf.<dev>.accept_ra=0; we run IPv4 only and skip it, because
+// /proc/sys follows the calling thread's netns and the backend may run through a handle bound to
+// another namespace.
+package vxlan
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// Defaults of the config's Backend.VNI and Backend.Port (Linux's and flannel's).
+const (
+	DefaultVNI  = 1
+	DefaultPort = 8472
+)
+
+// ErrIncompatiblePeer marks a peer lease this backend cannot program: not BackendType "vxlan",
+// or BackendData that is not {"VNI":..,"VtepMAC":".."}. The daemon logs it and moves on.
+var ErrIncompatiblePeer = errors.New("peer lease cannot be programmed by the vxlan backend")
+
+// DeviceName is the vxlan device for a VNI: "xnet.1" by default, as flannel names its own
+// "flannel.<VNI>".
+func DeviceName(vni int) string { return fmt.Sprintf("xnet.%d", vni) }
+
+// Backend is the kernel VXLAN backend. Its methods are safe for concurrent use.
+type Backend struct {
+	iface  backend.ExternalInterface
+	vni    int
+	port   int
+	log    *slog.Logger
+	nl     *netlink.Handle
+	ownsNL bool
+
+	mu      sync.Mutex
+	setup   bool
+	local   subnetmgr.Lease
+	network netip.Prefix
+	dev     int // ifindex of our vxlan device once Setup ran
+	// peers is what this process programmed per peer subnet, so a changed lease (new MAC or
+	// PublicIP) can have its old fdb entry removed. After a restart it is empty and RemovePeer
+	// falls back to the lease and the neighbour table.
+	peers map[netip.Prefix]peer
+}
+
+// peer is the part of a lease the datapath depends on.
+type peer struct {
+	subnet   netip.Prefix
+	publicIP netip.Addr
+	mac      net.HardwareAddr
+}
+
+// New builds the backend for opts. It works in the network namespace the calling thread is in
+// when New is called (it opens its netlink socket there). It returns an error wrapping
+// backend.ErrUnavailable when the kernel has no vxlan support (see probeKernel).
+func New(opts backend.Options) (backend.Backend, error) {
+	if err := probeKernel(sysModuleDir, kernelModulesDir()); err != nil {
+		return nil, err
+	}
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("vxlan: open netlink socket: %w", err)
+	}
+	b, err := newBackend(opts, h)
+	if err != nil {
+		h.Close()
+		return nil, err
+	}
+	b.ownsNL = true
+	return b, nil
+}
+
+// NewWithHandle builds the backend on a netlink handle the caller owns (for example one made
+// with netlink.NewHandleAt for another network namespace, as the tests do). Close does not
+// close h. It does not probe for kernel support: Setup reports it.
+func NewWithHandle(opts backend.Options, h *netlink.Handle) (*Backend, error) {
+	if h == nil {
+		return nil, errors.New("vxlan: NewWithHandle needs a netlink handle, got nil")
+	}
+	return newBackend(opts, h)
+}
+
+func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
+	if opts.Iface.Index <= 0 || opts.Iface.Name == "" {
+		return nil, fmt.Errorf("vxlan: external interface not resolved (name %q, index %d): pass --iface or let the daemon pick the default-route interface", opts.Iface.Name, opts.Iface.Index)
+	}
+	if !opts.Iface.PublicIP.Is4() {
+		return nil, fmt.Errorf("vxlan: PublicIP %v is not an IPv4 address: set --public-ip", opts.Iface.PublicIP)
+	}
+	if opts.Iface.MTU <= backend.VXLANOverhead {
+		return nil, fmt.Errorf("vxlan: interface %s MTU %d leaves no room for the %d-byte VXLAN overhead", opts.Iface.Name, opts.Iface.MTU, backend.VXLANOverhead)
+	}
+	vni, port := opts.Config.Backend.VNI, opts.Config.Backend.Port
+	if vni == 0 {
+		vni = DefaultVNI
+	}
+	if port == 0 {
+		port = DefaultPort
+	}
+	if vni < 0 || vni > 1<<24-1 {
+		return nil, fmt.Errorf("vxlan: Backend.VNI %d out of range: use 1..16777215", vni)
+	}
+	if port < 0 || port > 65535 {
+		return nil, fmt.Errorf("vxlan: Backend.Port %d out of range: use 1..65535", port)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Backend{
+		iface: opts.Iface,
+		vni:   vni,
+		port:  port,
+		log:   log.With("backend", "vxlan", "device", DeviceName(vni)),
+		nl:    h,
+		peers: map[netip.Prefix]peer{},
+	}, nil
+}
+
+// LeaseAttrs publishes BackendType "vxlan" with our VNI and VTEP MAC.
+func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
+	data, err := backend.VXLANLeaseData(b.vni, b.iface.PublicIP)
+	if err != nil {
+		return "", nil, err
+	}
+	return subnetmgr.BackendVXLAN, data, nil
+}
+
+// MTU is the underlay MTU minus the VXLAN overhead.
+func (b *Backend) MTU() int { return backend.OverlayMTU(b.iface.MTU) }
+
+// Setup creates (or adopts) the vxlan device, gives it our subnet's network address as a /32
+// and brings it up. Calling it again is harmless.
+func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
+	if !local.Subnet.IsValid() || !local.Subnet.Addr().Is4() {
+		return fmt.Errorf("vxlan: our lease has no IPv4 subnet (%v)", local.Subnet)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	link, err := b.ensureDevice()
+	if err != nil {
+		return err
+	}
+	if err := b.ensureAddress(link, local.Subnet.Masked(), cfg.Network); err != nil {
+		return err
+	}
+	if err := b.nl.LinkSetUp(link); err != nil {
+		return fmt.Errorf("vxlan: set %s up: %w", link.Name, err)
+	}
+	b.setup = true
+	b.local = local
+	b.network = cfg.Network
+	b.dev = link.Index
+	b.log.Info("vxlan device ready", "vni", b.vni, "port", b.port, "local", b.iface.PublicIP,
+		"underlay", b.iface.Name, "mtu", link.MTU, "mac", link.HardwareAddr.String(),
+		"address", netip.PrefixFrom(local.Subnet.Masked().Addr(), 32))
+	return nil
+}
+
+// AddPeer programs the route, neighbour and fdb entry for one remote lease, replacing whatever
+// was there for that subnet. Our own lease is ignored. A lease that is not "vxlan" or whose
+// BackendData is malformed is logged and skipped with an error wrapping ErrIncompatiblePeer.
+func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return fmt.Errorf("vxlan: AddPeer(%v) before Setup", lease.Subnet)
+	}
+	if b.isOwn(lease) {
+		b.log.Debug("ignoring our own lease", "subnet", lease.Subnet)
+		return nil
+	}
+	p, err := b.parsePeer(lease)
+	if err != nil {
+		b.log.Warn("skipping peer lease", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
+		return err
+	}
+	if old, ok := b.peers[p.subnet]; ok && old.mac.String() != p.mac.String() {
+		// The fdb is keyed by MAC: a peer that changed MAC leaves its old entry behind unless
+		// we remove it. A changed PublicIP with the same MAC is handled by the replace below.
+		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(old))); err != nil {
+			b.log.Warn("removing old fdb entry of changed peer", "subnet", p.subnet, "mac", old.mac.String(), "err", err)
+		}
+	}
+	// Order as flannel: neighbour, fdb, then the route, so the kernel never resolves the
+	// gateway by ARP (it would never get an answer).
+	if err := b.nl.NeighSet(b.neighEntry(p)); err != nil {
+		return fmt.Errorf("vxlan: peer %v: neigh replace %v lladdr %v dev %s: %w", p.subnet, p.subnet.Addr(), p.mac, DeviceName(b.vni), err)
+	}
+	if err := b.nl.NeighSet(b.fdbEntry(p)); err != nil {
+		_ = b.nl.NeighDel(b.neighEntry(p))
+		return fmt.Errorf("vxlan: peer %v: fdb replace %v dst %v: %w", p.subnet, p.mac, p.publicIP, err)
+	}
+	route := b.route(p.subnet)
+	if err := b.nl.RouteReplace(route); err != nil {
+		_ = b.nl.NeighDel(b.neighEntry(p))
+		_ = b.nl.NeighDel(b.fdbEntry(p))
+		return fmt.Errorf("vxlan: peer %v: route replace %v via %v onlink: %w", p.subnet, p.subnet, p.subnet.Addr(), err)
+	}
+	b.peers[p.subnet] = p
+	b.log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String())
+	return nil
+}
+
+// RemovePeer deletes what AddPeer programmed for the lease's subnet. Entries already gone are
+// not an error. It works after a restart too: the VTEP MAC comes from what this process
+// programmed, else from the lease, else from the neighbour entry on the device.
+func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return fmt.Errorf("vxlan: RemovePeer(%v) before Setup", lease.Subnet)
+	}
+	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
+		return fmt.Errorf("vxlan: RemovePeer: lease has no IPv4 subnet (%v)", lease.Subnet)
+	}
+	if b.isOwn(lease) {
+		return nil
+	}
+	subnet := lease.Subnet.Masked()
+	p, known := b.peers[subnet]
+	if !known {
+		p = peer{subnet: subnet, publicIP: lease.PublicIP}
+		if parsed, err := b.parsePeer(lease); err == nil {
+			p = parsed
+		} else {
+			p.mac = b.neighMAC(subnet.Addr())
+		}
+	}
+	var errs []error
+	if err := ignoreMissing(b.nl.RouteDel(b.route(subnet))); err != nil {
+		errs = append(errs, fmt.Errorf("route del %v: %w", subnet, err))
+	}
+	if err := ignoreMissing(b.nl.NeighDel(b.neighEntry(p))); err != nil {
+		errs = append(errs, fmt.Errorf("neigh del %v: %w", subnet.Addr(), err))
+	}
+	if p.mac != nil && p.publicIP.IsValid() {
+		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(p))); err != nil {
+			errs = append(errs, fmt.Errorf("fdb del %v dst %v: %w", p.mac, p.publicIP, err))
+		}
+	}
+	delete(b.peers, subnet)
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("vxlan: remove peer %v: %w", subnet, err)
+	}
+	b.log.Debug("peer removed", "subnet", subnet, "public_ip", p.publicIP)
+	return nil
+}
+
+// Close releases the netlink socket. With teardown it also deletes the device, which takes
+// its address, routes, neighbours and fdb entries with it; without, the datapath keeps
+// forwarding for a restarted daemon to adopt.
+func (b *Backend) Close(teardown bool) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var err error
+	if teardown {
+		err = b.deleteDevice()
+	}
+	if b.ownsNL && b.nl != nil {
+		b.nl.Close()
+		b.nl = nil
+	}
+	b.setup = false
+	return err
+}
+
+func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
+	return b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet.Masked()
+}
+
+// parsePeer checks a lease is something we can program and extracts what we need.
+func (b *Backend) parsePeer(lease subnetmgr.Lease) (peer, error) {
+	bad := func(format string, args ...any) (peer, error) {
+		return peer{}, fmt.Errorf("vxlan: lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
+	}
+	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
+		return bad("subnet is not IPv4")
+	}
+	if !lease.PublicIP.Is4() {
+		return bad("PublicIP is not IPv4")
+	}
+	if lease.BackendType != subnetmgr.BackendVXLAN {
+		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendVXLAN)
+	}
+	var data subnetmgr.VXLANData
+	if len(lease.BackendData) == 0 || string(lease.BackendData) == "null" {
+		return bad("BackendData is empty, want {\"VNI\":..,\"VtepMAC\":\"..\"}")
+	}
+	if err := json.Unmarshal(lease.BackendData, &data); err != nil {
+		return bad("BackendData %s: %v", lease.BackendData, err)
+	}
+	mac, err := net.ParseMAC(data.VtepMAC)
+	if err != nil || len(mac) != 6 {
+		return bad("BackendData VtepMAC %q is not an Ethernet MAC", data.VtepMAC)
+	}
+	if mac[0]&1 == 1 {
+		return bad("BackendData VtepMAC %q is a multicast MAC", data.VtepMAC)
+	}
+	if data.VNI != 0 && data.VNI != b.vni {
+		// flannel programs such a peer anyway; so do we, but the peer will drop what we send.
+		b.log.Warn("peer publishes another VNI; its traffic will not match ours", "subnet", lease.Subnet, "peer_vni", data.VNI, "our_vni", b.vni)
+	}
+	return peer{subnet: lease.Subnet.Masked(), publicIP: lease.PublicIP, mac: mac}, nil
+}
+
+// route is "<subnet> via <subnet addr> dev xnet.1 onlink".
+func (b *Backend) route(subnet netip.Prefix) *netlink.Route {
+	r := &netlink.Route{
+		LinkIndex: b.dev,
+		Scope:     netlink.SCOPE_UNIVERSE,
+		Dst:       prefixToIPNet(subnet),
+		Gw:        net.IP(subnet.Addr().AsSlice()),
+	}
+	r.SetFlag(netlink.FLAG_ONLINK)
+	return r
+}
+
+// neighEntry is the permanent ARP entry for the peer's gateway address.
+func (b *Backend) neighEntry(p peer) *netlink.Neigh {
+	return &netlink.Neigh{
+		LinkIndex:    b.dev,
+		State:        netlink.NUD_PERMANENT,
+		Type:         unix.RTN_UNICAST,
+		IP:           net.IP(p.subnet.Addr().AsSlice()),
+		HardwareAddr: p.mac,
+	}
+}
+
+// fdbEntry maps the peer's VTEP MAC to its underlay address.
+func (b *Backend) fdbEntry(p peer) *netlink.Neigh {
+	return &netlink.Neigh{
+		LinkIndex:    b.dev,
+		State:        netlink.NUD_PERMANENT,
+		Family:       unix.AF_BRIDGE,
+		Flags:        netlink.NTF_SELF,
+		IP:           net.IP(p.publicIP.AsSlice()),
+		HardwareAddr: p.mac,
+	}
+}
+
+// neighMAC looks up the MAC of a neighbour on our device, nil if there is none.
+func (b *Backend) neighMAC(ip netip.Addr) net.HardwareAddr {
+	neighs, err := b.nl.NeighList(b.dev, unix.AF_INET)
+	if err != nil {
+		return nil
+	}
+	for _, n := range neighs {
+		if a, ok := netip.AddrFromSlice(n.IP); ok && a.Unmap() == ip {
+			return n.HardwareAddr
+		}
+	}
+	return nil
+}
+
+// ignoreMissing turns "no such entry" into success: deleting is idempotent.
+func ignoreMissing(err error) error {
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENODEV) {
+		return nil
+	}
+	return err
+}
+
+func prefixToIPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+var _ backend.Backend = (*Backend)(nil)
