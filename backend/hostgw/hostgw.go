@@ -1,0 +1,265 @@
+// Package hostgw is xnet's host-gw backend: no encapsulation, one static route per peer,
+//
+//	ip route replace <peer subnet> via <peer PublicIP> dev <iface>
+//
+// as flannel's host-gw backend (and the seed tutorial's static-route mode) does. It only works
+// when every host is on one L2 segment: the peer's PublicIP must be a neighbour on our NIC. A
+// peer that is not (its PublicIP is outside every connected subnet of the NIC) is logged and
+// refused with ErrUnreachablePeer instead of leaving a route the kernel would reject or
+// blackhole. It is also the throughput ceiling the benchmark compares the others to.
+//
+// It owns the routes to peer subnets on the underlay NIC. It does not own the NIC, its
+// addresses, leases (package subnetmgr) or masquerading (package ipmasq).
+package hostgw
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// ErrUnreachablePeer marks a peer whose PublicIP is not on our L2 segment: host-gw cannot route
+// to it. Put the hosts on one segment or use an encapsulating backend.
+var ErrUnreachablePeer = errors.New("peer is not on this host's L2 segment")
+
+// Backend is the host-gw backend. Its methods are safe for concurrent use.
+type Backend struct {
+	iface  backend.ExternalInterface
+	log    *slog.Logger
+	nl     *netlink.Handle
+	ownsNL bool
+
+	mu      sync.Mutex
+	setup   bool
+	local   subnetmgr.Lease
+	network netip.Prefix
+}
+
+// New builds the backend. It works in the network namespace the calling thread is in when New
+// is called (its netlink socket is opened there). Every Linux kernel can run it.
+func New(opts backend.Options) (backend.Backend, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("host-gw: open netlink socket: %w", err)
+	}
+	b, err := newBackend(opts, h)
+	if err != nil {
+		h.Close()
+		return nil, err
+	}
+	b.ownsNL = true
+	return b, nil
+}
+
+// NewWithHandle builds the backend on a netlink handle the caller owns (for example one made
+// with netlink.NewHandleAt for another network namespace). Close does not close h.
+func NewWithHandle(opts backend.Options, h *netlink.Handle) (*Backend, error) {
+	if h == nil {
+		return nil, errors.New("host-gw: NewWithHandle needs a netlink handle, got nil")
+	}
+	return newBackend(opts, h)
+}
+
+func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
+	if opts.Iface.Index <= 0 || opts.Iface.Name == "" {
+		return nil, fmt.Errorf("host-gw: external interface not resolved (name %q, index %d): pass --iface", opts.Iface.Name, opts.Iface.Index)
+	}
+	if !opts.Iface.PublicIP.Is4() {
+		return nil, fmt.Errorf("host-gw: PublicIP %v is not an IPv4 address: set --public-ip", opts.Iface.PublicIP)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Backend{iface: opts.Iface, log: log.With("backend", "host-gw", "iface", opts.Iface.Name), nl: h}, nil
+}
+
+// LeaseAttrs publishes BackendType "host-gw" and no backend data, as flannel does.
+func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
+	return subnetmgr.BackendHostGW, json.RawMessage("null"), nil
+}
+
+// MTU is the NIC's: nothing is added to packets.
+func (b *Backend) MTU() int { return b.iface.MTU }
+
+// Setup checks the NIC is still the one we were built for. host-gw needs no device.
+func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
+	if !local.Subnet.IsValid() || !local.Subnet.Addr().Is4() {
+		return fmt.Errorf("host-gw: our lease has no IPv4 subnet (%v)", local.Subnet)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	link, err := b.nl.LinkByIndex(b.iface.Index)
+	if err != nil {
+		return fmt.Errorf("host-gw: interface %s (index %d): %w", b.iface.Name, b.iface.Index, err)
+	}
+	if link.Attrs().Name != b.iface.Name {
+		return fmt.Errorf("host-gw: interface index %d is now %q, not %q: restart to re-detect the interface", b.iface.Index, link.Attrs().Name, b.iface.Name)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.setup = true
+	b.local = local
+	b.network = cfg.Network
+	b.log.Info("host-gw ready", "subnet", local.Subnet, "public_ip", b.iface.PublicIP)
+	return nil
+}
+
+// AddPeer routes the peer's subnet via its PublicIP on our NIC, replacing any route we had for
+// that subnet. Our own lease is ignored. The peer's BackendType is not checked (flannel routes
+// to the PublicIP of any lease); a non-host-gw peer is only noted at debug level.
+func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return fmt.Errorf("host-gw: AddPeer(%v) before Setup", lease.Subnet)
+	}
+	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() || !lease.PublicIP.Is4() {
+		return fmt.Errorf("host-gw: lease %v (PublicIP %v) is not IPv4: skipped", lease.Subnet, lease.PublicIP)
+	}
+	if b.isOwn(lease) {
+		return nil
+	}
+	if lease.BackendType != subnetmgr.BackendHostGW {
+		b.log.Debug("routing to a peer of another backend type", "subnet", lease.Subnet, "type", lease.BackendType)
+	}
+	onLink, err := b.onOurSegment(lease.PublicIP)
+	if err != nil {
+		return err
+	}
+	if !onLink {
+		err := fmt.Errorf("host-gw: lease %v: PublicIP %v is not in any subnet of %s, so it is unreachable in host-gw mode: put the hosts on one L2 segment or use the vxlan/ebpf backend: %w",
+			lease.Subnet, lease.PublicIP, b.iface.Name, ErrUnreachablePeer)
+		b.log.Warn("peer unreachable in host-gw mode", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
+		return err
+	}
+	r := b.route(lease.Subnet.Masked())
+	r.Gw = net.IP(lease.PublicIP.AsSlice())
+	if err := b.nl.RouteReplace(r); err != nil {
+		return fmt.Errorf("host-gw: route replace %v via %v dev %s: %w", lease.Subnet, lease.PublicIP, b.iface.Name, err)
+	}
+	b.log.Debug("peer routed", "subnet", lease.Subnet, "via", lease.PublicIP)
+	return nil
+}
+
+// RemovePeer deletes our route to the lease's subnet, whatever gateway it has now (the lease
+// in a removal event may be older than the route). A missing route is not an error.
+func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return fmt.Errorf("host-gw: RemovePeer(%v) before Setup", lease.Subnet)
+	}
+	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
+		return fmt.Errorf("host-gw: RemovePeer: lease has no IPv4 subnet (%v)", lease.Subnet)
+	}
+	if b.isOwn(lease) {
+		return nil
+	}
+	if err := ignoreMissing(b.nl.RouteDel(b.route(lease.Subnet.Masked()))); err != nil {
+		return fmt.Errorf("host-gw: route del %v dev %s: %w", lease.Subnet, b.iface.Name, err)
+	}
+	return nil
+}
+
+// Close releases the netlink socket. With teardown it also deletes every gatewayed route on our
+// NIC into the overlay Network (ours by construction, including those of an earlier run).
+func (b *Backend) Close(teardown bool) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var err error
+	if teardown && b.setup && b.network.IsValid() {
+		err = b.deleteRoutes()
+	}
+	if b.ownsNL && b.nl != nil {
+		b.nl.Close()
+		b.nl = nil
+	}
+	b.setup = false
+	return err
+}
+
+func (b *Backend) deleteRoutes() error {
+	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.iface.Index}, netlink.RT_FILTER_OIF)
+	if err != nil {
+		return fmt.Errorf("host-gw: list routes on %s for teardown: %w", b.iface.Name, err)
+	}
+	var errs []error
+	for _, r := range routes {
+		if r.Dst == nil || r.Gw == nil {
+			continue
+		}
+		dst := ipNetToPrefix(r.Dst)
+		if !b.network.Contains(dst.Addr()) || dst.Bits() < b.network.Bits() {
+			continue
+		}
+		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {
+			errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("host-gw: teardown: %w", err)
+	}
+	return nil
+}
+
+// onOurSegment reports whether ip is inside a subnet of an IPv4 address on our NIC, i.e. a
+// neighbour the kernel can resolve by ARP.
+func (b *Backend) onOurSegment(ip netip.Addr) (bool, error) {
+	link, err := b.nl.LinkByIndex(b.iface.Index)
+	if err != nil {
+		return false, fmt.Errorf("host-gw: interface %s: %w", b.iface.Name, err)
+	}
+	addrs, err := b.nl.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return false, fmt.Errorf("host-gw: addresses of %s: %w", b.iface.Name, err)
+	}
+	for _, a := range addrs {
+		if p := ipNetToPrefix(a.IPNet); p.IsValid() && p.Masked().Contains(ip) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
+	return b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet.Masked()
+}
+
+// route is the key of our route to a peer subnet: destination and our NIC.
+func (b *Backend) route(subnet netip.Prefix) *netlink.Route {
+	return &netlink.Route{
+		LinkIndex: b.iface.Index,
+		Dst:       &net.IPNet{IP: net.IP(subnet.Addr().AsSlice()), Mask: net.CIDRMask(subnet.Bits(), 32)},
+	}
+}
+
+func ignoreMissing(err error) error {
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
+		return nil
+	}
+	return err
+}
+
+func ipNetToPrefix(n *net.IPNet) netip.Prefix {
+	if n == nil {
+		return netip.Prefix{}
+	}
+	a, _ := netip.AddrFromSlice(n.IP)
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones)
+}
+
+var _ backend.Backend = (*Backend)(nil)

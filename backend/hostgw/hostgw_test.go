@@ -1,0 +1,180 @@
+package hostgw
+
+import (
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+var testNetwork = subnetmgr.Config{
+	Network:   netip.MustParsePrefix("10.244.0.0/16"),
+	SubnetLen: 24,
+	Backend:   subnetmgr.BackendConfig{Type: "host-gw"},
+}
+
+// subnetOf is host i's lease subnet: 10.244.(i+1).0/24.
+func subnetOf(i int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
+}
+
+func leaseOf(i int, h *testHost) subnetmgr.Lease {
+	return subnetmgr.Lease{Subnet: subnetOf(i), PublicIP: h.iface.PublicIP, BackendType: "host-gw", BackendData: json.RawMessage("null")}
+}
+
+func startBackend(t *testing.T, i int, h *testHost) *Backend {
+	t.Helper()
+	b, err := NewWithHandle(backend.Options{Iface: h.iface, Config: testNetwork, Logger: testLogger(t)}, h.nl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Setup(t.Context(), leaseOf(i, h), testNetwork); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close(true) })
+	return b
+}
+
+// overlayRoutes is `ip route` restricted to the overlay Network, one route per line.
+func overlayRoutes(t *testing.T, h *testHost) []string {
+	t.Helper()
+	var routes []string
+	for l := range strings.SplitSeq(h.sh(t, "ip", "-4", "route", "show", "root", "10.244.0.0/16"), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			routes = append(routes, l)
+		}
+	}
+	return routes
+}
+
+func wantRoutes(t *testing.T, h *testHost, want ...string) {
+	t.Helper()
+	got := overlayRoutes(t, h)
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("overlay routes:\n got  %q\n want %q", got, want)
+	}
+}
+
+func TestLeaseAttrsAndMTU(t *testing.T) {
+	h := newHosts(t, 1)[0]
+	b := startBackend(t, 0, h)
+	typ, data, err := b.LeaseAttrs()
+	if err != nil || typ != "host-gw" || string(data) != "null" {
+		t.Errorf("LeaseAttrs = %q %s %v, want host-gw null", typ, data, err)
+	}
+	if b.MTU() != h.iface.MTU {
+		t.Errorf("MTU = %d, want the NIC's %d", b.MTU(), h.iface.MTU)
+	}
+}
+
+func TestPeerSubnetIsRoutedViaItsPublicIP(t *testing.T) {
+	h := newHosts(t, 1)[0]
+	b := startBackend(t, 0, h)
+	peer := func(ip, typ string) subnetmgr.Lease {
+		return subnetmgr.Lease{Subnet: subnetOf(4), PublicIP: netip.MustParseAddr(ip), BackendType: typ}
+	}
+	steps := []struct {
+		name   string
+		do     func() error
+		routes []string
+	}{
+		{"a host-gw peer gets a route", func() error { return b.AddPeer(peer("198.18.0.15", "host-gw")) },
+			[]string{"10.244.5.0/24 via 198.18.0.15 dev eth0"}},
+		{"adding it again changes nothing", func() error { return b.AddPeer(peer("198.18.0.15", "host-gw")) },
+			[]string{"10.244.5.0/24 via 198.18.0.15 dev eth0"}},
+		{"a new PublicIP replaces the route", func() error { return b.AddPeer(peer("198.18.0.16", "host-gw")) },
+			[]string{"10.244.5.0/24 via 198.18.0.16 dev eth0"}},
+		{"a vxlan peer is routed to its PublicIP too (as flannel does)", func() error { return b.AddPeer(peer("198.18.0.17", "vxlan")) },
+			[]string{"10.244.5.0/24 via 198.18.0.17 dev eth0"}},
+		{"our own lease is ignored", func() error { return b.AddPeer(leaseOf(0, h)) },
+			[]string{"10.244.5.0/24 via 198.18.0.17 dev eth0"}},
+		{"removal with an older lease still removes the route", func() error { return b.RemovePeer(peer("198.18.0.15", "host-gw")) },
+			nil},
+		{"removing again is fine", func() error { return b.RemovePeer(peer("198.18.0.15", "host-gw")) },
+			nil},
+	}
+	for _, s := range steps {
+		if err := s.do(); err != nil {
+			t.Fatalf("%s: %v", s.name, err)
+		}
+		t.Run(s.name, func(t *testing.T) { wantRoutes(t, h, s.routes...) })
+	}
+}
+
+func TestPeerOffOurSegmentIsRefusedWithAReason(t *testing.T) {
+	h := newHosts(t, 1)[0]
+	b := startBackend(t, 0, h)
+	far := subnetmgr.Lease{Subnet: subnetOf(7), PublicIP: netip.MustParseAddr("203.0.113.9"), BackendType: "host-gw"}
+	err := b.AddPeer(far)
+	if !errors.Is(err, ErrUnreachablePeer) {
+		t.Fatalf("AddPeer(off-segment peer) = %v, want ErrUnreachablePeer", err)
+	}
+	for _, want := range []string{"10.244.8.0/24", "203.0.113.9", "eth0"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not name %s", err, want)
+		}
+	}
+	wantRoutes(t, h)
+}
+
+func TestTeardownRemovesOverlayRoutesOnly(t *testing.T) {
+	h := newHosts(t, 1)[0]
+	h.sh(t, "ip", "route", "add", "192.0.2.0/24", "via", "198.18.0.1", "dev", "eth0")
+	b := startBackend(t, 0, h)
+	if err := b.AddPeer(subnetmgr.Lease{Subnet: subnetOf(2), PublicIP: netip.MustParseAddr("198.18.0.13"), BackendType: "host-gw"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(false); err != nil {
+		t.Fatal(err)
+	}
+	wantRoutes(t, h, "10.244.3.0/24 via 198.18.0.13 dev eth0")
+
+	b = startBackend(t, 0, h) // a restarted daemon tears down what the last one left
+	if err := b.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	wantRoutes(t, h)
+	if got := h.sh(t, "ip", "route", "show", "192.0.2.0/24"); !strings.Contains(got, "via 198.18.0.1") {
+		t.Errorf("teardown removed a route outside the overlay: %q", got)
+	}
+}
+
+func TestTwoHostsReachEachOtherWithoutEncapsulation(t *testing.T) {
+	hosts := newHosts(t, 2)
+	a, b := hosts[0], hosts[1]
+	// Each host's "container" address lives on its loopback.
+	a.sh(t, "ip", "addr", "add", "10.244.1.1/32", "dev", "lo")
+	b.sh(t, "ip", "addr", "add", "10.244.2.1/32", "dev", "lo")
+	ba, bb := startBackend(t, 0, a), startBackend(t, 1, b)
+	if err := ba.AddPeer(leaseOf(1, b)); err != nil {
+		t.Fatal(err)
+	}
+	if err := bb.AddPeer(leaseOf(0, a)); err != nil {
+		t.Fatal(err)
+	}
+	if err := udpReach(a, netip.MustParseAddr("10.244.1.1"), b, netip.MustParseAddr("10.244.2.1")); err != nil {
+		t.Fatalf("10.244.1.1 on a cannot reach 10.244.2.1 on b: %v", err)
+	}
+	if err := bb.RemovePeer(leaseOf(0, a)); err != nil {
+		t.Fatal(err)
+	}
+	if err := udpReach(a, netip.MustParseAddr("10.244.1.1"), b, netip.MustParseAddr("10.244.2.1")); err == nil {
+		t.Fatal("b still answers 10.244.1.1 after RemovePeer")
+	}
+}
