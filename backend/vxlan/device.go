@@ -52,7 +52,10 @@ func probeKernel(sysModule, modulesDir string) error {
 
 // wantDevice is the device flannel would create:
 //
-//	ip link add xnet.1 type vxlan id 1 dstport 8472 local <PublicIP> dev <iface> nolearning
+//	ip link add xnet.1 type vxlan id 1 dstport 8472 local <iface address> dev <iface> nolearning
+//
+// As in flannel, local is the interface's own address (the outer source must be an address of
+// this host) while the lease publishes PublicIP; they differ only with --public-ip behind NAT.
 func (b *Backend) wantDevice() *netlink.Vxlan {
 	return &netlink.Vxlan{
 		LinkAttrs: netlink.LinkAttrs{
@@ -62,10 +65,18 @@ func (b *Backend) wantDevice() *netlink.Vxlan {
 		},
 		VxlanId:      b.vni,
 		VtepDevIndex: b.iface.Index,
-		SrcAddr:      net.IP(b.iface.PublicIP.AsSlice()),
+		SrcAddr:      net.IP(b.localIP().AsSlice()),
 		Port:         b.port,
 		Learning:     false,
 	}
+}
+
+// localIP is the device's outer source address: the interface's address, else PublicIP.
+func (b *Backend) localIP() netip.Addr {
+	if b.iface.IfaceIP.Is4() {
+		return b.iface.IfaceIP
+	}
+	return b.iface.PublicIP
 }
 
 // ensureDevice adopts an existing compatible device without disturbing it (a restarted daemon
@@ -91,7 +102,7 @@ func (b *Backend) ensureDevice() (*netlink.Vxlan, error) {
 		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EAFNOSUPPORT) {
 			return nil, fmt.Errorf("vxlan: create %s: kernel refuses vxlan links (%v): %w", want.Name, err, backend.ErrUnavailable)
 		}
-		return nil, fmt.Errorf("vxlan: create %s (vni %d dstport %d local %v dev %s): %w", want.Name, b.vni, b.port, b.iface.PublicIP, b.iface.Name, err)
+		return nil, fmt.Errorf("vxlan: create %s (vni %d dstport %d local %v dev %s): %w", want.Name, b.vni, b.port, b.localIP(), b.iface.Name, err)
 	}
 	link, err := b.nl.LinkByName(want.Name)
 	if err != nil {

@@ -192,7 +192,7 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 	b.local = local
 	b.network = cfg.Network
 	b.dev = link.Index
-	b.log.Info("vxlan device ready", "vni", b.vni, "port", b.port, "local", b.iface.PublicIP,
+	b.log.Info("vxlan device ready", "vni", b.vni, "port", b.port, "local", b.localIP(), "public_ip", b.iface.PublicIP,
 		"underlay", b.iface.Name, "mtu", link.MTU, "mac", link.HardwareAddr.String(),
 		"address", netip.PrefixFrom(local.Subnet.Masked().Addr(), 32))
 	return nil

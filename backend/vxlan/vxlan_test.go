@@ -367,3 +367,20 @@ func wantLines(t *testing.T, what, out string, want ...string) {
 }
 
 func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+func TestBehindNATTheDeviceUsesTheInterfaceAddressAndPublishesPublicIP(t *testing.T) {
+	h := newHosts(t, 1)[0]
+	h.iface.PublicIP = mustAddr("203.0.113.7") // --public-ip, not on any interface
+	startBackend(t, 0, h, testNetwork)
+	link, err := h.nl.LinkByName("xnet.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vx := link.(*netlink.Vxlan)
+	if got := vx.SrcAddr.String(); got != "198.18.0.11" {
+		t.Errorf("local %s, want the interface address 198.18.0.11", got)
+	}
+	if got, want := vx.HardwareAddr.String(), backend.VtepMAC(h.iface.PublicIP).String(); got != want {
+		t.Errorf("MAC %s, want VtepMAC(PublicIP) %s, which is what the lease publishes", got, want)
+	}
+}
