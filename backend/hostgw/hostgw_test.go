@@ -104,6 +104,8 @@ func TestPeerSubnetIsRoutedViaItsPublicIP(t *testing.T) {
 			[]string{"10.244.5.0/24 via 198.18.0.17 dev eth0"}},
 		{"our own lease is ignored", func() error { return b.AddPeer(leaseOf(0, h)) },
 			[]string{"10.244.5.0/24 via 198.18.0.17 dev eth0"}},
+		{"an older lease of this host (our PublicIP, another subnet) is ignored", func() error { return b.AddPeer(leaseOf(8, h)) },
+			[]string{"10.244.5.0/24 via 198.18.0.17 dev eth0"}},
 		{"removal with an older lease still removes the route", func() error { return b.RemovePeer(peer("198.18.0.15", "host-gw")) },
 			nil},
 		{"removing again is fine", func() error { return b.RemovePeer(peer("198.18.0.15", "host-gw")) },

@@ -306,8 +306,11 @@ func (b *Backend) Close(teardown bool) error {
 	return err
 }
 
+// isOwn: our lease, or an older lease of this host (our PublicIP, another subnet) that has not
+// expired yet. Programming the latter would send packets back to ourselves.
 func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
-	return b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet.Masked()
+	return (b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet.Masked()) ||
+		lease.PublicIP == b.iface.PublicIP
 }
 
 // parsePeer checks a lease is something we can program and extracts what we need.

@@ -139,6 +139,7 @@ func TestLeasesThatCannotBeProgrammedAreSkipped(t *testing.T) {
 		wantErr bool
 	}{
 		{"our own lease is ignored without error", leaseOf(t, 0, h), false},
+		{"an older lease of this host (our PublicIP) is ignored without error", good(func(l *subnetmgr.Lease) { l.PublicIP = h.iface.PublicIP }), false},
 		{"a host-gw peer", good(func(l *subnetmgr.Lease) { l.BackendType = "host-gw"; l.BackendData = json.RawMessage("null") }), true},
 		{"a udp (flannel's own format) peer", good(func(l *subnetmgr.Lease) { l.BackendType = "udp" }), true},
 		{"null BackendData", good(func(l *subnetmgr.Lease) { l.BackendData = json.RawMessage("null") }), true},
