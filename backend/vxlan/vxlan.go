@@ -294,14 +294,17 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 func (b *Backend) Close(teardown bool) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.nl == nil {
+		return nil // closed already
+	}
 	var err error
 	if teardown {
 		err = b.deleteDevice()
 	}
-	if b.ownsNL && b.nl != nil {
+	if b.ownsNL {
 		b.nl.Close()
-		b.nl = nil
 	}
+	b.nl = nil
 	b.setup = false
 	return err
 }

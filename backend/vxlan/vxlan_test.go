@@ -278,6 +278,12 @@ func TestCloseTeardownDeletesTheDeviceAndOnlyThen(t *testing.T) {
 	if _, err := h.nl.LinkByName("xnet.1"); err == nil {
 		t.Fatal("Close(true) left the device")
 	}
+	if err := b.Close(true); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if err := b.AddPeer(leaseOf(t, 1, h)); err == nil {
+		t.Error("AddPeer after Close succeeded")
+	}
 }
 
 func TestTwoHostsReachEachOtherThroughTheDevice(t *testing.T) {
