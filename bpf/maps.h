@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every map of the datapath, one commented definition each. All are pinned by
+ * name under the loader's bpffs directory (--bpffs, default /sys/fs/bpf/xnet),
+ * with BTF, so `bpftool map dump pinned /sys/fs/bpf/xnet/routes` is readable
+ * and a restarted xnetd finds them again.
+ */
+#ifndef XNET_MAPS_H
+#define XNET_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "xnet.h"
+
+/* routes: remote subnet -> peer (PublicIP, VTEP MAC). One entry per peer
+ * lease. The encap looks up the inner destination; the decap looks up the
+ * inner source to check that the outer source is that lease's PublicIP. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct route_key);
+	__type(value, struct route);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} routes SEC(".maps");
+
+/* peers: per-peer packet and byte counters, keyed by PublicIP (network
+ * order). The Go side creates an entry when a peer appears and deletes it when
+ * the peer goes; the programs only count into existing entries. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, __u32);
+	__type(value, struct peer_stats);
+	__uint(max_entries, 16384);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} peers SEC(".maps");
+
+/* config: this host (one entry). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct host_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config SEC(".maps");
+
+/* counters: packets and bytes per verdict, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct counter);
+	__uint(max_entries, VERDICT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} counters SEC(".maps");
+
+/* endpoints: local container IPv4 (network order) -> its veth, learned from
+ * the packets containers send. A miss only costs a detour through xnet0 and
+ * the host's forwarding, so the map may lag behind Docker. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct endpoint);
+	__uint(max_entries, 16384);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
+#endif /* XNET_MAPS_H */

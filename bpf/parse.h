@@ -1,0 +1,193 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Packet parsing shared by every program: a header cursor advanced by one
+ * parse_* function per protocol (the xdp-tutorial pattern), and the VXLAN
+ * acceptance rules of DESIGN.md in one function, vxlan_classify, that the XDP
+ * and the TC decap both call, so the two hooks can never disagree on what is
+ * ours.
+ *
+ * The functions work on [data, data_end) only, so they run unchanged on an
+ * xdp_md and on an __sk_buff.
+ */
+#ifndef XNET_PARSE_H
+#define XNET_PARSE_H
+
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+
+#include "maps.h"
+
+#ifndef IP_MF
+#define IP_MF 0x2000
+#endif
+#ifndef IP_OFFSET
+#define IP_OFFSET 0x1fff
+#endif
+
+/* The VXLAN header of RFC 7348: flags (I bit = a VNI is present), 24
+ * reserved bits, the 24-bit VNI, 8 reserved bits. */
+struct vxlanhdr {
+	__be32 flags;
+	__be32 vni;
+};
+#define VXLAN_FLAG_I bpf_htonl(0x08000000)
+
+struct hdr_cursor {
+	void *pos;
+};
+
+/* Each parse_* returns the next protocol (or 0) and moves the cursor past the
+ * header, or returns -1 when the header is not entirely inside the packet:
+ * the verifier insists on the bounds check before any field is read, and a
+ * truncated packet must never be read past its end. */
+
+static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end, struct ethhdr **eth)
+{
+	struct ethhdr *h = nh->pos;
+
+	if ((void *)(h + 1) > data_end)
+		return -1;
+	nh->pos = h + 1;
+	*eth = h;
+	return h->h_proto; /* network order */
+}
+
+static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end, struct iphdr **iph)
+{
+	struct iphdr *h = nh->pos;
+	int hdrsize;
+
+	if ((void *)(h + 1) > data_end)
+		return -1;
+	if (h->version != 4)
+		return -1;
+	/* ihl counts 32-bit words and is at least 5; options may follow the
+	 * fixed 20 bytes and must be inside the packet too. */
+	hdrsize = h->ihl * 4;
+	if (hdrsize < (int)sizeof(*h))
+		return -1;
+	if (nh->pos + hdrsize > data_end)
+		return -1;
+	nh->pos += hdrsize;
+	*iph = h;
+	return h->protocol;
+}
+
+static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end, struct udphdr **udph)
+{
+	struct udphdr *h = nh->pos;
+
+	if ((void *)(h + 1) > data_end)
+		return -1;
+	nh->pos = h + 1;
+	*udph = h;
+	return 0;
+}
+
+static __always_inline int parse_vxlanhdr(struct hdr_cursor *nh, void *data_end, struct vxlanhdr **vxh)
+{
+	struct vxlanhdr *h = nh->pos;
+
+	if ((void *)(h + 1) > data_end)
+		return -1;
+	nh->pos = h + 1;
+	*vxh = h;
+	return 0;
+}
+
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+static __always_inline void mac_copy(__u8 *dst, const __u8 *src)
+{
+	__builtin_memcpy(dst, src, XNET_ETH_ALEN);
+}
+
+static __always_inline struct route *route_of(__u32 addr)
+{
+	struct route_key key = {.prefixlen = 32, .addr = addr};
+
+	return bpf_map_lookup_elem(&routes, &key);
+}
+
+/* vxlan_match: what vxlan_classify found in an accepted packet. */
+struct vxlan_match {
+	__u32 strip_len;   /* outer Ethernet + outer IPv4 (with options) + UDP + VXLAN */
+	__u32 peer_ip;     /* outer source, network order */
+	__u32 inner_daddr; /* network order */
+};
+
+/*
+ * vxlan_classify applies DESIGN.md's acceptance rules to one frame.
+ *
+ * It returns VERDICT_PASS for everything that is not VXLAN for us (another
+ * protocol, another address, port or VNI, an outer fragment, a truncated
+ * outer header): such packets go on untouched, because this program sits on
+ * the host's main NIC and must never disturb SSH, etcd or anything else. It
+ * returns VERDICT_DECAP with m filled for a packet to deliver, and a
+ * VERDICT_DROP_* reason for VXLAN for us that breaks a rule.
+ */
+static __always_inline int vxlan_classify(void *data, void *data_end, const struct host_config *cfg,
+					  struct vxlan_match *m)
+{
+	struct hdr_cursor nh = {.pos = data};
+	struct ethhdr *eth, *inner_eth;
+	struct iphdr *ip, *inner_ip;
+	struct udphdr *udp;
+	struct vxlanhdr *vxh;
+	struct route *src_route;
+
+	if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP))
+		return VERDICT_PASS;
+	if (parse_iphdr(&nh, data_end, &ip) != IPPROTO_UDP)
+		return VERDICT_PASS;
+	if (ip->daddr != cfg->local_ip)
+		return VERDICT_PASS;
+	/* A fragment of an outer packet is not ours to judge: the stack
+	 * reassembles it (our VXLAN senders never fragment: DF clear but the
+	 * overlay MTU leaves room for the headers). */
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return VERDICT_PASS;
+	if (parse_udphdr(&nh, data_end, &udp) < 0)
+		return VERDICT_PASS;
+	if (udp->dest != bpf_htons(cfg->port))
+		return VERDICT_PASS;
+	if (parse_vxlanhdr(&nh, data_end, &vxh) < 0)
+		return VERDICT_PASS;
+	/* Another VNI on our port belongs to someone else (or no one): the
+	 * stack answers it as it would without us. */
+	if (!(vxh->flags & VXLAN_FLAG_I) || vxh->vni != bpf_htonl(cfg->vni << 8))
+		return VERDICT_PASS;
+
+	/* From here on the packet is VXLAN for us: what breaks a rule is dropped. */
+	m->strip_len = nh.pos - data;
+	if (parse_ethhdr(&nh, data_end, &inner_eth) < 0)
+		return VERDICT_DROP_MALFORMED;
+	if (!mac_equal(inner_eth->h_dest, cfg->vtep_mac))
+		return VERDICT_DROP_BAD_VTEP_MAC;
+	if (inner_eth->h_proto != bpf_htons(ETH_P_IP))
+		return VERDICT_DROP_INNER_NOT_IPV4;
+	if (parse_iphdr(&nh, data_end, &inner_ip) < 0)
+		return VERDICT_DROP_MALFORMED;
+	if ((inner_ip->daddr & cfg->subnet_mask) != cfg->subnet_addr)
+		return VERDICT_DROP_NOT_LOCAL;
+	/* Anti-spoofing: the inner source must belong to a peer's lease and
+	 * the packet must come from that peer's PublicIP. */
+	src_route = route_of(inner_ip->saddr);
+	if (!src_route)
+		return VERDICT_DROP_UNKNOWN_SOURCE;
+	if (src_route->remote_ip != ip->saddr)
+		return VERDICT_DROP_SPOOFED;
+
+	m->peer_ip = ip->saddr;
+	m->inner_daddr = inner_ip->daddr;
+	return VERDICT_DECAP;
+}
+
+#endif /* XNET_PARSE_H */
