@@ -1,0 +1,372 @@
+// Package maps is typed Go access to the datapath's maps: routes (peer subnets), peers (per-peer
+// counters), config (this host), counters (per verdict) and endpoints (learned local
+// containers). The backend writes through it and `xnetd status` reads through it, from the pins
+// under the bpffs directory.
+//
+// It owns the translation between Go values (netip, net.HardwareAddr) and the map layouts of
+// bpf/xnet.h (the generated bpf.Xnet* types). It does not load programs, create or pin maps:
+// that is package loader.
+package maps
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+
+	"github.com/xnet-dev/xnet/bpf"
+)
+
+// Names of the pinned maps (the files under the bpffs directory).
+const (
+	RoutesName    = bpf.XnetMapRoutes
+	PeersName     = bpf.XnetMapPeers
+	ConfigName    = bpf.XnetMapConfig
+	CountersName  = bpf.XnetMapCounters
+	EndpointsName = bpf.XnetMapEndpoints
+)
+
+// Names lists every map the datapath pins.
+func Names() []string {
+	return []string{RoutesName, PeersName, ConfigName, CountersName, EndpointsName}
+}
+
+// Maps holds the datapath's maps. The zero value is unusable; get one from loader or
+// OpenPinned.
+type Maps struct {
+	Routes, Peers, Config, Counters, Endpoints *ebpf.Map
+}
+
+// FromObjects wraps maps loaded from the generated bindings.
+func FromObjects(m *bpf.XnetMaps) *Maps {
+	return &Maps{Routes: m.Routes, Peers: m.Peers, Config: m.Config, Counters: m.Counters, Endpoints: m.Endpoints}
+}
+
+// OpenPinned opens the maps pinned in dir (for `xnetd status`, which must not load programs).
+func OpenPinned(dir string) (*Maps, error) {
+	open := func(name string) (*ebpf.Map, error) {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			return nil, fmt.Errorf("open pinned map %s: %w (is xnetd running with --bpffs=%s?)", filepath.Join(dir, name), err, dir)
+		}
+		return m, nil
+	}
+	var m Maps
+	var err error
+	for _, f := range []struct {
+		name string
+		dst  **ebpf.Map
+	}{{RoutesName, &m.Routes}, {PeersName, &m.Peers}, {ConfigName, &m.Config}, {CountersName, &m.Counters}, {EndpointsName, &m.Endpoints}} {
+		if *f.dst, err = open(f.name); err != nil {
+			m.Close()
+			return nil, err
+		}
+	}
+	return &m, nil
+}
+
+// Close closes the map handles (pins and the kernel's maps stay).
+func (m *Maps) Close() error {
+	var errs []error
+	for _, mp := range []*ebpf.Map{m.Routes, m.Peers, m.Config, m.Counters, m.Endpoints} {
+		if mp != nil {
+			errs = append(errs, mp.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// be32 is an IPv4 address as the uint32 whose memory holds it in network order, the way the
+// programs compare it against packet headers.
+func be32(a netip.Addr) uint32 {
+	b := a.As4()
+	return binary.NativeEndian.Uint32(b[:])
+}
+
+func addrOf(v uint32) netip.Addr {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
+}
+
+func mac6(mac net.HardwareAddr, field string) ([6]uint8, error) {
+	var out [6]uint8
+	if len(mac) != 6 {
+		return out, fmt.Errorf("%s %q is not a 6-byte Ethernet MAC", field, mac)
+	}
+	copy(out[:], mac)
+	return out, nil
+}
+
+// Route is one remote subnet and the peer that owns it.
+type Route struct {
+	Subnet   netip.Prefix
+	PublicIP netip.Addr
+	VtepMAC  net.HardwareAddr
+}
+
+// PutRoute adds or replaces the route of r.Subnet.
+func (m *Maps) PutRoute(r Route) error {
+	if !r.Subnet.Addr().Is4() || !r.PublicIP.Is4() {
+		return fmt.Errorf("route %v via %v: only IPv4 subnets and PublicIPs are supported", r.Subnet, r.PublicIP)
+	}
+	mac, err := mac6(r.VtepMAC, "route VtepMAC")
+	if err != nil {
+		return err
+	}
+	key := bpf.XnetRouteKey{Prefixlen: uint32(r.Subnet.Bits()), Addr: be32(r.Subnet.Masked().Addr())}
+	val := bpf.XnetRoute{RemoteIp: be32(r.PublicIP), VtepMac: mac}
+	if err := m.Routes.Put(key, val); err != nil {
+		return fmt.Errorf("put route %v -> %v: %w", r.Subnet, r.PublicIP, err)
+	}
+	return nil
+}
+
+// DeleteRoute removes the route of subnet; a missing route is not an error.
+func (m *Maps) DeleteRoute(subnet netip.Prefix) error {
+	key := bpf.XnetRouteKey{Prefixlen: uint32(subnet.Bits()), Addr: be32(subnet.Masked().Addr())}
+	if err := m.Routes.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete route %v: %w", subnet, err)
+	}
+	return nil
+}
+
+// ListRoutes lists every route.
+func (m *Maps) ListRoutes() ([]Route, error) {
+	var (
+		key bpf.XnetRouteKey
+		val bpf.XnetRoute
+		out []Route
+	)
+	it := m.Routes.Iterate()
+	for it.Next(&key, &val) {
+		out = append(out, Route{
+			Subnet:   netip.PrefixFrom(addrOf(key.Addr), int(key.Prefixlen)),
+			PublicIP: addrOf(val.RemoteIp),
+			VtepMAC:  append(net.HardwareAddr(nil), val.VtepMac[:]...),
+		})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	return out, nil
+}
+
+// Config is this host as the programs see it.
+type Config struct {
+	LocalIP         netip.Addr   // underlay address: outer source, accepted outer destination
+	Subnet          netip.Prefix // our lease
+	VNI             int
+	Port            int
+	UnderlayIfindex int
+	UnderlayMTU     int
+	UnderlayMAC     net.HardwareAddr
+	HostIfindex     int // xnet0; 0 delivers unknown destinations to the stack
+	VtepMAC         net.HardwareAddr
+}
+
+// SetConfig writes the config entry. The programs read it per packet, so the change is atomic
+// per packet.
+func (m *Maps) SetConfig(c Config) error {
+	if !c.LocalIP.Is4() || !c.Subnet.Addr().Is4() {
+		return fmt.Errorf("config: LocalIP %v and Subnet %v must be IPv4", c.LocalIP, c.Subnet)
+	}
+	if c.VNI <= 0 || c.VNI >= 1<<24 || c.Port <= 0 || c.Port > 65535 || c.UnderlayMTU <= 0 || c.UnderlayMTU > 65535 {
+		return fmt.Errorf("config: VNI %d, Port %d or UnderlayMTU %d out of range", c.VNI, c.Port, c.UnderlayMTU)
+	}
+	vtep, err := mac6(c.VtepMAC, "config VtepMAC")
+	if err != nil {
+		return err
+	}
+	nic, err := mac6(c.UnderlayMAC, "config UnderlayMAC")
+	if err != nil {
+		return err
+	}
+	mask := net.CIDRMask(c.Subnet.Bits(), 32)
+	val := bpf.XnetHostConfig{
+		LocalIp:         be32(c.LocalIP),
+		SubnetAddr:      be32(c.Subnet.Masked().Addr()),
+		SubnetMask:      binary.NativeEndian.Uint32(mask),
+		Vni:             uint32(c.VNI),
+		UnderlayIfindex: uint32(c.UnderlayIfindex),
+		HostIfindex:     uint32(c.HostIfindex),
+		Port:            uint16(c.Port),
+		UnderlayMtu:     uint16(c.UnderlayMTU),
+		VtepMac:         vtep,
+		UnderlayMac:     nic,
+	}
+	if err := m.Config.Put(uint32(0), val); err != nil {
+		return fmt.Errorf("write config: %w", err)
+	}
+	return nil
+}
+
+// GetConfig reads the config entry; ok is false when it was never written.
+func (m *Maps) GetConfig() (c Config, ok bool, err error) {
+	var val bpf.XnetHostConfig
+	if err := m.Config.Lookup(uint32(0), &val); err != nil {
+		return Config{}, false, fmt.Errorf("read config: %w", err)
+	}
+	if val.LocalIp == 0 {
+		return Config{}, false, nil
+	}
+	var maskBytes [4]byte
+	binary.NativeEndian.PutUint32(maskBytes[:], val.SubnetMask)
+	bits, _ := net.IPMask(maskBytes[:]).Size()
+	return Config{
+		LocalIP:         addrOf(val.LocalIp),
+		Subnet:          netip.PrefixFrom(addrOf(val.SubnetAddr), bits),
+		VNI:             int(val.Vni),
+		Port:            int(val.Port),
+		UnderlayIfindex: int(val.UnderlayIfindex),
+		UnderlayMTU:     int(val.UnderlayMtu),
+		UnderlayMAC:     append(net.HardwareAddr(nil), val.UnderlayMac[:]...),
+		HostIfindex:     int(val.HostIfindex),
+		VtepMAC:         append(net.HardwareAddr(nil), val.VtepMac[:]...),
+	}, true, nil
+}
+
+// Counter is packets and bytes summed over CPUs.
+type Counter struct {
+	Packets, Bytes uint64
+}
+
+// VerdictNames returns "encap", "decap", "pass", "drop_spoofed", ... in the order of enum verdict
+// (bpf/xnet.h), read from the BTF of the embedded object so they cannot drift from the C.
+func VerdictNames() ([]string, error) {
+	spec, err := bpf.LoadXnet()
+	if err != nil {
+		return nil, err
+	}
+	var enum *btf.Enum
+	if err := spec.Types.TypeByName("verdict", &enum); err != nil {
+		return nil, fmt.Errorf("enum verdict in the datapath's BTF: %w", err)
+	}
+	names := make([]string, bpf.XnetVerdictVERDICT_MAX)
+	for _, v := range enum.Values {
+		if v.Value < uint64(len(names)) {
+			names[v.Value] = strings.ToLower(strings.TrimPrefix(v.Name, "VERDICT_"))
+		}
+	}
+	return names, nil
+}
+
+// ReadCounters returns the per-verdict counters keyed by verdict name.
+func (m *Maps) ReadCounters() (map[string]Counter, error) {
+	names, err := VerdictNames()
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]Counter, len(names))
+	for i, name := range names {
+		var per []bpf.XnetCounter
+		if err := m.Counters.Lookup(uint32(i), &per); err != nil {
+			return nil, fmt.Errorf("read counter %s: %w", name, err)
+		}
+		var c Counter
+		for _, p := range per {
+			c.Packets += p.Packets
+			c.Bytes += p.Bytes
+		}
+		out[name] = c
+	}
+	return out, nil
+}
+
+// PeerStats is one peer's traffic, summed over CPUs.
+type PeerStats struct {
+	TxPackets, TxBytes, RxPackets, RxBytes uint64
+}
+
+// AddPeer makes sure publicIP has a counter entry (the programs only count into existing
+// entries); existing counts are kept.
+func (m *Maps) AddPeer(publicIP netip.Addr) error {
+	zero := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
+	err := m.Peers.Update(be32(publicIP), zero, ebpf.UpdateNoExist)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+		return fmt.Errorf("add peer counters for %v: %w", publicIP, err)
+	}
+	return nil
+}
+
+// DeletePeer removes the counters of publicIP; missing is not an error.
+func (m *Maps) DeletePeer(publicIP netip.Addr) error {
+	if err := m.Peers.Delete(be32(publicIP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete peer counters for %v: %w", publicIP, err)
+	}
+	return nil
+}
+
+// ReadPeers returns every peer's counters keyed by PublicIP.
+func (m *Maps) ReadPeers() (map[netip.Addr]PeerStats, error) {
+	var (
+		key uint32
+		per []bpf.XnetPeerStats
+	)
+	out := map[netip.Addr]PeerStats{}
+	it := m.Peers.Iterate()
+	for it.Next(&key, &per) {
+		var s PeerStats
+		for _, p := range per {
+			s.TxPackets += p.TxPackets
+			s.TxBytes += p.TxBytes
+			s.RxPackets += p.RxPackets
+			s.RxBytes += p.RxBytes
+		}
+		out[addrOf(key)] = s
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read peer counters: %w", err)
+	}
+	return out, nil
+}
+
+// Endpoint is a local container the encap program has seen.
+type Endpoint struct {
+	IP      netip.Addr
+	Ifindex int // host side of its veth
+	MAC     net.HardwareAddr
+}
+
+// ListEndpoints returns every learned container.
+func (m *Maps) ListEndpoints() ([]Endpoint, error) {
+	var (
+		key uint32
+		val bpf.XnetEndpoint
+		out []Endpoint
+	)
+	it := m.Endpoints.Iterate()
+	for it.Next(&key, &val) {
+		out = append(out, Endpoint{IP: addrOf(key), Ifindex: int(val.Ifindex), MAC: append(net.HardwareAddr(nil), val.Mac[:]...)})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
+
+// ForgetEndpoints removes the learned containers behind ifindex (its veth is gone) and returns
+// how many there were.
+func (m *Maps) ForgetEndpoints(ifindex int) (int, error) {
+	eps, err := m.ListEndpoints()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, ep := range eps {
+		if ep.Ifindex != ifindex {
+			continue
+		}
+		if err := m.Endpoints.Delete(be32(ep.IP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("forget endpoint %v: %w", ep.IP, err)
+		}
+		n++
+	}
+	return n, nil
+}

@@ -1,0 +1,138 @@
+package maps
+
+import (
+	"net"
+	"net/netip"
+	"os"
+	"reflect"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/xnet-dev/xnet/bpf"
+)
+
+// fresh creates the datapath's maps, unpinned, for one test.
+func fresh(t *testing.T) *Maps {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create BPF maps")
+	}
+	spec, err := bpf.LoadXnet()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var objs bpf.XnetMaps
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinNone
+	}
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		t.Fatal(err)
+	}
+	m := FromObjects(&objs)
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+func TestRoutesRoundTrip(t *testing.T) {
+	m := fresh(t)
+	r := Route{Subnet: netip.MustParsePrefix("10.244.7.0/24"), PublicIP: netip.MustParseAddr("198.18.0.17"),
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 17}}
+	if err := m.PutRoute(r); err != nil {
+		t.Fatal(err)
+	}
+	got, err := m.ListRoutes()
+	if err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], r) {
+		t.Fatalf("ListRoutes = %+v, %v; want [%+v]", got, err, r)
+	}
+	if err := m.DeleteRoute(r.Subnet); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DeleteRoute(r.Subnet); err != nil {
+		t.Fatalf("deleting a missing route: %v, want no error", err)
+	}
+	if got, _ := m.ListRoutes(); len(got) != 0 {
+		t.Fatalf("routes after delete: %+v", got)
+	}
+	if err := m.PutRoute(Route{Subnet: netip.MustParsePrefix("fd00::/64"), PublicIP: r.PublicIP, VtepMAC: r.VtepMAC}); err == nil {
+		t.Fatal("an IPv6 subnet was accepted")
+	}
+}
+
+func TestConfigRoundTrip(t *testing.T) {
+	m := fresh(t)
+	if _, ok, err := m.GetConfig(); ok || err != nil {
+		t.Fatalf("unwritten config: ok %v err %v, want not ok", ok, err)
+	}
+	c := Config{LocalIP: netip.MustParseAddr("198.18.0.11"), Subnet: netip.MustParsePrefix("10.244.5.0/24"), VNI: 1, Port: 8472,
+		UnderlayIfindex: 3, UnderlayMTU: 1500, UnderlayMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, HostIfindex: 9,
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 11}}
+	if err := m.SetConfig(c); err != nil {
+		t.Fatal(err)
+	}
+	got, ok, err := m.GetConfig()
+	if err != nil || !ok || !reflect.DeepEqual(got, c) {
+		t.Fatalf("GetConfig = %+v %v %v, want %+v", got, ok, err, c)
+	}
+	bad := c
+	bad.VNI = 1 << 24
+	if err := m.SetConfig(bad); err == nil {
+		t.Fatal("VNI 2^24 accepted")
+	}
+}
+
+func TestCountersAndPeers(t *testing.T) {
+	m := fresh(t)
+	names, err := VerdictNames()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if names[0] != "encap" || names[bpf.XnetVerdictVERDICT_DROP_SPOOFED] != "drop_spoofed" {
+		t.Fatalf("verdict names %v", names)
+	}
+	counters, err := m.ReadCounters()
+	if err != nil || len(counters) != int(bpf.XnetVerdictVERDICT_MAX) {
+		t.Fatalf("ReadCounters = %v, %v", counters, err)
+	}
+	peer := netip.MustParseAddr("198.18.0.12")
+	if err := m.AddPeer(peer); err != nil {
+		t.Fatal(err)
+	}
+	// The programs count into the per-CPU entry; AddPeer again must not reset it.
+	per := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
+	per[0].RxPackets = 5
+	if err := m.Peers.Put(be32(peer), per); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.AddPeer(peer); err != nil {
+		t.Fatal(err)
+	}
+	stats, err := m.ReadPeers()
+	if err != nil || stats[peer].RxPackets != 5 {
+		t.Fatalf("ReadPeers = %+v, %v; want 5 packets received from %v", stats, err, peer)
+	}
+	if err := m.DeletePeer(peer); err != nil {
+		t.Fatal(err)
+	}
+	if stats, _ := m.ReadPeers(); len(stats) != 0 {
+		t.Fatalf("peers after delete: %+v", stats)
+	}
+}
+
+func TestForgetEndpoints(t *testing.T) {
+	m := fresh(t)
+	for i, ifindex := range []uint32{7, 7, 8} {
+		ip := netip.AddrFrom4([4]byte{10, 244, 5, byte(2 + i)})
+		if err := m.Endpoints.Put(be32(ip), bpf.XnetEndpoint{Ifindex: ifindex}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n, err := m.ForgetEndpoints(7)
+	if err != nil || n != 2 {
+		t.Fatalf("ForgetEndpoints(7) = %d, %v; want 2", n, err)
+	}
+	eps, _ := m.ListEndpoints()
+	if len(eps) != 1 || eps[0].Ifindex != 8 {
+		t.Fatalf("endpoints left: %+v, want only the one behind ifindex 8", eps)
+	}
+}
