@@ -1,0 +1,394 @@
+package subnetmgr
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// maxCandidates bounds how many free subnets are collected before one is picked at random:
+// flannel picks among the first 100; a few more make two hosts starting together collide less.
+const maxCandidates = 256
+
+// expiryWorkers bounds the TimeToLive requests in flight when filling in peers' expiries.
+const expiryWorkers = 16
+
+// errConflict means a transaction lost a race with another host; retry at once.
+var errConflict = errors.New("another host changed the subnet key first")
+
+// storedLease is a well-formed lease key as etcd holds it.
+type storedLease struct {
+	Lease
+	leaseID clientv3.LeaseID // 0 for a reservation
+	modRev  int64
+}
+
+// snapshot is one consistent read of <prefix>/subnets/.
+type snapshot struct {
+	rev    int64
+	leases []storedLease  // well-formed leases, sorted by subnet
+	keys   []netip.Prefix // every key that names a subnet, well-formed value or not
+}
+
+// parseKV turns one key-value into a lease. subnetOK says whether the key at least names a
+// subnet (l.Subnet is then set, and the key occupies it even when its value is malformed).
+func (m *Manager) parseKV(kv *mvccpb.KeyValue) (l storedLease, subnetOK bool, err error) {
+	subnet, err := ParseSubnetKey(m.prefix, string(kv.Key))
+	if err != nil {
+		return storedLease{}, false, err
+	}
+	attrs, err := DecodeLeaseValue(kv.Value)
+	if err != nil {
+		return storedLease{Lease: Lease{Subnet: subnet}}, true, fmt.Errorf("key %s: %w", kv.Key, err)
+	}
+	return storedLease{
+		Lease: Lease{Subnet: subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType,
+			BackendData: attrs.BackendData},
+		leaseID: clientv3.LeaseID(kv.Lease),
+		modRev:  kv.ModRevision,
+	}, true, nil
+}
+
+// list reads every key under <prefix>/subnets/, logging and skipping malformed ones.
+func (m *Manager) list(ctx context.Context) (snapshot, error) {
+	return m.listQuiet(ctx, func(key string, _ int64, err error) {
+		m.log.Warn("skipping malformed entry under the subnets prefix", "key", key, "err", err)
+	})
+}
+
+// listQuiet is list with the caller deciding how to report malformed keys.
+func (m *Manager) listQuiet(ctx context.Context, logBad func(key string, modRev int64, err error)) (snapshot, error) {
+	rctx, cancel := reqCtx(ctx)
+	defer cancel()
+	resp, err := m.client.Get(rctx, SubnetsPrefix(m.prefix), clientv3.WithPrefix())
+	if err != nil {
+		return snapshot{}, m.etcdErr(err, "list leases under %s", SubnetsPrefix(m.prefix))
+	}
+	snap := snapshot{rev: resp.Header.Revision}
+	for _, kv := range resp.Kvs {
+		l, subnetOK, err := m.parseKV(kv)
+		if subnetOK {
+			snap.keys = append(snap.keys, l.Subnet)
+		}
+		if err == nil {
+			snap.leases = append(snap.leases, l)
+		} else {
+			logBad(string(kv.Key), kv.ModRevision, err)
+		}
+	}
+	slices.SortFunc(snap.leases, func(a, b storedLease) int { return comparePrefix(a.Subnet, b.Subnet) })
+	return snap, nil
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Bits(), b.Bits())
+}
+
+// fillExpiries asks etcd when each leased key's etcd lease runs out (one TimeToLive per
+// lease, a bounded number in flight); reservations keep a zero Expiration. known holds
+// expiries already learned and is consulted first.
+func (m *Manager) fillExpiries(ctx context.Context, leases []storedLease, known map[clientv3.LeaseID]time.Time) {
+	now := time.Now()
+	var todo []int
+	for i := range leases {
+		id := leases[i].leaseID
+		if id == 0 {
+			continue
+		}
+		if exp, ok := known[id]; ok && exp.After(now) {
+			leases[i].Expiration = exp
+			continue
+		}
+		todo = append(todo, i)
+	}
+	var wg sync.WaitGroup
+	work := make(chan int)
+	for range min(expiryWorkers, len(todo)) {
+		wg.Go(func() {
+			for i := range work {
+				leases[i].Expiration = m.expiryOf(ctx, leases[i].leaseID)
+			}
+		})
+	}
+	for _, i := range todo {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	for _, i := range todo {
+		if known != nil {
+			known[leases[i].leaseID] = leases[i].Expiration
+		}
+	}
+}
+
+// expiryOf is when etcd lease id runs out. When etcd cannot say, the estimate is a full TTL
+// from now: the key exists, so its lease was live a moment ago.
+func (m *Manager) expiryOf(ctx context.Context, id clientv3.LeaseID) time.Time {
+	rctx, cancel := reqCtx(ctx)
+	defer cancel()
+	resp, err := m.client.TimeToLive(rctx, id)
+	if err != nil {
+		m.etcdErrors.Add(1)
+		m.log.Debug("cannot read a lease's TTL, estimating it", "lease_id", int64(id), "err", err)
+		return time.Now().Add(m.ttl)
+	}
+	if resp.TTL < 0 { // expired, the key is about to go
+		return time.Now()
+	}
+	return time.Now().Add(time.Duration(resp.TTL) * time.Second)
+}
+
+// ListLeases returns every well-formed lease (sorted by subnet) and the revision of the list.
+func (m *Manager) ListLeases(ctx context.Context) ([]Lease, int64, error) {
+	snap, err := m.list(ctx)
+	if err != nil {
+		return nil, 0, err
+	}
+	m.fillExpiries(ctx, snap.leases, nil)
+	out := make([]Lease, len(snap.leases))
+	for i, l := range snap.leases {
+		out[i] = l.Lease
+	}
+	return out, snap.rev, nil
+}
+
+// subnetCompatible says whether subnet is one that cfg hands out (flannel's rule for keeping a
+// previous lease after the config changed).
+func subnetCompatible(cfg Config, subnet netip.Prefix) bool {
+	return subnet.IsValid() && subnet.Bits() == cfg.SubnetLen && subnet.Masked() == subnet &&
+		!subnet.Addr().Less(cfg.SubnetMin) && !cfg.SubnetMax.Less(subnet.Addr())
+}
+
+// AcquireLease reclaims our previous lease (same PublicIP, or prev, the subnet recorded in our
+// subnet file; prev may be the zero Prefix) or takes a free subnet by a create-only
+// transaction. It retries transaction conflicts at once and etcd errors with backoff until
+// ctx ends; a full range is returned at once as an error wrapping ErrRangeFull.
+func (m *Manager) AcquireLease(ctx context.Context, cfg Config, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
+	if _, err := EncodeLeaseValue(attrs); err != nil {
+		return Lease{}, fmt.Errorf("acquire lease: %w", err)
+	}
+	bo := m.newBackoff()
+	for {
+		l, err := m.tryAcquire(ctx, cfg, attrs, prev)
+		switch {
+		case err == nil:
+			return l, nil
+		case errors.Is(err, ErrRangeFull):
+			return Lease{}, err
+		case ctx.Err() != nil:
+			return Lease{}, fmt.Errorf("acquire lease: %w (last error: %v)", ctx.Err(), err)
+		case errors.Is(err, errConflict):
+			// Someone else won this subnet: look again at once, after a short random pause so
+			// that the losers of one race do not race each other again in lockstep.
+			if err := sleep(ctx, rand.N(m.retryMin/4+1)); err != nil {
+				return Lease{}, fmt.Errorf("acquire lease: %w", err)
+			}
+		default:
+			d := bo.next()
+			m.log.Warn("cannot acquire a lease, retrying", "err", err, "retry_in", d.Round(time.Millisecond))
+			if err := sleep(ctx, d); err != nil {
+				return Lease{}, fmt.Errorf("acquire lease: %w", err)
+			}
+		}
+	}
+}
+
+func (m *Manager) tryAcquire(ctx context.Context, cfg Config, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
+	snap, err := m.list(ctx)
+	if err != nil {
+		return Lease{}, err
+	}
+	// 1. Our own lease, found by PublicIP: a restart, or an operator's reservation for us.
+	for _, l := range snap.leases {
+		if l.PublicIP == attrs.PublicIP && subnetCompatible(cfg, l.Subnet) {
+			nl, err := m.reclaim(ctx, l, attrs)
+			if err == nil {
+				m.log.Info("reclaimed our previous lease", "subnet", nl.Subnet, "public_ip", attrs.PublicIP,
+					"reservation", nl.Expiration.IsZero())
+			}
+			return nl, err
+		}
+	}
+	taken := newTakenSet(cfg, snap.keys)
+	// 2. The subnet our subnet file recorded, if nobody holds it now.
+	if prev.IsValid() && subnetCompatible(cfg, prev) {
+		if !taken.has(prev) {
+			l, err := m.create(ctx, prev, attrs)
+			if err == nil {
+				m.log.Info("reclaimed the subnet from our subnet file", "subnet", prev)
+			}
+			return l, err
+		}
+		m.log.Info("the subnet from our subnet file is held by another host; taking a new one", "subnet", prev)
+	}
+	// 3. A random free subnet.
+	free := taken.free(maxCandidates)
+	if len(free) == 0 {
+		return Lease{}, fmt.Errorf("acquire lease: every /%d in [%s, %s] of %s is taken (%d keys under %s); "+
+			"widen the range in the config or remove stale leases: %w",
+			cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax, cfg.Network, len(snap.keys), SubnetsPrefix(m.prefix), ErrRangeFull)
+	}
+	l, err := m.create(ctx, free[rand.N(len(free))], attrs)
+	if err == nil {
+		m.log.Info("acquired a new lease", "subnet", l.Subnet, "public_ip", attrs.PublicIP)
+	}
+	return l, err
+}
+
+// grant creates an etcd lease with our TTL (whole seconds, at least one).
+func (m *Manager) grant(ctx context.Context) (clientv3.LeaseID, time.Time, error) {
+	secs := int64((m.ttl + time.Second - 1) / time.Second)
+	rctx, cancel := reqCtx(ctx)
+	defer cancel()
+	resp, err := m.client.Grant(rctx, secs)
+	if err != nil {
+		return 0, time.Time{}, m.etcdErr(err, "grant an etcd lease of %ds", secs)
+	}
+	return resp.ID, time.Now().Add(time.Duration(resp.TTL) * time.Second), nil
+}
+
+// revoke drops an etcd lease we granted but did not use. Best effort: unused, it expires anyway.
+func (m *Manager) revoke(id clientv3.LeaseID) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if _, err := m.client.Revoke(ctx, id); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		m.etcdErrors.Add(1)
+		m.log.Debug("cannot revoke an unused etcd lease; it will expire", "lease_id", int64(id), "err", err)
+	}
+}
+
+// create takes subnet by a transaction that only creates the key if it does not exist, so two
+// hosts can never hold the same subnet.
+func (m *Manager) create(ctx context.Context, subnet netip.Prefix, attrs LeaseAttrs) (Lease, error) {
+	value, err := EncodeLeaseValue(attrs)
+	if err != nil {
+		return Lease{}, err
+	}
+	id, exp, err := m.grant(ctx)
+	if err != nil {
+		return Lease{}, err
+	}
+	key := SubnetKey(m.prefix, subnet)
+	rctx, cancel := reqCtx(ctx)
+	defer cancel()
+	resp, err := m.client.Txn(rctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(id))).
+		Commit()
+	if err != nil {
+		m.revoke(id)
+		return Lease{}, m.etcdErr(err, "create %s", key)
+	}
+	if !resp.Succeeded {
+		m.revoke(id)
+		return Lease{}, fmt.Errorf("create %s: %w", key, errConflict)
+	}
+	return Lease{Subnet: subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType,
+		BackendData: attrs.BackendData, Expiration: exp}, nil
+}
+
+// reclaim makes an existing key with our PublicIP ours again. A reservation (no TTL) stays a
+// reservation: only its value is brought up to date so peers learn our BackendData. A leased
+// key moves to a fresh etcd lease with our TTL, guarded by its ModRevision so a concurrent
+// change wins over us.
+func (m *Manager) reclaim(ctx context.Context, l storedLease, attrs LeaseAttrs) (Lease, error) {
+	value, err := EncodeLeaseValue(attrs)
+	if err != nil {
+		return Lease{}, err
+	}
+	key := SubnetKey(m.prefix, l.Subnet)
+	nl := Lease{Subnet: l.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData}
+	guard := clientv3.Compare(clientv3.ModRevision(key), "=", l.modRev)
+	if l.leaseID == 0 {
+		if sameAttrs(l.Lease, nl) {
+			return nl, nil
+		}
+		rctx, cancel := reqCtx(ctx)
+		defer cancel()
+		resp, err := m.client.Txn(rctx).If(guard).Then(clientv3.OpPut(key, string(value))).Commit()
+		if err != nil {
+			return Lease{}, m.etcdErr(err, "update reservation %s", key)
+		}
+		if !resp.Succeeded {
+			return Lease{}, fmt.Errorf("update reservation %s: %w", key, errConflict)
+		}
+		return nl, nil
+	}
+	id, exp, err := m.grant(ctx)
+	if err != nil {
+		return Lease{}, err
+	}
+	rctx, cancel := reqCtx(ctx)
+	defer cancel()
+	resp, err := m.client.Txn(rctx).If(guard).Then(clientv3.OpPut(key, string(value), clientv3.WithLease(id))).Commit()
+	if err != nil {
+		m.revoke(id)
+		return Lease{}, m.etcdErr(err, "reclaim %s", key)
+	}
+	if !resp.Succeeded {
+		m.revoke(id)
+		return Lease{}, fmt.Errorf("reclaim %s: %w", key, errConflict)
+	}
+	// The old etcd lease holds nothing now; drop it rather than leave it for a day.
+	m.revoke(l.leaseID)
+	nl.Expiration = exp
+	return nl, nil
+}
+
+// takenSet answers "is this candidate subnet free?" for one config.
+type takenSet struct {
+	cfg    Config
+	exact  map[netip.Addr]bool // keys of length SubnetLen
+	others []netip.Prefix      // keys of another length (an older config): free only if disjoint
+}
+
+func newTakenSet(cfg Config, keys []netip.Prefix) *takenSet {
+	t := &takenSet{cfg: cfg, exact: map[netip.Addr]bool{}}
+	for _, k := range keys {
+		if k.Bits() == cfg.SubnetLen {
+			t.exact[k.Addr()] = true
+		} else {
+			t.others = append(t.others, k)
+		}
+	}
+	return t
+}
+
+func (t *takenSet) has(subnet netip.Prefix) bool {
+	if t.exact[subnet.Addr()] {
+		return true
+	}
+	for _, o := range t.others {
+		if o.Overlaps(subnet) {
+			return true
+		}
+	}
+	return false
+}
+
+// free returns up to limit free subnets from SubnetMin upwards.
+func (t *takenSet) free(limit int) []netip.Prefix {
+	step := uint64(1) << (32 - t.cfg.SubnetLen)
+	var out []netip.Prefix
+	for a := uint64(addrToU32(t.cfg.SubnetMin)); a <= uint64(addrToU32(t.cfg.SubnetMax)) && len(out) < limit; a += step {
+		sn := netip.PrefixFrom(u32ToAddr(uint32(a)), t.cfg.SubnetLen)
+		if !t.has(sn) {
+			out = append(out, sn)
+		}
+	}
+	return out
+}

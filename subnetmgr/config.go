@@ -1,0 +1,199 @@
+package subnetmgr
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// Config defaults and limits, as flannel has them.
+const (
+	defaultSubnetLen = 24
+	defaultVNI       = 1
+	defaultPort      = 8472
+	// A network must hold at least four subnets (flannel's rule): the first is never handed
+	// out, which leaves three hosts.
+	minSubnetsPerNetwork = 4
+	maxSubnetLen         = 30
+)
+
+// validBackendTypes lists what Backend.Type may be, in the order error messages name them.
+var validBackendTypes = []string{BackendEBPF, BackendVXLAN, BackendUDP, BackendHostGW}
+
+// ConfigError says which field of <prefix>/config is invalid and what would be valid.
+type ConfigError struct {
+	Field  string // "Network", "SubnetLen", "Backend.Type", ... or "" for the document itself
+	Reason string
+}
+
+func (e *ConfigError) Error() string {
+	if e.Field == "" {
+		return "network config: " + e.Reason
+	}
+	return fmt.Sprintf("network config field %s: %s", e.Field, e.Reason)
+}
+
+func configErr(field, format string, args ...any) error {
+	return &ConfigError{Field: field, Reason: fmt.Sprintf(format, args...)}
+}
+
+// configJSON is the wire form of <prefix>/config. Fields are strings or pointers so that a
+// missing field (take the default) differs from a zero one; unknown fields are ignored.
+type configJSON struct {
+	Network   *string
+	SubnetLen *int
+	SubnetMin *string
+	SubnetMax *string
+	Backend   json.RawMessage
+}
+
+type backendJSON struct {
+	Type *string
+	VNI  *int
+	Port *int
+}
+
+// ParseConfig parses and validates <prefix>/config, filling in flannel's defaults. An invalid
+// config is a *ConfigError naming the field and what would be valid.
+func ParseConfig(data []byte) (Config, error) {
+	var raw configJSON
+	if err := json.Unmarshal(data, &raw); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" && !strings.HasPrefix(typeErr.Field, "Backend") {
+			return Config{}, configErr(typeErr.Field, "has the wrong JSON type (%s); expected a %s", typeErr.Value, typeErr.Type)
+		}
+		return Config{}, configErr("", "not valid JSON (%v); expected an object like "+
+			`{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`, err)
+	}
+	var cfg Config
+
+	if raw.Network == nil || *raw.Network == "" {
+		return Config{}, configErr("Network", `missing; set an IPv4 CIDR such as "10.244.0.0/16"`)
+	}
+	network, err := netip.ParsePrefix(*raw.Network)
+	if err != nil || !network.Addr().Is4() {
+		return Config{}, configErr("Network", "%q is not an IPv4 CIDR; set one such as \"10.244.0.0/16\"", *raw.Network)
+	}
+	// flannel masks the address (10.244.1.0/16 means 10.244.0.0/16); so do we.
+	cfg.Network = network.Masked()
+	if maxNet := maxSubnetLen - 2; cfg.Network.Bits() > maxNet {
+		return Config{}, configErr("Network", "%s is too small: it must hold at least %d subnets of /%d, so be /%d or larger",
+			cfg.Network, minSubnetsPerNetwork, maxSubnetLen, maxNet)
+	}
+
+	switch {
+	case raw.SubnetLen == nil || *raw.SubnetLen == 0:
+		// flannel: a /24 per host, unless the Network is smaller than a /22, then a quarter.
+		cfg.SubnetLen = defaultSubnetLen
+		if cfg.Network.Bits() > 22 {
+			cfg.SubnetLen = cfg.Network.Bits() + 2
+		}
+	default:
+		cfg.SubnetLen = *raw.SubnetLen
+		lo := cfg.Network.Bits() + 2
+		if cfg.SubnetLen < lo || cfg.SubnetLen > maxSubnetLen {
+			return Config{}, configErr("SubnetLen", "%d does not fit Network %s: it must leave at least %d subnets, so be between %d and %d",
+				cfg.SubnetLen, cfg.Network, minSubnetsPerNetwork, lo, maxSubnetLen)
+		}
+	}
+
+	subnetSize := uint32(1) << (32 - cfg.SubnetLen)
+	netFirst := addrToU32(cfg.Network.Addr())
+	netLast := netFirst + (uint32(1) << (32 - cfg.Network.Bits())) - 1
+	validRange := fmt.Sprintf("a multiple of /%d between %s and %s", cfg.SubnetLen,
+		u32ToAddr(netFirst), u32ToAddr(netLast-subnetSize+1))
+
+	parseBound := func(field string, val *string, def uint32) (netip.Addr, error) {
+		if val == nil || *val == "" {
+			return u32ToAddr(def), nil
+		}
+		a, err := netip.ParseAddr(*val)
+		if err != nil || !a.Is4() {
+			return netip.Addr{}, configErr(field, "%q is not an IPv4 address; use %s", *val, validRange)
+		}
+		if !cfg.Network.Contains(a) {
+			return netip.Addr{}, configErr(field, "%s is outside Network %s; use %s", a, cfg.Network, validRange)
+		}
+		if addrToU32(a)%subnetSize != 0 {
+			return netip.Addr{}, configErr(field, "%s is not on a /%d boundary; use %s", a, cfg.SubnetLen, validRange)
+		}
+		return a, nil
+	}
+	// The first subnet is skipped by default (flannel: 10.x.0.0 next to the network address
+	// confuses tools), the last one is the default maximum.
+	if cfg.SubnetMin, err = parseBound("SubnetMin", raw.SubnetMin, netFirst+subnetSize); err != nil {
+		return Config{}, err
+	}
+	if cfg.SubnetMax, err = parseBound("SubnetMax", raw.SubnetMax, netLast-subnetSize+1); err != nil {
+		return Config{}, err
+	}
+	if cfg.SubnetMax.Less(cfg.SubnetMin) {
+		return Config{}, configErr("SubnetMax", "%s is below SubnetMin %s; the range [SubnetMin, SubnetMax] must not be empty",
+			cfg.SubnetMax, cfg.SubnetMin)
+	}
+
+	cfg.Backend, err = parseBackendConfig(raw.Backend)
+	if err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+func parseBackendConfig(data json.RawMessage) (BackendConfig, error) {
+	b := BackendConfig{Type: BackendEBPF, VNI: defaultVNI, Port: defaultPort}
+	if len(bytes.TrimSpace(data)) == 0 || bytes.Equal(bytes.TrimSpace(data), []byte("null")) {
+		return b, nil
+	}
+	var raw backendJSON
+	if err := json.Unmarshal(data, &raw); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" {
+			return BackendConfig{}, configErr("Backend."+typeErr.Field, "has the wrong JSON type (%s); expected a %s", typeErr.Value, typeErr.Type)
+		}
+		return BackendConfig{}, configErr("Backend", `must be an object like {"Type":"ebpf","VNI":1,"Port":8472}: %v`, err)
+	}
+	if raw.Type != nil && *raw.Type != "" {
+		b.Type = *raw.Type
+		if !isValidBackendType(b.Type) {
+			return BackendConfig{}, configErr("Backend.Type", "%q is not a known backend; use one of %s", b.Type, strings.Join(validBackendTypes, ", "))
+		}
+	}
+	if raw.VNI != nil {
+		// VNI 0 is a valid VXLAN network identifier and flannel accepts it; keep it.
+		if *raw.VNI < 0 || *raw.VNI > 1<<24-1 {
+			return BackendConfig{}, configErr("Backend.VNI", "%d is out of range; use 0 to %d (default %d)", *raw.VNI, 1<<24-1, defaultVNI)
+		}
+		b.VNI = *raw.VNI
+	}
+	if raw.Port != nil && *raw.Port != 0 { // flannel: Port 0 means the Linux default, 8472
+		if *raw.Port < 1 || *raw.Port > 65535 {
+			return BackendConfig{}, configErr("Backend.Port", "%d is out of range; use 1 to 65535 (default %d)", *raw.Port, defaultPort)
+		}
+		b.Port = *raw.Port
+	}
+	return b, nil
+}
+
+func isValidBackendType(t string) bool {
+	for _, v := range validBackendTypes {
+		if t == v {
+			return true
+		}
+	}
+	return false
+}
+
+// ValidBackendTypes returns the accepted Backend.Type values, for flag help and errors.
+func ValidBackendTypes() []string { return append([]string(nil), validBackendTypes...) }
+
+func addrToU32(a netip.Addr) uint32 {
+	b := a.As4()
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
+
+func u32ToAddr(v uint32) netip.Addr {
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}

@@ -1,0 +1,147 @@
+package subnetmgr
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// WriteSubnetFile writes subnet.env atomically: XNET_* for xnet's own scripts and the same
+// four values as FLANNEL_* for scripts written for flannel (mk-docker-opts.sh and the like).
+func WriteSubnetFile(path string, f SubnetFile) error {
+	if err := f.check(); err != nil {
+		return fmt.Errorf("write subnet file %s: %w", path, err)
+	}
+	var b bytes.Buffer
+	for _, p := range []string{"XNET_", "FLANNEL_"} {
+		fmt.Fprintf(&b, "%sNETWORK=%s\n", p, f.Network)
+		fmt.Fprintf(&b, "%sSUBNET=%s\n", p, GatewayOf(f.Subnet))
+		fmt.Fprintf(&b, "%sMTU=%d\n", p, f.MTU)
+		fmt.Fprintf(&b, "%sIPMASQ=%t\n", p, f.IPMasq)
+	}
+	return writeFileAtomic(path, b.Bytes())
+}
+
+// WriteDockerOpts writes the Docker options file atomically, for EnvironmentFile= in a
+// docker.service drop-in. As flannel's mk-docker-opts.sh: when xnetd masquerades
+// (IPMasq true) Docker must not masquerade as well, so Docker gets the opposite value.
+func WriteDockerOpts(path string, f SubnetFile) error {
+	if err := f.check(); err != nil {
+		return fmt.Errorf("write docker options file %s: %w", path, err)
+	}
+	line := fmt.Sprintf("DOCKER_NETWORK_OPTIONS=\" --bip=%s --ip-masq=%t --mtu=%d\"\n", GatewayOf(f.Subnet), !f.IPMasq, f.MTU)
+	return writeFileAtomic(path, []byte(line))
+}
+
+func (f SubnetFile) check() error {
+	if !f.Network.IsValid() || !f.Subnet.IsValid() {
+		return fmt.Errorf("both network (%v) and subnet (%v) must be set", f.Network, f.Subnet)
+	}
+	if f.MTU <= 0 {
+		return fmt.Errorf("MTU %d must be positive", f.MTU)
+	}
+	return nil
+}
+
+// ReadSubnetFile reads a subnet.env written by WriteSubnetFile, or by flannel (FLANNEL_*
+// only). XNET_* values win when both are present. Subnet is returned masked (10.244.5.0/24).
+func ReadSubnetFile(path string) (SubnetFile, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return SubnetFile{}, fmt.Errorf("read subnet file: %w", err)
+	}
+	vars := map[string]string{}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			continue
+		}
+		vars[strings.TrimSpace(k)] = strings.Trim(strings.TrimSpace(v), `"'`)
+	}
+	get := func(name string) (string, string, error) {
+		for _, p := range []string{"XNET_", "FLANNEL_"} {
+			if v, ok := vars[p+name]; ok {
+				return p + name, v, nil
+			}
+		}
+		return "", "", fmt.Errorf("subnet file %s: neither XNET_%s nor FLANNEL_%s is set", path, name, name)
+	}
+	var f SubnetFile
+	name, v, err := get("NETWORK")
+	if err != nil {
+		return SubnetFile{}, err
+	}
+	if f.Network, err = netip.ParsePrefix(v); err != nil {
+		return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not a CIDR", path, name, v)
+	}
+	if name, v, err = get("SUBNET"); err != nil {
+		return SubnetFile{}, err
+	}
+	gw, err := netip.ParsePrefix(v)
+	if err != nil {
+		return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not a gateway/len such as 10.244.5.1/24", path, name, v)
+	}
+	f.Subnet = gw.Masked()
+	if name, v, err = get("MTU"); err != nil {
+		return SubnetFile{}, err
+	}
+	if f.MTU, err = strconv.Atoi(v); err != nil || f.MTU <= 0 {
+		return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not a positive number", path, name, v)
+	}
+	if name, v, err = get("IPMASQ"); err != nil {
+		return SubnetFile{}, err
+	}
+	if f.IPMasq, err = strconv.ParseBool(v); err != nil {
+		return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not true or false", path, name, v)
+	}
+	return f, nil
+}
+
+// writeFileAtomic writes data to a temporary file in path's directory and renames it over
+// path, so a reader (Docker's EnvironmentFile, a script) sees the old file or the new one,
+// never half of one.
+func writeFileAtomic(path string, data []byte) (err error) {
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if _, err = tmp.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", tmp.Name(), err)
+	}
+	if err = tmp.Chmod(0o644); err != nil {
+		return fmt.Errorf("write %s: %w", tmp.Name(), err)
+	}
+	if err = tmp.Sync(); err != nil {
+		return fmt.Errorf("write %s: %w", tmp.Name(), err)
+	}
+	if err = tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", tmp.Name(), err)
+	}
+	if err = os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}

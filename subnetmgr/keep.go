@@ -1,0 +1,129 @@
+package subnetmgr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+)
+
+// KeepLease renews lease renewMargin before it expires, retrying with backoff through etcd
+// outages, re-acquiring the same subnet if the key was lost and is still free (and another
+// subnet if a different host took it meanwhile). It calls onChange with each new version of
+// the lease (a renewal moves Expiration; a lost subnet changes Subnet) and returns ctx.Err()
+// when ctx ends.
+//
+// Renewal refreshes the etcd lease behind the key (KeepAliveOnce), so the key itself does not
+// change and no watcher sees an event. A reservation (no TTL) has nothing to renew: it is
+// only checked at the same cadence, and taken back if it disappeared.
+func (m *Manager) KeepLease(ctx context.Context, cfg Config, attrs LeaseAttrs, lease Lease, renewMargin time.Duration, onChange func(Lease)) error {
+	if renewMargin <= 0 || renewMargin >= m.ttl {
+		half := m.ttl / 2
+		m.log.Warn("subnet lease renew margin is not below the lease TTL; renewing at half the TTL instead",
+			"renew_margin", renewMargin, "ttl", m.ttl, "using", half)
+		renewMargin = half
+	}
+	bo := m.newBackoff()
+	failing := false
+	for {
+		var wait time.Duration
+		if !failing {
+			if lease.Expiration.IsZero() {
+				wait = m.ttl - renewMargin
+			} else {
+				wait = max(time.Until(lease.Expiration)-renewMargin, m.retryMin)
+			}
+		}
+		if err := sleep(ctx, wait); err != nil {
+			return err
+		}
+		nl, err := m.renew(ctx, cfg, attrs, lease)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			d := bo.next()
+			m.log.Warn("cannot renew our subnet lease, retrying", "subnet", lease.Subnet, "err", err,
+				"expires", lease.Expiration, "retry_in", d.Round(time.Millisecond))
+			failing = true
+			if err := sleep(ctx, d); err != nil {
+				return err
+			}
+			continue
+		}
+		if failing {
+			m.log.Info("subnet lease renewed again after failures", "subnet", nl.Subnet)
+		}
+		failing = false
+		bo.reset()
+		lease = nl
+		if onChange != nil {
+			onChange(lease)
+		}
+	}
+}
+
+// renew brings our key in etcd back in line with lease, returning its new version.
+func (m *Manager) renew(ctx context.Context, cfg Config, attrs LeaseAttrs, lease Lease) (Lease, error) {
+	key := SubnetKey(m.prefix, lease.Subnet)
+	rctx, cancel := reqCtx(ctx)
+	resp, err := m.client.Get(rctx, key)
+	cancel()
+	if err != nil {
+		return Lease{}, m.etcdErr(err, "read %s", key)
+	}
+	if len(resp.Kvs) == 0 {
+		// Expired while etcd was out of reach for longer than the TTL, or deleted by hand:
+		// take the same subnet back if it is still free, so peers and containers keep it.
+		l, err := m.create(ctx, lease.Subnet, attrs)
+		if err == nil {
+			m.log.Warn("our subnet lease was gone from etcd; re-acquired the same subnet", "subnet", lease.Subnet)
+			return l, nil
+		}
+		if !errors.Is(err, errConflict) {
+			return Lease{}, err
+		}
+		return m.lost(ctx, cfg, attrs, lease, "another host took it while our lease was gone")
+	}
+	cur, _, perr := m.parseKV(resp.Kvs[0])
+	if perr != nil || cur.PublicIP != attrs.PublicIP {
+		holder := "a malformed value"
+		if perr == nil {
+			holder = "PublicIP " + cur.PublicIP.String()
+		}
+		return m.lost(ctx, cfg, attrs, lease, "the key now holds "+holder)
+	}
+	ours := Lease{Subnet: lease.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData}
+	if cur.leaseID == 0 || !sameAttrs(cur.Lease, ours) {
+		// A reservation, or our key with another value (an older build's BackendData):
+		// rewrite it as AcquireLease would.
+		return m.reclaim(ctx, cur, attrs)
+	}
+	rctx, cancel = reqCtx(ctx)
+	ka, err := m.client.KeepAliveOnce(rctx, cur.leaseID)
+	cancel()
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		// The etcd lease ran out between the read and now; the key goes with it. Move the
+		// key to a fresh lease if it is still there.
+		return m.reclaim(ctx, cur, attrs)
+	}
+	if err != nil {
+		return Lease{}, m.etcdErr(err, "renew etcd lease of %s", key)
+	}
+	ours.Expiration = time.Now().Add(time.Duration(ka.TTL) * time.Second)
+	return ours, nil
+}
+
+// lost handles our subnet held by someone else: take another one, loudly.
+func (m *Manager) lost(ctx context.Context, cfg Config, attrs LeaseAttrs, lease Lease, why string) (Lease, error) {
+	m.log.Error("our subnet lease was lost; acquiring another subnet (containers on the old one lose connectivity)",
+		"subnet", lease.Subnet, "why", why)
+	l, err := m.AcquireLease(ctx, cfg, attrs, netip.Prefix{})
+	if err != nil {
+		return Lease{}, fmt.Errorf("replace lost lease %s: %w", lease.Subnet, err)
+	}
+	return l, nil
+}
