@@ -1,0 +1,116 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/hostgw"
+	"github.com/xnet-dev/xnet/backend/vxlan"
+	"github.com/xnet-dev/xnet/metrics"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// newRegistry lists the backends built into this binary. It is the only place that names the
+// backend packages.
+func newRegistry() *backend.Registry {
+	r := &backend.Registry{}
+	r.Register(subnetmgr.BackendVXLAN, vxlan.New)
+	r.Register(subnetmgr.BackendHostGW, hostgw.New)
+	return r
+}
+
+// autoOrder is what --backend=auto tries, in order (DESIGN.md "Backends").
+func autoOrder() []string {
+	return []string{subnetmgr.BackendEBPF, subnetmgr.BackendVXLAN, subnetmgr.BackendUDP}
+}
+
+// wantedBackends says which backends to try for this host: the flag overrides the config's
+// Backend.Type; "ebpf" in the config (or no type at all) means auto, because the config is
+// shared by every host and each host falls back to what it can run, while an explicit
+// --backend=ebpf means exactly ebpf.
+func wantedBackends(flag string, cfg subnetmgr.Config) (names []string, source string) {
+	switch {
+	case flag == backendAuto:
+		return autoOrder(), "--backend=auto"
+	case flag != "":
+		return []string{flag}, "--backend=" + flag
+	case cfg.Backend.Type == "" || cfg.Backend.Type == subnetmgr.BackendEBPF:
+		return autoOrder(), fmt.Sprintf("config Backend.Type %q (auto)", cfg.Backend.Type)
+	default:
+		return []string{cfg.Backend.Type}, fmt.Sprintf("config Backend.Type %q", cfg.Backend.Type)
+	}
+}
+
+// skipped is a backend --backend=auto passed over, and why.
+type skipped struct {
+	Name   string `json:"name"`
+	Reason string `json:"reason"`
+}
+
+// chosenBackend is the result of pickBackend.
+type chosenBackend struct {
+	name       string
+	b          backend.Backend
+	mode       string
+	modeReason string
+	skipped    []skipped
+}
+
+// pickBackend builds the first of the wanted backends that can run here, logging why each
+// skipped one was skipped. Constructors do not change the host, so trying is harmless. An
+// error is a usage error: nothing is configured yet and the fix is a flag or the config.
+func pickBackend(reg *backend.Registry, flag string, opts backend.Options, log *slog.Logger) (chosenBackend, error) {
+	names, source := wantedBackends(flag, opts.Config)
+	var c chosenBackend
+	for _, name := range names {
+		ctor, ok := reg.Lookup(name)
+		if !ok {
+			if len(names) == 1 {
+				return c, usagef("%s: backend %q is not built into this xnetd (it has: %s): set --backend to one of those", source, name, strings.Join(reg.Names(), ", "))
+			}
+			c.skipped = append(c.skipped, skipped{name, "not built into this xnetd"})
+			log.Info("backend skipped", "backend", name, "reason", "not built into this xnetd", "by", source)
+			continue
+		}
+		b, err := ctor(opts)
+		if err != nil {
+			if len(names) == 1 {
+				return c, usagef("%s: backend %s cannot run here: %v (try --backend=auto)", source, name, err)
+			}
+			c.skipped = append(c.skipped, skipped{name, err.Error()})
+			log.Info("backend skipped", "backend", name, "reason", err.Error(), "unavailable", errors.Is(err, backend.ErrUnavailable), "by", source)
+			continue
+		}
+		c.name, c.b = name, b
+		c.mode, c.modeReason = backendMode(name, b)
+		log.Info("backend chosen", "backend", name, "mode", c.mode, "why", c.modeReason, "by", source)
+		return c, nil
+	}
+	return c, usagef("%s: no backend can run on this host (%s): install what one of them needs or set --backend", source, describeSkipped(c.skipped))
+}
+
+// backendMode asks a backend that runs in several ways which one it runs (metrics.ModeReporter);
+// the others have one mode, named after the backend.
+func backendMode(name string, b any) (mode, reason string) {
+	if m, ok := b.(metrics.ModeReporter); ok {
+		return m.Mode()
+	}
+	switch name {
+	case subnetmgr.BackendVXLAN:
+		return "kernel", "kernel VXLAN device"
+	case subnetmgr.BackendHostGW:
+		return "routes", "static routes, no encapsulation"
+	}
+	return name, ""
+}
+
+func describeSkipped(s []skipped) string {
+	parts := make([]string, len(s))
+	for i, x := range s {
+		parts[i] = x.Name + ": " + x.Reason
+	}
+	return strings.Join(parts, "; ")
+}

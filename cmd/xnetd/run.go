@@ -1,0 +1,322 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/ipmasq"
+	"github.com/xnet-dev/xnet/metrics"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// fatalError ends the daemon with exit code 1 after it started changing the host; systemd's
+// Restart=always brings it back.
+type fatalError struct{ err error }
+
+func (e *fatalError) Error() string { return e.err.Error() }
+func (e *fatalError) Unwrap() error { return e.err }
+
+// daemonRun is one run of the daemon: everything the event loop owns.
+type daemonRun struct {
+	o       options
+	log     *slog.Logger
+	mgr     *subnetmgr.Manager
+	m       *metrics.Metrics
+	cfg     subnetmgr.Config
+	iface   backend.ExternalInterface
+	chosen  chosenBackend
+	lease   subnetmgr.Lease
+	peers   *peers
+	ready   bool
+	started time.Time
+}
+
+// runDaemon is `xnetd run`. Until the backend's Setup, every failure is a usageError (exit 2)
+// and the host is untouched: flags, the interface, the metrics address, the config and the
+// backend are all checked first.
+func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.Logger) error {
+	d := &daemonRun{o: o, log: log, started: time.Now()}
+
+	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("open netlink socket: %w", err)
+	}
+	d.iface, err = underlay(nl, o.iface, o.publicIP)
+	nl.Close()
+	if err != nil {
+		return err
+	}
+	log.Info("underlay interface", "iface", d.iface.Name, "iface_ip", d.iface.IfaceIP, "public_ip", d.iface.PublicIP, "mtu", d.iface.MTU)
+
+	d.mgr, err = subnetmgr.New(subnetmgr.Options{
+		Endpoints: o.etcdEndpoints,
+		Prefix:    o.etcdPrefix,
+		CertFile:  o.etcdCertFile,
+		KeyFile:   o.etcdKeyFile,
+		CAFile:    o.etcdCAFile,
+		Username:  o.etcdUsername,
+		Password:  o.etcdPassword,
+		Logger:    log,
+	})
+	if err != nil {
+		return usagef("etcd client (--etcd-*): %v", err)
+	}
+	defer d.mgr.Close()
+
+	d.m = metrics.New(d.mgr.Stats)
+	if o.metricsAddr != "" {
+		ln, err := net.Listen("tcp", o.metricsAddr)
+		if err != nil {
+			return usagef("--metrics-addr %s: cannot listen (%v): pick a free address or set it empty to disable metrics", o.metricsAddr, err)
+		}
+		srv := &http.Server{Handler: d.m.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = srv.Serve(ln) }()
+		defer srv.Close()
+		log.Info("metrics endpoint", "addr", ln.Addr().String())
+	}
+
+	d.cfg, err = d.mgr.WaitConfig(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			log.Info("stopped while waiting for the network config")
+			return nil
+		}
+		return usagef("etcd %s/config: %v: fix it with `etcdctl put %s/config '{\"Network\":\"10.244.0.0/16\"}'`", o.etcdPrefix, err, o.etcdPrefix)
+	}
+	log.Info("network config", "network", d.cfg.Network, "subnet_len", d.cfg.SubnetLen, "backend_type", d.cfg.Backend.Type)
+
+	d.chosen, err = pickBackend(reg, o.backend, backend.Options{
+		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, Logger: log,
+	}, log)
+	if err != nil {
+		return err
+	}
+	b := d.chosen.b
+	d.m.SetBackend(d.chosen.name, d.chosen.mode, b)
+	btype, bdata, err := b.LeaseAttrs()
+	if err != nil {
+		b.Close(false)
+		return fmt.Errorf("backend %s: lease attributes: %w", d.chosen.name, err)
+	}
+	attrs := subnetmgr.LeaseAttrs{PublicIP: d.iface.PublicIP, BackendType: btype, BackendData: bdata}
+
+	d.lease, err = d.acquire(ctx, attrs)
+	if err != nil {
+		b.Close(false)
+		if ctx.Err() != nil {
+			return nil
+		}
+		return &fatalError{err}
+	}
+	log.Info("lease acquired", "subnet", d.lease.Subnet, "public_ip", d.lease.PublicIP, "expires", d.lease.Expiration.Format(time.RFC3339))
+	d.m.SetLease(d.lease)
+
+	// From here on the host changes.
+	if err := b.Setup(ctx, d.lease, d.cfg); err != nil {
+		b.Close(false)
+		return &fatalError{fmt.Errorf("backend %s setup for %v: %w", d.chosen.name, d.lease.Subnet, err)}
+	}
+	runErr := d.serve(ctx, attrs)
+
+	_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+	d.m.SetReady(false)
+	if err := b.Close(o.teardownOnExit); err != nil {
+		log.Error("backend close", "backend", d.chosen.name, "teardown", o.teardownOnExit, "err", err)
+	}
+	if o.teardownOnExit {
+		d.teardownHostState()
+		log.Info("stopped; datapath removed (--teardown-on-exit), lease left to expire", "subnet", d.lease.Subnet)
+	} else {
+		d.writeState()
+		log.Info("stopped; datapath and lease left in place for the next start", "subnet", d.lease.Subnet)
+	}
+	return runErr
+}
+
+// acquire retries AcquireLease through etcd trouble; a full range is final.
+func (d *daemonRun) acquire(ctx context.Context, attrs subnetmgr.LeaseAttrs) (subnetmgr.Lease, error) {
+	var prev netip.Prefix
+	if f, err := subnetmgr.ReadSubnetFile(d.o.subnetFile); err == nil && d.cfg.Network.Contains(f.Subnet.Addr()) {
+		prev = f.Subnet.Masked()
+	}
+	wait := time.Second
+	for {
+		l, err := d.mgr.AcquireLease(ctx, d.cfg, attrs, prev)
+		if err == nil {
+			return l, nil
+		}
+		if errors.Is(err, subnetmgr.ErrRangeFull) {
+			return l, fmt.Errorf("acquire a lease in %v: %w: widen Network or SubnetMin/SubnetMax in the config, or remove stale leases", d.cfg.Network, err)
+		}
+		if ctx.Err() != nil {
+			return l, ctx.Err()
+		}
+		d.log.Warn("acquire lease failed, retrying", "err", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return l, ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 30*time.Second)
+	}
+}
+
+// serve writes the host files, programs the initial peers, reports ready, then follows lease
+// events and renewals until ctx ends or something fatal happens.
+func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error {
+	b := d.chosen.b
+	sf := subnetmgr.SubnetFile{Network: d.cfg.Network, Subnet: d.lease.Subnet, MTU: b.MTU(), IPMasq: d.o.ipMasq}
+	if err := subnetmgr.WriteSubnetFile(d.o.subnetFile, sf); err != nil {
+		return &fatalError{fmt.Errorf("--subnet-file: %w", err)}
+	}
+	if err := subnetmgr.WriteDockerOpts(d.o.dockerOptsFile, sf); err != nil {
+		return &fatalError{fmt.Errorf("--docker-opts-file: %w", err)}
+	}
+	d.log.Info("wrote subnet and docker files", "subnet_file", d.o.subnetFile, "docker_opts_file", d.o.dockerOptsFile, "mtu", sf.MTU)
+	if err := d.setupMasq(); err != nil {
+		return &fatalError{err}
+	}
+
+	d.peers = newPeers(b, d.lease, d.log, func(t subnetmgr.EventType) { d.m.LeaseEvent(t.String()) })
+	d.writeState()
+
+	loopCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	events := make(chan []subnetmgr.Event, 16)
+	watchDone := make(chan error, 1)
+	go func() { watchDone <- d.mgr.WatchLeases(loopCtx, events) }()
+
+	leases := make(chan subnetmgr.Lease, 4)
+	keepDone := make(chan error, 1)
+	go func() {
+		keepDone <- d.mgr.KeepLease(loopCtx, d.cfg, attrs, d.lease, d.o.renewMargin, func(l subnetmgr.Lease) {
+			select {
+			case leases <- l:
+			case <-loopCtx.Done():
+			}
+		})
+	}()
+
+	for {
+		select {
+		case <-ctx.Done():
+			d.log.Info("stopping", "cause", context.Cause(ctx))
+			return nil
+		case batch := <-events:
+			start := time.Now()
+			d.peers.apply(batch)
+			d.m.ObserveReconcile(time.Since(start))
+			d.m.SetPeers(d.peers.counts())
+			if !d.ready {
+				d.ready = true
+				d.m.SetReady(true)
+				_, applied, refused := d.peers.counts()
+				d.log.Info("datapath programmed with the initial peers; ready", "peers", applied, "refused", refused, "took", time.Since(d.started).Round(time.Millisecond))
+				_, _ = daemon.SdNotify(false, daemon.SdNotifyReady+"\nSTATUS=ready: "+d.lease.Subnet.String()+" via "+d.chosen.name)
+			}
+			d.writeState()
+		case l := <-leases:
+			if l.Subnet.Masked() != d.lease.Subnet.Masked() {
+				return &fatalError{fmt.Errorf("our lease moved from %v to %v: the datapath and Docker's --bip are for the old subnet; exiting so the restart reconfigures everything", d.lease.Subnet, l.Subnet)}
+			}
+			d.lease = l
+			d.peers.own = l
+			d.m.SetLease(l)
+			d.log.Info("lease renewed", "subnet", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
+			d.writeState()
+		case err := <-watchDone:
+			if ctx.Err() != nil {
+				return nil
+			}
+			return &fatalError{fmt.Errorf("watching leases stopped: %w", err)}
+		case err := <-keepDone:
+			if ctx.Err() != nil {
+				return nil
+			}
+			return &fatalError{fmt.Errorf("keeping our lease %v stopped: %w", d.lease.Subnet, err)}
+		}
+	}
+}
+
+// setupMasq installs the masquerade table with --ip-masq, and removes a table a previous run
+// left when --ip-masq is now off.
+func (d *daemonRun) setupMasq() error {
+	conn, err := nftables.New()
+	if err != nil {
+		if d.o.ipMasq {
+			return fmt.Errorf("--ip-masq: open nftables: %w", err)
+		}
+		return nil
+	}
+	if d.o.ipMasq {
+		if err := ipmasq.Setup(conn, ipmasq.DefaultTable, d.cfg.Network, d.lease.Subnet); err != nil {
+			return fmt.Errorf("--ip-masq: %w", err)
+		}
+		d.log.Info("masquerading traffic leaving the overlay", "table", "ip "+ipmasq.DefaultTable, "network", d.cfg.Network)
+		return nil
+	}
+	if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
+		d.log.Debug("no masquerade table to remove", "err", err)
+	}
+	return nil
+}
+
+// writeState records the daemon's view for `xnetd status`. A failure is logged, not fatal:
+// the datapath matters more than the report.
+func (d *daemonRun) writeState() {
+	s := state{
+		PID:             os.Getpid(),
+		Version:         version(),
+		StartedAt:       d.started,
+		UpdatedAt:       time.Now(),
+		Ready:           d.ready,
+		Backend:         d.chosen.name,
+		Mode:            d.chosen.mode,
+		ModeReason:      d.chosen.modeReason,
+		SkippedBackends: d.chosen.skipped,
+		Iface:           d.iface.Name,
+		PublicIP:        d.iface.PublicIP,
+		Config:          d.cfg,
+		Lease:           leaseStateOf(d.lease),
+		IPMasq:          d.o.ipMasq,
+		MetricsAddr:     d.o.metricsAddr,
+		SubnetFile:      d.o.subnetFile,
+		DockerOptsFile:  d.o.dockerOptsFile,
+		BPFFS:           d.o.bpffs,
+	}
+	if d.peers != nil {
+		s.Peers = d.peers.list()
+	}
+	if err := writeState(d.o.stateFile, s); err != nil {
+		d.log.Warn("state file not updated", "state_file", d.o.stateFile, "err", err)
+	}
+}
+
+// teardownHostState removes what serve created besides the backend's datapath.
+func (d *daemonRun) teardownHostState() {
+	if d.o.ipMasq {
+		if conn, err := nftables.New(); err == nil {
+			if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
+				d.log.Warn("remove masquerade table", "err", err)
+			}
+		}
+	}
+	for _, f := range []string{d.o.subnetFile, d.o.dockerOptsFile, d.o.stateFile} {
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			d.log.Warn("remove file", "file", f, "err", err)
+		}
+	}
+}

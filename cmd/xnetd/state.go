@@ -1,0 +1,135 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// state is what the daemon records in --state-file (state.json next to the subnet file) on
+// every change, for `xnetd status` and `xnetd teardown`. It is the daemon's view; the live
+// counters come from the metrics endpoint or the pinned maps.
+type state struct {
+	PID             int              `json:"pid"`
+	Version         string           `json:"version"`
+	StartedAt       time.Time        `json:"started_at"`
+	UpdatedAt       time.Time        `json:"updated_at"`
+	Ready           bool             `json:"ready"`
+	Backend         string           `json:"backend"`
+	Mode            string           `json:"mode"`
+	ModeReason      string           `json:"mode_reason,omitempty"`
+	SkippedBackends []skipped        `json:"skipped_backends,omitempty"`
+	Iface           string           `json:"iface"`
+	PublicIP        netip.Addr       `json:"public_ip"`
+	Config          subnetmgr.Config `json:"config"`
+	Lease           leaseState       `json:"lease"`
+	Peers           []peerState      `json:"peers"`
+	IPMasq          bool             `json:"ip_masq"`
+	MetricsAddr     string           `json:"metrics_addr,omitempty"`
+	SubnetFile      string           `json:"subnet_file"`
+	DockerOptsFile  string           `json:"docker_opts_file"`
+	BPFFS           string           `json:"bpffs"`
+}
+
+// leaseState is one lease as status shows it.
+type leaseState struct {
+	Subnet      netip.Prefix `json:"subnet"`
+	PublicIP    netip.Addr   `json:"public_ip"`
+	BackendType string       `json:"backend_type"`
+	VtepMAC     string       `json:"vtep_mac,omitempty"`
+	Expiration  time.Time    `json:"expiration,omitzero"`
+}
+
+// peerState is a peer lease and what the backend made of it.
+type peerState struct {
+	leaseState
+	// Error is why the backend refused the peer ("" when programmed).
+	Error string `json:"error,omitempty"`
+}
+
+func leaseStateOf(l subnetmgr.Lease) leaseState {
+	s := leaseState{Subnet: l.Subnet, PublicIP: l.PublicIP, BackendType: l.BackendType, Expiration: l.Expiration}
+	if l.BackendType == subnetmgr.BackendVXLAN && len(l.BackendData) > 0 {
+		var d subnetmgr.VXLANData
+		if json.Unmarshal(l.BackendData, &d) == nil {
+			s.VtepMAC = d.VtepMAC
+		}
+	}
+	return s
+}
+
+// writeState replaces path atomically (temp file + rename), so a reader never sees half.
+func writeState(path string, s state) error {
+	data, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	return writeFileAtomic(path, append(data, '\n'), 0o644)
+}
+
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("create directory of %s: %w", path, err)
+	}
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(f.Name()) // no-op after the rename
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+func readState(path string) (state, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return state{}, err
+	}
+	var s state
+	if err := json.Unmarshal(data, &s); err != nil {
+		return state{}, fmt.Errorf("state file %s is not xnetd's JSON: %w", path, err)
+	}
+	return s, nil
+}
+
+// daemonAlive says whether pid is a running xnetd. A pid alone is not enough: after a reboot
+// or a crash the number may belong to another program, so the command line must name xnetd.
+func daemonAlive(pid int) (bool, string) {
+	if pid <= 0 {
+		return false, "no pid recorded"
+	}
+	if err := syscall.Kill(pid, 0); err != nil && err != syscall.EPERM {
+		return false, fmt.Sprintf("process %d is gone", pid)
+	}
+	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return false, fmt.Sprintf("process %d is gone", pid)
+	}
+	argv0, _, _ := strings.Cut(string(cmdline), "\x00")
+	if !strings.Contains(filepath.Base(argv0), "xnetd") {
+		return false, fmt.Sprintf("process %d is %q, not xnetd", pid, filepath.Base(argv0))
+	}
+	return true, fmt.Sprintf("pid %d", pid)
+}

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/ipmasq"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// cmdTeardown removes what xnetd created on this host: every backend's datapath, the
+// masquerade table, the bpffs pins and the files. It does not touch etcd: the lease stays and
+// expires by its TTL, as flannel's does, so a host that comes back within the TTL gets the same
+// subnet (delete <prefix>/subnets/<subnet> with etcdctl to free it at once).
+//
+// The backend recorded in the state file is set up again on the recorded lease before Close
+// (true), so it adopts what it left (a device, routes, pins) and removes all of it; every other
+// built-in backend gets Close(true) alone, which removes what can be found without a lease
+// (the vxlan device, say). Nothing is done while the daemon still runs.
+func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (string, bool)) error {
+	o, err := parseRunFlags("xnetd teardown", args, stdout, lookup)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr, o.logLevel)
+	st, stErr := readState(o.stateFile)
+	if stErr == nil {
+		if alive, why := daemonAlive(st.PID); alive {
+			return fmt.Errorf("xnetd is running (%s): stop it first (systemctl stop xnetd), then run teardown", why)
+		}
+	}
+	sf := readSubnetFileOrZero(o.subnetFile)
+
+	cfg := st.Config
+	if !cfg.Network.IsValid() {
+		cfg.Network = sf.Network
+	}
+	lease := subnetmgr.Lease{Subnet: st.Lease.Subnet, PublicIP: st.Lease.PublicIP}
+	if !lease.Subnet.IsValid() {
+		lease.Subnet = sf.Subnet
+	}
+	ifaceName := o.iface
+	if ifaceName == "" {
+		ifaceName = st.Iface
+	}
+
+	var errs []error
+	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("open netlink socket: %w", err)
+	}
+	iface, err := underlay(nl, ifaceName, o.publicIP)
+	nl.Close()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("backends not torn down: %w", err))
+	} else {
+		if !lease.PublicIP.IsValid() {
+			lease.PublicIP = iface.PublicIP
+		}
+		errs = append(errs, teardownBackends(o, iface, cfg, lease, st.Backend, stdout, log)...)
+	}
+
+	if conn, err := nftables.New(); err == nil {
+		if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
+			errs = append(errs, err)
+		} else {
+			fmt.Fprintf(stdout, "removed nftables table ip %s (if it existed)\n", ipmasq.DefaultTable)
+		}
+	}
+	if _, err := os.Stat(o.bpffs); err == nil {
+		if err := os.RemoveAll(o.bpffs); err != nil {
+			errs = append(errs, fmt.Errorf("remove pins in %s: %w", o.bpffs, err))
+		} else {
+			fmt.Fprintf(stdout, "removed pins %s\n", o.bpffs)
+		}
+	}
+	for _, f := range []string{o.subnetFile, o.dockerOptsFile, o.stateFile} {
+		switch err := os.Remove(f); {
+		case err == nil:
+			fmt.Fprintf(stdout, "removed %s\n", f)
+		case !errors.Is(err, os.ErrNotExist):
+			errs = append(errs, err)
+		}
+	}
+	if lease.Subnet.IsValid() {
+		fmt.Fprintf(stdout, "lease %v left in etcd: it expires by its TTL (delete %s/subnets/%s-%d to free it now)\n",
+			lease.Subnet, o.etcdPrefix, lease.Subnet.Addr(), lease.Subnet.Bits())
+	}
+	return errors.Join(errs...)
+}
+
+func teardownBackends(o options, iface backend.ExternalInterface, cfg subnetmgr.Config, lease subnetmgr.Lease, recorded string, stdout io.Writer, log *slog.Logger) []error {
+	reg := newRegistry()
+	var errs []error
+	for _, name := range reg.Names() {
+		ctor, _ := reg.Lookup(name)
+		b, err := ctor(backend.Options{Iface: iface, Config: cfg, Decap: o.decap, BPFFS: o.bpffs, Logger: log})
+		if err != nil {
+			log.Info("backend not torn down: cannot run here, so it left nothing", "backend", name, "reason", err)
+			continue
+		}
+		if name == recorded && lease.Subnet.IsValid() && cfg.Network.IsValid() {
+			if err := b.Setup(context.Background(), lease, cfg); err != nil {
+				errs = append(errs, fmt.Errorf("backend %s: adopt its datapath for teardown: %w", name, err))
+			}
+		}
+		if err := b.Close(true); err != nil {
+			errs = append(errs, fmt.Errorf("backend %s teardown: %w", name, err))
+			continue
+		}
+		fmt.Fprintf(stdout, "backend %s torn down\n", name)
+	}
+	return errs
+}
