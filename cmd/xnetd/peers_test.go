@@ -1,0 +1,144 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// recorder is a Backend that writes down what the daemon asked of it, to check the event
+// handling; the datapaths themselves are tested in their packages and end to end.
+type recorder struct {
+	calls  []string
+	refuse map[netip.Prefix]bool
+}
+
+func (r *recorder) LeaseAttrs() (string, json.RawMessage, error) { return "vxlan", nil, nil }
+func (r *recorder) Setup(context.Context, subnetmgr.Lease, subnetmgr.Config) error {
+	return nil
+}
+func (r *recorder) MTU() int                  { return 1450 }
+func (r *recorder) Close(teardown bool) error { return nil }
+func (r *recorder) AddPeer(l subnetmgr.Lease) error {
+	r.calls = append(r.calls, fmt.Sprintf("add %v %v", l.Subnet, l.PublicIP))
+	if r.refuse[l.Subnet] {
+		return errors.New("incompatible peer")
+	}
+	return nil
+}
+func (r *recorder) RemovePeer(l subnetmgr.Lease) error {
+	r.calls = append(r.calls, fmt.Sprintf("remove %v", l.Subnet))
+	return nil
+}
+
+func lease(subnet, ip string) subnetmgr.Lease {
+	return subnetmgr.Lease{Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr(ip), BackendType: "vxlan",
+		BackendData: json.RawMessage(`{"VNI":1,"VtepMAC":"0e:78:c6:12:00:0c"}`)}
+}
+
+func TestLeaseEventsBecomePeerCalls(t *testing.T) {
+	own := lease("10.244.1.0/24", "198.18.0.11")
+	tests := []struct {
+		name         string
+		events       []subnetmgr.Event
+		refuse       []string
+		wantCalls    []string
+		wantPeers    []string // subnet[:error]
+		wantKnown    int
+		wantApplied  int
+		wantRefusals int
+	}{
+		{
+			name: "initial list: our own lease is skipped, the others are added",
+			events: []subnetmgr.Event{
+				{Type: subnetmgr.EventAdded, Lease: own},
+				{Type: subnetmgr.EventAdded, Lease: lease("10.244.2.0/24", "198.18.0.12")},
+				{Type: subnetmgr.EventAdded, Lease: lease("10.244.3.0/24", "198.18.0.13")},
+			},
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "add 10.244.3.0/24 198.18.0.13"},
+			wantPeers: []string{"10.244.2.0/24", "10.244.3.0/24"}, wantKnown: 3, wantApplied: 2,
+		},
+		{
+			name: "a changed lease is added again with its new data",
+			events: []subnetmgr.Event{
+				{Type: subnetmgr.EventAdded, Lease: lease("10.244.2.0/24", "198.18.0.12")},
+				{Type: subnetmgr.EventChanged, Lease: lease("10.244.2.0/24", "198.18.0.22")},
+			},
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "add 10.244.2.0/24 198.18.0.22"},
+			wantPeers: []string{"10.244.2.0/24"}, wantKnown: 1, wantApplied: 1,
+		},
+		{
+			name: "a removed lease is removed from the datapath",
+			events: []subnetmgr.Event{
+				{Type: subnetmgr.EventAdded, Lease: lease("10.244.2.0/24", "198.18.0.12")},
+				{Type: subnetmgr.EventRemoved, Lease: lease("10.244.2.0/24", "198.18.0.12")},
+			},
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "remove 10.244.2.0/24"},
+			wantPeers: nil, wantKnown: 0,
+		},
+		{
+			name: "a stale lease with our PublicIP is never a peer",
+			events: []subnetmgr.Event{
+				{Type: subnetmgr.EventAdded, Lease: lease("10.244.9.0/24", "198.18.0.11")},
+			},
+			wantCalls: nil, wantPeers: nil, wantKnown: 0,
+		},
+		{
+			name: "a refused peer is kept with its reason and the others still go in",
+			events: []subnetmgr.Event{
+				{Type: subnetmgr.EventAdded, Lease: lease("10.244.2.0/24", "198.18.0.12")},
+				{Type: subnetmgr.EventAdded, Lease: lease("10.244.3.0/24", "198.18.0.13")},
+			},
+			refuse:    []string{"10.244.2.0/24"},
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "add 10.244.3.0/24 198.18.0.13"},
+			wantPeers: []string{"10.244.2.0/24:incompatible peer", "10.244.3.0/24"}, wantKnown: 2, wantApplied: 1, wantRefusals: 1,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := &recorder{refuse: map[netip.Prefix]bool{}}
+			for _, s := range tt.refuse {
+				r.refuse[netip.MustParsePrefix(s)] = true
+			}
+			var types []string
+			p := newPeers(r, own, slog.New(slog.NewTextHandler(io.Discard, nil)), func(t subnetmgr.EventType) { types = append(types, t.String()) })
+			p.apply(tt.events)
+			if got, want := strings.Join(r.calls, "; "), strings.Join(tt.wantCalls, "; "); got != want {
+				t.Errorf("backend calls:\n got %s\nwant %s", got, want)
+			}
+			var peers []string
+			for _, ps := range p.list() {
+				s := ps.Subnet.String()
+				if ps.Error != "" {
+					s += ":" + ps.Error
+				}
+				peers = append(peers, s)
+			}
+			if got, want := strings.Join(peers, " "), strings.Join(tt.wantPeers, " "); got != want {
+				t.Errorf("peers %q, want %q", got, want)
+			}
+			known, applied, refused := p.counts()
+			if known != tt.wantKnown || applied != tt.wantApplied || refused != tt.wantRefusals {
+				t.Errorf("counts known=%d applied=%d refused=%d, want %d %d %d", known, applied, refused, tt.wantKnown, tt.wantApplied, tt.wantRefusals)
+			}
+			if len(types) != len(tt.events) {
+				t.Errorf("counted %d events, want %d", len(types), len(tt.events))
+			}
+		})
+	}
+}
+
+func TestPeerStateShowsTheVtepMAC(t *testing.T) {
+	s := leaseStateOf(lease("10.244.2.0/24", "198.18.0.12"))
+	if s.VtepMAC != "0e:78:c6:12:00:0c" {
+		t.Errorf("VtepMAC %q", s.VtepMAC)
+	}
+}
