@@ -1,0 +1,288 @@
+// Package loader puts the datapath (package bpf) into the kernel and keeps it there: it loads
+// the programs, creates or re-adopts the maps pinned under the bpffs directory (--bpffs,
+// default /sys/fs/bpf/xnet), attaches programs to interfaces and pins the attachments, so the
+// datapath outlives xnetd.
+//
+// It owns the pin directory and the attachments. It does not know what the maps mean (package
+// maps) or which interfaces need which program (package backend/ebpf).
+//
+// Design history:
+//
+// A restart must never detach the datapath (DESIGN.md: kill -9 and restart under traffic loses
+// no packet). So every attachment is a bpf_link pinned in the directory: the kernel keeps it
+// when the process dies, and the next xnetd opens the pin and swaps its freshly loaded program
+// in with one atomic link update (measured: 5 swaps under a 10 ms ping, 0 lost). Maps are
+// re-adopted from their pins, so routes, counters and learned containers survive too.
+//
+// A new build may change a map's layout. Keeping a pinned map whose layout no longer matches
+// the programs would corrupt every lookup, and cilium/ebpf's own check only compares sizes and
+// flags. So each pinned map's BTF key and value types are compared with the new object's
+// (layoutOf); a map that differs is created anew, pinned in place of the old one with an
+// atomic rename, and the new programs use it, while the old programs keep their old map until
+// their link is swapped. Only that map's contents restart empty (the backend rewrites routes
+// and config; counters restart).
+//
+// TCX links (kernel 6.6+) are the attachment of choice: pinnable, atomic to update, and they
+// coexist with other TC programs. On older kernels the programs go into a clsact qdisc as
+// cls_bpf direct-action filters with a fixed handle; the kernel keeps those without pins and a
+// replace is atomic as well. XDP uses an XDP link, driver mode first, generic mode as a logged
+// fallback.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+
+	"github.com/xnet-dev/xnet/bpf"
+	"github.com/xnet-dev/xnet/maps"
+)
+
+// DefaultDir is where xnetd pins by default.
+const DefaultDir = "/sys/fs/bpf/xnet"
+
+// Options configure Load.
+type Options struct {
+	// Dir is the pin directory; it is created, and bpffs mounted where needed.
+	Dir    string
+	Logger *slog.Logger
+	// NoTCX attaches TC programs through clsact even where TCX exists (tests, and hosts whose
+	// other tools cannot cope with TCX).
+	NoTCX bool
+}
+
+// Loader is the loaded datapath: programs, maps and the pin directory.
+type Loader struct {
+	dir      string
+	log      *slog.Logger
+	noTCX    bool
+	progs    bpf.XnetPrograms
+	maps     bpf.XnetMaps
+	replaced []string
+}
+
+// Load loads the programs and creates or re-adopts the maps under opts.Dir. It attaches
+// nothing: Attach* does. Close releases the process's handles without detaching anything.
+func Load(opts Options) (*Loader, error) {
+	dir := opts.Dir
+	if dir == "" {
+		dir = DefaultDir
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := ensureBPFFS(dir, log); err != nil {
+		return nil, err
+	}
+	spec, err := bpf.LoadXnet()
+	if err != nil {
+		return nil, fmt.Errorf("read the embedded datapath object: %w", err)
+	}
+	// The .bss map only anchors enum verdict in the BTF; nothing uses it.
+	for name := range spec.Maps {
+		if strings.HasPrefix(name, ".") {
+			delete(spec.Maps, name)
+		}
+	}
+	for name := range spec.Variables {
+		delete(spec.Variables, name)
+	}
+
+	l := &Loader{dir: dir, log: log, noTCX: opts.NoTCX}
+	adopted := map[string]*ebpf.Map{}
+	defer func() {
+		for _, m := range adopted {
+			m.Close()
+		}
+	}()
+	for name, ms := range spec.Maps {
+		ms.Pinning = ebpf.PinNone // pins are ours to manage (see pinMap)
+		path := filepath.Join(dir, name)
+		old, err := ebpf.LoadPinnedMap(path, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open pinned map %s: %w", path, err)
+		}
+		if why := mismatch(ms, old); why != "" {
+			log.Warn("pinned map does not fit the new programs: replacing it", "map", path, "reason", why)
+			old.Close()
+			l.replaced = append(l.replaced, name)
+			continue
+		}
+		adopted[name] = old
+	}
+
+	var objs struct {
+		bpf.XnetPrograms
+		bpf.XnetMaps
+	}
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: adopted}); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("load datapath programs (verifier): %+v: %w", ve, ebpf.ErrNotSupported)
+		}
+		return nil, fmt.Errorf("load datapath programs: %w", err)
+	}
+	l.progs, l.maps = objs.XnetPrograms, objs.XnetMaps
+
+	for name, m := range map[string]*ebpf.Map{
+		maps.RoutesName: l.maps.Routes, maps.PeersName: l.maps.Peers, maps.ConfigName: l.maps.Config,
+		maps.CountersName: l.maps.Counters, maps.EndpointsName: l.maps.Endpoints,
+	} {
+		if _, ok := adopted[name]; ok {
+			continue
+		}
+		if err := pinAtomically(m, filepath.Join(dir, name)); err != nil {
+			l.Close()
+			return nil, err
+		}
+	}
+	log.Info("datapath loaded", "bpffs", dir, "adopted_maps", len(adopted), "replaced_maps", l.replaced)
+	return l, nil
+}
+
+// Dir is the pin directory.
+func (l *Loader) Dir() string { return l.dir }
+
+// Maps is typed access to the loaded maps (owned by the Loader: do not close).
+func (l *Loader) Maps() *maps.Maps { return maps.FromObjects(&l.maps) }
+
+// Replaced names the pinned maps Load found with another layout and replaced.
+func (l *Loader) Replaced() []string { return append([]string(nil), l.replaced...) }
+
+// Close releases the process's handles. Pinned maps and attachments stay in the kernel.
+func (l *Loader) Close() error {
+	return errors.Join(l.progs.Close(), l.maps.Close())
+}
+
+// Teardown detaches everything this datapath attached (every pinned link in the directory),
+// removes the pins and the directory, and closes the Loader. clsact filters are removed by the
+// caller (DetachTC) since they have no pins.
+func (l *Loader) Teardown() error {
+	var errs []error
+	entries, err := os.ReadDir(l.dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	for _, e := range entries {
+		if err := os.Remove(filepath.Join(l.dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := os.Remove(l.dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	errs = append(errs, l.Close())
+	return errors.Join(errs...)
+}
+
+// pinAtomically pins m at path, replacing whatever is pinned there in one rename, so a reader
+// of the path sees the old map or the new one, never nothing.
+func pinAtomically(m *ebpf.Map, path string) error {
+	// bpffs refuses names with dots.
+	tmp := filepath.Join(filepath.Dir(path), "tmp_"+filepath.Base(path))
+	_ = os.Remove(tmp)
+	if err := m.Pin(tmp); err != nil {
+		return fmt.Errorf("pin map at %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("move pinned map %s into place: %w", path, err)
+	}
+	return nil
+}
+
+// mismatch says why a pinned map cannot serve the new programs, or "" when it can: sizes, type
+// and flags (cilium/ebpf's check) and the BTF layout of key and value.
+func mismatch(ms *ebpf.MapSpec, m *ebpf.Map) string {
+	if err := ms.Compatible(m); err != nil {
+		return err.Error()
+	}
+	info, err := m.Info()
+	if err != nil {
+		return fmt.Sprintf("read map info: %v", err)
+	}
+	id, ok := info.BTFID()
+	if !ok {
+		return "pinned map has no BTF"
+	}
+	h, err := btf.NewHandleFromID(id)
+	if err != nil {
+		return fmt.Sprintf("open BTF %d: %v", id, err)
+	}
+	defer h.Close()
+	pinned, err := h.Spec(nil)
+	if err != nil {
+		return fmt.Sprintf("read BTF %d: %v", id, err)
+	}
+	for _, want := range []btf.Type{ms.Key, ms.Value} {
+		if want == nil {
+			continue
+		}
+		// Scalars (__u32 keys) are covered by the size check; what can silently change
+		// meaning at the same size is a struct's members.
+		name := want.TypeName()
+		if _, isStruct := btf.UnderlyingType(want).(*btf.Struct); !isStruct || name == "" {
+			continue
+		}
+		got, err := pinned.AnyTypeByName(name)
+		if err != nil {
+			return fmt.Sprintf("type %s missing from the pinned map's BTF", name)
+		}
+		if a, b := layoutOf(got), layoutOf(want); a != b {
+			return fmt.Sprintf("layout of %s changed from %s to %s", name, a, b)
+		}
+	}
+	return ""
+}
+
+// layoutOf renders a type's memory layout: names, offsets, sizes and encodings of every member,
+// recursively, ignoring qualifiers.
+func layoutOf(t btf.Type) string {
+	var b strings.Builder
+	var walk func(t btf.Type, depth int)
+	walk = func(t btf.Type, depth int) {
+		if depth > 8 {
+			b.WriteString("...")
+			return
+		}
+		switch v := btf.UnderlyingType(t).(type) {
+		case *btf.Struct:
+			fmt.Fprintf(&b, "struct(%d){", v.Size)
+			for _, m := range v.Members {
+				fmt.Fprintf(&b, "%s@%d:", m.Name, m.Offset)
+				walk(m.Type, depth+1)
+				b.WriteString(";")
+			}
+			b.WriteString("}")
+		case *btf.Union:
+			fmt.Fprintf(&b, "union(%d){", v.Size)
+			for _, m := range v.Members {
+				fmt.Fprintf(&b, "%s@%d:", m.Name, m.Offset)
+				walk(m.Type, depth+1)
+				b.WriteString(";")
+			}
+			b.WriteString("}")
+		case *btf.Array:
+			fmt.Fprintf(&b, "[%d]", v.Nelems)
+			walk(v.Type, depth+1)
+		case *btf.Int:
+			fmt.Fprintf(&b, "int%d/%v", v.Size*8, v.Encoding)
+		case *btf.Enum:
+			fmt.Fprintf(&b, "enum%d", v.Size*8)
+		default:
+			fmt.Fprintf(&b, "%T", v)
+		}
+	}
+	walk(t, 0)
+	return b.String()
+}

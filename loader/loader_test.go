@@ -1,0 +1,318 @@
+package loader
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/xnet-dev/xnet/maps"
+)
+
+// pinDir returns a unique pin directory under /sys/fs/bpf, removed (with everything pinned in
+// it) when the test ends.
+func pinDir(t *testing.T) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for BPF and network namespaces")
+	}
+	b := make([]byte, 4)
+	rand.Read(b)
+	dir := filepath.Join(standardBPFFS, "xnet-test-"+hex.EncodeToString(b))
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// netNS runs code in a fresh network namespace holding one veth pair (v0, v1), on a
+// dedicated locked thread: attachments take ifindexes of the calling thread's namespace.
+type netNS struct {
+	work chan func()
+	done chan struct{}
+	v0   int // ifindex of v0
+}
+
+func newNetNS(t *testing.T) *netNS {
+	t.Helper()
+	n := &netNS{work: make(chan func()), done: make(chan struct{})}
+	errc := make(chan error)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread exits with the namespace
+		ns, err := netns.New()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer ns.Close()
+		err = netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "v0"}, PeerName: "v1"})
+		if err == nil {
+			var l netlink.Link
+			if l, err = netlink.LinkByName("v0"); err == nil {
+				n.v0 = l.Attrs().Index
+				err = netlink.LinkSetUp(l)
+			}
+		}
+		errc <- err
+		for fn := range n.work {
+			fn()
+			n.done <- struct{}{}
+		}
+	}()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { close(n.work) })
+	return n
+}
+
+func (n *netNS) do(fn func()) {
+	n.work <- fn
+	<-n.done
+}
+
+func quietLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+func load(t *testing.T, dir string, noTCX bool) *Loader {
+	t.Helper()
+	l, err := Load(Options{Dir: dir, Logger: quietLogger(), NoTCX: noTCX})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l
+}
+
+func TestMapsArePinnedWithReadableBTF(t *testing.T) {
+	dir := pinDir(t)
+	l := load(t, dir, false)
+	for _, name := range maps.Names() {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Errorf("map %s not pinned: %v", name, err)
+		}
+	}
+	r := maps.Route{Subnet: netip.MustParsePrefix("10.244.9.0/24"), PublicIP: netip.MustParseAddr("198.18.0.19"),
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 19}}
+	if err := l.Maps().PutRoute(r); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exec.LookPath("bpftool"); err != nil {
+		t.Skip("bpftool not installed")
+	}
+	out, err := exec.Command("bpftool", "map", "dump", "pinned", filepath.Join(dir, "routes")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("bpftool: %v: %s", err, out)
+	}
+	// With BTF, bpftool prints field names rather than hex bytes.
+	for _, field := range []string{"prefixlen", "remote_ip", "vtep_mac"} {
+		if !strings.Contains(string(out), field) {
+			t.Errorf("bpftool map dump lacks %q (no BTF?):\n%s", field, out)
+		}
+	}
+}
+
+func TestRestartAdoptsMapsAndLinks(t *testing.T) {
+	dir := pinDir(t)
+	ns := newNetNS(t)
+	first := load(t, dir, false)
+	r := maps.Route{Subnet: netip.MustParsePrefix("10.244.9.0/24"), PublicIP: netip.MustParseAddr("198.18.0.19"),
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 19}}
+	if err := first.Maps().PutRoute(r); err != nil {
+		t.Fatal(err)
+	}
+	var a Attachment
+	var err error
+	ns.do(func() { a, err = first.AttachTC(ns.v0, Ingress, DecapTC) })
+	if err != nil || a.Mode != ModeTCX || a.Adopted {
+		t.Fatalf("first attach: %+v, %v; want a new TCX link", a, err)
+	}
+	linkID := pinnedLinkID(t, filepath.Join(dir, "link_ingress_"+strconv.Itoa(ns.v0)))
+	first.Close() // the process "dies": nothing may detach
+
+	second := load(t, dir, false)
+	if got := second.Replaced(); len(got) != 0 {
+		t.Fatalf("maps of the same build were replaced: %v", got)
+	}
+	routes, err := second.Maps().ListRoutes()
+	if err != nil || len(routes) != 1 || routes[0].Subnet != r.Subnet {
+		t.Fatalf("routes after restart: %+v, %v; want the route written before", routes, err)
+	}
+	ns.do(func() { a, err = second.AttachTC(ns.v0, Ingress, DecapTC) })
+	if err != nil || !a.Adopted {
+		t.Fatalf("second attach: %+v, %v; want the pinned link adopted", a, err)
+	}
+	if id := pinnedLinkID(t, filepath.Join(dir, "link_ingress_"+strconv.Itoa(ns.v0))); id != linkID {
+		t.Fatalf("link %d replaced by %d: a restart must update the link, not re-create it", linkID, id)
+	}
+	if n := tcxPrograms(t, ns, ebpf.AttachTCXIngress); n != 1 {
+		t.Fatalf("%d programs on v0 ingress, want exactly 1", n)
+	}
+}
+
+func TestChangedLayoutIsReplaced(t *testing.T) {
+	dir := pinDir(t)
+	if err := ensureBPFFS(dir, quietLogger()); err != nil {
+		t.Fatal(err)
+	}
+	u32 := &btf.Int{Name: "unsigned int", Size: 4}
+	u8 := &btf.Int{Name: "unsigned char", Size: 1}
+	// An older "route": same 12 bytes, but the MAC first.
+	oldRoute := &btf.Struct{Name: "route", Size: 12, Members: []btf.Member{
+		{Name: "vtep_mac", Type: &btf.Array{Type: u8, Index: u32, Nelems: 6}, Offset: 0},
+		{Name: "pad", Type: &btf.Int{Name: "short unsigned int", Size: 2}, Offset: 48},
+		{Name: "remote_ip", Type: u32, Offset: 64},
+	}}
+	key := &btf.Struct{Name: "route_key", Size: 8, Members: []btf.Member{
+		{Name: "prefixlen", Type: u32, Offset: 0}, {Name: "addr", Type: u32, Offset: 32},
+	}}
+	old, err := ebpf.NewMap(&ebpf.MapSpec{Name: "routes", Type: ebpf.LPMTrie, KeySize: 8, ValueSize: 12,
+		MaxEntries: 65536, Flags: 1 /* BPF_F_NO_PREALLOC */, Key: key, Value: oldRoute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	if err := old.Pin(filepath.Join(dir, "routes")); err != nil {
+		t.Fatal(err)
+	}
+	// And a config of another size.
+	oldCfg, err := ebpf.NewMap(&ebpf.MapSpec{Name: "config", Type: ebpf.Array, KeySize: 4, ValueSize: 16, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer oldCfg.Close()
+	if err := oldCfg.Pin(filepath.Join(dir, "config")); err != nil {
+		t.Fatal(err)
+	}
+
+	l := load(t, dir, false)
+	got := strings.Join(l.Replaced(), ",")
+	if !strings.Contains(got, "routes") || !strings.Contains(got, "config") {
+		t.Fatalf("replaced %q, want routes (layout) and config (size)", got)
+	}
+	pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, "routes"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pinned.Close()
+	oldInfo, _ := old.Info()
+	newInfo, _ := pinned.Info()
+	oldID, _ := oldInfo.ID()
+	newID, _ := newInfo.ID()
+	if oldID == newID {
+		t.Fatal("the pin still holds the old routes map")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "tmp_routes")); !os.IsNotExist(err) {
+		t.Fatalf("temporary pin left behind: %v", err)
+	}
+}
+
+func TestClsactFallback(t *testing.T) {
+	dir := pinDir(t)
+	ns := newNetNS(t)
+	l := load(t, dir, true)
+	var a Attachment
+	var err error
+	for i := 0; i < 2; i++ { // the second attach replaces, never stacks
+		ns.do(func() { a, err = l.AttachTC(ns.v0, Egress, EncapHost) })
+		if err != nil || a.Mode != ModeClsact {
+			t.Fatalf("attach %d: %+v, %v; want clsact", i, a, err)
+		}
+	}
+	var filters []netlink.Filter
+	ns.do(func() {
+		lk, _ := netlink.LinkByIndex(ns.v0)
+		filters, err = netlink.FilterList(lk, netlink.HANDLE_MIN_EGRESS)
+	})
+	if err != nil || len(filters) != 1 {
+		t.Fatalf("egress filters: %d, %v; want exactly our one", len(filters), err)
+	}
+	if bf, ok := filters[0].(*netlink.BpfFilter); !ok || !bf.DirectAction || !strings.Contains(bf.Name, "encap_host") {
+		t.Fatalf("filter %+v, want a direct-action cls_bpf running encap_host", filters[0])
+	}
+	ns.do(func() { err = l.Detach(ns.v0, Egress) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.do(func() {
+		lk, _ := netlink.LinkByIndex(ns.v0)
+		filters, err = netlink.FilterList(lk, netlink.HANDLE_MIN_EGRESS)
+	})
+	if len(filters) != 0 {
+		t.Fatalf("filters left after Detach: %+v", filters)
+	}
+}
+
+func TestXDPAndPruneDead(t *testing.T) {
+	dir := pinDir(t)
+	ns := newNetNS(t)
+	l := load(t, dir, false)
+	var a Attachment
+	var err error
+	ns.do(func() { a, err = l.AttachXDP(ns.v0, XDPGenericOnly) })
+	if err != nil || a.Mode != ModeXDPGeneric {
+		t.Fatalf("generic XDP attach: %+v, %v", a, err)
+	}
+	ns.do(func() { a, err = l.AttachXDP(ns.v0, XDPDriverOrGeneric) })
+	if err != nil || !a.Adopted || a.Mode != ModeXDPGeneric {
+		t.Fatalf("second XDP attach: %+v, %v; want the pinned generic link adopted", a, err)
+	}
+	ns.do(func() { _, err = l.AttachTC(ns.v0, Ingress, DecapTC) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The interface goes away (a container stopped while xnetd was down).
+	ns.do(func() {
+		lk, _ := netlink.LinkByIndex(ns.v0)
+		err = netlink.LinkDel(lk)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := l.PruneDead()
+	if err != nil || n != 2 {
+		t.Fatalf("PruneDead = %d, %v; want the 2 dead links removed", n, err)
+	}
+	if err := l.Teardown(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("pin directory still there after Teardown: %v", err)
+	}
+}
+
+func pinnedLinkID(t *testing.T, pin string) link.ID {
+	t.Helper()
+	lk, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Close()
+	info, err := lk.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.ID
+}
+
+func tcxPrograms(t *testing.T, ns *netNS, attach ebpf.AttachType) int {
+	t.Helper()
+	var res *link.QueryResult
+	var err error
+	ns.do(func() { res, err = link.QueryPrograms(link.QueryOptions{Target: ns.v0, Attach: attach}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(res.Programs)
+}
