@@ -1,0 +1,197 @@
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// Host is one simulated machine: a namespace with eth0 on the underlay bridge.
+type Host struct {
+	*Namespace
+	Index      int        // 0-based
+	Name       string     // "h1", "h2", ...
+	UnderlayIP netip.Addr // 198.18.0.11, .12, ...
+	StateDir   string     // per-host dir for subnet.env and docker opts (instead of /run/xnet)
+	BPFFS      string     // per-host bpffs mount point (a private bpffs instance in StateDir)
+
+	topo *Topology
+
+	mu         sync.Mutex
+	docker0    netip.Prefix // gateway/len, invalid until SetupDocker0
+	docker0MTU int
+	containers []*Container
+}
+
+// Container is a namespace on a veth into its host's docker0, as `docker run` makes.
+type Container struct {
+	*Namespace
+	Host *Host
+	IP   netip.Addr
+	// Veth is the host-side name of the container's veth (in the host namespace).
+	Veth string
+}
+
+// SubnetFile is where StartXnetd tells xnetd to write subnet.env for this host.
+func (h *Host) SubnetFile() string { return filepath.Join(h.StateDir, "subnet.env") }
+
+// DockerOptsFile is where StartXnetd tells xnetd to write the Docker options for this host.
+func (h *Host) DockerOptsFile() string { return filepath.Join(h.StateDir, "docker") }
+
+// Docker0 is docker0's gateway address and prefix length (10.244.5.1/24), or the zero Prefix
+// before SetupDocker0.
+func (h *Host) Docker0() netip.Prefix {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.docker0
+}
+
+// Docker0Subnet is the subnet docker0 serves (10.244.5.0/24), or the zero Prefix.
+func (h *Host) Docker0Subnet() netip.Prefix {
+	g := h.Docker0()
+	if !g.IsValid() {
+		return netip.Prefix{}
+	}
+	return g.Masked()
+}
+
+// SetupDocker0 plays Docker: a bridge docker0 with the gateway address (e.g. 10.244.5.1/24)
+// and the MTU that containers added later get.
+func (h *Host) SetupDocker0(gateway netip.Prefix, mtu int) error {
+	if !gateway.Addr().Is4() || gateway.Bits() > 30 || gateway.Addr() == gateway.Masked().Addr() {
+		return fmt.Errorf("harness: docker0 gateway %s: want an IPv4 host address with its prefix length (<= /30), e.g. 10.244.5.1/24", gateway)
+	}
+	if mtu < 576 || mtu > 65535 {
+		return fmt.Errorf("harness: docker0 mtu %d: want 576..65535", mtu)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.docker0.IsValid() {
+		return fmt.Errorf("harness: %s already has docker0 %s", h.Name, h.docker0)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := h.IP(ctx,
+		"link add docker0 type bridge",
+		fmt.Sprintf("link set docker0 mtu %d", mtu),
+		fmt.Sprintf("addr add %s dev docker0", gateway),
+		"link set docker0 up")
+	if err != nil {
+		return fmt.Errorf("harness: docker0 on %s: %w", h.Name, err)
+	}
+	h.docker0, h.docker0MTU = gateway, mtu
+	return nil
+}
+
+// SetupDocker0FromSubnetFile waits until xnetd has written this host's subnet file, then sets
+// up docker0 from it as Docker would with the --bip and --mtu xnetd wrote.
+func (h *Host) SetupDocker0FromSubnetFile(ctx context.Context) (subnetmgr.SubnetFile, error) {
+	for {
+		f, err := subnetmgr.ReadSubnetFile(h.SubnetFile())
+		if err == nil {
+			gw := netip.PrefixFrom(f.Subnet.Addr().Next(), f.Subnet.Bits())
+			return f, h.SetupDocker0(gw, f.MTU)
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return f, fmt.Errorf("harness: read %s: %w", h.SubnetFile(), err)
+		}
+		select {
+		case <-ctx.Done():
+			return f, fmt.Errorf("harness: %s has no subnet file %s yet: %w", h.Name, h.SubnetFile(), ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// AddContainer plays `docker run`: a namespace xn-<id>-<host>c<n> whose eth0 is a veth into
+// docker0, with the next free address of docker0's subnet, docker0's MTU and a default route
+// via the gateway.
+func (h *Host) AddContainer() (*Container, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.docker0.IsValid() {
+		return nil, fmt.Errorf("harness: %s has no docker0: call SetupDocker0 (or SetupDocker0FromSubnetFile) first", h.Name)
+	}
+	n := len(h.containers) + 1
+	ip := h.docker0.Addr()
+	for i := 0; i < n; i++ {
+		ip = ip.Next()
+	}
+	if !h.docker0.Contains(ip) || ip == lastAddr(h.docker0.Masked()) {
+		return nil, fmt.Errorf("harness: docker0 %s on %s is full", h.docker0, h.Name)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ns, err := h.topo.addNamespace(ctx, h.Name+"c"+strconv.Itoa(n))
+	if err != nil {
+		return nil, err
+	}
+	veth := "veth" + h.topo.id + "c" + strconv.Itoa(n)
+	err = h.IP(ctx,
+		fmt.Sprintf("link add %s mtu %d type veth peer name eth0 mtu %d netns %s", veth, h.docker0MTU, h.docker0MTU, ns.Name),
+		fmt.Sprintf("link set %s master docker0 up", veth))
+	if err != nil {
+		return nil, fmt.Errorf("harness: container %d on %s: %w", n, h.Name, err)
+	}
+	err = ns.IP(ctx,
+		fmt.Sprintf("addr add %s/%d dev eth0", ip, h.docker0.Bits()),
+		"link set eth0 up",
+		fmt.Sprintf("route add default via %s dev eth0", h.docker0.Addr()))
+	if err != nil {
+		return nil, fmt.Errorf("harness: container %d on %s: %w", n, h.Name, err)
+	}
+	c := &Container{Namespace: ns, Host: h, IP: ip, Veth: veth}
+	h.containers = append(h.containers, c)
+	return c, nil
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As4()
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
+	v |= (1 << (32 - p.Bits())) - 1
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// Containers are the host's containers in the order they were added.
+func (h *Host) Containers() []*Container {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]*Container(nil), h.containers...)
+}
+
+// XnetdArgs are the per-host flags StartXnetd passes before the caller's extra ones.
+func (h *Host) XnetdArgs() []string {
+	args := []string{
+		"--iface", "eth0",
+		"--subnet-file", h.SubnetFile(),
+		"--docker-opts-file", h.DockerOptsFile(),
+		"--bpffs", h.BPFFS,
+		"--metrics-addr", "127.0.0.1:0",
+	}
+	if h.topo.etcd != nil {
+		args = append(args, "--etcd-endpoints", h.topo.EtcdEndpoint())
+	}
+	return args
+}
+
+// StartXnetd runs the xnetd binary in the host's namespace with XnetdArgs plus extra. XNETD_*
+// variables of the calling environment are not passed on, so a developer's shell cannot change
+// what a test runs.
+func (h *Host) StartXnetd(binary string, extra ...string) (*Process, error) {
+	cmd := h.command(binary, append(h.XnetdArgs(), extra...)...)
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "XNETD_") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	return h.startCmd(cmd)
+}

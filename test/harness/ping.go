@@ -1,0 +1,104 @@
+package harness
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+)
+
+// pingReplyWait is how long Ping waits for the last reply (ping -W1).
+const pingReplyWait = time.Second
+
+// Ping sends count ICMP echo requests from a namespace to an address, interval apart, and
+// counts the replies that arrive within a second of the last request. A host that does not
+// answer is not an error: err is only for what kept Ping from trying.
+func Ping(ctx context.Context, from *Namespace, to netip.Addr, count int, interval time.Duration) (sent, received int, err error) {
+	if !to.Is4() {
+		return 0, 0, fmt.Errorf("harness: Ping %s: IPv4 only", to)
+	}
+	var conn *icmp.PacketConn
+	// A raw ICMP socket sees every echo reply in the namespace; the random id keeps parallel
+	// Pings from counting each other's replies.
+	err = from.Do(func() error {
+		var err error
+		conn, err = icmp.ListenPacket("ip4:icmp", "0.0.0.0")
+		return err
+	})
+	if err != nil {
+		return 0, 0, fmt.Errorf("harness: icmp socket in %s: %w", from.Name, err)
+	}
+	defer conn.Close()
+	var idb [2]byte
+	_, _ = rand.Read(idb[:])
+	id := int(binary.BigEndian.Uint16(idb[:]))
+
+	var mu sync.Mutex
+	got := map[int]bool{}
+	readerDone := make(chan struct{})
+	go func() {
+		defer close(readerDone)
+		buf := make([]byte, 1500)
+		for {
+			n, peer, err := conn.ReadFrom(buf)
+			if err != nil {
+				return // deadline or closed
+			}
+			if ip, ok := peer.(*net.IPAddr); !ok || !ip.IP.Equal(to.AsSlice()) {
+				continue
+			}
+			m, err := icmp.ParseMessage(1, buf[:n])
+			if err != nil || m.Type != ipv4.ICMPTypeEchoReply {
+				continue
+			}
+			if e, ok := m.Body.(*icmp.Echo); ok && e.ID == id {
+				mu.Lock()
+				got[e.Seq] = true
+				mu.Unlock()
+			}
+		}
+	}()
+
+	dst := &net.IPAddr{IP: to.AsSlice()}
+	for seq := 1; seq <= count && ctx.Err() == nil; seq++ {
+		if seq > 1 {
+			select {
+			case <-ctx.Done():
+				continue
+			case <-time.After(interval):
+			}
+		}
+		msg := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: id, Seq: seq, Data: []byte("xnet-harness")}}
+		b, _ := msg.Marshal(nil)
+		// A send error (no route, neighbour unreachable) is a lost ping, as for ping(8).
+		_, _ = conn.WriteTo(b, dst)
+		sent++
+	}
+	wait := pingReplyWait
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
+		wait = time.Until(dl)
+	}
+	// Stop early once every reply is in.
+	deadline := time.Now().Add(wait)
+	for time.Now().Before(deadline) {
+		mu.Lock()
+		n := len(got)
+		mu.Unlock()
+		if n >= sent {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = conn.SetReadDeadline(time.Now())
+	<-readerDone
+	mu.Lock()
+	defer mu.Unlock()
+	return sent, len(got), nil
+}
