@@ -68,7 +68,7 @@ func (m *Manager) list(ctx context.Context) (snapshot, error) {
 
 // listQuiet is list with the caller deciding how to report malformed keys.
 func (m *Manager) listQuiet(ctx context.Context, logBad func(key string, modRev int64, err error)) (snapshot, error) {
-	rctx, cancel := reqCtx(ctx)
+	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Get(rctx, SubnetsPrefix(m.prefix), clientv3.WithPrefix())
 	if err != nil {
@@ -138,7 +138,7 @@ func (m *Manager) fillExpiries(ctx context.Context, leases []storedLease, known 
 // expiryOf is when etcd lease id runs out. When etcd cannot say, the estimate is a full TTL
 // from now: the key exists, so its lease was live a moment ago.
 func (m *Manager) expiryOf(ctx context.Context, id clientv3.LeaseID) time.Time {
-	rctx, cancel := reqCtx(ctx)
+	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.TimeToLive(rctx, id)
 	if err != nil {
@@ -252,7 +252,7 @@ func (m *Manager) tryAcquire(ctx context.Context, cfg Config, attrs LeaseAttrs, 
 // grant creates an etcd lease with our TTL (whole seconds, at least one).
 func (m *Manager) grant(ctx context.Context) (clientv3.LeaseID, time.Time, error) {
 	secs := int64((m.ttl + time.Second - 1) / time.Second)
-	rctx, cancel := reqCtx(ctx)
+	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Grant(rctx, secs)
 	if err != nil {
@@ -283,7 +283,7 @@ func (m *Manager) create(ctx context.Context, subnet netip.Prefix, attrs LeaseAt
 		return Lease{}, err
 	}
 	key := SubnetKey(m.prefix, subnet)
-	rctx, cancel := reqCtx(ctx)
+	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Txn(rctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
@@ -317,7 +317,7 @@ func (m *Manager) reclaim(ctx context.Context, l storedLease, attrs LeaseAttrs) 
 		if sameAttrs(l.Lease, nl) {
 			return nl, nil
 		}
-		rctx, cancel := reqCtx(ctx)
+		rctx, cancel := m.reqCtx(ctx)
 		defer cancel()
 		resp, err := m.client.Txn(rctx).If(guard).Then(clientv3.OpPut(key, string(value))).Commit()
 		if err != nil {
@@ -332,7 +332,7 @@ func (m *Manager) reclaim(ctx context.Context, l storedLease, attrs LeaseAttrs) 
 	if err != nil {
 		return Lease{}, err
 	}
-	rctx, cancel := reqCtx(ctx)
+	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Txn(rctx).If(guard).Then(clientv3.OpPut(key, string(value), clientv3.WithLease(id))).Commit()
 	if err != nil {

@@ -69,7 +69,7 @@ func (m *Manager) KeepLease(ctx context.Context, cfg Config, attrs LeaseAttrs, l
 // renew brings our key in etcd back in line with lease, returning its new version.
 func (m *Manager) renew(ctx context.Context, cfg Config, attrs LeaseAttrs, lease Lease) (Lease, error) {
 	key := SubnetKey(m.prefix, lease.Subnet)
-	rctx, cancel := reqCtx(ctx)
+	rctx, cancel := m.reqCtx(ctx)
 	resp, err := m.client.Get(rctx, key)
 	cancel()
 	if err != nil {
@@ -102,7 +102,7 @@ func (m *Manager) renew(ctx context.Context, cfg Config, attrs LeaseAttrs, lease
 		// rewrite it as AcquireLease would.
 		return m.reclaim(ctx, cur, attrs)
 	}
-	rctx, cancel = reqCtx(ctx)
+	rctx, cancel = m.reqCtx(ctx)
 	ka, err := m.client.KeepAliveOnce(rctx, cur.leaseID)
 	cancel()
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) {

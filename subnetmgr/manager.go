@@ -66,6 +66,8 @@ type Manager struct {
 	log      *slog.Logger
 	retryMin time.Duration
 	retryMax time.Duration
+	// requestTimeout bounds each etcd request; tests shorten it.
+	requestTimeout time.Duration
 
 	etcdErrors   atomic.Uint64
 	watchResyncs atomic.Uint64
@@ -132,12 +134,13 @@ func New(opts Options) (*Manager, error) {
 		return nil, fmt.Errorf("etcd client for %s: %w", strings.Join(opts.Endpoints, ","), err)
 	}
 	return &Manager{
-		client:   client,
-		prefix:   strings.TrimSuffix(opts.Prefix, "/"),
-		ttl:      opts.LeaseTTL,
-		log:      opts.Logger,
-		retryMin: opts.RetryMin,
-		retryMax: opts.RetryMax,
+		client:         client,
+		prefix:         strings.TrimSuffix(opts.Prefix, "/"),
+		ttl:            opts.LeaseTTL,
+		log:            opts.Logger,
+		retryMin:       opts.RetryMin,
+		retryMax:       opts.RetryMax,
+		requestTimeout: defaultRequestLimit,
 	}, nil
 }
 
@@ -158,9 +161,10 @@ func (m *Manager) etcdErr(err error, format string, args ...any) error {
 	return fmt.Errorf(format+": %w", append(args, err)...)
 }
 
-// reqCtx bounds one etcd request.
-func reqCtx(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, defaultRequestLimit)
+// reqCtx bounds one etcd request, so that a request to an unreachable etcd fails (and is
+// logged, counted and retried) instead of hanging.
+func (m *Manager) reqCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, m.requestTimeout)
 }
 
 // backoff is a jittered exponential delay between retries.
@@ -200,7 +204,7 @@ func sleep(ctx context.Context, d time.Duration) error {
 // field when invalid, another error when etcd cannot be reached.
 func (m *Manager) GetConfig(ctx context.Context) (Config, error) {
 	key := ConfigKey(m.prefix)
-	rctx, cancel := reqCtx(ctx)
+	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Get(rctx, key)
 	if err != nil {

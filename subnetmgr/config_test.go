@@ -1,0 +1,114 @@
+package subnetmgr
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func TestParseConfig(t *testing.T) {
+	a := netip.MustParseAddr
+	p := netip.MustParsePrefix
+	valid := []struct {
+		desc string
+		json string
+		want Config
+	}{
+		{"a /16 gets /24s from the second to the last, ebpf with VNI 1 on 8472",
+			`{"Network":"10.244.0.0/16"}`,
+			Config{Network: p("10.244.0.0/16"), SubnetLen: 24, SubnetMin: a("10.244.1.0"), SubnetMax: a("10.244.255.0"),
+				Backend: BackendConfig{Type: "ebpf", VNI: 1, Port: 8472}}},
+		{"a /22 still gets /24s",
+			`{"Network":"10.0.0.0/22"}`,
+			Config{Network: p("10.0.0.0/22"), SubnetLen: 24, SubnetMin: a("10.0.1.0"), SubnetMax: a("10.0.3.0"),
+				Backend: BackendConfig{Type: "ebpf", VNI: 1, Port: 8472}}},
+		{"a network smaller than /22 is split in four",
+			`{"Network":"10.0.0.0/24"}`,
+			Config{Network: p("10.0.0.0/24"), SubnetLen: 26, SubnetMin: a("10.0.0.64"), SubnetMax: a("10.0.0.192"),
+				Backend: BackendConfig{Type: "ebpf", VNI: 1, Port: 8472}}},
+		{"the documented full config, every field given",
+			`{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMin":"10.244.1.0","SubnetMax":"10.244.254.0","Backend":{"Type":"ebpf","VNI":1,"Port":8472}}`,
+			Config{Network: p("10.244.0.0/16"), SubnetLen: 24, SubnetMin: a("10.244.1.0"), SubnetMax: a("10.244.254.0"),
+				Backend: BackendConfig{Type: "ebpf", VNI: 1, Port: 8472}}},
+		{"flannel's vxlan config with its own fields, unknown ones ignored",
+			`{"Network":"10.1.0.0/16","SubnetLen":25,"EnableIPv6":false,"Backend":{"Type":"vxlan","VNI":4096,"Port":4789,"DirectRouting":true,"GBP":false}}`,
+			Config{Network: p("10.1.0.0/16"), SubnetLen: 25, SubnetMin: a("10.1.0.128"), SubnetMax: a("10.1.255.128"),
+				Backend: BackendConfig{Type: "vxlan", VNI: 4096, Port: 4789}}},
+		{"host-gw, Port 0 means the default port",
+			`{"Network":"172.16.0.0/12","Backend":{"Type":"host-gw","Port":0}}`,
+			Config{Network: p("172.16.0.0/12"), SubnetLen: 24, SubnetMin: a("172.16.1.0"), SubnetMax: a("172.31.255.0"),
+				Backend: BackendConfig{Type: "host-gw", VNI: 1, Port: 8472}}},
+		{"udp, and a Network written with host bits is masked as flannel does",
+			`{"Network":"10.5.3.0/16","Backend":{"Type":"udp"}}`,
+			Config{Network: p("10.5.0.0/16"), SubnetLen: 24, SubnetMin: a("10.5.1.0"), SubnetMax: a("10.5.255.0"),
+				Backend: BackendConfig{Type: "udp", VNI: 1, Port: 8472}}},
+	}
+	for _, tc := range valid {
+		t.Run(tc.desc, func(t *testing.T) {
+			got, err := ParseConfig([]byte(tc.json))
+			if err != nil {
+				t.Fatalf("ParseConfig: %v", err)
+			}
+			if got != tc.want {
+				t.Errorf("ParseConfig:\n got %+v\nwant %+v", got, tc.want)
+			}
+		})
+	}
+
+	invalid := []struct {
+		desc  string
+		json  string
+		field string   // ConfigError.Field
+		say   []string // substrings of the message: the bad value and what would be valid
+	}{
+		{"malformed JSON", `{"Network":"10.244.0.0/16"`, "", []string{"not valid JSON", `"Network"`}},
+		{"not an object", `"10.244.0.0/16"`, "", []string{"not valid JSON"}},
+		{"no Network", `{"SubnetLen":24}`, "Network", []string{"missing", "10.244.0.0/16"}},
+		{"Network not a CIDR", `{"Network":"10.244.0.0"}`, "Network", []string{`"10.244.0.0"`, "IPv4 CIDR"}},
+		{"Network IPv6", `{"Network":"fd00::/64"}`, "Network", []string{"IPv4 CIDR"}},
+		{"Network too small", `{"Network":"10.0.0.0/29"}`, "Network", []string{"10.0.0.0/29", "/28 or larger"}},
+		{"Network smaller than SubnetLen", `{"Network":"10.244.0.0/16","SubnetLen":8}`, "SubnetLen",
+			[]string{"8", "10.244.0.0/16", "between 18 and 30"}},
+		{"Network that leaves fewer than 4 subnets", `{"Network":"10.244.0.0/16","SubnetLen":17}`, "SubnetLen",
+			[]string{"17", "between 18 and 30"}},
+		{"SubnetLen too long", `{"Network":"10.244.0.0/16","SubnetLen":31}`, "SubnetLen", []string{"31", "between 18 and 30"}},
+		{"SubnetLen a string", `{"Network":"10.244.0.0/16","SubnetLen":"24"}`, "SubnetLen", []string{"wrong JSON type", "int"}},
+		{"SubnetMin outside Network", `{"Network":"10.244.0.0/16","SubnetMin":"10.245.1.0"}`, "SubnetMin",
+			[]string{"10.245.1.0", "outside Network 10.244.0.0/16", "between 10.244.0.0 and 10.244.255.0"}},
+		{"SubnetMin not an address", `{"Network":"10.244.0.0/16","SubnetMin":"ten"}`, "SubnetMin", []string{`"ten"`}},
+		{"SubnetMin off the subnet boundary", `{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.7"}`, "SubnetMin",
+			[]string{"10.244.1.7", "/24 boundary"}},
+		{"SubnetMax outside Network", `{"Network":"10.244.0.0/16","SubnetMax":"11.0.0.0"}`, "SubnetMax",
+			[]string{"11.0.0.0", "outside Network"}},
+		{"SubnetMax below SubnetMin", `{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.3.0"}`, "SubnetMax",
+			[]string{"10.244.3.0", "below SubnetMin 10.244.9.0"}},
+		{"unknown Backend.Type names the valid ones", `{"Network":"10.244.0.0/16","Backend":{"Type":"hostgw"}}`, "Backend.Type",
+			[]string{`"hostgw"`, "ebpf, vxlan, udp, host-gw"}},
+		{"flannel's ipip is not ours", `{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}`, "Backend.Type", []string{`"ipip"`}},
+		{"Backend not an object", `{"Network":"10.244.0.0/16","Backend":"vxlan"}`, "Backend", []string{"object"}},
+		{"VNI out of range", `{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}`, "Backend.VNI", []string{"16777216", "0 to 16777215"}},
+		{"VNI a string", `{"Network":"10.244.0.0/16","Backend":{"VNI":"1"}}`, "Backend.VNI", []string{"wrong JSON type"}},
+		{"Port out of range", `{"Network":"10.244.0.0/16","Backend":{"Port":70000}}`, "Backend.Port", []string{"70000", "1 to 65535"}},
+	}
+	for _, tc := range invalid {
+		t.Run(tc.desc, func(t *testing.T) {
+			_, err := ParseConfig([]byte(tc.json))
+			var ce *ConfigError
+			if !errors.As(err, &ce) {
+				t.Fatalf("ParseConfig(%s) = %v, want a *ConfigError", tc.json, err)
+			}
+			if ce.Field != tc.field {
+				t.Errorf("field = %q, want %q (error: %v)", ce.Field, tc.field, err)
+			}
+			if tc.field != "" && !strings.Contains(err.Error(), "field "+tc.field+":") {
+				t.Errorf("error %q does not name field %s", err, tc.field)
+			}
+			for _, s := range tc.say {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error %q does not say %q", err, s)
+				}
+			}
+		})
+	}
+}
