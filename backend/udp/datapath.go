@@ -1,0 +1,485 @@
+package udp
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/xnet-dev/xnet/wire"
+)
+
+// The packet path. Each queue runs two goroutines:
+//
+//	tx: xnet0 queue --read (one TSO segment, cut into packets)--> encap --sendmsg/UDP GSO--> peer
+//	rx: socket --recvmmsg/UDP GRO--> classify + decap --GRO + write--> xnet0 queue
+//
+// Buffers are allocated once per queue and reused; nothing on the path allocates per packet.
+
+const (
+	// txHeadroom is the room left in front of each packet read from the TUN: exactly the
+	// VXLAN + inner Ethernet header, so the datagram payload is contiguous in the buffer.
+	// wireguard-go needs at least its 10-byte virtio-net header there, which 22 is.
+	txHeadroom = wire.HeaderLen
+	// rxHeadroom is the room in front of each packet written to the TUN: the virtio-net header
+	// (struct virtio_net_hdr, 10 bytes) that wireguard-go fills in.
+	rxHeadroom = 10
+	// maxPacket is the largest IPv4 packet, and the largest datagram a socket reads.
+	maxPacket = 65535
+	// maxGSOBytes is the most UDP payload one GSO send may carry (one IPv4 datagram's worth:
+	// 65535 - 20 IPv4 - 8 UDP), maxGSOSegments the most segments we give the kernel at once
+	// (its limit, UDP_MAX_SEGMENTS, is 128 on current kernels and was 64 on older ones).
+	maxGSOBytes    = maxPacket - wire.OuterLen
+	maxGSOSegments = 64
+	// rxMessages is how many datagrams (each up to 64 KB with GRO) one recvmmsg reads;
+	// rxOut is how many inner packets are handed to the TUN's GRO at once.
+	rxMessages = 8
+	rxOut      = 64
+)
+
+// dpConfig is the part of the backend's identity the packet path needs.
+type dpConfig struct {
+	expect wire.Expect
+	local  netip.Prefix // our subnet: inner destinations we deliver
+	mac    wire.MAC
+	port   int // outer destination port
+}
+
+type datapath struct {
+	res    *resources
+	tables *tableHolder
+	stats  *counters
+	log    *slog.Logger
+	expect wire.Expect
+	mac    wire.MAC
+	port   int
+	// local is our subnet, swapped whole when Setup sees a new lease.
+	local atomic.Pointer[netip.Prefix]
+	// gso turns false for good when the kernel refuses a GSO send at run time (a NIC without
+	// checksum offload on the way to a peer): we then send one datagram per packet.
+	gso     atomic.Bool
+	closing atomic.Bool
+	wg      sync.WaitGroup
+	// lastLog rate-limits error logs from the packet path (unix nanoseconds).
+	lastLog atomic.Int64
+}
+
+func startDatapath(res *resources, cfg dpConfig, tables *tableHolder, stats *counters, log *slog.Logger) *datapath {
+	d := &datapath{res: res, tables: tables, stats: stats, log: log, expect: cfg.expect, mac: cfg.mac, port: cfg.port}
+	d.setLocal(cfg.local)
+	d.gso.Store(res.gso)
+	for q := range res.queues {
+		d.wg.Add(2)
+		go d.txLoop(q)
+		go d.rxLoop(q)
+	}
+	return d
+}
+
+func (d *datapath) setLocal(p netip.Prefix) { d.local.Store(&p) }
+
+// stop closes every fd, which makes each blocked read return, and waits for the goroutines.
+func (d *datapath) stop() {
+	d.closing.Store(true)
+	d.res.close()
+	d.wg.Wait()
+}
+
+// logError logs a packet-path error at most once a second: the counters have the totals.
+func (d *datapath) logError(msg string, err error) {
+	now := time.Now().UnixNano()
+	last := d.lastLog.Load()
+	if now-last < int64(time.Second) || !d.lastLog.CompareAndSwap(last, now) {
+		return
+	}
+	d.log.Warn(msg, "err", err)
+}
+
+// ---- tx: TUN -> peers ----
+
+// txGroup is a run of consecutive datagrams for one peer through one socket that leave in one
+// GSO send: all of the same size except possibly the last, which may be shorter.
+type txGroup struct {
+	peer         *peerDP
+	sock         int
+	first, end   int // iov indexes
+	segSize      int
+	payloadBytes int // UDP payload bytes, for the GSO limit
+	innerBytes   int // inner IPv4 bytes, for the counters
+	closed       bool
+}
+
+// txQueue is one tx goroutine's reusable state.
+type txQueue struct {
+	bufs   [][]byte
+	sizes  []int
+	iov    [][]byte
+	groups []txGroup
+	msgs   []ipv4.Message
+	oob    []byte
+	tally  tally
+}
+
+func (d *datapath) txLoop(q int) {
+	defer d.wg.Done()
+	dev := d.res.queues[q].tun
+	batch := max(dev.BatchSize(), 1)
+	t := &txQueue{
+		bufs:   make([][]byte, batch),
+		sizes:  make([]int, batch),
+		iov:    make([][]byte, 0, batch),
+		groups: make([]txGroup, 0, batch),
+		msgs:   make([]ipv4.Message, batch),
+		oob:    make([]byte, batch*unix.CmsgSpace(2)),
+	}
+	// The first buffer takes a whole packet when the kernel sends one unsegmented; the others
+	// take one cut segment each, never larger than xnet0's MTU (which we set).
+	t.bufs[0] = make([]byte, txHeadroom+maxPacket)
+	segCap := txHeadroom + max(d.expect.MaxInner, 1500) + 64
+	slab := make([]byte, segCap*(batch-1))
+	for i := 1; i < batch; i++ {
+		t.bufs[i] = slab[(i-1)*segCap : i*segCap : i*segCap]
+	}
+	for {
+		n, err := d.readTUN(dev, t)
+		if err != nil {
+			if d.closing.Load() || errors.Is(err, os.ErrClosed) {
+				return
+			}
+			if !errors.Is(err, tun.ErrTooManySegments) {
+				// A packet the kernel gave us that we cannot cut (an offload we did not
+				// ask for, a segment larger than our buffers): count and go on.
+				t.tally.add(verdictDropMalformed, 0)
+				d.stats.flush(&t.tally)
+				d.logError("read from "+DeviceName, err)
+				continue
+			}
+		}
+		if n > 0 {
+			d.encapAndSend(t, n)
+		}
+		d.stats.flush(&t.tally)
+	}
+}
+
+// readTUN reads one batch; a panic inside the segmentation (a segment larger than the buffer
+// after someone raised xnet0's MTU) is turned into an error instead of killing the daemon.
+func (d *datapath) readTUN(dev tun.Device, t *txQueue) (n int, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			n, err = 0, fmt.Errorf("cutting a segment from %s: %v (was its MTU raised above %d?)", DeviceName, r, d.expect.MaxInner)
+		}
+	}()
+	return dev.Read(t.bufs, t.sizes, txHeadroom)
+}
+
+// encapAndSend writes the VXLAN header in front of each of the n packets read, groups them
+// into GSO sends and sends them.
+func (d *datapath) encapAndSend(t *txQueue, n int) {
+	table := d.tables.load()
+	gso := d.gso.Load()
+	nsend := len(d.res.send)
+	t.iov = t.iov[:0]
+	t.groups = t.groups[:0]
+	var (
+		lastDst  [4]byte
+		lastPeer *peerDP
+	)
+	for i := 0; i < n; i++ {
+		size := t.sizes[i]
+		if size > len(t.bufs[i])-txHeadroom {
+			t.tally.add(verdictDropMalformed, size)
+			continue
+		}
+		pkt := t.bufs[i][txHeadroom : txHeadroom+size]
+		if len(pkt) < wire.IPv4HeaderLen || pkt[0]>>4 != 4 {
+			// IPv6 or garbage routed into xnet0: the overlay is IPv4 only.
+			t.tally.add(verdictDropInnerNotIPv4, size)
+			continue
+		}
+		dst := [4]byte(pkt[16:20])
+		p := lastPeer
+		if p == nil || dst != lastDst {
+			p = table.lookup(dst)
+			lastDst, lastPeer = dst, p
+		}
+		if p == nil {
+			t.tally.add(verdictDropNoRoute, size)
+			continue
+		}
+		wire.Encode(t.bufs[i][:wire.HeaderLen], wire.Header{VNI: d.expect.VNI, Dst: p.mac, Src: d.mac})
+		dgram := t.bufs[i][:txHeadroom+size]
+		sock := 0
+		if nsend > 1 {
+			sock = int(flowHash(pkt) % uint32(nsend))
+		}
+		t.iov = append(t.iov, dgram)
+		if k := len(t.groups) - 1; k >= 0 && gso && t.groups[k].accepts(p, sock, len(dgram)) {
+			g := &t.groups[k]
+			g.end++
+			g.payloadBytes += len(dgram)
+			g.innerBytes += size
+			g.closed = len(dgram) < g.segSize
+			continue
+		}
+		t.groups = append(t.groups, txGroup{
+			peer: p, sock: sock, first: len(t.iov) - 1, end: len(t.iov),
+			segSize: len(dgram), payloadBytes: len(dgram), innerBytes: size,
+		})
+	}
+	// Consecutive groups through the same socket leave in one sendmmsg.
+	for start := 0; start < len(t.groups); {
+		end := start + 1
+		for end < len(t.groups) && t.groups[end].sock == t.groups[start].sock {
+			end++
+		}
+		d.sendGroups(t, t.groups[start:end])
+		start = end
+	}
+}
+
+// accepts reports whether a datagram of size n for peer p through socket sock can join g.
+func (g *txGroup) accepts(p *peerDP, sock, n int) bool {
+	return g.peer == p && g.sock == sock && !g.closed && n <= g.segSize &&
+		g.end-g.first < maxGSOSegments && g.payloadBytes+n <= maxGSOBytes
+}
+
+// sendGroups sends groups (all for one socket) with one sendmmsg, each group one message.
+func (d *datapath) sendGroups(t *txQueue, groups []txGroup) {
+	s := d.res.send[groups[0].sock]
+	msgs := t.msgs[:len(groups)]
+	cs := unix.CmsgSpace(2)
+	for i := range groups {
+		g := &groups[i]
+		msgs[i] = ipv4.Message{Buffers: t.iov[g.first:g.end], Addr: g.peer.udpAddr()}
+		if g.end-g.first > 1 {
+			msgs[i].OOB = putUDPSegment(t.oob[i*cs:(i+1)*cs], g.segSize)
+		}
+	}
+	sent := 0
+	for sent < len(msgs) {
+		n, err := s.pc.WriteBatch(msgs[sent:], 0)
+		for _, g := range groups[sent : sent+max(n, 0)] {
+			t.tally[verdictEncap].packets += uint64(g.end - g.first)
+			t.tally[verdictEncap].bytes += uint64(g.innerBytes)
+			g.peer.stats.txPackets.Add(uint64(g.end - g.first))
+			g.peer.stats.txBytes.Add(uint64(g.innerBytes))
+		}
+		sent += max(n, 0)
+		if err == nil {
+			if n <= 0 {
+				return // cannot happen (sendmmsg sends at least one or fails); never spin
+			}
+			continue
+		}
+		if d.closing.Load() {
+			return
+		}
+		g := groups[sent]
+		if g.end-g.first > 1 && (errors.Is(err, unix.EIO) || errors.Is(err, unix.EINVAL)) && d.gso.CompareAndSwap(true, false) {
+			// The kernel cannot segment for this route (no checksum offload, ...): from now
+			// on every datagram goes alone. This batch is resent that way.
+			d.log.Warn("UDP GSO send refused: sending one datagram per packet from now on", "peer", g.peer.publicIP, "err", err)
+			d.sendSingly(t, groups[sent:])
+			return
+		}
+		// One message failed (no route to the peer, ...): count it and go on with the rest.
+		t.tally.add(verdictDropSendError, g.innerBytes)
+		t.tally[verdictDropSendError].packets += uint64(g.end-g.first) - 1
+		d.logError(fmt.Sprintf("send to %v", g.peer.publicIP), err)
+		sent++
+	}
+}
+
+// sendSingly sends every datagram of groups as its own message (the no-GSO fallback).
+func (d *datapath) sendSingly(t *txQueue, groups []txGroup) {
+	var split []txGroup
+	for _, g := range groups {
+		for i := g.first; i < g.end; i++ {
+			n := len(t.iov[i]) - txHeadroom
+			split = append(split, txGroup{peer: g.peer, sock: g.sock, first: i, end: i + 1, segSize: len(t.iov[i]), payloadBytes: len(t.iov[i]), innerBytes: n})
+		}
+	}
+	for len(split) > 0 {
+		k := min(len(split), len(t.msgs))
+		d.sendGroups(t, split[:k])
+		split = split[k:]
+	}
+}
+
+// putUDPSegment writes a UDP_SEGMENT control message (the GSO segment size) into b.
+func putUDPSegment(b []byte, size int) []byte {
+	h := (*unix.Cmsghdr)(unsafePointer(b))
+	h.Level = unix.IPPROTO_UDP
+	h.Type = unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	binary.NativeEndian.PutUint16(b[unix.CmsgLen(0):], uint16(size))
+	return b[:unix.CmsgSpace(2)]
+}
+
+// flowHash hashes the inner flow (addresses, protocol, ports of an unfragmented TCP or UDP
+// packet) to pick the sending socket, i.e. the outer source port.
+func flowHash(pkt []byte) uint32 {
+	h := binary.BigEndian.Uint32(pkt[12:16])*0x9e3779b1 ^ binary.BigEndian.Uint32(pkt[16:20])*0x85ebca77 ^ uint32(pkt[9])
+	ihl := int(pkt[0]&0x0f) * 4
+	unfragmented := binary.BigEndian.Uint16(pkt[6:8])&0x3fff == 0
+	if (pkt[9] == unix.IPPROTO_TCP || pkt[9] == unix.IPPROTO_UDP) && unfragmented && len(pkt) >= ihl+4 {
+		h ^= binary.BigEndian.Uint32(pkt[ihl:ihl+4]) * 0xc2b2ae3d
+	}
+	// murmur3's finaliser: every input bit reaches every output bit.
+	h ^= h >> 16
+	h *= 0x85ebca6b
+	h ^= h >> 13
+	h *= 0xc2b2ae35
+	h ^= h >> 16
+	return h
+}
+
+// ---- rx: sockets -> TUN ----
+
+// rxQueue is one rx goroutine's reusable state.
+type rxQueue struct {
+	msgs  []ipv4.Message
+	out   [][]byte
+	nout  int
+	tally tally
+}
+
+func (d *datapath) rxLoop(q int) {
+	defer d.wg.Done()
+	pc := d.res.queues[q].rx
+	dev := d.res.queues[q].tun
+	r := &rxQueue{msgs: make([]ipv4.Message, rxMessages), out: make([][]byte, rxOut)}
+	for i := range r.msgs {
+		r.msgs[i].Buffers = [][]byte{make([]byte, maxPacket)}
+		r.msgs[i].OOB = make([]byte, unix.CmsgSpace(4))
+	}
+	// Every output buffer can grow to a whole 64 KB segment: the TUN's GRO appends the
+	// packets it coalesces to the first one of their flow.
+	for i := range r.out {
+		r.out[i] = make([]byte, rxHeadroom+maxPacket)
+	}
+	for {
+		n, err := pc.ReadBatch(r.msgs, 0)
+		if err != nil {
+			if d.closing.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			d.logError("receive on the VXLAN port", err)
+			time.Sleep(time.Millisecond) // do not spin on a persistent error
+			continue
+		}
+		table := d.tables.load()
+		local := *d.local.Load()
+		for i := range r.msgs[:n] {
+			d.receive(r, dev, &r.msgs[i], table, local)
+		}
+		d.flushTUN(r, dev)
+		d.stats.flush(&r.tally)
+	}
+}
+
+// receive classifies every datagram of one (possibly GRO-coalesced) message and queues the
+// accepted inner packets for the TUN.
+func (d *datapath) receive(r *rxQueue, dev tun.Device, m *ipv4.Message, table *peerTable, local netip.Prefix) {
+	data := m.Buffers[0][:m.N]
+	if m.Flags&unix.MSG_TRUNC != 0 {
+		// Larger than any datagram can be: cannot happen with a 64 KB buffer, but a
+		// truncated datagram must never be delivered as if whole.
+		r.tally.add(verdictDropMalformed, m.N)
+		return
+	}
+	src, ok := m.Addr.(*net.UDPAddr)
+	if !ok {
+		r.tally.add(verdictDropMalformed, m.N)
+		return
+	}
+	outerSrc := [4]byte(src.IP.To4())
+	segSize := groSize(m.OOB[:m.NN])
+	if segSize <= 0 || segSize > len(data) {
+		segSize = len(data)
+	}
+	for off := 0; off < len(data); off += segSize {
+		seg := data[off:min(off+segSize, len(data))]
+		v, f, p := classify(seg, outerSrc, d.expect, local, table)
+		if v != verdictDecap {
+			r.tally.add(v, len(seg))
+			continue
+		}
+		buf := r.out[r.nout][:cap(r.out[r.nout])]
+		n := copy(buf[rxHeadroom:], f.Inner)
+		r.out[r.nout] = buf[:rxHeadroom+n]
+		r.nout++
+		r.tally.add(verdictDecap, n)
+		p.stats.rxPackets.Add(1)
+		p.stats.rxBytes.Add(uint64(n))
+		if r.nout == len(r.out) {
+			d.flushTUN(r, dev)
+		}
+	}
+}
+
+// flushTUN writes the queued inner packets to xnet0; the TUN's GRO coalesces runs of one flow.
+func (d *datapath) flushTUN(r *rxQueue, dev tun.Device) {
+	if r.nout == 0 {
+		return
+	}
+	if _, err := dev.Write(r.out[:r.nout], rxHeadroom); err != nil && !d.closing.Load() {
+		r.tally.add(verdictDropTUNError, 0)
+		d.logError("write to "+DeviceName, err)
+	}
+	r.nout = 0
+}
+
+// classify applies DESIGN.md's acceptance rules to one datagram payload received from
+// outerSrc: wire.Decode's (VXLAN header, VNI, VTEP MAC, inner IPv4) and then the ones that
+// need the leases, in the order bpf/parse.h applies them: the inner destination is in our
+// subnet, the inner source is in a peer's subnet, and that peer's PublicIP is the outer
+// source. It returns verdictDecap with the frame and the peer, or the drop reason.
+func classify(payload []byte, outerSrc [4]byte, expect wire.Expect, local netip.Prefix, table *peerTable) (verdict, wire.Frame, *peerDP) {
+	f, prob := wire.Decode(payload, expect)
+	if prob != wire.OK {
+		return verdictOf(prob), f, nil
+	}
+	if !local.Contains(netip.AddrFrom4(f.InnerDst)) {
+		return verdictDropNotLocal, f, nil
+	}
+	p := table.lookup(f.InnerSrc)
+	if p == nil {
+		return verdictDropUnknownSource, f, nil
+	}
+	if p.publicIP.As4() != outerSrc {
+		return verdictDropSpoofed, f, nil
+	}
+	return verdictDecap, f, p
+}
+
+// groSize returns the segment size the kernel reported in a UDP_GRO control message, or 0 for
+// a plain datagram.
+func groSize(oob []byte) int {
+	for len(oob) >= unix.CmsgLen(0) {
+		h := (*unix.Cmsghdr)(unsafePointer(oob))
+		l := int(h.Len)
+		if l < unix.CmsgLen(0) || l > len(oob) {
+			return 0
+		}
+		if h.Level == unix.IPPROTO_UDP && h.Type == unix.UDP_GRO && l >= unix.CmsgLen(4) {
+			return int(binary.NativeEndian.Uint32(oob[unix.CmsgLen(0):]))
+		}
+		oob = oob[min(unix.CmsgSpace(l-unix.CmsgLen(0)), len(oob)):]
+	}
+	return 0
+}
+
+func unsafePointer(b []byte) unsafe.Pointer { return unsafe.Pointer(&b[0]) }

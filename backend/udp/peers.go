@@ -1,0 +1,150 @@
+package udp
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sort"
+	"sync/atomic"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/wire"
+)
+
+// peerDP is one remote lease as the packet path needs it.
+type peerDP struct {
+	subnet   netip.Prefix
+	publicIP netip.Addr
+	mac      wire.MAC
+	addr     *net.UDPAddr // outer destination: PublicIP and the VXLAN port
+	stats    *peerStats   // shared by every version of this peer's lease
+}
+
+func (p *peerDP) udpAddr() *net.UDPAddr { return p.addr }
+
+// peerStats are one peer's counters, updated by the queues without a lock.
+type peerStats struct {
+	txPackets, txBytes atomic.Uint64
+	rxPackets, rxBytes atomic.Uint64
+}
+
+// parsePeer checks a lease is one we can send to and extracts what the packet path needs.
+func parsePeer(lease subnetmgr.Lease, vni uint32, port int, log *slog.Logger) (*peerDP, error) {
+	bad := func(format string, args ...any) (*peerDP, error) {
+		return nil, fmt.Errorf("udp: lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
+	}
+	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
+		return bad("subnet is not IPv4")
+	}
+	if !lease.PublicIP.Is4() {
+		return bad("PublicIP is not IPv4")
+	}
+	if lease.BackendType != subnetmgr.BackendVXLAN {
+		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendVXLAN)
+	}
+	if len(lease.BackendData) == 0 || string(lease.BackendData) == "null" {
+		return bad("BackendData is empty, want {\"VNI\":..,\"VtepMAC\":\"..\"}")
+	}
+	var data subnetmgr.VXLANData
+	if err := json.Unmarshal(lease.BackendData, &data); err != nil {
+		return bad("BackendData %s: %v", lease.BackendData, err)
+	}
+	hw, err := net.ParseMAC(data.VtepMAC)
+	mac, ok := wire.MACFrom(hw)
+	if err != nil || !ok {
+		return bad("BackendData VtepMAC %q is not an Ethernet MAC", data.VtepMAC)
+	}
+	if mac[0]&1 == 1 {
+		return bad("BackendData VtepMAC %q is a multicast MAC", data.VtepMAC)
+	}
+	if data.VNI != 0 && uint32(data.VNI) != vni {
+		// flannel sends to such a peer anyway; so do we, but the peer will drop what we send.
+		log.Warn("peer publishes another VNI; its traffic will not match ours", "subnet", lease.Subnet, "peer_vni", data.VNI, "our_vni", vni)
+	}
+	return &peerDP{
+		subnet:   lease.Subnet.Masked(),
+		publicIP: lease.PublicIP,
+		mac:      mac,
+		addr:     &net.UDPAddr{IP: lease.PublicIP.AsSlice(), Port: port},
+		stats:    &peerStats{},
+	}, nil
+}
+
+// peerTable finds the peer whose subnet holds an address. It is immutable once built: AddPeer
+// and RemovePeer build a new one and swap it in, so lookups on the packet path take no lock.
+// Leases of one network share one prefix length, so a lookup is normally one map access; the
+// table copes with several lengths anyway (longest first), because leases come from etcd.
+type peerTable struct {
+	levels []tableLevel
+}
+
+type tableLevel struct {
+	mask  uint32
+	peers map[uint32]*peerDP // by masked subnet address (host order)
+}
+
+func newPeerTable(peers map[netip.Prefix]*peerDP) *peerTable {
+	byBits := map[int]map[uint32]*peerDP{}
+	for subnet, p := range peers {
+		m := byBits[subnet.Bits()]
+		if m == nil {
+			m = map[uint32]*peerDP{}
+			byBits[subnet.Bits()] = m
+		}
+		m[addrKey(subnet.Addr().As4())] = p
+	}
+	t := &peerTable{}
+	for bits, m := range byBits {
+		t.levels = append(t.levels, tableLevel{mask: prefixMask(bits), peers: m})
+	}
+	sort.Slice(t.levels, func(i, j int) bool { return t.levels[i].mask > t.levels[j].mask })
+	return t
+}
+
+// lookup returns the peer owning addr, or nil.
+func (t *peerTable) lookup(addr [4]byte) *peerDP {
+	k := addrKey(addr)
+	for i := range t.levels {
+		if p := t.levels[i].peers[k&t.levels[i].mask]; p != nil {
+			return p
+		}
+	}
+	return nil
+}
+
+// all returns every peer, for counters.
+func (t *peerTable) all() []*peerDP {
+	var out []*peerDP
+	for _, l := range t.levels {
+		for _, p := range l.peers {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func addrKey(a [4]byte) uint32 { return binary.BigEndian.Uint32(a[:]) }
+
+func prefixMask(bits int) uint32 {
+	if bits <= 0 {
+		return 0
+	}
+	return ^uint32(0) << (32 - bits)
+}
+
+// tableHolder publishes the current peerTable to the queues.
+type tableHolder struct{ p atomic.Pointer[peerTable] }
+
+var emptyTable = &peerTable{}
+
+func (h *tableHolder) load() *peerTable {
+	if t := h.p.Load(); t != nil {
+		return t
+	}
+	return emptyTable
+}
+
+func (h *tableHolder) store(t *peerTable) { h.p.Store(t) }

@@ -1,0 +1,488 @@
+// Package udp is xnet's user-space backend: a TUN device (xnet0) that the kernel routes the
+// remote subnets into, and UDP sockets that carry the same VXLAN format as the ebpf and vxlan
+// backends, so a udp host and kernel-VXLAN or eBPF hosts share one cluster. It is the fallback
+// for hosts that have neither BPF nor the kernel's vxlan module.
+//
+// It owns xnet0 (its address, MTU and the per-peer routes on it), the UDP sockets on
+// PublicIP:<port>, and the goroutines that move packets between them, with their counters. It
+// does not own leases (package subnetmgr), masquerading (package ipmasq), the VXLAN byte
+// layout (package wire) or the underlay NIC.
+//
+// Design history (why it looks like this):
+//
+// flannel's udp backend read one packet from its TUN, wrote one datagram, and did the same
+// the other way: two system calls and two copies per packet, about 0.25 Gbit/s on one TCP
+// stream. The cost is per packet, not per byte, so this backend moves large batches instead:
+//
+//   - The TUN is opened with IFF_VNET_HDR and TSO/USO offloads (TUNSETOFFLOAD), so the kernel
+//     hands us TCP segments of up to 64 KB. We cut them into overlay-MTU packets in user space
+//     (wireguard-go's tun package does this, and the reverse coalescing, well; we use it).
+//   - Each cut segment gets its 22-byte VXLAN + inner Ethernet header in the headroom left in
+//     front of it, and all segments of one flow leave in one sendmsg with UDP_SEGMENT (UDP
+//     GSO): the segments go in as separate iovecs, so nothing is copied to make them
+//     contiguous, and the kernel (or the NIC) writes the outer headers.
+//   - The receiving sockets have UDP_GRO, so the kernel hands back many datagrams of one flow
+//     at once, read with recvmmsg (x/net's ipv4.PacketConn.ReadBatch). The inner packets are
+//     coalesced again into large TCP segments (wireguard-go's GRO) and written to the TUN with
+//     a virtio-net header: one write per 64 KB instead of one per packet.
+//   - A queue per CPU: xnet0 is IFF_MULTI_QUEUE and the receiving sockets share the port with
+//     SO_REUSEPORT; each queue has one reader per direction, so the kernel's flow hashing
+//     spreads flows over CPUs and one flow stays in order.
+//
+// The outer source port is "a hash of the inner flow in 32768-60999" (DESIGN.md). A UDP socket
+// has one source port, so the sending side is a small pool of sockets bound to PublicIP:0 -
+// the kernel gives each an ephemeral port, by default from 32768-60999, the range the kernel's
+// vxlan driver also uses - and a flow hash picks the socket. The pool sockets never read; a
+// drop-all socket filter keeps stray datagrams from queueing on them. The outer DF bit is
+// clear (IP_PMTUDISC_DONT), as DESIGN.md asks; the UDP checksum is filled (UDP GSO needs it;
+// checksum 0 is allowed, not required).
+//
+// Network namespaces: everything that is bound to a namespace - the netlink handle, the TUN
+// fds, the sockets - is opened in the namespace of the thread that calls New (captured there),
+// Setup entering it on a locked thread when the caller runs elsewhere. After that the
+// goroutines run on any thread: an fd stays in the namespace it was created in. xnetd calls New
+// from its own (only) namespace; tests call New inside harness.Namespace.Do.
+//
+// Restart: xnet0 is a persistent TUN (TUNSETPERSIST), so a stopped daemon leaves the device and
+// its routes in place and a restarted one re-attaches its queues: packets for remote subnets
+// are dropped by the idle TUN for that moment instead of leaking out of the underlay NIC
+// unencapsulated by the default route. A user-space datapath cannot forward while its process
+// is not running; unlike the ebpf and vxlan backends, a restart of a udp host drops packets.
+// Close(true) deletes xnet0.
+package udp
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"runtime"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/wire"
+)
+
+// DeviceName is the TUN device of this backend.
+const DeviceName = "xnet0"
+
+// Defaults of the config's Backend.VNI and Backend.Port (Linux's and flannel's).
+const (
+	DefaultVNI  = 1
+	DefaultPort = wire.DefaultPort
+)
+
+// ErrIncompatiblePeer marks a peer lease this backend cannot use: not BackendType "vxlan", or
+// BackendData that is not {"VNI":..,"VtepMAC":".."}. The daemon logs it and moves on.
+var ErrIncompatiblePeer = errors.New("peer lease cannot be used by the udp backend")
+
+// Tuning sets how the datapath runs; the zero value means the defaults. It exists so each
+// optimisation can be measured on its own (test/ and make bench) and turned off on a kernel
+// that lacks it.
+type Tuning struct {
+	// Queues is the number of TUN queues and receiving sockets, each with one reader per
+	// direction. Default: the number of CPUs, at most 4.
+	Queues int
+	// SendSockets is the size of the sending socket pool (distinct outer source ports).
+	// Default 8.
+	SendSockets int
+	// NoOffload opens the TUN without IFF_VNET_HDR: one packet per read and write.
+	NoOffload bool
+	// NoUDPGSO sends one datagram per segment (sendmmsg) instead of UDP_SEGMENT batches.
+	NoUDPGSO bool
+	// NoUDPGRO leaves UDP_GRO off on the receiving sockets.
+	NoUDPGRO bool
+}
+
+func (t Tuning) withDefaults() Tuning {
+	if t.Queues <= 0 {
+		t.Queues = min(runtime.NumCPU(), 4)
+	}
+	if t.SendSockets <= 0 {
+		t.SendSockets = 8
+	}
+	return t
+}
+
+// Backend is the udp backend. Its methods are safe for concurrent use.
+type Backend struct {
+	iface  backend.ExternalInterface
+	vni    uint32
+	port   int
+	mac    wire.MAC
+	tune   Tuning
+	log    *slog.Logger
+	ns     netns.NsHandle // the namespace New ran in
+	nl     *netlink.Handle
+	stats  *counters
+	tables tableHolder
+
+	mu    sync.Mutex
+	setup bool
+	local subnetmgr.Lease
+	dev   int                      // ifindex of xnet0 once Setup ran
+	peers map[netip.Prefix]*peerDP // what AddPeer programmed, by subnet
+	dp    *datapath                // the running queues; nil before Setup and after Close
+}
+
+// New builds the backend for opts with the default Tuning. It captures the network namespace
+// of the calling thread: Setup creates the device and sockets there. It changes nothing on the
+// host.
+func New(opts backend.Options) (backend.Backend, error) {
+	return NewWithTuning(opts, Tuning{})
+}
+
+// NewWithTuning is New with explicit datapath settings.
+func NewWithTuning(opts backend.Options, tune Tuning) (*Backend, error) {
+	if !opts.Iface.PublicIP.Is4() {
+		return nil, fmt.Errorf("udp: PublicIP %v is not an IPv4 address: set --public-ip", opts.Iface.PublicIP)
+	}
+	if opts.Iface.MTU <= backend.VXLANOverhead+wire.IPv4HeaderLen {
+		return nil, fmt.Errorf("udp: interface %q MTU %d leaves no room for the %d-byte VXLAN overhead", opts.Iface.Name, opts.Iface.MTU, backend.VXLANOverhead)
+	}
+	vni, port := opts.Config.Backend.VNI, opts.Config.Backend.Port
+	if vni == 0 {
+		vni = DefaultVNI
+	}
+	if port == 0 {
+		port = DefaultPort
+	}
+	if vni < 0 || vni > wire.MaxVNI {
+		return nil, fmt.Errorf("udp: Backend.VNI %d out of range: use 1..%d", vni, wire.MaxVNI)
+	}
+	if port < 0 || port > 65535 {
+		return nil, fmt.Errorf("udp: Backend.Port %d out of range: use 1..65535", port)
+	}
+	if err := unix.Access("/dev/net/tun", unix.R_OK|unix.W_OK); err != nil {
+		return nil, fmt.Errorf("udp: /dev/net/tun: %v: %w", err, backend.ErrUnavailable)
+	}
+	mac, _ := wire.MACFrom(backend.VtepMAC(opts.Iface.PublicIP))
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	ns, err := netns.Get()
+	if err != nil {
+		return nil, fmt.Errorf("udp: open the network namespace of the calling thread: %w", err)
+	}
+	nl, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		ns.Close()
+		return nil, fmt.Errorf("udp: open netlink socket: %w", err)
+	}
+	return &Backend{
+		iface: opts.Iface,
+		vni:   uint32(vni),
+		port:  port,
+		mac:   mac,
+		tune:  tune.withDefaults(),
+		log:   log.With("backend", "udp", "device", DeviceName),
+		ns:    ns,
+		nl:    nl,
+		stats: newCounters(),
+		peers: map[netip.Prefix]*peerDP{},
+	}, nil
+}
+
+// LeaseAttrs publishes BackendType "vxlan" with our VNI and VTEP MAC: on the wire a udp host is
+// a VXLAN host.
+func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
+	data, err := backend.VXLANLeaseData(int(b.vni), b.iface.PublicIP)
+	if err != nil {
+		return "", nil, err
+	}
+	return subnetmgr.BackendVXLAN, data, nil
+}
+
+// MTU is the underlay MTU minus the VXLAN overhead.
+func (b *Backend) MTU() int { return backend.OverlayMTU(b.iface.MTU) }
+
+// Setup creates (or re-attaches to) xnet0, gives it our subnet's network address as a /32,
+// sets its MTU, brings it up, opens the sockets on PublicIP:port and starts the queues. A
+// second call only records a changed lease.
+func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
+	if !local.Subnet.IsValid() || !local.Subnet.Addr().Is4() {
+		return fmt.Errorf("udp: our lease has no IPv4 subnet (%v)", local.Subnet)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.nl == nil {
+		return errors.New("udp: Setup after Close")
+	}
+	local.Subnet = local.Subnet.Masked()
+	if b.setup {
+		if b.local.Subnet != local.Subnet {
+			b.local = local
+			b.dp.setLocal(local.Subnet)
+			if err := b.ensureAddress(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	b.local = local
+	var res *resources
+	err := b.inNamespace(func() error {
+		var err error
+		res, err = openResources(b.iface.PublicIP, b.port, b.tune, b.log)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	link, err := b.nl.LinkByName(DeviceName)
+	if err != nil {
+		res.close()
+		return fmt.Errorf("udp: find %s after creating it: %w", DeviceName, err)
+	}
+	b.dev = link.Attrs().Index
+	if err := b.configureDevice(link); err != nil {
+		res.close()
+		return err
+	}
+	b.dp = startDatapath(res, b.dpConfig(), &b.tables, b.stats, b.log)
+	b.setup = true
+	b.log.Info("udp datapath ready", "vni", b.vni, "port", b.port, "public_ip", b.iface.PublicIP,
+		"mtu", b.MTU(), "queues", len(res.queues), "send_sockets", len(res.send),
+		"tun_offload", res.offload, "udp_gso", res.gso, "udp_gro", res.gro,
+		"address", netip.PrefixFrom(local.Subnet.Addr(), 32))
+	return nil
+}
+
+func (b *Backend) dpConfig() dpConfig {
+	return dpConfig{
+		expect: wire.Expect{VNI: b.vni, MAC: b.mac, MaxInner: b.MTU()},
+		local:  b.local.Subnet,
+		mac:    b.mac,
+		port:   b.port,
+	}
+}
+
+// configureDevice sets MTU, address, no IPv6 link-local, up.
+func (b *Backend) configureDevice(link netlink.Link) error {
+	if link.Attrs().MTU != b.MTU() {
+		if err := b.nl.LinkSetMTU(link, b.MTU()); err != nil {
+			return fmt.Errorf("udp: set %s mtu %d: %w", DeviceName, b.MTU(), err)
+		}
+	}
+	// The overlay is IPv4 only: without a link-local address the kernel sends no router
+	// solicitations into the TUN for us to count as drops.
+	if err := b.nl.LinkSetIP6AddrGenMode(link, nl.IN6_ADDR_GEN_MODE_NONE); err != nil {
+		b.log.Debug("cannot turn off IPv6 address generation on the TUN", "err", err)
+	}
+	if err := b.ensureAddress(); err != nil {
+		return err
+	}
+	if err := b.nl.LinkSetUp(link); err != nil {
+		return fmt.Errorf("udp: set %s up: %w", DeviceName, err)
+	}
+	return nil
+}
+
+// ensureAddress gives xnet0 exactly our subnet's network address as a /32 (as flannel gives its
+// vxlan device): it is the source address the host uses towards remote containers, and it is
+// inside our subnet, so replies come back through the overlay.
+func (b *Backend) ensureAddress() error {
+	want := netip.PrefixFrom(b.local.Subnet.Addr(), 32)
+	link := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Index: b.dev, Name: DeviceName}}
+	addrs, err := b.nl.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("udp: list addresses of %s: %w", DeviceName, err)
+	}
+	have := false
+	for _, a := range addrs {
+		p, ok := netipPrefix(a.IPNet)
+		if ok && p == want {
+			have = true
+			continue
+		}
+		if err := b.nl.AddrDel(link, &a); err != nil {
+			return fmt.Errorf("udp: remove stale address %v from %s: %w", a.IPNet, DeviceName, err)
+		}
+	}
+	if have {
+		return nil
+	}
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: want.Addr().AsSlice(), Mask: net.CIDRMask(32, 32)}}
+	if err := b.nl.AddrAdd(link, addr); err != nil {
+		return fmt.Errorf("udp: add address %v to %s: %w", want, DeviceName, err)
+	}
+	return nil
+}
+
+// AddPeer routes the peer's subnet into xnet0 and tells the datapath where it lives. Our own
+// lease (or an older lease with our PublicIP) is ignored. A lease that is not "vxlan" or has
+// malformed BackendData is skipped with an error wrapping ErrIncompatiblePeer.
+func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return fmt.Errorf("udp: AddPeer(%v) before Setup", lease.Subnet)
+	}
+	if b.isOwn(lease) {
+		b.log.Debug("ignoring our own lease", "subnet", lease.Subnet)
+		return nil
+	}
+	p, err := parsePeer(lease, b.vni, b.port, b.log)
+	if err != nil {
+		b.log.Warn("skipping peer lease", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
+		return err
+	}
+	if old, ok := b.peers[p.subnet]; ok && old.publicIP == p.publicIP {
+		p.stats = old.stats // same peer, new lease version: keep its counters
+	}
+	// The datapath learns the peer before the route exists, so the first packet the kernel
+	// routes into xnet0 finds it.
+	b.peers[p.subnet] = p
+	b.publishPeers()
+	if err := b.nl.RouteReplace(b.route(p.subnet)); err != nil {
+		delete(b.peers, p.subnet)
+		b.publishPeers()
+		return fmt.Errorf("udp: peer %v: route replace %v dev %s: %w", p.subnet, p.subnet, DeviceName, err)
+	}
+	b.log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String())
+	return nil
+}
+
+// RemovePeer deletes the peer's route, then forgets it. A route already gone is not an error.
+func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return fmt.Errorf("udp: RemovePeer(%v) before Setup", lease.Subnet)
+	}
+	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
+		return fmt.Errorf("udp: RemovePeer: lease has no IPv4 subnet (%v)", lease.Subnet)
+	}
+	if b.isOwn(lease) {
+		return nil
+	}
+	subnet := lease.Subnet.Masked()
+	err := b.nl.RouteDel(b.route(subnet))
+	if err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("udp: remove peer %v: route del: %w", subnet, err)
+	}
+	delete(b.peers, subnet)
+	b.publishPeers()
+	b.log.Debug("peer removed", "subnet", subnet, "public_ip", lease.PublicIP)
+	return nil
+}
+
+// Close stops the queues and closes every fd. xnet0 is persistent: without teardown it stays,
+// with its routes, for a restarted daemon to re-attach to (dropping packets meanwhile); with
+// teardown it is deleted. Calling Close twice is harmless.
+func (b *Backend) Close(teardown bool) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.nl == nil {
+		return nil
+	}
+	if b.dp != nil {
+		b.dp.stop()
+		b.dp = nil
+	}
+	var err error
+	if teardown {
+		link, lerr := b.nl.LinkByName(DeviceName)
+		switch {
+		case lerr == nil:
+			if derr := b.nl.LinkDel(link); derr != nil {
+				err = fmt.Errorf("udp: delete %s: %w", DeviceName, derr)
+			}
+		case !isLinkNotFound(lerr):
+			err = fmt.Errorf("udp: find %s to delete it: %w", DeviceName, lerr)
+		}
+	}
+	b.nl.Close()
+	b.nl = nil
+	b.ns.Close()
+	b.setup = false
+	return err
+}
+
+// isOwn: our lease, or an older lease of this host (our PublicIP) that has not expired yet.
+// Routing the latter into the overlay would send packets back to ourselves.
+func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
+	return (b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet) ||
+		lease.PublicIP == b.iface.PublicIP
+}
+
+// route is "<subnet> dev xnet0": a TUN has no link layer, so no gateway or neighbour.
+func (b *Backend) route(subnet netip.Prefix) *netlink.Route {
+	return &netlink.Route{
+		LinkIndex: b.dev,
+		Scope:     netlink.SCOPE_LINK,
+		Dst:       &net.IPNet{IP: subnet.Addr().AsSlice(), Mask: net.CIDRMask(subnet.Bits(), 32)},
+	}
+}
+
+// publishPeers hands the datapath an immutable copy of the peer set (copy-on-write: the
+// packet path reads it without a lock).
+func (b *Backend) publishPeers() {
+	b.tables.store(newPeerTable(b.peers))
+}
+
+// inNamespace runs fn on a thread in the namespace New captured. When the thread cannot be
+// switched back it stays locked, so the runtime retires it instead of reusing it elsewhere.
+func (b *Backend) inNamespace(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		cur, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("udp: open current network namespace: %w", err)
+			return
+		}
+		defer cur.Close()
+		if cur.Equal(b.ns) {
+			// Stay locked: only this thread is known to be in the namespace.
+			err := fn()
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		if err := netns.Set(b.ns); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("udp: enter the network namespace New ran in: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(cur); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("udp: return from the backend's network namespace: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+func isLinkNotFound(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf)
+}
+
+func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones), true
+}
