@@ -42,6 +42,8 @@ type daemonRun struct {
 	peers   *peers
 	ready   bool
 	started time.Time
+	// metricsAddr is where the endpoint really listens (--metrics-addr may say port 0).
+	metricsAddr string
 }
 
 // runDaemon is `xnetd run`. Until the backend's Setup, every failure is a usageError (exit 2)
@@ -85,7 +87,8 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		srv := &http.Server{Handler: d.m.Handler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = srv.Serve(ln) }()
 		defer srv.Close()
-		log.Info("metrics endpoint", "addr", ln.Addr().String())
+		d.metricsAddr = ln.Addr().String()
+		log.Info("metrics endpoint", "addr", d.metricsAddr)
 	}
 
 	d.cfg, err = d.mgr.WaitConfig(ctx)
@@ -292,7 +295,7 @@ func (d *daemonRun) writeState() {
 		Config:          d.cfg,
 		Lease:           leaseStateOf(d.lease),
 		IPMasq:          d.o.ipMasq,
-		MetricsAddr:     d.o.metricsAddr,
+		MetricsAddr:     d.metricsAddr,
 		SubnetFile:      d.o.subnetFile,
 		DockerOptsFile:  d.o.dockerOptsFile,
 		BPFFS:           d.o.bpffs,
