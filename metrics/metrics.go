@@ -18,6 +18,7 @@ package metrics
 import (
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -146,13 +147,11 @@ func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 // SetStats replaces the function read for the etcd counters.
 func (m *Metrics) SetStats(stats func() subnetmgr.Stats) { m.live.setStats(stats) }
 
-// SetBackend records the backend in use; if it implements CounterSource its counters are
-// exported from now on.
-func (m *Metrics) SetBackend(name, mode string, b any) {
+// SetBackend records the backend in use and its counters (nil when it keeps none).
+func (m *Metrics) SetBackend(name, mode string, counters CounterSource) {
 	m.backendInfo.Reset()
 	m.backendInfo.WithLabelValues(name, mode).Set(1)
-	cs, _ := b.(CounterSource)
-	m.live.setSource(cs)
+	m.live.setSource(counters)
 }
 
 // SetLease records our lease's expiry.
@@ -290,4 +289,23 @@ func collectCounters(ch chan<- prometheus.Metric, cs Counters) {
 	for reason, n := range cs.Drops {
 		ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(n), reason)
 	}
+}
+
+// DropPrefix marks a verdict that is a drop ("drop_spoofed"): the datapaths name their
+// verdicts after bpf/xnet.h's enum, where every drop reason starts with it.
+const DropPrefix = "drop_"
+
+// SplitVerdicts turns a datapath's verdict counts into Counters' Verdicts and Drops: a verdict
+// named drop_<reason> is counted as a drop with that reason, the others as verdicts. Backends
+// and `xnetd status` use it so a reason reads the same everywhere.
+func SplitVerdicts(all map[string]uint64) (verdicts, drops map[string]uint64) {
+	verdicts, drops = map[string]uint64{}, map[string]uint64{}
+	for name, n := range all {
+		if reason, ok := strings.CutPrefix(name, DropPrefix); ok {
+			drops[reason] = n
+		} else {
+			verdicts[name] = n
+		}
+	}
+	return verdicts, drops
 }

@@ -131,7 +131,7 @@ func TestEveryMetricIsExportedWithItsName(t *testing.T) {
 
 func TestBackendWithoutCountersExportsNone(t *testing.T) {
 	m := New(nil)
-	m.SetBackend("vxlan", "kernel", struct{}{})
+	m.SetBackend("vxlan", "kernel", nil)
 	fams := scrape(t, m.Handler())
 	if _, ok, _ := CountersFromFamilies(fams); ok {
 		t.Error("a backend without CounterSource produced datapath counters")

@@ -7,7 +7,9 @@ import (
 	"strings"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/ebpf"
 	"github.com/xnet-dev/xnet/backend/hostgw"
+	"github.com/xnet-dev/xnet/backend/udp"
 	"github.com/xnet-dev/xnet/backend/vxlan"
 	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/subnetmgr"
@@ -17,9 +19,40 @@ import (
 // backend packages.
 func newRegistry() *backend.Registry {
 	r := &backend.Registry{}
+	r.Register(subnetmgr.BackendEBPF, ebpf.New)
 	r.Register(subnetmgr.BackendVXLAN, vxlan.New)
+	r.Register(subnetmgr.BackendUDP, udp.New)
 	r.Register(subnetmgr.BackendHostGW, hostgw.New)
 	return r
+}
+
+// counterSource is b's metrics.CounterSource, if it keeps counters. The udp backend's
+// Counters has a shape of its own (no error, counters by verdict with bytes), so it is
+// adapted here.
+func counterSource(b backend.Backend) metrics.CounterSource {
+	switch b := b.(type) {
+	case metrics.CounterSource:
+		return b
+	case *udp.Backend:
+		return udpCounters{b}
+	}
+	return nil
+}
+
+type udpCounters struct{ b *udp.Backend }
+
+func (u udpCounters) Counters() (metrics.Counters, error) {
+	uc := u.b.Counters()
+	all := make(map[string]uint64, len(uc.Verdicts))
+	for name, c := range uc.Verdicts {
+		all[name] = c.Packets
+	}
+	var c metrics.Counters
+	c.Verdicts, c.Drops = metrics.SplitVerdicts(all)
+	for _, p := range uc.Peers {
+		c.Peers = append(c.Peers, metrics.PeerCounters{Subnet: p.Subnet, TxPackets: p.TxPackets, TxBytes: p.TxBytes, RxPackets: p.RxPackets, RxBytes: p.RxBytes})
+	}
+	return c, nil
 }
 
 // autoOrder is what --backend=auto tries, in order (DESIGN.md "Backends").
@@ -103,6 +136,8 @@ func backendMode(name string, b any) (mode, reason string) {
 		return "kernel", "kernel VXLAN device"
 	case subnetmgr.BackendHostGW:
 		return "routes", "static routes, no encapsulation"
+	case subnetmgr.BackendUDP:
+		return "tun", "user space over a TUN device"
 	}
 	return name, ""
 }

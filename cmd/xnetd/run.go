@@ -108,7 +108,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return err
 	}
 	b := d.chosen.b
-	d.m.SetBackend(d.chosen.name, d.chosen.mode, b)
+	d.m.SetBackend(d.chosen.name, d.chosen.mode, counterSource(b))
 	btype, bdata, err := b.LeaseAttrs()
 	if err != nil {
 		b.Close(false)
@@ -131,6 +131,12 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	if err := b.Setup(ctx, d.lease, d.cfg); err != nil {
 		b.Close(false)
 		return &fatalError{fmt.Errorf("backend %s setup for %v: %w", d.chosen.name, d.lease.Subnet, err)}
+	}
+	// Some backends decide their mode in Setup (ebpf: XDP or TC decap, by what the NIC allows).
+	if mode, why := backendMode(d.chosen.name, b); mode != d.chosen.mode || why != d.chosen.modeReason {
+		d.chosen.mode, d.chosen.modeReason = mode, why
+		d.m.SetBackend(d.chosen.name, mode, counterSource(b))
+		log.Info("backend mode", "backend", d.chosen.name, "mode", mode, "why", why)
 	}
 	runErr := d.serve(ctx, attrs)
 

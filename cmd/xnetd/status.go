@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -125,7 +126,17 @@ func buildStatus(ctx context.Context, st state) statusReport {
 	}
 
 	var counters metrics.Counters
+	pinned, pinnedErr := pinnedCounters(st)
 	switch {
+	case pinnedErr == nil:
+		// The ebpf datapath counts in pinned maps: live whether the daemon runs or not.
+		counters = pinned
+		rep.Counters = "live, from the pinned maps in " + st.BPFFS
+		if alive && st.MetricsAddr != "" {
+			_, rep.Ready, _, _ = scrape(ctx, st.MetricsAddr)
+		}
+	case st.Backend == subnetmgr.BackendEBPF && !alive:
+		rep.Counters = "unavailable: " + pinnedErr.Error()
 	case !alive:
 		rep.Counters = "none: the daemon is not running"
 	case st.MetricsAddr == "":
@@ -200,6 +211,39 @@ func scrape(ctx context.Context, addr string) (c metrics.Counters, ready bool, s
 		return c, ready, "", err
 	}
 	return c, ready, "live, from http://" + addr + "/metrics", nil
+}
+
+// pinnedCounters reads the ebpf datapath's counters from its pinned maps, mapping the
+// per-peer counters (keyed by PublicIP in the map) to the peers' subnets.
+func pinnedCounters(st state) (metrics.Counters, error) {
+	if st.Backend != subnetmgr.BackendEBPF || st.BPFFS == "" {
+		return metrics.Counters{}, errors.New("not an ebpf datapath")
+	}
+	m, err := maps.OpenPinned(st.BPFFS)
+	if err != nil {
+		return metrics.Counters{}, err
+	}
+	defer m.Close()
+	verdicts, err := m.ReadCounters()
+	if err != nil {
+		return metrics.Counters{}, err
+	}
+	all := make(map[string]uint64, len(verdicts))
+	for name, c := range verdicts {
+		all[name] = c.Packets
+	}
+	var c metrics.Counters
+	c.Verdicts, c.Drops = metrics.SplitVerdicts(all)
+	peers, err := m.ReadPeers()
+	if err != nil {
+		return metrics.Counters{}, err
+	}
+	for _, p := range st.Peers {
+		if s, ok := peers[p.PublicIP]; ok {
+			c.Peers = append(c.Peers, metrics.PeerCounters{Subnet: p.Subnet, TxPackets: s.TxPackets, TxBytes: s.TxBytes, RxPackets: s.RxPackets, RxBytes: s.RxBytes})
+		}
+	}
+	return c, nil
 }
 
 // kernelRoutes lists this namespace's routes into network, by destination.

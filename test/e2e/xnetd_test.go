@@ -153,17 +153,34 @@ type xdStatus struct {
 
 func (n *xdNode) status(t *testing.T) xdStatus {
 	t.Helper()
+	var s xdStatus
+	n.statusInto(t, &s)
+	return s
+}
+
+// statusInto runs `xnetd status --output json` in the host and decodes it into v.
+func (n *xdNode) statusInto(t *testing.T, v any) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	out, err := n.Run(ctx, n.bin, "status", "--output", "json", "--subnet-file", n.SubnetFile())
 	if err != nil {
 		t.Fatalf("xnetd status on %s: %v", n.Name, err)
 	}
-	var s xdStatus
-	if err := json.Unmarshal([]byte(out), &s); err != nil {
+	if err := json.Unmarshal([]byte(out), v); err != nil {
 		t.Fatalf("xnetd status --output json on %s is not JSON: %v\n%s", n.Name, err, out)
 	}
-	return s
+}
+
+// xdParse parses a scrape with Prometheus' own text parser.
+func xdParse(t *testing.T, body string) map[string]*dto.MetricFamily {
+	t.Helper()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("/metrics does not parse: %v\n%s", err, body)
+	}
+	return fams
 }
 
 // httpGet fetches path from the daemon's metrics endpoint, which listens on the loopback of
@@ -378,11 +395,7 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 		if code != http.StatusOK {
 			t.Fatalf("/metrics: HTTP %d", code)
 		}
-		parser := expfmt.NewTextParser(model.UTF8Validation)
-		fams, err := parser.TextToMetricFamilies(strings.NewReader(body))
-		if err != nil {
-			t.Fatalf("/metrics does not parse: %v\n%s", err, body)
-		}
+		fams := xdParse(t, body)
 		for _, tt := range []struct {
 			name   string
 			labels map[string]string

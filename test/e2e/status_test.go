@@ -1,0 +1,99 @@
+package e2e
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// xdCounters is the counters part of `xnetd status --output json`.
+type xdCounters struct {
+	Peers []struct {
+		Subnet    string  `json:"subnet"`
+		TxPackets *uint64 `json:"tx_packets"`
+		RxPackets *uint64 `json:"rx_packets"`
+		TxBytes   *uint64 `json:"tx_bytes"`
+		RxBytes   *uint64 `json:"rx_bytes"`
+	} `json:"peers"`
+	Verdicts map[string]uint64 `json:"verdicts"`
+	Drops    map[string]uint64 `json:"drops"`
+	Counters string            `json:"counters"`
+	Mode     string            `json:"mode"`
+	Backend  string            `json:"backend"`
+	Running  bool              `json:"running"`
+}
+
+func (n *xdNode) statusCounters(t *testing.T) xdCounters {
+	t.Helper()
+	var c xdCounters
+	n.statusInto(t, &c)
+	return c
+}
+
+// With the ebpf datapath an operator sees, per peer, the packets and bytes each way, and the
+// datapath's verdicts with every drop reason named: from the running daemon, in its metrics,
+// and still after the daemon stopped (the counters live in pinned maps).
+func TestXnetdStatusShowsPerPeerCountersAndDropReasons(t *testing.T) {
+	// The config's "ebpf" means auto: ebpf where it loads, which it does here.
+	nodes, _ := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
+	cs := xdContainers(t, nodes)
+	if failed := xdMesh(cs); len(failed) > 0 {
+		t.Fatalf("containers do not reach each other:\n%s", strings.Join(failed, "\n"))
+	}
+	n := nodes[0]
+	peerSubnet := nodes[1].state(t).Lease.Subnet.String()
+
+	check := func(t *testing.T, c xdCounters, wantRunning bool) {
+		t.Helper()
+		if c.Backend != subnetmgr.BackendEBPF || c.Running != wantRunning {
+			t.Fatalf("status backend %q running %v, want ebpf running %v (%s)", c.Backend, c.Running, wantRunning, c.Counters)
+		}
+		if !strings.HasPrefix(c.Counters, "live") {
+			t.Errorf("counters %q, want live counters", c.Counters)
+		}
+		if len(c.Peers) != 1 || c.Peers[0].Subnet != peerSubnet || c.Peers[0].TxPackets == nil ||
+			*c.Peers[0].TxPackets < 3 || *c.Peers[0].RxPackets < 3 || *c.Peers[0].TxBytes == 0 || *c.Peers[0].RxBytes == 0 {
+			t.Errorf("peer counters %+v, want %s with >= 3 packets each way after the pings", c.Peers, peerSubnet)
+		}
+		if c.Verdicts["encap"] < 3 || c.Verdicts["decap"] < 3 {
+			t.Errorf("verdicts %v, want encap and decap >= 3", c.Verdicts)
+		}
+		if _, ok := c.Drops["spoofed"]; !ok {
+			t.Errorf("drops %v do not name the reason \"spoofed\"", c.Drops)
+		}
+	}
+
+	t.Run("status of the running daemon", func(t *testing.T) {
+		c := n.statusCounters(t)
+		check(t, c, true)
+		if c.Mode == "" || c.Mode == "ebpf" {
+			t.Errorf("mode %q does not say where decapsulation runs", c.Mode)
+		}
+	})
+
+	t.Run("metrics carry the same counters", func(t *testing.T) {
+		code, body := n.httpGet(t, "/metrics")
+		if code != http.StatusOK {
+			t.Fatalf("/metrics: HTTP %d", code)
+		}
+		fams := xdParse(t, body)
+		if v, ok := xdMetric(fams, "xnet_peer_packets_total", map[string]string{"peer": peerSubnet, "direction": "tx"}); !ok || v < 3 {
+			t.Errorf("xnet_peer_packets_total{peer=%s,direction=tx} = %v (present %v), want >= 3", peerSubnet, v, ok)
+		}
+		if _, ok := xdMetric(fams, "xnet_datapath_drops_total", map[string]string{"reason": "spoofed"}); !ok {
+			t.Errorf("xnet_datapath_drops_total{reason=spoofed} missing")
+		}
+		if v, ok := xdMetric(fams, "xnet_backend_info", map[string]string{"backend": "ebpf"}); !ok || v != 1 {
+			t.Errorf("xnet_backend_info{backend=ebpf} = %v (present %v)", v, ok)
+		}
+	})
+
+	t.Run("status after the daemon stopped still shows the datapath's counters", func(t *testing.T) {
+		if err := n.proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		check(t, n.statusCounters(t), false)
+	})
+}
