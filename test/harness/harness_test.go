@@ -108,6 +108,24 @@ func TestTwoHostsContainersRunCommandsAndReachEachOther(t *testing.T) {
 		t.Fatalf("ping across hosts with host-gw routes: %d/%d (%v), want 3/3", recv, sent, err)
 	}
 
+	if _, err := exec.LookPath("iperf3"); err == nil {
+		srv, err := StartIperf3Server(ctx, cs[1].Namespace, 5201)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := RunIperf3(ctx, cs[0].Namespace, Iperf3Options{Server: cs[1].IP, Port: 5201, Duration: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.ReceivedBytes <= 0 || r.BitsPerSecond <= 0 || r.Seconds <= 0 {
+			t.Fatalf("iperf3 across hosts: %+v, want bytes received", r)
+		}
+		// iperf3 exits 1 on SIGTERM, so Stop would report it: Kill.
+		if err := srv.Kill(); err != nil {
+			t.Fatalf("iperf3 server: %v", err)
+		}
+	}
+
 	// etcd from inside a host namespace, at the address xnetd is given.
 	var conn net.Conn
 	err = hosts[1].Do(func() error {

@@ -23,6 +23,14 @@ type Namespace struct {
 	topo *Topology
 }
 
+// Role is the name without the run prefix: "u", "h1", "h1c2".
+func (n *Namespace) Role() string {
+	if n.topo == nil {
+		return n.Name
+	}
+	return strings.TrimPrefix(n.Name, nsPrefix+n.topo.id+"-")
+}
+
 // Path is the namespace's nsfs bind mount, for nsenter --net and netns.GetFromPath.
 func (n *Namespace) Path() string { return filepath.Join(netnsDir, n.Name) }
 
