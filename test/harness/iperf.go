@@ -50,9 +50,9 @@ type Iperf3Options struct {
 	Server   netip.Addr
 	Port     int
 	Duration time.Duration // whole seconds (iperf3 -t takes an integer; 0 would mean forever)
-	Streams  int  // -P; default 1
-	UDP      bool // -u, with Length and Bitrate
-	Length   int  // -l; UDP payload bytes
+	Streams  int           // -P; default 1
+	UDP      bool          // -u, with Length and Bitrate
+	Length   int           // -l; UDP payload bytes
 	Bitrate  string
 }
 
