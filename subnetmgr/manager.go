@@ -13,6 +13,8 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
 // DefaultPrefix is flannel's default etcd prefix.
@@ -117,6 +119,14 @@ func New(opts Options) (*Manager, error) {
 		// the kernel's retransmission timeout (minutes).
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,
+		// gRPC's own reconnect backoff grows to 2 minutes: after an etcd outage the client
+		// would stay away long after etcd is back, and a short-TTL lease would run out.
+		// Cap it at our retry backoff.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: grpcbackoff.Config{BaseDelay: opts.RetryMin, Multiplier: 1.6, Jitter: 0.2,
+				MaxDelay: opts.RetryMax},
+			MinConnectTimeout: opts.DialTimeout,
+		})},
 	}
 	if opts.CertFile != "" || opts.KeyFile != "" || opts.CAFile != "" {
 		if (opts.CertFile == "") != (opts.KeyFile == "") {

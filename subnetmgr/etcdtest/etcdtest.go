@@ -26,9 +26,10 @@ type Server struct {
 	clientURL url.URL
 	peerURL   url.URL
 
-	mu     sync.Mutex
-	etcd   *embed.Etcd
-	client *clientv3.Client
+	mu      sync.Mutex
+	etcd    *embed.Etcd
+	client  *clientv3.Client
+	closing sync.WaitGroup // background Close calls of stopped members
 }
 
 // Start starts an etcd member and registers its shutdown with t.Cleanup.
@@ -54,6 +55,7 @@ func Start(t testing.TB) *Server {
 		}
 		s.mu.Unlock()
 		s.Stop()
+		s.closing.Wait()
 	})
 	return s
 }
@@ -111,14 +113,19 @@ func (s *Server) Client() *clientv3.Client {
 	return s.client
 }
 
-// Stop stops the member, keeping its data dir. Stopping a stopped server does nothing.
+// Stop stops the member at once, as a crash or a power cut would, keeping its data dir.
+// Stopping a stopped server does nothing.
 func (s *Server) Stop() {
 	s.mu.Lock()
 	e := s.etcd
 	s.etcd = nil
 	s.mu.Unlock()
 	if e != nil {
-		e.Close()
+		// A plain Close drains client streams for 7s while the server still expires
+		// leases but refuses to renew them: stop the server itself first, and let the
+		// drain finish in the background (t.Cleanup waits for it).
+		e.Server.HardStop()
+		s.closing.Go(e.Close)
 	}
 }
 
@@ -127,7 +134,7 @@ func (s *Server) Restart() {
 	s.t.Helper()
 	s.Stop()
 	var err error
-	for range 20 { // the old listeners may take a moment to release the ports
+	for range 100 { // the stopped member may take a moment to release its ports and files
 		if err = s.start(); err == nil {
 			return
 		}
