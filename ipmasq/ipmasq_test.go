@@ -9,13 +9,14 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netns"
+
+	"github.com/xnet-dev/xnet/test/harness"
 )
 
 var (
@@ -261,32 +262,7 @@ func sourceSeen(from, to testNS, dst netip.Addr) (netip.Addr, error) {
 	return netip.Addr{}, errors.New("no answer from " + dst.String())
 }
 
-// inNS runs fn on an OS thread switched into ns. Sockets opened in fn stay in ns.
+// inNS runs fn on an OS thread in ns (the harness's Do); sockets opened in fn stay in ns.
 func inNS(ns testNS, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := netns.GetFromName(string(ns))
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			errc <- err
-			return
-		}
-		err = fn()
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread() // else the thread dies with this goroutine
-		}
-		errc <- err
-	}()
-	return <-errc
+	return (&harness.Namespace{Name: string(ns)}).Do(fn)
 }
