@@ -7,6 +7,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
@@ -76,12 +79,10 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 			fmt.Fprintf(stdout, "removed nftables table ip %s (if it existed)\n", ipmasq.DefaultTable)
 		}
 	}
-	if _, err := os.Stat(o.bpffs); err == nil {
-		if err := os.RemoveAll(o.bpffs); err != nil {
-			errs = append(errs, fmt.Errorf("remove pins in %s: %w", o.bpffs, err))
-		} else {
-			fmt.Fprintf(stdout, "removed pins %s\n", o.bpffs)
-		}
+	if n, err := removePins(o.bpffs); err != nil {
+		errs = append(errs, err)
+	} else if n > 0 {
+		fmt.Fprintf(stdout, "removed %d pins under %s\n", n, o.bpffs)
 	}
 	for _, f := range []string{o.subnetFile, o.dockerOptsFile, o.stateFile} {
 		switch err := os.Remove(f); {
@@ -117,7 +118,36 @@ func teardownBackends(o options, iface backend.ExternalInterface, cfg subnetmgr.
 			errs = append(errs, fmt.Errorf("backend %s teardown: %w", name, err))
 			continue
 		}
-		fmt.Fprintf(stdout, "backend %s torn down\n", name)
+		fmt.Fprintf(stdout, "backend %s: nothing of it left\n", name)
 	}
 	return errs
+}
+
+// removePins unlinks every pin under dir (a pinned link detaches its program once no process
+// holds it), then dir itself unless it is a mount point (a bpffs of its own: EBUSY), which
+// stays, empty.
+func removePins(dir string) (int, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("--bpffs %s: %w", dir, err)
+	}
+	n := 0
+	for _, e := range entries {
+		// bpffs refuses dots in the names of pins, so a dotted entry (maps.debug,
+		// progs.debug) is the kernel's own iterator in the root of a bpffs mount: not ours.
+		if strings.Contains(e.Name(), ".") {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return n, fmt.Errorf("remove pin %s: %w", filepath.Join(dir, e.Name()), err)
+		}
+		n++
+	}
+	if err := os.Remove(dir); err != nil && !errors.Is(err, syscall.EBUSY) {
+		return n, fmt.Errorf("remove %s: %w", dir, err)
+	}
+	return n, nil
 }

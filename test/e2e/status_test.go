@@ -37,7 +37,7 @@ func (n *xdNode) statusCounters(t *testing.T) xdCounters {
 // and still after the daemon stopped (the counters live in pinned maps).
 func TestXnetdStatusShowsPerPeerCountersAndDropReasons(t *testing.T) {
 	// The config's "ebpf" means auto: ebpf where it loads, which it does here.
-	nodes, _ := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
+	nodes, topo := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
 	cs := xdContainers(t, nodes)
 	if failed := xdMesh(cs); len(failed) > 0 {
 		t.Fatalf("containers do not reach each other:\n%s", strings.Join(failed, "\n"))
@@ -95,5 +95,9 @@ func TestXnetdStatusShowsPerPeerCountersAndDropReasons(t *testing.T) {
 			t.Fatal(err)
 		}
 		check(t, n.statusCounters(t), false)
+	})
+
+	t.Run("teardown detaches the datapath and removes its pins", func(t *testing.T) {
+		n.teardown(t, topo)
 	})
 }

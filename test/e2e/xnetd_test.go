@@ -225,6 +225,54 @@ func (n *xdNode) routeTo(t *testing.T, subnet netip.Prefix) string {
 	return strings.TrimSpace(out)
 }
 
+// teardown runs `xnetd teardown` with the flags the daemon ran with, and checks what every
+// backend leaves behind is gone: files, pins, routes into the overlay, xnet devices, the
+// masquerade table. The lease stays in etcd (it expires by its TTL).
+func (n *xdNode) teardown(t *testing.T, topo *harness.Topology) {
+	t.Helper()
+	subnet := n.state(t).Lease.Subnet
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	out, err := n.Run(ctx, n.bin, append(append([]string{"teardown"}, n.XnetdArgs()...), n.extra...)...)
+	switch {
+	case err != nil && strings.Contains(err.Error(), "maps.debug: operation not permitted"):
+		// loader.Teardown also tries to delete the kernel's iterators when the pin directory is
+		// the root of a bpffs mount (as in the harness); everything else is still checked below.
+		t.Logf("xnetd teardown on %s hit the loader's bpffs-root issue (reported): %v", n.Name, err)
+	case err != nil:
+		t.Fatalf("xnetd teardown on %s: %v\n%s", n.Name, err, out)
+	}
+	t.Logf("xnetd teardown on %s:\n%s", n.Name, out)
+	for _, f := range []string{n.SubnetFile(), n.DockerOptsFile(), n.stateFile()} {
+		if _, err := os.Stat(f); err == nil {
+			t.Errorf("%s still exists after teardown", f)
+		}
+	}
+	entries, _ := os.ReadDir(n.BPFFS)
+	for _, e := range entries {
+		// The kernel's own iterators in the root of a bpffs mount are not pins of ours.
+		if e.Name() != "maps.debug" && e.Name() != "progs.debug" {
+			t.Errorf("pin %s left in %s after teardown", e.Name(), n.BPFFS)
+		}
+	}
+	routes, _ := n.Run(ctx, "ip", "-4", "route", "show", "root", "10.244.0.0/16")
+	for _, r := range strings.Split(strings.TrimSpace(routes), "\n") {
+		// docker0's own subnet route is Docker's, not ours.
+		if r != "" && !strings.Contains(r, "dev docker0 proto kernel") {
+			t.Errorf("route into the overlay left after teardown: %s", r)
+		}
+	}
+	if links, _ := n.Run(ctx, "ip", "-o", "link", "show"); strings.Contains(links, "xnet") {
+		t.Errorf("xnet devices left after teardown:\n%s", links)
+	}
+	if _, err := n.Run(ctx, "nft", "list", "table", "ip", "xnet"); err == nil {
+		t.Errorf("nftables table ip xnet left after teardown")
+	}
+	if _, ok := xdLeases(t, topo, xdPrefix)[subnet]; !ok {
+		t.Errorf("teardown removed the lease %v from etcd; it must leave it to expire", subnet)
+	}
+}
+
 // xdLeases reads every lease key from etcd.
 func xdLeases(t *testing.T, topo *harness.Topology, prefix string) map[netip.Prefix]subnetmgr.LeaseAttrs {
 	t.Helper()
@@ -488,7 +536,7 @@ func xdMetric(fams map[string]*dto.MetricFamily, name string, labels map[string]
 // and still shows the datapath.
 func TestXnetdRestartKeepsTheSubnetAndLosesNoPacket(t *testing.T) {
 	// The config says ebpf (auto) as a cluster would; these hosts pin vxlan, the kernel device.
-	nodes, topo := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`, "--backend=vxlan")
+	nodes, topo := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`, "--backend=vxlan", "--ip-masq")
 	cs := xdContainers(t, nodes)
 	if failed := xdMesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity before the restarts:\n%s", strings.Join(failed, "\n"))
@@ -543,6 +591,24 @@ func TestXnetdRestartKeepsTheSubnetAndLosesNoPacket(t *testing.T) {
 	if leases := xdLeases(t, topo, xdPrefix); len(leases) != 2 {
 		t.Errorf("%d leases in etcd after the restarts, want still 2: %v", len(leases), leases)
 	}
+
+	t.Run("--ip-masq installs the masquerade table and tells Docker not to masquerade", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if out, err := n.Run(ctx, "nft", "list", "table", "ip", "xnet"); err != nil || !strings.Contains(out, "masquerade") {
+			t.Errorf("nft list table ip xnet: %v\n%s", err, out)
+		}
+		if docker, _ := os.ReadFile(n.DockerOptsFile()); !strings.Contains(string(docker), "--ip-masq=false") {
+			t.Errorf("docker options %q: Docker must not masquerade when xnetd does", docker)
+		}
+	})
+
+	t.Run("teardown after stop removes the device, routes, table and files but not the lease", func(t *testing.T) {
+		if err := n.proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		n.teardown(t, topo)
+	})
 }
 
 // Bad flags and a bad config stop xnetd before it touches the host: exit code 2 and one line
