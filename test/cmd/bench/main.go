@@ -1,0 +1,296 @@
+// Command bench is `make bench`: the benchmark protocol of DESIGN.md. It builds one two-host
+// topology per datapath (identical in shape: same addresses, MTUs and container layout), then
+// measures container to container across the hosts, interleaved (A B C A B C) for -rounds
+// rounds: TCP throughput with 1 and 4 streams, UDP 64-byte packets/s delivered from 4 senders,
+// TCP request/response transactions/s, and whole-machine CPU seconds per GB moved during the
+// 1-stream test. It prints one table with each datapath as a ratio to the two baselines it
+// configures itself (host-gw routes, the ceiling; a kernel VXLAN device set up as flannel
+// does, what users run today), and writes results.json and chart.svg to -out.
+//
+// Why one topology per datapath rather than one topology switched between them: xnetd keeps its
+// datapath in place when it stops (restarts must not cut traffic), so switching in place would
+// let one datapath's leftovers carry or disturb the next one's traffic. Separate namespaces
+// cannot interfere, and interleaving the rounds still exposes every datapath to the same
+// machine load over time.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/harness"
+)
+
+// Names of the two baselines in the table and results.json.
+const (
+	baseHostGW = "baseline host-gw"
+	baseVXLAN  = "baseline kernel-vxlan"
+)
+
+const (
+	iperfBasePort = 5201
+	udpSenders    = 4
+	rrPort        = 7000
+)
+
+type options struct {
+	xnetd    string
+	out      string
+	backends []string
+	rounds   int
+	duration time.Duration
+	verbose  bool
+}
+
+func main() {
+	var o options
+	var backends string
+	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (needed with -backends; default: build ./cmd/xnetd)")
+	flag.StringVar(&o.out, "out", "bench", "directory for results.json and chart.svg")
+	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw)")
+	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds (at least 1; DESIGN asks for 3 or more)")
+	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each test (whole seconds)")
+	flag.BoolVar(&o.verbose, "v", false, "log progress of every test")
+	flag.Parse()
+	for _, b := range strings.Split(backends, ",") {
+		if b = strings.TrimSpace(b); b != "" {
+			o.backends = append(o.backends, b)
+		}
+	}
+	if o.rounds < 1 || o.duration < time.Second {
+		fmt.Fprintln(os.Stderr, "bench: -rounds must be >= 1 and -duration >= 1s")
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, o); err != nil {
+		if ctx.Err() != nil {
+			fmt.Fprintln(os.Stderr, "bench: interrupted; every topology has been removed")
+		} else {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+// mode is one datapath under test, on its own topology.
+type mode struct {
+	name    string
+	backend string // xnet backend name; "" for the baselines
+	topo    *harness.Topology
+	client  *harness.Container // on h1
+	server  *harness.Container // on h2
+	daemons []*harness.Process
+	rr      *rrServer
+	err     error // set when the mode could not be set up; it is then skipped
+}
+
+func run(ctx context.Context, o options) (err error) {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root: it builds network namespaces (run `sudo make bench`)")
+	}
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		return errors.New("iperf3 is not installed (apt-get install iperf3)")
+	}
+	if len(o.backends) > 0 && o.xnetd == "" {
+		dir, err := os.MkdirTemp("", "xnet-bench-build-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		if o.xnetd, err = harness.Build(ctx, dir); err != nil {
+			return err
+		}
+	}
+	if o.xnetd != "" {
+		if o.xnetd, err = filepath.Abs(o.xnetd); err != nil {
+			return err
+		}
+	}
+	info := collectSystemInfo(ctx, o.xnetd)
+	fmt.Printf("xnet bench: kernel %s, %d CPUs (%s), %s; %d rounds of %v per test\n",
+		info.Kernel, info.CPUs, info.CPUModel, info.Tools["iperf3"], o.rounds, o.duration)
+
+	modes := []*mode{{name: baseHostGW}, {name: baseVXLAN}}
+	for _, b := range o.backends {
+		modes = append(modes, &mode{name: b, backend: b})
+	}
+	defer func() {
+		for _, m := range modes {
+			if m.rr != nil {
+				m.rr.close()
+			}
+			if m.topo != nil {
+				if cerr := m.topo.Close(); cerr != nil {
+					err = errors.Join(err, fmt.Errorf("cleanup of %s: %w", m.name, cerr))
+				}
+			}
+		}
+	}()
+	// Setting up is independent per mode; in parallel it takes as long as the slowest.
+	var wg sync.WaitGroup
+	for _, m := range modes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m.err = setup(ctx, m, o.xnetd)
+		}()
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	for _, m := range modes {
+		if m.err != nil {
+			fmt.Printf("  %s: not measured: %v\n", m.name, m.err)
+			if len(m.daemons) > 0 {
+				fmt.Printf("    last lines of h1's xnetd log:\n%s\n", lastLines(m.daemons[0].Output(), 6))
+			}
+		}
+	}
+
+	res := newResults(info, o, modes)
+	for round := 1; round <= o.rounds; round++ {
+		for _, m := range modes {
+			if m.err != nil {
+				continue
+			}
+			fmt.Printf("round %d/%d: %s\n", round, o.rounds, m.name)
+			for _, t := range tests {
+				s, err := t.run(ctx, m, o.duration)
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				if err != nil {
+					fmt.Printf("  %s: %v\n", t.name, err)
+					res.addError(m.name, t.name, err)
+					continue
+				}
+				for metric, v := range s {
+					res.add(m.name, metric, v)
+				}
+				if o.verbose {
+					fmt.Printf("  %s: %v\n", t.name, s)
+				}
+			}
+		}
+	}
+	res.finish()
+	res.printTable(os.Stdout)
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
+	if err := res.writeJSON(filepath.Join(o.out, "results.json")); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(o.out, "chart.svg"), []byte(res.svg()), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("wrote %s and %s\n", filepath.Join(o.out, "results.json"), filepath.Join(o.out, "chart.svg"))
+	return nil
+}
+
+// Subnets of the baselines' docker0 bridges (xnet modes get theirs from their leases).
+var baselineDocker0 = []netip.Prefix{netip.MustParsePrefix("10.244.1.1/24"), netip.MustParsePrefix("10.244.2.1/24")}
+
+func setup(ctx context.Context, m *mode, xnetd string) error {
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	topo, err := harness.New(ctx, harness.Options{Hosts: 2, WithEtcd: m.backend != "", Logger: logger})
+	if err != nil {
+		return err
+	}
+	m.topo = topo
+	hosts := topo.Hosts()
+	switch {
+	case m.name == baseHostGW:
+		for i, h := range hosts {
+			if err := h.SetupDocker0(baselineDocker0[i], 1500); err != nil {
+				return err
+			}
+		}
+		err = harness.ConfigureHostGW(hosts)
+	case m.name == baseVXLAN:
+		for i, h := range hosts {
+			if err := h.SetupDocker0(baselineDocker0[i], 1450); err != nil {
+				return err
+			}
+		}
+		err = harness.ConfigureFlannelVXLAN(hosts)
+	default:
+		err = setupXnet(ctx, m, xnetd)
+	}
+	if err != nil {
+		return err
+	}
+	if m.client, err = hosts[0].AddContainer(); err != nil {
+		return err
+	}
+	if m.server, err = hosts[1].AddContainer(); err != nil {
+		return err
+	}
+	// The datapath may need a moment (xnetd programs peers as leases arrive).
+	var recv int
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline) && ctx.Err() == nil; {
+		if _, recv, _ = harness.Ping(ctx, m.client.Namespace, m.server.IP, 1, 0); recv == 1 {
+			break
+		}
+	}
+	if recv != 1 {
+		return fmt.Errorf("%s (%s) does not reach %s (%s) across hosts", m.client.Role(), m.client.IP, m.server.Role(), m.server.IP)
+	}
+	for i := range udpSenders {
+		if _, err := harness.StartIperf3Server(ctx, m.server.Namespace, iperfBasePort+i); err != nil {
+			return err
+		}
+	}
+	m.rr, err = startRRServer(m.server.Namespace, netip.AddrPortFrom(m.server.IP, rrPort))
+	return err
+}
+
+func setupXnet(ctx context.Context, m *mode, xnetd string) error {
+	cfg := fmt.Sprintf(`{"Network":"10.244.0.0/16","Backend":{"Type":%q}}`, m.backend)
+	if _, err := m.topo.EtcdClient().Put(ctx, subnetmgr.ConfigKey(subnetmgr.DefaultPrefix), cfg); err != nil {
+		return fmt.Errorf("write config: %w", err)
+	}
+	for _, h := range m.topo.Hosts() {
+		p, err := h.StartXnetd(xnetd, "--backend", m.backend)
+		if err != nil {
+			return err
+		}
+		m.daemons = append(m.daemons, p)
+	}
+	for i, h := range m.topo.Hosts() {
+		wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		// Docker starts after xnetd and takes --bip and --mtu from the file xnetd wrote.
+		_, err := h.SetupDocker0FromSubnetFile(wctx)
+		cancel()
+		if err != nil {
+			if m.daemons[i].Exited() {
+				return fmt.Errorf("xnetd --backend=%s on %s exited: %v", m.backend, h.Name, m.daemons[i].Wait())
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return "      " + strings.Join(lines, "\n      ")
+}
