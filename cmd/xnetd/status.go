@@ -48,7 +48,8 @@ type statusReport struct {
 	Drops           map[string]uint64 `json:"drops,omitempty"`
 	// Counters says where the packet counters came from, or why there are none.
 	Counters string `json:"counters"`
-	// Routes are the kernel's routes into the overlay Network on this host right now.
+	// Routes are the datapath's routes into the overlay Network on this host right now: the
+	// kernel's, and the BPF routes map's for ebpf.
 	Routes []string `json:"routes"`
 }
 
@@ -59,7 +60,7 @@ type peerStatus struct {
 	TxBytes   *uint64 `json:"tx_bytes,omitempty"`
 	RxPackets *uint64 `json:"rx_packets,omitempty"`
 	RxBytes   *uint64 `json:"rx_bytes,omitempty"`
-	// Route is the kernel route to the peer's subnet, "" when there is none.
+	// Route is the datapath's route to the peer's subnet, "" when there is none.
 	Route string `json:"route,omitempty"`
 }
 
@@ -126,7 +127,7 @@ func buildStatus(ctx context.Context, st state) statusReport {
 	}
 
 	var counters metrics.Counters
-	pinned, pinnedErr := pinnedCounters(st)
+	pinned, bpfRoutes, pinnedErr := pinnedDatapath(st)
 	switch {
 	case pinnedErr == nil:
 		// The ebpf datapath counts in pinned maps: live whether the daemon runs or not.
@@ -157,6 +158,9 @@ func buildStatus(ctx context.Context, st state) statusReport {
 	rep.Verdicts, rep.Drops = counters.Verdicts, counters.Drops
 
 	routes := kernelRoutes(st.Config.Network)
+	for subnet, r := range bpfRoutes {
+		routes[subnet] = r
+	}
 	byPeer := map[netip.Prefix]metrics.PeerCounters{}
 	for _, pc := range counters.Peers {
 		byPeer[pc.Subnet.Masked()] = pc
@@ -213,17 +217,29 @@ func scrape(ctx context.Context, addr string) (c metrics.Counters, ready bool, s
 	return c, ready, "live, from http://" + addr + "/metrics", nil
 }
 
-// pinnedCounters reads the ebpf datapath's counters from its pinned maps, mapping the
-// per-peer counters (keyed by PublicIP in the map) to the peers' subnets.
-func pinnedCounters(st state) (metrics.Counters, error) {
+// pinnedDatapath reads the ebpf datapath from its pinned maps: the counters, with the per-peer
+// ones (keyed by PublicIP in the map) mapped to the peers' subnets, and the routes map, which
+// is that datapath's routing table.
+func pinnedDatapath(st state) (metrics.Counters, map[netip.Prefix]string, error) {
 	if st.Backend != subnetmgr.BackendEBPF || st.BPFFS == "" {
-		return metrics.Counters{}, errors.New("not an ebpf datapath")
+		return metrics.Counters{}, nil, errors.New("not an ebpf datapath")
 	}
 	m, err := maps.OpenPinned(st.BPFFS)
 	if err != nil {
-		return metrics.Counters{}, err
+		return metrics.Counters{}, nil, err
 	}
 	defer m.Close()
+	routes := map[netip.Prefix]string{}
+	if list, err := m.ListRoutes(); err == nil {
+		for _, r := range list {
+			routes[r.Subnet.Masked()] = fmt.Sprintf("%v via %v mac %v (bpf)", r.Subnet, r.PublicIP, r.VtepMAC)
+		}
+	}
+	c, err := pinnedCounters(m, st)
+	return c, routes, err
+}
+
+func pinnedCounters(m *maps.Maps, st state) (metrics.Counters, error) {
 	verdicts, err := m.ReadCounters()
 	if err != nil {
 		return metrics.Counters{}, err

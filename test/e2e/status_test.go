@@ -12,6 +12,7 @@ import (
 type xdCounters struct {
 	Peers []struct {
 		Subnet    string  `json:"subnet"`
+		Route     string  `json:"route"`
 		TxPackets *uint64 `json:"tx_packets"`
 		RxPackets *uint64 `json:"rx_packets"`
 		TxBytes   *uint64 `json:"tx_bytes"`
@@ -56,6 +57,9 @@ func TestXnetdStatusShowsPerPeerCountersAndDropReasons(t *testing.T) {
 		if len(c.Peers) != 1 || c.Peers[0].Subnet != peerSubnet || c.Peers[0].TxPackets == nil ||
 			*c.Peers[0].TxPackets < 3 || *c.Peers[0].RxPackets < 3 || *c.Peers[0].TxBytes == 0 || *c.Peers[0].RxBytes == 0 {
 			t.Errorf("peer counters %+v, want %s with >= 3 packets each way after the pings", c.Peers, peerSubnet)
+		}
+		if len(c.Peers) == 1 && !strings.HasPrefix(c.Peers[0].Route, peerSubnet+" via ") {
+			t.Errorf("peer route %q, want the BPF routes map's entry for %s", c.Peers[0].Route, peerSubnet)
 		}
 		if c.Verdicts["encap"] < 3 || c.Verdicts["decap"] < 3 {
 			t.Errorf("verdicts %v, want encap and decap >= 3", c.Verdicts)

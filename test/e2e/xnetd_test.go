@@ -684,3 +684,48 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 		})
 	}
 }
+
+// Without --iface xnetd takes the default route's interface; --iface also takes an address.
+// `xnetd status` (text) then tells an operator which one and what the daemon holds.
+func TestXnetdFindsTheUnderlayInterface(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 1, WithEtcd: true})
+	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
+	n := &xdNode{Host: topo.Hosts()[0], bin: harness.BuildXnetd(t)}
+	for _, tt := range []struct {
+		name  string
+		iface string
+	}{
+		{"the default route's interface when --iface is empty", "--iface="},
+		{"the interface holding the address given to --iface", "--iface=" + n.UnderlayIP.String()},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			n.extra = []string{tt.iface}
+			n.start(t)
+			n.waitReady(t)
+			want := fmt.Sprintf(`msg="underlay interface" iface=eth0 iface_ip=%s public_ip=%s`, n.UnderlayIP, n.UnderlayIP)
+			if !strings.Contains(n.proc.Output(), want) {
+				t.Errorf("log lacks %q:\n%s", want, n.proc.Output())
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			out, err := n.Run(ctx, n.bin, "status", "--subnet-file", n.SubnetFile())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, w := range []string{
+				fmt.Sprintf("xnetd running, pid %d, ready", n.proc.Pid),
+				fmt.Sprintf("lease:    %v public %v, expires", n.state(t).Lease.Subnet, n.UnderlayIP),
+				"backend:  vxlan (kernel: kernel VXLAN device)",
+				"network:  10.244.0.0/16 on eth0",
+				"peers (0):",
+			} {
+				if !strings.Contains(out, w) {
+					t.Errorf("xnetd status lacks %q:\n%s", w, out)
+				}
+			}
+			if err := n.proc.Stop(); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+}
