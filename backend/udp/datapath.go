@@ -33,8 +33,8 @@ const (
 	// wireguard-go needs at least its 10-byte virtio-net header there, which 22 is.
 	txHeadroom = wire.HeaderLen
 	// rxHeadroom is the room in front of each packet written to the TUN: the virtio-net header
-	// (struct virtio_net_hdr, 10 bytes) that wireguard-go fills in.
-	rxHeadroom = 10
+	// (struct virtio_net_hdr) that wireguard-go fills in.
+	rxHeadroom = virtioNetHdrLen
 	// maxPacket is the largest IPv4 packet, and the largest datagram a socket reads.
 	maxPacket = 65535
 	// maxGSOBytes is the most UDP payload one GSO send may carry (one IPv4 datagram's worth:
@@ -410,6 +410,10 @@ func (d *datapath) receive(r *rxQueue, dev tun.Device, m *ipv4.Message, table *p
 	if segSize <= 0 || segSize > len(data) {
 		segSize = len(data)
 	}
+	if isSuperFrame(data, d.expect.MaxInner) {
+		d.receiveSuperFrame(r, dev, data, outerSrc, table, local)
+		return
+	}
 	for off := 0; off < len(data); off += segSize {
 		seg := data[off:min(off+segSize, len(data))]
 		v, f, p := classify(seg, outerSrc, d.expect, local, table)
@@ -419,6 +423,7 @@ func (d *datapath) receive(r *rxQueue, dev tun.Device, m *ipv4.Message, table *p
 		}
 		buf := r.out[r.nout][:cap(r.out[r.nout])]
 		n := copy(buf[rxHeadroom:], f.Inner)
+		completePartialChecksum(buf[rxHeadroom : rxHeadroom+n])
 		r.out[r.nout] = buf[:rxHeadroom+n]
 		r.nout++
 		r.tally.add(verdictDecap, n)
@@ -428,6 +433,95 @@ func (d *datapath) receive(r *rxQueue, dev tun.Device, m *ipv4.Message, table *p
 			d.flushTUN(r, dev)
 		}
 	}
+}
+
+// A kernel VXLAN sender on a veth (hosts that are namespaces, containers or VMs on veths)
+// does not segment its TSO packets: the veth carries the whole 64 KB "super-frame" to the
+// receiving namespace, and a plain UDP socket receives it as one datagram - one VXLAN header,
+// one inner IPv4/TCP header whose total length covers all of it - without a UDP_GRO size
+// (that is only reported for UDP segmentation). From a physical NIC, or from a udp host,
+// datagrams arrive cut. Dropping super-frames would cut such a host off; cutting them
+// ourselves would cost a copy and a checksum per segment. Instead we hand the frame to the TUN
+// as what it is, a TSO packet with a virtio-net header, with segments that fit our MTU, and the
+// kernel segments it (or does not need to, when it delivers locally).
+
+// isSuperFrame reports whether a datagram is one super-frame: its inner IPv4 total length
+// covers the whole datagram and exceeds the largest packet we deliver (maxInner).
+func isSuperFrame(data []byte, maxInner int) bool {
+	if len(data) < wire.HeaderLen+wire.IPv4HeaderLen || data[wire.HeaderLen]>>4 != 4 {
+		return false
+	}
+	total := int(binary.BigEndian.Uint16(data[wire.HeaderLen+2:]))
+	return wire.HeaderLen+total == len(data) && total > maxInner
+}
+
+// virtio-net header values (include/uapi/linux/virtio_net.h).
+const (
+	virtioNetHdrLen        = 10
+	virtioNetHdrFNeedsCsum = 1
+	virtioNetHdrGSOTCPv4   = 1
+	virtioNetHdrGSOECN     = 0x80
+	tcpFlagCWR             = 0x80
+	tcpChecksumOffset      = 16
+)
+
+// receiveSuperFrame applies the acceptance rules to a super-frame's headers (which every
+// segment shares) and writes it to the TUN as a TSO packet whose segments fill our MTU. Only
+// TCP is accepted this way (it is all the kernel sends so); anything else that large is
+// dropped as oversized.
+func (d *datapath) receiveSuperFrame(r *rxQueue, dev tun.Device, data []byte, outerSrc [4]byte, table *peerTable, local netip.Prefix) {
+	expect := d.expect
+	expect.MaxInner = 0 // the segments, not the frame, must fit the MTU: checked below
+	v, f, p := classify(data, outerSrc, expect, local, table)
+	if v != verdictDecap {
+		r.tally.add(v, len(data))
+		return
+	}
+	pkt := f.Inner
+	ihl := int(pkt[0]&0x0f) * 4
+	if pkt[9] != unix.IPPROTO_TCP || binary.BigEndian.Uint16(pkt[6:8])&0x3fff != 0 || len(pkt) < ihl+20 || !d.res.offload {
+		// Only TCP is segmented this way by the kernel; without the vnet header we could not
+		// pass the segmentation on.
+		r.tally.add(verdictDropOversized, len(pkt))
+		return
+	}
+	thl := int(pkt[ihl+12]>>4) * 4
+	if thl < 20 || ihl+thl > len(pkt) {
+		r.tally.add(verdictDropMalformed, len(pkt))
+		return
+	}
+	// The sender's MSS is not in the datagram; the largest segment that fits our MTU is at
+	// most what it used (both come from the same overlay MTU) and what our receivers accept.
+	segSize := d.expect.MaxInner - ihl - thl
+	if segSize <= 0 {
+		r.tally.add(verdictDropOversized, len(pkt))
+		return
+	}
+	d.flushTUN(r, dev) // what came before it goes first
+	// The virtio-net header goes where the Ethernet header was: no copy.
+	hdr := data[wire.HeaderLen-virtioNetHdrLen : wire.HeaderLen]
+	gsoType := uint8(virtioNetHdrGSOTCPv4)
+	if pkt[ihl+13]&tcpFlagCWR != 0 {
+		gsoType |= virtioNetHdrGSOECN
+	}
+	hdr[0] = virtioNetHdrFNeedsCsum // the checksum field holds the pseudo-header sum
+	hdr[1] = gsoType
+	binary.NativeEndian.PutUint16(hdr[2:], uint16(ihl+thl))
+	binary.NativeEndian.PutUint16(hdr[4:], uint16(segSize))
+	binary.NativeEndian.PutUint16(hdr[6:], uint16(ihl))
+	binary.NativeEndian.PutUint16(hdr[8:], tcpChecksumOffset)
+	if _, err := dev.File().Write(data[wire.HeaderLen-virtioNetHdrLen : wire.HeaderLen+len(pkt)]); err != nil {
+		if !d.closing.Load() {
+			r.tally.add(verdictDropTUNError, len(pkt))
+			d.logError("write a TSO frame to "+DeviceName, err)
+		}
+		return
+	}
+	segments := (len(pkt) - ihl - thl + segSize - 1) / segSize
+	r.tally[verdictDecap].packets += uint64(segments)
+	r.tally[verdictDecap].bytes += uint64(len(pkt))
+	p.stats.rxPackets.Add(uint64(segments))
+	p.stats.rxBytes.Add(uint64(len(pkt)))
 }
 
 // flushTUN writes the queued inner packets to xnet0; the TUN's GRO coalesces runs of one flow.
