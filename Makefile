@@ -31,9 +31,11 @@ demo: build
 	$(GO) run ./test/cmd/demo -xnetd $(BIN)
 
 # The benchmark protocol of DESIGN.md; installs iperf3 from Debian if it is missing.
+BENCH_BACKENDS ?= ebpf,vxlan,udp,host-gw
+BENCH_ROUNDS   ?= 3
 bench: build
 	@command -v iperf3 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3)
-	$(GO) run ./test/cmd/bench -xnetd $(BIN) -out bench
+	$(GO) run ./test/cmd/bench -xnetd $(BIN) -out bench -backends $(BENCH_BACKENDS) -rounds $(BENCH_ROUNDS)
 
 # Rebuild the BPF objects and their Go bindings (needs clang, llvm, libbpf-dev).
 generate:
