@@ -98,21 +98,13 @@ func comparePrefix(a, b netip.Prefix) int {
 }
 
 // fillExpiries asks etcd when each leased key's etcd lease runs out (one TimeToLive per
-// lease, a bounded number in flight); reservations keep a zero Expiration. known holds
-// expiries already learned and is consulted first.
-func (m *Manager) fillExpiries(ctx context.Context, leases []storedLease, known map[clientv3.LeaseID]time.Time) {
-	now := time.Now()
+// lease, a bounded number in flight); reservations keep a zero Expiration.
+func (m *Manager) fillExpiries(ctx context.Context, leases []storedLease) {
 	var todo []int
 	for i := range leases {
-		id := leases[i].leaseID
-		if id == 0 {
-			continue
+		if leases[i].leaseID != 0 {
+			todo = append(todo, i)
 		}
-		if exp, ok := known[id]; ok && exp.After(now) {
-			leases[i].Expiration = exp
-			continue
-		}
-		todo = append(todo, i)
 	}
 	var wg sync.WaitGroup
 	work := make(chan int)
@@ -128,11 +120,6 @@ func (m *Manager) fillExpiries(ctx context.Context, leases []storedLease, known 
 	}
 	close(work)
 	wg.Wait()
-	for _, i := range todo {
-		if known != nil {
-			known[leases[i].leaseID] = leases[i].Expiration
-		}
-	}
 }
 
 // expiryOf is when etcd lease id runs out. When etcd cannot say, the estimate is a full TTL
@@ -153,12 +140,13 @@ func (m *Manager) expiryOf(ctx context.Context, id clientv3.LeaseID) time.Time {
 }
 
 // ListLeases returns every well-formed lease (sorted by subnet) and the revision of the list.
+// Each leased key's Expiration is exact (asked from etcd: one request per lease).
 func (m *Manager) ListLeases(ctx context.Context) ([]Lease, int64, error) {
 	snap, err := m.list(ctx)
 	if err != nil {
 		return nil, 0, err
 	}
-	m.fillExpiries(ctx, snap.leases, nil)
+	m.fillExpiries(ctx, snap.leases)
 	out := make([]Lease, len(snap.leases))
 	for i, l := range snap.leases {
 		out[i] = l.Lease

@@ -43,7 +43,9 @@ type Lease struct {
 	BackendType string          // "vxlan" for every VXLAN-speaking backend, "host-gw" otherwise
 	BackendData json.RawMessage // {"VNI":1,"VtepMAC":"..."} for vxlan; may be null
 	// Expiration is when the etcd lease behind the key runs out; zero for a reservation
-	// (a key with no TTL), which xnetd never takes unless its PublicIP is ours.
+	// (a key with no TTL), which xnetd never takes unless its PublicIP is ours. Exact for
+	// our own lease and in ListLeases; in WatchLeases events an estimate (a full TTL from
+	// when the key was seen), since asking etcd costs one request per peer.
 	Expiration time.Time
 }
 

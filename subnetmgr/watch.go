@@ -17,14 +17,22 @@ import (
 // The watch starts at the revision right after the list, so no change falls between the two
 // and none is seen twice.
 
+// estimateExpiry fills in a watched lease's Expiration without asking etcd: a full TTL from
+// when the key was seen. Asking (one TimeToLive per peer) took 0.5-0.8 s for 5,000 peers on
+// the 2-core test VM, against 0.07 s for the list itself, and no consumer of peer leases
+// needs the exact time; ListLeases asks etcd. A reservation keeps its zero Expiration.
+func estimateExpiry(l storedLease, ttl time.Duration) storedLease {
+	if l.leaseID != 0 {
+		l.Expiration = time.Now().Add(ttl)
+	}
+	return l
+}
+
 // watcher holds one WatchLeases call's view of the leases.
 type watcher struct {
 	m      *Manager
 	events chan<- []Event
 	view   map[netip.Prefix]storedLease
-	// expiries remembers each etcd lease's expiry so a resync does not ask for every peer's
-	// TTL again; entries go when no key uses the lease any more.
-	expiries map[clientv3.LeaseID]time.Time
 	// badKeys holds the ModRevision of each malformed key already logged, so a resync does
 	// not log the same garbage again.
 	badKeys map[string]int64
@@ -34,9 +42,9 @@ type watcher struct {
 // is none), then every change, until ctx ends (it then returns ctx.Err()). It survives
 // compaction and broken watches by re-listing and sending only the differences, so a lease
 // still in etcd is never reported removed. Malformed entries are logged and skipped.
+// Expirations in events are estimates (see Lease.Expiration).
 func (m *Manager) WatchLeases(ctx context.Context, events chan<- []Event) error {
-	w := &watcher{m: m, events: events, view: map[netip.Prefix]storedLease{},
-		expiries: map[clientv3.LeaseID]time.Time{}, badKeys: map[string]int64{}}
+	w := &watcher{m: m, events: events, view: map[netip.Prefix]storedLease{}, badKeys: map[string]int64{}}
 	rev, err := w.resync(ctx, true)
 	if err != nil {
 		return err
@@ -73,7 +81,7 @@ func (w *watcher) watchFrom(ctx context.Context, rev int64) error {
 			w.m.etcdErrors.Add(1)
 			return fmt.Errorf("watch: %v", err)
 		}
-		if batch := w.apply(ctx, resp.Events); len(batch) > 0 {
+		if batch := w.apply(resp.Events); len(batch) > 0 {
 			if err := w.send(ctx, batch); err != nil {
 				return err
 			}
@@ -83,16 +91,8 @@ func (w *watcher) watchFrom(ctx context.Context, rev int64) error {
 }
 
 // apply folds a watch response's events into the view and returns what changed.
-func (w *watcher) apply(ctx context.Context, evs []*clientv3.Event) []Event {
-	var puts []storedLease
+func (w *watcher) apply(evs []*clientv3.Event) []Event {
 	var batch []Event
-	flush := func() {
-		w.m.fillExpiries(ctx, puts, w.expiries)
-		for _, l := range puts {
-			batch = append(batch, w.put(l)...)
-		}
-		puts = puts[:0]
-	}
 	for _, ev := range evs {
 		key := string(ev.Kv.Key)
 		switch ev.Type {
@@ -103,22 +103,19 @@ func (w *watcher) apply(ctx context.Context, evs []*clientv3.Event) []Event {
 				continue
 			}
 			delete(w.badKeys, key)
-			puts = append(puts, l)
+			batch = append(batch, w.put(estimateExpiry(l, w.m.ttl))...)
 		case clientv3.EventTypeDelete:
 			delete(w.badKeys, key)
 			subnet, err := ParseSubnetKey(w.m.prefix, key)
 			if err != nil {
 				continue
 			}
-			flush() // keep the order of a put then a delete of one key
 			if old, ok := w.view[subnet]; ok {
 				delete(w.view, subnet)
-				w.forgetExpiry(old.leaseID)
 				batch = append(batch, Event{Type: EventRemoved, Lease: old.Lease})
 			}
 		}
 	}
-	flush()
 	return batch
 }
 
@@ -127,9 +124,6 @@ func (w *watcher) apply(ctx context.Context, evs []*clientv3.Event) []Event {
 func (w *watcher) put(l storedLease) []Event {
 	old, ok := w.view[l.Subnet]
 	w.view[l.Subnet] = l
-	if ok && old.leaseID != l.leaseID {
-		w.forgetExpiry(old.leaseID)
-	}
 	switch {
 	case !ok:
 		return []Event{{Type: EventAdded, Lease: l.Lease}}
@@ -137,18 +131,6 @@ func (w *watcher) put(l storedLease) []Event {
 		return []Event{{Type: EventChanged, Lease: l.Lease}}
 	}
 	return nil
-}
-
-func (w *watcher) forgetExpiry(id clientv3.LeaseID) {
-	if id == 0 {
-		return
-	}
-	for _, l := range w.view {
-		if l.leaseID == id {
-			return
-		}
-	}
-	delete(w.expiries, id)
 }
 
 func (w *watcher) logBad(key string, modRev int64, err error) {
@@ -178,27 +160,16 @@ func (w *watcher) resync(ctx context.Context, initial bool) (int64, error) {
 			return 0, err
 		}
 	}
-	w.m.fillExpiries(ctx, snap.leases, w.expiries)
 	batch := []Event{}
 	seen := make(map[netip.Prefix]bool, len(snap.leases))
 	for _, l := range snap.leases {
 		seen[l.Subnet] = true
-		batch = append(batch, w.put(l)...)
+		batch = append(batch, w.put(estimateExpiry(l, w.m.ttl))...)
 	}
 	for subnet, old := range w.view {
 		if !seen[subnet] {
 			delete(w.view, subnet)
 			batch = append(batch, Event{Type: EventRemoved, Lease: old.Lease})
-		}
-	}
-	// Drop expiries of leases no key uses any more.
-	used := map[clientv3.LeaseID]bool{}
-	for _, l := range w.view {
-		used[l.leaseID] = true
-	}
-	for id := range w.expiries {
-		if !used[id] {
-			delete(w.expiries, id)
 		}
 	}
 	if initial || len(batch) > 0 {
