@@ -234,7 +234,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				d.m.SetReady(true)
 				_, applied, refused := d.peers.counts()
 				d.log.Info("datapath programmed with the initial peers; ready", "peers", applied, "refused", refused, "took", time.Since(d.started).Round(time.Millisecond))
-				_, _ = daemon.SdNotify(false, daemon.SdNotifyReady+"\nSTATUS=ready: "+d.lease.Subnet.String()+" via "+d.chosen.name)
+				_, _ = daemon.SdNotify(false, fmt.Sprintf("%s\nSTATUS=ready: %v via %s, %d peers", daemon.SdNotifyReady, d.lease.Subnet, d.chosen.name, applied))
 			}
 			d.writeState()
 		case l := <-leases:

@@ -39,6 +39,11 @@ type xdNode struct {
 	bin   string
 	extra []string
 	proc  *harness.Process
+
+	// notify plays systemd's NOTIFY_SOCKET for this host's xnetd.
+	notifyPath string
+	notifyMu   sync.Mutex
+	notified   []string
 }
 
 // xdCluster builds a topology with etcd, writes config under the default prefix and starts
@@ -48,16 +53,69 @@ func xdCluster(t *testing.T, hosts int, config string, extra ...string) ([]*xdNo
 	topo := harness.NewForTest(t, harness.Options{Hosts: hosts, WithEtcd: true})
 	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), config)
 	bin := harness.BuildXnetd(t)
+	// One after the other, so each host finds the earlier ones' leases at start.
 	var nodes []*xdNode
 	for _, h := range topo.Hosts() {
 		n := &xdNode{Host: h, bin: bin, extra: extra}
 		n.start(t)
+		n.waitReady(t)
 		nodes = append(nodes, n)
 	}
+	// The earlier hosts learn of the later ones through their lease watch.
 	for _, n := range nodes {
-		n.waitReady(t)
+		n.waitPeers(t, hosts-1)
 	}
 	return nodes, topo
+}
+
+// waitPeers waits until the daemon's state lists want peers.
+func (n *xdNode) waitPeers(t *testing.T, want int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s := n.state(t)
+		if len(s.Peers) == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s knows %d peers after 10s, want %d: %+v", n.Name, len(s.Peers), want, s.Peers)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// listenNotify opens a unixgram socket that records what xnetd sends to systemd.
+func (n *xdNode) listenNotify(t *testing.T) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "xdn") // short: a socket path has at most 107 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.notifyPath = filepath.Join(dir, "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: n.notifyPath, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(); os.RemoveAll(dir) })
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			k, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			n.notifyMu.Lock()
+			n.notified = append(n.notified, string(buf[:k]))
+			n.notifyMu.Unlock()
+		}
+	}()
+}
+
+// notifications is what xnetd told systemd so far.
+func (n *xdNode) notifications() []string {
+	n.notifyMu.Lock()
+	defer n.notifyMu.Unlock()
+	return append([]string(nil), n.notified...)
 }
 
 func xdPut(t *testing.T, topo *harness.Topology, key, value string) {
@@ -71,6 +129,11 @@ func xdPut(t *testing.T, topo *harness.Topology, key, value string) {
 
 func (n *xdNode) start(t *testing.T) {
 	t.Helper()
+	if n.notifyPath == "" {
+		n.listenNotify(t)
+	}
+	// StartXnetd passes the test's environment on (XNETD_* aside).
+	t.Setenv("NOTIFY_SOCKET", n.notifyPath)
 	p, err := n.StartXnetd(n.bin, n.extra...)
 	if err != nil {
 		t.Fatal(err)
@@ -93,6 +156,9 @@ type xdState struct {
 	Lease       struct {
 		Subnet netip.Prefix `json:"subnet"`
 	} `json:"lease"`
+	Peers []struct {
+		Subnet netip.Prefix `json:"subnet"`
+	} `json:"peers"`
 }
 
 func (n *xdNode) state(t *testing.T) xdState {
@@ -365,6 +431,16 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 			if !ok || attrs.PublicIP != n.UnderlayIP || attrs.BackendType != subnetmgr.BackendHostGW {
 				t.Errorf("%s: lease %v in etcd is %+v, want PublicIP %v BackendType host-gw", n.Name, subnet, attrs, n.UnderlayIP)
 			}
+		}
+	})
+
+	t.Run("systemd hears READY only once the datapath holds every peer", func(t *testing.T) {
+		// The last host started after the two others held leases: its READY must count both.
+		last := nodes[2]
+		got := strings.Join(last.notifications(), "\n")
+		want := fmt.Sprintf("READY=1\nSTATUS=ready: %v via host-gw, 2 peers", last.state(t).Lease.Subnet)
+		if !strings.Contains(got, want) {
+			t.Errorf("%s told systemd %q, want %q", last.Name, got, want)
 		}
 	})
 
