@@ -14,14 +14,23 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 )
 
+// Options change how the member is started.
+type Options struct {
+	// TLS, when CertFile is set, serves clients over https with this certificate;
+	// with ClientCertAuth and TrustedCAFile, clients must present a certificate from that CA.
+	TLS transport.TLSInfo
+}
+
 // Server is one embedded etcd member.
 type Server struct {
 	t         testing.TB
+	opts      Options
 	dir       string
 	clientURL url.URL
 	peerURL   url.URL
@@ -35,11 +44,21 @@ type Server struct {
 // Start starts an etcd member and registers its shutdown with t.Cleanup.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	s := &Server{t: t, dir: t.TempDir()}
+	return StartWith(t, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(t testing.TB, opts Options) *Server {
+	t.Helper()
+	s := &Server{t: t, opts: opts, dir: t.TempDir()}
+	scheme := "http"
+	if opts.TLS.CertFile != "" {
+		scheme = "https"
+	}
 	// A port picked free may be taken by someone else before etcd binds it: try a few.
 	var err error
 	for range 5 {
-		s.clientURL = url.URL{Scheme: "http", Host: freeAddr(t)}
+		s.clientURL = url.URL{Scheme: scheme, Host: freeAddr(t)}
 		s.peerURL = url.URL{Scheme: "http", Host: freeAddr(t)}
 		if err = s.start(); err == nil {
 			break
@@ -78,6 +97,7 @@ func (s *Server) start() error {
 	cfg.ListenPeerUrls = []url.URL{s.peerURL}
 	cfg.AdvertisePeerUrls = []url.URL{s.peerURL}
 	cfg.InitialCluster = fmt.Sprintf("%s=%s", cfg.Name, s.peerURL.String())
+	cfg.ClientTLSInfo = s.opts.TLS
 	cfg.UnsafeNoFsync = true // a test's data need not survive a power cut
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	e, err := embed.StartEtcd(cfg)
@@ -99,7 +119,7 @@ func (s *Server) start() error {
 // Endpoint is the client URL, e.g. "http://127.0.0.1:41234".
 func (s *Server) Endpoint() string { return s.clientURL.String() }
 
-// Client is a client for the test itself, closed in t.Cleanup.
+// Client is a client for the test itself, closed in t.Cleanup. Not for a TLS server.
 func (s *Server) Client() *clientv3.Client {
 	s.mu.Lock()
 	defer s.mu.Unlock()
