@@ -44,12 +44,11 @@ const socketBuffer = 4 << 20
 
 // openResources opens xnet0's queues and the sockets. It must run on a thread in the target
 // namespace. On error, everything opened so far is closed again.
-func openResources(publicIP netip.Addr, port int, tune Tuning, log *slog.Logger) (res *resources, err error) {
-	res = &resources{}
+func openResources(publicIP netip.Addr, port int, tune Tuning, log *slog.Logger) (_ *resources, err error) {
+	res := &resources{}
 	defer func() {
 		if err != nil {
 			res.close()
-			res = nil
 		}
 	}()
 	fds, err := openTUNQueues(DeviceName, tune.Queues, !tune.NoOffload)
