@@ -39,8 +39,9 @@ func (p *peers) isOwn(l subnetmgr.Lease) (own bool, why string) {
 
 // apply reconciles one batch. A changed lease is added again with its new data (AddPeer is
 // idempotent and replaces what differs). A backend error refuses that peer only: it is logged,
-// kept with its reason for `xnetd status`, and retried when the lease changes.
-func (p *peers) apply(events []subnetmgr.Event) {
+// kept with its reason for `xnetd status`, and retried when the lease changes. It reports
+// whether the batch removed our own lease (and did not add it back).
+func (p *peers) apply(events []subnetmgr.Event) (ownRemoved bool) {
 	for _, ev := range events {
 		l := ev.Lease
 		if p.onEvent != nil {
@@ -49,6 +50,7 @@ func (p *peers) apply(events []subnetmgr.Event) {
 		if own, why := p.isOwn(l); own {
 			if l.Subnet.Masked() == p.own.Subnet.Masked() {
 				p.ownSeen = ev.Type != subnetmgr.EventRemoved
+				ownRemoved = !p.ownSeen
 			}
 			p.log.Info("lease "+ev.Type.String(), "subnet", l.Subnet, "public_ip", l.PublicIP, "skipped", why)
 			continue
@@ -72,6 +74,7 @@ func (p *peers) apply(events []subnetmgr.Event) {
 			delete(p.known, l.Subnet.Masked())
 		}
 	}
+	return ownRemoved
 }
 
 // counts returns leases known (ours included), peers programmed and peers refused.

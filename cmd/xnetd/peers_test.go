@@ -55,6 +55,7 @@ func TestLeaseEventsBecomePeerCalls(t *testing.T) {
 		wantKnown    int
 		wantApplied  int
 		wantRefusals int
+		wantOwnGone  bool
 	}{
 		{
 			name: "initial list: our own lease is skipped, the others are added",
@@ -85,6 +86,22 @@ func TestLeaseEventsBecomePeerCalls(t *testing.T) {
 			wantPeers: nil, wantKnown: 0,
 		},
 		{
+			name: "our own lease removed is reported, so the daemon takes it back",
+			events: []subnetmgr.Event{
+				{Type: subnetmgr.EventAdded, Lease: own},
+				{Type: subnetmgr.EventRemoved, Lease: own},
+			},
+			wantCalls: nil, wantPeers: nil, wantKnown: 0, wantOwnGone: true,
+		},
+		{
+			name: "our own lease removed and added back in one batch needs nothing",
+			events: []subnetmgr.Event{
+				{Type: subnetmgr.EventRemoved, Lease: own},
+				{Type: subnetmgr.EventAdded, Lease: own},
+			},
+			wantCalls: nil, wantPeers: nil, wantKnown: 1,
+		},
+		{
 			name: "a stale lease with our PublicIP is never a peer",
 			events: []subnetmgr.Event{
 				{Type: subnetmgr.EventAdded, Lease: lease("10.244.9.0/24", "198.18.0.11")},
@@ -110,7 +127,9 @@ func TestLeaseEventsBecomePeerCalls(t *testing.T) {
 			}
 			var types []string
 			p := newPeers(r, own, slog.New(slog.NewTextHandler(io.Discard, nil)), func(t subnetmgr.EventType) { types = append(types, t.String()) })
-			p.apply(tt.events)
+			if ownGone := p.apply(tt.events); ownGone != tt.wantOwnGone {
+				t.Errorf("apply reported own lease removed %v, want %v", ownGone, tt.wantOwnGone)
+			}
 			if got, want := strings.Join(r.calls, "; "), strings.Join(tt.wantCalls, "; "); got != want {
 				t.Errorf("backend calls:\n got %s\nwant %s", got, want)
 			}

@@ -155,12 +155,18 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	return runErr
 }
 
-// acquire retries AcquireLease through etcd trouble; a full range is final.
+// acquire takes our lease at start: the subnet our subnet file records (a restart), our
+// PublicIP's lease, or a free one.
 func (d *daemonRun) acquire(ctx context.Context, attrs subnetmgr.LeaseAttrs) (subnetmgr.Lease, error) {
 	var prev netip.Prefix
 	if f, err := subnetmgr.ReadSubnetFile(d.o.subnetFile); err == nil && d.cfg.Network.Contains(f.Subnet.Addr()) {
 		prev = f.Subnet.Masked()
 	}
+	return d.acquireSubnet(ctx, attrs, prev)
+}
+
+// acquireSubnet retries AcquireLease through etcd trouble; a full range is final.
+func (d *daemonRun) acquireSubnet(ctx context.Context, attrs subnetmgr.LeaseAttrs, prev netip.Prefix) (subnetmgr.Lease, error) {
 	wait := time.Second
 	for {
 		l, err := d.mgr.AcquireLease(ctx, d.cfg, attrs, prev)
@@ -209,15 +215,8 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	go func() { watchDone <- d.mgr.WatchLeases(loopCtx, events) }()
 
 	leases := make(chan subnetmgr.Lease, 4)
-	keepDone := make(chan error, 1)
-	go func() {
-		keepDone <- d.mgr.KeepLease(loopCtx, d.cfg, attrs, d.lease, d.o.renewMargin, func(l subnetmgr.Lease) {
-			select {
-			case leases <- l:
-			case <-loopCtx.Done():
-			}
-		})
-	}()
+	keep := d.startKeeper(loopCtx, attrs, leases)
+	defer func() { keep.stop() }()
 
 	for {
 		select {
@@ -226,8 +225,29 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			return nil
 		case batch := <-events:
 			start := time.Now()
-			d.peers.apply(batch)
+			ownRemoved := d.peers.apply(batch)
 			d.m.ObserveReconcile(time.Since(start))
+			if ownRemoved {
+				// Someone deleted our key (an operator, a restored backup). flannel exits and
+				// lets the restart take a lease again; taking it back here is the same without
+				// the restart. The keeper stops first so two acquisitions never race.
+				keep.stop()
+				d.log.Warn("our lease was deleted from etcd; taking it back", "subnet", d.lease.Subnet)
+				l, err := d.acquireSubnet(ctx, attrs, d.lease.Subnet)
+				if err != nil {
+					if ctx.Err() != nil {
+						return nil
+					}
+					return &fatalError{err}
+				}
+				if l.Subnet.Masked() != d.lease.Subnet.Masked() {
+					return &fatalError{fmt.Errorf("our lease %v was deleted and taken by another host meanwhile (we got %v): the datapath and Docker's --bip are for the old subnet; exiting so the restart reconfigures everything", d.lease.Subnet, l.Subnet)}
+				}
+				d.lease, d.peers.own = l, l
+				d.m.SetLease(l)
+				d.log.Info("lease taken back", "subnet", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
+				keep = d.startKeeper(loopCtx, attrs, leases)
+			}
 			d.m.SetPeers(d.peers.counts())
 			if !d.ready {
 				d.ready = true
@@ -251,13 +271,46 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				return nil
 			}
 			return &fatalError{fmt.Errorf("watching leases stopped: %w", err)}
-		case err := <-keepDone:
+		case err := <-keep.done:
 			if ctx.Err() != nil {
 				return nil
 			}
 			return &fatalError{fmt.Errorf("keeping our lease %v stopped: %w", d.lease.Subnet, err)}
 		}
 	}
+}
+
+// keeper is one KeepLease goroutine.
+type keeper struct {
+	done   chan error
+	cancel context.CancelFunc
+	exited chan struct{}
+}
+
+// startKeeper renews d.lease in the background, sending each new version to leases.
+func (d *daemonRun) startKeeper(ctx context.Context, attrs subnetmgr.LeaseAttrs, leases chan<- subnetmgr.Lease) *keeper {
+	ctx, cancel := context.WithCancel(ctx)
+	k := &keeper{done: make(chan error, 1), cancel: cancel, exited: make(chan struct{})}
+	lease := d.lease
+	go func() {
+		defer close(k.exited)
+		err := d.mgr.KeepLease(ctx, d.cfg, attrs, lease, d.o.renewMargin, func(l subnetmgr.Lease) {
+			select {
+			case leases <- l:
+			case <-ctx.Done():
+			}
+		})
+		if ctx.Err() == nil {
+			k.done <- err
+		}
+	}()
+	return k
+}
+
+// stop ends the keeper and waits for it; its done channel then never fires.
+func (k *keeper) stop() {
+	k.cancel()
+	<-k.exited
 }
 
 // setupMasq installs the masquerade table with --ip-masq, and removes a table a previous run

@@ -550,9 +550,45 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 		}
 	})
 
-	t.Run("a lease deleted in etcd leaves the other hosts' routes within seconds", func(t *testing.T) {
+	t.Run("a running host whose lease is deleted takes it back at once", func(t *testing.T) {
+		n := nodes[1]
+		subnet := n.state(t).Lease.Subnet
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		start := time.Now()
+		if _, err := topo.EtcdClient().Delete(ctx, subnetmgr.SubnetKey(xdPrefix, subnet)); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			if attrs, ok := xdLeases(t, topo, xdPrefix)[subnet]; ok && attrs.PublicIP == n.UnderlayIP {
+				break
+			}
+			if time.Since(start) > 5*time.Second {
+				t.Fatalf("%s did not take its lease %v back within 5s:\n%s", n.Name, subnet, n.proc.Output())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Logf("%s took its lease back %v after the delete", n.Name, time.Since(start).Round(time.Millisecond))
+		for nodes[0].routeTo(t, subnet) == "" {
+			if time.Since(start) > 5*time.Second {
+				t.Fatalf("%s has no route to %v again 5s after the delete", nodes[0].Name, subnet)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if sent, got, err := harness.Ping(ctx, cs[0].Namespace, cs[1].IP, 3, 50*time.Millisecond); err != nil || got != sent {
+			t.Errorf("ping %s -> %s after the lease came back: %d/%d %v", nodes[0].Name, n.Name, got, sent, err)
+		}
+		if n.proc.Exited() {
+			t.Errorf("xnetd on %s exited: %v", n.Name, n.proc.Wait())
+		}
+	})
+
+	t.Run("a dead host's lease deleted in etcd leaves the other hosts' routes within seconds", func(t *testing.T) {
 		gone := nodes[2]
 		subnet := gone.state(t).Lease.Subnet
+		if err := gone.proc.Kill(); err != nil {
+			t.Fatal(err)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		start := time.Now()
