@@ -118,7 +118,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&o.backend, "backend", "", "auto|ebpf|vxlan|udp|host-gw (default: the config's Backend.Type; \"ebpf\" there means auto)")
 	fs.StringVar(&o.decap, "decap", "auto", "ebpf decapsulation: auto|xdp|tc")
 	fs.StringVar(&o.dockerOptsFile, "docker-opts-file", "/run/xnet/docker", "where to write DOCKER_NETWORK_OPTIONS")
-	fs.StringVar(&o.stateFile, "state-file", "", "where the daemon records its state for `xnetd status` (default: state.json next to --subnet-file)")
+	fs.StringVar(&o.stateFile, "state-file", "", "where the daemon records its state for 'xnetd status' (default: state.json next to --subnet-file)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "127.0.0.1:9469", "host:port for /metrics and /healthz; empty disables")
 	fs.StringVar(&o.bpffs, "bpffs", "/sys/fs/bpf/xnet", "pin directory of the ebpf backend's maps and links")
 	fs.BoolVar(&o.teardownOnExit, "teardown-on-exit", false, "remove the datapath when stopping (default: leave it forwarding for the next start)")
