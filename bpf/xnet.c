@@ -175,7 +175,10 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 	fib.l4_protocol = IPPROTO_UDP;
 	fib.ipv4_src = cfg->local_ip;
 	fib.ipv4_dst = rt.remote_ip;
-	fib.tot_len = inner_len + XNET_VXLAN_OVERHEAD;
+	/* No tot_len: with one, the lookup compares it to the MTU and refuses
+	 * every GSO packet (FRAG_NEEDED); without, it checks the skb, which
+	 * knows a GSO packet is cut to size later. Non-GSO sizes were checked
+	 * above against the underlay MTU. */
 	fib.ifindex = cfg->underlay_ifindex;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 	switch (rc) {

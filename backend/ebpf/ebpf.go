@@ -41,6 +41,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
@@ -457,10 +458,13 @@ func (b *Backend) watchLinks() (func(), error) {
 	if err != nil {
 		return nil, err
 	}
+	var stopping atomic.Bool
 	err = netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{
 		Namespace: &ns,
 		ErrorCallback: func(err error) {
-			b.log.Warn("link watch error", "err", err)
+			if !stopping.Load() { // closing the socket on stop reads as an error too
+				b.log.Warn("link watch error: veths created meanwhile may lack the encap program until the next Setup", "err", err)
+			}
 		},
 	})
 	ns.Close()
@@ -477,6 +481,7 @@ func (b *Backend) watchLinks() (func(), error) {
 	var once sync.Once
 	return func() {
 		once.Do(func() {
+			stopping.Store(true)
 			close(done)
 			// The subscription closes updates once it notices done.
 			<-stopped
