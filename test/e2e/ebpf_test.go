@@ -73,6 +73,11 @@ func (w ebTestWriter) Write(p []byte) (int, error) {
 // ebStart runs the ebpf backend on h: New in the host's namespace, Setup with h's lease, then
 // docker0 and containers appear after it, as they do when Docker starts after xnetd.
 func ebStart(t *testing.T, h *harness.Host, containers int) *ebNode {
+	return ebStartDecap(t, h, containers, ebpf.DecapAuto)
+}
+
+// ebStartDecap is ebStart with a --decap mode.
+func ebStartDecap(t *testing.T, h *harness.Host, containers int, decap string) *ebNode {
 	t.Helper()
 	var link netlink.Link
 	if err := h.Do(func() (err error) { link, err = netlink.LinkByName("eth0"); return err }); err != nil {
@@ -81,7 +86,7 @@ func ebStart(t *testing.T, h *harness.Host, containers int) *ebNode {
 	a := link.Attrs()
 	opts := backend.Options{
 		Iface:  backend.ExternalInterface{Name: a.Name, Index: a.Index, MTU: a.MTU, MAC: a.HardwareAddr, PublicIP: h.UnderlayIP, IfaceIP: h.UnderlayIP},
-		Config: ebConfig(), Decap: ebpf.DecapAuto, BPFFS: h.BPFFS,
+		Config: ebConfig(), Decap: decap, BPFFS: h.BPFFS,
 		Logger: slog.New(slog.NewTextHandler(ebTestWriter{t}, nil)).With("host", h.Name),
 	}
 	var b *ebpf.Backend
@@ -482,4 +487,26 @@ func TestEBPFDropsSpoofedVXLANAndLeavesTheUnderlayAlone(t *testing.T) {
 	if !ebReaches(t, victim.Namespace, target.IP) {
 		t.Fatal("the genuine peer's container no longer reaches the target")
 	}
+}
+
+// TestEBPFXDPDecapDelivers: with --decap=xdp (native XDP, which veth supports), XDP validates,
+// strips and marks the frame, and the TC program delivers it: containers and hosts still reach
+// each other.
+func TestEBPFXDPDecapDelivers(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
+	a := ebStartDecap(t, topo.Hosts()[0], 1, ebpf.DecapXDP)
+	b := ebStartDecap(t, topo.Hosts()[1], 1, ebpf.DecapXDP)
+	for _, n := range []*ebNode{a, b} {
+		for _, p := range []*ebNode{a, b} {
+			if err := n.backend.AddPeer(p.lease); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	ebRequireMesh(t, topo.Hosts())
+	st := ebStatus(t, a)
+	if !strings.HasPrefix(st.Decap, "xdp") || st.Verdicts["decap"] == 0 {
+		t.Fatalf("status %+v: want XDP decap counting packets", st)
+	}
+	t.Logf("decap %s: %s", st.Decap, st.DecapWhy)
 }
