@@ -9,6 +9,7 @@ package backend
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -123,4 +124,60 @@ func VXLANLeaseData(vni int, publicIP netip.Addr) (json.RawMessage, error) {
 		return nil, fmt.Errorf("encode vxlan backend data: %w", err)
 	}
 	return b, nil
+}
+
+// ErrIncompatiblePeer marks a peer lease a VXLAN-speaking backend cannot program: not
+// BackendType "vxlan", BackendData malformed, or not IPv4. The daemon logs it and moves on.
+var ErrIncompatiblePeer = errors.New("peer lease cannot be programmed")
+
+// VXLANPeer is what every VXLAN-speaking backend needs from a peer's lease.
+type VXLANPeer struct {
+	Subnet   netip.Prefix
+	PublicIP netip.Addr
+	VtepMAC  net.HardwareAddr
+	VNI      int // as published; 0 when the peer did not say
+}
+
+// ParseVXLANPeer checks a lease is one a VXLAN-speaking backend can send to and extracts what the
+// datapath needs. Errors wrap ErrIncompatiblePeer and name the lease. A peer publishing another
+// VNI than ourVNI is accepted with a warning, as flannel does (it will drop what we send).
+func ParseVXLANPeer(lease subnetmgr.Lease, ourVNI int, log *slog.Logger) (VXLANPeer, error) {
+	bad := func(format string, args ...any) (VXLANPeer, error) {
+		return VXLANPeer{}, fmt.Errorf("lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
+	}
+	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
+		return bad("subnet is not IPv4")
+	}
+	if !lease.PublicIP.Is4() {
+		return bad("PublicIP is not IPv4")
+	}
+	if lease.BackendType != subnetmgr.BackendVXLAN {
+		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendVXLAN)
+	}
+	if len(lease.BackendData) == 0 || string(lease.BackendData) == "null" {
+		return bad(`BackendData is empty, want {"VNI":..,"VtepMAC":".."}`)
+	}
+	var data subnetmgr.VXLANData
+	if err := json.Unmarshal(lease.BackendData, &data); err != nil {
+		return bad("BackendData %s: %v", lease.BackendData, err)
+	}
+	mac, err := net.ParseMAC(data.VtepMAC)
+	if err != nil || len(mac) != 6 {
+		return bad("BackendData VtepMAC %q is not an Ethernet MAC", data.VtepMAC)
+	}
+	if mac[0]&1 == 1 {
+		return bad("BackendData VtepMAC %q is a multicast MAC", data.VtepMAC)
+	}
+	if data.VNI != 0 && data.VNI != ourVNI && log != nil {
+		log.Warn("peer publishes another VNI; its traffic will not match ours", "subnet", lease.Subnet, "peer_vni", data.VNI, "our_vni", ourVNI)
+	}
+	return VXLANPeer{Subnet: lease.Subnet.Masked(), PublicIP: lease.PublicIP, VtepMAC: mac, VNI: data.VNI}, nil
+}
+
+// IsOwnLease reports whether lease is ours: our subnet, or an older lease of this host (our
+// PublicIP under another subnet) that has not expired yet. Programming the latter as a peer
+// would send packets back to ourselves.
+func IsOwnLease(local subnetmgr.Lease, publicIP netip.Addr, lease subnetmgr.Lease) bool {
+	return (local.Subnet.IsValid() && lease.Subnet.Masked() == local.Subnet.Masked()) ||
+		lease.PublicIP == publicIP
 }

@@ -593,33 +593,16 @@ func (b *Backend) publicIPInUse(ip netip.Addr, except netip.Prefix) bool {
 }
 
 func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
-	return (b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet.Masked()) ||
-		lease.PublicIP == b.iface.PublicIP
+	return backend.IsOwnLease(b.local, b.iface.PublicIP, lease)
 }
 
 // parsePeer turns a vxlan lease into a route.
 func parsePeer(lease subnetmgr.Lease, vni int, log *slog.Logger) (maps.Route, error) {
-	bad := func(format string, args ...any) (maps.Route, error) {
-		return maps.Route{}, fmt.Errorf("ebpf: lease %v (PublicIP %v): %s", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...))
+	p, err := backend.ParseVXLANPeer(lease, vni, log)
+	if err != nil {
+		return maps.Route{}, fmt.Errorf("ebpf: %w", err)
 	}
-	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() || !lease.PublicIP.Is4() {
-		return bad("subnet and PublicIP must be IPv4")
-	}
-	if lease.BackendType != subnetmgr.BackendVXLAN {
-		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendVXLAN)
-	}
-	var data subnetmgr.VXLANData
-	if err := json.Unmarshal(lease.BackendData, &data); err != nil {
-		return bad("BackendData %s: %v", lease.BackendData, err)
-	}
-	mac, err := net.ParseMAC(data.VtepMAC)
-	if err != nil || len(mac) != 6 || mac[0]&1 == 1 {
-		return bad("BackendData VtepMAC %q is not a unicast Ethernet MAC", data.VtepMAC)
-	}
-	if data.VNI != 0 && data.VNI != vni {
-		log.Warn("peer publishes another VNI; its traffic will not match ours", "subnet", lease.Subnet, "peer_vni", data.VNI, "our_vni", vni)
-	}
-	return maps.Route{Subnet: lease.Subnet.Masked(), PublicIP: lease.PublicIP, VtepMAC: mac}, nil
+	return maps.Route{Subnet: p.Subnet, PublicIP: p.PublicIP, VtepMAC: p.VtepMAC}, nil
 }
 
 // Close stops following links and releases the process's handles. The datapath stays attached

@@ -237,11 +237,8 @@ func (b *Backend) onOurSegment(ip netip.Addr) (bool, error) {
 	return false, nil
 }
 
-// isOwn: our lease, or an older lease of this host (our PublicIP, another subnet) that has not
-// expired yet. Programming the latter would send packets back to ourselves.
 func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
-	return (b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet.Masked()) ||
-		lease.PublicIP == b.iface.PublicIP
+	return backend.IsOwnLease(b.local, b.iface.PublicIP, lease)
 }
 
 // route is the key of our route to a peer subnet: destination and our NIC.

@@ -53,9 +53,9 @@ const (
 	DefaultPort = 8472
 )
 
-// ErrIncompatiblePeer marks a peer lease this backend cannot program: not BackendType "vxlan",
-// or BackendData that is not {"VNI":..,"VtepMAC":".."}. The daemon logs it and moves on.
-var ErrIncompatiblePeer = errors.New("peer lease cannot be programmed by the vxlan backend")
+// ErrIncompatiblePeer marks a peer lease this backend cannot program (backend.ParseVXLANPeer's
+// rules). The daemon logs it and moves on.
+var ErrIncompatiblePeer = backend.ErrIncompatiblePeer
 
 // DeviceName is the vxlan device for a VNI: "xnet.1" by default, as flannel names its own
 // "flannel.<VNI>".
@@ -309,46 +309,17 @@ func (b *Backend) Close(teardown bool) error {
 	return err
 }
 
-// isOwn: our lease, or an older lease of this host (our PublicIP, another subnet) that has not
-// expired yet. Programming the latter would send packets back to ourselves.
 func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
-	return (b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet.Masked()) ||
-		lease.PublicIP == b.iface.PublicIP
+	return backend.IsOwnLease(b.local, b.iface.PublicIP, lease)
 }
 
 // parsePeer checks a lease is something we can program and extracts what we need.
 func (b *Backend) parsePeer(lease subnetmgr.Lease) (peer, error) {
-	bad := func(format string, args ...any) (peer, error) {
-		return peer{}, fmt.Errorf("vxlan: lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
+	p, err := backend.ParseVXLANPeer(lease, b.vni, b.log)
+	if err != nil {
+		return peer{}, fmt.Errorf("vxlan: %w", err)
 	}
-	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
-		return bad("subnet is not IPv4")
-	}
-	if !lease.PublicIP.Is4() {
-		return bad("PublicIP is not IPv4")
-	}
-	if lease.BackendType != subnetmgr.BackendVXLAN {
-		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendVXLAN)
-	}
-	var data subnetmgr.VXLANData
-	if len(lease.BackendData) == 0 || string(lease.BackendData) == "null" {
-		return bad("BackendData is empty, want {\"VNI\":..,\"VtepMAC\":\"..\"}")
-	}
-	if err := json.Unmarshal(lease.BackendData, &data); err != nil {
-		return bad("BackendData %s: %v", lease.BackendData, err)
-	}
-	mac, err := net.ParseMAC(data.VtepMAC)
-	if err != nil || len(mac) != 6 {
-		return bad("BackendData VtepMAC %q is not an Ethernet MAC", data.VtepMAC)
-	}
-	if mac[0]&1 == 1 {
-		return bad("BackendData VtepMAC %q is a multicast MAC", data.VtepMAC)
-	}
-	if data.VNI != 0 && data.VNI != b.vni {
-		// flannel programs such a peer anyway; so do we, but the peer will drop what we send.
-		b.log.Warn("peer publishes another VNI; its traffic will not match ours", "subnet", lease.Subnet, "peer_vni", data.VNI, "our_vni", b.vni)
-	}
-	return peer{subnet: lease.Subnet.Masked(), publicIP: lease.PublicIP, mac: mac}, nil
+	return peer{subnet: p.Subnet, publicIP: p.PublicIP, mac: p.VtepMAC}, nil
 }
 
 // route is "<subnet> via <subnet addr> dev xnet.1 onlink".

@@ -1,0 +1,88 @@
+package backend
+
+import (
+	"encoding/json"
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+func TestVtepMACIsStableUnicastAndLocallyAdministered(t *testing.T) {
+	ip := netip.MustParseAddr("198.18.0.11")
+	mac := VtepMAC(ip)
+	if mac.String() != "0e:78:c6:12:00:0b" {
+		t.Fatalf("VtepMAC(%v) = %v, want 0e:78:c6:12:00:0b", ip, mac)
+	}
+	if mac[0]&1 != 0 || mac[0]&2 == 0 {
+		t.Fatalf("VtepMAC %v must be unicast and locally administered", mac)
+	}
+	if OverlayMTU(1500) != 1450 {
+		t.Fatalf("OverlayMTU(1500) = %d, want 1450", OverlayMTU(1500))
+	}
+}
+
+func TestParseVXLANPeer(t *testing.T) {
+	good := subnetmgr.Lease{
+		Subnet:      netip.MustParsePrefix("10.244.5.0/24"),
+		PublicIP:    netip.MustParseAddr("198.18.0.12"),
+		BackendType: "vxlan",
+		BackendData: json.RawMessage(`{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}`),
+	}
+	with := func(f func(*subnetmgr.Lease)) subnetmgr.Lease { l := good; f(&l); return l }
+	cases := []struct {
+		name    string
+		lease   subnetmgr.Lease
+		wantErr string // "" for accepted
+	}{
+		{"a flannel vxlan lease is accepted", good, ""},
+		{"another VNI is accepted (flannel does)", with(func(l *subnetmgr.Lease) { l.BackendData = json.RawMessage(`{"VNI":7,"VtepMAC":"aa:bb:cc:dd:ee:ff"}`) }), ""},
+		{"host-gw lease", with(func(l *subnetmgr.Lease) { l.BackendType = "host-gw" }), `BackendType "host-gw"`},
+		{"no BackendData", with(func(l *subnetmgr.Lease) { l.BackendData = nil }), "BackendData is empty"},
+		{"null BackendData", with(func(l *subnetmgr.Lease) { l.BackendData = json.RawMessage(`null`) }), "BackendData is empty"},
+		{"BackendData not JSON", with(func(l *subnetmgr.Lease) { l.BackendData = json.RawMessage(`{`) }), "BackendData {"},
+		{"VtepMAC missing", with(func(l *subnetmgr.Lease) { l.BackendData = json.RawMessage(`{"VNI":1}`) }), "not an Ethernet MAC"},
+		{"VtepMAC too long", with(func(l *subnetmgr.Lease) {
+			l.BackendData = json.RawMessage(`{"VtepMAC":"00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01"}`)
+		}), "not an Ethernet MAC"},
+		{"VtepMAC multicast", with(func(l *subnetmgr.Lease) { l.BackendData = json.RawMessage(`{"VtepMAC":"01:00:5e:00:00:01"}`) }), "multicast"},
+		{"IPv6 PublicIP", with(func(l *subnetmgr.Lease) { l.PublicIP = netip.MustParseAddr("2001:db8::1") }), "PublicIP is not IPv4"},
+		{"no subnet", with(func(l *subnetmgr.Lease) { l.Subnet = netip.Prefix{} }), "subnet is not IPv4"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p, err := ParseVXLANPeer(c.lease, 1, nil)
+			if c.wantErr == "" {
+				if err != nil {
+					t.Fatalf("rejected: %v", err)
+				}
+				if p.Subnet != c.lease.Subnet || p.PublicIP != c.lease.PublicIP || p.VtepMAC.String() != "aa:bb:cc:dd:ee:ff" {
+					t.Fatalf("parsed %+v from %+v", p, c.lease)
+				}
+				return
+			}
+			if err == nil || !errors.Is(err, ErrIncompatiblePeer) || !strings.Contains(err.Error(), c.wantErr) || !strings.Contains(err.Error(), "10.244.5.0/24") && c.lease.Subnet.IsValid() {
+				t.Fatalf("error %v: want one wrapping ErrIncompatiblePeer, naming the lease and saying %q", err, c.wantErr)
+			}
+		})
+	}
+}
+
+func TestIsOwnLease(t *testing.T) {
+	local := subnetmgr.Lease{Subnet: netip.MustParsePrefix("10.244.5.0/24"), PublicIP: netip.MustParseAddr("198.18.0.11")}
+	me := local.PublicIP
+	for _, c := range []struct {
+		lease subnetmgr.Lease
+		own   bool
+	}{
+		{local, true},
+		{subnetmgr.Lease{Subnet: netip.MustParsePrefix("10.244.9.0/24"), PublicIP: me}, true}, // an older lease of ours
+		{subnetmgr.Lease{Subnet: netip.MustParsePrefix("10.244.9.0/24"), PublicIP: netip.MustParseAddr("198.18.0.12")}, false},
+	} {
+		if got := IsOwnLease(local, me, c.lease); got != c.own {
+			t.Errorf("IsOwnLease(%v from %v) = %v, want %v", c.lease.Subnet, c.lease.PublicIP, got, c.own)
+		}
+	}
+}
