@@ -36,6 +36,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -174,11 +175,17 @@ func (l *Loader) Teardown() error {
 		errs = append(errs, err)
 	}
 	for _, e := range entries {
+		// bpffs refuses dots in pin names, so a dotted name is never ours: the root of a bpffs
+		// mount holds the kernel's own maps.debug and progs.debug, which cannot be removed.
+		if strings.Contains(e.Name(), ".") {
+			continue
+		}
 		if err := os.Remove(filepath.Join(l.dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}
-	if err := os.Remove(l.dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+	// A pin directory that is itself a mount point (its own bpffs) stays; emptied is enough.
+	if err := os.Remove(l.dir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.EBUSY) {
 		errs = append(errs, err)
 	}
 	errs = append(errs, l.Close())

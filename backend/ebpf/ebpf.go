@@ -39,7 +39,6 @@ import (
 	"net/netip"
 	"runtime"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -704,14 +703,7 @@ func (b *Backend) Counters() (metrics.Counters, error) {
 		c.Peers = append(c.Peers, metrics.PeerCounters{Subnet: s, TxPackets: p.TxPackets, TxBytes: p.TxBytes, RxPackets: p.RxPackets, RxBytes: p.RxBytes})
 	}
 	b.mu.Unlock()
-	c.Verdicts, c.Drops = map[string]uint64{}, map[string]uint64{}
-	for name, n := range st.Verdicts {
-		if reason, ok := strings.CutPrefix(name, "drop_"); ok {
-			c.Drops[reason] = n
-		} else {
-			c.Verdicts[name] = n
-		}
-	}
+	c.Verdicts, c.Drops = metrics.SplitVerdicts(st.Verdicts)
 	return c, nil
 }
 

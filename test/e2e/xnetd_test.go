@@ -300,12 +300,7 @@ func (n *xdNode) teardown(t *testing.T, topo *harness.Topology) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	out, err := n.Run(ctx, n.bin, append(append([]string{"teardown"}, n.XnetdArgs()...), n.extra...)...)
-	switch {
-	case err != nil && strings.Contains(err.Error(), "maps.debug: operation not permitted"):
-		// loader.Teardown also tries to delete the kernel's iterators when the pin directory is
-		// the root of a bpffs mount (as in the harness); everything else is still checked below.
-		t.Logf("xnetd teardown on %s hit the loader's bpffs-root issue (reported): %v", n.Name, err)
-	case err != nil:
+	if err != nil {
 		t.Fatalf("xnetd teardown on %s: %v\n%s", n.Name, err, out)
 	}
 	t.Logf("xnetd teardown on %s:\n%s", n.Name, out)
