@@ -44,7 +44,7 @@ type options struct {
 func main() {
 	var o options
 	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (default: build ./cmd/xnetd into a temp dir)")
-	flag.StringVar(&o.backend, "backend", "vxlan", "Backend.Type written to the network config (ebpf, vxlan, udp, host-gw)")
+	flag.StringVar(&o.backend, "backend", "ebpf", "Backend.Type written to the network config (ebpf, vxlan, udp, host-gw)")
 	flag.IntVar(&o.hosts, "hosts", 3, "simulated hosts")
 	flag.IntVar(&o.containers, "containers", 2, "containers per host")
 	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of the throughput test")
