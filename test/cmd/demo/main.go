@@ -39,6 +39,7 @@ type options struct {
 	duration   time.Duration
 	leaseWait  time.Duration
 	verbose    bool
+	keep       bool
 }
 
 func main() {
@@ -50,6 +51,7 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of the throughput test")
 	flag.DurationVar(&o.leaseWait, "lease-wait", 20*time.Second, "how long to wait for every host's lease")
 	flag.BoolVar(&o.verbose, "v", false, "print xnetd's log of every host at the end")
+	flag.BoolVar(&o.keep, "keep", false, "keep the cluster up until Ctrl-C, and print how to look inside it")
 	flag.Parse()
 	if o.hosts < 2 || o.containers < 1 {
 		fmt.Fprintln(os.Stderr, "demo: -hosts must be >= 2 and -containers >= 1")
@@ -170,7 +172,23 @@ func run(ctx context.Context, o options, w io.Writer) (err error) {
 	printMatrix(w, containers, matrix)
 
 	throughput(ctx, w, containers, matrix, o.duration)
+	if o.keep && ctx.Err() == nil {
+		keepUntilInterrupted(ctx, w, hosts, o.xnetd)
+		return nil
+	}
 	return ctx.Err()
+}
+
+// keepUntilInterrupted prints how to enter the simulated hosts and waits for Ctrl-C.
+func keepUntilInterrupted(ctx context.Context, w io.Writer, hosts []*harness.Host, xnetd string) {
+	step(w, "the cluster stays up until Ctrl-C; look inside it with:")
+	for _, h := range hosts {
+		fmt.Fprintf(w, "    nsenter --net=%s -- %s status --subnet-file %s\n", h.Path(), xnetd, h.SubnetFile())
+	}
+	h := hosts[0]
+	fmt.Fprintf(w, "    bpftool map dump pinned %s/routes\n", h.BPFFS)
+	fmt.Fprintf(w, "    nsenter --net=%s -- bpftool net show\n", h.Path())
+	<-ctx.Done()
 }
 
 type subnetFileResult struct {
