@@ -54,16 +54,20 @@ type dpConfig struct {
 	local  netip.Prefix // our subnet: inner destinations we deliver
 	mac    wire.MAC
 	port   int // outer destination port
+	// copyingGRO uses wireguard-go's TUN Write (copies into per-packet buffers) instead of
+	// the coalescer (see coalesce.go); kept to measure one against the other.
+	copyingGRO bool
 }
 
 type datapath struct {
-	res    *resources
-	tables *tableHolder
-	stats  *counters
-	log    *slog.Logger
-	expect wire.Expect
-	mac    wire.MAC
-	port   int
+	res        *resources
+	copyingGRO bool
+	tables     *tableHolder
+	stats      *counters
+	log        *slog.Logger
+	expect     wire.Expect
+	mac        wire.MAC
+	port       int
 	// local is our subnet, swapped whole when Setup sees a new lease.
 	local atomic.Pointer[netip.Prefix]
 	// gso turns false for good when the kernel refuses a GSO send at run time (a NIC without
@@ -76,7 +80,7 @@ type datapath struct {
 }
 
 func startDatapath(res *resources, cfg dpConfig, tables *tableHolder, stats *counters, log *slog.Logger) *datapath {
-	d := &datapath{res: res, tables: tables, stats: stats, log: log, expect: cfg.expect, mac: cfg.mac, port: cfg.port}
+	d := &datapath{res: res, tables: tables, stats: stats, log: log, expect: cfg.expect, mac: cfg.mac, port: cfg.port, copyingGRO: cfg.copyingGRO}
 	d.setLocal(cfg.local)
 	d.gso.Store(res.gso)
 	for q := range res.queues {
@@ -351,7 +355,8 @@ func flowHash(pkt []byte) uint32 {
 // rxQueue is one rx goroutine's reusable state.
 type rxQueue struct {
 	msgs  []ipv4.Message
-	out   [][]byte
+	co    *coalescer // zero-copy coalescing writer; nil with Tuning.CopyingGRO
+	out   [][]byte   // with Tuning.CopyingGRO: copies for wireguard-go's GRO
 	nout  int
 	tally tally
 }
@@ -360,15 +365,25 @@ func (d *datapath) rxLoop(q int) {
 	defer d.wg.Done()
 	pc := d.res.queues[q].rx
 	dev := d.res.queues[q].tun
-	r := &rxQueue{msgs: make([]ipv4.Message, rxMessages), out: make([][]byte, rxOut)}
+	r := &rxQueue{msgs: make([]ipv4.Message, rxMessages)}
 	for i := range r.msgs {
 		r.msgs[i].Buffers = [][]byte{make([]byte, maxPacket)}
 		r.msgs[i].OOB = make([]byte, unix.CmsgSpace(4))
 	}
-	// Every output buffer can grow to a whole 64 KB segment: the TUN's GRO appends the
-	// packets it coalesces to the first one of their flow.
-	for i := range r.out {
-		r.out[i] = make([]byte, rxHeadroom+maxPacket)
+	if d.copyingGRO {
+		// Every output buffer can grow to a whole 64 KB segment: wireguard-go's GRO appends
+		// the packets it coalesces to the first one of their flow.
+		r.out = make([][]byte, rxOut)
+		for i := range r.out {
+			r.out[i] = make([]byte, rxHeadroom+maxPacket)
+		}
+	} else {
+		rc, err := dev.File().SyscallConn()
+		if err != nil {
+			d.log.Error("cannot write to "+DeviceName+": receive queue stopped", "err", err)
+			return
+		}
+		r.co = newCoalescer(rc, d.res.offload)
 	}
 	for {
 		n, err := pc.ReadBatch(r.msgs, 0)
@@ -421,14 +436,19 @@ func (d *datapath) receive(r *rxQueue, dev tun.Device, m *ipv4.Message, table *p
 			r.tally.add(v, len(seg))
 			continue
 		}
-		buf := r.out[r.nout][:cap(r.out[r.nout])]
-		n := copy(buf[rxHeadroom:], f.Inner)
-		completePartialChecksum(buf[rxHeadroom : rxHeadroom+n])
-		r.out[r.nout] = buf[:rxHeadroom+n]
-		r.nout++
+		n := len(f.Inner)
 		r.tally.add(verdictDecap, n)
 		p.stats.rxPackets.Add(1)
 		p.stats.rxBytes.Add(uint64(n))
+		completePartialChecksum(f.Inner)
+		if r.co != nil {
+			r.co.add(f.Inner) // by reference: flushed before the next recvmmsg
+			continue
+		}
+		buf := r.out[r.nout][:cap(r.out[r.nout])]
+		copy(buf[rxHeadroom:], f.Inner)
+		r.out[r.nout] = buf[:rxHeadroom+n]
+		r.nout++
 		if r.nout == len(r.out) {
 			d.flushTUN(r, dev)
 		}
@@ -524,8 +544,16 @@ func (d *datapath) receiveSuperFrame(r *rxQueue, dev tun.Device, data []byte, ou
 	p.stats.rxBytes.Add(uint64(len(pkt)))
 }
 
-// flushTUN writes the queued inner packets to xnet0; the TUN's GRO coalesces runs of one flow.
+// flushTUN writes the queued inner packets to xnet0, coalescing runs of one flow.
 func (d *datapath) flushTUN(r *rxQueue, dev tun.Device) {
+	if r.co != nil {
+		r.co.flush()
+		if n, err := r.co.takeErrors(); n > 0 && !d.closing.Load() {
+			r.tally[verdictDropTUNError].packets += uint64(n)
+			d.logError("write to "+DeviceName, err)
+		}
+		return
+	}
 	if r.nout == 0 {
 		return
 	}

@@ -101,6 +101,9 @@ type Tuning struct {
 	NoUDPGSO bool
 	// NoUDPGRO leaves UDP_GRO off on the receiving sockets.
 	NoUDPGRO bool
+	// CopyingGRO coalesces received packets with wireguard-go's TUN Write (which copies each
+	// packet twice) instead of writing them by reference (coalesce.go).
+	CopyingGRO bool
 }
 
 func (t Tuning) withDefaults() Tuning {
@@ -263,10 +266,11 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 
 func (b *Backend) dpConfig() dpConfig {
 	return dpConfig{
-		expect: wire.Expect{VNI: b.vni, MAC: b.mac, MaxInner: b.MTU()},
-		local:  b.local.Subnet,
-		mac:    b.mac,
-		port:   b.port,
+		expect:     wire.Expect{VNI: b.vni, MAC: b.mac, MaxInner: b.MTU()},
+		local:      b.local.Subnet,
+		mac:        b.mac,
+		port:       b.port,
+		copyingGRO: b.tune.CopyingGRO,
 	}
 }
 

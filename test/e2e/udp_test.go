@@ -7,11 +7,18 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/json"
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -316,4 +323,123 @@ func udpSendRaw(t *testing.T, from *harness.Host, dst netip.Addr, payload []byte
 // udpInnerPacket is an IPv4/UDP packet of size bytes in total, to port.
 func udpInnerPacket(src, dst netip.Addr, port uint16, size int) []byte {
 	return testpkt.IPv4{Src: src, Dst: dst, Proto: testpkt.ProtoUDP}.Packet(testpkt.UDP(40000, port, make([]byte, size-28)))
+}
+
+// TestUDPThroughputAgainstKernelVXLAN measures, it does not assert: one TCP stream with iperf3
+// from a container on h1 to one on h2, through the kernel VXLAN baseline (as flannel sets it
+// up) and through the udp backend with each optimisation turned off in turn, interleaved.
+// Run it by hand: XNET_UDP_BENCH=1 go test -run TestUDPThroughput -v ./test/e2e/
+// (XNET_UDP_BENCH_ONLY="kernel vxlan,udp (all on)" picks variants by name).
+func TestUDPThroughputAgainstKernelVXLAN(t *testing.T) {
+	if os.Getenv("XNET_UDP_BENCH") == "" {
+		t.Skip("a measurement, not a test: set XNET_UDP_BENCH=1 to run it")
+	}
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		t.Skip("iperf3 not installed")
+	}
+	rounds, seconds := 3, 5
+	variants := []struct {
+		name string
+		tune *udp.Tuning // nil: kernel VXLAN
+	}{
+		{"kernel vxlan", nil},
+		{"udp (all on)", &udp.Tuning{}},
+		{"udp 1 queue", &udp.Tuning{Queues: 1}},
+		{"udp copying GRO", &udp.Tuning{CopyingGRO: true}},
+		{"udp no UDP GSO", &udp.Tuning{NoUDPGSO: true}},
+		{"udp no UDP GRO", &udp.Tuning{NoUDPGRO: true}},
+		{"udp no TUN offload", &udp.Tuning{NoOffload: true}},
+	}
+	if only := os.Getenv("XNET_UDP_BENCH_ONLY"); only != "" { // e.g. "kernel vxlan,udp (all on)"
+		var keep []struct {
+			name string
+			tune *udp.Tuning
+		}
+		for _, v := range variants {
+			if strings.Contains(","+only+",", ","+v.name+",") {
+				keep = append(keep, v)
+			}
+		}
+		variants = keep
+	}
+	results := map[string][]float64{}
+	for round := range rounds {
+		for _, v := range variants {
+			gbps := udpMeasure(t, v.tune, seconds)
+			results[v.name] = append(results[v.name], gbps)
+			t.Logf("round %d %-20s %6.2f Gbit/s", round+1, v.name, gbps)
+		}
+	}
+	base := udpMedian(results["kernel vxlan"])
+	for _, v := range variants {
+		m := udpMedian(results[v.name])
+		t.Logf("%-20s median %6.2f Gbit/s  %.2fx kernel vxlan  (all: %.2f)", v.name, m, m/base, results[v.name])
+	}
+}
+
+// udpMeasure builds a fresh 2-host topology with the given datapath and returns iperf3's
+// received rate for one TCP stream, container to container.
+func udpMeasure(t *testing.T, tune *udp.Tuning, seconds int) float64 {
+	t.Helper()
+	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
+	defer topo.Close()
+	hosts := topo.Hosts()
+	if tune == nil {
+		for _, h := range hosts {
+			if err := h.SetupDocker0(dpGateway(dpSubnet(h)), backend.OverlayMTU(dpIface(t, h).MTU)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := h.AddContainer(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := harness.ConfigureFlannelVXLAN(hosts); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		ctor := func(o backend.Options) (backend.Backend, error) { return udp.NewWithTuning(o, *tune) }
+		var nodes []*dpNode
+		for _, h := range hosts {
+			nodes = append(nodes, dpStart(t, h, ctor, dpConfig("udp"), 1))
+		}
+		dpMesh(t, nodes)
+		defer func() {
+			for _, n := range nodes {
+				_ = n.backend.Close(true)
+			}
+		}()
+	}
+	src, dst := hosts[0].Containers()[0], hosts[1].Containers()[0]
+	srv, err := dst.Start("iperf3", "-s", "-1", "-B", dst.IP.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Kill()
+	time.Sleep(300 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Duration(seconds+20)*time.Second)
+	defer cancel()
+	out, err := src.Run(ctx, "iperf3", "-c", dst.IP.String(), "-t", strconv.Itoa(seconds), "-J")
+	if err != nil {
+		t.Fatalf("iperf3: %v\n%s", err, out)
+	}
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("iperf3 output: %v\n%s", err, out)
+	}
+	return r.End.SumReceived.BitsPerSecond / 1e9
+}
+
+func udpMedian(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	if len(s) == 0 {
+		return 0
+	}
+	return s[len(s)/2]
 }
