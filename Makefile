@@ -27,8 +27,9 @@ unit:
 test: lint unit
 
 # A 3-host cluster in network namespaces with an embedded etcd; cleans up on exit and Ctrl-C.
+DEMO_FLAGS ?=
 demo: build
-	$(GO) run ./test/cmd/demo -xnetd $(BIN)
+	$(GO) run ./test/cmd/demo -xnetd $(BIN) $(DEMO_FLAGS)
 
 # The benchmark protocol of DESIGN.md; installs iperf3 from Debian if it is missing.
 BENCH_BACKENDS ?= ebpf,vxlan,udp,host-gw
