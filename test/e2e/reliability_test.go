@@ -1,0 +1,613 @@
+package e2e
+
+// Reliability: xnetd keeps containers connected through the faults a cluster sees (a daemon
+// killed, a new build, etcd gone, peers leaving and coming back, lease churn), with traffic
+// running through each fault and the loss counted by the receiver. Helpers are prefixed rl.
+//
+// Loss is measured with rlFlow: a sender in one container sends a numbered UDP datagram every
+// 2 ms to a receiver in another, which records each sequence number it gets. Lost = sent minus
+// distinct received; the longest run of missing numbers times the interval is the outage.
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/bpf"
+	"github.com/xnet-dev/xnet/maps"
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/harness"
+)
+
+var (
+	rlOutage = flag.Duration("xnet.etcd-outage", 15*time.Second,
+		"how long TestReliabilityEtcdOutage cuts etcd off (the issue's figure is 60s)")
+	rlChurn = flag.Duration("xnet.churn", 10*time.Second,
+		"how long TestReliabilityLeaseChurn churns 200 simulated peers (the issue's figure is 60s)")
+)
+
+// rlEBPFConfig is a cluster config naming the ebpf backend; hosts also pass --backend=ebpf so
+// that a fallback to another backend fails the test instead of passing it quietly.
+const rlEBPFConfig = `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`
+
+// rlInterval is the send interval of every flow: the issue asks for 1-5 ms.
+const rlInterval = 2 * time.Millisecond
+
+// rlFlow is a numbered UDP stream from one container to another.
+type rlFlow struct {
+	name     string
+	interval time.Duration
+	tx       *net.UDPConn
+	rx       *net.UDPConn
+	stop     chan struct{}
+	sendDone chan struct{}
+	recvDone chan struct{}
+	sent     atomic.Uint64
+
+	mu   sync.Mutex
+	seen map[uint64]bool
+	dups int
+}
+
+// rlLoss is what a flow's receiver counted.
+type rlLoss struct {
+	Sent, Received, Lost, Dups int
+	// MaxGap is the longest run of consecutive missing datagrams, times the interval: how long
+	// the path was down.
+	MaxGap time.Duration
+}
+
+func (l rlLoss) String() string {
+	return fmt.Sprintf("%d sent, %d received, %d lost (longest gap %v), %d duplicates", l.Sent, l.Received, l.Lost, l.MaxGap, l.Dups)
+}
+
+// rlStartFlow opens the receiver in to's namespace and the sender in from's, and starts
+// sending. The sockets stay in their namespaces; the goroutines run anywhere.
+func rlStartFlow(t *testing.T, from, to *harness.Container) *rlFlow {
+	t.Helper()
+	f := &rlFlow{name: fmt.Sprintf("%s(%v) -> %s(%v)", from.Host.Name, from.IP, to.Host.Name, to.IP),
+		interval: rlInterval, stop: make(chan struct{}), sendDone: make(chan struct{}), recvDone: make(chan struct{}),
+		seen: map[uint64]bool{}}
+	if err := to.Do(func() (err error) {
+		f.rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: to.IP.AsSlice()})
+		return err
+	}); err != nil {
+		t.Fatalf("flow %s: receiver: %v", f.name, err)
+	}
+	if err := from.Do(func() (err error) {
+		f.tx, err = net.DialUDP("udp4", nil, f.rx.LocalAddr().(*net.UDPAddr))
+		return err
+	}); err != nil {
+		f.rx.Close()
+		t.Fatalf("flow %s: sender: %v", f.name, err)
+	}
+	_ = f.rx.SetReadBuffer(4 << 20)
+	go func() {
+		defer close(f.recvDone)
+		buf := make([]byte, 256)
+		for {
+			n, err := f.rx.Read(buf)
+			if err != nil {
+				return // closed by result
+			}
+			if n < 8 {
+				continue
+			}
+			seq := binary.BigEndian.Uint64(buf)
+			f.mu.Lock()
+			if f.seen[seq] {
+				f.dups++
+			}
+			f.seen[seq] = true
+			f.mu.Unlock()
+		}
+	}()
+	go func() {
+		defer close(f.sendDone)
+		tick := time.NewTicker(f.interval)
+		defer tick.Stop()
+		msg := make([]byte, 64)
+		for seq := uint64(0); ; seq++ {
+			select {
+			case <-f.stop:
+				return
+			case <-tick.C:
+			}
+			binary.BigEndian.PutUint64(msg, seq)
+			// A send error (no route for a moment) is a lost datagram like any other.
+			_, _ = f.tx.Write(msg)
+			f.sent.Add(1)
+		}
+	}()
+	t.Cleanup(func() { f.result() })
+	return f
+}
+
+// result stops the sender, lets the last datagrams arrive, and counts. Calling it again
+// returns the same counts.
+func (f *rlFlow) result() rlLoss {
+	select {
+	case <-f.stop:
+	default:
+		close(f.stop)
+		<-f.sendDone
+		time.Sleep(200 * time.Millisecond)
+		f.rx.Close()
+		f.tx.Close()
+		<-f.recvDone
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	sent := int(f.sent.Load())
+	l := rlLoss{Sent: sent, Dups: f.dups}
+	gap, maxGap := 0, 0
+	for seq := 0; seq < sent; seq++ {
+		if f.seen[uint64(seq)] {
+			l.Received++
+			gap = 0
+			continue
+		}
+		gap++
+		maxGap = max(maxGap, gap)
+	}
+	l.Lost = sent - l.Received
+	l.MaxGap = time.Duration(maxGap) * f.interval
+	return l
+}
+
+// rlFlows runs one flow each way between two containers.
+type rlFlows []*rlFlow
+
+func rlStartFlows(t *testing.T, a, b *harness.Container) rlFlows {
+	t.Helper()
+	return rlFlows{rlStartFlow(t, a, b), rlStartFlow(t, b, a)}
+}
+
+// requireNoLoss stops the flows and fails the test for every datagram lost, naming the fault.
+func (fs rlFlows) requireNoLoss(t *testing.T, fault string) {
+	t.Helper()
+	for _, f := range fs {
+		l := f.result()
+		if l.Sent < 10 {
+			t.Errorf("%s: flow %s sent only %d datagrams: the measurement did not run", fault, f.name, l.Sent)
+		}
+		if l.Lost > 0 {
+			t.Errorf("%s: flow %s: %v; want 0 lost", fault, f.name, l)
+		} else {
+			t.Logf("%s: flow %s: %v", fault, f.name, l)
+		}
+	}
+}
+
+// rlPutPeer writes a simulated host's lease, as its xnetd would (BackendType vxlan, its VTEP
+// MAC), attached to a fresh etcd lease of ttl. It returns the etcd lease.
+func rlPutPeer(t testing.TB, cli *clientv3.Client, subnet netip.Prefix, publicIP netip.Addr, ttl time.Duration) clientv3.LeaseID {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	id, err := rlPutPeerCtx(ctx, cli, subnet, publicIP, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func rlPutPeerCtx(ctx context.Context, cli *clientv3.Client, subnet netip.Prefix, publicIP netip.Addr, ttl time.Duration) (clientv3.LeaseID, error) {
+	data, err := backend.VXLANLeaseData(1, publicIP)
+	if err != nil {
+		return 0, err
+	}
+	value, err := subnetmgr.EncodeLeaseValue(subnetmgr.LeaseAttrs{PublicIP: publicIP, BackendType: subnetmgr.BackendVXLAN, BackendData: data})
+	if err != nil {
+		return 0, err
+	}
+	g, err := cli.Grant(ctx, int64(ttl/time.Second))
+	if err != nil {
+		return 0, fmt.Errorf("grant a %v etcd lease: %w", ttl, err)
+	}
+	if _, err := cli.Put(ctx, subnetmgr.SubnetKey(xdPrefix, subnet), string(value), clientv3.WithLease(g.ID)); err != nil {
+		return 0, fmt.Errorf("put lease %v: %w", subnet, err)
+	}
+	return g.ID, nil
+}
+
+// rlSimSubnet and rlSimIP name simulated host i: subnet 10.244.(100+i).0/24 (xnetd's hosts
+// take random subnets, so a collision is possible; rlPutPeer's callers avoid the subnets of
+// the real hosts) and PublicIP 198.19.(i/250).(i%250+1), outside the topology's underlay.
+func rlSimIP(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 19, byte(i / 250), byte(i%250 + 1)}) }
+
+// rlFreeSubnets lists n subnets of 10.244.0.0/16 that no lease in etcd holds.
+func rlFreeSubnets(t *testing.T, topo *harness.Topology, n int) []netip.Prefix {
+	t.Helper()
+	taken := xdLeases(t, topo, xdPrefix)
+	var out []netip.Prefix
+	for i := 1; i < 255 && len(out) < n; i++ {
+		s := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24)
+		if _, ok := taken[s]; !ok {
+			out = append(out, s)
+		}
+	}
+	if len(out) < n {
+		t.Fatalf("only %d free subnets, want %d", len(out), n)
+	}
+	return out
+}
+
+// rlDatapath is what a host's pinned BPF maps say: routes by subnet, and the PublicIPs that
+// have a peer counter entry.
+type rlDatapath struct {
+	routes map[netip.Prefix]netip.Addr
+	peers  map[netip.Addr]bool
+}
+
+func rlReadDatapath(dir string) (rlDatapath, error) {
+	m, err := maps.OpenPinned(dir)
+	if err != nil {
+		return rlDatapath{}, err
+	}
+	defer m.Close()
+	routes, err := m.ListRoutes()
+	if err != nil {
+		return rlDatapath{}, err
+	}
+	peers, err := m.ReadPeers()
+	if err != nil {
+		return rlDatapath{}, err
+	}
+	d := rlDatapath{routes: map[netip.Prefix]netip.Addr{}, peers: map[netip.Addr]bool{}}
+	for _, r := range routes {
+		d.routes[r.Subnet] = r.PublicIP
+	}
+	for ip := range peers {
+		d.peers[ip] = true
+	}
+	return d, nil
+}
+
+// rlEtcdView reads every lease under the default prefix: subnet -> PublicIP.
+func rlEtcdView(ctx context.Context, cli *clientv3.Client) (map[netip.Prefix]netip.Addr, error) {
+	resp, err := cli.Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
+	if err != nil {
+		return nil, err
+	}
+	out := map[netip.Prefix]netip.Addr{}
+	for _, kv := range resp.Kvs {
+		subnet, err := subnetmgr.ParseSubnetKey(xdPrefix, string(kv.Key))
+		if err != nil {
+			return nil, fmt.Errorf("key %s: %w", kv.Key, err)
+		}
+		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
+		if err != nil {
+			return nil, fmt.Errorf("key %s: %w", kv.Key, err)
+		}
+		out[subnet] = attrs.PublicIP
+	}
+	return out, nil
+}
+
+// rlDiff compares a host's maps with etcd's view: every other lease has exactly its route, no
+// route is left for a subnet etcd does not hold, and the peer counters are exactly the
+// PublicIPs of those routes (none leaked). "" when they agree.
+func rlDiff(self netip.Addr, view map[netip.Prefix]netip.Addr, d rlDatapath) string {
+	var diffs []string
+	wantPeers := map[netip.Addr]bool{}
+	for subnet, ip := range view {
+		if ip == self {
+			continue
+		}
+		wantPeers[ip] = true
+		got, ok := d.routes[subnet]
+		switch {
+		case !ok:
+			diffs = append(diffs, fmt.Sprintf("no route for %v (etcd: via %v)", subnet, ip))
+		case got != ip:
+			diffs = append(diffs, fmt.Sprintf("route %v via %v, etcd says via %v", subnet, got, ip))
+		}
+	}
+	for subnet, ip := range d.routes {
+		if want, ok := view[subnet]; !ok || want == self {
+			diffs = append(diffs, fmt.Sprintf("leaked route %v via %v (not a peer in etcd)", subnet, ip))
+		}
+	}
+	for ip := range d.peers {
+		if !wantPeers[ip] {
+			diffs = append(diffs, fmt.Sprintf("leaked peer counter entry for %v", ip))
+		}
+	}
+	for ip := range wantPeers {
+		if !d.peers[ip] {
+			diffs = append(diffs, fmt.Sprintf("no peer counter entry for %v", ip))
+		}
+	}
+	sort.Strings(diffs)
+	const show = 12
+	if len(diffs) > show {
+		diffs = append(diffs[:show], fmt.Sprintf("... and %d more", len(diffs)-show))
+	}
+	return strings.Join(diffs, "; ")
+}
+
+// rlWaitConverged waits until every node's BPF maps equal etcd's view, and returns how long
+// that took. It fails the test with the differences left after within.
+func rlWaitConverged(t *testing.T, topo *harness.Topology, nodes []*xdNode, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		view, err := rlEtcdView(ctx, topo.EtcdClient())
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var diffs []string
+		for _, n := range nodes {
+			d, err := rlReadDatapath(n.BPFFS)
+			if err != nil {
+				t.Fatalf("%s: %v", n.Name, err)
+			}
+			if diff := rlDiff(n.UnderlayIP, view, d); diff != "" {
+				diffs = append(diffs, n.Name+": "+diff)
+			}
+		}
+		if len(diffs) == 0 {
+			return time.Since(start)
+		}
+		if time.Since(start) > within {
+			t.Fatalf("BPF maps differ from etcd's %d leases %v after the change:\n%s", len(view), within, strings.Join(diffs, "\n"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// rlPins are the kernel ids behind every pin of a host's datapath: a map or link re-created
+// instead of adopted gets a new id.
+func rlPins(t *testing.T, dir string) map[string]uint32 {
+	t.Helper()
+	out := map[string]uint32{}
+	for _, name := range maps.Names() {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatalf("pinned map %s: %v", name, err)
+		}
+		info, err := m.Info()
+		m.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		out["map "+name] = uint32(id)
+	}
+	for pin, l := range rlLinks(t, dir) {
+		out["link "+pin] = uint32(l.id)
+	}
+	return out
+}
+
+// rlLink is a pinned link and the program it runs.
+type rlLink struct {
+	id   link.ID
+	prog ebpf.ProgramID
+	name string // the program's name (kernel-truncated to 15 characters)
+	tag  string // the kernel's hash of the program's instructions
+}
+
+func rlLinks(t *testing.T, dir string) map[string]rlLink {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]rlLink{}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "link_") {
+			continue
+		}
+		lk, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), nil)
+		if err != nil {
+			t.Fatalf("pinned link %s: %v", e.Name(), err)
+		}
+		info, err := lk.Info()
+		lk.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := ebpf.NewProgramFromID(info.Program)
+		if err != nil {
+			t.Fatalf("program %d of link %s: %v", info.Program, e.Name(), err)
+		}
+		pi, err := p.Info()
+		p.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = rlLink{id: info.ID, prog: info.Program, name: pi.Name, tag: pi.Tag}
+	}
+	if len(out) == 0 {
+		t.Fatalf("no pinned links in %s", dir)
+	}
+	return out
+}
+
+// rlInstallOtherBuild plays the previous release of xnet: it loads the datapath object with
+// every program changed (one no-op instruction in front, so the kernel's tag differs as it
+// does between two builds), on the maps pinned in dir, and swaps those programs into every
+// pinned link, as a running xnetd of that release would have left them.
+func rlInstallOtherBuild(t *testing.T, dir string) {
+	t.Helper()
+	spec, err := bpf.LoadXnet()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name := range spec.Maps {
+		if strings.HasPrefix(name, ".") { // .bss etc.: only BTF anchors, as the loader says
+			delete(spec.Maps, name)
+		}
+	}
+	for name := range spec.Variables {
+		delete(spec.Variables, name)
+	}
+	for _, p := range spec.Programs {
+		first := p.Instructions[0]
+		// The no-op takes the function's symbol, BTF func info and line info, which the kernel
+		// wants on instruction 0.
+		nop := asm.Mov.Reg(asm.R1, asm.R1).WithMetadata(first.Metadata)
+		first.Metadata = asm.Metadata{}
+		if ref := p.Instructions[0].Reference(); ref != "" {
+			first = first.WithReference(ref)
+		}
+		p.Instructions = append(asm.Instructions{nop, first}, p.Instructions[1:]...)
+	}
+	replacements := map[string]*ebpf.Map{}
+	for name, ms := range spec.Maps {
+		ms.Pinning = ebpf.PinNone
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			t.Fatalf("pinned map %s: %v", name, err)
+		}
+		defer m.Close()
+		replacements[name] = m
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replacements})
+	if err != nil {
+		t.Fatalf("load the other build's programs: %v", err)
+	}
+	defer coll.Close()
+	byName := map[string]*ebpf.Program{}
+	for name, p := range coll.Programs {
+		byName[name[:min(len(name), 15)]] = p
+	}
+	for pin, l := range rlLinks(t, dir) {
+		p := byName[l.name]
+		if p == nil {
+			t.Fatalf("link %s runs %q, which the object does not have", pin, l.name)
+		}
+		lk, err := link.LoadPinnedLink(filepath.Join(dir, pin), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = lk.Update(p)
+		lk.Close()
+		if err != nil {
+			t.Fatalf("swap the other build's %s into %s: %v", l.name, pin, err)
+		}
+	}
+}
+
+func TestReliabilityEBPFKill9AndNewBuildUnderTraffic(t *testing.T) {
+	nodes, topo := xdCluster(t, 2, rlEBPFConfig, "--backend=ebpf")
+	cs := xdContainers(t, nodes)
+	if failed := xdMesh(cs); len(failed) > 0 {
+		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
+	}
+	n := nodes[0]
+	subnet := n.state(t).Lease.Subnet
+
+	t.Run("kill -9 and restart: 0 lost, same subnet, maps and links re-adopted", func(t *testing.T) {
+		before := rlPins(t, n.BPFFS)
+		flows := rlStartFlows(t, cs[0], cs[1])
+		time.Sleep(300 * time.Millisecond)
+		if err := n.proc.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond) // the datapath runs with no daemon
+		n.start(t)
+		n.waitReady(t)
+		time.Sleep(300 * time.Millisecond)
+		flows.requireNoLoss(t, "kill -9 and restart of xnetd")
+
+		if got := n.state(t).Lease.Subnet; got != subnet {
+			t.Errorf("subnet after kill -9 and restart %v, want %v", got, subnet)
+		}
+		after := rlPins(t, n.BPFFS)
+		for pin, id := range before {
+			if after[pin] != id {
+				t.Errorf("%s had kernel id %d before the restart and %d after: re-created, not adopted", pin, id, after[pin])
+			}
+		}
+		if !strings.Contains(n.proc.Output(), "adopted_maps=5 replaced_maps=[]") {
+			t.Errorf("the restarted xnetd did not log adopting all 5 maps:\n%s", n.proc.Output())
+		}
+		rlWaitConverged(t, topo, nodes, 5*time.Second)
+	})
+
+	t.Run("a build with other programs is swapped in atomically: 0 lost", func(t *testing.T) {
+		ours := rlLinks(t, n.BPFFS)
+		pinsBefore := rlPins(t, n.BPFFS)
+
+		// The old release's programs go in first, under traffic, the way its xnetd left them.
+		flows := rlStartFlows(t, cs[0], cs[1])
+		time.Sleep(200 * time.Millisecond)
+		rlInstallOtherBuild(t, n.BPFFS)
+		time.Sleep(300 * time.Millisecond)
+		flows.requireNoLoss(t, "swapping the old release's programs in")
+		old := rlLinks(t, n.BPFFS)
+		for pin, l := range old {
+			if l.tag == ours[pin].tag {
+				t.Fatalf("%s: the other build's %s has the same tag %s as ours: the test would prove nothing", pin, l.name, l.tag)
+			}
+		}
+		// Traffic really runs through the old programs (they are a working datapath).
+		if failed := xdMesh(cs); len(failed) > 0 {
+			t.Fatalf("the old release's programs do not forward:\n%s", strings.Join(failed, "\n"))
+		}
+
+		// The upgrade: stop the old daemon, start the new build.
+		flows = rlStartFlows(t, cs[0], cs[1])
+		time.Sleep(200 * time.Millisecond)
+		if err := n.proc.Stop(); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+		n.start(t)
+		n.waitReady(t)
+		time.Sleep(300 * time.Millisecond)
+		flows.requireNoLoss(t, "upgrade to a build with other BPF programs")
+
+		for pin, l := range rlLinks(t, n.BPFFS) {
+			if l.tag != ours[pin].tag {
+				t.Errorf("%s runs %s with tag %s after the upgrade, want the new build's %s", pin, l.name, l.tag, ours[pin].tag)
+			}
+			if l.id != ours[pin].id {
+				t.Errorf("%s: link %d replaced by %d: the upgrade must update the link in place", pin, ours[pin].id, l.id)
+			}
+		}
+		for pin, id := range rlPins(t, n.BPFFS) {
+			if strings.HasPrefix(pin, "map ") && pinsBefore[pin] != id {
+				t.Errorf("%s re-created by the upgrade (id %d -> %d): same layout, must be adopted", pin, pinsBefore[pin], id)
+			}
+		}
+		if got := n.state(t).Lease.Subnet; got != subnet {
+			t.Errorf("subnet after the upgrade %v, want %v", got, subnet)
+		}
+	})
+}
+
+// silence unused imports while the file grows
+var (
+	_ = errors.New
+	_ = rand.N[int]
+	_ = regexp.MustCompile
+	_ = slices.Sort[[]int]
+	_ = btf.FuncMetadata
+)
