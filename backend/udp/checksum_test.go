@@ -93,3 +93,11 @@ func TestOnesSumMatchesTheRFC1071Loop(t *testing.T) {
 		}
 	}
 }
+
+func BenchmarkOnesSum(b *testing.B) {
+	buf := make([]byte, 1398)
+	b.SetBytes(int64(len(buf)))
+	for b.Loop() {
+		_ = onesSum(buf)
+	}
+}

@@ -243,7 +243,7 @@ func TestGROSizeReadsTheControlMessage(t *testing.T) {
 
 func TestTxGroupsFollowUDPGSORules(t *testing.T) {
 	p, q := &peerDP{}, &peerDP{}
-	g := txGroup{peer: p, sock: 1, first: 0, end: 1, segSize: 1472, payloadBytes: 1472}
+	g := txGroup{peer: p, sock: 1, first: 0, end: 1, stride: 1, segs: 1, segSize: 1472, payloadBytes: 1472}
 	cases := []struct {
 		name string
 		g    txGroup
@@ -259,7 +259,7 @@ func TestTxGroupsFollowUDPGSORules(t *testing.T) {
 		{"another peer", g, q, 1, 1472, false},
 		{"another socket (flow)", g, p, 2, 1472, false},
 		{"over 64 KB", func() txGroup { h := g; h.payloadBytes = 44 * 1472; return h }(), p, 1, 1472, false},
-		{"over the segment limit", func() txGroup { h := g; h.end = maxGSOSegments; h.segSize = 100; return h }(), p, 1, 100, false},
+		{"over the segment limit", func() txGroup { h := g; h.segs = maxGSOSegments; h.segSize = 100; return h }(), p, 1, 100, false},
 	}
 	for _, c := range cases {
 		if got := c.g.accepts(c.peer, c.sock, c.n); got != c.want {

@@ -57,6 +57,9 @@ type dpConfig struct {
 	// copyingGRO uses wireguard-go's TUN Write (copies into per-packet buffers) instead of
 	// the coalescer (see coalesce.go); kept to measure one against the other.
 	copyingGRO bool
+	// copyingSplit reads the TUN with wireguard-go's Read (which copies each segment out)
+	// instead of the segmenter (see segment.go).
+	copyingSplit bool
 }
 
 type datapath struct {
@@ -85,7 +88,11 @@ func startDatapath(res *resources, cfg dpConfig, tables *tableHolder, stats *cou
 	d.gso.Store(res.gso)
 	for q := range res.queues {
 		d.wg.Add(2)
-		go d.txLoop(q)
+		if cfg.copyingSplit {
+			go d.txLoop(q)
+		} else {
+			go d.txLoopByReference(q)
+		}
 		go d.rxLoop(q)
 	}
 	return d
@@ -118,6 +125,8 @@ type txGroup struct {
 	peer         *peerDP
 	sock         int
 	first, end   int // iov indexes
+	stride       int // iov entries per datagram
+	segs         int // datagrams
 	segSize      int
 	payloadBytes int // UDP payload bytes, for the GSO limit
 	innerBytes   int // inner IPv4 bytes, for the counters
@@ -232,13 +241,14 @@ func (d *datapath) encapAndSend(t *txQueue, n int) {
 		if k := len(t.groups) - 1; k >= 0 && gso && t.groups[k].accepts(p, sock, len(dgram)) {
 			g := &t.groups[k]
 			g.end++
+			g.segs++
 			g.payloadBytes += len(dgram)
 			g.innerBytes += size
 			g.closed = len(dgram) < g.segSize
 			continue
 		}
 		t.groups = append(t.groups, txGroup{
-			peer: p, sock: sock, first: len(t.iov) - 1, end: len(t.iov),
+			peer: p, sock: sock, first: len(t.iov) - 1, end: len(t.iov), stride: 1, segs: 1,
 			segSize: len(dgram), payloadBytes: len(dgram), innerBytes: size,
 		})
 	}
@@ -256,7 +266,7 @@ func (d *datapath) encapAndSend(t *txQueue, n int) {
 // accepts reports whether a datagram of size n for peer p through socket sock can join g.
 func (g *txGroup) accepts(p *peerDP, sock, n int) bool {
 	return g.peer == p && g.sock == sock && !g.closed && n <= g.segSize &&
-		g.end-g.first < maxGSOSegments && g.payloadBytes+n <= maxGSOBytes
+		g.segs < maxGSOSegments && g.payloadBytes+n <= maxGSOBytes
 }
 
 // sendGroups sends groups (all for one socket) with one sendmmsg, each group one message.
@@ -267,7 +277,8 @@ func (d *datapath) sendGroups(t *txQueue, groups []txGroup) {
 	for i := range groups {
 		g := &groups[i]
 		msgs[i] = ipv4.Message{Buffers: t.iov[g.first:g.end], Addr: g.peer.udpAddr()}
-		if g.end-g.first > 1 {
+		msgs[i].OOB = nil
+		if g.segs > 1 {
 			msgs[i].OOB = putUDPSegment(t.oob[i*cs:(i+1)*cs], g.segSize)
 		}
 	}
@@ -275,9 +286,9 @@ func (d *datapath) sendGroups(t *txQueue, groups []txGroup) {
 	for sent < len(msgs) {
 		n, err := s.pc.WriteBatch(msgs[sent:], 0)
 		for _, g := range groups[sent : sent+max(n, 0)] {
-			t.tally[verdictEncap].packets += uint64(g.end - g.first)
+			t.tally[verdictEncap].packets += uint64(g.segs)
 			t.tally[verdictEncap].bytes += uint64(g.innerBytes)
-			g.peer.stats.txPackets.Add(uint64(g.end - g.first))
+			g.peer.stats.txPackets.Add(uint64(g.segs))
 			g.peer.stats.txBytes.Add(uint64(g.innerBytes))
 		}
 		sent += max(n, 0)
@@ -291,7 +302,7 @@ func (d *datapath) sendGroups(t *txQueue, groups []txGroup) {
 			return
 		}
 		g := groups[sent]
-		if g.end-g.first > 1 && (errors.Is(err, unix.EIO) || errors.Is(err, unix.EINVAL)) && d.gso.CompareAndSwap(true, false) {
+		if g.segs > 1 && (errors.Is(err, unix.EIO) || errors.Is(err, unix.EINVAL)) && d.gso.CompareAndSwap(true, false) {
 			// The kernel cannot segment for this route (no checksum offload, ...): from now
 			// on every datagram goes alone. This batch is resent that way.
 			d.log.Warn("UDP GSO send refused: sending one datagram per packet from now on", "peer", g.peer.publicIP, "err", err)
@@ -300,7 +311,7 @@ func (d *datapath) sendGroups(t *txQueue, groups []txGroup) {
 		}
 		// One message failed (no route to the peer, ...): count it and go on with the rest.
 		t.tally.add(verdictDropSendError, g.innerBytes)
-		t.tally[verdictDropSendError].packets += uint64(g.end-g.first) - 1
+		t.tally[verdictDropSendError].packets += uint64(g.segs) - 1
 		d.logError(fmt.Sprintf("send to %v", g.peer.publicIP), err)
 		sent++
 	}
@@ -310,9 +321,13 @@ func (d *datapath) sendGroups(t *txQueue, groups []txGroup) {
 func (d *datapath) sendSingly(t *txQueue, groups []txGroup) {
 	var split []txGroup
 	for _, g := range groups {
-		for i := g.first; i < g.end; i++ {
-			n := len(t.iov[i]) - txHeadroom
-			split = append(split, txGroup{peer: g.peer, sock: g.sock, first: i, end: i + 1, segSize: len(t.iov[i]), payloadBytes: len(t.iov[i]), innerBytes: n})
+		for i := g.first; i < g.end; i += g.stride {
+			n := 0
+			for _, b := range t.iov[i : i+g.stride] {
+				n += len(b)
+			}
+			split = append(split, txGroup{peer: g.peer, sock: g.sock, first: i, end: i + g.stride, stride: g.stride, segs: 1,
+				segSize: n, payloadBytes: n, innerBytes: n - wire.HeaderLen})
 		}
 	}
 	for len(split) > 0 {

@@ -68,6 +68,13 @@ func openResources(publicIP netip.Addr, port int, tune Tuning, log *slog.Logger)
 			// wireguard-go turns on the offloads it can; BatchSize > 1 says it did.
 			res.offload = dev.BatchSize() > 1
 		}
+		if res.offload && !tune.CopyingSplit {
+			// The segmenter cuts TCP only; UDP segmentation offload (USO), which
+			// wireguard-go also asks for, stays with the kernel.
+			if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, unix.TUN_F_CSUM|unix.TUN_F_TSO4|unix.TUN_F_TSO6); err != nil {
+				return nil, fmt.Errorf("udp: set offloads of %s queue %d: %w", DeviceName, i, err)
+			}
+		}
 	}
 	res.gro = !tune.NoUDPGRO
 	for i := range res.queues {
