@@ -60,7 +60,7 @@ func main() {
 	var backends string
 	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (needed with -backends; default: build ./cmd/xnetd)")
 	flag.StringVar(&o.out, "out", "bench", "directory for results.json and chart.svg")
-	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw)")
+	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw; ebpf-tc and ebpf-xdp pass --decap)")
 	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds (at least 1; DESIGN asks for 3 or more)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each test (whole seconds)")
 	flag.BoolVar(&o.verbose, "v", false, "log progress of every test")
@@ -86,10 +86,20 @@ func main() {
 	}
 }
 
+// modeOf turns a -backends entry into a mode: a backend name, or "ebpf-<decap>" for the ebpf
+// backend with --decap=<decap> (tc, xdp, auto), so both decap hooks can be measured in one run.
+func modeOf(name string) *mode {
+	if decap, ok := strings.CutPrefix(name, "ebpf-"); ok {
+		return &mode{name: name, backend: "ebpf", extra: []string{"--decap=" + decap}}
+	}
+	return &mode{name: name, backend: name}
+}
+
 // mode is one datapath under test, on its own topology.
 type mode struct {
 	name    string
-	backend string // xnet backend name; "" for the baselines
+	backend string   // xnet backend name; "" for the baselines
+	extra   []string // more xnetd flags (--decap for the ebpf-tc and ebpf-xdp spellings)
 	topo    *harness.Topology
 	client  *harness.Container // on h1
 	server  *harness.Container // on h2
@@ -126,7 +136,7 @@ func run(ctx context.Context, o options) (err error) {
 
 	modes := []*mode{{name: baseHostGW}, {name: baseVXLAN}}
 	for _, b := range o.backends {
-		modes = append(modes, &mode{name: b, backend: b})
+		modes = append(modes, modeOf(b))
 	}
 	defer func() {
 		for _, m := range modes {
@@ -266,7 +276,7 @@ func setupXnet(ctx context.Context, m *mode, xnetd string) error {
 		return fmt.Errorf("write config: %w", err)
 	}
 	for _, h := range m.topo.Hosts() {
-		p, err := h.StartXnetd(xnetd, "--backend", m.backend)
+		p, err := h.StartXnetd(xnetd, append([]string{"--backend", m.backend}, m.extra...)...)
 		if err != nil {
 			return err
 		}
