@@ -96,7 +96,7 @@ func TestEncap(t *testing.T) {
 
 	t.Run("a container is learned from what it sends", func(t *testing.T) {
 		var ep XnetEndpoint
-		if err := objs.Endpoints.Lookup(be32(ctrIP), &ep); err != nil {
+		if err := objs.Endpoints.Lookup(ip4(ctrIP), &ep); err != nil {
 			t.Fatalf("endpoint of %s: %v", ctrIP, err)
 		}
 		if !bytes.Equal(ep.Mac[:], ctrMAC) || !bytes.Equal(ep.GwMac[:], gwMAC) || ep.Ifindex == 0 {
@@ -106,7 +106,7 @@ func TestEncap(t *testing.T) {
 
 	t.Run("per-peer counters count what was sent", func(t *testing.T) {
 		var per []XnetPeerStats
-		must(t, objs.Peers.Lookup(be32(peerIP), &per))
+		must(t, objs.Peers.Lookup(ip4(peerIP), &per))
 		var packets uint64
 		for _, p := range per {
 			packets += p.TxPackets

@@ -25,12 +25,11 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } routes SEC(".maps");
 
-/* peers: per-peer packet and byte counters, keyed by PublicIP (network
- * order). The Go side creates an entry when a peer appears and deletes it when
+/* peers: per-peer packet and byte counters, keyed by PublicIP. The Go side creates an entry when a peer appears and deletes it when
  * the peer goes; the programs only count into existing entries. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__type(key, __u32);
+	__type(key, ipv4_addr);
 	__type(value, struct peer_stats);
 	__uint(max_entries, 16384);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -45,7 +44,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } config SEC(".maps");
 
-/* counters: packets and bytes per verdict, per CPU. */
+/* counters: packets and bytes per verdict, per CPU. The key stays __u32, not
+ * enum verdict: the kernel accepts only a 32-bit int as the BTF key of an
+ * array map (measured on 6.18: with the enum, map creation fell back to no
+ * BTF at all and bpftool printed raw hex). `xnetd status` prints the names. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -54,12 +56,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } counters SEC(".maps");
 
-/* endpoints: local container IPv4 (network order) -> its veth, learned from
+/* endpoints: local container IPv4 -> its veth, learned from
  * the packets containers send. A miss only costs a detour through xnet0 and
  * the host's forwarding, so the map may lag behind Docker. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u32);
+	__type(key, ipv4_addr);
 	__type(value, struct endpoint);
 	__uint(max_entries, 16384);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

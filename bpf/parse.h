@@ -109,9 +109,18 @@ static __always_inline void mac_copy(__u8 *dst, const __u8 *src)
 	__builtin_memcpy(dst, src, XNET_ETH_ALEN);
 }
 
+/* ip4_word reads an ipv4_addr as the network-order word the packet headers
+ * hold (ipv4_addr is 4-byte aligned, so this is one load). */
+static __always_inline __u32 ip4_word(const __u8 *a)
+{
+	return *(const __u32 *)a;
+}
+
 static __always_inline struct route *route_of(__u32 addr)
 {
-	struct route_key key = {.prefixlen = 32, .addr = addr};
+	struct route_key key = {.prefixlen = 32};
+
+	*(__u32 *)key.addr = addr;
 
 	return bpf_map_lookup_elem(&routes, &key);
 }
@@ -147,7 +156,7 @@ static __always_inline int vxlan_classify(void *data, void *data_end, const stru
 		return VERDICT_PASS;
 	if (parse_iphdr(&nh, data_end, &ip) != IPPROTO_UDP)
 		return VERDICT_PASS;
-	if (ip->daddr != cfg->local_ip)
+	if (ip->daddr != ip4_word(cfg->local_ip))
 		return VERDICT_PASS;
 	/* A fragment of an outer packet is not ours to judge: the stack
 	 * reassembles it (our VXLAN senders never fragment: DF clear but the
@@ -175,14 +184,14 @@ static __always_inline int vxlan_classify(void *data, void *data_end, const stru
 		return VERDICT_DROP_INNER_NOT_IPV4;
 	if (parse_iphdr(&nh, data_end, &inner_ip) < 0)
 		return VERDICT_DROP_MALFORMED;
-	if ((inner_ip->daddr & cfg->subnet_mask) != cfg->subnet_addr)
+	if ((inner_ip->daddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr))
 		return VERDICT_DROP_NOT_LOCAL;
 	/* Anti-spoofing: the inner source must belong to a peer's lease and
 	 * the packet must come from that peer's PublicIP. */
 	src_route = route_of(inner_ip->saddr);
 	if (!src_route)
 		return VERDICT_DROP_UNKNOWN_SOURCE;
-	if (src_route->remote_ip != ip->saddr)
+	if (ip4_word(src_route->remote_ip) != ip->saddr)
 		return VERDICT_DROP_SPOOFED;
 
 	m->peer_ip = ip->saddr;

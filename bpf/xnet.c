@@ -62,7 +62,7 @@ static __always_inline const struct host_config *get_config(void)
 
 	/* An unconfigured datapath (the Go side has not written our lease
 	 * yet) must behave as if it were not attached. */
-	if (!cfg || !cfg->local_ip)
+	if (!cfg || !ip4_word(cfg->local_ip))
 		return 0;
 	return cfg;
 }
@@ -173,8 +173,8 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 	 * bpf_redirect_neigh below. */
 	fib.family = AF_INET;
 	fib.l4_protocol = IPPROTO_UDP;
-	fib.ipv4_src = cfg->local_ip;
-	fib.ipv4_dst = rt.remote_ip;
+	fib.ipv4_src = ip4_word(cfg->local_ip);
+	fib.ipv4_dst = ip4_word(rt.remote_ip);
 	/* No tot_len: with one, the lookup compares it to the MTU and refuses
 	 * every GSO packet (FRAG_NEEDED); without, it checks the skb, which
 	 * knows a GSO packet is cut to size later. Non-GSO sizes were checked
@@ -224,8 +224,8 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 	h->ip.ttl = 64;
 	h->ip.protocol = IPPROTO_UDP;
 	h->ip.check = 0;
-	h->ip.saddr = cfg->local_ip;
-	h->ip.daddr = rt.remote_ip;
+	h->ip.saddr = ip4_word(cfg->local_ip);
+	h->ip.daddr = ip4_word(rt.remote_ip);
 	h->ip.check = iph_csum(&h->ip);
 
 	h->udp.source = bpf_htons(flow_src_port(hash));
@@ -242,7 +242,7 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	count(VERDICT_ENCAP, skb->len);
-	count_peer(rt.remote_ip, skb->len, 0);
+	count_peer(ip4_word(rt.remote_ip), skb->len, 0);
 
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		mac_copy(eth->h_dest, fib.dmac);
@@ -267,7 +267,7 @@ static __always_inline void learn(struct __sk_buff *skb, const struct host_confi
 	struct endpoint *known, ep = {};
 	__u32 saddr = ip->saddr;
 
-	if ((saddr & cfg->subnet_mask) != cfg->subnet_addr)
+	if ((saddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr))
 		return;
 	known = bpf_map_lookup_elem(&endpoints, &saddr);
 	if (known && known->ifindex == skb->ifindex && mac_equal(known->mac, eth->h_source) &&

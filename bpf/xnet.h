@@ -7,9 +7,11 @@
  * of the old layout no longer fit (loader.layoutOf compares BTF) and replaces
  * them.
  *
- * Byte order: addresses and ports are kept as they travel on the wire
- * (network order) where the packet path compares them against headers, and in
- * host order where it only does arithmetic with them. Each field says which.
+ * Byte order: IPv4 addresses are byte arrays in wire order (ipv4_addr), so
+ * `bpftool map dump` prints them as [10,244,77,0] rather than as a number
+ * whose digits depend on the CPU's byte order; the programs read them as one
+ * network-order word (ip4_word). Ports and other numbers the programs only do
+ * arithmetic with are in host order. Each field says which.
  */
 #ifndef XNET_H
 #define XNET_H
@@ -17,6 +19,13 @@
 #include <linux/types.h>
 
 #define XNET_ETH_ALEN 6
+
+/* ipv4_addr: an IPv4 address as it travels on the wire. Every ipv4_addr sits
+ * at a 4-byte aligned offset (the aligned attribute keeps it so), so the
+ * programs may load it as one __u32 in network order. It is also the key type
+ * of the peers and endpoints maps, and a named type, so the loader notices
+ * when a pinned map's key used to be something else. */
+typedef __u8 ipv4_addr[4] __attribute__((aligned(4)));
 
 /* What VXLAN adds in front of an inner IPv4 packet: outer IPv4 (20, no
  * options), UDP (8), VXLAN (8), inner Ethernet (14). backend.VXLANOverhead is
@@ -57,12 +66,12 @@ enum verdict {
 /* route_key: key of the routes LPM trie (a peer's subnet). */
 struct route_key {
 	__u32 prefixlen; /* host order, as the LPM trie wants it */
-	__u32 addr;      /* network order */
+	ipv4_addr addr;
 };
 
 /* route: where a remote subnet lives. */
 struct route {
-	__u32 remote_ip;                  /* peer PublicIP, network order: outer destination */
+	ipv4_addr remote_ip;              /* peer PublicIP: outer destination */
 	__u8 vtep_mac[XNET_ETH_ALEN];     /* peer VTEP MAC from its lease: inner destination MAC */
 	__u16 pad;
 };
@@ -92,9 +101,9 @@ struct endpoint {
 
 /* host_config: this host, written by the Go side; entry 0 of the config map. */
 struct host_config {
-	__u32 local_ip;      /* underlay address, network order: outer source, accepted outer destination */
-	__u32 subnet_addr;   /* our lease, network order */
-	__u32 subnet_mask;   /* network order */
+	ipv4_addr local_ip;    /* underlay address: outer source, accepted outer destination */
+	ipv4_addr subnet_addr; /* our lease */
+	ipv4_addr subnet_mask;
 	__u32 vni;           /* host order */
 	__u32 underlay_ifindex;
 	__u32 host_ifindex;  /* xnet0: host-bound and not-yet-learned traffic is delivered into it; 0 = pass to the stack */

@@ -30,9 +30,9 @@ type XnetEndpoint struct {
 
 type XnetHostConfig struct {
 	_               structs.HostLayout
-	LocalIp         uint32
-	SubnetAddr      uint32
-	SubnetMask      uint32
+	LocalIp         [4]uint8
+	SubnetAddr      [4]uint8
+	SubnetMask      [4]uint8
 	Vni             uint32
 	UnderlayIfindex uint32
 	HostIfindex     uint32
@@ -52,7 +52,7 @@ type XnetPeerStats struct {
 
 type XnetRoute struct {
 	_        structs.HostLayout
-	RemoteIp uint32
+	RemoteIp [4]uint8
 	VtepMac  [6]uint8
 	Pad      uint16
 }
@@ -60,7 +60,7 @@ type XnetRoute struct {
 type XnetRouteKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Addr      uint32
+	Addr      [4]uint8
 }
 
 type XnetVerdict uint32

@@ -91,9 +91,9 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 	t.Cleanup(func() { objs.XnetPrograms.Close(); objs.XnetMaps.Close() })
 
 	cfg := XnetHostConfig{
-		LocalIp:         be32(localIP),
-		SubnetAddr:      be32(localNet.Addr()),
-		SubnetMask:      be32(netip.MustParseAddr("255.255.255.0")),
+		LocalIp:         ip4(localIP),
+		SubnetAddr:      ip4(localNet.Addr()),
+		SubnetMask:      ip4(netip.MustParseAddr("255.255.255.0")),
 		Vni:             vni,
 		UnderlayIfindex: underlayIfindex,
 		HostIfindex:     hostIfidx,
@@ -103,18 +103,18 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 	copy(cfg.VtepMac[:], localVtep)
 	copy(cfg.UnderlayMac[:], nicMAC)
 	must(t, objs.Config.Put(uint32(0), cfg))
-	rt := XnetRoute{RemoteIp: be32(peerIP)}
+	rt := XnetRoute{RemoteIp: ip4(peerIP)}
 	copy(rt.VtepMac[:], peerVtep)
-	must(t, objs.Routes.Put(XnetRouteKey{Prefixlen: 24, Addr: be32(peerNet.Addr())}, rt))
+	must(t, objs.Routes.Put(XnetRouteKey{Prefixlen: 24, Addr: ip4(peerNet.Addr())}, rt))
 	// A peer whose PublicIP has no route on the test underlay.
-	unreachable := XnetRoute{RemoteIp: be32(netip.MustParseAddr("203.0.113.1"))}
-	must(t, objs.Routes.Put(XnetRouteKey{Prefixlen: 24, Addr: be32(netip.MustParseAddr("10.244.3.0"))}, unreachable))
+	unreachable := XnetRoute{RemoteIp: ip4(netip.MustParseAddr("203.0.113.1"))}
+	must(t, objs.Routes.Put(XnetRouteKey{Prefixlen: 24, Addr: ip4(netip.MustParseAddr("10.244.3.0"))}, unreachable))
 	ep := XnetEndpoint{Ifindex: ctrIfindex}
 	copy(ep.Mac[:], ctrMAC)
 	copy(ep.GwMac[:], gwMAC)
-	must(t, objs.Endpoints.Put(be32(ctrIP), ep))
+	must(t, objs.Endpoints.Put(ip4(ctrIP), ep))
 	zero := make([]XnetPeerStats, ebpf.MustPossibleCPU())
-	must(t, objs.Peers.Put(be32(peerIP), zero))
+	must(t, objs.Peers.Put(ip4(peerIP), zero))
 	return &objs
 }
 
@@ -125,11 +125,8 @@ func must(t testing.TB, err error) {
 	}
 }
 
-// be32 returns an IPv4 address as the uint32 whose memory holds it in network order.
-func be32(a netip.Addr) uint32 {
-	b := a.As4()
-	return binary.NativeEndian.Uint32(b[:])
-}
+// ip4 returns an IPv4 address as the maps hold it (ipv4_addr: wire-order bytes).
+func ip4(a netip.Addr) [4]uint8 { return a.As4() }
 
 // verdicts sums the per-CPU counters map.
 func verdicts(t testing.TB, m *ebpf.Map) map[XnetVerdict]uint64 {

@@ -35,6 +35,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -235,18 +236,23 @@ func mismatch(ms *ebpf.MapSpec, m *ebpf.Map) string {
 		if want == nil {
 			continue
 		}
-		// Scalars (__u32 keys) are covered by the size check; what can silently change
-		// meaning at the same size is a struct's members.
+		// Every named type is compared: a struct's members, and typedefs too, since a key
+		// that was a __u32 and became an ipv4_addr (bytes in wire order) has the same size
+		// but another BTF, and bpftool would go on printing the old one. Anonymous types
+		// have nothing to find them by in the pinned BTF; the size check covers them.
 		name := want.TypeName()
-		if _, isStruct := btf.UnderlyingType(want).(*btf.Struct); !isStruct || name == "" {
+		if name == "" {
 			continue
 		}
-		got, err := pinned.AnyTypeByName(name)
-		if err != nil {
+		// A map's BTF may hold a common name (__u32) more than once; one with our layout is
+		// enough.
+		got, err := pinned.AnyTypesByName(name)
+		if err != nil || len(got) == 0 {
 			return fmt.Sprintf("type %s missing from the pinned map's BTF", name)
 		}
-		if a, b := layoutOf(got), layoutOf(want); a != b {
-			return fmt.Sprintf("layout of %s changed from %s to %s", name, a, b)
+		b := layoutOf(want)
+		if !slices.ContainsFunc(got, func(t btf.Type) bool { return layoutOf(t) == b }) {
+			return fmt.Sprintf("layout of %s changed from %s to %s", name, layoutOf(got[0]), b)
 		}
 	}
 	return ""

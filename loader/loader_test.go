@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -315,4 +316,71 @@ func tcxPrograms(t *testing.T, ns *netNS, attach ebpf.AttachType) int {
 		t.Fatal(err)
 	}
 	return len(res.Programs)
+}
+
+// An upgrade from the first layout, which kept IPv4 addresses in __u32 (bpftool printed them as
+// numbers), to ipv4_addr byte arrays: every map whose key or value holds an address is
+// replaced, even where the size is unchanged, and the counters map, which holds none, is kept.
+func TestUpgradeFromU32Addresses(t *testing.T) {
+	dir := pinDir(t)
+	if err := ensureBPFFS(dir, quietLogger()); err != nil {
+		t.Fatal(err)
+	}
+	u32 := &btf.Typedef{Name: "__u32", Type: &btf.Int{Name: "unsigned int", Size: 4}}
+	u64 := &btf.Typedef{Name: "__u64", Type: &btf.Int{Name: "unsigned long long", Size: 8}}
+	u16 := &btf.Typedef{Name: "__u16", Type: &btf.Int{Name: "short unsigned int", Size: 2}}
+	u8 := &btf.Typedef{Name: "__u8", Type: &btf.Int{Name: "unsigned char", Size: 1}}
+	mac := &btf.Array{Type: u8, Index: u32, Nelems: 6}
+	member := func(name string, typ btf.Type, byteOff int) btf.Member {
+		return btf.Member{Name: name, Type: typ, Offset: btf.Bits(byteOff * 8)}
+	}
+	counter := &btf.Struct{Name: "counter", Size: 16, Members: []btf.Member{member("packets", u64, 0), member("bytes", u64, 8)}}
+	old := []struct {
+		spec         ebpf.MapSpec
+		wantReplaced bool
+	}{
+		{ebpf.MapSpec{Name: "routes", Type: ebpf.LPMTrie, KeySize: 8, ValueSize: 12, MaxEntries: 65536, Flags: 1,
+			Key:   &btf.Struct{Name: "route_key", Size: 8, Members: []btf.Member{member("prefixlen", u32, 0), member("addr", u32, 4)}},
+			Value: &btf.Struct{Name: "route", Size: 12, Members: []btf.Member{member("remote_ip", u32, 0), member("vtep_mac", mac, 4), member("pad", u16, 10)}}}, true},
+		{ebpf.MapSpec{Name: "peers", Type: ebpf.PerCPUHash, KeySize: 4, ValueSize: 32, MaxEntries: 16384, Key: u32,
+			Value: &btf.Struct{Name: "peer_stats", Size: 32, Members: []btf.Member{
+				member("tx_packets", u64, 0), member("tx_bytes", u64, 8), member("rx_packets", u64, 16), member("rx_bytes", u64, 24)}}}, true},
+		{ebpf.MapSpec{Name: "endpoints", Type: ebpf.Hash, KeySize: 4, ValueSize: 20, MaxEntries: 16384, Key: u32,
+			Value: &btf.Struct{Name: "endpoint", Size: 20, Members: []btf.Member{
+				member("ifindex", u32, 0), member("mac", mac, 4), member("gw_mac", mac, 10), member("pad", u16, 16)}}}, true},
+		{ebpf.MapSpec{Name: "config", Type: ebpf.Array, KeySize: 4, ValueSize: 40, MaxEntries: 1, Key: u32,
+			Value: &btf.Struct{Name: "host_config", Size: 40, Members: []btf.Member{
+				member("local_ip", u32, 0), member("subnet_addr", u32, 4), member("subnet_mask", u32, 8), member("vni", u32, 12),
+				member("underlay_ifindex", u32, 16), member("host_ifindex", u32, 20), member("port", u16, 24),
+				member("underlay_mtu", u16, 26), member("vtep_mac", mac, 28), member("underlay_mac", mac, 34)}}}, true},
+		{ebpf.MapSpec{Name: "counters", Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: 14, Key: u32, Value: counter}, false},
+	}
+	for _, o := range old {
+		m, err := ebpf.NewMap(&o.spec)
+		if err != nil {
+			t.Fatalf("create old %s: %v", o.spec.Name, err)
+		}
+		defer m.Close()
+		if err := m.Pin(filepath.Join(dir, o.spec.Name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	l := load(t, dir, false)
+	replaced := l.Replaced()
+	for _, o := range old {
+		if got := slices.Contains(replaced, o.spec.Name); got != o.wantReplaced {
+			t.Errorf("%s replaced = %v, want %v (replaced: %v)", o.spec.Name, got, o.wantReplaced, replaced)
+		}
+	}
+	// The new pins work with the typed access and print addresses as bytes.
+	m := l.Maps()
+	r := maps.Route{Subnet: netip.MustParsePrefix("10.244.77.0/24"), PublicIP: netip.MustParseAddr("198.18.0.12"),
+		VtepMAC: net.HardwareAddr{0x0e, 0, 0, 0, 0, 1}}
+	if err := m.PutRoute(r); err != nil {
+		t.Fatal(err)
+	}
+	if routes, err := m.ListRoutes(); err != nil || len(routes) != 1 || routes[0].Subnet != r.Subnet || routes[0].PublicIP != r.PublicIP {
+		t.Fatalf("routes after upgrade: %+v, %v; want %v", routes, err, r)
+	}
 }

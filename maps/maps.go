@@ -9,7 +9,6 @@
 package maps
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -82,18 +81,11 @@ func (m *Maps) Close() error {
 	return errors.Join(errs...)
 }
 
-// be32 is an IPv4 address as the uint32 whose memory holds it in network order, the way the
-// programs compare it against packet headers.
-func be32(a netip.Addr) uint32 {
-	b := a.As4()
-	return binary.NativeEndian.Uint32(b[:])
-}
+// ip4 is an IPv4 address as the maps hold it (bpf/xnet.h ipv4_addr): its four bytes in wire
+// order, which bpftool prints as [10,244,5,0].
+func ip4(a netip.Addr) [4]uint8 { return a.As4() }
 
-func addrOf(v uint32) netip.Addr {
-	var b [4]byte
-	binary.NativeEndian.PutUint32(b[:], v)
-	return netip.AddrFrom4(b)
-}
+func addrOf(v [4]uint8) netip.Addr { return netip.AddrFrom4(v) }
 
 func mac6(mac net.HardwareAddr, field string) ([6]uint8, error) {
 	var out [6]uint8
@@ -120,8 +112,8 @@ func (m *Maps) PutRoute(r Route) error {
 	if err != nil {
 		return err
 	}
-	key := bpf.XnetRouteKey{Prefixlen: uint32(r.Subnet.Bits()), Addr: be32(r.Subnet.Masked().Addr())}
-	val := bpf.XnetRoute{RemoteIp: be32(r.PublicIP), VtepMac: mac}
+	key := bpf.XnetRouteKey{Prefixlen: uint32(r.Subnet.Bits()), Addr: ip4(r.Subnet.Masked().Addr())}
+	val := bpf.XnetRoute{RemoteIp: ip4(r.PublicIP), VtepMac: mac}
 	if err := m.Routes.Put(key, val); err != nil {
 		return fmt.Errorf("put route %v -> %v: %w", r.Subnet, r.PublicIP, err)
 	}
@@ -130,7 +122,7 @@ func (m *Maps) PutRoute(r Route) error {
 
 // DeleteRoute removes the route of subnet; a missing route is not an error.
 func (m *Maps) DeleteRoute(subnet netip.Prefix) error {
-	key := bpf.XnetRouteKey{Prefixlen: uint32(subnet.Bits()), Addr: be32(subnet.Masked().Addr())}
+	key := bpf.XnetRouteKey{Prefixlen: uint32(subnet.Bits()), Addr: ip4(subnet.Masked().Addr())}
 	if err := m.Routes.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete route %v: %w", subnet, err)
 	}
@@ -190,9 +182,9 @@ func (m *Maps) SetConfig(c Config) error {
 	}
 	mask := net.CIDRMask(c.Subnet.Bits(), 32)
 	val := bpf.XnetHostConfig{
-		LocalIp:         be32(c.LocalIP),
-		SubnetAddr:      be32(c.Subnet.Masked().Addr()),
-		SubnetMask:      binary.NativeEndian.Uint32(mask),
+		LocalIp:         ip4(c.LocalIP),
+		SubnetAddr:      ip4(c.Subnet.Masked().Addr()),
+		SubnetMask:      [4]uint8(mask),
 		Vni:             uint32(c.VNI),
 		UnderlayIfindex: uint32(c.UnderlayIfindex),
 		HostIfindex:     uint32(c.HostIfindex),
@@ -213,12 +205,10 @@ func (m *Maps) GetConfig() (c Config, ok bool, err error) {
 	if err := m.Config.Lookup(uint32(0), &val); err != nil {
 		return Config{}, false, fmt.Errorf("read config: %w", err)
 	}
-	if val.LocalIp == 0 {
+	if val.LocalIp == [4]uint8{} {
 		return Config{}, false, nil
 	}
-	var maskBytes [4]byte
-	binary.NativeEndian.PutUint32(maskBytes[:], val.SubnetMask)
-	bits, _ := net.IPMask(maskBytes[:]).Size()
+	bits, _ := net.IPMask(val.SubnetMask[:]).Size()
 	return Config{
 		LocalIP:         addrOf(val.LocalIp),
 		Subnet:          netip.PrefixFrom(addrOf(val.SubnetAddr), bits),
@@ -288,7 +278,7 @@ type PeerStats struct {
 // entries); existing counts are kept.
 func (m *Maps) AddPeer(publicIP netip.Addr) error {
 	zero := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
-	err := m.Peers.Update(be32(publicIP), zero, ebpf.UpdateNoExist)
+	err := m.Peers.Update(ip4(publicIP), zero, ebpf.UpdateNoExist)
 	if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
 		return fmt.Errorf("add peer counters for %v: %w", publicIP, err)
 	}
@@ -297,7 +287,7 @@ func (m *Maps) AddPeer(publicIP netip.Addr) error {
 
 // DeletePeer removes the counters of publicIP; missing is not an error.
 func (m *Maps) DeletePeer(publicIP netip.Addr) error {
-	if err := m.Peers.Delete(be32(publicIP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := m.Peers.Delete(ip4(publicIP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete peer counters for %v: %w", publicIP, err)
 	}
 	return nil
@@ -306,7 +296,7 @@ func (m *Maps) DeletePeer(publicIP netip.Addr) error {
 // ReadPeers returns every peer's counters keyed by PublicIP.
 func (m *Maps) ReadPeers() (map[netip.Addr]PeerStats, error) {
 	var (
-		key uint32
+		key [4]uint8
 		per []bpf.XnetPeerStats
 	)
 	out := map[netip.Addr]PeerStats{}
@@ -337,7 +327,7 @@ type Endpoint struct {
 // ListEndpoints returns every learned container.
 func (m *Maps) ListEndpoints() ([]Endpoint, error) {
 	var (
-		key uint32
+		key [4]uint8
 		val bpf.XnetEndpoint
 		out []Endpoint
 	)
@@ -363,7 +353,7 @@ func (m *Maps) ForgetEndpoints(ifindex int) (int, error) {
 		if ep.Ifindex != ifindex {
 			continue
 		}
-		if err := m.Endpoints.Delete(be32(ep.IP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := m.Endpoints.Delete(ip4(ep.IP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return n, fmt.Errorf("forget endpoint %v: %w", ep.IP, err)
 		}
 		n++

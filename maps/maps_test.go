@@ -101,7 +101,7 @@ func TestCountersAndPeers(t *testing.T) {
 	// The programs count into the per-CPU entry; AddPeer again must not reset it.
 	per := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
 	per[0].RxPackets = 5
-	if err := m.Peers.Put(be32(peer), per); err != nil {
+	if err := m.Peers.Put(ip4(peer), per); err != nil {
 		t.Fatal(err)
 	}
 	if err := m.AddPeer(peer); err != nil {
@@ -123,7 +123,7 @@ func TestForgetEndpoints(t *testing.T) {
 	m := fresh(t)
 	for i, ifindex := range []uint32{7, 7, 8} {
 		ip := netip.AddrFrom4([4]byte{10, 244, 5, byte(2 + i)})
-		if err := m.Endpoints.Put(be32(ip), bpf.XnetEndpoint{Ifindex: ifindex}); err != nil {
+		if err := m.Endpoints.Put(ip4(ip), bpf.XnetEndpoint{Ifindex: ifindex}); err != nil {
 			t.Fatal(err)
 		}
 	}
