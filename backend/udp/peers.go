@@ -2,7 +2,6 @@ package udp
 
 import (
 	"encoding/binary"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
@@ -10,6 +9,7 @@ import (
 	"sort"
 	"sync/atomic"
 
+	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/wire"
 )
@@ -31,44 +31,19 @@ type peerStats struct {
 	rxPackets, rxBytes atomic.Uint64
 }
 
-// parsePeer checks a lease is one we can send to and extracts what the packet path needs.
+// parsePeer checks a lease is one we can send to (backend.ParseVXLANPeer's rules) and builds
+// what the packet path needs.
 func parsePeer(lease subnetmgr.Lease, vni uint32, port int, log *slog.Logger) (*peerDP, error) {
-	bad := func(format string, args ...any) (*peerDP, error) {
-		return nil, fmt.Errorf("udp: lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
+	p, err := backend.ParseVXLANPeer(lease, int(vni), log)
+	if err != nil {
+		return nil, fmt.Errorf("udp: %w", err)
 	}
-	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
-		return bad("subnet is not IPv4")
-	}
-	if !lease.PublicIP.Is4() {
-		return bad("PublicIP is not IPv4")
-	}
-	if lease.BackendType != subnetmgr.BackendVXLAN {
-		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendVXLAN)
-	}
-	if len(lease.BackendData) == 0 || string(lease.BackendData) == "null" {
-		return bad("BackendData is empty, want {\"VNI\":..,\"VtepMAC\":\"..\"}")
-	}
-	var data subnetmgr.VXLANData
-	if err := json.Unmarshal(lease.BackendData, &data); err != nil {
-		return bad("BackendData %s: %v", lease.BackendData, err)
-	}
-	hw, err := net.ParseMAC(data.VtepMAC)
-	mac, ok := wire.MACFrom(hw)
-	if err != nil || !ok {
-		return bad("BackendData VtepMAC %q is not an Ethernet MAC", data.VtepMAC)
-	}
-	if mac[0]&1 == 1 {
-		return bad("BackendData VtepMAC %q is a multicast MAC", data.VtepMAC)
-	}
-	if data.VNI != 0 && uint32(data.VNI) != vni {
-		// flannel sends to such a peer anyway; so do we, but the peer will drop what we send.
-		log.Warn("peer publishes another VNI; its traffic will not match ours", "subnet", lease.Subnet, "peer_vni", data.VNI, "our_vni", vni)
-	}
+	mac, _ := wire.MACFrom(p.VtepMAC) // ParseVXLANPeer guarantees 6 bytes
 	return &peerDP{
-		subnet:   lease.Subnet.Masked(),
-		publicIP: lease.PublicIP,
+		subnet:   p.Subnet,
+		publicIP: p.PublicIP,
 		mac:      mac,
-		addr:     &net.UDPAddr{IP: lease.PublicIP.AsSlice(), Port: port},
+		addr:     &net.UDPAddr{IP: p.PublicIP.AsSlice(), Port: port},
 		stats:    &peerStats{},
 	}, nil
 }

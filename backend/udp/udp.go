@@ -84,9 +84,8 @@ const (
 	DefaultPort = wire.DefaultPort
 )
 
-// ErrIncompatiblePeer marks a peer lease this backend cannot use: not BackendType "vxlan", or
-// BackendData that is not {"VNI":..,"VtepMAC":".."}. The daemon logs it and moves on.
-var ErrIncompatiblePeer = errors.New("peer lease cannot be used by the udp backend")
+// ErrIncompatiblePeer marks a peer lease this backend cannot use (backend.ParseVXLANPeer's rules).
+var ErrIncompatiblePeer = backend.ErrIncompatiblePeer
 
 // Tuning sets how the datapath runs; the zero value means the defaults. It exists so each
 // optimisation can be measured on its own (test/ and make bench) and turned off on a kernel
