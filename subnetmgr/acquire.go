@@ -33,17 +33,23 @@ type storedLease struct {
 	modRev  int64
 }
 
-// snapshot is one consistent read of <prefix>/subnets/.
+// snapshot is one consistent read of one pool's keys (<prefix>/subnets/ for the overlay).
 type snapshot struct {
 	rev    int64
 	leases []storedLease  // well-formed leases, sorted by subnet
 	keys   []netip.Prefix // every key that names a subnet, well-formed value or not
 }
 
-// parseKV turns one key-value into a lease. subnetOK says whether the key at least names a
-// subnet (l.Subnet is then set, and the key occupies it even when its value is malformed).
+// parseKV turns one key-value under <prefix>/subnets/ into a lease (see parseKVIn).
 func (m *Manager) parseKV(kv *mvccpb.KeyValue) (l storedLease, subnetOK bool, err error) {
-	subnet, err := ParseSubnetKey(m.prefix, string(kv.Key))
+	return m.parseKVIn(SubnetsDir, kv)
+}
+
+// parseKVIn turns one key-value of the pool in dir into a lease. subnetOK says whether the key
+// at least names a range (l.Subnet is then set, and the key occupies it even when its value
+// is malformed).
+func (m *Manager) parseKVIn(dir string, kv *mvccpb.KeyValue) (l storedLease, subnetOK bool, err error) {
+	subnet, err := ParsePoolKey(m.prefix, dir, string(kv.Key))
 	if err != nil {
 		return storedLease{}, false, err
 	}
@@ -59,24 +65,24 @@ func (m *Manager) parseKV(kv *mvccpb.KeyValue) (l storedLease, subnetOK bool, er
 	}, true, nil
 }
 
-// list reads every key under <prefix>/subnets/, logging and skipping malformed ones.
-func (m *Manager) list(ctx context.Context) (snapshot, error) {
-	return m.listQuiet(ctx, func(key string, _ int64, err error) {
-		m.log.Warn("skipping malformed entry under the subnets prefix", "key", key, "err", err)
+// list reads every key under <prefix>/<dir>/, logging and skipping malformed ones.
+func (m *Manager) list(ctx context.Context, dir string) (snapshot, error) {
+	return m.listQuiet(ctx, dir, func(key string, _ int64, err error) {
+		m.log.Warn("skipping malformed entry under the "+dir+" prefix", "key", key, "err", err)
 	})
 }
 
 // listQuiet is list with the caller deciding how to report malformed keys.
-func (m *Manager) listQuiet(ctx context.Context, logBad func(key string, modRev int64, err error)) (snapshot, error) {
+func (m *Manager) listQuiet(ctx context.Context, dir string, logBad func(key string, modRev int64, err error)) (snapshot, error) {
 	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
-	resp, err := m.client.Get(rctx, SubnetsPrefix(m.prefix), clientv3.WithPrefix())
+	resp, err := m.client.Get(rctx, PoolPrefix(m.prefix, dir), clientv3.WithPrefix())
 	if err != nil {
-		return snapshot{}, m.etcdErr(err, "list leases under %s", SubnetsPrefix(m.prefix))
+		return snapshot{}, m.etcdErr(err, "list leases under %s", PoolPrefix(m.prefix, dir))
 	}
 	snap := snapshot{rev: resp.Header.Revision}
 	for _, kv := range resp.Kvs {
-		l, subnetOK, err := m.parseKV(kv)
+		l, subnetOK, err := m.parseKVIn(dir, kv)
 		if subnetOK {
 			snap.keys = append(snap.keys, l.Subnet)
 		}
@@ -142,7 +148,12 @@ func (m *Manager) expiryOf(ctx context.Context, id clientv3.LeaseID) time.Time {
 // ListLeases returns every well-formed lease (sorted by subnet) and the revision of the list.
 // Each leased key's Expiration is exact (asked from etcd: one request per lease).
 func (m *Manager) ListLeases(ctx context.Context) ([]Lease, int64, error) {
-	snap, err := m.list(ctx)
+	return m.ListPoolLeases(ctx, SubnetsDir)
+}
+
+// ListPoolLeases is ListLeases for the pool whose keys live under <prefix>/<dir>/.
+func (m *Manager) ListPoolLeases(ctx context.Context, dir string) ([]Lease, int64, error) {
+	snap, err := m.list(ctx, dir)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -154,24 +165,27 @@ func (m *Manager) ListLeases(ctx context.Context) ([]Lease, int64, error) {
 	return out, snap.rev, nil
 }
 
-// subnetCompatible says whether subnet is one that cfg hands out (flannel's rule for keeping a
-// previous lease after the config changed).
-func subnetCompatible(cfg Config, subnet netip.Prefix) bool {
-	return subnet.IsValid() && subnet.Bits() == cfg.SubnetLen && subnet.Masked() == subnet &&
-		!subnet.Addr().Less(cfg.SubnetMin) && !cfg.SubnetMax.Less(subnet.Addr())
-}
-
 // AcquireLease reclaims our previous lease (same PublicIP, or prev, the subnet recorded in our
 // subnet file; prev may be the zero Prefix) or takes a free subnet by a create-only
 // transaction. It retries transaction conflicts at once and etcd errors with backoff until
 // ctx ends; a full range is returned at once as an error wrapping ErrRangeFull.
 func (m *Manager) AcquireLease(ctx context.Context, cfg Config, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
+	return m.AcquirePoolLease(ctx, OverlayPool(cfg), attrs, prev)
+}
+
+// AcquirePoolLease is AcquireLease for any pool: the same transaction, TTL, reclaim and
+// reservation rules, under <prefix>/<p.Dir>/. It also skips every range that covers an
+// address p avoids.
+func (m *Manager) AcquirePoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
+	if err := p.check(); err != nil {
+		return Lease{}, fmt.Errorf("acquire lease: %w", err)
+	}
 	if _, err := EncodeLeaseValue(attrs); err != nil {
 		return Lease{}, fmt.Errorf("acquire lease: %w", err)
 	}
 	bo := m.newBackoff()
 	for {
-		l, err := m.tryAcquire(ctx, cfg, attrs, prev)
+		l, err := m.tryAcquire(ctx, p, attrs, prev)
 		switch {
 		case err == nil:
 			return l, nil
@@ -195,46 +209,86 @@ func (m *Manager) AcquireLease(ctx context.Context, cfg Config, attrs LeaseAttrs
 	}
 }
 
-func (m *Manager) tryAcquire(ctx context.Context, cfg Config, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
-	snap, err := m.list(ctx)
+func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
+	snap, err := m.list(ctx, p.Dir)
+	if err != nil {
+		return Lease{}, err
+	}
+	avoid, err := m.avoidSet(ctx, p, snap)
 	if err != nil {
 		return Lease{}, err
 	}
 	// 1. Our own lease, found by PublicIP: a restart, or an operator's reservation for us.
 	for _, l := range snap.leases {
-		if l.PublicIP == attrs.PublicIP && subnetCompatible(cfg, l.Subnet) {
-			nl, err := m.reclaim(ctx, l, attrs)
-			if err == nil {
-				m.log.Info("reclaimed our previous lease", "subnet", nl.Subnet, "public_ip", attrs.PublicIP,
-					"reservation", nl.Expiration.IsZero())
-			}
-			return nl, err
+		if l.PublicIP != attrs.PublicIP || !p.compatible(l.Subnet) {
+			continue
 		}
+		if a, bad := avoid.covered(l.Subnet); bad {
+			m.log.Warn("our previous lease covers an address no range may cover now; leaving it to expire and taking another",
+				"pool", p.Dir, "subnet", l.Subnet, "address", a)
+			continue
+		}
+		nl, err := m.reclaim(ctx, p.Dir, l, attrs)
+		if err == nil {
+			m.log.Info("reclaimed our previous lease", "pool", p.Dir, "subnet", nl.Subnet, "public_ip", attrs.PublicIP,
+				"reservation", nl.Expiration.IsZero())
+		}
+		return nl, err
 	}
-	taken := newTakenSet(cfg, snap.keys)
-	// 2. The subnet our subnet file recorded, if nobody holds it now.
-	if prev.IsValid() && subnetCompatible(cfg, prev) {
+	taken := newTakenSet(p, snap.keys, avoid)
+	// 2. The range our file recorded, if nobody holds it now.
+	if prev.IsValid() && p.compatible(prev) {
 		if !taken.has(prev) {
-			l, err := m.create(ctx, prev, attrs)
+			l, err := m.create(ctx, p.Dir, prev, attrs)
 			if err == nil {
-				m.log.Info("reclaimed the subnet from our subnet file", "subnet", prev)
+				m.log.Info("reclaimed the subnet from our subnet file", "pool", p.Dir, "subnet", prev)
 			}
 			return l, err
 		}
-		m.log.Info("the subnet from our subnet file is held by another host; taking a new one", "subnet", prev)
+		m.log.Info("the subnet from our subnet file is held by another host or covers an avoided address; taking a new one",
+			"pool", p.Dir, "subnet", prev)
 	}
-	// 3. A random free subnet.
+	// 3. A random free range.
 	free := taken.free(maxCandidates)
 	if len(free) == 0 {
-		return Lease{}, fmt.Errorf("acquire lease: every /%d in [%s, %s] of %s is taken (%d keys under %s); "+
-			"widen the range in the config or remove stale leases: %w",
-			cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax, cfg.Network, len(snap.keys), SubnetsPrefix(m.prefix), ErrRangeFull)
+		hint := p.FullHint
+		if hint == "" {
+			hint = "widen the range in the config or remove stale leases"
+		}
+		avoided := ""
+		if taken.avoided > 0 {
+			avoided = fmt.Sprintf(", %d more cover a host's address", taken.avoided)
+		}
+		return Lease{}, fmt.Errorf("acquire lease: every /%d in [%s, %s] of %s is taken (%d keys under %s%s); %s: %w",
+			p.Len, p.Min, p.Max, p.Network, len(snap.keys), PoolPrefix(m.prefix, p.Dir), avoided, hint, ErrRangeFull)
 	}
-	l, err := m.create(ctx, free[rand.N(len(free))], attrs)
+	l, err := m.create(ctx, p.Dir, free[rand.N(len(free))], attrs)
 	if err == nil {
-		m.log.Info("acquired a new lease", "subnet", l.Subnet, "public_ip", attrs.PublicIP)
+		m.log.Info("acquired a new lease", "pool", p.Dir, "subnet", l.Subnet, "public_ip", attrs.PublicIP)
 	}
 	return l, err
+}
+
+// avoidSet is p.Avoid plus, with p.AvoidHosts, every PublicIP published under the overlay's
+// and the pool's keys.
+func (m *Manager) avoidSet(ctx context.Context, p Pool, snap snapshot) (avoidSet, error) {
+	out := avoidSet(append([]netip.Addr(nil), p.Avoid...))
+	if !p.AvoidHosts {
+		return out, nil
+	}
+	for _, l := range snap.leases {
+		out = append(out, l.PublicIP)
+	}
+	if p.Dir != SubnetsDir {
+		overlay, err := m.listQuiet(ctx, SubnetsDir, func(string, int64, error) {})
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range overlay.leases {
+			out = append(out, l.PublicIP)
+		}
+	}
+	return out, nil
 }
 
 // grant creates an etcd lease with our TTL (whole seconds, at least one).
@@ -261,7 +315,7 @@ func (m *Manager) revoke(id clientv3.LeaseID) {
 
 // create takes subnet by a transaction that only creates the key if it does not exist, so two
 // hosts can never hold the same subnet.
-func (m *Manager) create(ctx context.Context, subnet netip.Prefix, attrs LeaseAttrs) (Lease, error) {
+func (m *Manager) create(ctx context.Context, dir string, subnet netip.Prefix, attrs LeaseAttrs) (Lease, error) {
 	value, err := EncodeLeaseValue(attrs)
 	if err != nil {
 		return Lease{}, err
@@ -270,7 +324,7 @@ func (m *Manager) create(ctx context.Context, subnet netip.Prefix, attrs LeaseAt
 	if err != nil {
 		return Lease{}, err
 	}
-	key := SubnetKey(m.prefix, subnet)
+	key := PoolKey(m.prefix, dir, subnet)
 	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Txn(rctx).
@@ -293,12 +347,12 @@ func (m *Manager) create(ctx context.Context, subnet netip.Prefix, attrs LeaseAt
 // reservation: only its value is brought up to date so peers learn our BackendData. A leased
 // key moves to a fresh etcd lease with our TTL, guarded by its ModRevision so a concurrent
 // change wins over us.
-func (m *Manager) reclaim(ctx context.Context, l storedLease, attrs LeaseAttrs) (Lease, error) {
+func (m *Manager) reclaim(ctx context.Context, dir string, l storedLease, attrs LeaseAttrs) (Lease, error) {
 	value, err := EncodeLeaseValue(attrs)
 	if err != nil {
 		return Lease{}, err
 	}
-	key := SubnetKey(m.prefix, l.Subnet)
+	key := PoolKey(m.prefix, dir, l.Subnet)
 	nl := Lease{Subnet: l.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData}
 	guard := clientv3.Compare(clientv3.ModRevision(key), "=", l.modRev)
 	if l.leaseID == 0 {
@@ -337,17 +391,20 @@ func (m *Manager) reclaim(ctx context.Context, l storedLease, attrs LeaseAttrs) 
 	return nl, nil
 }
 
-// takenSet answers "is this candidate subnet free?" for one config.
+// takenSet answers "is this candidate range free?" for one pool.
 type takenSet struct {
-	cfg    Config
-	exact  map[netip.Addr]bool // keys of length SubnetLen
+	pool   Pool
+	exact  map[netip.Addr]bool // keys of length pool.Len
 	others []netip.Prefix      // keys of another length (an older config): free only if disjoint
+	avoid  avoidSet            // addresses a free range must not cover
+	// avoided counts candidates free of keys that free skipped for covering an avoided address.
+	avoided int
 }
 
-func newTakenSet(cfg Config, keys []netip.Prefix) *takenSet {
-	t := &takenSet{cfg: cfg, exact: map[netip.Addr]bool{}}
+func newTakenSet(p Pool, keys []netip.Prefix, avoid avoidSet) *takenSet {
+	t := &takenSet{pool: p, exact: map[netip.Addr]bool{}, avoid: avoid}
 	for _, k := range keys {
-		if k.Bits() == cfg.SubnetLen {
+		if k.Bits() == p.Len {
 			t.exact[k.Addr()] = true
 		} else {
 			t.others = append(t.others, k)
@@ -356,7 +413,16 @@ func newTakenSet(cfg Config, keys []netip.Prefix) *takenSet {
 	return t
 }
 
+// has says whether subnet is held by a key or covers an avoided address.
 func (t *takenSet) has(subnet netip.Prefix) bool {
+	if _, bad := t.avoid.covered(subnet); bad {
+		return true
+	}
+	return t.held(subnet)
+}
+
+// held says whether a key holds subnet or overlaps it.
+func (t *takenSet) held(subnet netip.Prefix) bool {
 	if t.exact[subnet.Addr()] {
 		return true
 	}
@@ -368,15 +434,20 @@ func (t *takenSet) has(subnet netip.Prefix) bool {
 	return false
 }
 
-// free returns up to limit free subnets from SubnetMin upwards.
+// free returns up to limit free ranges from the pool's Min upwards.
 func (t *takenSet) free(limit int) []netip.Prefix {
-	step := uint64(1) << (32 - t.cfg.SubnetLen)
+	step := uint64(1) << (32 - t.pool.Len)
 	var out []netip.Prefix
-	for a := uint64(addrToU32(t.cfg.SubnetMin)); a <= uint64(addrToU32(t.cfg.SubnetMax)) && len(out) < limit; a += step {
-		sn := netip.PrefixFrom(u32ToAddr(uint32(a)), t.cfg.SubnetLen)
-		if !t.has(sn) {
-			out = append(out, sn)
+	for a := uint64(addrToU32(t.pool.Min)); a <= uint64(addrToU32(t.pool.Max)) && len(out) < limit; a += step {
+		sn := netip.PrefixFrom(u32ToAddr(uint32(a)), t.pool.Len)
+		if t.held(sn) {
+			continue
 		}
+		if _, bad := t.avoid.covered(sn); bad {
+			t.avoided++
+			continue
+		}
+		out = append(out, sn)
 	}
 	return out
 }

@@ -20,6 +20,14 @@ import (
 // change and no watcher sees an event. A reservation (no TTL) has nothing to renew: it is
 // only checked at the same cadence, and taken back if it disappeared.
 func (m *Manager) KeepLease(ctx context.Context, cfg Config, attrs LeaseAttrs, lease Lease, renewMargin time.Duration, onChange func(Lease)) error {
+	return m.KeepPoolLease(ctx, OverlayPool(cfg), attrs, lease, renewMargin, onChange)
+}
+
+// KeepPoolLease is KeepLease for a lease of pool p (from AcquirePoolLease).
+func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lease, renewMargin time.Duration, onChange func(Lease)) error {
+	if err := p.check(); err != nil {
+		return fmt.Errorf("keep lease: %w", err)
+	}
 	if renewMargin <= 0 || renewMargin >= m.ttl {
 		half := m.ttl / 2
 		m.log.Warn("subnet lease renew margin is not below the lease TTL; renewing at half the TTL instead",
@@ -40,7 +48,7 @@ func (m *Manager) KeepLease(ctx context.Context, cfg Config, attrs LeaseAttrs, l
 		if err := sleep(ctx, wait); err != nil {
 			return err
 		}
-		nl, err := m.renew(ctx, cfg, attrs, lease)
+		nl, err := m.renew(ctx, p, attrs, lease)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -67,8 +75,8 @@ func (m *Manager) KeepLease(ctx context.Context, cfg Config, attrs LeaseAttrs, l
 }
 
 // renew brings our key in etcd back in line with lease, returning its new version.
-func (m *Manager) renew(ctx context.Context, cfg Config, attrs LeaseAttrs, lease Lease) (Lease, error) {
-	key := SubnetKey(m.prefix, lease.Subnet)
+func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lease) (Lease, error) {
+	key := PoolKey(m.prefix, p.Dir, lease.Subnet)
 	rctx, cancel := m.reqCtx(ctx)
 	resp, err := m.client.Get(rctx, key)
 	cancel()
@@ -78,7 +86,7 @@ func (m *Manager) renew(ctx context.Context, cfg Config, attrs LeaseAttrs, lease
 	if len(resp.Kvs) == 0 {
 		// Expired while etcd was out of reach for longer than the TTL, or deleted by hand:
 		// take the same subnet back if it is still free, so peers and containers keep it.
-		l, err := m.create(ctx, lease.Subnet, attrs)
+		l, err := m.create(ctx, p.Dir, lease.Subnet, attrs)
 		if err == nil {
 			m.log.Warn("our subnet lease was gone from etcd; re-acquired the same subnet", "subnet", lease.Subnet)
 			return l, nil
@@ -86,21 +94,21 @@ func (m *Manager) renew(ctx context.Context, cfg Config, attrs LeaseAttrs, lease
 		if !errors.Is(err, errConflict) {
 			return Lease{}, err
 		}
-		return m.lost(ctx, cfg, attrs, lease, "another host took it while our lease was gone")
+		return m.lost(ctx, p, attrs, lease, "another host took it while our lease was gone")
 	}
-	cur, _, perr := m.parseKV(resp.Kvs[0])
+	cur, _, perr := m.parseKVIn(p.Dir, resp.Kvs[0])
 	if perr != nil || cur.PublicIP != attrs.PublicIP {
 		holder := "a malformed value"
 		if perr == nil {
 			holder = "PublicIP " + cur.PublicIP.String()
 		}
-		return m.lost(ctx, cfg, attrs, lease, "the key now holds "+holder)
+		return m.lost(ctx, p, attrs, lease, "the key now holds "+holder)
 	}
 	ours := Lease{Subnet: lease.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData}
 	if cur.leaseID == 0 || !sameAttrs(cur.Lease, ours) {
 		// A reservation, or our key with another value (an older build's BackendData):
 		// rewrite it as AcquireLease would.
-		return m.reclaim(ctx, cur, attrs)
+		return m.reclaim(ctx, p.Dir, cur, attrs)
 	}
 	rctx, cancel = m.reqCtx(ctx)
 	ka, err := m.client.KeepAliveOnce(rctx, cur.leaseID)
@@ -108,7 +116,7 @@ func (m *Manager) renew(ctx context.Context, cfg Config, attrs LeaseAttrs, lease
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		// The etcd lease ran out between the read and now; the key goes with it. Move the
 		// key to a fresh lease if it is still there.
-		return m.reclaim(ctx, cur, attrs)
+		return m.reclaim(ctx, p.Dir, cur, attrs)
 	}
 	if err != nil {
 		return Lease{}, m.etcdErr(err, "renew etcd lease of %s", key)
@@ -118,10 +126,10 @@ func (m *Manager) renew(ctx context.Context, cfg Config, attrs LeaseAttrs, lease
 }
 
 // lost handles our subnet held by someone else: take another one, loudly.
-func (m *Manager) lost(ctx context.Context, cfg Config, attrs LeaseAttrs, lease Lease, why string) (Lease, error) {
+func (m *Manager) lost(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lease, why string) (Lease, error) {
 	m.log.Error("our subnet lease was lost; acquiring another subnet (containers on the old one lose connectivity)",
-		"subnet", lease.Subnet, "why", why)
-	l, err := m.AcquireLease(ctx, cfg, attrs, netip.Prefix{})
+		"pool", p.Dir, "subnet", lease.Subnet, "why", why)
+	l, err := m.AcquirePoolLease(ctx, p, attrs, netip.Prefix{})
 	if err != nil {
 		return Lease{}, fmt.Errorf("replace lost lease %s: %w", lease.Subnet, err)
 	}

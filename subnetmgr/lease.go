@@ -11,26 +11,40 @@ import (
 
 // This file is the one place that knows the etcd key and the JSON of a lease.
 
-// subnetsDir is the directory of lease keys under the prefix.
-const subnetsDir = "/subnets/"
+// SubnetsDir is the key directory of the overlay's subnet leases: <prefix>/subnets/.
+const SubnetsDir = "subnets"
 
 // ConfigKey is the key of the network config under prefix.
 func ConfigKey(prefix string) string { return strings.TrimSuffix(prefix, "/") + "/config" }
 
 // SubnetsPrefix is the key prefix every lease key starts with.
-func SubnetsPrefix(prefix string) string { return strings.TrimSuffix(prefix, "/") + subnetsDir }
+func SubnetsPrefix(prefix string) string { return PoolPrefix(prefix, SubnetsDir) }
 
 // SubnetKey is the etcd key of the lease on subnet: <prefix>/subnets/10.244.5.0-24.
-func SubnetKey(prefix string, subnet netip.Prefix) string {
-	return SubnetsPrefix(prefix) + subnet.Addr().String() + "-" + strconv.Itoa(subnet.Bits())
-}
+func SubnetKey(prefix string, subnet netip.Prefix) string { return PoolKey(prefix, SubnetsDir, subnet) }
 
 // ParseSubnetKey is the inverse of SubnetKey. It refuses anything flannel would not have
 // written: a non-IPv4 address, a length out of 0..32, or host bits set.
 func ParseSubnetKey(prefix, key string) (netip.Prefix, error) {
-	name, ok := strings.CutPrefix(key, SubnetsPrefix(prefix))
+	return ParsePoolKey(prefix, SubnetsDir, key)
+}
+
+// PoolPrefix is the key prefix of every lease of the pool in dir: <prefix>/<dir>/.
+func PoolPrefix(prefix, dir string) string {
+	return strings.TrimSuffix(prefix, "/") + "/" + strings.Trim(dir, "/") + "/"
+}
+
+// PoolKey is the etcd key of the lease on r in the pool in dir: <prefix>/<dir>/<a.b.c.d>-<len>,
+// the same form flannel uses for subnets, so every pool reads the same in etcdctl.
+func PoolKey(prefix, dir string, r netip.Prefix) string {
+	return PoolPrefix(prefix, dir) + r.Addr().String() + "-" + strconv.Itoa(r.Bits())
+}
+
+// ParsePoolKey is the inverse of PoolKey, with ParseSubnetKey's rules.
+func ParsePoolKey(prefix, dir, key string) (netip.Prefix, error) {
+	name, ok := strings.CutPrefix(key, PoolPrefix(prefix, dir))
 	if !ok {
-		return netip.Prefix{}, fmt.Errorf("key %q is not under %s", key, SubnetsPrefix(prefix))
+		return netip.Prefix{}, fmt.Errorf("key %q is not under %s", key, PoolPrefix(prefix, dir))
 	}
 	addr, bits, ok := strings.Cut(name, "-")
 	if !ok {

@@ -213,21 +213,32 @@ func sleep(ctx context.Context, d time.Duration) error {
 // GetConfig reads the config once: ErrNoConfig when missing, a *ConfigError naming the
 // field when invalid, another error when etcd cannot be reached.
 func (m *Manager) GetConfig(ctx context.Context) (Config, error) {
+	data, err := m.GetConfigJSON(ctx)
+	if err != nil {
+		return Config{}, err
+	}
+	cfg, err := ParseConfig(data)
+	if err != nil {
+		return Config{}, fmt.Errorf("%s: %w", ConfigKey(m.prefix), err)
+	}
+	return cfg, nil
+}
+
+// GetConfigJSON reads <prefix>/config as stored, for the sections other packages own (the
+// "Macvlan" section is package macvlan's): ErrNoConfig when missing, another error when etcd
+// cannot be reached.
+func (m *Manager) GetConfigJSON(ctx context.Context) ([]byte, error) {
 	key := ConfigKey(m.prefix)
 	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Get(rctx, key)
 	if err != nil {
-		return Config{}, m.etcdErr(err, "read %s", key)
+		return nil, m.etcdErr(err, "read %s", key)
 	}
 	if len(resp.Kvs) == 0 {
-		return Config{}, fmt.Errorf("%s: %w", key, ErrNoConfig)
+		return nil, fmt.Errorf("%s: %w", key, ErrNoConfig)
 	}
-	cfg, err := ParseConfig(resp.Kvs[0].Value)
-	if err != nil {
-		return Config{}, fmt.Errorf("%s: %w", key, err)
-	}
-	return cfg, nil
+	return resp.Kvs[0].Value, nil
 }
 
 // WaitConfig retries GetConfig while the config is missing or etcd is unreachable, logging

@@ -148,7 +148,7 @@ func (w *watcher) resync(ctx context.Context, initial bool) (int64, error) {
 	var snap snapshot
 	for {
 		var err error
-		if snap, err = w.m.listQuiet(ctx, w.logBad); err == nil {
+		if snap, err = w.m.listQuiet(ctx, SubnetsDir, w.logBad); err == nil {
 			break
 		}
 		if ctx.Err() != nil {
