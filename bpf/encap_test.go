@@ -94,6 +94,37 @@ func TestEncap(t *testing.T) {
 		}
 	})
 
+	t.Run("the underlay next hop is cached until it expires", func(t *testing.T) {
+		var nh XnetNexthop
+		must(t, objs.Nexthops.Lookup(ip4(peerIP), &nh))
+		if !bytes.Equal(nh.Dmac[:], peerNicMAC) || !bytes.Equal(nh.Smac[:], nic) || nh.Ifindex == 0 || nh.Expires == 0 {
+			t.Fatalf("cached next hop of %s: %+v, want %s from %s with an expiry", peerIP, nh, peerNicMAC, nic)
+		}
+		other := net.HardwareAddr{0x02, 0xee, 0xee, 0xee, 0xee, 0x01}
+		for _, c := range []struct {
+			name    string
+			expires uint64
+			wantDst net.HardwareAddr
+		}{
+			{"a fresh entry is used without asking the FIB", 1 << 62, other},
+			{"an expired entry is looked up again and refreshed", 1, peerNicMAC},
+		} {
+			stale := nh
+			copy(stale.Dmac[:], other)
+			stale.Expires = c.expires
+			must(t, objs.Nexthops.Put(ip4(peerIP), stale))
+			var out []byte
+			inNS(func() { _, out = run(t, objs.EncapContainer, toPeer) })
+			if !bytes.Equal(out[0:6], c.wantDst) {
+				t.Errorf("%s: outer destination MAC %s, want %s", c.name, net.HardwareAddr(out[0:6]), c.wantDst)
+			}
+		}
+		must(t, objs.Nexthops.Lookup(ip4(peerIP), &nh))
+		if !bytes.Equal(nh.Dmac[:], peerNicMAC) || nh.Expires <= 1 {
+			t.Fatalf("after the expired entry: %+v, want it refreshed to %s", nh, peerNicMAC)
+		}
+	})
+
 	t.Run("a container is learned from what it sends", func(t *testing.T) {
 		var ep XnetEndpoint
 		if err := objs.Endpoints.Lookup(ip4(ctrIP), &ep); err != nil {

@@ -99,6 +99,20 @@ struct endpoint {
 	__u16 pad;
 };
 
+/* nexthop: the underlay next hop towards a peer, as bpf_fib_lookup found it,
+ * kept for a moment so encap does not walk the FIB for every packet. */
+struct nexthop {
+	__u32 ifindex;              /* underlay NIC to send from */
+	__u8 dmac[XNET_ETH_ALEN];   /* next hop's MAC (the peer's, on one L2 segment) */
+	__u8 smac[XNET_ETH_ALEN];   /* our NIC's MAC */
+	__u64 expires;              /* jiffies: look the FIB up again after this */
+};
+
+/* How long a nexthop entry is trusted: 256 jiffies, a quarter second to a
+ * second depending on CONFIG_HZ. A changed neighbour MAC or route is picked up
+ * within that time. */
+#define XNET_NEXTHOP_TTL_JIFFIES 256
+
 /* host_config: this host, written by the Go side; entry 0 of the config map. */
 struct host_config {
 	ipv4_addr local_ip;    /* underlay address: outer source, accepted outer destination */

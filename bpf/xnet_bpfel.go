@@ -42,6 +42,14 @@ type XnetHostConfig struct {
 	UnderlayMac     [6]uint8
 }
 
+type XnetNexthop struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	Dmac    [6]uint8
+	Smac    [6]uint8
+	Expires uint64
+}
+
 type XnetPeerStats struct {
 	_         structs.HostLayout
 	TxPackets uint64
@@ -90,6 +98,7 @@ const (
 	XnetMapConfig          = "config"
 	XnetMapCounters        = "counters"
 	XnetMapEndpoints       = "endpoints"
+	XnetMapNexthops        = "nexthops"
 	XnetMapPeers           = "peers"
 	XnetMapRoutes          = "routes"
 	XnetProgDecapTc        = "decap_tc"
@@ -154,6 +163,7 @@ type XnetMapSpecs struct {
 	Config    *ebpf.MapSpec `ebpf:"config"`
 	Counters  *ebpf.MapSpec `ebpf:"counters"`
 	Endpoints *ebpf.MapSpec `ebpf:"endpoints"`
+	Nexthops  *ebpf.MapSpec `ebpf:"nexthops"`
 	Peers     *ebpf.MapSpec `ebpf:"peers"`
 	Routes    *ebpf.MapSpec `ebpf:"routes"`
 }
@@ -188,6 +198,7 @@ type XnetMaps struct {
 	Config    *ebpf.Map `ebpf:"config"`
 	Counters  *ebpf.Map `ebpf:"counters"`
 	Endpoints *ebpf.Map `ebpf:"endpoints"`
+	Nexthops  *ebpf.Map `ebpf:"nexthops"`
 	Peers     *ebpf.Map `ebpf:"peers"`
 	Routes    *ebpf.Map `ebpf:"routes"`
 }
@@ -197,6 +208,7 @@ func (m *XnetMaps) Close() error {
 		m.Config,
 		m.Counters,
 		m.Endpoints,
+		m.Nexthops,
 		m.Peers,
 		m.Routes,
 	)

@@ -138,7 +138,7 @@ func Load(opts Options) (*Loader, error) {
 
 	for name, m := range map[string]*ebpf.Map{
 		maps.RoutesName: l.maps.Routes, maps.PeersName: l.maps.Peers, maps.ConfigName: l.maps.Config,
-		maps.CountersName: l.maps.Counters, maps.EndpointsName: l.maps.Endpoints,
+		maps.CountersName: l.maps.Counters, maps.EndpointsName: l.maps.Endpoints, maps.NexthopsName: l.maps.Nexthops,
 	} {
 		if _, ok := adopted[name]; ok {
 			continue

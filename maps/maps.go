@@ -1,6 +1,6 @@
 // Package maps is typed Go access to the datapath's maps: routes (peer subnets), peers (per-peer
-// counters), config (this host), counters (per verdict) and endpoints (learned local
-// containers). The backend writes through it and `xnetd status` reads through it, from the pins
+// counters), config (this host), counters (per verdict), endpoints (learned local containers)
+// and nexthops (the programs' own cache of underlay next hops). The backend writes through it and `xnetd status` reads through it, from the pins
 // under the bpffs directory.
 //
 // It owns the translation between Go values (netip, net.HardwareAddr) and the map layouts of
@@ -29,22 +29,23 @@ const (
 	ConfigName    = bpf.XnetMapConfig
 	CountersName  = bpf.XnetMapCounters
 	EndpointsName = bpf.XnetMapEndpoints
+	NexthopsName  = bpf.XnetMapNexthops
 )
 
 // Names lists every map the datapath pins.
 func Names() []string {
-	return []string{RoutesName, PeersName, ConfigName, CountersName, EndpointsName}
+	return []string{RoutesName, PeersName, ConfigName, CountersName, EndpointsName, NexthopsName}
 }
 
 // Maps holds the datapath's maps. The zero value is unusable; get one from loader or
 // OpenPinned.
 type Maps struct {
-	Routes, Peers, Config, Counters, Endpoints *ebpf.Map
+	Routes, Peers, Config, Counters, Endpoints, Nexthops *ebpf.Map
 }
 
 // FromObjects wraps maps loaded from the generated bindings.
 func FromObjects(m *bpf.XnetMaps) *Maps {
-	return &Maps{Routes: m.Routes, Peers: m.Peers, Config: m.Config, Counters: m.Counters, Endpoints: m.Endpoints}
+	return &Maps{Routes: m.Routes, Peers: m.Peers, Config: m.Config, Counters: m.Counters, Endpoints: m.Endpoints, Nexthops: m.Nexthops}
 }
 
 // OpenPinned opens the maps pinned in dir (for `xnetd status`, which must not load programs).
@@ -61,7 +62,7 @@ func OpenPinned(dir string) (*Maps, error) {
 	for _, f := range []struct {
 		name string
 		dst  **ebpf.Map
-	}{{RoutesName, &m.Routes}, {PeersName, &m.Peers}, {ConfigName, &m.Config}, {CountersName, &m.Counters}, {EndpointsName, &m.Endpoints}} {
+	}{{RoutesName, &m.Routes}, {PeersName, &m.Peers}, {ConfigName, &m.Config}, {CountersName, &m.Counters}, {EndpointsName, &m.Endpoints}, {NexthopsName, &m.Nexthops}} {
 		if *f.dst, err = open(f.name); err != nil {
 			m.Close()
 			return nil, err
@@ -73,7 +74,7 @@ func OpenPinned(dir string) (*Maps, error) {
 // Close closes the map handles (pins and the kernel's maps stay).
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.Routes, m.Peers, m.Config, m.Counters, m.Endpoints} {
+	for _, mp := range []*ebpf.Map{m.Routes, m.Peers, m.Config, m.Counters, m.Endpoints, m.Nexthops} {
 		if mp != nil {
 			errs = append(errs, mp.Close())
 		}
