@@ -951,6 +951,101 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 	})
 }
 
+// 200 simulated peers join, leave (deleted, or their lease revoked as an expiry would) and
+// move to other PublicIPs in random order, from 4 writers at once, while two real hosts'
+// containers talk: nothing between the real hosts is lost, and at the end every host's BPF
+// maps hold exactly etcd's leases. -xnet.churn sets the length (the is 60 s; go test
+// runs 10 s).
+func TestReliabilityLeaseChurn(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: 10 s of lease churn")
+	}
+	nodes, topo := xdCluster(t, 2, rlEBPFConfig, "--backend=ebpf")
+	cs := xdContainers(t, nodes)
+	if failed := xdMesh(cs); len(failed) > 0 {
+		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
+	}
+	cli := topo.EtcdClient()
+	const peers, writers = 200, 4
+	subnets := rlFreeSubnets(t, topo, peers)
+	flows := rlStartFlows(t, cs[0], cs[1])
+
+	ctx, cancel := context.WithTimeout(context.Background(), *rlChurn+time.Minute)
+	defer cancel()
+	var (
+		mu     sync.Mutex
+		leases = map[int]clientv3.LeaseID{} // simulated peers present now
+		ops    = map[string]int{}
+		wg     sync.WaitGroup
+		errs   = make(chan error, writers)
+	)
+	end := time.Now().Add(*rlChurn)
+	for w := range writers {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), uint64(time.Now().UnixNano())))
+			for time.Now().Before(end) {
+				// Each writer owns the peers i with i%writers == w, so two writers never race
+				// on one key and the bookkeeping here stays true.
+				i := rng.IntN(peers/writers)*writers + w
+				mu.Lock()
+				id, present := leases[i]
+				mu.Unlock()
+				key := subnetmgr.SubnetKey(xdPrefix, subnets[i])
+				var op string
+				var err error
+				switch r := rng.IntN(10); {
+				case !present || r < 2: // join, or move to another PublicIP
+					op = "join"
+					if present {
+						op = "move"
+					}
+					id, err = rlPutPeerCtx(ctx, cli, subnets[i], rlSimIP(i+peers*rng.IntN(3)), time.Hour)
+					present = err == nil
+				case r < 6:
+					op = "delete"
+					_, err = cli.Delete(ctx, key)
+					present = false
+				default:
+					op = "expire"
+					_, err = cli.Revoke(ctx, id)
+					present = false
+				}
+				if err != nil {
+					errs <- fmt.Errorf("%s %v: %w", op, subnets[i], err)
+					return
+				}
+				mu.Lock()
+				if present {
+					leases[i] = id
+				} else {
+					delete(leases, i)
+				}
+				ops[op]++
+				mu.Unlock()
+				time.Sleep(time.Duration(rng.IntN(10)) * time.Millisecond)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	took := rlWaitConverged(t, topo, nodes, 10*time.Second)
+	total := 0
+	for _, n := range ops {
+		total += n
+	}
+	t.Logf("%d lease changes in %v (%v), %d simulated peers present at the end; every map equal to etcd's %v after the last change",
+		total, *rlChurn, ops, len(leases), took.Round(time.Millisecond))
+	flows.requireNoLoss(t, "lease churn of 200 simulated peers")
+	for _, n := range nodes {
+		if n.proc.Exited() {
+			t.Errorf("xnetd on %s exited during the churn: %v", n.Name, n.proc.Wait())
+		}
+	}
+}
+
 // silence unused imports while the file grows
 var (
 	_ = errors.New
