@@ -107,6 +107,10 @@ func ReadSubnetFile(path string) (SubnetFile, error) {
 	return f, nil
 }
 
+// WriteFileAtomic is writeFileAtomic for the other files xnet writes on a host (package
+// macvlan's options file), so every such file is replaced the same way.
+func WriteFileAtomic(path string, data []byte) error { return writeFileAtomic(path, data) }
+
 // writeFileAtomic writes data to a temporary file in path's directory and renames it over
 // path, so a reader (Docker's EnvironmentFile, a script) sees the old file or the new one,
 // never half of one.
