@@ -148,6 +148,17 @@ func Load(opts Options) (*Loader, error) {
 			return nil, err
 		}
 	}
+	// Programs are pinned too (prog_<name>), so `bpftool prog show pinned <dir>/prog_decap_tc`
+	// finds this datapath's programs among others of the same name (bpftool 7.1 shows TCX
+	// links only as "type 11"). A restart re-pins the new build's programs in place.
+	for p, prog := range map[Program]*ebpf.Program{
+		EncapContainer: l.progs.EncapContainer, EncapHost: l.progs.EncapHost, DecapTC: l.progs.DecapTc, DecapXDP: l.progs.DecapXdp,
+	} {
+		if err := pinAtomically(prog, ProgramPin(dir, p)); err != nil {
+			l.Close()
+			return nil, err
+		}
+	}
 	log.Info("datapath loaded", "bpffs", dir, "adopted_maps", len(adopted), "replaced_maps", l.replaced)
 	return l, nil
 }
@@ -193,18 +204,21 @@ func (l *Loader) Teardown() error {
 	return errors.Join(errs...)
 }
 
-// pinAtomically pins m at path, replacing whatever is pinned there in one rename, so a reader
-// of the path sees the old map or the new one, never nothing.
-func pinAtomically(m *ebpf.Map, path string) error {
+// ProgramPin is where Load pins program p under dir.
+func ProgramPin(dir string, p Program) string { return filepath.Join(dir, "prog_"+string(p)) }
+
+// pinAtomically pins m (a map or a program) at path, replacing whatever is pinned there in one
+// rename, so a reader of the path sees the old object or the new one, never nothing.
+func pinAtomically(m interface{ Pin(string) error }, path string) error {
 	// bpffs refuses names with dots.
 	tmp := filepath.Join(filepath.Dir(path), "tmp_"+filepath.Base(path))
 	_ = os.Remove(tmp)
 	if err := m.Pin(tmp); err != nil {
-		return fmt.Errorf("pin map at %s: %w", tmp, err)
+		return fmt.Errorf("pin at %s: %w", tmp, err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		_ = os.Remove(tmp)
-		return fmt.Errorf("move pinned map %s into place: %w", path, err)
+		return fmt.Errorf("move pin %s into place: %w", path, err)
 	}
 	return nil
 }

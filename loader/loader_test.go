@@ -116,10 +116,17 @@ func TestMapsArePinnedWithReadableBTF(t *testing.T) {
 	if err != nil {
 		t.Fatalf("bpftool: %v: %s", err, out)
 	}
-	// With BTF, bpftool prints field names rather than hex bytes.
-	for _, field := range []string{"prefixlen", "remote_ip", "vtep_mac"} {
-		if !strings.Contains(string(out), field) {
-			t.Errorf("bpftool map dump lacks %q (no BTF?):\n%s", field, out)
+	// With BTF, bpftool prints field names rather than hex bytes, and addresses (ipv4_addr)
+	// as their four bytes in wire order.
+	for _, want := range []string{"prefixlen", "remote_ip", "vtep_mac", "[10,244,9,0", "[198,18,0,19"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("bpftool map dump lacks %q:\n%s", want, out)
+		}
+	}
+	for _, p := range []Program{EncapContainer, EncapHost, DecapTC, DecapXDP} {
+		out, err := exec.Command("bpftool", "prog", "show", "pinned", ProgramPin(dir, p)).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "name "+string(p)) {
+			t.Errorf("bpftool prog show pinned %s: %v\n%s", ProgramPin(dir, p), err, out)
 		}
 	}
 }
