@@ -250,7 +250,7 @@ func (c Config) Pool(hostAddrs ...netip.Addr) subnetmgr.Pool {
 	avoid := append([]netip.Addr{c.Gateway}, hostAddrs...)
 	return subnetmgr.Pool{
 		Dir: Dir, Network: c.Subnet, Len: c.RangeLen, Min: c.RangeMin, Max: c.RangeMax,
-		Avoid: avoid, AvoidHosts: true,
+		Avoid: avoid, AvoidHosts: true, WatchOwnKey: true,
 		FullHint: "widen Macvlan.RangeMin/RangeMax, lengthen Macvlan.RangeLen for more, smaller ranges, or remove stale leases",
 	}
 }

@@ -375,6 +375,37 @@ func TestKeepRenewsAndFollowsALostRange(t *testing.T) {
 	}
 }
 
+func TestADeletedRangeKeyComesBackAtOnce(t *testing.T) {
+	e := newEnv(t, lanConfig) // TTL one hour: without the watch, the next renewal is half an hour away
+	h := e.newHost(addr("192.0.2.1"), "")
+	l, err := h.mv.Acquire(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- h.mv.Keep(ctx, nil) }()
+	t.Cleanup(func() { cancel(); <-done })
+	key := subnetmgr.PoolKey(e.prefix, Dir, l.Subnet)
+	// Deleted twice: the keeper must keep watching after it took the key back once.
+	for round := range 2 {
+		time.Sleep(200 * time.Millisecond) // the watch is up
+		if _, err := e.srv.Client().Delete(t.Context(), key); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for e.keys(t.Context())[l.Subnet] != "192.0.2.1" {
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: the deleted key %s is not back after 5s; log:\n%s", round, key, h.log)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if got := h.mv.Lease(); got.Subnet != l.Subnet || got.Expiration.IsZero() {
+			t.Errorf("round %d: lease after the take-back is %v expiring %v", round, got.Subnet, got.Expiration)
+		}
+	}
+}
+
 func TestLoad(t *testing.T) {
 	cases := []struct {
 		desc     string

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // KeepLease renews lease renewMargin before it expires, retrying with backoff through etcd
@@ -34,6 +36,18 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 			"renew_margin", renewMargin, "ttl", m.ttl, "using", half)
 		renewMargin = half
 	}
+	// wake fires when our key is deleted (WatchOwnKey): renew at once, which re-creates it.
+	var wake <-chan struct{}
+	var ownKey atomic.Pointer[string]
+	if p.WatchOwnKey {
+		key := PoolKey(m.prefix, p.Dir, lease.Subnet)
+		ownKey.Store(&key)
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		w := make(chan struct{}, 1)
+		go m.watchDeletes(wctx, p.Dir, &ownKey, w)
+		wake = w
+	}
 	bo := m.newBackoff()
 	failing := false
 	for {
@@ -45,7 +59,7 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 				wait = max(time.Until(lease.Expiration)-renewMargin, m.retryMin)
 			}
 		}
-		if err := sleep(ctx, wait); err != nil {
+		if err := sleepOrWake(ctx, wait, wake); err != nil {
 			return err
 		}
 		nl, err := m.renew(ctx, p, attrs, lease)
@@ -68,6 +82,10 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 		failing = false
 		bo.reset()
 		lease = nl
+		if p.WatchOwnKey {
+			key := PoolKey(m.prefix, p.Dir, lease.Subnet)
+			ownKey.Store(&key)
+		}
 		if onChange != nil {
 			onChange(lease)
 		}
@@ -134,4 +152,46 @@ func (m *Manager) lost(ctx context.Context, p Pool, attrs LeaseAttrs, lease Leas
 		return Lease{}, fmt.Errorf("replace lost lease %s: %w", lease.Subnet, err)
 	}
 	return l, nil
+}
+
+// sleepOrWake waits d, until ctx ends, or until wake fires (a nil wake never does).
+func sleepOrWake(ctx context.Context, d time.Duration, wake <-chan struct{}) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+	case <-wake:
+		// Let a burst of deletes (an operator's etcdctl del --prefix) settle into one renewal.
+		_ = sleep(ctx, 10*time.Millisecond)
+	}
+	return ctx.Err()
+}
+
+// watchDeletes signals wake whenever the key *ownKey points to is deleted under
+// <prefix>/<dir>/, until ctx ends. A broken watch is restarted from now: a delete it missed
+// is found by the next periodic renewal, as without the watch.
+func (m *Manager) watchDeletes(ctx context.Context, dir string, ownKey *atomic.Pointer[string], wake chan<- struct{}) {
+	bo := m.newBackoff()
+	for ctx.Err() == nil {
+		wch := m.client.Watch(clientv3.WithRequireLeader(ctx), PoolPrefix(m.prefix, dir), clientv3.WithPrefix(),
+			clientv3.WithFilterPut())
+		for resp := range wch {
+			if resp.Err() != nil {
+				break
+			}
+			bo.reset()
+			for _, ev := range resp.Events {
+				if ev.Type == clientv3.EventTypeDelete && string(ev.Kv.Key) == *ownKey.Load() {
+					m.log.Warn("our lease key was deleted; taking the range back now", "key", string(ev.Kv.Key))
+					select {
+					case wake <- struct{}{}:
+					default:
+					}
+				}
+			}
+		}
+		_ = sleep(ctx, bo.next())
+	}
 }

@@ -35,6 +35,11 @@ type Pool struct {
 	AvoidHosts bool
 	// FullHint is the fix an operator gets when every range is taken; a generic one when "".
 	FullHint string
+	// WatchOwnKey makes KeepPoolLease watch our key and take the range back at once when it
+	// is deleted or expires, instead of at the next renewal (up to a TTL later, while another
+	// host may take it). The overlay leaves it off: xnetd takes its subnet back from the
+	// lease events it watches anyway, and two takers would race.
+	WatchOwnKey bool
 }
 
 // OverlayPool is the pool of the overlay's subnets under <prefix>/subnets/ for cfg.
