@@ -11,7 +11,6 @@ package e2e
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"flag"
 	"fmt"
 	"math/rand/v2"
@@ -20,7 +19,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -30,7 +28,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
-	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -1045,12 +1042,3 @@ func TestReliabilityLeaseChurn(t *testing.T) {
 		}
 	}
 }
-
-// silence unused imports while the file grows
-var (
-	_ = errors.New
-	_ = rand.N[int]
-	_ = regexp.MustCompile
-	_ = slices.Sort[[]int]
-	_ = btf.FuncMetadata
-)
