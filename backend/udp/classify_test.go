@@ -189,8 +189,8 @@ func TestParsePeerRefusesLeasesItCannotUse(t *testing.T) {
 			if err != nil && !errors.Is(err, ErrIncompatiblePeer) {
 				t.Errorf("error %v does not wrap ErrIncompatiblePeer", err)
 			}
-			if err == nil && (p.addr.Port != 8472 || !p.addr.IP.Equal(c.lease.PublicIP.AsSlice())) {
-				t.Errorf("outer destination %v", p.addr)
+			if err == nil && (p.port != 8472 || p.publicIP != c.lease.PublicIP) {
+				t.Errorf("outer destination %v:%d", p.publicIP, p.port)
 			}
 		})
 	}

@@ -2,7 +2,6 @@ package udp
 
 import (
 	"encoding/binary"
-	"errors"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -47,6 +46,11 @@ type coalescer struct {
 	iov  [][]byte
 	errs int // writes the kernel refused since the last take
 	last error
+
+	// writeFn is doWrite as a method value made once: a closure passed to RawConn.Write
+	// would be allocated on every write. werr is its result.
+	writeFn func(fd uintptr) bool
+	werr    error
 }
 
 const maxCoalesce = 64 // segments per group: what a 64 KB write holds at MTU 1450 and more
@@ -54,7 +58,9 @@ const maxCoalesce = 64 // segments per group: what a 64 KB write holds at MTU 14
 var zeroVirtioHdr [virtioNetHdrLen]byte
 
 func newCoalescer(rc syscall.RawConn, vnetHdr bool) *coalescer {
-	return &coalescer{rc: rc, vnetHdr: vnetHdr, pays: make([][]byte, 0, maxCoalesce), iov: make([][]byte, 0, maxCoalesce+2)}
+	c := &coalescer{rc: rc, vnetHdr: vnetHdr, pays: make([][]byte, 0, maxCoalesce), iov: make([][]byte, 0, maxCoalesce+2)}
+	c.writeFn = c.doWrite
+	return c
 }
 
 // add queues one accepted inner IPv4 packet.
@@ -174,18 +180,20 @@ func (c *coalescer) writeOne(pkt []byte) {
 }
 
 func (c *coalescer) writev() {
-	var err error
-	werr := c.rc.Write(func(fd uintptr) bool {
-		_, err = unix.Writev(int(fd), c.iov)
-		return !errors.Is(err, unix.EAGAIN)
-	})
-	if werr != nil {
-		err = werr
+	c.werr = nil
+	err := c.rc.Write(c.writeFn)
+	if err == nil {
+		err = c.werr
 	}
 	if err != nil {
 		c.errs++
 		c.last = err
 	}
+}
+
+func (c *coalescer) doWrite(fd uintptr) bool {
+	_, c.werr = unix.Writev(int(fd), c.iov)
+	return c.werr != unix.EAGAIN
 }
 
 // takeErrors returns the number of refused writes since the last call and the last error.

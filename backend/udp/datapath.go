@@ -13,7 +13,6 @@ import (
 	"time"
 	"unsafe"
 
-	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
 
@@ -139,7 +138,7 @@ type txQueue struct {
 	sizes  []int
 	iov    [][]byte
 	groups []txGroup
-	msgs   []ipv4.Message
+	mm     *mmsgBatch
 	oob    []byte
 	tally  tally
 }
@@ -153,7 +152,7 @@ func (d *datapath) txLoop(q int) {
 		sizes:  make([]int, batch),
 		iov:    make([][]byte, 0, batch),
 		groups: make([]txGroup, 0, batch),
-		msgs:   make([]ipv4.Message, batch),
+		mm:     newMmsgBatch(batch, batch),
 		oob:    make([]byte, batch*unix.CmsgSpace(2)),
 	}
 	// The first buffer takes a whole packet when the kernel sends one unsegmented; the others
@@ -269,22 +268,23 @@ func (g *txGroup) accepts(p *peerDP, sock, n int) bool {
 		g.segs < maxGSOSegments && g.payloadBytes+n <= maxGSOBytes
 }
 
-// sendGroups sends groups (all for one socket) with one sendmmsg, each group one message.
+// sendGroups sends groups (all for one socket, at most t.mm.limit) with one sendmmsg, each
+// group one message.
 func (d *datapath) sendGroups(t *txQueue, groups []txGroup) {
 	s := d.res.send[groups[0].sock]
-	msgs := t.msgs[:len(groups)]
 	cs := unix.CmsgSpace(2)
+	t.mm.reset()
 	for i := range groups {
 		g := &groups[i]
-		msgs[i] = ipv4.Message{Buffers: t.iov[g.first:g.end], Addr: g.peer.udpAddr()}
-		msgs[i].OOB = nil
+		var oob []byte
 		if g.segs > 1 {
-			msgs[i].OOB = putUDPSegment(t.oob[i*cs:(i+1)*cs], g.segSize)
+			oob = putUDPSegment(t.oob[i*cs:(i+1)*cs], g.segSize)
 		}
+		t.mm.add(t.iov[g.first:g.end], g.peer.publicIP.As4(), g.peer.port, oob)
 	}
 	sent := 0
-	for sent < len(msgs) {
-		n, err := s.pc.WriteBatch(msgs[sent:], 0)
+	for sent < len(groups) {
+		n, err := t.mm.send(s.rc, sent)
 		for _, g := range groups[sent : sent+max(n, 0)] {
 			t.tally[verdictEncap].packets += uint64(g.segs)
 			t.tally[verdictEncap].bytes += uint64(g.innerBytes)
@@ -331,7 +331,7 @@ func (d *datapath) sendSingly(t *txQueue, groups []txGroup) {
 		}
 	}
 	for len(split) > 0 {
-		k := min(len(split), len(t.msgs))
+		k := min(len(split), t.mm.limit)
 		d.sendGroups(t, split[:k])
 		split = split[k:]
 	}
@@ -369,7 +369,7 @@ func flowHash(pkt []byte) uint32 {
 
 // rxQueue is one rx goroutine's reusable state.
 type rxQueue struct {
-	msgs  []ipv4.Message
+	in    *recvBatch
 	co    *coalescer // zero-copy coalescing writer; nil with Tuning.CopyingGRO
 	out   [][]byte   // with Tuning.CopyingGRO: copies for wireguard-go's GRO
 	nout  int
@@ -378,13 +378,9 @@ type rxQueue struct {
 
 func (d *datapath) rxLoop(q int) {
 	defer d.wg.Done()
-	pc := d.res.queues[q].rx
+	rc := d.res.queues[q].rc
 	dev := d.res.queues[q].tun
-	r := &rxQueue{msgs: make([]ipv4.Message, rxMessages)}
-	for i := range r.msgs {
-		r.msgs[i].Buffers = [][]byte{make([]byte, maxPacket)}
-		r.msgs[i].OOB = make([]byte, unix.CmsgSpace(4))
-	}
+	r := &rxQueue{in: newRecvBatch(rxMessages, maxPacket, unix.CmsgSpace(4))}
 	if d.copyingGRO {
 		// Every output buffer can grow to a whole 64 KB segment: wireguard-go's GRO appends
 		// the packets it coalesces to the first one of their flow.
@@ -401,7 +397,7 @@ func (d *datapath) rxLoop(q int) {
 		r.co = newCoalescer(rc, d.res.offload)
 	}
 	for {
-		n, err := pc.ReadBatch(r.msgs, 0)
+		n, err := r.in.recv(rc)
 		if err != nil {
 			if d.closing.Load() || errors.Is(err, net.ErrClosed) {
 				return
@@ -412,8 +408,13 @@ func (d *datapath) rxLoop(q int) {
 		}
 		table := d.tables.load()
 		local := *d.local.Load()
-		for i := range r.msgs[:n] {
-			d.receive(r, dev, &r.msgs[i], table, local)
+		for i := range n {
+			data, oob, flags, src, ok := r.in.datagram(i)
+			if !ok {
+				r.tally.add(verdictDropMalformed, len(data))
+				continue
+			}
+			d.receive(r, dev, data, oob, flags, src, table, local)
 		}
 		d.flushTUN(r, dev)
 		d.stats.flush(&r.tally)
@@ -422,21 +423,14 @@ func (d *datapath) rxLoop(q int) {
 
 // receive classifies every datagram of one (possibly GRO-coalesced) message and queues the
 // accepted inner packets for the TUN.
-func (d *datapath) receive(r *rxQueue, dev tun.Device, m *ipv4.Message, table *peerTable, local netip.Prefix) {
-	data := m.Buffers[0][:m.N]
-	if m.Flags&unix.MSG_TRUNC != 0 {
+func (d *datapath) receive(r *rxQueue, dev tun.Device, data, oob []byte, flags int, outerSrc [4]byte, table *peerTable, local netip.Prefix) {
+	if flags&unix.MSG_TRUNC != 0 {
 		// Larger than any datagram can be: cannot happen with a 64 KB buffer, but a
 		// truncated datagram must never be delivered as if whole.
-		r.tally.add(verdictDropMalformed, m.N)
+		r.tally.add(verdictDropMalformed, len(data))
 		return
 	}
-	src, ok := m.Addr.(*net.UDPAddr)
-	if !ok {
-		r.tally.add(verdictDropMalformed, m.N)
-		return
-	}
-	outerSrc := [4]byte(src.IP.To4())
-	segSize := groSize(m.OOB[:m.NN])
+	segSize := groSize(oob)
 	if segSize <= 0 || segSize > len(data) {
 		segSize = len(data)
 	}

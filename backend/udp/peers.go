@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"sort"
 	"sync/atomic"
@@ -19,11 +18,9 @@ type peerDP struct {
 	subnet   netip.Prefix
 	publicIP netip.Addr
 	mac      wire.MAC
-	addr     *net.UDPAddr // outer destination: PublicIP and the VXLAN port
-	stats    *peerStats   // shared by every version of this peer's lease
+	port     int        // outer destination port (the VXLAN port)
+	stats    *peerStats // shared by every version of this peer's lease
 }
-
-func (p *peerDP) udpAddr() *net.UDPAddr { return p.addr }
 
 // peerStats are one peer's counters, updated by the queues without a lock.
 type peerStats struct {
@@ -43,7 +40,7 @@ func parsePeer(lease subnetmgr.Lease, vni uint32, port int, log *slog.Logger) (*
 		subnet:   p.Subnet,
 		publicIP: p.PublicIP,
 		mac:      mac,
-		addr:     &net.UDPAddr{IP: p.PublicIP.AsSlice(), Port: port},
+		port:     port,
 		stats:    &peerStats{},
 	}, nil
 }

@@ -7,8 +7,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"syscall"
 
-	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
 )
@@ -26,13 +26,13 @@ type resources struct {
 // queueRes is one queue: a TUN queue fd and a receiving socket.
 type queueRes struct {
 	tun tun.Device
-	rx  *ipv4.PacketConn
+	rc  syscall.RawConn // the receiving socket, for recvmmsg
 	raw *net.UDPConn
 }
 
 // sendSocket is one socket of the sending pool; its port is one of the outer source ports.
 type sendSocket struct {
-	pc   *ipv4.PacketConn
+	rc   syscall.RawConn // for sendmmsg
 	raw  *net.UDPConn
 	port int
 }
@@ -82,7 +82,12 @@ func openResources(publicIP netip.Addr, port int, tune Tuning, log *slog.Logger)
 		if err != nil {
 			return nil, err
 		}
-		res.queues[i].raw, res.queues[i].rx = conn, ipv4.NewPacketConn(conn)
+		rc, err := conn.SyscallConn()
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("udp: receiving socket of queue %d: %w", i, err)
+		}
+		res.queues[i].raw, res.queues[i].rc = conn, rc
 		if !gro && res.gro {
 			log.Info("UDP_GRO not available on this kernel: receiving one datagram at a time")
 			res.gro = false
@@ -280,7 +285,12 @@ func openSendSocket(ip netip.Addr) (sendSocket, bool, error) {
 	if err != nil {
 		return sendSocket{}, false, err
 	}
-	return sendSocket{pc: ipv4.NewPacketConn(conn), raw: conn, port: port}, gso, nil
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		conn.Close()
+		return sendSocket{}, false, fmt.Errorf("udp: sending socket %d: %w", port, err)
+	}
+	return sendSocket{rc: rc, raw: conn, port: port}, gso, nil
 }
 
 // setBuffer asks for socketBuffer bytes, forcing past the sysctl limit where allowed.

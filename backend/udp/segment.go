@@ -6,7 +6,6 @@ import (
 	"os"
 	"syscall"
 
-	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/wire"
@@ -35,6 +34,12 @@ type segmenter struct {
 	vnetHdr bool
 	buf     []byte // virtio-net header + one packet of up to 64 KB
 	hdrs    []byte // segHdrCap bytes per segment
+
+	// readFn is doRead as a method value made once (a closure would be allocated per
+	// read); n and err are its results.
+	readFn func(fd uintptr) bool
+	n      int
+	err    error
 }
 
 func newSegmenter(f *os.File, vnetHdr bool) (*segmenter, error) {
@@ -42,24 +47,25 @@ func newSegmenter(f *os.File, vnetHdr bool) (*segmenter, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &segmenter{rc: rc, vnetHdr: vnetHdr, buf: make([]byte, virtioNetHdrLen+maxPacket), hdrs: make([]byte, 64*segHdrCap)}, nil
+	s := &segmenter{rc: rc, vnetHdr: vnetHdr, buf: make([]byte, virtioNetHdrLen+maxPacket), hdrs: make([]byte, 64*segHdrCap)}
+	s.readFn = s.doRead
+	return s, nil
 }
 
 // read reads one packet (with its virtio-net header when the TUN has one).
 func (s *segmenter) read() ([]byte, error) {
-	var n int
-	var err error
-	rerr := s.rc.Read(func(fd uintptr) bool {
-		n, err = unix.Read(int(fd), s.buf)
-		return !errors.Is(err, unix.EAGAIN)
-	})
-	if rerr != nil {
-		return nil, rerr
-	}
-	if err != nil {
+	if err := s.rc.Read(s.readFn); err != nil {
 		return nil, err
 	}
-	return s.buf[:n], nil
+	if s.err != nil {
+		return nil, s.err
+	}
+	return s.buf[:s.n], nil
+}
+
+func (s *segmenter) doRead(fd uintptr) bool {
+	s.n, s.err = unix.Read(int(fd), s.buf)
+	return s.err != unix.EAGAIN
 }
 
 // errBadGSO marks a packet whose virtio-net header we cannot act on.
@@ -76,7 +82,7 @@ func (d *datapath) txLoopByReference(q int) {
 	t := &txQueue{
 		iov:    make([][]byte, 0, 2*64+2),
 		groups: make([]txGroup, 0, 8),
-		msgs:   make([]ipv4.Message, 8),
+		mm:     newMmsgBatch(8, 2*64+2),
 		oob:    make([]byte, 8*unix.CmsgSpace(2)),
 	}
 	for {
@@ -216,8 +222,8 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 			g.closed = true // without GSO every datagram is a message of its own
 		}
 	}
-	for start := 0; start < len(t.groups); start += len(t.msgs) {
-		d.sendGroups(t, t.groups[start:min(start+len(t.msgs), len(t.groups))])
+	for start := 0; start < len(t.groups); start += t.mm.limit {
+		d.sendGroups(t, t.groups[start:min(start+t.mm.limit, len(t.groups))])
 	}
 	return nil
 }

@@ -331,7 +331,9 @@ func udpInnerPacket(src, dst netip.Addr, port uint16, size int) []byte {
 // from a container on h1 to one on h2, through the kernel VXLAN baseline (as flannel sets it
 // up) and through the udp backend with each optimisation turned off in turn, interleaved.
 // Run it by hand: XNET_UDP_BENCH=1 go test -run TestUDPThroughput -v ./test/e2e/
-// (XNET_UDP_BENCH_ONLY="kernel vxlan,udp (all on)" picks variants by name).
+// (XNET_UDP_BENCH_ONLY="kernel vxlan,udp (all on)" picks variants by name;
+// XNET_UDP_BENCH_ROUNDS and XNET_UDP_BENCH_SECONDS change the default 3 rounds of 5 s;
+// XNET_UDP_BENCH_RATE=2G caps iperf3's rate, to compare CPU s/GB at equal throughput).
 func TestUDPThroughputAgainstKernelVXLAN(t *testing.T) {
 	if os.Getenv("XNET_UDP_BENCH") == "" {
 		t.Skip("a measurement, not a test: set XNET_UDP_BENCH=1 to run it")
@@ -340,6 +342,12 @@ func TestUDPThroughputAgainstKernelVXLAN(t *testing.T) {
 		t.Skip("iperf3 not installed")
 	}
 	rounds, seconds := 3, 5
+	if n, err := strconv.Atoi(os.Getenv("XNET_UDP_BENCH_ROUNDS")); err == nil && n > 0 {
+		rounds = n
+	}
+	if n, err := strconv.Atoi(os.Getenv("XNET_UDP_BENCH_SECONDS")); err == nil && n > 0 {
+		seconds = n
+	}
 	variants := []struct {
 		name string
 		tune *udp.Tuning // nil: kernel VXLAN
@@ -429,7 +437,13 @@ func udpMeasure(t *testing.T, tune *udp.Tuning, seconds int) (float64, int) {
 	time.Sleep(300 * time.Millisecond)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Duration(seconds+20)*time.Second)
 	defer cancel()
-	out, err := src.Run(ctx, "iperf3", "-c", dst.IP.String(), "-t", strconv.Itoa(seconds), "-J")
+	args := []string{"-c", dst.IP.String(), "-t", strconv.Itoa(seconds), "-J"}
+	if rate := os.Getenv("XNET_UDP_BENCH_RATE"); rate != "" {
+		// A fixed rate (e.g. 2G) that every variant reaches: then the CPU seconds per GB
+		// compare the datapaths' cost without the noise of how much CPU the others left.
+		args = append(args, "-b", rate)
+	}
+	out, err := src.Run(ctx, "iperf3", args...)
 	if err != nil {
 		t.Fatalf("iperf3: %v\n%s", err, out)
 	}
@@ -441,10 +455,21 @@ func udpMeasure(t *testing.T, tune *udp.Tuning, seconds int) (float64, int) {
 			SumSent struct {
 				Retransmits int `json:"retransmits"`
 			} `json:"sum_sent"`
+			Streams []struct {
+				Sender struct {
+					MeanRTT   int `json:"mean_rtt"`
+					MaxCwnd   int `json:"max_snd_cwnd"`
+					MaxSndWnd int `json:"max_snd_wnd"`
+				} `json:"sender"`
+			} `json:"streams"`
 		} `json:"end"`
 	}
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("iperf3 output: %v\n%s", err, out)
+	}
+	if len(r.End.Streams) > 0 {
+		st := r.End.Streams[0].Sender
+		t.Logf("sender: mean RTT %d us, max cwnd %d KB, max send window %d KB", st.MeanRTT, st.MaxCwnd>>10, st.MaxSndWnd>>10)
 	}
 	return r.End.SumReceived.BitsPerSecond / 1e9, r.End.SumSent.Retransmits
 }
