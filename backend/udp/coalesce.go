@@ -3,6 +3,7 @@ package udp
 import (
 	"encoding/binary"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -48,9 +49,11 @@ type coalescer struct {
 	last error
 
 	// writeFn is doWrite as a method value made once: a closure passed to RawConn.Write
-	// would be allocated on every write. werr is its result.
+	// would be allocated on every write. werr is its result. iovecs is iov for the kernel,
+	// kept here because unix.Writev allocates one per call.
 	writeFn func(fd uintptr) bool
 	werr    error
+	iovecs  []unix.Iovec
 }
 
 const maxCoalesce = 64 // segments per group: what a 64 KB write holds at MTU 1450 and more
@@ -58,7 +61,8 @@ const maxCoalesce = 64 // segments per group: what a 64 KB write holds at MTU 14
 var zeroVirtioHdr [virtioNetHdrLen]byte
 
 func newCoalescer(rc syscall.RawConn, vnetHdr bool) *coalescer {
-	c := &coalescer{rc: rc, vnetHdr: vnetHdr, pays: make([][]byte, 0, maxCoalesce), iov: make([][]byte, 0, maxCoalesce+2)}
+	c := &coalescer{rc: rc, vnetHdr: vnetHdr, pays: make([][]byte, 0, maxCoalesce), iov: make([][]byte, 0, maxCoalesce+2),
+		iovecs: make([]unix.Iovec, 0, maxCoalesce+2)}
 	c.writeFn = c.doWrite
 	return c
 }
@@ -192,8 +196,26 @@ func (c *coalescer) writev() {
 }
 
 func (c *coalescer) doWrite(fd uintptr) bool {
-	_, c.werr = unix.Writev(int(fd), c.iov)
-	return c.werr != unix.EAGAIN
+	c.iovecs = c.iovecs[:0]
+	for _, b := range c.iov {
+		if len(b) > 0 {
+			v := unix.Iovec{Base: &b[0]}
+			v.SetLen(len(b))
+			c.iovecs = append(c.iovecs, v)
+		}
+	}
+	c.werr = nil
+	if len(c.iovecs) == 0 {
+		return true
+	}
+	_, _, errno := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&c.iovecs[0])), uintptr(len(c.iovecs)))
+	if errno == unix.EAGAIN {
+		return false
+	}
+	if errno != 0 {
+		c.werr = errno
+	}
+	return true
 }
 
 // takeErrors returns the number of refused writes since the last call and the last error.
