@@ -36,6 +36,15 @@ type Backend interface {
 	Close(teardown bool) error
 }
 
+// PeerPruner is implemented by backends whose per-peer state survives a restart of xnetd
+// (pinned BPF maps, kernel routes and neighbour entries). A lease deleted while xnetd was down
+// never produces a removal event, so after the first full lease list has been applied the
+// daemon calls PrunePeers with every peer lease it knows, and the backend removes whatever
+// else it still holds for remote subnets. Leases it does not hold are not added here.
+type PeerPruner interface {
+	PrunePeers(keep []subnetmgr.Lease) error
+}
+
 // ExternalInterface is the underlay NIC and the address other hosts reach us on.
 type ExternalInterface struct {
 	Name     string
