@@ -1,4 +1,4 @@
-# xnet: make build | test | demo | bench | generate | install
+# xnet: make build | test | demo | bench | bench-scale | generate | install
 GO      ?= go
 BIN     := bin/xnetd
 PREFIX  ?= /usr/local
@@ -6,7 +6,7 @@ PREFIX  ?= /usr/local
 # at a time per CPU and each names what it creates uniquely, so packages may run in parallel.
 TESTFLAGS ?= -count=1 -timeout 12m
 
-.PHONY: all build test vet lint unit demo bench generate check-generated install clean deps
+.PHONY: all build test vet lint unit demo bench bench-scale generate check-generated install clean deps
 
 all: build
 
@@ -37,6 +37,12 @@ BENCH_ROUNDS   ?= 3
 bench: build
 	@command -v iperf3 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3)
 	$(GO) run ./test/cmd/bench -xnetd $(BIN) -out bench -backends $(BENCH_BACKENDS) -rounds $(BENCH_ROUNDS)
+
+# Control-plane scale (DESIGN.md targets): 5,000 leases into a new xnetd, commit-to-map latency
+# for 50 watchers, etcd requests per node at steady state. See bench/scale.md.
+SCALE_FLAGS ?=
+bench-scale:
+	$(GO) run ./test/cmd/scale $(SCALE_FLAGS)
 
 # Rebuild the BPF objects and their Go bindings (needs clang, llvm, libbpf-dev).
 generate:
