@@ -141,9 +141,14 @@ struct vxlan_match {
  * the host's main NIC and must never disturb SSH, etcd or anything else. It
  * returns VERDICT_DECAP with m filled for a packet to deliver, and a
  * VERDICT_DROP_* reason for VXLAN for us that breaks a rule.
+ *
+ * frame_len is the length of the whole frame, which on TC may be more than
+ * [data, data_end): a paged skb (a GSO packet above all) has only its headers
+ * in the linear part, so the caller passes skb->len. XDP passes
+ * data_end - data.
  */
-static __always_inline int vxlan_classify(void *data, void *data_end, const struct host_config *cfg,
-					  struct vxlan_match *m)
+static __always_inline int vxlan_classify(void *data, void *data_end, __u32 frame_len,
+					  const struct host_config *cfg, struct vxlan_match *m)
 {
 	struct hdr_cursor nh = {.pos = data};
 	struct ethhdr *eth, *inner_eth;
@@ -151,6 +156,7 @@ static __always_inline int vxlan_classify(void *data, void *data_end, const stru
 	struct udphdr *udp;
 	struct vxlanhdr *vxh;
 	struct route *src_route;
+	__u32 inner_len, inner_present;
 
 	if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP))
 		return VERDICT_PASS;
@@ -183,6 +189,19 @@ static __always_inline int vxlan_classify(void *data, void *data_end, const stru
 	if (inner_eth->h_proto != bpf_htons(ETH_P_IP))
 		return VERDICT_DROP_INNER_NOT_IPV4;
 	if (parse_iphdr(&nh, data_end, &inner_ip) < 0)
+		return VERDICT_DROP_MALFORMED;
+	/* The inner packet must be all there: its tot_len covers at least its
+	 * own header and at most the bytes that arrived. A shorter inner packet
+	 * would be delivered for the container's stack to drop, after counting
+	 * as decapsulated and bypassing the host stack's own length checks
+	 * (bpf_redirect_peer skips them). More bytes than tot_len is Ethernet
+	 * padding of a short packet: the receiving stack trims it, as it does
+	 * for any frame. tot_len 0 (IPv4 BIG TCP, over 64 KB) is refused too:
+	 * the encap cannot carry such packets either (the outer tot_len is 16
+	 * bits), so no peer of ours sends them. */
+	inner_len = bpf_ntohs(inner_ip->tot_len);
+	inner_present = frame_len - (__u32)((void *)inner_ip - data);
+	if (inner_len < (__u32)inner_ip->ihl * 4 || inner_len > inner_present)
 		return VERDICT_DROP_MALFORMED;
 	if ((inner_ip->daddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr))
 		return VERDICT_DROP_NOT_LOCAL;

@@ -428,7 +428,7 @@ int decap_tc(struct __sk_buff *skb)
 
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	verdict = vxlan_classify(data, data_end, cfg, &m);
+	verdict = vxlan_classify(data, data_end, skb->len, cfg, &m);
 	if (verdict == VERDICT_PASS) {
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
@@ -463,7 +463,7 @@ int decap_xdp(struct xdp_md *ctx)
 	cfg = get_config();
 	if (!cfg)
 		return XDP_PASS;
-	verdict = vxlan_classify(data, data_end, cfg, &m);
+	verdict = vxlan_classify(data, data_end, len, cfg, &m);
 	if (verdict == VERDICT_PASS) {
 		count(VERDICT_PASS, len);
 		return XDP_PASS;

@@ -280,9 +280,38 @@ func TestDecap(t *testing.T) {
 		{49, XnetVerdictVERDICT_PASS}, {50, XnetVerdictVERDICT_DROP_MALFORMED},
 		{63, XnetVerdictVERDICT_DROP_MALFORMED}, {64, XnetVerdictVERDICT_DROP_MALFORMED},
 		{83, XnetVerdictVERDICT_DROP_MALFORMED},
+		// The inner IPv4 header is complete from 84 bytes on, but its tot_len counts the TCP
+		// segment too: the inner packet is still cut short until the last byte.
+		{84, XnetVerdictVERDICT_DROP_MALFORMED}, {104, XnetVerdictVERDICT_DROP_MALFORMED},
+		{len(full) - 1, XnetVerdictVERDICT_DROP_MALFORMED},
 	} {
 		cases = append(cases, decapCase{name: "truncated to " + strconv.Itoa(cut.at) + " bytes", in: full[:cut.at], verdict: cut.verdict})
 	}
+
+	// The inner tot_len against the bytes present. innerIP is where the inner IPv4 header starts
+	// in full (outer Ethernet, IPv4, UDP, VXLAN, inner Ethernet).
+	const innerIP = 14 + 20 + 8 + 8 + 14
+	withTotLen := func(n uint16) []byte {
+		b := bytes.Clone(full)
+		binary.BigEndian.PutUint16(b[innerIP+2:], n)
+		return b
+	}
+	innerLen := len(full) - innerIP
+	padding := make([]byte, 20)
+	cases = append(cases,
+		decapCase{name: "an inner tot_len one byte beyond the frame is dropped",
+			in: withTotLen(uint16(innerLen + 1)), verdict: XnetVerdictVERDICT_DROP_MALFORMED},
+		decapCase{name: "an inner tot_len shorter than the inner IPv4 header is dropped",
+			in: withTotLen(19), verdict: XnetVerdictVERDICT_DROP_MALFORMED},
+		decapCase{name: "an inner tot_len of 0 is dropped",
+			in: withTotLen(0), verdict: XnetVerdictVERDICT_DROP_MALFORMED},
+		decapCase{name: "an inner tot_len of just the header (an empty IPv4 packet) is delivered",
+			in: withTotLen(20), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: append(testpkt.Eth(ctrMAC, gwMAC, testpkt.EtherTypeIPv4, nil), withTotLen(20)[innerIP:]...), tcRet: tcRedirect},
+		decapCase{name: "padding after the inner packet is delivered as it came, for the stack to trim",
+			in: append(bytes.Clone(full), padding...), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: append(innerTo(ctrMAC, gwMAC, accepted), padding...), tcRet: tcRedirect},
+	)
 
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
