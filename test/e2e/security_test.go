@@ -398,9 +398,7 @@ func scSpoofing(t *testing.T, backendName string) {
 			counted:  map[string]string{"ebpf": "malformed", "udp": "malformed"}},
 		{name: "VXLAN whose inner IPv4 packet is shorter than its header says", from: legit.Host,
 			payloads: [][]byte{frame(legit.Host, 1, memberSrc, "trunc")[:wire.HeaderLen+30]},
-			counted:  map[string]string{"ebpf": "malformed", "udp": "malformed"},
-			knownBug: map[string]string{"ebpf": "bpf/parse.h vxlan_classify checks the inner IPv4 header but not its tot_len " +
-				"against the bytes present: the truncated packet is decapsulated and counted as decap (the container's stack drops it)"}},
+			counted:  map[string]string{"ebpf": "malformed", "udp": "malformed"}},
 		{name: "valid VXLAN from a host with no lease, inner source a member's container", from: attacker,
 			payloads: [][]byte{frame(attacker, 1, memberSrc, "nonmember-spoof")},
 			counted:  map[string]string{"ebpf": "spoofed", "udp": "spoofed"}, kernelDelivers: true},
