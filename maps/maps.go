@@ -318,6 +318,31 @@ func (m *Maps) ReadPeers() (map[netip.Addr]PeerStats, error) {
 	return out, nil
 }
 
+// ListNexthops returns the peer PublicIPs the encap program has cached an underlay next hop for.
+func (m *Maps) ListNexthops() ([]netip.Addr, error) {
+	var (
+		key [4]uint8
+		val bpf.XnetNexthop
+		out []netip.Addr
+	)
+	it := m.Nexthops.Iterate()
+	for it.Next(&key, &val) {
+		out = append(out, addrOf(key))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list next hops: %w", err)
+	}
+	return out, nil
+}
+
+// DeleteNexthop drops the cached next hop towards publicIP; missing is not an error.
+func (m *Maps) DeleteNexthop(publicIP netip.Addr) error {
+	if err := m.Nexthops.Delete(ip4(publicIP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete next hop of %v: %w", publicIP, err)
+	}
+	return nil
+}
+
 // Endpoint is a local container the encap program has seen.
 type Endpoint struct {
 	IP      netip.Addr

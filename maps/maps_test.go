@@ -136,3 +136,23 @@ func TestForgetEndpoints(t *testing.T) {
 		t.Fatalf("endpoints left: %+v, want only the one behind ifindex 8", eps)
 	}
 }
+
+func TestNexthopsListAndDelete(t *testing.T) {
+	m := fresh(t)
+	a, b := netip.MustParseAddr("198.18.0.12"), netip.MustParseAddr("198.18.0.13")
+	for _, ip := range []netip.Addr{a, b} {
+		if err := m.Nexthops.Put(ip4(ip), bpf.XnetNexthop{Ifindex: 2}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.DeleteNexthop(a); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DeleteNexthop(a); err != nil {
+		t.Fatalf("deleting a missing next hop: %v, want no error", err)
+	}
+	got, err := m.ListNexthops()
+	if err != nil || !reflect.DeepEqual(got, []netip.Addr{b}) {
+		t.Fatalf("ListNexthops = %v, %v; want [%v]", got, err, b)
+	}
+}

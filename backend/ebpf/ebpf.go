@@ -28,6 +28,8 @@
 //
 // A restart changes nothing on the packet path: links are pinned and re-adopted (package
 // loader), routes and counters live in pinned maps, and Setup/AddPeer rewrite the same values.
+// What the maps hold for a lease deleted while xnetd was down goes when the daemon, after
+// applying its first full lease list, calls PrunePeers with every lease it kept.
 package ebpf
 
 import (
@@ -589,6 +591,90 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	return nil
 }
 
+// PrunePeers removes what the pinned maps still hold for peers that are not in keep
+// (backend.PeerPruner): a restarted xnetd inherits the routes, counters and cached next hops of
+// leases deleted while it was down, and no removal event will ever name them. Routes go by
+// subnet; counter entries and cached next hops by PublicIP, kept while a kept lease or a kept
+// route names it. Our own lease's subnet, the config entry, the verdict counters and the
+// learned containers are this host's and never touched.
+func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.m == nil {
+		return fmt.Errorf("ebpf: PrunePeers before Setup")
+	}
+	keepSubnets := map[netip.Prefix]bool{b.local.Subnet.Masked(): true}
+	keepIPs := map[netip.Addr]bool{}
+	for _, l := range keep {
+		if l.Subnet.IsValid() {
+			keepSubnets[l.Subnet.Masked()] = true
+		}
+		if l.PublicIP.IsValid() {
+			keepIPs[l.PublicIP] = true
+		}
+	}
+	routes, err := b.m.ListRoutes()
+	if err != nil {
+		return fmt.Errorf("ebpf: prune: %w", err)
+	}
+	var errs []error
+	var gone []netip.Prefix
+	for _, r := range routes {
+		if keepSubnets[r.Subnet] {
+			keepIPs[r.PublicIP] = true
+			continue
+		}
+		if err := b.m.DeleteRoute(r.Subnet); err != nil {
+			errs = append(errs, err)
+			keepIPs[r.PublicIP] = true // still routed: keep counting it
+			continue
+		}
+		gone = append(gone, r.Subnet)
+	}
+	for s := range b.peers {
+		if !keepSubnets[s] {
+			delete(b.peers, s)
+		}
+	}
+	var counters, nexthops int
+	peers, err := b.m.ReadPeers()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for ip := range peers {
+		if keepIPs[ip] {
+			continue
+		}
+		if err := b.m.DeletePeer(ip); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		counters++
+	}
+	hops, err := b.m.ListNexthops()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, ip := range hops {
+		if keepIPs[ip] {
+			continue
+		}
+		if err := b.m.DeleteNexthop(ip); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		nexthops++
+	}
+	if len(gone)+counters+nexthops > 0 {
+		b.log.Info("removed peers whose leases went away while xnetd was down", "routes", gone,
+			"peer_counters", counters, "next_hops", nexthops)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("ebpf: prune peers: %w", err)
+	}
+	return nil
+}
+
 func (b *Backend) publicIPInUse(ip netip.Addr, except netip.Prefix) bool {
 	for s, p := range b.peers {
 		if p == ip && s != except {
@@ -766,3 +852,8 @@ func (e *executor) close() {
 	close(e.work)
 	e.ns.Close()
 }
+
+var (
+	_ backend.Backend    = (*Backend)(nil)
+	_ backend.PeerPruner = (*Backend)(nil)
+)

@@ -1,0 +1,192 @@
+package ebpf
+
+import (
+	"log/slog"
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/bpf"
+	"github.com/xnet-dev/xnet/maps"
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/harness"
+)
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+var testConfig = subnetmgr.Config{
+	Network:   netip.MustParsePrefix("10.244.0.0/16"),
+	SubnetLen: 24,
+	Backend:   subnetmgr.BackendConfig{Type: subnetmgr.BackendEBPF, VNI: 1, Port: 8472},
+}
+
+func vxlanLease(t *testing.T, subnet string, publicIP string) subnetmgr.Lease {
+	t.Helper()
+	ip := netip.MustParseAddr(publicIP)
+	data, err := backend.VXLANLeaseData(1, ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return subnetmgr.Lease{Subnet: netip.MustParsePrefix(subnet), PublicIP: ip, BackendType: subnetmgr.BackendVXLAN,
+		BackendData: data, Expiration: time.Now().Add(time.Hour)}
+}
+
+// startOn builds the backend inside h's namespace, pinning under h's bpffs, and sets it up with
+// local, as xnetd does at every start.
+func startOn(t *testing.T, h *harness.Host, local subnetmgr.Lease) *Backend {
+	t.Helper()
+	var link netlink.Link
+	if err := h.Do(func() (err error) { link, err = netlink.LinkByName("eth0"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	a := link.Attrs()
+	opts := backend.Options{
+		Iface:  backend.ExternalInterface{Name: a.Name, Index: a.Index, MTU: a.MTU, MAC: a.HardwareAddr, PublicIP: h.UnderlayIP, IfaceIP: h.UnderlayIP},
+		Config: testConfig, Decap: DecapTC, BPFFS: h.BPFFS,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+	}
+	var b *Backend
+	if err := h.Do(func() (err error) { b, err = NewBackend(opts); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Setup(t.Context(), local, testConfig); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// pinned is what the pinned maps hold for peers, as a restarted xnetd or `xnetd status` sees it.
+type pinned struct {
+	routes   []netip.Prefix
+	counters []netip.Addr
+	nexthops []netip.Addr
+}
+
+func readPinned(t *testing.T, dir string) pinned {
+	t.Helper()
+	m, err := maps.OpenPinned(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var p pinned
+	routes, err := m.ListRoutes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range routes {
+		p.routes = append(p.routes, r.Subnet)
+	}
+	peers, err := m.ReadPeers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for ip := range peers {
+		p.counters = append(p.counters, ip)
+	}
+	if p.nexthops, err = m.ListNexthops(); err != nil {
+		t.Fatal(err)
+	}
+	slices.SortFunc(p.routes, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	slices.SortFunc(p.counters, netip.Addr.Compare)
+	slices.SortFunc(p.nexthops, netip.Addr.Compare)
+	return p
+}
+
+// TestRestartedBackendPrunesPeersWhoseLeasesWentAway: xnetd programs peers A, B and an older
+// subnet of A's host, then stops (the datapath stays). While it is down B's lease and the older
+// subnet are deleted. A new backend on the same pins, after Setup and PrunePeers([A]), holds
+// only A: its route, its counters (with their counts) and its cached next hop; our config is
+// untouched.
+func TestRestartedBackendPrunesPeersWhoseLeasesWentAway(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 1})
+	h := topo.Hosts()[0]
+	local := vxlanLease(t, "10.244.1.0/24", h.UnderlayIP.String())
+	a := vxlanLease(t, "10.244.2.0/24", "198.18.0.12")
+	b := vxlanLease(t, "10.244.3.0/24", "198.18.0.13")
+	aOld := vxlanLease(t, "10.244.4.0/24", "198.18.0.12") // A's host's earlier subnet, gone too
+
+	first := startOn(t, h, local)
+	for _, l := range []subnetmgr.Lease{a, b, aOld} {
+		if err := first.AddPeer(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// What the encap program leaves behind after sending to both peers: cached next hops and
+	// counts.
+	for _, ip := range []netip.Addr{a.PublicIP, b.PublicIP} {
+		if err := first.m.Nexthops.Put(ip.As4(), bpf.XnetNexthop{Ifindex: 2, Expires: 1 << 62}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sent := make([]bpf.XnetPeerStats, len(mustPerCPU(t, first.m, a.PublicIP)))
+	sent[0].TxPackets = 7
+	if err := first.m.Peers.Put(a.PublicIP.As4(), sent); err != nil {
+		t.Fatal(err)
+	}
+	before := readPinned(t, h.BPFFS)
+	if len(before.routes) != 3 || len(before.counters) != 2 || len(before.nexthops) != 2 {
+		t.Fatalf("before the restart: %+v, want 3 routes, 2 counter entries, 2 next hops", before)
+	}
+	if err := first.Close(false); err != nil {
+		t.Fatal(err)
+	}
+
+	second := startOn(t, h, local)
+	t.Cleanup(func() { _ = second.Close(true) })
+	// Setup and the first full list (which re-adds A) leave B as it was: nothing names it.
+	if err := second.AddPeer(a); err != nil {
+		t.Fatal(err)
+	}
+	if got := readPinned(t, h.BPFFS); !reflect.DeepEqual(got, before) {
+		t.Fatalf("after Setup and AddPeer(A): %+v, want it unchanged %+v", got, before)
+	}
+	// Our own lease in keep (the daemon may pass every lease it listed) changes nothing.
+	for range 2 { // and a second prune finds nothing more to do
+		if err := second.PrunePeers([]subnetmgr.Lease{local, a}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := pinned{routes: []netip.Prefix{a.Subnet}, counters: []netip.Addr{a.PublicIP}, nexthops: []netip.Addr{a.PublicIP}}
+	if got := readPinned(t, h.BPFFS); !reflect.DeepEqual(got, want) {
+		t.Fatalf("after PrunePeers([A]): %+v, want %+v", got, want)
+	}
+	st, err := second.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Peers[a.PublicIP.String()].TxPackets != 7 {
+		t.Errorf("A's counters after the prune: %+v, want its 7 packets kept", st.Peers)
+	}
+	cfg, ok, err := second.m.GetConfig()
+	if err != nil || !ok || cfg.Subnet != local.Subnet {
+		t.Errorf("config after the prune: %+v ok=%v err=%v, want our subnet %v", cfg, ok, err, local.Subnet)
+	}
+	c, err := second.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Peers) != 1 || c.Peers[0].Subnet != a.Subnet {
+		t.Errorf("metrics peers after the prune: %+v, want only %v", c.Peers, a.Subnet)
+	}
+}
+
+func mustPerCPU(t *testing.T, m *maps.Maps, ip netip.Addr) []bpf.XnetPeerStats {
+	t.Helper()
+	var per []bpf.XnetPeerStats
+	if err := m.Peers.Lookup(ip.As4(), &per); err != nil {
+		t.Fatal(err)
+	}
+	return per
+}
