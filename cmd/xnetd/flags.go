@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -44,6 +45,11 @@ type options struct {
 	bpffs          string
 	teardownOnExit bool
 	logLevel       slog.Level
+	// macvlan requires the config's Macvlan section; without it a range is still leased
+	// whenever the config has the section (issue 9: "with --macvlan, or whenever the config
+	// has the section").
+	macvlan     bool
+	macvlanFile string
 }
 
 // usageError is a bad flag, environment variable or config: xnetd prints its one line and exits
@@ -121,6 +127,8 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&o.stateFile, "state-file", "", "where the daemon records its state for 'xnetd status' (default: state.json next to --subnet-file)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "127.0.0.1:9469", "host:port for /metrics and /healthz; empty disables")
 	fs.StringVar(&o.bpffs, "bpffs", "/sys/fs/bpf/xnet", "pin directory of the ebpf backend's maps and links")
+	fs.BoolVar(&o.macvlan, "macvlan", false, "lease a macvlan range for Docker and fail when the config has no Macvlan section (default: lease one only when the config has it)")
+	fs.StringVar(&o.macvlanFile, "macvlan-file", macvlan.DefaultFile, "where to write this host's macvlan range and its docker network create arguments")
 	fs.BoolVar(&o.teardownOnExit, "teardown-on-exit", false, "remove the datapath when stopping (default: leave it forwarding for the next start)")
 	fs.StringVar(&r.logLevel, "log-level", "info", "debug|info|warn|error")
 	return fs, r
@@ -214,6 +222,7 @@ func (r *rawFlags) validate(backendNames []string) (options, error) {
 	}
 	for _, f := range []struct{ flag, path string }{
 		{"subnet-file", o.subnetFile}, {"docker-opts-file", o.dockerOptsFile}, {"state-file", o.stateFile}, {"bpffs", o.bpffs},
+		{"macvlan-file", o.macvlanFile},
 	} {
 		if f.path == "" || !filepath.IsAbs(f.path) {
 			return o, usagef("--%s %q must be an absolute path", f.flag, f.path)

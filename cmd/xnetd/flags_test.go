@@ -68,6 +68,26 @@ func TestValidFlagsAndEnvironment(t *testing.T) {
 				t.Errorf("got %+v, want %+v", o, want)
 			}
 		}},
+		{"macvlan is leased only when the config has the section, its file under /run/xnet", nil, nil, func(t *testing.T, o options) {
+			if o.macvlan || o.macvlanFile != "/run/xnet/macvlan" {
+				t.Errorf("macvlan %v file %q, want false and /run/xnet/macvlan", o.macvlan, o.macvlanFile)
+			}
+		}},
+		{"--macvlan requires the section; --macvlan-file moves the options file", []string{"--macvlan", "--macvlan-file", "/tmp/h1/macvlan"}, nil, func(t *testing.T, o options) {
+			if !o.macvlan || o.macvlanFile != "/tmp/h1/macvlan" {
+				t.Errorf("macvlan %v file %q, want true and /tmp/h1/macvlan", o.macvlan, o.macvlanFile)
+			}
+		}},
+		{"macvlan flags from XNETD_MACVLAN and XNETD_MACVLAN_FILE", nil, []string{"XNETD_MACVLAN", "true", "XNETD_MACVLAN_FILE", "/etc/xnet/macvlan.env"}, func(t *testing.T, o options) {
+			if !o.macvlan || o.macvlanFile != "/etc/xnet/macvlan.env" {
+				t.Errorf("macvlan %v file %q, want true and /etc/xnet/macvlan.env from the environment", o.macvlan, o.macvlanFile)
+			}
+		}},
+		{"--macvlan=false on the command line wins over XNETD_MACVLAN", []string{"--macvlan=false"}, []string{"XNETD_MACVLAN", "1"}, func(t *testing.T, o options) {
+			if o.macvlan {
+				t.Errorf("macvlan %v, want false", o.macvlan)
+			}
+		}},
 		{"endpoints are comma-separated", []string{"--etcd-endpoints", "http://10.0.0.1:2379, https://10.0.0.2:2379"}, nil, func(t *testing.T, o options) {
 			if got := strings.Join(o.etcdEndpoints, " "); got != "http://10.0.0.1:2379 https://10.0.0.2:2379" {
 				t.Errorf("endpoints %q", got)
@@ -155,6 +175,9 @@ func TestBadFlagsNameTheFlagAndTheFix(t *testing.T) {
 		{"metrics address without port", []string{"--metrics-addr=localhost"}, nil, []string{"--metrics-addr", "host:port"}},
 		{"metrics address with a name", []string{"--metrics-addr=metrics.example:9469"}, nil, []string{"--metrics-addr", "not an IP address"}},
 		{"relative subnet file", []string{"--subnet-file=subnet.env"}, nil, []string{"--subnet-file", "absolute path"}},
+		{"relative macvlan file", []string{"--macvlan-file=macvlan"}, nil, []string{"--macvlan-file", `"macvlan"`, "absolute path"}},
+		{"empty macvlan file", []string{"--macvlan-file="}, nil, []string{"--macvlan-file", "absolute path"}},
+		{"unparsable XNETD_MACVLAN names the variable", nil, []string{"XNETD_MACVLAN", "sometimes"}, []string{"XNETD_MACVLAN", "--macvlan"}},
 		{"bad log level", []string{"--log-level=loud"}, nil, []string{"--log-level", "debug, info, warn or error"}},
 		{"unknown flag", []string{"--etcd-endpoint=http://x:2379"}, nil, []string{"unknown flag: --etcd-endpoint", "--help"}},
 		{"stray argument", []string{"vxlan"}, nil, []string{`unexpected argument "vxlan"`}},

@@ -14,10 +14,11 @@
 // network config, reported in one line before anything on the host was changed; 1 a failure
 // after the host was changed (systemd restarts us; the datapath stays up meanwhile).
 //
-// It owns the run order (flags, interface, config, backend, lease, setup, files, peers, ready),
-// the state file, the metrics endpoint and the subcommands. It does not own the etcd schema
-// (package subnetmgr), the datapaths (package backend and its sub-packages), masquerading
-// (package ipmasq) or the metric definitions (package metrics).
+// It owns the run order (flags, interface, config, backend, lease, macvlan range, setup, files,
+// peers, ready), the state file, the metrics endpoint and the subcommands. It does not own the
+// etcd schema (package subnetmgr), the datapaths (package backend and its sub-packages),
+// masquerading (package ipmasq), the macvlan section, range lease and options file (package
+// macvlan) or the metric definitions (package metrics).
 //
 // Design history. A restart must not cost a packet (DESIGN.md targets): so xnetd never tears
 // anything down on a normal stop, reclaims its previous subnet (from the subnet file and its

@@ -18,6 +18,7 @@ import (
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/ipmasq"
+	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -31,15 +32,17 @@ func (e *fatalError) Unwrap() error { return e.err }
 
 // daemonRun is one run of the daemon: everything the event loop owns.
 type daemonRun struct {
-	o       options
-	log     *slog.Logger
-	mgr     *subnetmgr.Manager
-	m       *metrics.Metrics
-	cfg     subnetmgr.Config
-	iface   backend.ExternalInterface
-	chosen  chosenBackend
-	lease   subnetmgr.Lease
-	peers   *peers
+	o      options
+	log    *slog.Logger
+	mgr    *subnetmgr.Manager
+	m      *metrics.Metrics
+	cfg    subnetmgr.Config
+	iface  backend.ExternalInterface
+	chosen chosenBackend
+	lease  subnetmgr.Lease
+	peers  *peers
+	// mv holds this host's macvlan range; nil when the config has no Macvlan section.
+	mv      *macvlan.Manager
 	ready   bool
 	started time.Time
 	// metricsAddr is where the endpoint really listens (--metrics-addr may say port 0).
@@ -100,6 +103,12 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return usagef("etcd %s/config: %v: fix it with `etcdctl put %s/config '{\"Network\":\"10.244.0.0/16\"}'`", o.etcdPrefix, err, o.etcdPrefix)
 	}
 	log.Info("network config", "network", d.cfg.Network, "subnet_len", d.cfg.SubnetLen, "backend_type", d.cfg.Backend.Type)
+	if err := d.prepareMacvlan(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
 
 	d.chosen, err = pickBackend(reg, o.backend, backend.Options{
 		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, Logger: log,
@@ -126,6 +135,17 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	}
 	log.Info("lease acquired", "subnet", d.lease.Subnet, "public_ip", d.lease.PublicIP, "expires", d.lease.Expiration.Format(time.RFC3339))
 	d.m.SetLease(d.lease)
+	if d.mv != nil {
+		// Before the host changes: a full macvlan pool stops us with nothing half set up.
+		// Acquire retries etcd trouble itself and logs the range it took.
+		if _, err := d.mv.Acquire(ctx); err != nil {
+			b.Close(false)
+			if ctx.Err() != nil {
+				return nil
+			}
+			return &fatalError{err}
+		}
+	}
 
 	// From here on the host changes.
 	if err := b.Setup(ctx, d.lease, d.cfg); err != nil {
@@ -153,6 +173,51 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		log.Info("stopped; datapath and lease left in place for the next start", "subnet", d.lease.Subnet)
 	}
 	return runErr
+}
+
+// prepareMacvlan reads the config's Macvlan section (required with --macvlan) and prepares
+// the range's manager; nothing is leased yet. A bad or (with --macvlan) missing section is a
+// usage error: exit 2 before the host changes. etcd trouble is retried like the config's.
+func (d *daemonRun) prepareMacvlan(ctx context.Context) error {
+	wait := time.Second
+	var (
+		cfg     macvlan.Config
+		present bool
+		err     error
+	)
+	for {
+		cfg, present, err = macvlan.Load(ctx, d.mgr, d.o.macvlan)
+		var cfgErr *subnetmgr.ConfigError
+		if err == nil || errors.As(err, &cfgErr) || errors.Is(err, macvlan.ErrNoSection) || ctx.Err() != nil {
+			break
+		}
+		d.log.Warn("cannot read the network config's Macvlan section, retrying", "err", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 30*time.Second)
+	}
+	if err != nil {
+		return usagef("%v", err)
+	}
+	if !present {
+		return nil
+	}
+	hostAddrs := []netip.Addr{d.iface.IfaceIP}
+	if d.iface.PublicIP != d.iface.IfaceIP {
+		hostAddrs = append(hostAddrs, d.iface.PublicIP)
+	}
+	d.mv, err = macvlan.New(d.mgr, macvlan.Options{
+		Config: cfg, PublicIP: d.iface.PublicIP, HostAddrs: hostAddrs, Parent: d.iface.Name,
+		File: d.o.macvlanFile, RenewMargin: d.o.renewMargin, Logger: d.log,
+	})
+	if err != nil {
+		return usagef("%v", err)
+	}
+	d.log.Info("macvlan config", "subnet", cfg.Subnet, "gateway", cfg.Gateway, "range_len", cfg.RangeLen, "name", cfg.Name, "file", d.o.macvlanFile)
+	return nil
 }
 
 // acquire takes our lease at start: the subnet our subnet file records (a restart), our
@@ -217,6 +282,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	leases := make(chan subnetmgr.Lease, 4)
 	keep := d.startKeeper(loopCtx, attrs, leases)
 	defer func() { keep.stop() }()
+	mvLeases, mvDone := d.keepMacvlan(loopCtx)
 
 	for {
 		select {
@@ -266,6 +332,15 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			d.m.SetLease(l)
 			d.log.Info("lease renewed", "subnet", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
 			d.writeState()
+		case l := <-mvLeases:
+			// Manager.Keep already rewrote the options file and logged a moved range.
+			d.log.Info("macvlan range renewed", "range", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
+			d.writeState()
+		case err := <-mvDone:
+			if ctx.Err() != nil {
+				return nil
+			}
+			return &fatalError{fmt.Errorf("keeping our macvlan range %v stopped: %w", d.mv.Lease().Subnet, err)}
 		case err := <-watchDone:
 			if ctx.Err() != nil {
 				return nil
@@ -278,6 +353,28 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			return &fatalError{fmt.Errorf("keeping our lease %v stopped: %w", d.lease.Subnet, err)}
 		}
 	}
+}
+
+// keepMacvlan renews our macvlan range in the background (nil channels without one): each
+// new version on leases, and why it stopped on done (never when ctx ended first).
+func (d *daemonRun) keepMacvlan(ctx context.Context) (leases <-chan subnetmgr.Lease, done <-chan error) {
+	if d.mv == nil {
+		return nil, nil
+	}
+	l := make(chan subnetmgr.Lease, 4)
+	e := make(chan error, 1)
+	go func() {
+		err := d.mv.Keep(ctx, func(nl subnetmgr.Lease) {
+			select {
+			case l <- nl:
+			case <-ctx.Done():
+			}
+		})
+		if ctx.Err() == nil {
+			e <- err
+		}
+	}()
+	return l, e
 }
 
 // keeper is one KeepLease goroutine.
@@ -359,6 +456,10 @@ func (d *daemonRun) writeState() {
 		DockerOptsFile:  d.o.dockerOptsFile,
 		BPFFS:           d.o.bpffs,
 	}
+	if d.mv != nil {
+		mv := d.mv.Status()
+		s.Macvlan = &mv
+	}
 	if d.peers != nil {
 		s.Peers = d.peers.list()
 	}
@@ -376,7 +477,11 @@ func (d *daemonRun) teardownHostState() {
 			}
 		}
 	}
-	for _, f := range []string{d.o.subnetFile, d.o.dockerOptsFile, d.o.stateFile} {
+	files := []string{d.o.subnetFile, d.o.dockerOptsFile, d.o.stateFile}
+	if d.mv != nil {
+		files = append(files, d.o.macvlanFile)
+	}
+	for _, f := range files {
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 			d.log.Warn("remove file", "file", f, "err", err)
 		}

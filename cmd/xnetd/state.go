@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -31,12 +32,14 @@ type state struct {
 	PublicIP        netip.Addr       `json:"public_ip"`
 	Config          subnetmgr.Config `json:"config"`
 	Lease           leaseState       `json:"lease"`
-	Peers           []peerState      `json:"peers"`
-	IPMasq          bool             `json:"ip_masq"`
-	MetricsAddr     string           `json:"metrics_addr,omitempty"`
-	SubnetFile      string           `json:"subnet_file"`
-	DockerOptsFile  string           `json:"docker_opts_file"`
-	BPFFS           string           `json:"bpffs"`
+	// Macvlan is this host's macvlan range (nil without a Macvlan section in the config).
+	Macvlan        *macvlan.Status `json:"macvlan,omitempty"`
+	Peers          []peerState     `json:"peers"`
+	IPMasq         bool            `json:"ip_masq"`
+	MetricsAddr    string          `json:"metrics_addr,omitempty"`
+	SubnetFile     string          `json:"subnet_file"`
+	DockerOptsFile string          `json:"docker_opts_file"`
+	BPFFS          string          `json:"bpffs"`
 }
 
 // leaseState is one lease as status shows it.

@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/subnetmgr"
@@ -28,24 +29,26 @@ import (
 // metrics endpoint), and the kernel's routes into the overlay (the datapath as it is now,
 // which outlives the daemon).
 type statusReport struct {
-	Running         bool              `json:"running"`
-	Daemon          string            `json:"daemon"`
-	PID             int               `json:"pid"`
-	Ready           bool              `json:"ready"`
-	Version         string            `json:"version"`
-	StateUpdatedAt  time.Time         `json:"state_updated_at"`
-	Backend         string            `json:"backend"`
-	Mode            string            `json:"mode"`
-	ModeReason      string            `json:"mode_reason,omitempty"`
-	SkippedBackends []skipped         `json:"skipped_backends,omitempty"`
-	Iface           string            `json:"iface"`
-	PublicIP        netip.Addr        `json:"public_ip"`
-	Network         netip.Prefix      `json:"network"`
-	IPMasq          bool              `json:"ip_masq"`
-	Lease           leaseState        `json:"lease"`
-	Peers           []peerStatus      `json:"peers"`
-	Verdicts        map[string]uint64 `json:"verdicts,omitempty"`
-	Drops           map[string]uint64 `json:"drops,omitempty"`
+	Running         bool         `json:"running"`
+	Daemon          string       `json:"daemon"`
+	PID             int          `json:"pid"`
+	Ready           bool         `json:"ready"`
+	Version         string       `json:"version"`
+	StateUpdatedAt  time.Time    `json:"state_updated_at"`
+	Backend         string       `json:"backend"`
+	Mode            string       `json:"mode"`
+	ModeReason      string       `json:"mode_reason,omitempty"`
+	SkippedBackends []skipped    `json:"skipped_backends,omitempty"`
+	Iface           string       `json:"iface"`
+	PublicIP        netip.Addr   `json:"public_ip"`
+	Network         netip.Prefix `json:"network"`
+	IPMasq          bool         `json:"ip_masq"`
+	Lease           leaseState   `json:"lease"`
+	// Macvlan is this host's macvlan range for Docker, absent without a Macvlan section.
+	Macvlan  *macvlan.Status   `json:"macvlan,omitempty"`
+	Peers    []peerStatus      `json:"peers"`
+	Verdicts map[string]uint64 `json:"verdicts,omitempty"`
+	Drops    map[string]uint64 `json:"drops,omitempty"`
 	// Counters says where the packet counters came from, or why there are none.
 	Counters string `json:"counters"`
 	// Routes are the datapath's routes into the overlay Network on this host right now: the
@@ -117,6 +120,7 @@ func buildStatus(ctx context.Context, st state) statusReport {
 		PID: st.PID, Version: st.Version, StateUpdatedAt: st.UpdatedAt,
 		Backend: st.Backend, Mode: st.Mode, ModeReason: st.ModeReason, SkippedBackends: st.SkippedBackends,
 		Iface: st.Iface, PublicIP: st.PublicIP, Network: st.Config.Network, IPMasq: st.IPMasq, Lease: st.Lease,
+		Macvlan: st.Macvlan,
 	}
 	alive, why := daemonAlive(st.PID)
 	rep.Running = alive
@@ -316,6 +320,13 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 		expiry = fmt.Sprintf("expires %s (in %s)", rep.Lease.Expiration.Format(time.RFC3339), rep.Lease.Expiration.Sub(now).Round(time.Minute))
 	}
 	fmt.Fprintf(w, "lease:    %v public %v, %s\n", rep.Lease.Subnet, rep.Lease.PublicIP, expiry)
+	if mv := rep.Macvlan; mv != nil {
+		line := mv.String()
+		if !mv.Expiration.IsZero() {
+			line += fmt.Sprintf(", expires %s (in %s)", mv.Expiration.Format(time.RFC3339), mv.Expiration.Sub(now).Round(time.Minute))
+		}
+		fmt.Fprintf(w, "macvlan:  %s (%s)\n", line, mv.File)
+	}
 	mode := rep.Mode
 	if rep.ModeReason != "" {
 		mode += ": " + rep.ModeReason

@@ -21,9 +21,10 @@ import (
 )
 
 // cmdTeardown removes what xnetd created on this host: every backend's datapath, the
-// masquerade table, the bpffs pins and the files. It does not touch etcd: the lease stays and
-// expires by its TTL, as flannel's does, so a host that comes back within the TTL gets the same
-// subnet (delete <prefix>/subnets/<subnet> with etcdctl to free it at once).
+// masquerade table, the bpffs pins and the files (the macvlan options file too). It does not
+// touch etcd: the leases stay and expire by their TTL, as flannel's do, so a host that comes
+// back within the TTL gets the same subnet and macvlan range (delete <prefix>/subnets/<subnet>
+// with etcdctl to free it at once).
 //
 // The backend recorded in the state file is set up again on the recorded lease before Close
 // (true), so it adopts what it left (a device, routes, pins) and removes all of it; every other
@@ -84,7 +85,17 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 	} else if n > 0 {
 		fmt.Fprintf(stdout, "removed %d pins under %s\n", n, o.bpffs)
 	}
-	for _, f := range []string{o.subnetFile, o.dockerOptsFile, o.stateFile} {
+	files := []string{o.subnetFile, o.dockerOptsFile, o.stateFile}
+	// The macvlan options file: the one the daemon recorded writing, and --macvlan-file when
+	// --macvlan says there is one. Not the default path otherwise: a host without macvlan
+	// has no such file, and another program's file of that name is not ours to remove.
+	if st.Macvlan != nil && st.Macvlan.File != "" {
+		files = append(files, st.Macvlan.File)
+	}
+	if o.macvlan && !contains(files, o.macvlanFile) {
+		files = append(files, o.macvlanFile)
+	}
+	for _, f := range files {
 		switch err := os.Remove(f); {
 		case err == nil:
 			fmt.Fprintf(stdout, "removed %s\n", f)

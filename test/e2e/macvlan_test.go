@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -26,11 +25,9 @@ import (
 const mvConfig = `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},
  "Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":29,"RangeMin":"198.18.0.8","RangeMax":"198.18.0.32"}}`
 
-// mvNode is one host leasing its macvlan range the way xnetd does (macvlan.Manager against the
-// topology's etcd), and its containers.
+// mvNode is one host running xnetd with --macvlan, its options file and its containers.
 type mvNode struct {
-	host       *harness.Host
-	mgr        *macvlan.Manager
+	*xdNode
 	file       string
 	opts       macvlan.OptionsFile
 	containers []mvContainer
@@ -41,28 +38,19 @@ type mvContainer struct {
 	ip netip.Addr
 }
 
-// mvManager connects a macvlan manager for host h to the topology's etcd, with h's underlay
-// address as its PublicIP and eth0 as parent, and its options file in the host's state dir.
-func mvManager(t *testing.T, topo *harness.Topology, h *harness.Host) (*macvlan.Manager, string) {
-	t.Helper()
-	log := slog.New(slog.NewTextHandler(dpLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).With("host", h.Name)
-	sm, err := subnetmgr.New(subnetmgr.Options{Endpoints: []string{topo.EtcdLoopbackEndpoint()}, Logger: log,
-		RetryMin: 20 * time.Millisecond, RetryMax: 200 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sm.Close() })
-	cfg, _, err := macvlan.Load(t.Context(), sm, true)
-	if err != nil {
-		t.Fatalf("%s: %v", h.Name, err)
-	}
-	file := filepath.Join(h.StateDir, "macvlan")
-	m, err := macvlan.New(sm, macvlan.Options{Config: cfg, PublicIP: h.UnderlayIP, Parent: "eth0", File: file,
-		RenewMargin: time.Hour, Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return m, file
+// mvStatus is the macvlan part of `xnetd status --output json`.
+type mvStatus struct {
+	Running bool `json:"running"`
+	Macvlan *struct {
+		Name       string       `json:"name"`
+		Subnet     netip.Prefix `json:"subnet"`
+		Gateway    netip.Addr   `json:"gateway"`
+		Range      netip.Prefix `json:"range"`
+		Parent     string       `json:"parent"`
+		Addresses  int          `json:"addresses"`
+		File       string       `json:"file"`
+		Expiration time.Time    `json:"expiration"`
+	} `json:"macvlan"`
 }
 
 // mvAddContainer plays `docker run --network <macvlan net>`: a macvlan interface in bridge
@@ -94,58 +82,80 @@ func mvAddContainer(t *testing.T, topo *harness.Topology, h *harness.Host, n int
 	return mvContainer{ns: ns, ip: addr}
 }
 
+// Three hosts run xnetd --macvlan at the same moment (the race the create-only transaction
+// settles), each with its options file in its state dir; a host's setup would then be
+// `docker network create $DOCKER_MACVLAN_OPTIONS`, which the test plays.
 func TestMacvlanContainersOnThreeHostsGetDisjointRangesAndReachEachOther(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true})
 	cli := topo.EtcdClient()
-	if _, err := cli.Put(t.Context(), subnetmgr.ConfigKey(subnetmgr.DefaultPrefix), mvConfig); err != nil {
-		t.Fatal(err)
-	}
+	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), mvConfig)
+	bin := harness.BuildXnetd(t)
 
-	// Every host leases at the same moment: the race the create-only transaction settles.
 	nodes := make([]*mvNode, len(topo.Hosts()))
-	var wg sync.WaitGroup
-	errs := make([]error, len(nodes))
 	for i, h := range topo.Hosts() {
-		m, file := mvManager(t, topo, h)
-		nodes[i] = &mvNode{host: h, mgr: m, file: file}
-		wg.Go(func() { _, errs[i] = m.Acquire(t.Context()) })
+		file := filepath.Join(h.StateDir, "macvlan")
+		nodes[i] = &mvNode{xdNode: &xdNode{Host: h, bin: bin, extra: []string{"--macvlan", "--macvlan-file", file}}, file: file}
+		nodes[i].start(t)
 	}
-	wg.Wait()
-	for i, err := range errs {
-		if err != nil {
-			t.Fatalf("%s: %v", nodes[i].host.Name, err)
-		}
+	for _, n := range nodes {
+		n.waitReady(t)
 	}
 
 	// The options file is the contract with Docker: read it as a host's setup would.
 	hostAddrs := []netip.Addr{harness.UnderlayGateway}
 	for _, n := range nodes {
-		hostAddrs = append(hostAddrs, n.host.UnderlayIP)
+		hostAddrs = append(hostAddrs, n.UnderlayIP)
 	}
 	for _, n := range nodes {
 		var err error
 		if n.opts, err = macvlan.ReadOptionsFile(n.file); err != nil {
-			t.Fatal(err)
+			t.Fatalf("%s: %v\n%s", n.Name, err, n.proc.Output())
 		}
 		data, _ := os.ReadFile(n.file)
 		want := fmt.Sprintf(`DOCKER_MACVLAN_OPTIONS="-d macvlan --subnet=198.18.0.0/24 --gateway=198.18.0.1 --ip-range=%s -o parent=eth0 xnet-macvlan"`, n.opts.Range)
 		if !strings.Contains(string(data), want) {
-			t.Errorf("%s: options file\n%s\nlacks %s", n.host.Name, data, want)
-		}
-		if n.opts.Range != n.mgr.Lease().Subnet {
-			t.Errorf("%s: the file says %v, the lease %v", n.host.Name, n.opts.Range, n.mgr.Lease().Subnet)
+			t.Errorf("%s: options file\n%s\nlacks %s", n.Name, data, want)
 		}
 		for _, a := range hostAddrs {
 			if n.opts.Range.Contains(a) {
-				t.Errorf("%s: range %v covers %v, a host's or the gateway's address", n.host.Name, n.opts.Range, a)
+				t.Errorf("%s: range %v covers %v, a host's or the gateway's address", n.Name, n.opts.Range, a)
 			}
 		}
 	}
+
+	t.Run("status --output json shows the range next to the overlay lease", func(t *testing.T) {
+		for _, n := range nodes {
+			var s mvStatus
+			n.statusInto(t, &s)
+			mv := s.Macvlan
+			if mv == nil {
+				t.Errorf("%s: status has no macvlan section", n.Name)
+				continue
+			}
+			// A /29 holds 8 addresses; none of ours is the subnet's network, broadcast or gateway.
+			if !s.Running || mv.Range != n.opts.Range || mv.Subnet.String() != "198.18.0.0/24" || mv.Gateway != harness.UnderlayGateway ||
+				mv.Parent != "eth0" || mv.Name != "xnet-macvlan" || mv.File != n.file || mv.Addresses != 8 ||
+				time.Until(mv.Expiration) < 23*time.Hour {
+				t.Errorf("%s: status macvlan %+v (running %v), want range %v of 198.18.0.0/24 via %v, parent eth0, 8 addresses, file %s, expiring in ~24h",
+					n.Name, *mv, s.Running, n.opts.Range, harness.UnderlayGateway, n.file)
+			}
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		out, err := nodes[0].Run(ctx, bin, "status", "--subnet-file", nodes[0].SubnetFile())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("macvlan:  %v of 198.18.0.0/24, gateway 198.18.0.1, parent eth0, network xnet-macvlan, 8 addresses, expires", nodes[0].opts.Range); !strings.Contains(out, want) {
+			t.Errorf("xnetd status lacks %q:\n%s", want, out)
+		}
+	})
+
 	t.Run("no two hosts' ranges overlap, in the files and in etcd", func(t *testing.T) {
 		for i, a := range nodes {
 			for _, b := range nodes[i+1:] {
 				if a.opts.Range.Overlaps(b.opts.Range) {
-					t.Errorf("%s holds %v and %s holds %v", a.host.Name, a.opts.Range, b.host.Name, b.opts.Range)
+					t.Errorf("%s holds %v and %s holds %v", a.Name, a.opts.Range, b.Name, b.opts.Range)
 				}
 			}
 		}
@@ -156,25 +166,40 @@ func TestMacvlanContainersOnThreeHostsGetDisjointRangesAndReachEachOther(t *test
 		if len(resp.Kvs) != len(nodes) {
 			t.Errorf("%d keys under %s, want one per host", len(resp.Kvs), subnetmgr.PoolPrefix(subnetmgr.DefaultPrefix, macvlan.Dir))
 		}
+		held := map[string]netip.Addr{}
 		for _, kv := range resp.Kvs {
 			t.Logf("%s = %s", kv.Key, kv.Value)
+			attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
+			if err != nil {
+				t.Fatalf("%s: %v", kv.Key, err)
+			}
+			if kv.Lease == 0 {
+				t.Errorf("%s has no TTL: a range must expire with its host", kv.Key)
+			}
+			held[string(kv.Key)] = attrs.PublicIP
+		}
+		for _, n := range nodes {
+			key := subnetmgr.PoolKey(subnetmgr.DefaultPrefix, macvlan.Dir, n.opts.Range)
+			if held[key] != n.UnderlayIP {
+				t.Errorf("%s: %s is held by %v in etcd, want %v", n.Name, key, held[key], n.UnderlayIP)
+			}
 		}
 	})
 
 	// Containers take their addresses from the host's range as Docker's IPAM would: h1 runs
 	// two (so two containers of one host meet on the same parent), the others one each.
+	cfg, _, err := macvlan.ParseConfig([]byte(mvConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
 	var all []mvContainer
 	for _, n := range nodes {
 		count := 1
-		if n.host.Index == 0 {
+		if n.Index == 0 {
 			count = 2
 		}
-		cfg, _, err := macvlan.ParseConfig([]byte(mvConfig))
-		if err != nil {
-			t.Fatal(err)
-		}
 		for i, a := range cfg.Addresses(n.opts.Range, count) {
-			c := mvAddContainer(t, topo, n.host, i+1, a, n.opts)
+			c := mvAddContainer(t, topo, n.Host, i+1, a, n.opts)
 			n.containers = append(n.containers, c)
 			all = append(all, c)
 		}
@@ -216,15 +241,45 @@ func TestMacvlanContainersOnThreeHostsGetDisjointRangesAndReachEachOther(t *test
 		}
 	})
 
-	t.Run("a restarted host gets its range back", func(t *testing.T) {
+	t.Run("a restarted xnetd gets its range back, graceful or kill -9", func(t *testing.T) {
 		n := nodes[1]
-		m, _ := mvManager(t, topo, n.host)
-		l, err := m.Acquire(t.Context())
-		if err != nil {
+		for _, stop := range []struct {
+			how string
+			do  func() error
+		}{{"SIGTERM", func() error { return n.proc.Stop() }}, {"kill -9", func() error { return n.proc.Kill() }}} {
+			if err := stop.do(); err != nil {
+				t.Fatalf("%s: %v", stop.how, err)
+			}
+			n.start(t)
+			n.waitReady(t)
+			var s mvStatus
+			n.statusInto(t, &s)
+			if s.Macvlan == nil || s.Macvlan.Range != n.opts.Range {
+				t.Errorf("%s restarted after %s onto %+v, want its range %v: its containers' addresses would collide", n.Name, stop.how, s.Macvlan, n.opts.Range)
+			}
+			if f, err := macvlan.ReadOptionsFile(n.file); err != nil || f.Range != n.opts.Range {
+				t.Errorf("%s: options file after %s says %v (%v), want %v", n.Name, stop.how, f.Range, err, n.opts.Range)
+			}
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		if sent, got, err := harness.Ping(ctx, all[0].ns, n.containers[0].ip, 3, 50*time.Millisecond); err != nil || got != sent {
+			t.Errorf("ping %v -> %v after the restarts: %d/%d %v", all[0].ip, n.containers[0].ip, got, sent, err)
+		}
+	})
+
+	t.Run("teardown removes the options file and leaves the range to expire", func(t *testing.T) {
+		n := nodes[2]
+		if err := n.proc.Stop(); err != nil {
 			t.Fatal(err)
 		}
-		if l.Subnet != n.opts.Range {
-			t.Errorf("%s restarted onto %v, want its range %v: its containers' addresses would move", n.host.Name, l.Subnet, n.opts.Range)
+		n.teardown(t, topo)
+		if _, err := os.Stat(n.file); err == nil {
+			t.Errorf("%s still exists after teardown", n.file)
+		}
+		resp, err := cli.Get(t.Context(), subnetmgr.PoolKey(subnetmgr.DefaultPrefix, macvlan.Dir, n.opts.Range))
+		if err != nil || len(resp.Kvs) != 1 {
+			t.Errorf("range %v not in etcd after teardown (%v): teardown must leave it to expire", n.opts.Range, err)
 		}
 	})
 }

@@ -727,6 +727,7 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 	xdPut(t, topo, subnetmgr.ConfigKey("/good/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badnet/network"), `{"Network":"10.244.0.0/33"}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badtype/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}`)
+	xdPut(t, topo, subnetmgr.ConfigKey("/badmacvlan/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},"Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":31}}`)
 
 	tests := []struct {
 		name   string
@@ -741,12 +742,14 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 		{"bad renew margin", "/good/network", []string{"--subnet-lease-renew-margin=never"}, []string{"subnet-lease-renew-margin"}},
 		{"invalid Network in the config", "/badnet/network", nil, []string{"/badnet/network/config", "Network"}},
 		{"unknown Backend.Type in the config", "/badtype/network", nil, []string{"Backend.Type", "wireguard"}},
+		{"--macvlan without a Macvlan section in the config", "/good/network", []string{"--macvlan"}, []string{"/good/network/config", "no Macvlan section", "--macvlan"}},
+		{"invalid Macvlan section (with or without --macvlan)", "/badmacvlan/network", nil, []string{"/badmacvlan/network/config", "Macvlan.RangeLen", "31"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			args := append([]string{"--etcd-prefix", tt.prefix, "--subnet-file", filepath.Join(dir, "subnet.env"),
-				"--docker-opts-file", filepath.Join(dir, "docker")}, tt.args...)
+				"--docker-opts-file", filepath.Join(dir, "docker"), "--macvlan-file", filepath.Join(dir, "macvlan")}, tt.args...)
 			p, err := h.StartXnetd(bin, args...)
 			if err != nil {
 				t.Fatal(err)
@@ -772,7 +775,7 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 				}
 			}
 			// Nothing half configured: no files, no lease, no device, no route.
-			for _, f := range []string{"subnet.env", "docker", "state.json"} {
+			for _, f := range []string{"subnet.env", "docker", "state.json", "macvlan"} {
 				if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
 					t.Errorf("%s was written although xnetd refused to start", f)
 				}
