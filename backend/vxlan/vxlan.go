@@ -21,6 +21,8 @@
 // neighbour entry (the peer's subnet address, e.g. 10.244.5.0), the neighbour entry gives the
 // inner destination MAC (the peer's VTEP MAC), and the fdb entry maps that MAC to the peer's
 // underlay address. Nothing is learned, so nothing times out and a restart changes nothing.
+// Nor does anything go by itself: the entries of a lease deleted while the daemon was down stay
+// until PrunePeers, which the daemon calls after applying its first full lease list.
 //
 // We differ from flannel in one deliberate way: the device MAC is backend.VtepMAC(PublicIP), not
 // random. flannel keeps whatever MAC an existing device has and publishes it; we derive it, so a
@@ -288,6 +290,99 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	return nil
 }
 
+// PrunePeers removes the per-peer entries on our device that no lease in keep accounts for
+// (backend.PeerPruner): the device outlives xnetd, so a restarted daemon inherits the route,
+// neighbour and fdb entry of every lease deleted while it was down, and no removal event will
+// ever name them. Routes and neighbours go by subnet (only those inside the overlay Network),
+// fdb entries by VTEP MAC. Our own subnet and the device's address are never touched.
+func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return errors.New("vxlan: PrunePeers before Setup")
+	}
+	keepSubnets := map[netip.Prefix]bool{b.local.Subnet.Masked(): true}
+	keepGateways := map[netip.Addr]bool{b.local.Subnet.Masked().Addr(): true}
+	keepMACs := map[string]bool{}
+	for _, l := range keep {
+		if l.Subnet.IsValid() {
+			keepSubnets[l.Subnet.Masked()] = true
+			keepGateways[l.Subnet.Masked().Addr()] = true
+		}
+		// No logger: AddPeer has already warned about anything odd in these leases.
+		if p, err := backend.ParseVXLANPeer(l, b.vni, nil); err == nil {
+			keepMACs[p.VtepMAC.String()] = true
+		}
+	}
+	inOverlay := func(p netip.Prefix) bool {
+		return !b.network.IsValid() || b.network.Contains(p.Addr()) && p.Bits() > b.network.Bits()
+	}
+	var errs []error
+	var routes, neighs, fdb []string
+
+	// A dump interrupted by a concurrent change is still a list of entries that existed:
+	// deleting the unkept ones among them is right, and the next start catches the rest.
+	rs, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.dev}, netlink.RT_FILTER_OIF)
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		errs = append(errs, fmt.Errorf("list routes on %s: %w", DeviceName(b.vni), err))
+	}
+	for _, r := range rs {
+		dst := ipNetToPrefix(r.Dst)
+		if r.Dst == nil || r.Gw == nil || !inOverlay(dst) || keepSubnets[dst.Masked()] {
+			continue
+		}
+		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {
+			errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
+			continue
+		}
+		routes = append(routes, dst.String())
+	}
+	ns, err := b.nl.NeighList(b.dev, unix.AF_INET)
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		errs = append(errs, fmt.Errorf("list neighbours on %s: %w", DeviceName(b.vni), err))
+	}
+	for _, n := range ns {
+		ip, ok := netip.AddrFromSlice(n.IP)
+		ip = ip.Unmap()
+		if !ok || n.State&netlink.NUD_PERMANENT == 0 || !inOverlay(netip.PrefixFrom(ip, 32)) || keepGateways[ip] {
+			continue
+		}
+		if err := ignoreMissing(b.nl.NeighDel(&n)); err != nil {
+			errs = append(errs, fmt.Errorf("neigh del %v: %w", ip, err))
+			continue
+		}
+		neighs = append(neighs, ip.String())
+	}
+	fs, err := b.nl.NeighList(b.dev, unix.AF_BRIDGE)
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		errs = append(errs, fmt.Errorf("list fdb of %s: %w", DeviceName(b.vni), err))
+	}
+	for _, f := range fs {
+		dst, ok := netip.AddrFromSlice(f.IP)
+		// Only unicast MACs with a destination are peer entries.
+		if !ok || len(f.HardwareAddr) != 6 || f.HardwareAddr[0]&1 == 1 || keepMACs[f.HardwareAddr.String()] {
+			continue
+		}
+		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(peer{publicIP: dst.Unmap(), mac: f.HardwareAddr}))); err != nil {
+			errs = append(errs, fmt.Errorf("fdb del %v dst %v: %w", f.HardwareAddr, dst, err))
+			continue
+		}
+		fdb = append(fdb, f.HardwareAddr.String()+" dst "+dst.Unmap().String())
+	}
+	for s := range b.peers {
+		if !keepSubnets[s] {
+			delete(b.peers, s)
+		}
+	}
+	if len(routes)+len(neighs)+len(fdb) > 0 {
+		b.log.Info("removed peers whose leases went away while xnetd was down", "routes", routes, "neighbours", neighs, "fdb", fdb)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("vxlan: prune peers: %w", err)
+	}
+	return nil
+}
+
 // Close releases the netlink socket. With teardown it also deletes the device, which takes
 // its address, routes, neighbours and fdb entries with it; without, the datapath keeps
 // forwarding for a restarted daemon to adopt.
@@ -383,4 +478,7 @@ func prefixToIPNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
-var _ backend.Backend = (*Backend)(nil)
+var (
+	_ backend.Backend    = (*Backend)(nil)
+	_ backend.PeerPruner = (*Backend)(nil)
+)
