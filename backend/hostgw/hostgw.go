@@ -8,6 +8,10 @@
 // refused with ErrUnreachablePeer instead of leaving a route the kernel would reject or
 // blackhole. It is also the throughput ceiling the benchmark compares the others to.
 //
+// Routes outlive xnetd, which is what keeps containers connected across a restart; the route of
+// a lease deleted while xnetd was down goes when the daemon, after its first full lease list,
+// calls PrunePeers.
+//
 // It owns the routes to peer subnets on the underlay NIC. It does not own the NIC, its
 // addresses, leases (package subnetmgr) or masquerading (package ipmasq).
 package hostgw
@@ -195,27 +199,69 @@ func (b *Backend) Close(teardown bool) error {
 }
 
 func (b *Backend) deleteRoutes() error {
-	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.iface.Index}, netlink.RT_FILTER_OIF)
+	_, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool { return dst.Bits() >= b.network.Bits() })
 	if err != nil {
-		return fmt.Errorf("host-gw: list routes on %s for teardown: %w", b.iface.Name, err)
+		return fmt.Errorf("host-gw: teardown: %w", err)
+	}
+	return nil
+}
+
+// PrunePeers deletes our routes to subnets no lease in keep holds (backend.PeerPruner): routes
+// outlive xnetd, so a restarted daemon inherits the route of every lease deleted while it was
+// down, and no removal event will ever name them. Only gatewayed routes on our NIC to subnets
+// strictly inside the overlay Network are ours; our own subnet and every other route stay.
+func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return errors.New("host-gw: PrunePeers before Setup")
+	}
+	if !b.network.IsValid() {
+		return nil // no Network: no route can be known to be ours
+	}
+	keepSubnets := map[netip.Prefix]bool{b.local.Subnet.Masked(): true}
+	for _, l := range keep {
+		if l.Subnet.IsValid() {
+			keepSubnets[l.Subnet.Masked()] = true
+		}
+	}
+	gone, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool {
+		return dst.Bits() > b.network.Bits() && !keepSubnets[dst.Masked()] && !dst.Overlaps(b.local.Subnet)
+	})
+	if len(gone) > 0 {
+		b.log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
+	}
+	if err != nil {
+		return fmt.Errorf("host-gw: prune peers: %w", err)
+	}
+	return nil
+}
+
+// deleteRoutesWhere deletes the gatewayed IPv4 routes on our NIC (main table) to destinations
+// inside the overlay Network for which del says yes, and returns what it deleted.
+func (b *Backend) deleteRoutesWhere(del func(dst netip.Prefix) bool) ([]netip.Prefix, error) {
+	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.iface.Index}, netlink.RT_FILTER_OIF)
+	// An interrupted dump still lists routes that existed; the rest waits for the next start.
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return nil, fmt.Errorf("list routes on %s: %w", b.iface.Name, err)
 	}
 	var errs []error
+	var gone []netip.Prefix
 	for _, r := range routes {
 		if r.Dst == nil || r.Gw == nil {
 			continue
 		}
 		dst := ipNetToPrefix(r.Dst)
-		if !b.network.Contains(dst.Addr()) || dst.Bits() < b.network.Bits() {
+		if !b.network.Contains(dst.Addr()) || !del(dst) {
 			continue
 		}
 		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {
 			errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
+			continue
 		}
+		gone = append(gone, dst)
 	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("host-gw: teardown: %w", err)
-	}
-	return nil
+	return gone, errors.Join(errs...)
 }
 
 // onOurSegment reports whether ip is inside a subnet of an IPv4 address on our NIC, i.e. a
@@ -265,4 +311,7 @@ func ipNetToPrefix(n *net.IPNet) netip.Prefix {
 	return netip.PrefixFrom(a.Unmap(), ones)
 }
 
-var _ backend.Backend = (*Backend)(nil)
+var (
+	_ backend.Backend    = (*Backend)(nil)
+	_ backend.PeerPruner = (*Backend)(nil)
+)

@@ -40,9 +40,13 @@ func leaseOf(i int, h *testHost) subnetmgr.Lease {
 	return subnetmgr.Lease{Subnet: subnetOf(i), PublicIP: h.iface.PublicIP, BackendType: "host-gw", BackendData: json.RawMessage("null")}
 }
 
+func startOptions(t *testing.T, h *testHost) backend.Options {
+	return backend.Options{Iface: h.iface, Config: testNetwork, Logger: testLogger(t)}
+}
+
 func startBackend(t *testing.T, i int, h *testHost) *Backend {
 	t.Helper()
-	b, err := NewWithHandle(backend.Options{Iface: h.iface, Config: testNetwork, Logger: testLogger(t)}, h.nl)
+	b, err := NewWithHandle(startOptions(t, h), h.nl)
 	if err != nil {
 		t.Fatal(err)
 	}
