@@ -86,6 +86,8 @@
 // are dropped by the idle TUN for that moment instead of leaking out of the underlay NIC
 // unencapsulated by the default route. A user-space datapath cannot forward while its process
 // is not running; unlike the ebpf and vxlan backends, a restart of a udp host drops packets.
+// The route of a lease deleted while the daemon was down goes when the daemon, after its first
+// full lease list, calls PrunePeers.
 // Close(true) deletes xnet0.
 package udp
 
@@ -169,12 +171,13 @@ type Backend struct {
 	stats  *counters
 	tables tableHolder
 
-	mu    sync.Mutex
-	setup bool
-	local subnetmgr.Lease
-	dev   int                      // ifindex of xnet0 once Setup ran
-	peers map[netip.Prefix]*peerDP // what AddPeer programmed, by subnet
-	dp    *datapath                // the running queues; nil before Setup and after Close
+	mu      sync.Mutex
+	setup   bool
+	local   subnetmgr.Lease
+	network netip.Prefix             // the overlay Network: PrunePeers touches routes inside it only
+	dev     int                      // ifindex of xnet0 once Setup ran
+	peers   map[netip.Prefix]*peerDP // what AddPeer programmed, by subnet
+	dp      *datapath                // the running queues; nil before Setup and after Close
 }
 
 // New builds the backend for opts with the default Tuning. It captures the network namespace
@@ -265,6 +268,7 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		return errors.New("udp: Setup after Close")
 	}
 	local.Subnet = local.Subnet.Masked()
+	b.network = cfg.Network
 	if b.setup {
 		if b.local.Subnet != local.Subnet {
 			b.local = local
@@ -425,6 +429,64 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	return nil
 }
 
+// PrunePeers deletes the routes into xnet0 of subnets no lease in keep holds
+// (backend.PeerPruner): xnet0 is persistent, so a restarted daemon inherits the route of every
+// lease deleted while it was down, and no removal event will ever name them. Left alone, such a
+// route would swallow the traffic for a subnet no host owns. Only routes to subnets strictly
+// inside the overlay Network are touched, never our own subnet.
+func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.setup {
+		return errors.New("udp: PrunePeers before Setup")
+	}
+	if !b.network.IsValid() {
+		return nil // no Network: no route can be known to be ours
+	}
+	keepSubnets := map[netip.Prefix]bool{b.local.Subnet: true}
+	for _, l := range keep {
+		if l.Subnet.IsValid() {
+			keepSubnets[l.Subnet.Masked()] = true
+		}
+	}
+	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.dev}, netlink.RT_FILTER_OIF)
+	// An interrupted dump still lists routes that existed; the rest waits for the next start.
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return fmt.Errorf("udp: prune peers: list routes on %s: %w", DeviceName, err)
+	}
+	var errs []error
+	var gone []netip.Prefix
+	for _, r := range routes {
+		dst, ok := netipPrefix(r.Dst)
+		if !ok || !b.network.Contains(dst.Addr()) || dst.Bits() <= b.network.Bits() ||
+			keepSubnets[dst.Masked()] || dst.Overlaps(b.local.Subnet) {
+			continue
+		}
+		if err := b.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
+			continue
+		}
+		gone = append(gone, dst)
+	}
+	pruned := false
+	for s := range b.peers {
+		if !keepSubnets[s] {
+			delete(b.peers, s)
+			pruned = true
+		}
+	}
+	if pruned {
+		b.publishPeers()
+	}
+	if len(gone) > 0 {
+		b.log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("udp: prune peers: %w", err)
+	}
+	return nil
+}
+
 // Close stops the queues and closes every fd. xnet0 is persistent: without teardown it stays,
 // with its routes, for a restarted daemon to re-attach to (dropping packets meanwhile); with
 // teardown it is deleted. Calling Close twice is harmless.
@@ -531,3 +593,8 @@ func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones), true
 }
+
+var (
+	_ backend.Backend    = (*Backend)(nil)
+	_ backend.PeerPruner = (*Backend)(nil)
+)
