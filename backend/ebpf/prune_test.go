@@ -46,6 +46,16 @@ func vxlanLease(t *testing.T, subnet string, publicIP string) subnetmgr.Lease {
 // local, as xnetd does at every start.
 func startOn(t *testing.T, h *harness.Host, local subnetmgr.Lease) *Backend {
 	t.Helper()
+	b := newOn(t, h, DecapTC)
+	if err := b.Setup(t.Context(), local, testConfig); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// newOn builds the backend inside h's namespace, pinning under h's bpffs.
+func newOn(t *testing.T, h *harness.Host, decap string) *Backend {
+	t.Helper()
 	var link netlink.Link
 	if err := h.Do(func() (err error) { link, err = netlink.LinkByName("eth0"); return err }); err != nil {
 		t.Fatal(err)
@@ -53,14 +63,11 @@ func startOn(t *testing.T, h *harness.Host, local subnetmgr.Lease) *Backend {
 	a := link.Attrs()
 	opts := backend.Options{
 		Iface:  backend.ExternalInterface{Name: a.Name, Index: a.Index, MTU: a.MTU, MAC: a.HardwareAddr, PublicIP: h.UnderlayIP, IfaceIP: h.UnderlayIP},
-		Config: testConfig, Decap: DecapTC, BPFFS: h.BPFFS,
+		Config: testConfig, Decap: decap, BPFFS: h.BPFFS,
 		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	}
 	var b *Backend
 	if err := h.Do(func() (err error) { b, err = NewBackend(opts); return err }); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Setup(t.Context(), local, testConfig); err != nil {
 		t.Fatal(err)
 	}
 	return b
