@@ -201,7 +201,7 @@ func (m *Manager) AcquirePoolLease(ctx context.Context, p Pool, attrs LeaseAttrs
 			}
 		default:
 			d := bo.next()
-			m.log.Warn("cannot acquire a lease, retrying", "err", err, "retry_in", d.Round(time.Millisecond))
+			m.log.Log(ctx, retryLevel(err), "cannot acquire a lease, retrying", "err", err, "retry_in", d.Round(time.Millisecond))
 			if err := sleep(ctx, d); err != nil {
 				return Lease{}, fmt.Errorf("acquire lease: %w", err)
 			}

@@ -68,7 +68,7 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 				return ctx.Err()
 			}
 			d := bo.next()
-			m.log.Warn("cannot renew our subnet lease, retrying", "subnet", lease.Subnet, "err", err,
+			m.log.Log(ctx, retryLevel(err), "cannot renew our subnet lease, retrying", "subnet", lease.Subnet, "err", err,
 				"expires", lease.Expiration, "retry_in", d.Round(time.Millisecond))
 			failing = true
 			if err := sleep(ctx, d); err != nil {

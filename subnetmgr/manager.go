@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -77,6 +78,13 @@ type Manager struct {
 	// beforeWatch, when set by a test, runs between the list and the watch that starts at
 	// its revision: the moment a compaction hurts most.
 	beforeWatch func(rev int64)
+
+	// prober names TLS handshake failures behind timed-out requests; nil without TLS.
+	prober *tlsProber
+	// stop ends the start-up TLS probe; bg waits for it in Close.
+	stop    context.CancelFunc
+	stopped context.Context
+	bg      sync.WaitGroup
 }
 
 // New connects to etcd (lazily: it does not fail when etcd is down).
@@ -143,7 +151,7 @@ func New(opts Options) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %s: %w", strings.Join(opts.Endpoints, ","), err)
 	}
-	return &Manager{
+	m := &Manager{
 		client:         client,
 		prefix:         strings.TrimSuffix(opts.Prefix, "/"),
 		ttl:            opts.LeaseTTL,
@@ -151,11 +159,32 @@ func New(opts Options) (*Manager, error) {
 		retryMin:       opts.RetryMin,
 		retryMax:       opts.RetryMax,
 		requestTimeout: defaultRequestLimit,
-	}, nil
+		prober: newTLSProber(opts.Endpoints, cc.TLS, opts.CertFile != "", opts.CAFile != "",
+			min(opts.DialTimeout, maxProbeTime)),
+	}
+	m.stopped, m.stop = context.WithCancel(context.Background())
+	if m.prober != nil {
+		// Say at once when the certificates do not work, rather than after the first
+		// request's timeout; requests that fail later say it again.
+		m.bg.Go(func() {
+			for _, err := range m.prober.probe(m.stopped) {
+				m.log.Error("etcd TLS handshake failed; no etcd request can succeed until this is fixed", "err", err)
+			}
+		})
+	}
+	return m, nil
 }
 
+// maxProbeTime bounds one TLS probe of an endpoint: a blackholed endpoint must not add a
+// whole dial timeout to every failing request.
+const maxProbeTime = 2 * time.Second
+
 // Close releases the etcd client. It does not revoke our lease.
-func (m *Manager) Close() error { return m.client.Close() }
+func (m *Manager) Close() error {
+	m.stop()
+	m.bg.Wait()
+	return m.client.Close()
+}
 
 // Stats returns the counters so far.
 func (m *Manager) Stats() Stats {
@@ -165,10 +194,33 @@ func (m *Manager) Stats() Stats {
 // Prefix is the etcd prefix this manager works under.
 func (m *Manager) Prefix() string { return m.prefix }
 
-// etcdErr counts a failed etcd request and wraps it with what we were doing.
+// etcdErr counts a failed etcd request and wraps it with what we were doing, and with the
+// TLS handshake failures that explain it, if any.
 func (m *Manager) etcdErr(err error, format string, args ...any) error {
 	m.etcdErrors.Add(1)
-	return fmt.Errorf(format+": %w", append(args, err)...)
+	return fmt.Errorf(format+": %w", append(args, m.diagnose(err))...)
+}
+
+// diagnose adds to a request that timed out waiting for a connection the TLS handshake
+// failures of the endpoints (see tlsprobe.go).
+func (m *Manager) diagnose(err error) error {
+	if m.prober == nil || !mayBeTLS(err) {
+		return err
+	}
+	if failed := m.prober.probe(m.stopped); len(failed) > 0 {
+		return &diagnosedError{tls: failed, cause: err}
+	}
+	return err
+}
+
+// retryLevel is the level of a "failed, retrying" log line: Error for a TLS handshake
+// failure (a configuration problem someone must fix), Warn for anything an etcd that comes
+// back would heal.
+func retryLevel(err error) slog.Level {
+	if tlsErr := (*TLSError)(nil); errors.As(err, &tlsErr) {
+		return slog.LevelError
+	}
+	return slog.LevelWarn
 }
 
 // reqCtx bounds one etcd request, so that a request to an unreachable etcd fails (and is
@@ -262,7 +314,7 @@ func (m *Manager) WaitConfig(ctx context.Context) (Config, error) {
 				`etcdctl put `+ConfigKey(m.prefix)+` '{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}'`,
 				"key", ConfigKey(m.prefix), "retry_in", d.Round(time.Millisecond))
 		} else {
-			m.log.Warn("cannot read network config from etcd, retrying", "key", ConfigKey(m.prefix),
+			m.log.Log(ctx, retryLevel(err), "cannot read network config from etcd, retrying", "key", ConfigKey(m.prefix),
 				"err", err, "retry_in", d.Round(time.Millisecond))
 		}
 		if err := sleep(ctx, d); err != nil {

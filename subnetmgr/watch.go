@@ -155,7 +155,7 @@ func (w *watcher) resync(ctx context.Context, initial bool) (int64, error) {
 			return 0, ctx.Err()
 		}
 		d := bo.next()
-		w.m.log.Warn("cannot list leases, retrying", "err", err, "retry_in", d.Round(time.Millisecond))
+		w.m.log.Log(ctx, retryLevel(err), "cannot list leases, retrying", "err", err, "retry_in", d.Round(time.Millisecond))
 		if err := sleep(ctx, d); err != nil {
 			return 0, err
 		}
