@@ -47,13 +47,19 @@ type daemonRun struct {
 	started time.Time
 	// metricsAddr is where the endpoint really listens (--metrics-addr may say port 0).
 	metricsAddr string
+	// stateWrites and stateTimer rate-limit the state file's rewrites on peer changes; the
+	// timer fires when a pending write is due.
+	stateWrites stateThrottle
+	stateTimer  *time.Timer
 }
 
 // runDaemon is `xnetd run`. Until the backend's Setup, every failure is a usageError (exit 2)
 // and the host is untouched: flags, the interface, the metrics address, the config and the
 // backend are all checked first.
 func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.Logger) error {
-	d := &daemonRun{o: o, log: log, started: time.Now()}
+	d := &daemonRun{o: o, log: log, started: time.Now(), stateWrites: stateThrottle{interval: stateWriteInterval}}
+	d.stateTimer = time.NewTimer(time.Hour)
+	d.stateTimer.Stop()
 
 	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
@@ -313,6 +319,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				d.m.SetLease(l)
 				d.log.Info("lease taken back", "subnet", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
 				keep = d.startKeeper(loopCtx, attrs, leases)
+				d.writeState()
 			}
 			d.m.SetPeers(d.peers.counts())
 			if !d.ready {
@@ -321,8 +328,10 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				_, applied, refused := d.peers.counts()
 				d.log.Info("datapath programmed with the initial peers; ready", "peers", applied, "refused", refused, "took", time.Since(d.started).Round(time.Millisecond))
 				_, _ = daemon.SdNotify(false, fmt.Sprintf("%s\nSTATUS=ready: %v via %s, %d peers", daemon.SdNotifyReady, d.lease.Subnet, d.chosen.name, applied))
+				d.writeState()
+			} else {
+				d.stateChanged()
 			}
-			d.writeState()
 		case l := <-leases:
 			if l.Subnet.Masked() != d.lease.Subnet.Masked() {
 				return &fatalError{fmt.Errorf("our lease moved from %v to %v: the datapath and Docker's --bip are for the old subnet; exiting so the restart reconfigures everything", d.lease.Subnet, l.Subnet)}
@@ -331,6 +340,8 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			d.peers.own = l
 			d.m.SetLease(l)
 			d.log.Info("lease renewed", "subnet", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
+			d.writeState()
+		case <-d.stateTimer.C:
 			d.writeState()
 		case l := <-mvLeases:
 			// Manager.Keep already rewrote the options file and logged a moved range.
@@ -433,14 +444,30 @@ func (d *daemonRun) setupMasq() error {
 	return nil
 }
 
-// writeState records the daemon's view for `xnetd status`. A failure is logged, not fatal:
-// the datapath matters more than the report.
+// stateChanged is a peer change for the state file: written now or within
+// stateWriteInterval (see stateThrottle).
+func (d *daemonRun) stateChanged() {
+	writeNow, arm := d.stateWrites.changed(time.Now())
+	switch {
+	case writeNow:
+		d.writeState()
+	case arm > 0:
+		d.stateTimer.Reset(arm)
+	}
+}
+
+// writeState records the daemon's view for `xnetd status` now, and so ends any pending
+// rate-limited write. A failure is logged, not fatal: the datapath matters more than the
+// report.
 func (d *daemonRun) writeState() {
+	now := time.Now()
+	d.stateWrites.written(now)
+	d.stateTimer.Stop()
 	s := state{
 		PID:             os.Getpid(),
 		Version:         version(),
 		StartedAt:       d.started,
-		UpdatedAt:       time.Now(),
+		UpdatedAt:       now,
 		Ready:           d.ready,
 		Backend:         d.chosen.name,
 		Mode:            d.chosen.mode,

@@ -136,3 +136,41 @@ func daemonAlive(pid int) (bool, string) {
 	}
 	return true, fmt.Sprintf("pid %d", pid)
 }
+
+// stateWriteInterval is the most often the event loop rewrites the state file for peer
+// changes; `xnetd status` may be this far behind on peers.
+const stateWriteInterval = time.Second
+
+// stateThrottle decides when the event loop rewrites the state file.
+//
+// Design history: serve used to write the whole state (every peer, JSON-indented) after every
+// lease batch and renewal. With 5,000 peers and 100 lease changes a second that was O(peers)
+// work per change, and the daemon fell seconds behind the lease changes it had to program
+// (bench/scale.md). Now a peer change marks the state dirty: it is written at once when the
+// last write is at least interval old (an isolated change shows at once), else once when the
+// interval is up, so a burst costs at most one write a second. Ready, a change of our own
+// lease and shutdown write at once (writeState), as status must never be wrong about those.
+type stateThrottle struct {
+	interval time.Duration
+	last     time.Time // the last write
+	due      time.Time // when the pending write is due; zero when the file is current
+}
+
+// changed records a change at now. It says whether to write now; if not, and no write was
+// pending yet, arm is how long until the one now pending is due (0 when one already was).
+func (s *stateThrottle) changed(now time.Time) (writeNow bool, arm time.Duration) {
+	if !s.due.IsZero() {
+		return false, 0
+	}
+	next := s.last.Add(s.interval)
+	if !now.Before(next) {
+		return true, 0
+	}
+	s.due = next
+	return false, next.Sub(now)
+}
+
+// written records a write at now: nothing is pending any more.
+func (s *stateThrottle) written(now time.Time) {
+	s.last, s.due = now, time.Time{}
+}
