@@ -25,12 +25,8 @@ type etcdServer struct {
 	etcd     *embed.Etcd
 	client   *clientv3.Client
 	loopback string // host:port of the client URL on 127.0.0.1
-	relay    net.Listener
-	wg       sync.WaitGroup
+	relay    *tcpRelay
 	log      *slog.Logger
-
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
 }
 
 func freePort() (int, error) {
@@ -100,43 +96,87 @@ func startEtcdOnce(ctx context.Context, dir string, log *slog.Logger) (*etcdServ
 		e.Close()
 		return nil, fmt.Errorf("etcd client for %s: %w", cu.Host, err)
 	}
-	return &etcdServer{etcd: e, client: client, loopback: cu.Host, log: log, conns: map[net.Conn]struct{}{}}, nil
+	return &etcdServer{etcd: e, client: client, loopback: cu.Host, log: log}, nil
 }
 
-// serveRelay accepts on l (a listener created inside the underlay namespace) and relays each
-// connection to the loopback etcd. Dialing happens on ordinary goroutines, in the root namespace.
+// serveRelay relays connections accepted on l (a listener created inside the underlay
+// namespace) to the loopback etcd.
 func (s *etcdServer) serveRelay(l net.Listener) {
-	s.relay = l
-	s.wg.Add(1)
+	s.relay = newRelay(s.loopback, s.log)
+	s.relay.serve(l)
+}
+
+func (s *etcdServer) close() {
+	if s.relay != nil {
+		s.relay.close()
+	}
+	if s.client != nil {
+		s.client.Close()
+	}
+	if s.etcd != nil {
+		s.etcd.Close()
+	}
+}
+
+// tcpRelay accepts TCP connections on a listener inside a namespace and relays each to a
+// target dialled on ordinary goroutines, in the root namespace: how hosts reach an etcd that
+// listens on loopback.
+type tcpRelay struct {
+	target string
+	log    *slog.Logger
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	l      net.Listener
+	conns  map[net.Conn]struct{}
+	closed bool // by close: a connection accepted just before is dropped, not relayed
+}
+
+func newRelay(target string, log *slog.Logger) *tcpRelay {
+	return &tcpRelay{target: target, log: log, conns: map[net.Conn]struct{}{}}
+}
+
+// serve accepts on l until l is closed (by close or cut).
+func (r *tcpRelay) serve(l net.Listener) {
+	r.mu.Lock()
+	r.l, r.closed = l, false
+	r.mu.Unlock()
+	r.wg.Add(1)
 	go func() {
-		defer s.wg.Done()
+		defer r.wg.Done()
 		for {
 			c, err := l.Accept()
 			if err != nil {
 				if !errors.Is(err, net.ErrClosed) {
-					s.log.Warn("etcd relay accept", "err", err)
+					r.log.Warn("etcd relay accept", "err", err)
 				}
 				return
 			}
-			s.wg.Add(1)
+			r.wg.Add(1)
 			go func() {
-				defer s.wg.Done()
-				s.relayConn(c)
+				defer r.wg.Done()
+				r.relayConn(c)
 			}()
 		}
 	}()
 }
 
-func (s *etcdServer) relayConn(c net.Conn) {
-	up, err := net.DialTimeout("tcp", s.loopback, 5*time.Second)
+func (r *tcpRelay) relayConn(c net.Conn) {
+	up, err := net.DialTimeout("tcp", r.target, 5*time.Second)
 	if err != nil {
-		s.log.Warn("etcd relay dial", "err", err)
+		r.log.Warn("etcd relay dial", "err", err)
 		c.Close()
 		return
 	}
-	s.mu.Lock()
-	s.conns[c], s.conns[up] = struct{}{}, struct{}{}
-	s.mu.Unlock()
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		c.Close()
+		up.Close()
+		return
+	}
+	r.conns[c], r.conns[up] = struct{}{}, struct{}{}
+	r.mu.Unlock()
 	done := make(chan struct{}, 2)
 	pipe := func(dst, src net.Conn) {
 		_, _ = io.Copy(dst, src)
@@ -152,26 +192,31 @@ func (s *etcdServer) relayConn(c net.Conn) {
 	<-done
 	c.Close()
 	up.Close()
-	s.mu.Lock()
-	delete(s.conns, c)
-	delete(s.conns, up)
-	s.mu.Unlock()
+	r.mu.Lock()
+	delete(r.conns, c)
+	delete(r.conns, up)
+	r.mu.Unlock()
 }
 
-func (s *etcdServer) close() {
-	if s.relay != nil {
-		s.relay.Close()
+// open is the number of client connections being relayed now.
+func (r *tcpRelay) open() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.conns) / 2
+}
+
+// close closes the listener and every relayed connection, and waits for the relay's
+// goroutines: the relay can serve again on a new listener afterwards.
+func (r *tcpRelay) close() {
+	r.mu.Lock()
+	r.closed = true
+	if r.l != nil {
+		r.l.Close()
+		r.l = nil
 	}
-	s.mu.Lock()
-	for c := range s.conns {
+	for c := range r.conns {
 		c.Close()
 	}
-	s.mu.Unlock()
-	s.wg.Wait()
-	if s.client != nil {
-		s.client.Close()
-	}
-	if s.etcd != nil {
-		s.etcd.Close()
-	}
+	r.mu.Unlock()
+	r.wg.Wait()
 }
