@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -56,6 +57,7 @@ func TestLeaseEventsBecomePeerCalls(t *testing.T) {
 		wantApplied  int
 		wantRefusals int
 		wantOwnGone  bool
+		after        time.Duration // then removals due this long after the batch are done
 	}{
 		{
 			name: "initial list: our own lease is skipped, the others are added",
@@ -82,6 +84,7 @@ func TestLeaseEventsBecomePeerCalls(t *testing.T) {
 				{Type: subnetmgr.EventAdded, Lease: lease("10.244.2.0/24", "198.18.0.12")},
 				{Type: subnetmgr.EventRemoved, Lease: lease("10.244.2.0/24", "198.18.0.12")},
 			},
+			after:     removalGrace,
 			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "remove 10.244.2.0/24"},
 			wantPeers: nil, wantKnown: 0,
 		},
@@ -127,9 +130,12 @@ func TestLeaseEventsBecomePeerCalls(t *testing.T) {
 			}
 			var types []string
 			p := newPeers(r, own, slog.New(slog.NewTextHandler(io.Discard, nil)), func(t subnetmgr.EventType) { types = append(types, t.String()) })
+			start := time.Now()
+			p.now = func() time.Time { return start }
 			if ownGone := p.apply(tt.events); ownGone != tt.wantOwnGone {
 				t.Errorf("apply reported own lease removed %v, want %v", ownGone, tt.wantOwnGone)
 			}
+			p.removeDue(start.Add(tt.after))
 			if got, want := strings.Join(r.calls, "; "), strings.Join(tt.wantCalls, "; "); got != want {
 				t.Errorf("backend calls:\n got %s\nwant %s", got, want)
 			}
@@ -159,5 +165,131 @@ func TestPeerStateShowsTheVtepMAC(t *testing.T) {
 	s := leaseStateOf(lease("10.244.2.0/24", "198.18.0.12"))
 	if s.VtepMAC != "0e:78:c6:12:00:0c" {
 		t.Errorf("VtepMAC %q", s.VtepMAC)
+	}
+}
+
+// A peer whose lease leaves etcd stays in the datapath for removalGrace, shown as pending
+// removal, and stays for good if the lease comes back within it (after an etcd outage, a host
+// whose lease expired re-creates it about a second after its peers resynced without it).
+func TestPeerRemovalWaitsOutTheGrace(t *testing.T) {
+	own := lease("10.244.1.0/24", "198.18.0.11")
+	peer := lease("10.244.2.0/24", "198.18.0.12")
+	moved := lease("10.244.2.0/24", "198.18.0.22")
+	added := subnetmgr.Event{Type: subnetmgr.EventAdded, Lease: peer}
+	removed := subnetmgr.Event{Type: subnetmgr.EventRemoved, Lease: peer}
+	type step struct {
+		at     time.Duration // since the first step; due removals run first
+		events []subnetmgr.Event
+	}
+	tests := []struct {
+		name        string
+		steps       []step
+		end         time.Duration // due removals run at the end
+		wantCalls   []string
+		wantPending bool // the peer is listed with RemovalDue set
+		wantKnown   int
+		wantApplied int
+	}{
+		{
+			name:      "a removed lease is still in the datapath within the grace, listed as pending",
+			steps:     []step{{0, []subnetmgr.Event{added}}, {time.Second, []subnetmgr.Event{removed}}},
+			end:       time.Second + removalGrace - time.Millisecond,
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12"}, wantPending: true,
+			wantKnown: 0, wantApplied: 1,
+		},
+		{
+			name:      "the peer leaves the datapath when the grace is up",
+			steps:     []step{{0, []subnetmgr.Event{added}}, {time.Second, []subnetmgr.Event{removed}}},
+			end:       time.Second + removalGrace,
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "remove 10.244.2.0/24"},
+		},
+		{
+			name: "the same lease back within the grace: the backend hears nothing, the peer stays",
+			steps: []step{
+				{0, []subnetmgr.Event{added}}, {time.Second, []subnetmgr.Event{removed}},
+				{2 * time.Second, []subnetmgr.Event{added}},
+			},
+			end:       time.Minute,
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12"}, wantKnown: 1, wantApplied: 1,
+		},
+		{
+			name: "the lease back with other data within the grace is added again, not removed",
+			steps: []step{
+				{0, []subnetmgr.Event{added}}, {time.Second, []subnetmgr.Event{removed}},
+				{2 * time.Second, []subnetmgr.Event{{Type: subnetmgr.EventAdded, Lease: moved}}},
+			},
+			end:       time.Minute,
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "add 10.244.2.0/24 198.18.0.22"}, wantKnown: 1, wantApplied: 1,
+		},
+		{
+			name: "the lease back after the grace is added anew",
+			steps: []step{
+				{0, []subnetmgr.Event{added}}, {time.Second, []subnetmgr.Event{removed}},
+				{time.Second + removalGrace, []subnetmgr.Event{added}},
+			},
+			end:       time.Minute,
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "remove 10.244.2.0/24", "add 10.244.2.0/24 198.18.0.12"}, wantKnown: 1, wantApplied: 1,
+		},
+		{
+			name: "removed and back in one batch (a resync) needs nothing",
+			steps: []step{
+				{0, []subnetmgr.Event{added}}, {time.Second, []subnetmgr.Event{removed, added}},
+			},
+			end:       time.Minute,
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12"}, wantKnown: 1, wantApplied: 1,
+		},
+		{
+			name: "a second removal does not push the first one's time back",
+			steps: []step{
+				{0, []subnetmgr.Event{added}}, {time.Second, []subnetmgr.Event{removed}},
+				{2 * time.Second, []subnetmgr.Event{removed}},
+			},
+			end:       time.Second + removalGrace,
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "remove 10.244.2.0/24"},
+		},
+		{
+			name: "a host back under another subnet: its old subnet leaves at once, before the new one goes in",
+			steps: []step{
+				{0, []subnetmgr.Event{added}}, {time.Second, []subnetmgr.Event{removed}},
+				{2 * time.Second, []subnetmgr.Event{{Type: subnetmgr.EventAdded, Lease: lease("10.244.7.0/24", "198.18.0.12")}}},
+			},
+			end:       2 * time.Second,
+			wantCalls: []string{"add 10.244.2.0/24 198.18.0.12", "remove 10.244.2.0/24", "add 10.244.7.0/24 198.18.0.12"}, wantKnown: 1, wantApplied: 1,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := &recorder{}
+			p := newPeers(r, own, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+			start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+			var now time.Time
+			p.now = func() time.Time { return now }
+			for _, st := range tt.steps {
+				now = start.Add(st.at)
+				p.removeDue(now)
+				p.apply(st.events)
+			}
+			now = start.Add(tt.end)
+			_, next := p.removeDue(now)
+			if got, want := strings.Join(r.calls, "; "), strings.Join(tt.wantCalls, "; "); got != want {
+				t.Errorf("backend calls:\n got %s\nwant %s", got, want)
+			}
+			pending := false
+			for _, ps := range p.list() {
+				pending = pending || !ps.RemovalDue.IsZero()
+			}
+			if pending != tt.wantPending {
+				t.Errorf("a peer listed as pending removal: %v, want %v (%+v)", pending, tt.wantPending, p.list())
+			}
+			if tt.wantPending && next != p.nextRemoval() {
+				t.Errorf("removeDue says the next removal is at %v, nextRemoval %v", next, p.nextRemoval())
+			}
+			if tt.wantPending && p.list()[0].RemovalDue != start.Add(time.Second+removalGrace) {
+				t.Errorf("removal due %v, want the grace after the removal (%v)", p.list()[0].RemovalDue, start.Add(time.Second+removalGrace))
+			}
+			if known, applied, _ := p.counts(); known != tt.wantKnown || applied != tt.wantApplied {
+				t.Errorf("counts known=%d applied=%d, want %d %d", known, applied, tt.wantKnown, tt.wantApplied)
+			}
+		})
 	}
 }

@@ -51,6 +51,8 @@ type daemonRun struct {
 	// timer fires when a pending write is due.
 	stateWrites stateThrottle
 	stateTimer  *time.Timer
+	// removalTimer fires when the next peer removal is due (see removalGrace).
+	removalTimer *time.Timer
 }
 
 // runDaemon is `xnetd run`. Until the backend's Setup, every failure is a usageError (exit 2)
@@ -60,6 +62,8 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	d := &daemonRun{o: o, log: log, started: time.Now(), stateWrites: stateThrottle{interval: stateWriteInterval}}
 	d.stateTimer = time.NewTimer(time.Hour)
 	d.stateTimer.Stop()
+	d.removalTimer = time.NewTimer(time.Hour)
+	d.removalTimer.Stop()
 
 	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
@@ -165,6 +169,10 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		log.Info("backend mode", "backend", d.chosen.name, "mode", mode, "why", why)
 	}
 	runErr := d.serve(ctx, attrs)
+	if d.peers != nil {
+		// A peer whose lease is gone leaves now rather than never: the datapath outlives us.
+		d.peers.removeDue(time.Now().Add(removalGrace))
+	}
 
 	_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
 	d.m.SetReady(false)
@@ -299,6 +307,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			start := time.Now()
 			ownRemoved := d.peers.apply(batch)
 			d.m.ObserveReconcile(time.Since(start))
+			d.armRemovals(d.peers.nextRemoval())
 			if ownRemoved {
 				// Someone deleted our key (an operator, a restored backup). flannel exits and
 				// lets the restart take a lease again; taking it back here is the same without
@@ -343,6 +352,13 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			d.writeState()
 		case <-d.stateTimer.C:
 			d.writeState()
+		case <-d.removalTimer.C:
+			removed, next := d.peers.removeDue(time.Now())
+			d.armRemovals(next)
+			if removed > 0 {
+				d.m.SetPeers(d.peers.counts())
+				d.stateChanged()
+			}
 		case l := <-mvLeases:
 			// Manager.Keep already rewrote the options file and logged a moved range.
 			d.log.Info("macvlan range renewed", "range", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
@@ -442,6 +458,14 @@ func (d *daemonRun) setupMasq() error {
 		d.log.Debug("no masquerade table to remove", "err", err)
 	}
 	return nil
+}
+
+// armRemovals sets the removal timer for next (stops it when next is zero).
+func (d *daemonRun) armRemovals(next time.Time) {
+	d.removalTimer.Stop()
+	if !next.IsZero() {
+		d.removalTimer.Reset(max(time.Until(next), 0))
+	}
 }
 
 // stateChanged is a peer change for the state file: written now or within

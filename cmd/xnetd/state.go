@@ -56,6 +56,11 @@ type peerState struct {
 	leaseState
 	// Error is why the backend refused the peer ("" when programmed).
 	Error string `json:"error,omitempty"`
+	// RemovalDue is set when the peer's lease is gone from etcd: the peer stays in the
+	// datapath until then, in case the lease comes back (see removalGrace).
+	RemovalDue time.Time `json:"removal_due,omitzero"`
+	// lease is the whole lease, for the backend's RemovePeer and PrunePeers.
+	lease subnetmgr.Lease
 }
 
 func leaseStateOf(l subnetmgr.Lease) leaseState {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -346,8 +347,13 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 		if route == "" {
 			route = "-"
 		}
+		problem := p.Error
+		if !p.RemovalDue.IsZero() {
+			gone := fmt.Sprintf("lease gone from etcd: leaves the datapath at %s unless it comes back", p.RemovalDue.Format(time.TimeOnly))
+			problem = strings.Join(slices.DeleteFunc([]string{gone, problem}, func(s string) bool { return s == "" }), "; ")
+		}
 		fmt.Fprintf(tw, "  %v\t%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Subnet, p.PublicIP, orDash(p.VtepMAC),
-			num(p.TxPackets), num(p.TxBytes), num(p.RxPackets), num(p.RxBytes), route, orDash(p.Error))
+			num(p.TxPackets), num(p.TxBytes), num(p.RxPackets), num(p.RxBytes), route, orDash(problem))
 	}
 	tw.Flush()
 	if len(rep.Verdicts) > 0 {

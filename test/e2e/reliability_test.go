@@ -941,9 +941,6 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 		for _, f := range after {
 			t.Logf("etcd back, h2 before h1: flow %s: %v", f.name, f.result())
 		}
-		rlKnownBug(t, "a host whose lease expired during an etcd outage is removed from its peers' datapaths "+
-			"from the moment they see etcd again until it has re-created its lease (cmd/xnetd peers.apply removes at once; "+
-			"a short grace period before removing a peer after a resync would bridge it)")
 		after.requireNoLoss(t, "etcd back, h2 before h1")
 	})
 }

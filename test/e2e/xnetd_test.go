@@ -212,6 +212,8 @@ type xdStatus struct {
 		Route     string       `json:"route"`
 		Error     string       `json:"error"`
 		TxPackets *uint64      `json:"tx_packets"`
+		// RemovalDue is set while the peer's lease is gone and its removal waits out the grace.
+		RemovalDue time.Time `json:"removal_due"`
 	} `json:"peers"`
 	Counters string   `json:"counters"`
 	Routes   []string `json:"routes"`
@@ -589,6 +591,27 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 		start := time.Now()
 		if _, err := topo.EtcdClient().Delete(ctx, subnetmgr.SubnetKey(xdPrefix, subnet)); err != nil {
 			t.Fatal(err)
+		}
+		// For a few seconds the peer stays, in case its lease comes back (a host re-creating
+		// an expired lease after an etcd outage); status says so.
+		for {
+			var pending time.Time
+			for _, p := range nodes[0].status(t).Peers {
+				if p.Subnet == subnet {
+					pending = p.RemovalDue
+				}
+			}
+			if !pending.IsZero() {
+				if d := pending.Sub(start); d < 2*time.Second || d > 5*time.Second {
+					t.Errorf("status: %v leaves at %v, %v after the delete; want within 2-5 s", subnet, pending, d)
+				}
+				break
+			}
+			if time.Since(start) > 2500*time.Millisecond {
+				t.Errorf("status never showed %v as pending removal after its lease was deleted", subnet)
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
 		for _, n := range nodes[:2] {
 			for n.routeTo(t, subnet) != "" {
