@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -292,4 +293,59 @@ func TestPeerRemovalWaitsOutTheGrace(t *testing.T) {
 			}
 		})
 	}
+}
+
+// pruner is a recorder whose backend keeps peers across restarts (backend.PeerPruner).
+type pruner struct {
+	recorder
+	kept []string
+	err  error
+}
+
+func (p *pruner) PrunePeers(keep []subnetmgr.Lease) error {
+	for _, l := range keep {
+		p.kept = append(p.kept, fmt.Sprintf("%v %v", l.Subnet, l.PublicIP))
+	}
+	return p.err
+}
+
+// After the first full lease list, a backend that keeps peers across restarts is told every
+// peer lease known (not ours, not a stale one with our PublicIP, refused ones too: it holds
+// nothing for them), so it can drop peers whose leases went while xnetd was down.
+func TestFirstLeaseListPrunesPeersTheBackendStillHolds(t *testing.T) {
+	own := lease("10.244.1.0/24", "198.18.0.11")
+	first := []subnetmgr.Event{
+		{Type: subnetmgr.EventAdded, Lease: own},
+		{Type: subnetmgr.EventAdded, Lease: lease("10.244.9.0/24", "198.18.0.11")},
+		{Type: subnetmgr.EventAdded, Lease: lease("10.244.3.0/24", "198.18.0.13")},
+		{Type: subnetmgr.EventAdded, Lease: lease("10.244.2.0/24", "198.18.0.12")},
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for _, tt := range []struct {
+		name string
+		err  error
+	}{
+		{"the backend prunes", nil},
+		{"a failed prune is logged, not fatal", errors.New("map busy")},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			b := &pruner{recorder: recorder{refuse: map[netip.Prefix]bool{netip.MustParsePrefix("10.244.3.0/24"): true}}, err: tt.err}
+			d := &daemonRun{log: log, chosen: chosenBackend{name: "ebpf", b: b}, peers: newPeers(b, own, log, nil)}
+			d.peers.apply(first)
+			d.prunePeers()
+			slices.Sort(b.kept)
+			if got, want := strings.Join(b.kept, ", "), "10.244.2.0/24 198.18.0.12, 10.244.3.0/24 198.18.0.13"; got != want {
+				t.Errorf("PrunePeers kept %q, want %q", got, want)
+			}
+		})
+	}
+	t.Run("a backend without per-peer state across restarts is not asked", func(t *testing.T) {
+		b := &recorder{}
+		d := &daemonRun{log: log, chosen: chosenBackend{name: "udp", b: b}, peers: newPeers(b, own, log, nil)}
+		d.peers.apply(first)
+		d.prunePeers() // must not panic or call anything else
+		if len(b.calls) != 2 {
+			t.Errorf("backend calls %q, want only the two adds", b.calls)
+		}
+	})
 }

@@ -330,6 +330,11 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				keep = d.startKeeper(loopCtx, attrs, leases)
 				d.writeState()
 			}
+			if !d.ready {
+				// The first batch is etcd's whole list (WatchLeases): now a backend whose
+				// datapath outlived us can drop peers whose leases went while we were down.
+				d.prunePeers()
+			}
 			d.m.SetPeers(d.peers.counts())
 			if !d.ready {
 				d.ready = true
@@ -458,6 +463,25 @@ func (d *daemonRun) setupMasq() error {
 		d.log.Debug("no masquerade table to remove", "err", err)
 	}
 	return nil
+}
+
+// prunePeers hands the backend, once the initial lease list is applied, every peer lease we
+// know, so it removes what it still holds for leases that went away while xnetd was down
+// (backend.PeerPruner; a backend without per-peer state that outlives us does not implement
+// it). A failure is logged, not fatal: the peers we know are all programmed.
+func (d *daemonRun) prunePeers() {
+	pr, ok := d.chosen.b.(backend.PeerPruner)
+	if !ok {
+		d.log.Debug("backend keeps no peers across restarts; nothing to prune", "backend", d.chosen.name)
+		return
+	}
+	keep := d.peers.leases()
+	start := time.Now()
+	if err := pr.PrunePeers(keep); err != nil {
+		d.log.Warn("pruning peers whose leases went away while xnetd was down failed; they stay in the datapath until a restart", "backend", d.chosen.name, "keep", len(keep), "err", err)
+		return
+	}
+	d.log.Debug("pruned peers whose leases went away while xnetd was down", "backend", d.chosen.name, "keep", len(keep), "took", time.Since(start).Round(time.Microsecond))
 }
 
 // armRemovals sets the removal timer for next (stops it when next is zero).
