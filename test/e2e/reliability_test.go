@@ -704,8 +704,6 @@ func TestReliabilityPeerLeaseGoneLeavesEveryHostWithin5s(t *testing.T) {
 	})
 
 	t.Run("a host down while a peer's lease went away drops that peer when it comes back", func(t *testing.T) {
-		rlKnownBug(t, "a restarted xnetd keeps the BPF route and peer counter entry of a lease that went away while it was down "+
-			"(backend/ebpf Setup adopts the pinned maps, and nothing compares them with the first lease list)")
 		down := nodes[2]
 		sim := free[2]
 		rlPutPeer(t, cli, sim, rlSimIP(2), time.Hour)
