@@ -24,10 +24,10 @@ import (
 // etcd cluster has no single etcd (Options.WithEtcd) as well.
 const EtcdClusterPort = EtcdPort
 
-// EtcdCluster is a multi-member embedded etcd cluster: every member on loopback (the test
-// process reaches it there) and relayed into the underlay namespace at 198.18.0.1:2379,
-// :2381, :2383, ... for the hosts. A member can be stopped the way a crashed etcd process
-// is (its port refuses, its connections drop) and started again on its data.
+// EtcdCluster is a multi-member embedded etcd cluster: every member on loopback, relayed into
+// the underlay namespace at 198.18.0.1:2379, :2381, :2383, ... for the hosts (and on another
+// loopback port for the test process). A member can be stopped the way a crashed etcd
+// process is (its ports refuse, its connections drop) and started again on its data.
 type EtcdCluster struct {
 	topo    *Topology
 	dir     string
@@ -41,6 +41,11 @@ type clusterMember struct {
 	peerURL   url.URL
 	relayAddr netip.AddrPort
 	relay     *tcpRelay
+	// The test process talks to the member through a relay on loopback too, so that a stopped
+	// member refuses it and cuts its connections as it does the hosts'. (etcd's own port
+	// stays open while a stopped member closes in the background, answering "raft: stopped".)
+	localAddr string
+	local     *tcpRelay
 	cfg       func() *embed.Config // a fresh config each start: embed keeps state in it
 
 	mu      sync.Mutex
@@ -122,6 +127,7 @@ func startClusterOnce(ctx context.Context, topo *Topology, dir string, members i
 			relayAddr: netip.AddrPortFrom(UnderlayGateway, uint16(EtcdClusterPort+2*i)),
 		}
 		m.relay = newRelay(m.clientURL.Host, topo.log)
+		m.local = newRelay(m.clientURL.Host, topo.log)
 		c.members = append(c.members, m)
 		initial = append(initial, m.name+"="+m.peerURL.String())
 	}
@@ -181,16 +187,28 @@ func (m *clusterMember) waitReady(ctx context.Context) error {
 	}
 }
 
-// listen opens the member's relay in the underlay namespace.
+// listen opens the member's relays: in the underlay namespace, and on loopback (on a free
+// port the first time, on the same one after a restart).
 func (m *clusterMember) listen(topo *Topology) error {
+	addr := m.localAddr
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	ll, err := net.Listen("tcp4", addr)
+	if err != nil {
+		return fmt.Errorf("harness: etcd member %s loopback relay listener %s: %w", m.name, addr, err)
+	}
+	m.localAddr = ll.Addr().String()
 	var l net.Listener
 	if err := topo.underlay.Do(func() (err error) {
 		l, err = net.Listen("tcp4", m.relayAddr.String())
 		return err
 	}); err != nil {
+		ll.Close()
 		return fmt.Errorf("harness: etcd member %s relay listener %v in %s: %w", m.name, m.relayAddr, topo.underlay.Name, err)
 	}
 	m.relay.serve(l)
+	m.local.serve(ll)
 	return nil
 }
 
@@ -213,12 +231,13 @@ func (c *EtcdCluster) EndpointsFlag() string { return strings.Join(c.Endpoints()
 func (c *EtcdCluster) loopbackEndpoints() []string {
 	var out []string
 	for _, m := range c.members {
-		out = append(out, m.clientURL.String())
+		out = append(out, "http://"+m.localAddr)
 	}
 	return out
 }
 
-// Client is a client of every member on loopback, for the test process; Close closes it.
+// Client is a client of every member (through its loopback relay), for the test process;
+// Close closes it.
 func (c *EtcdCluster) Client() *clientv3.Client { return c.client }
 
 // Running says whether member i is running.
@@ -262,6 +281,7 @@ func (c *EtcdCluster) Connections(i int) int { return c.members[i].relay.open() 
 func (c *EtcdCluster) Stop(i int) {
 	m := c.members[i]
 	m.relay.close()
+	m.local.close()
 	m.mu.Lock()
 	e := m.etcd
 	m.etcd = nil
