@@ -48,9 +48,10 @@ type clusterMember struct {
 	local     *tcpRelay
 	cfg       func() *embed.Config // a fresh config each start: embed keeps state in it
 
-	mu      sync.Mutex
-	etcd    *embed.Etcd
-	closing chan struct{} // closed when the last stopped instance has released its ports
+	mu       sync.Mutex
+	etcd     *embed.Etcd
+	closing  chan struct{} // closed when the last stopped instance has released its ports
+	powerOff string        // nftables table dropping the member's underlay traffic, while powered off
 }
 
 // StartEtcdCluster starts members (3 for a cluster that survives losing one) and waits until
@@ -282,6 +283,11 @@ func (c *EtcdCluster) Stop(i int) {
 	m := c.members[i]
 	m.relay.close()
 	m.local.close()
+	stopMember(m)
+}
+
+// stopMember hard-stops the member's etcd and closes it in the background.
+func stopMember(m *clusterMember) {
 	m.mu.Lock()
 	e := m.etcd
 	m.etcd = nil
@@ -302,15 +308,51 @@ func (c *EtcdCluster) Stop(i int) {
 	}()
 }
 
+// PowerOff stops member i as a machine that loses power or network would: etcd stops, and
+// everything to and from its underlay port is dropped, so hosts see no FIN or RST, only
+// silence (their open connections stall until a keepalive or timeout gives up; new ones get
+// no answer). Restart ends it.
+func (c *EtcdCluster) PowerOff(ctx context.Context, i int) error {
+	m := c.members[i]
+	table := fmt.Sprintf("xnetec%s%d", c.topo.ID(), i)
+	port := m.relayAddr.Port()
+	script := fmt.Sprintf("add table inet %[1]s\n"+
+		"add chain inet %[1]s in { type filter hook input priority -10; }\n"+
+		"add chain inet %[1]s out { type filter hook output priority -10; }\n"+
+		"add rule inet %[1]s in ip daddr %[2]s tcp dport %[3]d drop\n"+
+		"add rule inet %[1]s out ip saddr %[2]s tcp sport %[3]d drop\n", table, m.relayAddr.Addr(), port)
+	if _, err := c.topo.underlay.Run(ctx, "sh", "-c", "printf '"+script+"' | nft -f -"); err != nil {
+		return fmt.Errorf("harness: power off etcd member %s: %w", m.name, err)
+	}
+	m.mu.Lock()
+	m.powerOff = table
+	m.mu.Unlock()
+	// The test process's relay on loopback simply closes: it has no network to lose.
+	m.local.close()
+	stopMember(m) // the underlay relay stays: the connections it holds must go silent, not close
+	return nil
+}
+
 // Restart starts stopped member i again on its data and ports, waits until it is ready (it
 // has caught up with the leader) and opens its underlay port again.
 func (c *EtcdCluster) Restart(ctx context.Context, i int) error {
 	m := c.members[i]
 	m.mu.Lock()
-	running, closing := m.etcd != nil, m.closing
+	running, closing, table := m.etcd != nil, m.closing, m.powerOff
 	m.mu.Unlock()
 	if running {
 		return fmt.Errorf("harness: etcd member %s is running", m.name)
+	}
+	if table != "" {
+		// Back on the network: the connections held through the outage are closed now, as
+		// a rebooted machine's would be (RST on the hosts' next segment).
+		m.relay.close()
+		if _, err := c.topo.underlay.Run(ctx, "nft", "delete", "table", "inet", table); err != nil {
+			return fmt.Errorf("harness: power etcd member %s back on: %w", m.name, err)
+		}
+		m.mu.Lock()
+		m.powerOff = ""
+		m.mu.Unlock()
 	}
 	if closing != nil {
 		select {
@@ -353,8 +395,16 @@ func (c *EtcdCluster) Close() error {
 	for i, m := range c.members {
 		c.Stop(i)
 		m.mu.Lock()
-		closing := m.closing
+		closing, table := m.closing, m.powerOff
+		m.powerOff = ""
 		m.mu.Unlock()
+		if table != "" {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if _, err := c.topo.underlay.Run(ctx, "nft", "delete", "table", "inet", table); err != nil {
+				errs = append(errs, fmt.Errorf("etcd member %s: %w", m.name, err))
+			}
+			cancel()
+		}
 		if closing != nil {
 			select {
 			case <-closing:
