@@ -28,34 +28,12 @@ const ecRenewEvery = 3 * time.Second
 // election time and what the daemons logged are reported.
 func TestEtcdClusterLosingAMemberGoesUnnoticed(t *testing.T) {
 	if testing.Short() {
-		t.Skip("about 30 s: stops each of 3 etcd members in turn under traffic")
+		t.Skip("about 25 s: stops each of 3 etcd members in turn under traffic")
 	}
-	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
-	cluster := harness.StartEtcdClusterForTest(t, topo, 3)
+	cluster, nodes, cs, leases := ecSetup(t)
 	cli := cluster.Client()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	if _, err := cli.Put(ctx, subnetmgr.ConfigKey(xdPrefix), rlEBPFConfig); err != nil {
-		t.Fatal(err)
-	}
-	bin := harness.BuildXnetd(t)
-	var nodes []*xdNode
-	for _, h := range topo.Hosts() {
-		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend=ebpf", "--etcd-endpoints", cluster.EndpointsFlag(),
-			"--subnet-lease-renew-margin", (subnetmgr.DefaultLeaseTTL - ecRenewEvery).String()}}
-		n.start(t)
-		n.waitReady(t)
-		nodes = append(nodes, n)
-	}
-	for _, n := range nodes {
-		n.waitPeers(t, len(nodes)-1)
-	}
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
-		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
-	}
-	leases := ecHostLeases(ctx, t, cli, nodes)
-
 	order := []int{cluster.Leader()}
 	if order[0] < 0 {
 		t.Fatal("the cluster has no leader")
@@ -129,6 +107,104 @@ func TestEtcdClusterLosingAMemberGoesUnnoticed(t *testing.T) {
 			t.Errorf("xnetd on %s exited: %v\n%s", n.Name, n.proc.Wait(), n.proc.Output())
 		}
 	}
+}
+
+// ecSetup starts a 3-member etcd cluster and two ebpf hosts listing all three members, each
+// with a container, and returns the etcd lease behind each host's subnet.
+func ecSetup(t *testing.T) (*harness.EtcdCluster, []*xdNode, []*harness.Container, []clientv3.LeaseID) {
+	t.Helper()
+	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
+	cluster := harness.StartEtcdClusterForTest(t, topo, 3)
+	cli := cluster.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := cli.Put(ctx, subnetmgr.ConfigKey(xdPrefix), rlEBPFConfig); err != nil {
+		t.Fatal(err)
+	}
+	bin := harness.BuildXnetd(t)
+	var nodes []*xdNode
+	for _, h := range topo.Hosts() {
+		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend=ebpf", "--etcd-endpoints", cluster.EndpointsFlag(),
+			"--subnet-lease-renew-margin", (subnetmgr.DefaultLeaseTTL - ecRenewEvery).String()}}
+		n.start(t)
+		n.waitReady(t)
+		nodes = append(nodes, n)
+	}
+	for _, n := range nodes {
+		n.waitPeers(t, len(nodes)-1)
+	}
+	cs := xdContainers(t, nodes)
+	if failed := xdMesh(cs); len(failed) > 0 {
+		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
+	}
+	return cluster, nodes, cs, ecHostLeases(ctx, t, cli, nodes)
+}
+
+// ecSilenceBound is how long a host may take to notice a member that went silent: gRPC's
+// keepalive of the etcd client (a ping after 10 s idle, 5 s for the answer, subnetmgr's
+// DialKeepAlive settings) plus slack.
+const ecSilenceBound = 20 * time.Second
+
+// The leader of a 3-member etcd cluster loses power (no FIN, no RST: its port goes silent),
+// under traffic: no datagram is lost, a lease written meanwhile reaches both hosts' maps and
+// both hosts renew, within ecSilenceBound, and no daemon exits. Measured here: a host whose
+// watch or renewal ran through the silent member waits for gRPC's keepalive to give up on
+// it, up to ~15 s, before it sees new leases (and removed ones) again; the datapath does not
+// care. The test reports the delays it saw.
+func TestEtcdClusterMemberPoweredOffIsNoticedWithinTheKeepalive(t *testing.T) {
+	if testing.Short() {
+		t.Skip("up to 30 s: waits for the etcd client's keepalive to give up on a silent member")
+	}
+	cluster, nodes, cs, leases := ecSetup(t)
+	cli := cluster.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	free := ecFreeSubnets(ctx, t, cli, 1)
+	member := cluster.Leader()
+	if member < 0 {
+		t.Fatal("the cluster has no leader")
+	}
+	flows := rlStartFlows(t, cs[0], cs[1])
+	time.Sleep(200 * time.Millisecond)
+	logFrom := make([]int, len(nodes))
+	for i, n := range nodes {
+		logFrom[i] = len(n.proc.Output())
+	}
+	off := time.Now()
+	if err := cluster.PowerOff(ctx, member); err != nil {
+		t.Fatal(err)
+	}
+	for l := cluster.Leader(); l < 0; l = cluster.Leader() {
+		if time.Since(off) > 10*time.Second {
+			t.Fatalf("no leader 10 s after member %d went off", member)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	elected := time.Since(off)
+	joiner := rlSimIP(200)
+	put := time.Now()
+	rlPutPeer(t, cli, free[0], joiner, time.Hour)
+	seen := ecWaitRoute(t, nodes, free[0], joiner, ecSilenceBound)
+	renewed := ecWaitRenewed(ctx, t, cli, nodes, leases, ecSilenceBound+2*ecRenewEvery)
+	for _, n := range nodes {
+		if n.proc.Exited() {
+			t.Fatalf("xnetd on %s exited with member %d off: %v\n%s", n.Name, member, n.proc.Wait(), n.proc.Output())
+		}
+	}
+	t.Logf("member %d (the leader) off: new leader after %v; a lease written then in both hosts' maps %v later; "+
+		"both hosts renewed within %v of the power-off", member, elected.Round(time.Millisecond),
+		seen.Sub(put).Round(time.Millisecond), renewed.Sub(off).Round(time.Millisecond))
+	if err := cluster.Restart(ctx, member); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range nodes {
+		if lines := ecLogLines(n.proc.Output()[logFrom[i]:], "WARN", "ERROR"); len(lines) > 0 {
+			t.Logf("xnetd on %s logged:\n%s", n.Name, strings.Join(lines, "\n"))
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	flows.requireNoLoss(t, "the etcd leader powered off")
+	ecWaitConverged(t, cli, nodes, 5*time.Second)
 }
 
 // ecHostLeases is the etcd lease behind each node's subnet key.
