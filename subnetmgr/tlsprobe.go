@@ -3,9 +3,10 @@ package subnetmgr
 // Why a TLS probe: the etcd client waits for a ready gRPC connection until the request's
 // deadline and then reports only "context deadline exceeded"; the handshake error that kept
 // the connection from becoming ready (an unknown CA, a missing client certificate) is dropped
-// on the way (clientv3 turns a DeadlineExceeded status into the bare context error, and
-// grpc.WithReturnConnectionError, which used to keep it, is deprecated and a no-op for
-// non-blocking dials). A misconfigured certificate then looks like an etcd outage. So when a
+// on the way (clientv3 turns a DeadlineExceeded status into the bare context error), and
+// grpc.WithReturnConnectionError, which would keep it, is deprecated, implies a blocking dial
+// at New (a down etcd would then fail start-up) and reports only the first dial. A
+// misconfigured certificate then looks like an etcd outage. So when a
 // request fails that way, or once at New, the manager dials each TLS endpoint itself with the
 // same tls.Config and names what the handshake says, with the flag to fix. A TLS failure is
 // still retried like an outage (a certificate or CA being rotated heals without a restart),
