@@ -4,7 +4,8 @@
 // It owns what the datapath is attached to on this host and what its maps say: the config
 // entry, one route and one counter entry per peer, the TC attachments on every container veth
 // (it follows Docker's docker0 through netlink), the routed device xnet0 for the host's own
-// traffic, and the decap attachment on the underlay NIC. It does not own leases (subnetmgr),
+// traffic, a down vxlan device on docker0 that only gives containers headroom for the outer
+// headers (headroom.go), and the decap attachment on the underlay NIC. It does not own leases (subnetmgr),
 // loading and pinning (loader) or map layouts (maps).
 //
 // Design history:
@@ -115,6 +116,9 @@ type Backend struct {
 	peers     map[netip.Prefix]netip.Addr
 	status    Status
 	stopWatch func()
+	// headroomErr is the last failure to set up HeadroomDevice ("" when fine), so a repeated
+	// one is logged once.
+	headroomErr string
 }
 
 // New checks that the datapath can load here (without changing the host: the programs are
@@ -286,6 +290,7 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 	if err := b.attachContainers(); err != nil {
 		return err
 	}
+	b.headroomPort()
 	if b.stopWatch == nil {
 		stop, err := b.watchLinks()
 		if err != nil {
@@ -515,6 +520,11 @@ func (b *Backend) handleLinkUpdate(u netlink.LinkUpdate) {
 		b.log.Debug("container veth gone", "ifindex", idx, "forgotten_endpoints", n, "err", errors.Join(err, errF))
 		return
 	}
+	if u.Link != nil && u.Attrs().Name == DockerBridge {
+		// docker0 appeared, came back or changed its MTU or MAC: keep the headroom port in step.
+		_ = b.exec.do(func() error { b.headroomPort(); return nil })
+		return
+	}
 	if u.Link == nil || u.Link.Type() != "veth" || u.Attrs().MasterIndex == 0 {
 		return
 	}
@@ -725,6 +735,7 @@ func (b *Backend) Close(teardown bool) error {
 				if l, err := netlink.LinkByName(HostDevice); err == nil {
 					errs = append(errs, netlink.LinkDel(l))
 				}
+				errs = append(errs, removeHeadroomPort())
 				errs = append(errs, b.ld.Teardown())
 				return errors.Join(errs...)
 			}))

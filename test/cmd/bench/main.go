@@ -53,14 +53,16 @@ type options struct {
 	rounds   int
 	duration time.Duration
 	verbose  bool
+	tests    []benchTest
 }
 
 func main() {
 	var o options
-	var backends string
+	var backends, testNames string
 	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (needed with -backends; default: build ./cmd/xnetd)")
 	flag.StringVar(&o.out, "out", "bench", "directory for results.json and chart.svg")
-	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw; ebpf-tc and ebpf-xdp pass --decap)")
+	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw; ebpf-tc and ebpf-xdp pass --decap; NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
+	flag.StringVar(&testNames, "tests", "", "run only the tests whose name contains one of these comma-separated words (tcp, udp, request; default: all)")
 	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds (at least 1; DESIGN asks for 3 or more)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each test (whole seconds)")
 	flag.BoolVar(&o.verbose, "v", false, "log progress of every test")
@@ -69,6 +71,11 @@ func main() {
 		if b = strings.TrimSpace(b); b != "" {
 			o.backends = append(o.backends, b)
 		}
+	}
+	var err error
+	if o.tests, err = selectTests(testNames); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(2)
 	}
 	if o.rounds < 1 || o.duration < time.Second {
 		fmt.Fprintln(os.Stderr, "bench: -rounds must be >= 1 and -duration >= 1s")
@@ -86,13 +93,42 @@ func main() {
 	}
 }
 
+// selectTests returns the tests whose name contains one of the comma-separated words (all of
+// them for ""), so a change that can only move one metric gets more rounds in the same time.
+func selectTests(words string) ([]benchTest, error) {
+	if strings.TrimSpace(words) == "" {
+		return tests, nil
+	}
+	var out []benchTest
+	for _, t := range tests {
+		for _, w := range strings.Split(words, ",") {
+			if w = strings.TrimSpace(w); w != "" && strings.Contains(t.name, w) {
+				out = append(out, t)
+				break
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("-tests %q matches no test", words)
+	}
+	return out, nil
+}
+
 // modeOf turns a -backends entry into a mode: a backend name, or "ebpf-<decap>" for the ebpf
 // backend with --decap=<decap> (tc, xdp, auto), so both decap hooks can be measured in one run.
+// "NAME@BINARY" is NAME run with another xnetd binary, named NAME@<binary's file name>: two
+// builds measured in the same interleaved run see the same machine load, which consecutive runs
+// on a shared VM do not (they differ by 10-20%).
 func modeOf(name string) *mode {
-	if decap, ok := strings.CutPrefix(name, "ebpf-"); ok {
-		return &mode{name: name, backend: "ebpf", extra: []string{"--decap=" + decap}}
+	spec, binary, _ := strings.Cut(name, "@")
+	m := &mode{name: spec, backend: spec, xnetd: binary}
+	if decap, ok := strings.CutPrefix(spec, "ebpf-"); ok {
+		m.backend, m.extra = "ebpf", []string{"--decap=" + decap}
 	}
-	return &mode{name: name, backend: name}
+	if binary != "" {
+		m.name = spec + "@" + filepath.Base(binary)
+	}
+	return m
 }
 
 // mode is one datapath under test, on its own topology.
@@ -100,6 +136,7 @@ type mode struct {
 	name    string
 	backend string   // xnet backend name; "" for the baselines
 	extra   []string // more xnetd flags (--decap for the ebpf-tc and ebpf-xdp spellings)
+	xnetd   string   // another xnetd binary than -xnetd (NAME@BINARY)
 	topo    *harness.Topology
 	client  *harness.Container // on h1
 	server  *harness.Container // on h2
@@ -136,7 +173,13 @@ func run(ctx context.Context, o options) (err error) {
 
 	modes := []*mode{{name: baseHostGW}, {name: baseVXLAN}}
 	for _, b := range o.backends {
-		modes = append(modes, modeOf(b))
+		m := modeOf(b)
+		if m.xnetd != "" {
+			if m.xnetd, err = filepath.Abs(m.xnetd); err != nil {
+				return err
+			}
+		}
+		modes = append(modes, m)
 	}
 	defer func() {
 		for _, m := range modes {
@@ -179,7 +222,7 @@ func run(ctx context.Context, o options) (err error) {
 				continue
 			}
 			fmt.Printf("round %d/%d: %s\n", round, o.rounds, m.name)
-			for _, t := range tests {
+			for _, t := range o.tests {
 				s, err := t.run(ctx, m, o.duration)
 				if ctx.Err() != nil {
 					return ctx.Err()
@@ -240,6 +283,9 @@ func setup(ctx context.Context, m *mode, xnetd string) error {
 		}
 		err = harness.ConfigureFlannelVXLAN(hosts)
 	default:
+		if m.xnetd != "" {
+			xnetd = m.xnetd
+		}
 		err = setupXnet(ctx, m, xnetd)
 	}
 	if err != nil {
