@@ -66,6 +66,7 @@ func keyLease(t *testing.T, ctx context.Context, c *clientv3.Client, key string)
 // TestKeepLeaseRenews: a lease kept alive outlives its TTL many times over, and renewals are
 // invisible to watchers.
 func TestKeepLeaseRenews(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.Start(t)
 	ctx := ctxFor(t, 30*time.Second)
 	cfg := mustConfig(t, `{"Network":"10.244.0.0/16"}`)
@@ -151,6 +152,7 @@ func TestKeepLeaseTakesBackLostKey(t *testing.T) {
 // TestSurvivesEtcdRestart: etcd stopped for longer than the lease TTL and started again on
 // the same data dir: we keep our lease, keep renewing it, and no watcher ever saw a removal.
 func TestSurvivesEtcdRestart(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.Start(t)
 	ctx := ctxFor(t, 40*time.Second)
 	cfg := mustConfig(t, `{"Network":"10.244.0.0/16"}`)

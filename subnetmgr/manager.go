@@ -35,6 +35,25 @@ const (
 	defaultRequestLimit = 10 * time.Second // one etcd request, so a hung member cannot stall us
 )
 
+// Silent-member detection (see the design history in watch.go).
+const (
+	// defaultWatchIdle is how long the lease watch may be quiet before we ask etcd for a
+	// progress response on it: one small request per this much quiet, per host.
+	defaultWatchIdle = 2 * time.Second
+	// defaultWatchReply is how long an answer to that request may take before the watch is
+	// declared dead. A healthy member answers in milliseconds.
+	defaultWatchReply = 2 * time.Second
+	// quickListTimeout bounds the first list after a silent watch (see resync): a list of
+	// 5,000 leases took 0.07 s on the 2-core test VM.
+	quickListTimeout = time.Second
+	// keepAliveTimeout is gRPC's ping timeout and, through TCP_USER_TIMEOUT, how long bytes
+	// to etcd may stay unacknowledged before the kernel ends the connection. 5 s let a
+	// renewal that went to a powered-off member hang that long; every watch progress
+	// request and every request arms it, so a dead connection is gone this soon after
+	// the first one. A link that loses every retransmission for 2 s is down anyway.
+	keepAliveTimeout = 2 * time.Second
+)
+
 // ErrRangeFull is returned (wrapped) when every subnet in [SubnetMin, SubnetMax] is taken.
 var ErrRangeFull = errors.New("no free subnet left in the range")
 
@@ -58,7 +77,8 @@ type Options struct {
 // Stats are counters for metrics.
 type Stats struct {
 	EtcdErrors   uint64 // failed etcd requests
-	WatchResyncs uint64 // full re-lists after a compacted or broken watch
+	WatchResyncs uint64 // full re-lists after a compacted, broken or silent watch
+	WatchProbes  uint64 // progress requests sent on a quiet watch (one per 2 s of quiet)
 }
 
 // Manager talks to etcd for one host. It is safe for concurrent use.
@@ -71,9 +91,12 @@ type Manager struct {
 	retryMax time.Duration
 	// requestTimeout bounds each etcd request; tests shorten it.
 	requestTimeout time.Duration
+	// watchIdle and watchReply time the silent-watch check (defaultWatchIdle/Reply).
+	watchIdle, watchReply time.Duration
 
 	etcdErrors   atomic.Uint64
 	watchResyncs atomic.Uint64
+	watchProbes  atomic.Uint64
 
 	// beforeWatch, when set by a test, runs between the list and the watch that starts at
 	// its revision: the moment a compaction hurts most.
@@ -124,9 +147,10 @@ func New(opts Options) (*Manager, error) {
 		// The client's own zap logs would bypass slog; we log every failure we act on.
 		Logger: zap.NewNop(),
 		// Without keepalives a silently dead TCP connection would stall the watch for
-		// the kernel's retransmission timeout (minutes).
+		// the kernel's retransmission timeout (minutes). 10 s is the shortest ping
+		// interval gRPC allows; the watch's progress requests notice sooner (watch.go).
 		DialKeepAliveTime:    10 * time.Second,
-		DialKeepAliveTimeout: 5 * time.Second,
+		DialKeepAliveTimeout: keepAliveTimeout,
 		// gRPC's own reconnect backoff grows to 2 minutes: after an etcd outage the client
 		// would stay away long after etcd is back, and a short-TTL lease would run out.
 		// Cap it at our retry backoff.
@@ -159,6 +183,8 @@ func New(opts Options) (*Manager, error) {
 		retryMin:       opts.RetryMin,
 		retryMax:       opts.RetryMax,
 		requestTimeout: defaultRequestLimit,
+		watchIdle:      defaultWatchIdle,
+		watchReply:     defaultWatchReply,
 		prober: newTLSProber(opts.Endpoints, cc.TLS, opts.CertFile != "", opts.CAFile != "",
 			min(opts.DialTimeout, maxProbeTime)),
 	}
@@ -188,7 +214,7 @@ func (m *Manager) Close() error {
 
 // Stats returns the counters so far.
 func (m *Manager) Stats() Stats {
-	return Stats{EtcdErrors: m.etcdErrors.Load(), WatchResyncs: m.watchResyncs.Load()}
+	return Stats{EtcdErrors: m.etcdErrors.Load(), WatchResyncs: m.watchResyncs.Load(), WatchProbes: m.watchProbes.Load()}
 }
 
 // Prefix is the etcd prefix this manager works under.

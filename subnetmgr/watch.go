@@ -2,6 +2,7 @@ package subnetmgr
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"time"
@@ -14,8 +15,34 @@ import (
 // do that: every peer route vanished for a moment. Here the watcher keeps its own view of
 // every lease; a resync lists again and emits only the differences against that view, and a
 // key that does not parse is logged and left out of the view without touching anything else.
-// The watch starts at the revision right after the list, so no change falls between the two
-// and none is seen twice.
+// The watch starts at the list's own revision, so no change falls between the two; replaying
+// that revision's changes makes no events (they are in the view already), and starting there
+// rather than one later matters for the silence check below.
+//
+// Silent members. In a 3-member etcd cluster, a member that loses power sends no FIN or RST:
+// the watch stream through it just goes quiet. Before the check below, a host whose watch ran
+// through such a member saw new and removed leases only once gRPC's keepalive gave up on the
+// connection (a ping after 10 s without reads, gRPC's minimum, then the ping timeout): 9-10 s
+// late in the e2e test, and nothing was logged meanwhile. A quiet watch and a dead one look
+// alike, so the watcher asks: after watchIdle without a response it sends a progress request
+// on the watch stream (etcd answers with an empty response at the current revision), and a
+// watch still silent watchReply later is declared dead: logged, counted as a resync, and
+// replaced by a fresh list and a new watch. Each watch gets a clientv3 Watcher of its own: the
+// client shares one gRPC stream between watches whose contexts carry the same metadata, so a
+// new watch on the shared watcher could join the dead stream, and closing our own watcher
+// also ends a stream RequestProgress would open if ours had just closed. The request also
+// gives the kernel something to time: gRPC sets the connection's TCP_USER_TIMEOUT to the
+// client's DialKeepAliveTimeout, so bytes that a powered-off member never acknowledges end
+// the whole connection within that timeout, and the balancer stops sending anything there,
+// renewals included. Cost at steady state: one small request and its answer on the existing
+// stream per watchIdle of quiet, 30 a minute per host with the defaults.
+//
+// etcd (3.7, read in its source) answers a progress request only when the store has reached
+// the watch's start revision and the watch is in sync: a watch from the list's revision + 1
+// would get no answer until something is written, which in a quiet cluster may be hours.
+// And a watch is only declared dead once it has answered at least one progress request, so an
+// etcd that ignores them (older than 3.4, or a proxy) or a server too busy to sync a new watch
+// is never mistaken for a dead member: it keeps gRPC's keepalive as the only check.
 
 // estimateExpiry fills in a watched lease's Expiration without asking etcd: a full TTL from
 // when the key was seen. Asking (one TimeToLive per peer) took 0.5-0.8 s for 5,000 peers on
@@ -40,12 +67,13 @@ type watcher struct {
 
 // WatchLeases sends every current lease as one batch of EventAdded (an empty batch when there
 // is none), then every change, until ctx ends (it then returns ctx.Err()). It survives
-// compaction and broken watches by re-listing and sending only the differences, so a lease
-// still in etcd is never reported removed. Malformed entries are logged and skipped.
+// compaction, broken watches and silent etcd members (noticed within watchIdle+watchReply,
+// 4 s) by re-listing and sending only the differences, so a lease still in etcd is never
+// reported removed. Malformed entries are logged and skipped.
 // Expirations in events are estimates (see Lease.Expiration).
 func (m *Manager) WatchLeases(ctx context.Context, events chan<- []Event) error {
 	w := &watcher{m: m, events: events, view: map[netip.Prefix]storedLease{}, badKeys: map[string]int64{}}
-	rev, err := w.resync(ctx, true)
+	rev, err := w.resync(ctx, true, false)
 	if err != nil {
 		return err
 	}
@@ -53,41 +81,107 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []Event) error 
 		if m.beforeWatch != nil {
 			m.beforeWatch(rev)
 		}
-		err := w.watchFrom(ctx, rev+1)
+		err := w.watchFrom(ctx, rev)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		m.watchResyncs.Add(1)
-		m.log.Warn("lease watch interrupted; resyncing from a fresh list", "reason", err)
-		if rev, err = w.resync(ctx, false); err != nil {
+		var silent *silentError
+		if errors.As(err, &silent) {
+			d := silent.d.Round(100 * time.Millisecond)
+			m.log.Warn(fmt.Sprintf("etcd watch silent for %s; reconnecting", d), "silent_for", d,
+				"why", "no answer to a progress request: the etcd member behind the watch is gone or hung")
+		} else {
+			m.log.Warn("lease watch interrupted; resyncing from a fresh list", "reason", err)
+		}
+		if rev, err = w.resync(ctx, false, silent != nil); err != nil {
 			return err
 		}
 	}
 }
 
-// watchFrom applies watch responses from rev on until the watch breaks, returning why.
+// silentError is a watch that answered nothing, progress request included, for d.
+type silentError struct{ d time.Duration }
+
+func (e *silentError) Error() string {
+	return fmt.Sprintf("etcd watch silent for %s", e.d.Round(100*time.Millisecond))
+}
+
+// watchFrom applies watch responses from rev on until the watch breaks or goes silent
+// (*silentError), returning why.
 func (w *watcher) watchFrom(ctx context.Context, rev int64) error {
+	m := w.m
+	wt := clientv3.NewWatcher(m.client) // a new gRPC stream; see the design history
+	defer wt.Close()
 	// WithRequireLeader: a member cut off from its cluster ends the watch instead of
 	// silently serving nothing, and we resync through another member.
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	wch := w.m.client.Watch(wctx, SubnetsPrefix(w.m.prefix), clientv3.WithPrefix(), clientv3.WithRev(rev))
-	for resp := range wch {
+	// Watch returns once etcd has confirmed the watch, which a silent member never does.
+	begun := time.Now()
+	opening := time.AfterFunc(m.watchIdle+m.watchReply, cancel)
+	wch := wt.Watch(wctx, SubnetsPrefix(m.prefix), clientv3.WithPrefix(), clientv3.WithRev(rev))
+	if !opening.Stop() && ctx.Err() == nil {
+		m.etcdErrors.Add(1)
+		return &silentError{d: time.Since(begun)}
+	}
+
+	timer := time.NewTimer(m.watchIdle)
+	defer timer.Stop()
+	heard := time.Now() // the last response, or the end of handing its events on
+	var asked time.Time // when the unanswered progress request went out; zero if none
+	answered := false   // this watch has answered a progress request
+	for {
+		var resp clientv3.WatchResponse
+		var ok bool
+		select {
+		case resp, ok = <-wch:
+		case <-timer.C:
+			select {
+			case resp, ok = <-wch: // a response that came with the timer counts
+			default:
+				switch {
+				case asked.IsZero():
+					asked = time.Now()
+					m.watchProbes.Add(1)
+					pctx, pcancel := context.WithTimeout(wctx, m.watchReply) // same stream: same metadata
+					_ = wt.RequestProgress(pctx)                             // a failure shows as silence
+					pcancel()
+					timer.Reset(time.Until(asked.Add(m.watchReply)))
+				case answered:
+					m.etcdErrors.Add(1)
+					return &silentError{d: time.Since(heard)}
+				default:
+					// Never answered: an etcd that ignores progress requests, or one still
+					// syncing this watch. Keep asking, but decide nothing from it.
+					asked = time.Time{}
+					timer.Reset(m.watchIdle)
+				}
+				continue
+			}
+		}
+		if !ok {
+			return fmt.Errorf("watch channel closed")
+		}
 		if resp.CompactRevision != 0 {
-			w.m.etcdErrors.Add(1)
+			m.etcdErrors.Add(1)
 			return fmt.Errorf("watch from revision %d: compacted up to %d", rev, resp.CompactRevision)
 		}
 		if err := resp.Err(); err != nil {
-			w.m.etcdErrors.Add(1)
+			m.etcdErrors.Add(1)
 			return fmt.Errorf("watch: %v", err)
+		}
+		if resp.IsProgressNotify() {
+			answered = true
 		}
 		if batch := w.apply(resp.Events); len(batch) > 0 {
 			if err := w.send(ctx, batch); err != nil {
 				return err
 			}
 		}
+		heard, asked = time.Now(), time.Time{}
+		timer.Reset(m.watchIdle)
 	}
-	return fmt.Errorf("watch channel closed")
 }
 
 // apply folds a watch response's events into the view and returns what changed.
@@ -143,17 +237,31 @@ func (w *watcher) logBad(key string, modRev int64, err error) {
 
 // resync lists the leases (retrying with backoff until ctx ends), sends the differences to
 // the view (everything, as one batch, when initial) and returns the list's revision.
-func (w *watcher) resync(ctx context.Context, initial bool) (int64, error) {
+//
+// After a silent watch (quick), the list may go to the same silent member: the balancer picks
+// members round robin and keeps a hung one (one whose kernel still acknowledges) until gRPC's
+// keepalive gives up on it. So the first try gets quickListTimeout, each retry twice the last
+// up to the usual request timeout: a hung member costs seconds, a list that is merely slow
+// still gets its time.
+func (w *watcher) resync(ctx context.Context, initial, quick bool) (int64, error) {
 	bo := w.m.newBackoff()
+	limit := w.m.requestTimeout
+	if quick {
+		limit = min(limit, quickListTimeout)
+	}
 	var snap snapshot
 	for {
+		lctx, cancel := context.WithTimeout(ctx, limit)
 		var err error
-		if snap, err = w.m.listQuiet(ctx, SubnetsDir, w.logBad); err == nil {
+		snap, err = w.m.listQuiet(lctx, SubnetsDir, w.logBad)
+		cancel()
+		if err == nil {
 			break
 		}
 		if ctx.Err() != nil {
 			return 0, ctx.Err()
 		}
+		limit = min(2*limit, w.m.requestTimeout)
 		d := bo.next()
 		w.m.log.Log(ctx, retryLevel(err), "cannot list leases, retrying", "err", err, "retry_in", d.Round(time.Millisecond))
 		if err := sleep(ctx, d); err != nil {

@@ -303,3 +303,73 @@ func newTestManagerAt(t *testing.T, endpoint, prefix string) (*Manager, *logBuf)
 	t.Cleanup(func() { m.Close() })
 	return m, buf
 }
+
+// TestWatchNoticesASilentMember: the etcd member carrying the lease watch hangs (its
+// connections stay open and acknowledged, nothing answers). While it was healthy, the quiet
+// watch's progress requests were answered and nothing was resynced; once it hangs, the watcher
+// declares the watch silent (no answer to a progress request), says so at Warn, counts a
+// resync and carries on through the other member, so a lease written meanwhile arrives within
+// watchIdle + watchReply plus one list, instead of after gRPC's keepalive (10 s plus its
+// timeout); nothing is removed and nothing is reported twice.
+func TestWatchNoticesASilentMember(t *testing.T) {
+	t.Parallel()
+	srv := etcdtest.Start(t)
+	ctx := ctxFor(t, 40*time.Second)
+	cfg := mustConfig(t, `{"Network":"10.244.0.0/16"}`)
+	prefix := testPrefix(t)
+	host, _ := newTestManager(t, srv, prefix, time.Minute)
+	l1, err := host.AcquireLease(ctx, cfg, vxlanAttrs(hostIP(1)), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Two "members" (relays to the one etcd); the watcher knows only A until its watch is
+	// open, so the watch goes through A, then learns B.
+	a, b := srv.NewRelay(t), srv.NewRelay(t)
+	log := &logBuf{}
+	m, err := New(Options{Endpoints: []string{a.Endpoint()}, Prefix: prefix, LeaseTTL: time.Minute,
+		Logger: newTestLogger(log), RetryMin: 20 * time.Millisecond, RetryMax: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.requestTimeout = 2 * time.Second
+	t.Cleanup(func() { m.Close() })
+	el := startWatch(t, ctx, m)
+	el.waitEvents(t, 1, 5*time.Second)
+	m.client.SetEndpoints(a.Endpoint(), b.Endpoint())
+	waitFor(t, 5*time.Second, "a connection through member B", func() bool { return b.Opened() > 0 })
+
+	waitFor(t, 3*m.watchIdle+m.watchReply, "two progress requests on the quiet watch", func() bool {
+		return m.Stats().WatchProbes >= 2
+	})
+	time.Sleep(100 * time.Millisecond) // the second one's answer
+	if s := m.Stats(); s.WatchResyncs != 0 || strings.Contains(log.String(), "silent") {
+		t.Fatalf("a healthy quiet watch was resynced (%+v):\n%s", s, log)
+	}
+
+	a.Freeze()
+	frozen := time.Now()
+	l2, err := host.AcquireLease(ctx, cfg, vxlanAttrs(hostIP(2)), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	el.waitEvents(t, 2, 15*time.Second)
+	delay := time.Since(frozen)
+	t.Logf("member A hung: a lease written then arrived %v later (%d progress requests so far)",
+		delay.Round(time.Millisecond), m.Stats().WatchProbes)
+	// Worst case: the last answer just before the hang, the next request watchIdle later,
+	// watchReply for its answer, and the list first trying the hung member (quickListTimeout).
+	if bound := m.watchIdle + m.watchReply + quickListTimeout + 1500*time.Millisecond; delay > bound {
+		t.Errorf("the new lease arrived %v after the member hung, want within %v", delay, bound)
+	}
+	time.Sleep(200 * time.Millisecond) // room for a duplicate or a removal to show up
+	if got, want := el.events(), []string{ev(EventAdded, l1), ev(EventAdded, l2)}; !slices.Equal(got, want) {
+		t.Errorf("events %q, want %q", got, want)
+	}
+	if s := m.Stats(); s.WatchResyncs < 1 {
+		t.Errorf("Stats = %+v, want the silent watch counted as a resync", s)
+	}
+	if !strings.Contains(log.String(), "etcd watch silent for") || !strings.Contains(log.String(), "level=WARN") {
+		t.Errorf("no Warn line says the watch went silent:\n%s", log)
+	}
+}
