@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 )
 
 // Design history. flannel's watcher turned a broken watch into "remove everything, then add
@@ -34,7 +37,12 @@ import (
 // gives the kernel something to time: gRPC sets the connection's TCP_USER_TIMEOUT to the
 // client's DialKeepAliveTimeout, so bytes that a powered-off member never acknowledges end
 // the whole connection within that timeout, and the balancer stops sending anything there,
-// renewals included. Cost at steady state: one small request and its answer on the existing
+// renewals included. (When that happens first, because something else wrote to the
+// connection before our request did, clientv3 resumes the watch on another connection by
+// itself, from the revision after the last response, and the watcher, which counts the
+// streams clientv3 opens for it, logs that instead. In a quiet cluster etcd may then leave
+// the next progress request unanswered, see below, and the watch is relisted once more: a
+// spare list after a connection that really broke.) Cost at steady state: one small request and its answer on the existing
 // stream per watchIdle of quiet, 30 a minute per host with the defaults.
 //
 // etcd (3.7, read in its source) answers a progress request only when the store has reached
@@ -68,7 +76,7 @@ type watcher struct {
 // WatchLeases sends every current lease as one batch of EventAdded (an empty batch when there
 // is none), then every change, until ctx ends (it then returns ctx.Err()). It survives
 // compaction, broken watches and silent etcd members (noticed within watchIdle+watchReply,
-// 4 s) by re-listing and sending only the differences, so a lease still in etcd is never
+// 3.5 s) by re-listing and sending only the differences, so a lease still in etcd is never
 // reported removed. Malformed entries are logged and skipped.
 // Expirations in events are estimates (see Lease.Expiration).
 func (m *Manager) WatchLeases(ctx context.Context, events chan<- []Event) error {
@@ -100,6 +108,18 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []Event) error 
 	}
 }
 
+// streamCounter counts the gRPC streams clientv3 opens for one Watcher: more than one means
+// the stream failed and clientv3 opened another and resumed the watch on it, by itself.
+type streamCounter struct {
+	pb.WatchClient
+	opened atomic.Int64
+}
+
+func (c *streamCounter) Watch(ctx context.Context, opts ...grpc.CallOption) (pb.Watch_WatchClient, error) {
+	c.opened.Add(1)
+	return c.WatchClient.Watch(ctx, opts...)
+}
+
 // silentError is a watch that answered nothing, progress request included, for d.
 type silentError struct{ d time.Duration }
 
@@ -111,7 +131,9 @@ func (e *silentError) Error() string {
 // (*silentError), returning why.
 func (w *watcher) watchFrom(ctx context.Context, rev int64) error {
 	m := w.m
-	wt := clientv3.NewWatcher(m.client) // a new gRPC stream; see the design history
+	// A Watcher of our own: a new gRPC stream (see the design history), counted.
+	streams := &streamCounter{WatchClient: pb.NewWatchClient(m.client.ActiveConnection())}
+	wt := clientv3.NewWatchFromWatchClient(streams, m.client)
 	defer wt.Close()
 	// WithRequireLeader: a member cut off from its cluster ends the watch instead of
 	// silently serving nothing, and we resync through another member.
@@ -126,6 +148,7 @@ func (w *watcher) watchFrom(ctx context.Context, rev int64) error {
 		return &silentError{d: time.Since(begun)}
 	}
 
+	opened := streams.opened.Load()
 	timer := time.NewTimer(m.watchIdle)
 	defer timer.Stop()
 	heard := time.Now() // the last response, or the end of handing its events on
@@ -162,6 +185,14 @@ func (w *watcher) watchFrom(ctx context.Context, rev int64) error {
 		}
 		if !ok {
 			return fmt.Errorf("watch channel closed")
+		}
+		if n := streams.opened.Load(); n > opened {
+			// The kernel or gRPC ended the stream's connection first (a powered-off member
+			// whose connection something else had written to); clientv3 resumed the watch
+			// where it was. Nothing is lost, but a member connection died: say so.
+			opened = n
+			m.etcdErrors.Add(1)
+			m.log.Warn("etcd watch connection failed; the watch resumed through another connection", "streams_opened", n)
 		}
 		if resp.CompactRevision != 0 {
 			m.etcdErrors.Add(1)
