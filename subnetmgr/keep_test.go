@@ -102,6 +102,7 @@ func TestKeepLeaseRenews(t *testing.T) {
 // outage, or an operator deleted it), the same subnet is taken back if free; if another host
 // took it, we move to another subnet and say so.
 func TestKeepLeaseTakesBackLostKey(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.Start(t)
 	ctx := ctxFor(t, 30*time.Second)
 	cfg := mustConfig(t, `{"Network":"10.244.0.0/16"}`)

@@ -78,6 +78,7 @@ func TestWatchSeesOtherHosts(t *testing.T) {
 
 // TestWatchExpiredLease: a host that stops renewing disappears from every watcher's view.
 func TestWatchExpiredLease(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.Start(t)
 	ctx := ctxFor(t, 30*time.Second)
 	cfg := mustConfig(t, `{"Network":"10.244.0.0/16"}`)
@@ -238,6 +239,7 @@ func TestMalformedEntries(t *testing.T) {
 // TestWaitConfig: a missing config is waited for with a log line saying how to write it; an
 // invalid one is an error at once, naming the field.
 func TestWaitConfig(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.Start(t)
 	ctx := ctxFor(t, 20*time.Second)
 	prefix := testPrefix(t)
@@ -309,8 +311,8 @@ func newTestManagerAt(t *testing.T, endpoint, prefix string) (*Manager, *logBuf)
 // watch's progress requests were answered and nothing was resynced; once it hangs, the watcher
 // declares the watch silent (no answer to a progress request), says so at Warn, counts a
 // resync and carries on through the other member, so a lease written meanwhile arrives within
-// watchIdle + watchReply plus one list, instead of after gRPC's keepalive (10 s plus its
-// timeout); nothing is removed and nothing is reported twice.
+// watchIdle + watchReply plus one list, instead of after gRPC's keepalive (10 s without a
+// read plus its timeout); nothing is removed and nothing is reported twice.
 func TestWatchNoticesASilentMember(t *testing.T) {
 	t.Parallel()
 	srv := etcdtest.Start(t)
@@ -333,6 +335,9 @@ func TestWatchNoticesASilentMember(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.requestTimeout = 2 * time.Second
+	// Shorter than the defaults (2 s, 1.5 s) to keep the suite quick; the e2e power-off
+	// test runs the defaults.
+	m.watchIdle, m.watchReply = time.Second, 700*time.Millisecond
 	t.Cleanup(func() { m.Close() })
 	el := startWatch(t, ctx, m)
 	el.waitEvents(t, 1, 5*time.Second)
@@ -371,5 +376,63 @@ func TestWatchNoticesASilentMember(t *testing.T) {
 	}
 	if !strings.Contains(log.String(), "etcd watch silent for") || !strings.Contains(log.String(), "level=WARN") {
 		t.Errorf("no Warn line says the watch went silent:\n%s", log)
+	}
+}
+
+// TestWatchResumedByTheClient: the connection carrying the lease watch is cut (a member that
+// crashed: FIN, not silence). clientv3 resumes the watch through the other member by itself;
+// the watcher says so at Info, warns about nothing, and carries on: a lease written afterwards
+// arrives, nothing is removed or reported twice, and the resumed watch is not taken for a
+// silent one (the write moved etcd past the revision it resumed from, so etcd answers its
+// progress requests).
+func TestWatchResumedByTheClient(t *testing.T) {
+	t.Parallel()
+	srv := etcdtest.Start(t)
+	ctx := ctxFor(t, 30*time.Second)
+	cfg := mustConfig(t, `{"Network":"10.244.0.0/16"}`)
+	prefix := testPrefix(t)
+	host, _ := newTestManager(t, srv, prefix, time.Minute)
+	l1, err := host.AcquireLease(ctx, cfg, vxlanAttrs(hostIP(1)), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := srv.NewRelay(t), srv.NewRelay(t)
+	log := &logBuf{}
+	m, err := New(Options{Endpoints: []string{a.Endpoint()}, Prefix: prefix, LeaseTTL: time.Minute,
+		Logger: newTestLogger(log), RetryMin: 20 * time.Millisecond, RetryMax: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.requestTimeout = 2 * time.Second
+	// Shorter than the defaults (2 s, 1.5 s) to keep the suite quick; the e2e power-off
+	// test runs the defaults.
+	m.watchIdle, m.watchReply = time.Second, 700*time.Millisecond
+	t.Cleanup(func() { m.Close() })
+	el := startWatch(t, ctx, m)
+	el.waitEvents(t, 1, 5*time.Second)
+	m.client.SetEndpoints(a.Endpoint(), b.Endpoint())
+	waitFor(t, 5*time.Second, "a connection through member B", func() bool { return b.Opened() > 0 })
+	waitFor(t, 2*m.watchIdle, "an answered progress request", func() bool { return m.Stats().WatchProbes >= 1 })
+	time.Sleep(100 * time.Millisecond)
+
+	a.Cut()
+	// The resumed watch's first response (the answer to the next progress request, or the
+	// lease below) is where the watcher notices the new stream.
+	l2, err := host.AcquireLease(ctx, cfg, vxlanAttrs(hostIP(2)), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	el.waitEvents(t, 2, 5*time.Second)
+	waitFor(t, 2*(m.watchIdle+m.watchReply), "the Info line about the resumed watch", func() bool {
+		return strings.Contains(log.String(), "level=INFO msg=\"etcd watch connection failed; the watch resumed")
+	})
+	// Room for a progress request on the resumed watch to go unanswered, and for a
+	// duplicate or a removal to show up.
+	time.Sleep(m.watchIdle + m.watchReply + 500*time.Millisecond)
+	if got, want := el.events(), []string{ev(EventAdded, l1), ev(EventAdded, l2)}; !slices.Equal(got, want) {
+		t.Errorf("events %q, want %q", got, want)
+	}
+	if s := m.Stats(); strings.Contains(log.String(), "level=WARN") || s.WatchResyncs != 0 {
+		t.Errorf("a watch clientv3 resumed was warned about or relisted (%+v):\n%s", s, log)
 	}
 }

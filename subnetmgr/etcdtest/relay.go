@@ -59,6 +59,17 @@ func (r *Relay) Freeze() {
 	}
 }
 
+// Cut closes every connection open now, as a member that crashes would (its kernel answers
+// with FIN or RST); the relay keeps accepting new ones.
+func (r *Relay) Cut() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.conns {
+		c.Close()
+		delete(r.conns, c)
+	}
+}
+
 // Opened is the number of client connections accepted so far.
 func (r *Relay) Opened() int {
 	r.mu.Lock()
