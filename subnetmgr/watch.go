@@ -43,8 +43,10 @@ import (
 // to the connection before our request did), clientv3 resumes the watch on another
 // connection by itself, from the revision after its last response; the watcher counts the
 // streams clientv3 opens for it and logs that at Info (nothing was missed). In a quiet
-// cluster etcd may then leave the next progress request unanswered (see below) and the watch
-// is relisted once more: a spare list after a connection that really broke.
+// cluster etcd then leaves the next progress request unanswered (see below): the watch is
+// relisted, also at Info, a spare list after a connection that really broke. (A member
+// that hangs right after such a resume is then reported at Info too; it is relisted all
+// the same.)
 //
 // Cost at steady state: one small request and its answer on the existing stream per
 // watchIdle of quiet, 30 a minute per host with the defaults; no new connection or RPC.
@@ -99,11 +101,16 @@ func (m *Manager) WatchLeases(ctx context.Context, events chan<- []Event) error 
 		}
 		m.watchResyncs.Add(1)
 		var silent *silentError
-		if errors.As(err, &silent) {
+		switch {
+		case errors.As(err, &silent) && silent.resumed:
+			m.log.Info("etcd watch connection failed; the watch resumed through another connection, "+
+				"where etcd does not answer progress requests until the next write; relisting",
+				"silent_for", silent.d.Round(100*time.Millisecond))
+		case silent != nil:
 			d := silent.d.Round(100 * time.Millisecond)
 			m.log.Warn(fmt.Sprintf("etcd watch silent for %s; reconnecting", d), "silent_for", d,
 				"why", "no answer to a progress request: the etcd member behind the watch is gone or hung")
-		} else {
+		default:
 			m.log.Warn("lease watch interrupted; resyncing from a fresh list", "reason", err)
 		}
 		if rev, err = w.resync(ctx, false, silent != nil); err != nil {
@@ -124,8 +131,14 @@ func (c *streamCounter) Watch(ctx context.Context, opts ...grpc.CallOption) (pb.
 	return c.WatchClient.Watch(ctx, opts...)
 }
 
-// silentError is a watch that answered nothing, progress request included, for d.
-type silentError struct{ d time.Duration }
+// silentError is a watch that answered nothing, progress request included, for d. resumed:
+// clientv3 had reopened its stream meanwhile, and etcd leaves progress requests on a watch
+// resumed after the last revision unanswered until something is written (see the design
+// history): likely not a dead member, so not a warning.
+type silentError struct {
+	d       time.Duration
+	resumed bool
+}
 
 func (e *silentError) Error() string {
 	return fmt.Sprintf("etcd watch silent for %s", e.d.Round(100*time.Millisecond))
@@ -177,7 +190,7 @@ func (w *watcher) watchFrom(ctx context.Context, rev int64) error {
 					timer.Reset(time.Until(asked.Add(m.watchReply)))
 				case answered:
 					m.etcdErrors.Add(1)
-					return &silentError{d: time.Since(heard)}
+					return &silentError{d: time.Since(heard), resumed: streams.opened.Load() > opened}
 				default:
 					// Never answered: an etcd that ignores progress requests, or one still
 					// syncing this watch. Keep asking, but decide nothing from it.
