@@ -216,11 +216,18 @@ func NewWithTuning(opts backend.Options, tune Tuning) (*Backend, error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	// The namespace handle and the netlink socket come from one locked thread, so they are the
+	// same namespace. NewHandleAt would setns(2) into it even though we are there already,
+	// and setns needs CAP_SYS_ADMIN: a host that grants xnetd only CAP_NET_ADMIN (no BPF) must
+	// still get this fallback.
+	runtime.LockOSThread()
 	ns, err := netns.Get()
 	if err != nil {
+		runtime.UnlockOSThread()
 		return nil, fmt.Errorf("udp: open the network namespace of the calling thread: %w", err)
 	}
-	nl, err := netlink.NewHandleAt(ns)
+	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	runtime.UnlockOSThread()
 	if err != nil {
 		ns.Close()
 		return nil, fmt.Errorf("udp: open netlink socket: %w", err)

@@ -17,7 +17,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -112,9 +111,6 @@ type fbWay struct {
 	prefix func(t *testing.T) []string
 	// check says, from /proc/<pid>/status, that xnetd runs restricted as intended.
 	check func(t *testing.T, status map[string]string)
-	// knownDefect, when the udp backend's skip reason contains it, makes the case skip: a
-	// defect outside this test (named in the skip) rather than a failure of the fallback.
-	knownDefect string
 }
 
 func fbWays() []fbWay {
@@ -146,9 +142,8 @@ func fbWays() []fbWay {
 				fbCheckCaps(t, st, "CapEff", map[string]int{"CAP_NET_ADMIN": fbCapNetAdmin}, gone)
 				fbCheckCaps(t, st, "CapBnd", nil, gone)
 			},
-			// netlink.NewHandleAt(netns.Get()) in udp.New calls setns(2) even into the
-			// namespace the thread is already in, and setns needs CAP_SYS_ADMIN.
-			knownDefect: "udp: open netlink socket: failed to set into network namespace",
+			// udp.New must not need CAP_SYS_ADMIN (it once called setns(2) into its own
+			// namespace through netlink.NewHandleAt): this case fails if it does again.
 		},
 	}
 }
@@ -174,9 +169,6 @@ func fbFallback(t *testing.T, way fbWay) {
 
 	crippled := &xdNode{Host: hosts[0], bin: bin}
 	crippled.proc = fbStartWithoutBPFOrVXLAN(t, crippled.Host, way.prefix(t), bin)
-	if way.knownDefect != "" {
-		fbSkipOnKnownDefect(t, crippled, way.knownDefect)
-	}
 	crippled.waitReady(t)
 	normal := &xdNode{Host: hosts[1], bin: bin}
 	normal.start(t)
@@ -289,32 +281,6 @@ exec env -i PATH="$PATH" "$@"`
 		}
 	})
 	return p
-}
-
-// fbSkipOnKnownDefect skips the test when xnetd exited before ready because the udp backend
-// hit the defect named by marker; any other early exit is left to waitReady to report.
-func fbSkipOnKnownDefect(t *testing.T, n *xdNode, marker string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) && !n.proc.Exited() {
-		if data, err := os.ReadFile(n.stateFile()); err == nil {
-			var s xdState
-			if json.Unmarshal(data, &s) == nil && s.PID == n.proc.Pid && s.Ready {
-				return
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if out := n.proc.Output(); n.proc.Exited() && strings.Contains(out, marker) {
-		for _, line := range strings.Split(out, "\n") {
-			if strings.Contains(line, "backend skipped") {
-				t.Log(line)
-			}
-		}
-		t.Skipf("known defect outside this test: the udp backend cannot start without CAP_SYS_ADMIN (%q): "+
-			"backend/udp New uses netlink.NewHandleAt(netns.Get()), which calls setns(2) even into the current namespace; "+
-			"netlink.NewHandle would not. The fallback this case covers (a host granted only CAP_NET_ADMIN) fails today", marker)
-	}
 }
 
 // fbProcStatus is /proc/<pid>/status as key: value.
