@@ -204,6 +204,11 @@ func probe() error {
 		bpf.XnetMaps
 	}
 	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		if errors.Is(err, unix.EPERM) {
+			// cilium/ebpf suggests raising MEMLOCK here, but on kernels >= 5.11 (memcg
+			// accounting) EPERM means privileges, not memory.
+			return fmt.Errorf("ebpf: the kernel does not let xnetd load BPF (%v): it needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) and no seccomp filter on bpf(): %w", err, backend.ErrUnavailable)
+		}
 		return fmt.Errorf("ebpf: the kernel refuses the datapath programs: %v: %w", err, backend.ErrUnavailable)
 	}
 	objs.XnetPrograms.Close()

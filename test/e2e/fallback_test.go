@@ -194,7 +194,7 @@ func fbFallback(t *testing.T, way fbWay) {
 			t.Errorf("status running=%v ready=%v backend=%q, want running, ready, udp", s.Running, s.Ready, s.Backend)
 		}
 		want := []struct{ name, reason string }{
-			{subnetmgr.BackendEBPF, "the kernel refuses the datapath programs"},
+			{subnetmgr.BackendEBPF, "the kernel does not let xnetd load BPF"},
 			{subnetmgr.BackendVXLAN, "kernel has no vxlan support"},
 		}
 		if len(s.SkippedBackends) != len(want) {
