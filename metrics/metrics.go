@@ -35,6 +35,7 @@ const (
 	NameLeaseExpiry      = "xnet_lease_expiry_timestamp_seconds"
 	NameEtcdErrors       = "xnet_etcd_errors_total"
 	NameWatchResyncs     = "xnet_watch_resyncs_total"
+	NameWatchProbes      = "xnet_watch_progress_requests_total"
 	NameReconcile        = "xnet_reconcile_duration_seconds"
 	NameBackendInfo      = "xnet_backend_info"
 	NameReady            = "xnet_ready"
@@ -218,7 +219,9 @@ type liveCollector struct {
 var (
 	descEtcdErrors = prometheus.NewDesc(NameEtcdErrors, "Failed etcd requests.", nil, nil)
 	descResyncs    = prometheus.NewDesc(NameWatchResyncs,
-		"Full re-lists of the leases after a compacted or broken watch.", nil, nil)
+		"Full re-lists of the leases after a compacted, broken or silent watch.", nil, nil)
+	descProbes = prometheus.NewDesc(NameWatchProbes,
+		"Progress requests sent on a quiet lease watch to check that its etcd member still answers.", nil, nil)
 	descPeerPackets = prometheus.NewDesc(NamePeerPackets,
 		"Packets between our containers and a peer's, by direction.", []string{"peer", "direction"}, nil)
 	descPeerBytes = prometheus.NewDesc(NamePeerBytes,
@@ -242,7 +245,7 @@ func (c *liveCollector) setSource(s CounterSource) {
 }
 
 func (c *liveCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descEtcdErrors, descResyncs, descPeerPackets, descPeerBytes, descVerdicts, descDrops, descReadFail} {
+	for _, d := range []*prometheus.Desc{descEtcdErrors, descResyncs, descProbes, descPeerPackets, descPeerBytes, descVerdicts, descDrops, descReadFail} {
 		ch <- d
 	}
 }
@@ -258,6 +261,7 @@ func (c *liveCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descEtcdErrors, prometheus.CounterValue, float64(s.EtcdErrors))
 	ch <- prometheus.MustNewConstMetric(descResyncs, prometheus.CounterValue, float64(s.WatchResyncs))
+	ch <- prometheus.MustNewConstMetric(descProbes, prometheus.CounterValue, float64(s.WatchProbes))
 
 	if source != nil {
 		counters, err := source.Counters()

@@ -69,7 +69,7 @@ func value(t *testing.T, fams map[string]*dto.MetricFamily, name string, labels 
 }
 
 func TestEveryMetricIsExportedWithItsName(t *testing.T) {
-	stats := subnetmgr.Stats{EtcdErrors: 3, WatchResyncs: 2}
+	stats := subnetmgr.Stats{EtcdErrors: 3, WatchResyncs: 2, WatchProbes: 7}
 	m := New(func() subnetmgr.Stats { return stats })
 	dp := &datapath{c: Counters{
 		Peers: []PeerCounters{
@@ -99,6 +99,7 @@ func TestEveryMetricIsExportedWithItsName(t *testing.T) {
 		{NameLeaseExpiry, nil, float64(expiry.Unix())},
 		{NameEtcdErrors, nil, 3},
 		{NameWatchResyncs, nil, 2},
+		{NameWatchProbes, nil, 7},
 		{NameReconcile, nil, 2}, // sample count
 		{NameBackendInfo, []string{"backend", "ebpf", "mode", "tc"}, 1},
 		{NameLeaseEvents, []string{"type", "added"}, 1},
