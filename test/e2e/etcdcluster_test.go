@@ -104,7 +104,7 @@ func TestEtcdClusterLosingAMemberGoesUnnoticed(t *testing.T) {
 	}
 	time.Sleep(200 * time.Millisecond)
 	flows.requireNoLoss(t, "each etcd member stopped in turn")
-	ecWaitConverged(t, cli, nodes, 5*time.Second)
+	rlWaitConvergedWith(t, cli, nodes, 5*time.Second)
 	for _, n := range nodes {
 		if n.proc.Exited() {
 			t.Errorf("xnetd on %s exited: %v\n%s", n.Name, n.proc.Wait(), n.proc.Output())
@@ -368,7 +368,7 @@ func TestEtcdClusterMemberPoweredOffIsNoticedWithinSeconds(t *testing.T) {
 	}
 	time.Sleep(200 * time.Millisecond)
 	flows.requireNoLoss(t, "the etcd member behind both watches powered off")
-	ecWaitConverged(t, cli, nodes, 5*time.Second)
+	rlWaitConvergedWith(t, cli, nodes, 5*time.Second)
 }
 
 // ecLogTime is the time of the first text-handler log line containing msg.
@@ -484,37 +484,6 @@ func ecWaitRoute(t *testing.T, nodes []*xdNode, subnet netip.Prefix, publicIP ne
 			t.Fatalf("%s has no route %v via %v %v after the lease was written", missing, subnet, publicIP, within)
 		}
 		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// ecWaitConverged is rlWaitConverged against a client of the cluster.
-func ecWaitConverged(t *testing.T, cli *clientv3.Client, nodes []*xdNode, within time.Duration) {
-	t.Helper()
-	start := time.Now()
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		view, err := rlEtcdView(ctx, cli)
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var diffs []string
-		for _, n := range nodes {
-			d, err := rlReadDatapath(n.BPFFS)
-			if err != nil {
-				t.Fatalf("%s: %v", n.Name, err)
-			}
-			if diff := rlDiff(n.UnderlayIP, view, d); diff != "" {
-				diffs = append(diffs, n.Name+": "+diff)
-			}
-		}
-		if len(diffs) == 0 {
-			return
-		}
-		if time.Since(start) > within {
-			t.Fatalf("BPF maps differ from etcd's %d leases after %v:\n%s", len(view), within, strings.Join(diffs, "\n"))
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 

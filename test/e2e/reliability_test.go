@@ -361,10 +361,16 @@ func rlDiff(self netip.Addr, view map[netip.Prefix]netip.Addr, d rlDatapath) str
 // that took. It fails the test with the differences left after within.
 func rlWaitConverged(t *testing.T, topo *harness.Topology, nodes []*xdNode, within time.Duration) time.Duration {
 	t.Helper()
+	return rlWaitConvergedWith(t, topo.EtcdClient(), nodes, within)
+}
+
+// rlWaitConvergedWith is rlWaitConverged against any etcd client (a cluster's, for example).
+func rlWaitConvergedWith(t *testing.T, cli *clientv3.Client, nodes []*xdNode, within time.Duration) time.Duration {
+	t.Helper()
 	start := time.Now()
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		view, err := rlEtcdView(ctx, topo.EtcdClient())
+		view, err := rlEtcdView(ctx, cli)
 		cancel()
 		if err != nil {
 			t.Fatal(err)
