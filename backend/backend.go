@@ -45,6 +45,47 @@ type PeerPruner interface {
 	PrunePeers(keep []subnetmgr.Lease) error
 }
 
+// KeptSubnets is what a PrunePeers call keeps, by subnet: our own and every kept lease's.
+type KeptSubnets struct {
+	local  netip.Prefix
+	kept   map[netip.Prefix]bool
+	gwAddr map[netip.Addr]bool
+}
+
+// NewKeptSubnets is the set PrunePeers keeps for our lease local and the leases in keep.
+func NewKeptSubnets(local netip.Prefix, keep []subnetmgr.Lease) KeptSubnets {
+	k := KeptSubnets{local: local.Masked(), kept: map[netip.Prefix]bool{}, gwAddr: map[netip.Addr]bool{}}
+	k.add(k.local)
+	for _, l := range keep {
+		if l.Subnet.IsValid() {
+			k.add(l.Subnet.Masked())
+		}
+	}
+	return k
+}
+
+func (k KeptSubnets) add(p netip.Prefix) {
+	k.kept[p] = true
+	k.gwAddr[p.Addr()] = true
+}
+
+// Has says whether subnet is kept.
+func (k KeptSubnets) Has(subnet netip.Prefix) bool { return k.kept[subnet.Masked()] }
+
+// HasSubnetAddr says whether a is the subnet address of a kept subnet (what the vxlan backend's
+// per-peer route gateway and neighbour entry are keyed by).
+func (k KeptSubnets) HasSubnetAddr(a netip.Addr) bool { return k.gwAddr[a] }
+
+// Stale says whether dst, a destination found in a datapath that outlived xnetd, is a peer
+// subnet no kept lease holds: strictly inside network (any destination when network is
+// unset), not overlapping our own subnet, and not kept. Everything else is not ours to remove.
+func (k KeptSubnets) Stale(network, dst netip.Prefix) bool {
+	if network.IsValid() && (!network.Contains(dst.Addr()) || dst.Bits() <= network.Bits()) {
+		return false
+	}
+	return !dst.Overlaps(k.local) && !k.Has(dst)
+}
+
 // ExternalInterface is the underlay NIC and the address other hosts reach us on.
 type ExternalInterface struct {
 	Name     string

@@ -86,3 +86,32 @@ func TestIsOwnLease(t *testing.T) {
 		}
 	}
 }
+
+func TestKeptSubnetsStaleIsOnlyAnUnkeptPeerSubnetInsideTheNetwork(t *testing.T) {
+	network := netip.MustParsePrefix("10.244.0.0/16")
+	kept := NewKeptSubnets(netip.MustParsePrefix("10.244.1.0/24"), []subnetmgr.Lease{
+		{Subnet: netip.MustParsePrefix("10.244.2.0/24")},
+	})
+	tests := []struct {
+		network netip.Prefix
+		dst     string
+		stale   bool
+	}{
+		{network, "10.244.3.0/24", true},        // a peer subnet no lease holds
+		{network, "10.244.2.0/24", false},       // a kept lease's
+		{network, "10.244.1.0/24", false},       // ours
+		{network, "10.244.1.128/25", false},     // inside ours
+		{network, "10.244.0.0/16", false},       // the Network itself
+		{network, "10.245.0.0/24", false},       // outside the Network
+		{network, "192.168.0.0/24", false},      // someone else's route
+		{netip.Prefix{}, "10.244.3.0/24", true}, // no Network known: any unkept, foreign subnet
+	}
+	for _, tt := range tests {
+		if got := kept.Stale(tt.network, netip.MustParsePrefix(tt.dst)); got != tt.stale {
+			t.Errorf("Stale(%v, %s) = %v, want %v", tt.network, tt.dst, got, tt.stale)
+		}
+	}
+	if !kept.HasSubnetAddr(netip.MustParseAddr("10.244.2.0")) || kept.HasSubnetAddr(netip.MustParseAddr("10.244.3.0")) {
+		t.Error("HasSubnetAddr must answer for kept subnets' addresses only")
+	}
+}

@@ -618,12 +618,9 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if b.m == nil {
 		return fmt.Errorf("ebpf: PrunePeers before Setup")
 	}
-	keepSubnets := map[netip.Prefix]bool{b.local.Subnet.Masked(): true}
+	kept := backend.NewKeptSubnets(b.local.Subnet, keep)
 	keepIPs := map[netip.Addr]bool{}
 	for _, l := range keep {
-		if l.Subnet.IsValid() {
-			keepSubnets[l.Subnet.Masked()] = true
-		}
 		if l.PublicIP.IsValid() {
 			keepIPs[l.PublicIP] = true
 		}
@@ -635,7 +632,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	var errs []error
 	var gone []netip.Prefix
 	for _, r := range routes {
-		if keepSubnets[r.Subnet] {
+		if kept.Has(r.Subnet) {
 			keepIPs[r.PublicIP] = true
 			continue
 		}
@@ -647,7 +644,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		gone = append(gone, r.Subnet)
 	}
 	for s := range b.peers {
-		if !keepSubnets[s] {
+		if !kept.Has(s) {
 			delete(b.peers, s)
 		}
 	}

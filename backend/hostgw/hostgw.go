@@ -219,15 +219,8 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.network.IsValid() {
 		return nil // no Network: no route can be known to be ours
 	}
-	keepSubnets := map[netip.Prefix]bool{b.local.Subnet.Masked(): true}
-	for _, l := range keep {
-		if l.Subnet.IsValid() {
-			keepSubnets[l.Subnet.Masked()] = true
-		}
-	}
-	gone, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool {
-		return dst.Bits() > b.network.Bits() && !keepSubnets[dst.Masked()] && !dst.Overlaps(b.local.Subnet)
-	})
+	kept := backend.NewKeptSubnets(b.local.Subnet, keep)
+	gone, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool { return kept.Stale(b.network, dst) })
 	if len(gone) > 0 {
 		b.log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
 	}

@@ -450,12 +450,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.network.IsValid() {
 		return nil // no Network: no route can be known to be ours
 	}
-	keepSubnets := map[netip.Prefix]bool{b.local.Subnet: true}
-	for _, l := range keep {
-		if l.Subnet.IsValid() {
-			keepSubnets[l.Subnet.Masked()] = true
-		}
-	}
+	kept := backend.NewKeptSubnets(b.local.Subnet, keep)
 	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.dev}, netlink.RT_FILTER_OIF)
 	// An interrupted dump still lists routes that existed; the rest waits for the next start.
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
@@ -465,8 +460,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	var gone []netip.Prefix
 	for _, r := range routes {
 		dst, ok := netipPrefix(r.Dst)
-		if !ok || !b.network.Contains(dst.Addr()) || dst.Bits() <= b.network.Bits() ||
-			keepSubnets[dst.Masked()] || dst.Overlaps(b.local.Subnet) {
+		if !ok || !kept.Stale(b.network, dst) {
 			continue
 		}
 		if err := b.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
@@ -477,7 +471,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	}
 	pruned := false
 	for s := range b.peers {
-		if !keepSubnets[s] {
+		if !kept.Has(s) {
 			delete(b.peers, s)
 			pruned = true
 		}

@@ -301,21 +301,13 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.setup {
 		return errors.New("vxlan: PrunePeers before Setup")
 	}
-	keepSubnets := map[netip.Prefix]bool{b.local.Subnet.Masked(): true}
-	keepGateways := map[netip.Addr]bool{b.local.Subnet.Masked().Addr(): true}
+	kept := backend.NewKeptSubnets(b.local.Subnet, keep)
 	keepMACs := map[string]bool{}
 	for _, l := range keep {
-		if l.Subnet.IsValid() {
-			keepSubnets[l.Subnet.Masked()] = true
-			keepGateways[l.Subnet.Masked().Addr()] = true
-		}
 		// No logger: AddPeer has already warned about anything odd in these leases.
 		if p, err := backend.ParseVXLANPeer(l, b.vni, nil); err == nil {
 			keepMACs[p.VtepMAC.String()] = true
 		}
-	}
-	inOverlay := func(p netip.Prefix) bool {
-		return !b.network.IsValid() || b.network.Contains(p.Addr()) && p.Bits() > b.network.Bits()
 	}
 	var errs []error
 	var routes, neighs, fdb []string
@@ -328,7 +320,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	}
 	for _, r := range rs {
 		dst := ipNetToPrefix(r.Dst)
-		if r.Dst == nil || r.Gw == nil || !inOverlay(dst) || keepSubnets[dst.Masked()] {
+		if r.Dst == nil || r.Gw == nil || !kept.Stale(b.network, dst) {
 			continue
 		}
 		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {
@@ -344,7 +336,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	for _, n := range ns {
 		ip, ok := netip.AddrFromSlice(n.IP)
 		ip = ip.Unmap()
-		if !ok || n.State&netlink.NUD_PERMANENT == 0 || !inOverlay(netip.PrefixFrom(ip, 32)) || keepGateways[ip] {
+		if !ok || n.State&netlink.NUD_PERMANENT == 0 || !kept.Stale(b.network, netip.PrefixFrom(ip, 32)) || kept.HasSubnetAddr(ip) {
 			continue
 		}
 		if err := ignoreMissing(b.nl.NeighDel(&n)); err != nil {
@@ -370,7 +362,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		fdb = append(fdb, f.HardwareAddr.String()+" dst "+dst.Unmap().String())
 	}
 	for s := range b.peers {
-		if !keepSubnets[s] {
+		if !kept.Has(s) {
 			delete(b.peers, s)
 		}
 	}
