@@ -13,27 +13,24 @@ import (
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
-// Load reads the "Macvlan" section from <prefix>/config through sm. With required (xnetd's
-// --macvlan) a missing section is an error naming the fix; without, present says whether
-// the host should lease a range at all.
-func Load(ctx context.Context, sm *subnetmgr.Manager, required bool) (cfg Config, present bool, err error) {
-	data, err := sm.GetConfigJSON(ctx)
+// FromConfig takes the "Macvlan" section of the network config the overlay already read
+// (net.Raw, <prefix>/config as stored), so etcd is asked once. With required (xnetd's
+// --macvlan) a missing section is an error naming the fix; without, present says whether the
+// host should lease a range at all.
+func FromConfig(net subnetmgr.Config, prefix string, required bool) (cfg Config, present bool, err error) {
+	cfg, present, err = ParseConfig([]byte(net.Raw))
 	if err != nil {
-		return Config{}, false, err
-	}
-	cfg, present, err = ParseConfig(data)
-	if err != nil {
-		return Config{}, present, fmt.Errorf("%s: %w", subnetmgr.ConfigKey(sm.Prefix()), err)
+		return Config{}, present, fmt.Errorf("%s: %w", subnetmgr.ConfigKey(prefix), err)
 	}
 	if required && !present {
 		return Config{}, false, fmt.Errorf("%s has no Macvlan section, which --macvlan needs: add one such as "+
 			`"Macvlan":{"Subnet":"10.0.0.0/24","Gateway":"10.0.0.254","RangeLen":28}: %w`,
-			subnetmgr.ConfigKey(sm.Prefix()), ErrNoSection)
+			subnetmgr.ConfigKey(prefix), ErrNoSection)
 	}
 	return cfg, present, nil
 }
 
-// ErrNoSection is returned (wrapped) by Load when a required Macvlan section is missing.
+// ErrNoSection is returned (wrapped) by FromConfig when a required Macvlan section is missing.
 var ErrNoSection = errors.New("no Macvlan section in the network config")
 
 // Options configure a Manager.

@@ -301,6 +301,7 @@ func (m *Manager) GetConfig(ctx context.Context) (Config, error) {
 	if err != nil {
 		return Config{}, fmt.Errorf("%s: %w", ConfigKey(m.prefix), err)
 	}
+	cfg.Raw = string(data)
 	return cfg, nil
 }
 

@@ -27,6 +27,9 @@ type Config struct {
 	SubnetMin netip.Addr
 	SubnetMax netip.Addr
 	Backend   BackendConfig
+	// Raw is <prefix>/config as read, for the sections other packages own (package
+	// macvlan's "Macvlan"), so they parse the same read instead of asking etcd again.
+	Raw string `json:"-"`
 }
 
 // BackendConfig is the config's "Backend" object. VNI and Port default to 1 and 8472.

@@ -113,10 +113,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return usagef("etcd %s/config: %v: fix it with `etcdctl put %s/config '{\"Network\":\"10.244.0.0/16\"}'`", o.etcdPrefix, err, o.etcdPrefix)
 	}
 	log.Info("network config", "network", d.cfg.Network, "subnet_len", d.cfg.SubnetLen, "backend_type", d.cfg.Backend.Type)
-	if err := d.prepareMacvlan(ctx); err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
+	if err := d.prepareMacvlan(); err != nil {
 		return err
 	}
 
@@ -189,30 +186,11 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	return runErr
 }
 
-// prepareMacvlan reads the config's Macvlan section (required with --macvlan) and prepares
-// the range's manager; nothing is leased yet. A bad or (with --macvlan) missing section is a
-// usage error: exit 2 before the host changes. etcd trouble is retried like the config's.
-func (d *daemonRun) prepareMacvlan(ctx context.Context) error {
-	wait := time.Second
-	var (
-		cfg     macvlan.Config
-		present bool
-		err     error
-	)
-	for {
-		cfg, present, err = macvlan.Load(ctx, d.mgr, d.o.macvlan)
-		var cfgErr *subnetmgr.ConfigError
-		if err == nil || errors.As(err, &cfgErr) || errors.Is(err, macvlan.ErrNoSection) || ctx.Err() != nil {
-			break
-		}
-		d.log.Warn("cannot read the network config's Macvlan section, retrying", "err", err, "retry_in", wait)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(wait):
-		}
-		wait = min(wait*2, 30*time.Second)
-	}
+// prepareMacvlan takes the Macvlan section (required with --macvlan) from the config WaitConfig
+// read and prepares the range's manager; nothing is leased yet. A bad or (with --macvlan)
+// missing section is a usage error: exit 2 before the host changes.
+func (d *daemonRun) prepareMacvlan() error {
+	cfg, present, err := macvlan.FromConfig(d.cfg, d.o.etcdPrefix, d.o.macvlan)
 	if err != nil {
 		return usagef("%v", err)
 	}
