@@ -145,21 +145,18 @@ func (p *peers) remove(key netip.Prefix, l subnetmgr.Lease, why string) {
 	delete(p.known, key)
 }
 
-// removeDue removes every peer whose removal is due at now. It returns how many it removed
-// and when the next removal is due (zero when none is pending).
-func (p *peers) removeDue(now time.Time) (removed int, next time.Time) {
+// removeDue removes every peer whose removal is due at now and returns how many it removed;
+// nextRemoval then says when the next one is due.
+func (p *peers) removeDue(now time.Time) (removed int) {
 	for key, due := range p.removing {
 		if due.After(now) {
-			if next.IsZero() || due.Before(next) {
-				next = due
-			}
 			continue
 		}
 		delete(p.removing, key)
 		p.remove(key, p.known[key].lease, "lease gone for the grace period")
 		removed++
 	}
-	return removed, next
+	return removed
 }
 
 // nextRemoval is when the next pending removal is due (zero when none is).

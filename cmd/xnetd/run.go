@@ -336,8 +336,8 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 		case <-d.stateTimer.C:
 			d.writeState()
 		case <-d.removalTimer.C:
-			removed, next := d.peers.removeDue(time.Now())
-			d.armRemovals(next)
+			removed := d.peers.removeDue(time.Now())
+			d.armRemovals(d.peers.nextRemoval())
 			if removed > 0 {
 				d.m.SetPeers(d.peers.counts())
 				d.stateChanged()
