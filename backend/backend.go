@@ -2,14 +2,17 @@
 // backend is built from, and a registry from config names ("ebpf", "vxlan", "udp", "host-gw")
 // to constructors. Each backend lives in its own sub-package and exports New(Options).
 //
-// It also owns the two rules every VXLAN-speaking backend must agree on, so they live in one
-// place: the VTEP MAC a host derives from its PublicIP, and the overlay MTU (underlay - 50).
+// It also holds what backends share (core.go): Base, the checks and lease bookkeeping of every
+// backend, and VXLAN, the core the VXLAN-speaking backends (ebpf, vxlan, udp) embed, with the
+// rules they must agree on in one place: the VTEP MAC a host derives from its PublicIP, what
+// a host publishes in its lease, how a peer lease is read, and the overlay MTU (underlay - 50).
+// Config defaults and validation are not here: subnetmgr.ParseConfig settles them, and
+// backends trust the Config they get.
 package backend
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -32,6 +35,9 @@ type Backend interface {
 	RemovePeer(peer subnetmgr.Lease) error
 	// MTU is the MTU containers must use (Docker's --mtu).
 	MTU() int
+	// Mode says how the backend runs here, in a short word ("tc+tcx", "kernel", "routes"),
+	// and why, for `xnetd status`, the log and xnet_backend_info.
+	Mode() (mode, reason string)
 	// Close stops the control side; the datapath stays up unless teardown is asked for.
 	Close(teardown bool) error
 }
@@ -151,83 +157,4 @@ func (r *Registry) Names() []string {
 	}
 	sort.Strings(names)
 	return names
-}
-
-// VXLANOverhead is what VXLAN adds to every packet: outer IPv4 (20) + UDP (8) + VXLAN (8) +
-// inner Ethernet (14).
-const VXLANOverhead = 50
-
-// OverlayMTU is the MTU of the overlay for an underlay MTU.
-func OverlayMTU(underlayMTU int) int { return underlayMTU - VXLANOverhead }
-
-// VtepMAC derives a host's VTEP MAC from its PublicIP: locally administered, unicast, and
-// stable across restarts, so a restarted host keeps the MAC its peers have programmed.
-func VtepMAC(publicIP netip.Addr) net.HardwareAddr {
-	ip := publicIP.As4()
-	return net.HardwareAddr{0x0e, 0x78, ip[0], ip[1], ip[2], ip[3]}
-}
-
-// VXLANLeaseData is the BackendData every VXLAN-speaking backend publishes.
-func VXLANLeaseData(vni int, publicIP netip.Addr) (json.RawMessage, error) {
-	b, err := json.Marshal(subnetmgr.VXLANData{VNI: vni, VtepMAC: VtepMAC(publicIP).String()})
-	if err != nil {
-		return nil, fmt.Errorf("encode vxlan backend data: %w", err)
-	}
-	return b, nil
-}
-
-// ErrIncompatiblePeer marks a peer lease a VXLAN-speaking backend cannot program: not
-// BackendType "vxlan", BackendData malformed, or not IPv4. The daemon logs it and moves on.
-var ErrIncompatiblePeer = errors.New("peer lease cannot be programmed")
-
-// VXLANPeer is what every VXLAN-speaking backend needs from a peer's lease.
-type VXLANPeer struct {
-	Subnet   netip.Prefix
-	PublicIP netip.Addr
-	VtepMAC  net.HardwareAddr
-	VNI      int // as published; 0 when the peer did not say
-}
-
-// ParseVXLANPeer checks a lease is one a VXLAN-speaking backend can send to and extracts what the
-// datapath needs. Errors wrap ErrIncompatiblePeer and name the lease. A peer publishing another
-// VNI than ourVNI is accepted with a warning, as flannel does (it will drop what we send).
-func ParseVXLANPeer(lease subnetmgr.Lease, ourVNI int, log *slog.Logger) (VXLANPeer, error) {
-	bad := func(format string, args ...any) (VXLANPeer, error) {
-		return VXLANPeer{}, fmt.Errorf("lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
-	}
-	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
-		return bad("subnet is not IPv4")
-	}
-	if !lease.PublicIP.Is4() {
-		return bad("PublicIP is not IPv4")
-	}
-	if lease.BackendType != subnetmgr.BackendVXLAN {
-		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendVXLAN)
-	}
-	if len(lease.BackendData) == 0 || string(lease.BackendData) == "null" {
-		return bad(`BackendData is empty, want {"VNI":..,"VtepMAC":".."}`)
-	}
-	var data subnetmgr.VXLANData
-	if err := json.Unmarshal(lease.BackendData, &data); err != nil {
-		return bad("BackendData %s: %v", lease.BackendData, err)
-	}
-	mac, err := net.ParseMAC(data.VtepMAC)
-	if err != nil || len(mac) != 6 {
-		return bad("BackendData VtepMAC %q is not an Ethernet MAC", data.VtepMAC)
-	}
-	if mac[0]&1 == 1 {
-		return bad("BackendData VtepMAC %q is a multicast MAC", data.VtepMAC)
-	}
-	if data.VNI != 0 && data.VNI != ourVNI && log != nil {
-		log.Warn("peer publishes another VNI; its traffic will not match ours", "subnet", lease.Subnet, "peer_vni", data.VNI, "our_vni", ourVNI)
-	}
-	return VXLANPeer{Subnet: lease.Subnet.Masked(), PublicIP: lease.PublicIP, VtepMAC: mac, VNI: data.VNI}, nil
-}
-
-// IsOwnLease reports whether lease is ours: our subnet, or an older lease of this host (our
-// PublicIP under another subnet) that has not expired yet. Programming the latter as a peer
-// would send packets back to ourselves.
-func IsOwnLease(local subnetmgr.Lease, publicIP netip.Addr, lease subnetmgr.Lease) bool {
-	return (local.Subnet.IsValid() && lease.Subnet.Masked() == local.Subnet.Masked()) ||
-		lease.PublicIP == publicIP
 }

@@ -74,6 +74,9 @@ func (l *Loader) program(p Program) (*ebpf.Program, error) {
 	case DecapTC:
 		return l.progs.DecapTc, nil
 	case DecapXDP:
+		if l.xdpErr != nil {
+			return nil, fmt.Errorf("XDP decapsulation is unavailable on this kernel: %w", l.xdpErr)
+		}
 		return l.progs.DecapXdp, nil
 	}
 	return nil, fmt.Errorf("unknown program %q", p)
@@ -210,18 +213,21 @@ func attachClsact(ifindex int, hook Hook, p Program, prog *ebpf.Program) error {
 // XDPDriverOrGeneric a refusal falls back to generic mode, logged and reported in Why.
 func (l *Loader) AttachXDP(ifindex int, mode XDPMode) (Attachment, error) {
 	a := Attachment{Ifindex: ifindex, Hook: XDP, Program: DecapXDP}
+	prog, err := l.program(DecapXDP)
+	if err != nil {
+		return a, err
+	}
 	pin := l.linkPin(ifindex, XDP)
-	if adopted, err := l.updatePinned(pin, l.progs.DecapXdp); err != nil {
+	if adopted, err := l.updatePinned(pin, prog); err != nil {
 		return a, err
 	} else if adopted {
 		a.Adopted, a.Mode, a.Why = true, xdpModeOf(ifindex), "kept the pinned XDP link"
 		return a, nil
 	}
 	try := func(flags link.XDPAttachFlags) (link.Link, error) {
-		return link.AttachXDP(link.XDPOptions{Program: l.progs.DecapXdp, Interface: ifindex, Flags: flags})
+		return link.AttachXDP(link.XDPOptions{Program: prog, Interface: ifindex, Flags: flags})
 	}
 	var lk link.Link
-	var err error
 	switch mode {
 	case XDPGenericOnly:
 		lk, err = try(link.XDPGenericMode)

@@ -64,9 +64,40 @@ type Loader struct {
 	dir      string
 	log      *slog.Logger
 	noTCX    bool
-	progs    bpf.XnetPrograms
+	progs    bpf.XnetPrograms // DecapXdp nil when xdpErr is set
 	maps     bpf.XnetMaps
 	replaced []string
+	// xdpErr is why the kernel refused the XDP decap program. The TC programs are the
+	// datapath; XDP is an optional earlier hook, so a kernel without it (or without
+	// bpf_xdp_adjust_meta for XDP, as some builds are) still runs everything else.
+	xdpErr error
+}
+
+// tcPrograms are the programs the datapath cannot run without. They load first, as one
+// collection; decap_xdp loads on its own (loadXDP).
+type tcPrograms struct {
+	EncapContainer *ebpf.Program `ebpf:"encap_container"`
+	EncapHost      *ebpf.Program `ebpf:"encap_host"`
+	DecapTc        *ebpf.Program `ebpf:"decap_tc"`
+}
+
+// loadXDP loads decap_xdp against the maps already loaded.
+func loadXDP(spec *ebpf.CollectionSpec, m *bpf.XnetMaps) (*ebpf.Program, error) {
+	var objs struct {
+		DecapXdp *ebpf.Program `ebpf:"decap_xdp"`
+	}
+	replace := map[string]*ebpf.Map{
+		maps.RoutesName: m.Routes, maps.PeersName: m.Peers, maps.ConfigName: m.Config,
+		maps.CountersName: m.Counters, maps.EndpointsName: m.Endpoints, maps.NexthopsName: m.Nexthops,
+	}
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: replace}); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("the verifier refuses decap_xdp: %s", ve.Log[len(ve.Log)-min(len(ve.Log), 2)])
+		}
+		return nil, fmt.Errorf("load decap_xdp: %w", err)
+	}
+	return objs.DecapXdp, nil
 }
 
 // Load loads the programs and creates or re-adopts the maps under opts.Dir. It attaches
@@ -124,7 +155,7 @@ func Load(opts Options) (*Loader, error) {
 	}
 
 	var objs struct {
-		bpf.XnetPrograms
+		tcPrograms
 		bpf.XnetMaps
 	}
 	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: adopted}); err != nil {
@@ -134,7 +165,12 @@ func Load(opts Options) (*Loader, error) {
 		}
 		return nil, fmt.Errorf("load datapath programs: %w", err)
 	}
-	l.progs, l.maps = objs.XnetPrograms, objs.XnetMaps
+	l.maps = objs.XnetMaps
+	l.progs = bpf.XnetPrograms{EncapContainer: objs.EncapContainer, EncapHost: objs.EncapHost, DecapTc: objs.DecapTc}
+	l.progs.DecapXdp, l.xdpErr = loadXDP(spec, &l.maps)
+	if l.xdpErr != nil {
+		log.Info("XDP decapsulation unavailable on this kernel; TC decapsulates", "err", l.xdpErr)
+	}
 
 	for name, m := range map[string]*ebpf.Map{
 		maps.RoutesName: l.maps.Routes, maps.PeersName: l.maps.Peers, maps.ConfigName: l.maps.Config,
@@ -154,6 +190,10 @@ func Load(opts Options) (*Loader, error) {
 	for p, prog := range map[Program]*ebpf.Program{
 		EncapContainer: l.progs.EncapContainer, EncapHost: l.progs.EncapHost, DecapTC: l.progs.DecapTc, DecapXDP: l.progs.DecapXdp,
 	} {
+		if prog == nil {
+			_ = os.Remove(ProgramPin(dir, p)) // an older build's program, which this one does not run
+			continue
+		}
 		if err := pinAtomically(prog, ProgramPin(dir, p)); err != nil {
 			l.Close()
 			return nil, err
@@ -162,6 +202,9 @@ func Load(opts Options) (*Loader, error) {
 	log.Info("datapath loaded", "bpffs", dir, "adopted_maps", len(adopted), "replaced_maps", l.replaced)
 	return l, nil
 }
+
+// XDPUnavailable says why this kernel refused the XDP decap program (nil when it loaded).
+func (l *Loader) XDPUnavailable() error { return l.xdpErr }
 
 // Dir is the pin directory.
 func (l *Loader) Dir() string { return l.dir }
@@ -181,27 +224,40 @@ func (l *Loader) Close() error {
 // removes the pins and the directory, and closes the Loader. clsact filters are removed by the
 // caller (DetachTC) since they have no pins.
 func (l *Loader) Teardown() error {
-	var errs []error
-	entries, err := os.ReadDir(l.dir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
+	_, err := RemovePins(l.dir)
+	return errors.Join(err, l.Close())
+}
+
+// RemovePins unlinks every pin under dir (a pinned link detaches its program once no process
+// holds it), then dir itself unless it is a mount point (a bpffs of its own: EBUSY), which
+// stays, empty. It returns how many pins it removed; a missing dir is not an error. It serves
+// Teardown and `xnetd teardown`, which runs without loading the programs.
+func RemovePins(dir string) (int, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
 	}
+	if err != nil {
+		return 0, fmt.Errorf("pin directory %s: %w", dir, err)
+	}
+	n := 0
+	var errs []error
 	for _, e := range entries {
 		// bpffs refuses dots in pin names, so a dotted name is never ours: the root of a bpffs
 		// mount holds the kernel's own maps.debug and progs.debug, which cannot be removed.
 		if strings.Contains(e.Name(), ".") {
 			continue
 		}
-		if err := os.Remove(filepath.Join(l.dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			errs = append(errs, fmt.Errorf("remove pin %s: %w", filepath.Join(dir, e.Name()), err))
+			continue
 		}
+		n++
 	}
-	// A pin directory that is itself a mount point (its own bpffs) stays; emptied is enough.
-	if err := os.Remove(l.dir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.EBUSY) {
-		errs = append(errs, err)
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.EBUSY) {
+		errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
 	}
-	errs = append(errs, l.Close())
-	return errors.Join(errs...)
+	return n, errors.Join(errs...)
 }
 
 // ProgramPin is where Load pins program p under dir.

@@ -299,6 +299,15 @@ func collectCounters(ch chan<- prometheus.Metric, cs Counters) {
 // verdicts after bpf/xnet.h's enum, where every drop reason starts with it.
 const DropPrefix = "drop_"
 
+// NewCounters assembles one snapshot from a datapath's packet count per verdict (split by
+// SplitVerdicts) and its per-peer counters. Every datapath that counts builds its Counters
+// here, so a verdict or a drop reason reads the same in metrics and in `xnetd status`.
+func NewCounters(verdicts map[string]uint64, peers []PeerCounters) Counters {
+	c := Counters{Peers: peers}
+	c.Verdicts, c.Drops = SplitVerdicts(verdicts)
+	return c
+}
+
 // SplitVerdicts turns a datapath's verdict counts into Counters' Verdicts and Drops: a verdict
 // named drop_<reason> is counted as a drop with that reason, the others as verdicts. Backends
 // and `xnetd status` use it so a reason reads the same everywhere.

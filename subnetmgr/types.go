@@ -8,6 +8,8 @@ package subnetmgr
 
 import (
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/netip"
 	"time"
 )
@@ -56,6 +58,20 @@ type Lease struct {
 type VXLANData struct {
 	VNI     int    `json:"VNI"`
 	VtepMAC string `json:"VtepMAC"`
+}
+
+// ParseVXLANData decodes a vxlan lease's BackendData. It is the only decoder of that JSON, so
+// the daemon, its status and every backend read a lease the same way. It checks the shape, not
+// the values: the MAC is the caller's to judge.
+func ParseVXLANData(data json.RawMessage) (VXLANData, error) {
+	if len(data) == 0 || string(data) == "null" {
+		return VXLANData{}, errors.New(`BackendData is empty, want {"VNI":..,"VtepMAC":".."}`)
+	}
+	var d VXLANData
+	if err := json.Unmarshal(data, &d); err != nil {
+		return VXLANData{}, fmt.Errorf("BackendData %s: %w", data, err)
+	}
+	return d, nil
 }
 
 // EventType says what happened to a lease.

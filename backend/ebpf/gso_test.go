@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -21,6 +22,11 @@ import (
 func TestLargeTCPSegmentsPassTheDecapLengthChecks(t *testing.T) {
 	for _, decap := range []string{DecapTC, DecapXDP} {
 		t.Run(decap, func(t *testing.T) {
+			if decap == DecapXDP {
+				if err := loader.ProbeXDP(); err != nil {
+					t.Skipf("this kernel cannot run the XDP decap program: %v", err)
+				}
+			}
 			topo := harness.NewForTest(t, harness.Options{Hosts: 2})
 			var backends []*Backend
 			var leases []subnetmgr.Lease

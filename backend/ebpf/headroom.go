@@ -71,7 +71,7 @@ func (b *Backend) ensureHeadroomPort() error {
 		if link, err = netlink.LinkByName(HeadroomDevice); err != nil {
 			return fmt.Errorf("look up %s: %w", HeadroomDevice, err)
 		}
-		b.log.Info("docker0 port for packet headroom created: containers allocate room for the VXLAN headers",
+		b.Log.Info("docker0 port for packet headroom created: containers allocate room for the VXLAN headers",
 			"device", HeadroomDevice, "headroom", "14+50 bytes")
 	}
 	if link.Type() != "vxlan" {
@@ -132,7 +132,7 @@ func (b *Backend) headroomPort() {
 		msg = err.Error()
 	}
 	if msg != b.headroomErr && err != nil {
-		b.log.Warn("no headroom port on docker0: every container packet to another host is reallocated on encapsulation (slower, still delivered)", "err", err)
+		b.Log.Warn("no headroom port on docker0: every container packet to another host is reallocated on encapsulation (slower, still delivered)", "err", err)
 	}
 	b.headroomErr = msg
 }

@@ -21,7 +21,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -39,15 +38,12 @@ var ErrUnreachablePeer = errors.New("peer is not on this host's L2 segment")
 
 // Backend is the host-gw backend. Its methods are safe for concurrent use.
 type Backend struct {
-	iface  backend.ExternalInterface
-	log    *slog.Logger
-	nl     *netlink.Handle
-	ownsNL bool
+	backend.Base // guarded by mu after New
+	nl           *netlink.Handle
+	ownsNL       bool
 
-	mu      sync.Mutex
-	setup   bool
-	local   subnetmgr.Lease
-	network netip.Prefix
+	mu    sync.Mutex
+	setup bool
 }
 
 // New builds the backend. It works in the network namespace the calling thread is in when New
@@ -76,18 +72,16 @@ func NewWithHandle(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 }
 
 func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
-	if opts.Iface.Index <= 0 || opts.Iface.Name == "" {
-		return nil, fmt.Errorf("host-gw: external interface not resolved (name %q, index %d): pass --iface", opts.Iface.Name, opts.Iface.Index)
+	base, err := backend.NewBase(subnetmgr.BackendHostGW, opts)
+	if err != nil {
+		return nil, err
 	}
-	if !opts.Iface.PublicIP.Is4() {
-		return nil, fmt.Errorf("host-gw: PublicIP %v is not an IPv4 address: set --public-ip", opts.Iface.PublicIP)
-	}
-	log := opts.Logger
-	if log == nil {
-		log = slog.Default()
-	}
-	return &Backend{iface: opts.Iface, log: log.With("backend", "host-gw", "iface", opts.Iface.Name), nl: h}, nil
+	base.Log = base.Log.With("iface", opts.Iface.Name)
+	return &Backend{Base: base, nl: h}, nil
 }
+
+// Mode: plain routes, nothing added to packets.
+func (b *Backend) Mode() (string, string) { return "routes", "static routes, no encapsulation" }
 
 // LeaseAttrs publishes BackendType "host-gw" and no backend data, as flannel does.
 func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
@@ -95,29 +89,25 @@ func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
 }
 
 // MTU is the NIC's: nothing is added to packets.
-func (b *Backend) MTU() int { return b.iface.MTU }
+func (b *Backend) MTU() int { return b.Iface.MTU }
 
 // Setup checks the NIC is still the one we were built for. host-gw needs no device.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
-	if !local.Subnet.IsValid() || !local.Subnet.Addr().Is4() {
-		return fmt.Errorf("host-gw: our lease has no IPv4 subnet (%v)", local.Subnet)
-	}
-	if err := ctx.Err(); err != nil {
+	if err := b.CheckSetup(ctx, local, cfg); err != nil {
 		return err
 	}
-	link, err := b.nl.LinkByIndex(b.iface.Index)
+	link, err := b.nl.LinkByIndex(b.Iface.Index)
 	if err != nil {
-		return fmt.Errorf("host-gw: interface %s (index %d): %w", b.iface.Name, b.iface.Index, err)
+		return fmt.Errorf("host-gw: interface %s (index %d): %w", b.Iface.Name, b.Iface.Index, err)
 	}
-	if link.Attrs().Name != b.iface.Name {
-		return fmt.Errorf("host-gw: interface index %d is now %q, not %q: restart to re-detect the interface", b.iface.Index, link.Attrs().Name, b.iface.Name)
+	if link.Attrs().Name != b.Iface.Name {
+		return fmt.Errorf("host-gw: interface index %d is now %q, not %q: restart to re-detect the interface", b.Iface.Index, link.Attrs().Name, b.Iface.Name)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.setup = true
-	b.local = local
-	b.network = cfg.Network
-	b.log.Info("host-gw ready", "subnet", local.Subnet, "public_ip", b.iface.PublicIP)
+	b.SetLocal(local, cfg.Network)
+	b.Log.Info("host-gw ready", "subnet", local.Subnet, "public_ip", b.Iface.PublicIP)
 	return nil
 }
 
@@ -133,11 +123,11 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() || !lease.PublicIP.Is4() {
 		return fmt.Errorf("host-gw: lease %v (PublicIP %v) is not IPv4: skipped", lease.Subnet, lease.PublicIP)
 	}
-	if b.isOwn(lease) {
+	if b.IsOwn(lease) {
 		return nil
 	}
 	if lease.BackendType != subnetmgr.BackendHostGW {
-		b.log.Debug("routing to a peer of another backend type", "subnet", lease.Subnet, "type", lease.BackendType)
+		b.Log.Debug("routing to a peer of another backend type", "subnet", lease.Subnet, "type", lease.BackendType)
 	}
 	onLink, err := b.onOurSegment(lease.PublicIP)
 	if err != nil {
@@ -145,16 +135,16 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	}
 	if !onLink {
 		err := fmt.Errorf("host-gw: lease %v: PublicIP %v is not in any subnet of %s, so it is unreachable in host-gw mode: put the hosts on one L2 segment or use the vxlan/ebpf backend: %w",
-			lease.Subnet, lease.PublicIP, b.iface.Name, ErrUnreachablePeer)
-		b.log.Warn("peer unreachable in host-gw mode", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
+			lease.Subnet, lease.PublicIP, b.Iface.Name, ErrUnreachablePeer)
+		b.Log.Warn("peer unreachable in host-gw mode", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
 		return err
 	}
 	r := b.route(lease.Subnet.Masked())
 	r.Gw = net.IP(lease.PublicIP.AsSlice())
 	if err := b.nl.RouteReplace(r); err != nil {
-		return fmt.Errorf("host-gw: route replace %v via %v dev %s: %w", lease.Subnet, lease.PublicIP, b.iface.Name, err)
+		return fmt.Errorf("host-gw: route replace %v via %v dev %s: %w", lease.Subnet, lease.PublicIP, b.Iface.Name, err)
 	}
-	b.log.Debug("peer routed", "subnet", lease.Subnet, "via", lease.PublicIP)
+	b.Log.Debug("peer routed", "subnet", lease.Subnet, "via", lease.PublicIP)
 	return nil
 }
 
@@ -166,14 +156,12 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if !b.setup {
 		return fmt.Errorf("host-gw: RemovePeer(%v) before Setup", lease.Subnet)
 	}
-	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
-		return fmt.Errorf("host-gw: RemovePeer: lease has no IPv4 subnet (%v)", lease.Subnet)
+	subnet, own, err := b.RemovedSubnet(lease)
+	if own || err != nil {
+		return err
 	}
-	if b.isOwn(lease) {
-		return nil
-	}
-	if err := ignoreMissing(b.nl.RouteDel(b.route(lease.Subnet.Masked()))); err != nil {
-		return fmt.Errorf("host-gw: route del %v dev %s: %w", lease.Subnet, b.iface.Name, err)
+	if err := ignoreMissing(b.nl.RouteDel(b.route(subnet))); err != nil {
+		return fmt.Errorf("host-gw: route del %v dev %s: %w", lease.Subnet, b.Iface.Name, err)
 	}
 	return nil
 }
@@ -187,7 +175,7 @@ func (b *Backend) Close(teardown bool) error {
 		return nil // closed already
 	}
 	var err error
-	if teardown && b.setup && b.network.IsValid() {
+	if teardown && b.setup && b.Network().IsValid() {
 		err = b.deleteRoutes()
 	}
 	if b.ownsNL {
@@ -199,7 +187,7 @@ func (b *Backend) Close(teardown bool) error {
 }
 
 func (b *Backend) deleteRoutes() error {
-	_, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool { return dst.Bits() >= b.network.Bits() })
+	_, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool { return dst.Bits() >= b.Network().Bits() })
 	if err != nil {
 		return fmt.Errorf("host-gw: teardown: %w", err)
 	}
@@ -216,13 +204,13 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.setup {
 		return errors.New("host-gw: PrunePeers before Setup")
 	}
-	if !b.network.IsValid() {
+	if !b.Network().IsValid() {
 		return nil // no Network: no route can be known to be ours
 	}
-	kept := backend.NewKeptSubnets(b.local.Subnet, keep)
-	gone, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool { return kept.Stale(b.network, dst) })
+	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
+	gone, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool { return kept.Stale(b.Network(), dst) })
 	if len(gone) > 0 {
-		b.log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
+		b.Log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
 	}
 	if err != nil {
 		return fmt.Errorf("host-gw: prune peers: %w", err)
@@ -233,10 +221,10 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 // deleteRoutesWhere deletes the gatewayed IPv4 routes on our NIC (main table) to destinations
 // inside the overlay Network for which del says yes, and returns what it deleted.
 func (b *Backend) deleteRoutesWhere(del func(dst netip.Prefix) bool) ([]netip.Prefix, error) {
-	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.iface.Index}, netlink.RT_FILTER_OIF)
+	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.Iface.Index}, netlink.RT_FILTER_OIF)
 	// An interrupted dump still lists routes that existed; the rest waits for the next start.
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		return nil, fmt.Errorf("list routes on %s: %w", b.iface.Name, err)
+		return nil, fmt.Errorf("list routes on %s: %w", b.Iface.Name, err)
 	}
 	var errs []error
 	var gone []netip.Prefix
@@ -245,7 +233,7 @@ func (b *Backend) deleteRoutesWhere(del func(dst netip.Prefix) bool) ([]netip.Pr
 			continue
 		}
 		dst := ipNetToPrefix(r.Dst)
-		if !b.network.Contains(dst.Addr()) || !del(dst) {
+		if !b.Network().Contains(dst.Addr()) || !del(dst) {
 			continue
 		}
 		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {
@@ -260,13 +248,13 @@ func (b *Backend) deleteRoutesWhere(del func(dst netip.Prefix) bool) ([]netip.Pr
 // onOurSegment reports whether ip is inside a subnet of an IPv4 address on our NIC, i.e. a
 // neighbour the kernel can resolve by ARP.
 func (b *Backend) onOurSegment(ip netip.Addr) (bool, error) {
-	link, err := b.nl.LinkByIndex(b.iface.Index)
+	link, err := b.nl.LinkByIndex(b.Iface.Index)
 	if err != nil {
-		return false, fmt.Errorf("host-gw: interface %s: %w", b.iface.Name, err)
+		return false, fmt.Errorf("host-gw: interface %s: %w", b.Iface.Name, err)
 	}
 	addrs, err := b.nl.AddrList(link, unix.AF_INET)
 	if err != nil {
-		return false, fmt.Errorf("host-gw: addresses of %s: %w", b.iface.Name, err)
+		return false, fmt.Errorf("host-gw: addresses of %s: %w", b.Iface.Name, err)
 	}
 	for _, a := range addrs {
 		if p := ipNetToPrefix(a.IPNet); p.IsValid() && p.Masked().Contains(ip) {
@@ -276,14 +264,10 @@ func (b *Backend) onOurSegment(ip netip.Addr) (bool, error) {
 	return false, nil
 }
 
-func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
-	return backend.IsOwnLease(b.local, b.iface.PublicIP, lease)
-}
-
 // route is the key of our route to a peer subnet: destination and our NIC.
 func (b *Backend) route(subnet netip.Prefix) *netlink.Route {
 	return &netlink.Route{
-		LinkIndex: b.iface.Index,
+		LinkIndex: b.Iface.Index,
 		Dst:       &net.IPNet{IP: net.IP(subnet.Addr().AsSlice()), Mask: net.CIDRMask(subnet.Bits(), 32)},
 	}
 }

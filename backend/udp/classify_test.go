@@ -43,6 +43,16 @@ func testLease(subnet string, publicIP netip.Addr) subnetmgr.Lease {
 	return subnetmgr.Lease{Subnet: netip.MustParsePrefix(subnet), PublicIP: publicIP, BackendType: "vxlan", BackendData: data}
 }
 
+// parsePeer is AddPeer's first step for tests: the lease as the core reads it, then the peer
+// the packet path uses.
+func parsePeer(lease subnetmgr.Lease, vni, port int, log *slog.Logger) (*peerDP, error) {
+	p, err := backend.ParseVXLANPeer(lease, vni, log)
+	if err != nil {
+		return nil, err
+	}
+	return newPeerDP(p, port), nil
+}
+
 func testTable(t testing.TB) *peerTable {
 	peers := map[netip.Prefix]*peerDP{}
 	for _, l := range []subnetmgr.Lease{testLease("10.244.2.0/24", h2IP), testLease("10.244.3.0/24", h3IP)} {

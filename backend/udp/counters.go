@@ -5,6 +5,7 @@ import (
 	"sort"
 	"sync/atomic"
 
+	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/wire"
 )
 
@@ -143,9 +144,9 @@ type Status struct {
 	Counters   Counters
 }
 
-// Counters returns the verdict and per-peer counters so far. Peers removed since are not
-// listed; their traffic stays in the verdict totals.
-func (b *Backend) Counters() Counters {
+// Traffic returns the verdict and per-peer counters so far, bytes included. Peers removed
+// since are not listed; their traffic stays in the verdict totals.
+func (b *Backend) Traffic() Counters {
 	c := Counters{Verdicts: make(map[string]Counter, numVerdicts)}
 	for v := verdict(0); v < numVerdicts; v++ {
 		c.Verdicts[v.String()] = Counter{
@@ -170,13 +171,27 @@ func (b *Backend) Counters() Counters {
 // Status returns the datapath's settings, what the kernel granted, and the counters.
 func (b *Backend) Status() Status {
 	b.mu.Lock()
-	s := Status{Device: DeviceName, Port: b.port, VNI: int(b.vni), MTU: b.MTU()}
+	s := Status{Device: DeviceName, Port: b.Port, VNI: b.VNI, MTU: b.MTU()}
 	if b.dp != nil {
 		s.Queues = len(b.dp.res.queues)
 		s.SendSockets = len(b.dp.res.send)
 		s.TUNOffload, s.UDPGSO, s.UDPGRO = b.dp.res.offload, b.dp.res.gso, b.dp.res.gro
 	}
 	b.mu.Unlock()
-	s.Counters = b.Counters()
+	s.Counters = b.Traffic()
 	return s
+}
+
+// Counters is Traffic for metrics and `xnetd status` (metrics.CounterSource).
+func (b *Backend) Counters() (metrics.Counters, error) {
+	t := b.Traffic()
+	verdicts := make(map[string]uint64, len(t.Verdicts))
+	for name, c := range t.Verdicts {
+		verdicts[name] = c.Packets
+	}
+	peers := make([]metrics.PeerCounters, 0, len(t.Peers))
+	for _, p := range t.Peers {
+		peers = append(peers, metrics.PeerCounters{Subnet: p.Subnet, TxPackets: p.TxPackets, TxBytes: p.TxBytes, RxPackets: p.RxPackets, RxBytes: p.RxBytes})
+	}
+	return metrics.NewCounters(verdicts, peers), nil
 }

@@ -177,7 +177,7 @@ func TestPeersAreRoutedIntoXnet0(t *testing.T) {
 	if err := b.AddPeer(subnetmgr.Lease{Subnet: netip.MustParsePrefix("10.244.3.0/24"), PublicIP: h3IP, BackendType: "host-gw"}); err == nil {
 		t.Error("a host-gw lease was accepted")
 	}
-	if c := b.Counters(); len(c.Peers) != 1 || c.Peers[0].PublicIP != h2IP || c.Peers[0].Subnet != h2.Subnet {
+	if c := b.Traffic(); len(c.Peers) != 1 || c.Peers[0].PublicIP != h2IP || c.Peers[0].Subnet != h2.Subnet {
 		t.Errorf("peer counters %+v, want one entry for h2", c.Peers)
 	}
 	for range 2 { // idempotent
@@ -188,7 +188,7 @@ func TestPeersAreRoutedIntoXnet0(t *testing.T) {
 	if r := ns.ip(t, "route show 10.244.2.0/24"); r != "" {
 		t.Errorf("route left after RemovePeer: %q", r)
 	}
-	if c := b.Counters(); len(c.Peers) != 0 {
+	if c := b.Traffic(); len(c.Peers) != 0 {
 		t.Errorf("removed peer still listed: %+v", c.Peers)
 	}
 }
@@ -272,8 +272,6 @@ func TestNewRefusesBadOptions(t *testing.T) {
 	}{
 		{"IPv6 PublicIP", func(o *backend.Options) { o.Iface.PublicIP = netip.MustParseAddr("2001:db8::1") }},
 		{"MTU too small", func(o *backend.Options) { o.Iface.MTU = 60 }},
-		{"VNI too large", func(o *backend.Options) { o.Config.Backend.VNI = 1 << 24 }},
-		{"port too large", func(o *backend.Options) { o.Config.Backend.Port = 70000 }},
 	}
 	for _, c := range cases {
 		o := testOpts()

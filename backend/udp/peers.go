@@ -2,14 +2,11 @@ package udp
 
 import (
 	"encoding/binary"
-	"fmt"
-	"log/slog"
 	"net/netip"
 	"sort"
 	"sync/atomic"
 
 	"github.com/xnet-dev/xnet/backend"
-	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/wire"
 )
 
@@ -28,21 +25,10 @@ type peerStats struct {
 	rxPackets, rxBytes atomic.Uint64
 }
 
-// parsePeer checks a lease is one we can send to (backend.ParseVXLANPeer's rules) and builds
-// what the packet path needs.
-func parsePeer(lease subnetmgr.Lease, vni uint32, port int, log *slog.Logger) (*peerDP, error) {
-	p, err := backend.ParseVXLANPeer(lease, int(vni), log)
-	if err != nil {
-		return nil, fmt.Errorf("udp: %w", err)
-	}
+// newPeerDP builds what the packet path needs to send to a peer on port.
+func newPeerDP(p backend.VXLANPeer, port int) *peerDP {
 	mac, _ := wire.MACFrom(p.VtepMAC) // ParseVXLANPeer guarantees 6 bytes
-	return &peerDP{
-		subnet:   p.Subnet,
-		publicIP: p.PublicIP,
-		mac:      mac,
-		port:     port,
-		stats:    &peerStats{},
-	}, nil
+	return &peerDP{subnet: p.Subnet, publicIP: p.PublicIP, mac: mac, port: port, stats: &peerStats{}}
 }
 
 // peerTable finds the peer whose subnet holds an address. It is immutable once built: AddPeer

@@ -49,7 +49,7 @@ func TestRestartedBackendPrunesRoutesOfLeasesThatWentAway(t *testing.T) {
 	if want := "10.244.0.0/16 10.244.2.0/24 192.0.2.0/24"; strings.Join(got, " ") != want {
 		t.Errorf("routes into xnet0 after the prune: %v, want %s", got, want)
 	}
-	if c := second.Counters(); len(c.Peers) != 1 || c.Peers[0].Subnet != a.Subnet {
+	if c := second.Traffic(); len(c.Peers) != 1 || c.Peers[0].Subnet != a.Subnet {
 		t.Errorf("peers after the prune: %+v, want only %v", c.Peers, a.Subnet)
 	}
 }

@@ -93,10 +93,8 @@ package udp
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"runtime"
@@ -114,12 +112,6 @@ import (
 
 // DeviceName is the TUN device of this backend.
 const DeviceName = "xnet0"
-
-// Defaults of the config's Backend.VNI and Backend.Port (Linux's and flannel's).
-const (
-	DefaultVNI  = 1
-	DefaultPort = wire.DefaultPort
-)
 
 // ErrIncompatiblePeer marks a peer lease this backend cannot use (backend.ParseVXLANPeer's rules).
 var ErrIncompatiblePeer = backend.ErrIncompatiblePeer
@@ -160,24 +152,19 @@ func (t Tuning) withDefaults() Tuning {
 
 // Backend is the udp backend. Its methods are safe for concurrent use.
 type Backend struct {
-	iface  backend.ExternalInterface
-	vni    uint32
-	port   int
-	mac    wire.MAC
-	tune   Tuning
-	log    *slog.Logger
-	ns     netns.NsHandle // the namespace New ran in
-	nl     *netlink.Handle
-	stats  *counters
-	tables tableHolder
+	backend.VXLAN // guarded by mu after New
+	mac           wire.MAC
+	tune          Tuning
+	ns            netns.NsHandle // the namespace New ran in
+	nl            *netlink.Handle
+	stats         *counters
+	tables        tableHolder
 
-	mu      sync.Mutex
-	setup   bool
-	local   subnetmgr.Lease
-	network netip.Prefix             // the overlay Network: PrunePeers touches routes inside it only
-	dev     int                      // ifindex of xnet0 once Setup ran
-	peers   map[netip.Prefix]*peerDP // what AddPeer programmed, by subnet
-	dp      *datapath                // the running queues; nil before Setup and after Close
+	mu    sync.Mutex
+	setup bool
+	dev   int                      // ifindex of xnet0 once Setup ran
+	peers map[netip.Prefix]*peerDP // what AddPeer programmed, by subnet
+	dp    *datapath                // the running queues; nil before Setup and after Close
 }
 
 // New builds the backend for opts with the default Tuning. It captures the network namespace
@@ -189,33 +176,18 @@ func New(opts backend.Options) (backend.Backend, error) {
 
 // NewWithTuning is New with explicit datapath settings.
 func NewWithTuning(opts backend.Options, tune Tuning) (*Backend, error) {
-	if !opts.Iface.PublicIP.Is4() {
-		return nil, fmt.Errorf("udp: PublicIP %v is not an IPv4 address: set --public-ip", opts.Iface.PublicIP)
+	core, err := backend.NewVXLAN(subnetmgr.BackendUDP, opts)
+	if err != nil {
+		return nil, err
 	}
 	if opts.Iface.MTU <= backend.VXLANOverhead+wire.IPv4HeaderLen {
-		return nil, fmt.Errorf("udp: interface %q MTU %d leaves no room for the %d-byte VXLAN overhead", opts.Iface.Name, opts.Iface.MTU, backend.VXLANOverhead)
-	}
-	vni, port := opts.Config.Backend.VNI, opts.Config.Backend.Port
-	if vni == 0 {
-		vni = DefaultVNI
-	}
-	if port == 0 {
-		port = DefaultPort
-	}
-	if vni < 0 || vni > wire.MaxVNI {
-		return nil, fmt.Errorf("udp: Backend.VNI %d out of range: use 1..%d", vni, wire.MaxVNI)
-	}
-	if port < 0 || port > 65535 {
-		return nil, fmt.Errorf("udp: Backend.Port %d out of range: use 1..65535", port)
+		return nil, fmt.Errorf("udp: interface %q MTU %d leaves no room for an inner IPv4 header after the %d-byte VXLAN overhead", opts.Iface.Name, opts.Iface.MTU, backend.VXLANOverhead)
 	}
 	if err := unix.Access("/dev/net/tun", unix.R_OK|unix.W_OK); err != nil {
 		return nil, fmt.Errorf("udp: /dev/net/tun: %v: %w", err, backend.ErrUnavailable)
 	}
-	mac, _ := wire.MACFrom(backend.VtepMAC(opts.Iface.PublicIP))
-	log := opts.Logger
-	if log == nil {
-		log = slog.Default()
-	}
+	mac, _ := wire.MACFrom(core.VtepMAC)
+	core.Log = core.Log.With("device", DeviceName)
 	// The namespace handle and the netlink socket come from one locked thread, so they are the
 	// same namespace. NewHandleAt would setns(2) into it even though we are there already,
 	// and setns needs CAP_SYS_ADMIN: a host that grants xnetd only CAP_NET_ADMIN (no BPF) must
@@ -233,12 +205,9 @@ func NewWithTuning(opts backend.Options, tune Tuning) (*Backend, error) {
 		return nil, fmt.Errorf("udp: open netlink socket: %w", err)
 	}
 	return &Backend{
-		iface: opts.Iface,
-		vni:   uint32(vni),
-		port:  port,
+		VXLAN: core,
 		mac:   mac,
 		tune:  tune.withDefaults(),
-		log:   log.With("backend", "udp", "device", DeviceName),
 		ns:    ns,
 		nl:    nl,
 		stats: newCounters(),
@@ -246,27 +215,23 @@ func NewWithTuning(opts backend.Options, tune Tuning) (*Backend, error) {
 	}, nil
 }
 
-// LeaseAttrs publishes BackendType "vxlan" with our VNI and VTEP MAC: on the wire a udp host is
-// a VXLAN host.
-func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
-	data, err := backend.VXLANLeaseData(int(b.vni), b.iface.PublicIP)
-	if err != nil {
-		return "", nil, err
+// Mode: user space over a TUN device, with the offloads the kernel granted.
+func (b *Backend) Mode() (string, string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	why := "user space over a TUN device"
+	if b.dp != nil {
+		res := b.dp.res
+		why += fmt.Sprintf(" (%d queues, TUN offload %v, UDP GSO %v, UDP GRO %v)", len(res.queues), res.offload, res.gso, res.gro)
 	}
-	return subnetmgr.BackendVXLAN, data, nil
+	return "tun", why
 }
-
-// MTU is the underlay MTU minus the VXLAN overhead.
-func (b *Backend) MTU() int { return backend.OverlayMTU(b.iface.MTU) }
 
 // Setup creates (or re-attaches to) xnet0, gives it our subnet's network address as a /32,
 // sets its MTU, brings it up, opens the sockets on PublicIP:port and starts the queues. A
 // second call only records a changed lease.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
-	if !local.Subnet.IsValid() || !local.Subnet.Addr().Is4() {
-		return fmt.Errorf("udp: our lease has no IPv4 subnet (%v)", local.Subnet)
-	}
-	if err := ctx.Err(); err != nil {
+	if err := b.CheckSetup(ctx, local, cfg); err != nil {
 		return err
 	}
 	b.mu.Lock()
@@ -275,10 +240,10 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		return errors.New("udp: Setup after Close")
 	}
 	local.Subnet = local.Subnet.Masked()
-	b.network = cfg.Network
 	if b.setup {
-		if b.local.Subnet != local.Subnet {
-			b.local = local
+		changed := b.Local().Subnet != local.Subnet
+		b.SetLocal(local, cfg.Network)
+		if changed {
 			b.dp.setLocal(local.Subnet)
 			if err := b.ensureAddress(); err != nil {
 				return err
@@ -286,11 +251,11 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		}
 		return nil
 	}
-	b.local = local
+	b.SetLocal(local, cfg.Network)
 	var res *resources
 	err := b.inNamespace(func() error {
 		var err error
-		res, err = openResources(b.iface.PublicIP, b.port, b.tune, b.log)
+		res, err = openResources(b.Iface.PublicIP, b.Port, b.tune, b.Log)
 		return err
 	})
 	if err != nil {
@@ -306,9 +271,9 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		res.close()
 		return err
 	}
-	b.dp = startDatapath(res, b.dpConfig(), &b.tables, b.stats, b.log)
+	b.dp = startDatapath(res, b.dpConfig(), &b.tables, b.stats, b.Log)
 	b.setup = true
-	b.log.Info("udp datapath ready", "vni", b.vni, "port", b.port, "public_ip", b.iface.PublicIP,
+	b.Log.Info("udp datapath ready", "vni", b.VNI, "port", b.Port, "public_ip", b.Iface.PublicIP,
 		"mtu", b.MTU(), "queues", len(res.queues), "send_sockets", len(res.send),
 		"tun_offload", res.offload, "udp_gso", res.gso, "udp_gro", res.gro,
 		"address", netip.PrefixFrom(local.Subnet.Addr(), 32))
@@ -317,10 +282,10 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 
 func (b *Backend) dpConfig() dpConfig {
 	return dpConfig{
-		expect:       wire.Expect{VNI: b.vni, MAC: b.mac, MaxInner: b.MTU()},
-		local:        b.local.Subnet,
+		expect:       wire.Expect{VNI: uint32(b.VNI), MAC: b.mac, MaxInner: b.MTU()},
+		local:        b.Local().Subnet,
 		mac:          b.mac,
-		port:         b.port,
+		port:         b.Port,
 		copyingGRO:   b.tune.CopyingGRO,
 		copyingSplit: b.tune.CopyingSplit,
 	}
@@ -336,7 +301,7 @@ func (b *Backend) configureDevice(link netlink.Link) error {
 	// The overlay is IPv4 only: without a link-local address the kernel sends no router
 	// solicitations into the TUN for us to count as drops.
 	if err := b.nl.LinkSetIP6AddrGenMode(link, nl.IN6_ADDR_GEN_MODE_NONE); err != nil {
-		b.log.Debug("cannot turn off IPv6 address generation on the TUN", "err", err)
+		b.Log.Debug("cannot turn off IPv6 address generation on the TUN", "err", err)
 	}
 	if err := b.ensureAddress(); err != nil {
 		return err
@@ -351,7 +316,7 @@ func (b *Backend) configureDevice(link netlink.Link) error {
 // vxlan device): it is the source address the host uses towards remote containers, and it is
 // inside our subnet, so replies come back through the overlay.
 func (b *Backend) ensureAddress() error {
-	want := netip.PrefixFrom(b.local.Subnet.Addr(), 32)
+	want := netip.PrefixFrom(b.Local().Subnet.Addr(), 32)
 	link := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Index: b.dev, Name: DeviceName}}
 	addrs, err := b.nl.AddrList(link, unix.AF_INET)
 	if err != nil {
@@ -387,15 +352,11 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	if !b.setup {
 		return fmt.Errorf("udp: AddPeer(%v) before Setup", lease.Subnet)
 	}
-	if b.isOwn(lease) {
-		b.log.Debug("ignoring our own lease", "subnet", lease.Subnet)
-		return nil
-	}
-	p, err := parsePeer(lease, b.vni, b.port, b.log)
-	if err != nil {
-		b.log.Warn("skipping peer lease", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
+	vp, own, err := b.Peer(lease)
+	if own || err != nil {
 		return err
 	}
+	p := newPeerDP(vp, b.Port)
 	if old, ok := b.peers[p.subnet]; ok && old.publicIP == p.publicIP {
 		p.stats = old.stats // same peer, new lease version: keep its counters
 	}
@@ -408,7 +369,7 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		b.publishPeers()
 		return fmt.Errorf("udp: peer %v: route replace %v dev %s: %w", p.subnet, p.subnet, DeviceName, err)
 	}
-	b.log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String())
+	b.Log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String())
 	return nil
 }
 
@@ -419,20 +380,17 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if !b.setup {
 		return fmt.Errorf("udp: RemovePeer(%v) before Setup", lease.Subnet)
 	}
-	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
-		return fmt.Errorf("udp: RemovePeer: lease has no IPv4 subnet (%v)", lease.Subnet)
+	subnet, own, err := b.RemovedSubnet(lease)
+	if own || err != nil {
+		return err
 	}
-	if b.isOwn(lease) {
-		return nil
-	}
-	subnet := lease.Subnet.Masked()
-	err := b.nl.RouteDel(b.route(subnet))
+	err = b.nl.RouteDel(b.route(subnet))
 	if err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("udp: remove peer %v: route del: %w", subnet, err)
 	}
 	delete(b.peers, subnet)
 	b.publishPeers()
-	b.log.Debug("peer removed", "subnet", subnet, "public_ip", lease.PublicIP)
+	b.Log.Debug("peer removed", "subnet", subnet, "public_ip", lease.PublicIP)
 	return nil
 }
 
@@ -447,10 +405,10 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.setup {
 		return errors.New("udp: PrunePeers before Setup")
 	}
-	if !b.network.IsValid() {
+	if !b.Network().IsValid() {
 		return nil // no Network: no route can be known to be ours
 	}
-	kept := backend.NewKeptSubnets(b.local.Subnet, keep)
+	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
 	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.dev}, netlink.RT_FILTER_OIF)
 	// An interrupted dump still lists routes that existed; the rest waits for the next start.
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
@@ -460,7 +418,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	var gone []netip.Prefix
 	for _, r := range routes {
 		dst, ok := netipPrefix(r.Dst)
-		if !ok || !kept.Stale(b.network, dst) {
+		if !ok || !kept.Stale(b.Network(), dst) {
 			continue
 		}
 		if err := b.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
@@ -480,7 +438,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		b.publishPeers()
 	}
 	if len(gone) > 0 {
-		b.log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
+		b.Log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("udp: prune peers: %w", err)
@@ -518,13 +476,6 @@ func (b *Backend) Close(teardown bool) error {
 	b.ns.Close()
 	b.setup = false
 	return err
-}
-
-// isOwn: our lease, or an older lease of this host (our PublicIP) that has not expired yet.
-// Routing the latter into the overlay would send packets back to ourselves.
-func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
-	return (b.local.Subnet.IsValid() && lease.Subnet.Masked() == b.local.Subnet) ||
-		lease.PublicIP == b.iface.PublicIP
 }
 
 // route is "<subnet> dev xnet0": a TUN has no link layer, so no gateway or neighbour.

@@ -59,24 +59,24 @@ func probeKernel(sysModule, modulesDir string) error {
 func (b *Backend) wantDevice() *netlink.Vxlan {
 	return &netlink.Vxlan{
 		LinkAttrs: netlink.LinkAttrs{
-			Name:         DeviceName(b.vni),
-			HardwareAddr: backend.VtepMAC(b.iface.PublicIP),
-			MTU:          backend.OverlayMTU(b.iface.MTU),
+			Name:         DeviceName(b.VNI),
+			HardwareAddr: backend.VtepMAC(b.Iface.PublicIP),
+			MTU:          backend.OverlayMTU(b.Iface.MTU),
 		},
-		VxlanId:      b.vni,
-		VtepDevIndex: b.iface.Index,
+		VxlanId:      b.VNI,
+		VtepDevIndex: b.Iface.Index,
 		SrcAddr:      net.IP(b.localIP().AsSlice()),
-		Port:         b.port,
+		Port:         b.Port,
 		Learning:     false,
 	}
 }
 
 // localIP is the device's outer source address: the interface's address, else PublicIP.
 func (b *Backend) localIP() netip.Addr {
-	if b.iface.IfaceIP.Is4() {
-		return b.iface.IfaceIP
+	if b.Iface.IfaceIP.Is4() {
+		return b.Iface.IfaceIP
 	}
-	return b.iface.PublicIP
+	return b.Iface.PublicIP
 }
 
 // ensureDevice adopts an existing compatible device without disturbing it (a restarted daemon
@@ -90,7 +90,7 @@ func (b *Backend) ensureDevice() (*netlink.Vxlan, error) {
 		if reason == "" {
 			return b.adopt(existing.(*netlink.Vxlan), want)
 		}
-		b.log.Warn("existing device is incompatible; recreating it", "reason", reason)
+		b.Log.Warn("existing device is incompatible; recreating it", "reason", reason)
 		if err := b.nl.LinkDel(existing); err != nil {
 			return nil, fmt.Errorf("vxlan: delete incompatible %s (%s): %w", want.Name, reason, err)
 		}
@@ -102,7 +102,7 @@ func (b *Backend) ensureDevice() (*netlink.Vxlan, error) {
 		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EAFNOSUPPORT) {
 			return nil, fmt.Errorf("vxlan: create %s: kernel refuses vxlan links (%v): %w", want.Name, err, backend.ErrUnavailable)
 		}
-		return nil, fmt.Errorf("vxlan: create %s (vni %d dstport %d local %v dev %s): %w", want.Name, b.vni, b.port, b.localIP(), b.iface.Name, err)
+		return nil, fmt.Errorf("vxlan: create %s (vni %d dstport %d local %v dev %s): %w", want.Name, b.VNI, b.Port, b.localIP(), b.Iface.Name, err)
 	}
 	link, err := b.nl.LinkByName(want.Name)
 	if err != nil {
@@ -112,7 +112,7 @@ func (b *Backend) ensureDevice() (*netlink.Vxlan, error) {
 	if !ok {
 		return nil, fmt.Errorf("vxlan: created %s is a %s link, not vxlan", want.Name, link.Type())
 	}
-	b.log.Info("created vxlan device", "ifindex", vx.Index)
+	b.Log.Info("created vxlan device", "ifindex", vx.Index)
 	return vx, nil
 }
 
@@ -148,7 +148,7 @@ func incompatibility(want *netlink.Vxlan, have netlink.Link) string {
 
 // adopt fixes MAC and MTU of an existing device in place.
 func (b *Backend) adopt(have, want *netlink.Vxlan) (*netlink.Vxlan, error) {
-	b.log.Info("adopting existing vxlan device", "ifindex", have.Index)
+	b.Log.Info("adopting existing vxlan device", "ifindex", have.Index)
 	if have.HardwareAddr.String() != want.HardwareAddr.String() {
 		if err := b.nl.LinkSetHardwareAddr(have, want.HardwareAddr); err != nil {
 			// Some drivers refuse a MAC change while up: retry down.
@@ -189,7 +189,7 @@ func (b *Backend) ensureAddress(link *netlink.Vxlan, subnet netip.Prefix, networ
 			have = true
 			continue
 		}
-		b.log.Info("removing stale address", "address", p, "network", network)
+		b.Log.Info("removing stale address", "address", p, "network", network)
 		if err := b.nl.AddrDel(link, &a); err != nil {
 			return fmt.Errorf("vxlan: remove stale address %v from %s: %w", p, link.Name, err)
 		}
@@ -204,21 +204,21 @@ func (b *Backend) ensureAddress(link *netlink.Vxlan, subnet netip.Prefix, networ
 }
 
 func (b *Backend) deleteDevice() error {
-	link, err := b.nl.LinkByName(DeviceName(b.vni))
+	link, err := b.nl.LinkByName(DeviceName(b.VNI))
 	if errors.As(err, &netlink.LinkNotFoundError{}) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("vxlan: look up %s for teardown: %w", DeviceName(b.vni), err)
+		return fmt.Errorf("vxlan: look up %s for teardown: %w", DeviceName(b.VNI), err)
 	}
 	if _, ok := link.(*netlink.Vxlan); !ok {
-		return fmt.Errorf("vxlan: %s is a %s link, not ours: not deleting it", DeviceName(b.vni), link.Type())
+		return fmt.Errorf("vxlan: %s is a %s link, not ours: not deleting it", DeviceName(b.VNI), link.Type())
 	}
 	if err := b.nl.LinkDel(link); err != nil {
-		return fmt.Errorf("vxlan: delete %s: %w", DeviceName(b.vni), err)
+		return fmt.Errorf("vxlan: delete %s: %w", DeviceName(b.VNI), err)
 	}
 	b.peers = map[netip.Prefix]peer{}
-	b.log.Info("deleted vxlan device")
+	b.Log.Info("deleted vxlan device")
 	return nil
 }
 

@@ -34,10 +34,8 @@ package vxlan
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -47,12 +45,6 @@ import (
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/subnetmgr"
-)
-
-// Defaults of the config's Backend.VNI and Backend.Port (Linux's and flannel's).
-const (
-	DefaultVNI  = 1
-	DefaultPort = 8472
 )
 
 // ErrIncompatiblePeer marks a peer lease this backend cannot program (backend.ParseVXLANPeer's
@@ -65,18 +57,13 @@ func DeviceName(vni int) string { return fmt.Sprintf("xnet.%d", vni) }
 
 // Backend is the kernel VXLAN backend. Its methods are safe for concurrent use.
 type Backend struct {
-	iface  backend.ExternalInterface
-	vni    int
-	port   int
-	log    *slog.Logger
-	nl     *netlink.Handle
-	ownsNL bool
+	backend.VXLAN // guarded by mu after New
+	nl            *netlink.Handle
+	ownsNL        bool
 
-	mu      sync.Mutex
-	setup   bool
-	local   subnetmgr.Lease
-	network netip.Prefix
-	dev     int // ifindex of our vxlan device once Setup ran
+	mu    sync.Mutex
+	setup bool
+	dev   int // ifindex of our vxlan device once Setup ran
 	// peers is what this process programmed per peer subnet, so a changed lease (new MAC or
 	// PublicIP) can have its old fdb entry removed. After a restart it is empty and RemovePeer
 	// falls back to the lease and the neighbour table.
@@ -121,61 +108,23 @@ func NewWithHandle(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 }
 
 func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
-	if opts.Iface.Index <= 0 || opts.Iface.Name == "" {
-		return nil, fmt.Errorf("vxlan: external interface not resolved (name %q, index %d): pass --iface or let the daemon pick the default-route interface", opts.Iface.Name, opts.Iface.Index)
-	}
-	if !opts.Iface.PublicIP.Is4() {
-		return nil, fmt.Errorf("vxlan: PublicIP %v is not an IPv4 address: set --public-ip", opts.Iface.PublicIP)
-	}
-	if opts.Iface.MTU <= backend.VXLANOverhead {
-		return nil, fmt.Errorf("vxlan: interface %s MTU %d leaves no room for the %d-byte VXLAN overhead", opts.Iface.Name, opts.Iface.MTU, backend.VXLANOverhead)
-	}
-	vni, port := opts.Config.Backend.VNI, opts.Config.Backend.Port
-	if vni == 0 {
-		vni = DefaultVNI
-	}
-	if port == 0 {
-		port = DefaultPort
-	}
-	if vni < 0 || vni > 1<<24-1 {
-		return nil, fmt.Errorf("vxlan: Backend.VNI %d out of range: use 1..16777215", vni)
-	}
-	if port < 0 || port > 65535 {
-		return nil, fmt.Errorf("vxlan: Backend.Port %d out of range: use 1..65535", port)
-	}
-	log := opts.Logger
-	if log == nil {
-		log = slog.Default()
-	}
-	return &Backend{
-		iface: opts.Iface,
-		vni:   vni,
-		port:  port,
-		log:   log.With("backend", "vxlan", "device", DeviceName(vni)),
-		nl:    h,
-		peers: map[netip.Prefix]peer{},
-	}, nil
-}
-
-// LeaseAttrs publishes BackendType "vxlan" with our VNI and VTEP MAC.
-func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
-	data, err := backend.VXLANLeaseData(b.vni, b.iface.PublicIP)
+	core, err := backend.NewVXLAN(subnetmgr.BackendVXLAN, opts)
 	if err != nil {
-		return "", nil, err
+		return nil, err
 	}
-	return subnetmgr.BackendVXLAN, data, nil
+	core.Log = core.Log.With("device", DeviceName(core.VNI))
+	return &Backend{VXLAN: core, nl: h, peers: map[netip.Prefix]peer{}}, nil
 }
 
-// MTU is the underlay MTU minus the VXLAN overhead.
-func (b *Backend) MTU() int { return backend.OverlayMTU(b.iface.MTU) }
+// Mode: the kernel's vxlan device does the work.
+func (b *Backend) Mode() (string, string) {
+	return "kernel", "kernel VXLAN device " + DeviceName(b.VNI)
+}
 
 // Setup creates (or adopts) the vxlan device, gives it our subnet's network address as a /32
 // and brings it up. Calling it again is harmless.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
-	if !local.Subnet.IsValid() || !local.Subnet.Addr().Is4() {
-		return fmt.Errorf("vxlan: our lease has no IPv4 subnet (%v)", local.Subnet)
-	}
-	if err := ctx.Err(); err != nil {
+	if err := b.CheckSetup(ctx, local, cfg); err != nil {
 		return err
 	}
 	b.mu.Lock()
@@ -191,11 +140,10 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		return fmt.Errorf("vxlan: set %s up: %w", link.Name, err)
 	}
 	b.setup = true
-	b.local = local
-	b.network = cfg.Network
+	b.SetLocal(local, cfg.Network)
 	b.dev = link.Index
-	b.log.Info("vxlan device ready", "vni", b.vni, "port", b.port, "local", b.localIP(), "public_ip", b.iface.PublicIP,
-		"underlay", b.iface.Name, "mtu", link.MTU, "mac", link.HardwareAddr.String(),
+	b.Log.Info("vxlan device ready", "vni", b.VNI, "port", b.Port, "local", b.localIP(), "public_ip", b.Iface.PublicIP,
+		"underlay", b.Iface.Name, "mtu", link.MTU, "mac", link.HardwareAddr.String(),
 		"address", netip.PrefixFrom(local.Subnet.Masked().Addr(), 32))
 	return nil
 }
@@ -209,26 +157,22 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	if !b.setup {
 		return fmt.Errorf("vxlan: AddPeer(%v) before Setup", lease.Subnet)
 	}
-	if b.isOwn(lease) {
-		b.log.Debug("ignoring our own lease", "subnet", lease.Subnet)
-		return nil
-	}
-	p, err := b.parsePeer(lease)
-	if err != nil {
-		b.log.Warn("skipping peer lease", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
+	vp, own, err := b.Peer(lease)
+	if own || err != nil {
 		return err
 	}
+	p := peerOf(vp)
 	if old, ok := b.peers[p.subnet]; ok && old.mac.String() != p.mac.String() {
 		// The fdb is keyed by MAC: a peer that changed MAC leaves its old entry behind unless
 		// we remove it. A changed PublicIP with the same MAC is handled by the replace below.
 		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(old))); err != nil {
-			b.log.Warn("removing old fdb entry of changed peer", "subnet", p.subnet, "mac", old.mac.String(), "err", err)
+			b.Log.Warn("removing old fdb entry of changed peer", "subnet", p.subnet, "mac", old.mac.String(), "err", err)
 		}
 	}
 	// Order as flannel: neighbour, fdb, then the route, so the kernel never resolves the
 	// gateway by ARP (it would never get an answer).
 	if err := b.nl.NeighSet(b.neighEntry(p)); err != nil {
-		return fmt.Errorf("vxlan: peer %v: neigh replace %v lladdr %v dev %s: %w", p.subnet, p.subnet.Addr(), p.mac, DeviceName(b.vni), err)
+		return fmt.Errorf("vxlan: peer %v: neigh replace %v lladdr %v dev %s: %w", p.subnet, p.subnet.Addr(), p.mac, DeviceName(b.VNI), err)
 	}
 	if err := b.nl.NeighSet(b.fdbEntry(p)); err != nil {
 		_ = b.nl.NeighDel(b.neighEntry(p))
@@ -241,7 +185,7 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		return fmt.Errorf("vxlan: peer %v: route replace %v via %v onlink: %w", p.subnet, p.subnet, p.subnet.Addr(), err)
 	}
 	b.peers[p.subnet] = p
-	b.log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String())
+	b.Log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String())
 	return nil
 }
 
@@ -254,18 +198,15 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if !b.setup {
 		return fmt.Errorf("vxlan: RemovePeer(%v) before Setup", lease.Subnet)
 	}
-	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
-		return fmt.Errorf("vxlan: RemovePeer: lease has no IPv4 subnet (%v)", lease.Subnet)
+	subnet, own, err := b.RemovedSubnet(lease)
+	if own || err != nil {
+		return err
 	}
-	if b.isOwn(lease) {
-		return nil
-	}
-	subnet := lease.Subnet.Masked()
 	p, known := b.peers[subnet]
 	if !known {
 		p = peer{subnet: subnet, publicIP: lease.PublicIP}
-		if parsed, err := b.parsePeer(lease); err == nil {
-			p = parsed
+		if parsed, err := backend.ParseVXLANPeer(lease, b.VNI, nil); err == nil {
+			p = peerOf(parsed)
 		} else {
 			p.mac = b.neighMAC(subnet.Addr())
 		}
@@ -286,7 +227,7 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("vxlan: remove peer %v: %w", subnet, err)
 	}
-	b.log.Debug("peer removed", "subnet", subnet, "public_ip", p.publicIP)
+	b.Log.Debug("peer removed", "subnet", subnet, "public_ip", p.publicIP)
 	return nil
 }
 
@@ -301,11 +242,11 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.setup {
 		return errors.New("vxlan: PrunePeers before Setup")
 	}
-	kept := backend.NewKeptSubnets(b.local.Subnet, keep)
+	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
 	keepMACs := map[string]bool{}
 	for _, l := range keep {
 		// No logger: AddPeer has already warned about anything odd in these leases.
-		if p, err := backend.ParseVXLANPeer(l, b.vni, nil); err == nil {
+		if p, err := backend.ParseVXLANPeer(l, b.VNI, nil); err == nil {
 			keepMACs[p.VtepMAC.String()] = true
 		}
 	}
@@ -316,11 +257,11 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	// deleting the unkept ones among them is right, and the next start catches the rest.
 	rs, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.dev}, netlink.RT_FILTER_OIF)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		errs = append(errs, fmt.Errorf("list routes on %s: %w", DeviceName(b.vni), err))
+		errs = append(errs, fmt.Errorf("list routes on %s: %w", DeviceName(b.VNI), err))
 	}
 	for _, r := range rs {
 		dst := ipNetToPrefix(r.Dst)
-		if r.Dst == nil || r.Gw == nil || !kept.Stale(b.network, dst) {
+		if r.Dst == nil || r.Gw == nil || !kept.Stale(b.Network(), dst) {
 			continue
 		}
 		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {
@@ -331,12 +272,12 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	}
 	ns, err := b.nl.NeighList(b.dev, unix.AF_INET)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		errs = append(errs, fmt.Errorf("list neighbours on %s: %w", DeviceName(b.vni), err))
+		errs = append(errs, fmt.Errorf("list neighbours on %s: %w", DeviceName(b.VNI), err))
 	}
 	for _, n := range ns {
 		ip, ok := netip.AddrFromSlice(n.IP)
 		ip = ip.Unmap()
-		if !ok || n.State&netlink.NUD_PERMANENT == 0 || !kept.Stale(b.network, netip.PrefixFrom(ip, 32)) || kept.HasSubnetAddr(ip) {
+		if !ok || n.State&netlink.NUD_PERMANENT == 0 || !kept.Stale(b.Network(), netip.PrefixFrom(ip, 32)) || kept.HasSubnetAddr(ip) {
 			continue
 		}
 		if err := ignoreMissing(b.nl.NeighDel(&n)); err != nil {
@@ -347,7 +288,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	}
 	fs, err := b.nl.NeighList(b.dev, unix.AF_BRIDGE)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		errs = append(errs, fmt.Errorf("list fdb of %s: %w", DeviceName(b.vni), err))
+		errs = append(errs, fmt.Errorf("list fdb of %s: %w", DeviceName(b.VNI), err))
 	}
 	for _, f := range fs {
 		dst, ok := netip.AddrFromSlice(f.IP)
@@ -367,7 +308,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		}
 	}
 	if len(routes)+len(neighs)+len(fdb) > 0 {
-		b.log.Info("removed peers whose leases went away while xnetd was down", "routes", routes, "neighbours", neighs, "fdb", fdb)
+		b.Log.Info("removed peers whose leases went away while xnetd was down", "routes", routes, "neighbours", neighs, "fdb", fdb)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("vxlan: prune peers: %w", err)
@@ -396,17 +337,8 @@ func (b *Backend) Close(teardown bool) error {
 	return err
 }
 
-func (b *Backend) isOwn(lease subnetmgr.Lease) bool {
-	return backend.IsOwnLease(b.local, b.iface.PublicIP, lease)
-}
-
-// parsePeer checks a lease is something we can program and extracts what we need.
-func (b *Backend) parsePeer(lease subnetmgr.Lease) (peer, error) {
-	p, err := backend.ParseVXLANPeer(lease, b.vni, b.log)
-	if err != nil {
-		return peer{}, fmt.Errorf("vxlan: %w", err)
-	}
-	return peer{subnet: p.Subnet, publicIP: p.PublicIP, mac: p.VtepMAC}, nil
+func peerOf(p backend.VXLANPeer) peer {
+	return peer{subnet: p.Subnet, publicIP: p.PublicIP, mac: p.VtepMAC}
 }
 
 // route is "<subnet> via <subnet addr> dev xnet.1 onlink".

@@ -26,33 +26,10 @@ func newRegistry() *backend.Registry {
 	return r
 }
 
-// counterSource is b's metrics.CounterSource, if it keeps counters. The udp backend's
-// Counters has a shape of its own (no error, counters by verdict with bytes), so it is
-// adapted here.
+// counterSource is b's metrics.CounterSource, if its datapath counts packets.
 func counterSource(b backend.Backend) metrics.CounterSource {
-	switch b := b.(type) {
-	case metrics.CounterSource:
-		return b
-	case *udp.Backend:
-		return udpCounters{b}
-	}
-	return nil
-}
-
-type udpCounters struct{ b *udp.Backend }
-
-func (u udpCounters) Counters() (metrics.Counters, error) {
-	uc := u.b.Counters()
-	all := make(map[string]uint64, len(uc.Verdicts))
-	for name, c := range uc.Verdicts {
-		all[name] = c.Packets
-	}
-	var c metrics.Counters
-	c.Verdicts, c.Drops = metrics.SplitVerdicts(all)
-	for _, p := range uc.Peers {
-		c.Peers = append(c.Peers, metrics.PeerCounters{Subnet: p.Subnet, TxPackets: p.TxPackets, TxBytes: p.TxBytes, RxPackets: p.RxPackets, RxBytes: p.RxBytes})
-	}
-	return c, nil
+	c, _ := b.(metrics.CounterSource)
+	return c
 }
 
 // autoOrder is what --backend=auto tries, in order (DESIGN.md "Backends").
@@ -118,28 +95,11 @@ func pickBackend(reg *backend.Registry, flag string, opts backend.Options, log *
 			continue
 		}
 		c.name, c.b = name, b
-		c.mode, c.modeReason = backendMode(name, b)
+		c.mode, c.modeReason = b.Mode()
 		log.Info("backend chosen", "backend", name, "mode", c.mode, "why", c.modeReason, "by", source)
 		return c, nil
 	}
 	return c, usagef("%s: no backend can run on this host (%s): install what one of them needs or set --backend", source, describeSkipped(c.skipped))
-}
-
-// backendMode asks a backend that runs in several ways which one it runs (metrics.ModeReporter);
-// the others have one mode, named after the backend.
-func backendMode(name string, b any) (mode, reason string) {
-	if m, ok := b.(metrics.ModeReporter); ok {
-		return m.Mode()
-	}
-	switch name {
-	case subnetmgr.BackendVXLAN:
-		return "kernel", "kernel VXLAN device"
-	case subnetmgr.BackendHostGW:
-		return "routes", "static routes, no encapsulation"
-	case subnetmgr.BackendUDP:
-		return "tun", "user space over a TUN device"
-	}
-	return name, ""
 }
 
 func describeSkipped(s []skipped) string {

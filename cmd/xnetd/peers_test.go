@@ -28,6 +28,7 @@ func (r *recorder) Setup(context.Context, subnetmgr.Lease, subnetmgr.Config) err
 	return nil
 }
 func (r *recorder) MTU() int                  { return 1450 }
+func (r *recorder) Mode() (string, string)    { return "recorder", "test" }
 func (r *recorder) Close(teardown bool) error { return nil }
 func (r *recorder) AddPeer(l subnetmgr.Lease) error {
 	r.calls = append(r.calls, fmt.Sprintf("add %v %v", l.Subnet, l.PublicIP))

@@ -160,7 +160,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return &fatalError{fmt.Errorf("backend %s setup for %v: %w", d.chosen.name, d.lease.Subnet, err)}
 	}
 	// Some backends decide their mode in Setup (ebpf: XDP or TC decap, by what the NIC allows).
-	if mode, why := backendMode(d.chosen.name, b); mode != d.chosen.mode || why != d.chosen.modeReason {
+	if mode, why := b.Mode(); mode != d.chosen.mode || why != d.chosen.modeReason {
 		d.chosen.mode, d.chosen.modeReason = mode, why
 		d.m.SetBackend(d.chosen.name, mode, counterSource(b))
 		log.Info("backend mode", "backend", d.chosen.name, "mode", mode, "why", why)

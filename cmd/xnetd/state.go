@@ -65,9 +65,8 @@ type peerState struct {
 
 func leaseStateOf(l subnetmgr.Lease) leaseState {
 	s := leaseState{Subnet: l.Subnet, PublicIP: l.PublicIP, BackendType: l.BackendType, Expiration: l.Expiration}
-	if l.BackendType == subnetmgr.BackendVXLAN && len(l.BackendData) > 0 {
-		var d subnetmgr.VXLANData
-		if json.Unmarshal(l.BackendData, &d) == nil {
+	if l.BackendType == subnetmgr.BackendVXLAN {
+		if d, err := subnetmgr.ParseVXLANData(l.BackendData); err == nil {
 			s.VtepMAC = d.VtepMAC
 		}
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/xnet-dev/xnet/backend/ebpf"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/metrics"
@@ -245,26 +246,11 @@ func pinnedDatapath(st state) (metrics.Counters, map[netip.Prefix]string, error)
 }
 
 func pinnedCounters(m *maps.Maps, st state) (metrics.Counters, error) {
-	verdicts, err := m.ReadCounters()
-	if err != nil {
-		return metrics.Counters{}, err
-	}
-	all := make(map[string]uint64, len(verdicts))
-	for name, c := range verdicts {
-		all[name] = c.Packets
-	}
-	var c metrics.Counters
-	c.Verdicts, c.Drops = metrics.SplitVerdicts(all)
-	peers, err := m.ReadPeers()
-	if err != nil {
-		return metrics.Counters{}, err
-	}
+	peers := make(map[netip.Prefix]netip.Addr, len(st.Peers))
 	for _, p := range st.Peers {
-		if s, ok := peers[p.PublicIP]; ok {
-			c.Peers = append(c.Peers, metrics.PeerCounters{Subnet: p.Subnet, TxPackets: s.TxPackets, TxBytes: s.TxBytes, RxPackets: s.RxPackets, RxBytes: s.RxBytes})
-		}
+		peers[p.Subnet] = p.PublicIP
 	}
-	return c, nil
+	return ebpf.ReadCounters(m, peers)
 }
 
 // kernelRoutes lists this namespace's routes into network, by destination.

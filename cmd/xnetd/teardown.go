@@ -7,9 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
-	"strings"
-	"syscall"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
@@ -17,6 +14,7 @@ import (
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/ipmasq"
+	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -80,7 +78,7 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 			fmt.Fprintf(stdout, "removed nftables table ip %s (if it existed)\n", ipmasq.DefaultTable)
 		}
 	}
-	if n, err := removePins(o.bpffs); err != nil {
+	if n, err := loader.RemovePins(o.bpffs); err != nil {
 		errs = append(errs, err)
 	} else if n > 0 {
 		fmt.Fprintf(stdout, "removed %d pins under %s\n", n, o.bpffs)
@@ -132,33 +130,4 @@ func teardownBackends(o options, iface backend.ExternalInterface, cfg subnetmgr.
 		fmt.Fprintf(stdout, "backend %s: nothing of it left\n", name)
 	}
 	return errs
-}
-
-// removePins unlinks every pin under dir (a pinned link detaches its program once no process
-// holds it), then dir itself unless it is a mount point (a bpffs of its own: EBUSY), which
-// stays, empty.
-func removePins(dir string) (int, error) {
-	entries, err := os.ReadDir(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("--bpffs %s: %w", dir, err)
-	}
-	n := 0
-	for _, e := range entries {
-		// bpffs refuses dots in the names of pins, so a dotted entry (maps.debug,
-		// progs.debug) is the kernel's own iterator in the root of a bpffs mount: not ours.
-		if strings.Contains(e.Name(), ".") {
-			continue
-		}
-		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
-			return n, fmt.Errorf("remove pin %s: %w", filepath.Join(dir, e.Name()), err)
-		}
-		n++
-	}
-	if err := os.Remove(dir); err != nil && !errors.Is(err, syscall.EBUSY) {
-		return n, fmt.Errorf("remove %s: %w", dir, err)
-	}
-	return n, nil
 }

@@ -175,7 +175,7 @@ func TestUDPDropsSpoofedAndGarbageDatagrams(t *testing.T) {
 		{"inner source in no lease", attacker, frame(1, vtep(victim.host), inner(netip.MustParseAddr("10.244.99.9"), target, 32)), "drop_unknown_source"},
 		{"spoofed: a peer's container address from another host", attacker, good, "drop_spoofed"},
 	}
-	before := victim.backend.(*udp.Backend).Counters().Verdicts
+	before := victim.backend.(*udp.Backend).Traffic().Verdicts
 	for _, c := range cases {
 		udpSendRaw(t, c.from, victim.host.UnderlayIP, c.payload)
 	}
@@ -187,7 +187,7 @@ func TestUDPDropsSpoofedAndGarbageDatagrams(t *testing.T) {
 	}
 	var after map[string]udp.Counter
 	for {
-		after = victim.backend.(*udp.Backend).Counters().Verdicts
+		after = victim.backend.(*udp.Backend).Traffic().Verdicts
 		done := true
 		for v, n := range want {
 			if after[v].Packets-before[v].Packets < n {

@@ -1,0 +1,88 @@
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// ensureHostDevice creates (or adopts) xnet0: a veth with ARP off, our VTEP MAC, the overlay
+// MTU, subnet.0/32 as its address (so host traffic to the overlay has a source in our lease,
+// as with flannel's device) and a route for the whole overlay Network. docker0's more specific
+// route keeps local containers off it.
+func (b *Backend) ensureHostDevice(local subnetmgr.Lease, network netip.Prefix) (int, error) {
+	mtu := b.MTU()
+	mac := b.VtepMAC
+	link, err := netlink.LinkByName(HostDevice)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if !errors.As(err, &nf) {
+			return 0, fmt.Errorf("ebpf: look up %s: %w", HostDevice, err)
+		}
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: HostDevice, MTU: mtu, HardwareAddr: mac, Flags: net.FlagUp},
+			PeerName: hostDevicePeer}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return 0, fmt.Errorf("ebpf: create %s: %w", HostDevice, err)
+		}
+		if link, err = netlink.LinkByName(HostDevice); err != nil {
+			return 0, fmt.Errorf("ebpf: look up %s: %w", HostDevice, err)
+		}
+	}
+	if link.Type() != "veth" {
+		return 0, fmt.Errorf("ebpf: %s exists and is a %s, not ours: delete it", HostDevice, link.Type())
+	}
+	if link.Attrs().HardwareAddr.String() != mac.String() {
+		if err := netlink.LinkSetHardwareAddr(link, mac); err != nil {
+			return 0, fmt.Errorf("ebpf: set %s MAC %s: %w", HostDevice, mac, err)
+		}
+	}
+	if link.Attrs().MTU != mtu {
+		if err := netlink.LinkSetMTU(link, mtu); err != nil {
+			return 0, fmt.Errorf("ebpf: set %s MTU %d: %w", HostDevice, mtu, err)
+		}
+	}
+	if err := netlink.LinkSetARPOff(link); err != nil {
+		return 0, fmt.Errorf("ebpf: set %s arp off: %w", HostDevice, err)
+	}
+	if peer, err := netlink.LinkByName(hostDevicePeer); err == nil {
+		if err := netlink.LinkSetUp(peer); err != nil {
+			return 0, fmt.Errorf("ebpf: set %s up: %w", hostDevicePeer, err)
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return 0, fmt.Errorf("ebpf: set %s up: %w", HostDevice, err)
+	}
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: local.Subnet.Masked().Addr().AsSlice(), Mask: net.CIDRMask(32, 32)}}
+	if err := netlink.AddrReplace(link, addr); err != nil {
+		return 0, fmt.Errorf("ebpf: address %s on %s: %w", addr.IPNet, HostDevice, err)
+	}
+	// Only our own address: an older lease's address would source packets from a subnet that
+	// is no longer ours.
+	if addrs, err := netlink.AddrList(link, unix.AF_INET); err == nil {
+		for _, a := range addrs {
+			if !a.IP.Equal(addr.IP) {
+				_ = netlink.AddrDel(link, &a)
+			}
+		}
+	}
+	route := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: prefixToIPNet(network), Scope: netlink.SCOPE_LINK,
+		Src: addr.IP}
+	if err := netlink.RouteReplace(route); err != nil {
+		return 0, fmt.Errorf("ebpf: route %s dev %s: %w", network, HostDevice, err)
+	}
+	// Packets the decap delivers into xnet0 come from remote containers; the route above is
+	// their way back, so strict rp_filter accepts them. Forwarding them to docker0 needs
+	// forwarding on xnet0, which a Docker host has everywhere already.
+	return link.Attrs().Index, nil
+}
+
+func prefixToIPNet(p netip.Prefix) *net.IPNet {
+	p = p.Masked()
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}

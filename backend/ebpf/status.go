@@ -1,0 +1,107 @@
+package ebpf
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/xnet-dev/xnet/maps"
+	"github.com/xnet-dev/xnet/metrics"
+)
+
+// Status is what `xnetd status` shows about the datapath.
+type Status struct {
+	Decap      string              `json:"decap"`      // "tc", "xdp-driver" or "xdp-generic"
+	DecapWhy   string              `json:"decap_why"`  // why that hook
+	TCMode     string              `json:"tc_mode"`    // "tcx" or "clsact"
+	TCWhy      string              `json:"tc_why"`     // why
+	BPFFS      string              `json:"bpffs"`      // pin directory
+	Containers int                 `json:"containers"` // container veths with the encap program
+	Replaced   []string            `json:"replaced"`   // maps replaced at start (layout change)
+	Verdicts   map[string]uint64   `json:"verdicts"`   // packets per verdict
+	Peers      map[string]PeerStat `json:"peers"`      // per peer PublicIP
+	Endpoints  int                 `json:"endpoints"`  // containers learned for direct delivery
+}
+
+// PeerStat is one peer's traffic.
+type PeerStat = maps.PeerStats
+
+// Status reports the datapath's modes and counters.
+func (b *Backend) Status() (Status, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	st := b.status
+	if b.m == nil {
+		return st, fmt.Errorf("ebpf: Status before Setup")
+	}
+	counters, err := b.m.ReadCounters()
+	if err != nil {
+		return st, err
+	}
+	st.Verdicts = map[string]uint64{}
+	for name, c := range counters {
+		st.Verdicts[name] = c.Packets
+	}
+	peers, err := b.m.ReadPeers()
+	if err != nil {
+		return st, err
+	}
+	st.Peers = map[string]PeerStat{}
+	for ip, s := range peers {
+		st.Peers[ip.String()] = s
+	}
+	if eps, err := b.m.ListEndpoints(); err == nil {
+		st.Endpoints = len(eps)
+	}
+	return st, nil
+}
+
+// Mode says where decapsulation runs and why (metrics.ModeReporter).
+func (b *Backend) Mode() (string, string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.status.Decap == "" {
+		return "ebpf", "not set up yet"
+	}
+	return b.status.Decap + "+" + b.status.TCMode, b.status.DecapWhy + "; TC: " + b.status.TCWhy
+}
+
+// Counters reports per-peer and per-verdict counters (metrics.CounterSource).
+func (b *Backend) Counters() (metrics.Counters, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.m == nil {
+		return metrics.Counters{}, fmt.Errorf("ebpf: Counters before Setup")
+	}
+	return ReadCounters(b.m, b.peers)
+}
+
+// ReadCounters reads the verdict counters and, for each peer subnet in peers (its PublicIP keys
+// the peers map), that peer's traffic. It serves the running backend and `xnetd status`
+// reading the pinned maps of a stopped daemon alike.
+func ReadCounters(m *maps.Maps, peers map[netip.Prefix]netip.Addr) (metrics.Counters, error) {
+	verdicts, err := m.ReadCounters()
+	if err != nil {
+		return metrics.Counters{}, err
+	}
+	packets := make(map[string]uint64, len(verdicts))
+	for name, c := range verdicts {
+		packets[name] = c.Packets
+	}
+	stats, err := m.ReadPeers()
+	if err != nil {
+		return metrics.Counters{}, err
+	}
+	subnets := make([]netip.Prefix, 0, len(peers))
+	for s := range peers {
+		subnets = append(subnets, s)
+	}
+	slices.SortFunc(subnets, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	var pc []metrics.PeerCounters
+	for _, s := range subnets {
+		if p, ok := stats[peers[s]]; ok {
+			pc = append(pc, metrics.PeerCounters{Subnet: s, TxPackets: p.TxPackets, TxBytes: p.TxBytes, RxPackets: p.RxPackets, RxBytes: p.RxBytes})
+		}
+	}
+	return metrics.NewCounters(packets, pc), nil
+}
