@@ -31,14 +31,14 @@ DEMO_FLAGS ?=
 demo: build
 	$(GO) run ./test/cmd/demo -xnetd $(BIN) $(DEMO_FLAGS)
 
-# The benchmark protocol of DESIGN.md; installs iperf3 from Debian if it is missing.
+# The benchmark protocol (docs/design.md, Benchmark protocol); installs iperf3 from Debian if it is missing.
 BENCH_BACKENDS ?= ebpf,vxlan,udp,host-gw
 BENCH_ROUNDS   ?= 3
 bench: build
 	@command -v iperf3 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3)
 	$(GO) run ./test/cmd/bench -xnetd $(BIN) -out bench -backends $(BENCH_BACKENDS) -rounds $(BENCH_ROUNDS)
 
-# Control-plane scale (DESIGN.md targets): 5,000 leases into a new xnetd, commit-to-map latency
+# Control-plane scale (docs/design.md, Targets): 5,000 leases into a new xnetd, commit-to-map latency
 # for 50 watchers, etcd requests per node at steady state. See bench/scale.md.
 SCALE_FLAGS ?=
 bench-scale:

@@ -8,7 +8,7 @@
 //
 // Design history:
 //
-// A restart must never detach the datapath (DESIGN.md: kill -9 and restart under traffic loses
+// A restart must never detach the datapath (docs/design.md, Restart and upgrade: kill -9 and restart under traffic loses
 // no packet). So every attachment is a bpf_link pinned in the directory: the kernel keeps it
 // when the process dies, and the next xnetd opens the pin and swaps its freshly loaded program
 // in with one atomic link update (measured: 5 swaps under a 10 ms ping, 0 lost). Maps are

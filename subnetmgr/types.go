@@ -1,7 +1,7 @@
 // Package subnetmgr is xnet's control plane: it reads the network config from etcd, leases one
 // subnet per host, renews that lease, and streams every host's lease to the caller as events.
 //
-// The etcd schema is flannel's (see DESIGN.md), so a host running flannel and a host running xnet
+// The etcd schema is flannel's (docs/design.md, etcd schema), so a host running flannel and a host running xnet
 // share one etcd and one prefix. This package owns the etcd keys, the lease JSON, the config JSON
 // and the subnet/Docker files; it knows nothing about datapaths (that is package backend).
 package subnetmgr

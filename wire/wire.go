@@ -147,7 +147,7 @@ type Frame struct {
 	InnerSrc, InnerDst [4]byte
 }
 
-// Decode checks one UDP payload against DESIGN.md's rules that need no lease and returns the
+// Decode checks one UDP payload against the acceptance rules (docs/design.md, What decapsulation accepts) that need no lease and returns the
 // inner packet. It reads only inside payload and never allocates.
 func Decode(payload []byte, want Expect) (Frame, Problem) {
 	var f Frame

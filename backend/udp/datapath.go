@@ -573,7 +573,7 @@ func (d *datapath) flushTUN(r *rxQueue, dev tun.Device) {
 	r.nout = 0
 }
 
-// classify applies DESIGN.md's acceptance rules to one datagram payload received from
+// classify applies the acceptance rules (docs/design.md, What decapsulation accepts) to one datagram payload received from
 // outerSrc: wire.Decode's (VXLAN header, VNI, VTEP MAC, inner IPv4) and then the ones that
 // need the leases, in the order bpf/parse.h applies them: the inner destination is in our
 // subnet, the inner source is in a peer's subnet, and that peer's PublicIP is the outer

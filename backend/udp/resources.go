@@ -255,7 +255,7 @@ func openSendSocket(ip netip.Addr) (sendSocket, bool, error) {
 			unix.Close(fd)
 		}
 	}()
-	// DESIGN.md: outer DF clear. Our datagrams fit the underlay MTU by construction (overlay
+	// docs/design.md, Encapsulation: outer DF clear. Our datagrams fit the underlay MTU by construction (overlay
 	// MTU = underlay - 50); DF clear lets a smaller link on the way fragment instead of drop.
 	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DONT); err != nil {
 		return sendSocket{}, false, fmt.Errorf("udp: IP_MTU_DISCOVER: %w", err)

@@ -36,7 +36,7 @@
 //   - Inner checksums are summed with 64-bit add-with-carry in native byte order (checksum.go),
 //     twice as fast as the first loop; every byte is summed once on each side (the sender
 //     fills each segment's checksum; the receiver verifies each one before coalescing, since
-//     DESIGN.md's senders leave the outer UDP checksum 0 and the kernel trusts a coalesced
+//     the wire format's senders leave the outer UDP checksum 0 and the kernel trusts a coalesced
 //     segment's data).
 //
 // Where the rest goes (perf, one TCP stream between two namespaces on the 2-core VM): most of
@@ -67,12 +67,12 @@
 // (XNET_UDP_BENCH_RATE) and their throughput in interleaved rounds: on the shared 2-core VM
 // the throughput of one run moves by a third with the other tenants' load.
 //
-// The outer source port is "a hash of the inner flow in 32768-60999" (DESIGN.md). A UDP socket
+// The outer source port is "a hash of the inner flow in 32768-60999" (docs/design.md, Encapsulation). A UDP socket
 // has one source port, so the sending side is a small pool of sockets bound to PublicIP:0 -
 // the kernel gives each an ephemeral port, by default from 32768-60999, the range the kernel's
 // vxlan driver also uses - and a flow hash picks the socket. The pool sockets never read; a
 // drop-all socket filter keeps stray datagrams from queueing on them. The outer DF bit is
-// clear (IP_PMTUDISC_DONT), as DESIGN.md asks; the UDP checksum is filled (UDP GSO needs it;
+// clear (IP_PMTUDISC_DONT), as the wire format asks; the UDP checksum is filled (UDP GSO needs it;
 // checksum 0 is allowed, not required).
 //
 // Network namespaces: everything that is bound to a namespace - the netlink handle, the TUN

@@ -32,7 +32,7 @@ func counterSource(b backend.Backend) metrics.CounterSource {
 	return c
 }
 
-// autoOrder is what --backend=auto tries, in order (DESIGN.md "Backends").
+// autoOrder is what --backend=auto tries, in order (docs/design.md, Choosing a backend).
 func autoOrder() []string {
 	return []string{subnetmgr.BackendEBPF, subnetmgr.BackendVXLAN, subnetmgr.BackendUDP}
 }

@@ -46,8 +46,7 @@ type options struct {
 	teardownOnExit bool
 	logLevel       slog.Level
 	// macvlan requires the config's Macvlan section; without it a range is still leased
-	// whenever the config has the section (issue 9: "with --macvlan, or whenever the config
-	// has the section").
+	// whenever the config has the section, so a cluster-wide section needs no per-host flag.
 	macvlan     bool
 	macvlanFile string
 }

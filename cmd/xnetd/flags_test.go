@@ -55,7 +55,7 @@ func TestValidFlagsAndEnvironment(t *testing.T) {
 		env   []string
 		check func(t *testing.T, o options)
 	}{
-		{"defaults are flannel's and DESIGN.md's", nil, nil, func(t *testing.T, o options) {
+		{"defaults are flannel's and docs/design.md's", nil, nil, func(t *testing.T, o options) {
 			want := options{
 				etcdEndpoints: []string{"http://127.0.0.1:2379"}, etcdPrefix: "/coreos.com/network",
 				subnetFile: "/run/xnet/subnet.env", dockerOptsFile: "/run/xnet/docker", stateFile: "/run/xnet/state.json",

@@ -20,7 +20,7 @@
 // masquerading (package ipmasq), the macvlan section, range lease and options file (package
 // macvlan) or the metric definitions (package metrics).
 //
-// Design history. A restart must not cost a packet (DESIGN.md targets): so xnetd never tears
+// Design history. A restart must not cost a packet (docs/design.md, Targets): so xnetd never tears
 // anything down on a normal stop, reclaims its previous subnet (from the subnet file and its
 // PublicIP), lets the backend adopt what it left, and reports READY to systemd only after the
 // initial peer list is programmed, so Docker (ordered after us) never starts on a half-built

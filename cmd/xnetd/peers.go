@@ -12,8 +12,8 @@ import (
 )
 
 // removalGrace is how long a peer whose lease left etcd stays in the datapath, in case the
-// lease comes back. Issue 8 wants a gone lease out of every host's datapath within 5 s; this
-// leaves 2 s of that for the watch to deliver the removal.
+// lease comes back. A gone lease must leave every host's datapath within 5 s; this leaves 2 s of
+// that for the watch to deliver the removal.
 //
 // Design history: a removal used to reach the backend at once. After an etcd outage, a host
 // whose lease expired meanwhile is missing from the list its peers resync from until it has

@@ -1,6 +1,6 @@
 package e2e
 
-// The auto fallback of DESIGN.md "Backends" end to end: the real xnetd binary on a host that
+// The auto fallback of docs/design.md, Choosing a backend, end to end: the real xnetd binary on a host that
 // genuinely cannot run the ebpf or the kernel VXLAN backend, without mocks, and an ordinary
 // xnetd on the other host, which picks ebpf: a mixed udp + ebpf cluster. What the restricted
 // host lacks is confined to its one xnetd process:

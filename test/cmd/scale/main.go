@@ -1,6 +1,6 @@
 // Command scale measures xnet's control plane at the size where users outgrow flannel, against
 // a real embedded etcd (the harness's) with simulated nodes: leases written directly, watchers
-// as goroutines. It measures, it asserts nothing (DESIGN.md targets are printed next to each
+// as goroutines. It measures, it asserts nothing (docs/design.md targets are printed next to each
 // figure):
 //
 //  1. start: with -leases leases (5,000) in etcd, a new xnetd (the real binary, ebpf backend,
