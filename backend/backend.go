@@ -107,8 +107,14 @@ type Options struct {
 	Iface  ExternalInterface
 	Config subnetmgr.Config
 	Decap  string // ebpf only: "auto", "xdp" or "tc"
-	BPFFS  string // ebpf only: pin directory, default /sys/fs/bpf/xnet
-	Logger *slog.Logger
+	// HostRouting is ebpf only: "bpf" (containers' packets skip the host's routing and
+	// netfilter both ways) or "kernel" (they take the host's stack, so its firewall rules
+	// apply); empty means bpf. xnetd resolves --host-routing=auto before building backends.
+	HostRouting string
+	// HostRoutingWhy says why HostRouting was chosen, for status and logs.
+	HostRoutingWhy string
+	BPFFS          string // ebpf only: pin directory, default /sys/fs/bpf/xnet
+	Logger         *slog.Logger
 }
 
 // Constructor builds a backend. It must not change the host: that is Setup's job. It returns

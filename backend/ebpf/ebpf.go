@@ -39,6 +39,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -56,6 +57,12 @@ const (
 	DockerBridge   = "docker0"
 )
 
+// Host routing modes (--host-routing).
+const (
+	HostRoutingBPF    = "bpf"
+	HostRoutingKernel = "kernel"
+)
+
 // Decap modes (--decap).
 const (
 	DecapAuto = "auto"
@@ -69,6 +76,9 @@ type Backend struct {
 	decap         string
 	bpffs         string
 	exec          *executor
+	hostRouting   string // HostRoutingBPF or HostRoutingKernel
+	linkBuffer    int    // receive buffer of the link subscription
+	linkResyncs   atomic.Int64
 
 	mu        sync.Mutex
 	ld        *loader.Loader
@@ -103,6 +113,17 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 	if decap != DecapAuto && decap != DecapXDP && decap != DecapTC {
 		return nil, fmt.Errorf("ebpf: --decap=%q: use auto, xdp or tc", decap)
 	}
+	hostRouting, why := opts.HostRouting, opts.HostRoutingWhy
+	switch hostRouting {
+	case "", HostRoutingBPF:
+		hostRouting = HostRoutingBPF
+	case HostRoutingKernel:
+	default:
+		return nil, fmt.Errorf("ebpf: --host-routing=%q: use bpf or kernel", hostRouting)
+	}
+	if why == "" {
+		why = "--host-routing=" + hostRouting
+	}
 	bpffs := opts.BPFFS
 	if bpffs == "" {
 		bpffs = loader.DefaultDir
@@ -121,8 +142,10 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 	}
 	return &Backend{
 		VXLAN: core, decap: decap, bpffs: bpffs, exec: ex,
-		veths: map[int]struct{}{},
-		peers: map[netip.Prefix]netip.Addr{},
+		hostRouting: hostRouting, linkBuffer: linkWatchBuffer,
+		status: Status{HostRouting: hostRouting, HostRoutingWhy: why},
+		veths:  map[int]struct{}{},
+		peers:  map[netip.Prefix]netip.Addr{},
 	}, nil
 }
 

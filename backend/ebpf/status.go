@@ -21,6 +21,11 @@ type Status struct {
 	Verdicts   map[string]uint64   `json:"verdicts"`   // packets per verdict
 	Peers      map[string]PeerStat `json:"peers"`      // per peer PublicIP
 	Endpoints  int                 `json:"endpoints"`  // containers learned for direct delivery
+	// HostRouting is "bpf" (container packets skip the host's stack) or "kernel".
+	HostRouting    string `json:"host_routing"`
+	HostRoutingWhy string `json:"host_routing_why"`
+	// LinkResyncs counts how often the link watch broke and was resubscribed.
+	LinkResyncs int64 `json:"link_resyncs"`
 }
 
 // PeerStat is one peer's traffic.
@@ -31,6 +36,7 @@ func (b *Backend) Status() (Status, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	st := b.status
+	st.LinkResyncs = b.linkResyncs.Load()
 	if b.m == nil {
 		return st, fmt.Errorf("ebpf: Status before Setup")
 	}
@@ -63,7 +69,8 @@ func (b *Backend) Mode() (string, string) {
 	if b.status.Decap == "" {
 		return "ebpf", "not set up yet"
 	}
-	return b.status.Decap + "+" + b.status.TCMode, b.status.DecapWhy + "; TC: " + b.status.TCWhy
+	return b.status.Decap + "+" + b.status.TCMode + ", host routing " + b.hostRouting,
+		b.status.DecapWhy + "; TC: " + b.status.TCWhy + "; host routing: " + b.status.HostRoutingWhy
 }
 
 // Counters reports per-peer and per-verdict counters (metrics.CounterSource).

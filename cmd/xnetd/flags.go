@@ -41,6 +41,7 @@ type options struct {
 	renewMargin    time.Duration
 	backend        string // "" = the config's Backend.Type
 	decap          string
+	hostRouting    string
 	metricsAddr    string // "" = no metrics endpoint
 	bpffs          string
 	teardownOnExit bool
@@ -122,6 +123,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.Var(minutesOrDuration{&o.renewMargin}, "subnet-lease-renew-margin", "renew the lease this long before it expires: minutes (60) or a duration (1h)")
 	fs.StringVar(&o.backend, "backend", "", "auto|ebpf|vxlan|udp|host-gw (default: the config's Backend.Type; \"ebpf\" there means auto)")
 	fs.StringVar(&o.decap, "decap", "auto", "ebpf decapsulation: auto|xdp|tc")
+	fs.StringVar(&o.hostRouting, "host-routing", "auto", "ebpf: bpf (container packets skip the host's routing and netfilter) or kernel (they take the host's stack and its firewall, e.g. Docker's DOCKER-USER); auto picks kernel when DOCKER-USER holds rules")
 	fs.StringVar(&o.dockerOptsFile, "docker-opts-file", "/run/xnet/docker", "where to write DOCKER_NETWORK_OPTIONS")
 	fs.StringVar(&o.stateFile, "state-file", "", "where the daemon records its state for 'xnetd status' (default: state.json next to --subnet-file)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "127.0.0.1:9469", "host:port for /metrics and /healthz; empty disables")
@@ -246,6 +248,11 @@ func (r *rawFlags) validate(backendNames []string) (options, error) {
 	case "auto", "xdp", "tc":
 	default:
 		return o, usagef("--decap %q is not a decapsulation mode: use auto, xdp or tc", o.decap)
+	}
+	switch o.hostRouting {
+	case "auto", "bpf", "kernel":
+	default:
+		return o, usagef("--host-routing %q is not a host-routing mode: use auto, bpf or kernel", o.hostRouting)
 	}
 	if o.metricsAddr != "" {
 		host, port, err := net.SplitHostPort(o.metricsAddr)

@@ -1,0 +1,69 @@
+package ebpf
+
+import (
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/harness"
+)
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+var testConfig = subnetmgr.Config{
+	Network:   netip.MustParsePrefix("10.244.0.0/16"),
+	SubnetLen: 24,
+	Backend:   subnetmgr.BackendConfig{Type: subnetmgr.BackendEBPF, VNI: 1, Port: 8472},
+}
+
+func vxlanLease(t *testing.T, subnet string, publicIP string) subnetmgr.Lease {
+	t.Helper()
+	ip := netip.MustParseAddr(publicIP)
+	data, err := backend.VXLANLeaseData(1, ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return subnetmgr.Lease{Subnet: netip.MustParsePrefix(subnet), PublicIP: ip, BackendType: subnetmgr.BackendVXLAN,
+		BackendData: data, Expiration: time.Now().Add(time.Hour)}
+}
+
+// startOn builds the backend inside h's namespace, pinning under h's bpffs, and sets it up with
+// local, as xnetd does at every start.
+func startOn(t *testing.T, h *harness.Host, local subnetmgr.Lease) *Backend {
+	t.Helper()
+	b := newOn(t, h, DecapTC)
+	if err := b.Setup(t.Context(), local, testConfig); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// newOn builds the backend inside h's namespace, pinning under h's bpffs.
+func newOn(t *testing.T, h *harness.Host, decap string) *Backend {
+	t.Helper()
+	var link netlink.Link
+	if err := h.Do(func() (err error) { link, err = netlink.LinkByName("eth0"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	a := link.Attrs()
+	opts := backend.Options{
+		Iface:  backend.ExternalInterface{Name: a.Name, Index: a.Index, MTU: a.MTU, MAC: a.HardwareAddr, PublicIP: h.UnderlayIP, IfaceIP: h.UnderlayIP},
+		Config: testConfig, Decap: decap, BPFFS: h.BPFFS,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+	}
+	var b *Backend
+	if err := h.Do(func() (err error) { b, err = NewBackend(opts); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
