@@ -24,6 +24,7 @@ import (
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/backend/ebpf"
 	"github.com/xnet-dev/xnet/bpf/testpkt"
+	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -493,6 +494,9 @@ func TestEBPFDropsSpoofedVXLANAndLeavesTheUnderlayAlone(t *testing.T) {
 // TC program delivers it: containers and hosts still reach each other. On the harness's veth
 // underlay the backend picks generic XDP (native XDP would turn TSO off on the peer).
 func TestEBPFXDPDecapDelivers(t *testing.T) {
+	if err := loader.ProbeXDP(); err != nil {
+		t.Skipf("this kernel cannot run the XDP decap program: %v", err)
+	}
 	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
 	a := ebStartDecap(t, topo.Hosts()[0], 1, ebpf.DecapXDP)
 	b := ebStartDecap(t, topo.Hosts()[1], 1, ebpf.DecapXDP)

@@ -857,7 +857,7 @@ func TestXnetdFindsTheUnderlayInterface(t *testing.T) {
 			for _, w := range []string{
 				fmt.Sprintf("xnetd running, pid %d, ready", n.proc.Pid),
 				fmt.Sprintf("lease:    %v public %v, expires", n.state(t).Lease.Subnet, n.UnderlayIP),
-				"backend:  vxlan (kernel: kernel VXLAN device)",
+				"backend:  vxlan (kernel: kernel VXLAN device xnet.1)",
 				"network:  10.244.0.0/16 on eth0",
 				"peers (0):",
 			} {
