@@ -164,8 +164,12 @@ func TestRemovalTakesOurChainsAndJumpsOnly(t *testing.T) {
 }
 
 func TestChooseTheVariantDockerUses(t *testing.T) {
-	nft := func(docker bool, foreign int) candidate { return candidate{mode: modeNFT, docker: docker, foreign: foreign} }
-	legacy := func(docker bool, foreign int) candidate { return candidate{mode: modeLegacy, docker: docker, foreign: foreign} }
+	nft := func(docker bool, foreign int) candidate {
+		return candidate{mode: modeNFT, docker: docker, foreign: foreign}
+	}
+	legacy := func(docker bool, foreign int) candidate {
+		return candidate{mode: modeLegacy, docker: docker, foreign: foreign}
+	}
 	cases := []struct {
 		name     string
 		cands    []candidate
