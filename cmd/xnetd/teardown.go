@@ -80,6 +80,9 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 			fmt.Fprintf(stdout, "removed nftables table ip %s (if it existed)\n", ipmasq.DefaultTable)
 		}
 	}
+	if err := teardownForwardRules(stdout); err != nil {
+		errs = append(errs, err)
+	}
 	if n, err := removePins(o.bpffs); err != nil {
 		errs = append(errs, err)
 	} else if n > 0 {
