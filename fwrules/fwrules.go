@@ -390,7 +390,7 @@ func removalBatches(rs ruleset) []batch {
 		}
 		out = append(out, batch{
 			text:    "*" + tc.table + "\n" + strings.Join(lines, "\n") + "\nCOMMIT\n",
-			changes: []string{fmt.Sprintf("removed %s %s and %d jumps to it", tc.table, tc.chain, jumps)},
+			changes: []string{fmt.Sprintf("removed %s %s and %d jump(s) to it", tc.table, tc.chain, jumps)},
 		})
 	}
 	return out
