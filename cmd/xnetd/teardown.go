@@ -73,15 +73,15 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 		errs = append(errs, teardownBackends(o, iface, cfg, lease, st.Backend, stdout, log)...)
 	}
 
+	if err := teardownForwardRules(stdout); err != nil {
+		errs = append(errs, err)
+	}
 	if conn, err := nftables.New(); err == nil {
 		if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
 			errs = append(errs, err)
 		} else {
 			fmt.Fprintf(stdout, "removed nftables table ip %s (if it existed)\n", ipmasq.DefaultTable)
 		}
-	}
-	if err := teardownForwardRules(stdout); err != nil {
-		errs = append(errs, err)
 	}
 	if n, err := removePins(o.bpffs); err != nil {
 		errs = append(errs, err)
