@@ -180,9 +180,9 @@ func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
 			failing = ""
 		}
 		if len(rep.Changes) > 0 {
-			// Something (Docker restarting, a firewall reload) removed or reordered our rules:
-			// traffic was dropped or masqueraded until now.
-			r.log.Warn("iptables forward rules repaired", "variant", rep.Variant, "why", rep.Why, "changes", rep.Changes)
+			// Docker starting (after us, on every boot) or a firewall reload removed or
+			// reordered our rules: the overlay was dropped or masqueraded until now.
+			r.log.Info("iptables forward rules repaired", "variant", rep.Variant, "why", rep.Why, "changes", rep.Changes)
 		}
 	}
 }
