@@ -50,6 +50,10 @@ type options struct {
 	// whenever the config has the section, so a cluster-wide section needs no per-host flag.
 	macvlan     bool
 	macvlanFile string
+
+	// iptablesForwardRules keeps the overlay forwarded and unmasqueraded in the iptables
+	// chains Docker uses (package fwrules).
+	iptablesForwardRules bool
 }
 
 // usageError is a bad flag, environment variable or config: xnetd prints its one line and exits
@@ -119,6 +123,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&o.iface, "iface", "", "underlay interface, by name or IPv4 address (default: the default route's interface)")
 	fs.StringVar(&r.publicIP, "public-ip", "", "IPv4 address other hosts reach us on (default: the interface's address)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade traffic from containers to outside the overlay network")
+	fs.BoolVar(&o.iptablesForwardRules, "iptables-forward-rules", true, "accept the overlay network in iptables FORWARD and exempt it from masquerading, in the chains Docker uses (XNET-FWD, XNET-POSTRTG)")
 	fs.StringVar(&o.subnetFile, "subnet-file", "/run/xnet/subnet.env", "where to write XNET_* and FLANNEL_* variables")
 	fs.Var(minutesOrDuration{&o.renewMargin}, "subnet-lease-renew-margin", "renew the lease this long before it expires: minutes (60) or a duration (1h)")
 	fs.StringVar(&o.backend, "backend", "", "auto|ebpf|vxlan|udp|host-gw (default: the config's Backend.Type; \"ebpf\" there means auto)")

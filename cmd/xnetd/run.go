@@ -263,6 +263,11 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	if err := d.setupMasq(); err != nil {
 		return &fatalError{err}
 	}
+	stopForwardRules, err := d.startForwardRules(ctx)
+	if err != nil {
+		return &fatalError{err}
+	}
+	defer stopForwardRules()
 
 	d.peers = newPeers(b, d.lease, d.log, func(t subnetmgr.EventType) { d.m.LeaseEvent(t.String()) })
 	d.writeState()
@@ -525,6 +530,7 @@ func (d *daemonRun) writeState() {
 
 // teardownHostState removes what serve created besides the backend's datapath.
 func (d *daemonRun) teardownHostState() {
+	d.removeForwardRules()
 	if d.o.ipMasq {
 		if conn, err := nftables.New(); err == nil {
 			if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {

@@ -71,6 +71,9 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 		errs = append(errs, teardownBackends(o, iface, cfg, lease, st.Backend, stdout, log)...)
 	}
 
+	if err := teardownForwardRules(stdout); err != nil {
+		errs = append(errs, err)
+	}
 	if conn, err := nftables.New(); err == nil {
 		if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
 			errs = append(errs, err)

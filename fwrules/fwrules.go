@@ -1,0 +1,397 @@
+// Package fwrules keeps the overlay forwarded and unmasqueraded on a host whose iptables
+// firewall belongs to Docker: rules in the iptables filter FORWARD and nat POSTROUTING chains,
+// in chains of our own, kept in place while Docker comes, goes and rebuilds its own.
+//
+// It owns two chains and one jump to each, in the iptables variant (iptables-nft or
+// iptables-legacy) that holds Docker's rules:
+//
+//	filter XNET-FWD:      -s <Network> -j ACCEPT; -d <Network> -j ACCEPT
+//	       FORWARD:       -j XNET-FWD, after Docker's jumps to DOCKER-USER and DOCKER-ISOLATION-STAGE-1
+//	nat    XNET-POSTRTG:  -s <Network> -d <Network> -j ACCEPT
+//	       POSTROUTING:   -j XNET-POSTRTG, before every MASQUERADE or SNAT rule
+//
+// It does not own Docker's chains, the FORWARD policy, ip_forward, or the masquerading of
+// traffic that leaves the overlay (package ipmasq, with --ip-masq, in an nftables table).
+//
+// Design history. dockerd turns ip_forward on and sets the FORWARD policy to DROP; it accepts
+// only what enters or leaves its own bridges in the ways it knows. Overlay traffic arrives on
+// xnet.1 (vxlan), xnet0 (udp, and ebpf before the datapath knows a container) or the underlay
+// NIC (host-gw) and is dropped on its way into docker0. And Docker's
+// "-s <bip subnet> ! -o docker0 -j MASQUERADE" rewrites the source of container traffic that
+// leaves through any of those, so a remote container sees the host's address or the
+// container's depending on the backend. flannel answers both with chains of its own
+// (FLANNEL-FWD, FLANNEL-POSTRTG); so do we, with these differences:
+//
+//   - The rules live where Docker's do. An ACCEPT in one nftables table does not overrule a
+//     DROP in another (every base chain on the hook must accept the packet), so a table of our
+//     own, like ipmasq's, cannot open Docker's FORWARD policy: the rules go into the filter and
+//     nat tables of whichever iptables variant holds Docker's chains. Docker (and flannel) run
+//     `iptables` from PATH; Debian ships both variants, and a host can have rules in both. The
+//     variant is chosen again on every check: the one holding Docker's chains, else the one
+//     holding any rules, else the one `iptables` on PATH is (see choose).
+//   - The no-masquerade rule ACCEPTs rather than RETURNs: a RETURN from our chain would resume
+//     POSTROUTING at the next rule, Docker's MASQUERADE. An ACCEPT ends the nat table's
+//     POSTROUTING for the packet, so no later rule of that table rewrites it (other nat tables,
+//     ipmasq's among them, still see it).
+//   - Order is checked, not only presence. Docker inserts its MASQUERADE at the top of
+//     POSTROUTING whenever it (re)creates it, so our jump must be moved back in front of it;
+//     and our FORWARD jump must stay behind DOCKER-USER (the user's rules win) and
+//     DOCKER-ISOLATION-STAGE-1 (Docker's isolation between its own networks wins).
+//   - Every change is one iptables-restore --noflush batch per table, which the kernel applies
+//     atomically: moving a jump is delete-and-insert in one step, so there is never a moment
+//     without it, nor two of it. coreos/go-iptables (what flannel uses for its forward rules)
+//     runs one iptables command per rule and has no save or restore, so it cannot do that;
+//     the state is read with iptables-save, which, unlike `iptables -S`, does not create the
+//     legacy tables it lists.
+//
+// Docker rebuilds its chains when it restarts, and a firewall reload can flush everything, so
+// Keep checks every few seconds (flannel: 5 s) and repairs only what is missing or out of
+// order: a check that finds everything in place changes nothing.
+package fwrules
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Our chains and the comments on the jumps to them (`iptables -S FORWARD` shows why they are
+// there).
+const (
+	ForwardChain     = "XNET-FWD"
+	PostroutingChain = "XNET-POSTRTG"
+	forwardComment   = "xnet: forward the overlay network"
+	postroutComment  = "xnet: no masquerade inside the overlay network"
+)
+
+// DefaultInterval is how often Keep checks the rules (flannel's 5 s): after Docker restarts,
+// the overlay may be cut off for up to this long.
+const DefaultInterval = 5 * time.Second
+
+// Docker's chains and targets that fix where our jumps go.
+var (
+	// forwardAfter are jumps in FORWARD that must come before ours.
+	forwardAfter = []string{"DOCKER-USER", "DOCKER-ISOLATION-STAGE-1"}
+	// natTargets rewrite the source: our POSTROUTING jump comes before the first of them.
+	natTargets = []string{"MASQUERADE", "SNAT"}
+)
+
+// Rules are the forward and no-masquerade rules for one overlay Network.
+type Rules struct {
+	network netip.Prefix
+	log     *slog.Logger
+}
+
+// New checks network (an IPv4 prefix) and returns its rules; nothing is installed yet.
+func New(network netip.Prefix, log *slog.Logger) (*Rules, error) {
+	if !network.IsValid() || !network.Addr().Is4() {
+		return nil, fmt.Errorf("fwrules: Network %v is not an IPv4 prefix", network)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Rules{network: network.Masked(), log: log}, nil
+}
+
+// Report is what one Ensure found and did.
+type Report struct {
+	// Variant is the iptables binary the rules are in ("iptables-nft", "iptables-legacy", or
+	// "iptables" where the distribution has only that name); "" when there is no iptables.
+	Variant string
+	// Why that variant (or why none).
+	Why string
+	// Changes says what was added, rewritten, moved or removed; empty when all was in place.
+	Changes []string
+}
+
+// Ensure makes the rules hold now, in the network namespace of the calling thread: picks the
+// variant, removes our chains from any other variant (a previous choice), and adds, rewrites
+// or moves in the chosen one only what is missing, wrong or out of order. Without any iptables
+// binary there is no Docker firewall to open: that is a Report without Variant, not an error.
+func (r *Rules) Ensure(ctx context.Context) (Report, error) {
+	found, err := findVariants(ctx)
+	if err != nil {
+		return Report{}, err
+	}
+	if len(found.variants) == 0 {
+		return Report{Why: "no iptables binary on PATH: Docker cannot have a firewall here"}, nil
+	}
+	states := make([]ruleset, len(found.variants))
+	cands := make([]candidate, len(found.variants))
+	for i, v := range found.variants {
+		if states[i], err = v.save(ctx); err != nil {
+			return Report{}, err
+		}
+		cands[i] = candidate{mode: v.mode, docker: states[i].hasDocker(), foreign: states[i].foreignRules()}
+	}
+	pick, why := choose(cands, found.pathMode)
+	rep := Report{Variant: found.variants[pick].name, Why: why}
+
+	for i, v := range found.variants {
+		if i == pick {
+			continue
+		}
+		for _, b := range removalBatches(states[i]) {
+			if err := v.restore(ctx, b.text); err != nil {
+				return rep, fmt.Errorf("remove our chains from %s (not the variant in use): %w", v.name, err)
+			}
+			rep.Changes = append(rep.Changes, b.changes...)
+		}
+	}
+	v := found.variants[pick]
+	for _, b := range r.plan(states[pick]) {
+		if err := v.restore(ctx, b.text); err != nil {
+			return rep, fmt.Errorf("%s: %s: %w", v.name, strings.Join(b.changes, "; "), err)
+		}
+		rep.Changes = append(rep.Changes, b.changes...)
+	}
+	return rep, nil
+}
+
+// Keep runs Ensure every interval until ctx ends, logging what it repaired. A failure is
+// logged when it first happens and when it clears, not on every tick.
+func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	failing := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rep, err := r.Ensure(ctx)
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return
+		case err != nil:
+			if err.Error() != failing {
+				r.log.Error("iptables forward rules: check failed; retrying", "every", interval, "err", err)
+				failing = err.Error()
+			}
+			continue
+		case failing != "":
+			r.log.Info("iptables forward rules: check works again", "variant", rep.Variant)
+			failing = ""
+		}
+		if len(rep.Changes) > 0 {
+			// Docker starting (after us, on every boot) or a firewall reload removed or
+			// reordered our rules: the overlay was dropped or masqueraded until now.
+			r.log.Info("iptables forward rules repaired", "variant", rep.Variant, "why", rep.Why, "changes", rep.Changes)
+		}
+	}
+}
+
+// Remove deletes our chains and every jump to them from every iptables variant that holds
+// them, in the network namespace of the calling thread. It needs no Network. Variants without
+// our chains are only read (iptables-save), never touched.
+func Remove(ctx context.Context) ([]string, error) {
+	found, err := findVariants(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var changes []string
+	var errs []error
+	for _, v := range found.variants {
+		rs, err := v.save(ctx)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, b := range removalBatches(rs) {
+			if err := v.restore(ctx, b.text); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %s: %w", v.name, strings.Join(b.changes, "; "), err))
+				continue
+			}
+			for _, c := range b.changes {
+				changes = append(changes, v.name+": "+c)
+			}
+		}
+	}
+	return changes, errors.Join(errs...)
+}
+
+// candidate is what choose knows of one variant.
+type candidate struct {
+	mode    string // modeNFT or modeLegacy
+	docker  bool   // holds Docker's chains
+	foreign int    // rules, user chains and non-ACCEPT policies that are not ours
+}
+
+// choose picks the variant whose tables Docker's traffic goes through: the one holding
+// Docker's chains (both: the one Docker would run, `iptables` on PATH); else the one holding
+// any rules, since whoever filters traffic there (Docker started with a custom PATH, a
+// firewall) does it in that variant; else the one Docker will use when it starts, `iptables`
+// on PATH, or nf_tables where PATH has no plain `iptables`. pathMode is the mode of that
+// `iptables` ("" when there is none). cands is not empty.
+func choose(cands []candidate, pathMode string) (int, string) {
+	onPath := -1
+	for i, c := range cands {
+		if c.mode == pathMode {
+			onPath = i
+		}
+	}
+	var docker, used []int
+	for i, c := range cands {
+		if c.docker {
+			docker = append(docker, i)
+		}
+		if c.foreign > 0 {
+			used = append(used, i)
+		}
+	}
+	switch {
+	case len(docker) == 1:
+		return docker[0], "holds Docker's chains"
+	case len(docker) > 1 && onPath >= 0:
+		return onPath, "every variant holds Docker's chains; this is `iptables` on PATH, which Docker runs"
+	case len(docker) == 0 && len(used) == 1:
+		return used[0], "holds the host's rules; the other variant is empty"
+	case onPath >= 0:
+		return onPath, "`iptables` on PATH, which Docker runs"
+	}
+	for i, c := range cands {
+		if c.mode == modeNFT {
+			return i, "no `iptables` on PATH; nf_tables is what Docker's own iptables would be"
+		}
+	}
+	return 0, "the only variant installed"
+}
+
+// batch is one iptables-restore input for one table, and what it changes.
+type batch struct {
+	text    string
+	changes []string
+}
+
+// jumpSpec is the rule that jumps from a built-in chain into ours.
+func jumpSpec(comment, chain string) string {
+	return fmt.Sprintf("-m comment --comment %q -j %s", comment, chain)
+}
+
+// plan compares rs with what should be there and returns the batches that repair it, none
+// when everything is in place. The specs are written as iptables-save prints them, so a rule
+// we wrote compares equal to itself on the next check.
+func (r *Rules) plan(rs ruleset) []batch {
+	n := r.network.String()
+	var out []batch
+	fwd := []string{"-s " + n + " -j ACCEPT", "-d " + n + " -j ACCEPT"}
+	if b, ok := rs.table("filter").repair(ForwardChain, fwd, "FORWARD", jumpSpec(forwardComment, ForwardChain), jumpAfter(forwardAfter)); ok {
+		out = append(out, b)
+	}
+	post := []string{"-s " + n + " -d " + n + " -j ACCEPT"}
+	if b, ok := rs.table("nat").repair(PostroutingChain, post, "POSTROUTING", jumpSpec(postroutComment, PostroutingChain), jumpBefore(natTargets)); ok {
+		out = append(out, b)
+	}
+	return out
+}
+
+// placement says whether our jump at index i of a built-in chain's rules is where it must be,
+// and, when it is not, whether to append (false) or insert it at the top (true).
+type placement struct {
+	ok  func(rules []rule, i int) bool
+	top bool
+}
+
+// jumpAfter: our jump comes after every jump to one of targets.
+func jumpAfter(targets []string) placement {
+	return placement{ok: func(rules []rule, i int) bool {
+		for j := i + 1; j < len(rules); j++ {
+			if slices.Contains(targets, rules[j].target) {
+				return false
+			}
+		}
+		return true
+	}}
+}
+
+// jumpBefore: our jump comes before every rule whose target is one of targets.
+func jumpBefore(targets []string) placement {
+	return placement{top: true, ok: func(rules []rule, i int) bool {
+		for j := range i {
+			if slices.Contains(targets, rules[j].target) {
+				return false
+			}
+		}
+		return true
+	}}
+}
+
+// repair returns the batch that makes chain hold exactly want and gives builtin exactly one
+// jump (spec) to it, placed as place says; ok is false when nothing needs doing. Declaring a
+// chain in an iptables-restore --noflush batch creates it or empties it, and the deletion of
+// the old jump and the insertion of the new one commit together.
+func (t *table) repair(chain string, want []string, builtin, spec string, place placement) (batch, bool) {
+	var lines, changes []string
+	if have, exists := t.chainRules(chain); !exists || !slices.Equal(have, want) {
+		lines = append(lines, ":"+chain+" - [0:0]")
+		for _, w := range want {
+			lines = append(lines, "-A "+chain+" "+w)
+		}
+		if exists {
+			changes = append(changes, fmt.Sprintf("rewrote %s %s (%d rules, want %d)", t.name, chain, len(have), len(want)))
+		} else {
+			changes = append(changes, fmt.Sprintf("created %s %s", t.name, chain))
+		}
+	}
+	rules := t.rulesOf(builtin)
+	var jumps []int
+	for i, rl := range rules {
+		if rl.target == chain {
+			jumps = append(jumps, i)
+		}
+	}
+	if len(jumps) != 1 || !place.ok(rules, jumps[0]) {
+		for _, i := range jumps {
+			lines = append(lines, "-D "+builtin+" "+rules[i].spec)
+		}
+		if place.top {
+			lines = append(lines, "-I "+builtin+" 1 "+spec)
+		} else {
+			lines = append(lines, "-A "+builtin+" "+spec)
+		}
+		switch len(jumps) {
+		case 0:
+			changes = append(changes, fmt.Sprintf("added the jump %s -> %s", builtin, chain))
+		case 1:
+			changes = append(changes, fmt.Sprintf("moved the jump %s -> %s (it was rule %d of %d)", builtin, chain, jumps[0]+1, len(rules)))
+		default:
+			changes = append(changes, fmt.Sprintf("replaced %d jumps %s -> %s by one", len(jumps), builtin, chain))
+		}
+	}
+	if len(lines) == 0 {
+		return batch{}, false
+	}
+	return batch{text: "*" + t.name + "\n" + strings.Join(lines, "\n") + "\nCOMMIT\n", changes: changes}, true
+}
+
+// removalBatches delete our chains, and every rule that jumps to them, from rs.
+func removalBatches(rs ruleset) []batch {
+	var out []batch
+	for _, tc := range []struct{ table, chain string }{{"filter", ForwardChain}, {"nat", PostroutingChain}} {
+		t := rs.table(tc.table)
+		var lines []string
+		for _, rl := range t.rules {
+			if rl.target == tc.chain {
+				lines = append(lines, "-D "+rl.chain+" "+rl.spec)
+			}
+		}
+		jumps := len(lines)
+		if _, exists := t.chainRules(tc.chain); exists {
+			lines = append(lines, "-F "+tc.chain, "-X "+tc.chain)
+		}
+		if len(lines) == 0 {
+			continue
+		}
+		out = append(out, batch{
+			text:    "*" + tc.table + "\n" + strings.Join(lines, "\n") + "\nCOMMIT\n",
+			changes: []string{fmt.Sprintf("removed %s %s and %d jump(s) to it", tc.table, tc.chain, jumps)},
+		})
+	}
+	return out
+}
