@@ -395,3 +395,33 @@ func removalBatches(rs ruleset) []batch {
 	}
 	return out
 }
+
+// DockerUserRules lists the rules a user put in Docker's DOCKER-USER chain (filter table), as
+// iptables-save prints them without the "-A DOCKER-USER" prefix, leaving out the RETURN Docker
+// appends. It reads the variant that holds Docker's chains; where no variant has them there
+// are none. xnetd's --host-routing=auto keeps container traffic on the host's stack when the
+// list is not empty, so those rules see every packet.
+func DockerUserRules(ctx context.Context) ([]string, error) {
+	found, err := findVariants(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range found.variants {
+		rs, err := v.save(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if !rs.hasDocker() {
+			continue
+		}
+		specs, _ := rs.table("filter").chainRules("DOCKER-USER")
+		var user []string
+		for _, s := range specs {
+			if s != "-j RETURN" {
+				user = append(user, s)
+			}
+		}
+		return user, nil
+	}
+	return nil, nil
+}

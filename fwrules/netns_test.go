@@ -237,11 +237,21 @@ func testDockerHost(t *testing.T, variant, other string) {
 		drop := "-A DOCKER-USER -s 10.244.2.2/32 -j DROP"
 		d.iptablesRestore(t, true, "*filter\n"+strings.Replace(drop, "-A DOCKER-USER", "-I DOCKER-USER 1", 1)+"\nCOMMIT\n")
 		d.check(t, flow{name: "overlay peer to our container, dropped by the user", from: d.peer, to: d.ctr, dst: "10.244.1.2"})
+		var user []string
+		if err := d.host.Do(func() (err error) { user, err = DockerUserRules(context.Background()); return err }); err != nil {
+			t.Fatal(err)
+		}
+		if len(user) != 1 || user[0] != "-s 10.244.2.2/32 -j DROP" {
+			t.Errorf("DockerUserRules = %q, want the user's one rule (what --host-routing=auto looks at)", user)
+		}
 		if rep := d.ensure(t, r); len(rep.Changes) != 0 {
 			t.Errorf("Ensure changed %q with a user's DOCKER-USER rule in place", rep.Changes)
 		}
 		d.iptablesRestore(t, true, "*filter\n"+strings.Replace(drop, "-A", "-D", 1)+"\nCOMMIT\n")
 		d.check(t, peerToCtr)
+		if err := d.host.Do(func() (err error) { user, err = DockerUserRules(context.Background()); return err }); err != nil || len(user) != 0 {
+			t.Errorf("DockerUserRules after the rule went = %q, %v; want none (Docker's RETURN is not a user's rule)", user, err)
+		}
 	})
 
 	t.Run("Docker restarting puts its MASQUERADE first; Ensure moves ours back in front", func(t *testing.T) {

@@ -117,7 +117,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return err
 	}
 
-	hostRouting, hostRoutingWhy := resolveHostRouting(o.hostRouting, log)
+	hostRouting, hostRoutingWhy := resolveHostRouting(ctx, o.hostRouting, log)
 	d.chosen, err = pickBackend(reg, o.backend, backend.Options{
 		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, Logger: log,
 		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy,
