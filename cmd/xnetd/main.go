@@ -17,7 +17,7 @@
 // It owns the run order (flags, interface, config, backend, lease, macvlan range, setup, files,
 // peers, ready), the state file, the metrics endpoint and the subcommands. It does not own the
 // etcd schema (package subnetmgr), the datapaths (package backend and its sub-packages),
-// masquerading (package ipmasq), the macvlan section, range lease and options file (package
+// masquerading (package ipmasq), the iptables rules beside Docker's (package fwrules), the macvlan section, range lease and options file (package
 // macvlan) or the metric definitions (package metrics).
 //
 // Design history. A restart must not cost a packet (docs/design.md, Targets): so xnetd never tears
