@@ -224,7 +224,7 @@ func (h *Host) StartDocker(ctx context.Context, networkOptions ...string) (*Dock
 	}
 	d := &Docker{
 		Host:           h,
-		Dir:            filepath.Join(h.StateDir, "docker"),
+		Dir:            filepath.Join(h.StateDir, "dockerd"), // StateDir/docker is the opts file
 		NetworkOptions: networkOptions,
 		cgroupParent:   "xnet-" + h.topo.id + "-" + h.Name,
 	}

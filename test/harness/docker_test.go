@@ -66,7 +66,7 @@ func TestDockerRunsBusyboxInAHostAndStopLeavesNothingBehind(t *testing.T) {
 			d.Stop()
 		}
 	})
-	t.Logf("dockerd answered %v after start (storage driver %s)", d.StartTime.Round(time.Millisecond), d.StorageDriver)
+	t.Logf("dockerd answered %v after start (storage driver %s); log so far %d bytes", d.StartTime.Round(time.Millisecond), d.StorageDriver, len(d.Output()))
 
 	start := time.Now()
 	c, err := d.Run(ctx, "web", "sleep", "86400")
