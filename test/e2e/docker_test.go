@@ -209,7 +209,7 @@ func dkScenario(t *testing.T, config string, xnetdFlags ...string) {
 			t.Fatal(err)
 		}
 		start := time.Now()
-		got, err := a.Exec(ctx, "sh", "-c", fmt.Sprintf("set -o pipefail; timeout 20 wget -q -O - http://%v:8080/blob | sha256sum", b.IP))
+		got, err := a.Exec(ctx, "sh", "-c", fmt.Sprintf("set -o pipefail; timeout 10 wget -q -O - http://%v:8080/blob | sha256sum", b.IP))
 		if err != nil {
 			t.Fatalf("wget from %s: %v", a.Name, err)
 		}
