@@ -39,7 +39,9 @@ package harness
 // tutorial's `docker run busybox` expects.
 //
 // Storage: overlay2, falling back to vfs when the data root cannot hold overlay mounts (vfs
-// copies the whole image per container; with a 2 MB image that costs little).
+// copies the whole image per container; with a 2 MB image that costs little). Measured on the
+// 2-core VM: dockerd answers 0.23-0.45 s after start with either; `docker run` takes about 0.22 s
+// on overlay2 and 0.37-0.50 s on vfs; Stop takes 0.13-0.33 s.
 
 import (
 	"archive/tar"
