@@ -247,7 +247,7 @@ func (h *Host) StartDocker(ctx context.Context, networkOptions ...string) (*Dock
 		return nil, fmt.Errorf("harness: %w", err)
 	}
 	// A crashed run with the same id may have left its cgroups.
-	removeCgroups(d.cgroupParent)
+	_ = removeCgroups(d.cgroupParent)
 	for _, dir := range []string{d.dataRoot(), d.execRoot(), d.cliConfig()} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("harness: %w", err)
