@@ -3,6 +3,11 @@
 // containers reach which (measured with pings, not assumed), and a few seconds of throughput
 // between containers on different hosts. Everything it makes is removed on exit and on Ctrl-C.
 //
+// Containers are real Docker containers when Debian's docker.io is installed: one dockerd per
+// host, inside the host's namespace, started from the DOCKER_NETWORK_OPTIONS xnetd wrote, with
+// its iptables rules on, as on a real host. Without it (or with -docker=off) namespaces on a
+// docker0 bridge play the containers, without Docker's firewall. The demo says which it used.
+//
 // It needs root, Go and iproute2; throughput also needs iperf3 (skipped with a note if absent).
 package main
 
@@ -40,6 +45,15 @@ type options struct {
 	leaseWait  time.Duration
 	verbose    bool
 	keep       bool
+	docker     string
+}
+
+// container is what the demo measures between: a Docker container or a namespace playing one.
+type container struct {
+	Name string
+	NS   *harness.Namespace
+	Host *harness.Host
+	IP   netip.Addr
 }
 
 func main() {
@@ -52,9 +66,14 @@ func main() {
 	flag.DurationVar(&o.leaseWait, "lease-wait", 20*time.Second, "how long to wait for every host's lease")
 	flag.BoolVar(&o.verbose, "v", false, "print xnetd's log of every host at the end")
 	flag.BoolVar(&o.keep, "keep", false, "keep the cluster up until Ctrl-C, and print how to look inside it")
+	flag.StringVar(&o.docker, "docker", "auto", "containers: real Docker (on), namespaces playing them (off), or real Docker when installed (auto)")
 	flag.Parse()
 	if o.hosts < 2 || o.containers < 1 {
 		fmt.Fprintln(os.Stderr, "demo: -hosts must be >= 2 and -containers >= 1")
+		os.Exit(2)
+	}
+	if o.docker != "auto" && o.docker != "on" && o.docker != "off" {
+		fmt.Fprintf(os.Stderr, "demo: -docker %q: use auto, on or off\n", o.docker)
 		os.Exit(2)
 	}
 	// Ctrl-C cancels ctx; run returns through its deferred Close, so nothing stays behind.
@@ -141,22 +160,41 @@ func run(ctx context.Context, o options, w io.Writer) (err error) {
 	leases, leaseErr := listLeases(ctx, topo)
 	printHosts(ctx, w, o.xnetd, hosts, daemons, files, leases, leaseErr)
 
-	// Play Docker on every host that got a subnet: docker0 from the subnet file, then containers.
-	var containers []*harness.Container
-	for i, h := range hosts {
-		if files[i].err != nil {
-			continue
+	useDocker, why := o.docker != "off", harness.DockerMissing()
+	if useDocker && why != "" {
+		if o.docker == "on" {
+			return fmt.Errorf("-docker=on: %s", why)
 		}
-		gw := netip.PrefixFrom(files[i].f.Subnet.Addr().Next(), files[i].f.Subnet.Bits())
-		if err := h.SetupDocker0(gw, files[i].f.MTU); err != nil {
+		useDocker = false
+	}
+	var containers []container
+	var dockers []*harness.Docker
+	if useDocker {
+		step(w, "starting real Docker on every host: %s from the DOCKER_NETWORK_OPTIONS xnetd wrote, iptables on", harness.DockerdPath)
+		dockers, err = startDockers(ctx, w, hosts, files)
+		defer func() {
+			for _, d := range dockers {
+				if d != nil {
+					if serr := d.Stop(); serr != nil {
+						err = errors.Join(err, fmt.Errorf("stop Docker of %s: %w", d.Host.Name, serr))
+					}
+				}
+			}
+		}()
+		if err != nil {
 			return err
 		}
-		for range o.containers {
-			c, err := h.AddContainer()
-			if err != nil {
-				return err
-			}
-			containers = append(containers, c)
+		if containers, err = dockerRun(ctx, dockers, o.containers); err != nil {
+			return err
+		}
+	} else {
+		reason := "-docker=off"
+		if why != "" {
+			reason = why
+		}
+		step(w, "playing Docker with namespaces on a docker0 bridge, without Docker's iptables (real Docker not used: %s)", reason)
+		if containers, err = standIns(hosts, files, o.containers); err != nil {
+			return err
 		}
 	}
 	if len(containers) == 0 {
@@ -170,20 +208,117 @@ func run(ctx context.Context, o options, w io.Writer) (err error) {
 		return ctx.Err()
 	}
 	printMatrix(w, containers, matrix)
+	if useDocker {
+		printForwardDrops(w, dockers)
+	}
 
 	throughput(ctx, w, containers, matrix, o.duration)
 	if o.keep && ctx.Err() == nil {
-		keepUntilInterrupted(ctx, w, hosts, o.xnetd)
+		keepUntilInterrupted(ctx, w, hosts, o.xnetd, useDocker)
 		return nil
 	}
 	return ctx.Err()
 }
 
+// standIns plays Docker on every host that got a subnet: docker0 from the subnet file, then
+// namespaces on veths into it.
+func standIns(hosts []*harness.Host, files []subnetFileResult, perHost int) ([]container, error) {
+	var cs []container
+	for i, h := range hosts {
+		if files[i].err != nil {
+			continue
+		}
+		gw := netip.PrefixFrom(files[i].f.Subnet.Addr().Next(), files[i].f.Subnet.Bits())
+		if err := h.SetupDocker0(gw, files[i].f.MTU); err != nil {
+			return nil, err
+		}
+		for range perHost {
+			c, err := h.AddContainer()
+			if err != nil {
+				return nil, err
+			}
+			cs = append(cs, container{Name: c.Role(), NS: c.Namespace, Host: h, IP: c.IP})
+		}
+	}
+	return cs, nil
+}
+
+// startDockers starts a dockerd on every host that got a subnet, all at once; the slice has a
+// nil for every host without one, and every started Docker even when another failed.
+func startDockers(ctx context.Context, w io.Writer, hosts []*harness.Host, files []subnetFileResult) ([]*harness.Docker, error) {
+	dockers := make([]*harness.Docker, len(hosts))
+	errs := make([]error, len(hosts))
+	var wg sync.WaitGroup
+	for i, h := range hosts {
+		if files[i].err != nil {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			dockers[i], errs[i] = h.StartDockerFromOptsFile(ctx)
+		}()
+	}
+	wg.Wait()
+	for _, d := range dockers {
+		if d != nil {
+			fmt.Fprintf(w, "    %s: dockerd %s, up in %v (storage %s)\n", d.Host.Name, strings.Join(d.NetworkOptions, " "),
+				d.StartTime.Round(time.Millisecond), d.StorageDriver)
+		}
+	}
+	return dockers, errors.Join(errs...)
+}
+
+// dockerRun is `docker run -d --name h1c1 busybox sleep` on every Docker, perHost times.
+func dockerRun(ctx context.Context, dockers []*harness.Docker, perHost int) ([]container, error) {
+	var cs []container
+	for _, d := range dockers {
+		if d == nil {
+			continue
+		}
+		for k := range perHost {
+			name := fmt.Sprintf("%sc%d", d.Host.Name, k+1)
+			c, err := d.Run(ctx, name, "sleep", "86400")
+			if err != nil {
+				return nil, err
+			}
+			cs = append(cs, container{Name: name, NS: c.Namespace, Host: d.Host, IP: c.IP})
+		}
+	}
+	return cs, nil
+}
+
+// printForwardDrops shows what Docker's FORWARD policy dropped in every host: on a host where
+// the overlay's packets meet Docker's firewall, this is where they go.
+func printForwardDrops(w io.Writer, dockers []*harness.Docker) {
+	fmt.Fprintln(w, "\nDocker's firewall in every host (iptables -L FORWARD -v -n, first line): packets from the")
+	fmt.Fprintln(w, "overlay into docker0 pass the FORWARD chain, and the policy counts those nothing accepted.")
+	for _, d := range dockers {
+		if d == nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		out, err := d.Host.Run(ctx, "iptables", "-L", "FORWARD", "-v", "-n", "-x")
+		cancel()
+		if err != nil {
+			fmt.Fprintf(w, "    %s: %v\n", d.Host.Name, err)
+			continue
+		}
+		fmt.Fprintf(w, "    %s: %s\n", d.Host.Name, strings.SplitN(out, "\n", 2)[0])
+	}
+}
+
 // keepUntilInterrupted prints how to enter the simulated hosts and waits for Ctrl-C.
-func keepUntilInterrupted(ctx context.Context, w io.Writer, hosts []*harness.Host, xnetd string) {
+func keepUntilInterrupted(ctx context.Context, w io.Writer, hosts []*harness.Host, xnetd string, docker bool) {
 	step(w, "the cluster stays up until Ctrl-C; look inside it with:")
 	for _, h := range hosts {
 		fmt.Fprintf(w, "    nsenter --net=%s -- %s status --subnet-file %s\n", h.Path(), xnetd, h.SubnetFile())
+	}
+	if docker {
+		for _, h := range hosts {
+			fmt.Fprintf(w, "    DOCKER_HOST=unix://%s/dockerd/docker.sock %s ps\n", h.StateDir, harness.DockerCLIPath)
+		}
+		fmt.Fprintf(w, "    nsenter --net=%s -- iptables -L FORWARD -v -n\n", hosts[0].Path())
 	}
 	h := hosts[0]
 	fmt.Fprintf(w, "    bpftool map dump pinned %s/routes\n", h.BPFFS)
@@ -347,7 +482,7 @@ func indent(s, pre string) string {
 
 type pingResult struct{ sent, received int }
 
-func reachability(ctx context.Context, cs []*harness.Container) [][]pingResult {
+func reachability(ctx context.Context, cs []container) [][]pingResult {
 	m := make([][]pingResult, len(cs))
 	var wg sync.WaitGroup
 	for i := range cs {
@@ -359,7 +494,7 @@ func reachability(ctx context.Context, cs []*harness.Container) [][]pingResult {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				s, r, err := harness.Ping(ctx, cs[i].Namespace, cs[j].IP, 3, 100*time.Millisecond)
+				s, r, err := harness.Ping(ctx, cs[i].NS, cs[j].IP, 3, 100*time.Millisecond)
 				if err != nil {
 					s, r = 3, 0
 				}
@@ -371,9 +506,9 @@ func reachability(ctx context.Context, cs []*harness.Container) [][]pingResult {
 	return m
 }
 
-func cname(c *harness.Container) string { return c.Role() }
+func cname(c container) string { return c.Name }
 
-func printMatrix(w io.Writer, cs []*harness.Container, m [][]pingResult) {
+func printMatrix(w io.Writer, cs []container, m [][]pingResult) {
 	fmt.Fprintln(w, "\nReachability (ping from row to column; ok = 3 of 3 replies, -- = none):")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprint(tw, "FROM \\ TO\t\t")
@@ -433,7 +568,7 @@ func printMatrix(w io.Writer, cs []*harness.Container, m [][]pingResult) {
 
 // throughput runs iperf3 between the first containers of two different hosts that reach each
 // other.
-func throughput(ctx context.Context, w io.Writer, cs []*harness.Container, m [][]pingResult, d time.Duration) {
+func throughput(ctx context.Context, w io.Writer, cs []container, m [][]pingResult, d time.Duration) {
 	if _, err := exec.LookPath("iperf3"); err != nil {
 		fmt.Fprintln(w, "\nThroughput: skipped, iperf3 is not installed (apt-get install iperf3).")
 		return
@@ -444,13 +579,13 @@ func throughput(ctx context.Context, w io.Writer, cs []*harness.Container, m [][
 				continue
 			}
 			step(w, "measuring throughput %s -> %s for %v (iperf3, 1 TCP stream)", cname(cs[i]), cname(cs[j]), d)
-			srv, err := harness.StartIperf3Server(ctx, cs[j].Namespace, 5201)
+			srv, err := harness.StartIperf3Server(ctx, cs[j].NS, 5201)
 			if err != nil {
 				fmt.Fprintln(w, "Throughput: iperf3 server:", err)
 				return
 			}
 			defer srv.Kill()
-			r, err := harness.RunIperf3(ctx, cs[i].Namespace, harness.Iperf3Options{Server: cs[j].IP, Port: 5201, Duration: d})
+			r, err := harness.RunIperf3(ctx, cs[i].NS, harness.Iperf3Options{Server: cs[j].IP, Port: 5201, Duration: d})
 			if err != nil && ctx.Err() == nil {
 				fmt.Fprintln(w, "Throughput:", err)
 			}
