@@ -51,6 +51,15 @@ type PeerPruner interface {
 	PrunePeers(keep []subnetmgr.Lease) error
 }
 
+// HostRouter is implemented by backends whose datapath can take container traffic past the
+// host's stack (ebpf). SetHostRouting switches between "bpf" and "kernel" while running, so a
+// firewall rule that appears later applies to every packet from then on; why is shown in
+// status.
+type HostRouter interface {
+	HostRouting() string
+	SetHostRouting(mode, why string) error
+}
+
 // KeptSubnets is what a PrunePeers call keeps, by subnet: our own and every kept lease's.
 type KeptSubnets struct {
 	local  netip.Prefix

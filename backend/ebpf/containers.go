@@ -68,6 +68,36 @@ func (b *Backend) attachContainers() error {
 	return errors.Join(errs...)
 }
 
+// HostRouting is the current host-routing mode (backend.HostRouter).
+func (b *Backend) HostRouting() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.hostRouting
+}
+
+// SetHostRouting switches host routing while running (backend.HostRouter): to kernel, the
+// encap program leaves every container veth and learned endpoints are forgotten, so the next
+// packet each way takes the host's stack; to bpf, the veths get it back and containers are
+// learned again from what they send.
+func (b *Backend) SetHostRouting(mode, why string) error {
+	if mode != HostRoutingBPF && mode != HostRoutingKernel {
+		return fmt.Errorf("ebpf: host routing %q: use bpf or kernel", mode)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if mode == b.hostRouting {
+		b.status.HostRoutingWhy = why
+		return nil
+	}
+	b.hostRouting = mode
+	b.status.HostRouting, b.status.HostRoutingWhy = mode, why
+	b.Log.Info("host routing changed", "host_routing", mode, "why", why)
+	if b.ld == nil {
+		return nil // Setup applies it
+	}
+	return b.exec.do(b.attachContainers)
+}
+
 func (b *Backend) attachContainer(ifindex int) error {
 	if _, ok := b.veths[ifindex]; ok {
 		return nil

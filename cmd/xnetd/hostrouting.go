@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/fwrules"
 )
 
@@ -31,4 +32,59 @@ func resolveHostRouting(ctx context.Context, flag string, log *slog.Logger) (mod
 		return "kernel", "auto: DOCKER-USER holds " + strings.Join(rules, "; ") + ", which bpf host routing would skip"
 	}
 	return "bpf", "auto: DOCKER-USER holds no rules"
+}
+
+// hostRoutingInterval is how often --host-routing=auto looks at DOCKER-USER again: a rule a
+// user adds applies to every packet within this time (one iptables-save per interval).
+const hostRoutingInterval = 2 * time.Second
+
+// hostRoutingChange is a host-routing mode the daemon's loop should switch the backend to.
+type hostRoutingChange struct{ mode, why string }
+
+// watchHostRouting re-reads DOCKER-USER every hostRoutingInterval while ctx lives and sends a
+// change when the mode auto would pick differs from current. It returns a nil channel (never
+// ready) unless --host-routing is auto and the backend can switch.
+func (d *daemonRun) watchHostRouting(ctx context.Context, b any) <-chan hostRoutingChange {
+	hr, ok := b.(backend.HostRouter)
+	if !ok || d.o.hostRouting != "auto" {
+		return nil
+	}
+	changes := make(chan hostRoutingChange)
+	current := hr.HostRouting()
+	go func() {
+		t := time.NewTicker(hostRoutingInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			mode, why := resolveHostRouting(ctx, "auto", d.log)
+			if mode == current {
+				continue
+			}
+			select {
+			case changes <- hostRoutingChange{mode, why}:
+				current = mode
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return changes
+}
+
+// applyHostRouting switches the backend and refreshes what status and metrics say of its mode.
+func (d *daemonRun) applyHostRouting(b backend.Backend, c hostRoutingChange) {
+	hr, ok := b.(backend.HostRouter)
+	if !ok {
+		return
+	}
+	if err := hr.SetHostRouting(c.mode, c.why); err != nil {
+		d.log.Warn("cannot switch host routing", "host_routing", c.mode, "err", err)
+	}
+	d.chosen.mode, d.chosen.modeReason = b.Mode()
+	d.m.SetBackend(d.chosen.name, d.chosen.mode, counterSource(b))
+	d.writeState()
 }

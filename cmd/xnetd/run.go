@@ -282,6 +282,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	keep := d.startKeeper(loopCtx, attrs, leases)
 	defer func() { keep.stop() }()
 	mvLeases, mvDone := d.keepMacvlan(loopCtx)
+	hostRouting := d.watchHostRouting(loopCtx, b)
 
 	for {
 		select {
@@ -340,6 +341,8 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			d.m.SetLease(l)
 			d.log.Info("lease renewed", "subnet", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
 			d.writeState()
+		case c := <-hostRouting:
+			d.applyHostRouting(b, c)
 		case <-d.stateTimer.C:
 			d.writeState()
 		case <-d.removalTimer.C:
