@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -34,6 +35,8 @@ type cluster struct {
 	cfg   subnetmgr.Config
 	log   *slog.Logger
 	hosts []*node
+	// withoutLast is the first host's state (node.state) with every peer but the last host.
+	withoutLast []string
 }
 
 // node is one host of the cluster and the backend running on it.
@@ -96,20 +99,12 @@ func (n *node) start(t *testing.T) {
 	if n.b != nil {
 		t.Fatalf("%s: start while a backend runs", n.Name)
 	}
-	err := n.Do(func() error {
-		eth0, err := netlink.LinkByName("eth0")
-		if err != nil {
-			return err
-		}
-		a := eth0.Attrs()
-		n.b, err = n.cl.row.new(backend.Options{
-			Iface:  backend.ExternalInterface{Name: a.Name, Index: a.Index, MTU: a.MTU, MAC: a.HardwareAddr, PublicIP: n.UnderlayIP, IfaceIP: n.UnderlayIP},
-			Config: n.cl.cfg,
-			BPFFS:  n.pinDir(),
-			Logger: n.cl.log.With("host", n.Name),
-		})
-		return err
-	})
+	iface, err := Underlay(n.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := backend.Options{Iface: iface, Config: n.cl.cfg, BPFFS: n.pinDir(), Logger: n.cl.log.With("host", n.Name)}
+	err = n.Do(func() (err error) { n.b, err = n.cl.row.new(opts); return err })
 	if err != nil {
 		t.Fatalf("%s: new backend: %v", n.Name, err)
 	}
@@ -253,6 +248,14 @@ func checkPaths(t *testing.T, paths []path, ok func(context.Context, path) bool)
 	return failed
 }
 
+// ip runs an iproute2 command in the host's namespace, failing the test if it fails.
+func (n *node) ip(t *testing.T, args string) {
+	t.Helper()
+	if err := n.IP(t.Context(), args); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // routedTo says whether the host's main routing table has a route for exactly subnet.
 func (n *node) routedTo(t *testing.T, subnet netip.Prefix) bool {
 	t.Helper()
@@ -261,6 +264,54 @@ func (n *node) routedTo(t *testing.T, subnet netip.Prefix) bool {
 		t.Fatal(err)
 	}
 	return strings.TrimSpace(out) != ""
+}
+
+// state is what the host's kernel shows of its datapath, as sorted lines: link names, IPv4 routes of
+// every table, permanent neighbours and permanent forwarding entries (what a backend programs;
+// learned entries come and go with traffic). What it does not show (BPF maps, a process's
+// memory) is the backend's own tests' business.
+func (n *node) state(t *testing.T) []string {
+	t.Helper()
+	var lines []string
+	for _, cmd := range [][]string{
+		{"ip", "-br", "link", "show"},
+		{"ip", "-4", "route", "show", "table", "all"},
+		{"ip", "-4", "neigh", "show", "nud", "permanent"},
+		{"bridge", "fdb", "show"},
+	} {
+		out, err := n.Run(t.Context(), cmd[0], cmd[1:]...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for l := range strings.Lines(out) {
+			l = strings.TrimSpace(l)
+			switch {
+			case l == "" || cmd[0] == "bridge" && !strings.Contains(l, "permanent"):
+				continue
+			case cmd[2] == "link":
+				l = strings.Fields(l)[0] // not the state: docker0's settles when it pleases
+			}
+			lines = append(lines, strings.Join(cmd[:3], " ")+": "+l)
+		}
+	}
+	slices.Sort(lines)
+	return lines
+}
+
+// wantState checks the host's state is want, naming the lines that differ.
+func (n *node) wantState(t *testing.T, what string, want []string) {
+	t.Helper()
+	got := n.state(t)
+	for _, l := range got {
+		if !slices.Contains(want, l) {
+			t.Errorf("%s: %s has %q", what, n.Name, l)
+		}
+	}
+	for _, l := range want {
+		if !slices.Contains(got, l) {
+			t.Errorf("%s: %s lacks %q", what, n.Name, l)
+		}
+	}
 }
 
 // leftovers lists what of a datapath the host shows: links named xnet*, routes into the
@@ -275,9 +326,10 @@ func (n *node) leftovers(t *testing.T) []string {
 		if err != nil {
 			return err
 		}
-		docker0 := 0
+		docker0, names := 0, map[int]string{}
 		for _, l := range links {
 			name := l.Attrs().Name
+			names[l.Attrs().Index] = name
 			if name == "docker0" {
 				docker0 = l.Attrs().Index
 			}
@@ -298,7 +350,7 @@ func (n *node) leftovers(t *testing.T) []string {
 			dst, _ := netip.AddrFromSlice(r.Dst.IP)
 			ones, _ := r.Dst.Mask.Size()
 			if network.Contains(dst.Unmap()) && ones >= network.Bits() {
-				found = append(found, "route "+r.String())
+				found = append(found, fmt.Sprintf("route %v dev %s table %d", r.Dst, names[r.LinkIndex], r.Table))
 			}
 		}
 		return nil

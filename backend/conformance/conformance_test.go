@@ -1,7 +1,9 @@
 package conformance
 
 import (
+	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -74,7 +76,17 @@ func modeIsReported(t *testing.T, c *cluster) {
 }
 
 func peersAdded(t *testing.T, c *cluster) {
+	a, last := c.hosts[0], c.hosts[len(c.hosts)-1]
 	for _, n := range c.hosts {
+		if n == a {
+			for _, o := range c.hosts[1 : len(c.hosts)-1] {
+				n.addPeers(t, o.lease)
+			}
+			// What removing or pruning the last host's lease must bring the first one back to.
+			c.withoutLast = a.state(t)
+			n.addPeers(t, last.lease)
+			continue
+		}
 		n.addPeers(t, c.others(n)...)
 	}
 	wantReach(t, mesh(c.hosts...)...)
@@ -108,6 +120,7 @@ func peerRemoved(t *testing.T, c *cluster) {
 	}
 	wantNoReach(t, path{a, gone})
 	wantReach(t, path{a, b}, path{b, a}, path{b, gone}, path{gone, b})
+	a.wantState(t, "after RemovePeer, as before AddPeer", c.withoutLast)
 
 	// The lease comes back (the host renewed it late): its containers are reachable again.
 	a.addPeers(t, gone.lease)
@@ -244,10 +257,23 @@ func restartAdopts(t *testing.T, c *cluster) {
 }
 
 // pruneAfterRestart: a host's lease is deleted while xnetd is down on another, so no removal
-// event ever tells the restarted process; PrunePeers after the first full lease list must.
+// event ever tells the restarted process; PrunePeers after the first full lease list must. What
+// the prune may remove is the backend's alone: routes an administrator added on the underlay
+// NIC that no peer's lease explains (outside the overlay, the whole overlay Network as a
+// fallback, a part of our own subnet) stay.
 func pruneAfterRestart(t *testing.T, c *cluster) {
 	a, kept, gone := c.hosts[0], c.hosts[1], c.hosts[2]
+	own := a.lease.Subnet.Addr().As4()
+	own[3] |= 128
+	foreign := []string{
+		fmt.Sprintf("192.0.2.0/24 via %s dev eth0", harness.UnderlayGateway),
+		fmt.Sprintf("%s via %s dev eth0 metric 100", c.cfg.Network, harness.UnderlayGateway),
+		fmt.Sprintf("%s via %s dev eth0", netip.PrefixFrom(netip.AddrFrom4(own), a.lease.Subnet.Bits()+1), harness.UnderlayGateway),
+	}
 	a.stop(t, false)
+	for _, r := range foreign {
+		a.ip(t, "route add "+r)
+	}
 	a.start(t)
 	a.addPeers(t, kept.lease) // the first full lease list: gone's lease is not in it
 	if !reaches(t, path{a, gone}) && !a.routedTo(t, gone.lease.Subnet) {
@@ -263,11 +289,16 @@ func pruneAfterRestart(t *testing.T, c *cluster) {
 			t.Fatal(err)
 		}
 	}
-	wantNoReach(t, path{a, gone})
-	if a.routedTo(t, gone.lease.Subnet) {
-		t.Errorf("%s still routes %v after the prune", a.Name, gone.lease.Subnet)
+	for _, r := range foreign {
+		if out, _ := a.Run(t.Context(), "ip", "-4", "route", "show", "exact", strings.Fields(r)[0]); !strings.Contains(out, "via "+harness.UnderlayGateway.String()) {
+			t.Errorf("the prune removed the administrator's route %s", r)
+			continue
+		}
+		a.ip(t, "route del "+r)
 	}
+	wantNoReach(t, path{a, gone})
 	wantReach(t, path{a, kept}, path{kept, a})
+	a.wantState(t, "after the prune, as before the pruned peer was added", c.withoutLast)
 }
 
 func teardownLeavesNothing(t *testing.T, c *cluster) {

@@ -7,7 +7,9 @@
 // suite with one row of the table in conformance_test.go and what the suite demands of it is
 // what xnetd and its users rely on.
 //
-// It owns no code that runs in xnetd: only the tests. What a backend programs, and how, is
-// tested in the backend's own package (vxlan's flannel-compatible entries, udp's packet
-// classification, ebpf's headroom and decap length checks).
+// It owns no code that runs in xnetd: the tests, and the fixtures the backends' own tests share
+// with them (hosts.go: a harness host's underlay interface and a netlink handle in its
+// namespace). What a backend programs, and how, is tested in the backend's own package (vxlan's
+// flannel-compatible entries, udp's packet classification, ebpf's pinned maps, headroom and
+// decap length checks).
 package conformance
