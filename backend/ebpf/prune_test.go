@@ -9,9 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/conformance"
 	"github.com/xnet-dev/xnet/bpf"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
@@ -56,16 +55,11 @@ func startOn(t *testing.T, h *harness.Host, local subnetmgr.Lease) *Backend {
 // newOn builds the backend inside h's namespace, pinning under h's bpffs.
 func newOn(t *testing.T, h *harness.Host, decap string) *Backend {
 	t.Helper()
-	var link netlink.Link
-	if err := h.Do(func() (err error) { link, err = netlink.LinkByName("eth0"); return err }); err != nil {
+	iface, err := conformance.Underlay(h)
+	if err != nil {
 		t.Fatal(err)
 	}
-	a := link.Attrs()
-	opts := backend.Options{
-		Iface:  backend.ExternalInterface{Name: a.Name, Index: a.Index, MTU: a.MTU, MAC: a.HardwareAddr, PublicIP: h.UnderlayIP, IfaceIP: h.UnderlayIP},
-		Config: testConfig, Decap: decap, BPFFS: h.BPFFS,
-		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-	}
+	opts := backend.Options{Iface: iface, Config: testConfig, Decap: decap, BPFFS: h.BPFFS, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))}
 	var b *Backend
 	if err := h.Do(func() (err error) { b, err = NewBackend(opts); return err }); err != nil {
 		t.Fatal(err)
@@ -111,12 +105,13 @@ func readPinned(t *testing.T, dir string) pinned {
 	return p
 }
 
-// TestRestartedBackendPrunesPeersWhoseLeasesWentAway: xnetd programs peers A, B and an older
-// subnet of A's host, then stops (the datapath stays). While it is down B's lease and the older
-// subnet are deleted. A new backend on the same pins, after Setup and PrunePeers([A]), holds
-// only A: its route, its counters (with their counts) and its cached next hop; our config is
-// untouched.
-func TestRestartedBackendPrunesPeersWhoseLeasesWentAway(t *testing.T) {
+// TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs: what a user sees of a prune (the pruned
+// peer unreachable, the kept one reachable) is backend/conformance's; this is what the pinned
+// maps hold. xnetd programs peers A, B and an older subnet of A's host, then stops. While it is
+// down B's lease and the older subnet are deleted. A new backend on the same pins, after Setup
+// and PrunePeers([A]), holds only A: its route, and, keyed by PublicIP, its counters (with
+// their counts) and its cached next hop; our config is untouched.
+func TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 1})
 	h := topo.Hosts()[0]
 	local := vxlanLease(t, "10.244.1.0/24", h.UnderlayIP.String())
