@@ -33,6 +33,7 @@ import (
 type cluster struct {
 	row   row
 	cfg   subnetmgr.Config
+	ctx   context.Context // xnetd's: Setup's, alive as long as the cluster
 	log   *slog.Logger
 	hosts []*node
 	// withoutLast is the first host's state (node.state) with every peer but the last host.
@@ -56,7 +57,7 @@ func newCluster(t *testing.T, r row) *cluster {
 		t.Fatal(err)
 	}
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3})
-	c := &cluster{row: r, cfg: cfg, log: slog.New(slog.NewTextHandler(testWriter{t}, nil)).With("test", r.name)}
+	c := &cluster{row: r, cfg: cfg, ctx: t.Context(), log: slog.New(slog.NewTextHandler(testWriter{t}, nil)).With("test", r.name)}
 	for i, h := range topo.Hosts() {
 		n := &node{Host: h, cl: c}
 		n.lease.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
@@ -104,10 +105,11 @@ func (n *node) start(t *testing.T) {
 		t.Fatal(err)
 	}
 	opts := backend.Options{Iface: iface, Config: n.cl.cfg, BPFFS: n.pinDir(), Logger: n.cl.log.With("host", n.Name)}
-	err = n.Do(func() (err error) { n.b, err = n.cl.row.new(opts); return err })
-	if err != nil {
+	var b backend.Backend
+	if err := n.Do(func() (err error) { b, err = n.cl.row.new(opts); return err }); err != nil {
 		t.Fatalf("%s: new backend: %v", n.Name, err)
 	}
+	n.b = b
 	typ, data, err := n.b.LeaseAttrs()
 	if err != nil {
 		t.Fatalf("%s: LeaseAttrs: %v", n.Name, err)
@@ -118,7 +120,7 @@ func (n *node) start(t *testing.T) {
 	} else if typ != n.lease.BackendType || string(data) != string(n.lease.BackendData) {
 		t.Errorf("%s: the restarted backend publishes %s %s, the first published %s %s", n.Name, typ, data, n.lease.BackendType, n.lease.BackendData)
 	}
-	if err := n.call(func(b backend.Backend) error { return b.Setup(t.Context(), n.lease, n.cl.cfg) }); err != nil {
+	if err := n.call(func(b backend.Backend) error { return b.Setup(n.cl.ctx, n.lease, n.cl.cfg) }); err != nil {
 		t.Fatalf("%s: Setup: %v", n.Name, err)
 	}
 }
@@ -266,10 +268,10 @@ func (n *node) routedTo(t *testing.T, subnet netip.Prefix) bool {
 	return strings.TrimSpace(out) != ""
 }
 
-// state is what the host's kernel shows of its datapath, as sorted lines: link names, IPv4 routes of
-// every table, permanent neighbours and permanent forwarding entries (what a backend programs;
-// learned entries come and go with traffic). What it does not show (BPF maps, a process's
-// memory) is the backend's own tests' business.
+// state is what the host's kernel shows of its datapath, as sorted lines: link names, IPv4
+// routes of every table, permanent neighbours and permanent forwarding entries (what a backend
+// programs; learned entries come and go with traffic). What it does not show (BPF maps, a
+// process's memory) is the backend's own tests' business.
 func (n *node) state(t *testing.T) []string {
 	t.Helper()
 	var lines []string
