@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/conformance"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -51,16 +51,11 @@ func startOn(t *testing.T, h *harness.Host, local subnetmgr.Lease) *Backend {
 // newOn builds the backend inside h's namespace, pinning under h's bpffs.
 func newOn(t *testing.T, h *harness.Host, decap string) *Backend {
 	t.Helper()
-	var link netlink.Link
-	if err := h.Do(func() (err error) { link, err = netlink.LinkByName("eth0"); return err }); err != nil {
+	iface, err := conformance.Underlay(h)
+	if err != nil {
 		t.Fatal(err)
 	}
-	a := link.Attrs()
-	opts := backend.Options{
-		Iface:  backend.ExternalInterface{Name: a.Name, Index: a.Index, MTU: a.MTU, MAC: a.HardwareAddr, PublicIP: h.UnderlayIP, IfaceIP: h.UnderlayIP},
-		Config: testConfig, Decap: decap, BPFFS: h.BPFFS,
-		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-	}
+	opts := backend.Options{Iface: iface, Config: testConfig, Decap: decap, BPFFS: h.BPFFS, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))}
 	var b *Backend
 	if err := h.Do(func() (err error) { b, err = NewBackend(opts); return err }); err != nil {
 		t.Fatal(err)

@@ -50,12 +50,13 @@ func readPinned(t *testing.T, dir string) pinned {
 	return p
 }
 
-// TestRestartedBackendPrunesPeersWhoseLeasesWentAway: xnetd programs peers A, B and an older
-// subnet of A's host, then stops (the datapath stays). While it is down B's lease and the older
-// subnet are deleted. A new backend on the same pins, after Setup and PrunePeers([A]), holds
-// only A: its route, its counters (with their counts) and its cached next hop; our config is
-// untouched.
-func TestRestartedBackendPrunesPeersWhoseLeasesWentAway(t *testing.T) {
+// TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs: what a user sees of a prune (the pruned
+// peer unreachable, the kept one reachable) is backend/conformance's; this is what the pinned
+// maps hold. xnetd programs peers A, B and an older subnet of A's host, then stops. While it is
+// down B's lease and the older subnet are deleted. A new backend on the same pins, after Setup
+// and PrunePeers([A]), holds only A: its route, and, keyed by PublicIP, its counters (with
+// their counts) and its cached next hop; our config is untouched.
+func TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 1})
 	h := topo.Hosts()[0]
 	local := vxlanLease(t, "10.244.1.0/24", h.UnderlayIP.String())

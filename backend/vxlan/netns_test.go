@@ -2,16 +2,17 @@ package vxlan
 
 // Test scaffolding: "hosts" from the shared harness (network namespaces with eth0 on one
 // underlay bridge, 198.18.0.11/24, .12/24, ...), each with a netlink handle bound to its
-// namespace, which is what NewWithHandle takes.
+// namespace, which is what NewWithHandle takes. What every backend must do on such hosts is
+// backend/conformance's; the tests here are vxlan's own.
 
 import (
 	"net/netip"
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/conformance"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -35,27 +36,13 @@ func (h *testHost) sh(t *testing.T, args ...string) string {
 // newHosts makes n hosts on one underlay; host i has eth0 with 198.18.0.(11+i)/24.
 func newHosts(t *testing.T, n int) []*testHost {
 	t.Helper()
-	topo := harness.NewForTest(t, harness.Options{Hosts: n})
 	var hosts []*testHost
-	for _, h := range topo.Hosts() {
-		nsh, err := netns.GetFromPath(h.Path())
+	for _, h := range harness.NewForTest(t, harness.Options{Hosts: n}).Hosts() {
+		iface, err := conformance.Underlay(h)
 		if err != nil {
 			t.Fatal(err)
 		}
-		nl, err := netlink.NewHandleAt(nsh)
-		nsh.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(nl.Close)
-		link, err := nl.LinkByName("eth0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		a := link.Attrs()
-		hosts = append(hosts, &testHost{Host: h, nl: nl, iface: backend.ExternalInterface{
-			Name: "eth0", Index: a.Index, MTU: a.MTU, MAC: a.HardwareAddr, PublicIP: h.UnderlayIP, IfaceIP: h.UnderlayIP,
-		}})
+		hosts = append(hosts, &testHost{Host: h, nl: conformance.NetlinkHandle(t, h), iface: iface})
 	}
 	return hosts
 }
