@@ -97,7 +97,11 @@ type Backend struct {
 // returns the backend. It returns an error wrapping backend.ErrUnavailable when BPF cannot
 // load. It works in the network namespace of the calling thread.
 func New(opts backend.Options) (backend.Backend, error) {
-	return NewBackend(opts)
+	b, err := NewBackend(opts)
+	if err != nil {
+		return nil, err // a nil interface, not a nil *Backend inside one
+	}
+	return b, nil
 }
 
 // NewBackend is New with the concrete type (Status, Counters).

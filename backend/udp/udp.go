@@ -171,7 +171,11 @@ type Backend struct {
 // of the calling thread: Setup creates the device and sockets there. It changes nothing on the
 // host.
 func New(opts backend.Options) (backend.Backend, error) {
-	return NewWithTuning(opts, Tuning{})
+	b, err := NewWithTuning(opts, Tuning{})
+	if err != nil {
+		return nil, err // a nil interface, not a nil *Backend inside one
+	}
+	return b, nil
 }
 
 // NewWithTuning is New with explicit datapath settings.
