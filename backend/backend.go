@@ -122,8 +122,11 @@ type Options struct {
 	HostRouting string
 	// HostRoutingWhy says why HostRouting was chosen, for status and logs.
 	HostRoutingWhy string
-	BPFFS          string // ebpf only: pin directory, default /sys/fs/bpf/xnet
-	Logger         *slog.Logger
+	// Bridge is ebpf only: the container bridge by name (--bridge); empty finds every bridge
+	// holding an address in our lease, whatever it is called.
+	Bridge string
+	BPFFS  string // ebpf only: pin directory, default /sys/fs/bpf/xnet
+	Logger *slog.Logger
 }
 
 // Constructor builds a backend. It must not change the host: that is Setup's job. It returns

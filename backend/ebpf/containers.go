@@ -3,6 +3,9 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,27 +16,78 @@ import (
 	"github.com/xnet-dev/xnet/loader"
 )
 
-// attachContainers makes the container veths of docker0 match the host-routing mode and
-// what exists now. With bpf host routing every veth enslaved to docker0 gets the encap
-// program; with kernel host routing none has it (an earlier run's attachments are removed),
-// so container traffic takes the host's stack and its netfilter rules both ways. In both modes
-// an endpoint learned for an interface that is no longer a container veth of docker0 is
-// forgotten, and so is the veth: both are what a restart or a lost link event leaves behind,
-// and decap must never hand a packet to an interface that is gone.
+// findBridges returns the bridges that hold our containers, by ifindex, and why. With
+// --bridge it is the one named. Otherwise it is every bridge that has an IPv4 address inside
+// our lease: Docker's docker0 started with the --bip xnetd wrote, a daemon.json "bridge" of
+// another name, podman's or a CNI bridge configured from subnet.env. The gateway address says
+// which bridge serves our subnet; its name says nothing.
+func (b *Backend) findBridges(links []netlink.Link) (map[int]string, string) {
+	found := map[int]string{}
+	if b.bridgeName != "" {
+		for _, l := range links {
+			if l.Attrs().Name == b.bridgeName && l.Type() == "bridge" {
+				found[l.Attrs().Index] = l.Attrs().Name
+			}
+		}
+		return found, "--bridge=" + b.bridgeName
+	}
+	subnet := b.Local().Subnet
+	for _, l := range links {
+		if l.Type() != "bridge" {
+			continue
+		}
+		addrs, err := netlink.AddrList(l, unix.AF_INET)
+		if err != nil {
+			continue
+		}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok && subnet.Contains(ip.Unmap()) {
+				found[l.Attrs().Index] = l.Attrs().Name
+				break
+			}
+		}
+	}
+	return found, "bridges with an address in " + subnet.String()
+}
+
+// primaryBridge is the bridge that gets the headroom port: the one with the lowest ifindex
+// (a vxlan device can be the port of one bridge only). "" when there is none.
+func (b *Backend) primaryBridge() string {
+	best, name := 0, ""
+	for idx, n := range b.bridges {
+		if best == 0 || idx < best {
+			best, name = idx, n
+		}
+	}
+	return name
+}
+
+// attachContainers makes the container veths match the host-routing mode and what exists now.
+// It finds the container bridges again (findBridges), so a bridge that appeared, got our
+// gateway address, was renamed or went away is followed. With bpf host routing every veth
+// enslaved to a container bridge gets the encap program; with kernel host routing none has it
+// (an earlier run's attachments are removed), so container traffic takes the host's stack and
+// its netfilter rules both ways. In both modes an endpoint learned for an interface that is no
+// longer a container veth is forgotten, and so is the veth: both are what a restart or a lost
+// link event leaves behind, and decap must never hand a packet to an interface that is gone.
 func (b *Backend) attachContainers() error {
 	links, err := netlink.LinkList()
 	if err != nil {
 		return fmt.Errorf("ebpf: list links: %w", err)
 	}
+	bridges, why := b.findBridges(links)
+	if !maps.Equal(bridges, b.bridges) {
+		b.Log.Info("container bridges", "bridges", slices.Sorted(maps.Values(bridges)), "why", why)
+	}
+	b.bridges = bridges
+	b.status.Bridges, b.status.BridgeWhy = slices.Sorted(maps.Values(bridges)), why
 	live := map[int]bool{}
-	if bridge, err := netlink.LinkByName(DockerBridge); err == nil {
-		for _, l := range links {
-			if l.Type() == "veth" && l.Attrs().MasterIndex == bridge.Attrs().Index {
-				live[l.Attrs().Index] = true
-			}
+	for _, l := range links {
+		if _, ok := bridges[l.Attrs().MasterIndex]; ok && l.Type() == "veth" {
+			live[l.Attrs().Index] = true
 		}
 	}
-	// Docker may not have started yet: watchLinks catches docker0's veths later.
+	// No bridge yet (Docker has not started): the watch catches it later.
 	var errs []error
 	for idx := range b.veths {
 		if !live[idx] || b.hostRouting == HostRoutingKernel {
@@ -65,6 +119,7 @@ func (b *Backend) attachContainers() error {
 	if gone > 0 {
 		b.Log.Info("forgot containers whose interface is gone (or that host routing no longer serves)", "endpoints", gone)
 	}
+	b.headroomPort()
 	return errors.Join(errs...)
 }
 
@@ -122,18 +177,20 @@ func (b *Backend) forgetContainer(ifindex int) error {
 	return errors.Join(err, errF)
 }
 
-// linkWatchBuffer is the receive buffer of the link subscription. Container churn (a
-// docker-compose up of many services) produces bursts of link events; a larger buffer makes
-// an overflow rarer, and watchLinks recovers from one anyway.
+// linkWatchBuffer is the receive buffer of the link and address subscriptions. Container
+// churn (a docker-compose up of many services) produces bursts of link events; a larger buffer
+// makes an overflow rarer, and watchLinks recovers from one anyway.
 const linkWatchBuffer = 1 << 20
 
-// watchLinks follows link changes: a veth that joins docker0 gets the encap program, a veth
-// that goes away has its pin and learned containers removed. A subscription ends for good on
-// its first receive error (an overflowing buffer during container churn is one), so events
-// are lost: the watch then subscribes again and resyncs everything from the current links
-// (attachContainers), until stopped.
+// watchLinks follows link and address changes: a veth that joins a container bridge gets the
+// encap program, a veth that goes away has its pin and learned containers removed, and a
+// bridge that appears, changes or gets or loses an address in our subnet makes the backend
+// find the container bridges again. A subscription ends for good on its first receive error
+// (an overflowing buffer during container churn is one), so events are lost: the watch then
+// subscribes again and resyncs everything from the current links (attachContainers), until
+// stopped.
 func (b *Backend) watchLinks() (func(), error) {
-	updates, cancel, err := b.subscribeLinks()
+	sub, err := b.subscribe()
 	if err != nil {
 		return nil, err
 	}
@@ -142,17 +199,15 @@ func (b *Backend) watchLinks() (func(), error) {
 	go func() {
 		defer close(stopped)
 		for {
-			for u := range updates {
-				b.handleLinkUpdate(u)
-			}
-			cancel()
+			b.follow(sub)
+			sub.cancel()
 			for {
 				select {
 				case <-stop:
 					return
 				default:
 				}
-				if updates, cancel, err = b.subscribeLinks(); err == nil {
+				if sub, err = b.subscribe(); err == nil {
 					break
 				}
 				b.Log.Warn("cannot subscribe to link updates again; retrying", "err", err)
@@ -163,64 +218,124 @@ func (b *Backend) watchLinks() (func(), error) {
 				}
 			}
 			b.linkResyncs.Add(1)
-			b.mu.Lock()
-			if b.ld != nil {
-				if err := b.exec.do(b.attachContainers); err != nil {
-					b.Log.Warn("resync of container veths after the link watch broke", "err", err)
-				}
-			}
-			b.mu.Unlock()
+			b.resync()
 		}
 	}()
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			close(stop)
-			cancel()
-			// The subscription closes updates once it notices done.
+			sub.cancel()
+			// The subscriptions close their channels once they notice done.
 			<-stopped
 		})
 	}, nil
 }
 
-// subscribeLinks opens one link subscription in the backend's namespace. cancel ends it.
-func (b *Backend) subscribeLinks() (<-chan netlink.LinkUpdate, func(), error) {
-	updates := make(chan netlink.LinkUpdate, 256)
-	done := make(chan struct{})
-	ns, err := b.exec.netns()
-	if err != nil {
-		return nil, nil, err
-	}
-	defer ns.Close()
-	var stopping atomic.Bool
-	err = netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{
-		Namespace:         &ns,
-		ReceiveBufferSize: b.linkBuffer,
-		ErrorCallback: func(err error) {
-			if !stopping.Load() { // closing the socket on stop reads as an error too
-				b.Log.Warn("link watch broke: subscribing again and resyncing container veths", "err", err)
-			}
-		},
-	})
-	if err != nil {
-		return nil, nil, fmt.Errorf("ebpf: subscribe to link updates: %w", err)
-	}
-	var once sync.Once
-	return updates, func() {
-		once.Do(func() {
-			stopping.Store(true)
-			close(done)
-		})
-	}, nil
+// subscription is one link and one address subscription in the backend's namespace.
+type subscription struct {
+	links  <-chan netlink.LinkUpdate
+	addrs  <-chan netlink.AddrUpdate
+	cancel func()
 }
 
-func (b *Backend) handleLinkUpdate(u netlink.LinkUpdate) {
+// follow hands updates to the backend until either subscription ends.
+func (b *Backend) follow(sub subscription) {
+	for {
+		select {
+		case u, ok := <-sub.links:
+			if !ok {
+				return
+			}
+			b.handleLinkUpdate(u)
+		case u, ok := <-sub.addrs:
+			if !ok {
+				return
+			}
+			if u.LinkAddress.IP.To4() != nil && b.isBridgeAddrChange(u) {
+				b.resync()
+			}
+		}
+	}
+}
+
+// isBridgeAddrChange says whether an address update can change which bridges are container
+// bridges: an address in our subnet, or any address of a bridge we use.
+func (b *Backend) isBridgeAddrChange(u netlink.AddrUpdate) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.bridges[u.LinkIndex]; ok {
+		return true
+	}
+	ip, ok := netip.AddrFromSlice(u.LinkAddress.IP)
+	return ok && b.Local().Subnet.Contains(ip.Unmap())
+}
+
+// resync finds the container bridges and their veths again (attachContainers).
+func (b *Backend) resync() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.ld == nil {
 		return
 	}
+	if err := b.exec.do(b.attachContainers); err != nil {
+		b.Log.Warn("resync of container bridges and veths", "err", err)
+	}
+}
+
+// subscribe opens the link and address subscriptions in the backend's namespace.
+func (b *Backend) subscribe() (subscription, error) {
+	links := make(chan netlink.LinkUpdate, 256)
+	addrs := make(chan netlink.AddrUpdate, 64)
+	done := make(chan struct{})
+	var stopping atomic.Bool
+	onErr := func(err error) {
+		if !stopping.Load() { // closing the socket on stop reads as an error too
+			b.Log.Warn("link watch broke: subscribing again and resyncing container veths", "err", err)
+		}
+	}
+	ns, err := b.exec.netns()
+	if err != nil {
+		return subscription{}, err
+	}
+	defer ns.Close()
+	var once sync.Once
+	cancel := func() {
+		once.Do(func() {
+			stopping.Store(true)
+			close(done)
+		})
+	}
+	err = netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{
+		Namespace: &ns, ReceiveBufferSize: b.linkBuffer, ErrorCallback: onErr,
+	})
+	if err != nil {
+		cancel()
+		return subscription{}, fmt.Errorf("ebpf: subscribe to link updates: %w", err)
+	}
+	err = netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{
+		Namespace: &ns, ReceiveBufferSize: b.linkBuffer, ErrorCallback: onErr,
+	})
+	if err != nil {
+		cancel()
+		return subscription{}, fmt.Errorf("ebpf: subscribe to address updates: %w", err)
+	}
+	return subscription{links: links, addrs: addrs, cancel: cancel}, nil
+}
+
+func (b *Backend) handleLinkUpdate(u netlink.LinkUpdate) {
 	idx := int(u.Index)
+	if u.Link != nil && u.Link.Type() == "bridge" {
+		// A bridge appeared, went, or changed its MTU or MAC: find the container bridges
+		// again and keep the headroom port in step.
+		b.resync()
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ld == nil {
+		return
+	}
 	if u.Header.Type == unix.RTM_DELLINK {
 		if _, ok := b.veths[idx]; !ok {
 			return
@@ -228,22 +343,13 @@ func (b *Backend) handleLinkUpdate(u netlink.LinkUpdate) {
 		_ = b.exec.do(func() error { return b.forgetContainer(idx) })
 		return
 	}
-	if u.Link != nil && u.Attrs().Name == DockerBridge {
-		// docker0 appeared, came back or changed its MTU or MAC: keep the headroom port in step.
-		_ = b.exec.do(func() error { b.headroomPort(); return nil })
+	if b.hostRouting == HostRoutingKernel || u.Link == nil || u.Link.Type() != "veth" {
 		return
 	}
-	if b.hostRouting == HostRoutingKernel || u.Link == nil || u.Link.Type() != "veth" || u.Attrs().MasterIndex == 0 {
+	if _, ok := b.bridges[u.Attrs().MasterIndex]; !ok {
 		return
 	}
-	err := b.exec.do(func() error {
-		bridge, err := netlink.LinkByName(DockerBridge)
-		if err != nil || u.Attrs().MasterIndex != bridge.Attrs().Index {
-			return nil
-		}
-		return b.attachContainer(idx)
-	})
-	if err != nil {
+	if err := b.exec.do(func() error { return b.attachContainer(idx) }); err != nil {
 		b.Log.Warn("cannot attach encap to a new container veth; its traffic to other hosts takes the host's stack", "ifindex", idx, "name", u.Attrs().Name, "err", err)
 	}
 }

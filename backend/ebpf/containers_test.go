@@ -173,3 +173,78 @@ func TestAContainerReplacedWhileXnetdWasDownIsReachable(t *testing.T) {
 	}
 	ping("after the container was replaced while xnetd was down")
 }
+
+// The container bridge is found by our gateway address, not by its name: a bridge that loses
+// the address stops being served, and the same bridge renamed (a daemon.json "bridge", podman's
+// or a CNI bridge) serves again once it holds the address; its containers then take the fast
+// path (they are learned and delivered to directly) and reach another host's.
+func TestTheContainerBridgeIsFoundByItsAddressNotItsName(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
+	hosts := topo.Hosts()
+	leases := []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("10.244.2.0/24")}
+	var bs []*Backend
+	var ctrs []*harness.Container
+	for i, h := range hosts {
+		b := startOn(t, h, vxlanLease(t, leases[i].String(), h.UnderlayIP.String()))
+		t.Cleanup(func() { _ = b.Close(true) })
+		bs = append(bs, b)
+		if err := h.SetupDocker0(netip.PrefixFrom(leases[i].Addr().Next(), 24), b.MTU()); err != nil {
+			t.Fatal(err)
+		}
+		c, err := h.AddContainer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctrs = append(ctrs, c)
+	}
+	for i, b := range bs {
+		if err := b.AddPeer(vxlanLease(t, leases[1-i].String(), hosts[1-i].UnderlayIP.String())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	served := func(b *Backend) (veths int, bridges []string) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return len(b.veths), append([]string(nil), b.status.Bridges...)
+	}
+	waitServed := func(what string, b *Backend, veths int, bridge string) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			n, brs := served(b)
+			if n == veths && (bridge == "" && len(brs) == 0 || len(brs) == 1 && brs[0] == bridge) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d container veths on bridges %q, want %d on %q", what, n, brs, veths, bridge)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	h, b := hosts[1], bs[1]
+	gw := h.Docker0().String()
+	waitServed("docker0 with our gateway address", b, 1, "docker0")
+
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := h.IP(ctx, "addr flush dev docker0"); err != nil {
+		t.Fatal(err)
+	}
+	waitServed("the bridge without our address", b, 0, "")
+
+	if err := h.IP(ctx, "link set docker0 down", "link set docker0 name cni0", "link set cni0 up", "addr add "+gw+" dev cni0"); err != nil {
+		t.Fatal(err)
+	}
+	waitServed("the bridge renamed cni0 with our gateway address", b, 1, "cni0")
+
+	if sent, got, err := harness.Ping(ctx, ctrs[0].Namespace, ctrs[1].IP, 3, 100*time.Millisecond); err != nil || got == 0 {
+		t.Fatalf("ping %v -> %v behind cni0: %d of %d answered (%v)", ctrs[0].IP, ctrs[1].IP, got, sent, err)
+	}
+	eps, err := b.m.ListEndpoints()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(eps) != 1 || eps[0].IP != ctrs[1].IP {
+		t.Fatalf("endpoints behind cni0 after the ping: %+v, want %v learned (the fast path)", eps, ctrs[1].IP)
+	}
+}

@@ -54,7 +54,9 @@ import (
 const (
 	HostDevice     = "xnet0"  // routed device for the host's own overlay traffic
 	hostDevicePeer = "xnet0p" // its veth peer (must be up for xnet0 to carry traffic)
-	DockerBridge   = "docker0"
+	// DockerBridge is Docker's default bridge. Nothing depends on the name: the container
+	// bridges are the ones holding our gateway address (findBridges).
+	DockerBridge = "docker0"
 )
 
 // Host routing modes (--host-routing).
@@ -77,6 +79,7 @@ type Backend struct {
 	bpffs         string
 	exec          *executor
 	hostRouting   string // HostRoutingBPF or HostRoutingKernel
+	bridgeName    string // --bridge; "" finds the bridges by our gateway address
 	linkBuffer    int    // receive buffer of the link subscription
 	linkResyncs   atomic.Int64
 
@@ -85,6 +88,7 @@ type Backend struct {
 	m         *maps.Maps
 	host      int              // ifindex of xnet0
 	veths     map[int]struct{} // container veths carrying the encap program
+	bridges   map[int]string   // container bridges by ifindex (findBridges)
 	peers     map[netip.Prefix]netip.Addr
 	status    Status
 	stopWatch func()
@@ -146,7 +150,7 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 	}
 	return &Backend{
 		VXLAN: core, decap: decap, bpffs: bpffs, exec: ex,
-		hostRouting: hostRouting, linkBuffer: linkWatchBuffer,
+		hostRouting: hostRouting, linkBuffer: linkWatchBuffer, bridgeName: opts.Bridge,
 		status: Status{HostRouting: hostRouting, HostRoutingWhy: why},
 		veths:  map[int]struct{}{},
 		peers:  map[netip.Prefix]netip.Addr{},
@@ -213,7 +217,6 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 	if err := b.attachContainers(); err != nil {
 		return err
 	}
-	b.headroomPort()
 	if b.stopWatch == nil {
 		stop, err := b.watchLinks()
 		if err != nil {

@@ -32,7 +32,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// HeadroomDevice is the down vxlan device enslaved to docker0 for its needed_headroom.
+// HeadroomDevice is the down vxlan device enslaved to the container bridge (docker0 or
+// whatever holds our gateway address) for its needed_headroom.
 const HeadroomDevice = "xnet-hr"
 
 // headroomVNI is the VNI of HeadroomDevice: never used on the wire, chosen so no real vxlan
@@ -44,13 +45,17 @@ const headroomVNI = 1<<24 - 1
 // which its own changes cause) and nothing when docker0 is absent or not a bridge. It runs on
 // the executor's thread.
 func (b *Backend) ensureHeadroomPort() error {
-	br, err := netlink.LinkByName(DockerBridge)
+	name := b.primaryBridge()
+	if name == "" {
+		return nil // no container bridge yet: the link watch calls again when there is one
+	}
+	br, err := netlink.LinkByName(name)
 	if err != nil {
 		var nf netlink.LinkNotFoundError
 		if errors.As(err, &nf) {
-			return nil // Docker has not started yet: the link watch calls again when it does
+			return nil
 		}
-		return fmt.Errorf("look up %s: %w", DockerBridge, err)
+		return fmt.Errorf("look up %s: %w", name, err)
 	}
 	if br.Type() != "bridge" {
 		return nil
@@ -96,7 +101,7 @@ func (b *Backend) ensureHeadroomPort() error {
 			}
 		}
 		if err := netlink.LinkSetMasterByIndex(link, br.Attrs().Index); err != nil {
-			return fmt.Errorf("enslave %s to %s: %w", HeadroomDevice, DockerBridge, err)
+			return fmt.Errorf("enslave %s to %s: %w", HeadroomDevice, name, err)
 		}
 		if err := setPortInert(attrs.Index); err != nil {
 			return fmt.Errorf("bridge port %s: %w", HeadroomDevice, err)

@@ -158,7 +158,8 @@ func TestContainersGetHeadroomForTheOuterHeaders(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.IP(ctx, "link del docker0", "link add docker0 type bridge"); err != nil {
+	// As dockerd does: the bridge, then its --bip address (which makes it a container bridge).
+	if err := h.IP(ctx, "link del docker0", "link add docker0 type bridge", "addr add "+h.Docker0().String()+" dev docker0"); err != nil {
 		t.Fatal(err)
 	}
 	var br, port netlink.Link

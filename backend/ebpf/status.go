@@ -24,6 +24,9 @@ type Status struct {
 	// HostRouting is "bpf" (container packets skip the host's stack) or "kernel".
 	HostRouting    string `json:"host_routing"`
 	HostRoutingWhy string `json:"host_routing_why"`
+	// Bridges are the container bridges whose veths carry the encap program, and why.
+	Bridges   []string `json:"bridges"`
+	BridgeWhy string   `json:"bridge_why"`
 	// LinkResyncs counts how often the link watch broke and was resubscribed.
 	LinkResyncs int64 `json:"link_resyncs"`
 }

@@ -42,6 +42,7 @@ type options struct {
 	backend        string // "" = the config's Backend.Type
 	decap          string
 	hostRouting    string
+	bridge         string
 	metricsAddr    string // "" = no metrics endpoint
 	bpffs          string
 	teardownOnExit bool
@@ -128,6 +129,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.Var(minutesOrDuration{&o.renewMargin}, "subnet-lease-renew-margin", "renew the lease this long before it expires: minutes (60) or a duration (1h)")
 	fs.StringVar(&o.backend, "backend", "", "auto|ebpf|vxlan|udp|host-gw (default: the config's Backend.Type; \"ebpf\" there means auto)")
 	fs.StringVar(&o.decap, "decap", "auto", "ebpf decapsulation: auto|xdp|tc")
+	fs.StringVar(&o.bridge, "bridge", "", "ebpf: the container bridge by name; empty finds every bridge holding an address in our lease (docker0, a daemon.json \"bridge\", podman's or a CNI bridge)")
 	fs.StringVar(&o.hostRouting, "host-routing", "auto", "ebpf: bpf (container packets skip the host's routing and netfilter) or kernel (they take the host's stack and its firewall, e.g. Docker's DOCKER-USER); auto picks kernel when DOCKER-USER holds rules")
 	fs.StringVar(&o.dockerOptsFile, "docker-opts-file", "/run/xnet/docker", "where to write DOCKER_NETWORK_OPTIONS")
 	fs.StringVar(&o.stateFile, "state-file", "", "where the daemon records its state for 'xnetd status' (default: state.json next to --subnet-file)")

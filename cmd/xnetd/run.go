@@ -120,7 +120,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	hostRouting, hostRoutingWhy := resolveHostRouting(ctx, o.hostRouting, log)
 	d.chosen, err = pickBackend(reg, o.backend, backend.Options{
 		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, Logger: log,
-		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy,
+		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy, Bridge: o.bridge,
 	}, log)
 	if err != nil {
 		return err
