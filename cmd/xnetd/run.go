@@ -262,7 +262,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 		return &fatalError{err}
 	}
 
-	d.peers = newPeers(b, d.lease, d.log, func(t subnetmgr.EventType) { d.m.LeaseEvent(t.String()) })
+	d.peers = newPeers(b, d.lease, d.cfg, d.log, d.m)
 	d.writeState()
 
 	loopCtx, stop := context.WithCancel(ctx)
@@ -314,6 +314,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				d.prunePeers()
 			}
 			d.m.SetPeers(d.peers.counts())
+			d.m.SetConflicts(d.peers.conflictCounts())
 			if !d.ready {
 				d.ready = true
 				d.m.SetReady(true)
@@ -515,6 +516,7 @@ func (d *daemonRun) writeState() {
 	}
 	if d.peers != nil {
 		s.Peers = d.peers.list()
+		s.Conflicts = d.peers.conflictList()
 	}
 	if err := writeState(d.o.stateFile, s); err != nil {
 		d.log.Warn("state file not updated", "state_file", d.o.stateFile, "err", err)
