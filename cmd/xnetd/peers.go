@@ -66,6 +66,9 @@ type peers struct {
 	// own key naming another PublicIP: for `xnetd status` and the metrics.
 	conflicts  map[netip.Addr]conflictState
 	ownRewrite *conflictState
+	// conflictsChanged is set when a conflict starts, changes or ends (see
+	// takeConflictsChanged).
+	conflictsChanged bool
 	// grace is how long a removal waits (removalGrace; 0 removes at once). removing holds
 	// when each peer whose lease is gone leaves the datapath; those peers stay in known,
 	// with RemovalDue set, until then.
@@ -118,6 +121,7 @@ func (p *peers) ownEvent(ev subnetmgr.Event, now time.Time) {
 			p.log.Info("our lease names our PublicIP again", "subnet", l.Subnet, "public_ip", p.own.PublicIP,
 				"rewritten_for", now.Sub(p.ownRewrite.Since).Round(time.Millisecond))
 			p.ownRewrite = nil
+			p.conflictsChanged = true
 		}
 		p.log.Info("lease "+ev.Type.String(), "subnet", l.Subnet, "public_ip", l.PublicIP, "skipped", "our lease")
 		return
@@ -130,6 +134,7 @@ func (p *peers) ownEvent(ev subnetmgr.Event, now time.Time) {
 	if p.ownRewrite != nil && p.ownRewrite.PublicIP == l.PublicIP {
 		return
 	}
+	p.conflictsChanged = true
 	p.ownRewrite = &conflictState{Kind: conflictOwnSubnetRewritten, PublicIP: l.PublicIP,
 		Subnets: []netip.Prefix{l.Subnet.Masked()}, Kept: l.Subnet.Masked(), Since: now,
 		Detail: fmt.Sprintf("our lease %v was rewritten to name %v; it is ours (we created it), the lease keeper writes it back", l.Subnet, l.PublicIP)}
@@ -253,6 +258,7 @@ func (p *peers) setConflict(ip netip.Addr, claimants []subnetmgr.Lease, kept net
 	if len(claimants) < 2 {
 		if had {
 			delete(p.conflicts, ip)
+			p.conflictsChanged = true
 			p.log.Info("one lease claims the PublicIP again; conflict over", "public_ip", ip, "kept", kept,
 				"lasted", now.Sub(old.Since).Round(time.Millisecond))
 		}
@@ -286,6 +292,7 @@ func (p *peers) setConflict(ip netip.Addr, claimants []subnetmgr.Lease, kept net
 			"public_ip", ip, "kept", kept, "claimants", subnets)
 	}
 	p.conflicts[ip] = c
+	p.conflictsChanged = true
 	if !had && p.obs != nil {
 		p.obs.ConflictDetected(conflictDuplicatePublicIP)
 	}
@@ -405,6 +412,15 @@ func (p *peers) leases() []subnetmgr.Lease {
 		}
 	}
 	return out
+}
+
+// takeConflictsChanged says whether the conflicts changed since it was last asked: the
+// daemon then writes the state file at once rather than within its rate limit, since an
+// operator looking at `xnetd status` after an alert must see the conflict.
+func (p *peers) takeConflictsChanged() bool {
+	changed := p.conflictsChanged
+	p.conflictsChanged = false
+	return changed
 }
 
 // conflictCounts is how many conflicts of each kind stand now.

@@ -315,12 +315,15 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			}
 			d.m.SetPeers(d.peers.counts())
 			d.m.SetConflicts(d.peers.conflictCounts())
+			conflictsChanged := d.peers.takeConflictsChanged()
 			if !d.ready {
 				d.ready = true
 				d.m.SetReady(true)
 				_, applied, refused := d.peers.counts()
 				d.log.Info("datapath programmed with the initial peers; ready", "peers", applied, "refused", refused, "took", time.Since(d.started).Round(time.Millisecond))
 				_, _ = daemon.SdNotify(false, fmt.Sprintf("%s\nSTATUS=ready: %v via %s, %d peers", daemon.SdNotifyReady, d.lease.Subnet, d.chosen.name, applied))
+				d.writeState()
+			} else if conflictsChanged {
 				d.writeState()
 			} else {
 				d.stateChanged()
