@@ -136,7 +136,7 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 		switch {
 		case mine:
 			return m.takeBack(ctx, p, attrs, lease, cur, "rewritten with "+holder)
-		case lease.EtcdLeaseID == 0 && cur.leaseID() == 0 && cur.CreateRevision == lease.CreateRevision:
+		case lease.EtcdLeaseID == 0 && cur.leaseID() == 0:
 			m.log.Warn("our reserved subnet now names another host: an administrator moved the reservation; giving it up and taking another subnet",
 				"pool", p.Dir, "subnet", lease.Subnet, "public_ip", attrs.PublicIP, "now", holder)
 			l, err := m.AcquirePoolLease(ctx, p, attrs, netip.Prefix{})
@@ -147,13 +147,18 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 		}
 		return m.lost(ctx, p, attrs, lease, "the key now holds "+holder)
 	}
-	if mine && cur.leaseID() == 0 {
+	ours := Lease{Subnet: lease.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData,
+		CreateRevision: cur.CreateRevision, EtcdLeaseID: cur.EtcdLeaseID}
+	switch {
+	case mine && cur.leaseID() == 0:
 		// Someone detached our key from our etcd lease: as a "reservation" its PublicIP could
 		// next be rewritten as if an administrator moved it.
 		return m.takeBack(ctx, p, attrs, lease, cur, "detached from our etcd lease")
+	case mine && !sameAttrs(cur.Lease, ours):
+		// Our PublicIP with someone else's VTEP MAC or backend: peers would send to us what
+		// our datapath drops.
+		return m.takeBack(ctx, p, attrs, lease, cur, "rewritten with another BackendType or BackendData")
 	}
-	ours := Lease{Subnet: lease.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData,
-		CreateRevision: cur.CreateRevision, EtcdLeaseID: cur.EtcdLeaseID}
 	if cur.leaseID() == 0 || !sameAttrs(cur.Lease, ours) {
 		// A reservation, or our key with another value (an older build's BackendData):
 		// rewrite it as AcquireLease would.

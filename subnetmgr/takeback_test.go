@@ -58,6 +58,24 @@ func TestKeepLeaseWritesBackOurRewrittenLeaseWithinASecond(t *testing.T) {
 				_, err := c.Revoke(ctx, id)
 				return err
 			}, "198.18.0.96"},
+		{"our PublicIP with another VTEP MAC, attached to our etcd lease",
+			func(ctx context.Context, key string, _ clientv3.LeaseID) error {
+				resp, err := c.Get(ctx, key)
+				if err != nil {
+					return err
+				}
+				a, err := DecodeLeaseValue(resp.Kvs[0].Value)
+				if err != nil {
+					return err
+				}
+				a.BackendData = []byte(`{"VNI":1,"VtepMAC":"0e:78:c6:12:00:63"}`)
+				v, err := EncodeLeaseValue(a)
+				if err != nil {
+					return err
+				}
+				_, err = c.Put(ctx, key, string(v), clientv3.WithIgnoreLease())
+				return err
+			}, "BackendData"},
 		{"our own value, detached from our etcd lease (next it could be rewritten as if a reservation moved)",
 			func(ctx context.Context, key string, _ clientv3.LeaseID) error {
 				resp, err := c.Get(ctx, key)
@@ -96,7 +114,8 @@ func TestKeepLeaseWritesBackOurRewrittenLeaseWithinASecond(t *testing.T) {
 					return false
 				}
 				a, err := DecodeLeaseValue(resp.Kvs[0].Value)
-				if err == nil && a.PublicIP == attrs.PublicIP {
+				if err == nil && sameAttrs(Lease{PublicIP: a.PublicIP, BackendType: a.BackendType, BackendData: a.BackendData},
+					Lease{PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData}) {
 					back = time.Since(rewritten)
 					return true
 				}
@@ -131,6 +150,54 @@ func TestKeepLeaseWritesBackOurRewrittenLeaseWithinASecond(t *testing.T) {
 				t.Errorf("the etcd lease %x behind our key is not alive: %+v %v", id, ttl, err)
 			}
 		})
+	}
+}
+
+// Two honest hosts that both believe a key is theirs (configured with one PublicIP: the second
+// reclaims the first's lease at start) never write it back and forth: a write-back only
+// follows a value that is not ours.
+func TestTwoHostsWithOneKeyNeverWriteItBackAndForth(t *testing.T) {
+	t.Parallel()
+	srv := etcdtest.Start(t)
+	c := srv.Client()
+	ctx := ctxFor(t, 30*time.Second)
+	cfg := mustConfig(t, `{"Network":"10.244.0.0/16"}`)
+	prefix := testPrefix(t)
+	attrs := vxlanAttrs(hostIP(1))
+	var keepers []*keeper
+	var subnet netip.Prefix
+	for range 2 {
+		m, _ := newTestManager(t, srv, prefix, 2*time.Second)
+		l, err := m.AcquireLease(ctx, cfg, attrs, netip.Prefix{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		subnet = l.Subnet
+		keepers = append(keepers, startKeep(t, ctx, m, cfg, attrs, l, time.Second))
+	}
+	key := SubnetKey(prefix, subnet)
+	resp, err := c.Get(ctx, key)
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("the shared key: %v %v", resp, err)
+	}
+	before := resp.Kvs[0].ModRevision
+	time.Sleep(3 * time.Second) // three renewals of each
+	resp, err = c.Get(ctx, key)
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("the shared key after 3 s: %v %v", resp, err)
+	}
+	if resp.Kvs[0].ModRevision != before {
+		t.Errorf("the key both hosts hold was written %d times in 3 s, want never", resp.Kvs[0].Version-1)
+	}
+	for i, k := range keepers {
+		if len(k.all()) < 2 {
+			t.Errorf("host %d renewed %d times in 3 s of a 2 s lease", i+1, len(k.all()))
+		}
+		for _, v := range k.all() {
+			if v.Subnet != subnet {
+				t.Errorf("host %d moved to %v", i+1, v.Subnet)
+			}
+		}
 	}
 }
 
