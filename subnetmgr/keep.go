@@ -54,7 +54,7 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 	wake := make(chan struct{}, 1)
 	watchKey := func(l Lease) context.CancelFunc {
 		wctx, cancel := context.WithCancel(ctx)
-		go m.watchOwnKey(wctx, p, PoolKey(m.prefix, p.Dir, l.Subnet), attrs, wake)
+		go m.watchOwnKey(wctx, p, PoolKey(m.prefix, p.Dir, l.Subnet), attrs, l.EtcdLeaseID != 0, wake)
 		return cancel
 	}
 	stopWatch := watchKey(lease)
@@ -149,16 +149,14 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 	}
 	ours := Lease{Subnet: lease.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData,
 		CreateRevision: cur.CreateRevision, EtcdLeaseID: cur.EtcdLeaseID}
-	switch {
-	case mine && cur.leaseID() == 0:
+	if mine && cur.leaseID() == 0 {
 		// Someone detached our key from our etcd lease: as a "reservation" its PublicIP could
 		// next be rewritten as if an administrator moved it.
 		return m.takeBack(ctx, p, attrs, lease, cur, "detached from our etcd lease")
-	case mine && !sameAttrs(cur.Lease, ours):
-		// Our PublicIP with someone else's VTEP MAC or backend: peers would send to us what
-		// our datapath drops.
-		return m.takeBack(ctx, p, attrs, lease, cur, "rewritten with another BackendType or BackendData")
 	}
+	// Our PublicIP with another value, attached to an etcd lease, is not written back at once:
+	// a second host configured with our PublicIP (it reclaimed our key at start) writes that,
+	// and two such hosts must not write the key back and forth on every write.
 	if cur.leaseID() == 0 || !sameAttrs(cur.Lease, ours) {
 		// A reservation, or our key with another value (an older build's BackendData):
 		// rewrite it as AcquireLease would.
@@ -255,12 +253,13 @@ func sleepOrWake(ctx context.Context, d time.Duration, wake <-chan struct{}) err
 	return ctx.Err()
 }
 
-// watchOwnKey signals wake when key, our lease's, is written with anything but our value
-// attached to an etcd lease (someone else's write: see KeepLease), or, with p.WatchOwnKey,
-// deleted, until ctx ends. It watches that one key, not the pool, so a host does not receive
-// every other host's writes a second time. A broken watch resumes after the last revision it
-// saw; when that revision is compacted away it wakes the keeper once to look.
-func (m *Manager) watchOwnKey(ctx context.Context, p Pool, key string, attrs LeaseAttrs, wake chan<- struct{}) {
+// watchOwnKey signals wake when key, our lease's, is written with what renew acts on at once
+// (another PublicIP, a malformed value, or, when leased is set, no etcd lease: see
+// KeepLease), or, with p.WatchOwnKey, deleted, until ctx ends. It watches that one key, not
+// the pool, so a host does not receive every other host's writes a second time. A broken
+// watch resumes after the last revision it saw; when that revision is compacted away it wakes
+// the keeper once to look.
+func (m *Manager) watchOwnKey(ctx context.Context, p Pool, key string, attrs LeaseAttrs, leased bool, wake chan<- struct{}) {
 	signal := func() {
 		select {
 		case wake <- struct{}{}:
@@ -291,7 +290,7 @@ func (m *Manager) watchOwnKey(ctx context.Context, p Pool, key string, attrs Lea
 				case ev.Type == clientv3.EventTypeDelete && p.WatchOwnKey:
 					m.log.Warn("our lease key was deleted; taking the range back now", "key", key)
 					signal()
-				case ev.Type == clientv3.EventTypePut && !m.isOurWrite(p, ev.Kv, attrs):
+				case ev.Type == clientv3.EventTypePut && m.isForeignWrite(p, ev.Kv, attrs, leased):
 					signal()
 				}
 			}
@@ -301,10 +300,9 @@ func (m *Manager) watchOwnKey(ctx context.Context, p Pool, key string, attrs Lea
 	}
 }
 
-// isOurWrite says whether kv, our key as just written, holds our value attached to an etcd
-// lease: what our own renewals and write-backs leave.
-func (m *Manager) isOurWrite(p Pool, kv *mvccpb.KeyValue, attrs LeaseAttrs) bool {
+// isForeignWrite says whether kv, our key as just written, names another PublicIP, does not
+// parse, or (leased: we hold it with an etcd lease) was detached from every etcd lease.
+func (m *Manager) isForeignWrite(p Pool, kv *mvccpb.KeyValue, attrs LeaseAttrs, leased bool) bool {
 	l, _, err := m.parseKVIn(p.Dir, kv)
-	return err == nil && l.leaseID() != 0 &&
-		sameAttrs(l.Lease, Lease{PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData})
+	return err != nil || l.PublicIP != attrs.PublicIP || leased && l.leaseID() == 0
 }

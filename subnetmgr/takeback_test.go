@@ -58,24 +58,6 @@ func TestKeepLeaseWritesBackOurRewrittenLeaseWithinASecond(t *testing.T) {
 				_, err := c.Revoke(ctx, id)
 				return err
 			}, "198.18.0.96"},
-		{"our PublicIP with another VTEP MAC, attached to our etcd lease",
-			func(ctx context.Context, key string, _ clientv3.LeaseID) error {
-				resp, err := c.Get(ctx, key)
-				if err != nil {
-					return err
-				}
-				a, err := DecodeLeaseValue(resp.Kvs[0].Value)
-				if err != nil {
-					return err
-				}
-				a.BackendData = []byte(`{"VNI":1,"VtepMAC":"0e:78:c6:12:00:63"}`)
-				v, err := EncodeLeaseValue(a)
-				if err != nil {
-					return err
-				}
-				_, err = c.Put(ctx, key, string(v), clientv3.WithIgnoreLease())
-				return err
-			}, "BackendData"},
 		{"our own value, detached from our etcd lease (next it could be rewritten as if a reservation moved)",
 			func(ctx context.Context, key string, _ clientv3.LeaseID) error {
 				resp, err := c.Get(ctx, key)
