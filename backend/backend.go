@@ -60,20 +60,26 @@ type HostRouter interface {
 	SetHostRouting(mode, why string) error
 }
 
-// KeptSubnets is what a PrunePeers call keeps, by subnet: our own and every kept lease's.
+// KeptSubnets is what a PrunePeers call keeps, by subnet: our own and every kept lease's; and
+// the kept leases' PublicIPs, the hosts a route via which may be xnet's (StaleVia).
 type KeptSubnets struct {
 	local  netip.Prefix
 	kept   map[netip.Prefix]bool
 	gwAddr map[netip.Addr]bool
+	hosts  map[netip.Addr]bool
 }
 
 // NewKeptSubnets is the set PrunePeers keeps for our lease local and the leases in keep.
 func NewKeptSubnets(local netip.Prefix, keep []subnetmgr.Lease) KeptSubnets {
-	k := KeptSubnets{local: local.Masked(), kept: map[netip.Prefix]bool{}, gwAddr: map[netip.Addr]bool{}}
+	k := KeptSubnets{local: local.Masked(), kept: map[netip.Prefix]bool{}, gwAddr: map[netip.Addr]bool{},
+		hosts: map[netip.Addr]bool{}}
 	k.add(k.local)
 	for _, l := range keep {
 		if l.Subnet.IsValid() {
 			k.add(l.Subnet.Masked())
+		}
+		if l.PublicIP.IsValid() {
+			k.hosts[l.PublicIP] = true
 		}
 	}
 	return k
@@ -91,14 +97,53 @@ func (k KeptSubnets) Has(subnet netip.Prefix) bool { return k.kept[subnet.Masked
 // per-peer route gateway and neighbour entry are keyed by).
 func (k KeptSubnets) HasSubnetAddr(a netip.Addr) bool { return k.gwAddr[a] }
 
-// Stale says whether dst, a destination found in a datapath that outlived xnetd, is a peer
-// subnet no kept lease holds: strictly inside network (any destination when network is
-// unset), not overlapping our own subnet, and not kept. Everything else is not ours to remove.
+// Stale says whether dst, a destination found in a datapath only xnet writes (the vxlan and udp
+// devices, the ebpf routes map) that outlived xnetd, is one no kept lease accounts for. Nothing
+// but peer routes lives there, so every destination not kept is stale: a lease deleted while
+// xnetd was down, and what an older build programmed for a lease the trust rule refuses
+// (0.0.0.0/1, a subnet outside network, a /25 inside our own subnet). Our own subnet is never
+// stale; a kept lease's subnet is stale all the same when it is not strictly inside network
+// (when network is set: no lease the trust rule accepts is).
+//
+// Design history: Stale used to answer only for destinations strictly inside network and
+// outside our subnet, calling everything else "not ours". An older build programmed exactly
+// those destinations from forged leases (a /1 overriding the default route, a /25 capturing
+// our own containers' traffic), and a restart kept them.
 func (k KeptSubnets) Stale(network, dst netip.Prefix) bool {
-	if network.IsValid() && (!network.Contains(dst.Addr()) || dst.Bits() <= network.Bits()) {
+	dst = dst.Masked()
+	switch {
+	case !dst.IsValid():
 		return false
+	case dst == k.local:
+		return false
+	case !k.Has(dst):
+		return true
 	}
-	return !dst.Overlaps(k.local) && !k.Has(dst)
+	return network.IsValid() && !strictlyInside(network, dst)
+}
+
+// StaleVia is Stale for a route to dst via gw on a NIC xnet shares with the host's own routes
+// (host-gw's underlay NIC), where only what xnet can tell is its own may go: a route strictly
+// inside network (peers' subnets, or part of ours: Stale decides), or a route elsewhere via a
+// host that holds a kept lease (host-gw routes via peers; an older build did so for 0.0.0.0/1
+// or a subnet outside the Network). Everything else is the host's: the default route, a route
+// to another network via a router, even one covering the Network. A forged lease pointing at an
+// address that holds no lease therefore leaves its route behind on a host an older build ran
+// on; it has to be deleted by hand.
+func (k KeptSubnets) StaleVia(network, dst netip.Prefix, gw netip.Addr) bool {
+	dst = dst.Masked()
+	switch {
+	case !dst.IsValid() || dst.Bits() == 0:
+		return false
+	case network.IsValid() && strictlyInside(network, dst):
+		return k.Stale(network, dst)
+	}
+	return k.hosts[gw] && !k.Has(dst)
+}
+
+// strictlyInside says whether p lies inside network and is smaller than it.
+func strictlyInside(network, p netip.Prefix) bool {
+	return network.Contains(p.Addr()) && p.Bits() > network.Bits()
 }
 
 // ExternalInterface is the underlay NIC and the address other hosts reach us on.

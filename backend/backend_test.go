@@ -87,31 +87,74 @@ func TestIsOwnLease(t *testing.T) {
 	}
 }
 
-func TestKeptSubnetsStaleIsOnlyAnUnkeptPeerSubnetInsideTheNetwork(t *testing.T) {
+func TestKeptSubnetsStale(t *testing.T) {
 	network := netip.MustParsePrefix("10.244.0.0/16")
 	kept := NewKeptSubnets(netip.MustParsePrefix("10.244.1.0/24"), []subnetmgr.Lease{
-		{Subnet: netip.MustParsePrefix("10.244.2.0/24")},
+		{Subnet: netip.MustParsePrefix("10.244.2.0/24"), PublicIP: netip.MustParseAddr("198.18.0.12")},
+		{Subnet: netip.MustParsePrefix("192.0.2.0/24"), PublicIP: netip.MustParseAddr("198.18.0.13")},
 	})
 	tests := []struct {
+		name    string
 		network netip.Prefix
 		dst     string
 		stale   bool
 	}{
-		{network, "10.244.3.0/24", true},        // a peer subnet no lease holds
-		{network, "10.244.2.0/24", false},       // a kept lease's
-		{network, "10.244.1.0/24", false},       // ours
-		{network, "10.244.1.128/25", false},     // inside ours
-		{network, "10.244.0.0/16", false},       // the Network itself
-		{network, "10.245.0.0/24", false},       // outside the Network
-		{network, "192.168.0.0/24", false},      // someone else's route
-		{netip.Prefix{}, "10.244.3.0/24", true}, // no Network known: any unkept, foreign subnet
+		{"a peer subnet no lease holds", network, "10.244.3.0/24", true},
+		{"a kept lease's subnet", network, "10.244.2.0/24", false},
+		{"our own subnet", network, "10.244.1.0/24", false},
+		{"a /25 inside our own subnet (an older build's route for a forged lease)", network, "10.244.1.128/25", true},
+		{"the whole Network", network, "10.244.0.0/16", true},
+		{"0.0.0.0/1", network, "0.0.0.0/1", true},
+		{"outside the Network", network, "198.51.100.0/24", true},
+		{"a kept lease outside the Network still goes", network, "192.0.2.0/24", true},
+		{"no Network known: any unkept subnet", netip.Prefix{}, "10.244.3.0/24", true},
+		{"no Network known: a kept one stays", netip.Prefix{}, "192.0.2.0/24", false},
+		{"no destination", network, "", false},
 	}
 	for _, tt := range tests {
-		if got := kept.Stale(tt.network, netip.MustParsePrefix(tt.dst)); got != tt.stale {
-			t.Errorf("Stale(%v, %s) = %v, want %v", tt.network, tt.dst, got, tt.stale)
-		}
+		t.Run(tt.name, func(t *testing.T) {
+			var dst netip.Prefix
+			if tt.dst != "" {
+				dst = netip.MustParsePrefix(tt.dst)
+			}
+			if got := kept.Stale(tt.network, dst); got != tt.stale {
+				t.Errorf("Stale(%v, %s) = %v, want %v", tt.network, tt.dst, got, tt.stale)
+			}
+		})
 	}
 	if !kept.HasSubnetAddr(netip.MustParseAddr("10.244.2.0")) || kept.HasSubnetAddr(netip.MustParseAddr("10.244.3.0")) {
 		t.Error("HasSubnetAddr must answer for kept subnets' addresses only")
+	}
+}
+
+func TestKeptSubnetsStaleViaLeavesTheHostsOwnRoutes(t *testing.T) {
+	network := netip.MustParsePrefix("10.244.0.0/16")
+	peer, router := netip.MustParseAddr("198.18.0.12"), netip.MustParseAddr("198.18.0.1")
+	kept := NewKeptSubnets(netip.MustParsePrefix("10.244.1.0/24"), []subnetmgr.Lease{
+		{Subnet: netip.MustParsePrefix("10.244.2.0/24"), PublicIP: peer},
+	})
+	tests := []struct {
+		name  string
+		dst   string
+		gw    netip.Addr
+		stale bool
+	}{
+		{"a kept peer's route", "10.244.2.0/24", peer, false},
+		{"a peer subnet no lease holds, whatever the gateway", "10.244.3.0/24", router, true},
+		{"a /25 inside our own subnet", "10.244.1.128/25", router, true},
+		{"0.0.0.0/1 via a peer (an older build's route for a forged lease)", "0.0.0.0/1", peer, true},
+		{"a subnet outside the Network via a peer", "192.0.2.0/24", peer, true},
+		{"0.0.0.0/1 via a router is the host's", "0.0.0.0/1", router, false},
+		{"a route to another network via a router is the host's", "192.0.2.0/24", router, false},
+		{"a supernet of the Network via a router is the host's", "10.0.0.0/8", router, false},
+		{"the whole Network via a router is the host's", "10.244.0.0/16", router, false},
+		{"the default route, even via a peer, is the host's", "0.0.0.0/0", peer, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := kept.StaleVia(network, netip.MustParsePrefix(tt.dst), tt.gw); got != tt.stale {
+				t.Errorf("StaleVia(%s via %v) = %v, want %v", tt.dst, tt.gw, got, tt.stale)
+			}
+		})
 	}
 }

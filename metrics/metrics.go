@@ -47,6 +47,9 @@ const (
 	NameVerdicts         = "xnet_datapath_verdicts_total"
 	NameDrops            = "xnet_datapath_drops_total"
 	NameCounterReadFails = "xnet_counter_read_errors_total"
+	NameLeasesRefused    = "xnet_leases_refused_total"
+	NameConflicts        = "xnet_lease_conflicts"
+	NameConflictsTotal   = "xnet_lease_conflicts_total"
 )
 
 // Directions of the per-peer counters (label "direction").
@@ -99,6 +102,12 @@ type Metrics struct {
 	peers       prometheus.Gauge
 	peerErrors  prometheus.Gauge
 	leaseEvents *prometheus.CounterVec
+	// refused counts peer leases the trust rule refused, by reason (subnetmgr.Refused*);
+	// conflicts and conflictsSeen are claims that contradict each other, by kind: those
+	// standing now, and every one detected.
+	refused       *prometheus.CounterVec
+	conflicts     *prometheus.GaugeVec
+	conflictsSeen *prometheus.CounterVec
 
 	isReady atomic.Bool
 	live    *liveCollector
@@ -135,10 +144,19 @@ func New(stats func() subnetmgr.Stats) *Metrics {
 		leaseEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: NameLeaseEvents, Help: "Lease events received from etcd, by type.",
 		}, []string{"type"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: NameLeasesRefused, Help: "Peer leases not programmed because the trust rule refused them, by reason (each lease version counted once; xnetd status says which).",
+		}, []string{"reason"}),
+		conflicts: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: NameConflicts, Help: "Claims in etcd that contradict each other now, by kind: a PublicIP named by several leases, our own subnet rewritten with another PublicIP.",
+		}, []string{"kind"}),
+		conflictsSeen: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: NameConflictsTotal, Help: "Contradicting claims detected, by kind (a write-back within a second may clear one before any scrape).",
+		}, []string{"kind"}),
 		live: &liveCollector{stats: stats},
 	}
 	m.reg.MustRegister(m.leasesKnown, m.leaseExpiry, m.reconcile, m.backendInfo, m.ready,
-		m.peers, m.peerErrors, m.leaseEvents, m.live)
+		m.peers, m.peerErrors, m.leaseEvents, m.refused, m.conflicts, m.conflictsSeen, m.live)
 	return m
 }
 
@@ -173,6 +191,20 @@ func (m *Metrics) SetPeers(leasesKnown, applied, refused int) {
 
 // LeaseEvent counts one lease event of type t ("added", "removed", "changed").
 func (m *Metrics) LeaseEvent(t string) { m.leaseEvents.WithLabelValues(t).Inc() }
+
+// LeaseRefused counts one peer lease the trust rule refused, for reason.
+func (m *Metrics) LeaseRefused(reason string) { m.refused.WithLabelValues(reason).Inc() }
+
+// ConflictDetected counts one contradiction of kind detected.
+func (m *Metrics) ConflictDetected(kind string) { m.conflictsSeen.WithLabelValues(kind).Inc() }
+
+// SetConflicts records how many contradictions of each kind stand now; a kind is exported
+// (as 0 when none stands) once it has been set.
+func (m *Metrics) SetConflicts(byKind map[string]int) {
+	for kind, n := range byKind {
+		m.conflicts.WithLabelValues(kind).Set(float64(n))
+	}
+}
 
 // ObserveReconcile records the time one batch of lease events took.
 func (m *Metrics) ObserveReconcile(d time.Duration) { m.reconcile.Observe(d.Seconds()) }

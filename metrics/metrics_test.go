@@ -87,6 +87,10 @@ func TestEveryMetricIsExportedWithItsName(t *testing.T) {
 	m.ObserveReconcile(2 * time.Millisecond)
 	m.ObserveReconcile(3 * time.Millisecond)
 	m.LeaseEvent("added")
+	m.LeaseRefused(subnetmgr.RefusedOutsideNetwork)
+	m.LeaseRefused(subnetmgr.RefusedOutsideNetwork)
+	m.ConflictDetected("duplicate_public_ip")
+	m.SetConflicts(map[string]int{"duplicate_public_ip": 1, "own_subnet_rewritten": 0})
 
 	fams := scrape(t, m.Handler())
 	tests := []struct {
@@ -108,6 +112,10 @@ func TestEveryMetricIsExportedWithItsName(t *testing.T) {
 		{NameVerdicts, []string{"verdict", "pass"}, 500},
 		{NameDrops, []string{"reason", "spoofed_source"}, 4},
 		{NameReady, nil, 0},
+		{NameLeasesRefused, []string{"reason", "outside_network"}, 2},
+		{NameConflicts, []string{"kind", "duplicate_public_ip"}, 1},
+		{NameConflicts, []string{"kind", "own_subnet_rewritten"}, 0},
+		{NameConflictsTotal, []string{"kind", "duplicate_public_ip"}, 1},
 	}
 	for _, tt := range tests {
 		if got := value(t, fams, tt.name, tt.labels...); got != tt.want {

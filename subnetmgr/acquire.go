@@ -29,9 +29,11 @@ var errConflict = errors.New("another host changed the subnet key first")
 // storedLease is a well-formed lease key as etcd holds it.
 type storedLease struct {
 	Lease
-	leaseID clientv3.LeaseID // 0 for a reservation
-	modRev  int64
+	modRev int64
 }
+
+// leaseID is the etcd lease behind the key, 0 for a reservation.
+func (l storedLease) leaseID() clientv3.LeaseID { return clientv3.LeaseID(l.EtcdLeaseID) }
 
 // snapshot is one consistent read of one pool's keys (<prefix>/subnets/ for the overlay).
 type snapshot struct {
@@ -53,16 +55,14 @@ func (m *Manager) parseKVIn(dir string, kv *mvccpb.KeyValue) (l storedLease, sub
 	if err != nil {
 		return storedLease{}, false, err
 	}
+	l = storedLease{Lease: Lease{Subnet: subnet, CreateRevision: kv.CreateRevision, EtcdLeaseID: kv.Lease},
+		modRev: kv.ModRevision}
 	attrs, err := DecodeLeaseValue(kv.Value)
 	if err != nil {
-		return storedLease{Lease: Lease{Subnet: subnet}}, true, fmt.Errorf("key %s: %w", kv.Key, err)
+		return l, true, fmt.Errorf("key %s: %w", kv.Key, err)
 	}
-	return storedLease{
-		Lease: Lease{Subnet: subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType,
-			BackendData: attrs.BackendData},
-		leaseID: clientv3.LeaseID(kv.Lease),
-		modRev:  kv.ModRevision,
-	}, true, nil
+	l.PublicIP, l.BackendType, l.BackendData = attrs.PublicIP, attrs.BackendType, attrs.BackendData
+	return l, true, nil
 }
 
 // list reads every key under <prefix>/<dir>/, logging and skipping malformed ones.
@@ -108,7 +108,7 @@ func comparePrefix(a, b netip.Prefix) int {
 func (m *Manager) fillExpiries(ctx context.Context, leases []storedLease) {
 	var todo []int
 	for i := range leases {
-		if leases[i].leaseID != 0 {
+		if leases[i].leaseID() != 0 {
 			todo = append(todo, i)
 		}
 	}
@@ -117,7 +117,7 @@ func (m *Manager) fillExpiries(ctx context.Context, leases []storedLease) {
 	for range min(expiryWorkers, len(todo)) {
 		wg.Go(func() {
 			for i := range work {
-				leases[i].Expiration = m.expiryOf(ctx, leases[i].leaseID)
+				leases[i].Expiration = m.expiryOf(ctx, leases[i].leaseID())
 			}
 		})
 	}
@@ -218,11 +218,30 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 	if err != nil {
 		return Lease{}, err
 	}
-	// 1. Our own lease, found by PublicIP: a restart, or an operator's reservation for us.
+	// 1. Our own lease, found by PublicIP: a restart, or an operator's reservation for us. The
+	// one our file records first, then the oldest: peers keep the lease etcd created first
+	// when two name one PublicIP (ClaimsFirst), so that is the one they program.
+	var ours []storedLease
 	for _, l := range snap.leases {
-		if l.PublicIP != attrs.PublicIP || !p.compatible(l.Subnet) {
+		if l.PublicIP != attrs.PublicIP {
 			continue
 		}
+		if !p.compatible(l.Subnet) {
+			m.dropIncompatible(ctx, p, l)
+			continue
+		}
+		ours = append(ours, l)
+	}
+	slices.SortStableFunc(ours, func(a, b storedLease) int {
+		if (a.Subnet == prev) != (b.Subnet == prev) {
+			if a.Subnet == prev {
+				return -1
+			}
+			return 1
+		}
+		return cmp.Compare(a.CreateRevision, b.CreateRevision)
+	})
+	for _, l := range ours {
 		if a, bad := avoid.covered(l.Subnet); bad {
 			m.log.Warn("our previous lease covers an address no range may cover now; leaving it to expire and taking another",
 				"pool", p.Dir, "subnet", l.Subnet, "address", a)
@@ -291,6 +310,30 @@ func (m *Manager) avoidSet(ctx context.Context, p Pool, snap snapshot) (avoidSet
 	return out, nil
 }
 
+// dropIncompatible deletes a lease of ours (our PublicIP, an etcd lease behind it) that the
+// pool no longer hands out, as flannel does when its config changed: left to expire, it would
+// name our PublicIP next to the lease we take now for up to a day, and peers keep the older of
+// two such leases. A reservation is an operator's and stays. Best effort, guarded by the
+// key's ModRevision: a failure only leaves the lease to expire.
+func (m *Manager) dropIncompatible(ctx context.Context, p Pool, l storedLease) {
+	if l.leaseID() == 0 {
+		return
+	}
+	key := PoolKey(m.prefix, p.Dir, l.Subnet)
+	rctx, cancel := m.reqCtx(ctx)
+	defer cancel()
+	resp, err := m.client.Txn(rctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", l.modRev)).
+		Then(clientv3.OpDelete(key)).Commit()
+	switch {
+	case err != nil:
+		m.etcdErrors.Add(1)
+		m.log.Warn("cannot delete our previous lease, which the config no longer allows; it expires by its TTL",
+			"pool", p.Dir, "subnet", l.Subnet, "err", err)
+	case resp.Succeeded:
+		m.log.Info("deleted our previous lease: the config no longer allows it", "pool", p.Dir, "subnet", l.Subnet)
+	}
+}
+
 // grant creates an etcd lease with our TTL (whole seconds, at least one).
 func (m *Manager) grant(ctx context.Context) (clientv3.LeaseID, time.Time, error) {
 	secs := int64((m.ttl + time.Second - 1) / time.Second)
@@ -340,7 +383,8 @@ func (m *Manager) create(ctx context.Context, dir string, subnet netip.Prefix, a
 		return Lease{}, fmt.Errorf("create %s: %w", key, errConflict)
 	}
 	return Lease{Subnet: subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType,
-		BackendData: attrs.BackendData, Expiration: exp}, nil
+		BackendData: attrs.BackendData, Expiration: exp, CreateRevision: resp.Header.Revision,
+		EtcdLeaseID: int64(id)}, nil
 }
 
 // reclaim makes an existing key with our PublicIP ours again. A reservation (no TTL) stays a
@@ -355,7 +399,8 @@ func (m *Manager) reclaim(ctx context.Context, dir string, l storedLease, attrs 
 	key := PoolKey(m.prefix, dir, l.Subnet)
 	nl := Lease{Subnet: l.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData}
 	guard := clientv3.Compare(clientv3.ModRevision(key), "=", l.modRev)
-	if l.leaseID == 0 {
+	if l.leaseID() == 0 {
+		nl.CreateRevision = l.CreateRevision
 		if sameAttrs(l.Lease, nl) {
 			return nl, nil
 		}
@@ -386,8 +431,8 @@ func (m *Manager) reclaim(ctx context.Context, dir string, l storedLease, attrs 
 		return Lease{}, fmt.Errorf("reclaim %s: %w", key, errConflict)
 	}
 	// The old etcd lease holds nothing now; drop it rather than leave it for a day.
-	m.revoke(l.leaseID)
-	nl.Expiration = exp
+	m.revoke(l.leaseID())
+	nl.Expiration, nl.CreateRevision, nl.EtcdLeaseID = exp, l.CreateRevision, int64(id)
 	return nl, nil
 }
 

@@ -129,15 +129,26 @@ func TestKeepLeaseTakesBackLostKey(t *testing.T) {
 		t.Errorf("no log line about the lost key:\n%s", log)
 	}
 
-	// Now another host holds our subnet (as if it took it while our key was gone).
+	// Now another host holds our subnet: our key went and the other host created it anew
+	// (a rewrite of the key we created would be written back instead: takeback_test.go).
 	before := len(k.all())
-	if _, err := c.Put(ctx, key, `{"PublicIP":"198.18.0.99"}`); err != nil {
+	if _, err := c.Delete(ctx, key); err != nil {
 		t.Fatal(err)
+	}
+	created, err := c.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, `{"PublicIP":"198.18.0.99"}`)).Commit()
+	if err != nil || !created.Succeeded {
+		t.Fatalf("the other host's create: %v %v", created, err)
 	}
 	waitFor(t, 5*time.Second, "a new subnet after ours was taken", func() bool {
 		v := k.all()
 		return len(v) > before && v[len(v)-1].Subnet != l.Subnet
 	})
+	// And we never write it back: two honest hosts do not fight over a key.
+	time.Sleep(time.Second)
+	if resp, err := c.Get(ctx, key); err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].ModRevision != created.Header.Revision {
+		t.Errorf("the other host's key was written after it created it: %v %v", resp, err)
+	}
 	moved := k.all()[len(k.all())-1]
 	if ip, _, ok := keyLease(t, ctx, c, SubnetKey(prefix, moved.Subnet)); !ok || ip != attrs.PublicIP {
 		t.Errorf("the new subnet %s is not ours in etcd", moved.Subnet)

@@ -52,6 +52,13 @@ type Lease struct {
 	// our own lease and in ListLeases; in WatchLeases events an estimate (a full TTL from
 	// when the key was seen), since asking etcd costs one request per peer.
 	Expiration time.Time
+	// CreateRevision is the etcd revision that created the key (0 for a Lease not read from
+	// etcd). Rewriting the key keeps it; only deleting and creating it again changes it. It
+	// orders claims: of two leases naming one PublicIP, the one created first is kept
+	// (ClaimsFirst), and a host owns the key it created (see KeepLease).
+	CreateRevision int64
+	// EtcdLeaseID is the etcd lease the key is attached to, 0 for a reservation.
+	EtcdLeaseID int64
 }
 
 // VXLANData is the BackendData of a lease whose BackendType is "vxlan".

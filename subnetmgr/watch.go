@@ -63,7 +63,7 @@ import (
 // the 2-core test VM, against 0.07 s for the list itself, and no consumer of peer leases
 // needs the exact time; ListLeases asks etcd. A reservation keeps its zero Expiration.
 func estimateExpiry(l storedLease, ttl time.Duration) storedLease {
-	if l.leaseID != 0 {
+	if l.leaseID() != 0 {
 		l.Expiration = time.Now().Add(ttl)
 	}
 	return l
@@ -262,14 +262,16 @@ func (w *watcher) apply(evs []*clientv3.Event) []Event {
 }
 
 // put records l in the view and returns the event it makes, if any. A rewrite that changes
-// nothing a peer uses (a renewal by re-put, as flannel does) is no event.
+// nothing a peer uses (a renewal by re-put, as flannel does) is no event; a key deleted and
+// created again between two lists is, even with the same value: its CreateRevision, which
+// orders claims to a PublicIP (ClaimsFirst), is new.
 func (w *watcher) put(l storedLease) []Event {
 	old, ok := w.view[l.Subnet]
 	w.view[l.Subnet] = l
 	switch {
 	case !ok:
 		return []Event{{Type: EventAdded, Lease: l.Lease}}
-	case !sameAttrs(old.Lease, l.Lease):
+	case !sameAttrs(old.Lease, l.Lease) || old.CreateRevision != l.CreateRevision:
 		return []Event{{Type: EventChanged, Lease: l.Lease}}
 	}
 	return nil

@@ -187,7 +187,9 @@ func (b *Backend) Close(teardown bool) error {
 }
 
 func (b *Backend) deleteRoutes() error {
-	_, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool { return dst.Bits() >= b.Network().Bits() })
+	_, err := b.deleteRoutesWhere(func(dst netip.Prefix, _ netip.Addr) bool {
+		return b.Network().Contains(dst.Addr()) && dst.Bits() >= b.Network().Bits()
+	})
 	if err != nil {
 		return fmt.Errorf("host-gw: teardown: %w", err)
 	}
@@ -196,8 +198,10 @@ func (b *Backend) deleteRoutes() error {
 
 // PrunePeers deletes our routes to subnets no lease in keep holds (backend.PeerPruner): routes
 // outlive xnetd, so a restarted daemon inherits the route of every lease deleted while it was
-// down, and no removal event will ever name them. Only gatewayed routes on our NIC to subnets
-// strictly inside the overlay Network are ours; our own subnet and every other route stay.
+// down, and no removal event will ever name them. The NIC is shared with the host's own
+// routes: a gatewayed route is ours when it leads strictly into the overlay Network, or
+// elsewhere via a host holding a kept lease (backend.KeptSubnets.StaleVia); our own subnet
+// and every other route stay.
 func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -208,7 +212,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		return nil // no Network: no route can be known to be ours
 	}
 	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
-	gone, err := b.deleteRoutesWhere(func(dst netip.Prefix) bool { return kept.Stale(b.Network(), dst) })
+	gone, err := b.deleteRoutesWhere(func(dst netip.Prefix, gw netip.Addr) bool { return kept.StaleVia(b.Network(), dst, gw) })
 	if len(gone) > 0 {
 		b.Log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
 	}
@@ -218,9 +222,9 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	return nil
 }
 
-// deleteRoutesWhere deletes the gatewayed IPv4 routes on our NIC (main table) to destinations
-// inside the overlay Network for which del says yes, and returns what it deleted.
-func (b *Backend) deleteRoutesWhere(del func(dst netip.Prefix) bool) ([]netip.Prefix, error) {
+// deleteRoutesWhere deletes the gatewayed IPv4 routes on our NIC (main table) for which del
+// says yes, given destination and gateway, and returns what it deleted.
+func (b *Backend) deleteRoutesWhere(del func(dst netip.Prefix, gw netip.Addr) bool) ([]netip.Prefix, error) {
 	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.Iface.Index}, netlink.RT_FILTER_OIF)
 	// An interrupted dump still lists routes that existed; the rest waits for the next start.
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
@@ -233,7 +237,8 @@ func (b *Backend) deleteRoutesWhere(del func(dst netip.Prefix) bool) ([]netip.Pr
 			continue
 		}
 		dst := ipNetToPrefix(r.Dst)
-		if !b.Network().Contains(dst.Addr()) || !del(dst) {
+		gw, _ := netip.AddrFromSlice(r.Gw)
+		if !del(dst, gw.Unmap()) {
 			continue
 		}
 		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {

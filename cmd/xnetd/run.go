@@ -269,7 +269,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	}
 	defer stopForwardRules()
 
-	d.peers = newPeers(b, d.lease, d.log, func(t subnetmgr.EventType) { d.m.LeaseEvent(t.String()) })
+	d.peers = newPeers(b, d.lease, d.cfg, d.log, d.m)
 	d.writeState()
 
 	loopCtx, stop := context.WithCancel(ctx)
@@ -322,12 +322,16 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				d.prunePeers()
 			}
 			d.m.SetPeers(d.peers.counts())
+			d.m.SetConflicts(d.peers.conflictCounts())
+			conflictsChanged := d.peers.takeConflictsChanged()
 			if !d.ready {
 				d.ready = true
 				d.m.SetReady(true)
 				_, applied, refused := d.peers.counts()
 				d.log.Info("datapath programmed with the initial peers; ready", "peers", applied, "refused", refused, "took", time.Since(d.started).Round(time.Millisecond))
 				_, _ = daemon.SdNotify(false, fmt.Sprintf("%s\nSTATUS=ready: %v via %s, %d peers", daemon.SdNotifyReady, d.lease.Subnet, d.chosen.name, applied))
+				d.writeState()
+			} else if conflictsChanged {
 				d.writeState()
 			} else {
 				d.stateChanged()
@@ -525,6 +529,7 @@ func (d *daemonRun) writeState() {
 	}
 	if d.peers != nil {
 		s.Peers = d.peers.list()
+		s.Conflicts = d.peers.conflictList()
 	}
 	if err := writeState(d.o.stateFile, s); err != nil {
 		d.log.Warn("state file not updated", "state_file", d.o.stateFile, "err", err)

@@ -33,8 +33,10 @@ type state struct {
 	Config          subnetmgr.Config `json:"config"`
 	Lease           leaseState       `json:"lease"`
 	// Macvlan is this host's macvlan range (nil without a Macvlan section in the config).
-	Macvlan        *macvlan.Status `json:"macvlan,omitempty"`
-	Peers          []peerState     `json:"peers"`
+	Macvlan *macvlan.Status `json:"macvlan,omitempty"`
+	Peers   []peerState     `json:"peers"`
+	// Conflicts are claims in etcd that contradict each other now (see peers).
+	Conflicts      []conflictState `json:"conflicts,omitempty"`
 	IPMasq         bool            `json:"ip_masq"`
 	MetricsAddr    string          `json:"metrics_addr,omitempty"`
 	SubnetFile     string          `json:"subnet_file"`
@@ -54,13 +56,31 @@ type leaseState struct {
 // peerState is a peer lease and what the backend made of it.
 type peerState struct {
 	leaseState
-	// Error is why the backend refused the peer ("" when programmed).
+	// Refused is why the trust rule keeps the lease out of the datapath (a
+	// subnetmgr.Refused* word; "" when it may be programmed).
+	Refused string `json:"refused,omitempty"`
+	// Error says why the lease is not programmed: the trust rule's explanation, or the
+	// backend's error ("" when programmed).
 	Error string `json:"error,omitempty"`
 	// RemovalDue is set when the peer's lease is gone from etcd: the peer stays in the
 	// datapath until then, in case the lease comes back (see removalGrace).
 	RemovalDue time.Time `json:"removal_due,omitzero"`
 	// lease is the whole lease, for the backend's RemovePeer and PrunePeers.
 	lease subnetmgr.Lease
+}
+
+// conflictState is a contradiction between claims in etcd (see the conflict kinds in
+// peers.go).
+type conflictState struct {
+	Kind     string     `json:"kind"`
+	PublicIP netip.Addr `json:"public_ip"`
+	// Subnets are the leases claiming PublicIP, the one kept first (for
+	// own_subnet_rewritten: our subnet).
+	Subnets []netip.Prefix `json:"subnets"`
+	// Kept is the lease that keeps the PublicIP here: programmed, or ours.
+	Kept   netip.Prefix `json:"kept"`
+	Since  time.Time    `json:"since"`
+	Detail string       `json:"detail"`
 }
 
 func leaseStateOf(l subnetmgr.Lease) leaseState {

@@ -47,10 +47,12 @@ type statusReport struct {
 	IPMasq          bool         `json:"ip_masq"`
 	Lease           leaseState   `json:"lease"`
 	// Macvlan is this host's macvlan range for Docker, absent without a Macvlan section.
-	Macvlan  *macvlan.Status   `json:"macvlan,omitempty"`
-	Peers    []peerStatus      `json:"peers"`
-	Verdicts map[string]uint64 `json:"verdicts,omitempty"`
-	Drops    map[string]uint64 `json:"drops,omitempty"`
+	Macvlan *macvlan.Status `json:"macvlan,omitempty"`
+	Peers   []peerStatus    `json:"peers"`
+	// Conflicts are claims in etcd that contradict each other, as the daemon last saw them.
+	Conflicts []conflictState   `json:"conflicts,omitempty"`
+	Verdicts  map[string]uint64 `json:"verdicts,omitempty"`
+	Drops     map[string]uint64 `json:"drops,omitempty"`
 	// Counters says where the packet counters came from, or why there are none.
 	Counters string `json:"counters"`
 	// Routes are the datapath's routes into the overlay Network on this host right now: the
@@ -122,7 +124,7 @@ func buildStatus(ctx context.Context, st state) statusReport {
 		PID: st.PID, Version: st.Version, StateUpdatedAt: st.UpdatedAt,
 		Backend: st.Backend, Mode: st.Mode, ModeReason: st.ModeReason, SkippedBackends: st.SkippedBackends,
 		Iface: st.Iface, PublicIP: st.PublicIP, Network: st.Config.Network, IPMasq: st.IPMasq, Lease: st.Lease,
-		Macvlan: st.Macvlan,
+		Macvlan: st.Macvlan, Conflicts: st.Conflicts,
 	}
 	alive, why := daemonAlive(st.PID)
 	rep.Running = alive
@@ -334,6 +336,9 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 			route = "-"
 		}
 		problem := p.Error
+		if p.Refused != "" {
+			problem = "refused (" + p.Refused + "): " + p.Error
+		}
 		if !p.RemovalDue.IsZero() {
 			gone := fmt.Sprintf("lease gone from etcd: leaves the datapath at %s unless it comes back", p.RemovalDue.Format(time.TimeOnly))
 			problem = strings.Join(slices.DeleteFunc([]string{gone, problem}, func(s string) bool { return s == "" }), "; ")
@@ -342,6 +347,12 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 			num(p.TxPackets), num(p.TxBytes), num(p.RxPackets), num(p.RxBytes), route, orDash(problem))
 	}
 	tw.Flush()
+	if len(rep.Conflicts) > 0 {
+		fmt.Fprintf(w, "\nconflicts (%d):\n", len(rep.Conflicts))
+		for _, c := range rep.Conflicts {
+			fmt.Fprintf(w, "  %s %v since %s: %s\n", c.Kind, c.PublicIP, c.Since.Format(time.TimeOnly), c.Detail)
+		}
+	}
 	if len(rep.Verdicts) > 0 {
 		fmt.Fprintf(w, "\nverdicts: %s\n", joinCounts(rep.Verdicts))
 	}

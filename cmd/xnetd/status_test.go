@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"net/netip"
 	"strings"
 	"testing"
@@ -63,4 +64,40 @@ func lineWith(text, sub string) string {
 		}
 	}
 	return ""
+}
+
+// A lease the trust rule refused shows its reason in the PROBLEM column, and contradicting
+// claims get a section of their own, in text and in JSON.
+func TestStatusShowsRefusedLeasesAndConflicts(t *testing.T) {
+	now := time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)
+	rep := statusReport{
+		Running: true, Daemon: "running, pid 7", Ready: true, Backend: "vxlan", Mode: "kernel",
+		Lease: leaseState{Subnet: netip.MustParsePrefix("10.244.1.0/24"), PublicIP: netip.MustParseAddr("198.18.0.11")},
+		Peers: []peerStatus{{peerState: peerState{
+			leaseState: leaseState{Subnet: netip.MustParsePrefix("0.0.0.0/1"), PublicIP: netip.MustParseAddr("198.18.0.12")},
+			Refused:    "outside_network", Error: "0.0.0.0/1 covers the whole Network 10.244.0.0/16",
+		}}},
+		Conflicts: []conflictState{{Kind: conflictDuplicatePublicIP, PublicIP: netip.MustParseAddr("198.18.0.12"),
+			Subnets: []netip.Prefix{netip.MustParsePrefix("10.244.9.0/24"), netip.MustParsePrefix("10.244.2.0/24")},
+			Kept:    netip.MustParsePrefix("10.244.9.0/24"), Since: now.Add(-time.Minute),
+			Detail: "2 leases name PublicIP 198.18.0.12; only 10.244.9.0/24, created first, is programmed"}},
+	}
+	var b bytes.Buffer
+	printStatus(&b, rep, now)
+	out := b.String()
+	if line := lineWith(out, "0.0.0.0/1"); !strings.Contains(line, "refused (outside_network): 0.0.0.0/1 covers the whole Network 10.244.0.0/16") {
+		t.Errorf("the refused lease's line does not say why: %q\n%s", line, out)
+	}
+	if !strings.Contains(out, "conflicts (1):\n  duplicate_public_ip 198.18.0.12 since 09:59:00: 2 leases name PublicIP 198.18.0.12; only 10.244.9.0/24, created first, is programmed\n") {
+		t.Errorf("status lacks the conflict:\n%s", out)
+	}
+	js, err := json.Marshal(rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"refused":"outside_network"`, `"conflicts":[{"kind":"duplicate_public_ip","public_ip":"198.18.0.12","subnets":["10.244.9.0/24","10.244.2.0/24"],"kept":"10.244.9.0/24"`} {
+		if !strings.Contains(string(js), want) {
+			t.Errorf("status JSON lacks %s:\n%s", want, js)
+		}
+	}
 }
