@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
@@ -81,12 +83,20 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 		m.Pinning = ebpf.PinNone
 	}
 	var objs objects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			t.Fatalf("verifier: %+v", ve)
+	if err := xdpMetaSupported(); err != nil {
+		// Some kernels (this project's 6.18 CI VM among them) refuse bpf_xdp_adjust_meta in
+		// every XDP program, so decap_xdp cannot load there; the TC programs are still tested.
+		t.Logf("decap_xdp not loaded, XDP halves of the tests skipped: %v", err)
+		var tc struct {
+			DecapTc        *ebpf.Program `ebpf:"decap_tc"`
+			EncapContainer *ebpf.Program `ebpf:"encap_container"`
+			EncapHost      *ebpf.Program `ebpf:"encap_host"`
+			XnetMaps
 		}
-		t.Fatal(err)
+		loadAndAssign(t, spec, &tc)
+		objs.DecapTc, objs.EncapContainer, objs.EncapHost, objs.XnetMaps = tc.DecapTc, tc.EncapContainer, tc.EncapHost, tc.XnetMaps
+	} else {
+		loadAndAssign(t, spec, &objs)
 	}
 	t.Cleanup(func() { objs.XnetPrograms.Close(); objs.XnetMaps.Close() })
 
@@ -116,6 +126,36 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 	zero := make([]XnetPeerStats, ebpf.MustPossibleCPU())
 	must(t, objs.Peers.Put(ip4(peerIP), zero))
 	return &objs
+}
+
+func loadAndAssign(t testing.TB, spec *ebpf.CollectionSpec, to any) {
+	t.Helper()
+	if err := spec.LoadAndAssign(to, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			t.Fatalf("verifier: %+v", ve)
+		}
+		t.Fatal(err)
+	}
+}
+
+// xdpMetaSupported loads the smallest XDP program that calls bpf_xdp_adjust_meta, the helper
+// decap_xdp marks its packets with.
+func xdpMetaSupported() error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:    ebpf.XDP,
+		License: "GPL",
+		Instructions: asm.Instructions{
+			asm.Mov.Imm(asm.R2, -4),
+			asm.FnXdpAdjustMeta.Call(),
+			asm.Mov.Imm(asm.R0, xdpPass),
+			asm.Return(),
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("probe bpf_xdp_adjust_meta in XDP: %w", err)
+	}
+	return prog.Close()
 }
 
 func must(t testing.TB, err error) {
@@ -332,7 +372,7 @@ func TestDecap(t *testing.T) {
 					expectUntouched(t, "tc", ret, tcDrop, out, c.in)
 				}
 			}
-			if len(c.in) < 14 {
+			if len(c.in) < 14 || objs.DecapXdp == nil {
 				return // below an Ethernet header the kernel refuses to run XDP too
 			}
 			before := verdicts(t, objs.Counters)
