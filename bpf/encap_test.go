@@ -12,9 +12,9 @@ import (
 )
 
 func TestOverheadMatchesBackend(t *testing.T) {
-	const xnetVXLANOverhead = 50 // XNET_VXLAN_OVERHEAD in xnet.h
+	const xnetVXLANOverhead = 50 // XNET_VXLAN_OVERHEAD in consts.h
 	if backend.VXLANOverhead != xnetVXLANOverhead {
-		t.Fatalf("backend.VXLANOverhead = %d, xnet.h says %d", backend.VXLANOverhead, xnetVXLANOverhead)
+		t.Fatalf("backend.VXLANOverhead = %d, consts.h says %d", backend.VXLANOverhead, xnetVXLANOverhead)
 	}
 }
 
@@ -148,7 +148,7 @@ func TestEncap(t *testing.T) {
 	})
 }
 
-// checkVXLAN checks that out is in, wrapped as DESIGN.md's wire format says.
+// checkVXLAN checks that out is in, wrapped as docs/design.md's wire format says.
 func checkVXLAN(t *testing.T, out, in []byte, dstMAC, srcMAC net.HardwareAddr, peer netip.Addr) {
 	t.Helper()
 	if len(out) != len(in)+50 {

@@ -2,9 +2,9 @@
 /*
  * Packet parsing shared by every program: a header cursor advanced by one
  * parse_* function per protocol (the xdp-tutorial pattern), and the VXLAN
- * acceptance rules of DESIGN.md in one function, vxlan_classify, that the XDP
- * and the TC decap both call, so the two hooks can never disagree on what is
- * ours.
+ * acceptance rules of docs/design.md in one function, vxlan_classify, that the
+ * XDP and the TC decap both call, so the two hooks can never disagree on what
+ * is ours.
  *
  * The functions work on [data, data_end) only, so they run unchanged on an
  * xdp_md and on an __sk_buff.
@@ -18,23 +18,10 @@
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 
+#include "xnet.h"
 #include "maps.h"
 
-#ifndef IP_MF
-#define IP_MF 0x2000
-#endif
-#ifndef IP_OFFSET
-#define IP_OFFSET 0x1fff
-#endif
-
-/* The VXLAN header of RFC 7348: flags (I bit = a VNI is present), 24
- * reserved bits, the 24-bit VNI, 8 reserved bits. */
-struct vxlanhdr {
-	__be32 flags;
-	__be32 vni;
-};
-#define VXLAN_FLAG_I bpf_htonl(0x08000000)
-
+/* hdr_cursor: how far parsing got. */
 struct hdr_cursor {
 	void *pos;
 };
@@ -98,33 +85,6 @@ static __always_inline int parse_vxlanhdr(struct hdr_cursor *nh, void *data_end,
 	return 0;
 }
 
-static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
-{
-	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
-	       a[5] == b[5];
-}
-
-static __always_inline void mac_copy(__u8 *dst, const __u8 *src)
-{
-	__builtin_memcpy(dst, src, XNET_ETH_ALEN);
-}
-
-/* ip4_word reads an ipv4_addr as the network-order word the packet headers
- * hold (ipv4_addr is 4-byte aligned, so this is one load). */
-static __always_inline __u32 ip4_word(const __u8 *a)
-{
-	return *(const __u32 *)a;
-}
-
-static __always_inline struct route *route_of(__u32 addr)
-{
-	struct route_key key = {.prefixlen = 32};
-
-	*(__u32 *)key.addr = addr;
-
-	return bpf_map_lookup_elem(&routes, &key);
-}
-
 /* vxlan_match: what vxlan_classify found in an accepted packet. */
 struct vxlan_match {
 	__u32 strip_len;   /* outer Ethernet + outer IPv4 (with options) + UDP + VXLAN */
@@ -133,7 +93,7 @@ struct vxlan_match {
 };
 
 /*
- * vxlan_classify applies DESIGN.md's acceptance rules to one frame.
+ * vxlan_classify applies docs/design.md's acceptance rules to one frame.
  *
  * It returns VERDICT_PASS for everything that is not VXLAN for us (another
  * protocol, another address, port or VNI, an outer fragment, a truncated
