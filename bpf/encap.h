@@ -23,6 +23,7 @@
 #ifndef XNET_ENCAP_H
 #define XNET_ENCAP_H
 
+#include <stddef.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -322,17 +323,46 @@ static __always_inline int deliver(struct __sk_buff *skb, const struct host_conf
 	return TC_ACT_OK;
 }
 
-/* decap_pull makes the headers vxlan_classify reads linear. A paged skb (a
- * GSO packet above all) may have only part of them in its linear area, where
- * direct packet access can see them; pulling them in changes no byte of the
- * packet. */
-static __always_inline void decap_pull(struct __sk_buff *skb)
+/* udp_to_us says whether the frame is IPv4 UDP to our address and VXLAN
+ * port, not a fragment: the checks vxlan_classify makes before the VXLAN
+ * header, no more. It reads with bpf_skb_load_bytes, which copies from the
+ * paged part as well, so looking changes nothing in the skb. */
+static __always_inline int udp_to_us(struct __sk_buff *skb, const struct host_config *cfg)
+{
+	struct iphdr ip;
+	__be16 proto, dport;
+
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)) < 0 ||
+	    proto != bpf_htons(ETH_P_IP))
+		return 0;
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &ip, sizeof(ip)) < 0)
+		return 0;
+	if (ip.version != 4 || ip.ihl < 5 || ip.protocol != IPPROTO_UDP || ip.daddr != ip4_word(cfg->local_ip) ||
+	    ip.frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return 0;
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + ip.ihl * 4 + offsetof(struct udphdr, dest), &dport,
+			       sizeof(dport)) < 0)
+		return 0;
+	return dport == bpf_htons(cfg->port);
+}
+
+/* decap_pull makes the headers vxlan_classify reads linear, where direct
+ * packet access sees them: a paged skb (a GSO packet above all) may carry only
+ * part of them in its linear area. Only frames that are UDP to our port are
+ * pulled: the program sits on the host's main NIC, and everything else there
+ * (SSH, etcd, the host's own traffic) must reach the stack as it came, not
+ * copied into a linear buffer at every packet. For those, classify sees no
+ * more than what is linear and passes them on. */
+static __always_inline void decap_pull(struct __sk_buff *skb, const struct host_config *cfg)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 
-	if (data + XNET_CLASSIFY_BYTES > data_end && skb->len > data_end - data)
-		bpf_skb_pull_data(skb, skb->len < XNET_CLASSIFY_BYTES ? skb->len : XNET_CLASSIFY_BYTES);
+	if (data + XNET_CLASSIFY_BYTES <= data_end || skb->len <= data_end - data)
+		return; /* all there already */
+	if (!udp_to_us(skb, cfg))
+		return;
+	bpf_skb_pull_data(skb, skb->len < XNET_CLASSIFY_BYTES ? skb->len : XNET_CLASSIFY_BYTES);
 }
 
 /* decap_strip removes the outer IPv4, UDP and VXLAN headers and the inner

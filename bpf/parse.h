@@ -135,9 +135,15 @@ static __always_inline int vxlan_classify(void *data, void *data_end, __u32 fram
 		return VERDICT_PASS;
 	if (parse_vxlanhdr(&nh, data_end, &vxh) < 0)
 		return VERDICT_PASS;
-	/* Another VNI on our port belongs to someone else (or no one): the
-	 * stack answers it as it would without us. */
-	if (!(vxh->flags & VXLAN_FLAG_I) || vxh->vni != bpf_htonl(cfg->vni << 8))
+	/* The header must be exactly what the kernel's vxlan, as flannel sets
+	 * it up, accepts: the I flag and nothing else in the flags word, our
+	 * VNI, and 0 in the reserved byte after it. The kernel drops headers
+	 * with any reserved bit set (they belong to extensions such as GBP
+	 * that neither side negotiated), and wire.Decode, the Go decap, applies
+	 * the same rule. VNI 0 is a VNI like any other. Another VNI on our port
+	 * belongs to someone else (or no one): the stack answers it as it would
+	 * without us. */
+	if (vxh->flags != VXLAN_FLAG_I || vxh->vni != bpf_htonl(cfg->vni << 8))
 		return VERDICT_PASS;
 
 	/* From here on the packet is VXLAN for us: what breaks a rule is dropped. */

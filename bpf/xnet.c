@@ -107,7 +107,7 @@ int decap_tc(struct __sk_buff *skb)
 		return deliver(skb, cfg, ip->daddr);
 	}
 
-	decap_pull(skb);
+	decap_pull(skb, cfg);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	verdict = vxlan_classify(data, data_end, skb->len, cfg, &m);

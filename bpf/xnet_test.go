@@ -202,6 +202,7 @@ type vxlanFrame struct {
 	dstPort    uint16
 	vni        uint32
 	noIFlag    bool
+	editVXLAN  func(hdr []byte) // changes the 8-byte VXLAN header after it is built
 	innerDstMA net.HardwareAddr
 	innerType  uint16
 	innerSrc   netip.Addr
@@ -226,6 +227,9 @@ func (f vxlanFrame) bytes() []byte {
 	vx := testpkt.VXLAN(f.vni, innerEth)
 	if f.noIFlag {
 		vx[0] = 0
+	}
+	if f.editVXLAN != nil {
+		f.editVXLAN(vx[:8])
 	}
 	outer := testpkt.IPv4{Src: f.outerSrc, Dst: f.outerDst, Proto: testpkt.ProtoUDP, Flags: f.fragField, Options: f.ipOptions}.
 		Packet(testpkt.UDP(45000, f.dstPort, vx))
@@ -284,6 +288,14 @@ func TestDecap(t *testing.T) {
 			in: with(accepted, func(f *vxlanFrame) { f.vni = 2 }).bytes(), verdict: XnetVerdictVERDICT_PASS},
 		{name: "a VXLAN header without the I flag is not ours",
 			in: with(accepted, func(f *vxlanFrame) { f.noIFlag = true }).bytes(), verdict: XnetVerdictVERDICT_PASS},
+		{name: "a VXLAN header with a reserved flag bit set is not ours (the kernel's vxlan drops it too)",
+			in: with(accepted, func(f *vxlanFrame) { f.editVXLAN = func(h []byte) { h[0] = 0x0c } }).bytes(), verdict: XnetVerdictVERDICT_PASS},
+		{name: "a VXLAN header with the GBP flag (an extension we do not speak) is not ours",
+			in: with(accepted, func(f *vxlanFrame) { f.editVXLAN = func(h []byte) { h[0] = 0x88 } }).bytes(), verdict: XnetVerdictVERDICT_PASS},
+		{name: "a VXLAN header with bits set in the reserved 24 bits after the flags is not ours",
+			in: with(accepted, func(f *vxlanFrame) { f.editVXLAN = func(h []byte) { h[3] = 0x01 } }).bytes(), verdict: XnetVerdictVERDICT_PASS},
+		{name: "a VXLAN header with the reserved byte after the VNI set is not ours",
+			in: with(accepted, func(f *vxlanFrame) { f.editVXLAN = func(h []byte) { h[7] = 0x01 } }).bytes(), verdict: XnetVerdictVERDICT_PASS},
 		{name: "VXLAN to another address is not ours",
 			in: with(accepted, func(f *vxlanFrame) { f.outerDst = strangerIP }).bytes(), verdict: XnetVerdictVERDICT_PASS},
 		{name: "an outer first fragment is left to the stack",
