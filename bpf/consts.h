@@ -52,6 +52,7 @@ enum verdict {
 	VERDICT_DROP_NO_NEXTHOP,    /* the underlay has no route to the peer */
 	VERDICT_DROP_HELPER,        /* a kernel helper refused (adjust room, redirect) */
 	VERDICT_DROP_NO_CONFIG,     /* the datapath is attached but not configured yet */
+	VERDICT_DROP_BAD_SOURCE,    /* a container sent from an address another live veth holds, or from a non-unicast MAC */
 	VERDICT_MAX,
 };
 

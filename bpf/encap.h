@@ -24,6 +24,7 @@
 #define XNET_ENCAP_H
 
 #include <stddef.h>
+#include <linux/errno.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -268,24 +269,62 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 	return encap_send(skb, &hop);
 }
 
-/* learn records which veth a local container sits behind, so decap can hand
- * packets for it straight to that veth's peer. Only writes on change. */
-static __always_inline void learn(struct __sk_buff *skb, const struct host_config *cfg, struct ethhdr *eth,
-				  struct iphdr *ip)
+/* ifindex_alive says whether an interface with this index exists in the
+ * skb's network namespace. bpf_check_mtu looks the device up by index and
+ * answers -ENODEV when there is none; whatever it says about the MTU does not
+ * matter here. */
+static __always_inline int ifindex_alive(struct __sk_buff *skb, __u32 ifindex)
+{
+	__u32 mtu_len = 0;
+
+	return bpf_check_mtu(skb, ifindex, &mtu_len, 0, 0) != -ENODEV;
+}
+
+/* unicast_mac: not multicast or broadcast (the group bit, the lowest bit of
+ * the first byte) and not all zeroes: what the kernel's is_valid_ether_addr
+ * accepts as a source, and the bridge drops anything else. */
+static __always_inline int unicast_mac(const __u8 *mac)
+{
+	return !(mac[0] & 1) && (mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]);
+}
+
+/*
+ * learn records which veth a local container sits behind, so decap can hand
+ * packets for it straight to that veth's peer. Only writes on change.
+ *
+ * What a container sends is not to be trusted: one with NET_RAW can send a
+ * packet from its neighbour's address. So an address bound to another veth
+ * that still exists does not move (the first veth's owner keeps its traffic);
+ * it moves only once that veth is gone (the container stopped, and a new one
+ * got its address), which the kernel tells us here without waiting for the Go
+ * side to forget the endpoint. A source MAC that is not unicast is never
+ * learned: deliver would address the container with it. learn returns -1 for
+ * a packet it refused: its source is not the sender's to use.
+ */
+static __always_inline int learn(struct __sk_buff *skb, const struct host_config *cfg, struct ethhdr *eth,
+				 struct iphdr *ip)
 {
 	struct endpoint *known, ep = {};
 	__u32 saddr = ip->saddr;
 
 	if ((saddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr))
-		return;
+		return 0;
+	if (!unicast_mac(eth->h_source))
+		return -1;
 	known = bpf_map_lookup_elem(&endpoints, &saddr);
-	if (known && known->ifindex == skb->ifindex && mac_equal(known->mac, eth->h_source) &&
-	    mac_equal(known->gw_mac, eth->h_dest))
-		return;
+	if (known) {
+		if (known->ifindex == skb->ifindex) {
+			if (mac_equal(known->mac, eth->h_source) && mac_equal(known->gw_mac, eth->h_dest))
+				return 0;
+		} else if (ifindex_alive(skb, known->ifindex)) {
+			return -1;
+		}
+	}
 	ep.ifindex = skb->ifindex;
 	mac_copy(ep.mac, eth->h_source);
 	mac_copy(ep.gw_mac, eth->h_dest);
 	bpf_map_update_elem(&endpoints, &saddr, &ep, BPF_ANY);
+	return 0;
 }
 
 /*

@@ -53,13 +53,6 @@ func (th *nsThread) do(fn func()) {
 	<-th.done
 }
 
-// Offsets in struct __sk_buff (uapi bpf.h).
-const (
-	skbLen     = 0
-	skbData    = 76
-	skbDataEnd = 80
-)
-
 // linearObserver is a TC program that records, in slot of m, the largest linear length
 // (data_end - data) of the packets of over 1000 bytes it sees, and in slot+1 how many it saw. It
 // passes every packet on (TCX_NEXT).

@@ -53,7 +53,12 @@ int encap_container(struct __sk_buff *skb)
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
 	}
-	learn(skb, cfg, eth, ip);
+	/* A packet from an address another container holds is spoofed: it
+	 * goes nowhere, overlay or not. */
+	if (learn(skb, cfg, eth, ip) < 0) {
+		count(VERDICT_DROP_BAD_SOURCE, skb->len);
+		return TC_ACT_SHOT;
+	}
 	return encap(skb, cfg, ip, VERDICT_PASS);
 }
 

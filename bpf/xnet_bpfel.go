@@ -88,7 +88,8 @@ const (
 	XnetVerdictVERDICT_DROP_NO_NEXTHOP     XnetVerdict = 11
 	XnetVerdictVERDICT_DROP_HELPER         XnetVerdict = 12
 	XnetVerdictVERDICT_DROP_NO_CONFIG      XnetVerdict = 13
-	XnetVerdictVERDICT_MAX                 XnetVerdict = 14
+	XnetVerdictVERDICT_DROP_BAD_SOURCE     XnetVerdict = 14
+	XnetVerdictVERDICT_MAX                 XnetVerdict = 15
 )
 
 // Names of all BPF objects in the ELF.
