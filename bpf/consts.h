@@ -53,6 +53,7 @@ enum verdict {
 	VERDICT_DROP_HELPER,        /* a kernel helper refused (adjust room, redirect) */
 	VERDICT_DROP_NO_CONFIG,     /* the datapath is attached but not configured yet */
 	VERDICT_DROP_BAD_SOURCE,    /* a container sent from an address another live veth holds, or from a non-unicast MAC */
+	VERDICT_DROP_CE_NOT_ECT,    /* outer ECN CE on an inner packet that is not ECN-capable (RFC 6040 drops it) */
 	VERDICT_MAX,
 };
 

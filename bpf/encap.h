@@ -176,8 +176,11 @@ static __always_inline int encap_write_headers(struct __sk_buff *skb, const stru
 
 	h->ip.version = 4;
 	h->ip.ihl = 5;
-	/* ECN as RFC 6040 encapsulates it: copy, but never CE on the outside. */
-	h->ip.tos = (tos & ECN_MASK) == ECN_CE ? (tos & ~ECN_MASK) | ECN_ECT0 : tos;
+	/* The kernel's vxlan with TOS 0, as flannel sets it up: no DSCP on the
+	 * outside (the inner packet's marking is not the underlay's business),
+	 * and the ECN field as RFC 6040 encapsulates it: copied, except CE,
+	 * which goes out as ECT(0) so the underlay can mark it again. */
+	h->ip.tos = (tos & ECN_MASK) == ECN_CE ? ECN_ECT0 : tos & ECN_MASK;
 	h->ip.tot_len = bpf_htons(skb->len - sizeof(*eth));
 	h->ip.id = (__u16)bpf_get_prandom_u32();
 	h->ip.frag_off = 0; /* DF clear, as the kernel's vxlan sends by default */
@@ -402,6 +405,32 @@ static __always_inline void decap_pull(struct __sk_buff *skb, const struct host_
 	if (!udp_to_us(skb, cfg))
 		return;
 	bpf_skb_pull_data(skb, skb->len < XNET_CLASSIFY_BYTES ? skb->len : XNET_CLASSIFY_BYTES);
+}
+
+/* decap_ecn copies a CE mark from the outer header into the inner IPv4
+ * header of an accepted frame (RFC 6040; vxlan_classify already dropped what
+ * cannot carry it) and fixes the inner header checksum. It works on
+ * [data, data_end) before the strip, so XDP and TC share it. */
+static __always_inline void decap_ecn(void *data, void *data_end, const struct vxlan_match *m)
+{
+	struct iphdr *inner;
+	__u16 *word, old;
+
+	if (!m->outer_ce)
+		return;
+	/* The offset came through the stack: bound it, or the verifier will
+	 * not let it move a packet pointer. Outer Ethernet, the longest outer
+	 * IPv4 header, UDP, VXLAN and inner Ethernet. */
+	if (m->inner_off > 14 + 60 + 8 + 8 + 14)
+		return;
+	inner = data + m->inner_off;
+	if ((void *)(inner + 1) > data_end)
+		return;
+	/* The TOS byte shares its 16-bit word with version and IHL. */
+	word = (__u16 *)inner;
+	old = *word;
+	inner->tos |= ECN_CE;
+	csum_replace2(&inner->check, old, *word);
 }
 
 /* decap_strip removes the outer IPv4, UDP and VXLAN headers and the inner

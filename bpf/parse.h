@@ -90,6 +90,8 @@ struct vxlan_match {
 	__u32 strip_len;   /* outer Ethernet + outer IPv4 (with options) + UDP + VXLAN */
 	__u32 peer_ip;     /* outer source, network order */
 	__u32 inner_daddr; /* network order */
+	__u32 inner_off;   /* where the inner IPv4 header starts (strip_len + inner Ethernet) */
+	__u8 outer_ce;     /* the outer ECN field is CE: decap_ecn marks the inner packet */
 };
 
 /*
@@ -179,8 +181,17 @@ static __always_inline int vxlan_classify(void *data, void *data_end, __u32 fram
 	if (ip4_word(src_route->remote_ip) != ip->saddr)
 		return VERDICT_DROP_SPOOFED;
 
+	/* RFC 6040: congestion experienced on the way must reach the inner
+	 * packet, and an inner packet that is not ECN-capable cannot carry the
+	 * mark: it is dropped, as the kernel's vxlan drops it (a router would
+	 * have dropped it had the outer header been not ECN-capable too). */
+	if ((ip->tos & ECN_MASK) == ECN_CE && !(inner_ip->tos & ECN_MASK))
+		return VERDICT_DROP_CE_NOT_ECT;
+
 	m->peer_ip = ip->saddr;
 	m->inner_daddr = inner_ip->daddr;
+	m->inner_off = (void *)inner_ip - data;
+	m->outer_ce = (ip->tos & ECN_MASK) == ECN_CE;
 	return VERDICT_DECAP;
 }
 

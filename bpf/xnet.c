@@ -124,6 +124,7 @@ int decap_tc(struct __sk_buff *skb)
 		count(verdict, skb->len);
 		return TC_ACT_SHOT;
 	}
+	decap_ecn(data, data_end, &m);
 
 	if (decap_strip(skb, &m) < 0) {
 		count(VERDICT_DROP_HELPER, skb->len);
@@ -161,6 +162,8 @@ int decap_xdp(struct xdp_md *ctx)
 	 * unchanged and decap_tc does the whole job. */
 	if (xdp_mark_decapped(ctx) < 0)
 		return XDP_PASS;
+	/* The helper invalidated the packet pointers. */
+	decap_ecn((void *)(long)ctx->data, (void *)(long)ctx->data_end, &m);
 
 	/* Strip up to the inner Ethernet header: the stack sees the inner
 	 * frame, so GRO on a physical NIC coalesces the inner TCP flow. */

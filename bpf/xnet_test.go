@@ -207,10 +207,12 @@ type vxlanFrame struct {
 	innerType  uint16
 	innerSrc   netip.Addr
 	innerDst   netip.Addr
+	outerTOS   uint8
+	innerTOS   uint8
 }
 
 func (f vxlanFrame) inner() []byte {
-	return testpkt.IPv4{Src: f.innerSrc, Dst: f.innerDst, Proto: testpkt.ProtoTCP}.
+	return testpkt.IPv4{Src: f.innerSrc, Dst: f.innerDst, Proto: testpkt.ProtoTCP, TOS: f.innerTOS}.
 		Packet(testpkt.TCP(f.innerSrc, f.innerDst, 40000, 5201, []byte("hello overlay")))
 }
 
@@ -231,7 +233,7 @@ func (f vxlanFrame) bytes() []byte {
 	if f.editVXLAN != nil {
 		f.editVXLAN(vx[:8])
 	}
-	outer := testpkt.IPv4{Src: f.outerSrc, Dst: f.outerDst, Proto: testpkt.ProtoUDP, Flags: f.fragField, Options: f.ipOptions}.
+	outer := testpkt.IPv4{Src: f.outerSrc, Dst: f.outerDst, Proto: testpkt.ProtoUDP, Flags: f.fragField, Options: f.ipOptions, TOS: f.outerTOS}.
 		Packet(testpkt.UDP(45000, f.dstPort, vx))
 	return testpkt.Eth(nicMAC, peerNicMAC, testpkt.EtherTypeIPv4, outer)
 }
@@ -242,6 +244,18 @@ func fromPeer() vxlanFrame {
 		outerSrc: peerIP, outerDst: localIP, dstPort: port, vni: vni,
 		innerDstMA: localVtep, innerSrc: remoteIP, innerDst: ctrIP,
 	}
+}
+
+// The ECN codepoints of RFC 3168, in the low two bits of the TOS byte.
+const (
+	ecnECT1 = 0x01
+	ecnECT0 = 0x02
+	ecnCE   = 0x03
+)
+
+func withTOS(f vxlanFrame, outer, inner uint8) vxlanFrame {
+	f.outerTOS, f.innerTOS = outer, inner
+	return f
 }
 
 func with(f vxlanFrame, change func(*vxlanFrame)) vxlanFrame {
@@ -282,6 +296,26 @@ func TestDecap(t *testing.T) {
 		{name: "outer IPv4 options are skipped",
 			in: withOptions.bytes(), verdict: XnetVerdictVERDICT_DECAP,
 			tcOut: innerTo(ctrMAC, gwMAC, withOptions), tcRet: tcRedirect},
+		// RFC 6040 decapsulation, as the kernel's vxlan does it: a congestion mark on the
+		// outside reaches the inner packet (with its checksum fixed); an inner packet that
+		// cannot carry it is dropped; nothing else of the outer TOS is copied.
+		{name: "outer CE is copied into an inner ECT(0) packet",
+			in: withTOS(accepted, ecnCE, ecnECT0).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, ecnCE)), tcRet: tcRedirect},
+		{name: "outer CE is copied into an inner ECT(1) packet, keeping its DSCP",
+			in: withTOS(accepted, ecnCE, 0xb8|ecnECT1).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, 0xb8|ecnCE)), tcRet: tcRedirect},
+		{name: "an inner CE packet stays CE",
+			in: withTOS(accepted, ecnCE, ecnCE).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, ecnCE)), tcRet: tcRedirect},
+		{name: "outer ECT(0) leaves the inner ECN field alone",
+			in: withTOS(accepted, ecnECT0, ecnECT1).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, ecnECT1)), tcRet: tcRedirect},
+		{name: "the outer DSCP is not copied into the inner packet",
+			in: withTOS(accepted, 0xb8, 0).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, 0)), tcRet: tcRedirect},
+		{name: "outer CE on an inner packet that is not ECN-capable is dropped",
+			in: withTOS(accepted, ecnCE, 0).bytes(), verdict: XnetVerdictVERDICT_DROP_CE_NOT_ECT},
 		{name: "another UDP port is not ours",
 			in: with(accepted, func(f *vxlanFrame) { f.dstPort = 4789 }).bytes(), verdict: XnetVerdictVERDICT_PASS},
 		{name: "another VNI is not ours",
@@ -395,8 +429,11 @@ func TestDecap(t *testing.T) {
 				// XDP strips up to the inner Ethernet frame, marks it in the metadata
 				// (which the test run returns in front of the frame) and leaves
 				// delivery to TC.
+				// The inner Ethernet header as it came, the inner packet as TC delivers
+				// it (the same bytes, unless ECN changed them).
 				want := binary.NativeEndian.AppendUint32(nil, xnetMetaDecapped)
-				want = append(want, c.in[len(c.in)-len(c.tcOut):]...)
+				want = append(want, c.in[len(c.in)-len(c.tcOut):][:14]...)
+				want = append(want, c.tcOut[14:]...)
 				if ret != xdpPass || !bytes.Equal(out[:len(want)], want) {
 					t.Errorf("xdp: got %d\n% x\nwant %d\n% x", ret, out[:len(want)], xdpPass, want)
 				}
