@@ -54,6 +54,7 @@ enum verdict {
 	VERDICT_DROP_NO_CONFIG,     /* the datapath is attached but not configured yet */
 	VERDICT_DROP_BAD_SOURCE,    /* a container sent from an address another live veth holds, or from a non-unicast MAC */
 	VERDICT_DROP_CE_NOT_ECT,    /* outer ECN CE on an inner packet that is not ECN-capable (RFC 6040 drops it) */
+	VERDICT_DROP_GRO_MERGED,    /* several VXLAN datagrams merged into one skb by UDP GRO on the underlay */
 	VERDICT_MAX,
 };
 
@@ -95,6 +96,11 @@ enum verdict {
 
 /* The inner Ethernet header VXLAN carries in front of the inner IPv4 packet. */
 #define XNET_INNER_ETH_LEN 14
+
+/* The shortest UDP payload that is a VXLAN datagram for us: VXLAN header,
+ * inner Ethernet, an inner IPv4 header. Fewer bytes after an inner packet are
+ * padding; more can be another datagram (vxlan_classify). */
+#define XNET_MIN_VXLAN_PAYLOAD (8 + 14 + 20)
 
 /* Bytes vxlan_classify may read: outer Ethernet, IPv4 with the longest
  * options, UDP, VXLAN, inner Ethernet and IPv4 without options. */

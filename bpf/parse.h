@@ -162,15 +162,25 @@ static __always_inline int vxlan_classify(void *data, void *data_end, __u32 fram
 	 * own header and at most the bytes that arrived. A shorter inner packet
 	 * would be delivered for the container's stack to drop, after counting
 	 * as decapsulated and bypassing the host stack's own length checks
-	 * (bpf_redirect_peer skips them). More bytes than tot_len is Ethernet
-	 * padding of a short packet: the receiving stack trims it, as it does
-	 * for any frame. tot_len 0 (IPv4 BIG TCP, over 64 KB) is refused too:
+	 * (bpf_redirect_peer skips them). A few more bytes than tot_len are
+	 * Ethernet padding of a short inner frame or a frame check sequence:
+	 * the receiving stack trims them, as it does for any frame. tot_len 0 (IPv4 BIG TCP, over 64 KB) is refused too:
 	 * the encap cannot carry such packets either (the outer tot_len is 16
 	 * bits), so no peer of ours sends them. */
 	inner_len = bpf_ntohs(inner_ip->tot_len);
 	inner_present = frame_len - (__u32)((void *)inner_ip - data);
 	if (inner_len < (__u32)inner_ip->ihl * 4 || inner_len > inner_present)
 		return VERDICT_DROP_MALFORMED;
+	/* What follows the inner packet must be too short to be another VXLAN
+	 * datagram (a VXLAN header, an inner Ethernet and an IPv4 header): UDP
+	 * GRO on the underlay NIC (rx-udp-gro-forwarding, rx-gro-list) merges
+	 * datagrams of one flow into one skb when no socket owns the port, as
+	 * here, and rewrites the outer lengths to cover them all. Delivered as
+	 * one packet, all inner packets but the first would be lost without a
+	 * trace, and there is no helper to cut them apart again. A legitimate
+	 * tunnel GSO packet carries one inner packet as long as the skb. */
+	if (inner_present - inner_len >= XNET_MIN_VXLAN_PAYLOAD)
+		return VERDICT_DROP_GRO_MERGED;
 	if ((inner_ip->daddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr))
 		return VERDICT_DROP_NOT_LOCAL;
 	/* Anti-spoofing: the inner source must belong to a peer's lease and

@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -8,7 +9,8 @@ import (
 
 // skbContext is struct __sk_buff (uapi bpf.h) as BPF_PROG_TEST_RUN takes it: a SCHED_CLS test
 // run may set ifindex (the device the packet arrives on), mark, priority, cb, tstamp, wire_len,
-// gso_segs and gso_size; everything else must be zero.
+// gso_segs and gso_size; everything else must be zero. BPF_PROG_TEST_RUN gets it through
+// encoding/binary, which adds no alignment padding: the blank fields are the C struct's.
 type skbContext struct {
 	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTci, VlanProto uint32
 	Priority, IngressIfindex, Ifindex, TcIndex                                  uint32
@@ -16,7 +18,6 @@ type skbContext struct {
 	Hash, TcClassid, Data, DataEnd, NapiID, Family, RemoteIP4, LocalIP4         uint32
 	RemoteIP6, LocalIP6                                                         [4]uint32
 	RemotePort, LocalPort, DataMeta                                             uint32
-	_                                                                           uint32
 	FlowKeys, Tstamp                                                            uint64
 	WireLen, GsoSegs                                                            uint32
 	Sk                                                                          uint64
@@ -42,4 +43,10 @@ func runCtx(t testing.TB, prog *ebpf.Program, in []byte, ctx skbContext) (uint32
 		t.Fatalf("test run of %d bytes on ifindex %d: %v", len(in), ctx.Ifindex, err)
 	}
 	return ret, out
+}
+
+func TestSkbContextIsTheKernelsSize(t *testing.T) {
+	if n := binary.Size(skbContext{}); n != 192 {
+		t.Fatalf("skbContext encodes to %d bytes, struct __sk_buff has 192", n)
+	}
 }

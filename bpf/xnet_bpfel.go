@@ -90,7 +90,8 @@ const (
 	XnetVerdictVERDICT_DROP_NO_CONFIG      XnetVerdict = 13
 	XnetVerdictVERDICT_DROP_BAD_SOURCE     XnetVerdict = 14
 	XnetVerdictVERDICT_DROP_CE_NOT_ECT     XnetVerdict = 15
-	XnetVerdictVERDICT_MAX                 XnetVerdict = 16
+	XnetVerdictVERDICT_DROP_GRO_MERGED     XnetVerdict = 16
+	XnetVerdictVERDICT_MAX                 XnetVerdict = 17
 )
 
 // Names of all BPF objects in the ELF.
