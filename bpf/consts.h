@@ -55,6 +55,8 @@ enum verdict {
 	VERDICT_DROP_BAD_SOURCE,    /* a container sent from an address another live veth holds, or from a non-unicast MAC */
 	VERDICT_DROP_CE_NOT_ECT,    /* outer ECN CE on an inner packet that is not ECN-capable (RFC 6040 drops it) */
 	VERDICT_DROP_GRO_MERGED,    /* several VXLAN datagrams merged into one skb by UDP GRO on the underlay */
+	VERDICT_ICMP_FRAG_NEEDED,   /* too big for the underlay once encapsulated, DF set: answered with ICMP fragmentation needed */
+	VERDICT_PASS_TOO_BIG,       /* too big for the underlay once encapsulated, DF clear: left to the kernel to fragment */
 	VERDICT_MAX,
 };
 

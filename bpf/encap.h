@@ -30,6 +30,7 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
+#include <linux/tcp.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -38,6 +39,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "csum.h"
+#include "icmp.h"
 
 /* The outer headers, in wire order, written in one go after adjust_room.
  * Every member falls on its natural alignment (0, 20, 28, 36), so no packing
@@ -67,14 +69,73 @@ static __always_inline __u16 flow_src_port(__u32 hash)
 		       XNET_SRC_PORT_MIN);
 }
 
-/* encap_fits says whether the packet fits the underlay once encapsulated. A
- * GSO packet is cut into MTU-sized segments later; anything else must fit as
- * it is. The overlay MTU handed to Docker makes a misfit rare. */
-static __always_inline int encap_fits(const struct __sk_buff *skb, const struct host_config *cfg)
+/* encap_seg_len is the length of the longest IPv4 packet the inner packet
+ * becomes on the overlay: the packet itself, or for a GSO packet, which is
+ * cut into segments later, one segment: the inner IPv4 and L4 headers and
+ * gso_size bytes of payload. */
+static __always_inline __u32 encap_seg_len(const struct __sk_buff *skb, struct iphdr *inner)
 {
-	__u32 inner_len = skb->len - sizeof(struct ethhdr);
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 l3 = inner->ihl * 4, l4 = 0;
 
-	return skb->gso_size || inner_len + XNET_VXLAN_OVERHEAD <= cfg->underlay_mtu;
+	if (!skb->gso_size)
+		return skb->len - sizeof(struct ethhdr);
+	if (inner->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)inner + l3;
+
+		/* A GSO packet has its headers in the linear part; the check
+		 * is for the verifier. */
+		if ((void *)(tcp + 1) <= data_end)
+			l4 = tcp->doff * 4;
+	} else if (inner->protocol == IPPROTO_UDP) {
+		l4 = sizeof(struct udphdr);
+	}
+	return l3 + l4 + skb->gso_size;
+}
+
+/* The gateway a container sends to: docker0, which has the lease's first
+ * address (--bip). The kernel answers a container's packet it cannot route
+ * from there, so the ICMP errors of the encap come from there too. */
+static __always_inline __u32 container_gateway(const struct host_config *cfg)
+{
+	return ip4_word(cfg->subnet_addr) | bpf_htonl(1);
+}
+
+/*
+ * encap_too_big deals with a packet that will not fit the underlay once
+ * encapsulated; no packet vanishes without the sender hearing of it.
+ *
+ * From a container (answer set): with DF, the container gets an ICMP
+ * "fragmentation needed" with the overlay MTU and its path MTU discovery
+ * does the rest, as with the kernel's vxlan; without DF it goes to the
+ * kernel, which routes it into xnet0 (whose MTU is the overlay's), fragments
+ * it there and encap_host sends the fragments. A GSO packet counts by its
+ * segments; TCP's always carry DF.
+ *
+ * In xnet0 (answer clear) the stack has already held the packet to xnet0's
+ * MTU, the overlay MTU: a misfit means xnet0's MTU was changed, and the drop
+ * is counted.
+ */
+static __always_inline int encap_too_big(struct __sk_buff *skb, const struct host_config *cfg, struct iphdr *inner,
+					 int answer)
+{
+	__u32 len = skb->len;
+
+	if (!answer) {
+		count(VERDICT_DROP_TOO_BIG, len);
+		return TC_ACT_SHOT;
+	}
+	if (!(inner->frag_off & bpf_htons(IP_DF))) {
+		count(VERDICT_PASS_TOO_BIG, len);
+		return XNET_TC_PASS;
+	}
+	if (icmp_frag_needed(skb, container_gateway(cfg), cfg->underlay_mtu - XNET_VXLAN_OVERHEAD) < 0) {
+		count(VERDICT_DROP_HELPER, len);
+		return TC_ACT_SHOT;
+	}
+	count(VERDICT_ICMP_FRAG_NEEDED, len);
+	/* Out of the veth it came in on: into the container. */
+	return bpf_redirect(skb->ifindex, 0);
 }
 
 /* hop_from_cache fills hop from the nexthops cache while the entry is fresh:
@@ -109,8 +170,8 @@ static __always_inline int hop_from_fib(struct __sk_buff *skb, const struct host
 	fib.ipv4_dst = ip4_word(remote_ip);
 	/* No tot_len: with one, the lookup compares it to the MTU and refuses
 	 * every GSO packet (FRAG_NEEDED); without, it checks the skb, which
-	 * knows a GSO packet is cut to size later. Non-GSO sizes were checked
-	 * by encap_fits against the underlay MTU. */
+	 * knows a GSO packet is cut to size later. Sizes were checked against
+	 * the underlay MTU before (encap_seg_len). */
 	fib.ifindex = cfg->underlay_ifindex;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 	switch (rc) {
@@ -228,13 +289,14 @@ static __always_inline int encap_send(struct __sk_buff *skb, const struct underl
 
 /*
  * encap wraps the IPv4 packet in skb into VXLAN for the peer owning its
- * destination and redirects it out of the underlay NIC. no_route is the
- * verdict for a destination no peer owns: PASS where such traffic is simply
- * not ours (a container talking to the world), DROP where it can only be
- * overlay traffic (xnet0).
+ * destination and redirects it out of the underlay NIC. from_container says
+ * where the packet comes from: a container's veth, where traffic without a
+ * peer is simply not ours (a container talking to the world) and a misfit is
+ * answered (encap_too_big), or xnet0, where traffic can only be overlay
+ * traffic and what cannot go is dropped.
  */
 static __always_inline int encap(struct __sk_buff *skb, const struct host_config *cfg, struct iphdr *inner,
-				 int no_route)
+				 int from_container)
 {
 	struct underlay_hop hop = {};
 	struct route *found;
@@ -244,17 +306,19 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 
 	found = route_of(inner->daddr);
 	if (!found) {
-		count(no_route, skb->len);
-		return no_route == VERDICT_PASS ? XNET_TC_PASS : TC_ACT_SHOT;
+		if (from_container) {
+			count(VERDICT_PASS, skb->len);
+			return XNET_TC_PASS;
+		}
+		count(VERDICT_DROP_NO_ROUTE, skb->len);
+		return TC_ACT_SHOT;
 	}
 	/* Copy: the entry may change under us, and the packet pointers die
 	 * with adjust_room anyway. */
 	rt = *found;
 
-	if (!encap_fits(skb, cfg)) {
-		count(VERDICT_DROP_TOO_BIG, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (encap_seg_len(skb, inner) + XNET_VXLAN_OVERHEAD > cfg->underlay_mtu)
+		return encap_too_big(skb, cfg, inner, from_container);
 	if (find_hop(skb, cfg, rt.remote_ip, &hop) < 0) {
 		count(VERDICT_DROP_NO_NEXTHOP, skb->len);
 		return TC_ACT_SHOT;

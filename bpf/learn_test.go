@@ -92,15 +92,19 @@ func TestLearn(t *testing.T) {
 			}
 			in := frame(victimIP, c.srcMAC)
 			before := verdicts(t, objs.Counters)
-			var ret uint32
-			var out []byte
-			inNS(func() { ret, out = runCtx(t, objs.EncapContainer, in, skbContext{Ifindex: c.from}) })
+			var (
+				ret uint32
+				out []byte
+				err error
+			)
+			inNS(func() { ret, out, err = runCtxErr(objs.EncapContainer, in, skbContext{Ifindex: c.from}) })
+			must(t, err)
 			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
 			if c.verdict != XnetVerdictVERDICT_ENCAP {
 				expectUntouched(t, "tc", ret, tcDrop, out, in)
 			}
 			var got XnetEndpoint
-			err := objs.Endpoints.Lookup(ip4(victimIP), &got)
+			err = objs.Endpoints.Lookup(ip4(victimIP), &got)
 			switch {
 			case c.want == nil && err == nil:
 				t.Errorf("learned %+v, want no endpoint", got)

@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"encoding/binary"
+	"fmt"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -34,15 +35,25 @@ const (
 	skbDataEnd = 80
 )
 
-// runCtx is run with a context: the packet arrives on ctx.Ifindex, with ctx's GSO fields.
+// runCtx is run with a context: the packet arrives on ctx.Ifindex, with ctx's GSO fields. It
+// must not be called inside an underlay namespace function (t.Fatal there would end the
+// namespace's thread): use runCtxErr there.
 func runCtx(t testing.TB, prog *ebpf.Program, in []byte, ctx skbContext) (uint32, []byte) {
 	t.Helper()
+	ret, out, err := runCtxErr(prog, in, ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ret, out
+}
+
+func runCtxErr(prog *ebpf.Program, in []byte, ctx skbContext) (uint32, []byte, error) {
 	out := make([]byte, len(in)+256)
 	ret, err := prog.Run(&ebpf.RunOptions{Data: in, DataOut: out, Context: ctx})
 	if err != nil {
-		t.Fatalf("test run of %d bytes on ifindex %d: %v", len(in), ctx.Ifindex, err)
+		return 0, nil, fmt.Errorf("test run of %d bytes on ifindex %d: %w", len(in), ctx.Ifindex, err)
 	}
-	return ret, out
+	return ret, out, nil
 }
 
 func TestSkbContextIsTheKernelsSize(t *testing.T) {

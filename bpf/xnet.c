@@ -18,7 +18,8 @@
  *
  * The steps live in headers by role (katran style): consts.h, structs.h,
  * maps.h, parse.h (vxlan_classify, the acceptance rules), encap.h (both
- * directions of the tunnel) and csum.h. This file holds only the programs.
+ * directions of the tunnel), icmp.h (the "fragmentation needed" answer) and
+ * csum.h. This file holds only the programs.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -59,7 +60,7 @@ int encap_container(struct __sk_buff *skb)
 		count(VERDICT_DROP_BAD_SOURCE, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return encap(skb, cfg, ip, VERDICT_PASS);
+	return encap(skb, cfg, ip, 1);
 }
 
 SEC("tc")
@@ -85,7 +86,7 @@ int encap_host(struct __sk_buff *skb)
 		count(VERDICT_PASS, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return encap(skb, cfg, ip, VERDICT_DROP_NO_ROUTE);
+	return encap(skb, cfg, ip, 0);
 }
 
 SEC("tc")
