@@ -3,10 +3,11 @@
  * Putting packets into VXLAN and taking them out, for the programs in xnet.c.
  *
  * Encap, in the order encap() runs the steps: find the peer owning the inner
- * destination (route), check the packet will fit the underlay, find the
- * underlay next hop (before the packet changes, so a failure leaves it
- * intact), make room for the outer headers (bpf_skb_adjust_room), write them,
- * send. Learning which veth a container sits behind happens on the same path.
+ * destination (route), check the packet will fit the underlay (a misfit goes
+ * to encap_too_big, which answers it), find the underlay next hop (before the
+ * packet changes, so a failure leaves it intact), make room for the outer
+ * headers (bpf_skb_adjust_room), write them, send. Learning which veth a
+ * container sits behind (learn) happens on the same path, first.
  *
  * Decap: vxlan_classify (parse.h) decides; strip the outer headers, then
  * deliver the inner frame to the container, to xnet0 or to the stack.
