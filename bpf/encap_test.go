@@ -12,15 +12,19 @@ import (
 )
 
 func TestOverheadMatchesBackend(t *testing.T) {
-	const xnetVXLANOverhead = 50 // XNET_VXLAN_OVERHEAD in xnet.h
+	const xnetVXLANOverhead = 50 // XNET_VXLAN_OVERHEAD in consts.h
 	if backend.VXLANOverhead != xnetVXLANOverhead {
-		t.Fatalf("backend.VXLANOverhead = %d, xnet.h says %d", backend.VXLANOverhead, xnetVXLANOverhead)
+		t.Fatalf("backend.VXLANOverhead = %d, consts.h says %d", backend.VXLANOverhead, xnetVXLANOverhead)
 	}
 }
 
-// containerFrame is what a local container sends to its gateway.
+// containerFrame is what a local container sends to its gateway: an ECN CE packet.
 func containerFrame(src, dst netip.Addr, payloadLen int) []byte {
-	ip := testpkt.IPv4{Src: src, Dst: dst, Proto: testpkt.ProtoTCP, TOS: 0x03}.
+	return containerFrameTOS(src, dst, payloadLen, ecnCE)
+}
+
+func containerFrameTOS(src, dst netip.Addr, payloadLen int, tos uint8) []byte {
+	ip := testpkt.IPv4{Src: src, Dst: dst, Proto: testpkt.ProtoTCP, TOS: tos}.
 		Packet(testpkt.TCP(src, dst, 40000, 5201, bytes.Repeat([]byte{'x'}, payloadLen)))
 	return testpkt.Eth(gwMAC, ctrMAC, testpkt.EtherTypeIPv4, ip)
 }
@@ -36,20 +40,28 @@ func TestEncap(t *testing.T) {
 		verdict XnetVerdict
 		ret     uint32
 		// For encapsulated packets: the outer Ethernet addresses (nil: filled later by
-		// bpf_redirect_neigh).
+		// bpf_redirect_neigh) and the outer TOS.
 		dstMAC, srcMAC net.HardwareAddr
 		peer           netip.Addr
+		tos            uint8
 	}
 	toPeer := containerFrame(ctrIP, remoteIP, 100)
 	cases := []encapCase{
 		{name: "a container's packet to a peer's container is encapsulated to the peer's PublicIP and VTEP MAC",
-			in: toPeer, verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP},
+			in: toPeer, verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP, tos: ecnECT0},
 		{name: "host traffic routed into xnet0 is encapsulated the same way",
-			in: toPeer, host: true, verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP},
+			in: toPeer, host: true, verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP, tos: ecnECT0},
 		{name: "the largest packet the overlay MTU allows is encapsulated",
-			in: containerFrame(ctrIP, remoteIP, 1450-40), verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP},
-		{name: "one byte more does not fit the underlay and is dropped",
-			in: containerFrame(ctrIP, remoteIP, 1450-40+1), verdict: XnetVerdictVERDICT_DROP_TOO_BIG, ret: tcDrop},
+			in: containerFrame(ctrIP, remoteIP, 1450-40), verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP, tos: ecnECT0},
+		// RFC 6040 encapsulation as the kernel's vxlan with TOS 0 (flannel's setup) does it: the
+		// outer TOS carries the inner ECN field (CE as ECT(0), above) and nothing of the DSCP.
+		{name: "an inner DSCP is not copied to the outer header, its ECT(0) is",
+			in: containerFrameTOS(ctrIP, remoteIP, 100, 0xb8|ecnECT0), verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP, tos: ecnECT0},
+		{name: "an inner ECT(1) is copied to the outer header",
+			in: containerFrameTOS(ctrIP, remoteIP, 100, 0x28|ecnECT1), verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP, tos: ecnECT1},
+		{name: "an inner packet that is not ECN-capable gets outer TOS 0",
+			in: containerFrameTOS(ctrIP, remoteIP, 100, 0xb8), verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, dstMAC: peerNicMAC, srcMAC: nic, peer: peerIP, tos: 0},
+
 		{name: "a container's packet to the world is not ours",
 			in: containerFrame(ctrIP, netip.MustParseAddr("192.0.2.1"), 10), verdict: XnetVerdictVERDICT_PASS, ret: tcPass},
 		{name: "a container's packet to a container on this host is not ours",
@@ -81,7 +93,7 @@ func TestEncap(t *testing.T) {
 			if ret != c.ret {
 				t.Fatalf("returned %d, want %d", ret, c.ret)
 			}
-			checkVXLAN(t, out[:len(c.in)+50], c.in, c.dstMAC, c.srcMAC, c.peer)
+			checkVXLAN(t, out[:len(c.in)+50], c.in, c.dstMAC, c.srcMAC, c.peer, c.tos)
 		})
 	}
 
@@ -148,8 +160,8 @@ func TestEncap(t *testing.T) {
 	})
 }
 
-// checkVXLAN checks that out is in, wrapped as DESIGN.md's wire format says.
-func checkVXLAN(t *testing.T, out, in []byte, dstMAC, srcMAC net.HardwareAddr, peer netip.Addr) {
+// checkVXLAN checks that out is in, wrapped as docs/design.md's wire format says.
+func checkVXLAN(t *testing.T, out, in []byte, dstMAC, srcMAC net.HardwareAddr, peer netip.Addr, tos uint8) {
 	t.Helper()
 	if len(out) != len(in)+50 {
 		t.Fatalf("encapsulated length %d, want %d", len(out), len(in)+50)
@@ -158,10 +170,10 @@ func checkVXLAN(t *testing.T, out, in []byte, dstMAC, srcMAC net.HardwareAddr, p
 		t.Errorf("outer Ethernet % x, want dst %s src %s IPv4", out[:14], dstMAC, srcMAC)
 	}
 	ip := out[14:34]
-	if ip[0] != 0x45 || ip[1] != 0x02 || int(binary.BigEndian.Uint16(ip[2:4])) != len(out)-14 ||
+	if ip[0] != 0x45 || ip[1] != tos || int(binary.BigEndian.Uint16(ip[2:4])) != len(out)-14 ||
 		binary.BigEndian.Uint16(ip[6:8]) != 0 || ip[8] != 64 || ip[9] != testpkt.ProtoUDP ||
 		!bytes.Equal(ip[12:16], localIP.AsSlice()) || !bytes.Equal(ip[16:20], peer.AsSlice()) {
-		t.Errorf("outer IPv4 % x: want version 4, no options, ECN CE mapped to ECT(0), length %d, DF clear, TTL 64, UDP, %s -> %s", ip, len(out)-14, localIP, peer)
+		t.Errorf("outer IPv4 % x: want version 4, no options, TOS %#02x, length %d, DF clear, TTL 64, UDP, %s -> %s", ip, tos, len(out)-14, localIP, peer)
 	}
 	if testpkt.Checksum(ip, 0) != 0 {
 		t.Errorf("outer IPv4 checksum wrong: % x", ip)

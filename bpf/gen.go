@@ -1,6 +1,6 @@
 // Package bpf holds the xnet datapath's BPF programs (C, in this directory) and the Go bindings
 // bpf2go generates from them: the compiled object embedded in the binary, and a Go type for every
-// struct and enum in xnet.h, so Go and C share one layout by construction.
+// struct and enum in xnet.h (consts.h and structs.h), so Go and C share one layout by construction.
 //
 // It owns the packet path (encapsulation, decapsulation, the acceptance rules, the counters) and
 // nothing else: loading, attaching and pinning are package loader, typed map access is package maps.

@@ -3,7 +3,8 @@
  * Every map of the datapath, one commented definition each. All are pinned by
  * name under the loader's bpffs directory (--bpffs, default /sys/fs/bpf/xnet),
  * with BTF, so `bpftool map dump pinned /sys/fs/bpf/xnet/routes` is readable
- * and a restarted xnetd finds them again.
+ * and a restarted xnetd finds them again. After the definitions: the one
+ * accessor each map is read or counted through.
  */
 #ifndef XNET_MAPS_H
 #define XNET_MAPS_H
@@ -25,8 +26,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } routes SEC(".maps");
 
-/* peers: per-peer packet and byte counters, keyed by PublicIP. The Go side creates an entry when a peer appears and deletes it when
- * the peer goes; the programs only count into existing entries. */
+/* peers: per-peer packet and byte counters, keyed by PublicIP. The Go side
+ * creates an entry when a peer appears and deletes it when the peer goes; the
+ * programs only count into existing entries. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__type(key, ipv4_addr);
@@ -56,8 +58,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } counters SEC(".maps");
 
-/* endpoints: local container IPv4 -> its veth, learned from
- * the packets containers send. A miss only costs a detour through xnet0 and
+/* endpoints: local container IPv4 -> its veth, learned from the packets
+ * containers send. A miss only costs a detour through xnet0 and
  * the host's forwarding, so the map may lag behind Docker. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -77,5 +79,59 @@ struct {
 	__uint(max_entries, 16384);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nexthops SEC(".maps");
+
+/*
+ * The one way each map is read or counted into.
+ */
+
+/* get_config returns this host's config, or 0 while the datapath is not
+ * configured: an unconfigured datapath (the Go side has not written our lease
+ * yet) must behave as if it were not attached. */
+static __always_inline const struct host_config *get_config(void)
+{
+	__u32 zero = 0;
+	const struct host_config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	if (!cfg || !ip4_word(cfg->local_ip))
+		return 0;
+	return cfg;
+}
+
+/* route_of returns the route of the peer subnet holding addr (network order). */
+static __always_inline struct route *route_of(__u32 addr)
+{
+	struct route_key key = {.prefixlen = 32};
+
+	*(__u32 *)key.addr = addr;
+	return bpf_map_lookup_elem(&routes, &key);
+}
+
+/* count adds one packet of bytes to a verdict. Per-CPU values: no atomics. */
+static __always_inline void count(__u32 verdict, __u32 bytes)
+{
+	struct counter *c = bpf_map_lookup_elem(&counters, &verdict);
+
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+/* count_peer adds one packet to a peer's tx or rx counters, if the Go side
+ * knows the peer. */
+static __always_inline void count_peer(__u32 peer_ip, __u32 bytes, int rx)
+{
+	struct peer_stats *p = bpf_map_lookup_elem(&peers, &peer_ip);
+
+	if (!p)
+		return;
+	if (rx) {
+		p->rx_packets++;
+		p->rx_bytes += bytes;
+	} else {
+		p->tx_packets++;
+		p->tx_bytes += bytes;
+	}
+}
 
 #endif /* XNET_MAPS_H */

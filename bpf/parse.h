@@ -2,9 +2,9 @@
 /*
  * Packet parsing shared by every program: a header cursor advanced by one
  * parse_* function per protocol (the xdp-tutorial pattern), and the VXLAN
- * acceptance rules of DESIGN.md in one function, vxlan_classify, that the XDP
- * and the TC decap both call, so the two hooks can never disagree on what is
- * ours.
+ * acceptance rules of docs/design.md in one function, vxlan_classify, that the
+ * XDP and the TC decap both call, so the two hooks can never disagree on what
+ * is ours.
  *
  * The functions work on [data, data_end) only, so they run unchanged on an
  * xdp_md and on an __sk_buff.
@@ -18,23 +18,10 @@
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 
+#include "xnet.h"
 #include "maps.h"
 
-#ifndef IP_MF
-#define IP_MF 0x2000
-#endif
-#ifndef IP_OFFSET
-#define IP_OFFSET 0x1fff
-#endif
-
-/* The VXLAN header of RFC 7348: flags (I bit = a VNI is present), 24
- * reserved bits, the 24-bit VNI, 8 reserved bits. */
-struct vxlanhdr {
-	__be32 flags;
-	__be32 vni;
-};
-#define VXLAN_FLAG_I bpf_htonl(0x08000000)
-
+/* hdr_cursor: how far parsing got. */
 struct hdr_cursor {
 	void *pos;
 };
@@ -98,42 +85,17 @@ static __always_inline int parse_vxlanhdr(struct hdr_cursor *nh, void *data_end,
 	return 0;
 }
 
-static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
-{
-	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
-	       a[5] == b[5];
-}
-
-static __always_inline void mac_copy(__u8 *dst, const __u8 *src)
-{
-	__builtin_memcpy(dst, src, XNET_ETH_ALEN);
-}
-
-/* ip4_word reads an ipv4_addr as the network-order word the packet headers
- * hold (ipv4_addr is 4-byte aligned, so this is one load). */
-static __always_inline __u32 ip4_word(const __u8 *a)
-{
-	return *(const __u32 *)a;
-}
-
-static __always_inline struct route *route_of(__u32 addr)
-{
-	struct route_key key = {.prefixlen = 32};
-
-	*(__u32 *)key.addr = addr;
-
-	return bpf_map_lookup_elem(&routes, &key);
-}
-
 /* vxlan_match: what vxlan_classify found in an accepted packet. */
 struct vxlan_match {
 	__u32 strip_len;   /* outer Ethernet + outer IPv4 (with options) + UDP + VXLAN */
 	__u32 peer_ip;     /* outer source, network order */
 	__u32 inner_daddr; /* network order */
+	__u32 inner_off;   /* where the inner IPv4 header starts (strip_len + inner Ethernet) */
+	__u8 outer_ce;     /* the outer ECN field is CE: decap_ecn marks the inner packet */
 };
 
 /*
- * vxlan_classify applies DESIGN.md's acceptance rules to one frame.
+ * vxlan_classify applies docs/design.md's acceptance rules to one frame.
  *
  * It returns VERDICT_PASS for everything that is not VXLAN for us (another
  * protocol, another address, port or VNI, an outer fragment, a truncated
@@ -175,9 +137,15 @@ static __always_inline int vxlan_classify(void *data, void *data_end, __u32 fram
 		return VERDICT_PASS;
 	if (parse_vxlanhdr(&nh, data_end, &vxh) < 0)
 		return VERDICT_PASS;
-	/* Another VNI on our port belongs to someone else (or no one): the
-	 * stack answers it as it would without us. */
-	if (!(vxh->flags & VXLAN_FLAG_I) || vxh->vni != bpf_htonl(cfg->vni << 8))
+	/* The header must be exactly what the kernel's vxlan, as flannel sets
+	 * it up, accepts: the I flag and nothing else in the flags word, our
+	 * VNI, and 0 in the reserved byte after it. The kernel drops headers
+	 * with any reserved bit set (they belong to extensions such as GBP
+	 * that neither side negotiated), and wire.Decode, the Go decap, applies
+	 * the same rule. VNI 0 is a VNI like any other. Another VNI on our port
+	 * belongs to someone else (or no one): the stack answers it as it would
+	 * without us. */
+	if (vxh->flags != VXLAN_FLAG_I || vxh->vni != bpf_htonl(cfg->vni << 8))
 		return VERDICT_PASS;
 
 	/* From here on the packet is VXLAN for us: what breaks a rule is dropped. */
@@ -194,15 +162,25 @@ static __always_inline int vxlan_classify(void *data, void *data_end, __u32 fram
 	 * own header and at most the bytes that arrived. A shorter inner packet
 	 * would be delivered for the container's stack to drop, after counting
 	 * as decapsulated and bypassing the host stack's own length checks
-	 * (bpf_redirect_peer skips them). More bytes than tot_len is Ethernet
-	 * padding of a short packet: the receiving stack trims it, as it does
-	 * for any frame. tot_len 0 (IPv4 BIG TCP, over 64 KB) is refused too:
+	 * (bpf_redirect_peer skips them). A few more bytes than tot_len are
+	 * Ethernet padding of a short inner frame or a frame check sequence:
+	 * the receiving stack trims them, as it does for any frame. tot_len 0 (IPv4 BIG TCP, over 64 KB) is refused too:
 	 * the encap cannot carry such packets either (the outer tot_len is 16
 	 * bits), so no peer of ours sends them. */
 	inner_len = bpf_ntohs(inner_ip->tot_len);
 	inner_present = frame_len - (__u32)((void *)inner_ip - data);
 	if (inner_len < (__u32)inner_ip->ihl * 4 || inner_len > inner_present)
 		return VERDICT_DROP_MALFORMED;
+	/* What follows the inner packet must be too short to be another VXLAN
+	 * datagram (a VXLAN header, an inner Ethernet and an IPv4 header): UDP
+	 * GRO on the underlay NIC (rx-udp-gro-forwarding, rx-gro-list) merges
+	 * datagrams of one flow into one skb when no socket owns the port, as
+	 * here, and rewrites the outer lengths to cover them all. Delivered as
+	 * one packet, all inner packets but the first would be lost without a
+	 * trace, and there is no helper to cut them apart again. A legitimate
+	 * tunnel GSO packet carries one inner packet as long as the skb. */
+	if (inner_present - inner_len >= XNET_MIN_VXLAN_PAYLOAD)
+		return VERDICT_DROP_GRO_MERGED;
 	if ((inner_ip->daddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr))
 		return VERDICT_DROP_NOT_LOCAL;
 	/* Anti-spoofing: the inner source must belong to a peer's lease and
@@ -213,8 +191,17 @@ static __always_inline int vxlan_classify(void *data, void *data_end, __u32 fram
 	if (ip4_word(src_route->remote_ip) != ip->saddr)
 		return VERDICT_DROP_SPOOFED;
 
+	/* RFC 6040: congestion experienced on the way must reach the inner
+	 * packet, and an inner packet that is not ECN-capable cannot carry the
+	 * mark: it is dropped, as the kernel's vxlan drops it (a router would
+	 * have dropped it had the outer header been not ECN-capable too). */
+	if ((ip->tos & ECN_MASK) == ECN_CE && !(inner_ip->tos & ECN_MASK))
+		return VERDICT_DROP_CE_NOT_ECT;
+
 	m->peer_ip = ip->saddr;
 	m->inner_daddr = inner_ip->daddr;
+	m->inner_off = (void *)inner_ip - data;
+	m->outer_ce = (ip->tos & ECN_MASK) == ECN_CE;
 	return VERDICT_DECAP;
 }
 

@@ -88,7 +88,12 @@ const (
 	XnetVerdictVERDICT_DROP_NO_NEXTHOP     XnetVerdict = 11
 	XnetVerdictVERDICT_DROP_HELPER         XnetVerdict = 12
 	XnetVerdictVERDICT_DROP_NO_CONFIG      XnetVerdict = 13
-	XnetVerdictVERDICT_MAX                 XnetVerdict = 14
+	XnetVerdictVERDICT_DROP_BAD_SOURCE     XnetVerdict = 14
+	XnetVerdictVERDICT_DROP_CE_NOT_ECT     XnetVerdict = 15
+	XnetVerdictVERDICT_DROP_GRO_MERGED     XnetVerdict = 16
+	XnetVerdictVERDICT_ICMP_FRAG_NEEDED    XnetVerdict = 17
+	XnetVerdictVERDICT_PASS_TOO_BIG        XnetVerdict = 18
+	XnetVerdictVERDICT_MAX                 XnetVerdict = 19
 )
 
 // Names of all BPF objects in the ELF.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
@@ -81,12 +83,20 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 		m.Pinning = ebpf.PinNone
 	}
 	var objs objects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			t.Fatalf("verifier: %+v", ve)
+	if err := xdpMetaSupported(); err != nil {
+		// Some kernels (this project's 6.18 CI VM among them) refuse bpf_xdp_adjust_meta in
+		// every XDP program, so decap_xdp cannot load there; the TC programs are still tested.
+		t.Logf("decap_xdp not loaded, XDP halves of the tests skipped: %v", err)
+		var tc struct {
+			DecapTc        *ebpf.Program `ebpf:"decap_tc"`
+			EncapContainer *ebpf.Program `ebpf:"encap_container"`
+			EncapHost      *ebpf.Program `ebpf:"encap_host"`
+			XnetMaps
 		}
-		t.Fatal(err)
+		loadAndAssign(t, spec, &tc)
+		objs.DecapTc, objs.EncapContainer, objs.EncapHost, objs.XnetMaps = tc.DecapTc, tc.EncapContainer, tc.EncapHost, tc.XnetMaps
+	} else {
+		loadAndAssign(t, spec, &objs)
 	}
 	t.Cleanup(func() { objs.XnetPrograms.Close(); objs.XnetMaps.Close() })
 
@@ -116,6 +126,36 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 	zero := make([]XnetPeerStats, ebpf.MustPossibleCPU())
 	must(t, objs.Peers.Put(ip4(peerIP), zero))
 	return &objs
+}
+
+func loadAndAssign(t testing.TB, spec *ebpf.CollectionSpec, to any) {
+	t.Helper()
+	if err := spec.LoadAndAssign(to, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			t.Fatalf("verifier: %+v", ve)
+		}
+		t.Fatal(err)
+	}
+}
+
+// xdpMetaSupported loads the smallest XDP program that calls bpf_xdp_adjust_meta, the helper
+// decap_xdp marks its packets with.
+func xdpMetaSupported() error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:    ebpf.XDP,
+		License: "GPL",
+		Instructions: asm.Instructions{
+			asm.Mov.Imm(asm.R2, -4),
+			asm.FnXdpAdjustMeta.Call(),
+			asm.Mov.Imm(asm.R0, xdpPass),
+			asm.Return(),
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("probe bpf_xdp_adjust_meta in XDP: %w", err)
+	}
+	return prog.Close()
 }
 
 func must(t testing.TB, err error) {
@@ -162,14 +202,17 @@ type vxlanFrame struct {
 	dstPort    uint16
 	vni        uint32
 	noIFlag    bool
+	editVXLAN  func(hdr []byte) // changes the 8-byte VXLAN header after it is built
 	innerDstMA net.HardwareAddr
 	innerType  uint16
 	innerSrc   netip.Addr
 	innerDst   netip.Addr
+	outerTOS   uint8
+	innerTOS   uint8
 }
 
 func (f vxlanFrame) inner() []byte {
-	return testpkt.IPv4{Src: f.innerSrc, Dst: f.innerDst, Proto: testpkt.ProtoTCP}.
+	return testpkt.IPv4{Src: f.innerSrc, Dst: f.innerDst, Proto: testpkt.ProtoTCP, TOS: f.innerTOS}.
 		Packet(testpkt.TCP(f.innerSrc, f.innerDst, 40000, 5201, []byte("hello overlay")))
 }
 
@@ -187,7 +230,10 @@ func (f vxlanFrame) bytes() []byte {
 	if f.noIFlag {
 		vx[0] = 0
 	}
-	outer := testpkt.IPv4{Src: f.outerSrc, Dst: f.outerDst, Proto: testpkt.ProtoUDP, Flags: f.fragField, Options: f.ipOptions}.
+	if f.editVXLAN != nil {
+		f.editVXLAN(vx[:8])
+	}
+	outer := testpkt.IPv4{Src: f.outerSrc, Dst: f.outerDst, Proto: testpkt.ProtoUDP, Flags: f.fragField, Options: f.ipOptions, TOS: f.outerTOS}.
 		Packet(testpkt.UDP(45000, f.dstPort, vx))
 	return testpkt.Eth(nicMAC, peerNicMAC, testpkt.EtherTypeIPv4, outer)
 }
@@ -198,6 +244,18 @@ func fromPeer() vxlanFrame {
 		outerSrc: peerIP, outerDst: localIP, dstPort: port, vni: vni,
 		innerDstMA: localVtep, innerSrc: remoteIP, innerDst: ctrIP,
 	}
+}
+
+// The ECN codepoints of RFC 3168, in the low two bits of the TOS byte.
+const (
+	ecnECT1 = 0x01
+	ecnECT0 = 0x02
+	ecnCE   = 0x03
+)
+
+func withTOS(f vxlanFrame, outer, inner uint8) vxlanFrame {
+	f.outerTOS, f.innerTOS = outer, inner
+	return f
 }
 
 func with(f vxlanFrame, change func(*vxlanFrame)) vxlanFrame {
@@ -238,12 +296,40 @@ func TestDecap(t *testing.T) {
 		{name: "outer IPv4 options are skipped",
 			in: withOptions.bytes(), verdict: XnetVerdictVERDICT_DECAP,
 			tcOut: innerTo(ctrMAC, gwMAC, withOptions), tcRet: tcRedirect},
+		// RFC 6040 decapsulation, as the kernel's vxlan does it: a congestion mark on the
+		// outside reaches the inner packet (with its checksum fixed); an inner packet that
+		// cannot carry it is dropped; nothing else of the outer TOS is copied.
+		{name: "outer CE is copied into an inner ECT(0) packet",
+			in: withTOS(accepted, ecnCE, ecnECT0).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, ecnCE)), tcRet: tcRedirect},
+		{name: "outer CE is copied into an inner ECT(1) packet, keeping its DSCP",
+			in: withTOS(accepted, ecnCE, 0xb8|ecnECT1).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, 0xb8|ecnCE)), tcRet: tcRedirect},
+		{name: "an inner CE packet stays CE",
+			in: withTOS(accepted, ecnCE, ecnCE).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, ecnCE)), tcRet: tcRedirect},
+		{name: "outer ECT(0) leaves the inner ECN field alone",
+			in: withTOS(accepted, ecnECT0, ecnECT1).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, ecnECT1)), tcRet: tcRedirect},
+		{name: "the outer DSCP is not copied into the inner packet",
+			in: withTOS(accepted, 0xb8, 0).bytes(), verdict: XnetVerdictVERDICT_DECAP,
+			tcOut: innerTo(ctrMAC, gwMAC, withTOS(accepted, 0, 0)), tcRet: tcRedirect},
+		{name: "outer CE on an inner packet that is not ECN-capable is dropped",
+			in: withTOS(accepted, ecnCE, 0).bytes(), verdict: XnetVerdictVERDICT_DROP_CE_NOT_ECT},
 		{name: "another UDP port is not ours",
 			in: with(accepted, func(f *vxlanFrame) { f.dstPort = 4789 }).bytes(), verdict: XnetVerdictVERDICT_PASS},
 		{name: "another VNI is not ours",
 			in: with(accepted, func(f *vxlanFrame) { f.vni = 2 }).bytes(), verdict: XnetVerdictVERDICT_PASS},
 		{name: "a VXLAN header without the I flag is not ours",
 			in: with(accepted, func(f *vxlanFrame) { f.noIFlag = true }).bytes(), verdict: XnetVerdictVERDICT_PASS},
+		{name: "a VXLAN header with a reserved flag bit set is not ours (the kernel's vxlan drops it too)",
+			in: with(accepted, func(f *vxlanFrame) { f.editVXLAN = func(h []byte) { h[0] = 0x0c } }).bytes(), verdict: XnetVerdictVERDICT_PASS},
+		{name: "a VXLAN header with the GBP flag (an extension we do not speak) is not ours",
+			in: with(accepted, func(f *vxlanFrame) { f.editVXLAN = func(h []byte) { h[0] = 0x88 } }).bytes(), verdict: XnetVerdictVERDICT_PASS},
+		{name: "a VXLAN header with bits set in the reserved 24 bits after the flags is not ours",
+			in: with(accepted, func(f *vxlanFrame) { f.editVXLAN = func(h []byte) { h[3] = 0x01 } }).bytes(), verdict: XnetVerdictVERDICT_PASS},
+		{name: "a VXLAN header with the reserved byte after the VNI set is not ours",
+			in: with(accepted, func(f *vxlanFrame) { f.editVXLAN = func(h []byte) { h[7] = 0x01 } }).bytes(), verdict: XnetVerdictVERDICT_PASS},
 		{name: "VXLAN to another address is not ours",
 			in: with(accepted, func(f *vxlanFrame) { f.outerDst = strangerIP }).bytes(), verdict: XnetVerdictVERDICT_PASS},
 		{name: "an outer first fragment is left to the stack",
@@ -332,7 +418,7 @@ func TestDecap(t *testing.T) {
 					expectUntouched(t, "tc", ret, tcDrop, out, c.in)
 				}
 			}
-			if len(c.in) < 14 {
+			if len(c.in) < 14 || objs.DecapXdp == nil {
 				return // below an Ethernet header the kernel refuses to run XDP too
 			}
 			before := verdicts(t, objs.Counters)
@@ -343,8 +429,11 @@ func TestDecap(t *testing.T) {
 				// XDP strips up to the inner Ethernet frame, marks it in the metadata
 				// (which the test run returns in front of the frame) and leaves
 				// delivery to TC.
+				// The inner Ethernet header as it came, the inner packet as TC delivers
+				// it (the same bytes, unless ECN changed them).
 				want := binary.NativeEndian.AppendUint32(nil, xnetMetaDecapped)
-				want = append(want, c.in[len(c.in)-len(c.tcOut):]...)
+				want = append(want, c.in[len(c.in)-len(c.tcOut):][:14]...)
+				want = append(want, c.tcOut[14:]...)
 				if ret != xdpPass || !bytes.Equal(out[:len(want)], want) {
 					t.Errorf("xdp: got %d\n% x\nwant %d\n% x", ret, out[:len(want)], xdpPass, want)
 				}

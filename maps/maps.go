@@ -170,6 +170,7 @@ func (m *Maps) SetConfig(c Config) error {
 	if !c.LocalIP.Is4() || !c.Subnet.Addr().Is4() {
 		return fmt.Errorf("config: LocalIP %v and Subnet %v must be IPv4", c.LocalIP, c.Subnet)
 	}
+	// VNI 0 is a valid VNI (the kernel's vxlan and flannel accept it).
 	if c.VNI < 0 || c.VNI >= 1<<24 || c.Port <= 0 || c.Port > 65535 || c.UnderlayMTU <= 0 || c.UnderlayMTU > 65535 {
 		return fmt.Errorf("config: VNI %d, Port %d or UnderlayMTU %d out of range", c.VNI, c.Port, c.UnderlayMTU)
 	}

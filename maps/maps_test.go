@@ -74,6 +74,11 @@ func TestConfigRoundTrip(t *testing.T) {
 	if err != nil || !ok || !reflect.DeepEqual(got, c) {
 		t.Fatalf("GetConfig = %+v %v %v, want %+v", got, ok, err, c)
 	}
+	zero := c
+	zero.VNI = 0
+	if err := m.SetConfig(zero); err != nil {
+		t.Fatalf("VNI 0 refused: %v", err)
+	}
 	bad := c
 	bad.VNI = 1 << 24
 	if err := m.SetConfig(bad); err == nil {

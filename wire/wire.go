@@ -93,7 +93,9 @@ type Problem uint8
 // checks the same things in the same order.
 const (
 	OK Problem = iota
-	// NotVXLAN: shorter than a VXLAN header, or the I flag is clear.
+	// NotVXLAN: shorter than a VXLAN header, or a header the kernel's vxlan (as flannel sets it
+	// up) drops: the flags word must be the I flag alone and the byte after the VNI 0. Reserved
+	// bits belong to extensions (GBP, GPE, ...) neither side negotiated.
 	NotVXLAN
 	// WrongVNI: a VXLAN header for another network.
 	WrongVNI
@@ -151,7 +153,7 @@ type Frame struct {
 // inner packet. It reads only inside payload and never allocates.
 func Decode(payload []byte, want Expect) (Frame, Problem) {
 	var f Frame
-	if len(payload) < VXLANHeaderLen || payload[0]&FlagVNI == 0 {
+	if len(payload) < VXLANHeaderLen || binary.BigEndian.Uint32(payload[0:4]) != FlagVNI<<24 || payload[7] != 0 {
 		return f, NotVXLAN
 	}
 	f.VNI = binary.BigEndian.Uint32(payload[4:8]) >> 8

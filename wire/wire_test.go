@@ -75,6 +75,10 @@ func TestDecode(t *testing.T) {
 		{"empty", nil, NotVXLAN},
 		{"shorter than the VXLAN header", good[:7], NotVXLAN},
 		{"I flag clear", edit(good, func(b []byte) { b[0] = 0 }), NotVXLAN},
+		{"a reserved flag bit set", edit(good, func(b []byte) { b[0] = 0x0c }), NotVXLAN},
+		{"GBP's G flag set", edit(good, func(b []byte) { b[0] = 0x88 }), NotVXLAN},
+		{"reserved bits after the flags set", edit(good, func(b []byte) { b[3] = 1 }), NotVXLAN},
+		{"the reserved byte after the VNI set", edit(good, func(b []byte) { b[7] = 1 }), NotVXLAN},
 		{"text", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), NotVXLAN},
 		{"another VNI", frame(2, ourMAC, innerUDP(100)), WrongVNI},
 		{"VXLAN header only", good[:VXLANHeaderLen], Malformed},
@@ -165,7 +169,8 @@ func FuzzDecode(f *testing.F) {
 		if p != OK {
 			return
 		}
-		if len(payload) < HeaderLen+IPv4HeaderLen || payload[0]&FlagVNI == 0 || fr.VNI != expect.VNI || fr.Dst != expect.MAC {
+		if len(payload) < HeaderLen+IPv4HeaderLen || binary.BigEndian.Uint32(payload[0:4]) != FlagVNI<<24 || payload[7] != 0 ||
+			fr.VNI != expect.VNI || fr.Dst != expect.MAC {
 			t.Fatalf("accepted a frame that breaks a header rule: % x", payload)
 		}
 		if len(fr.Inner) < IPv4HeaderLen || len(fr.Inner) > expect.MaxInner || int(binary.BigEndian.Uint16(fr.Inner[2:4])) != len(fr.Inner) {

@@ -1,0 +1,114 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every struct the maps hold. bpf2go turns the types named with -type in
+ * gen.go into Go types (package bpf), so the Go side reads and writes the maps
+ * through the same layout by construction: change a struct here, run `make
+ * generate`, and the loader notices that pinned maps of the old layout no
+ * longer fit (loader.layoutOf compares BTF) and replaces them.
+ *
+ * Byte order: IPv4 addresses are byte arrays in wire order (ipv4_addr), so
+ * `bpftool map dump` prints them as [10,244,77,0] rather than as a number
+ * whose digits depend on the CPU's byte order; the programs read them as one
+ * network-order word (ip4_word). Ports and other numbers the programs only do
+ * arithmetic with are in host order. Each field says which.
+ */
+#ifndef XNET_STRUCTS_H
+#define XNET_STRUCTS_H
+
+#include <linux/types.h>
+#include <bpf/bpf_helpers.h>
+
+#include "consts.h"
+
+/* ipv4_addr: an IPv4 address as it travels on the wire. Every ipv4_addr sits
+ * at a 4-byte aligned offset (the aligned attribute keeps it so), so the
+ * programs may load it as one __u32 in network order. It is also the key type
+ * of the peers and endpoints maps, and a named type, so the loader notices
+ * when a pinned map's key used to be something else. */
+typedef __u8 ipv4_addr[4] __attribute__((aligned(4)));
+
+/* ip4_word reads an ipv4_addr as the network-order word the packet headers
+ * hold (ipv4_addr is 4-byte aligned, so this is one load). */
+static __always_inline __u32 ip4_word(const __u8 *a)
+{
+	return *(const __u32 *)a;
+}
+
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+static __always_inline void mac_copy(__u8 *dst, const __u8 *src)
+{
+	__builtin_memcpy(dst, src, XNET_ETH_ALEN);
+}
+
+/* route_key: key of the routes LPM trie (a peer's subnet). */
+struct route_key {
+	__u32 prefixlen; /* host order, as the LPM trie wants it */
+	ipv4_addr addr;
+};
+
+/* route: where a remote subnet lives. */
+struct route {
+	ipv4_addr remote_ip;              /* peer PublicIP: outer destination */
+	__u8 vtep_mac[XNET_ETH_ALEN];     /* peer VTEP MAC from its lease: inner destination MAC */
+	__u16 pad;
+};
+
+/* peer_stats: per-peer traffic (per CPU), keyed by the peer's PublicIP. */
+struct peer_stats {
+	__u64 tx_packets;
+	__u64 tx_bytes;
+	__u64 rx_packets;
+	__u64 rx_bytes;
+};
+
+/* counter: packets and bytes of one verdict (per CPU). */
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* endpoint: a local container, learned by the encap program from what the
+ * container sends (so the decap can hand packets straight to it). */
+struct endpoint {
+	__u32 ifindex;                /* host side of the container's veth */
+	__u8 mac[XNET_ETH_ALEN];      /* the container's MAC */
+	__u8 gw_mac[XNET_ETH_ALEN];   /* the MAC the container sends to (docker0) */
+	__u16 pad;
+};
+
+/* nexthop: the underlay next hop towards a peer, as bpf_fib_lookup found it,
+ * kept for a moment so encap does not walk the FIB for every packet. */
+struct nexthop {
+	__u32 ifindex;              /* underlay NIC to send from */
+	__u8 dmac[XNET_ETH_ALEN];   /* next hop's MAC (the peer's, on one L2 segment) */
+	__u8 smac[XNET_ETH_ALEN];   /* our NIC's MAC */
+	__u64 expires;              /* jiffies: look the FIB up again after this */
+};
+
+/* host_config: this host, written by the Go side; entry 0 of the config map. */
+struct host_config {
+	ipv4_addr local_ip;    /* underlay address: outer source, accepted outer destination */
+	ipv4_addr subnet_addr; /* our lease */
+	ipv4_addr subnet_mask;
+	__u32 vni;           /* host order */
+	__u32 underlay_ifindex;
+	__u32 host_ifindex;  /* xnet0: host-bound and not-yet-learned traffic is delivered into it; 0 = pass to the stack */
+	__u16 port;          /* VXLAN UDP port, host order */
+	__u16 underlay_mtu;  /* host order */
+	__u8 vtep_mac[XNET_ETH_ALEN];      /* our VTEP MAC (also xnet0's MAC) */
+	__u8 underlay_mac[XNET_ETH_ALEN];  /* the underlay NIC's MAC */
+};
+
+/* The VXLAN header of RFC 7348 (no uapi header has it): flags (I bit = a VNI
+ * is present), 24 reserved bits, the 24-bit VNI, 8 reserved bits. */
+struct vxlanhdr {
+	__be32 flags;
+	__be32 vni;
+};
+
+#endif /* XNET_STRUCTS_H */
