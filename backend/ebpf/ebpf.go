@@ -89,6 +89,7 @@ type Backend struct {
 	host      int              // ifindex of xnet0
 	veths     map[int]struct{} // container veths carrying the encap program
 	bridges   map[int]string   // container bridges by ifindex (findBridges)
+	frags     *fragReceiver    // reassembled datagrams (fragments.go); nil when it could not start
 	peers     map[netip.Prefix]netip.Addr
 	status    Status
 	stopWatch func()
@@ -224,6 +225,12 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 		}
 		b.stopWatch = stop
 	}
+	if b.frags == nil {
+		// Best effort: without it only datagrams fragmented on the underlay are lost.
+		if b.frags, err = b.startFragReceiver(localIP); err != nil {
+			b.Log.Warn("datagrams fragmented on the underlay cannot be delivered", "err", err)
+		}
+	}
 	b.Log.Info("ebpf datapath ready", "subnet", local.Subnet, "underlay", b.Iface.Name, "local_ip", localIP,
 		"decap", b.status.Decap, "decap_why", b.status.DecapWhy, "tc", b.status.TCMode, "containers", len(b.veths),
 		"bpffs", b.bpffs)
@@ -289,6 +296,13 @@ func (b *Backend) Close(teardown bool) error {
 	b.mu.Unlock()
 	if stop != nil {
 		stop()
+	}
+	b.mu.Lock()
+	frags := b.frags
+	b.frags = nil
+	b.mu.Unlock()
+	if frags != nil {
+		frags.close() // outside mu: its reader takes mu for every datagram
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -27,6 +27,9 @@ type Status struct {
 	// Bridges are the container bridges whose veths carry the encap program, and why.
 	Bridges   []string `json:"bridges"`
 	BridgeWhy string   `json:"bridge_why"`
+	// Fragmented datagrams reassembled by the stack and delivered, or refused by the decap rules.
+	FragmentsDelivered uint64 `json:"fragments_delivered"`
+	FragmentsRefused   uint64 `json:"fragments_refused"`
 	// LinkResyncs counts how often the link watch broke and was resubscribed.
 	LinkResyncs int64 `json:"link_resyncs"`
 }
@@ -40,6 +43,9 @@ func (b *Backend) Status() (Status, error) {
 	defer b.mu.Unlock()
 	st := b.status
 	st.LinkResyncs = b.linkResyncs.Load()
+	if b.frags != nil {
+		st.FragmentsDelivered, st.FragmentsRefused = b.frags.delivered.Load(), b.frags.refused.Load()
+	}
 	if b.m == nil {
 		return st, fmt.Errorf("ebpf: Status before Setup")
 	}
