@@ -21,6 +21,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/xnet-dev/xnet/bpf"
 	"github.com/xnet-dev/xnet/maps"
 )
 
@@ -369,7 +370,9 @@ func TestUpgradeFromU32Addresses(t *testing.T) {
 				member("local_ip", u32, 0), member("subnet_addr", u32, 4), member("subnet_mask", u32, 8), member("vni", u32, 12),
 				member("underlay_ifindex", u32, 16), member("host_ifindex", u32, 20), member("port", u16, 24),
 				member("underlay_mtu", u16, 26), member("vtep_mac", mac, 28), member("underlay_mac", mac, 34)}}}, true},
-		{ebpf.MapSpec{Name: "counters", Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: 14, Key: u32, Value: counter}, false},
+		// The counters' layout did not change with the addresses: one entry per verdict of
+		// this build, so it is adopted.
+		{ebpf.MapSpec{Name: "counters", Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: verdictCount(t), Key: u32, Value: counter}, false},
 	}
 	for _, o := range old {
 		m, err := ebpf.NewMap(&o.spec)
@@ -399,4 +402,14 @@ func TestUpgradeFromU32Addresses(t *testing.T) {
 	if routes, err := m.ListRoutes(); err != nil || len(routes) != 1 || routes[0].Subnet != r.Subnet || routes[0].PublicIP != r.PublicIP {
 		t.Fatalf("routes after upgrade: %+v, %v; want %v", routes, err, r)
 	}
+}
+
+// verdictCount is the number of entries of this build's counters map (one per verdict).
+func verdictCount(t *testing.T) uint32 {
+	t.Helper()
+	spec, err := bpf.LoadXnet()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return spec.Maps["counters"].MaxEntries
 }
