@@ -29,6 +29,7 @@ type Host struct {
 	mu         sync.Mutex
 	docker0    netip.Prefix // gateway/len, invalid until SetupDocker0
 	docker0MTU int
+	bridge     string // the container bridge's name: "docker0" unless UseBridgeName
 	containers []*Container
 }
 
@@ -64,8 +65,30 @@ func (h *Host) Docker0Subnet() netip.Prefix {
 	return g.Masked()
 }
 
-// SetupDocker0 plays Docker: a bridge docker0 with the gateway address (e.g. 10.244.5.1/24)
-// and the MTU that containers added later get.
+// UseBridgeName names the container bridge SetupDocker0 makes (before it): Docker with a
+// daemon.json "bridge", podman or a CNI plugin call it something else than docker0.
+func (h *Host) UseBridgeName(name string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.bridge = name
+}
+
+// BridgeName is the container bridge's name.
+func (h *Host) BridgeName() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.bridgeNameLocked()
+}
+
+func (h *Host) bridgeNameLocked() string {
+	if h.bridge == "" {
+		return "docker0"
+	}
+	return h.bridge
+}
+
+// SetupDocker0 plays Docker: a bridge (docker0 unless UseBridgeName) with the gateway address
+// (e.g. 10.244.5.1/24) and the MTU that containers added later get.
 func (h *Host) SetupDocker0(gateway netip.Prefix, mtu int) error {
 	if !gateway.Addr().Is4() || gateway.Bits() > 30 || gateway.Addr() == gateway.Masked().Addr() {
 		return fmt.Errorf("harness: docker0 gateway %s: want an IPv4 host address with its prefix length (<= /30), e.g. 10.244.5.1/24", gateway)
@@ -80,11 +103,12 @@ func (h *Host) SetupDocker0(gateway netip.Prefix, mtu int) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	br := h.bridgeNameLocked()
 	err := h.IP(ctx,
-		"link add docker0 type bridge",
-		fmt.Sprintf("link set docker0 mtu %d", mtu),
-		fmt.Sprintf("addr add %s dev docker0", gateway),
-		"link set docker0 up")
+		"link add "+br+" type bridge",
+		fmt.Sprintf("link set %s mtu %d", br, mtu),
+		fmt.Sprintf("addr add %s dev %s", gateway, br),
+		"link set "+br+" up")
 	if err != nil {
 		return fmt.Errorf("harness: docker0 on %s: %w", h.Name, err)
 	}
@@ -138,7 +162,7 @@ func (h *Host) AddContainer() (*Container, error) {
 	veth := "veth" + h.topo.id + "c" + strconv.Itoa(n)
 	err = h.IP(ctx,
 		fmt.Sprintf("link add %s mtu %d type veth peer name eth0 mtu %d netns %s", veth, h.docker0MTU, h.docker0MTU, ns.Name),
-		fmt.Sprintf("link set %s master docker0 up", veth))
+		fmt.Sprintf("link set %s master %s up", veth, h.bridgeNameLocked()))
 	if err != nil {
 		return nil, fmt.Errorf("harness: container %d on %s: %w", n, h.Name, err)
 	}

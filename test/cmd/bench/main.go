@@ -119,10 +119,26 @@ func selectTests(words string) ([]benchTest, error) {
 // "NAME@BINARY" is NAME run with another xnetd binary, named NAME@<binary's file name>: two
 // builds measured in the same interleaved run see the same machine load, which consecutive runs
 // on a shared VM do not (they differ by 10-20%).
+//
+// Two suffixes measure other paths than a container on docker0 to a container on docker0:
+// "+bridge=NAME" names the container bridges NAME on both hosts (Docker with a daemon.json
+// "bridge", podman, CNI), and "+host" sends from the first host itself to the remote container
+// (the host's own traffic takes xnet0, not a container veth). They combine: ebpf-tc+host.
 func modeOf(name string) *mode {
 	spec, binary, _ := strings.Cut(name, "@")
 	m := &mode{name: spec, backend: spec, xnetd: binary}
-	if decap, ok := strings.CutPrefix(spec, "ebpf-"); ok {
+	if base, suffixes, ok := strings.Cut(spec, "+"); ok {
+		m.backend = base
+		for _, suf := range strings.Split(suffixes, "+") {
+			switch {
+			case suf == "host":
+				m.fromHost = true
+			case strings.HasPrefix(suf, "bridge="):
+				m.bridge = strings.TrimPrefix(suf, "bridge=")
+			}
+		}
+	}
+	if decap, ok := strings.CutPrefix(m.backend, "ebpf-"); ok {
 		m.backend, m.extra = "ebpf", []string{"--decap=" + decap}
 	}
 	if binary != "" {
@@ -137,12 +153,15 @@ type mode struct {
 	backend string   // xnet backend name; "" for the baselines
 	extra   []string // more xnetd flags (--decap for the ebpf-tc and ebpf-xdp spellings)
 	xnetd   string   // another xnetd binary than -xnetd (NAME@BINARY)
-	topo    *harness.Topology
-	client  *harness.Container // on h1
-	server  *harness.Container // on h2
-	daemons []*harness.Process
-	rr      *rrServer
-	err     error // set when the mode could not be set up; it is then skipped
+	bridge  string   // the container bridge's name ("+bridge=NAME"; "" is docker0)
+	// fromHost sends from the first host's own namespace instead of a container ("+host").
+	fromHost bool
+	topo     *harness.Topology
+	client   *harness.Container // on h1
+	server   *harness.Container // on h2
+	daemons  []*harness.Process
+	rr       *rrServer
+	err      error // set when the mode could not be set up; it is then skipped
 }
 
 func run(ctx context.Context, o options) (err error) {
@@ -267,6 +286,11 @@ func setup(ctx context.Context, m *mode, xnetd string) error {
 	}
 	m.topo = topo
 	hosts := topo.Hosts()
+	for _, h := range hosts {
+		if m.bridge != "" {
+			h.UseBridgeName(m.bridge)
+		}
+	}
 	switch {
 	case m.name == baseHostGW:
 		for i, h := range hosts {
@@ -293,6 +317,9 @@ func setup(ctx context.Context, m *mode, xnetd string) error {
 	}
 	if m.client, err = hosts[0].AddContainer(); err != nil {
 		return err
+	}
+	if m.fromHost {
+		m.client = &harness.Container{Namespace: hosts[0].Namespace, Host: hosts[0], IP: hosts[0].UnderlayIP}
 	}
 	if m.server, err = hosts[1].AddContainer(); err != nil {
 		return err
