@@ -10,9 +10,12 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	cilium "github.com/cilium/ebpf"
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/maps"
@@ -290,11 +293,13 @@ func trPlantOldBuild(t *testing.T, a, b *xdNode, aSub netip.Prefix, backendName 
 	switch backendName {
 	case "ebpf":
 		planted := []netip.Prefix{netip.MustParsePrefix("0.0.0.0/1"), inside, outside}
-		m, err := maps.OpenPinned(a.BPFFS)
+		// Writable, as the older xnetd had it (OpenPinned is read-only, for status).
+		routes, err := cilium.LoadPinnedMap(filepath.Join(a.BPFFS, maps.RoutesName), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer m.Close()
+		defer routes.Close()
+		m := &maps.Maps{Routes: routes}
 		for _, p := range planted {
 			if err := m.PutRoute(maps.Route{Subnet: p, PublicIP: b.UnderlayIP, VtepMAC: mac}); err != nil {
 				t.Fatal(err)
