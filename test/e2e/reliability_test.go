@@ -825,10 +825,15 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 	// and heals the hosts: together, or with h2 first and h1 only once h2 has caught up (h1
 	// slower to reconnect). It returns the flows that ran during the outage and from the
 	// first heal until every map equals etcd's view again.
+	// Each outage's simulated peers get PublicIPs of their own: the leases of an earlier one stay
+	// in etcd, and a second lease naming one PublicIP is refused (only the first is programmed).
+	round := 0
 	outage := func(t *testing.T, h2First bool, change func()) (during, after rlFlows) {
+		base := 10 + 20*round
+		round++
 		free := rlFreeSubnets(t, topo, 3)
-		rlPutPeer(t, cli, free[0], rlSimIP(10), time.Hour) // leaves during the outage
-		rlPutPeer(t, cli, free[1], rlSimIP(11), time.Hour) // moves to another PublicIP
+		rlPutPeer(t, cli, free[0], rlSimIP(base), time.Hour)   // leaves during the outage
+		rlPutPeer(t, cli, free[1], rlSimIP(base+1), time.Hour) // moves to another PublicIP
 		rlWaitConverged(t, topo, nodes, 5*time.Second)
 
 		during = rlStartFlows(t, cs[0], cs[1])
@@ -841,10 +846,10 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xdPrefix, free[0])); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := rlPutPeerCtx(ctx, cli, free[1], rlSimIP(21), time.Hour); err != nil {
+		if _, err := rlPutPeerCtx(ctx, cli, free[1], rlSimIP(base+11), time.Hour); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := rlPutPeerCtx(ctx, cli, free[2], rlSimIP(22), time.Hour); err != nil {
+		if _, err := rlPutPeerCtx(ctx, cli, free[2], rlSimIP(base+12), time.Hour); err != nil {
 			t.Fatal(err)
 		}
 		if change != nil {
