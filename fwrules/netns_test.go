@@ -4,9 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
-	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -323,48 +320,11 @@ func TestNoMasqueradeNeedsAccept(t *testing.T) {
 	d.check(t, flow{name: "container to the overlay peer with RETURN", from: d.ctr, to: d.peer, dst: "10.244.2.2", seen: "10.244.2.1"})
 }
 
-// sourceSeen sends a datagram from namespace `from` to dst, where a listener in namespace `to`
-// answers with the source address it saw. A flow expected to be dropped gets one try.
+// sourceSeen is harness.SourceSeen with one try for a flow expected to be dropped.
 func sourceSeen(from, to *harness.Namespace, dst netip.Addr, expectAnswer bool) (netip.Addr, error) {
-	var srv *net.UDPConn
-	if err := to.Do(func() (err error) {
-		srv, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IP(dst.AsSlice())})
-		return err
-	}); err != nil {
-		return netip.Addr{}, fmt.Errorf("listen on %v: %w", dst, err)
-	}
-	defer srv.Close()
-	go func() {
-		buf := make([]byte, 64)
-		for {
-			_, addr, err := srv.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			_, _ = srv.WriteToUDPAddrPort([]byte(addr.Addr().String()), addr)
-		}
-	}()
-	var c *net.UDPConn
-	if err := from.Do(func() (err error) {
-		c, err = net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
-		return err
-	}); err != nil {
-		return netip.Addr{}, err
-	}
-	defer c.Close()
 	tries := 1
 	if expectAnswer {
 		tries = 3
 	}
-	buf := make([]byte, 64)
-	for range tries {
-		if _, err := c.Write([]byte("who am i")); err != nil {
-			continue
-		}
-		_ = c.SetReadDeadline(time.Now().Add(700 * time.Millisecond))
-		if n, err := c.Read(buf); err == nil {
-			return netip.ParseAddr(string(buf[:n]))
-		}
-	}
-	return netip.Addr{}, errors.New("no answer from " + dst.String())
+	return harness.SourceSeen(from, to, dst, tries)
 }

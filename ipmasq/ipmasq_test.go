@@ -3,15 +3,11 @@ package ipmasq
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
-	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netns"
@@ -220,46 +216,9 @@ func TestMasqueradeOnlyWhatLeavesTheOverlay(t *testing.T) {
 	}
 }
 
-// sourceSeen sends a datagram from namespace `from` to dst, where a listener in namespace `to`
-// answers with the source address it saw.
+// sourceSeen is harness.SourceSeen between two of this test's namespaces.
 func sourceSeen(from, to testNS, dst netip.Addr) (netip.Addr, error) {
-	var srv *net.UDPConn
-	if err := inNS(to, func() (err error) {
-		srv, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IP(dst.AsSlice())})
-		return err
-	}); err != nil {
-		return netip.Addr{}, fmt.Errorf("listen on %v: %w", dst, err)
-	}
-	defer srv.Close()
-	go func() {
-		buf := make([]byte, 64)
-		for {
-			_, addr, err := srv.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			_, _ = srv.WriteToUDPAddrPort([]byte(addr.Addr().String()), addr)
-		}
-	}()
-	var c *net.UDPConn
-	if err := inNS(from, func() (err error) {
-		c, err = net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
-		return err
-	}); err != nil {
-		return netip.Addr{}, err
-	}
-	defer c.Close()
-	buf := make([]byte, 64)
-	for range 3 {
-		if _, err := c.Write([]byte("who am i")); err != nil {
-			continue
-		}
-		_ = c.SetReadDeadline(time.Now().Add(700 * time.Millisecond))
-		if n, err := c.Read(buf); err == nil {
-			return netip.ParseAddr(string(buf[:n]))
-		}
-	}
-	return netip.Addr{}, errors.New("no answer from " + dst.String())
+	return harness.SourceSeen(&harness.Namespace{Name: string(from)}, &harness.Namespace{Name: string(to)}, dst, 3)
 }
 
 // inNS runs fn on an OS thread in ns (the harness's Do); sockets opened in fn stay in ns.

@@ -8,7 +8,6 @@ package e2e
 import (
 	"context"
 	"log/slog"
-	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -195,52 +194,14 @@ func (w dpLogWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// dpSourceSeen sends a UDP datagram from namespace `from` to dst, where a listener in namespace
-// `to` answers with the source address it saw: what NAT, if any, did on the way.
+// dpSourceSeen is the source address a listener in to sees for a datagram from from to dst.
 func dpSourceSeen(t *testing.T, from, to *harness.Namespace, dst netip.Addr) netip.Addr {
 	t.Helper()
-	var srv *net.UDPConn
-	if err := to.Do(func() (err error) {
-		srv, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IP(dst.AsSlice())})
-		return err
-	}); err != nil {
-		t.Fatalf("listen on %v in %s: %v", dst, to.Name, err)
+	a, err := harness.SourceSeen(from, to, dst, 3)
+	if err != nil {
+		t.Fatal(err)
 	}
-	defer srv.Close()
-	go func() {
-		buf := make([]byte, 64)
-		for {
-			_, addr, err := srv.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			_, _ = srv.WriteToUDPAddrPort([]byte(addr.Addr().String()), addr)
-		}
-	}()
-	var c *net.UDPConn
-	if err := from.Do(func() (err error) {
-		c, err = net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
-		return err
-	}); err != nil {
-		t.Fatalf("dial %v from %s: %v", dst, from.Name, err)
-	}
-	defer c.Close()
-	buf := make([]byte, 64)
-	for range 3 {
-		if _, err := c.Write([]byte("who am i")); err != nil {
-			continue
-		}
-		_ = c.SetReadDeadline(time.Now().Add(time.Second))
-		if n, err := c.Read(buf); err == nil {
-			a, err := netip.ParseAddr(string(buf[:n]))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return a
-		}
-	}
-	t.Fatalf("no answer from %v (%s) to %s", dst, to.Name, from.Name)
-	return netip.Addr{}
+	return a
 }
 
 // dpNFTables is an nftables connection into a host's namespace.
