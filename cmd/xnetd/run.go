@@ -53,6 +53,8 @@ type daemonRun struct {
 	stateTimer  *time.Timer
 	// removalTimer fires when the next peer removal is due (see removalGrace).
 	removalTimer *time.Timer
+	// health probes the peers (health.go); nil before serve.
+	health *healthProbes
 }
 
 // runDaemon is `xnetd run`. Until the backend's Setup, every failure is a usageError (exit 2)
@@ -270,6 +272,8 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	defer stopForwardRules()
 
 	d.peers = newPeers(b, d.lease, d.log, func(t subnetmgr.EventType) { d.m.LeaseEvent(t.String()) })
+	d.health = d.startHealth(ctx)
+	defer d.health.close()
 	d.writeState()
 
 	loopCtx, stop := context.WithCancel(ctx)
@@ -293,6 +297,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			start := time.Now()
 			ownRemoved := d.peers.apply(batch)
 			d.m.ObserveReconcile(time.Since(start))
+			d.health.setPeers(d.peers.list())
 			d.armRemovals(d.peers.nextRemoval())
 			if ownRemoved {
 				// Someone deleted our key (an operator, a restored backup). flannel exits and
@@ -350,8 +355,11 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			d.armRemovals(d.peers.nextRemoval())
 			if removed > 0 {
 				d.m.SetPeers(d.peers.counts())
+				d.health.setPeers(d.peers.list())
 				d.stateChanged()
 			}
+		case <-d.health.changes():
+			d.stateChanged()
 		case l := <-mvLeases:
 			// Manager.Keep already rewrote the options file and logged a moved range.
 			d.log.Info("macvlan range renewed", "range", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
@@ -525,6 +533,7 @@ func (d *daemonRun) writeState() {
 	}
 	if d.peers != nil {
 		s.Peers = d.peers.list()
+		d.health.fill(s.Peers)
 	}
 	if err := writeState(d.o.stateFile, s); err != nil {
 		d.log.Warn("state file not updated", "state_file", d.o.stateFile, "err", err)
