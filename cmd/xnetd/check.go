@@ -871,14 +871,15 @@ func prefixOf(n *net.IPNet) netip.Prefix {
 // checkFirewall finds rules that drop the VXLAN port or the health port.
 func (c *checker) checkFirewall(ctx context.Context) checkResult {
 	r := checkResult{Check: "firewall"}
-	ports := []int{health.DefaultPort}
-	vxlanPort := c.cfg.Backend.Port
-	if vxlanPort == 0 {
-		vxlanPort = 8472
-	}
+	var ports []int
 	if c.backend != subnetmgr.BackendHostGW {
+		vxlanPort := c.cfg.Backend.Port
+		if vxlanPort == 0 {
+			vxlanPort = 8472
+		}
 		ports = append(ports, vxlanPort)
 	}
+	ports = append(ports, health.DefaultPort)
 	rules, err := firewallPortRules(ctx, ports)
 	var notes []string
 	for _, fr := range rules {

@@ -31,7 +31,8 @@ type portRule struct {
 // firewallPortRules finds, in nftables (which also holds iptables-nft's rules) and in
 // iptables-legacy, rules that drop or reject UDP to or from one of ports. It reads only
 // what a rule states directly: a port matched by value, range or set, then a drop or reject
-// verdict. A chain's default policy is not considered.
+// verdict. A chain's default policy is not considered. A rule that drops several of ports is
+// reported under the first of them.
 func firewallPortRules(ctx context.Context, ports []int) ([]portRule, error) {
 	found, err := nftPortRules(ports)
 	found = append(found, legacyPortRules(ctx, ports)...)
@@ -124,10 +125,8 @@ func ruleDropsPort(conn *nftables.Conn, table *nftables.Table, exprs []expr.Any,
 		case *expr.Range:
 			if e.Op == expr.CmpOpEq && loaded[e.Register] == loadPort && len(e.FromData) == 2 && len(e.ToData) == 2 {
 				from, to := int(binary.BigEndian.Uint16(e.FromData)), int(binary.BigEndian.Uint16(e.ToData))
-				for _, p := range ports {
-					if from <= p && p <= to {
-						port = p
-					}
+				if i := slices.IndexFunc(ports, func(p int) bool { return from <= p && p <= to }); i >= 0 {
+					port = ports[i]
 				}
 			}
 		case *expr.Lookup:
@@ -276,10 +275,8 @@ func legacyRuleDropsPort(f []string, ports []int) int {
 				if err1 != nil || err2 != nil {
 					continue
 				}
-				for _, p := range ports {
-					if from <= p && p <= to {
-						port = p
-					}
+				if i := slices.IndexFunc(ports, func(p int) bool { return from <= p && p <= to }); i >= 0 && port == 0 {
+					port = ports[i]
 				}
 			}
 		case "-j":
