@@ -375,3 +375,36 @@ func TestHealthReportsAFirewallDroppingVXLANWithin5sAndCheckNamesTheRule(t *test
 		restore:   func(t *testing.T) { b.sh(t, "nft", "delete table inet hcfw") },
 	})
 }
+
+// host-gw has no overlay device: its overlay probes go between docker0's gateway addresses
+// along the peer routes, so until Docker runs the overlay is "not probed" (no false alarm), and
+// once docker0 exists on both hosts it is probed and reachable, and check passes.
+func TestHealthOfHostGWProbesDocker0OnceDockerRuns(t *testing.T) {
+	nodes, _ := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`)
+	a, b := nodes[0], nodes[1]
+	subnet := b.state(t).Lease.Subnet
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		h := a.peerHealth(t, subnet)
+		if h != nil && h.Underlay.State == health.StateReachable {
+			if h.Overlay.State != health.StateNotProbed || !strings.Contains(h.Overlay.Why, "docker0") || h.Problem() != "" {
+				t.Errorf("before Docker: overlay %+v, problem %q; want not probed, waiting for docker0, no problem", h.Overlay, h.Problem())
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("underlay not reachable after 10 s: %+v", h)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	xdContainers(t, nodes)
+	start := time.Now()
+	hcWaitHealthy(t, nodes, 15*time.Second)
+	t.Logf("overlay probed and reachable %v after docker0 came up", time.Since(start).Round(10*time.Millisecond))
+	if h := a.peerHealth(t, subnet); h.Overlay.Target != subnet.Addr().Next() {
+		t.Errorf("overlay probes go to %v, want %s's docker0 %v", h.Overlay.Target, b.Name, subnet.Addr().Next())
+	}
+	if out, code := a.check(t); code != 0 {
+		t.Errorf("xnetd check on %s: exit %d\n%s", a.Name, code, out)
+	}
+}
