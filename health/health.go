@@ -14,8 +14,10 @@
 //   - underlay: from our underlay address to the peer's PublicIP, without encapsulation.
 //
 // Overlay unreachable while the underlay answers: the datapath is broken here, on the peer, or
-// a firewall between drops the VXLAN port. Both unreachable: the host, its network or its xnetd
-// is down.
+// a firewall between drops the VXLAN port. Both unreachable: the host or its network is down.
+// A host that runs no responder (flannel in a mixed cluster, a stopped xnetd whose datapath
+// stays up) answers with ICMP port unreachable, which crossed the path both ways just as a
+// reply would: it counts as reachable, marked NoResponder.
 //
 // It owns the probe wire format (wire.go), the schedule and the statistics per peer and path
 // (prober.go, stats.go). It knows nothing of backends, leases or etcd: the daemon hands it the
@@ -126,6 +128,9 @@ type PathHealth struct {
 	RTTSum   time.Duration `json:"-"`
 	// LastAnswer is when the last answer arrived.
 	LastAnswer time.Time `json:"last_answer,omitzero"`
+	// NoResponder: the last answer was an ICMP port unreachable. The path works both ways,
+	// but the host runs no health responder (flannel, or xnetd stopped or without probes).
+	NoResponder bool `json:"no_responder,omitempty"`
 }
 
 // Duration is a round trip time; in JSON it is a number of milliseconds, as operators read
@@ -189,6 +194,9 @@ func (h PeerHealth) Problem() string {
 func (p PathHealth) Brief() string {
 	switch p.State {
 	case StateReachable:
+		if p.NoResponder {
+			return fmt.Sprintf("up (ICMP, no responder) %v %.0f%%", p.RTTLast, p.Loss*100)
+		}
 		return fmt.Sprintf("up %v/%v %.0f%%", p.RTTLast, p.RTTP50, p.Loss*100)
 	case StateUnreachable:
 		return fmt.Sprintf("DOWN %.0f%%", p.Loss*100)

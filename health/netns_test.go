@@ -270,3 +270,28 @@ func TestProbeOnceGivesEveryPathAVerdict(t *testing.T) {
 		t.Errorf("refused peer: %+v, want the overlay not probed with the reason and the underlay reachable", h)
 	}
 }
+
+// A host without a responder (a flannel host in a mixed cluster, a stopped xnetd) answers
+// with ICMP port unreachable, which crossed the path both ways: reachable, marked so, and no
+// problem to report.
+func TestAHostWithoutResponderIsReachableThroughItsICMPAnswer(t *testing.T) {
+	hs := probeHosts(t)
+	a := hs[0].start(t, nil)
+	a.SetPeers([]Peer{hs[1].peer()})
+	waitFor(t, a, hs[1].subnet, "both paths reachable through ICMP", 3*time.Second, bothUp)
+	h := a.Snapshot()[hs[1].subnet]
+	for _, p := range Paths {
+		if ph := h.Path(p); !ph.NoResponder || ph.RTTLast <= 0 || !strings.Contains(ph.Brief(), "no responder") {
+			t.Errorf("%s: %+v (%q), want reachable with no responder and an RTT", p, ph, ph.Brief())
+		}
+	}
+	if h.Problem() != "" {
+		t.Errorf("Problem() = %q", h.Problem())
+	}
+	// A responder that starts answering takes over.
+	b := hs[1].start(t, nil)
+	b.SetPeers([]Peer{hs[0].peer()})
+	waitFor(t, a, hs[1].subnet, "answers from the responder", 3*time.Second, func(h PeerHealth) bool {
+		return bothUp(h) && !h.Overlay.NoResponder && !h.Underlay.NoResponder
+	})
+}

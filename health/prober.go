@@ -12,6 +12,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -187,12 +188,17 @@ func Start(o Options) (*Prober, error) {
 }
 
 // listen binds a UDP socket with IP_FREEBIND: our overlay address may not be on an interface
-// yet (host-gw's docker0 comes with Docker) and the socket must still be there when it is.
+// yet (host-gw's docker0 comes with Docker) and the socket must still be there when it is. And
+// with IP_RECVERR, so an ICMP port unreachable for one of our probes reaches us (see
+// drainErrors).
 func listen(addr netip.AddrPort) (*net.UDPConn, error) {
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_FREEBIND, 1) })
-		return errors.Join(err, serr)
+		var errFree, errRecv error
+		err := c.Control(func(fd uintptr) {
+			errFree = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_FREEBIND, 1)
+			errRecv = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_RECVERR, 1)
+		})
+		return errors.Join(err, errFree, errRecv)
 	}}
 	pc, err := lc.ListenPacket(context.Background(), "udp4", addr.String())
 	if err != nil {
@@ -523,7 +529,8 @@ func (p *Prober) read(idx int, c *net.UDPConn) {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			p.log.Debug("health: read", "path", Paths[idx], "err", err)
+			// An ICMP error for one of our datagrams (IP_RECVERR): read the queue.
+			p.drainErrors(idx, c)
 			continue
 		}
 		m, ok := parseMessage(buf[:n])
@@ -535,11 +542,68 @@ func (p *Prober) read(idx int, c *net.UDPConn) {
 		case kindRequest:
 			p.answer(idx, c, from, m)
 		case kindReply:
-			if p.reply(idx, from, m, time.Now()) {
+			if p.reply(idx, from, m, time.Now(), false) {
 				p.changed()
 			}
 		}
 	}
+}
+
+// drainErrors reads the socket's error queue. An ICMP port unreachable for one of our probes
+// is an answer too: the request crossed the path, the host sent the error back across it, and
+// it runs no health responder (a flannel host in a mixed cluster, or an xnetd without probes
+// or stopped, whose datapath stays up). Without this, such hosts would show as unreachable.
+// Other errors (no ARP reply, no route) are left to the probe's timeout.
+func (p *Prober) drainErrors(idx int, c *net.UDPConn) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return
+	}
+	buf, oob := make([]byte, 512), make([]byte, 512)
+	for {
+		var n, oobn int
+		var from unix.Sockaddr
+		var rerr error
+		if err := rc.Read(func(fd uintptr) bool {
+			n, oobn, _, from, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+			return true
+		}); err != nil || rerr != nil {
+			return
+		}
+		sa, ok := from.(*unix.SockaddrInet4)
+		if !ok || !portUnreachable(oob[:oobn]) {
+			continue
+		}
+		// The queue holds what we sent: our request, with its sequence number.
+		m, ok := parseMessage(buf[:n])
+		if !ok || m.kind != kindRequest {
+			continue
+		}
+		to := netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+		if p.reply(idx, to, message{kind: kindReply, seq: m.seq}, time.Now(), true) {
+			p.changed()
+		}
+	}
+}
+
+// portUnreachable says whether the control messages of an error-queue read carry an ICMP
+// destination unreachable, port unreachable.
+func portUnreachable(oob []byte) bool {
+	const icmpDestUnreach, icmpPortUnreach = 3, 3
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return false
+	}
+	for _, m := range msgs {
+		if m.Header.Level != unix.SOL_IP || m.Header.Type != unix.IP_RECVERR || len(m.Data) < int(unsafe.Sizeof(unix.SockExtendedErr{})) {
+			continue
+		}
+		ee := (*unix.SockExtendedErr)(unsafe.Pointer(&m.Data[0]))
+		if ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == icmpDestUnreach && ee.Code == icmpPortUnreach {
+			return true
+		}
+	}
+	return false
 }
 
 // answer replies to a request from a source allowed to probe us, within the reply rate.
@@ -564,8 +628,9 @@ func (p *Prober) answer(idx int, c *net.UDPConn, from netip.AddrPort, m message)
 	}
 }
 
-// reply records the answer to one of our probes.
-func (p *Prober) reply(idx int, from netip.AddrPort, m message, now time.Time) (changed bool) {
+// reply records the answer to one of our probes; noResponder: the answer was an ICMP port
+// unreachable.
+func (p *Prober) reply(idx int, from netip.AddrPort, m message, now time.Time, noResponder bool) (changed bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	in, ok := p.inflight[m.seq]
@@ -582,9 +647,10 @@ func (p *Prober) reply(idx int, from netip.AddrPort, m message, now time.Time) (
 	ps.h.RTTSum += rtt
 	ps.h.RTTLast = Duration(rtt)
 	ps.h.LastAnswer = now
+	ps.h.NoResponder = noResponder
 	ps.lostInRow = 0
 	ps.win.add(sample{rtt: rtt})
-	if idx == 1 {
+	if idx == 1 && !noResponder {
 		up := int8(0)
 		if m.flags&flagOverlayUp != 0 {
 			up = 1
