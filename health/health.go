@@ -177,7 +177,7 @@ func (h PeerHealth) Problem() string {
 	switch {
 	case o && u:
 		return "unreachable over the overlay and the underlay" + since(h.Overlay) +
-			": the host, its network or its xnetd is down (or UDP " + fmt.Sprint(DefaultPort) + " is filtered)"
+			": the host or the network to it is down (or a firewall drops UDP " + fmt.Sprint(DefaultPort) + ")"
 	case o && h.Underlay.State == StateReachable:
 		return "overlay unreachable" + since(h.Overlay) + " while the underlay answers: the datapath is broken here or there, or a firewall drops VXLAN; run xnetd check on both hosts"
 	case o:
