@@ -912,6 +912,7 @@ func (c *checker) checkFirewall(ctx context.Context) checkResult {
 	}
 	if len(notes) > 0 {
 		r.Status, r.Problems = checkWarn, notes
+		r.Detail = "rules drop VXLAN where the ebpf datapath does not pass"
 	}
 	return r
 }
