@@ -2,7 +2,11 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/xnet-dev/xnet/health"
@@ -10,18 +14,39 @@ import (
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
-// healthRefresh is how often the state file is rewritten just to bring the peers' RTTs and loss
-// up to date; a change of reachability is written at once (within stateWriteInterval).
-const healthRefresh = 10 * time.Second
+// The peers' health is kept in its own file beside the state file (healthFile), written by the
+// prober's side of the daemon, never by the event loop: at 5,000 peers one write costs tens of
+// milliseconds, which the event loop must not spend while leases change. It is written at most
+// once per healthWriteInterval when a peer's reachability changed, and every healthRefresh to
+// bring RTTs and loss up to date; `xnetd status` merges it into the peers it shows.
+const (
+	healthRefresh       = 10 * time.Second
+	healthWriteInterval = time.Second
+)
+
+// healthFile is where the running daemon keeps its peers' health.
+func healthFile(stateFile string) string {
+	return filepath.Join(filepath.Dir(stateFile), "health.json")
+}
+
+// healthRecord is the content of the health file.
+type healthRecord struct {
+	// PID is the daemon that wrote it: status ignores a file left by an earlier process.
+	PID       int                                `json:"pid"`
+	UpdatedAt time.Time                          `json:"updated_at"`
+	Peers     map[netip.Prefix]health.PeerHealth `json:"peers"`
+}
 
 // healthProbes is the daemon's health prober (package health): it probes every peer over the
 // overlay and the underlay, and answers the peers' probes. It is best effort: a prober that
 // cannot start is logged and the daemon runs without one; the datapath never depends on it.
-// Its methods are nil-safe and, but for updates, called from the event loop only.
+// Its methods are nil-safe and called from the event loop.
 type healthProbes struct {
 	p       *health.Prober // set once at start; nil when the prober did not start
+	path    string
 	updates chan struct{}
 	cancel  context.CancelFunc
+	done    chan struct{} // closed when the writer has stopped
 	closed  bool
 }
 
@@ -35,19 +60,19 @@ func overlayAddress(backendType string, subnet netip.Prefix) (addr netip.Addr, o
 	return subnet.Masked().Addr(), false
 }
 
-// startHealth starts probing (no peers yet: setPeers) and answering on health.DefaultPort.
+// startHealth starts probing (no peers yet: setPeers) and answering on health.DefaultPort, and
+// the writer of the health file.
 func (d *daemonRun) startHealth(ctx context.Context) *healthProbes {
-	h := &healthProbes{updates: make(chan struct{}, 1)}
-	notify := func() {
-		select {
-		case h.updates <- struct{}{}:
-		default:
-		}
-	}
+	h := &healthProbes{path: healthFile(d.o.stateFile), updates: make(chan struct{}, 1), done: make(chan struct{})}
 	overlay, optional := overlayAddress(d.chosen.name, d.lease.Subnet)
 	p, err := health.Start(health.Options{
 		Overlay: overlay, OverlayOptional: optional, Underlay: d.iface.IfaceIP, Network: d.cfg.Network,
-		Logger: d.log, OnChange: notify,
+		Logger: d.log, OnChange: func() {
+			select {
+			case h.updates <- struct{}{}:
+			default:
+			}
+		},
 	})
 	if err != nil {
 		d.log.Warn("health probes disabled: peers' reachability is not reported", "err", err)
@@ -55,43 +80,59 @@ func (d *daemonRun) startHealth(ctx context.Context) *healthProbes {
 	}
 	h.p = p
 	d.m.SetHealth(h)
-	d.log.Info("health probes", "port", health.DefaultPort, "overlay", p.LocalAddr(health.Overlay), "underlay", p.LocalAddr(health.Underlay))
+	d.log.Info("health probes", "port", health.DefaultPort, "overlay", p.LocalAddr(health.Overlay), "underlay", p.LocalAddr(health.Underlay), "file", h.path)
 	ctx, h.cancel = context.WithCancel(ctx)
-	go func() {
-		t := time.NewTicker(healthRefresh)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				notify()
-			}
-		}
-	}()
+	go h.writeLoop(ctx, d.log)
 	return h
 }
 
-// close stops the prober; the state file then carries no health (a stopped daemon probes
-// nothing).
+// writeLoop writes the health file on changes (at most once per healthWriteInterval) and every
+// healthRefresh, until ctx ends.
+func (h *healthProbes) writeLoop(ctx context.Context, log *slog.Logger) {
+	defer close(h.done)
+	refresh := time.NewTicker(healthRefresh)
+	defer refresh.Stop()
+	throttle := time.NewTimer(0)
+	defer throttle.Stop()
+	pending, ready := true, false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-h.updates:
+			pending = true
+		case <-refresh.C:
+			pending = true
+		case <-throttle.C:
+			ready = true
+		}
+		if !pending || !ready {
+			continue
+		}
+		rec := healthRecord{PID: os.Getpid(), UpdatedAt: time.Now(), Peers: h.p.Snapshot()}
+		if data, err := json.Marshal(rec); err != nil {
+			log.Warn("health file not written", "err", err)
+		} else if err := writeFileAtomic(h.path, data, 0o644); err != nil {
+			log.Warn("health file not written", "file", h.path, "err", err)
+		}
+		pending, ready = false, false
+		throttle.Reset(healthWriteInterval)
+	}
+}
+
+// close stops the prober and removes the health file: a stopped daemon probes nothing.
 func (h *healthProbes) close() {
-	if h == nil || h.p == nil || h.closed {
+	if !h.running() {
 		return
 	}
 	h.cancel()
+	<-h.done
 	h.p.Close()
 	h.closed = true
+	_ = os.Remove(h.path)
 }
 
 func (h *healthProbes) running() bool { return h != nil && h.p != nil && !h.closed }
-
-// changes fires when a peer's reachability changed, and every healthRefresh.
-func (h *healthProbes) changes() <-chan struct{} {
-	if !h.running() {
-		return nil
-	}
-	return h.updates
-}
 
 // setPeers probes exactly these peers. A peer the backend refused is not in the datapath: only
 // its underlay is probed.
@@ -112,19 +153,6 @@ func (h *healthProbes) setPeers(peers []peerState) {
 	h.p.SetPeers(out)
 }
 
-// fill sets each peer's Health from the prober, for the state file.
-func (h *healthProbes) fill(peers []peerState) {
-	if !h.running() {
-		return
-	}
-	snap := h.p.Snapshot()
-	for i := range peers {
-		if ph, ok := snap[peers[i].Subnet.Masked()]; ok {
-			peers[i].Health = &ph
-		}
-	}
-}
-
 // PathHealth is the prober's view for Prometheus (metrics.HealthSource); called from scrapes.
 func (h *healthProbes) PathHealth() []metrics.PathHealth {
 	var out []metrics.PathHealth
@@ -139,6 +167,26 @@ func (h *healthProbes) PathHealth() []metrics.PathHealth {
 		}
 	}
 	return out
+}
+
+// attachHealth puts the running daemon's health file into the report's peers.
+func attachHealth(rep *statusReport, stateFile string) {
+	if !rep.Running {
+		return
+	}
+	data, err := os.ReadFile(healthFile(stateFile))
+	if err != nil {
+		return
+	}
+	var rec healthRecord
+	if json.Unmarshal(data, &rec) != nil || rec.PID != rep.PID {
+		return
+	}
+	for i := range rep.Peers {
+		if h, ok := rec.Peers[rep.Peers[i].Subnet.Masked()]; ok {
+			rep.Peers[i].Health = &h
+		}
+	}
 }
 
 // healthCell is one path of a peer in the status table.

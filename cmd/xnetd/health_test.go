@@ -20,8 +20,7 @@ func TestStatusTextShowsPeerReachabilityAndFlagsAnUnreachablePeer(t *testing.T) 
 	peer := func(subnet string, h *health.PeerHealth) peerStatus {
 		return peerStatus{peerState: peerState{
 			leaseState: leaseState{Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr("198.18.0.12")},
-			Health:     h,
-		}}
+		}, Health: h}
 	}
 	rep := statusReport{
 		Running: true, Daemon: "running, pid 7", Ready: true, Backend: "ebpf", Mode: "tc+tcx",

@@ -358,8 +358,6 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				d.health.setPeers(d.peers.list())
 				d.stateChanged()
 			}
-		case <-d.health.changes():
-			d.stateChanged()
 		case l := <-mvLeases:
 			// Manager.Keep already rewrote the options file and logged a moved range.
 			d.log.Info("macvlan range renewed", "range", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
@@ -533,7 +531,6 @@ func (d *daemonRun) writeState() {
 	}
 	if d.peers != nil {
 		s.Peers = d.peers.list()
-		d.health.fill(s.Peers)
 	}
 	if err := writeState(d.o.stateFile, s); err != nil {
 		d.log.Warn("state file not updated", "state_file", d.o.stateFile, "err", err)

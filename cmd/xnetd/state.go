@@ -11,7 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/xnet-dev/xnet/health"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -60,9 +59,6 @@ type peerState struct {
 	// RemovalDue is set when the peer's lease is gone from etcd: the peer stays in the
 	// datapath until then, in case the lease comes back (see removalGrace).
 	RemovalDue time.Time `json:"removal_due,omitzero"`
-	// Health is what the daemon's health probes found over the overlay and the underlay
-	// (absent while the daemon is stopped or runs without probes).
-	Health *health.PeerHealth `json:"health,omitempty"`
 	// lease is the whole lease, for the backend's RemovePeer and PrunePeers.
 	lease subnetmgr.Lease
 }

@@ -68,6 +68,8 @@ type peerStatus struct {
 	RxBytes   *uint64 `json:"rx_bytes,omitempty"`
 	// Route is the datapath's route to the peer's subnet, "" when there is none.
 	Route string `json:"route,omitempty"`
+	// Health is what the running daemon's probes found over the overlay and the underlay.
+	Health *health.PeerHealth `json:"health,omitempty"`
 }
 
 type statusFlags struct {
@@ -109,6 +111,7 @@ func cmdStatus(args []string, stdout io.Writer, lookup func(string) (string, boo
 		return err
 	}
 	rep := buildStatus(context.Background(), st)
+	attachHealth(&rep, f.stateFile)
 	if f.output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
