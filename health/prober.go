@@ -43,7 +43,7 @@ type Options struct {
 	DownAfter int           // DefaultDownAfter
 	Logger    *slog.Logger
 	// OnChange is called, from the prober's goroutines and without its lock, when a path of a
-	// peer changes state. It must not block.
+	// peer changes state (or starts or stops answering through ICMP). It must not block.
 	OnChange func()
 }
 
@@ -647,6 +647,7 @@ func (p *Prober) reply(idx int, from netip.AddrPort, m message, now time.Time, n
 	ps.h.RTTSum += rtt
 	ps.h.RTTLast = Duration(rtt)
 	ps.h.LastAnswer = now
+	responderChanged := ps.h.NoResponder != noResponder
 	ps.h.NoResponder = noResponder
 	ps.lostInRow = 0
 	ps.win.add(sample{rtt: rtt})
@@ -661,7 +662,7 @@ func (p *Prober) reply(idx int, from netip.AddrPort, m message, now time.Time, n
 		}
 		ps.t.peerOverlayUp = up
 	}
-	return p.setStateLocked(ps, StateReachable, "", now)
+	return p.setStateLocked(ps, StateReachable, "", now) || responderChanged
 }
 
 // overlayAddrUp says whether our overlay address is on an interface of this host.
