@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -407,4 +408,30 @@ func TestHealthOfHostGWProbesDocker0OnceDockerRuns(t *testing.T) {
 	if out, code := a.check(t); code != 0 {
 		t.Errorf("xnetd check on %s: exit %d\n%s", a.Name, code, out)
 	}
+
+	t.Run("a stopped xnetd's datapath still answers, by ICMP, and its status shows no stale health", func(t *testing.T) {
+		if err := b.proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			h := a.peerHealth(t, subnet)
+			if h != nil && h.Overlay.NoResponder && h.Underlay.NoResponder {
+				if h.Overlay.State != health.StateReachable || h.Underlay.State != health.StateReachable || h.Problem() != "" {
+					t.Errorf("%s stopped: %+v, problem %q; want both paths reachable through ICMP, no problem", b.Name, h, h.Problem())
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s stopped 10 s ago: %+v, want answers by ICMP port unreachable", b.Name, h)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if _, err := os.Stat(filepath.Join(b.StateDir, "health.json")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("health.json left after a clean stop: %v", err)
+		}
+		if h := b.peerHealth(t, a.state(t).Lease.Subnet); h != nil {
+			t.Errorf("status of the stopped %s shows health %+v", b.Name, h)
+		}
+	})
 }
