@@ -5,6 +5,9 @@
 //   - CounterSource: per-peer packets and bytes, datapath verdicts and drops by reason;
 //   - ModeReporter: which variant of the datapath runs and why (ebpf: XDP or TC decap).
 //
+// The daemon's health prober reports through HealthSource (SetHealth): reachability, RTT and
+// loss per peer and path (health.go).
+//
 // Backends do not import this package to be measured unless they implement one of these; the
 // daemon checks with a type assertion. ParseCounters reads a scrape back into Counters, so
 // `xnetd status` shows the live counters of a running daemon through its metrics endpoint.
@@ -111,6 +114,7 @@ type Metrics struct {
 
 	isReady atomic.Bool
 	live    *liveCollector
+	health  *healthCollector
 }
 
 // New builds the metrics. stats is read at every scrape (it may be nil before the etcd client
@@ -153,10 +157,11 @@ func New(stats func() subnetmgr.Stats) *Metrics {
 		conflictsSeen: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: NameConflictsTotal, Help: "Contradicting claims detected, by kind (a write-back within a second may clear one before any scrape).",
 		}, []string{"kind"}),
-		live: &liveCollector{stats: stats},
+		live:   &liveCollector{stats: stats},
+		health: &healthCollector{},
 	}
 	m.reg.MustRegister(m.leasesKnown, m.leaseExpiry, m.reconcile, m.backendInfo, m.ready,
-		m.peers, m.peerErrors, m.leaseEvents, m.refused, m.conflicts, m.conflictsSeen, m.live)
+		m.peers, m.peerErrors, m.leaseEvents, m.refused, m.conflicts, m.conflictsSeen, m.live, m.health)
 	return m
 }
 

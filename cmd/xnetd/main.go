@@ -4,6 +4,7 @@
 //
 //	xnetd [run] [flags]    the daemon (the default subcommand)
 //	xnetd status [--output json]
+//	xnetd check [flags]    verify this host's datapath end to end (exit 1 naming what is wrong)
 //	xnetd teardown [flags] remove what xnetd created on this host (not the lease in etcd)
 //	xnetd version
 //
@@ -60,6 +61,8 @@ func run(args []string, stdout, stderr io.Writer, lookup func(string) (string, b
 		err = cmdStatus(args, stdout, lookup)
 	case "teardown":
 		err = cmdTeardown(args, stdout, stderr, lookup)
+	case "check":
+		err = cmdCheck(args, stdout, stderr, lookup)
 	case "version":
 		fmt.Fprintln(stdout, "xnetd", version())
 	case "help":
@@ -67,7 +70,7 @@ func run(args []string, stdout, stderr io.Writer, lookup func(string) (string, b
 		printHelp(stdout, fs)
 		return 0
 	default:
-		err = usagef("unknown command %q: use run, status, teardown or version (see xnetd --help)", cmd)
+		err = usagef("unknown command %q: use run, status, check, teardown or version (see xnetd --help)", cmd)
 	}
 	return exitCode(err, stderr)
 }
@@ -87,8 +90,8 @@ func exitCode(err error, stderr io.Writer) int {
 }
 
 func printHelp(w io.Writer, fs *pflag.FlagSet) {
-	fmt.Fprintf(w, "Usage: xnetd [run|status|teardown|version] [flags]\n\n")
-	fmt.Fprintf(w, "Every flag can also be set as XNETD_<NAME> (--etcd-endpoints: XNETD_ETCD_ENDPOINTS).\n\nFlags of run and teardown:\n")
+	fmt.Fprintf(w, "Usage: xnetd [run|status|check|teardown|version] [flags]\n\n")
+	fmt.Fprintf(w, "Every flag can also be set as XNETD_<NAME> (--etcd-endpoints: XNETD_ETCD_ENDPOINTS).\n\nFlags of run, check and teardown (check also takes --output json):\n")
 	fs.SetOutput(w)
 	fs.PrintDefaults()
 	fmt.Fprintf(w, "\nFlags of status:\n")

@@ -53,6 +53,8 @@ type daemonRun struct {
 	stateTimer  *time.Timer
 	// removalTimer fires when the next peer removal is due (see removalGrace).
 	removalTimer *time.Timer
+	// health probes the peers (health.go); nil before serve.
+	health *healthProbes
 }
 
 // runDaemon is `xnetd run`. Until the backend's Setup, every failure is a usageError (exit 2)
@@ -270,6 +272,8 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	defer stopForwardRules()
 
 	d.peers = newPeers(b, d.lease, d.cfg, d.log, d.m)
+	d.health = d.startHealth(ctx)
+	defer d.health.close()
 	d.writeState()
 
 	loopCtx, stop := context.WithCancel(ctx)
@@ -293,6 +297,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			start := time.Now()
 			ownRemoved := d.peers.apply(batch)
 			d.m.ObserveReconcile(time.Since(start))
+			d.health.setPeers(d.peers.list())
 			d.armRemovals(d.peers.nextRemoval())
 			if ownRemoved {
 				// Someone deleted our key (an operator, a restored backup). flannel exits and
@@ -354,6 +359,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			d.armRemovals(d.peers.nextRemoval())
 			if removed > 0 {
 				d.m.SetPeers(d.peers.counts())
+				d.health.setPeers(d.peers.list())
 				d.stateChanged()
 			}
 		case l := <-mvLeases:

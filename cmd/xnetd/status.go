@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend/ebpf"
+	"github.com/xnet-dev/xnet/health"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/metrics"
@@ -69,6 +70,8 @@ type peerStatus struct {
 	RxBytes   *uint64 `json:"rx_bytes,omitempty"`
 	// Route is the datapath's route to the peer's subnet, "" when there is none.
 	Route string `json:"route,omitempty"`
+	// Health is what the running daemon's probes found over the overlay and the underlay.
+	Health *health.PeerHealth `json:"health,omitempty"`
 }
 
 type statusFlags struct {
@@ -110,6 +113,7 @@ func cmdStatus(args []string, stdout io.Writer, lookup func(string) (string, boo
 		return err
 	}
 	rep := buildStatus(context.Background(), st)
+	attachHealth(&rep, f.stateFile)
 	if f.output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -329,7 +333,7 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 
 	fmt.Fprintf(w, "\npeers (%d):\n", len(rep.Peers))
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "  SUBNET\tPUBLIC IP\tVTEP MAC\tTX PKTS\tTX BYTES\tRX PKTS\tRX BYTES\tKERNEL ROUTE\tPROBLEM")
+	fmt.Fprintln(tw, "  SUBNET\tPUBLIC IP\tVTEP MAC\tTX PKTS\tTX BYTES\tRX PKTS\tRX BYTES\tOVERLAY (RTT LAST/P50, LOSS)\tUNDERLAY\tKERNEL ROUTE\tPROBLEM")
 	for _, p := range rep.Peers {
 		route := p.Route
 		if route == "" {
@@ -343,8 +347,10 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 			gone := fmt.Sprintf("lease gone from etcd: leaves the datapath at %s unless it comes back", p.RemovalDue.Format(time.TimeOnly))
 			problem = strings.Join(slices.DeleteFunc([]string{gone, problem}, func(s string) bool { return s == "" }), "; ")
 		}
-		fmt.Fprintf(tw, "  %v\t%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Subnet, p.PublicIP, orDash(p.VtepMAC),
-			num(p.TxPackets), num(p.TxBytes), num(p.RxPackets), num(p.RxBytes), route, orDash(problem))
+		problem = strings.Join(slices.DeleteFunc([]string{problem, healthProblem(p.Health)}, func(s string) bool { return s == "" }), "; ")
+		fmt.Fprintf(tw, "  %v\t%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Subnet, p.PublicIP, orDash(p.VtepMAC),
+			num(p.TxPackets), num(p.TxBytes), num(p.RxPackets), num(p.RxBytes),
+			healthCell(p.Health, health.Overlay), healthCell(p.Health, health.Underlay), route, orDash(problem))
 	}
 	tw.Flush()
 	if len(rep.Conflicts) > 0 {
