@@ -26,7 +26,9 @@ package harness
 // appear in the machine's mount table, and they vanish with the last process of that mount
 // namespace even if cleanup never runs. A few paths are fixed inside Docker and containerd
 // whatever the flags say (/run/docker/plugins, /run/containerd/s for shim sockets): a private
-// tmpfs on /run holds them. Before that, the copy of the machine's mount table that the new
+// tmpfs on /run holds them; the host's DockerPluginDir is bound onto /run/docker/plugins in it, so
+// a plugin (xnetd's network driver) listening there is found by this dockerd and by no other,
+// and the machine's own /run/docker is never touched. Before that, the copy of the machine's mount table that the new
 // mount namespace starts with is stripped of nsfs and bpffs mounts, which would otherwise keep
 // other tests' network namespaces and BPF pins alive for as long as this dockerd runs.
 //
@@ -170,10 +172,18 @@ type DockerContainer struct {
 
 func (d *Docker) dataRoot() string   { return filepath.Join(d.Dir, "data") }
 func (d *Docker) execRoot() string   { return filepath.Join(d.Dir, "exec") }
-func (d *Docker) Socket() string     { return filepath.Join(d.Dir, "docker.sock") }
+func (d *Docker) Socket() string     { return d.Host.DockerSocket() }
 func (d *Docker) pidFile() string    { return filepath.Join(d.Dir, "docker.pid") }
 func (d *Docker) configFile() string { return filepath.Join(d.Dir, "daemon.json") }
 func (d *Docker) cliConfig() string  { return filepath.Join(d.Dir, "cli") }
+
+// DockerSocket is where the Docker of this host answers its API (once StartDocker ran): known
+// before it starts, so xnetd can be told where to reach it.
+func (h *Host) DockerSocket() string { return filepath.Join(h.StateDir, "dockerd", "docker.sock") }
+
+// DockerPluginDir is what the Docker of this host sees as /run/docker/plugins, the directory
+// where dockerd looks for plugin sockets (<name>.sock). It exists once StartDocker ran.
+func (h *Host) DockerPluginDir() string { return filepath.Join(h.StateDir, "docker-plugins") }
 
 // ReadDockerOpts reads the options out of a DOCKER_NETWORK_OPTIONS file as systemd does for
 // `EnvironmentFile=` and an unquoted $DOCKER_NETWORK_OPTIONS in ExecStart: the value without its
@@ -248,7 +258,7 @@ func (h *Host) StartDocker(ctx context.Context, networkOptions ...string) (*Dock
 	}
 	// A crashed run with the same id may have left its cgroups.
 	_ = removeCgroups(d.cgroupParent)
-	for _, dir := range []string{d.dataRoot(), d.execRoot(), d.cliConfig()} {
+	for _, dir := range []string{d.dataRoot(), d.execRoot(), d.cliConfig(), h.DockerPluginDir()} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("harness: %w", err)
 		}
@@ -286,6 +296,8 @@ func (h *Host) StartDocker(ctx context.Context, networkOptions ...string) (*Dock
 const dockerdScript = `set -e
 findmnt -rn -t nsfs,bpf -o TARGET | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 mount -t tmpfs -o mode=0755 xnet-docker-run /run
+mkdir -p /run/docker/plugins
+mount --bind "$XNET_DOCKER_PLUGIN_DIR" /run/docker/plugins
 exec "$@"`
 
 func (d *Docker) start(ctx context.Context, driver string) error {
@@ -301,7 +313,7 @@ func (d *Docker) start(ctx context.Context, driver string) error {
 	args = append(args, d.NetworkOptions...)
 	full := append([]string{"--mount", "--propagation", "private", "--", "sh", "-c", dockerdScript, "sh", DockerdPath}, args...)
 	cmd := d.Host.command("unshare", full...)
-	cmd.Env = []string{"PATH=" + dockerPATH}
+	cmd.Env = []string{"PATH=" + dockerPATH, "XNET_DOCKER_PLUGIN_DIR=" + d.Host.DockerPluginDir()}
 	begin := time.Now()
 	p, err := d.Host.startCmd(cmd)
 	if err != nil {
