@@ -259,7 +259,9 @@ func TestWatchNetworksSendsEveryChangeAndSkipsGarbage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wait("foo has a block", func(s NetworkState) bool { return len(s.Blocks["foo"]) == 1 && s.Blocks["foo"][0].Subnet == block.Subnet })
+	wait("foo has a block", func(s NetworkState) bool {
+		return len(s.Blocks["foo"]) == 1 && s.Blocks["foo"][0].Subnet == block.Subnet
+	})
 	if removed, err := m.RemoveNetwork(ctx, "foo"); err != nil || !removed {
 		t.Fatal(removed, err)
 	}
