@@ -166,7 +166,7 @@ type DockerContainer struct {
 	Docker *Docker
 	Name   string
 	ID     string
-	IP     netip.Addr // on docker0
+	IP     netip.Addr // on docker0, or on the network it was started on
 	Pid    int        // of the container's first process, in the machine's pid namespace
 }
 
@@ -468,16 +468,23 @@ func (d *Docker) RunWith(ctx context.Context, name string, flags []string, comma
 	d.mu.Lock()
 	d.containers = append(d.containers, c)
 	d.mu.Unlock()
-	out, err = d.CLI(ctx, "inspect", "-f", "{{.State.Pid}} {{.NetworkSettings.IPAddress}}", c.ID)
+	// The docker0 address, else (a container started on another network) that network's.
+	out, err = d.CLI(ctx, "inspect", "-f", "{{.State.Pid}} {{.NetworkSettings.IPAddress}}{{range .NetworkSettings.Networks}} {{.IPAddress}}{{end}}", c.ID)
 	if err != nil {
 		return nil, fmt.Errorf("harness: %w", err)
 	}
-	var ip string
-	if _, err := fmt.Sscan(out, &c.Pid, &ip); err != nil || c.Pid == 0 {
-		return nil, fmt.Errorf("harness: container %s on %s: inspect says %q (%v)", name, d.Host.Name, out, err)
+	fields := strings.Fields(out)
+	if len(fields) > 0 {
+		c.Pid, _ = strconv.Atoi(fields[0])
 	}
-	if c.IP, err = netip.ParseAddr(ip); err != nil {
-		return nil, fmt.Errorf("harness: container %s on %s has no address on docker0: inspect says %q", name, d.Host.Name, out)
+	if c.Pid == 0 {
+		return nil, fmt.Errorf("harness: container %s on %s: inspect says %q", name, d.Host.Name, out)
+	}
+	if len(fields) < 2 {
+		return nil, fmt.Errorf("harness: container %s on %s has no address: inspect says %q", name, d.Host.Name, out)
+	}
+	if c.IP, err = netip.ParseAddr(fields[1]); err != nil {
+		return nil, fmt.Errorf("harness: container %s on %s: inspect says %q: %w", name, d.Host.Name, out, err)
 	}
 	ns := &Namespace{Name: d.Host.topo.nsName(role), topo: d.Host.topo}
 	d.Host.topo.mu.Lock()
