@@ -153,6 +153,15 @@ func (d *dockerAPI) networks(ctx context.Context, driver string) ([]dockerNetwor
 	return out, nil
 }
 
+// sandboxKey is the network namespace path Docker gave a container (what a join names).
+func (d *dockerAPI) sandboxKey(ctx context.Context, containerID string) (string, error) {
+	var c struct{ NetworkSettings struct{ SandboxKey string } }
+	if err := d.do(ctx, http.MethodGet, "/containers/"+url.PathEscape(containerID)+"/json", nil, &c); err != nil {
+		return "", err
+	}
+	return c.NetworkSettings.SandboxKey, nil
+}
+
 // createNetwork is `docker network create -d <driver> --ipam-driver <driver> --subnet ... -o ...`.
 func (d *dockerAPI) createNetwork(ctx context.Context, name, driver string, subnet netip.Prefix, options map[string]string) (string, error) {
 	in := map[string]any{

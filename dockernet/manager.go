@@ -97,8 +97,10 @@ type Manager struct {
 	docker *dockerAPI
 	nl     *netlink.Handle
 	port   int
-	kick   chan struct{}
-	runCtx context.Context
+	// configKey is <prefix>/config, for messages.
+	configKey string
+	kick      chan struct{}
+	runCtx    context.Context
 
 	mu sync.Mutex
 	// changed is closed and replaced whenever a network becomes ready (waitReady).
@@ -174,7 +176,8 @@ func New(o Options) (*Manager, error) {
 	}
 	return &Manager{
 		o: o, log: o.Logger.With("part", "docker-networks"), docker: newDockerAPI(o.DockerSocket), nl: nl, port: port,
-		kick: make(chan struct{}, 1), changed: make(chan struct{}),
+		configKey: subnetmgr.ConfigKey(o.Etcd.Prefix()),
+		kick:      make(chan struct{}, 1), changed: make(chan struct{}),
 		nets: map[string]*localNet{}, byID: map[string]string{}, pending: map[string]pendingNet{},
 		expectCreate: map[netip.Prefix]string{}, expectDelete: map[string]bool{}, tombstones: map[string]time.Time{},
 		endpoints: map[string]*endpoint{}, sandboxes: map[string]map[string]bool{},
@@ -326,7 +329,7 @@ func parseSubnet(s string) (netip.Prefix, error) {
 func (m *Manager) checkSubnetLocked(subnet netip.Prefix) error {
 	ov := m.o.Overlay
 	if ov.Network.Overlaps(subnet) {
-		return fmt.Errorf("--subnet %s overlaps the overlay Network %s (etcd %s): pick another --subnet", subnet, ov.Network, subnetmgr.ConfigKey(m.o.Etcd.Prefix()))
+		return fmt.Errorf("--subnet %s overlaps the overlay Network %s (etcd %s): pick another --subnet", subnet, ov.Network, m.configKey)
 	}
 	if n, ok := m.state.Overlapping(subnet); ok {
 		if n.Subnet == subnet {
@@ -787,16 +790,33 @@ func (m *Manager) publishEndpoints(ctx context.Context, state subnetmgr.NetworkS
 		m.mu.Lock()
 		ln := m.nets[dn.Name]
 		var block subnetmgr.Lease
+		unknown := map[string]dockerAttachment{} // by container ID
 		if ln != nil && ln.alloc != nil {
 			block = ln.block
-			for _, a := range dn.Containers {
+			for cid, a := range dn.Containers {
 				ln.alloc.markUsed(a.IP)
 				if _, known := m.endpoints[a.EndpointID]; !known && a.EndpointID != "" {
-					m.endpoints[a.EndpointID] = &endpoint{id: a.EndpointID, network: dn.Name, ip: a.IP, mac: containerMAC(a.IP)}
+					unknown[cid] = a
 				}
 			}
 		}
 		m.mu.Unlock()
+		// Endpoints joined before xnetd (re)started: learn them, with their sandbox, so the
+		// resolver knows who asks and a later join to the same container adds no second
+		// route to the resolver (Docker fails a join whose route exists).
+		for cid, a := range unknown {
+			sandbox, err := m.docker.sandboxKey(ctx, cid)
+			if err != nil {
+				continue
+			}
+			m.mu.Lock()
+			m.endpoints[a.EndpointID] = &endpoint{id: a.EndpointID, network: dn.Name, ip: a.IP, mac: containerMAC(a.IP), sandbox: sandbox}
+			if m.sandboxes[sandbox] == nil {
+				m.sandboxes[sandbox] = map[string]bool{}
+			}
+			m.sandboxes[sandbox][a.EndpointID] = true
+			m.mu.Unlock()
+		}
 		if !ok || dn.Subnet != rec.Subnet || !block.Subnet.IsValid() {
 			continue
 		}

@@ -343,6 +343,53 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		}
 	})
 
+	t.Run("kill -9 and restart of xnetd on both hosts under a 50 ms ping on a network loses nothing", func(t *testing.T) {
+		ctx := dkCtx(t, 90*time.Second)
+		done := make(chan [2]int, 1)
+		go func() {
+			sent, got, _ := harness.Ping(ctx, r1.Namespace, ip["r2"], 120, 50*time.Millisecond) // 6 s
+			done <- [2]int{sent, got}
+		}()
+		for _, n := range nodes {
+			time.Sleep(500 * time.Millisecond)
+			if err := n.proc.Kill(); err != nil {
+				t.Errorf("kill -9 xnetd on %s: %v", n.Name, err)
+			}
+			n.start(t)
+			n.waitReady(t)
+		}
+		if r := <-done; r[0] < 100 || r[1] != r[0] {
+			t.Errorf("ping r1 -> r2 on red every 50 ms through kill -9 and restart of both xnetds: %d of %d replies", r[1], r[0])
+		} else {
+			t.Logf("%d of %d replies", r[1], r[0])
+		}
+		// The restarted daemons know what Docker handed out before: a new container gets a
+		// fresh address, and is found by name.
+		late := dnRun(t, hB, "late2", "red")
+		lip := dnIP(t, late, "red")
+		for name, a := range ip {
+			if a == lip {
+				t.Errorf("the new container got %v, which %s has", lip, name)
+			}
+		}
+		if got, out := dnResolve(t, r1, "late2", 10*time.Second); got != lip {
+			t.Errorf("r1 resolves late2 to %v after the restart, want %v\n%s", got, lip, out)
+		}
+		if got, out := dkPing(t, r1, lip); got != 3 {
+			t.Errorf("r1 -> late2 (%v) after the restart: %d of 3 replies\n%s", lip, got, out)
+		}
+		// A container joined before the restart joins another network after it (its route
+		// to the resolver must not be added twice, or Docker fails the join).
+		if _, err := hB.CLI(ctx, "network", "connect", "blue", "r2"); err != nil {
+			t.Errorf("docker network connect blue r2 after the restart: %v", err)
+		} else if _, err := hB.CLI(ctx, "network", "disconnect", "blue", "r2"); err != nil {
+			t.Error(err)
+		}
+		if err := late.Remove(ctx); err != nil {
+			t.Error(err)
+		}
+	})
+
 	t.Run("docker network rm on one host removes it everywhere once no container uses it", func(t *testing.T) {
 		ctx := dkCtx(t, 60*time.Second)
 		for _, c := range []*harness.DockerContainer{b1, b2} {
