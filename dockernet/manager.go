@@ -62,6 +62,9 @@ const (
 	readyWait = 15 * time.Second
 	// pendingTTL forgets a network Docker asked us to create but never committed.
 	pendingTTL = time.Minute
+	// adoptedGrace is how long a network written to etcd here counts as existing without the
+	// watch having delivered it.
+	adoptedGrace = 10 * time.Second
 	// tombstoneTTL bounds how long a network removed here is kept from being re-created
 	// while etcd catches up.
 	tombstoneTTL = time.Minute
@@ -115,12 +118,19 @@ type Manager struct {
 	expectCreate map[netip.Prefix]string
 	expectDelete map[string]bool
 	tombstones   map[string]time.Time // removed here; not re-created until etcd says so
-	endpoints    map[string]*endpoint // by Docker endpoint ID
-	sandboxes    map[string]map[string]bool
-	dockerErr    error
-	dnsErr       error
-	isoErr       error
-	keepers      sync.WaitGroup
+	// adopted are networks this host wrote to etcd a moment ago: the watch may still deliver
+	// a state from before, which must not make them look deleted.
+	adopted   map[string]adoptedNet
+	endpoints map[string]*endpoint // by Docker endpoint ID
+	sandboxes map[string]map[string]bool
+	dockerErr error
+	dnsErr    error
+	isoErr    error
+	// isoApplied and isoAt are what the isolation table last got and when: it is rewritten
+	// when the networks change, and once a minute in case someone flushed it.
+	isoApplied []isolated
+	isoAt      time.Time
+	keepers    sync.WaitGroup
 }
 
 type localNet struct {
@@ -133,6 +143,11 @@ type localNet struct {
 	stopKeep context.CancelFunc
 	dockerID string
 	problem  string
+}
+
+type adoptedNet struct {
+	rec subnetmgr.Network
+	at  time.Time
 }
 
 type pendingNet struct {
@@ -180,7 +195,7 @@ func New(o Options) (*Manager, error) {
 		kick:      make(chan struct{}, 1), changed: make(chan struct{}),
 		nets: map[string]*localNet{}, byID: map[string]string{}, pending: map[string]pendingNet{},
 		expectCreate: map[netip.Prefix]string{}, expectDelete: map[string]bool{}, tombstones: map[string]time.Time{},
-		endpoints: map[string]*endpoint{}, sandboxes: map[string]map[string]bool{},
+		adopted: map[string]adoptedNet{}, endpoints: map[string]*endpoint{}, sandboxes: map[string]map[string]bool{},
 	}, nil
 }
 
@@ -342,6 +357,11 @@ func (m *Manager) checkSubnetLocked(subnet netip.Prefix) error {
 			return fmt.Errorf("--subnet %s overlaps %s, a network being created on this host", subnet, p.subnet)
 		}
 	}
+	for _, a := range m.adopted {
+		if a.rec.Subnet.Overlaps(subnet) {
+			return fmt.Errorf("--subnet %s overlaps network %s (%s), created a moment ago", subnet, a.rec.Name, a.rec.Subnet)
+		}
+	}
 	if v := vniOf(subnet); v == ov.Backend.VNI || v == 0 {
 		return fmt.Errorf("--subnet %s: its VNI %d is the overlay's: pick another --subnet", subnet, v)
 	}
@@ -415,6 +435,16 @@ func (m *Manager) reconcile(ctx context.Context) {
 	}
 	m.gcLocked(time.Now())
 	state := m.state
+	if len(m.adopted) > 0 {
+		// Written here, not yet back from the watch: act on it as on any other.
+		nets := maps.Clone(state.Networks)
+		for name, a := range m.adopted {
+			if _, seen := nets[name]; !seen {
+				nets[name] = a.rec
+			}
+		}
+		state.Networks = nets
+	}
 	m.mu.Unlock()
 
 	dv, derr := m.docker.networks(ctx, DriverName)
@@ -439,6 +469,8 @@ func (m *Manager) reconcile(ctx context.Context) {
 		}
 		m.ensureLocal(ctx, rec, state.Blocks[rec.Name])
 	}
+	// Before Docker gets a new network: its first container must already be isolated.
+	m.isolate()
 	if dockerOK {
 		m.retire(ctx, state, dv)
 		m.syncDocker(ctx, state, dv)
@@ -466,6 +498,11 @@ func (m *Manager) gcLocked(now time.Time) {
 	for id, p := range m.pending {
 		if now.Sub(p.at) > pendingTTL {
 			delete(m.pending, id)
+		}
+	}
+	for name, a := range m.adopted {
+		if _, ok := m.state.Networks[name]; ok || now.Sub(a.at) > adoptedGrace {
+			delete(m.adopted, name)
 		}
 	}
 }
@@ -504,6 +541,7 @@ func (m *Manager) adoptPending(ctx context.Context, dv []dockerNetwork, state su
 			m.mu.Lock()
 			delete(m.pending, dn.ID)
 			m.byID[dn.ID] = dn.Name
+			m.adopted[got.Name] = adoptedNet{rec: got, at: time.Now()}
 			if m.state.Networks[got.Name].Name == "" {
 				// Until the watch brings it: the steps below act on it now.
 				nets := maps.Clone(state.Networks)
@@ -889,12 +927,19 @@ func (m *Manager) isolate() {
 	}
 	m.mu.Unlock()
 	slices.SortFunc(nets, func(a, b isolated) int { return a.VNI - b.VNI })
+	m.mu.Lock()
+	fresh := m.isoErr == nil && slices.Equal(nets, m.isoApplied) && time.Since(m.isoAt) < time.Minute
+	m.mu.Unlock()
+	if fresh {
+		return
+	}
 	conn, err := nftables.New()
 	if err == nil {
 		err = applyIsolation(conn, nets)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.isoApplied, m.isoAt = nets, time.Now()
 	if (err == nil) != (m.isoErr == nil) && err != nil {
 		m.log.Error("cannot install the isolation between networks; containers of different networks may reach each other through this host", "err", err)
 	}
