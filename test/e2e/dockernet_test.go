@@ -456,6 +456,33 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 			}
 		}
 	})
+	t.Run("xnetd teardown removes the networks' devices and isolation table", func(t *testing.T) {
+		ctx := dkCtx(t, 60*time.Second)
+		if _, err := hA.CLI(ctx, "network", "create", "-d", "xnet", "--ipam-driver", "xnet", "--subnet", "10.252.0.0/16", "green"); err != nil {
+			t.Fatal(err)
+		}
+		dnWaitNetwork(t, hB, "green", true, 15*time.Second)
+		n := nodes[1]
+		if err := n.proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		bridge := dockernet.BridgeName(dnNetworkStatus(t, n, "green").VNI)
+		// A stop leaves the datapath for the next start.
+		if links, _ := n.Run(ctx, "ip", "-o", "link", "show", bridge); !strings.Contains(links, bridge) {
+			t.Fatalf("%s: %s gone after a plain stop", n.Name, bridge)
+		}
+		out, err := n.Run(ctx, n.bin, append(append([]string{"teardown"}, n.XnetdArgs()...), n.extra...)...)
+		if err != nil {
+			t.Fatalf("xnetd teardown: %v\n%s", err, out)
+		}
+		t.Logf("xnetd teardown on %s:\n%s", n.Name, out)
+		if links, _ := n.Run(ctx, "ip", "-o", "link", "show"); strings.Contains(links, "xnbr.") || strings.Contains(links, "xnet.") {
+			t.Errorf("%s: network devices left after teardown:\n%s", n.Name, links)
+		}
+		if tables, _ := n.Run(ctx, "nft", "list", "tables"); strings.Contains(tables, dockernet.IsolationTable) {
+			t.Errorf("%s: isolation table left after teardown:\n%s", n.Name, tables)
+		}
+	})
 	t.Logf("%s: %v in all", t.Name(), time.Since(begin).Round(time.Millisecond))
 }
 
