@@ -162,7 +162,13 @@ type endpoint struct {
 	ip          netip.Addr
 	mac         net.HardwareAddr
 	sandbox     string
+	created     time.Time
 }
+
+// staleEndpointAge: an endpoint Docker has not shown on its network for this long after we
+// saw it created is forgotten (dockerd died without telling us it was deleted). Younger ones
+// may simply not be attached yet.
+const staleEndpointAge = time.Minute
 
 // New checks the options; nothing happens until Run.
 func New(o Options) (*Manager, error) {
@@ -475,6 +481,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 		m.retire(ctx, state, dv)
 		m.syncDocker(ctx, state, dv)
 		m.publishEndpoints(ctx, state, dv)
+		m.forgetStaleEndpoints(dv, time.Now())
 		m.finishRemovals(ctx, state, dv)
 	}
 	m.isolate()
@@ -848,7 +855,7 @@ func (m *Manager) publishEndpoints(ctx context.Context, state subnetmgr.NetworkS
 				continue
 			}
 			m.mu.Lock()
-			m.endpoints[a.EndpointID] = &endpoint{id: a.EndpointID, network: dn.Name, ip: a.IP, mac: containerMAC(a.IP), sandbox: sandbox}
+			m.endpoints[a.EndpointID] = &endpoint{id: a.EndpointID, network: dn.Name, ip: a.IP, mac: containerMAC(a.IP), sandbox: sandbox, created: time.Now()}
 			if m.sandboxes[sandbox] == nil {
 				m.sandboxes[sandbox] = map[string]bool{}
 			}
@@ -884,6 +891,31 @@ func (m *Manager) publishEndpoints(ctx context.Context, state subnetmgr.NetworkS
 			}
 			if err := m.o.Etcd.DeleteNetworkEndpoint(ctx, dn.Name, ip); err != nil {
 				m.log.Warn("cannot unpublish a container that left", "network", dn.Name, "ip", ip, "err", err)
+			}
+		}
+	}
+}
+
+// forgetStaleEndpoints drops endpoints (and their sandboxes) that Docker no longer shows on
+// any of its xnet networks, so the resolver does not take a dead container for an asker.
+func (m *Manager) forgetStaleEndpoints(dv []dockerNetwork, now time.Time) {
+	seen := map[string]bool{}
+	for _, dn := range dv {
+		for _, a := range dn.Containers {
+			seen[a.EndpointID] = true
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for id, ep := range m.endpoints {
+		if seen[id] || now.Sub(ep.created) < staleEndpointAge {
+			continue
+		}
+		delete(m.endpoints, id)
+		if ep.sandbox != "" {
+			delete(m.sandboxes[ep.sandbox], id)
+			if len(m.sandboxes[ep.sandbox]) == 0 {
+				delete(m.sandboxes, ep.sandbox)
 			}
 		}
 	}

@@ -228,7 +228,7 @@ func (m *Manager) createEndpoint(_ context.Context, req createEndpointRequest) (
 	if rec, ok := m.state.Networks[ln.rec.Name]; ok && rec.Removing {
 		return createEndpointResponse{}, fmt.Errorf("network %s is being removed (docker network rm on another host): no new container may join", ln.rec.Name)
 	}
-	ep := &endpoint{id: req.EndpointID, network: ln.rec.Name, ip: p.Addr(), mac: containerMAC(p.Addr())}
+	ep := &endpoint{id: req.EndpointID, network: ln.rec.Name, ip: p.Addr(), mac: containerMAC(p.Addr()), created: time.Now()}
 	var resp createEndpointResponse
 	if req.Interface.MacAddress != "" {
 		if ep.mac, err = net.ParseMAC(req.Interface.MacAddress); err != nil {
