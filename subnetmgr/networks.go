@@ -119,6 +119,8 @@ func (n Network) BlockPool() Pool {
 		Len:     n.BlockLen,
 		Min:     u32ToAddr(first + step),
 		Max:     netip.PrefixFrom(LastAddr(n.Subnet), n.BlockLen).Masked().Addr(),
+		FullHint: "every block of the network is held by a host: create the network with a larger --subnet " +
+			"or a longer -o xnet.block-len, or delete the blocks of hosts that are gone",
 	}
 }
 

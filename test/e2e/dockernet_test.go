@@ -232,6 +232,56 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		}
 	})
 
+	t.Run("a name taken elsewhere with other settings loses right after docker network create", func(t *testing.T) {
+		// Docker names a new network to its driver only after creating it, so this conflict
+		// cannot go back through Docker's create. Make it certain: a network cyan in etcd that
+		// no host can set up (every block reserved by a host that does not exist), then the
+		// same name with another subnet on host 1.
+		rec := `{"Subnet":"10.253.0.0/24","VNI":720128,"Port":8473,"BlockLen":26}`
+		xdPut(t, topo, subnetmgr.NetworkKey(xdPrefix, "cyan"), rec)
+		for _, b := range []string{"10.253.0.64", "10.253.0.128", "10.253.0.192"} {
+			xdPut(t, topo, subnetmgr.PoolKey(xdPrefix, subnetmgr.NetworkBlocksDirOf("cyan"), netip.MustParsePrefix(b+"/26")),
+				`{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":720128,"VtepMAC":"0e:78:c6:12:00:63"}}`)
+		}
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_, _ = topo.EtcdClient().Delete(ctx, subnetmgr.NetworkKey(xdPrefix, "cyan"))
+			_, _ = topo.EtcdClient().Delete(ctx, subnetmgr.PoolPrefix(xdPrefix, subnetmgr.NetworkBlocksDirOf("cyan")), clientv3.WithPrefix())
+		})
+		for start := time.Now(); ; time.Sleep(200 * time.Millisecond) {
+			var s dnStatus
+			nodes[0].statusInto(t, &s)
+			var cyan *dockernet.NetworkStatus
+			for i := range s.DockerNetworks.Networks {
+				if s.DockerNetworks.Networks[i].Name == "cyan" {
+					cyan = &s.DockerNetworks.Networks[i]
+				}
+			}
+			if cyan != nil && strings.Contains(cyan.Problem, "no block") {
+				t.Logf("cyan on %s: %s: %s", nodes[0].Name, cyan.State, cyan.Problem)
+				break
+			}
+			if time.Since(start) > 15*time.Second {
+				t.Fatalf("cyan on %s: %+v after 15 s; want a problem saying there is no block", nodes[0].Name, cyan)
+			}
+		}
+		if _, err := hA.CLI(dkCtx(t, 30*time.Second), "network", "create", "-d", "xnet", "--ipam-driver", "xnet", "--subnet", "10.254.0.0/16", "cyan"); err != nil {
+			t.Fatalf("docker network create cyan with another subnet: %v (it cannot know the name yet, so it succeeds)", err)
+		}
+		dnWaitNetwork(t, hA, "cyan", false, 15*time.Second)
+		if log := nodes[0].proc.Output(); !strings.Contains(log, "lost to another host's network") || !strings.Contains(log, "network cyan exists with subnet 10.253.0.0/24") {
+			t.Errorf("xnetd on %s did not say why cyan was removed again", nodes[0].Name)
+		}
+		var s dnStatus
+		nodes[0].statusInto(t, &s)
+		for _, n := range s.DockerNetworks.Networks {
+			if n.Subnet == netip.MustParsePrefix("10.254.0.0/16") {
+				t.Errorf("the losing cyan (10.254.0.0/16) is still known: %+v", n)
+			}
+		}
+	})
+
 	r1, b1 := dnRun(t, hA, "r1", "red"), dnRun(t, hA, "b1", "blue")
 	r2, b2, rb := dnRun(t, hB, "r2", "red"), dnRun(t, hB, "b2", "blue"), dnRun(t, hB, "rb", "red")
 	if _, err := hB.CLI(dkCtx(t, 30*time.Second), "network", "connect", "blue", "rb"); err != nil {
