@@ -391,6 +391,9 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		if err != nil || !strings.Contains(out, "docker networks (2)") || !strings.Contains(out, "rb="+ip["rb/red"].String()) {
 			t.Errorf("xnetd status text lacks the docker networks section: %v\n%s", err, out)
 		}
+		if i := strings.Index(out, "docker networks"); i >= 0 {
+			t.Logf("xnetd status on %s, its last section:\n%s", nodes[1].Name, out[i:])
+		}
 	})
 
 	t.Run("kill -9 and restart of xnetd on both hosts under a 50 ms ping on a network loses nothing", func(t *testing.T) {
