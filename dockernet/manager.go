@@ -141,6 +141,7 @@ type localNet struct {
 	peers    map[netip.Prefix]subnetmgr.Lease
 	alloc    *allocator
 	stopKeep context.CancelFunc
+	keepDone chan struct{}
 	dockerID string
 	problem  string
 }
@@ -668,10 +669,12 @@ func (m *Manager) setProblem(ln *localNet, p string) {
 // containers on the old block are cut off, which is logged.
 func (m *Manager) startKeeper(ln *localNet, rec subnetmgr.Network, attrs subnetmgr.LeaseAttrs, block subnetmgr.Lease) {
 	kctx, cancel := context.WithCancel(m.runCtx)
+	done := make(chan struct{})
 	m.mu.Lock()
-	ln.stopKeep = cancel
+	ln.stopKeep, ln.keepDone = cancel, done
 	m.mu.Unlock()
 	m.keepers.Go(func() {
+		defer close(done)
 		_ = m.o.Etcd.KeepPoolLease(kctx, rec.BlockPool(), attrs, block, m.o.RenewMargin, func(l subnetmgr.Lease) {
 			m.mu.Lock()
 			if l.Subnet != ln.block.Subnet {
@@ -701,7 +704,9 @@ func (m *Manager) teardownLocal(ctx context.Context, name string) {
 		return
 	}
 	if ln.stopKeep != nil {
+		// Wait for it: a renewal still in flight would create the key again after the release.
 		ln.stopKeep()
+		<-ln.keepDone
 	}
 	if ln.block.Subnet.IsValid() {
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
