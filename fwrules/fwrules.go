@@ -5,7 +5,7 @@
 // It owns two chains and one jump to each, in the iptables variant (iptables-nft or
 // iptables-legacy) that holds Docker's rules:
 //
-//	filter XNET-FWD:      -s <Network> -j ACCEPT; -d <Network> -j ACCEPT
+//	filter XNET-FWD:      -s <Network> -j ACCEPT; -d <Network> -j ACCEPT (and -i/-o <pattern> -j ACCEPT per AcceptInterfaces)
 //	       FORWARD:       -j XNET-FWD, after Docker's jumps to DOCKER-USER and DOCKER-ISOLATION-STAGE-1
 //	nat    XNET-POSTRTG:  -s <Network> -d <Network> -j ACCEPT
 //	       POSTROUTING:   -j XNET-POSTRTG, before every MASQUERADE or SNAT rule
@@ -85,6 +85,16 @@ var (
 type Rules struct {
 	network netip.Prefix
 	log     *slog.Logger
+	// ifaces are interface patterns whose forwarded traffic XNET-FWD also accepts.
+	ifaces []string
+}
+
+// AcceptInterfaces makes XNET-FWD also accept what is forwarded into or out of interfaces
+// matching patterns (iptables' -i syntax: "xnbr.+"): the bridges of xnet's Docker networks
+// (package dockernet), whose isolation from each other is enforced by their own table. Call
+// it before Ensure and Keep.
+func (r *Rules) AcceptInterfaces(patterns ...string) {
+	r.ifaces = append(r.ifaces, patterns...)
 }
 
 // New checks network (an IPv4 prefix) and returns its rules; nothing is installed yet.
@@ -281,6 +291,9 @@ func (r *Rules) plan(rs ruleset) []batch {
 	n := r.network.String()
 	var out []batch
 	fwd := []string{"-s " + n + " -j ACCEPT", "-d " + n + " -j ACCEPT"}
+	for _, p := range r.ifaces {
+		fwd = append(fwd, "-i "+p+" -j ACCEPT", "-o "+p+" -j ACCEPT")
+	}
 	if b, ok := rs.table("filter").repair(ForwardChain, fwd, "FORWARD", jumpSpec(forwardComment, ForwardChain), jumpAfter(forwardAfter)); ok {
 		out = append(out, b)
 	}

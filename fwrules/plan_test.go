@@ -216,3 +216,28 @@ func TestParseSaveRejectsWhatIsNotIptablesSave(t *testing.T) {
 		t.Errorf("our own rules count as %d foreign ones", n)
 	}
 }
+
+func TestPlanAcceptsDockerNetworkBridgesWhenAsked(t *testing.T) {
+	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.AcceptInterfaces("xnbr.+")
+	rs, err := parseSave(withOurs())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := r.plan(rs)
+	want := "*filter\n" + oursFilterChain + "-A XNET-FWD -i xnbr.+ -j ACCEPT\n-A XNET-FWD -o xnbr.+ -j ACCEPT\nCOMMIT\n"
+	if len(got) != 1 || got[0].text != want {
+		t.Fatalf("plan = %v, want one batch rewriting XNET-FWD:\n%s", got, want)
+	}
+	// Written as iptables-save prints it, the chain then compares equal: nothing more to do.
+	after := strings.Replace(withOurs(), oursFilterChain, oursFilterChain+"-A XNET-FWD -i xnbr.+ -j ACCEPT\n-A XNET-FWD -o xnbr.+ -j ACCEPT\n", 1)
+	if rs, err = parseSave(after); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.plan(rs); len(got) != 0 {
+		t.Errorf("plan after the rewrite = %v, want nothing", got)
+	}
+}

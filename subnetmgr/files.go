@@ -34,7 +34,11 @@ func WriteDockerOpts(path string, f SubnetFile) error {
 	if err := f.check(); err != nil {
 		return fmt.Errorf("write docker options file %s: %w", path, err)
 	}
-	line := fmt.Sprintf("DOCKER_NETWORK_OPTIONS=\" --bip=%s --ip-masq=%t --mtu=%d\"\n", GatewayOf(f.Subnet), !f.IPMasq, f.MTU)
+	dns := ""
+	if f.DNS.IsValid() {
+		dns = " --dns=" + f.DNS.String()
+	}
+	line := fmt.Sprintf("DOCKER_NETWORK_OPTIONS=\" --bip=%s --ip-masq=%t --mtu=%d%s\"\n", GatewayOf(f.Subnet), !f.IPMasq, f.MTU, dns)
 	return writeFileAtomic(path, []byte(line))
 }
 

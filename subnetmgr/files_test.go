@@ -106,16 +106,21 @@ func TestWriteDockerOpts(t *testing.T) {
 	for _, tc := range []struct {
 		desc   string
 		ipMasq bool
+		dns    string
 		want   string
 	}{
 		// mk-docker-opts.sh: when flanneld masquerades, Docker must not do it a second time.
-		{"xnetd masquerades, so Docker does not", true, `DOCKER_NETWORK_OPTIONS=" --bip=10.244.5.1/24 --ip-masq=false --mtu=1450"` + "\n"},
-		{"xnetd does not masquerade, so Docker does", false, `DOCKER_NETWORK_OPTIONS=" --bip=10.244.5.1/24 --ip-masq=true --mtu=1450"` + "\n"},
+		{"xnetd masquerades, so Docker does not", true, "", `DOCKER_NETWORK_OPTIONS=" --bip=10.244.5.1/24 --ip-masq=false --mtu=1450"` + "\n"},
+		{"xnetd does not masquerade, so Docker does", false, "", `DOCKER_NETWORK_OPTIONS=" --bip=10.244.5.1/24 --ip-masq=true --mtu=1450"` + "\n"},
+		{"xnetd resolves Docker networks' names", false, "10.244.5.1", `DOCKER_NETWORK_OPTIONS=" --bip=10.244.5.1/24 --ip-masq=true --mtu=1450 --dns=10.244.5.1"` + "\n"},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "docker")
 			f := testSubnetFile
 			f.IPMasq = tc.ipMasq
+			if tc.dns != "" {
+				f.DNS = netip.MustParseAddr(tc.dns)
+			}
 			if err := WriteDockerOpts(path, f); err != nil {
 				t.Fatal(err)
 			}

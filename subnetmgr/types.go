@@ -121,4 +121,7 @@ type SubnetFile struct {
 	Subnet  netip.Prefix // our lease; files show its first host address as gateway (10.244.5.1/24)
 	MTU     int
 	IPMasq  bool
+	// DNS, when valid, is given to Docker as --dns: the resolver of xnet's Docker networks
+	// (package dockernet), so Docker's embedded DNS forwards it the names it does not know.
+	DNS netip.Addr
 }

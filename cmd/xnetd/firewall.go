@@ -26,6 +26,9 @@ func (d *daemonRun) startForwardRules(ctx context.Context) (stop func(), err err
 	if err != nil {
 		return nil, fmt.Errorf("--iptables-forward-rules: %w", err)
 	}
+	if d.o.dockerNetworks {
+		r.AcceptInterfaces(dockerNetworkBridges)
+	}
 	rep, err := r.Ensure(ctx)
 	if err != nil && ctx.Err() != nil {
 		return func() {}, nil // stopping anyway: serve sees ctx end next

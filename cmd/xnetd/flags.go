@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/xnet-dev/xnet/dockernet"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -55,6 +56,11 @@ type options struct {
 	// iptablesForwardRules keeps the overlay forwarded and unmasqueraded in the iptables
 	// chains Docker uses (package fwrules).
 	iptablesForwardRules bool
+
+	// dockerNetworks serves the Docker network and IPAM driver "xnet" (package dockernet).
+	dockerNetworks     bool
+	dockerPluginSocket string
+	dockerSocket       string
 }
 
 // usageError is a bad flag, environment variable or config: xnetd prints its one line and exits
@@ -137,6 +143,9 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&o.bpffs, "bpffs", "/sys/fs/bpf/xnet", "pin directory of the ebpf backend's maps and links")
 	fs.BoolVar(&o.macvlan, "macvlan", false, "lease a macvlan range for Docker and fail when the config has no Macvlan section (default: lease one only when the config has it)")
 	fs.StringVar(&o.macvlanFile, "macvlan-file", macvlan.DefaultFile, "where to write this host's macvlan range and its docker network create arguments")
+	fs.BoolVar(&o.dockerNetworks, "docker-networks", false, "serve the Docker network and IPAM driver \"xnet\": docker network create -d xnet --ipam-driver xnet makes a network of every host")
+	fs.StringVar(&o.dockerPluginSocket, "docker-plugin-socket", dockernet.DefaultPluginSocket, "where dockerd finds the xnet plugin (in its plugins directory)")
+	fs.StringVar(&o.dockerSocket, "docker-socket", dockernet.DefaultDockerSocket, "this host's Docker API, where xnetd creates the cluster's networks")
 	fs.BoolVar(&o.teardownOnExit, "teardown-on-exit", false, "remove the datapath when stopping (default: leave it forwarding for the next start)")
 	fs.StringVar(&r.logLevel, "log-level", "info", "debug|info|warn|error")
 	return fs, r
@@ -230,7 +239,7 @@ func (r *rawFlags) validate(backendNames []string) (options, error) {
 	}
 	for _, f := range []struct{ flag, path string }{
 		{"subnet-file", o.subnetFile}, {"docker-opts-file", o.dockerOptsFile}, {"state-file", o.stateFile}, {"bpffs", o.bpffs},
-		{"macvlan-file", o.macvlanFile},
+		{"macvlan-file", o.macvlanFile}, {"docker-plugin-socket", o.dockerPluginSocket}, {"docker-socket", o.dockerSocket},
 	} {
 		if f.path == "" || !filepath.IsAbs(f.path) {
 			return o, usagef("--%s %q must be an absolute path", f.flag, f.path)

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/dockernet"
 	"github.com/xnet-dev/xnet/ipmasq"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/metrics"
@@ -55,6 +56,8 @@ type daemonRun struct {
 	removalTimer *time.Timer
 	// health probes the peers (health.go); nil before serve.
 	health *healthProbes
+	// dnet serves the xnet Docker networks (--docker-networks); nil without them.
+	dnet *dockernet.Manager
 }
 
 // runDaemon is `xnetd run`. Until the backend's Setup, every failure is a usageError (exit 2)
@@ -254,7 +257,7 @@ func (d *daemonRun) acquireSubnet(ctx context.Context, attrs subnetmgr.LeaseAttr
 // events and renewals until ctx ends or something fatal happens.
 func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error {
 	b := d.chosen.b
-	sf := subnetmgr.SubnetFile{Network: d.cfg.Network, Subnet: d.lease.Subnet, MTU: b.MTU(), IPMasq: d.o.ipMasq}
+	sf := subnetmgr.SubnetFile{Network: d.cfg.Network, Subnet: d.lease.Subnet, MTU: b.MTU(), IPMasq: d.o.ipMasq, DNS: d.dockerNetworksDNS()}
 	if err := subnetmgr.WriteSubnetFile(d.o.subnetFile, sf); err != nil {
 		return &fatalError{fmt.Errorf("--subnet-file: %w", err)}
 	}
@@ -287,6 +290,11 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	defer func() { keep.stop() }()
 	mvLeases, mvDone := d.keepMacvlan(loopCtx)
 	hostRouting := d.watchHostRouting(loopCtx, b)
+	stopDockerNetworks, dockerNetworksChanged, err := d.startDockerNetworks(loopCtx)
+	if err != nil {
+		return &fatalError{err}
+	}
+	defer func() { stopDockerNetworks(d.o.teardownOnExit) }()
 
 	for {
 		select {
@@ -354,6 +362,8 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			d.applyHostRouting(b, c)
 		case <-d.stateTimer.C:
 			d.writeState()
+		case <-dockerNetworksChanged:
+			d.stateChanged()
 		case <-d.removalTimer.C:
 			removed := d.peers.removeDue(time.Now())
 			d.armRemovals(d.peers.nextRemoval())
@@ -537,6 +547,7 @@ func (d *daemonRun) writeState() {
 		s.Peers = d.peers.list()
 		s.Conflicts = d.peers.conflictList()
 	}
+	s.DockerNetworks = d.dockerNetworksStatus()
 	if err := writeState(d.o.stateFile, s); err != nil {
 		d.log.Warn("state file not updated", "state_file", d.o.stateFile, "err", err)
 	}

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/xnet-dev/xnet/dockernet"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -42,6 +43,8 @@ type state struct {
 	SubnetFile     string          `json:"subnet_file"`
 	DockerOptsFile string          `json:"docker_opts_file"`
 	BPFFS          string          `json:"bpffs"`
+	// DockerNetworks are the xnet Docker networks (nil without --docker-networks).
+	DockerNetworks *dockernet.Status `json:"docker_networks,omitempty"`
 }
 
 // leaseState is one lease as status shows it.

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend/ebpf"
+	"github.com/xnet-dev/xnet/dockernet"
 	"github.com/xnet-dev/xnet/health"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/maps"
@@ -59,6 +60,8 @@ type statusReport struct {
 	// Routes are the datapath's routes into the overlay Network on this host right now: the
 	// kernel's, and the BPF routes map's for ebpf.
 	Routes []string `json:"routes"`
+	// DockerNetworks are the xnet Docker networks (absent without --docker-networks).
+	DockerNetworks *dockernet.Status `json:"docker_networks,omitempty"`
 }
 
 // peerStatus is one peer with its live counters (nil when the backend keeps none).
@@ -128,7 +131,7 @@ func buildStatus(ctx context.Context, st state) statusReport {
 		PID: st.PID, Version: st.Version, StateUpdatedAt: st.UpdatedAt,
 		Backend: st.Backend, Mode: st.Mode, ModeReason: st.ModeReason, SkippedBackends: st.SkippedBackends,
 		Iface: st.Iface, PublicIP: st.PublicIP, Network: st.Config.Network, IPMasq: st.IPMasq, Lease: st.Lease,
-		Macvlan: st.Macvlan, Conflicts: st.Conflicts,
+		Macvlan: st.Macvlan, Conflicts: st.Conflicts, DockerNetworks: st.DockerNetworks,
 	}
 	alive, why := daemonAlive(st.PID)
 	rep.Running = alive
@@ -365,6 +368,7 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 	if len(rep.Drops) > 0 {
 		fmt.Fprintf(w, "drops:    %s\n", joinCounts(rep.Drops))
 	}
+	printDockerNetworks(w, rep.DockerNetworks)
 }
 
 func num(v *uint64) string {

@@ -74,6 +74,9 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 	if err := teardownForwardRules(stdout); err != nil {
 		errs = append(errs, err)
 	}
+	if err := teardownDockerNetworks(o, stdout); err != nil {
+		errs = append(errs, err)
+	}
 	if conn, err := nftables.New(); err == nil {
 		if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
 			errs = append(errs, err)

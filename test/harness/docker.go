@@ -26,7 +26,9 @@ package harness
 // appear in the machine's mount table, and they vanish with the last process of that mount
 // namespace even if cleanup never runs. A few paths are fixed inside Docker and containerd
 // whatever the flags say (/run/docker/plugins, /run/containerd/s for shim sockets): a private
-// tmpfs on /run holds them. Before that, the copy of the machine's mount table that the new
+// tmpfs on /run holds them; the host's DockerPluginDir is bound onto /run/docker/plugins in it, so
+// a plugin (xnetd's network driver) listening there is found by this dockerd and by no other,
+// and the machine's own /run/docker is never touched. Before that, the copy of the machine's mount table that the new
 // mount namespace starts with is stripped of nsfs and bpffs mounts, which would otherwise keep
 // other tests' network namespaces and BPF pins alive for as long as this dockerd runs.
 //
@@ -164,16 +166,24 @@ type DockerContainer struct {
 	Docker *Docker
 	Name   string
 	ID     string
-	IP     netip.Addr // on docker0
+	IP     netip.Addr // on docker0, or on the network it was started on
 	Pid    int        // of the container's first process, in the machine's pid namespace
 }
 
 func (d *Docker) dataRoot() string   { return filepath.Join(d.Dir, "data") }
 func (d *Docker) execRoot() string   { return filepath.Join(d.Dir, "exec") }
-func (d *Docker) Socket() string     { return filepath.Join(d.Dir, "docker.sock") }
+func (d *Docker) Socket() string     { return d.Host.DockerSocket() }
 func (d *Docker) pidFile() string    { return filepath.Join(d.Dir, "docker.pid") }
 func (d *Docker) configFile() string { return filepath.Join(d.Dir, "daemon.json") }
 func (d *Docker) cliConfig() string  { return filepath.Join(d.Dir, "cli") }
+
+// DockerSocket is where the Docker of this host answers its API (once StartDocker ran): known
+// before it starts, so xnetd can be told where to reach it.
+func (h *Host) DockerSocket() string { return filepath.Join(h.StateDir, "dockerd", "docker.sock") }
+
+// DockerPluginDir is what the Docker of this host sees as /run/docker/plugins, the directory
+// where dockerd looks for plugin sockets (<name>.sock). It exists once StartDocker ran.
+func (h *Host) DockerPluginDir() string { return filepath.Join(h.StateDir, "docker-plugins") }
 
 // ReadDockerOpts reads the options out of a DOCKER_NETWORK_OPTIONS file as systemd does for
 // `EnvironmentFile=` and an unquoted $DOCKER_NETWORK_OPTIONS in ExecStart: the value without its
@@ -248,7 +258,7 @@ func (h *Host) StartDocker(ctx context.Context, networkOptions ...string) (*Dock
 	}
 	// A crashed run with the same id may have left its cgroups.
 	_ = removeCgroups(d.cgroupParent)
-	for _, dir := range []string{d.dataRoot(), d.execRoot(), d.cliConfig()} {
+	for _, dir := range []string{d.dataRoot(), d.execRoot(), d.cliConfig(), h.DockerPluginDir()} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("harness: %w", err)
 		}
@@ -286,6 +296,8 @@ func (h *Host) StartDocker(ctx context.Context, networkOptions ...string) (*Dock
 const dockerdScript = `set -e
 findmnt -rn -t nsfs,bpf -o TARGET | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 mount -t tmpfs -o mode=0755 xnet-docker-run /run
+mkdir -p /run/docker/plugins
+mount --bind "$XNET_DOCKER_PLUGIN_DIR" /run/docker/plugins
 exec "$@"`
 
 func (d *Docker) start(ctx context.Context, driver string) error {
@@ -301,7 +313,7 @@ func (d *Docker) start(ctx context.Context, driver string) error {
 	args = append(args, d.NetworkOptions...)
 	full := append([]string{"--mount", "--propagation", "private", "--", "sh", "-c", dockerdScript, "sh", DockerdPath}, args...)
 	cmd := d.Host.command("unshare", full...)
-	cmd.Env = []string{"PATH=" + dockerPATH}
+	cmd.Env = []string{"PATH=" + dockerPATH, "XNET_DOCKER_PLUGIN_DIR=" + d.Host.DockerPluginDir()}
 	begin := time.Now()
 	p, err := d.Host.startCmd(cmd)
 	if err != nil {
@@ -456,16 +468,23 @@ func (d *Docker) RunWith(ctx context.Context, name string, flags []string, comma
 	d.mu.Lock()
 	d.containers = append(d.containers, c)
 	d.mu.Unlock()
-	out, err = d.CLI(ctx, "inspect", "-f", "{{.State.Pid}} {{.NetworkSettings.IPAddress}}", c.ID)
+	// The docker0 address, else (a container started on another network) that network's.
+	out, err = d.CLI(ctx, "inspect", "-f", "{{.State.Pid}} {{.NetworkSettings.IPAddress}}{{range .NetworkSettings.Networks}} {{.IPAddress}}{{end}}", c.ID)
 	if err != nil {
 		return nil, fmt.Errorf("harness: %w", err)
 	}
-	var ip string
-	if _, err := fmt.Sscan(out, &c.Pid, &ip); err != nil || c.Pid == 0 {
-		return nil, fmt.Errorf("harness: container %s on %s: inspect says %q (%v)", name, d.Host.Name, out, err)
+	fields := strings.Fields(out)
+	if len(fields) > 0 {
+		c.Pid, _ = strconv.Atoi(fields[0])
 	}
-	if c.IP, err = netip.ParseAddr(ip); err != nil {
-		return nil, fmt.Errorf("harness: container %s on %s has no address on docker0: inspect says %q", name, d.Host.Name, out)
+	if c.Pid == 0 {
+		return nil, fmt.Errorf("harness: container %s on %s: inspect says %q", name, d.Host.Name, out)
+	}
+	if len(fields) < 2 {
+		return nil, fmt.Errorf("harness: container %s on %s has no address: inspect says %q", name, d.Host.Name, out)
+	}
+	if c.IP, err = netip.ParseAddr(fields[1]); err != nil {
+		return nil, fmt.Errorf("harness: container %s on %s: inspect says %q: %w", name, d.Host.Name, out, err)
 	}
 	ns := &Namespace{Name: d.Host.topo.nsName(role), topo: d.Host.topo}
 	d.Host.topo.mu.Lock()
