@@ -46,7 +46,8 @@
 // default gateway from us, so Docker attaches them to docker_gwbridge for the rest of the world,
 // as it does for its own overlay. A network's VNI is the top 24 bits of its subnet (networks are
 // /24 or larger and never overlap, so VNIs never collide), and its UDP port is the overlay's
-// port + 1 (8473), so its packets never meet the overlay's datapath, whichever backend that is.
+// port + 2 (8474; 8473 is the health probes'), so its packets never meet the overlay's datapath,
+// whichever backend that is.
 //
 // Isolation: because blocks are routed by the host, a container could reach another network
 // through any forwarding path of the host (docker_gwbridge forwards anywhere). An nftables

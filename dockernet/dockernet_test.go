@@ -153,7 +153,7 @@ func call(t *testing.T, h http.Handler, path string, req any) map[string]any {
 }
 
 func TestPluginRefusesBadNetworksThroughBothErrorFields(t *testing.T) {
-	red := subnetmgr.Network{Name: "red", Subnet: netip.MustParsePrefix("10.250.0.0/16"), VNI: 0x0afa00, Port: 8473, BlockLen: 24}
+	red := subnetmgr.Network{Name: "red", Subnet: netip.MustParsePrefix("10.250.0.0/16"), VNI: 0x0afa00, Port: 8474, BlockLen: 24}
 	m := testManager(t, subnetmgr.NetworkState{Networks: map[string]subnetmgr.Network{"red": red}})
 	h := m.handler()
 	if got := call(t, h, "/Plugin.Activate", nil); jsonString(got["Implements"]) != `["NetworkDriver","IpamDriver"]` {

@@ -74,7 +74,7 @@ const (
 type Options struct {
 	Etcd *subnetmgr.Manager
 	// Overlay is the overlay's config: no network may overlap its Network; networks' VXLAN
-	// port is its Backend.Port + 1.
+	// port is its Backend.Port + 2 (Backend.Port + 1, 8473 by default, is the health probes').
 	Overlay subnetmgr.Config
 	Iface   backend.ExternalInterface
 	// PluginSocket is where dockerd finds the plugin (<plugins dir>/xnet.sock).
@@ -188,9 +188,9 @@ func New(o Options) (*Manager, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	port := o.Overlay.Backend.Port + 1
+	port := o.Overlay.Backend.Port + 2
 	if port > 65535 {
-		port = o.Overlay.Backend.Port - 1
+		port = o.Overlay.Backend.Port - 2
 	}
 	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {

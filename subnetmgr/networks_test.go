@@ -16,7 +16,7 @@ import (
 
 func testNetwork(name, subnet string) Network {
 	p := netip.MustParsePrefix(subnet)
-	return Network{Name: name, Subnet: p, VNI: int(addrToU32(p.Addr()) >> 8), Port: 8473, BlockLen: 24, Options: map[string]string{}}
+	return Network{Name: name, Subnet: p, VNI: int(addrToU32(p.Addr()) >> 8), Port: 8474, BlockLen: 24, Options: map[string]string{}}
 }
 
 func TestNetworkKeysAndRecordsRoundTrip(t *testing.T) {

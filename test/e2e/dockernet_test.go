@@ -237,7 +237,7 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		// cannot go back through Docker's create. Make it certain: a network cyan in etcd that
 		// no host can set up (every block reserved by a host that does not exist), then the
 		// same name with another subnet on host 1.
-		rec := `{"Subnet":"10.253.0.0/24","VNI":720128,"Port":8473,"BlockLen":26}`
+		rec := `{"Subnet":"10.253.0.0/24","VNI":720128,"Port":8474,"BlockLen":26}`
 		xdPut(t, topo, subnetmgr.NetworkKey(xdPrefix, "cyan"), rec)
 		for _, b := range []string{"10.253.0.64", "10.253.0.128", "10.253.0.192"} {
 			xdPut(t, topo, subnetmgr.PoolKey(xdPrefix, subnetmgr.NetworkBlocksDirOf("cyan"), netip.MustParsePrefix(b+"/26")),
