@@ -7,12 +7,14 @@ package wireguard
 // replayed datagrams) are test/e2e's.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -376,5 +378,48 @@ func TestKernelDatapath(t *testing.T) {
 	}
 	if !reaches(t, a, b) {
 		t.Error("traffic stopped with xnetd on a kernel WireGuard host")
+	}
+}
+
+// TestHandshakesThatCrossDoNotStallTraffic: with a keepalive interval both hosts start a
+// handshake the moment they add each other, which xnetd does on both at once; WireGuard alone
+// then stalls for its 5 s retransmission whenever the two initiations cross. Each round adds
+// the peers on both hosts at the same moment and wants traffic both ways well before that.
+func TestHandshakesThatCrossDoNotStallTraffic(t *testing.T) {
+	nodes := startNodes(t, 2, testConfig(t, `{"Type":"wireguard","PersistentKeepaliveInterval":25}`), DatapathEmbedded)
+	a, b := nodes[0], nodes[1]
+	for round := range 8 {
+		for _, n := range nodes {
+			for _, p := range nodes {
+				if err := n.b.RemovePeer(p.lease); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		start := time.Now()
+		var wg sync.WaitGroup
+		for _, pair := range [][2]*testNode{{a, b}, {b, a}} {
+			wg.Go(func() {
+				if err := pair[0].b.AddPeer(pair[1].lease); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		for _, pair := range [][2]*testNode{{a, b}, {b, a}} {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+				defer cancel()
+				for ctx.Err() == nil {
+					if _, got, _ := harness.Ping(ctx, pair[0].container().Namespace, pair[1].container().IP, 1, 0); got > 0 {
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if took := time.Since(start); took > 2*time.Second {
+			t.Errorf("round %d: traffic both ways took %v after both hosts added each other", round, took)
+		}
 	}
 }

@@ -30,8 +30,8 @@ type wgDevice interface {
 type userDevice struct {
 	dev *device.Device
 	mu  sync.Mutex
-	// restarted is when restartHandshake last restarted each peer's handshake.
-	restarted map[wgtypes.Key]time.Time
+	// restarted is when restartHandshake restarted a peer's handshake, within the last second.
+	restarted map[*device.Peer]time.Time
 	// offload says the TUN hands over TCP segments of up to 64 KB (IFF_VNET_HDR), which
 	// wireguard-go cuts itself and sends with UDP GSO: a large share of the throughput.
 	offload bool
@@ -59,7 +59,7 @@ func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, crossed func(ne
 		return nil, err
 	}
 	bind := &nsBind{Bind: conn.NewStdNetBind(), ns: ns}
-	u := &userDevice{offload: tdev.BatchSize() > 1, restarted: map[wgtypes.Key]time.Time{}}
+	u := &userDevice{offload: tdev.BatchSize() > 1, restarted: map[*device.Peer]time.Time{}}
 	u.dev = device.NewDevice(&countingTUN{Device: tdev, c: stats, mtu: mtu}, bind, deviceLogger(log, stats, crossed))
 	return u, nil
 }
@@ -119,19 +119,31 @@ func (u *userDevice) up() error {
 	return nil
 }
 
-// restartHandshake forgets the peer's half-done handshake and starts a new one at once, past
-// WireGuard's 5 s rate limit, at most once a second per peer (a forged handshake answer must
-// not make us flood a peer). It says whether it did.
-func (u *userDevice) restartHandshake(key wgtypes.Key) bool {
-	u.mu.Lock()
-	if time.Since(u.restarted[key]) < time.Second {
-		u.mu.Unlock()
-		return false
-	}
-	u.restarted[key] = time.Now()
-	u.mu.Unlock()
+// restartHandshake forgets the peer's handshake and session and starts a new handshake after
+// delay, past WireGuard's 5 s rate limit. It does so at most once a second per peer (a forged
+// handshake answer must not make us flood one), and not for a peer removed meanwhile, nor for
+// one added again since (a new peer, with its own handshake). It says whether it did.
+func (u *userDevice) restartHandshake(key wgtypes.Key, delay time.Duration) bool {
 	p := u.dev.LookupPeer(device.NoisePublicKey(key))
 	if p == nil {
+		return false
+	}
+	time.Sleep(delay)
+	if u.dev.LookupPeer(device.NoisePublicKey(key)) != p {
+		return false
+	}
+	u.mu.Lock()
+	for q, at := range u.restarted {
+		if time.Since(at) >= time.Second {
+			delete(u.restarted, q)
+		}
+	}
+	_, recent := u.restarted[p]
+	if !recent {
+		u.restarted[p] = time.Now()
+	}
+	u.mu.Unlock()
+	if recent {
 		return false
 	}
 	p.ExpireCurrentKeypairs() // clears the handshake and its rate limit; queued packets stay

@@ -492,35 +492,47 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 // handshakesCrossed is told by the embedded device that a handshake with the peer at
 // endpoint, or whose abbreviated key (wireguard-go's "peer(AbCd…WxYz)") is peer, failed
 // because both sides initiated at once. WireGuard has no tie-break for that: each side answers
-// the other's initiation, which replaces its own, then rejects the answer to its own; both
-// wait out the 5 s retransmission before a packet flows. It happens whenever two hosts start
-// talking in both directions at once - xnetd adds a new host on every host within
-// milliseconds, and a keepalive interval makes both start a handshake right then. The host
-// with the greater public key starts over at once (the lesser one's next initiation is rate
-// limited for 5 s, so they cannot cross again); packets waiting for the session stay queued.
-// It waits restartDelay first: an initiation carries a timestamp of about 17 ms resolution,
-// and the peer takes one no newer than the last it saw for a replay.
+// the other's initiation, which replaces its own, then rejects the answer to its own, and
+// both wait out the 5 s retransmission before a packet flows (or, when the two sides' handshake
+// workers raced, one side keeps a session the other cannot decrypt for as long). It happens
+// whenever two hosts start talking in both directions at once: xnetd adds a new host on every
+// host within milliseconds, and a keepalive interval makes both start a handshake right then.
+// Whoever notices starts over, the host with the greater public key first and the other one
+// later, so two restarts never cross: at worst the second redoes a handshake that worked.
+// Packets waiting for the session stay queued.
 func (b *Backend) handshakesCrossed(endpoint netip.AddrPort, peer string) {
-	time.Sleep(restartDelay)
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	u, ok := b.dev.(*userDevice)
-	if !ok {
+	var key wgtypes.Key
+	found := false
+	for k, p := range b.peers {
+		if endpoint.IsValid() && p.endpoint == endpoint || peer != "" && peer == abbreviated(k) {
+			key, found = k, true
+			break
+		}
+	}
+	b.mu.Unlock()
+	if !ok || !found {
 		return
 	}
-	for key, p := range b.peers {
-		if endpoint.IsValid() && p.endpoint != endpoint || peer != "" && peer != abbreviated(key) {
-			continue
-		}
-		if bytes.Compare(b.key.public[:], key[:]) > 0 && u.restartHandshake(key) {
-			b.Log.Debug("handshakes crossed; starting over", "public_key", key.String())
-		}
-		return
+	delay := restartFirst
+	if bytes.Compare(b.key.public[:], key[:]) < 0 {
+		delay = restartSecond
+	}
+	if u.restartHandshake(key, delay) {
+		b.Log.Debug("handshakes crossed; started over", "public_key", key.String(), "after", delay)
 	}
 }
 
-// restartDelay is longer than the resolution of a handshake initiation's timestamp (2^24 ns).
-const restartDelay = 25 * time.Millisecond
+// restartFirst and restartSecond are how long the hosts with the greater and the lesser key
+// wait before starting over. The first is longer than the resolution of an initiation's
+// timestamp (2^24 ns: the peer takes one no newer than the last it saw for a replay) and than
+// the shortest interval a peer accepts between two initiations (20 ms); the second leaves the
+// first's handshake many round trips to complete.
+const (
+	restartFirst  = 25 * time.Millisecond
+	restartSecond = 100 * time.Millisecond
+)
 
 // abbreviated is how wireguard-go names a peer in its log: peer(<first 4>…<last 4 of base64>).
 func abbreviated(k wgtypes.Key) string {
