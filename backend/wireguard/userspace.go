@@ -119,6 +119,14 @@ func (u *userDevice) up() error {
 	return nil
 }
 
+// initiate starts a handshake with the peer key, unless one was started within the last 5 s
+// (WireGuard's rate limit).
+func (u *userDevice) initiate(key wgtypes.Key) {
+	if p := u.dev.LookupPeer(device.NoisePublicKey(key)); p != nil {
+		_ = p.SendHandshakeInitiation(false) // a failure is retried by WireGuard's timers
+	}
+}
+
 // restartHandshake forgets the peer's handshake and session and starts a new handshake after
 // delay, past WireGuard's 5 s rate limit. It does so at most once a second per peer (a forged
 // handshake answer must not make us flood one), and not for a peer removed meanwhile, nor for

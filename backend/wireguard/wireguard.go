@@ -106,10 +106,12 @@ type Backend struct {
 	datapath Datapath // what runs (or will run, before Setup)
 	why      string
 	setup    bool
-	dev      wgDevice
-	link     int                          // ifindex of xnet-wg once Setup ran
-	peers    map[wgtypes.Key]*peer        // what AddPeer programmed, by public key
-	subnets  map[netip.Prefix]wgtypes.Key // which peer holds each programmed subnet
+	// listed is set by the first PrunePeers, which follows the first full lease list.
+	listed  bool
+	dev     wgDevice
+	link    int                          // ifindex of xnet-wg once Setup ran
+	peers   map[wgtypes.Key]*peer        // what AddPeer programmed, by public key
+	subnets map[netip.Prefix]wgtypes.Key // which peer holds each programmed subnet
 }
 
 // peer is one WireGuard peer: a public key, where it listens, and its leases' subnets.
@@ -485,6 +487,12 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		rollback()
 		return fmt.Errorf("wireguard: peer %v: route replace %v dev %s: %w", subnet, subnet, DeviceName, err)
 	}
+	if u, ok := b.dev.(*userDevice); ok && len(p.subnets) == 0 && !b.listed {
+		// A peer of our first lease list may still hold a session with our previous process
+		// and send into it, unanswered, until WireGuard gives up on it (15 s). A handshake now
+		// replaces it. Hosts that appear later greet us themselves when they start.
+		u.initiate(key)
+	}
 	b.Log.Debug("peer programmed", "subnet", subnet, "endpoint", endpoint, "public_key", key.String())
 	return nil
 }
@@ -615,6 +623,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.setup {
 		return errors.New("wireguard: PrunePeers before Setup")
 	}
+	b.listed = true
 	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
 	var errs []error
 	for s := range b.subnets {
