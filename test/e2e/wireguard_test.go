@@ -24,6 +24,10 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/xnet-dev/xnet/backend/wireguard"
@@ -376,4 +380,118 @@ func wgModuleInstalled() bool {
 		}
 	}
 	return false
+}
+
+// TestWireGuardInteroperatesWithFlannel: host 1 is set up as flannel's wireguard backend sets
+// up a node (pkg/backend/wireguard): device flannel-wg with its private key and listen port
+// 51820, the subnet's network address as /32, a route for the whole Network, and per peer lease
+// one WireGuard peer reached at PublicIP:Port with AllowedIPs its subnet; its lease is the JSON
+// flannel writes. This kernel has no WireGuard, so the device is wireguard-go driven over the
+// configuration protocol `wg set` speaks. Hosts 2 and 3 run xnetd. Every container reaches every
+// other, and TCP crosses between the flannel host and an xnet host intact both ways.
+func TestWireGuardInteroperatesWithFlannel(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true})
+	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), wgConfig)
+	hosts := topo.Hosts()
+	flannel := wgStartFlannel(t, topo, hosts[0], netip.MustParsePrefix("10.244.200.0/24"))
+
+	bin := harness.BuildXnetd(t)
+	var nodes []*xdNode
+	for _, h := range hosts[1:] {
+		n := &xdNode{Host: h, bin: bin}
+		n.start(t)
+		n.waitReady(t)
+		nodes = append(nodes, n)
+	}
+	for _, n := range nodes {
+		n.waitPeers(t, 2)
+	}
+	// flannel's handleSubnetEvents for the xnet hosts' leases.
+	for subnet, l := range xdLeases(t, topo, xdPrefix) {
+		if subnet != flannel.subnet {
+			flannel.addPeer(t, subnet, l)
+		}
+	}
+	cs := append([]*harness.Container{flannel.container}, xdContainers(t, nodes)...)
+	if failed := xdMesh(cs); len(failed) > 0 {
+		t.Fatalf("containers that do not reach each other:\n%s", strings.Join(failed, "\n"))
+	}
+	udpTransfer(t, cs[0], cs[1], 16<<20)
+	udpTransfer(t, cs[2], cs[0], 16<<20)
+}
+
+// wgFlannel is a host configured as flannel's wireguard backend configures one.
+type wgFlannel struct {
+	dev       *device.Device
+	subnet    netip.Prefix
+	container *harness.Container
+}
+
+func wgStartFlannel(t *testing.T, topo *harness.Topology, h *harness.Host, subnet netip.Prefix) *wgFlannel {
+	t.Helper()
+	key, err := wgtypes.GeneratePrivateKey() // flannel: /run/flannel/wgkey, made at first start
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &wgFlannel{subnet: subnet}
+	const mtu = 1500 - 80 // flannel: the interface's MTU minus its overhead of 80
+	err = h.Do(func() error {
+		tdev, err := tun.CreateTUN("flannel-wg", mtu)
+		if err != nil {
+			return err
+		}
+		f.dev = device.NewDevice(tdev, conn.NewStdNetBind(), &device.Logger{Verbosef: device.DiscardLogf, Errorf: device.DiscardLogf})
+		if err := f.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=51820\nreplace_peers=true\n", hex.EncodeToString(key[:]))); err != nil {
+			return err
+		}
+		return f.dev.Up() // opens its UDP sockets here, in the host's namespace
+	})
+	if err != nil {
+		t.Fatalf("flannel-wg on %s: %v", h.Name, err)
+	}
+	t.Cleanup(f.dev.Close)
+	err = h.IP(t.Context(),
+		fmt.Sprintf("addr add %s/32 dev flannel-wg", subnet.Addr()),
+		"link set flannel-wg up",
+		"route replace 10.244.0.0/16 dev flannel-wg scope link")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SetupDocker0(netip.PrefixFrom(subnet.Addr().Next(), subnet.Bits()), mtu); err != nil {
+		t.Fatal(err)
+	}
+	if f.container, err = h.AddContainer(); err != nil {
+		t.Fatal(err)
+	}
+	// The lease as flanneld v0.28 writes it (json.Marshal of its LeaseAttrs), with a TTL.
+	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"%s","Port":51820}}`,
+		h.UnderlayIP, key.PublicKey())
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	grant, err := topo.EtcdClient().Grant(ctx, 3600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := topo.EtcdClient().Put(ctx, subnetmgr.SubnetKey(xdPrefix, subnet), value, clientv3.WithLease(grant.ID)); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// addPeer is flannel's AddPeer for one lease: endpoint PublicIP:Port, AllowedIPs the subnet.
+func (f *wgFlannel) addPeer(t *testing.T, subnet netip.Prefix, l subnetmgr.LeaseAttrs) {
+	t.Helper()
+	data, err := subnetmgr.ParseWireGuardData(l.BackendData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := wgtypes.ParseKey(data.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := fmt.Sprintf("public_key=%s\nendpoint=%s\nreplace_allowed_ips=true\nallowed_ip=%s\n",
+		hex.EncodeToString(pub[:]), netip.AddrPortFrom(l.PublicIP, data.Port), subnet)
+	if err := f.dev.IpcSet(conf); err != nil {
+		t.Fatal(err)
+	}
 }
