@@ -171,7 +171,10 @@ type Options struct {
 	// holding an address in our lease, whatever it is called.
 	Bridge string
 	BPFFS  string // ebpf only: pin directory, default /sys/fs/bpf/xnet
-	Logger *slog.Logger
+	// StateDir is where a backend keeps what must outlive xnetd and is not in the kernel
+	// (wireguard: its private key). xnetd passes the directory of its state file.
+	StateDir string
+	Logger   *slog.Logger
 }
 
 // Constructor builds a backend. It must not change the host: that is Setup's job. It returns

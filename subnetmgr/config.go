@@ -2,11 +2,14 @@ package subnetmgr
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
+	"time"
 )
 
 // Config defaults and limits, as flannel has them.
@@ -14,14 +17,30 @@ const (
 	defaultSubnetLen = 24
 	defaultVNI       = 1
 	defaultPort      = 8472
+	// flannel's wireguard defaults.
+	defaultWireGuardPort   = 51820
+	defaultWireGuardPortV6 = 51821
+	defaultWireGuardMode   = "separate"
+	// minOverlayMTU is the smallest overlay MTU a config may lead to: every IPv4 host must
+	// accept 576-byte datagrams.
+	minOverlayMTU = 576
 	// A network must hold at least four subnets (flannel's rule): the first is never handed
 	// out, which leaves three hosts.
 	minSubnetsPerNetwork = 4
 	maxSubnetLen         = 30
 )
 
+// WireGuardOverhead is what WireGuard adds to a packet as flannel counts it (outer IPv6 header
+// 40, UDP 8, type 4, receiver index 4, counter 8, tag 16): the overlay MTU is the underlay MTU
+// (or Backend.MTU) minus 80, whatever the underlay's family, as flannel's.
+const WireGuardOverhead = 80
+
 // validBackendTypes lists what Backend.Type may be, in the order error messages name them.
-var validBackendTypes = []string{BackendEBPF, BackendVXLAN, BackendUDP, BackendHostGW}
+var validBackendTypes = []string{BackendEBPF, BackendVXLAN, BackendUDP, BackendHostGW, BackendWireGuard}
+
+// validWireGuardModes are flannel's Mode values that make sense for an IPv4 overlay ("ipv6"
+// would reach peers over IPv6, which xnet does not do).
+var validWireGuardModes = []string{"separate", "auto", "ipv4"}
 
 // ConfigError says which field of <prefix>/config is invalid and what would be valid.
 type ConfigError struct {
@@ -54,6 +73,13 @@ type backendJSON struct {
 	Type *string
 	VNI  *int
 	Port *int
+	// wireguard's, as flannel names them
+	ListenPort                  *int
+	ListenPortV6                *int
+	PSK                         *string
+	PersistentKeepaliveInterval *int64
+	MTU                         *int
+	Mode                        *string
 }
 
 // ParseConfig parses and validates <prefix>/config, filling in flannel's defaults. An invalid
@@ -143,7 +169,9 @@ func ParseConfig(data []byte) (Config, error) {
 }
 
 func parseBackendConfig(data json.RawMessage) (BackendConfig, error) {
-	b := BackendConfig{Type: BackendEBPF, VNI: defaultVNI, Port: defaultPort}
+	b := BackendConfig{Type: BackendEBPF, VNI: defaultVNI, Port: defaultPort, WireGuard: WireGuardConfig{
+		ListenPort: defaultWireGuardPort, ListenPortV6: defaultWireGuardPortV6, Mode: defaultWireGuardMode,
+	}}
 	if len(bytes.TrimSpace(data)) == 0 || bytes.Equal(bytes.TrimSpace(data), []byte("null")) {
 		return b, nil
 	}
@@ -174,7 +202,59 @@ func parseBackendConfig(data json.RawMessage) (BackendConfig, error) {
 		}
 		b.Port = *raw.Port
 	}
+	if err := parseWireGuard(&b.WireGuard, raw); err != nil {
+		return BackendConfig{}, err
+	}
 	return b, nil
+}
+
+// parseWireGuard reads the wireguard fields into wg, which holds the defaults. They are checked
+// whatever the Type, as Port is: a host may run --backend=wireguard with any config.
+func parseWireGuard(wg *WireGuardConfig, raw backendJSON) error {
+	port := func(field string, v *int, def int, dst *int) error {
+		if v == nil || *v == 0 { // 0: the default, as for Port
+			return nil
+		}
+		if *v < 1 || *v > 65535 {
+			return configErr(field, "%d is out of range; use 1 to 65535 (default %d)", *v, def)
+		}
+		*dst = *v
+		return nil
+	}
+	if err := port("Backend.ListenPort", raw.ListenPort, defaultWireGuardPort, &wg.ListenPort); err != nil {
+		return err
+	}
+	if err := port("Backend.ListenPortV6", raw.ListenPortV6, defaultWireGuardPortV6, &wg.ListenPortV6); err != nil {
+		return err
+	}
+	if raw.PSK != nil && *raw.PSK != "" {
+		// The key itself is never repeated in the error: configs end up in logs.
+		if k, err := base64.StdEncoding.DecodeString(*raw.PSK); err != nil || len(k) != wireGuardKeyLen {
+			return configErr("Backend.PSK", "is not a WireGuard key: use the base64 of %d random bytes, as `wg genpsk` prints", wireGuardKeyLen)
+		}
+		wg.PSK = *raw.PSK
+	}
+	if v := raw.PersistentKeepaliveInterval; v != nil {
+		// flannel multiplies the number by time.Second; WireGuard's field is 16 bits.
+		if *v < 0 || *v > 65535 {
+			return configErr("Backend.PersistentKeepaliveInterval", "%d is out of range; use 0 (off, the default) to 65535 seconds", *v)
+		}
+		wg.PersistentKeepaliveInterval = time.Duration(*v) * time.Second
+	}
+	if raw.MTU != nil && *raw.MTU != 0 {
+		lo := minOverlayMTU + WireGuardOverhead
+		if *raw.MTU < lo || *raw.MTU > 65535 {
+			return configErr("Backend.MTU", "%d is out of range; use %d to 65535 (the underlay MTU; the overlay gets %d less), or 0 for the interface's", *raw.MTU, lo, WireGuardOverhead)
+		}
+		wg.MTU = *raw.MTU
+	}
+	if raw.Mode != nil && *raw.Mode != "" {
+		if !slices.Contains(validWireGuardModes, *raw.Mode) {
+			return configErr("Backend.Mode", "%q is not a wireguard mode for an IPv4 overlay; use one of %s (default %s)", *raw.Mode, strings.Join(validWireGuardModes, ", "), defaultWireGuardMode)
+		}
+		wg.Mode = *raw.Mode
+	}
+	return nil
 }
 
 func isValidBackendType(t string) bool {

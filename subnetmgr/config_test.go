@@ -5,7 +5,14 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 )
+
+// defaultWireGuard is what ParseConfig fills in when the Backend object has no wireguard field.
+var defaultWireGuard = WireGuardConfig{ListenPort: 51820, ListenPortV6: 51821, Mode: "separate"}
+
+// testPSK is a pre-shared key as `wg genpsk` prints one.
+const testPSK = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE="
 
 func TestParseConfig(t *testing.T) {
 	a := netip.MustParseAddr
@@ -39,6 +46,20 @@ func TestParseConfig(t *testing.T) {
 			`{"Network":"172.16.0.0/12","Backend":{"Type":"host-gw","Port":0}}`,
 			Config{Network: p("172.16.0.0/12"), SubnetLen: 24, SubnetMin: a("172.16.1.0"), SubnetMax: a("172.31.255.0"),
 				Backend: BackendConfig{Type: "host-gw", VNI: 1, Port: 8472}}},
+		{"wireguard with flannel's defaults: port 51820, no PSK, no keepalive, the interface's MTU, separate",
+			`{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}`,
+			Config{Network: p("10.244.0.0/16"), SubnetLen: 24, SubnetMin: a("10.244.1.0"), SubnetMax: a("10.244.255.0"),
+				Backend: BackendConfig{Type: "wireguard", VNI: 1, Port: 8472, WireGuard: defaultWireGuard}}},
+		{"wireguard as flannel's documentation configures it, every field given",
+			`{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPort":51000,"ListenPortV6":51001,` +
+				`"PSK":"` + testPSK + `","PersistentKeepaliveInterval":25,"MTU":1400,"Mode":"auto"}}`,
+			Config{Network: p("10.244.0.0/16"), SubnetLen: 24, SubnetMin: a("10.244.1.0"), SubnetMax: a("10.244.255.0"),
+				Backend: BackendConfig{Type: "wireguard", VNI: 1, Port: 8472, WireGuard: WireGuardConfig{
+					ListenPort: 51000, ListenPortV6: 51001, PSK: testPSK, PersistentKeepaliveInterval: 25 * time.Second, MTU: 1400, Mode: "auto"}}}},
+		{"wireguard, zeros mean the defaults as for Port",
+			`{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPort":0,"MTU":0,"PSK":"","Mode":"","PersistentKeepaliveInterval":0}}`,
+			Config{Network: p("10.244.0.0/16"), SubnetLen: 24, SubnetMin: a("10.244.1.0"), SubnetMax: a("10.244.255.0"),
+				Backend: BackendConfig{Type: "wireguard", VNI: 1, Port: 8472, WireGuard: defaultWireGuard}}},
 		{"udp, and a Network written with host bits is masked as flannel does",
 			`{"Network":"10.5.3.0/16","Backend":{"Type":"udp"}}`,
 			Config{Network: p("10.5.0.0/16"), SubnetLen: 24, SubnetMin: a("10.5.1.0"), SubnetMax: a("10.5.255.0"),
@@ -46,6 +67,9 @@ func TestParseConfig(t *testing.T) {
 	}
 	for _, tc := range valid {
 		t.Run(tc.desc, func(t *testing.T) {
+			if tc.want.Backend.WireGuard == (WireGuardConfig{}) {
+				tc.want.Backend.WireGuard = defaultWireGuard // a case about other fields
+			}
 			got, err := ParseConfig([]byte(tc.json))
 			if err != nil {
 				t.Fatalf("ParseConfig: %v", err)
@@ -90,6 +114,23 @@ func TestParseConfig(t *testing.T) {
 		{"VNI out of range", `{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}`, "Backend.VNI", []string{"16777216", "0 to 16777215"}},
 		{"VNI a string", `{"Network":"10.244.0.0/16","Backend":{"VNI":"1"}}`, "Backend.VNI", []string{"wrong JSON type"}},
 		{"Port out of range", `{"Network":"10.244.0.0/16","Backend":{"Port":70000}}`, "Backend.Port", []string{"70000", "1 to 65535"}},
+		{"wireguard ListenPort out of range", `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPort":65536}}`,
+			"Backend.ListenPort", []string{"65536", "1 to 65535", "51820"}},
+		{"wireguard ListenPortV6 negative", `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPortV6":-1}}`,
+			"Backend.ListenPortV6", []string{"-1", "1 to 65535"}},
+		{"wireguard PSK not base64, and the value is not repeated", `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":"s3cr3t!"}}`,
+			"Backend.PSK", []string{"base64 of 32"}},
+		{"wireguard PSK of the wrong length", `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":"c2hvcnQ="}}`,
+			"Backend.PSK", []string{"not a WireGuard key"}},
+		{"wireguard keepalive as a duration string, which flannel does not read either",
+			`{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":"25s"}}`,
+			"Backend.PersistentKeepaliveInterval", []string{"wrong JSON type"}},
+		{"wireguard keepalive negative", `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":-5}}`,
+			"Backend.PersistentKeepaliveInterval", []string{"-5", "65535 seconds"}},
+		{"wireguard MTU too small for an overlay", `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","MTU":600}}`,
+			"Backend.MTU", []string{"600", "656 to 65535"}},
+		{"wireguard Mode ipv6 on an IPv4 overlay", `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}`,
+			"Backend.Mode", []string{`"ipv6"`, "separate, auto, ipv4"}},
 	}
 	for _, tc := range invalid {
 		t.Run(tc.desc, func(t *testing.T) {
@@ -103,6 +144,9 @@ func TestParseConfig(t *testing.T) {
 			}
 			if tc.field != "" && !strings.Contains(err.Error(), "field "+tc.field+":") {
 				t.Errorf("error %q does not name field %s", err, tc.field)
+			}
+			if strings.Contains(tc.json, `"PSK"`) && strings.Contains(err.Error(), "s3cr3t") {
+				t.Errorf("error %q repeats the PSK", err)
 			}
 			for _, s := range tc.say {
 				if !strings.Contains(err.Error(), s) {

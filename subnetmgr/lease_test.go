@@ -52,6 +52,10 @@ var flannelLeaseFixtures = []struct {
 		`{"PublicIP":"198.18.0.12","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:78:c6:12:00:0c"},"BackendV6Data":null}`,
 		LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.12"), BackendType: "vxlan",
 			BackendData: json.RawMessage(`{"VNI":1,"VtepMAC":"0e:78:c6:12:00:0c"}`)}},
+	{"wireguard, as flannel v0.28 writes it (json.Marshal of its LeaseAttrs and wireguardLeaseAttrs)",
+		`{"PublicIP":"198.18.0.15","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"` + flannelWGPublicKey + `","Port":51820}}`,
+		LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.15"), BackendType: "wireguard",
+			BackendData: json.RawMessage(`{"PublicKey":"` + flannelWGPublicKey + `","Port":51820}`)}},
 	{"host-gw without BackendData",
 		`{"PublicIP":"198.18.0.13","BackendType":"host-gw"}`,
 		LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.13"), BackendType: "host-gw"}},
@@ -116,5 +120,41 @@ func TestLeaseValueMalformed(t *testing.T) {
 	}
 	if _, err := EncodeLeaseValue(LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.1"), BackendData: json.RawMessage("{")}); err == nil {
 		t.Error("EncodeLeaseValue with broken BackendData: no error")
+	}
+}
+
+// flannelWGPublicKey is a public key as `wg pubkey` prints one.
+const flannelWGPublicKey = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+
+func TestParseWireGuardData(t *testing.T) {
+	for _, tc := range []struct {
+		desc, data string
+		want       WireGuardData
+	}{
+		{"flannel's", `{"PublicKey":"` + flannelWGPublicKey + `","Port":51820}`, WireGuardData{flannelWGPublicKey, 51820}},
+		{"flannel before v0.22, without Port", `{"PublicKey":"` + flannelWGPublicKey + `"}`, WireGuardData{flannelWGPublicKey, 0}},
+	} {
+		got, err := ParseWireGuardData(json.RawMessage(tc.data))
+		if err != nil || got != tc.want {
+			t.Errorf("%s: ParseWireGuardData(%s) = %+v, %v; want %+v", tc.desc, tc.data, got, err, tc.want)
+		}
+	}
+	// What we write is byte for byte what flannel's json.Marshal(&wireguardLeaseAttrs{...}) writes.
+	enc, err := json.Marshal(WireGuardData{PublicKey: flannelWGPublicKey, Port: 51820})
+	if want := `{"PublicKey":"` + flannelWGPublicKey + `","Port":51820}`; err != nil || string(enc) != want {
+		t.Errorf("json.Marshal(WireGuardData) = %s, %v; want %s", enc, err, want)
+	}
+	for _, tc := range []struct{ desc, data, say string }{
+		{"missing", ``, "empty"},
+		{"null", `null`, "empty"},
+		{"not JSON", `{"PublicKey":`, "BackendData"},
+		{"no key", `{"Port":51820}`, "not a WireGuard key"},
+		{"a key too short", `{"PublicKey":"c2hvcnQ=","Port":51820}`, "not a WireGuard key"},
+		{"a port beyond 16 bits, which flannel cannot decode either", `{"PublicKey":"` + flannelWGPublicKey + `","Port":70000}`, "BackendData"},
+		{"vxlan's data", `{"VNI":1,"VtepMAC":"0e:78:c6:12:00:0b"}`, "not a WireGuard key"},
+	} {
+		if _, err := ParseWireGuardData(json.RawMessage(tc.data)); err == nil || !strings.Contains(err.Error(), tc.say) {
+			t.Errorf("%s: ParseWireGuardData(%s) = %v, want an error saying %q", tc.desc, tc.data, err, tc.say)
+		}
 	}
 }

@@ -7,6 +7,7 @@
 package subnetmgr
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +21,9 @@ const (
 	BackendVXLAN  = "vxlan"
 	BackendUDP    = "udp"
 	BackendHostGW = "host-gw"
+	// BackendWireGuard encrypts: flannel's wireguard backend, on the wire and in the lease.
+	// --backend=auto never picks it (it is not a fallback for the VXLAN-speaking ones).
+	BackendWireGuard = "wireguard"
 )
 
 // Config is the operator's <prefix>/config, validated and with flannel's defaults filled in.
@@ -39,6 +43,31 @@ type BackendConfig struct {
 	Type string
 	VNI  int
 	Port int
+	// WireGuard holds the wireguard backend's fields of the same object, with their defaults
+	// filled in whatever the Type (--backend=wireguard may override another Type).
+	WireGuard WireGuardConfig
+}
+
+// WireGuardConfig is what the wireguard backend reads from the "Backend" object: flannel's
+// field names, meanings and defaults, so one config serves flannel and xnet hosts.
+type WireGuardConfig struct {
+	// ListenPort is the UDP port WireGuard listens on and publishes in the lease (51820).
+	ListenPort int
+	// ListenPortV6 is flannel's port for its IPv6 device (51821); xnet's overlay is IPv4 only,
+	// so it is validated and kept, not used.
+	ListenPortV6 int
+	// PSK is an optional pre-shared key (base64 of 32 bytes) mixed into every handshake; all
+	// hosts must have the same. Never written out with the rest of the config.
+	PSK string `json:"-"`
+	// PersistentKeepaliveInterval sends a keepalive to every peer this often (JSON: seconds,
+	// as flannel reads it); 0 turns keepalives off.
+	PersistentKeepaliveInterval time.Duration
+	// MTU is the underlay MTU the overlay MTU is derived from (minus WireGuard's 80 bytes);
+	// 0 means the underlay interface's MTU.
+	MTU int
+	// Mode is flannel's address family choice: "separate" (default), "auto" or "ipv4". With an
+	// IPv4-only overlay they all mean one device reaching peers at their IPv4 PublicIP.
+	Mode string
 }
 
 // Lease is one host's subnet as stored under <prefix>/subnets/<a.b.c.d>-<len>.
@@ -80,6 +109,34 @@ func ParseVXLANData(data json.RawMessage) (VXLANData, error) {
 	}
 	return d, nil
 }
+
+// WireGuardData is the BackendData of a lease whose BackendType is "wireguard", exactly as
+// flannel writes it: {"PublicKey":"<base64>","Port":51820}.
+type WireGuardData struct {
+	PublicKey string `json:"PublicKey"`
+	// Port is where the host's WireGuard listens; 0 (leases of flannel before v0.22) means
+	// the reader's own ListenPort, as flannel reads it.
+	Port uint16 `json:"Port"`
+}
+
+// ParseWireGuardData decodes a wireguard lease's BackendData, the only decoder of that JSON. It
+// checks the shape and that PublicKey is a key (base64 of 32 bytes).
+func ParseWireGuardData(data json.RawMessage) (WireGuardData, error) {
+	if len(data) == 0 || string(data) == "null" {
+		return WireGuardData{}, errors.New(`BackendData is empty, want {"PublicKey":"..","Port":..}`)
+	}
+	var d WireGuardData
+	if err := json.Unmarshal(data, &d); err != nil {
+		return WireGuardData{}, fmt.Errorf("BackendData %s: %w", data, err)
+	}
+	if k, err := base64.StdEncoding.DecodeString(d.PublicKey); err != nil || len(k) != wireGuardKeyLen {
+		return WireGuardData{}, fmt.Errorf("BackendData PublicKey %q is not a WireGuard key (base64 of %d bytes)", d.PublicKey, wireGuardKeyLen)
+	}
+	return d, nil
+}
+
+// wireGuardKeyLen is the length of WireGuard's Curve25519 keys and of its pre-shared key.
+const wireGuardKeyLen = 32
 
 // EventType says what happened to a lease.
 type EventType int

@@ -104,7 +104,7 @@ func (n *node) start(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := backend.Options{Iface: iface, Config: n.cl.cfg, BPFFS: n.pinDir(), Logger: n.cl.log.With("host", n.Name)}
+	opts := backend.Options{Iface: iface, Config: n.cl.cfg, BPFFS: n.pinDir(), StateDir: n.StateDir, Logger: n.cl.log.With("host", n.Name)}
 	var b backend.Backend
 	if err := n.Do(func() (err error) { b, err = n.cl.row.new(opts); return err }); err != nil {
 		t.Fatalf("%s: new backend: %v", n.Name, err)

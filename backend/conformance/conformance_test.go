@@ -12,6 +12,7 @@ import (
 	"github.com/xnet-dev/xnet/backend/hostgw"
 	"github.com/xnet-dev/xnet/backend/udp"
 	"github.com/xnet-dev/xnet/backend/vxlan"
+	"github.com/xnet-dev/xnet/backend/wireguard"
 	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
@@ -32,6 +33,7 @@ var backends = []row{
 	{subnetmgr.BackendVXLAN, vxlan.New, true},
 	{subnetmgr.BackendUDP, udp.New, false}, // user space: a stopped daemon forwards nothing
 	{subnetmgr.BackendHostGW, hostgw.New, true},
+	{subnetmgr.BackendWireGuard, wireguard.New, false}, // the kernel's forwards alone; this VM runs wireguard-go
 }
 
 // behaviours run in order on one cluster per backend, each starting from where the one before

@@ -11,6 +11,7 @@ import (
 	"github.com/xnet-dev/xnet/backend/hostgw"
 	"github.com/xnet-dev/xnet/backend/udp"
 	"github.com/xnet-dev/xnet/backend/vxlan"
+	"github.com/xnet-dev/xnet/backend/wireguard"
 	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -23,6 +24,7 @@ func newRegistry() *backend.Registry {
 	r.Register(subnetmgr.BackendVXLAN, vxlan.New)
 	r.Register(subnetmgr.BackendUDP, udp.New)
 	r.Register(subnetmgr.BackendHostGW, hostgw.New)
+	r.Register(subnetmgr.BackendWireGuard, wireguard.New)
 	return r
 }
 

@@ -133,7 +133,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.BoolVar(&o.iptablesForwardRules, "iptables-forward-rules", true, "accept the overlay network in iptables FORWARD and exempt it from masquerading, in the chains Docker uses (XNET-FWD, XNET-POSTRTG)")
 	fs.StringVar(&o.subnetFile, "subnet-file", "/run/xnet/subnet.env", "where to write XNET_* and FLANNEL_* variables")
 	fs.Var(minutesOrDuration{&o.renewMargin}, "subnet-lease-renew-margin", "renew the lease this long before it expires: minutes (60) or a duration (1h)")
-	fs.StringVar(&o.backend, "backend", "", "auto|ebpf|vxlan|udp|host-gw (default: the config's Backend.Type; \"ebpf\" there means auto)")
+	fs.StringVar(&o.backend, "backend", "", "auto|ebpf|vxlan|udp|host-gw|wireguard (default: the config's Backend.Type; \"ebpf\" there means auto, which never picks wireguard)")
 	fs.StringVar(&o.decap, "decap", "auto", "ebpf decapsulation: auto|xdp|tc")
 	fs.StringVar(&o.bridge, "bridge", "", "ebpf: the container bridge by name; empty finds every bridge holding an address in our lease (docker0, a daemon.json \"bridge\", podman's or a CNI bridge)")
 	fs.StringVar(&o.hostRouting, "host-routing", "auto", "ebpf: bpf (container packets skip the host's routing and netfilter) or kernel (they take the host's stack and its firewall, e.g. Docker's DOCKER-USER); auto picks kernel when DOCKER-USER holds rules")
@@ -249,12 +249,8 @@ func (r *rawFlags) validate(backendNames []string) (options, error) {
 	switch o.backend {
 	case "", backendAuto:
 	default:
-		known := false
-		for _, n := range []string{subnetmgr.BackendEBPF, subnetmgr.BackendVXLAN, subnetmgr.BackendUDP, subnetmgr.BackendHostGW} {
-			known = known || n == o.backend
-		}
-		if !known {
-			return o, usagef("--backend %q is not a backend: use auto, ebpf, vxlan, udp or host-gw", o.backend)
+		if !contains(subnetmgr.ValidBackendTypes(), o.backend) {
+			return o, usagef("--backend %q is not a backend: use auto, ebpf, vxlan, udp, host-gw or wireguard", o.backend)
 		}
 		if !contains(backendNames, o.backend) {
 			return o, usagef("--backend %s is not built into this xnetd (it has: %s): pick one of those", o.backend, strings.Join(backendNames, ", "))

@@ -158,7 +158,7 @@ func TestBadFlagsNameTheFlagAndTheFix(t *testing.T) {
 		env  []string
 		want []string // substrings of the error
 	}{
-		{"unknown backend", []string{"--backend=vxlan2"}, nil, []string{"--backend", `"vxlan2"`, "use auto, ebpf, vxlan, udp or host-gw"}},
+		{"unknown backend", []string{"--backend=vxlan2"}, nil, []string{"--backend", `"vxlan2"`, "use auto, ebpf, vxlan, udp, host-gw or wireguard"}},
 		{"backend not built in", []string{"--backend=udp"}, nil, []string{"--backend udp", "not built into this xnetd", "host-gw, vxlan"}},
 		{"bad decap", []string{"--decap=fast"}, nil, []string{"--decap", "use auto, xdp or tc"}},
 		{"public ip not an address", []string{"--public-ip=host1"}, nil, []string{"--public-ip", "not an IPv4 address"}},

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -124,7 +125,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 
 	hostRouting, hostRoutingWhy := resolveHostRouting(ctx, o.hostRouting, log)
 	d.chosen, err = pickBackend(reg, o.backend, backend.Options{
-		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, Logger: log,
+		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, StateDir: filepath.Dir(o.stateFile), Logger: log,
 		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy, Bridge: o.bridge,
 	}, log)
 	if err != nil {

@@ -758,7 +758,7 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 	bin := harness.BuildXnetd(t)
 	xdPut(t, topo, subnetmgr.ConfigKey("/good/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badnet/network"), `{"Network":"10.244.0.0/33"}`)
-	xdPut(t, topo, subnetmgr.ConfigKey("/badtype/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}`)
+	xdPut(t, topo, subnetmgr.ConfigKey("/badtype/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badmacvlan/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},"Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":31}}`)
 
 	tests := []struct {
@@ -767,13 +767,13 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 		args   []string
 		want   []string // in the last line of output
 	}{
-		{"unknown backend", "/good/network", []string{"--backend=wireguard"}, []string{"--backend", "wireguard", "use auto, ebpf, vxlan, udp or host-gw"}},
+		{"unknown backend", "/good/network", []string{"--backend=ipip"}, []string{"--backend", "ipip", "use auto, ebpf, vxlan, udp, host-gw or wireguard"}},
 		{"missing interface", "/good/network", []string{"--iface=nosuch0"}, []string{"--iface nosuch0", "no such interface"}},
 		{"interface address not on this host", "/good/network", []string{"--iface=192.0.2.1"}, []string{"--iface 192.0.2.1", "no interface here has that address"}},
 		{"bad public ip", "/good/network", []string{"--public-ip=10.0.0.300"}, []string{"--public-ip", "not an IPv4 address"}},
 		{"bad renew margin", "/good/network", []string{"--subnet-lease-renew-margin=never"}, []string{"subnet-lease-renew-margin"}},
 		{"invalid Network in the config", "/badnet/network", nil, []string{"/badnet/network/config", "Network"}},
-		{"unknown Backend.Type in the config", "/badtype/network", nil, []string{"Backend.Type", "wireguard"}},
+		{"unknown Backend.Type in the config", "/badtype/network", nil, []string{"Backend.Type", "ipip"}},
 		{"--macvlan without a Macvlan section in the config", "/good/network", []string{"--macvlan"}, []string{"/good/network/config", "no Macvlan section", "--macvlan"}},
 		{"invalid Macvlan section (with or without --macvlan)", "/badmacvlan/network", nil, []string{"/badmacvlan/network/config", "Macvlan.RangeLen", "31"}},
 	}

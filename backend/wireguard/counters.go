@@ -1,0 +1,132 @@
+package wireguard
+
+import (
+	"net/netip"
+	"slices"
+	"sync/atomic"
+
+	"golang.zx2c4.com/wireguard/tun"
+)
+
+// Verdicts the embedded datapath counts, named as the udp and ebpf backends name theirs so
+// `xnetd status` and the metrics read the same for every backend.
+const (
+	verdictEncap   = "encap"         // a packet from our side encrypted to a peer
+	verdictDecap   = "decap"         // a packet from a peer decrypted and delivered
+	verdictNoRoute = "drop_no_route" // a packet for the overlay whose subnet no peer holds
+	verdictSpoofed = "drop_spoofed"  // decrypted, but its source is not in the sender's subnet
+)
+
+// peerStats is one peer subnet's traffic: inner packets and their bytes each way.
+type peerStats struct {
+	txPackets, txBytes, rxPackets, rxBytes atomic.Uint64
+}
+
+// statsTable maps the peer subnets to their counters. It is replaced, never changed, so the
+// packet path reads it without a lock.
+type statsTable struct {
+	lengths  []int // the distinct prefix lengths of the subnets: one lookup each per packet
+	bySubnet map[netip.Prefix]*peerStats
+}
+
+func (t *statsTable) lookup(a netip.Addr) *peerStats {
+	for _, l := range t.lengths {
+		if p, err := a.Prefix(l); err == nil {
+			if s := t.bySubnet[p]; s != nil {
+				return s
+			}
+		}
+	}
+	return nil
+}
+
+// counters are the embedded datapath's counts: per peer subnet, and per verdict.
+type counters struct {
+	table                          atomic.Pointer[statsTable]
+	encap, decap, noRoute, spoofed atomic.Uint64
+}
+
+func newCounters() *counters {
+	c := &counters{}
+	c.table.Store(&statsTable{bySubnet: map[netip.Prefix]*peerStats{}})
+	return c
+}
+
+// setSubnets makes the table hold exactly subnets, keeping the counts of the subnets it had.
+func (c *counters) setSubnets(subnets []netip.Prefix) {
+	old := c.table.Load()
+	t := &statsTable{bySubnet: make(map[netip.Prefix]*peerStats, len(subnets))}
+	for _, s := range subnets {
+		st := old.bySubnet[s]
+		if st == nil {
+			st = &peerStats{}
+		}
+		t.bySubnet[s] = st
+		if !slices.Contains(t.lengths, s.Bits()) {
+			t.lengths = append(t.lengths, s.Bits())
+		}
+	}
+	slices.Sort(t.lengths)
+	slices.Reverse(t.lengths) // most specific first
+	c.table.Store(t)
+}
+
+// countingTUN is the TUN device as wireguard-go sees it, counting every packet on its way:
+// what Read returns is leaving for a peer (by destination), what Write gets was decrypted
+// from one (by source). wireguard-go counts only bytes per peer, on the wire.
+type countingTUN struct {
+	tun.Device
+	c   *counters
+	mtu int
+}
+
+// MTU is the MTU we gave the TUN. The tun package asks the kernel by interface name, from
+// whatever thread calls it, which is in another namespace than xnet-wg when a test runs the
+// backend in a simulated host; only we change the MTU.
+func (t *countingTUN) MTU() (int, error) { return t.mtu, nil }
+
+func (t *countingTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	n, err := t.Device.Read(bufs, sizes, offset)
+	table := t.c.table.Load()
+	for i := range n {
+		pkt := bufs[i][offset : offset+sizes[i]]
+		dst, ok := ipv4Addr(pkt, 16)
+		if !ok {
+			continue // not IPv4: wireguard-go drops what no peer's AllowedIPs cover
+		}
+		if s := table.lookup(dst); s != nil {
+			s.txPackets.Add(1)
+			s.txBytes.Add(uint64(len(pkt)))
+			t.c.encap.Add(1)
+		} else {
+			t.c.noRoute.Add(1)
+		}
+	}
+	return n, err
+}
+
+func (t *countingTUN) Write(bufs [][]byte, offset int) (int, error) {
+	// Counted before the write: the TUN's Write coalesces segments in bufs in place.
+	table := t.c.table.Load()
+	for _, b := range bufs {
+		pkt := b[offset:]
+		src, ok := ipv4Addr(pkt, 12)
+		if !ok {
+			continue
+		}
+		t.c.decap.Add(1)
+		if s := table.lookup(src); s != nil {
+			s.rxPackets.Add(1)
+			s.rxBytes.Add(uint64(len(pkt)))
+		}
+	}
+	return t.Device.Write(bufs, offset)
+}
+
+// ipv4Addr is the IPv4 address at off (12 source, 16 destination) of an IPv4 packet.
+func ipv4Addr(pkt []byte, off int) (netip.Addr, bool) {
+	if len(pkt) < 20 || pkt[0]>>4 != 4 {
+		return netip.Addr{}, false
+	}
+	return netip.AddrFrom4([4]byte(pkt[off : off+4])), true
+}

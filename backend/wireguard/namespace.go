@@ -1,0 +1,47 @@
+package wireguard
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+
+	"github.com/vishvananda/netns"
+)
+
+// inNamespace runs fn on a thread in the network namespace ns (the one New ran in). Sockets,
+// TUN fds and netlink handles stay in the namespace they were opened in, so everything the
+// datapath opens goes through here: Setup's device, and wireguard-go's UDP sockets, which its
+// own goroutines open whenever the device comes up. When the thread cannot be switched back
+// it stays locked, so the runtime retires it instead of reusing it elsewhere.
+func inNamespace(ns netns.NsHandle, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		cur, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("wireguard: open current network namespace: %w", err)
+			return
+		}
+		defer cur.Close()
+		if cur.Equal(ns) {
+			err := fn()
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		if err := netns.Set(ns); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("wireguard: enter the network namespace New ran in: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(cur); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("wireguard: return from the backend's network namespace: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}

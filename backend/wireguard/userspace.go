@@ -1,0 +1,233 @@
+package wireguard
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// wgDevice is one WireGuard device, configured in wgctrl's terms whichever datapath runs it.
+type wgDevice interface {
+	configure(wgtypes.Config) error
+	get() (*wgtypes.Device, error)
+	// close stops xnetd's side: the embedded device stops forwarding, the kernel's goes on.
+	close() error
+}
+
+// userDevice is WireGuard inside xnetd: wireguard-go's device between the TUN xnet-wg and UDP
+// sockets on the listen port.
+type userDevice struct {
+	dev *device.Device
+	mu  sync.Mutex
+	// restarted is when restartHandshake restarted a peer's handshake, within the last second.
+	restarted map[*device.Peer]time.Time
+	// offload says the TUN hands over TCP segments of up to 64 KB (IFF_VNET_HDR), which
+	// wireguard-go cuts itself and sends with UDP GSO: a large share of the throughput.
+	offload bool
+}
+
+// openUserDevice attaches to xnet-wg (creating it, persistent, when missing) in the namespace
+// ns and starts wireguard-go on it, its sockets opened in ns too. The device is down until
+// configured and brought up.
+func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, crossed func(netip.AddrPort, string), log *slog.Logger) (*userDevice, error) {
+	var tdev tun.Device
+	err := inNamespace(ns, func() error {
+		f, err := openTUN(DeviceName)
+		if err != nil {
+			return err
+		}
+		// CreateTUNFromFile opens its netlink socket (link up/down and MTU events) here, in ns.
+		tdev, err = tun.CreateTUNFromFile(f, mtu)
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("wireguard: start on TUN %s: %w", DeviceName, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	bind := &nsBind{Bind: conn.NewStdNetBind(), ns: ns}
+	u := &userDevice{offload: tdev.BatchSize() > 1, restarted: map[*device.Peer]time.Time{}}
+	u.dev = device.NewDevice(&countingTUN{Device: tdev, c: stats, mtu: mtu}, bind, deviceLogger(log, stats, crossed))
+	return u, nil
+}
+
+// openTUN opens the TUN device name with offloads, creating it if needed, and makes it
+// persistent: a stopped xnetd leaves xnet-wg and its routes in place, so packets for the
+// overlay are dropped by the idle TUN instead of following the default route out of the
+// underlay NIC unencrypted.
+func openTUN(name string) (*os.File, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("wireguard: open /dev/net/tun: %w", err)
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err == nil {
+		// IFF_VNET_HDR: wireguard-go's tun package turns on TSO/USO offloads when it is set.
+		ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+		err = unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr)
+	}
+	if err == nil {
+		err = unix.IoctlSetInt(fd, unix.TUNSETPERSIST, 1)
+	}
+	if err == nil {
+		err = unix.SetNonblock(fd, true) // before os.NewFile, so the runtime polls it
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("wireguard: attach to TUN %s: %w", name, err)
+	}
+	return os.NewFile(uintptr(fd), "/dev/net/tun"), nil
+}
+
+func (u *userDevice) configure(cfg wgtypes.Config) error {
+	if err := u.dev.IpcSet(uapiSet(cfg)); err != nil {
+		return fmt.Errorf("configure wireguard-go: %w", err)
+	}
+	return nil
+}
+
+func (u *userDevice) get() (*wgtypes.Device, error) {
+	text, err := u.dev.IpcGet()
+	if err != nil {
+		return nil, fmt.Errorf("read wireguard-go's state: %w", err)
+	}
+	d, err := uapiGet(text)
+	if err != nil {
+		return nil, err
+	}
+	d.Name = DeviceName
+	return d, nil
+}
+
+func (u *userDevice) up() error {
+	if err := u.dev.Up(); err != nil {
+		return fmt.Errorf("bring wireguard-go up (open its UDP sockets): %w", err)
+	}
+	return nil
+}
+
+// initiate starts a handshake with the peer key, unless one was started within the last 5 s
+// (WireGuard's rate limit).
+func (u *userDevice) initiate(key wgtypes.Key) {
+	if p := u.dev.LookupPeer(device.NoisePublicKey(key)); p != nil {
+		_ = p.SendHandshakeInitiation(false) // a failure is retried by WireGuard's timers
+	}
+}
+
+// restartHandshake forgets the peer's handshake and session and starts a new handshake after
+// delay, past WireGuard's 5 s rate limit. It does so at most once a second per peer (a forged
+// handshake answer must not make us flood one), and not for a peer removed meanwhile, nor for
+// one added again since (a new peer, with its own handshake). It says whether it did.
+func (u *userDevice) restartHandshake(key wgtypes.Key, delay time.Duration) bool {
+	p := u.dev.LookupPeer(device.NoisePublicKey(key))
+	if p == nil {
+		return false
+	}
+	time.Sleep(delay)
+	if u.dev.LookupPeer(device.NoisePublicKey(key)) != p {
+		return false
+	}
+	u.mu.Lock()
+	for q, at := range u.restarted {
+		if time.Since(at) >= time.Second {
+			delete(u.restarted, q)
+		}
+	}
+	_, recent := u.restarted[p]
+	if !recent {
+		u.restarted[p] = time.Now()
+	}
+	u.mu.Unlock()
+	if recent {
+		return false
+	}
+	p.ExpireCurrentKeypairs() // clears the handshake and its rate limit; queued packets stay
+	_ = p.SendHandshakeInitiation(false)
+	return true
+}
+
+// close stops wireguard-go and closes the TUN fd and the sockets; the persistent TUN stays.
+func (u *userDevice) close() error {
+	u.dev.Close()
+	return nil
+}
+
+// nsBind is wireguard-go's UDP sockets, opened in the backend's namespace: the device opens
+// them from its own goroutines whenever it comes up, on whatever thread they run.
+type nsBind struct {
+	conn.Bind
+	ns netns.NsHandle
+}
+
+func (b *nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
+	err = inNamespace(b.ns, func() (err error) {
+		fns, actual, err = b.Bind.Open(port)
+		return err
+	})
+	return fns, actual, err
+}
+
+// What wireguard-go logs for events the backend acts on. Its log is the only place it
+// reports them; a test fails if a new version words them differently.
+const (
+	// A decrypted packet whose inner source is not in the sender's AllowedIPs (its subnet):
+	// the cryptokey routing check, counted as spoofed.
+	logDisallowedSource = "IPv4 packet with disallowed source address from %v"
+	// Two handshakes crossed (see Backend.handshakesCrossed), seen by the host whose own
+	// initiation was replaced by the peer's before the answer came ...
+	logInvalidResponse = "Received invalid response message from %s"
+	// ... or, when two handshake workers raced, after it was accepted.
+	logDeriveFailed = "%v - Failed to derive keypair: %v"
+)
+
+// deviceLogger sends wireguard-go's log to ours (its verbose lines - handshakes, keepalives -
+// at debug level, its errors as warnings), counting spoofed packets and passing crossed
+// handshakes to crossed, off the device's goroutine.
+func deviceLogger(log *slog.Logger, stats *counters, crossed func(netip.AddrPort, string)) *device.Logger {
+	return &device.Logger{
+		Verbosef: func(format string, args ...any) {
+			switch format {
+			case logDisallowedSource:
+				stats.spoofed.Add(1)
+			case logInvalidResponse:
+				if s, ok := args[0].(string); ok {
+					if ap, err := netip.ParseAddrPort(s); err == nil {
+						go crossed(ap, "")
+					}
+				}
+			}
+			if log.Enabled(context.Background(), slog.LevelDebug) {
+				log.Debug("wireguard-go: " + fmt.Sprintf(format, args...))
+			}
+		},
+		Errorf: func(format string, args ...any) {
+			if format == logDeriveFailed {
+				if p, ok := args[0].(fmt.Stringer); ok {
+					go crossed(netip.AddrPort{}, p.String())
+				}
+			}
+			log.Warn("wireguard-go: " + fmt.Sprintf(format, args...))
+		},
+	}
+}
+
+// tunAvailable says whether this process may open TUN devices.
+func tunAvailable() error {
+	if err := unix.Access("/dev/net/tun", unix.R_OK|unix.W_OK); err != nil {
+		return fmt.Errorf("/dev/net/tun: %w", err)
+	}
+	return nil
+}

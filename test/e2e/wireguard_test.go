@@ -1,0 +1,520 @@
+package e2e
+
+// End-to-end tests of the wireguard backend as an operator runs it: xnetd on three hosts with
+// Backend.Type "wireguard" in the config (this VM's kernel has no WireGuard, so each runs the
+// embedded wireguard-go), etcd, containers. What the underlay sees is captured with tcpdump in
+// the underlay namespace. Helpers here are prefixed wg.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/xnet-dev/xnet/backend/wireguard"
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/harness"
+)
+
+const wgConfig = `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}`
+
+func TestWireGuardHostsConnectTheirContainersEncrypted(t *testing.T) {
+	nodes, topo := xdCluster(t, 3, wgConfig)
+	cs := xdContainers(t, nodes)
+	if failed := xdMesh(cs); len(failed) > 0 {
+		t.Fatalf("containers that do not reach each other:\n%s", strings.Join(failed, "\n"))
+	}
+
+	t.Run("every host publishes its key as flannel does and keeps the private key 0600", func(t *testing.T) {
+		leases := xdLeases(t, topo, xdPrefix)
+		for _, n := range nodes {
+			l := leases[n.state(t).Lease.Subnet]
+			data, err := subnetmgr.ParseWireGuardData(l.BackendData)
+			if l.BackendType != "wireguard" || err != nil || data.Port != 51820 {
+				t.Errorf("%s's lease: %s %s (%v), want wireguard with its key and Port 51820", n.Name, l.BackendType, l.BackendData, err)
+				continue
+			}
+			if want := fmt.Sprintf(`{"PublicKey":"%s","Port":51820}`, data.PublicKey); string(l.BackendData) != want {
+				t.Errorf("%s's BackendData %s, want exactly %s", n.Name, l.BackendData, want)
+			}
+			keyFile := filepath.Join(n.StateDir, wireguard.KeyFile)
+			fi, err := os.Stat(keyFile)
+			if err != nil || fi.Mode().Perm() != 0o600 {
+				t.Errorf("%s: key file %s: %v %v, want mode 0600", n.Name, keyFile, fi, err)
+				continue
+			}
+			raw, _ := os.ReadFile(keyFile)
+			if k, err := wgtypes.ParseKey(strings.TrimSpace(string(raw))); err != nil || k.PublicKey().String() != data.PublicKey {
+				t.Errorf("%s: the key file's public key is not the published one (%v)", n.Name, err)
+			}
+		}
+	})
+
+	t.Run("status names the backend and the embedded datapath", func(t *testing.T) {
+		var st struct {
+			Backend string `json:"backend"`
+			Mode    string `json:"mode"`
+		}
+		nodes[0].statusInto(t, &st)
+		if st.Backend != "wireguard" || st.Mode != string(wireguard.DatapathEmbedded) {
+			t.Errorf("status: backend %q mode %q, want wireguard %s", st.Backend, st.Mode, wireguard.DatapathEmbedded)
+		}
+	})
+
+	t.Run("TCP transfers arrive intact both ways", func(t *testing.T) {
+		udpTransfer(t, cs[0], cs[1], 32<<20)
+		udpTransfer(t, cs[1], cs[0], 8<<20)
+	})
+
+	t.Run("the underlay carries no payload in clear, and forged or replayed datagrams deliver nothing", func(t *testing.T) {
+		wgNothingInClearNothingReplayed(t, topo, nodes[0], nodes[1], cs[0], cs[1])
+	})
+
+	t.Run("kill -9 and restart keeps the key and reconnects", func(t *testing.T) {
+		before := xdLeases(t, topo, xdPrefix)[nodes[0].state(t).Lease.Subnet]
+		if err := nodes[0].proc.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		nodes[0].start(t)
+		nodes[0].waitReady(t)
+		after := xdLeases(t, topo, xdPrefix)[nodes[0].state(t).Lease.Subnet]
+		if string(after.BackendData) != string(before.BackendData) {
+			t.Errorf("the restarted host publishes %s, it published %s", after.BackendData, before.BackendData)
+		}
+		// Towards the restarted host first, which sends nothing itself: the others still hold
+		// sessions with its previous process, and only its greeting replaces them before
+		// WireGuard gives up on those (15 s).
+		for _, c := range cs[1:] {
+			if took, ok := wgReachWithin(t, c, cs[0], 2*time.Second); !ok {
+				t.Errorf("%s's container does not reach the restarted %s's within %v", c.Host.Name, nodes[0].Name, took)
+			}
+		}
+		if failed := xdMesh(cs); len(failed) > 0 {
+			t.Errorf("after the restart:\n%s", strings.Join(failed, "\n"))
+		}
+	})
+
+	t.Run("teardown removes the device and routes", func(t *testing.T) {
+		n := nodes[2]
+		if err := n.proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		n.teardown(t, topo)
+	})
+}
+
+// wgNothingInClearNothingReplayed captures the underlay while a's container sends marked
+// datagrams to b's, and checks the marker never appears on the wire while a second marker sent
+// in clear between the hosts does (the capture would have seen it). Then it sends b's
+// WireGuard port what an attacker on the underlay could: every captured datagram again, each
+// with its authentication tag changed, and garbage. None may reach b's container, and b must
+// still answer a: its session and a's endpoint are undisturbed.
+func wgNothingInClearNothingReplayed(t *testing.T, topo *harness.Topology, a, b *xdNode, ca, cb *harness.Container) {
+	marker, control := wgMarker(t, "overlay"), wgMarker(t, "clear")
+	const count = 20
+	sink := wgSink(t, cb, 7777)
+
+	pcap := filepath.Join(t.TempDir(), "underlay.pcap")
+	if _, err := exec.LookPath("tcpdump"); err != nil {
+		t.Fatalf("tcpdump (installed by .ci/run): %v", err)
+	}
+	// On b's port of the bridge: frames the bridge forwards between its ports never pass br0.
+	dump, err := topo.Underlay().Start("tcpdump", "--immediate-mode", "-i", b.Name, "-U", "-s", "0", "-w", pcap, "udp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(dump.Output(), "listening on"); time.Sleep(20 * time.Millisecond) {
+		if dump.Exited() || time.Now().After(deadline) {
+			t.Fatalf("tcpdump did not start: %s", dump.Output())
+		}
+	}
+	wgSend(t, ca.Namespace, netip.AddrPortFrom(cb.IP, 7777), marker, count)
+	wgSend(t, a.Namespace, netip.AddrPortFrom(b.UnderlayIP, 9), control, 1) // discard port: in clear
+	if got := sink.wait(count, 5*time.Second); got != count {
+		t.Fatalf("%s's container received %d of %d marked datagrams", b.Name, got, count)
+	}
+	time.Sleep(200 * time.Millisecond) // tcpdump writes each packet as it comes (--immediate-mode -U)
+	if err := dump.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	capture, err := os.ReadFile(pcap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(capture, control) {
+		t.Fatalf("the capture lacks the marker sent in clear: it sees nothing (%d bytes, %s)", len(capture), dump.Output())
+	}
+	if bytes.Contains(capture, marker) {
+		t.Errorf("the marker sent between containers is in clear on the underlay")
+	}
+	wgPort := netip.AddrPortFrom(b.UnderlayIP, 51820)
+	var data [][]byte
+	for _, d := range wgUDP(t, capture) {
+		// WireGuard transport data (type 4) from a to b, as long as a marked datagram.
+		if d.src.Addr() == a.UnderlayIP && d.dst == wgPort && len(d.payload) >= 32+len(marker) && d.payload[0] == 4 {
+			data = append(data, d.payload)
+		}
+	}
+	if len(data) < count {
+		t.Fatalf("the capture holds %d WireGuard datagrams from %s to %s, want the %d marked ones", len(data), a.Name, b.Name, count)
+	}
+
+	var attack [][]byte
+	for _, d := range data {
+		attack = append(attack, d) // replayed as captured
+		forged := bytes.Clone(d)
+		forged[len(forged)-1] ^= 0x55 // tag no longer authenticates
+		attack = append(attack, forged)
+		later := bytes.Clone(d)
+		binary.LittleEndian.PutUint64(later[8:16], 1<<40) // a counter never used: still not authentic
+		attack = append(attack, later)
+	}
+	attack = append(attack, append([]byte{4, 0, 0, 0}, make([]byte, 60)...), []byte("garbage"))
+	// From the underlay's gateway address, as anyone on the segment could.
+	err = topo.Underlay().Do(func() error {
+		c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(wgPort))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for _, p := range attack {
+			if _, err := c.Write(p); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if got := sink.count(); got != count {
+		t.Errorf("%d of %d replayed, forged or garbage datagrams reached %s's container", got-count, len(attack), b.Name)
+	}
+	// b still reaches a where a is (a forged packet did not move a's endpoint), and a b.
+	if failed := xdMesh([]*harness.Container{ca, cb}); len(failed) > 0 {
+		t.Errorf("after the replays:\n%s", strings.Join(failed, "\n"))
+	}
+	wgSend(t, ca.Namespace, netip.AddrPortFrom(cb.IP, 7777), marker, 1)
+	if got := sink.wait(count+1, 5*time.Second); got != count+1 {
+		t.Errorf("a fresh datagram after the replays: the container has %d, want %d", got, count+1)
+	}
+}
+
+// wgReachWithin pings to's container from from's, one echo request at a time, until one is
+// answered or d passed.
+func wgReachWithin(t *testing.T, from, to *harness.Container, d time.Duration) (time.Duration, bool) {
+	t.Helper()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	defer cancel()
+	for ctx.Err() == nil {
+		if _, got, _ := harness.Ping(ctx, from.Namespace, to.IP, 1, 0); got > 0 {
+			return time.Since(start), true
+		}
+	}
+	return time.Since(start), false
+}
+
+func wgMarker(t *testing.T, what string) []byte {
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return []byte("xnet-" + what + "-marker-" + hex.EncodeToString(b))
+}
+
+// wgSend sends payload count times from a UDP socket in ns to dst.
+func wgSend(t *testing.T, ns *harness.Namespace, dst netip.AddrPort, payload []byte, count int) {
+	t.Helper()
+	err := ns.Do(func() error {
+		c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(dst))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for range count {
+			if _, err := c.Write(payload); err != nil {
+				return err
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("send to %v from %s: %v", dst, ns.Name, err)
+	}
+}
+
+// wgCounter counts the datagrams a UDP listener in a container received.
+type wgCounter struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (c *wgCounter) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+// wait waits until want datagrams arrived or timeout passed, and returns how many did.
+func (c *wgCounter) wait(want int, timeout time.Duration) int {
+	for deadline := time.Now().Add(timeout); c.count() < want && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	return c.count()
+}
+
+func wgSink(t *testing.T, c *harness.Container, port int) *wgCounter {
+	t.Helper()
+	var conn *net.UDPConn
+	if err := c.Do(func() (err error) {
+		conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: c.IP.AsSlice(), Port: port})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	s := &wgCounter{}
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			if _, _, err := conn.ReadFromUDPAddrPort(buf); err != nil {
+				return
+			}
+			s.mu.Lock()
+			s.n++
+			s.mu.Unlock()
+		}
+	}()
+	return s
+}
+
+// wgDatagram is one UDP datagram of a capture.
+type wgDatagram struct {
+	src, dst netip.AddrPort
+	payload  []byte
+}
+
+// wgUDP reads the IPv4 UDP datagrams out of a pcap file of an Ethernet interface.
+func wgUDP(t *testing.T, file []byte) []wgDatagram {
+	t.Helper()
+	if len(file) < 24 {
+		t.Fatalf("pcap file of %d bytes", len(file))
+	}
+	switch binary.LittleEndian.Uint32(file) {
+	case 0xa1b2c3d4, 0xa1b23c4d: // microsecond and nanosecond pcap, written on this host
+	default:
+		t.Fatalf("not a little-endian pcap file (magic %x): tcpdump wrote pcapng?", file[:4])
+	}
+	if lt := binary.LittleEndian.Uint32(file[20:]); lt != 1 {
+		t.Fatalf("pcap link type %d, want Ethernet (1)", lt)
+	}
+	var out []wgDatagram
+	for rest := file[24:]; len(rest) >= 16; {
+		n := int(binary.LittleEndian.Uint32(rest[8:]))
+		if len(rest) < 16+n {
+			break // the last record, cut short
+		}
+		frame := rest[16 : 16+n]
+		rest = rest[16+n:]
+		if len(frame) < 14+20+8 || binary.BigEndian.Uint16(frame[12:]) != 0x0800 {
+			continue
+		}
+		ip := frame[14:]
+		ihl := int(ip[0]&0x0f) * 4
+		if ip[9] != 17 || len(ip) < ihl+8 {
+			continue
+		}
+		udp := ip[ihl:]
+		end := int(binary.BigEndian.Uint16(udp[4:]))
+		if end < 8 || end > len(udp) {
+			continue
+		}
+		out = append(out, wgDatagram{
+			src:     netip.AddrPortFrom(netip.AddrFrom4([4]byte(ip[12:16])), binary.BigEndian.Uint16(udp[0:])),
+			dst:     netip.AddrPortFrom(netip.AddrFrom4([4]byte(ip[16:20])), binary.BigEndian.Uint16(udp[2:])),
+			payload: udp[8:end],
+		})
+	}
+	return out
+}
+
+// TestXnetdWireGuardWithoutKernelOrTUNSaysWhy: --backend=wireguard on a host with neither
+// kernel WireGuard nor /dev/net/tun (hidden here by an empty /dev/net in a private mount
+// namespace) is a usage error that says both, and nothing is set up.
+func TestXnetdWireGuardWithoutKernelOrTUNSaysWhy(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 1, WithEtcd: true})
+	h := topo.Hosts()[0]
+	if err := h.Do(func() error { _, err := netlink.GenlFamilyGet("wireguard"); return err }); err == nil || wgModuleInstalled() {
+		t.Skip("this kernel has WireGuard: there is nothing to refuse")
+	}
+	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
+	bin := harness.BuildXnetd(t)
+	script := `mount -t tmpfs none /dev/net && exec "$0" "$@"`
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	args := append([]string{"--mount", "--propagation", "private", "sh", "-c", script, bin}, append(h.XnetdArgs(), "--backend=wireguard")...)
+	out, err := h.Run(ctx, "unshare", args...)
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 2 {
+		t.Fatalf("xnetd --backend=wireguard without kernel WireGuard or TUN: %v, want exit code 2\n%s", err, out)
+	}
+	for _, want := range []string{"--backend=wireguard", "neither kernel WireGuard", "/dev/net/tun"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not say %q:\n%v", want, err)
+		}
+	}
+	if links, _ := h.Run(ctx, "ip", "-o", "link", "show"); strings.Contains(links, "xnet") {
+		t.Errorf("devices left by a refused start:\n%s", links)
+	}
+}
+
+// wgModuleInstalled says whether a wireguard module is installed for the running kernel.
+func wgModuleInstalled() bool {
+	rel, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return false
+	}
+	dir := filepath.Join("/lib/modules", strings.TrimSpace(string(rel)))
+	for _, list := range []string{"modules.builtin", "modules.dep"} {
+		if data, err := os.ReadFile(filepath.Join(dir, list)); err == nil && bytes.Contains(data, []byte("/wireguard.ko")) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestWireGuardInteroperatesWithFlannel: host 1 is set up as flannel's wireguard backend sets
+// up a node (pkg/backend/wireguard): device flannel-wg with its private key and listen port
+// 51820, the subnet's network address as /32, a route for the whole Network, and per peer lease
+// one WireGuard peer reached at PublicIP:Port with AllowedIPs its subnet; its lease is the JSON
+// flannel writes. This kernel has no WireGuard, so the device is wireguard-go driven over the
+// configuration protocol `wg set` speaks. Hosts 2 and 3 run xnetd. Every container reaches every
+// other, and TCP crosses between the flannel host and an xnet host intact both ways.
+func TestWireGuardInteroperatesWithFlannel(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true})
+	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), wgConfig)
+	hosts := topo.Hosts()
+	flannel := wgStartFlannel(t, topo, hosts[0], netip.MustParsePrefix("10.244.200.0/24"))
+
+	bin := harness.BuildXnetd(t)
+	var nodes []*xdNode
+	for _, h := range hosts[1:] {
+		n := &xdNode{Host: h, bin: bin}
+		n.start(t)
+		n.waitReady(t)
+		nodes = append(nodes, n)
+	}
+	for _, n := range nodes {
+		n.waitPeers(t, 2)
+	}
+	// flannel's handleSubnetEvents for the xnet hosts' leases.
+	for subnet, l := range xdLeases(t, topo, xdPrefix) {
+		if subnet != flannel.subnet {
+			flannel.addPeer(t, subnet, l)
+		}
+	}
+	cs := append([]*harness.Container{flannel.container}, xdContainers(t, nodes)...)
+	if failed := xdMesh(cs); len(failed) > 0 {
+		t.Fatalf("containers that do not reach each other:\n%s", strings.Join(failed, "\n"))
+	}
+	udpTransfer(t, cs[0], cs[1], 16<<20)
+	udpTransfer(t, cs[2], cs[0], 16<<20)
+}
+
+// wgFlannel is a host configured as flannel's wireguard backend configures one.
+type wgFlannel struct {
+	dev       *device.Device
+	subnet    netip.Prefix
+	container *harness.Container
+}
+
+func wgStartFlannel(t *testing.T, topo *harness.Topology, h *harness.Host, subnet netip.Prefix) *wgFlannel {
+	t.Helper()
+	key, err := wgtypes.GeneratePrivateKey() // flannel: /run/flannel/wgkey, made at first start
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &wgFlannel{subnet: subnet}
+	const mtu = 1500 - 80 // flannel: the interface's MTU minus its overhead of 80
+	err = h.Do(func() error {
+		tdev, err := tun.CreateTUN("flannel-wg", mtu)
+		if err != nil {
+			return err
+		}
+		f.dev = device.NewDevice(tdev, conn.NewStdNetBind(), &device.Logger{Verbosef: device.DiscardLogf, Errorf: device.DiscardLogf})
+		if err := f.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=51820\nreplace_peers=true\n", hex.EncodeToString(key[:]))); err != nil {
+			return err
+		}
+		return f.dev.Up() // opens its UDP sockets here, in the host's namespace
+	})
+	if err != nil {
+		t.Fatalf("flannel-wg on %s: %v", h.Name, err)
+	}
+	t.Cleanup(f.dev.Close)
+	err = h.IP(t.Context(),
+		fmt.Sprintf("addr add %s/32 dev flannel-wg", subnet.Addr()),
+		"link set flannel-wg up",
+		"route replace 10.244.0.0/16 dev flannel-wg scope link")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SetupDocker0(netip.PrefixFrom(subnet.Addr().Next(), subnet.Bits()), mtu); err != nil {
+		t.Fatal(err)
+	}
+	if f.container, err = h.AddContainer(); err != nil {
+		t.Fatal(err)
+	}
+	// The lease as flanneld v0.28 writes it (json.Marshal of its LeaseAttrs), with a TTL.
+	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"%s","Port":51820}}`,
+		h.UnderlayIP, key.PublicKey())
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	grant, err := topo.EtcdClient().Grant(ctx, 3600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := topo.EtcdClient().Put(ctx, subnetmgr.SubnetKey(xdPrefix, subnet), value, clientv3.WithLease(grant.ID)); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// addPeer is flannel's AddPeer for one lease: endpoint PublicIP:Port, AllowedIPs the subnet.
+func (f *wgFlannel) addPeer(t *testing.T, subnet netip.Prefix, l subnetmgr.LeaseAttrs) {
+	t.Helper()
+	data, err := subnetmgr.ParseWireGuardData(l.BackendData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := wgtypes.ParseKey(data.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := fmt.Sprintf("public_key=%s\nendpoint=%s\nreplace_allowed_ips=true\nallowed_ip=%s\n",
+		hex.EncodeToString(pub[:]), netip.AddrPortFrom(l.PublicIP, data.Port), subnet)
+	if err := f.dev.IpcSet(conf); err != nil {
+		t.Fatal(err)
+	}
+}
