@@ -221,7 +221,3 @@ func sourceSeen(from, to testNS, dst netip.Addr) (netip.Addr, error) {
 	return harness.SourceSeen(&harness.Namespace{Name: string(from)}, &harness.Namespace{Name: string(to)}, dst, 3)
 }
 
-// inNS runs fn on an OS thread in ns (the harness's Do); sockets opened in fn stay in ns.
-func inNS(ns testNS, fn func() error) error {
-	return (&harness.Namespace{Name: string(ns)}).Do(fn)
-}
