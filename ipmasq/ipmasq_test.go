@@ -220,4 +220,3 @@ func TestMasqueradeOnlyWhatLeavesTheOverlay(t *testing.T) {
 func sourceSeen(from, to testNS, dst netip.Addr) (netip.Addr, error) {
 	return harness.SourceSeen(&harness.Namespace{Name: string(from)}, &harness.Namespace{Name: string(to)}, dst, 3)
 }
-
