@@ -669,7 +669,9 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 				continue
 			}
 			dst, ok := netipPrefix(*r.Dst)
-			if !ok || !kept.Stale(b.Network(), dst) {
+			// The whole Network's route is the device's own (traffic to a subnet no peer
+			// holds is dropped there instead of leaving in clear), not a peer's.
+			if !ok || dst == b.Network().Masked() || !kept.Stale(b.Network(), dst) {
 				continue
 			}
 			if err := b.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
