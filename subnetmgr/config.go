@@ -51,9 +51,10 @@ type configJSON struct {
 }
 
 type backendJSON struct {
-	Type *string
-	VNI  *int
-	Port *int
+	Type          *string
+	VNI           *int
+	Port          *int
+	DirectRouting *bool
 }
 
 // ParseConfig parses and validates <prefix>/config, filling in flannel's defaults. An invalid
@@ -173,6 +174,9 @@ func parseBackendConfig(data json.RawMessage) (BackendConfig, error) {
 			return BackendConfig{}, configErr("Backend.Port", "%d is out of range; use 1 to 65535 (default %d)", *raw.Port, defaultPort)
 		}
 		b.Port = *raw.Port
+	}
+	if raw.DirectRouting != nil {
+		b.DirectRouting = *raw.DirectRouting
 	}
 	return b, nil
 }

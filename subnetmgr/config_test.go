@@ -34,7 +34,7 @@ func TestParseConfig(t *testing.T) {
 		{"flannel's vxlan config with its own fields, unknown ones ignored",
 			`{"Network":"10.1.0.0/16","SubnetLen":25,"EnableIPv6":false,"Backend":{"Type":"vxlan","VNI":4096,"Port":4789,"DirectRouting":true,"GBP":false}}`,
 			Config{Network: p("10.1.0.0/16"), SubnetLen: 25, SubnetMin: a("10.1.0.128"), SubnetMax: a("10.1.255.128"),
-				Backend: BackendConfig{Type: "vxlan", VNI: 4096, Port: 4789}}},
+				Backend: BackendConfig{Type: "vxlan", VNI: 4096, Port: 4789, DirectRouting: true}}},
 		{"host-gw, Port 0 means the default port",
 			`{"Network":"172.16.0.0/12","Backend":{"Type":"host-gw","Port":0}}`,
 			Config{Network: p("172.16.0.0/12"), SubnetLen: 24, SubnetMin: a("172.16.1.0"), SubnetMax: a("172.31.255.0"),
@@ -90,6 +90,7 @@ func TestParseConfig(t *testing.T) {
 		{"VNI out of range", `{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}`, "Backend.VNI", []string{"16777216", "0 to 16777215"}},
 		{"VNI a string", `{"Network":"10.244.0.0/16","Backend":{"VNI":"1"}}`, "Backend.VNI", []string{"wrong JSON type"}},
 		{"Port out of range", `{"Network":"10.244.0.0/16","Backend":{"Port":70000}}`, "Backend.Port", []string{"70000", "1 to 65535"}},
+		{"DirectRouting a string", `{"Network":"10.244.0.0/16","Backend":{"DirectRouting":"true"}}`, "Backend.DirectRouting", []string{"wrong JSON type", "bool"}},
 	}
 	for _, tc := range invalid {
 		t.Run(tc.desc, func(t *testing.T) {

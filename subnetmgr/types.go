@@ -39,6 +39,9 @@ type BackendConfig struct {
 	Type string
 	VNI  int
 	Port int
+	// DirectRouting is flannel's option of the same name (default false): the VXLAN-speaking
+	// backends route peers on our L2 segment without encapsulation and keep VXLAN for the rest.
+	DirectRouting bool
 }
 
 // Lease is one host's subnet as stored under <prefix>/subnets/<a.b.c.d>-<len>.
