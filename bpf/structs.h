@@ -51,11 +51,15 @@ struct route_key {
 	ipv4_addr addr;
 };
 
-/* route: where a remote subnet lives. */
+/* route: where a remote subnet lives, and how to reach it. */
 struct route {
-	ipv4_addr remote_ip;              /* peer PublicIP: outer destination */
+	ipv4_addr remote_ip;              /* peer PublicIP: outer destination, or next hop when direct */
 	__u8 vtep_mac[XNET_ETH_ALEN];     /* peer VTEP MAC from its lease: inner destination MAC */
-	__u16 pad;
+	/* 1: the peer is on our L2 segment and DirectRouting is on: its subnet is routed plain,
+	 * via remote_ip, without VXLAN (direct.h); 0: VXLAN. The Go side decides per peer and
+	 * decides again when the peer's lease changes. */
+	__u8 direct;
+	__u8 pad;
 };
 
 /* peer_stats: per-peer traffic (per CPU), keyed by the peer's PublicIP. */

@@ -1,0 +1,205 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * DirectRouting: peers on our L2 segment get plain routed packets, the rest
+ * VXLAN, in one cluster (flannel's "DirectRouting", Calico's VXLAN
+ * CrossSubnet). The Go side decides per peer (its PublicIP lies in a
+ * connected subnet of the underlay NIC, as host-gw decides) and sets
+ * route.direct; the programs follow the flag per packet, so a peer that moves
+ * switches path with one map update.
+ *
+ * Out (send_to_peer -> direct_out), Cilium's BPF host routing: from the
+ * container veth's TC ingress straight out of the underlay NIC with
+ * bpf_redirect_neigh towards the peer's PublicIP. The kernel fills the
+ * Ethernet header from its neighbour table (resolving the peer by ARP for a
+ * first packet), and the bridge, routing and netfilter are skipped, as on the
+ * VXLAN path. TTL is decremented as a router would: the packet crosses this
+ * host.
+ *
+ * In (direct_in, from decap_tc for what is not VXLAN for us): a plain IPv4
+ * packet for our subnet from a peer's subnet. Nothing in it proves where it
+ * came from, so the anti-spoofing rule of the VXLAN path (the outer source
+ * must be the PublicIP of the lease owning the inner source) becomes an L2
+ * rule: its Ethernet source must be the MAC of the peer whose lease owns its
+ * IPv4 source, as our neighbour table knows that peer's PublicIP (through the
+ * nexthops cache the encap keeps, else bpf_fib_lookup). Then it is delivered
+ * as decap delivers (deliver: a learned container through bpf_redirect_peer,
+ * else through xnet0). A packet from a segment peer's subnet that another
+ * neighbour sent is dropped; one that cannot be checked (the lease is not on
+ * our segment, or the peer's neighbour entry is unresolved) goes to the stack,
+ * where the host's own rules (rp_filter: the route back to the Network is via
+ * xnet0) decide, as they would without xnet. Packets from no peer's subnet (a
+ * LAN host reaching a container through a route) are not ours to judge and
+ * pass untouched.
+ */
+#ifndef XNET_DIRECT_H
+#define XNET_DIRECT_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "xnet.h"
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+#include "encap.h"
+
+/* ttl_decrement lowers the TTL by one as a router does, fixing the header
+ * checksum. It returns -1, changing nothing, when the packet must not be
+ * forwarded (TTL 1 or 0): the stack answers it with "time exceeded". */
+static __always_inline int ttl_decrement(struct iphdr *ip)
+{
+	__u16 *word = (__u16 *)&ip->ttl; /* TTL shares a 16-bit word with the protocol */
+	__u16 old;
+
+	if (ip->ttl <= 1)
+		return -1;
+	old = *word;
+	ip->ttl--;
+	csum_replace2(&ip->check, old, *word);
+	return 0;
+}
+
+/*
+ * direct_out sends the IPv4 packet in skb plain to the peer of route rt, a
+ * peer on our L2 segment: out of the underlay NIC, to the peer's PublicIP as
+ * next hop. from_container as for encap: a container's packet is forwarded
+ * (TTL decremented; what the direct path cannot take goes to the stack, which
+ * answers or fragments it), while xnet0 carries the host's own packets,
+ * which the kernel has already routed and sized to xnet0's MTU.
+ */
+static __always_inline int direct_out(struct __sk_buff *skb, const struct host_config *cfg, struct iphdr *ip,
+				      const struct route *rt, int from_container)
+{
+	struct bpf_redir_neigh nh = {.nh_family = AF_INET, .ipv4_nh = ip4_word(rt->remote_ip)};
+
+	/* Containers get the overlay MTU, which always fits; a container
+	 * configured larger is the stack's to answer (ICMP or fragments). */
+	if (encap_seg_len(skb, ip) > cfg->underlay_mtu) {
+		if (!from_container) {
+			count(VERDICT_DROP_TOO_BIG, skb->len);
+			return TC_ACT_SHOT;
+		}
+		count(VERDICT_PASS_TOO_BIG, skb->len);
+		return XNET_TC_PASS;
+	}
+	if (from_container && ttl_decrement(ip) < 0) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
+	count(VERDICT_DIRECT_OUT, skb->len);
+	count_peer(nh.ipv4_nh, skb->len, 0);
+	return bpf_redirect_neigh(cfg->underlay_ifindex, &nh, sizeof(nh), 0);
+}
+
+/*
+ * send_to_peer sends the IPv4 packet in skb to the peer owning its
+ * destination: plain when that peer is on our segment (route.direct), else in
+ * VXLAN (encap). from_container says where it comes from: a container's veth,
+ * where traffic without a peer is simply not ours (a container talking to the
+ * world), or xnet0, where traffic can only be overlay traffic and what cannot
+ * go is dropped.
+ */
+static __always_inline int send_to_peer(struct __sk_buff *skb, const struct host_config *cfg, struct iphdr *ip,
+					int from_container)
+{
+	struct route *found = route_of(ip->daddr);
+
+	if (!found) {
+		if (from_container) {
+			count(VERDICT_PASS, skb->len);
+			return XNET_TC_PASS;
+		}
+		count(VERDICT_DROP_NO_ROUTE, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (found->direct)
+		return direct_out(skb, cfg, ip, found, from_container);
+	return encap(skb, cfg, ip, found, from_container);
+}
+
+/* neighbour_mac fills mac with the L2 address our neighbour table has for
+ * peer_ip (network order), through the nexthops cache; it returns -1 when
+ * the neighbour is not resolved (or forwarding is off on the NIC, which
+ * bpf_fib_lookup insists on). */
+static __always_inline int neighbour_mac(struct __sk_buff *skb, const struct host_config *cfg, __u32 peer_ip,
+					 __u8 *mac)
+{
+	struct underlay_hop hop = {};
+	__u64 now = bpf_jiffies64();
+
+	if (!hop_from_cache((const __u8 *)&peer_ip, now, &hop) &&
+	    (hop_from_fib(skb, cfg, (const __u8 *)&peer_ip, now, &hop) < 0 || !hop.resolved))
+		return -1;
+	mac_copy(mac, hop.dmac);
+	return 0;
+}
+
+/* direct_pull makes the Ethernet and IPv4 headers of a paged frame linear,
+ * where direct packet access reads them. Frames from a veth or a NIC almost
+ * always have them there already; for the rare one that does not, copying 34
+ * bytes costs less than leaving a routed packet unchecked. */
+static __always_inline void direct_pull(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	const __u32 hdrs = sizeof(struct ethhdr) + sizeof(struct iphdr);
+
+	if (data + hdrs <= data_end || skb->len < hdrs)
+		return;
+	bpf_skb_pull_data(skb, hdrs);
+}
+
+/*
+ * direct_in judges a frame on the underlay NIC that is not VXLAN for us: a
+ * plain IPv4 packet from a peer's subnet to ours is delivered when its L2
+ * source is that peer, dropped when it is another neighbour of a peer on our
+ * segment, and left to the stack when it cannot be checked (see the top of
+ * this file). Everything else passes untouched.
+ */
+static __always_inline int direct_in(struct __sk_buff *skb, const struct host_config *cfg)
+{
+	struct hdr_cursor nh;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct route *src;
+	__u8 peer_mac[XNET_ETH_ALEN];
+	__u32 peer_ip, daddr;
+	void *data_end;
+
+	direct_pull(skb);
+	nh.pos = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0 ||
+	    (ip->daddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr)) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
+	src = route_of(ip->saddr);
+	if (!src) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
+	peer_ip = ip4_word(src->remote_ip);
+	if (!src->direct || neighbour_mac(skb, cfg, peer_ip, peer_mac) < 0) {
+		count(VERDICT_PASS_UNVERIFIED, skb->len);
+		return XNET_TC_PASS;
+	}
+	if (!mac_equal(eth->h_source, peer_mac)) {
+		count(VERDICT_DROP_DIRECT_SPOOFED, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (ttl_decrement(ip) < 0) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
+	daddr = ip->daddr;
+	count(VERDICT_DIRECT_IN, skb->len);
+	count_peer(peer_ip, skb->len, 1);
+	return deliver(skb, cfg, daddr);
+}
+
+#endif /* XNET_DIRECT_H */
