@@ -64,6 +64,36 @@ func (d *DirectRouter) Decide(publicIP netip.Addr) (PeerPath, error) {
 	return PeerPath{Why: fmt.Sprintf("%v is in no subnet of %s (%s)", publicIP, d.iface.Name, joinPrefixes(segs))}, nil
 }
 
+// Path is how a VXLAN-speaking backend reaches the peer at publicIP: direct when DirectRouting
+// is on (enabled) and the peer is on our segment, VXLAN otherwise. When the NIC's addresses
+// cannot be read the peer gets VXLAN, which works from anywhere, and the reason says why.
+func (d *DirectRouter) Path(enabled bool, publicIP netip.Addr) PeerPath {
+	if !enabled {
+		return PeerPath{Why: "DirectRouting is off"}
+	}
+	p, err := d.Decide(publicIP)
+	if err != nil {
+		return PeerPath{Why: fmt.Sprintf("VXLAN: cannot tell whether %v is on our segment: %v", publicIP, err)}
+	}
+	if !p.Direct {
+		p.Why += ": VXLAN"
+	}
+	return p
+}
+
+// PruneRoutes deletes our routes on the underlay NIC that kept no longer accounts for
+// (KeptSubnets.StaleVia): those a restarted daemon inherits from peers whose leases went away
+// while it was down. The host's own routes stay.
+func (d *DirectRouter) PruneRoutes(network netip.Prefix, kept KeptSubnets) ([]netip.Prefix, error) {
+	return d.DeleteRoutesWhere(func(dst netip.Prefix, gw netip.Addr) bool { return kept.StaleVia(network, dst, gw) })
+}
+
+// DeleteRoutesInside deletes every gatewayed route on the underlay NIC strictly inside network:
+// the routes DirectRouting made, for a teardown.
+func (d *DirectRouter) DeleteRoutesInside(network netip.Prefix) ([]netip.Prefix, error) {
+	return d.DeleteRoutesWhere(func(dst netip.Prefix, _ netip.Addr) bool { return strictlyInside(network, dst) })
+}
+
 // Segments are the connected IPv4 subnets of the underlay NIC, the L2 segments we are on.
 func (d *DirectRouter) Segments() ([]netip.Prefix, error) {
 	// Only the index matters to AddrList; no need to look the link up first.

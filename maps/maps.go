@@ -102,6 +102,9 @@ type Route struct {
 	Subnet   netip.Prefix
 	PublicIP netip.Addr
 	VtepMAC  net.HardwareAddr
+	// Direct routes the subnet plain via PublicIP, without VXLAN: the peer is on our L2
+	// segment and DirectRouting is on (bpf/direct.h).
+	Direct bool
 }
 
 // PutRoute adds or replaces the route of r.Subnet.
@@ -115,6 +118,9 @@ func (m *Maps) PutRoute(r Route) error {
 	}
 	key := bpf.XnetRouteKey{Prefixlen: uint32(r.Subnet.Bits()), Addr: ip4(r.Subnet.Masked().Addr())}
 	val := bpf.XnetRoute{RemoteIp: ip4(r.PublicIP), VtepMac: mac}
+	if r.Direct {
+		val.Direct = 1
+	}
 	if err := m.Routes.Put(key, val); err != nil {
 		return fmt.Errorf("put route %v -> %v: %w", r.Subnet, r.PublicIP, err)
 	}
@@ -143,6 +149,7 @@ func (m *Maps) ListRoutes() ([]Route, error) {
 			Subnet:   netip.PrefixFrom(addrOf(key.Addr), int(key.Prefixlen)),
 			PublicIP: addrOf(val.RemoteIp),
 			VtepMAC:  append(net.HardwareAddr(nil), val.VtepMac[:]...),
+			Direct:   val.Direct != 0,
 		})
 	}
 	if err := it.Err(); err != nil {

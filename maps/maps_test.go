@@ -54,6 +54,17 @@ func TestRoutesRoundTrip(t *testing.T) {
 	if got, _ := m.ListRoutes(); len(got) != 0 {
 		t.Fatalf("routes after delete: %+v", got)
 	}
+	direct := Route{Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("198.18.0.18"),
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 18}, Direct: true}
+	if err := m.PutRoute(direct); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := m.ListRoutes(); err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], direct) {
+		t.Fatalf("ListRoutes = %+v, %v; want the direct route [%+v]", got, err, direct)
+	}
+	if err := m.DeleteRoute(direct.Subnet); err != nil {
+		t.Fatal(err)
+	}
 	if err := m.PutRoute(Route{Subnet: netip.MustParsePrefix("fd00::/64"), PublicIP: r.PublicIP, VtepMAC: r.VtepMAC}); err == nil {
 		t.Fatal("an IPv6 subnet was accepted")
 	}

@@ -91,6 +91,7 @@ type Backend struct {
 	bridges   map[int]string   // container bridges by ifindex (findBridges)
 	frags     *fragReceiver    // reassembled datagrams (fragments.go); nil when it could not start
 	peers     map[netip.Prefix]netip.Addr
+	direct    directState // DirectRouting (direct.go)
 	status    Status
 	stopWatch func()
 	// headroomErr is the last failure to set up HeadroomDevice ("" when fine), so a repeated
@@ -155,6 +156,7 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 		status: Status{HostRouting: hostRouting, HostRoutingWhy: why},
 		veths:  map[int]struct{}{},
 		peers:  map[netip.Prefix]netip.Addr{},
+		direct: newDirectState(opts),
 	}, nil
 }
 
