@@ -23,13 +23,16 @@
  * IPv4 source, as our neighbour table knows that peer's PublicIP (through the
  * nexthops cache the encap keeps, else bpf_fib_lookup). Then it is delivered
  * as decap delivers (deliver: a learned container through bpf_redirect_peer,
- * else through xnet0). A packet from a segment peer's subnet that another
- * neighbour sent is dropped; one that cannot be checked (the lease is not on
- * our segment, or the peer's neighbour entry is unresolved) goes to the stack,
- * where the host's own rules (rp_filter: the route back to the Network is via
- * xnet0) decide, as they would without xnet. Packets from no peer's subnet (a
+ * else through xnet0). A packet from a peer's subnet that another neighbour
+ * sent is dropped, and so is one from the subnet of a peer that is not on our
+ * segment: that peer sends VXLAN, so a plain packet in its name is someone
+ * else's (a peer and we disagree on the segment only when the netmasks on
+ * one LAN differ). One that cannot be checked because the peer's neighbour
+ * entry is unresolved (our kernel learns it from the peer's ARP request before
+ * its first packet, so this is rare) goes to the stack, where the host's own
+ * rules decide, as they would without xnet. Packets from no peer's subnet (a
  * LAN host reaching a container through a route) are not ours to judge and
- * pass untouched.
+ * pass untouched, and so is everything while DirectRouting is off.
  */
 #ifndef XNET_DIRECT_H
 #define XNET_DIRECT_H
@@ -154,11 +157,11 @@ static __always_inline void direct_pull(struct __sk_buff *skb)
 }
 
 /*
- * direct_in judges a frame on the underlay NIC that is not VXLAN for us: a
- * plain IPv4 packet from a peer's subnet to ours is delivered when its L2
- * source is that peer, dropped when it is another neighbour of a peer on our
- * segment, and left to the stack when it cannot be checked (see the top of
- * this file). Everything else passes untouched.
+ * direct_in judges a frame on the underlay NIC that is not VXLAN for us: with
+ * DirectRouting, a plain IPv4 packet from a peer's subnet to ours is delivered
+ * when its L2 source is that peer on our segment, dropped when it is not, and
+ * left to the stack when that cannot be checked (see the top of this file).
+ * Everything else passes untouched.
  */
 static __always_inline int direct_in(struct __sk_buff *skb, const struct host_config *cfg)
 {
@@ -173,7 +176,8 @@ static __always_inline int direct_in(struct __sk_buff *skb, const struct host_co
 	direct_pull(skb);
 	nh.pos = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0 ||
+	if (!cfg->direct_routing || parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) ||
+	    parse_iphdr(&nh, data_end, &ip) < 0 ||
 	    (ip->daddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr)) {
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
@@ -183,8 +187,12 @@ static __always_inline int direct_in(struct __sk_buff *skb, const struct host_co
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
 	}
+	if (!src->direct) {
+		count(VERDICT_DROP_DIRECT_SPOOFED, skb->len);
+		return TC_ACT_SHOT;
+	}
 	peer_ip = ip4_word(src->remote_ip);
-	if (!src->direct || neighbour_mac(skb, cfg, peer_ip, peer_mac) < 0) {
+	if (neighbour_mac(skb, cfg, peer_ip, peer_mac) < 0) {
 		count(VERDICT_PASS_UNVERIFIED, skb->len);
 		return XNET_TC_PASS;
 	}

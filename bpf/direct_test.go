@@ -21,6 +21,18 @@ var (
 	attackerMAC   = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x99}
 )
 
+// setDirectRouting turns the host's Backend.DirectRouting on or off in the config entry.
+func setDirectRouting(t testing.TB, objs *objects, on bool) {
+	t.Helper()
+	var cfg XnetHostConfig
+	must(t, objs.Config.Lookup(uint32(0), &cfg))
+	cfg.DirectRouting = 0
+	if on {
+		cfg.DirectRouting = 1
+	}
+	must(t, objs.Config.Put(uint32(0), cfg))
+}
+
 func setDirect(t testing.TB, objs *objects, subnet netip.Prefix, publicIP netip.Addr, direct bool) {
 	t.Helper()
 	rt := XnetRoute{RemoteIp: ip4(publicIP)}
@@ -57,6 +69,7 @@ func routed(frame []byte, dstMAC, srcMAC net.HardwareAddr) []byte {
 func TestDirect(t *testing.T) {
 	ifindex, _, inNS := underlay(t)
 	objs := load(t, ifindex)
+	setDirectRouting(t, objs, true)
 	setDirect(t, objs, peerNet, peerIP, true)
 	setDirect(t, objs, unresolvedNet, unresolvedIP, true)
 
@@ -103,8 +116,8 @@ func TestDirect(t *testing.T) {
 			decap, fromPeerToNew, XnetVerdictVERDICT_DIRECT_IN, tcRedirect, routed(fromPeerToNew, localVtep, peerNicMAC)},
 		{"a packet from a segment peer's subnet sent by another neighbour is dropped",
 			decap, plainFrame(nicMAC, attackerMAC, remoteIP, ctrIP, 64), XnetVerdictVERDICT_DROP_DIRECT_SPOOFED, tcDrop, nil},
-		{"a packet from a VXLAN peer's subnet arriving plain cannot be checked: the stack decides",
-			decap, plainFrame(nicMAC, peerNicMAC, vxlanPeerCtr, ctrIP, 64), XnetVerdictVERDICT_PASS_UNVERIFIED, tcPass, nil},
+		{"a packet from a VXLAN peer's subnet arriving plain is dropped: that peer sends VXLAN",
+			decap, plainFrame(nicMAC, peerNicMAC, vxlanPeerCtr, ctrIP, 64), XnetVerdictVERDICT_DROP_DIRECT_SPOOFED, tcDrop, nil},
 		{"a packet from a segment peer whose neighbour entry is unresolved cannot be checked: the stack decides",
 			decap, plainFrame(nicMAC, attackerMAC, netip.MustParseAddr("10.244.4.4"), ctrIP, 64), XnetVerdictVERDICT_PASS_UNVERIFIED, tcPass, nil},
 		{"a LAN host reaching a container through a route is not ours to judge",
@@ -130,6 +143,19 @@ func TestDirect(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("with DirectRouting off plain packets from a peer's subnet are the stack's, as without it", func(t *testing.T) {
+		setDirectRouting(t, objs, false)
+		defer setDirectRouting(t, objs, true)
+		for _, in := range [][]byte{fromPeer, plainFrame(nicMAC, attackerMAC, vxlanPeerCtr, ctrIP, 64)} {
+			before := verdicts(t, objs.Counters)
+			var ret uint32
+			var out []byte
+			inNS(func() { ret, out = run(t, objs.DecapTc, in) })
+			checkCounted(t, "tc", before, verdicts(t, objs.Counters), XnetVerdictVERDICT_PASS)
+			expectUntouched(t, "tc", ret, tcPass, out, in)
+		}
+	})
 
 	t.Run("clearing the flag sends the same packet in VXLAN again", func(t *testing.T) {
 		setDirect(t, objs, peerNet, peerIP, false)

@@ -106,6 +106,9 @@ struct host_config {
 	__u16 underlay_mtu;  /* host order */
 	__u8 vtep_mac[XNET_ETH_ALEN];      /* our VTEP MAC (also xnet0's MAC) */
 	__u8 underlay_mac[XNET_ETH_ALEN];  /* the underlay NIC's MAC */
+	/* 1: the config's Backend.DirectRouting. Peers on our segment then send plain routed
+	 * packets, and decap_tc checks those (direct.h); with 0 they are the stack's business. */
+	__u8 direct_routing;
 };
 
 /* The VXLAN header of RFC 7348 (no uapi header has it): flags (I bit = a VNI

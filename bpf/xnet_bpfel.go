@@ -40,6 +40,8 @@ type XnetHostConfig struct {
 	UnderlayMtu     uint16
 	VtepMac         [6]uint8
 	UnderlayMac     [6]uint8
+	DirectRouting   uint8
+	_               [3]byte
 }
 
 type XnetNexthop struct {

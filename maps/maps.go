@@ -169,6 +169,9 @@ type Config struct {
 	UnderlayMAC     net.HardwareAddr
 	HostIfindex     int // xnet0; 0 delivers unknown destinations to the stack
 	VtepMAC         net.HardwareAddr
+	// DirectRouting is the config's Backend.DirectRouting: the programs check plain routed
+	// packets from peers on our segment (bpf/direct.h).
+	DirectRouting bool
 }
 
 // SetConfig writes the config entry. The programs read it per packet, so the change is atomic
@@ -202,6 +205,9 @@ func (m *Maps) SetConfig(c Config) error {
 		VtepMac:         vtep,
 		UnderlayMac:     nic,
 	}
+	if c.DirectRouting {
+		val.DirectRouting = 1
+	}
 	if err := m.Config.Put(uint32(0), val); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
@@ -228,6 +234,7 @@ func (m *Maps) GetConfig() (c Config, ok bool, err error) {
 		UnderlayMAC:     append(net.HardwareAddr(nil), val.UnderlayMac[:]...),
 		HostIfindex:     int(val.HostIfindex),
 		VtepMAC:         append(net.HardwareAddr(nil), val.VtepMac[:]...),
+		DirectRouting:   val.DirectRouting != 0,
 	}, true, nil
 }
 

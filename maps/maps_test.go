@@ -77,7 +77,7 @@ func TestConfigRoundTrip(t *testing.T) {
 	}
 	c := Config{LocalIP: netip.MustParseAddr("198.18.0.11"), Subnet: netip.MustParsePrefix("10.244.5.0/24"), VNI: 1, Port: 8472,
 		UnderlayIfindex: 3, UnderlayMTU: 1500, UnderlayMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, HostIfindex: 9,
-		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 11}}
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 11}, DirectRouting: true}
 	if err := m.SetConfig(c); err != nil {
 		t.Fatal(err)
 	}

@@ -204,7 +204,7 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 	if err := b.m.SetConfig(maps.Config{
 		LocalIP: localIP, Subnet: local.Subnet.Masked(), VNI: b.VNI, Port: b.Port,
 		UnderlayIfindex: b.Iface.Index, UnderlayMTU: b.Iface.MTU, UnderlayMAC: nic.Attrs().HardwareAddr,
-		HostIfindex: host, VtepMAC: b.VtepMAC,
+		HostIfindex: host, VtepMAC: b.VtepMAC, DirectRouting: b.direct.enabled,
 	}); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
