@@ -33,7 +33,10 @@ func newDirectState(opts backend.Options) directState {
 }
 
 // peerPath decides how the peer on subnet at publicIP is reached and records it, logging a
-// change. Called with mu held.
+// change. A new or changed path also drops the cached next hop towards the peer: the nexthops
+// cache is what decap checks a direct peer's MAC against, and after the underlay changed (this
+// host or the peer moved to another segment) its entry may still name the old next hop, a
+// router, for up to XNET_NEXTHOP_TTL_JIFFIES. Called with mu held.
 func (b *Backend) peerPath(subnet netip.Prefix, publicIP netip.Addr) backend.PeerPath {
 	path := backend.PeerPath{Why: "DirectRouting is off"}
 	if b.direct.enabled {
@@ -43,6 +46,9 @@ func (b *Backend) peerPath(subnet netip.Prefix, publicIP netip.Addr) backend.Pee
 	}
 	if old, ok := b.direct.paths[subnet]; b.direct.enabled && (!ok || old.Direct != path.Direct) {
 		b.Log.Info("peer path", "subnet", subnet, "public_ip", publicIP, "direct", path.Direct, "why", path.Why)
+		if err := b.m.DeleteNexthop(publicIP); err != nil {
+			b.Log.Warn("dropping the cached next hop of a peer whose path changed", "public_ip", publicIP, "err", err)
+		}
 	}
 	b.direct.paths[subnet] = path
 	return path
