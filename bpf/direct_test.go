@@ -50,12 +50,18 @@ func plainFrame(dstMAC, srcMAC net.HardwareAddr, src, dst netip.Addr, ttl uint8)
 	return testpkt.Eth(dstMAC, srcMAC, testpkt.EtherTypeIPv4, ip)
 }
 
-// routed is frame as a router forwards it: TTL one lower, header checksum fixed, Ethernet
-// addresses dstMAC and srcMAC.
-func routed(frame []byte, dstMAC, srcMAC net.HardwareAddr) []byte {
+// withMACs is frame with the Ethernet addresses dstMAC and srcMAC.
+func withMACs(frame []byte, dstMAC, srcMAC net.HardwareAddr) []byte {
 	out := bytes.Clone(frame)
 	copy(out[0:6], dstMAC)
 	copy(out[6:12], srcMAC)
+	return out
+}
+
+// routed is frame as a router forwards it: TTL one lower, header checksum fixed, Ethernet
+// addresses dstMAC and srcMAC.
+func routed(frame []byte, dstMAC, srcMAC net.HardwareAddr) []byte {
+	out := withMACs(frame, dstMAC, srcMAC)
 	out[14+8]--
 	out[14+10], out[14+11] = 0, 0
 	sum := testpkt.Checksum(out[14:34], 0)
@@ -67,7 +73,7 @@ func routed(frame []byte, dstMAC, srcMAC net.HardwareAddr) []byte {
 // encap programs do with a packet for a peer on our segment, and what decap_tc does with plain
 // routed packets arriving on the underlay.
 func TestDirect(t *testing.T) {
-	ifindex, _, inNS := underlay(t)
+	ifindex, nic, inNS := underlay(t)
 	objs := load(t, ifindex)
 	setDirectRouting(t, objs, true)
 	setDirect(t, objs, peerNet, peerIP, true)
@@ -79,6 +85,7 @@ func TestDirect(t *testing.T) {
 	// A container whose MTU is the underlay's, not the overlay's: 1501 bytes of IPv4.
 	tooBig := containerFrameTOS(ctrIP, remoteIP, 1501-40, 0)
 
+	toUnresolved := containerFrameTOS(ctrIP, netip.MustParseAddr("10.244.4.4"), 100, 0)
 	fromPeer := plainFrame(nicMAC, peerNicMAC, remoteIP, ctrIP, 64)
 	fromPeerToNew := plainFrame(nicMAC, peerNicMAC, remoteIP, newCtrIP, 64)
 
@@ -94,12 +101,15 @@ func TestDirect(t *testing.T) {
 	host := func() *ebpf.Program { return objs.EncapHost }
 	decap := func() *ebpf.Program { return objs.DecapTc }
 	rows := []row{
-		// Out. bpf_redirect_neigh fills the Ethernet header when the kernel sends the
-		// packet, after the test run: here it is still the container's.
-		{"a container's packet to a peer on our segment leaves plain, routed (TTL - 1), not encapsulated",
-			container, toPeer, XnetVerdictVERDICT_DIRECT_OUT, tcRedirect, routed(toPeer, gwMAC, ctrMAC)},
+		// Out. The peer's neighbour entry is resolved, so the program writes its MAC.
+		{"a container's packet to a peer on our segment leaves plain, routed (TTL - 1), to the peer's MAC",
+			container, toPeer, XnetVerdictVERDICT_DIRECT_OUT, tcRedirect, routed(toPeer, peerNicMAC, nic)},
 		{"host traffic in xnet0 to a peer on our segment leaves plain with its TTL (the host originated it)",
-			host, toPeer, XnetVerdictVERDICT_DIRECT_OUT, tcRedirect, toPeer},
+			host, toPeer, XnetVerdictVERDICT_DIRECT_OUT, tcRedirect, withMACs(toPeer, peerNicMAC, nic)},
+		// bpf_redirect_neigh fills the Ethernet header when the kernel sends the packet,
+		// after the test run: here it is still the container's.
+		{"a packet to a segment peer whose neighbour entry is unresolved is left to bpf_redirect_neigh",
+			container, toUnresolved, XnetVerdictVERDICT_DIRECT_OUT, tcRedirect, routed(toUnresolved, gwMAC, ctrMAC)},
 		{"a container's packet with TTL 1 is left to the stack, which answers time exceeded",
 			container, ttl1, XnetVerdictVERDICT_PASS, tcPass, nil},
 		{"a container's packet larger than the underlay MTU is left to the stack",
