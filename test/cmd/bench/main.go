@@ -165,13 +165,13 @@ type mode struct {
 	// fromHost sends from the first host's own namespace instead of a container ("+host").
 	fromHost bool
 	// direct turns the config's Backend.DirectRouting on ("+direct", "ebpf-direct").
-	direct bool
-	topo     *harness.Topology
-	client   *harness.Container // on h1
-	server   *harness.Container // on h2
-	daemons  []*harness.Process
-	rr       *rrServer
-	err      error // set when the mode could not be set up; it is then skipped
+	direct  bool
+	topo    *harness.Topology
+	client  *harness.Container // on h1
+	server  *harness.Container // on h2
+	daemons []*harness.Process
+	rr      *rrServer
+	err     error // set when the mode could not be set up; it is then skipped
 }
 
 func run(ctx context.Context, o options) (err error) {
