@@ -290,7 +290,12 @@ func drMoveHost(t *testing.T, topo *harness.Topology, n *xdNode, subnet netip.Pr
 }
 
 func TestDirectRoutingPeerRenumberedOntoAnotherSegmentSwitchesPath(t *testing.T) {
-	const backendName = "ebpf"
+	for _, backendName := range []string{"ebpf", "vxlan", "udp"} {
+		t.Run(backendName, func(t *testing.T) { drRenumber(t, backendName) })
+	}
+}
+
+func drRenumber(t *testing.T, backendName string) {
 	nodes, cs, topo := drCluster(t, backendName)
 	h1, h3 := nodes[0], nodes[2]
 	c1, c3 := cs[0], cs[2]
