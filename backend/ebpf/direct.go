@@ -3,8 +3,9 @@ package ebpf
 // DirectRouting in the ebpf backend (Cilium's BPF host routing, flannel's "DirectRouting"): a
 // peer on our L2 segment, as backend.DirectRouter decides it (its PublicIP inside a connected
 // subnet of the underlay NIC, host-gw's rule), gets route.direct set in the routes map, and
-// the programs send its subnet's packets plain out of the underlay (bpf_redirect_neigh) and
-// deliver plain packets from it straight into containers (bpf_redirect_peer), after checking
+// the programs send its subnet's packets plain out of the underlay (to the peer's MAC from the
+// neighbour table, bpf_redirect_neigh while it is unresolved) and deliver plain packets from it
+// straight into containers (bpf_redirect_peer), after checking
 // that their Ethernet source is that peer (bpf/direct.h). No kernel route is involved: the
 // host's own traffic takes xnet0 as for VXLAN peers and encap_host sends it plain too. The
 // decision is made again at every AddPeer, so a peer whose lease moves it onto or off our
@@ -56,14 +57,3 @@ func (b *Backend) peerPath(subnet netip.Prefix, publicIP netip.Addr) backend.Pee
 
 // forgetPath drops what peerPath recorded for subnet. Called with mu held.
 func (b *Backend) forgetPath(subnet netip.Prefix) { delete(b.direct.paths, subnet) }
-
-// Paths says how each programmed peer is reached, by subnet.
-func (b *Backend) Paths() map[netip.Prefix]backend.PeerPath {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	out := make(map[netip.Prefix]backend.PeerPath, len(b.direct.paths))
-	for s, p := range b.direct.paths {
-		out[s] = p
-	}
-	return out
-}

@@ -400,17 +400,6 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	return nil
 }
 
-// Paths says how each programmed peer is reached, by subnet (for status and tests).
-func (b *Backend) Paths() map[netip.Prefix]backend.PeerPath {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	out := make(map[netip.Prefix]backend.PeerPath, len(b.paths))
-	for s, p := range b.paths {
-		out[s] = p
-	}
-	return out
-}
-
 // RemovePeer deletes the peer's route, then forgets it. A route already gone is not an error.
 func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()

@@ -232,17 +232,6 @@ func (b *Backend) addDirectPeer(p peer) error {
 	return nil
 }
 
-// Paths says how each programmed peer is reached, by subnet (for status and tests).
-func (b *Backend) Paths() map[netip.Prefix]backend.PeerPath {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	out := make(map[netip.Prefix]backend.PeerPath, len(b.peers))
-	for s, p := range b.peers {
-		out[s] = p.path
-	}
-	return out
-}
-
 // RemovePeer deletes what AddPeer programmed for the lease's subnet. Entries already gone are
 // not an error. It works after a restart too: the VTEP MAC comes from what this process
 // programmed, else from the lease, else from the neighbour entry on the device.
