@@ -32,7 +32,7 @@ demo: build
 	$(GO) run ./test/cmd/demo -xnetd $(BIN) $(DEMO_FLAGS)
 
 # The benchmark protocol (docs/design.md, Benchmark protocol); installs iperf3 from Debian if it is missing.
-BENCH_BACKENDS ?= ebpf,vxlan,udp,host-gw,wireguard
+BENCH_BACKENDS ?= ebpf,ebpf-direct,vxlan,udp,host-gw,wireguard
 BENCH_ROUNDS   ?= 3
 bench: build
 	@command -v iperf3 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3)

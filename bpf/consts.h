@@ -57,6 +57,10 @@ enum verdict {
 	VERDICT_DROP_GRO_MERGED,    /* several VXLAN datagrams merged into one skb by UDP GRO on the underlay */
 	VERDICT_ICMP_FRAG_NEEDED,   /* too big for the underlay once encapsulated, DF set: answered with ICMP fragmentation needed */
 	VERDICT_PASS_TOO_BIG,       /* too big for the underlay once encapsulated, DF clear: left to the kernel to fragment */
+	VERDICT_DIRECT_OUT,         /* sent plain (no VXLAN) to a peer on our L2 segment (DirectRouting) */
+	VERDICT_DIRECT_IN,          /* a plain routed packet from a peer on our segment, its L2 source checked, delivered */
+	VERDICT_PASS_UNVERIFIED,    /* a plain routed packet from a segment peer's subnet whose L2 source cannot be checked (its neighbour entry is not resolved): left to the stack */
+	VERDICT_DROP_DIRECT_SPOOFED,/* a plain routed packet from a peer's subnet not sent by that peer: another L2 neighbour sent it, or the peer is not on our segment (it sends VXLAN) */
 	VERDICT_MAX,
 };
 

@@ -2,12 +2,14 @@
 /*
  * Putting packets into VXLAN and taking them out, for the programs in xnet.c.
  *
- * Encap, in the order encap() runs the steps: find the peer owning the inner
- * destination (route), check the packet will fit the underlay (a misfit goes
- * to encap_too_big, which answers it), find the underlay next hop (before the
- * packet changes, so a failure leaves it intact), make room for the outer
- * headers (bpf_skb_adjust_room), write them, send. Learning which veth a
- * container sits behind (learn) happens on the same path, first.
+ * Encap, in the order encap() runs the steps, for the peer owning the inner
+ * destination (its route, which send_to_peer in direct.h looked up: a peer on
+ * our L2 segment with DirectRouting gets the packet plain instead): check the
+ * packet will fit the underlay (a misfit goes to encap_too_big, which answers
+ * it), find the underlay next hop (before the packet changes, so a failure
+ * leaves it intact), make room for the outer headers (bpf_skb_adjust_room),
+ * write them, send. Learning which veth a container sits behind (learn)
+ * happens on the same path, first.
  *
  * Decap: vxlan_classify (parse.h) decides; strip the outer headers, then
  * deliver the inner frame to the container, to xnet0 or to the stack.
@@ -289,31 +291,20 @@ static __always_inline int encap_send(struct __sk_buff *skb, const struct underl
 }
 
 /*
- * encap wraps the IPv4 packet in skb into VXLAN for the peer owning its
- * destination and redirects it out of the underlay NIC. from_container says
- * where the packet comes from: a container's veth, where traffic without a
- * peer is simply not ours (a container talking to the world) and a misfit is
- * answered (encap_too_big), or xnet0, where traffic can only be overlay
- * traffic and what cannot go is dropped.
+ * encap wraps the IPv4 packet in skb into VXLAN for the peer of route found
+ * (the one owning its destination) and redirects it out of the underlay NIC.
+ * from_container says where the packet comes from: a container's veth, where
+ * a misfit is answered (encap_too_big), or xnet0, where what cannot go is
+ * dropped.
  */
 static __always_inline int encap(struct __sk_buff *skb, const struct host_config *cfg, struct iphdr *inner,
-				 int from_container)
+				 const struct route *found, int from_container)
 {
 	struct underlay_hop hop = {};
-	struct route *found;
 	struct route rt;
 	__u8 tos = inner->tos;
 	__u32 hash;
 
-	found = route_of(inner->daddr);
-	if (!found) {
-		if (from_container) {
-			count(VERDICT_PASS, skb->len);
-			return XNET_TC_PASS;
-		}
-		count(VERDICT_DROP_NO_ROUTE, skb->len);
-		return TC_ACT_SHOT;
-	}
 	/* Copy: the entry may change under us, and the packet pointers die
 	 * with adjust_room anyway. */
 	rt = *found;

@@ -51,11 +51,15 @@ struct route_key {
 	ipv4_addr addr;
 };
 
-/* route: where a remote subnet lives. */
+/* route: where a remote subnet lives, and how to reach it. */
 struct route {
-	ipv4_addr remote_ip;              /* peer PublicIP: outer destination */
+	ipv4_addr remote_ip;              /* peer PublicIP: outer destination, or next hop when direct */
 	__u8 vtep_mac[XNET_ETH_ALEN];     /* peer VTEP MAC from its lease: inner destination MAC */
-	__u16 pad;
+	/* 1: the peer is on our L2 segment and DirectRouting is on: its subnet is routed plain,
+	 * via remote_ip, without VXLAN (direct.h); 0: VXLAN. The Go side decides per peer and
+	 * decides again when the peer's lease changes. */
+	__u8 direct;
+	__u8 pad;
 };
 
 /* peer_stats: per-peer traffic (per CPU), keyed by the peer's PublicIP. */
@@ -102,6 +106,9 @@ struct host_config {
 	__u16 underlay_mtu;  /* host order */
 	__u8 vtep_mac[XNET_ETH_ALEN];      /* our VTEP MAC (also xnet0's MAC) */
 	__u8 underlay_mac[XNET_ETH_ALEN];  /* the underlay NIC's MAC */
+	/* 1: the config's Backend.DirectRouting. Peers on our segment then send plain routed
+	 * packets, and decap_tc checks those (direct.h); with 0 they are the stack's business. */
+	__u8 direct_routing;
 };
 
 /* The VXLAN header of RFC 7348 (no uapi header has it): flags (I bit = a VNI

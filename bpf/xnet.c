@@ -14,12 +14,14 @@
  * bridge, routing and netfilter; decapsulating at the NIC's ingress and
  * handing the packet to the container's veth peer (bpf_redirect_peer) skips
  * them on the way in, and with them rp_filter, which would drop decapsulated
- * packets arriving on the NIC.
+ * packets arriving on the NIC. With DirectRouting the same two hooks carry
+ * plain routed packets to and from the peers on our L2 segment.
  *
  * The steps live in headers by role (katran style): consts.h, structs.h,
  * maps.h, parse.h (vxlan_classify, the acceptance rules), encap.h (both
- * directions of the tunnel), icmp.h (the "fragmentation needed" answer) and
- * csum.h. This file holds only the programs.
+ * directions of the tunnel), direct.h (plain routing on our segment, and the
+ * choice between it and the tunnel), icmp.h (the "fragmentation needed"
+ * answer) and csum.h. This file holds only the programs.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -30,6 +32,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "encap.h"
+#include "direct.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -60,7 +63,7 @@ int encap_container(struct __sk_buff *skb)
 		count(VERDICT_DROP_BAD_SOURCE, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return encap(skb, cfg, ip, 1);
+	return send_to_peer(skb, cfg, ip, 1);
 }
 
 SEC("tc")
@@ -86,7 +89,7 @@ int encap_host(struct __sk_buff *skb)
 		count(VERDICT_PASS, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return encap(skb, cfg, ip, 0);
+	return send_to_peer(skb, cfg, ip, 0);
 }
 
 SEC("tc")
@@ -117,10 +120,8 @@ int decap_tc(struct __sk_buff *skb)
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	verdict = vxlan_classify(data, data_end, skb->len, cfg, &m);
-	if (verdict == VERDICT_PASS) {
-		count(VERDICT_PASS, skb->len);
-		return XNET_TC_PASS;
-	}
+	if (verdict == VERDICT_PASS)
+		return direct_in(skb, cfg); /* plain routed from a peer on our segment, or not ours */
 	if (verdict != VERDICT_DECAP) {
 		count(verdict, skb->len);
 		return TC_ACT_SHOT;

@@ -40,6 +40,8 @@ type XnetHostConfig struct {
 	UnderlayMtu     uint16
 	VtepMac         [6]uint8
 	UnderlayMac     [6]uint8
+	DirectRouting   uint8
+	_               [3]byte
 }
 
 type XnetNexthop struct {
@@ -62,7 +64,8 @@ type XnetRoute struct {
 	_        structs.HostLayout
 	RemoteIp [4]uint8
 	VtepMac  [6]uint8
-	Pad      uint16
+	Direct   uint8
+	Pad      uint8
 }
 
 type XnetRouteKey struct {
@@ -93,7 +96,11 @@ const (
 	XnetVerdictVERDICT_DROP_GRO_MERGED     XnetVerdict = 16
 	XnetVerdictVERDICT_ICMP_FRAG_NEEDED    XnetVerdict = 17
 	XnetVerdictVERDICT_PASS_TOO_BIG        XnetVerdict = 18
-	XnetVerdictVERDICT_MAX                 XnetVerdict = 19
+	XnetVerdictVERDICT_DIRECT_OUT          XnetVerdict = 19
+	XnetVerdictVERDICT_DIRECT_IN           XnetVerdict = 20
+	XnetVerdictVERDICT_PASS_UNVERIFIED     XnetVerdict = 21
+	XnetVerdictVERDICT_DROP_DIRECT_SPOOFED XnetVerdict = 22
+	XnetVerdictVERDICT_MAX                 XnetVerdict = 23
 )
 
 // Names of all BPF objects in the ELF.

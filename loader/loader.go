@@ -19,8 +19,10 @@
 // flags. So each pinned map's BTF key and value types are compared with the new object's
 // (layoutOf); a map that differs is created anew, pinned in place of the old one with an
 // atomic rename, and the new programs use it, while the old programs keep their old map until
-// their link is swapped. Only that map's contents restart empty (the backend rewrites routes
-// and config; counters restart).
+// their link is swapped. When the new layout only adds to the old one (a member where padding
+// was, or at the end), the old entries are carried over (migrate.go): the routes of every peer
+// are there from the first packet the new programs see. Otherwise that map's contents restart
+// empty until the backend rewrites routes and config; counters always restart.
 //
 // TCX links (kernel 6.6+) are the attachment of choice: pinnable, atomic to update, and they
 // coexist with other TC programs. On older kernels the programs go into a clsact qdisc as
@@ -130,8 +132,12 @@ func Load(opts Options) (*Loader, error) {
 
 	l := &Loader{dir: dir, log: log, noTCX: opts.NoTCX}
 	adopted := map[string]*ebpf.Map{}
+	outdated := map[string]*ebpf.Map{} // pinned maps being replaced, until their entries are carried over
 	defer func() {
 		for _, m := range adopted {
+			m.Close()
+		}
+		for _, m := range outdated {
 			m.Close()
 		}
 	}()
@@ -147,7 +153,7 @@ func Load(opts Options) (*Loader, error) {
 		}
 		if why := mismatch(ms, old); why != "" {
 			log.Warn("pinned map does not fit the new programs: replacing it", "map", path, "reason", why)
-			old.Close()
+			outdated[name] = old
 			l.replaced = append(l.replaced, name)
 			continue
 		}
@@ -178,6 +184,10 @@ func Load(opts Options) (*Loader, error) {
 	} {
 		if _, ok := adopted[name]; ok {
 			continue
+		}
+		if old, ok := outdated[name]; ok {
+			n, why := carryOver(spec.Maps[name], old, m)
+			log.Info("entries of the replaced map", "map", name, "carried_over", n, "not_carried_because", why)
 		}
 		if err := pinAtomically(m, filepath.Join(dir, name)); err != nil {
 			l.Close()
@@ -285,22 +295,9 @@ func mismatch(ms *ebpf.MapSpec, m *ebpf.Map) string {
 	if err := ms.Compatible(m); err != nil {
 		return err.Error()
 	}
-	info, err := m.Info()
+	pinned, err := pinnedBTF(m)
 	if err != nil {
-		return fmt.Sprintf("read map info: %v", err)
-	}
-	id, ok := info.BTFID()
-	if !ok {
-		return "pinned map has no BTF"
-	}
-	h, err := btf.NewHandleFromID(id)
-	if err != nil {
-		return fmt.Sprintf("open BTF %d: %v", id, err)
-	}
-	defer h.Close()
-	pinned, err := h.Spec(nil)
-	if err != nil {
-		return fmt.Sprintf("read BTF %d: %v", id, err)
+		return err.Error()
 	}
 	for _, want := range []btf.Type{ms.Key, ms.Value} {
 		if want == nil {

@@ -102,6 +102,9 @@ type Route struct {
 	Subnet   netip.Prefix
 	PublicIP netip.Addr
 	VtepMAC  net.HardwareAddr
+	// Direct routes the subnet plain via PublicIP, without VXLAN: the peer is on our L2
+	// segment and DirectRouting is on (bpf/direct.h).
+	Direct bool
 }
 
 // PutRoute adds or replaces the route of r.Subnet.
@@ -115,6 +118,9 @@ func (m *Maps) PutRoute(r Route) error {
 	}
 	key := bpf.XnetRouteKey{Prefixlen: uint32(r.Subnet.Bits()), Addr: ip4(r.Subnet.Masked().Addr())}
 	val := bpf.XnetRoute{RemoteIp: ip4(r.PublicIP), VtepMac: mac}
+	if r.Direct {
+		val.Direct = 1
+	}
 	if err := m.Routes.Put(key, val); err != nil {
 		return fmt.Errorf("put route %v -> %v: %w", r.Subnet, r.PublicIP, err)
 	}
@@ -143,6 +149,7 @@ func (m *Maps) ListRoutes() ([]Route, error) {
 			Subnet:   netip.PrefixFrom(addrOf(key.Addr), int(key.Prefixlen)),
 			PublicIP: addrOf(val.RemoteIp),
 			VtepMAC:  append(net.HardwareAddr(nil), val.VtepMac[:]...),
+			Direct:   val.Direct != 0,
 		})
 	}
 	if err := it.Err(); err != nil {
@@ -162,6 +169,9 @@ type Config struct {
 	UnderlayMAC     net.HardwareAddr
 	HostIfindex     int // xnet0; 0 delivers unknown destinations to the stack
 	VtepMAC         net.HardwareAddr
+	// DirectRouting is the config's Backend.DirectRouting: the programs check plain routed
+	// packets from peers on our segment (bpf/direct.h).
+	DirectRouting bool
 }
 
 // SetConfig writes the config entry. The programs read it per packet, so the change is atomic
@@ -195,6 +205,9 @@ func (m *Maps) SetConfig(c Config) error {
 		VtepMac:         vtep,
 		UnderlayMac:     nic,
 	}
+	if c.DirectRouting {
+		val.DirectRouting = 1
+	}
 	if err := m.Config.Put(uint32(0), val); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
@@ -221,6 +234,7 @@ func (m *Maps) GetConfig() (c Config, ok bool, err error) {
 		UnderlayMAC:     append(net.HardwareAddr(nil), val.UnderlayMac[:]...),
 		HostIfindex:     int(val.HostIfindex),
 		VtepMAC:         append(net.HardwareAddr(nil), val.VtepMac[:]...),
+		DirectRouting:   val.DirectRouting != 0,
 	}, true, nil
 }
 

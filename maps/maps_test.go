@@ -54,6 +54,17 @@ func TestRoutesRoundTrip(t *testing.T) {
 	if got, _ := m.ListRoutes(); len(got) != 0 {
 		t.Fatalf("routes after delete: %+v", got)
 	}
+	direct := Route{Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("198.18.0.18"),
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 18}, Direct: true}
+	if err := m.PutRoute(direct); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := m.ListRoutes(); err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], direct) {
+		t.Fatalf("ListRoutes = %+v, %v; want the direct route [%+v]", got, err, direct)
+	}
+	if err := m.DeleteRoute(direct.Subnet); err != nil {
+		t.Fatal(err)
+	}
 	if err := m.PutRoute(Route{Subnet: netip.MustParsePrefix("fd00::/64"), PublicIP: r.PublicIP, VtepMAC: r.VtepMAC}); err == nil {
 		t.Fatal("an IPv6 subnet was accepted")
 	}
@@ -66,7 +77,7 @@ func TestConfigRoundTrip(t *testing.T) {
 	}
 	c := Config{LocalIP: netip.MustParseAddr("198.18.0.11"), Subnet: netip.MustParsePrefix("10.244.5.0/24"), VNI: 1, Port: 8472,
 		UnderlayIfindex: 3, UnderlayMTU: 1500, UnderlayMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, HostIfindex: 9,
-		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 11}}
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 11}, DirectRouting: true}
 	if err := m.SetConfig(c); err != nil {
 		t.Fatal(err)
 	}

@@ -80,6 +80,7 @@ type backendJSON struct {
 	PersistentKeepaliveInterval *int64
 	MTU                         *int
 	Mode                        *string
+	DirectRouting               *bool
 }
 
 // ParseConfig parses and validates <prefix>/config, filling in flannel's defaults. An invalid
@@ -201,6 +202,9 @@ func parseBackendConfig(data json.RawMessage) (BackendConfig, error) {
 			return BackendConfig{}, configErr("Backend.Port", "%d is out of range; use 1 to 65535 (default %d)", *raw.Port, defaultPort)
 		}
 		b.Port = *raw.Port
+	}
+	if raw.DirectRouting != nil {
+		b.DirectRouting = *raw.DirectRouting
 	}
 	if err := parseWireGuard(&b.WireGuard, raw); err != nil {
 		return BackendConfig{}, err

@@ -41,7 +41,7 @@ func TestParseConfig(t *testing.T) {
 		{"flannel's vxlan config with its own fields, unknown ones ignored",
 			`{"Network":"10.1.0.0/16","SubnetLen":25,"EnableIPv6":false,"Backend":{"Type":"vxlan","VNI":4096,"Port":4789,"DirectRouting":true,"GBP":false}}`,
 			Config{Network: p("10.1.0.0/16"), SubnetLen: 25, SubnetMin: a("10.1.0.128"), SubnetMax: a("10.1.255.128"),
-				Backend: BackendConfig{Type: "vxlan", VNI: 4096, Port: 4789}}},
+				Backend: BackendConfig{Type: "vxlan", VNI: 4096, Port: 4789, DirectRouting: true}}},
 		{"host-gw, Port 0 means the default port",
 			`{"Network":"172.16.0.0/12","Backend":{"Type":"host-gw","Port":0}}`,
 			Config{Network: p("172.16.0.0/12"), SubnetLen: 24, SubnetMin: a("172.16.1.0"), SubnetMax: a("172.31.255.0"),
@@ -131,6 +131,7 @@ func TestParseConfig(t *testing.T) {
 			"Backend.MTU", []string{"600", "656 to 65535"}},
 		{"wireguard Mode ipv6 on an IPv4 overlay", `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}`,
 			"Backend.Mode", []string{`"ipv6"`, "separate, auto, ipv4"}},
+		{"DirectRouting a string", `{"Network":"10.244.0.0/16","Backend":{"DirectRouting":"true"}}`, "Backend.DirectRouting", []string{"wrong JSON type", "bool"}},
 	}
 	for _, tc := range invalid {
 		t.Run(tc.desc, func(t *testing.T) {

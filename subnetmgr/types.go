@@ -43,6 +43,9 @@ type BackendConfig struct {
 	Type string
 	VNI  int
 	Port int
+	// DirectRouting is flannel's option of the same name (default false): the VXLAN-speaking
+	// backends route peers on our L2 segment without encapsulation and keep VXLAN for the rest.
+	DirectRouting bool
 	// WireGuard holds the wireguard backend's fields of the same object, with their defaults
 	// filled in whatever the Type (--backend=wireguard may override another Type).
 	WireGuard WireGuardConfig

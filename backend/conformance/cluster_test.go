@@ -52,7 +52,7 @@ type node struct {
 // newCluster builds three hosts running row's backend with each other's leases unknown yet.
 func newCluster(t *testing.T, r row) *cluster {
 	t.Helper()
-	cfg, err := subnetmgr.ParseConfig(fmt.Appendf(nil, `{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":%q}}`, r.name))
+	cfg, err := subnetmgr.ParseConfig(fmt.Appendf(nil, `{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":%q,"DirectRouting":%v}}`, r.name, r.direct))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -91,6 +91,7 @@ type Backend struct {
 	bridges   map[int]string   // container bridges by ifindex (findBridges)
 	frags     *fragReceiver    // reassembled datagrams (fragments.go); nil when it could not start
 	peers     map[netip.Prefix]netip.Addr
+	direct    directState // DirectRouting (direct.go)
 	status    Status
 	stopWatch func()
 	// headroomErr is the last failure to set up HeadroomDevice ("" when fine), so a repeated
@@ -155,6 +156,7 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 		status: Status{HostRouting: hostRouting, HostRoutingWhy: why},
 		veths:  map[int]struct{}{},
 		peers:  map[netip.Prefix]netip.Addr{},
+		direct: newDirectState(opts),
 	}, nil
 }
 
@@ -202,7 +204,7 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 	if err := b.m.SetConfig(maps.Config{
 		LocalIP: localIP, Subnet: local.Subnet.Masked(), VNI: b.VNI, Port: b.Port,
 		UnderlayIfindex: b.Iface.Index, UnderlayMTU: b.Iface.MTU, UnderlayMAC: nic.Attrs().HardwareAddr,
-		HostIfindex: host, VtepMAC: b.VtepMAC,
+		HostIfindex: host, VtepMAC: b.VtepMAC, DirectRouting: b.direct.enabled,
 	}); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}

@@ -11,7 +11,8 @@ import (
 )
 
 // AddPeer writes the peer's route and creates its counters. Our own lease (or an older lease of
-// this host) is ignored.
+// this host) is ignored. With DirectRouting the route says whether the peer is on our segment
+// (direct.go), decided again at every call, so a changed lease moves the peer between paths.
 func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -22,7 +23,7 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	if own || err != nil {
 		return err
 	}
-	r := maps.Route{Subnet: p.Subnet, PublicIP: p.PublicIP, VtepMAC: p.VtepMAC}
+	r := maps.Route{Subnet: p.Subnet, PublicIP: p.PublicIP, VtepMAC: p.VtepMAC, Direct: b.peerPath(p.Subnet, p.PublicIP).Direct}
 	if old, ok := b.peers[r.Subnet]; ok && old != r.PublicIP && !b.publicIPInUse(old, r.Subnet) {
 		_ = b.m.DeletePeer(old)
 	}
@@ -33,7 +34,7 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		return fmt.Errorf("ebpf: %w", err)
 	}
 	b.peers[r.Subnet] = r.PublicIP
-	b.Log.Debug("peer programmed", "subnet", r.Subnet, "public_ip", r.PublicIP, "vtep_mac", r.VtepMAC.String())
+	b.Log.Debug("peer programmed", "subnet", r.Subnet, "public_ip", r.PublicIP, "vtep_mac", r.VtepMAC.String(), "direct", r.Direct)
 	return nil
 }
 
@@ -54,6 +55,7 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 		ip = lease.PublicIP
 	}
 	delete(b.peers, subnet)
+	b.forgetPath(subnet)
 	if err := b.m.DeleteRoute(subnet); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
@@ -105,6 +107,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	for s := range b.peers {
 		if !kept.Has(s) {
 			delete(b.peers, s)
+			b.forgetPath(s)
 		}
 	}
 	var counters, nexthops int

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/metrics"
 )
@@ -32,6 +33,10 @@ type Status struct {
 	FragmentsRefused   uint64 `json:"fragments_refused"`
 	// LinkResyncs counts how often the link watch broke and was resubscribed.
 	LinkResyncs int64 `json:"link_resyncs"`
+	// DirectRouting is the config's Backend.DirectRouting; Paths says, by peer subnet, whether
+	// the peer is routed plain on our segment or in VXLAN, and why.
+	DirectRouting bool                        `json:"direct_routing"`
+	Paths         map[string]backend.PeerPath `json:"paths,omitempty"`
 }
 
 // PeerStat is one peer's traffic.
@@ -43,6 +48,11 @@ func (b *Backend) Status() (Status, error) {
 	defer b.mu.Unlock()
 	st := b.status
 	st.LinkResyncs = b.linkResyncs.Load()
+	st.DirectRouting = b.direct.enabled
+	st.Paths = map[string]backend.PeerPath{}
+	for s, p := range b.direct.paths {
+		st.Paths[s.String()] = p
+	}
 	if b.frags != nil {
 		st.FragmentsDelivered, st.FragmentsRefused = b.frags.delivered.Load(), b.frags.refused.Load()
 	}
@@ -78,7 +88,11 @@ func (b *Backend) Mode() (string, string) {
 	if b.status.Decap == "" {
 		return "ebpf", "not set up yet"
 	}
-	return b.status.Decap + "+" + b.status.TCMode + ", host routing " + b.hostRouting,
+	mode := b.status.Decap + "+" + b.status.TCMode + ", host routing " + b.hostRouting
+	if b.direct.enabled {
+		mode += ", direct routing"
+	}
+	return mode,
 		b.status.DecapWhy + "; TC: " + b.status.TCWhy + "; host routing: " + b.status.HostRoutingWhy
 }
 

@@ -2,11 +2,14 @@
 //
 //	ip route replace <peer subnet> via <peer PublicIP> dev <iface>
 //
-// as flannel's host-gw backend (and the seed tutorial's static-route mode) does. It only works
-// when every host is on one L2 segment: the peer's PublicIP must be a neighbour on our NIC. A
-// peer that is not (its PublicIP is outside every connected subnet of the NIC) is logged and
-// refused with ErrUnreachablePeer instead of leaving a route the kernel would reject or
-// blackhole. It is also the throughput ceiling the benchmark compares the others to.
+// as flannel's host-gw backend (and the seed tutorial's static-route mode) does. It is
+// DirectRouting without a fallback: the per-peer decision and the route are backend.DirectRouter,
+// which the VXLAN-speaking backends use for their peers on our segment. It only works when every
+// host is on one L2 segment: the peer's PublicIP must be a neighbour on our NIC. A peer that is
+// not (its PublicIP is outside every connected subnet of the NIC) gets no route, since the
+// kernel would reject or blackhole it: AddPeer reports it with ErrUnreachablePeer and the
+// reason (xnetd shows it in status), and Status lists it until its lease changes or goes. It
+// is also the throughput ceiling the benchmark compares the others to.
 //
 // Routes outlive xnetd, which is what keeps containers connected across a restart; the route of
 // a lease deleted while xnetd was down goes when the daemon, after its first full lease list,
@@ -21,7 +24,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"sync"
 
@@ -33,7 +35,8 @@ import (
 )
 
 // ErrUnreachablePeer marks a peer whose PublicIP is not on our L2 segment: host-gw cannot route
-// to it. Put the hosts on one segment or use an encapsulating backend.
+// to it. Put the hosts on one segment or use an encapsulating backend (with DirectRouting, it
+// routes the peers on our segment as host-gw does and encapsulates for the others).
 var ErrUnreachablePeer = errors.New("peer is not on this host's L2 segment")
 
 // Backend is the host-gw backend. Its methods are safe for concurrent use.
@@ -41,9 +44,18 @@ type Backend struct {
 	backend.Base // guarded by mu after New
 	nl           *netlink.Handle
 	ownsNL       bool
+	direct       *backend.DirectRouter
 
 	mu    sync.Mutex
 	setup bool
+	// unreachable holds the peers AddPeer could not route, by subnet, with the reason.
+	unreachable map[netip.Prefix]string
+}
+
+// Status is what host-gw knows beyond its routes: the peers it cannot reach, by subnet, and
+// why (their PublicIP is not on our segment).
+type Status struct {
+	Unreachable map[string]string `json:"unreachable"`
 }
 
 // New builds the backend. It works in the network namespace the calling thread is in when New
@@ -77,7 +89,18 @@ func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 		return nil, err
 	}
 	base.Log = base.Log.With("iface", opts.Iface.Name)
-	return &Backend{Base: base, nl: h}, nil
+	return &Backend{Base: base, nl: h, direct: backend.NewDirectRouter(h, opts.Iface), unreachable: map[netip.Prefix]string{}}, nil
+}
+
+// Status lists the peers AddPeer could not route and why.
+func (b *Backend) Status() Status {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	st := Status{Unreachable: map[string]string{}}
+	for s, why := range b.unreachable {
+		st.Unreachable[s.String()] = why
+	}
+	return st
 }
 
 // Mode: plain routes, nothing added to packets.
@@ -129,22 +152,29 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	if lease.BackendType != subnetmgr.BackendHostGW {
 		b.Log.Debug("routing to a peer of another backend type", "subnet", lease.Subnet, "type", lease.BackendType)
 	}
-	onLink, err := b.onOurSegment(lease.PublicIP)
+	subnet := lease.Subnet.Masked()
+	path, err := b.direct.Decide(lease.PublicIP)
 	if err != nil {
-		return err
+		return fmt.Errorf("host-gw: lease %v: %w", lease.Subnet, err)
 	}
-	if !onLink {
-		err := fmt.Errorf("host-gw: lease %v: PublicIP %v is not in any subnet of %s, so it is unreachable in host-gw mode: put the hosts on one L2 segment or use the vxlan/ebpf backend: %w",
-			lease.Subnet, lease.PublicIP, b.Iface.Name, ErrUnreachablePeer)
+	if !path.Direct {
+		// No route: one via an address that is not a neighbour is refused by the kernel, or
+		// would send the subnet's traffic to whoever answers. A route we had for the subnet
+		// (the peer was on our segment before it moved) goes, or it would blackhole.
+		if err := b.direct.DeleteRoute(subnet); err != nil {
+			b.Log.Warn("removing the route of a peer that left our segment", "subnet", subnet, "err", err)
+		}
+		b.unreachable[subnet] = path.Why
+		err := fmt.Errorf("host-gw: lease %v: PublicIP %s, so it is unreachable in host-gw mode (DirectRouting without a fallback): put the hosts on one L2 segment or use the vxlan/ebpf backend with DirectRouting: %w",
+			lease.Subnet, path.Why, ErrUnreachablePeer)
 		b.Log.Warn("peer unreachable in host-gw mode", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
 		return err
 	}
-	r := b.route(lease.Subnet.Masked())
-	r.Gw = net.IP(lease.PublicIP.AsSlice())
-	if err := b.nl.RouteReplace(r); err != nil {
-		return fmt.Errorf("host-gw: route replace %v via %v dev %s: %w", lease.Subnet, lease.PublicIP, b.Iface.Name, err)
+	delete(b.unreachable, subnet)
+	if err := b.direct.RouteVia(subnet, lease.PublicIP); err != nil {
+		return fmt.Errorf("host-gw: %w", err)
 	}
-	b.Log.Debug("peer routed", "subnet", lease.Subnet, "via", lease.PublicIP)
+	b.Log.Debug("peer routed", "subnet", lease.Subnet, "via", lease.PublicIP, "why", path.Why)
 	return nil
 }
 
@@ -160,8 +190,9 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if own || err != nil {
 		return err
 	}
-	if err := ignoreMissing(b.nl.RouteDel(b.route(subnet))); err != nil {
-		return fmt.Errorf("host-gw: route del %v dev %s: %w", lease.Subnet, b.Iface.Name, err)
+	delete(b.unreachable, subnet)
+	if err := b.direct.DeleteRoute(subnet); err != nil {
+		return fmt.Errorf("host-gw: %w", err)
 	}
 	return nil
 }
@@ -187,7 +218,7 @@ func (b *Backend) Close(teardown bool) error {
 }
 
 func (b *Backend) deleteRoutes() error {
-	_, err := b.deleteRoutesWhere(func(dst netip.Prefix, _ netip.Addr) bool {
+	_, err := b.direct.DeleteRoutesWhere(func(dst netip.Prefix, _ netip.Addr) bool {
 		return b.Network().Contains(dst.Addr()) && dst.Bits() >= b.Network().Bits()
 	})
 	if err != nil {
@@ -212,7 +243,12 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		return nil // no Network: no route can be known to be ours
 	}
 	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
-	gone, err := b.deleteRoutesWhere(func(dst netip.Prefix, gw netip.Addr) bool { return kept.StaleVia(b.Network(), dst, gw) })
+	for s := range b.unreachable {
+		if !kept.Has(s) {
+			delete(b.unreachable, s)
+		}
+	}
+	gone, err := b.direct.DeleteRoutesWhere(func(dst netip.Prefix, gw netip.Addr) bool { return kept.StaleVia(b.Network(), dst, gw) })
 	if len(gone) > 0 {
 		b.Log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
 	}
@@ -220,77 +256,6 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		return fmt.Errorf("host-gw: prune peers: %w", err)
 	}
 	return nil
-}
-
-// deleteRoutesWhere deletes the gatewayed IPv4 routes on our NIC (main table) for which del
-// says yes, given destination and gateway, and returns what it deleted.
-func (b *Backend) deleteRoutesWhere(del func(dst netip.Prefix, gw netip.Addr) bool) ([]netip.Prefix, error) {
-	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.Iface.Index}, netlink.RT_FILTER_OIF)
-	// An interrupted dump still lists routes that existed; the rest waits for the next start.
-	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		return nil, fmt.Errorf("list routes on %s: %w", b.Iface.Name, err)
-	}
-	var errs []error
-	var gone []netip.Prefix
-	for _, r := range routes {
-		if r.Dst == nil || r.Gw == nil {
-			continue
-		}
-		dst := ipNetToPrefix(r.Dst)
-		gw, _ := netip.AddrFromSlice(r.Gw)
-		if !del(dst, gw.Unmap()) {
-			continue
-		}
-		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {
-			errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
-			continue
-		}
-		gone = append(gone, dst)
-	}
-	return gone, errors.Join(errs...)
-}
-
-// onOurSegment reports whether ip is inside a subnet of an IPv4 address on our NIC, i.e. a
-// neighbour the kernel can resolve by ARP.
-func (b *Backend) onOurSegment(ip netip.Addr) (bool, error) {
-	link, err := b.nl.LinkByIndex(b.Iface.Index)
-	if err != nil {
-		return false, fmt.Errorf("host-gw: interface %s: %w", b.Iface.Name, err)
-	}
-	addrs, err := b.nl.AddrList(link, unix.AF_INET)
-	if err != nil {
-		return false, fmt.Errorf("host-gw: addresses of %s: %w", b.Iface.Name, err)
-	}
-	for _, a := range addrs {
-		if p := ipNetToPrefix(a.IPNet); p.IsValid() && p.Masked().Contains(ip) {
-			return true, nil
-		}
-	}
-	return false, nil
-}
-
-// route is the key of our route to a peer subnet: destination and our NIC.
-func (b *Backend) route(subnet netip.Prefix) *netlink.Route {
-	return &netlink.Route{
-		LinkIndex: b.Iface.Index,
-		Dst:       &net.IPNet{IP: net.IP(subnet.Addr().AsSlice()), Mask: net.CIDRMask(subnet.Bits(), 32)},
-	}
-}
-
-func ignoreMissing(err error) error {
-	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
-		return nil
-	}
-	return err
-}
-
-func ipNetToPrefix(n *net.IPNet) netip.Prefix {
-	if n == nil {
-		return netip.Prefix{}
-	}
-	a, _ := netip.AddrFromSlice(n.IP)
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), ones)
 }
 
 var (

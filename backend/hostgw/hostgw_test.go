@@ -141,6 +141,33 @@ func TestPeerOffOurSegmentIsRefusedWithAReason(t *testing.T) {
 	wantRoutes(t, h)
 }
 
+// A peer that moves off our segment (its lease names a PublicIP outside eth0's subnets) loses
+// its route, is listed in Status with the reason, and gets its route back when it returns.
+func TestPeerLeavingOurSegmentIsReportedAndRoutedAgainOnReturn(t *testing.T) {
+	h := newHosts(t, 1)[0]
+	b := startBackend(t, 0, h)
+	peer := func(ip string) subnetmgr.Lease {
+		return subnetmgr.Lease{Subnet: subnetOf(4), PublicIP: netip.MustParseAddr(ip), BackendType: "host-gw"}
+	}
+	if err := b.AddPeer(peer("198.18.0.15")); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.AddPeer(peer("203.0.113.15")); !errors.Is(err, ErrUnreachablePeer) {
+		t.Fatalf("AddPeer(moved off our segment) = %v, want ErrUnreachablePeer", err)
+	}
+	wantRoutes(t, h)
+	if why := b.Status().Unreachable["10.244.5.0/24"]; !strings.Contains(why, "203.0.113.15 is in no subnet of eth0 (198.18.0.0/24)") {
+		t.Errorf("Status().Unreachable[10.244.5.0/24] = %q, want the reason", why)
+	}
+	if err := b.AddPeer(peer("198.18.0.16")); err != nil {
+		t.Fatal(err)
+	}
+	wantRoutes(t, h, "10.244.5.0/24 via 198.18.0.16 dev eth0")
+	if st := b.Status(); len(st.Unreachable) != 0 {
+		t.Errorf("Status() = %+v after the peer came back, want no unreachable peer", st)
+	}
+}
+
 func TestTeardownRemovesOverlayRoutesOnly(t *testing.T) {
 	h := newHosts(t, 1)[0]
 	h.sh(t, "ip", "route", "add", "192.0.2.0/24", "via", "198.18.0.1", "dev", "eth0")

@@ -165,6 +165,13 @@ type Backend struct {
 	dev   int                      // ifindex of xnet0 once Setup ran
 	peers map[netip.Prefix]*peerDP // what AddPeer programmed, by subnet
 	dp    *datapath                // the running queues; nil before Setup and after Close
+	// DirectRouting (flannel's option): a peer on our L2 segment is routed via its PublicIP on
+	// the underlay instead of into xnet0, and its packets never reach this process. It stays in
+	// peers all the same: a peer that does not see us as direct still sends VXLAN, and the
+	// receive path checks those against its lease.
+	direct        *backend.DirectRouter
+	directRouting bool
+	paths         map[netip.Prefix]backend.PeerPath
 }
 
 // New builds the backend for opts with the default Tuning. It captures the network namespace
@@ -209,13 +216,16 @@ func NewWithTuning(opts backend.Options, tune Tuning) (*Backend, error) {
 		return nil, fmt.Errorf("udp: open netlink socket: %w", err)
 	}
 	return &Backend{
-		VXLAN: core,
-		mac:   mac,
-		tune:  tune.withDefaults(),
-		ns:    ns,
-		nl:    nl,
-		stats: newCounters(),
-		peers: map[netip.Prefix]*peerDP{},
+		VXLAN:         core,
+		mac:           mac,
+		tune:          tune.withDefaults(),
+		ns:            ns,
+		nl:            nl,
+		stats:         newCounters(),
+		peers:         map[netip.Prefix]*peerDP{},
+		direct:        backend.NewDirectRouter(nl, opts.Iface),
+		directRouting: opts.Config.Backend.DirectRouting,
+		paths:         map[netip.Prefix]backend.PeerPath{},
 	}, nil
 }
 
@@ -368,12 +378,25 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	// routes into xnet0 finds it.
 	b.peers[p.subnet] = p
 	b.publishPeers()
-	if err := b.nl.RouteReplace(b.route(p.subnet)); err != nil {
-		delete(b.peers, p.subnet)
-		b.publishPeers()
-		return fmt.Errorf("udp: peer %v: route replace %v dev %s: %w", p.subnet, p.subnet, DeviceName, err)
+	path := b.direct.Path(b.directRouting, p.publicIP)
+	if old, ok := b.paths[p.subnet]; !ok || old.Direct != path.Direct {
+		b.Log.Info("peer path", "subnet", p.subnet, "public_ip", p.publicIP, "direct", path.Direct, "why", path.Why)
 	}
-	b.Log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String())
+	// Either route replaces the other in one change: a peer moving onto or off our segment
+	// switches path without a gap.
+	if path.Direct {
+		err = b.direct.RouteVia(p.subnet, p.publicIP)
+	} else if err = b.nl.RouteReplace(b.route(p.subnet)); err != nil {
+		err = fmt.Errorf("route replace %v dev %s: %w", p.subnet, DeviceName, err)
+	}
+	if err != nil {
+		delete(b.peers, p.subnet)
+		delete(b.paths, p.subnet)
+		b.publishPeers()
+		return fmt.Errorf("udp: peer %v: %w", p.subnet, err)
+	}
+	b.paths[p.subnet] = path
+	b.Log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String(), "direct", path.Direct)
 	return nil
 }
 
@@ -392,7 +415,12 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("udp: remove peer %v: route del: %w", subnet, err)
 	}
+	// The direct route, whether this process made it or an earlier one did.
+	if err := b.direct.DeleteRoute(subnet); err != nil {
+		return fmt.Errorf("udp: remove peer %v: %w", subnet, err)
+	}
 	delete(b.peers, subnet)
+	delete(b.paths, subnet)
 	b.publishPeers()
 	b.Log.Debug("peer removed", "subnet", subnet, "public_ip", lease.PublicIP)
 	return nil
@@ -431,10 +459,16 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		}
 		gone = append(gone, dst)
 	}
+	direct, err := b.direct.PruneRoutes(b.Network(), kept)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	gone = append(gone, direct...)
 	pruned := false
 	for s := range b.peers {
 		if !kept.Has(s) {
 			delete(b.peers, s)
+			delete(b.paths, s)
 			pruned = true
 		}
 	}
@@ -473,6 +507,11 @@ func (b *Backend) Close(teardown bool) error {
 			}
 		case !isLinkNotFound(lerr):
 			err = fmt.Errorf("udp: find %s to delete it: %w", DeviceName, lerr)
+		}
+		if b.Network().IsValid() {
+			if _, derr := b.direct.DeleteRoutesInside(b.Network()); derr != nil {
+				err = errors.Join(err, fmt.Errorf("udp: teardown: %w", derr))
+			}
 		}
 	}
 	b.nl.Close()

@@ -30,6 +30,14 @@
 // flannel also writes net.ipv6.conf.<dev>.accept_ra=0; we run IPv4 only and skip it, because
 // /proc/sys follows the calling thread's netns and the backend may run through a handle bound to
 // another namespace.
+//
+// DirectRouting ("Backend":{"DirectRouting":true}) is flannel's too: a peer whose PublicIP is on
+// our L2 segment (backend.DirectRouter) gets `<peer subnet> via <PublicIP> dev <underlay>` instead
+// of the three entries on the device, and its packets leave unencapsulated; the others keep
+// VXLAN. The route replaces the device route for that subnet in one change (and back), so a
+// peer whose lease moves it onto or off our segment switches path without a gap. Unlike flannel
+// we remove the neighbour and fdb entries of a peer that became direct, and the direct routes
+// at teardown and prune, as host-gw does.
 package vxlan
 
 import (
@@ -61,20 +69,23 @@ type Backend struct {
 	nl            *netlink.Handle
 	ownsNL        bool
 
-	mu    sync.Mutex
-	setup bool
-	dev   int // ifindex of our vxlan device once Setup ran
+	mu            sync.Mutex
+	setup         bool
+	direct        *backend.DirectRouter
+	directRouting bool // the config's Backend.DirectRouting
+	dev           int  // ifindex of our vxlan device once Setup ran
 	// peers is what this process programmed per peer subnet, so a changed lease (new MAC or
 	// PublicIP) can have its old fdb entry removed. After a restart it is empty and RemovePeer
 	// falls back to the lease and the neighbour table.
 	peers map[netip.Prefix]peer
 }
 
-// peer is the part of a lease the datapath depends on.
+// peer is the part of a lease the datapath depends on, and how it is reached.
 type peer struct {
 	subnet   netip.Prefix
 	publicIP netip.Addr
 	mac      net.HardwareAddr
+	path     backend.PeerPath
 }
 
 // New builds the backend for opts. It works in the network namespace the calling thread is in
@@ -113,7 +124,8 @@ func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 		return nil, err
 	}
 	core.Log = core.Log.With("device", DeviceName(core.VNI))
-	return &Backend{VXLAN: core, nl: h, peers: map[netip.Prefix]peer{}}, nil
+	return &Backend{VXLAN: core, nl: h, peers: map[netip.Prefix]peer{},
+		direct: backend.NewDirectRouter(h, opts.Iface), directRouting: opts.Config.Backend.DirectRouting}, nil
 }
 
 // Mode: the kernel's vxlan device does the work.
@@ -144,7 +156,7 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 	b.dev = link.Index
 	b.Log.Info("vxlan device ready", "vni", b.VNI, "port", b.Port, "local", b.localIP(), "public_ip", b.Iface.PublicIP,
 		"underlay", b.Iface.Name, "mtu", link.MTU, "mac", link.HardwareAddr.String(),
-		"address", netip.PrefixFrom(local.Subnet.Masked().Addr(), 32))
+		"address", netip.PrefixFrom(local.Subnet.Masked().Addr(), 32), "direct_routing", b.directRouting)
 	return nil
 }
 
@@ -162,6 +174,13 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		return err
 	}
 	p := peerOf(vp)
+	p.path = b.direct.Path(b.directRouting, p.publicIP)
+	if old, ok := b.peers[p.subnet]; !ok || old.path.Direct != p.path.Direct {
+		b.Log.Info("peer path", "subnet", p.subnet, "public_ip", p.publicIP, "direct", p.path.Direct, "why", p.path.Why)
+	}
+	if p.path.Direct {
+		return b.addDirectPeer(p)
+	}
 	if old, ok := b.peers[p.subnet]; ok && old.mac.String() != p.mac.String() {
 		// The fdb is keyed by MAC: a peer that changed MAC leaves its old entry behind unless
 		// we remove it. A changed PublicIP with the same MAC is handled by the replace below.
@@ -186,6 +205,30 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	}
 	b.peers[p.subnet] = p
 	b.Log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String())
+	return nil
+}
+
+// addDirectPeer routes a peer on our segment via its PublicIP on the underlay, replacing its
+// device route (if it had one) in the same change, then removes its neighbour and fdb entries:
+// nothing is sent through them any more, and a stale fdb entry would go on claiming the MAC.
+func (b *Backend) addDirectPeer(p peer) error {
+	if err := b.direct.RouteVia(p.subnet, p.publicIP); err != nil {
+		return fmt.Errorf("vxlan: peer %v: %w", p.subnet, err)
+	}
+	stale := []peer{p}
+	if old, ok := b.peers[p.subnet]; ok && old.mac.String() != p.mac.String() {
+		stale = append(stale, old)
+	}
+	for _, o := range stale {
+		if err := ignoreMissing(b.nl.NeighDel(b.neighEntry(o))); err != nil {
+			b.Log.Warn("removing the neighbour entry of a peer routed directly", "subnet", o.subnet, "err", err)
+		}
+		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(o))); err != nil {
+			b.Log.Warn("removing the fdb entry of a peer routed directly", "subnet", o.subnet, "mac", o.mac.String(), "err", err)
+		}
+	}
+	b.peers[p.subnet] = p
+	b.Log.Debug("peer routed directly", "subnet", p.subnet, "via", p.publicIP)
 	return nil
 }
 
@@ -214,6 +257,10 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	var errs []error
 	if err := ignoreMissing(b.nl.RouteDel(b.route(subnet))); err != nil {
 		errs = append(errs, fmt.Errorf("route del %v: %w", subnet, err))
+	}
+	// The direct route, whether this process made it or an earlier one did.
+	if err := b.direct.DeleteRoute(subnet); err != nil {
+		errs = append(errs, err)
 	}
 	if err := ignoreMissing(b.nl.NeighDel(b.neighEntry(p))); err != nil {
 		errs = append(errs, fmt.Errorf("neigh del %v: %w", subnet.Addr(), err))
@@ -302,6 +349,13 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		}
 		fdb = append(fdb, f.HardwareAddr.String()+" dst "+dst.Unmap().String())
 	}
+	direct, err := b.direct.PruneRoutes(b.Network(), kept)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, d := range direct {
+		routes = append(routes, d.String()+" dev "+b.Iface.Name)
+	}
 	for s := range b.peers {
 		if !kept.Has(s) {
 			delete(b.peers, s)
@@ -328,6 +382,10 @@ func (b *Backend) Close(teardown bool) error {
 	var err error
 	if teardown {
 		err = b.deleteDevice()
+		if b.Network().IsValid() {
+			_, derr := b.direct.DeleteRoutesInside(b.Network())
+			err = errors.Join(err, derr)
+		}
 	}
 	if b.ownsNL {
 		b.nl.Close()

@@ -248,6 +248,9 @@ func pinnedDatapath(st state) (metrics.Counters, map[netip.Prefix]string, error)
 	if list, err := m.ListRoutes(); err == nil {
 		for _, r := range list {
 			routes[r.Subnet.Masked()] = fmt.Sprintf("%v via %v mac %v (bpf)", r.Subnet, r.PublicIP, r.VtepMAC)
+			if r.Direct { // DirectRouting: plain on our segment, no VXLAN
+				routes[r.Subnet.Masked()] = fmt.Sprintf("%v via %v (bpf, direct)", r.Subnet, r.PublicIP)
+			}
 		}
 	}
 	c, err := pinnedCounters(m, st)

@@ -40,6 +40,8 @@ func TestOptionsAreValidated(t *testing.T) {
 		{"tiny underlay MTU", Options{Hosts: 1, UnderlayMTU: 500}, "Options.UnderlayMTU=500"},
 		{"run id with a dash could match other runs' names", Options{Hosts: 1, RunID: "a-b"}, `Options.RunID="a-b"`},
 		{"run id too long for interface names", Options{Hosts: 1, RunID: "abcdefghi"}, "Options.RunID"},
+		{"more far hosts than hosts", Options{Hosts: 2, FarHosts: 3}, "Options.FarHosts=3"},
+		{"more hosts than a /25 segment holds", Options{Hosts: 101, FarHosts: 1}, "Options.FarHosts=1"},
 	}
 	for _, c := range cases {
 		t.Run(c.desc, func(t *testing.T) {
@@ -149,6 +151,76 @@ func TestTwoHostsContainersRunCommandsAndReachEachOther(t *testing.T) {
 	}
 	if _, err := topo.EtcdClient().Put(ctx, "/harness/check", "ok"); err != nil {
 		t.Fatalf("etcd client of the test process: %v", err)
+	}
+}
+
+// Two segments: hosts on the near one are neighbours (one L2 hop, the peer's own MAC), the far
+// host is reached through the router (its MAC is the router's), etcd answers on both, and a host
+// moved to the other segment is re-numbered and becomes a neighbour.
+func TestTwoSegmentsJoinedByARouter(t *testing.T) {
+	topo := NewForTest(t, Options{Hosts: 3, FarHosts: 1, WithEtcd: true})
+	ctx := ctxFor(t, 30*time.Second)
+	h := topo.Hosts()
+	want := []struct {
+		ip  string
+		seg int
+	}{{"198.18.0.11", Near}, {"198.18.0.12", Near}, {"198.18.0.141", Far}}
+	for i, w := range want {
+		if h[i].UnderlayIP.String() != w.ip || h[i].Segment() != w.seg {
+			t.Fatalf("%s: %s on segment %d, want %s on %d", h[i].Name, h[i].UnderlayIP, h[i].Segment(), w.ip, w.seg)
+		}
+	}
+	// nextHop is the address h's kernel sends to for dst: the peer itself, or a router.
+	nextHop := func(from *Host, dst netip.Addr) string {
+		t.Helper()
+		out, err := from.Run(ctx, "ip", "-4", "route", "get", dst.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f := strings.Fields(out); len(f) > 2 && f[1] == "via" {
+			return f[2]
+		}
+		return dst.String()
+	}
+	reach := func(from *Host, dst netip.Addr) {
+		t.Helper()
+		if _, recv, err := Ping(ctx, from.Namespace, dst, 3, 20*time.Millisecond); err != nil || recv == 0 {
+			t.Fatalf("%s cannot reach %s (%v)", from.Name, dst, err)
+		}
+	}
+	reach(h[0], h[1].UnderlayIP)
+	reach(h[0], h[2].UnderlayIP)
+	reach(h[2], UnderlayGateway)
+	if got := nextHop(h[0], h[1].UnderlayIP); got != h[1].UnderlayIP.String() {
+		t.Errorf("h1 -> h2 goes via %s, want directly (one segment)", got)
+	}
+	if got := nextHop(h[0], h[2].UnderlayIP); got != RouterNear.String() {
+		t.Errorf("h1 -> h3 goes via %s, want the router %s", got, RouterNear)
+	}
+	if got := nextHop(h[2], h[0].UnderlayIP); got != RouterFar.String() {
+		t.Errorf("h3 -> h1 goes via %s, want the router %s", got, RouterFar)
+	}
+	var conn net.Conn
+	if err := h[2].Do(func() (err error) {
+		conn, err = net.DialTimeout("tcp", strings.TrimPrefix(topo.EtcdEndpoint(), "http://"), 5*time.Second)
+		return err
+	}); err != nil {
+		t.Fatalf("etcd from the far segment: %v", err)
+	}
+	conn.Close()
+
+	if err := h[2].MoveToSegment(ctx, Near); err != nil {
+		t.Fatal(err)
+	}
+	if h[2].UnderlayIP.String() != "198.18.0.13" || h[2].Segment() != Near {
+		t.Fatalf("moved h3: %s on segment %d, want 198.18.0.13 on the near segment", h[2].UnderlayIP, h[2].Segment())
+	}
+	reach(h[0], h[2].UnderlayIP)
+	if got := nextHop(h[0], h[2].UnderlayIP); got != h[2].UnderlayIP.String() {
+		t.Errorf("h1 -> moved h3 goes via %s, want directly", got)
+	}
+	if _, recv, _ := Ping(ctx, h[0].Namespace, netip.MustParseAddr("198.18.0.141"), 1, 0); recv != 0 {
+		t.Error("h3's old far address still answers after the move")
 	}
 }
 

@@ -27,10 +27,45 @@ type Host struct {
 	topo *Topology
 
 	mu         sync.Mutex
+	segment    int          // Near or Far (two-segment topologies; Near otherwise)
 	docker0    netip.Prefix // gateway/len, invalid until SetupDocker0
 	docker0MTU int
 	bridge     string // the container bridge's name: "docker0" unless UseBridgeName
 	containers []*Container
+}
+
+// Segment is the underlay segment the host is on: Near, or Far behind the router of a
+// two-segment topology (Options.FarHosts).
+func (h *Host) Segment() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.segment
+}
+
+// MoveToSegment re-numbers the host onto segment seg of a two-segment topology, as moving a
+// machine to another LAN does: its eth0 is plugged into the other bridge and gets the address
+// and routes of that segment (host i is 198.18.0.(11+i) on the near one, .(139+i) on the far
+// one). It updates UnderlayIP, so it must not run while anything reads that field. xnetd is not
+// told: like a real host, it needs a restart to publish its new PublicIP.
+func (h *Host) MoveToSegment(ctx context.Context, seg int) error {
+	if !h.topo.twoSegments {
+		return fmt.Errorf("harness: %s: MoveToSegment needs a two-segment topology (Options.FarHosts)", h.Name)
+	}
+	if seg != Near && seg != Far {
+		return fmt.Errorf("harness: %s: segment %d, want Near or Far", h.Name, seg)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ip, addrCmds := h.topo.segmentAddr(h.Index, seg)
+	if err := h.topo.underlay.IP(ctx, fmt.Sprintf("link set %s master %s", h.Name, segmentBridge(seg))); err != nil {
+		return fmt.Errorf("harness: move %s to %s: %w", h.Name, segmentBridge(seg), err)
+	}
+	// Flushing the address takes its routes with it.
+	if err := h.IP(ctx, append([]string{"addr flush dev eth0"}, addrCmds...)...); err != nil {
+		return fmt.Errorf("harness: re-number %s: %w", h.Name, err)
+	}
+	h.segment, h.UnderlayIP = seg, ip
+	return nil
 }
 
 // Container is a namespace on a veth into its host's docker0, as `docker run` makes.

@@ -28,11 +28,29 @@ var (
 	UnderlayGateway = netip.MustParseAddr("198.18.0.1")
 )
 
+// With Options.FarHosts the underlay is two L2 segments, the two halves of UnderlayPrefix,
+// joined by a router namespace: the near one on br0 (the gateway and etcd at .1 as always, the
+// router at .126, hosts from .11), the far one on br1 (the router at .129, hosts from .139).
+var (
+	NearSegment = netip.MustParsePrefix("198.18.0.0/25")
+	FarSegment  = netip.MustParsePrefix("198.18.0.128/25")
+	RouterNear  = netip.MustParseAddr("198.18.0.126")
+	RouterFar   = netip.MustParseAddr("198.18.0.129")
+)
+
+// Segments of a two-segment topology (Host.Segment).
 const (
-	hostAddrBase = 11 // host i (0-based) has 198.18.0.(11+i)
-	maxHosts     = 200
-	nsPrefix     = "xn-"           // every namespace: xn-<id>-<role>
-	dirPrefix    = "xnet-harness-" // every temp dir: $TMPDIR/xnet-harness-<id>
+	Near = 0 // br0, NearSegment
+	Far  = 1 // br1, FarSegment, behind the router
+)
+
+const (
+	hostAddrBase    = 11  // host i (0-based) has 198.18.0.(11+i)
+	farHostAddrBase = 139 // on the far segment, 198.18.0.(139+i)
+	maxHosts        = 200
+	maxSegmentHosts = 100             // per /25 of a two-segment topology, whichever segment a host is on
+	nsPrefix        = "xn-"           // every namespace: xn-<id>-<role>
+	dirPrefix       = "xnet-harness-" // every temp dir: $TMPDIR/xnet-harness-<id>
 )
 
 // Options describe a topology.
@@ -40,6 +58,10 @@ type Options struct {
 	Hosts       int  // simulated hosts, each with eth0 on the underlay bridge (1..200)
 	UnderlayMTU int  // MTU of br0 and every eth0; default 1500
 	WithEtcd    bool // start an embedded etcd reachable at EtcdEndpoint() from every host
+	// FarHosts puts the last FarHosts hosts on a second L2 segment behind a router namespace
+	// (NearSegment, FarSegment), so one cluster has peers on its own segment and peers it
+	// reaches only through the router: DirectRouting's two paths. 0 keeps one segment.
+	FarHosts int
 	// RunID fixes the run id (lowercase letters and digits, 1-8 characters) instead of a random
 	// one. Reusing a crashed run's id makes New remove that run's leftovers first.
 	RunID  string
@@ -48,13 +70,15 @@ type Options struct {
 
 // Topology is one set of simulated hosts. Close removes everything it made.
 type Topology struct {
-	id       string
-	log      *slog.Logger
-	mtu      int
-	baseDir  string
-	underlay *Namespace
-	hosts    []*Host
-	etcd     *etcdServer
+	id          string
+	log         *slog.Logger
+	mtu         int
+	twoSegments bool
+	baseDir     string
+	underlay    *Namespace
+	router      *Namespace // nil with one segment
+	hosts       []*Host
+	etcd        *etcdServer
 
 	mu        sync.Mutex
 	procs     []*Process
@@ -85,6 +109,9 @@ func New(ctx context.Context, opts Options) (*Topology, error) {
 	if opts.Hosts < 1 || opts.Hosts > maxHosts {
 		return nil, fmt.Errorf("harness: Options.Hosts=%d, want 1..%d", opts.Hosts, maxHosts)
 	}
+	if opts.FarHosts < 0 || opts.FarHosts > opts.Hosts || opts.FarHosts > 0 && opts.Hosts > maxSegmentHosts {
+		return nil, fmt.Errorf("harness: Options.FarHosts=%d with %d hosts, want 0..Hosts and at most %d hosts on two segments", opts.FarHosts, opts.Hosts, maxSegmentHosts)
+	}
 	if opts.UnderlayMTU == 0 {
 		opts.UnderlayMTU = 1500
 	}
@@ -102,7 +129,7 @@ func New(ctx context.Context, opts Options) (*Topology, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	t := &Topology{id: opts.RunID, log: log.With("run", opts.RunID), mtu: opts.UnderlayMTU}
+	t := &Topology{id: opts.RunID, log: log.With("run", opts.RunID), mtu: opts.UnderlayMTU, twoSegments: opts.FarHosts > 0}
 	if err := t.build(ctx, opts); err != nil {
 		if cerr := t.Close(); cerr != nil {
 			err = fmt.Errorf("%w (and cleanup: %v)", err, cerr)
@@ -165,16 +192,29 @@ func (t *Topology) build(ctx context.Context, opts Options) error {
 	if t.underlay, err = t.addNamespace(ctx, "u"); err != nil {
 		return err
 	}
+	gw := netip.PrefixFrom(UnderlayGateway, UnderlayPrefix.Bits())
+	if t.twoSegments {
+		gw = netip.PrefixFrom(UnderlayGateway, NearSegment.Bits())
+	}
 	err = t.underlay.IP(ctx,
 		"link add br0 type bridge",
 		fmt.Sprintf("link set br0 mtu %d", t.mtu),
-		fmt.Sprintf("addr add %s/%d dev br0", UnderlayGateway, UnderlayPrefix.Bits()),
+		fmt.Sprintf("addr add %s dev br0", gw),
 		"link set br0 up")
 	if err != nil {
 		return err
 	}
+	if t.twoSegments {
+		if err := t.addRouter(ctx); err != nil {
+			return err
+		}
+	}
 	for i := 0; i < opts.Hosts; i++ {
-		if err := t.addHost(ctx, i); err != nil {
+		seg := Near
+		if i >= opts.Hosts-opts.FarHosts {
+			seg = Far
+		}
+		if err := t.addHost(ctx, i, seg); err != nil {
 			return err
 		}
 	}
@@ -197,20 +237,84 @@ func (t *Topology) build(ctx context.Context, opts Options) error {
 	return nil
 }
 
-func (t *Topology) addHost(ctx context.Context, i int) error {
+// addRouter builds the far segment and the router joining it to the near one: bridge br1 in
+// the underlay namespace (a plain L2 segment, no address there), and a namespace "r" with a leg
+// on each bridge that forwards between them. The underlay namespace reaches the far segment
+// through it, so etcd answers far hosts.
+func (t *Topology) addRouter(ctx context.Context) error {
+	r, err := t.addNamespace(ctx, "r")
+	if err != nil {
+		return err
+	}
+	t.router = r
+	for _, kv := range [][2]string{
+		{"net.ipv4.ip_forward", "1"},
+		{"net.ipv4.conf.all.rp_filter", "0"},
+		{"net.ipv4.conf.default.rp_filter", "0"},
+	} {
+		if err := r.Sysctl(kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	err = t.underlay.IP(ctx,
+		"link add br1 type bridge",
+		fmt.Sprintf("link set br1 mtu %d up", t.mtu),
+		fmt.Sprintf("link add r-near type veth peer name near netns %s", r.Name),
+		fmt.Sprintf("link add r-far type veth peer name far netns %s", r.Name),
+		fmt.Sprintf("link set r-near mtu %d master br0 up", t.mtu),
+		fmt.Sprintf("link set r-far mtu %d master br1 up", t.mtu))
+	if err != nil {
+		return err
+	}
+	err = r.IP(ctx,
+		fmt.Sprintf("link set near mtu %d up", t.mtu),
+		fmt.Sprintf("link set far mtu %d up", t.mtu),
+		fmt.Sprintf("addr add %s/%d dev near", RouterNear, NearSegment.Bits()),
+		fmt.Sprintf("addr add %s/%d dev far", RouterFar, FarSegment.Bits()))
+	if err != nil {
+		return err
+	}
+	return t.underlay.IP(ctx, fmt.Sprintf("route add %s via %s dev br0", FarSegment, RouterNear))
+}
+
+// segmentAddr is host i's underlay address on segment seg, and the commands that give eth0
+// that address and the routes of the segment (run in the host's namespace).
+func (t *Topology) segmentAddr(i, seg int) (netip.Addr, []string) {
+	if !t.twoSegments {
+		ip := netip.AddrFrom4([4]byte{198, 18, 0, byte(hostAddrBase + i)})
+		return ip, []string{
+			fmt.Sprintf("addr add %s/%d dev eth0", ip, UnderlayPrefix.Bits()),
+			fmt.Sprintf("route add default via %s dev eth0", UnderlayGateway)}
+	}
+	if seg == Far {
+		ip := netip.AddrFrom4([4]byte{198, 18, 0, byte(farHostAddrBase + i)})
+		return ip, []string{
+			fmt.Sprintf("addr add %s/%d dev eth0", ip, FarSegment.Bits()),
+			fmt.Sprintf("route add default via %s dev eth0", RouterFar)}
+	}
+	ip := netip.AddrFrom4([4]byte{198, 18, 0, byte(hostAddrBase + i)})
+	return ip, []string{
+		fmt.Sprintf("addr add %s/%d dev eth0", ip, NearSegment.Bits()),
+		fmt.Sprintf("route add default via %s dev eth0", UnderlayGateway),
+		fmt.Sprintf("route add %s via %s dev eth0", FarSegment, RouterNear)}
+}
+
+func (t *Topology) addHost(ctx context.Context, i, seg int) error {
 	name := "h" + strconv.Itoa(i+1)
 	ns, err := t.addNamespace(ctx, name)
 	if err != nil {
 		return err
 	}
+	ip, addrCmds := t.segmentAddr(i, seg)
 	h := &Host{
 		Namespace:  ns,
 		Index:      i,
 		Name:       name,
-		UnderlayIP: netip.AddrFrom4([4]byte{198, 18, 0, byte(hostAddrBase + i)}),
+		UnderlayIP: ip,
 		StateDir:   filepath.Join(t.baseDir, name),
 		BPFFS:      filepath.Join(t.baseDir, name, "bpffs"),
 		topo:       t,
+		segment:    seg,
 	}
 	t.hosts = append(t.hosts, h)
 	if err := os.MkdirAll(h.StateDir, 0o755); err != nil {
@@ -234,14 +338,19 @@ func (t *Topology) addHost(ctx context.Context, i int) error {
 	// Both ends are created in their namespaces: nothing appears in the root namespace.
 	err = t.underlay.IP(ctx,
 		fmt.Sprintf("link add %s type veth peer name eth0 netns %s", name, ns.Name),
-		fmt.Sprintf("link set %s mtu %d master br0 up", name, t.mtu))
+		fmt.Sprintf("link set %s mtu %d master %s up", name, t.mtu, segmentBridge(seg)))
 	if err != nil {
 		return err
 	}
-	return ns.IP(ctx,
-		fmt.Sprintf("link set eth0 mtu %d up", t.mtu),
-		fmt.Sprintf("addr add %s/%d dev eth0", h.UnderlayIP, UnderlayPrefix.Bits()),
-		fmt.Sprintf("route add default via %s dev eth0", UnderlayGateway))
+	return ns.IP(ctx, append([]string{fmt.Sprintf("link set eth0 mtu %d up", t.mtu)}, addrCmds...)...)
+}
+
+// segmentBridge is the underlay namespace's bridge of a segment.
+func segmentBridge(seg int) string {
+	if seg == Far {
+		return "br1"
+	}
+	return "br0"
 }
 
 // ID is the run id that every name of this topology contains.
@@ -269,8 +378,12 @@ func (t *Topology) EtcdLoopbackEndpoint() string {
 	return "http://" + t.etcd.loopback
 }
 
-// Underlay is the namespace holding br0 (198.18.0.1/24), e.g. for tcpdump on a host's port.
+// Underlay is the namespace holding br0 (198.18.0.1/24), e.g. for tcpdump on a host's port
+// (named like the host: "h1"). With two segments it holds br1 too.
 func (t *Topology) Underlay() *Namespace { return t.underlay }
+
+// Router is the namespace joining the two segments (legs "near" and "far"); nil with one.
+func (t *Topology) Router() *Namespace { return t.router }
 
 // Hosts are the simulated hosts in order h1, h2, ...
 func (t *Topology) Hosts() []*Host { return append([]*Host(nil), t.hosts...) }

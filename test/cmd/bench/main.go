@@ -61,7 +61,7 @@ func main() {
 	var backends, testNames string
 	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (needed with -backends; default: build ./cmd/xnetd)")
 	flag.StringVar(&o.out, "out", "bench", "directory for results.json and chart.svg")
-	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
+	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; ebpf-direct, or the suffix +direct on any, turns the config's DirectRouting on; +bridge=NAME names the container bridge, +host sends from the host itself; NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
 	flag.StringVar(&testNames, "tests", "", "run only the tests whose name contains one of these comma-separated words (tcp, udp, request; default: all)")
 	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds (at least 1; DESIGN asks for 3 or more)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each test (whole seconds)")
@@ -124,6 +124,10 @@ func selectTests(words string) ([]benchTest, error) {
 // "+bridge=NAME" names the container bridges NAME on both hosts (Docker with a daemon.json
 // "bridge", podman, CNI), and "+host" sends from the first host itself to the remote container
 // (the host's own traffic takes xnet0, not a container veth). They combine: ebpf-tc+host.
+//
+// "+direct" turns the config's Backend.DirectRouting on: the two hosts share a segment, so the
+// peer is routed plain (no VXLAN), the path to hold against host-gw. "ebpf-direct" is
+// ebpf+direct, the spelling the README uses.
 func modeOf(name string) *mode {
 	spec, binary, _ := strings.Cut(name, "@")
 	m := &mode{name: spec, backend: spec, xnetd: binary}
@@ -133,12 +137,16 @@ func modeOf(name string) *mode {
 			switch {
 			case suf == "host":
 				m.fromHost = true
+			case suf == "direct":
+				m.direct = true
 			case strings.HasPrefix(suf, "bridge="):
 				m.bridge = strings.TrimPrefix(suf, "bridge=")
 			}
 		}
 	}
-	if decap, ok := strings.CutPrefix(m.backend, "ebpf-"); ok {
+	if m.backend == "ebpf-direct" {
+		m.backend, m.direct = "ebpf", true
+	} else if decap, ok := strings.CutPrefix(m.backend, "ebpf-"); ok {
 		m.backend, m.extra = "ebpf", []string{"--decap=" + decap}
 	}
 	if binary != "" {
@@ -156,12 +164,14 @@ type mode struct {
 	bridge  string   // the container bridge's name ("+bridge=NAME"; "" is docker0)
 	// fromHost sends from the first host's own namespace instead of a container ("+host").
 	fromHost bool
-	topo     *harness.Topology
-	client   *harness.Container // on h1
-	server   *harness.Container // on h2
-	daemons  []*harness.Process
-	rr       *rrServer
-	err      error // set when the mode could not be set up; it is then skipped
+	// direct turns the config's Backend.DirectRouting on ("+direct", "ebpf-direct").
+	direct  bool
+	topo    *harness.Topology
+	client  *harness.Container // on h1
+	server  *harness.Container // on h2
+	daemons []*harness.Process
+	rr      *rrServer
+	err     error // set when the mode could not be set up; it is then skipped
 }
 
 func run(ctx context.Context, o options) (err error) {
@@ -344,7 +354,7 @@ func setup(ctx context.Context, m *mode, xnetd string) error {
 }
 
 func setupXnet(ctx context.Context, m *mode, xnetd string) error {
-	cfg := fmt.Sprintf(`{"Network":"10.244.0.0/16","Backend":{"Type":%q}}`, m.backend)
+	cfg := fmt.Sprintf(`{"Network":"10.244.0.0/16","Backend":{"Type":%q,"DirectRouting":%v}}`, m.backend, m.direct)
 	if _, err := m.topo.EtcdClient().Put(ctx, subnetmgr.ConfigKey(subnetmgr.DefaultPrefix), cfg); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
