@@ -139,6 +139,10 @@ func modeOf(name string) *mode {
 				m.fromHost = true
 			case suf == "direct":
 				m.direct = true
+			case suf == "kernel":
+				// The stack path: container traffic through xnet0 and the host's
+				// forwarding both ways (what a DOCKER-USER rule makes auto choose).
+				m.extra = append(m.extra, "--host-routing=kernel")
 			case strings.HasPrefix(suf, "bridge="):
 				m.bridge = strings.TrimPrefix(suf, "bridge=")
 			}
@@ -147,7 +151,7 @@ func modeOf(name string) *mode {
 	if m.backend == "ebpf-direct" {
 		m.backend, m.direct = "ebpf", true
 	} else if decap, ok := strings.CutPrefix(m.backend, "ebpf-"); ok {
-		m.backend, m.extra = "ebpf", []string{"--decap=" + decap}
+		m.backend, m.extra = "ebpf", append(m.extra, "--decap="+decap)
 	}
 	if binary != "" {
 		m.name = spec + "@" + filepath.Base(binary)
