@@ -1,4 +1,4 @@
-// Command bench is `make bench`: the benchmark protocol of DESIGN.md. It builds one two-host
+// Command bench is `make bench`: the benchmark protocol of docs/design.md. It builds one two-host
 // topology per datapath (identical in shape: same addresses, MTUs and container layout), then
 // measures container to container across the hosts, interleaved (A B C A B C) for -rounds
 // rounds: TCP throughput with 1 and 4 streams, UDP 64-byte packets/s delivered from 4 senders,
