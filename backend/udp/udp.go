@@ -536,41 +536,8 @@ func (b *Backend) publishPeers() {
 	b.tables.store(newPeerTable(b.peers))
 }
 
-// inNamespace runs fn on a thread in the namespace New captured. When the thread cannot be
-// switched back it stays locked, so the runtime retires it instead of reusing it elsewhere.
-func (b *Backend) inNamespace(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		cur, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("udp: open current network namespace: %w", err)
-			return
-		}
-		defer cur.Close()
-		if cur.Equal(b.ns) {
-			// Stay locked: only this thread is known to be in the namespace.
-			err := fn()
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		if err := netns.Set(b.ns); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("udp: enter the network namespace New ran in: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(cur); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("udp: return from the backend's network namespace: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+// inNamespace runs fn on a thread in the namespace New captured (backend.InNamespace).
+func (b *Backend) inNamespace(fn func() error) error { return backend.InNamespace(b.ns, fn) }
 
 func isLinkNotFound(err error) bool {
 	var nf netlink.LinkNotFoundError

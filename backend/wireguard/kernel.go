@@ -9,6 +9,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"github.com/xnet-dev/xnet/backend"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -42,7 +43,7 @@ func openKernelDevice(nl *netlink.Handle, ns netns.NsHandle, mtu int) (*kernelDe
 		return nil, fmt.Errorf("wireguard: look up %s: %w", DeviceName, err)
 	}
 	var c *wgctrl.Client
-	err = inNamespace(ns, func() (err error) { c, err = wgctrl.New(); return err })
+	err = backend.InNamespace(ns, func() (err error) { c, err = wgctrl.New(); return err })
 	if err != nil {
 		return nil, fmt.Errorf("wireguard: open wgctrl: %w", err)
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	"github.com/xnet-dev/xnet/backend"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
@@ -42,7 +43,7 @@ type userDevice struct {
 // configured and brought up.
 func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, crossed func(netip.AddrPort, string), log *slog.Logger) (*userDevice, error) {
 	var tdev tun.Device
-	err := inNamespace(ns, func() error {
+	err := backend.InNamespace(ns, func() error {
 		f, err := openTUN(DeviceName)
 		if err != nil {
 			return err
@@ -173,7 +174,7 @@ type nsBind struct {
 }
 
 func (b *nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
-	err = inNamespace(b.ns, func() (err error) {
+	err = backend.InNamespace(b.ns, func() (err error) {
 		fns, actual, err = b.Bind.Open(port)
 		return err
 	})
