@@ -1,7 +1,6 @@
 package backend
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -104,7 +103,7 @@ func (d *DirectRouter) Segments() ([]netip.Prefix, error) {
 	}
 	var out []netip.Prefix
 	for _, a := range addrs {
-		if p := ipNetToPrefix(a.IPNet); p.IsValid() && p.Bits() < 32 {
+		if p, ok := PrefixOf(a.IPNet); ok && p.Bits() < 32 {
 			out = append(out, p.Masked())
 		}
 	}
@@ -132,31 +131,16 @@ func (d *DirectRouter) DeleteRoute(subnet netip.Prefix) error {
 }
 
 // DeleteRoutesWhere deletes the gatewayed IPv4 routes on the underlay NIC (main table) for which
-// del says yes, given destination and gateway, and returns what it deleted.
+// del says yes, given destination and gateway, and returns what it deleted. Device routes
+// (no gateway) on the NIC are the host's, never ours.
 func (d *DirectRouter) DeleteRoutesWhere(del func(dst netip.Prefix, gw netip.Addr) bool) ([]netip.Prefix, error) {
-	routes, err := d.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: d.iface.Index}, netlink.RT_FILTER_OIF)
-	// An interrupted dump still lists routes that existed; the rest waits for the next start.
-	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		return nil, fmt.Errorf("list routes on %s: %w", d.iface.Name, err)
+	gone, err := DeleteRoutesWhere(d.nl, d.iface.Index, func(dst netip.Prefix, gw netip.Addr) bool {
+		return gw.IsValid() && del(dst, gw)
+	})
+	if err != nil {
+		return gone, fmt.Errorf("%s: %w", d.iface.Name, err)
 	}
-	var errs []error
-	var gone []netip.Prefix
-	for _, r := range routes {
-		if r.Dst == nil || r.Gw == nil {
-			continue
-		}
-		dst := ipNetToPrefix(r.Dst)
-		gw, _ := netip.AddrFromSlice(r.Gw)
-		if !del(dst, gw.Unmap()) {
-			continue
-		}
-		if err := IgnoreMissing(d.nl.RouteDel(&r)); err != nil {
-			errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
-			continue
-		}
-		gone = append(gone, dst)
-	}
-	return gone, errors.Join(errs...)
+	return gone, nil
 }
 
 // route is the key of our route to a peer subnet: destination and the underlay NIC.
@@ -166,23 +150,6 @@ func (d *DirectRouter) route(subnet netip.Prefix) *netlink.Route {
 		LinkIndex: d.iface.Index,
 		Dst:       &net.IPNet{IP: net.IP(subnet.Addr().AsSlice()), Mask: net.CIDRMask(subnet.Bits(), 32)},
 	}
-}
-
-// IgnoreMissing turns "no such entry" into success: deleting is idempotent.
-func IgnoreMissing(err error) error {
-	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
-		return nil
-	}
-	return err
-}
-
-func ipNetToPrefix(n *net.IPNet) netip.Prefix {
-	if n == nil {
-		return netip.Prefix{}
-	}
-	a, _ := netip.AddrFromSlice(n.IP)
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), ones)
 }
 
 func joinPrefixes(ps []netip.Prefix) string {

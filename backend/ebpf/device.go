@@ -9,6 +9,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -71,7 +72,7 @@ func (b *Backend) ensureHostDevice(local subnetmgr.Lease, network netip.Prefix) 
 			}
 		}
 	}
-	route := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: prefixToIPNet(network), Scope: netlink.SCOPE_LINK,
+	route := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: backend.IPNet(network), Scope: netlink.SCOPE_LINK,
 		Src: addr.IP}
 	if err := netlink.RouteReplace(route); err != nil {
 		return 0, fmt.Errorf("ebpf: route %s dev %s: %w", network, HostDevice, err)
@@ -80,9 +81,4 @@ func (b *Backend) ensureHostDevice(local subnetmgr.Lease, network netip.Prefix) 
 	// their way back, so strict rp_filter accepts them. Forwarding them to docker0 needs
 	// forwarding on xnet0, which a Docker host has everywhere already.
 	return link.Attrs().Index, nil
-}
-
-func prefixToIPNet(p netip.Prefix) *net.IPNet {
-	p = p.Masked()
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }

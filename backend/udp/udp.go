@@ -338,7 +338,7 @@ func (b *Backend) ensureAddress() error {
 	}
 	have := false
 	for _, a := range addrs {
-		p, ok := netipPrefix(a.IPNet)
+		p, ok := backend.PrefixOf(a.IPNet)
 		if ok && p == want {
 			have = true
 			continue
@@ -441,23 +441,10 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		return nil // no Network: no route can be known to be ours
 	}
 	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
-	routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.dev}, netlink.RT_FILTER_OIF)
-	// An interrupted dump still lists routes that existed; the rest waits for the next start.
-	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		return fmt.Errorf("udp: prune peers: list routes on %s: %w", DeviceName, err)
-	}
 	var errs []error
-	var gone []netip.Prefix
-	for _, r := range routes {
-		dst, ok := netipPrefix(r.Dst)
-		if !ok || !kept.Stale(b.Network(), dst) {
-			continue
-		}
-		if err := b.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
-			continue
-		}
-		gone = append(gone, dst)
+	gone, err := backend.DeleteRoutesWhere(b.nl, b.dev, func(dst netip.Prefix, _ netip.Addr) bool { return kept.Stale(b.Network(), dst) })
+	if err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", DeviceName, err))
 	}
 	direct, err := b.direct.PruneRoutes(b.Network(), kept)
 	if err != nil {
@@ -542,18 +529,6 @@ func (b *Backend) inNamespace(fn func() error) error { return backend.InNamespac
 func isLinkNotFound(err error) bool {
 	var nf netlink.LinkNotFoundError
 	return errors.As(err, &nf)
-}
-
-func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), ones), true
 }
 
 var (

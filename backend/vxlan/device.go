@@ -184,7 +184,7 @@ func (b *Backend) ensureAddress(link *netlink.Vxlan, subnet netip.Prefix, networ
 	}
 	have := false
 	for _, a := range addrs {
-		p := ipNetToPrefix(a.IPNet)
+		p, _ := backend.PrefixOf(a.IPNet)
 		if p == want {
 			have = true
 			continue
@@ -197,7 +197,7 @@ func (b *Backend) ensureAddress(link *netlink.Vxlan, subnet netip.Prefix, networ
 	if have {
 		return nil
 	}
-	if err := b.nl.AddrAdd(link, &netlink.Addr{IPNet: prefixToIPNet(want)}); err != nil {
+	if err := b.nl.AddrAdd(link, &netlink.Addr{IPNet: backend.IPNet(want)}); err != nil {
 		return fmt.Errorf("vxlan: add address %v to %s: %w", want, link.Name, err)
 	}
 	return nil
@@ -220,13 +220,4 @@ func (b *Backend) deleteDevice() error {
 	b.peers = map[netip.Prefix]peer{}
 	b.Log.Info("deleted vxlan device")
 	return nil
-}
-
-func ipNetToPrefix(n *net.IPNet) netip.Prefix {
-	if n == nil {
-		return netip.Prefix{}
-	}
-	a, _ := netip.AddrFromSlice(n.IP)
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), ones)
 }

@@ -184,7 +184,7 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	if old, ok := b.peers[p.subnet]; ok && old.mac.String() != p.mac.String() {
 		// The fdb is keyed by MAC: a peer that changed MAC leaves its old entry behind unless
 		// we remove it. A changed PublicIP with the same MAC is handled by the replace below.
-		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(old))); err != nil {
+		if err := backend.IgnoreMissing(b.nl.NeighDel(b.fdbEntry(old))); err != nil {
 			b.Log.Warn("removing old fdb entry of changed peer", "subnet", p.subnet, "mac", old.mac.String(), "err", err)
 		}
 	}
@@ -220,10 +220,10 @@ func (b *Backend) addDirectPeer(p peer) error {
 		stale = append(stale, old)
 	}
 	for _, o := range stale {
-		if err := ignoreMissing(b.nl.NeighDel(b.neighEntry(o))); err != nil {
+		if err := backend.IgnoreMissing(b.nl.NeighDel(b.neighEntry(o))); err != nil {
 			b.Log.Warn("removing the neighbour entry of a peer routed directly", "subnet", o.subnet, "err", err)
 		}
-		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(o))); err != nil {
+		if err := backend.IgnoreMissing(b.nl.NeighDel(b.fdbEntry(o))); err != nil {
 			b.Log.Warn("removing the fdb entry of a peer routed directly", "subnet", o.subnet, "mac", o.mac.String(), "err", err)
 		}
 	}
@@ -255,18 +255,18 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 		}
 	}
 	var errs []error
-	if err := ignoreMissing(b.nl.RouteDel(b.route(subnet))); err != nil {
+	if err := backend.IgnoreMissing(b.nl.RouteDel(b.route(subnet))); err != nil {
 		errs = append(errs, fmt.Errorf("route del %v: %w", subnet, err))
 	}
 	// The direct route, whether this process made it or an earlier one did.
 	if err := b.direct.DeleteRoute(subnet); err != nil {
 		errs = append(errs, err)
 	}
-	if err := ignoreMissing(b.nl.NeighDel(b.neighEntry(p))); err != nil {
+	if err := backend.IgnoreMissing(b.nl.NeighDel(b.neighEntry(p))); err != nil {
 		errs = append(errs, fmt.Errorf("neigh del %v: %w", subnet.Addr(), err))
 	}
 	if p.mac != nil && p.publicIP.IsValid() {
-		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(p))); err != nil {
+		if err := backend.IgnoreMissing(b.nl.NeighDel(b.fdbEntry(p))); err != nil {
 			errs = append(errs, fmt.Errorf("fdb del %v dst %v: %w", p.mac, p.publicIP, err))
 		}
 	}
@@ -300,22 +300,17 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	var errs []error
 	var routes, neighs, fdb []string
 
+	// Peer routes have a gateway (the peer's subnet address, onlink); the device's own do not.
 	// A dump interrupted by a concurrent change is still a list of entries that existed:
 	// deleting the unkept ones among them is right, and the next start catches the rest.
-	rs, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.dev}, netlink.RT_FILTER_OIF)
-	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		errs = append(errs, fmt.Errorf("list routes on %s: %w", DeviceName(b.VNI), err))
+	gone, err := backend.DeleteRoutesWhere(b.nl, b.dev, func(dst netip.Prefix, gw netip.Addr) bool {
+		return gw.IsValid() && kept.Stale(b.Network(), dst)
+	})
+	if err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", DeviceName(b.VNI), err))
 	}
-	for _, r := range rs {
-		dst := ipNetToPrefix(r.Dst)
-		if r.Dst == nil || r.Gw == nil || !kept.Stale(b.Network(), dst) {
-			continue
-		}
-		if err := ignoreMissing(b.nl.RouteDel(&r)); err != nil {
-			errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
-			continue
-		}
-		routes = append(routes, dst.String())
+	for _, r := range gone {
+		routes = append(routes, r.String())
 	}
 	ns, err := b.nl.NeighList(b.dev, unix.AF_INET)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
@@ -327,7 +322,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		if !ok || n.State&netlink.NUD_PERMANENT == 0 || !kept.Stale(b.Network(), netip.PrefixFrom(ip, 32)) || kept.HasSubnetAddr(ip) {
 			continue
 		}
-		if err := ignoreMissing(b.nl.NeighDel(&n)); err != nil {
+		if err := backend.IgnoreMissing(b.nl.NeighDel(&n)); err != nil {
 			errs = append(errs, fmt.Errorf("neigh del %v: %w", ip, err))
 			continue
 		}
@@ -343,7 +338,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		if !ok || len(f.HardwareAddr) != 6 || f.HardwareAddr[0]&1 == 1 || keepMACs[f.HardwareAddr.String()] {
 			continue
 		}
-		if err := ignoreMissing(b.nl.NeighDel(b.fdbEntry(peer{publicIP: dst.Unmap(), mac: f.HardwareAddr}))); err != nil {
+		if err := backend.IgnoreMissing(b.nl.NeighDel(b.fdbEntry(peer{publicIP: dst.Unmap(), mac: f.HardwareAddr}))); err != nil {
 			errs = append(errs, fmt.Errorf("fdb del %v dst %v: %w", f.HardwareAddr, dst, err))
 			continue
 		}
@@ -404,7 +399,7 @@ func (b *Backend) route(subnet netip.Prefix) *netlink.Route {
 	r := &netlink.Route{
 		LinkIndex: b.dev,
 		Scope:     netlink.SCOPE_UNIVERSE,
-		Dst:       prefixToIPNet(subnet),
+		Dst:       backend.IPNet(subnet),
 		Gw:        net.IP(subnet.Addr().AsSlice()),
 	}
 	r.SetFlag(netlink.FLAG_ONLINK)
@@ -446,18 +441,6 @@ func (b *Backend) neighMAC(ip netip.Addr) net.HardwareAddr {
 		}
 	}
 	return nil
-}
-
-// ignoreMissing turns "no such entry" into success: deleting is idempotent.
-func ignoreMissing(err error) error {
-	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENODEV) {
-		return nil
-	}
-	return err
-}
-
-func prefixToIPNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
 var (

@@ -658,27 +658,17 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		}
 		gone = append(gone, p.PublicKey.String())
 	}
-	if b.Network().IsValid() {
-		routes, err := b.nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: b.link}, netlink.RT_FILTER_OIF)
-		// An interrupted dump still lists routes that existed; the rest waits for the next start.
-		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-			errs = append(errs, fmt.Errorf("list routes on %s: %w", DeviceName, err))
+	if network := b.Network(); network.IsValid() {
+		// The whole Network's route is the device's own (traffic to a subnet no peer holds is
+		// dropped there instead of leaving in clear), not a peer's.
+		routes, err := backend.DeleteRoutesWhere(b.nl, b.link, func(dst netip.Prefix, _ netip.Addr) bool {
+			return dst != network.Masked() && kept.Stale(network, dst)
+		})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", DeviceName, err))
 		}
 		for _, r := range routes {
-			if r.Dst == nil {
-				continue
-			}
-			dst, ok := netipPrefix(*r.Dst)
-			// The whole Network's route is the device's own (traffic to a subnet no peer
-			// holds is dropped there instead of leaving in clear), not a peer's.
-			if !ok || dst == b.Network().Masked() || !kept.Stale(b.Network(), dst) {
-				continue
-			}
-			if err := b.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
-				errs = append(errs, fmt.Errorf("route del %v: %w", dst, err))
-				continue
-			}
-			gone = append(gone, dst.String())
+			gone = append(gone, r.String())
 		}
 	}
 	if len(gone) > 0 {
