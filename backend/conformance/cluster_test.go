@@ -57,7 +57,7 @@ func newCluster(t *testing.T, r row) *cluster {
 		t.Fatal(err)
 	}
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3})
-	c := &cluster{row: r, cfg: cfg, ctx: t.Context(), log: slog.New(slog.NewTextHandler(testWriter{t}, nil)).With("test", r.name)}
+	c := &cluster{row: r, cfg: cfg, ctx: t.Context(), log: harness.TestLogger(t).With("test", r.name)}
 	for i, h := range topo.Hosts() {
 		n := &node{Host: h, cl: c}
 		n.lease.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
@@ -79,13 +79,6 @@ func newCluster(t *testing.T, r row) *cluster {
 		c.hosts = append(c.hosts, n)
 	}
 	return c
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
 }
 
 // pinDir is where the host's backend pins what outlives it, as /sys/fs/bpf/xnet is on a real

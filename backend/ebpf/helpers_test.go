@@ -1,9 +1,7 @@
 package ebpf
 
 import (
-	"log/slog"
 	"net/netip"
-	"strings"
 	"testing"
 	"time"
 
@@ -12,13 +10,6 @@ import (
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
-}
 
 var testConfig = subnetmgr.Config{
 	Network:   netip.MustParsePrefix("10.244.0.0/16"),
@@ -55,7 +46,7 @@ func newOn(t *testing.T, h *harness.Host, decap string) *Backend {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := backend.Options{Iface: iface, Config: testConfig, Decap: decap, BPFFS: h.BPFFS, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))}
+	opts := backend.Options{Iface: iface, Config: testConfig, Decap: decap, BPFFS: h.BPFFS, Logger: harness.TestLogger(t)}
 	var b *Backend
 	if err := h.Do(func() (err error) { b, err = NewBackend(opts); return err }); err != nil {
 		t.Fatal(err)

@@ -3,7 +3,6 @@ package hostgw
 import (
 	"encoding/json"
 	"errors"
-	"log/slog"
 	"net/netip"
 	"strings"
 	"testing"
@@ -13,17 +12,6 @@ import (
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
-}
-
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
 
 var testNetwork = subnetmgr.Config{
 	Network:   netip.MustParsePrefix("10.244.0.0/16"),
@@ -41,7 +29,7 @@ func leaseOf(i int, h *testHost) subnetmgr.Lease {
 }
 
 func startOptions(t *testing.T, h *testHost) backend.Options {
-	return backend.Options{Iface: h.iface, Config: testNetwork, Logger: testLogger(t)}
+	return backend.Options{Iface: h.iface, Config: testNetwork, Logger: harness.TestLogger(t)}
 }
 
 func startBackend(t *testing.T, i int, h *testHost) *Backend {

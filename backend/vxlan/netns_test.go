@@ -71,7 +71,7 @@ func leaseOf(t *testing.T, i int, h *testHost) subnetmgr.Lease {
 // startBackend builds and sets up our backend on host i; closed with teardown at cleanup.
 func startBackend(t *testing.T, i int, h *testHost, cfg subnetmgr.Config) *Backend {
 	t.Helper()
-	b, err := NewWithHandle(backend.Options{Iface: h.iface, Config: cfg, Logger: testLogger(t)}, h.nl)
+	b, err := NewWithHandle(backend.Options{Iface: h.iface, Config: cfg, Logger: harness.TestLogger(t)}, h.nl)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -40,17 +39,6 @@ func testConfig(t *testing.T, backendJSON string) subnetmgr.Config {
 	return cfg
 }
 
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
-
 // newBackendOn builds the backend in h's namespace, keeping its key in h's state directory.
 func newBackendOn(t *testing.T, h *harness.Host, cfg subnetmgr.Config, dp Datapath) (*Backend, error) {
 	t.Helper()
@@ -58,7 +46,7 @@ func newBackendOn(t *testing.T, h *harness.Host, cfg subnetmgr.Config, dp Datapa
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := backend.Options{Iface: iface, Config: cfg, StateDir: h.StateDir, Logger: testLogger(t).With("host", h.Name)}
+	opts := backend.Options{Iface: iface, Config: cfg, StateDir: h.StateDir, Logger: harness.TestLogger(t).With("host", h.Name)}
 	var b *Backend
 	err = h.Do(func() (err error) { b, err = NewWithDatapath(opts, dp); return err })
 	return b, err

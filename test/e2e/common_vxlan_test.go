@@ -7,9 +7,7 @@ package e2e
 
 import (
 	"context"
-	"log/slog"
 	"net/netip"
-	"strings"
 	"testing"
 	"time"
 
@@ -66,7 +64,7 @@ type dpNode struct {
 // with the backend's MTU and starts the given number of containers.
 func dpStart(t *testing.T, h *harness.Host, ctor backend.Constructor, cfg subnetmgr.Config, containers int) *dpNode {
 	t.Helper()
-	opts := backend.Options{Iface: dpIface(t, h), Config: cfg, Logger: dpLogger(t).With("host", h.Name)}
+	opts := backend.Options{Iface: dpIface(t, h), Config: cfg, Logger: harness.TestLogger(t).With("host", h.Name)}
 	var b backend.Backend
 	if err := h.Do(func() (err error) { b, err = ctor(opts); return err }); err != nil {
 		t.Fatalf("%s: build backend: %v", h.Name, err)
@@ -180,18 +178,6 @@ func dpRequireRemovePeerCutsOnlyThatPeer(t *testing.T, nodes []*dpNode) {
 	if !dpReaches(t, a.host.Containers()[0].Namespace, target) {
 		t.Errorf("%s's container does not reach %v after the peer came back", a.host.Name, target)
 	}
-}
-
-// dpLogger sends a backend's logs to the test log.
-func dpLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(dpLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type dpLogWriter struct{ t *testing.T }
-
-func (w dpLogWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
 }
 
 // dpSourceSeen is the source address a listener in to sees for a datagram from from to dst.
