@@ -42,6 +42,16 @@ type Backend interface {
 	Close(teardown bool) error
 }
 
+// DualStack is implemented by backends that carry IPv6 container traffic. In a dual-stack
+// overlay (Config.EnableIPv6) Setup's local lease and every peer lease AddPeer gets may hold an
+// IPv6Subnet (a peer's only when the trust rule accepted it; a peer without one is reached
+// over IPv4 only), and PublicIPv6/BackendV6Data when the host has an IPv6 underlay address.
+// xnetd refuses EnableIPv6 with a backend that does not implement DualStack.
+type DualStack interface {
+	// LeaseAttrsV6 is what this host publishes as BackendV6Data (nil: nothing).
+	LeaseAttrsV6() (json.RawMessage, error)
+}
+
 // PeerPruner is implemented by backends whose per-peer state survives a restart of xnetd
 // (pinned BPF maps, kernel routes and neighbour entries). A lease deleted while xnetd was down
 // never produces a removal event, so after the first full lease list has been applied the
@@ -154,6 +164,10 @@ type ExternalInterface struct {
 	MAC      net.HardwareAddr
 	PublicIP netip.Addr // our PublicIP (--public-ip, else the interface's address)
 	IfaceIP  netip.Addr // the interface's own address
+	// PublicIPv6 is our IPv6 underlay address in a dual-stack overlay (--public-ipv6, else the
+	// interface's first global IPv6 address); zero when the host has none, and then IPv6
+	// container traffic crosses the IPv4 underlay.
+	PublicIPv6 netip.Addr
 }
 
 // Options is everything a backend constructor gets.

@@ -40,6 +40,7 @@ type snapshot struct {
 	rev    int64
 	leases []storedLease  // well-formed leases, sorted by subnet
 	keys   []netip.Prefix // every key that names a subnet, well-formed value or not
+	keys6  []netip.Prefix // the IPv6 subnets those keys name (dual-stack keys only)
 }
 
 // parseKV turns one key-value under <prefix>/subnets/ into a lease (see parseKVIn).
@@ -51,17 +52,17 @@ func (m *Manager) parseKV(kv *mvccpb.KeyValue) (l storedLease, subnetOK bool, er
 // at least names a range (l.Subnet is then set, and the key occupies it even when its value
 // is malformed).
 func (m *Manager) parseKVIn(dir string, kv *mvccpb.KeyValue) (l storedLease, subnetOK bool, err error) {
-	subnet, err := ParsePoolKey(m.prefix, dir, string(kv.Key))
+	subnet, subnet6, err := ParseLeaseKey(m.prefix, dir, string(kv.Key))
 	if err != nil {
 		return storedLease{}, false, err
 	}
-	l = storedLease{Lease: Lease{Subnet: subnet, CreateRevision: kv.CreateRevision, EtcdLeaseID: kv.Lease},
+	l = storedLease{Lease: Lease{Subnet: subnet, IPv6Subnet: subnet6, CreateRevision: kv.CreateRevision, EtcdLeaseID: kv.Lease},
 		modRev: kv.ModRevision}
 	attrs, err := DecodeLeaseValue(kv.Value)
 	if err != nil {
 		return l, true, fmt.Errorf("key %s: %w", kv.Key, err)
 	}
-	l.PublicIP, l.BackendType, l.BackendData = attrs.PublicIP, attrs.BackendType, attrs.BackendData
+	l.setAttrs(attrs)
 	return l, true, nil
 }
 
@@ -85,6 +86,9 @@ func (m *Manager) listQuiet(ctx context.Context, dir string, logBad func(key str
 		l, subnetOK, err := m.parseKVIn(dir, kv)
 		if subnetOK {
 			snap.keys = append(snap.keys, l.Subnet)
+			if l.IPv6Subnet.IsValid() {
+				snap.keys6 = append(snap.keys6, l.IPv6Subnet)
+			}
 		}
 		if err == nil {
 			snap.leases = append(snap.leases, l)
@@ -170,13 +174,23 @@ func (m *Manager) ListPoolLeases(ctx context.Context, dir string) ([]Lease, int6
 // transaction. It retries transaction conflicts at once and etcd errors with backoff until
 // ctx ends; a full range is returned at once as an error wrapping ErrRangeFull.
 func (m *Manager) AcquireLease(ctx context.Context, cfg Config, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
-	return m.AcquirePoolLease(ctx, OverlayPool(cfg), attrs, prev)
+	return m.acquire(ctx, OverlayPool(cfg), attrs, prev, netip.Prefix{})
+}
+
+// AcquireDualLease is AcquireLease for a dual-stack overlay, with prev6 the IPv6 subnet our
+// file records (preferred when free, as prev is).
+func (m *Manager) AcquireDualLease(ctx context.Context, cfg Config, attrs LeaseAttrs, prev, prev6 netip.Prefix) (Lease, error) {
+	return m.acquire(ctx, OverlayPool(cfg), attrs, prev, prev6)
 }
 
 // AcquirePoolLease is AcquireLease for any pool: the same transaction, TTL, reclaim and
 // reservation rules, under <prefix>/<p.Dir>/. It also skips every range that covers an
 // address p avoids.
 func (m *Manager) AcquirePoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
+	return m.acquire(ctx, p, attrs, prev, netip.Prefix{})
+}
+
+func (m *Manager) acquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev, prev6 netip.Prefix) (Lease, error) {
 	if err := p.check(); err != nil {
 		return Lease{}, fmt.Errorf("acquire lease: %w", err)
 	}
@@ -185,7 +199,10 @@ func (m *Manager) AcquirePoolLease(ctx context.Context, p Pool, attrs LeaseAttrs
 	}
 	bo := m.newBackoff()
 	for {
-		l, err := m.tryAcquire(ctx, p, attrs, prev)
+		l, err := m.tryAcquire(ctx, p, attrs, prev, prev6)
+		if err == nil && l.IPv6Subnet.IsValid() {
+			l, err = m.settleIPv6(ctx, p, l, attrs)
+		}
 		switch {
 		case err == nil:
 			return l, nil
@@ -209,7 +226,7 @@ func (m *Manager) AcquirePoolLease(ctx context.Context, p Pool, attrs LeaseAttrs
 	}
 }
 
-func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev netip.Prefix) (Lease, error) {
+func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev, prev6 netip.Prefix) (Lease, error) {
 	snap, err := m.list(ctx, p.Dir)
 	if err != nil {
 		return Lease{}, err
@@ -232,6 +249,7 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 		}
 		ours = append(ours, l)
 	}
+	taken6 := p.takenIPv6(snap.keys6)
 	slices.SortStableFunc(ours, func(a, b storedLease) int {
 		if (a.Subnet == prev) != (b.Subnet == prev) {
 			if a.Subnet == prev {
@@ -247,6 +265,19 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 				"pool", p.Dir, "subnet", l.Subnet, "address", a)
 			continue
 		}
+		if want6, ok := p.ipv6For(l, taken6, prev6); !ok {
+			return Lease{}, fmt.Errorf("acquire lease: every /%d in [%s, %s] of %s is taken (%d keys under %s): widen IPv6Network or IPv6SubnetMin/IPv6SubnetMax in the config, or remove stale leases: %w",
+				p.IPv6.Len, p.IPv6.Min, p.IPv6.Max, p.IPv6.Network, len(snap.keys6), PoolPrefix(m.prefix, p.Dir), ErrRangeFull)
+		} else if want6 != l.IPv6Subnet {
+			// The key names the IPv6 subnet, so a lease gaining, changing or losing one moves
+			// to another key, in one transaction.
+			nl, err := m.rekey(ctx, p.Dir, l, want6, attrs)
+			if err == nil {
+				m.log.Info("reclaimed our previous lease with a new IPv6 subnet", "pool", p.Dir, "subnet", nl.Subnet,
+					"ipv6_subnet", nl.IPv6Subnet, "was", l.IPv6Subnet)
+			}
+			return nl, err
+		}
 		nl, err := m.reclaim(ctx, p.Dir, l, attrs)
 		if err == nil {
 			m.log.Info("reclaimed our previous lease", "pool", p.Dir, "subnet", nl.Subnet, "public_ip", attrs.PublicIP,
@@ -258,7 +289,11 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 	// 2. The range our file recorded, if nobody holds it now.
 	if prev.IsValid() && p.compatible(prev) {
 		if !taken.has(prev) {
-			l, err := m.create(ctx, p.Dir, prev, attrs)
+			sn6, err := p.pickIPv6(taken6, prev6)
+			if err != nil {
+				return Lease{}, m.ipv6Full(p, snap, err)
+			}
+			l, err := m.create(ctx, p.Dir, prev, sn6, attrs)
 			if err == nil {
 				m.log.Info("reclaimed the subnet from our subnet file", "pool", p.Dir, "subnet", prev)
 			}
@@ -281,11 +316,61 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 		return Lease{}, fmt.Errorf("acquire lease: every /%d in [%s, %s] of %s is taken (%d keys under %s%s); %s: %w",
 			p.Len, p.Min, p.Max, p.Network, len(snap.keys), PoolPrefix(m.prefix, p.Dir), avoided, hint, ErrRangeFull)
 	}
-	l, err := m.create(ctx, p.Dir, free[rand.N(len(free))], attrs)
+	sn6, err := p.pickIPv6(taken6, prev6)
+	if err != nil {
+		return Lease{}, m.ipv6Full(p, snap, err)
+	}
+	l, err := m.create(ctx, p.Dir, free[rand.N(len(free))], sn6, attrs)
 	if err == nil {
-		m.log.Info("acquired a new lease", "pool", p.Dir, "subnet", l.Subnet, "public_ip", attrs.PublicIP)
+		m.log.Info("acquired a new lease", "pool", p.Dir, "subnet", l.Subnet, "ipv6_subnet", l.IPv6Subnet, "public_ip", attrs.PublicIP)
 	}
 	return l, err
+}
+
+// settleIPv6 makes sure no older key names l's IPv6 subnet. Keys name the IPv4 subnet, which
+// the create-only transaction makes unique, but two hosts starting together may pick one IPv6
+// subnet under two IPv4 keys. The older key keeps it (peers decide alike: ClaimsFirst), and
+// the younger moves to another IPv6 subnet, checking again, until no older key shares it.
+func (m *Manager) settleIPv6(ctx context.Context, p Pool, l Lease, attrs LeaseAttrs) (Lease, error) {
+	for {
+		snap, err := m.list(ctx, p.Dir)
+		if err != nil {
+			return Lease{}, err
+		}
+		var mine *storedLease
+		shared := false
+		for i, o := range snap.leases {
+			switch {
+			case o.Subnet == l.Subnet && o.IPv6Subnet == l.IPv6Subnet:
+				mine = &snap.leases[i]
+			case o.IPv6Subnet == l.IPv6Subnet && ClaimsFirst(o.Lease, l):
+				shared = true
+			}
+		}
+		if mine == nil {
+			return Lease{}, fmt.Errorf("our lease %s vanished just after we took it: %w", l.Key(m.prefix), errConflict)
+		}
+		if !shared {
+			return l, nil
+		}
+		sn6, err := p.pickIPv6(p.takenIPv6(snap.keys6), netip.Prefix{})
+		if err != nil {
+			return Lease{}, m.ipv6Full(p, snap, err)
+		}
+		m.log.Info("another host took the same IPv6 subnet first; moving to another", "subnet", l.Subnet,
+			"ipv6_subnet", l.IPv6Subnet, "new_ipv6_subnet", sn6)
+		nl, err := m.rekey(ctx, p.Dir, *mine, sn6, attrs)
+		if err != nil {
+			return Lease{}, err
+		}
+		l = nl
+	}
+}
+
+// ipv6Full is the error of a dual-stack pool whose IPv6 ranges are all taken.
+func (m *Manager) ipv6Full(p Pool, snap snapshot, err error) error {
+	return fmt.Errorf("acquire lease: every IPv6 /%d in [%s, %s] of %s is taken (%d dual-stack keys under %s): widen IPv6Network or IPv6SubnetMin/IPv6SubnetMax in the config, or remove stale leases: %w",
+		p.IPv6.Len, p.IPv6.Min, p.IPv6.Max, p.IPv6.Network, len(snap.keys6), PoolPrefix(m.prefix, p.Dir), err)
 }
 
 // avoidSet is p.Avoid plus, with p.AvoidHosts, every PublicIP published under the overlay's
@@ -319,7 +404,7 @@ func (m *Manager) dropIncompatible(ctx context.Context, p Pool, l storedLease) {
 	if l.leaseID() == 0 {
 		return
 	}
-	key := PoolKey(m.prefix, p.Dir, l.Subnet)
+	key := l.key(m.prefix, p.Dir)
 	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Txn(rctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", l.modRev)).
@@ -356,9 +441,9 @@ func (m *Manager) revoke(id clientv3.LeaseID) {
 	}
 }
 
-// create takes subnet by a transaction that only creates the key if it does not exist, so two
-// hosts can never hold the same subnet.
-func (m *Manager) create(ctx context.Context, dir string, subnet netip.Prefix, attrs LeaseAttrs) (Lease, error) {
+// create takes subnet (and subnet6, in a dual-stack pool) by a transaction that only creates
+// the key if it does not exist, so two hosts can never hold the same subnet.
+func (m *Manager) create(ctx context.Context, dir string, subnet, subnet6 netip.Prefix, attrs LeaseAttrs) (Lease, error) {
 	value, err := EncodeLeaseValue(attrs)
 	if err != nil {
 		return Lease{}, err
@@ -367,7 +452,7 @@ func (m *Manager) create(ctx context.Context, dir string, subnet netip.Prefix, a
 	if err != nil {
 		return Lease{}, err
 	}
-	key := PoolKey(m.prefix, dir, subnet)
+	key := LeaseKey(m.prefix, dir, subnet, subnet6)
 	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Txn(rctx).
@@ -382,9 +467,49 @@ func (m *Manager) create(ctx context.Context, dir string, subnet netip.Prefix, a
 		m.revoke(id)
 		return Lease{}, fmt.Errorf("create %s: %w", key, errConflict)
 	}
-	return Lease{Subnet: subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType,
-		BackendData: attrs.BackendData, Expiration: exp, CreateRevision: resp.Header.Revision,
-		EtcdLeaseID: int64(id)}, nil
+	l := Lease{Subnet: subnet, IPv6Subnet: subnet6, Expiration: exp, CreateRevision: resp.Header.Revision, EtcdLeaseID: int64(id)}
+	l.setAttrs(attrs)
+	return l, nil
+}
+
+// rekey moves our lease l to the key naming subnet6 as its IPv6 subnet (zero: none), in one
+// transaction that deletes the old key only if unchanged since we read it and creates the new
+// one only if nobody holds it. A reservation stays a reservation.
+func (m *Manager) rekey(ctx context.Context, dir string, l storedLease, subnet6 netip.Prefix, attrs LeaseAttrs) (Lease, error) {
+	value, err := EncodeLeaseValue(attrs)
+	if err != nil {
+		return Lease{}, err
+	}
+	oldKey, newKey := l.key(m.prefix, dir), LeaseKey(m.prefix, dir, l.Subnet, subnet6)
+	var opts []clientv3.OpOption
+	var id clientv3.LeaseID
+	var exp time.Time
+	if l.leaseID() != 0 {
+		if id, exp, err = m.grant(ctx); err != nil {
+			return Lease{}, err
+		}
+		opts = append(opts, clientv3.WithLease(id))
+	}
+	rctx, cancel := m.reqCtx(ctx)
+	defer cancel()
+	resp, err := m.client.Txn(rctx).
+		If(clientv3.Compare(clientv3.ModRevision(oldKey), "=", l.modRev), clientv3.Compare(clientv3.CreateRevision(newKey), "=", 0)).
+		Then(clientv3.OpDelete(oldKey), clientv3.OpPut(newKey, string(value), opts...)).Commit()
+	if err != nil || !resp.Succeeded {
+		if id != 0 {
+			m.revoke(id)
+		}
+		if err != nil {
+			return Lease{}, m.etcdErr(err, "move %s to %s", oldKey, newKey)
+		}
+		return Lease{}, fmt.Errorf("move %s to %s: %w", oldKey, newKey, errConflict)
+	}
+	if l.leaseID() != 0 {
+		m.revoke(l.leaseID())
+	}
+	nl := Lease{Subnet: l.Subnet, IPv6Subnet: subnet6, Expiration: exp, CreateRevision: resp.Header.Revision, EtcdLeaseID: int64(id)}
+	nl.setAttrs(attrs)
+	return nl, nil
 }
 
 // reclaim makes an existing key with our PublicIP ours again. A reservation (no TTL) stays a
@@ -396,8 +521,9 @@ func (m *Manager) reclaim(ctx context.Context, dir string, l storedLease, attrs 
 	if err != nil {
 		return Lease{}, err
 	}
-	key := PoolKey(m.prefix, dir, l.Subnet)
-	nl := Lease{Subnet: l.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData}
+	key := l.key(m.prefix, dir)
+	nl := Lease{Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet}
+	nl.setAttrs(attrs)
 	guard := clientv3.Compare(clientv3.ModRevision(key), "=", l.modRev)
 	if l.leaseID() == 0 {
 		nl.CreateRevision = l.CreateRevision
@@ -438,8 +564,8 @@ func (m *Manager) reclaim(ctx context.Context, dir string, l storedLease, attrs 
 
 // takenSet answers "is this candidate range free?" for one pool.
 type takenSet struct {
-	pool   Pool
-	exact  map[netip.Addr]bool // keys of length pool.Len
+	r      ranges
+	exact  map[netip.Addr]bool // keys of length r.Len
 	others []netip.Prefix      // keys of another length (an older config): free only if disjoint
 	avoid  avoidSet            // addresses a free range must not cover
 	// avoided counts candidates free of keys that free skipped for covering an avoided address.
@@ -447,9 +573,13 @@ type takenSet struct {
 }
 
 func newTakenSet(p Pool, keys []netip.Prefix, avoid avoidSet) *takenSet {
-	t := &takenSet{pool: p, exact: map[netip.Addr]bool{}, avoid: avoid}
+	return newTakenRanges(ranges{Len: p.Len, Min: p.Min, Max: p.Max}, keys, avoid)
+}
+
+func newTakenRanges(r ranges, keys []netip.Prefix, avoid avoidSet) *takenSet {
+	t := &takenSet{r: r, exact: map[netip.Addr]bool{}, avoid: avoid}
 	for _, k := range keys {
-		if k.Bits() == p.Len {
+		if k.Bits() == r.Len {
 			t.exact[k.Addr()] = true
 		} else {
 			t.others = append(t.others, k)
@@ -479,12 +609,12 @@ func (t *takenSet) held(subnet netip.Prefix) bool {
 	return false
 }
 
-// free returns up to limit free ranges from the pool's Min upwards.
+// free returns up to limit free ranges from Min upwards. Held ranges are skipped one by one,
+// so a nearly full IPv6 pool of millions of /64s costs a walk past its keys, not its size.
 func (t *takenSet) free(limit int) []netip.Prefix {
-	step := uint64(1) << (32 - t.pool.Len)
 	var out []netip.Prefix
-	for a := uint64(addrToU32(t.pool.Min)); a <= uint64(addrToU32(t.pool.Max)) && len(out) < limit; a += step {
-		sn := netip.PrefixFrom(u32ToAddr(uint32(a)), t.pool.Len)
+	for a, ok := t.r.Min, true; ok && !t.r.Max.Less(a) && len(out) < limit; a, ok = NextSubnet(a, t.r.Len) {
+		sn := netip.PrefixFrom(a, t.r.Len)
 		if t.held(sn) {
 			continue
 		}

@@ -28,6 +28,9 @@ const (
 	// out, which leaves three hosts.
 	minSubnetsPerNetwork = 4
 	maxSubnetLen         = 30
+	// flannel's IPv6 defaults and limits: a /64 per host (SLAAC-sized), at most a /126.
+	defaultIPv6SubnetLen = 64
+	maxIPv6SubnetLen     = 126
 )
 
 // WireGuardOverhead is what WireGuard adds to a packet as flannel counts it (outer IPv6 header
@@ -62,11 +65,17 @@ func configErr(field, format string, args ...any) error {
 // configJSON is the wire form of <prefix>/config. Fields are strings or pointers so that a
 // missing field (take the default) differs from a zero one; unknown fields are ignored.
 type configJSON struct {
-	Network   *string
-	SubnetLen *int
-	SubnetMin *string
-	SubnetMax *string
-	Backend   json.RawMessage
+	Network       *string
+	SubnetLen     *int
+	SubnetMin     *string
+	SubnetMax     *string
+	EnableIPv4    *bool
+	EnableIPv6    *bool
+	IPv6Network   *string
+	IPv6SubnetLen *int
+	IPv6SubnetMin *string
+	IPv6SubnetMax *string
+	Backend       json.RawMessage
 }
 
 type backendJSON struct {
@@ -97,69 +106,20 @@ func ParseConfig(data []byte) (Config, error) {
 	}
 	var cfg Config
 
-	if raw.Network == nil || *raw.Network == "" {
-		return Config{}, configErr("Network", `missing; set an IPv4 CIDR such as "10.244.0.0/16"`)
+	cfg.EnableIPv6 = raw.EnableIPv6 != nil && *raw.EnableIPv6
+	if raw.EnableIPv4 != nil && !*raw.EnableIPv4 {
+		// flannel allows it; xnet's datapaths, files and trust rules key everything by the IPv4
+		// subnet, so it is refused rather than half working.
+		return Config{}, configErr("EnableIPv4", "false (an IPv6-only overlay) is not supported; keep EnableIPv4 and set EnableIPv6 for a dual-stack overlay")
 	}
-	network, err := netip.ParsePrefix(*raw.Network)
-	if err != nil || !network.Addr().Is4() {
-		return Config{}, configErr("Network", "%q is not an IPv4 CIDR; set one such as \"10.244.0.0/16\"", *raw.Network)
-	}
-	// flannel masks the address (10.244.1.0/16 means 10.244.0.0/16); so do we.
-	cfg.Network = network.Masked()
-	if maxNet := maxSubnetLen - 2; cfg.Network.Bits() > maxNet {
-		return Config{}, configErr("Network", "%s is too small: it must hold at least %d subnets of /%d, so be /%d or larger",
-			cfg.Network, minSubnetsPerNetwork, maxSubnetLen, maxNet)
-	}
-
-	switch {
-	case raw.SubnetLen == nil || *raw.SubnetLen == 0:
-		// flannel: a /24 per host, unless the Network is smaller than a /22, then a quarter.
-		cfg.SubnetLen = defaultSubnetLen
-		if cfg.Network.Bits() > 22 {
-			cfg.SubnetLen = cfg.Network.Bits() + 2
-		}
-	default:
-		cfg.SubnetLen = *raw.SubnetLen
-		lo := cfg.Network.Bits() + 2
-		if cfg.SubnetLen < lo || cfg.SubnetLen > maxSubnetLen {
-			return Config{}, configErr("SubnetLen", "%d does not fit Network %s: it must leave at least %d subnets, so be between %d and %d",
-				cfg.SubnetLen, cfg.Network, minSubnetsPerNetwork, lo, maxSubnetLen)
-		}
-	}
-
-	subnetSize := uint32(1) << (32 - cfg.SubnetLen)
-	netFirst := addrToU32(cfg.Network.Addr())
-	netLast := netFirst + (uint32(1) << (32 - cfg.Network.Bits())) - 1
-	validRange := fmt.Sprintf("a multiple of /%d between %s and %s", cfg.SubnetLen,
-		u32ToAddr(netFirst), u32ToAddr(netLast-subnetSize+1))
-
-	parseBound := func(field string, val *string, def uint32) (netip.Addr, error) {
-		if val == nil || *val == "" {
-			return u32ToAddr(def), nil
-		}
-		a, err := netip.ParseAddr(*val)
-		if err != nil || !a.Is4() {
-			return netip.Addr{}, configErr(field, "%q is not an IPv4 address; use %s", *val, validRange)
-		}
-		if !cfg.Network.Contains(a) {
-			return netip.Addr{}, configErr(field, "%s is outside Network %s; use %s", a, cfg.Network, validRange)
-		}
-		if addrToU32(a)%subnetSize != 0 {
-			return netip.Addr{}, configErr(field, "%s is not on a /%d boundary; use %s", a, cfg.SubnetLen, validRange)
-		}
-		return a, nil
-	}
-	// The first subnet is skipped by default (flannel: 10.x.0.0 next to the network address
-	// confuses tools), the last one is the default maximum.
-	if cfg.SubnetMin, err = parseBound("SubnetMin", raw.SubnetMin, netFirst+subnetSize); err != nil {
+	var err error
+	if cfg.Network, cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax, err = parseFamily(family4, raw.Network, raw.SubnetLen, raw.SubnetMin, raw.SubnetMax); err != nil {
 		return Config{}, err
 	}
-	if cfg.SubnetMax, err = parseBound("SubnetMax", raw.SubnetMax, netLast-subnetSize+1); err != nil {
-		return Config{}, err
-	}
-	if cfg.SubnetMax.Less(cfg.SubnetMin) {
-		return Config{}, configErr("SubnetMax", "%s is below SubnetMin %s; the range [SubnetMin, SubnetMax] must not be empty",
-			cfg.SubnetMax, cfg.SubnetMin)
+	if cfg.EnableIPv6 {
+		if cfg.IPv6Network, cfg.IPv6SubnetLen, cfg.IPv6SubnetMin, cfg.IPv6SubnetMax, err = parseFamily(family6, raw.IPv6Network, raw.IPv6SubnetLen, raw.IPv6SubnetMin, raw.IPv6SubnetMax); err != nil {
+			return Config{}, err
+		}
 	}
 
 	cfg.Backend, err = parseBackendConfig(raw.Backend)
@@ -167,6 +127,101 @@ func ParseConfig(data []byte) (Config, error) {
 		return Config{}, err
 	}
 	return cfg, nil
+}
+
+// family names the config fields and limits of one address family.
+type family struct {
+	prefix       string // field name prefix: "" or "IPv6"
+	v6           bool
+	example      string
+	defaultLen   int
+	maxLen       int
+	addrBits     int
+	networkField string
+}
+
+var (
+	family4 = family{prefix: "", example: "10.244.0.0/16", defaultLen: defaultSubnetLen, maxLen: maxSubnetLen, addrBits: 32, networkField: "Network"}
+	family6 = family{prefix: "IPv6", v6: true, example: "fc00::/48", defaultLen: defaultIPv6SubnetLen, maxLen: maxIPv6SubnetLen, addrBits: 128, networkField: "IPv6Network"}
+)
+
+func (f family) name() string {
+	if f.v6 {
+		return "IPv6"
+	}
+	return "IPv4"
+}
+
+func (f family) is(a netip.Addr) bool { return a.IsValid() && a.Is6() == f.v6 && !a.Is4In6() }
+
+// parseFamily validates one family's Network, SubnetLen, SubnetMin and SubnetMax (or their
+// IPv6 twins) with flannel's rules and defaults.
+func parseFamily(f family, rawNet *string, rawLen *int, rawMin, rawMax *string) (network netip.Prefix, subnetLen int, lo, hi netip.Addr, err error) {
+	fail := func(e error) (netip.Prefix, int, netip.Addr, netip.Addr, error) {
+		return netip.Prefix{}, 0, netip.Addr{}, netip.Addr{}, e
+	}
+	if rawNet == nil || *rawNet == "" {
+		return fail(configErr(f.networkField, "missing; set an %s CIDR such as %q", f.name(), f.example))
+	}
+	network, err = netip.ParsePrefix(*rawNet)
+	if err != nil || !f.is(network.Addr()) {
+		return fail(configErr(f.networkField, "%q is not an %s CIDR; set one such as %q", *rawNet, f.name(), f.example))
+	}
+	// flannel masks the address (10.244.1.0/16 means 10.244.0.0/16); so do we.
+	network = network.Masked()
+	if maxNet := f.maxLen - 2; network.Bits() > maxNet {
+		return fail(configErr(f.networkField, "%s is too small: it must hold at least %d subnets of /%d, so be /%d or larger",
+			network, minSubnetsPerNetwork, f.maxLen, maxNet))
+	}
+	lenField, minField, maxField := f.prefix+"SubnetLen", f.prefix+"SubnetMin", f.prefix+"SubnetMax"
+	switch {
+	case rawLen == nil || *rawLen == 0:
+		// flannel: the default length, unless the Network is too small for four, then a quarter.
+		subnetLen = f.defaultLen
+		if network.Bits() > f.defaultLen-2 {
+			subnetLen = network.Bits() + 2
+		}
+	default:
+		subnetLen = *rawLen
+		lo := network.Bits() + 2
+		if subnetLen < lo || subnetLen > f.maxLen {
+			return fail(configErr(lenField, "%d does not fit %s %s: it must leave at least %d subnets, so be between %d and %d",
+				subnetLen, f.networkField, network, minSubnetsPerNetwork, lo, f.maxLen))
+		}
+	}
+	first := network.Addr()
+	second, _ := NextSubnet(first, subnetLen)
+	last := netip.PrefixFrom(LastAddr(network), subnetLen).Masked().Addr()
+	validRange := fmt.Sprintf("a multiple of /%d between %s and %s", subnetLen, first, last)
+	parseBound := func(field string, val *string, def netip.Addr) (netip.Addr, error) {
+		if val == nil || *val == "" {
+			return def, nil
+		}
+		a, err := netip.ParseAddr(*val)
+		if err != nil || !f.is(a) {
+			return netip.Addr{}, configErr(field, "%q is not an %s address; use %s", *val, f.name(), validRange)
+		}
+		if !network.Contains(a) {
+			return netip.Addr{}, configErr(field, "%s is outside %s %s; use %s", a, f.networkField, network, validRange)
+		}
+		if netip.PrefixFrom(a, subnetLen).Masked().Addr() != a {
+			return netip.Addr{}, configErr(field, "%s is not on a /%d boundary; use %s", a, subnetLen, validRange)
+		}
+		return a, nil
+	}
+	// The first subnet is skipped by default (flannel: 10.x.0.0 next to the network address
+	// confuses tools), the last one is the default maximum.
+	if lo, err = parseBound(minField, rawMin, second); err != nil {
+		return fail(err)
+	}
+	if hi, err = parseBound(maxField, rawMax, last); err != nil {
+		return fail(err)
+	}
+	if hi.Less(lo) {
+		return fail(configErr(maxField, "%s is below %s %s; the range [%s, %s] must not be empty",
+			hi, minField, lo, minField, maxField))
+	}
+	return network, subnetLen, lo, hi, nil
 }
 
 func parseBackendConfig(data json.RawMessage) (BackendConfig, error) {

@@ -54,7 +54,7 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 	wake := make(chan struct{}, 1)
 	watchKey := func(l Lease) context.CancelFunc {
 		wctx, cancel := context.WithCancel(ctx)
-		go m.watchOwnKey(wctx, p, PoolKey(m.prefix, p.Dir, l.Subnet), attrs, l.EtcdLeaseID != 0, wake)
+		go m.watchOwnKey(wctx, p, l.key(m.prefix, p.Dir), attrs, l.EtcdLeaseID != 0, wake)
 		return cancel
 	}
 	stopWatch := watchKey(lease)
@@ -92,7 +92,7 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 		}
 		failing = false
 		bo.reset()
-		if nl.Subnet != lease.Subnet {
+		if nl.Subnet != lease.Subnet || nl.IPv6Subnet != lease.IPv6Subnet {
 			stopWatch()
 			stopWatch = watchKey(nl)
 		}
@@ -105,7 +105,7 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 
 // renew brings our key in etcd back in line with lease, returning its new version.
 func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lease) (Lease, error) {
-	key := PoolKey(m.prefix, p.Dir, lease.Subnet)
+	key := lease.key(m.prefix, p.Dir)
 	rctx, cancel := m.reqCtx(ctx)
 	resp, err := m.client.Get(rctx, key)
 	cancel()
@@ -115,7 +115,7 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 	if len(resp.Kvs) == 0 {
 		// Expired while etcd was out of reach for longer than the TTL, or deleted by hand:
 		// take the same subnet back if it is still free, so peers and containers keep it.
-		l, err := m.create(ctx, p.Dir, lease.Subnet, attrs)
+		l, err := m.create(ctx, p.Dir, lease.Subnet, lease.IPv6Subnet, attrs)
 		if err == nil {
 			m.log.Warn("our subnet lease was gone from etcd; re-acquired the same subnet", "subnet", lease.Subnet)
 			return l, nil
@@ -147,8 +147,8 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 		}
 		return m.lost(ctx, p, attrs, lease, "the key now holds "+holder)
 	}
-	ours := Lease{Subnet: lease.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData,
-		CreateRevision: cur.CreateRevision, EtcdLeaseID: cur.EtcdLeaseID}
+	ours := Lease{Subnet: lease.Subnet, IPv6Subnet: lease.IPv6Subnet, CreateRevision: cur.CreateRevision, EtcdLeaseID: cur.EtcdLeaseID}
+	ours.setAttrs(attrs)
 	if mine && cur.leaseID() == 0 {
 		// Someone detached our key from our etcd lease: as a "reservation" its PublicIP could
 		// next be rewritten as if an administrator moved it.
@@ -182,7 +182,7 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 // still the one we created and unchanged since we read it as cur; a failure is errConflict,
 // and the keeper's retry reads the key again.
 func (m *Manager) takeBack(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lease, cur storedLease, how string) (Lease, error) {
-	key := PoolKey(m.prefix, p.Dir, lease.Subnet)
+	key := lease.key(m.prefix, p.Dir)
 	m.log.Error("our lease was "+how+" by someone else; it is ours (we created the key for our etcd lease), writing it back",
 		"pool", p.Dir, "subnet", lease.Subnet, "public_ip", attrs.PublicIP,
 		"etcd_lease", fmt.Sprintf("%x", lease.EtcdLeaseID), "key_etcd_lease", fmt.Sprintf("%x", cur.EtcdLeaseID))
@@ -221,8 +221,8 @@ func (m *Manager) takeBack(ctx context.Context, p Pool, attrs LeaseAttrs, lease 
 	if !ok {
 		return Lease{}, fmt.Errorf("write back %s: %w", key, errConflict)
 	}
-	nl := Lease{Subnet: lease.Subnet, PublicIP: attrs.PublicIP, BackendType: attrs.BackendType, BackendData: attrs.BackendData,
-		CreateRevision: lease.CreateRevision, EtcdLeaseID: int64(id), Expiration: m.expiryOf(ctx, id)}
+	nl := Lease{Subnet: lease.Subnet, IPv6Subnet: lease.IPv6Subnet, CreateRevision: lease.CreateRevision, EtcdLeaseID: int64(id), Expiration: m.expiryOf(ctx, id)}
+	nl.setAttrs(attrs)
 	m.log.Warn("our lease is ours again", "pool", p.Dir, "subnet", lease.Subnet, "public_ip", attrs.PublicIP)
 	return nl, nil
 }

@@ -500,7 +500,7 @@ func (m *Manager) DeleteNetworkEndpoint(ctx context.Context, network string, ip 
 // ReleasePoolLease gives a lease of pool p back before its TTL: the key goes if it still
 // carries our PublicIP, and its etcd lease with it.
 func (m *Manager) ReleasePoolLease(ctx context.Context, p Pool, l Lease) error {
-	key := PoolKey(m.prefix, p.Dir, l.Subnet)
+	key := l.key(m.prefix, p.Dir)
 	rctx, cancel := m.reqCtx(ctx)
 	defer cancel()
 	resp, err := m.client.Get(rctx, key)

@@ -2,6 +2,7 @@ package subnetmgr
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 )
 
@@ -35,6 +36,9 @@ type Pool struct {
 	AvoidHosts bool
 	// FullHint is the fix an operator gets when every range is taken; a generic one when "".
 	FullHint string
+	// IPv6, when set, makes the pool dual stack (the overlay with EnableIPv6): every lease
+	// also holds one of these IPv6 ranges, named in its key after "&" (flannel's form).
+	IPv6 *Ranges
 	// WatchOwnKey makes KeepPoolLease watch our key and take the range back at once when it
 	// is deleted or expires, instead of at the next renewal (up to a TTL later, while another
 	// host may take it). The overlay leaves it off: xnetd takes its subnet back from the
@@ -42,9 +46,69 @@ type Pool struct {
 	WatchOwnKey bool
 }
 
+// Ranges is a set of equal-sized ranges of either family: those of Len bits inside Network
+// from Min to Max.
+type Ranges struct {
+	Network  netip.Prefix
+	Len      int
+	Min, Max netip.Addr
+}
+
+// ranges is Ranges as the free-range walk uses it.
+type ranges = Ranges
+
 // OverlayPool is the pool of the overlay's subnets under <prefix>/subnets/ for cfg.
 func OverlayPool(cfg Config) Pool {
-	return Pool{Dir: SubnetsDir, Network: cfg.Network, Len: cfg.SubnetLen, Min: cfg.SubnetMin, Max: cfg.SubnetMax}
+	p := Pool{Dir: SubnetsDir, Network: cfg.Network, Len: cfg.SubnetLen, Min: cfg.SubnetMin, Max: cfg.SubnetMax}
+	if cfg.EnableIPv6 {
+		p.IPv6 = &Ranges{Network: cfg.IPv6Network, Len: cfg.IPv6SubnetLen, Min: cfg.IPv6SubnetMin, Max: cfg.IPv6SubnetMax}
+	}
+	return p
+}
+
+// compatible says whether r is one of these ranges.
+func (r Ranges) compatible(p netip.Prefix) bool {
+	return p.IsValid() && p.Bits() == r.Len && p.Masked() == p && p.Addr().BitLen() == r.Network.Addr().BitLen() &&
+		!p.Addr().Less(r.Min) && !r.Max.Less(p.Addr())
+}
+
+// takenIPv6 is the set of the dual-stack pool's IPv6 ranges held by keys6; nil for a pool
+// without IPv6.
+func (p Pool) takenIPv6(keys6 []netip.Prefix) *takenSet {
+	if p.IPv6 == nil {
+		return nil
+	}
+	return newTakenRanges(*p.IPv6, keys6, nil)
+}
+
+// ipv6For is the IPv6 range our lease l should hold: the one it holds when the pool still
+// hands it out, else a free one (prev6 first), none in a pool without IPv6. ok is false when
+// l needs one and none is free.
+func (p Pool) ipv6For(l storedLease, taken6 *takenSet, prev6 netip.Prefix) (netip.Prefix, bool) {
+	if p.IPv6 == nil {
+		return netip.Prefix{}, true
+	}
+	if p.IPv6.compatible(l.IPv6Subnet) {
+		return l.IPv6Subnet, true
+	}
+	sn6, err := p.pickIPv6(taken6, prev6)
+	return sn6, err == nil
+}
+
+// pickIPv6 picks a free IPv6 range for a new lease of a dual-stack pool: prev6 when free, else
+// one at random among the first free ones; the zero Prefix for a pool without IPv6.
+func (p Pool) pickIPv6(taken6 *takenSet, prev6 netip.Prefix) (netip.Prefix, error) {
+	if p.IPv6 == nil {
+		return netip.Prefix{}, nil
+	}
+	if p.IPv6.compatible(prev6) && !taken6.held(prev6) {
+		return prev6, nil
+	}
+	free := taken6.free(maxCandidates)
+	if len(free) == 0 {
+		return netip.Prefix{}, ErrRangeFull
+	}
+	return free[rand.N(len(free))], nil
 }
 
 // check refuses a pool the engine cannot work on; a Config from ParseConfig always passes.
@@ -65,6 +129,19 @@ func (p Pool) check() error {
 	}
 	if p.Max.Less(p.Min) {
 		return fmt.Errorf("lease pool %s: max %s is below min %s", p.Dir, p.Max, p.Min)
+	}
+	if r := p.IPv6; r != nil {
+		if !r.Network.IsValid() || !isIPv6(r.Network.Addr()) || r.Len < r.Network.Bits() || r.Len > 128 {
+			return fmt.Errorf("lease pool %s: IPv6 network %v with /%d ranges is not valid", p.Dir, r.Network, r.Len)
+		}
+		for _, a := range []netip.Addr{r.Min, r.Max} {
+			if !r.Network.Contains(a) || netip.PrefixFrom(a, r.Len).Masked().Addr() != a {
+				return fmt.Errorf("lease pool %s: IPv6 bound %v is not a /%d boundary inside %s", p.Dir, a, r.Len, r.Network)
+			}
+		}
+		if r.Max.Less(r.Min) {
+			return fmt.Errorf("lease pool %s: IPv6 max %s is below min %s", p.Dir, r.Max, r.Min)
+		}
 	}
 	return nil
 }
@@ -94,8 +171,33 @@ func (a avoidSet) covered(r netip.Prefix) (netip.Addr, bool) {
 	return netip.Addr{}, false
 }
 
-// LastAddr is the last address of p (its broadcast address for a subnet).
+// LastAddr is the last address of p (its broadcast address for an IPv4 subnet), either family.
 func LastAddr(p netip.Prefix) netip.Addr {
 	p = p.Masked()
-	return u32ToAddr(addrToU32(p.Addr()) | (^uint32(0) >> p.Bits()))
+	b := p.Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}
+
+// NextSubnet is the first address of the /length range after the one starting at a, either
+// family; ok is false when a's range is the last of the address space.
+func NextSubnet(a netip.Addr, length int) (next netip.Addr, ok bool) {
+	b := a.AsSlice()
+	if length <= 0 || length > len(b)*8 {
+		return netip.Addr{}, false
+	}
+	i := (length - 1) / 8
+	add := uint16(0x80 >> ((length - 1) % 8))
+	for ; i >= 0 && add != 0; i-- {
+		sum := uint16(b[i]) + add
+		b[i], add = byte(sum), sum>>8
+	}
+	if add != 0 {
+		return netip.Addr{}, false
+	}
+	next, _ = netip.AddrFromSlice(b)
+	return next, true
 }

@@ -32,7 +32,16 @@ type Config struct {
 	SubnetLen int
 	SubnetMin netip.Addr
 	SubnetMax netip.Addr
-	Backend   BackendConfig
+	// EnableIPv6 makes the overlay dual stack (flannel's field): every lease also holds an
+	// IPv6Network subnet of IPv6SubnetLen bits (default 64), from IPv6SubnetMin to
+	// IPv6SubnetMax. (flannel's EnableIPv4 is always true here: ParseConfig refuses an
+	// IPv6-only overlay.)
+	EnableIPv6    bool
+	IPv6Network   netip.Prefix
+	IPv6SubnetLen int
+	IPv6SubnetMin netip.Addr
+	IPv6SubnetMax netip.Addr
+	Backend       BackendConfig
 	// Raw is <prefix>/config as read, for the sections other packages own (package
 	// macvlan's "Macvlan"), so they parse the same read instead of asking etcd again.
 	Raw string `json:"-"`
@@ -73,12 +82,21 @@ type WireGuardConfig struct {
 	Mode string
 }
 
-// Lease is one host's subnet as stored under <prefix>/subnets/<a.b.c.d>-<len>.
+// Lease is one host's subnet as stored under <prefix>/subnets/<a.b.c.d>-<len>, or, in a
+// dual-stack overlay, <prefix>/subnets/<a.b.c.d>-<len>&<ipv6>-<len> (flannel's key).
 type Lease struct {
 	Subnet      netip.Prefix
 	PublicIP    netip.Addr
 	BackendType string          // "vxlan" for every VXLAN-speaking backend, "host-gw" otherwise
 	BackendData json.RawMessage // {"VNI":1,"VtepMAC":"..."} for vxlan; may be null
+	// IPv6Subnet is the lease's IPv6 subnet in a dual-stack overlay, the zero Prefix otherwise.
+	IPv6Subnet netip.Prefix
+	// PublicIPv6 is the host's IPv6 underlay address when it has one (flannel's field): IPv6
+	// container traffic to it may cross an IPv6 underlay. Zero when absent.
+	PublicIPv6 netip.Addr
+	// BackendV6Data is flannel's per-family backend data for IPv6 (vxlan: the VNI and VtepMAC
+	// of the device carrying IPv6); may be empty.
+	BackendV6Data json.RawMessage
 	// Expiration is when the etcd lease behind the key runs out; zero for a reservation
 	// (a key with no TTL), which xnetd never takes unless its PublicIP is ours. Exact for
 	// our own lease and in ListLeases; in WatchLeases events an estimate (a full TTL from
@@ -173,14 +191,21 @@ type LeaseAttrs struct {
 	PublicIP    netip.Addr
 	BackendType string
 	BackendData json.RawMessage
+	// PublicIPv6 and BackendV6Data are published only in a dual-stack overlay (both optional).
+	PublicIPv6    netip.Addr
+	BackendV6Data json.RawMessage
 }
 
 // SubnetFile is the content of /run/xnet/subnet.env and /run/xnet/docker.
 type SubnetFile struct {
 	Network netip.Prefix // the overlay Network
 	Subnet  netip.Prefix // our lease; files show its first host address as gateway (10.244.5.1/24)
-	MTU     int
-	IPMasq  bool
+	// IPv6Network and IPv6Subnet are set in a dual-stack overlay: Docker then gets --ipv6
+	// --fixed-cidr-v6=<IPv6Subnet>.
+	IPv6Network netip.Prefix
+	IPv6Subnet  netip.Prefix
+	MTU         int
+	IPMasq      bool
 	// DNS, when valid, is given to Docker as --dns: the resolver of xnet's Docker networks
 	// (package dockernet), so Docker's embedded DNS forwards it the names it does not know.
 	DNS netip.Addr

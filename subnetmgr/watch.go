@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -73,7 +72,7 @@ func estimateExpiry(l storedLease, ttl time.Duration) storedLease {
 type watcher struct {
 	m      *Manager
 	events chan<- []Event
-	view   map[netip.Prefix]storedLease
+	view   map[string]storedLease // by key: two keys may name one IPv4 subnet with other IPv6 ones
 	// badKeys holds the ModRevision of each malformed key already logged, so a resync does
 	// not log the same garbage again.
 	badKeys map[string]int64
@@ -86,7 +85,7 @@ type watcher struct {
 // reported removed. Malformed entries are logged and skipped.
 // Expirations in events are estimates (see Lease.Expiration).
 func (m *Manager) WatchLeases(ctx context.Context, events chan<- []Event) error {
-	w := &watcher{m: m, events: events, view: map[netip.Prefix]storedLease{}, badKeys: map[string]int64{}}
+	w := &watcher{m: m, events: events, view: map[string]storedLease{}, badKeys: map[string]int64{}}
 	rev, err := w.resync(ctx, true, false)
 	if err != nil {
 		return err
@@ -248,12 +247,8 @@ func (w *watcher) apply(evs []*clientv3.Event) []Event {
 			batch = append(batch, w.put(estimateExpiry(l, w.m.ttl))...)
 		case clientv3.EventTypeDelete:
 			delete(w.badKeys, key)
-			subnet, err := ParseSubnetKey(w.m.prefix, key)
-			if err != nil {
-				continue
-			}
-			if old, ok := w.view[subnet]; ok {
-				delete(w.view, subnet)
+			if old, ok := w.view[key]; ok {
+				delete(w.view, key)
 				batch = append(batch, Event{Type: EventRemoved, Lease: old.Lease})
 			}
 		}
@@ -266,8 +261,9 @@ func (w *watcher) apply(evs []*clientv3.Event) []Event {
 // created again between two lists is, even with the same value: its CreateRevision, which
 // orders claims to a PublicIP (ClaimsFirst), is new.
 func (w *watcher) put(l storedLease) []Event {
-	old, ok := w.view[l.Subnet]
-	w.view[l.Subnet] = l
+	key := l.Key(w.m.prefix)
+	old, ok := w.view[key]
+	w.view[key] = l
 	switch {
 	case !ok:
 		return []Event{{Type: EventAdded, Lease: l.Lease}}
@@ -319,14 +315,14 @@ func (w *watcher) resync(ctx context.Context, initial, quick bool) (int64, error
 		}
 	}
 	batch := []Event{}
-	seen := make(map[netip.Prefix]bool, len(snap.leases))
+	seen := make(map[string]bool, len(snap.leases))
 	for _, l := range snap.leases {
-		seen[l.Subnet] = true
+		seen[l.Key(w.m.prefix)] = true
 		batch = append(batch, w.put(estimateExpiry(l, w.m.ttl))...)
 	}
-	for subnet, old := range w.view {
-		if !seen[subnet] {
-			delete(w.view, subnet)
+	for key, old := range w.view {
+		if !seen[key] {
+			delete(w.view, key)
 			batch = append(batch, Event{Type: EventRemoved, Lease: old.Lease})
 		}
 	}
