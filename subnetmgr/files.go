@@ -12,7 +12,8 @@ import (
 )
 
 // WriteSubnetFile writes subnet.env atomically: XNET_* for xnet's own scripts and the same
-// four values as FLANNEL_* for scripts written for flannel (mk-docker-opts.sh and the like).
+// values as FLANNEL_* for scripts written for flannel (mk-docker-opts.sh and the like). A
+// dual-stack overlay adds IPV6_NETWORK and IPV6_SUBNET (gateway form, as SUBNET), as flannel.
 func WriteSubnetFile(path string, f SubnetFile) error {
 	if err := f.check(); err != nil {
 		return fmt.Errorf("write subnet file %s: %w", path, err)
@@ -21,6 +22,10 @@ func WriteSubnetFile(path string, f SubnetFile) error {
 	for _, p := range []string{"XNET_", "FLANNEL_"} {
 		fmt.Fprintf(&b, "%sNETWORK=%s\n", p, f.Network)
 		fmt.Fprintf(&b, "%sSUBNET=%s\n", p, GatewayOf(f.Subnet))
+		if f.IPv6Subnet.IsValid() {
+			fmt.Fprintf(&b, "%sIPV6_NETWORK=%s\n", p, f.IPv6Network)
+			fmt.Fprintf(&b, "%sIPV6_SUBNET=%s\n", p, GatewayOf(f.IPv6Subnet))
+		}
 		fmt.Fprintf(&b, "%sMTU=%d\n", p, f.MTU)
 		fmt.Fprintf(&b, "%sIPMASQ=%t\n", p, f.IPMasq)
 	}
@@ -38,7 +43,12 @@ func WriteDockerOpts(path string, f SubnetFile) error {
 	if f.DNS.IsValid() {
 		dns = " --dns=" + f.DNS.String()
 	}
-	line := fmt.Sprintf("DOCKER_NETWORK_OPTIONS=\" --bip=%s --ip-masq=%t --mtu=%d%s\"\n", GatewayOf(f.Subnet), !f.IPMasq, f.MTU, dns)
+	ipv6 := ""
+	if f.IPv6Subnet.IsValid() {
+		// Docker gives its bridge the subnet's first address, as --bip's.
+		ipv6 = " --ipv6 --fixed-cidr-v6=" + f.IPv6Subnet.Masked().String()
+	}
+	line := fmt.Sprintf("DOCKER_NETWORK_OPTIONS=\" --bip=%s --ip-masq=%t --mtu=%d%s%s\"\n", GatewayOf(f.Subnet), !f.IPMasq, f.MTU, ipv6, dns)
 	return writeFileAtomic(path, []byte(line))
 }
 
@@ -48,6 +58,9 @@ func (f SubnetFile) check() error {
 	}
 	if f.MTU <= 0 {
 		return fmt.Errorf("MTU %d must be positive", f.MTU)
+	}
+	if f.IPv6Subnet.IsValid() && (!f.IPv6Network.IsValid() || !f.IPv6Subnet.Addr().Is6()) {
+		return fmt.Errorf("IPv6 subnet %v needs an IPv6 network (have %v)", f.IPv6Subnet, f.IPv6Network)
 	}
 	return nil
 }
@@ -107,6 +120,24 @@ func ReadSubnetFile(path string) (SubnetFile, error) {
 	}
 	if f.IPMasq, err = strconv.ParseBool(v); err != nil {
 		return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not true or false", path, name, v)
+	}
+	// The IPv6 pair is optional (an IPv4-only overlay writes neither), but both or none.
+	name6, v6, err6 := get("IPV6_NETWORK")
+	nameS, s6, errS := get("IPV6_SUBNET")
+	switch {
+	case err6 != nil && errS != nil:
+	case err6 != nil || errS != nil:
+		return SubnetFile{}, fmt.Errorf("subnet file %s: IPV6_NETWORK and IPV6_SUBNET come together; one is missing", path)
+	default:
+		n, err := netip.ParsePrefix(v6)
+		if err != nil || !n.Addr().Is6() {
+			return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not an IPv6 CIDR", path, name6, v6)
+		}
+		gw, err := netip.ParsePrefix(s6)
+		if err != nil || !gw.Addr().Is6() {
+			return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not an IPv6 gateway/len such as fd00:10:244:5::1/64", path, nameS, s6)
+		}
+		f.IPv6Network, f.IPv6Subnet = n, gw.Masked()
 	}
 	return f, nil
 }

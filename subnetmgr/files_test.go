@@ -45,6 +45,56 @@ FLANNEL_IPMASQ=true
 	}
 }
 
+var dualSubnetFile = SubnetFile{
+	Network:     testSubnetFile.Network,
+	Subnet:      testSubnetFile.Subnet,
+	IPv6Network: netip.MustParsePrefix("fd00::/56"),
+	IPv6Subnet:  netip.MustParsePrefix("fd00:0:0:5::/64"),
+	MTU:         1450,
+	IPMasq:      true,
+}
+
+// A dual-stack host's files: flannel's IPv6 lines, and Docker told to give containers IPv6
+// addresses from our IPv6 subnet.
+func TestWriteSubnetFileDualStack(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "subnet.env")
+	if err := WriteSubnetFile(path, dualSubnetFile); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `XNET_NETWORK=10.244.0.0/16
+XNET_SUBNET=10.244.5.1/24
+XNET_IPV6_NETWORK=fd00::/56
+XNET_IPV6_SUBNET=fd00:0:0:5::1/64
+XNET_MTU=1450
+XNET_IPMASQ=true
+FLANNEL_NETWORK=10.244.0.0/16
+FLANNEL_SUBNET=10.244.5.1/24
+FLANNEL_IPV6_NETWORK=fd00::/56
+FLANNEL_IPV6_SUBNET=fd00:0:0:5::1/64
+FLANNEL_MTU=1450
+FLANNEL_IPMASQ=true
+`
+	if string(got) != want {
+		t.Errorf("subnet file:\n%s\nwant:\n%s", got, want)
+	}
+	if back, err := ReadSubnetFile(path); err != nil || back != dualSubnetFile {
+		t.Errorf("ReadSubnetFile = %+v, %v; want %+v", back, err, dualSubnetFile)
+	}
+	opts := filepath.Join(dir, "docker")
+	if err := WriteDockerOpts(opts, dualSubnetFile); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = os.ReadFile(opts)
+	if want := "DOCKER_NETWORK_OPTIONS=\" --bip=10.244.5.1/24 --ip-masq=false --mtu=1450 --ipv6 --fixed-cidr-v6=fd00:0:0:5::/64\"\n"; string(got) != want {
+		t.Errorf("docker options %q, want %q", got, want)
+	}
+}
+
 func TestReadSubnetFile(t *testing.T) {
 	for _, tc := range []struct {
 		desc, content string
@@ -55,7 +105,11 @@ func TestReadSubnetFile(t *testing.T) {
 			testSubnetFile, ""},
 		{"a newer flannel's, with IPv6 lines and quotes", "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_IPV6_NETWORK=fd00::/56\n" +
 			"FLANNEL_SUBNET=\"10.244.5.1/24\"\nFLANNEL_IPV6_SUBNET=fd00:0:0:5::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-			testSubnetFile, ""},
+			dualSubnetFile, ""},
+		{"an IPv6 subnet without its network", "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_IPV6_SUBNET=fd00:0:0:5::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+			SubnetFile{}, "come together"},
+		{"an IPv4 value as the IPv6 subnet", "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_IPV6_NETWORK=fd00::/56\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_IPV6_SUBNET=10.1.0.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+			SubnetFile{}, "FLANNEL_IPV6_SUBNET"},
 		{"XNET_ wins over FLANNEL_", "XNET_NETWORK=10.244.0.0/16\nXNET_SUBNET=10.244.5.1/24\nXNET_MTU=1450\nXNET_IPMASQ=true\n" +
 			"FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.2.1/24\nFLANNEL_MTU=1400\nFLANNEL_IPMASQ=false\n",
 			testSubnetFile, ""},

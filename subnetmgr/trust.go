@@ -42,7 +42,16 @@ const (
 	// RefusedDuplicatePublicIP: another lease etcd created earlier names the same PublicIP,
 	// or the PublicIP is ours.
 	RefusedDuplicatePublicIP = "duplicate_public_ip"
+	// RefusedDuplicateIPv6Subnet: another lease etcd created earlier holds the same IPv6
+	// subnet (keys name the IPv4 subnet, so etcd cannot keep IPv6 subnets unique).
+	RefusedDuplicateIPv6Subnet = "duplicate_ipv6_subnet"
 )
+
+// The IPv6 part of a dual-stack lease follows the same rule against IPv6Network and
+// IPv6SubnetLen (CheckPeerIPv6), and a lease whose IPv6 part is refused is refused whole: a
+// host that lies about one family is not believed about the other. Of two leases naming one
+// IPv6 subnet, only the one etcd created first is programmed, as for a PublicIP. In an
+// IPv4-only overlay the IPv6 part of a peer's lease is ignored.
 
 // Refusal says why a peer lease is not programmed: Reason is one of the Refused* words,
 // Detail a sentence naming the values.
@@ -73,6 +82,38 @@ func CheckPeerSubnet(cfg Config, own, subnet netip.Prefix) *Refusal {
 			subnet, subnet.Bits(), network, cfg.SubnetLen)}
 	}
 	return nil
+}
+
+// CheckPeerIPv6 applies the subnet rule to the IPv6 part of l, a lease of another host, for a
+// host whose own IPv6 subnet is own6 under cfg (a dual-stack overlay). A lease without an IPv6
+// subnet passes: it is reached over IPv4 only.
+func CheckPeerIPv6(cfg Config, own6 netip.Prefix, l Lease) *Refusal {
+	subnet, network := l.IPv6Subnet, cfg.IPv6Network
+	switch {
+	case !subnet.IsValid():
+		return nil
+	case !isIPv6(subnet.Addr()):
+		return &Refusal{RefusedOutsideNetwork, fmt.Sprintf("IPv6 subnet %v is not an IPv6 subnet of IPv6Network %v", subnet, network)}
+	case subnet.Bits() <= network.Bits() && subnet.Contains(network.Addr()):
+		return &Refusal{RefusedOutsideNetwork, fmt.Sprintf("IPv6 subnet %v covers the whole IPv6Network %v", subnet, network)}
+	case !network.Contains(subnet.Addr()):
+		return &Refusal{RefusedOutsideNetwork, fmt.Sprintf("IPv6 subnet %v is outside IPv6Network %v", subnet, network)}
+	case own6.IsValid() && subnet.Overlaps(own6):
+		return &Refusal{RefusedOverlapsOwnSubnet, fmt.Sprintf("IPv6 subnet %v overlaps our IPv6 subnet %v", subnet, own6.Masked())}
+	case subnet.Bits() != cfg.IPv6SubnetLen:
+		return &Refusal{RefusedWrongLength, fmt.Sprintf("IPv6 subnet %v is a /%d; every IPv6 subnet in %v is a /%d (IPv6SubnetLen)",
+			subnet, subnet.Bits(), network, cfg.IPv6SubnetLen)}
+	}
+	return nil
+}
+
+// ForFamilies is l as a datapath under cfg may use it: in an IPv4-only overlay without its
+// IPv6 part (whatever another host published there).
+func ForFamilies(cfg Config, l Lease) Lease {
+	if !cfg.EnableIPv6 {
+		l.IPv6Subnet, l.PublicIPv6, l.BackendV6Data = netip.Prefix{}, netip.Addr{}, nil
+	}
+	return l
 }
 
 // ClaimsFirst reports whether lease a's claim to its PublicIP comes before b's: the key etcd

@@ -35,6 +35,7 @@ type options struct {
 	etcdPassword   string
 	iface          string // name or IP; "" = the default route's interface
 	publicIP       netip.Addr
+	publicIPv6     netip.Addr
 	ipMasq         bool
 	subnetFile     string
 	dockerOptsFile string
@@ -110,6 +111,7 @@ func (v minutesOrDuration) Type() string { return "minutes|duration" }
 type rawFlags struct {
 	etcdEndpoints string
 	publicIP      string
+	publicIPv6    string
 	logLevel      string
 	opts          options
 }
@@ -129,6 +131,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&o.etcdPassword, "etcd-password", "", "etcd password (prefer XNETD_ETCD_PASSWORD in an EnvironmentFile)")
 	fs.StringVar(&o.iface, "iface", "", "underlay interface, by name or IPv4 address (default: the default route's interface)")
 	fs.StringVar(&r.publicIP, "public-ip", "", "IPv4 address other hosts reach us on (default: the interface's address)")
+	fs.StringVar(&r.publicIPv6, "public-ipv6", "", "dual stack: IPv6 address other hosts reach us on (default: the interface's first global IPv6 address; none: IPv6 containers cross the IPv4 underlay)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade traffic from containers to outside the overlay network")
 	fs.BoolVar(&o.iptablesForwardRules, "iptables-forward-rules", true, "accept the overlay network in iptables FORWARD and exempt it from masquerading, in the chains Docker uses (XNET-FWD, XNET-POSTRTG)")
 	fs.StringVar(&o.subnetFile, "subnet-file", "/run/xnet/subnet.env", "where to write XNET_* and FLANNEL_* variables")
@@ -233,6 +236,13 @@ func (r *rawFlags) validate(backendNames []string) (options, error) {
 			return o, usagef("--public-ip %q is not an IPv4 address (example: 198.18.0.11)", r.publicIP)
 		}
 		o.publicIP = ip
+	}
+	if r.publicIPv6 != "" {
+		ip, err := netip.ParseAddr(r.publicIPv6)
+		if err != nil || !ip.Is6() || ip.Is4In6() || ip.Zone() != "" || ip.IsLinkLocalUnicast() {
+			return o, usagef("--public-ipv6 %q is not a global IPv6 address (example: fd00:198:18::11)", r.publicIPv6)
+		}
+		o.publicIPv6 = ip
 	}
 	if o.renewMargin <= 0 || o.renewMargin >= subnetmgr.DefaultLeaseTTL {
 		return o, usagef("--subnet-lease-renew-margin %v must be more than 0 and less than the lease TTL (%v): use minutes such as 60", o.renewMargin, subnetmgr.DefaultLeaseTTL)

@@ -148,11 +148,12 @@ func (p *peers) ownEvent(ev subnetmgr.Event, now time.Time) {
 // put takes in a lease added or changed: refused by the subnet rule, or a claimant of its
 // PublicIP; then the claims of its PublicIP (and of its old one) are settled again.
 func (p *peers) put(ev subnetmgr.Event, now time.Time) {
-	l := ev.Lease
+	l := subnetmgr.ForFamilies(p.cfg, ev.Lease)
 	key := l.Subnet.Masked()
 	what := "lease " + ev.Type.String()
+	old6 := p.known[key].lease.IPv6Subnet
 	oldIP, claimed := p.unclaim(key)
-	if r := subnetmgr.CheckPeerSubnet(p.cfg, p.own.Subnet, key); r != nil {
+	if r := p.check(l); r != nil {
 		p.refuse(l, what, *r)
 	} else {
 		if p.claims[l.PublicIP] == nil {
@@ -163,6 +164,52 @@ func (p *peers) put(ev subnetmgr.Event, now time.Time) {
 	}
 	if claimed && oldIP != l.PublicIP {
 		p.settle(oldIP, key, what, now)
+	}
+	if old6.IsValid() && old6 != l.IPv6Subnet {
+		p.recheckIPv6(old6, now)
+	}
+}
+
+// check applies the subnet rules of both families to l and keeps IPv6 subnets unique: of two
+// leases naming one, the one etcd created first is programmed. A claimant l comes before
+// loses its claim here (it is refused, and its PublicIP settled again).
+func (p *peers) check(l subnetmgr.Lease) *subnetmgr.Refusal {
+	if r := subnetmgr.CheckPeerSubnet(p.cfg, p.own.Subnet, l.Subnet.Masked()); r != nil {
+		return r
+	}
+	if r := subnetmgr.CheckPeerIPv6(p.cfg, p.own.IPv6Subnet, l); r != nil {
+		return r
+	}
+	if !l.IPv6Subnet.IsValid() {
+		return nil
+	}
+	for ip, group := range p.claims {
+		for key, o := range group {
+			if o.IPv6Subnet != l.IPv6Subnet || key == l.Subnet.Masked() {
+				continue
+			}
+			if subnetmgr.ClaimsFirst(o, l) {
+				return &subnetmgr.Refusal{Reason: subnetmgr.RefusedDuplicateIPv6Subnet,
+					Detail: fmt.Sprintf("IPv6 subnet %v is claimed first by %v (created at etcd revision %d, this lease at %d)",
+						l.IPv6Subnet, o.Subnet, o.CreateRevision, l.CreateRevision)}
+			}
+			p.unclaim(key)
+			p.refuse(o, "IPv6 subnet claimed earlier by "+l.Subnet.String(), subnetmgr.Refusal{Reason: subnetmgr.RefusedDuplicateIPv6Subnet,
+				Detail: fmt.Sprintf("IPv6 subnet %v is claimed first by %v (created at etcd revision %d, this lease at %d)",
+					o.IPv6Subnet, l.Subnet, l.CreateRevision, o.CreateRevision)})
+			p.settle(ip, key, "claims to "+ip.String()+" settled again", p.now())
+		}
+	}
+	return nil
+}
+
+// recheckIPv6 gives the leases refused for naming ipv6 (a subnet whose first claimant just
+// went or moved) their chance again.
+func (p *peers) recheckIPv6(ipv6 netip.Prefix, now time.Time) {
+	for _, ps := range p.known {
+		if ps.Refused == subnetmgr.RefusedDuplicateIPv6Subnet && ps.lease.IPv6Subnet == ipv6 {
+			p.put(subnetmgr.Event{Type: subnetmgr.EventChanged, Lease: ps.lease}, now)
+		}
 	}
 }
 
@@ -191,6 +238,14 @@ func (p *peers) drop(l subnetmgr.Lease, now time.Time) {
 	if claimed {
 		p.settle(ip, key, "lease removed", now)
 	}
+	if ipv6 := ipv6Of(p.cfg, l); ipv6.IsValid() {
+		p.recheckIPv6(ipv6, now)
+	}
+}
+
+// ipv6Of is l's IPv6 subnet as the overlay uses it (none in an IPv4-only overlay).
+func ipv6Of(cfg subnetmgr.Config, l subnetmgr.Lease) netip.Prefix {
+	return subnetmgr.ForFamilies(cfg, l).IPv6Subnet
 }
 
 // unclaim withdraws the lease on key from the claims of its PublicIP, returning that PublicIP
@@ -351,7 +406,9 @@ func (p *peers) refuse(l subnetmgr.Lease, what string, r subnetmgr.Refusal) {
 // sameLease says whether b needs nothing of the backend that a did not (the same datapath).
 func sameLease(a, b subnetmgr.Lease) bool {
 	return a.PublicIP == b.PublicIP && a.BackendType == b.BackendType &&
-		bytes.Equal(bytes.TrimSpace(a.BackendData), bytes.TrimSpace(b.BackendData))
+		bytes.Equal(bytes.TrimSpace(a.BackendData), bytes.TrimSpace(b.BackendData)) &&
+		a.IPv6Subnet == b.IPv6Subnet && a.PublicIPv6 == b.PublicIPv6 &&
+		bytes.Equal(bytes.TrimSpace(a.BackendV6Data), bytes.TrimSpace(b.BackendV6Data))
 }
 
 // removeMovedHost removes at once a peer pending removal whose host is back under another

@@ -118,7 +118,11 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		}
 		return usagef("etcd %s/config: %v: fix it with `etcdctl put %s/config '{\"Network\":\"10.244.0.0/16\"}'`", o.etcdPrefix, err, o.etcdPrefix)
 	}
-	log.Info("network config", "network", d.cfg.Network, "subnet_len", d.cfg.SubnetLen, "backend_type", d.cfg.Backend.Type)
+	log.Info("network config", "network", d.cfg.Network, "subnet_len", d.cfg.SubnetLen, "backend_type", d.cfg.Backend.Type,
+		"ipv6_network", d.cfg.IPv6Network)
+	if d.iface.PublicIPv6, err = publicIPv6(d.cfg, d.iface.Name, o.publicIPv6); err != nil {
+		return err
+	}
 	if err := d.prepareMacvlan(); err != nil {
 		return err
 	}
@@ -139,6 +143,10 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return fmt.Errorf("backend %s: lease attributes: %w", d.chosen.name, err)
 	}
 	attrs := subnetmgr.LeaseAttrs{PublicIP: d.iface.PublicIP, BackendType: btype, BackendData: bdata}
+	if err := dualStackAttrs(d.cfg, d.chosen.name, b, d.iface, &attrs); err != nil {
+		b.Close(false)
+		return err
+	}
 
 	d.lease, err = d.acquire(ctx, attrs)
 	if err != nil {
@@ -148,7 +156,8 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		}
 		return &fatalError{err}
 	}
-	log.Info("lease acquired", "subnet", d.lease.Subnet, "public_ip", d.lease.PublicIP, "expires", d.lease.Expiration.Format(time.RFC3339))
+	log.Info("lease acquired", "subnet", d.lease.Subnet, "ipv6_subnet", d.lease.IPv6Subnet, "public_ip", d.lease.PublicIP,
+		"public_ipv6", d.lease.PublicIPv6, "expires", d.lease.Expiration.Format(time.RFC3339))
 	d.m.SetLease(d.lease)
 	if d.mv != nil {
 		// Before the host changes: a full macvlan pool stops us with nothing half set up.
@@ -223,18 +232,21 @@ func (d *daemonRun) prepareMacvlan() error {
 // acquire takes our lease at start: the subnet our subnet file records (a restart), our
 // PublicIP's lease, or a free one.
 func (d *daemonRun) acquire(ctx context.Context, attrs subnetmgr.LeaseAttrs) (subnetmgr.Lease, error) {
-	var prev netip.Prefix
+	var prev, prev6 netip.Prefix
 	if f, err := subnetmgr.ReadSubnetFile(d.o.subnetFile); err == nil && d.cfg.Network.Contains(f.Subnet.Addr()) {
 		prev = f.Subnet.Masked()
+		if d.cfg.EnableIPv6 && d.cfg.IPv6Network.Contains(f.IPv6Subnet.Addr()) {
+			prev6 = f.IPv6Subnet.Masked()
+		}
 	}
-	return d.acquireSubnet(ctx, attrs, prev)
+	return d.acquireSubnet(ctx, attrs, prev, prev6)
 }
 
 // acquireSubnet retries AcquireLease through etcd trouble; a full range is final.
-func (d *daemonRun) acquireSubnet(ctx context.Context, attrs subnetmgr.LeaseAttrs, prev netip.Prefix) (subnetmgr.Lease, error) {
+func (d *daemonRun) acquireSubnet(ctx context.Context, attrs subnetmgr.LeaseAttrs, prev, prev6 netip.Prefix) (subnetmgr.Lease, error) {
 	wait := time.Second
 	for {
-		l, err := d.mgr.AcquireLease(ctx, d.cfg, attrs, prev)
+		l, err := d.mgr.AcquireDualLease(ctx, d.cfg, attrs, prev, prev6)
 		if err == nil {
 			return l, nil
 		}
@@ -259,6 +271,9 @@ func (d *daemonRun) acquireSubnet(ctx context.Context, attrs subnetmgr.LeaseAttr
 func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error {
 	b := d.chosen.b
 	sf := subnetmgr.SubnetFile{Network: d.cfg.Network, Subnet: d.lease.Subnet, MTU: b.MTU(), IPMasq: d.o.ipMasq, DNS: d.dockerNetworksDNS()}
+	if d.lease.IPv6Subnet.IsValid() {
+		sf.IPv6Network, sf.IPv6Subnet = d.cfg.IPv6Network, d.lease.IPv6Subnet
+	}
 	if err := subnetmgr.WriteSubnetFile(d.o.subnetFile, sf); err != nil {
 		return &fatalError{fmt.Errorf("--subnet-file: %w", err)}
 	}
@@ -314,14 +329,14 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				// the restart. The keeper stops first so two acquisitions never race.
 				keep.stop()
 				d.log.Warn("our lease was deleted from etcd; taking it back", "subnet", d.lease.Subnet)
-				l, err := d.acquireSubnet(ctx, attrs, d.lease.Subnet)
+				l, err := d.acquireSubnet(ctx, attrs, d.lease.Subnet, d.lease.IPv6Subnet)
 				if err != nil {
 					if ctx.Err() != nil {
 						return nil
 					}
 					return &fatalError{err}
 				}
-				if l.Subnet.Masked() != d.lease.Subnet.Masked() {
+				if l.Subnet.Masked() != d.lease.Subnet.Masked() || l.IPv6Subnet != d.lease.IPv6Subnet {
 					return &fatalError{fmt.Errorf("our lease %v was deleted and taken by another host meanwhile (we got %v): the datapath and Docker's --bip are for the old subnet; exiting so the restart reconfigures everything", d.lease.Subnet, l.Subnet)}
 				}
 				d.lease, d.peers.own = l, l
@@ -351,8 +366,9 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				d.stateChanged()
 			}
 		case l := <-leases:
-			if l.Subnet.Masked() != d.lease.Subnet.Masked() {
-				return &fatalError{fmt.Errorf("our lease moved from %v to %v: the datapath and Docker's --bip are for the old subnet; exiting so the restart reconfigures everything", d.lease.Subnet, l.Subnet)}
+			if l.Subnet.Masked() != d.lease.Subnet.Masked() || l.IPv6Subnet != d.lease.IPv6Subnet {
+				return &fatalError{fmt.Errorf("our lease moved from %v %v to %v %v: the datapath and Docker's --bip/--fixed-cidr-v6 are for the old subnets; exiting so the restart reconfigures everything",
+					d.lease.Subnet, d.lease.IPv6Subnet, l.Subnet, l.IPv6Subnet)}
 			}
 			d.lease = l
 			d.peers.own = l

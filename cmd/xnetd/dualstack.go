@@ -1,0 +1,65 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// publicIPv6 is our IPv6 underlay address in a dual-stack overlay: --public-ipv6, else the
+// underlay interface's first global IPv6 address, else none (IPv6 container traffic then
+// crosses the IPv4 underlay, which every backend but host-gw can do). An IPv4-only overlay has
+// none whatever the flag says.
+func publicIPv6(cfg subnetmgr.Config, iface string, flag netip.Addr) (netip.Addr, error) {
+	if !cfg.EnableIPv6 {
+		return netip.Addr{}, nil
+	}
+	if flag.IsValid() {
+		return flag, nil
+	}
+	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("netlink: %w", err)
+	}
+	defer nl.Close()
+	link, err := nl.LinkByName(iface)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("underlay %s: %w", iface, err)
+	}
+	addrs, err := nl.AddrList(link, unix.AF_INET6)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("list IPv6 addresses of %s: %w", iface, err)
+	}
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok || a.Scope != unix.RT_SCOPE_UNIVERSE || ip.IsLinkLocalUnicast() || a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED|unix.IFA_F_DEPRECATED) != 0 {
+			continue
+		}
+		return ip, nil
+	}
+	return netip.Addr{}, nil
+}
+
+// dualStackAttrs adds what a dual-stack overlay publishes (our IPv6 underlay address and the
+// backend's BackendV6Data) to attrs; a backend that cannot carry IPv6 is a usage error, before
+// the host changes.
+func dualStackAttrs(cfg subnetmgr.Config, name string, b backend.Backend, iface backend.ExternalInterface, attrs *subnetmgr.LeaseAttrs) error {
+	if !cfg.EnableIPv6 {
+		return nil
+	}
+	ds, ok := b.(backend.DualStack)
+	if !ok {
+		return usagef("the config sets EnableIPv6 but backend %s does not carry IPv6 yet: use --backend ebpf, vxlan, udp or host-gw, or set EnableIPv6 false", name)
+	}
+	data, err := ds.LeaseAttrsV6()
+	if err != nil {
+		return fmt.Errorf("backend %s: IPv6 lease attributes: %w", name, err)
+	}
+	attrs.PublicIPv6, attrs.BackendV6Data = iface.PublicIPv6, data
+	return nil
+}
