@@ -54,6 +54,18 @@ type leaseState struct {
 	BackendType string       `json:"backend_type"`
 	VtepMAC     string       `json:"vtep_mac,omitempty"`
 	Expiration  time.Time    `json:"expiration,omitzero"`
+	// IPv6Subnet and PublicIPv6 are the lease's IPv6 parts in a dual-stack overlay.
+	IPv6Subnet netip.Prefix `json:"ipv6_subnet,omitzero"`
+	PublicIPv6 netip.Addr   `json:"public_ipv6,omitzero"`
+}
+
+// subnets is the lease's subnets as one cell: "10.244.5.0/24" or
+// "10.244.5.0/24,fd00:10:244:5::/64".
+func (s leaseState) subnets() string {
+	if s.IPv6Subnet.IsValid() {
+		return s.Subnet.String() + "," + s.IPv6Subnet.String()
+	}
+	return s.Subnet.String()
 }
 
 // peerState is a peer lease and what the backend made of it.
@@ -87,7 +99,8 @@ type conflictState struct {
 }
 
 func leaseStateOf(l subnetmgr.Lease) leaseState {
-	s := leaseState{Subnet: l.Subnet, PublicIP: l.PublicIP, BackendType: l.BackendType, Expiration: l.Expiration}
+	s := leaseState{Subnet: l.Subnet, PublicIP: l.PublicIP, BackendType: l.BackendType, Expiration: l.Expiration,
+		IPv6Subnet: l.IPv6Subnet, PublicIPv6: l.PublicIPv6}
 	if l.BackendType == subnetmgr.BackendVXLAN {
 		if d, err := subnetmgr.ParseVXLANData(l.BackendData); err == nil {
 			s.VtepMAC = d.VtepMAC

@@ -46,6 +46,7 @@ type statusReport struct {
 	Iface           string       `json:"iface"`
 	PublicIP        netip.Addr   `json:"public_ip"`
 	Network         netip.Prefix `json:"network"`
+	IPv6Network     netip.Prefix `json:"ipv6_network,omitzero"`
 	IPMasq          bool         `json:"ip_masq"`
 	Lease           leaseState   `json:"lease"`
 	// Macvlan is this host's macvlan range for Docker, absent without a Macvlan section.
@@ -130,7 +131,7 @@ func buildStatus(ctx context.Context, st state) statusReport {
 	rep := statusReport{
 		PID: st.PID, Version: st.Version, StateUpdatedAt: st.UpdatedAt,
 		Backend: st.Backend, Mode: st.Mode, ModeReason: st.ModeReason, SkippedBackends: st.SkippedBackends,
-		Iface: st.Iface, PublicIP: st.PublicIP, Network: st.Config.Network, IPMasq: st.IPMasq, Lease: st.Lease,
+		Iface: st.Iface, PublicIP: st.PublicIP, Network: st.Config.Network, IPv6Network: st.Config.IPv6Network, IPMasq: st.IPMasq, Lease: st.Lease,
 		Macvlan: st.Macvlan, Conflicts: st.Conflicts, DockerNetworks: st.DockerNetworks,
 	}
 	alive, why := daemonAlive(st.PID)
@@ -318,7 +319,11 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 	if !rep.Lease.Expiration.IsZero() {
 		expiry = fmt.Sprintf("expires %s (in %s)", rep.Lease.Expiration.Format(time.RFC3339), rep.Lease.Expiration.Sub(now).Round(time.Minute))
 	}
-	fmt.Fprintf(w, "lease:    %v public %v, %s\n", rep.Lease.Subnet, rep.Lease.PublicIP, expiry)
+	public := rep.Lease.PublicIP.String()
+	if rep.Lease.PublicIPv6.IsValid() {
+		public += "," + rep.Lease.PublicIPv6.String()
+	}
+	fmt.Fprintf(w, "lease:    %s public %s, %s\n", rep.Lease.subnets(), public, expiry)
 	if mv := rep.Macvlan; mv != nil {
 		line := mv.String()
 		if !mv.Expiration.IsZero() {
@@ -334,7 +339,11 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 	for _, s := range rep.SkippedBackends {
 		fmt.Fprintf(w, "          skipped %s: %s\n", s.Name, s.Reason)
 	}
-	fmt.Fprintf(w, "network:  %v on %s, ip-masq %v\n", rep.Network, rep.Iface, rep.IPMasq)
+	network := rep.Network.String()
+	if rep.IPv6Network.IsValid() {
+		network += "," + rep.IPv6Network.String()
+	}
+	fmt.Fprintf(w, "network:  %s on %s, ip-masq %v\n", network, rep.Iface, rep.IPMasq)
 	fmt.Fprintf(w, "counters: %s\n", rep.Counters)
 
 	fmt.Fprintf(w, "\npeers (%d):\n", len(rep.Peers))
@@ -354,7 +363,7 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 			problem = strings.Join(slices.DeleteFunc([]string{gone, problem}, func(s string) bool { return s == "" }), "; ")
 		}
 		problem = strings.Join(slices.DeleteFunc([]string{problem, healthProblem(p.Health)}, func(s string) bool { return s == "" }), "; ")
-		fmt.Fprintf(tw, "  %v\t%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Subnet, p.PublicIP, orDash(p.VtepMAC),
+		fmt.Fprintf(tw, "  %s\t%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.subnets(), p.PublicIP, orDash(p.VtepMAC),
 			num(p.TxPackets), num(p.TxBytes), num(p.RxPackets), num(p.RxBytes),
 			healthCell(p.Health, health.Overlay), healthCell(p.Health, health.Underlay), route, orDash(problem))
 	}
