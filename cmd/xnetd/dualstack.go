@@ -54,7 +54,7 @@ func dualStackAttrs(cfg subnetmgr.Config, name string, b backend.Backend, iface 
 	}
 	ds, ok := b.(backend.DualStack)
 	if !ok {
-		return usagef("the config sets EnableIPv6 but backend %s does not carry IPv6 yet: use --backend ebpf, vxlan, udp or host-gw, or set EnableIPv6 false", name)
+		return usagef("the config sets EnableIPv6 but backend %s does not carry IPv6: pick a backend that does (--backend, README \"Dual stack\") or set EnableIPv6 false", name)
 	}
 	data, err := ds.LeaseAttrsV6()
 	if err != nil {

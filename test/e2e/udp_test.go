@@ -245,9 +245,15 @@ func udpPeer(t *testing.T, c udp.Counters, ip netip.Addr) udp.PeerCounters {
 // and checks the receiver's SHA-256 equals the sender's.
 func udpTransfer(t *testing.T, from, to *harness.Container, size int) {
 	t.Helper()
+	transferTo(t, from, to, to.IP, size)
+}
+
+// transferTo is udpTransfer to the receiver's address dst (IPv4 or IPv6).
+func transferTo(t *testing.T, from, to *harness.Container, dst netip.Addr, size int) {
+	t.Helper()
 	var ln net.Listener
 	if err := to.Do(func() (err error) {
-		ln, err = net.Listen("tcp4", net.JoinHostPort(to.IP.String(), "0"))
+		ln, err = net.Listen("tcp", net.JoinHostPort(dst.String(), "0"))
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -276,7 +282,7 @@ func udpTransfer(t *testing.T, from, to *harness.Container, size int) {
 	}()
 	var c net.Conn
 	if err := from.Do(func() (err error) {
-		c, err = net.DialTimeout("tcp4", ln.Addr().String(), 5*time.Second)
+		c, err = net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
 		return err
 	}); err != nil {
 		t.Fatalf("connect %v -> %v: %v", from.IP, to.IP, err)

@@ -50,7 +50,15 @@ type xdNode struct {
 // xnetd on every host with extra flags, waiting until each reports ready.
 func xdCluster(t *testing.T, hosts int, config string, extra ...string) ([]*xdNode, *harness.Topology) {
 	t.Helper()
-	topo := harness.NewForTest(t, harness.Options{Hosts: hosts, WithEtcd: true})
+	return xdClusterOn(t, harness.Options{Hosts: hosts, WithEtcd: true}, config, extra...)
+}
+
+// xdClusterOn is xdCluster on a topology built with opts (opts.Hosts hosts, etcd included).
+func xdClusterOn(t *testing.T, opts harness.Options, config string, extra ...string) ([]*xdNode, *harness.Topology) {
+	t.Helper()
+	hosts := opts.Hosts
+	opts.WithEtcd = true
+	topo := harness.NewForTest(t, opts)
 	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), config)
 	bin := harness.BuildXnetd(t)
 	// One after the other, so each host finds the earlier ones' leases at start.

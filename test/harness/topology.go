@@ -25,6 +25,9 @@ import (
 // Underlay addressing: the underlay namespace's bridge is the gateway, hosts count up from .11.
 var (
 	UnderlayPrefix  = netip.MustParsePrefix("198.18.0.0/24")
+	// UnderlayIPv6Prefix is the underlay's IPv6 segment with Options.IPv6Underlay: host i
+	// has fd00:198:18::<11+i>, next to its 198.18.0.<11+i>.
+	UnderlayIPv6Prefix = netip.MustParsePrefix("fd00:198:18::/64")
 	UnderlayGateway = netip.MustParseAddr("198.18.0.1")
 )
 
@@ -62,6 +65,9 @@ type Options struct {
 	// (NearSegment, FarSegment), so one cluster has peers on its own segment and peers it
 	// reaches only through the router: DirectRouting's two paths. 0 keeps one segment.
 	FarHosts int
+	// IPv6Underlay gives every host's eth0 an IPv6 address too (UnderlayIPv6Prefix; one
+	// segment only), for dual-stack overlays whose IPv6 traffic crosses an IPv6 underlay.
+	IPv6Underlay bool
 	// RunID fixes the run id (lowercase letters and digits, 1-8 characters) instead of a random
 	// one. Reusing a crashed run's id makes New remove that run's leftovers first.
 	RunID  string
@@ -74,6 +80,7 @@ type Topology struct {
 	log         *slog.Logger
 	mtu         int
 	twoSegments bool
+	ipv6        bool
 	baseDir     string
 	underlay    *Namespace
 	router      *Namespace // nil with one segment
@@ -209,6 +216,7 @@ func (t *Topology) build(ctx context.Context, opts Options) error {
 			return err
 		}
 	}
+	t.ipv6 = opts.IPv6Underlay
 	for i := 0; i < opts.Hosts; i++ {
 		seg := Near
 		if i >= opts.Hosts-opts.FarHosts {
@@ -249,6 +257,7 @@ func (t *Topology) addRouter(ctx context.Context) error {
 	t.router = r
 	for _, kv := range [][2]string{
 		{"net.ipv4.ip_forward", "1"},
+		{"net.ipv6.conf.all.forwarding", "1"},
 		{"net.ipv4.conf.all.rp_filter", "0"},
 		{"net.ipv4.conf.default.rp_filter", "0"},
 	} {
@@ -306,7 +315,13 @@ func (t *Topology) addHost(ctx context.Context, i, seg int) error {
 		return err
 	}
 	ip, addrCmds := t.segmentAddr(i, seg)
+	var ip6 netip.Addr
+	if t.ipv6 {
+		ip6 = netip.MustParseAddr(fmt.Sprintf("fd00:198:18::%d", hostAddrBase+i))
+		addrCmds = append(addrCmds, fmt.Sprintf("addr add %s/%d dev eth0 nodad", ip6, UnderlayIPv6Prefix.Bits()))
+	}
 	h := &Host{
+		UnderlayIPv6: ip6,
 		Namespace:  ns,
 		Index:      i,
 		Name:       name,

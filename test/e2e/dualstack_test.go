@@ -1,0 +1,142 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/harness"
+)
+
+const dualConfig = `{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"%s"}}`
+
+// A dual-stack overlay on three hosts, per backend: leases in flannel's dual-stack keys, the
+// files Docker reads, and containers reaching each other over IPv6 (ping, TCP both ways) and
+// still over IPv4. ipv6Underlay gives the hosts IPv6 underlay addresses (PublicIPv6): host-gw
+// needs them, the VXLAN-speaking backends carry IPv6 over the IPv4 underlay without.
+func TestDualStackThreeHosts(t *testing.T) {
+	for _, tc := range []struct {
+		backend      string
+		ipv6Underlay bool
+	}{
+		{"ebpf", false},
+		{"vxlan", false},
+		{"vxlan", true},
+		{"udp", false},
+		{"host-gw", true},
+	} {
+		name := tc.backend
+		if tc.ipv6Underlay {
+			name += "+ipv6-underlay"
+		}
+		t.Run(name, func(t *testing.T) {
+			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: tc.ipv6Underlay},
+				fmt.Sprintf(dualConfig, tc.backend), "--backend", tc.backend)
+			checkDualLeases(t, topo, nodes, tc.ipv6Underlay)
+			cs := xdContainers(t, nodes)
+			for _, c := range cs {
+				if !c.IP6.IsValid() {
+					t.Fatalf("container on %s has no IPv6 address: the subnet file lacks the IPv6 subnet", c.Host.Name)
+				}
+				opts, err := os.ReadFile(c.Host.DockerOptsFile())
+				if err != nil || !strings.Contains(string(opts), "--ipv6 --fixed-cidr-v6=fd00:10:244:") {
+					t.Errorf("%s: Docker options %q (%v): want --ipv6 --fixed-cidr-v6", c.Host.Name, opts, err)
+				}
+			}
+			if failed := dualMesh(cs); len(failed) > 0 {
+				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
+			}
+			transferTo(t, cs[0], cs[1], cs[1].IP6, 8<<20)
+			transferTo(t, cs[2], cs[0], cs[0].IP6, 8<<20)
+		})
+	}
+}
+
+// checkDualLeases: each host's key is flannel's "<v4>-<len>&<v6>-<len>" with PublicIPv6 when
+// the host has an IPv6 underlay address, the IPv6 subnets differ, and the daemons' status
+// shows them.
+func checkDualLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, ipv6Underlay bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[netip.Prefix]bool{}
+	for _, kv := range resp.Kvs {
+		v4, v6, err := subnetmgr.ParseDualSubnetKey(xdPrefix, string(kv.Key))
+		if err != nil || !v6.IsValid() || seen[v6] {
+			t.Errorf("key %s (%v %v %v): want a dual-stack key with its own IPv6 subnet", kv.Key, v4, v6, err)
+		}
+		seen[v6] = true
+		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
+		if err != nil || attrs.PublicIPv6.IsValid() != ipv6Underlay {
+			t.Errorf("key %s value %s: PublicIPv6 present %v, want %v", kv.Key, kv.Value, attrs.PublicIPv6.IsValid(), ipv6Underlay)
+		}
+	}
+	if len(seen) != len(nodes) {
+		t.Errorf("%d dual-stack keys, want %d", len(seen), len(nodes))
+	}
+	for _, n := range nodes {
+		var st struct {
+			IPv6Network netip.Prefix `json:"ipv6_network"`
+			Lease       struct {
+				IPv6Subnet netip.Prefix `json:"ipv6_subnet"`
+			} `json:"lease"`
+			Peers []struct {
+				IPv6Subnet netip.Prefix `json:"ipv6_subnet"`
+				Refused    string       `json:"refused"`
+				Error      string       `json:"error"`
+			} `json:"peers"`
+		}
+		n.statusInto(t, &st)
+		if !seen[st.Lease.IPv6Subnet] || st.IPv6Network.String() != "fd00:10:244::/56" {
+			t.Errorf("%s status: IPv6 network %v, lease IPv6 subnet %v", n.Name, st.IPv6Network, st.Lease.IPv6Subnet)
+		}
+		for _, p := range st.Peers {
+			if !seen[p.IPv6Subnet] || p.Refused != "" || p.Error != "" {
+				t.Errorf("%s status: peer %+v", n.Name, p)
+			}
+		}
+	}
+}
+
+// dualMesh pings every container from every other one over IPv6 and IPv4, in parallel; it
+// returns what failed.
+func dualMesh(cs []*harness.Container) []string {
+	var mu sync.Mutex
+	var failed []string
+	var wg sync.WaitGroup
+	for _, a := range cs {
+		for _, b := range cs {
+			if a == b {
+				continue
+			}
+			for _, dst := range []netip.Addr{b.IP6, b.IP} {
+				wg.Go(func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					defer cancel()
+					sent, got, err := harness.Ping(ctx, a.Namespace, dst, 3, 50*time.Millisecond)
+					if err != nil || got != sent {
+						mu.Lock()
+						failed = append(failed, fmt.Sprintf("%s -> %s(%v): %d/%d replies %v", a.Host.Name, b.Host.Name, dst, got, sent, err))
+						mu.Unlock()
+					}
+				})
+			}
+		}
+	}
+	wg.Wait()
+	slices.Sort(failed)
+	return failed
+}
