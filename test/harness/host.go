@@ -23,8 +23,8 @@ type Host struct {
 	UnderlayIP netip.Addr // 198.18.0.11, .12, ...
 	// UnderlayIPv6 is fd00:198:18::11, ::12, ... with Options.IPv6Underlay, else zero.
 	UnderlayIPv6 netip.Addr
-	StateDir   string     // per-host dir for subnet.env and docker opts (instead of /run/xnet)
-	BPFFS      string     // per-host bpffs mount point (a private bpffs instance in StateDir)
+	StateDir     string // per-host dir for subnet.env and docker opts (instead of /run/xnet)
+	BPFFS        string // per-host bpffs mount point (a private bpffs instance in StateDir)
 
 	topo *Topology
 

@@ -24,11 +24,11 @@ import (
 
 // Underlay addressing: the underlay namespace's bridge is the gateway, hosts count up from .11.
 var (
-	UnderlayPrefix  = netip.MustParsePrefix("198.18.0.0/24")
+	UnderlayPrefix = netip.MustParsePrefix("198.18.0.0/24")
 	// UnderlayIPv6Prefix is the underlay's IPv6 segment with Options.IPv6Underlay: host i
 	// has fd00:198:18::<11+i>, next to its 198.18.0.<11+i>.
 	UnderlayIPv6Prefix = netip.MustParsePrefix("fd00:198:18::/64")
-	UnderlayGateway = netip.MustParseAddr("198.18.0.1")
+	UnderlayGateway    = netip.MustParseAddr("198.18.0.1")
 )
 
 // With Options.FarHosts the underlay is two L2 segments, the two halves of UnderlayPrefix,
@@ -322,14 +322,14 @@ func (t *Topology) addHost(ctx context.Context, i, seg int) error {
 	}
 	h := &Host{
 		UnderlayIPv6: ip6,
-		Namespace:  ns,
-		Index:      i,
-		Name:       name,
-		UnderlayIP: ip,
-		StateDir:   filepath.Join(t.baseDir, name),
-		BPFFS:      filepath.Join(t.baseDir, name, "bpffs"),
-		topo:       t,
-		segment:    seg,
+		Namespace:    ns,
+		Index:        i,
+		Name:         name,
+		UnderlayIP:   ip,
+		StateDir:     filepath.Join(t.baseDir, name),
+		BPFFS:        filepath.Join(t.baseDir, name, "bpffs"),
+		topo:         t,
+		segment:      seg,
 	}
 	t.hosts = append(t.hosts, h)
 	if err := os.MkdirAll(h.StateDir, 0o755); err != nil {
