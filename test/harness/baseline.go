@@ -21,7 +21,9 @@ const (
 )
 
 // ConfigureHostGW gives every host a route to every other host's docker0 subnet via that host's
-// underlay address (flannel's host-gw backend). Every host needs docker0 first.
+// underlay address (flannel's host-gw backend), and to its IPv6 subnet via its IPv6 underlay
+// address when docker0 has one (SetupDocker0IPv6, Options.IPv6Underlay). Every host needs
+// docker0 first.
 func ConfigureHostGW(hosts []*Host) error {
 	for _, h := range hosts {
 		var lines []string
@@ -34,6 +36,12 @@ func ConfigureHostGW(hosts []*Host) error {
 				return fmt.Errorf("harness: host-gw: %s has no docker0 yet", p.Name)
 			}
 			lines = append(lines, fmt.Sprintf("route replace %s via %s dev eth0", sub, p.UnderlayIP))
+			if sub6 := p.Docker0IPv6Subnet(); sub6.IsValid() {
+				if !p.UnderlayIPv6.IsValid() {
+					return fmt.Errorf("harness: host-gw IPv6: %s has no IPv6 underlay address (Options.IPv6Underlay)", p.Name)
+				}
+				lines = append(lines, fmt.Sprintf("route replace %s via %s dev eth0", sub6, p.UnderlayIPv6))
+			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		err := h.IP(ctx, lines...)
@@ -68,6 +76,67 @@ func ConfigureFlannelVXLAN(hosts []*Host) error {
 		others := append(append([]FlannelPeer(nil), peers[:i]...), peers[i+1:]...)
 		if err := h.ConfigureFlannelVXLAN(peers[i].Subnet, others); err != nil {
 			return err
+		}
+	}
+	if !hosts[0].Docker0IPv6Subnet().IsValid() {
+		return nil
+	}
+	// Dual stack: flannel's second device, over the IPv6 underlay.
+	for i, h := range hosts {
+		sub6 := h.Docker0IPv6Subnet()
+		if !sub6.IsValid() || !h.UnderlayIPv6.IsValid() {
+			return fmt.Errorf("harness: flannel vxlan IPv6: %s needs docker0's IPv6 subnet and an IPv6 underlay address", h.Name)
+		}
+		peers[i] = FlannelPeer{Subnet: sub6, PublicIP: h.UnderlayIPv6, VtepMAC: flannelV6MAC(h.UnderlayIPv6)}
+	}
+	for i, h := range hosts {
+		if err := h.configureFlannelVXLANv6(peers[i].Subnet, peers); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// FlannelVXLANv6Device is the device flannel's vxlan backend carries IPv6 on.
+const FlannelVXLANv6Device = "flannel-v6.1"
+
+// flannelV6MAC is the harness's stand-in for the random MAC flannel gives its IPv6 device.
+func flannelV6MAC(ip netip.Addr) net.HardwareAddr {
+	b := ip.As16()
+	return net.HardwareAddr{0x0e, 0x76, b[12], b[13], b[14], b[15]}
+}
+
+// configureFlannelVXLANv6 is ConfigureFlannelVXLAN's IPv6 half as flannel does it: device
+// flannel-v6.1 with local = the IPv6 underlay address, MTU eth0 - 70, the subnet address as a
+// /128, and per peer (those in peers other than local) a route via the peer's subnet address
+// onlink, a permanent neighbour and an fdb entry to its IPv6 underlay address.
+func (h *Host) configureFlannelVXLANv6(local netip.Prefix, peers []FlannelPeer) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	lines := []string{
+		fmt.Sprintf("link add %s address %s type vxlan id %d dstport %d local %s dev eth0 nolearning",
+			FlannelVXLANv6Device, flannelV6MAC(h.UnderlayIPv6), FlannelVNI, FlannelPort, h.UnderlayIPv6),
+		fmt.Sprintf("link set %s mtu %d up", FlannelVXLANv6Device, h.topo.mtu-70),
+		fmt.Sprintf("addr add %s/128 dev %s nodad", local.Masked().Addr(), FlannelVXLANv6Device),
+	}
+	for _, p := range peers {
+		if p.Subnet == local {
+			continue
+		}
+		gw := p.Subnet.Masked().Addr()
+		lines = append(lines,
+			fmt.Sprintf("route replace %s via %s dev %s onlink", p.Subnet.Masked(), gw, FlannelVXLANv6Device),
+			fmt.Sprintf("neigh replace %s lladdr %s dev %s nud permanent", gw, p.VtepMAC, FlannelVXLANv6Device))
+	}
+	if err := h.IP(ctx, lines...); err != nil {
+		return fmt.Errorf("harness: flannel vxlan IPv6 device on %s: %w", h.Name, err)
+	}
+	for _, p := range peers {
+		if p.Subnet == local {
+			continue
+		}
+		if _, err := h.Run(ctx, "bridge", "fdb", "append", p.VtepMAC.String(), "dev", FlannelVXLANv6Device, "dst", p.PublicIP.String()); err != nil {
+			return fmt.Errorf("harness: flannel vxlan IPv6 fdb for %s on %s: %w", p.Subnet, h.Name, err)
 		}
 	}
 	return nil

@@ -105,6 +105,16 @@ func (h *Host) Docker0Subnet() netip.Prefix {
 	return g.Masked()
 }
 
+// Docker0IPv6Subnet is the IPv6 subnet docker0 serves (SetupDocker0IPv6), or the zero Prefix.
+func (h *Host) Docker0IPv6Subnet() netip.Prefix {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.docker0v6.IsValid() {
+		return netip.Prefix{}
+	}
+	return h.docker0v6.Masked()
+}
+
 // UseBridgeName names the container bridge SetupDocker0 makes (before it): Docker with a
 // daemon.json "bridge", podman or a CNI plugin call it something else than docker0.
 func (h *Host) UseBridgeName(name string) {

@@ -257,7 +257,9 @@ func (t *Topology) addRouter(ctx context.Context) error {
 	t.router = r
 	for _, kv := range [][2]string{
 		{"net.ipv4.ip_forward", "1"},
+		// IPv6 copies "all" only to links that exist; later ones take "default".
 		{"net.ipv6.conf.all.forwarding", "1"},
+		{"net.ipv6.conf.default.forwarding", "1"},
 		{"net.ipv4.conf.all.rp_filter", "0"},
 		{"net.ipv4.conf.default.rp_filter", "0"},
 	} {
@@ -343,6 +345,9 @@ func (t *Topology) addHost(ctx context.Context, i, seg int) error {
 	// is set before any link exists so eth0 and docker0 inherit it.
 	for _, kv := range [][2]string{
 		{"net.ipv4.ip_forward", "1"},
+		// IPv6 copies "all" only to links that exist; later ones take "default".
+		{"net.ipv6.conf.all.forwarding", "1"},
+		{"net.ipv6.conf.default.forwarding", "1"},
 		{"net.ipv4.conf.all.rp_filter", "0"},
 		{"net.ipv4.conf.default.rp_filter", "0"},
 	} {

@@ -25,6 +25,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -61,7 +62,7 @@ func main() {
 	var backends, testNames string
 	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (needed with -backends; default: build ./cmd/xnetd)")
 	flag.StringVar(&o.out, "out", "bench", "directory for results.json and chart.svg")
-	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; ebpf-direct, or the suffix +direct on any, turns the config's DirectRouting on; +bridge=NAME names the container bridge, +host sends from the host itself; NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
+	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; ebpf-direct, or the suffix +direct on any, turns the config's DirectRouting on; +bridge=NAME names the container bridge, +host sends from the host itself; +v6 measures IPv6 in a dual-stack overlay against IPv6 baselines; NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
 	flag.StringVar(&testNames, "tests", "", "run only the tests whose name contains one of these comma-separated words (tcp, udp, request; default: all)")
 	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds (at least 1; DESIGN asks for 3 or more)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each test (whole seconds)")
@@ -125,6 +126,10 @@ func selectTests(words string) ([]benchTest, error) {
 // "bridge", podman, CNI), and "+host" sends from the first host itself to the remote container
 // (the host's own traffic takes xnet0, not a container veth). They combine: ebpf-tc+host.
 //
+// "+v6" measures IPv6 container traffic in a dual-stack overlay; the run then also measures
+// both baselines over IPv6 (flannel's host-gw and vxlan IPv6 halves, over an IPv6 underlay),
+// and the ratios of a +v6 mode are to those.
+//
 // "+direct" turns the config's Backend.DirectRouting on: the two hosts share a segment, so the
 // peer is routed plain (no VXLAN), the path to hold against host-gw. "ebpf-direct" is
 // ebpf+direct, the spelling the README uses.
@@ -139,6 +144,8 @@ func modeOf(name string) *mode {
 				m.fromHost = true
 			case suf == "direct":
 				m.direct = true
+			case suf == "v6":
+				m.v6 = true
 			case suf == "kernel":
 				// The stack path: container traffic through xnet0 and the host's
 				// forwarding both ways (what a DOCKER-USER rule makes auto choose).
@@ -169,7 +176,9 @@ type mode struct {
 	// fromHost sends from the first host's own namespace instead of a container ("+host").
 	fromHost bool
 	// direct turns the config's Backend.DirectRouting on ("+direct", "ebpf-direct").
-	direct  bool
+	direct bool
+	// v6 sends IPv6 between the containers of a dual-stack overlay ("+v6").
+	v6      bool
 	topo    *harness.Topology
 	client  *harness.Container // on h1
 	server  *harness.Container // on h2
@@ -205,6 +214,7 @@ func run(ctx context.Context, o options) (err error) {
 		info.Kernel, info.CPUs, info.CPUModel, info.Tools["iperf3"], o.rounds, o.duration)
 
 	modes := []*mode{{name: baseHostGW}, {name: baseVXLAN}}
+	v6 := false
 	for _, b := range o.backends {
 		m := modeOf(b)
 		if m.xnetd != "" {
@@ -213,6 +223,10 @@ func run(ctx context.Context, o options) (err error) {
 			}
 		}
 		modes = append(modes, m)
+		v6 = v6 || m.v6
+	}
+	if v6 {
+		modes = slices.Insert(modes, 2, &mode{name: baseHostGW + v6Suffix, v6: true}, &mode{name: baseVXLAN + v6Suffix, v6: true})
 	}
 	defer func() {
 		for _, m := range modes {
@@ -290,11 +304,25 @@ func run(ctx context.Context, o options) (err error) {
 }
 
 // Subnets of the baselines' docker0 bridges (xnet modes get theirs from their leases).
-var baselineDocker0 = []netip.Prefix{netip.MustParsePrefix("10.244.1.1/24"), netip.MustParsePrefix("10.244.2.1/24")}
+var (
+	baselineDocker0   = []netip.Prefix{netip.MustParsePrefix("10.244.1.1/24"), netip.MustParsePrefix("10.244.2.1/24")}
+	baselineDocker0v6 = []netip.Prefix{netip.MustParsePrefix("fd00:10:244:1::1/64"), netip.MustParsePrefix("fd00:10:244:2::1/64")}
+)
+
+// v6Suffix names a mode's IPv6 twin; ratios of a +v6 mode are to the baselines with it.
+const v6Suffix = "+v6"
+
+// target is the server address the tests send to: its IPv6 address in a +v6 mode.
+func (m *mode) target() netip.Addr {
+	if m.v6 {
+		return m.server.IP6
+	}
+	return m.server.IP
+}
 
 func setup(ctx context.Context, m *mode, xnetd string) error {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	topo, err := harness.New(ctx, harness.Options{Hosts: 2, WithEtcd: m.backend != "", Logger: logger})
+	topo, err := harness.New(ctx, harness.Options{Hosts: 2, WithEtcd: m.backend != "", IPv6Underlay: m.v6, Logger: logger})
 	if err != nil {
 		return err
 	}
@@ -305,21 +333,33 @@ func setup(ctx context.Context, m *mode, xnetd string) error {
 			h.UseBridgeName(m.bridge)
 		}
 	}
-	switch {
-	case m.name == baseHostGW:
+	baseDocker0 := func(mtu int) error {
 		for i, h := range hosts {
-			if err := h.SetupDocker0(baselineDocker0[i], 1500); err != nil {
+			if err := h.SetupDocker0(baselineDocker0[i], mtu); err != nil {
 				return err
 			}
-		}
-		err = harness.ConfigureHostGW(hosts)
-	case m.name == baseVXLAN:
-		for i, h := range hosts {
-			if err := h.SetupDocker0(baselineDocker0[i], 1450); err != nil {
-				return err
+			if m.v6 {
+				if err := h.SetupDocker0IPv6(baselineDocker0v6[i]); err != nil {
+					return err
+				}
 			}
 		}
-		err = harness.ConfigureFlannelVXLAN(hosts)
+		return nil
+	}
+	switch strings.TrimSuffix(m.name, v6Suffix) {
+	case baseHostGW:
+		if err = baseDocker0(1500); err == nil {
+			err = harness.ConfigureHostGW(hosts)
+		}
+	case baseVXLAN:
+		// flannel's IPv6 device carries 20 bytes more of outer header than its IPv4 one.
+		mtu := 1450
+		if m.v6 {
+			mtu = 1430
+		}
+		if err = baseDocker0(mtu); err == nil {
+			err = harness.ConfigureFlannelVXLAN(hosts)
+		}
 	default:
 		if m.xnetd != "" {
 			xnetd = m.xnetd
@@ -341,24 +381,27 @@ func setup(ctx context.Context, m *mode, xnetd string) error {
 	// The datapath may need a moment (xnetd programs peers as leases arrive).
 	var recv int
 	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline) && ctx.Err() == nil; {
-		if _, recv, _ = harness.Ping(ctx, m.client.Namespace, m.server.IP, 1, 0); recv == 1 {
+		if _, recv, _ = harness.Ping(ctx, m.client.Namespace, m.target(), 1, 0); recv == 1 {
 			break
 		}
 	}
 	if recv != 1 {
-		return fmt.Errorf("%s (%s) does not reach %s (%s) across hosts", m.client.Role(), m.client.IP, m.server.Role(), m.server.IP)
+		return fmt.Errorf("%s (%s) does not reach %s (%s) across hosts", m.client.Role(), m.client.IP, m.server.Role(), m.target())
 	}
 	for i := range udpSenders {
 		if _, err := harness.StartIperf3Server(ctx, m.server.Namespace, iperfBasePort+i); err != nil {
 			return err
 		}
 	}
-	m.rr, err = startRRServer(m.server.Namespace, netip.AddrPortFrom(m.server.IP, rrPort))
+	m.rr, err = startRRServer(m.server.Namespace, netip.AddrPortFrom(m.target(), rrPort))
 	return err
 }
 
 func setupXnet(ctx context.Context, m *mode, xnetd string) error {
 	cfg := fmt.Sprintf(`{"Network":"10.244.0.0/16","Backend":{"Type":%q,"DirectRouting":%v}}`, m.backend, m.direct)
+	if m.v6 {
+		cfg = fmt.Sprintf(`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":%q,"DirectRouting":%v}}`, m.backend, m.direct)
+	}
 	if _, err := m.topo.EtcdClient().Put(ctx, subnetmgr.ConfigKey(subnetmgr.DefaultPrefix), cfg); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}

@@ -17,6 +17,10 @@ func TestModeOfSpellings(t *testing.T) {
 		{"ebpf-tc+direct", "ebpf-tc+direct", "ebpf", []string{"--decap=tc"}, true, false},
 		{"vxlan+direct", "vxlan+direct", "vxlan", nil, true, false},
 		{"ebpf-direct+host", "ebpf-direct+host", "ebpf", nil, true, true},
+		{"ebpf-tc+v6", "ebpf-tc+v6", "ebpf", []string{"--decap=tc"}, false, false},
+	}
+	if !modeOf("vxlan+v6").v6 || modeOf("vxlan").v6 {
+		t.Errorf("+v6 does not set (only) the IPv6 mode")
 	}
 	for _, c := range cases {
 		m := modeOf(c.name)

@@ -104,10 +104,15 @@ func (r *results) finish() {
 			if s == nil {
 				continue
 			}
-			if base := r.byKey[[2]string{baseHostGW, m.id}]; base != nil && base.Median != 0 {
+			// An IPv6 mode is held against the baselines' IPv6 twins.
+			suffix := ""
+			if strings.HasSuffix(b, v6Suffix) || strings.Contains(b, v6Suffix+"+") || strings.Contains(b, v6Suffix+"@") {
+				suffix = v6Suffix
+			}
+			if base := r.byKey[[2]string{baseHostGW + suffix, m.id}]; base != nil && base.Median != 0 {
 				s.RatioHostGW = s.Median / base.Median
 			}
-			if base := r.byKey[[2]string{baseVXLAN, m.id}]; base != nil && base.Median != 0 {
+			if base := r.byKey[[2]string{baseVXLAN + suffix, m.id}]; base != nil && base.Median != 0 {
 				s.RatioVXLAN = s.Median / base.Median
 			}
 		}

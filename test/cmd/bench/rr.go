@@ -29,12 +29,13 @@ func startRRServer(ns *harness.Namespace, addr netip.AddrPort) (*rrServer, error
 	var fd int
 	err := ns.Do(func() error {
 		var err error
-		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		family, sa := sockaddr(addr)
+		fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			return err
 		}
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}); err != nil {
+		if err := unix.Bind(fd, sa); err != nil {
 			unix.Close(fd)
 			return err
 		}
@@ -100,14 +101,15 @@ func runRR(ctx context.Context, ns *harness.Namespace, addr netip.AddrPort, d ti
 	var fd int
 	err := ns.Do(func() error {
 		var err error
-		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		family, sa := sockaddr(addr)
+		fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			return err
 		}
 		// Bounds connect and every read: a broken datapath fails the sample instead of hanging.
 		_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &unix.Timeval{Sec: 3})
 		_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 3})
-		if err := unix.Connect(fd, &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}); err != nil {
+		if err := unix.Connect(fd, sa); err != nil {
 			unix.Close(fd)
 			return err
 		}
@@ -161,4 +163,12 @@ func runRR(ctx context.Context, ns *harness.Namespace, addr netip.AddrPort, d ti
 		return 0, err
 	}
 	return float64(r.n) / r.elapsed.Seconds(), nil
+}
+
+// sockaddr is addr as a socket family and address, either IP version.
+func sockaddr(addr netip.AddrPort) (int, unix.Sockaddr) {
+	if a := addr.Addr(); a.Is6() && !a.Is4In6() {
+		return unix.AF_INET6, &unix.SockaddrInet6{Port: int(addr.Port()), Addr: a.As16()}
+	}
+	return unix.AF_INET, &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().Unmap().As4()}
 }

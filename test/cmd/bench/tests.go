@@ -46,7 +46,7 @@ func tcp1(ctx context.Context, m *mode, d time.Duration) (map[string]float64, er
 	if err != nil {
 		return nil, err
 	}
-	r, err := harness.RunIperf3(ctx, m.client.Namespace, harness.Iperf3Options{Server: m.server.IP, Port: iperfBasePort, Duration: d})
+	r, err := harness.RunIperf3(ctx, m.client.Namespace, harness.Iperf3Options{Server: m.target(), Port: iperfBasePort, Duration: d})
 	if err != nil {
 		return nil, err
 	}
@@ -63,7 +63,7 @@ func tcp1(ctx context.Context, m *mode, d time.Duration) (map[string]float64, er
 }
 
 func tcp4(ctx context.Context, m *mode, d time.Duration) (map[string]float64, error) {
-	r, err := harness.RunIperf3(ctx, m.client.Namespace, harness.Iperf3Options{Server: m.server.IP, Port: iperfBasePort, Duration: d, Streams: 4})
+	r, err := harness.RunIperf3(ctx, m.client.Namespace, harness.Iperf3Options{Server: m.target(), Port: iperfBasePort, Duration: d, Streams: 4})
 	if err != nil {
 		return nil, err
 	}
@@ -81,7 +81,7 @@ func udp64(ctx context.Context, m *mode, d time.Duration) (map[string]float64, e
 		go func() {
 			defer wg.Done()
 			results[i], errs[i] = harness.RunIperf3(ctx, m.client.Namespace, harness.Iperf3Options{
-				Server: m.server.IP, Port: iperfBasePort + i, Duration: d, UDP: true, Length: 64, Bitrate: "0"})
+				Server: m.target(), Port: iperfBasePort + i, Duration: d, UDP: true, Length: 64, Bitrate: "0"})
 		}()
 	}
 	wg.Wait()
@@ -103,7 +103,7 @@ func udp64(ctx context.Context, m *mode, d time.Duration) (map[string]float64, e
 }
 
 func tcpRR(ctx context.Context, m *mode, d time.Duration) (map[string]float64, error) {
-	tps, err := runRR(ctx, m.client.Namespace, netipAddrPort(m.server.IP, rrPort), d)
+	tps, err := runRR(ctx, m.client.Namespace, netipAddrPort(m.target(), rrPort), d)
 	if err != nil {
 		return nil, err
 	}
