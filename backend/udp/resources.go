@@ -145,8 +145,12 @@ func openResources(publicIP netip.Addr, port int, tune Tuning, fds *fdstore.Stor
 // queues what it routes into xnet0 instead of dropping it) and every receiving socket (bound,
 // it queues what peers send). The sending sockets are not: nothing queues on them, and their
 // ephemeral source ports may change.
-func tunFDName(queue int) string { return backend.FDName(subnetmgr.BackendUDP, fmt.Sprintf("tun-%d", queue)) }
-func rxFDName(queue int) string  { return backend.FDName(subnetmgr.BackendUDP, fmt.Sprintf("rx-%d", queue)) }
+func tunFDName(queue int) string {
+	return backend.FDName(subnetmgr.BackendUDP, fmt.Sprintf("tun-%d", queue))
+}
+func rxFDName(queue int) string {
+	return backend.FDName(subnetmgr.BackendUDP, fmt.Sprintf("rx-%d", queue))
+}
 
 // takeQueues takes back from the service manager's store the TUN queues and receiving sockets
 // a previous process stored, when every one of tune.Queues queues is there and is exactly what
