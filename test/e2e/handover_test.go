@@ -1,0 +1,148 @@
+package e2e
+
+// The user-space datapaths across a kill -9 of xnetd: each host's xnetd runs under a stand-in
+// for systemd (harness.ServiceManager) with an fd store, as packaging/xnetd.service runs it.
+// The killed xnetd's TUN queues and sockets stay in the store, the kernel queues on them, and
+// the restarted xnetd takes them back. Helpers here are prefixed ho.
+
+import (
+	"context"
+	"fmt"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/xnet-dev/xnet/test/harness"
+)
+
+// hoPings pings from every (from, to) pair at once, every 50 ms, count times each.
+type hoPings struct {
+	started time.Time
+	done    chan hoResult
+}
+
+type hoResult struct {
+	what      string
+	sent, got int
+}
+
+const hoInterval = 50 * time.Millisecond
+
+func hoStartPings(ctx context.Context, count int, pairs map[string][2]*harness.Container) *hoPings {
+	p := &hoPings{started: time.Now(), done: make(chan hoResult, len(pairs))}
+	for what, pair := range pairs {
+		go func() {
+			sent, got, _ := harness.Ping(ctx, pair[0].Namespace, pair[1].IP, count, hoInterval)
+			p.done <- hoResult{what, sent, got}
+		}()
+	}
+	return p
+}
+
+// sleepToMidInterval sleeps at least d, then until the pings are half-way between two sends:
+// a kill then finds no reply on its way, which WireGuard, whose session keys die with the
+// process, could not deliver any more (see the wireguard case).
+func (p *hoPings) sleepToMidInterval(d time.Duration) {
+	at := time.Since(p.started) + d
+	at = at.Truncate(hoInterval) + hoInterval/2
+	time.Sleep(time.Until(p.started.Add(at)))
+}
+
+func (p *hoPings) wait(n int) map[string]hoResult {
+	out := map[string]hoResult{}
+	for range n {
+		r := <-p.done
+		out[r.what] = r
+	}
+	return out
+}
+
+// hoRestartSec is how long systemd waits before it starts xnetd again after a crash
+// (RestartSec= in packaging/xnetd.service): the packets of those seconds are the ones at stake.
+const hoRestartSec = 2 * time.Second
+
+// hoKillAndRestart kill -9s xnetd on n and starts it again under the same service manager
+// hoRestartSec later, returning how long from the kill until the new xnetd was ready.
+func hoKillAndRestart(t *testing.T, n *xdNode) time.Duration {
+	t.Helper()
+	start := time.Now()
+	if err := n.proc.Kill(); err != nil {
+		t.Fatalf("kill -9 xnetd on %s: %v", n.Name, err)
+	}
+	time.Sleep(hoRestartSec)
+	n.start(t)
+	n.waitReady(t)
+	return time.Since(start)
+}
+
+// A kill -9 and restart of xnetd on one of two hosts, under a ping every 50 ms both ways
+// between containers on the two hosts: with the datapath's fds in the service manager's store,
+// udp loses nothing either way. WireGuard loses nothing from the restarted host (what its
+// containers send waits on the TUN); towards it, what the other host sealed with the session
+// keys of the killed process is lost (see TestWireGuardKill9).
+func TestUDPKill9OfXnetdLosesNoPacket(t *testing.T) {
+	nodes, _ := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}`)
+	cs := xdContainers(t, nodes)
+	if failed := xdMesh(cs); len(failed) > 0 {
+		t.Fatalf("no connectivity before the kill:\n%s", strings.Join(failed, "\n"))
+	}
+	n := nodes[1]
+	queues := min(runtime.NumCPU(), 4)
+	var want []string
+	for i := range queues {
+		want = append(want, fmt.Sprintf("xnet-udp-tun-%d", i), fmt.Sprintf("xnet-udp-rx-%d", i))
+	}
+	if got := n.systemd.Stored(); !hoSameNames(got, want) {
+		t.Fatalf("the service manager holds %v from %s's xnetd, want %v", got, n.Name, want)
+	}
+
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	const count = 120 // 6 s
+	pings := hoStartPings(ctx, count, map[string][2]*harness.Container{
+		"into the restarted host": {cs[0], cs[1]},
+		"out of the restarted host": {cs[1], cs[0]},
+	})
+	pings.sleepToMidInterval(500 * time.Millisecond)
+	took := hoKillAndRestart(t, n)
+	for what, r := range pings.wait(2) {
+		t.Logf("%s: %d of %d replies, %d lost (kill -9 to ready: %v)", what, r.got, r.sent, r.sent-r.got, took.Round(time.Millisecond))
+		if r.sent < count-10 || r.got != r.sent {
+			t.Errorf("ping %s every 50 ms through kill -9 and restart of xnetd: %d of %d replies, want all", what, r.got, r.sent)
+		}
+	}
+	if out := n.proc.Output(); !strings.Contains(out, "took xnet0's queues and receiving sockets back") || !strings.Contains(out, "taken_over=true") {
+		t.Errorf("the restarted xnetd did not say it took the stored queues back:\n%s", out)
+	}
+	if got := n.systemd.Stored(); !hoSameNames(got, want) {
+		t.Errorf("after the restart the service manager holds %v, want still %v", got, want)
+	}
+
+	t.Run("a host restarted with another backend drops the udp fds from the store first", func(t *testing.T) {
+		// The stored receiving sockets hold port 8472, which the kernel VXLAN device binds.
+		if err := n.proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		n.extra = append(n.extra, "--backend=vxlan")
+		n.start(t)
+		n.waitReady(t)
+		if got := n.systemd.Stored(); len(got) != 0 {
+			t.Errorf("the service manager still holds %v for a vxlan host", got)
+		}
+		if out := n.proc.Output(); !strings.Contains(out, "dropped fds from the service manager's store") {
+			t.Errorf("xnetd did not log the fds it dropped:\n%s", out)
+		}
+		if failed := xdMesh(cs); len(failed) > 0 {
+			t.Errorf("after the switch to vxlan:\n%s", strings.Join(failed, "\n"))
+		}
+	})
+}
+
+func hoSameNames(got, want []string) bool {
+	got, want = slices.Clone(got), slices.Clone(want)
+	slices.Sort(got)
+	slices.Sort(want)
+	return slices.Equal(got, want)
+}
