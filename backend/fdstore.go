@@ -1,6 +1,9 @@
 package backend
 
-import "strings"
+import (
+	"strings"
+	"time"
+)
 
 // A backend whose datapath is the xnetd process (udp, the embedded wireguard-go) hands its TUN
 // queues and sockets to the service manager's fd store, so that packets the kernel queues on
@@ -14,3 +17,9 @@ func FDName(backend, what string) string { return "xnet-" + backend + "-" + what
 
 // OwnsFD says whether the stored fd name is one of backend's (see FDName).
 func OwnsFD(backend, name string) bool { return strings.HasPrefix(name, "xnet-"+backend+"-") }
+
+// HandoverHold is the longest a backend leaves the queues it took over unread while it waits
+// for xnetd to program the first lease list (PrunePeers follows it): read earlier, what waited
+// on them for a peer not programmed yet would be dropped. xnetd lists the leases right after
+// Setup; the bound only keeps a daemon stuck on etcd from leaving the queues unread for good.
+const HandoverHold = 10 * time.Second

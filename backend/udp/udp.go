@@ -123,10 +123,6 @@ import (
 // DeviceName is the TUN device of this backend.
 const DeviceName = "xnet0"
 
-// handoverHold is the longest queues taken over from a previous process stay unread waiting
-// for the first lease list to be programmed (xnetd lists the leases right after Setup).
-const handoverHold = 10 * time.Second
-
 // ErrIncompatiblePeer marks a peer lease this backend cannot use (backend.ParseVXLANPeer's rules).
 var ErrIncompatiblePeer = backend.ErrIncompatiblePeer
 
@@ -306,7 +302,7 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		// The taken-over queues hold what arrived while xnetd was down: read them only once
 		// AddPeer has programmed the first lease list (PrunePeers follows it), or every packet
 		// of a peer not programmed yet would be dropped.
-		hold = handoverHold
+		hold = backend.HandoverHold
 	}
 	b.dp = startDatapath(res, b.dpConfig(), &b.tables, b.stats, b.Log, hold)
 	b.setup = true

@@ -79,6 +79,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/fdstore"
 	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -107,8 +108,9 @@ type Backend struct {
 	ns      netns.NsHandle
 	nl      *netlink.Handle
 	stats   *counters
-	want    Datapath // as asked: auto, kernel or embedded
-	kernel  bool     // the kernel has WireGuard
+	fds     *fdstore.Store // the service manager's fd store; nil without one
+	want    Datapath       // as asked: auto, kernel or embedded
+	kernel  bool           // the kernel has WireGuard
 	kernWhy string
 
 	mu       sync.Mutex
@@ -190,7 +192,7 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 		return nil, fmt.Errorf("wireguard: open netlink socket: %w", err)
 	}
 	b := &Backend{
-		Base: base, wg: wg, psk: psk, mtu: mtu, ns: ns, nl: h, stats: newCounters(), want: want, key: key,
+		Base: base, wg: wg, psk: psk, mtu: mtu, ns: ns, nl: h, stats: newCounters(), fds: opts.FDStore, want: want, key: key,
 		peers: map[wgtypes.Key]*peer{}, subnets: map[netip.Prefix]wgtypes.Key{},
 	}
 	b.Log = log
@@ -339,12 +341,12 @@ func (b *Backend) openEmbedded() (*userDevice, error) {
 			return nil, fmt.Errorf("wireguard: replace %s (a %s link) with a TUN: %w", DeviceName, link.Type(), err)
 		}
 	}
-	u, err := openUserDevice(b.ns, b.mtu, b.stats, b.handshakesCrossed, b.Log)
+	u, err := openUserDevice(b.ns, b.mtu, b.stats, b.fds, b.handshakesCrossed, b.Log)
 	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EBUSY) {
 		if link, lerr := b.nl.LinkByName(DeviceName); lerr == nil {
 			b.Log.Warn("replacing a TUN of other flags", "err", err)
 			if derr := b.nl.LinkDel(link); derr == nil {
-				u, err = openUserDevice(b.ns, b.mtu, b.stats, b.handshakesCrossed, b.Log)
+				u, err = openUserDevice(b.ns, b.mtu, b.stats, b.fds, b.handshakesCrossed, b.Log)
 			}
 		}
 	}
@@ -634,6 +636,15 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		return errors.New("wireguard: PrunePeers before Setup")
 	}
 	b.listed = true
+	if u, ok := b.dev.(*userDevice); ok {
+		// The first lease list is programmed: a TUN taken over from the previous process may
+		// be read now (openUserDevice).
+		defer func() {
+			if u.release() {
+				b.Log.Info("reading the taken-over TUN: the peers of the first lease list are programmed", "peers", len(b.peers))
+			}
+		}()
+	}
 	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
 	var errs []error
 	for s := range b.subnets {
@@ -707,6 +718,10 @@ func (b *Backend) Close(teardown bool) error {
 			}
 		case !errors.As(err, &nf):
 			errs = append(errs, fmt.Errorf("wireguard: find %s to delete it: %w", DeviceName, err))
+		}
+		// The device is gone: the service manager need not keep its fd.
+		if err := b.fds.Remove(tunFDName); err != nil {
+			errs = append(errs, fmt.Errorf("wireguard: teardown: %w", err))
 		}
 	}
 	b.closeHandles()
