@@ -59,19 +59,19 @@ func (p *hoPings) wait(n int) map[string]hoResult {
 	return out
 }
 
-// hoRestartSec is how long systemd waits before it starts xnetd again after a crash
+// hoRestartDelay is how long systemd waits before it starts xnetd again after a crash
 // (RestartSec= in packaging/xnetd.service): the packets of those seconds are the ones at stake.
-const hoRestartSec = 2 * time.Second
+const hoRestartDelay = 2 * time.Second
 
 // hoKillAndRestart kill -9s xnetd on n and starts it again under the same service manager
-// hoRestartSec later, returning how long from the kill until the new xnetd was ready.
+// hoRestartDelay later, returning how long from the kill until the new xnetd was ready.
 func hoKillAndRestart(t *testing.T, n *xdNode) time.Duration {
 	t.Helper()
 	start := time.Now()
 	if err := n.proc.Kill(); err != nil {
 		t.Fatalf("kill -9 xnetd on %s: %v", n.Name, err)
 	}
-	time.Sleep(hoRestartSec)
+	time.Sleep(hoRestartDelay)
 	n.start(t)
 	n.waitReady(t)
 	return time.Since(start)
