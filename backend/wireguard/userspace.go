@@ -43,6 +43,8 @@ type userDevice struct {
 	restarted map[*device.Peer]time.Time
 	// holdTimer releases a taken-over TUN if release is never called.
 	holdTimer *time.Timer
+	// status answers `xnetd status` (status.go); nil until the device is up.
+	status *uapiServer
 	// offload says the TUN hands over TCP segments of up to 64 KB (IFF_VNET_HDR), which
 	// wireguard-go cuts itself and sends with UDP GSO: a large share of the throughput.
 	offload bool
@@ -242,6 +244,9 @@ func (u *userDevice) restartHandshake(key wgtypes.Key, delay time.Duration) bool
 func (u *userDevice) close() error {
 	if u.holdTimer != nil {
 		u.holdTimer.Stop()
+	}
+	if u.status != nil {
+		u.status.close()
 	}
 	u.dev.Close()
 	return nil

@@ -66,6 +66,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -102,16 +103,18 @@ const (
 // Backend is the wireguard backend. Its methods are safe for concurrent use.
 type Backend struct {
 	backend.Base
-	wg      subnetmgr.WireGuardConfig
-	psk     *wgtypes.Key
-	mtu     int // the overlay's
-	ns      netns.NsHandle
-	nl      *netlink.Handle
-	stats   *counters
-	fds     *fdstore.Store // the service manager's fd store; nil without one
-	want    Datapath       // as asked: auto, kernel or embedded
-	kernel  bool           // the kernel has WireGuard
-	kernWhy string
+	wg    subnetmgr.WireGuardConfig
+	psk   *wgtypes.Key
+	mtu   int // the overlay's
+	ns    netns.NsHandle
+	nl    *netlink.Handle
+	stats *counters
+	fds   *fdstore.Store // the service manager's fd store; nil without one
+	// stateDir holds the key file and, while the embedded device runs, its status socket.
+	stateDir string
+	want     Datapath // as asked: auto, kernel or embedded
+	kernel   bool     // the kernel has WireGuard
+	kernWhy  string
 
 	mu       sync.Mutex
 	key      hostKey
@@ -192,7 +195,7 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 		return nil, fmt.Errorf("wireguard: open netlink socket: %w", err)
 	}
 	b := &Backend{
-		Base: base, wg: wg, psk: psk, mtu: mtu, ns: ns, nl: h, stats: newCounters(), fds: opts.FDStore, want: want, key: key,
+		Base: base, wg: wg, psk: psk, mtu: mtu, ns: ns, nl: h, stats: newCounters(), fds: opts.FDStore, stateDir: opts.StateDir, want: want, key: key,
 		peers: map[wgtypes.Key]*peer{}, subnets: map[netip.Prefix]wgtypes.Key{},
 	}
 	b.Log = log
@@ -328,6 +331,11 @@ func (b *Backend) openDevice() error {
 	if err := u.up(); err != nil {
 		u.close()
 		return fmt.Errorf("wireguard: listen port %d: %w", port, err)
+	}
+	// For `xnetd status`, which runs in another process (status.go).
+	if u.status, err = serveUAPI(filepath.Join(b.stateDir, UAPISocket), u.dev, b.Log); err != nil {
+		u.close()
+		return err
 	}
 	b.dev = u
 	return nil
@@ -719,8 +727,12 @@ func (b *Backend) Close(teardown bool) error {
 		case !errors.As(err, &nf):
 			errs = append(errs, fmt.Errorf("wireguard: find %s to delete it: %w", DeviceName, err))
 		}
-		// The device is gone: the service manager need not keep its fd.
+		// The device is gone: the service manager need not keep its fd, and the status
+		// socket a killed xnetd left has nothing to answer for.
 		if err := b.fds.Remove(tunFDName); err != nil {
+			errs = append(errs, fmt.Errorf("wireguard: teardown: %w", err))
+		}
+		if err := os.Remove(filepath.Join(b.stateDir, UAPISocket)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("wireguard: teardown: %w", err))
 		}
 	}
@@ -800,24 +812,8 @@ func (b *Backend) Status() (Status, error) {
 	if err != nil {
 		return st, err
 	}
-	for _, p := range dev.Peers {
-		ps := PeerStatus{PublicKey: p.PublicKey.String(), LastHandshake: p.LastHandshakeTime, RxBytes: p.ReceiveBytes, TxBytes: p.TransmitBytes}
-		if p.Endpoint != nil {
-			ps.Endpoint = p.Endpoint.String()
-		}
-		for _, a := range p.AllowedIPs {
-			if pfx, ok := netipPrefix(a); ok {
-				ps.Subnets = append(ps.Subnets, pfx)
-			}
-		}
-		st.Peers = append(st.Peers, ps)
-	}
-	slices.SortFunc(st.Peers, func(x, y PeerStatus) int {
-		if len(x.Subnets) == 0 || len(y.Subnets) == 0 {
-			return len(x.Subnets) - len(y.Subnets)
-		}
-		return x.Subnets[0].Addr().Compare(y.Subnets[0].Addr())
-	})
+	st.fill(dev)
+	st.PSK = b.psk != nil
 	return st, nil
 }
 

@@ -100,7 +100,7 @@ func TestUDPKill9OfXnetdLosesNoPacket(t *testing.T) {
 	defer cancel()
 	const count = 120 // 6 s
 	pings := hoStartPings(ctx, count, map[string][2]*harness.Container{
-		"into the restarted host": {cs[0], cs[1]},
+		"into the restarted host":   {cs[0], cs[1]},
 		"out of the restarted host": {cs[1], cs[0]},
 	})
 	pings.sleepToMidInterval(500 * time.Millisecond)
