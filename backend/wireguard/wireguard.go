@@ -37,9 +37,12 @@
 //     a TUN with TSO/USO offloads (IFF_VNET_HDR: the kernel hands over 64 KB TCP segments,
 //     wireguard-go cuts, encrypts and sends them with UDP GSO, receives with UDP GRO and
 //     coalesces again on the TUN) - the same mechanics that made the udp backend fast. The
-//     kernel device keeps forwarding while xnetd restarts; the embedded one is the process,
-//     so a restart drops packets for that moment (xnet-wg is a persistent TUN: the packets
-//     are dropped, not leaked unencrypted).
+//     kernel device keeps forwarding while xnetd restarts; the embedded one is the process.
+//     xnet-wg is a persistent TUN, so nothing leaks unencrypted while it is down, and under
+//     systemd its fd waits in the fd store (userspace.go, takeOrOpenTUN): what our side sends
+//     during a kill -9 and restart queues there and leaves, sealed anew, once the next process
+//     has its peers. What peers send meanwhile is lost: it is sealed with session keys that
+//     died with the process, which is why the UDP sockets are not stored.
 //   - Everything the datapath opens (TUN fd, netlink sockets, wireguard-go's UDP sockets,
 //     which its goroutines open whenever the device comes up) is opened in the namespace New
 //     ran in: xnetd has only one, the tests run a backend per simulated host.
