@@ -12,6 +12,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/fdstore"
 )
 
 // ServiceManager plays systemd for a daemon a test starts and restarts, as a unit with
@@ -80,6 +82,33 @@ func (m *ServiceManager) Stored() []string {
 		names[i] = s.Name
 	}
 	return names
+}
+
+// Passed is the store as systemd passes it to the next process: a duplicate of each stored fd
+// (close-on-exec, the caller's to close) with its name. For tests that restart a backend inside
+// the test process rather than xnetd (fdstore.New with these stands for fdstore.FromProcess).
+func (m *ServiceManager) Passed() ([]fdstore.Passed, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []fdstore.Passed
+	for _, s := range m.store {
+		rc, err := s.File.SyscallConn()
+		if err != nil {
+			return nil, err
+		}
+		dup := -1
+		if cerr := rc.Control(func(fd uintptr) { dup, err = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 3) }); cerr != nil {
+			err = cerr
+		}
+		if err != nil {
+			for _, p := range out {
+				unix.Close(p.FD)
+			}
+			return nil, fmt.Errorf("harness: service manager: dup %s: %w", s.Name, err)
+		}
+		out = append(out, fdstore.Passed{Name: s.Name, FD: dup})
+	}
+	return out, nil
 }
 
 // Flush closes every stored fd, as systemd does when the service stops for good (systemctl
