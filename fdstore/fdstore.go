@@ -289,7 +289,10 @@ func (s *Store) Untaken() []string {
 // DropUnless closes every passed fd nobody took whose name keep refuses, removes it from the
 // service manager's store too (a backend no longer in use must not keep a port or a TUN queue
 // through the manager's copy), and waits for the manager to have done so. It returns the
-// names dropped; an error says the manager could not be told or did not answer.
+// names dropped; an error says the manager could not be told or did not answer. Removal goes
+// by name and drops every fd the manager holds under it, so each stored fd needs a name of its
+// own (as Put's callers give them): a duplicate left in the store could keep a stale TUN queue
+// attached beside the new ones.
 func (s *Store) DropUnless(keep func(name string) bool) ([]string, error) {
 	if s == nil {
 		return nil, nil
