@@ -20,6 +20,7 @@ import (
 	"sort"
 	"sync"
 
+	"github.com/xnet-dev/xnet/fdstore"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -188,7 +189,10 @@ type Options struct {
 	// StateDir is where a backend keeps what must outlive xnetd and is not in the kernel
 	// (wireguard: its private key). xnetd passes the directory of its state file.
 	StateDir string
-	Logger   *slog.Logger
+	// FDStore, when a service manager runs xnetd, keeps the fds of a datapath that lives in
+	// the process (TUN queues, sockets) across its restarts (see FDName); nil without one.
+	FDStore *fdstore.Store
+	Logger  *slog.Logger
 }
 
 // Constructor builds a backend. It must not change the host: that is Setup's job. It returns

@@ -77,13 +77,33 @@ type datapath struct {
 	gso     atomic.Bool
 	closing atomic.Bool
 	wg      sync.WaitGroup
+	// open is closed once the queues may be read: at start, or, for queues taken over from a
+	// previous process (which hold the packets queued while xnetd was down), once the peers
+	// are programmed (release), so none of those packets finds an empty peer table.
+	open     chan struct{}
+	openOnce sync.Once
+	stopped  chan struct{}
+	// holdTimer releases held queues if release is never called.
+	holdTimer *time.Timer
 	// lastLog rate-limits error logs from the packet path (unix nanoseconds).
 	lastLog atomic.Int64
 }
 
-func startDatapath(res *resources, cfg dpConfig, tables *tableHolder, stats *counters, log *slog.Logger) *datapath {
-	d := &datapath{res: res, tables: tables, stats: stats, log: log, expect: cfg.expect, mac: cfg.mac, port: cfg.port, copyingGRO: cfg.copyingGRO}
+// startDatapath runs the queues. With hold, they are not read before release (or hold has
+// passed: a daemon that never programs its peers must not leave the queues unread for good).
+func startDatapath(res *resources, cfg dpConfig, tables *tableHolder, stats *counters, log *slog.Logger, hold time.Duration) *datapath {
+	d := &datapath{res: res, tables: tables, stats: stats, log: log, expect: cfg.expect, mac: cfg.mac, port: cfg.port, copyingGRO: cfg.copyingGRO,
+		open: make(chan struct{}), stopped: make(chan struct{})}
 	d.setLocal(cfg.local)
+	if hold > 0 {
+		d.holdTimer = time.AfterFunc(hold, func() {
+			if d.release() {
+				log.Warn("reading the taken-over queues although the peers are not programmed yet: packets for unknown peers are dropped", "after", hold)
+			}
+		})
+	} else {
+		d.release()
+	}
 	d.gso.Store(res.gso)
 	for q := range res.queues {
 		d.wg.Add(2)
@@ -99,8 +119,32 @@ func startDatapath(res *resources, cfg dpConfig, tables *tableHolder, stats *cou
 
 func (d *datapath) setLocal(p netip.Prefix) { d.local.Store(&p) }
 
+// release lets the queues be read; it says whether this call did (the first one).
+func (d *datapath) release() bool {
+	did := false
+	d.openOnce.Do(func() {
+		close(d.open)
+		did = true
+	})
+	return did
+}
+
+// waitOpen waits until the queues may be read; false when the datapath stopped first.
+func (d *datapath) waitOpen() bool {
+	select {
+	case <-d.open:
+		return true
+	case <-d.stopped:
+		return false
+	}
+}
+
 // stop closes every fd, which makes each blocked read return, and waits for the goroutines.
 func (d *datapath) stop() {
+	if d.holdTimer != nil {
+		d.holdTimer.Stop()
+	}
+	close(d.stopped)
 	d.closing.Store(true)
 	d.res.close()
 	d.wg.Wait()
@@ -145,6 +189,9 @@ type txQueue struct {
 
 func (d *datapath) txLoop(q int) {
 	defer d.wg.Done()
+	if !d.waitOpen() {
+		return
+	}
 	dev := d.res.queues[q].tun
 	batch := max(dev.BatchSize(), 1)
 	t := &txQueue{
@@ -378,6 +425,9 @@ type rxQueue struct {
 
 func (d *datapath) rxLoop(q int) {
 	defer d.wg.Done()
+	if !d.waitOpen() {
+		return
+	}
 	rc := d.res.queues[q].rc
 	dev := d.res.queues[q].tun
 	r := &rxQueue{in: newRecvBatch(rxMessages, maxPacket, unix.CmsgSpace(4))}

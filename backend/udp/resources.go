@@ -7,10 +7,17 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"syscall"
+	"time"
 
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/fdstore"
+	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
 // resources are the fds the datapath works on. They are all opened by openResources on a
@@ -21,6 +28,9 @@ type resources struct {
 	offload bool // IFF_VNET_HDR with TSO/USO: the TUN hands over and takes large segments
 	gso     bool // UDP_SEGMENT works on the sending sockets
 	gro     bool // UDP_GRO is on for the receiving sockets
+	// adopted says the queues and receiving sockets were a previous process's, taken back from
+	// the service manager's store with what the kernel queued on them meanwhile.
+	adopted bool
 }
 
 // queueRes is one queue: a TUN queue fd and a receiving socket.
@@ -42,25 +52,35 @@ type sendSocket struct {
 // which we may do as root; without root the plain option is capped by net.core.*mem_max).
 const socketBuffer = 4 << 20
 
-// openResources opens xnet0's queues and the sockets. It must run on a thread in the target
-// namespace. On error, everything opened so far is closed again.
-func openResources(publicIP netip.Addr, port int, tune Tuning, log *slog.Logger) (_ *resources, err error) {
+// openResources opens xnet0's queues and the sockets: those a previous process stored with
+// the service manager (fds; see takeQueues) when they are all there and valid, else new ones,
+// which it stores for the next process. It must run on a thread in the target namespace ns.
+// On error, everything opened so far is closed again.
+func openResources(publicIP netip.Addr, port int, tune Tuning, fds *fdstore.Store, ns netns.NsHandle, log *slog.Logger) (_ *resources, err error) {
 	res := &resources{}
 	defer func() {
 		if err != nil {
 			res.close()
 		}
 	}()
-	fds, err := openTUNQueues(DeviceName, tune.Queues, !tune.NoOffload)
-	if err != nil {
-		return nil, err
+	listen := netip.AddrPortFrom(publicIP, uint16(port))
+	tunFDs, rxFDs := takeQueues(fds, tune, listen, ns, log)
+	res.adopted = tunFDs != nil
+	closeFrom := func(fds []int, i int) {
+		for _, fd := range fds[min(i, len(fds)):] {
+			unix.Close(fd)
+		}
 	}
-	for i, fd := range fds {
+	if !res.adopted {
+		if tunFDs, err = openTUNQueues(DeviceName, tune.Queues, !tune.NoOffload); err != nil {
+			return nil, err
+		}
+	}
+	for i, fd := range tunFDs {
 		dev, _, err := tun.CreateUnmonitoredTUNFromFD(fd)
 		if err != nil {
-			for _, fd := range fds[i:] {
-				unix.Close(fd)
-			}
+			closeFrom(tunFDs, i)
+			closeFrom(rxFDs, 0)
 			return nil, fmt.Errorf("udp: set up %s queue %d: %w", DeviceName, i, err)
 		}
 		res.queues = append(res.queues, queueRes{tun: dev})
@@ -72,19 +92,29 @@ func openResources(publicIP netip.Addr, port int, tune Tuning, log *slog.Logger)
 			// The segmenter cuts TCP only; UDP segmentation offload (USO), which
 			// wireguard-go also asks for, stays with the kernel.
 			if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, unix.TUN_F_CSUM|unix.TUN_F_TSO4|unix.TUN_F_TSO6); err != nil {
+				closeFrom(tunFDs, i+1)
+				closeFrom(rxFDs, 0)
 				return nil, fmt.Errorf("udp: set offloads of %s queue %d: %w", DeviceName, i, err)
 			}
 		}
 	}
 	res.gro = !tune.NoUDPGRO
 	for i := range res.queues {
-		conn, gro, err := openRecvSocket(publicIP, port, len(res.queues) > 1, res.gro)
+		var conn *net.UDPConn
+		var gro bool
+		if res.adopted {
+			conn, gro, err = adoptRecvSocket(rxFDs[i], listen, res.gro)
+		} else {
+			conn, gro, err = openRecvSocket(publicIP, port, len(res.queues) > 1, res.gro)
+		}
 		if err != nil {
+			closeFrom(rxFDs, i+1)
 			return nil, err
 		}
 		rc, err := conn.SyscallConn()
 		if err != nil {
 			conn.Close()
+			closeFrom(rxFDs, i+1)
 			return nil, fmt.Errorf("udp: receiving socket of queue %d: %w", i, err)
 		}
 		res.queues[i].raw, res.queues[i].rc = conn, rc
@@ -105,7 +135,109 @@ func openResources(publicIP netip.Addr, port int, tune Tuning, log *slog.Logger)
 			res.gso = false
 		}
 	}
+	if !res.adopted {
+		storeQueues(fds, res, log)
+	}
 	return res, nil
+}
+
+// The fds a restart hands over: every TUN queue of xnet0 (while one is attached, the kernel
+// queues what it routes into xnet0 instead of dropping it) and every receiving socket (bound,
+// it queues what peers send). The sending sockets are not: nothing queues on them, and their
+// ephemeral source ports may change.
+func tunFDName(queue int) string {
+	return backend.FDName(subnetmgr.BackendUDP, fmt.Sprintf("tun-%d", queue))
+}
+func rxFDName(queue int) string {
+	return backend.FDName(subnetmgr.BackendUDP, fmt.Sprintf("rx-%d", queue))
+}
+
+// takeQueues takes back from the service manager's store the TUN queues and receiving sockets
+// a previous process stored, when every one of tune.Queues queues is there and is exactly what
+// openResources would open: a queue of xnet0 with our flags, a socket bound to listen, in the
+// namespace ns. Anything less is not taken: the queues of one device and the sockets of one
+// port share their traffic by a flow hash, so a stale queue or socket kept beside new ones
+// would swallow the flows hashed to it. Such a set is closed and removed from the store (and
+// the removal awaited, so the new queues and sockets are alone), and the log says why. It
+// returns nil, nil when there is nothing to take: a first start, or no service manager.
+func takeQueues(fds *fdstore.Store, tune Tuning, listen netip.AddrPort, ns netns.NsHandle, log *slog.Logger) (tunFDs, rxFDs []int) {
+	flags := uint16(unix.IFF_TUN | unix.IFF_NO_PI | unix.IFF_MULTI_QUEUE)
+	if !tune.NoOffload {
+		flags |= unix.IFF_VNET_HDR
+	}
+	var why []string
+	for i := range tune.Queues {
+		if fd, ok := fds.Take(tunFDName(i)); !ok {
+			why = append(why, tunFDName(i)+" not passed")
+		} else {
+			tunFDs = append(tunFDs, fd)
+			if err := fdstore.CheckTUN(fd, DeviceName, flags, int(ns)); err != nil {
+				why = append(why, tunFDName(i)+": "+err.Error())
+			}
+		}
+		if fd, ok := fds.Take(rxFDName(i)); !ok {
+			why = append(why, rxFDName(i)+" not passed")
+		} else {
+			rxFDs = append(rxFDs, fd)
+			if err := fdstore.CheckUDP(fd, listen, int(ns)); err != nil {
+				why = append(why, rxFDName(i)+": "+err.Error())
+			}
+		}
+	}
+	if len(tunFDs) == 0 && len(rxFDs) == 0 {
+		return nil, nil
+	}
+	if len(why) == 0 {
+		log.Info("took xnet0's queues and receiving sockets back from the service manager's store: what the kernel queued while xnetd was down is read once the peers are programmed",
+			"queues", tune.Queues, "listen", listen)
+		return tunFDs, rxFDs
+	}
+	for _, fd := range append(tunFDs, rxFDs...) {
+		unix.Close(fd)
+	}
+	var errs []error
+	for i := range tune.Queues {
+		errs = append(errs, fds.Remove(tunFDName(i)), fds.Remove(rxFDName(i)))
+	}
+	errs = append(errs, fds.Barrier(time.Second))
+	log.Warn("not taking the stored queues and sockets back; opening new ones", "why", strings.Join(why, "; "), "store_err", errors.Join(errs...))
+	return nil, nil
+}
+
+// storeQueues hands the new queues and receiving sockets to the service manager's store, for
+// the next process (takeQueues). A failure costs only a lossless restart: it is logged.
+func storeQueues(fds *fdstore.Store, res *resources, log *slog.Logger) {
+	if !fds.Enabled() {
+		return
+	}
+	var errs []error
+	for i, q := range res.queues {
+		for _, c := range []struct {
+			name string
+			conn interface {
+				SyscallConn() (syscall.RawConn, error)
+			}
+		}{{tunFDName(i), q.tun.File()}, {rxFDName(i), q.raw}} {
+			rc, err := c.conn.SyscallConn()
+			if err == nil {
+				cerr := rc.Control(func(fd uintptr) { err = fds.Put(c.name, int(fd)) })
+				err = errors.Join(err, cerr)
+			}
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		log.Warn("the service manager does not hold all of xnet0's queues and sockets: a restart loses what arrives meanwhile", "err", err)
+	}
+}
+
+// removeStoredQueues drops what storeQueues stored (teardown: the device goes).
+func removeStoredQueues(fds *fdstore.Store, queues int) error {
+	var errs []error
+	for i := range queues {
+		errs = append(errs, fds.Remove(tunFDName(i)), fds.Remove(rxFDName(i)))
+	}
+	return errors.Join(errs...)
 }
 
 func (r *resources) close() {
@@ -241,6 +373,25 @@ func openRecvSocket(ip netip.Addr, port int, reusePort, wantGRO bool) (*net.UDPC
 		return nil, false, err
 	}
 	return conn, gro, nil
+}
+
+// adoptRecvSocket takes over a receiving socket a previous process opened and stored (checked
+// by takeQueues): bound, with SO_REUSEPORT as it was, with UDP_GRO turned to what we want now.
+func adoptRecvSocket(fd int, listen netip.AddrPort, wantGRO bool) (*net.UDPConn, bool, error) {
+	setBuffer(fd, unix.SO_RCVBUFFORCE, unix.SO_RCVBUF)
+	gro := unix.SetsockoptInt(fd, unix.IPPROTO_UDP, unix.UDP_GRO, boolInt(wantGRO)) == nil && wantGRO
+	conn, err := fileConn(fd, fmt.Sprintf("udp-rx-%v", listen))
+	if err != nil {
+		return nil, false, err
+	}
+	return conn, gro, nil
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // openSendSocket opens one socket of the sending pool, bound to ip and an ephemeral port.

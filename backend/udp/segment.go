@@ -74,6 +74,9 @@ var errBadGSO = errors.New("unusable virtio-net header")
 // txLoopByReference is txLoop with the segmenter: one read(2), one sendmmsg(2) per TSO segment.
 func (d *datapath) txLoopByReference(q int) {
 	defer d.wg.Done()
+	if !d.waitOpen() {
+		return
+	}
 	s, err := newSegmenter(d.res.queues[q].tun.File(), d.res.offload)
 	if err != nil {
 		d.log.Error("cannot read "+DeviceName+": send queue stopped", "err", err)

@@ -83,9 +83,17 @@
 //
 // Restart: xnet0 is a persistent TUN (TUNSETPERSIST), so a stopped daemon leaves the device and
 // its routes in place and a restarted one re-attaches its queues: packets for remote subnets
-// are dropped by the idle TUN for that moment instead of leaking out of the underlay NIC
-// unencapsulated by the default route. A user-space datapath cannot forward while its process
-// is not running; unlike the ebpf and vxlan backends, a restart of a udp host drops packets.
+// never leak out of the underlay NIC unencapsulated by the default route. A user-space datapath
+// cannot forward while its process is not running, but the kernel can queue for it: under a
+// service manager with an fd store (systemd's FileDescriptorStoreMax=, package fdstore) Setup
+// stores every TUN queue and receiving socket there, and while the store holds them the queues
+// stay attached and the port bound. What the kernel routes into xnet0 meanwhile waits on the
+// queues (up to xnet0's txqueuelen, 500 packets each), what peers send waits on the sockets (up
+// to their 4 MB buffers). The next process takes them back (takeQueues: all of them or none,
+// checked to be xnet0's queues and our port's sockets in our namespace) and starts reading them
+// once its first lease list is programmed (PrunePeers), so the packets of a kill -9 and restart
+// are delivered late instead of lost. Without a store (no NOTIFY_SOCKET) the idle TUN drops
+// them, and the closed port what peers send, for the moment of the restart.
 // The route of a lease deleted while the daemon was down goes when the daemon, after its first
 // full lease list, calls PrunePeers.
 // Close(true) deletes xnet0.
@@ -99,6 +107,7 @@ import (
 	"net/netip"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -106,6 +115,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/fdstore"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/wire"
 )
@@ -159,6 +169,7 @@ type Backend struct {
 	nl            *netlink.Handle
 	stats         *counters
 	tables        tableHolder
+	fds           *fdstore.Store // the service manager's fd store; nil without one
 
 	mu    sync.Mutex
 	setup bool
@@ -222,6 +233,7 @@ func NewWithTuning(opts backend.Options, tune Tuning) (*Backend, error) {
 		ns:            ns,
 		nl:            nl,
 		stats:         newCounters(),
+		fds:           opts.FDStore,
 		peers:         map[netip.Prefix]*peerDP{},
 		direct:        backend.NewDirectRouter(nl, opts.Iface),
 		directRouting: opts.Config.Backend.DirectRouting,
@@ -269,7 +281,7 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 	var res *resources
 	err := b.inNamespace(func() error {
 		var err error
-		res, err = openResources(b.Iface.PublicIP, b.Port, b.tune, b.Log)
+		res, err = openResources(b.Iface.PublicIP, b.Port, b.tune, b.fds, b.ns, b.Log)
 		return err
 	})
 	if err != nil {
@@ -285,11 +297,18 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		res.close()
 		return err
 	}
-	b.dp = startDatapath(res, b.dpConfig(), &b.tables, b.stats, b.Log)
+	var hold time.Duration
+	if res.adopted {
+		// The taken-over queues hold what arrived while xnetd was down: read them only once
+		// AddPeer has programmed the first lease list (PrunePeers follows it), or every packet
+		// of a peer not programmed yet would be dropped.
+		hold = backend.HandoverHold
+	}
+	b.dp = startDatapath(res, b.dpConfig(), &b.tables, b.stats, b.Log, hold)
 	b.setup = true
 	b.Log.Info("udp datapath ready", "vni", b.VNI, "port", b.Port, "public_ip", b.Iface.PublicIP,
 		"mtu", b.MTU(), "queues", len(res.queues), "send_sockets", len(res.send),
-		"tun_offload", res.offload, "udp_gso", res.gso, "udp_gro", res.gro,
+		"tun_offload", res.offload, "udp_gso", res.gso, "udp_gro", res.gro, "taken_over", res.adopted,
 		"address", netip.PrefixFrom(local.Subnet.Addr(), 32))
 	return nil
 }
@@ -437,6 +456,11 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.setup {
 		return errors.New("udp: PrunePeers before Setup")
 	}
+	// The first lease list is programmed: queues taken over from the previous process may be
+	// read now (see Setup).
+	if b.dp.release() {
+		b.Log.Info("reading the taken-over queues: the peers of the first lease list are programmed", "peers", len(b.peers))
+	}
 	if !b.Network().IsValid() {
 		return nil // no Network: no route can be known to be ours
 	}
@@ -499,6 +523,11 @@ func (b *Backend) Close(teardown bool) error {
 			if _, derr := b.direct.DeleteRoutesInside(b.Network()); derr != nil {
 				err = errors.Join(err, fmt.Errorf("udp: teardown: %w", derr))
 			}
+		}
+		// The device is gone; the service manager's copies of its queues and of the
+		// sockets must not keep the port.
+		if serr := removeStoredQueues(b.fds, b.tune.Queues); serr != nil {
+			err = errors.Join(err, fmt.Errorf("udp: teardown: %w", serr))
 		}
 	}
 	b.nl.Close()

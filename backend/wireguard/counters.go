@@ -2,7 +2,9 @@ package wireguard
 
 import (
 	"net/netip"
+	"os"
 	"slices"
+	"sync"
 	"sync/atomic"
 
 	"golang.zx2c4.com/wireguard/tun"
@@ -74,10 +76,24 @@ func (c *counters) setSubnets(subnets []netip.Prefix) {
 // countingTUN is the TUN device as wireguard-go sees it, counting every packet on its way:
 // what Read returns is leaving for a peer (by destination), what Write gets was decrypted
 // from one (by source). wireguard-go counts only bytes per peer, on the wire.
+//
+// It is also where a TUN taken over from a previous process waits: wireguard-go reads its TUN
+// from the moment the device exists, and what waited there for a peer not configured yet would
+// be dropped, so Read blocks until open is closed (userDevice.release).
 type countingTUN struct {
 	tun.Device
-	c   *counters
-	mtu int
+	c        *counters
+	mtu      int
+	open     chan struct{}
+	openOnce sync.Once
+	closed   chan struct{}
+	stopOnce sync.Once
+}
+
+// Close ends a Read waiting for open, then closes the TUN.
+func (t *countingTUN) Close() error {
+	t.stopOnce.Do(func() { close(t.closed) })
+	return t.Device.Close()
 }
 
 // MTU is the MTU we gave the TUN. The tun package asks the kernel by interface name, from
@@ -86,6 +102,11 @@ type countingTUN struct {
 func (t *countingTUN) MTU() (int, error) { return t.mtu, nil }
 
 func (t *countingTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	select {
+	case <-t.open:
+	case <-t.closed:
+		return 0, os.ErrClosed
+	}
 	n, err := t.Device.Read(bufs, sizes, offset)
 	table := t.c.table.Load()
 	for i := range n {

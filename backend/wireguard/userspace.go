@@ -2,6 +2,7 @@ package wireguard
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -10,12 +11,15 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
-	"github.com/xnet-dev/xnet/backend"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/fdstore"
+	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
 // wgDevice is one WireGuard device, configured in wgctrl's terms whichever datapath runs it.
@@ -30,24 +34,35 @@ type wgDevice interface {
 // sockets on the listen port.
 type userDevice struct {
 	dev *device.Device
-	mu  sync.Mutex
+	tun *countingTUN
+	// takenOver says the TUN's fd was the previous process's, taken back from the service
+	// manager's store with the packets queued on it while xnetd was down.
+	takenOver bool
+	mu        sync.Mutex
 	// restarted is when restartHandshake restarted a peer's handshake, within the last second.
 	restarted map[*device.Peer]time.Time
+	// holdTimer releases a taken-over TUN if release is never called.
+	holdTimer *time.Timer
+	// status answers `xnetd status` (status.go); nil until the device is up.
+	status *uapiServer
 	// offload says the TUN hands over TCP segments of up to 64 KB (IFF_VNET_HDR), which
 	// wireguard-go cuts itself and sends with UDP GSO: a large share of the throughput.
 	offload bool
 }
 
-// openUserDevice attaches to xnet-wg (creating it, persistent, when missing) in the namespace
-// ns and starts wireguard-go on it, its sockets opened in ns too. The device is down until
-// configured and brought up.
-func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, crossed func(netip.AddrPort, string), log *slog.Logger) (*userDevice, error) {
+// openUserDevice attaches to xnet-wg (taking the previous process's fd back from the service
+// manager's store fds, or creating the device, persistent, when missing) in the namespace ns
+// and starts wireguard-go on it, its sockets opened in ns too. The device is down until
+// configured and brought up; a TUN taken over is not read before release.
+func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, fds *fdstore.Store, crossed func(netip.AddrPort, string), log *slog.Logger) (*userDevice, error) {
 	var tdev tun.Device
+	takenOver := false
 	err := backend.InNamespace(ns, func() error {
-		f, err := openTUN(DeviceName)
+		f, took, err := takeOrOpenTUN(fds, ns, log)
 		if err != nil {
 			return err
 		}
+		takenOver = took
 		// CreateTUNFromFile opens its netlink socket (link up/down and MTU events) here, in ns.
 		tdev, err = tun.CreateTUNFromFile(f, mtu)
 		if err != nil {
@@ -60,9 +75,74 @@ func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, crossed func(ne
 		return nil, err
 	}
 	bind := &nsBind{Bind: conn.NewStdNetBind(), ns: ns}
-	u := &userDevice{offload: tdev.BatchSize() > 1, restarted: map[*device.Peer]time.Time{}}
-	u.dev = device.NewDevice(&countingTUN{Device: tdev, c: stats, mtu: mtu}, bind, deviceLogger(log, stats, crossed))
+	u := &userDevice{offload: tdev.BatchSize() > 1, restarted: map[*device.Peer]time.Time{}, takenOver: takenOver,
+		tun: &countingTUN{Device: tdev, c: stats, mtu: mtu, open: make(chan struct{}), closed: make(chan struct{})}}
+	if !takenOver {
+		u.release()
+	} else {
+		u.holdTimer = time.AfterFunc(backend.HandoverHold, func() {
+			if u.release() {
+				log.Warn("reading the taken-over TUN although the peers are not programmed yet: packets for unknown peers are dropped", "after", backend.HandoverHold)
+			}
+		})
+	}
+	u.dev = device.NewDevice(u.tun, bind, deviceLogger(log, stats, crossed))
 	return u, nil
+}
+
+// release lets wireguard-go read the TUN (see countingTUN.open); it says whether this call did.
+func (u *userDevice) release() bool {
+	did := false
+	u.tun.openOnce.Do(func() {
+		close(u.tun.open)
+		did = true
+	})
+	return did
+}
+
+// tunFDName is the name xnet-wg's fd has in the service manager's store. Only the TUN is
+// stored, not wireguard-go's UDP sockets: what peers send while xnetd is down is sealed with
+// the session keys of the process that died, which WireGuard keeps nowhere else (reusing
+// them after a restart would risk reusing a nonce), so the next process could open none of
+// it; what waits on the TUN, our containers' packets, it can seal anew after a handshake.
+var tunFDName = backend.FDName(subnetmgr.BackendWireGuard, "tun")
+
+// tunFlags are the flags openTUN gives xnet-wg, which a stored fd must have too.
+const tunFlags = unix.IFF_TUN | unix.IFF_NO_PI | unix.IFF_VNET_HDR
+
+// takeOrOpenTUN takes xnet-wg's fd back from the service manager's store when it is there and
+// is a queue of xnet-wg with our flags in ns (took is then true); otherwise it drops a stored
+// one (closed, removed from the store and the removal awaited: xnet-wg takes one queue only,
+// and the manager's copy would keep it) and opens xnet-wg anew, storing the new fd for the
+// next process. It runs on a thread in ns.
+func takeOrOpenTUN(fds *fdstore.Store, ns netns.NsHandle, log *slog.Logger) (f *os.File, took bool, err error) {
+	if fd, ok := fds.Take(tunFDName); ok {
+		err := fdstore.CheckTUN(fd, DeviceName, tunFlags, int(ns))
+		if err == nil {
+			err = unix.SetNonblock(fd, true) // before os.NewFile, so the runtime polls it
+		}
+		if err == nil {
+			log.Info("took xnet-wg's TUN back from the service manager's store: what our side sent while xnetd was down is sent once the peers are programmed")
+			return os.NewFile(uintptr(fd), "/dev/net/tun"), true, nil
+		}
+		unix.Close(fd)
+		serr := errors.Join(fds.Remove(tunFDName), fds.Barrier(time.Second))
+		log.Warn("not taking the stored TUN back; opening xnet-wg anew", "why", err, "store_err", serr)
+	}
+	if f, err = openTUN(DeviceName); err != nil {
+		return nil, false, err
+	}
+	if fds.Enabled() {
+		rc, err := f.SyscallConn()
+		if err == nil {
+			cerr := rc.Control(func(fd uintptr) { err = fds.Put(tunFDName, int(fd)) })
+			err = errors.Join(err, cerr)
+		}
+		if err != nil {
+			log.Warn("the service manager does not hold xnet-wg's TUN: a restart loses what our side sends meanwhile", "err", err)
+		}
+	}
+	return f, false, nil
 }
 
 // openTUN opens the TUN device name with offloads, creating it if needed, and makes it
@@ -162,6 +242,12 @@ func (u *userDevice) restartHandshake(key wgtypes.Key, delay time.Duration) bool
 
 // close stops wireguard-go and closes the TUN fd and the sockets; the persistent TUN stays.
 func (u *userDevice) close() error {
+	if u.holdTimer != nil {
+		u.holdTimer.Stop()
+	}
+	if u.status != nil {
+		u.status.close()
+	}
 	u.dev.Close()
 	return nil
 }

@@ -37,9 +37,12 @@
 //     a TUN with TSO/USO offloads (IFF_VNET_HDR: the kernel hands over 64 KB TCP segments,
 //     wireguard-go cuts, encrypts and sends them with UDP GSO, receives with UDP GRO and
 //     coalesces again on the TUN) - the same mechanics that made the udp backend fast. The
-//     kernel device keeps forwarding while xnetd restarts; the embedded one is the process,
-//     so a restart drops packets for that moment (xnet-wg is a persistent TUN: the packets
-//     are dropped, not leaked unencrypted).
+//     kernel device keeps forwarding while xnetd restarts; the embedded one is the process.
+//     xnet-wg is a persistent TUN, so nothing leaks unencrypted while it is down, and under
+//     systemd its fd waits in the fd store (userspace.go, takeOrOpenTUN): what our side sends
+//     during a kill -9 and restart queues there and leaves, sealed anew, once the next process
+//     has its peers. What peers send meanwhile is lost: it is sealed with session keys that
+//     died with the process, which is why the UDP sockets are not stored.
 //   - Everything the datapath opens (TUN fd, netlink sockets, wireguard-go's UDP sockets,
 //     which its goroutines open whenever the device comes up) is opened in the namespace New
 //     ran in: xnetd has only one, the tests run a backend per simulated host.
@@ -66,6 +69,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -79,6 +83,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/fdstore"
 	"github.com/xnet-dev/xnet/metrics"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
@@ -101,15 +106,18 @@ const (
 // Backend is the wireguard backend. Its methods are safe for concurrent use.
 type Backend struct {
 	backend.Base
-	wg      subnetmgr.WireGuardConfig
-	psk     *wgtypes.Key
-	mtu     int // the overlay's
-	ns      netns.NsHandle
-	nl      *netlink.Handle
-	stats   *counters
-	want    Datapath // as asked: auto, kernel or embedded
-	kernel  bool     // the kernel has WireGuard
-	kernWhy string
+	wg    subnetmgr.WireGuardConfig
+	psk   *wgtypes.Key
+	mtu   int // the overlay's
+	ns    netns.NsHandle
+	nl    *netlink.Handle
+	stats *counters
+	fds   *fdstore.Store // the service manager's fd store; nil without one
+	// stateDir holds the key file and, while the embedded device runs, its status socket.
+	stateDir string
+	want     Datapath // as asked: auto, kernel or embedded
+	kernel   bool     // the kernel has WireGuard
+	kernWhy  string
 
 	mu       sync.Mutex
 	key      hostKey
@@ -190,7 +198,7 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 		return nil, fmt.Errorf("wireguard: open netlink socket: %w", err)
 	}
 	b := &Backend{
-		Base: base, wg: wg, psk: psk, mtu: mtu, ns: ns, nl: h, stats: newCounters(), want: want, key: key,
+		Base: base, wg: wg, psk: psk, mtu: mtu, ns: ns, nl: h, stats: newCounters(), fds: opts.FDStore, stateDir: opts.StateDir, want: want, key: key,
 		peers: map[wgtypes.Key]*peer{}, subnets: map[netip.Prefix]wgtypes.Key{},
 	}
 	b.Log = log
@@ -327,6 +335,11 @@ func (b *Backend) openDevice() error {
 		u.close()
 		return fmt.Errorf("wireguard: listen port %d: %w", port, err)
 	}
+	// For `xnetd status`, which runs in another process (status.go).
+	if u.status, err = serveUAPI(filepath.Join(b.stateDir, UAPISocket), u.dev, b.Log); err != nil {
+		u.close()
+		return err
+	}
 	b.dev = u
 	return nil
 }
@@ -339,12 +352,12 @@ func (b *Backend) openEmbedded() (*userDevice, error) {
 			return nil, fmt.Errorf("wireguard: replace %s (a %s link) with a TUN: %w", DeviceName, link.Type(), err)
 		}
 	}
-	u, err := openUserDevice(b.ns, b.mtu, b.stats, b.handshakesCrossed, b.Log)
+	u, err := openUserDevice(b.ns, b.mtu, b.stats, b.fds, b.handshakesCrossed, b.Log)
 	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EBUSY) {
 		if link, lerr := b.nl.LinkByName(DeviceName); lerr == nil {
 			b.Log.Warn("replacing a TUN of other flags", "err", err)
 			if derr := b.nl.LinkDel(link); derr == nil {
-				u, err = openUserDevice(b.ns, b.mtu, b.stats, b.handshakesCrossed, b.Log)
+				u, err = openUserDevice(b.ns, b.mtu, b.stats, b.fds, b.handshakesCrossed, b.Log)
 			}
 		}
 	}
@@ -634,6 +647,15 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		return errors.New("wireguard: PrunePeers before Setup")
 	}
 	b.listed = true
+	if u, ok := b.dev.(*userDevice); ok {
+		// The first lease list is programmed: a TUN taken over from the previous process may
+		// be read now (openUserDevice).
+		defer func() {
+			if u.release() {
+				b.Log.Info("reading the taken-over TUN: the peers of the first lease list are programmed", "peers", len(b.peers))
+			}
+		}()
+	}
 	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
 	var errs []error
 	for s := range b.subnets {
@@ -707,6 +729,14 @@ func (b *Backend) Close(teardown bool) error {
 			}
 		case !errors.As(err, &nf):
 			errs = append(errs, fmt.Errorf("wireguard: find %s to delete it: %w", DeviceName, err))
+		}
+		// The device is gone: the service manager need not keep its fd, and the status
+		// socket a killed xnetd left has nothing to answer for.
+		if err := b.fds.Remove(tunFDName); err != nil {
+			errs = append(errs, fmt.Errorf("wireguard: teardown: %w", err))
+		}
+		if err := os.Remove(filepath.Join(b.stateDir, UAPISocket)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("wireguard: teardown: %w", err))
 		}
 	}
 	b.closeHandles()
@@ -785,24 +815,8 @@ func (b *Backend) Status() (Status, error) {
 	if err != nil {
 		return st, err
 	}
-	for _, p := range dev.Peers {
-		ps := PeerStatus{PublicKey: p.PublicKey.String(), LastHandshake: p.LastHandshakeTime, RxBytes: p.ReceiveBytes, TxBytes: p.TransmitBytes}
-		if p.Endpoint != nil {
-			ps.Endpoint = p.Endpoint.String()
-		}
-		for _, a := range p.AllowedIPs {
-			if pfx, ok := netipPrefix(a); ok {
-				ps.Subnets = append(ps.Subnets, pfx)
-			}
-		}
-		st.Peers = append(st.Peers, ps)
-	}
-	slices.SortFunc(st.Peers, func(x, y PeerStatus) int {
-		if len(x.Subnets) == 0 || len(y.Subnets) == 0 {
-			return len(x.Subnets) - len(y.Subnets)
-		}
-		return x.Subnets[0].Addr().Compare(y.Subnets[0].Addr())
-	})
+	st.fill(dev)
+	st.PSK = b.psk != nil
 	return st, nil
 }
 

@@ -23,7 +23,8 @@
 //
 // Design history. A restart must not cost a packet (docs/design.md, Targets): so xnetd never tears
 // anything down on a normal stop, reclaims its previous subnet (from the subnet file and its
-// PublicIP), lets the backend adopt what it left, and reports READY to systemd only after the
+// PublicIP), lets the backend adopt what it left (for the user-space datapaths, their TUN queues
+// and sockets, kept meanwhile in systemd's fd store: fdstore.go), and reports READY to systemd only after the
 // initial peer list is programmed, so Docker (ordered after us) never starts on a half-built
 // network. A lease that moves to another subnet while running cannot be followed in place
 // (Docker's --bip is fixed at its start), so that is the one runtime event that ends the daemon.

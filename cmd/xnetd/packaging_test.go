@@ -12,7 +12,8 @@ import (
 
 // The files `make install` puts on a host say what the daemon relies on: systemd waits for
 // READY, restarts on failure but not on a bad config (exit 2), reads flags from
-// /etc/default/xnetd; Docker starts after xnetd with the options xnetd wrote.
+// /etc/default/xnetd, keeps the user-space datapaths' fds across restarts; Docker starts
+// after xnetd with the options xnetd wrote.
 func TestPackagingFilesSayWhatTheDaemonReliesOn(t *testing.T) {
 	tests := []struct {
 		file  string
@@ -22,6 +23,7 @@ func TestPackagingFilesSayWhatTheDaemonReliesOn(t *testing.T) {
 			"Type=notify", "Restart=always", "RestartPreventExitStatus=2",
 			"After=network-online.target etcd.service", "Wants=network-online.target",
 			"EnvironmentFile=-/etc/default/xnetd", "ExecStart=/usr/local/bin/xnetd run",
+			"FileDescriptorStoreMax=16",
 		}},
 		{"docker-xnet.conf", []string{
 			"After=xnetd.service", "Requires=xnetd.service", "EnvironmentFile=/run/xnet/docker", "ExecStart=",

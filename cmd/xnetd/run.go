@@ -12,13 +12,13 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/dockernet"
+	"github.com/xnet-dev/xnet/fdstore"
 	"github.com/xnet-dev/xnet/ipmasq"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/metrics"
@@ -59,6 +59,8 @@ type daemonRun struct {
 	health *healthProbes
 	// dnet serves the xnet Docker networks (--docker-networks); nil without them.
 	dnet *dockernet.Manager
+	// fds is systemd: its notify socket and fd store (fdstore.go).
+	fds *fdstore.Store
 }
 
 // runDaemon is `xnetd run`. Until the backend's Setup, every failure is a usageError (exit 2)
@@ -71,6 +73,10 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	d.removalTimer = time.NewTimer(time.Hour)
 	d.removalTimer.Stop()
 
+	var err error
+	if d.fds, err = openFDStore(log); err != nil {
+		return err
+	}
 	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("open netlink socket: %w", err)
@@ -130,7 +136,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	hostRouting, hostRoutingWhy := resolveHostRouting(ctx, o.hostRouting, log)
 	d.chosen, err = pickBackend(reg, o.backend, backend.Options{
 		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, StateDir: filepath.Dir(o.stateFile), Logger: log,
-		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy, Bridge: o.bridge,
+		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy, Bridge: o.bridge, FDStore: d.fds,
 	}, log)
 	if err != nil {
 		return err
@@ -172,10 +178,12 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	}
 
 	// From here on the host changes.
+	d.dropOtherBackendsFDs()
 	if err := b.Setup(ctx, d.lease, d.cfg); err != nil {
 		b.Close(false)
 		return &fatalError{fmt.Errorf("backend %s setup for %v: %w", d.chosen.name, d.lease.Subnet, err)}
 	}
+	d.dropUntakenFDs()
 	// Some backends decide their mode in Setup (ebpf: XDP or TC decap, by what the NIC allows).
 	if mode, why := b.Mode(); mode != d.chosen.mode || why != d.chosen.modeReason {
 		d.chosen.mode, d.chosen.modeReason = mode, why
@@ -188,7 +196,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		d.peers.removeDue(time.Now().Add(removalGrace))
 	}
 
-	_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+	_ = d.fds.Notify("STOPPING=1")
 	d.m.SetReady(false)
 	if err := b.Close(o.teardownOnExit); err != nil {
 		log.Error("backend close", "backend", d.chosen.name, "teardown", o.teardownOnExit, "err", err)
@@ -358,7 +366,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				d.m.SetReady(true)
 				_, applied, refused := d.peers.counts()
 				d.log.Info("datapath programmed with the initial peers; ready", "peers", applied, "refused", refused, "took", time.Since(d.started).Round(time.Millisecond))
-				_, _ = daemon.SdNotify(false, fmt.Sprintf("%s\nSTATUS=ready: %v via %s, %d peers", daemon.SdNotifyReady, d.lease.Subnet, d.chosen.name, applied))
+				_ = d.fds.Notify(fmt.Sprintf("READY=1\nSTATUS=ready: %v via %s, %d peers", d.lease.Subnet, d.chosen.name, applied))
 				d.writeState()
 			} else if conflictsChanged {
 				d.writeState()

@@ -63,6 +63,8 @@ type statusReport struct {
 	Routes []string `json:"routes"`
 	// DockerNetworks are the xnet Docker networks (absent without --docker-networks).
 	DockerNetworks *dockernet.Status `json:"docker_networks,omitempty"`
+	// WireGuard is the wireguard backend's device (status_wireguard.go).
+	WireGuard *wireguardReport `json:"wireguard,omitempty"`
 }
 
 // peerStatus is one peer with its live counters (nil when the backend keeps none).
@@ -118,6 +120,7 @@ func cmdStatus(args []string, stdout io.Writer, lookup func(string) (string, boo
 	}
 	rep := buildStatus(context.Background(), st)
 	attachHealth(&rep, f.stateFile)
+	attachWireGuard(&rep, st, f.stateFile)
 	if f.output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -374,6 +377,7 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 			fmt.Fprintf(w, "  %s %v since %s: %s\n", c.Kind, c.PublicIP, c.Since.Format(time.TimeOnly), c.Detail)
 		}
 	}
+	printWireGuard(w, rep.WireGuard, now)
 	if len(rep.Verdicts) > 0 {
 		fmt.Fprintf(w, "\nverdicts: %s\n", joinCounts(rep.Verdicts))
 	}

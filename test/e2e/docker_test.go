@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -265,9 +264,6 @@ func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) 
 	})
 
 	t.Run("kill -9 and restart of xnetd on both hosts under a 50 ms ping loses nothing", func(t *testing.T) {
-		if backendName == subnetmgr.BackendUDP {
-			t.Skip("the udp datapath is the xnetd process itself: until its TUN queues and sockets are handed over through systemd's fd store, kill -9 loses the packets of the restart (2-3 of 120 here)")
-		}
 		ctx := dkCtx(t, 60*time.Second)
 		type result struct{ sent, got int }
 		done := make(chan result, 1)

@@ -85,6 +85,10 @@ func TestWireGuardHostsConnectTheirContainersEncrypted(t *testing.T) {
 		udpTransfer(t, cs[1], cs[0], 8<<20)
 	})
 
+	t.Run("status shows our public key and, per peer, the last handshake and the bytes each way", func(t *testing.T) {
+		wgCheckStatus(t, topo, nodes)
+	})
+
 	t.Run("the underlay carries no payload in clear, and forged or replayed datagrams deliver nothing", func(t *testing.T) {
 		wgNothingInClearNothingReplayed(t, topo, nodes[0], nodes[1], cs[0], cs[1])
 	})
@@ -516,5 +520,96 @@ func (f *wgFlannel) addPeer(t *testing.T, subnet netip.Prefix, l subnetmgr.Lease
 		hex.EncodeToString(pub[:]), netip.AddrPortFrom(l.PublicIP, data.Port), subnet)
 	if err := f.dev.IpcSet(conf); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// wgStatus is the wireguard section of `xnetd status --output json`.
+type wgStatus struct {
+	WireGuard struct {
+		Datapath    string `json:"datapath"`
+		PublicKey   string `json:"public_key"`
+		ListenPort  int    `json:"listen_port"`
+		Unavailable string `json:"unavailable"`
+		Peers       []struct {
+			PublicKey     string         `json:"public_key"`
+			Endpoint      string         `json:"endpoint"`
+			Subnets       []netip.Prefix `json:"subnets"`
+			LastHandshake time.Time      `json:"last_handshake"`
+			RxBytes       int64          `json:"rx_bytes"`
+			TxBytes       int64          `json:"tx_bytes"`
+		} `json:"peers"`
+	} `json:"wireguard"`
+}
+
+// wgCheckStatus checks what `xnetd status` says of the first host's device against the leases
+// in etcd, after the traffic so far and after more.
+func wgCheckStatus(t *testing.T, topo *harness.Topology, nodes []*xdNode) {
+	t.Helper()
+	leases := xdLeases(t, topo, xdPrefix)
+	keyOf := func(n *xdNode) string {
+		d, err := subnetmgr.ParseWireGuardData(leases[n.state(t).Lease.Subnet].BackendData)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.PublicKey
+	}
+	n := nodes[0]
+	var before wgStatus
+	n.statusInto(t, &before)
+	w := before.WireGuard
+	if w.Unavailable != "" || w.Datapath != string(wireguard.DatapathEmbedded) || w.PublicKey != keyOf(n) || w.ListenPort != 51820 {
+		t.Fatalf("status wireguard: %+v, want the embedded device with our published key %s on 51820", w, keyOf(n))
+	}
+	if len(w.Peers) != len(nodes)-1 {
+		t.Fatalf("status lists %d WireGuard peers, want %d: %+v", len(w.Peers), len(nodes)-1, w.Peers)
+	}
+	byKey := map[string]int{}
+	for i, p := range w.Peers {
+		byKey[p.PublicKey] = i
+	}
+	for _, peer := range nodes[1:] {
+		i, ok := byKey[keyOf(peer)]
+		if !ok {
+			t.Errorf("status has no peer with %s's key %s: %+v", peer.Name, keyOf(peer), w.Peers)
+			continue
+		}
+		p := w.Peers[i]
+		if len(p.Subnets) != 1 || p.Subnets[0] != peer.state(t).Lease.Subnet || p.Endpoint != peer.UnderlayIP.String()+":51820" {
+			t.Errorf("peer %s: %+v, want its subnet %v at %v:51820", peer.Name, p, peer.state(t).Lease.Subnet, peer.UnderlayIP)
+		}
+		// WireGuard renews a session every 2 minutes while traffic flows.
+		if p.LastHandshake.IsZero() || time.Since(p.LastHandshake) > 3*time.Minute || p.RxBytes == 0 || p.TxBytes == 0 {
+			t.Errorf("peer %s: last handshake %v, rx %d, tx %d bytes; want a recent handshake and bytes both ways after the traffic so far", peer.Name, p.LastHandshake, p.RxBytes, p.TxBytes)
+		}
+	}
+	for _, c := range nodes[1:] {
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		_, _, _ = harness.Ping(ctx, n.Containers()[0].Namespace, c.Containers()[0].IP, 5, 20*time.Millisecond)
+		cancel()
+	}
+	var after wgStatus
+	n.statusInto(t, &after)
+	for _, p := range after.WireGuard.Peers {
+		i, ok := byKey[p.PublicKey]
+		if !ok {
+			continue
+		}
+		if old := w.Peers[i]; p.RxBytes <= old.RxBytes || p.TxBytes <= old.TxBytes {
+			t.Errorf("peer %s: rx %d -> %d, tx %d -> %d bytes after 5 pings; want both to grow", p.PublicKey, old.RxBytes, p.RxBytes, old.TxBytes, p.TxBytes)
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	text, err := n.Run(ctx, n.bin, "status", "--subnet-file", n.SubnetFile())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "wireguard: xnet-wg (wireguard-go), public key " + keyOf(n) + ", listen port 51820"; !strings.Contains(text, want) {
+		t.Errorf("xnetd status lacks %q:\n%s", want, text)
+	}
+	for _, peer := range nodes[1:] {
+		if line := lineContaining(text, keyOf(peer)); !strings.Contains(line, peer.state(t).Lease.Subnet.String()) || !strings.Contains(line, " ago)") {
+			t.Errorf("xnetd status shows %s's peer as %q, want its subnet and when it last shook hands:\n%s", peer.Name, line, text)
+		}
 	}
 }

@@ -40,10 +40,9 @@ type xdNode struct {
 	extra []string
 	proc  *harness.Process
 
-	// notify plays systemd's NOTIFY_SOCKET for this host's xnetd.
-	notifyPath string
-	notifyMu   sync.Mutex
-	notified   []string
+	// systemd plays systemd for this host's xnetd: its NOTIFY_SOCKET and its fd store,
+	// which it passes to every restarted xnetd, as systemd does across restarts.
+	systemd *harness.ServiceManager
 }
 
 // xdCluster builds a topology with etcd, writes config under the default prefix and starts
@@ -92,39 +91,19 @@ func (n *xdNode) waitPeers(t *testing.T, want int) {
 	}
 }
 
-// listenNotify opens a unixgram socket that records what xnetd sends to systemd.
+// listenNotify starts the service manager that plays systemd for this host's xnetd.
 func (n *xdNode) listenNotify(t *testing.T) {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "xdn") // short: a socket path has at most 107 bytes
+	m, err := harness.NewServiceManager()
 	if err != nil {
 		t.Fatal(err)
 	}
-	n.notifyPath = filepath.Join(dir, "notify")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: n.notifyPath, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close(); os.RemoveAll(dir) })
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			k, err := conn.Read(buf)
-			if err != nil {
-				return
-			}
-			n.notifyMu.Lock()
-			n.notified = append(n.notified, string(buf[:k]))
-			n.notifyMu.Unlock()
-		}
-	}()
+	t.Cleanup(func() { m.Close() })
+	n.systemd = m
 }
 
 // notifications is what xnetd told systemd so far.
-func (n *xdNode) notifications() []string {
-	n.notifyMu.Lock()
-	defer n.notifyMu.Unlock()
-	return append([]string(nil), n.notified...)
-}
+func (n *xdNode) notifications() []string { return n.systemd.Notifications() }
 
 func xdPut(t *testing.T, topo *harness.Topology, key, value string) {
 	t.Helper()
@@ -137,12 +116,12 @@ func xdPut(t *testing.T, topo *harness.Topology, key, value string) {
 
 func (n *xdNode) start(t *testing.T) {
 	t.Helper()
-	if n.notifyPath == "" {
+	if n.systemd == nil {
 		n.listenNotify(t)
 	}
-	// StartXnetd passes the test's environment on (XNETD_* aside).
-	t.Setenv("NOTIFY_SOCKET", n.notifyPath)
-	p, err := n.StartXnetd(n.bin, n.extra...)
+	// As systemd restarts a service: with NOTIFY_SOCKET, and the fds stored by the process
+	// before (the test's environment passes on, XNETD_* aside).
+	p, err := n.StartXnetdUnder(n.systemd, n.bin, n.extra...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -307,6 +286,11 @@ func (n *xdNode) routeTo(t *testing.T, subnet netip.Prefix) string {
 func (n *xdNode) teardown(t *testing.T, topo *harness.Topology) {
 	t.Helper()
 	subnet := n.state(t).Lease.Subnet
+	// The operator's `systemctl stop xnetd` before the teardown: systemd closes the fds it
+	// stored for the service (a restart keeps them).
+	if n.systemd != nil {
+		n.systemd.Flush()
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	out, err := n.Run(ctx, n.bin, append(append([]string{"teardown"}, n.XnetdArgs()...), n.extra...)...)

@@ -34,6 +34,11 @@
 // does not leave daemons running). Close also kills any process still living in one of the run's
 // namespaces, found through /proc/<pid>/ns/net.
 //
+// systemd: xnetd started with StartXnetdUnder runs under a ServiceManager, which plays systemd's
+// side of the notify socket and the fd store, and passes the stored fds to the next xnetd it
+// starts as systemd passes them to a restarted service (LISTEN_PID set in the child by a shell
+// that execs the command, so the pid is the daemon's).
+//
 // Ping is done in Go over a raw ICMP socket opened inside the source namespace, so the harness
 // needs nothing beyond Go and iproute2 (the ping binary is often missing).
 package harness

@@ -298,10 +298,22 @@ func (h *Host) XnetdArgs() []string {
 // variables of the calling environment are not passed on, so a developer's shell cannot change
 // what a test runs.
 func (h *Host) StartXnetd(binary string, extra ...string) (*Process, error) {
+	return h.StartXnetdUnder(nil, binary, extra...)
+}
+
+// StartXnetdUnder is StartXnetd with m playing systemd (see ServiceManager): NOTIFY_SOCKET is
+// m's, and the fds m stores are passed as systemd passes them to a restarted service. A nil m
+// is StartXnetd.
+func (h *Host) StartXnetdUnder(m *ServiceManager, binary string, extra ...string) (*Process, error) {
 	cmd := h.command(binary, append(h.XnetdArgs(), extra...)...)
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "XNETD_") {
 			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	if m != nil {
+		if err := m.Prepare(cmd); err != nil {
+			return nil, err
 		}
 	}
 	return h.startCmd(cmd)

@@ -1,0 +1,71 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/xnet-dev/xnet/backend/wireguard"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// wireguardReport is what status shows of a wireguard host's device: our public key and, per
+// peer, the last handshake and the bytes each way, as the device counts them.
+type wireguardReport struct {
+	wireguard.Status
+	// Unavailable says why the device could not be read ("" when it was).
+	Unavailable string `json:"unavailable,omitempty"`
+}
+
+// attachWireGuard reads the device of a wireguard host: the kernel's (wgctrl), or the embedded
+// one through the socket the running daemon serves beside its state file.
+func attachWireGuard(rep *statusReport, st state, stateFile string) {
+	if st.Backend != subnetmgr.BackendWireGuard {
+		return
+	}
+	datapath := wireguard.Datapath(st.Mode)
+	if datapath != wireguard.DatapathKernel && !rep.Running {
+		rep.WireGuard = &wireguardReport{Status: wireguard.Status{Datapath: datapath, Device: wireguard.DeviceName},
+			Unavailable: "the daemon is not running, and the embedded WireGuard runs inside it"}
+		return
+	}
+	s, err := wireguard.ReadStatus(datapath, filepath.Dir(stateFile))
+	r := &wireguardReport{Status: s}
+	if err != nil {
+		r.Unavailable = err.Error()
+	}
+	rep.WireGuard = r
+}
+
+// printWireGuard is the wireguard section of the text status.
+func printWireGuard(w io.Writer, r *wireguardReport, now time.Time) {
+	if r == nil {
+		return
+	}
+	if r.Unavailable != "" {
+		fmt.Fprintf(w, "\nwireguard: %s (%s): unavailable: %s\n", r.Device, r.Datapath, r.Unavailable)
+		return
+	}
+	psk := ""
+	if r.PSK {
+		psk = ", pre-shared key"
+	}
+	fmt.Fprintf(w, "\nwireguard: %s (%s), public key %s, listen port %d%s\n", r.Device, r.Datapath, r.PublicKey, r.ListenPort, psk)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  PEER PUBLIC KEY\tENDPOINT\tALLOWED IPS\tLAST HANDSHAKE\tRX BYTES\tTX BYTES")
+	for _, p := range r.Peers {
+		subnets := make([]string, len(p.Subnets))
+		for i, s := range p.Subnets {
+			subnets[i] = s.String()
+		}
+		handshake := "never"
+		if !p.LastHandshake.IsZero() {
+			handshake = fmt.Sprintf("%s (%s ago)", p.LastHandshake.UTC().Format(time.RFC3339), now.Sub(p.LastHandshake).Round(time.Second))
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\t%d\n", p.PublicKey, orDash(p.Endpoint), orDash(strings.Join(subnets, ",")), handshake, p.RxBytes, p.TxBytes)
+	}
+	tw.Flush()
+}
