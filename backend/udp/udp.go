@@ -446,7 +446,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", DeviceName, err))
 	}
-	direct, err := b.direct.PruneRoutes(b.Network(), kept)
+	direct, err := b.direct.PruneRoutes(kept, b.Networks()...)
 	if err != nil {
 		errs = append(errs, err)
 	}

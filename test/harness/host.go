@@ -24,13 +24,18 @@ type Host struct {
 	StateDir   string     // per-host dir for subnet.env and docker opts (instead of /run/xnet)
 	BPFFS      string     // per-host bpffs mount point (a private bpffs instance in StateDir)
 
+	// UnderlayIPv6 is the host's IPv6 underlay address once AddIPv6Underlay gave it one
+	// (fd00:198:18::11, ::12, ...); invalid otherwise.
+	UnderlayIPv6 netip.Addr
+
 	topo *Topology
 
 	mu         sync.Mutex
 	segment    int          // Near or Far (two-segment topologies; Near otherwise)
 	docker0    netip.Prefix // gateway/len, invalid until SetupDocker0
 	docker0MTU int
-	bridge     string // the container bridge's name: "docker0" unless UseBridgeName
+	docker0v6  netip.Prefix // IPv6 gateway/len (SetupDocker0IPv6), invalid without
+	bridge     string       // the container bridge's name: "docker0" unless UseBridgeName
 	containers []*Container
 }
 
@@ -73,6 +78,9 @@ type Container struct {
 	*Namespace
 	Host *Host
 	IP   netip.Addr
+	// IPv6 is the container's IPv6 address when docker0 has one (SetupDocker0IPv6), as
+	// `docker run` gives it with --ipv6; invalid otherwise.
+	IPv6 netip.Addr
 	// Veth is the host-side name of the container's veth (in the host namespace).
 	Veth string
 }
@@ -209,6 +217,11 @@ func (h *Host) AddContainer() (*Container, error) {
 		return nil, fmt.Errorf("harness: container %d on %s: %w", n, h.Name, err)
 	}
 	c := &Container{Namespace: ns, Host: h, IP: ip, Veth: veth}
+	if h.docker0v6.IsValid() {
+		if c.IPv6, err = h.addContainerIPv6(ctx, ns, n); err != nil {
+			return nil, err
+		}
+	}
 	h.containers = append(h.containers, c)
 	return c, nil
 }
