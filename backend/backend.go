@@ -53,6 +53,14 @@ type DualStack interface {
 	LeaseAttrsV6() (json.RawMessage, error)
 }
 
+// IPv6Receiver is implemented by dual-stack backends that can take IPv6 container traffic
+// arriving on our IPv6 underlay address (vxlan's IPv6 device, host-gw's routes). xnetd publishes
+// PublicIPv6 only when ReceivesOnIPv6Underlay says so: a peer configured as flannel sends IPv6
+// to a PublicIPv6, and a backend that listens only on IPv4 (udp, ebpf) would drop it there.
+type IPv6Receiver interface {
+	ReceivesOnIPv6Underlay() bool
+}
+
 // PeerPruner is implemented by backends whose per-peer state survives a restart of xnetd
 // (pinned BPF maps, kernel routes and neighbour entries). A lease deleted while xnetd was down
 // never produces a removal event, so after the first full lease list has been applied the
@@ -71,10 +79,12 @@ type HostRouter interface {
 	SetHostRouting(mode, why string) error
 }
 
-// KeptSubnets is what a PrunePeers call keeps, by subnet: our own and every kept lease's; and
-// the kept leases' PublicIPs, the hosts a route via which may be xnet's (StaleVia).
+// KeptSubnets is what a PrunePeers call keeps, by subnet: our own and every kept lease's (their
+// IPv6 subnets too, in a dual-stack overlay); and the kept leases' PublicIPs and PublicIPv6s,
+// the hosts a route via which may be xnet's (StaleVia).
 type KeptSubnets struct {
 	local  netip.Prefix
+	local6 netip.Prefix // our IPv6 subnet in a dual-stack overlay, else invalid
 	kept   map[netip.Prefix]bool
 	gwAddr map[netip.Addr]bool
 	hosts  map[netip.Addr]bool
@@ -82,21 +92,39 @@ type KeptSubnets struct {
 
 // NewKeptSubnets is the set PrunePeers keeps for our lease local and the leases in keep.
 func NewKeptSubnets(local netip.Prefix, keep []subnetmgr.Lease) KeptSubnets {
-	k := KeptSubnets{local: local.Masked(), kept: map[netip.Prefix]bool{}, gwAddr: map[netip.Addr]bool{},
+	return KeptFor(subnetmgr.Lease{Subnet: local}, keep)
+}
+
+// KeptFor is NewKeptSubnets for our whole lease: its IPv4 subnet and, in a dual-stack overlay,
+// its IPv6 subnet are never stale. A kept lease keeps both of its subnets, and routes via both
+// of its underlay addresses may be xnet's.
+func KeptFor(local subnetmgr.Lease, keep []subnetmgr.Lease) KeptSubnets {
+	k := KeptSubnets{local: local.Subnet.Masked(), kept: map[netip.Prefix]bool{}, gwAddr: map[netip.Addr]bool{},
 		hosts: map[netip.Addr]bool{}}
 	k.add(k.local)
+	if local.IPv6Subnet.IsValid() {
+		k.local6 = local.IPv6Subnet.Masked()
+		k.add(k.local6)
+	}
 	for _, l := range keep {
-		if l.Subnet.IsValid() {
-			k.add(l.Subnet.Masked())
+		for _, s := range []netip.Prefix{l.Subnet, l.IPv6Subnet} {
+			if s.IsValid() {
+				k.add(s.Masked())
+			}
 		}
-		if l.PublicIP.IsValid() {
-			k.hosts[l.PublicIP] = true
+		for _, a := range []netip.Addr{l.PublicIP, l.PublicIPv6} {
+			if a.IsValid() {
+				k.hosts[a] = true
+			}
 		}
 	}
 	return k
 }
 
 func (k KeptSubnets) add(p netip.Prefix) {
+	if !p.IsValid() {
+		return
+	}
 	k.kept[p] = true
 	k.gwAddr[p.Addr()] = true
 }
@@ -114,7 +142,8 @@ func (k KeptSubnets) HasSubnetAddr(a netip.Addr) bool { return k.gwAddr[a] }
 // xnetd was down, and what an older build programmed for a lease the trust rule refuses
 // (0.0.0.0/1, a subnet outside network, a /25 inside our own subnet). Our own subnet is never
 // stale; a kept lease's subnet is stale all the same when it is not strictly inside network
-// (when network is set: no lease the trust rule accepts is).
+// (when network is set: no lease the trust rule accepts is). network is the overlay network of
+// dst's family (NetworkOf): the IPv6Network for an IPv6 destination.
 //
 // Design history: Stale used to answer only for destinations strictly inside network and
 // outside our subnet, calling everything else "not ours". An older build programmed exactly
@@ -125,7 +154,7 @@ func (k KeptSubnets) Stale(network, dst netip.Prefix) bool {
 	switch {
 	case !dst.IsValid():
 		return false
-	case dst == k.local:
+	case dst == k.local || k.local6.IsValid() && dst == k.local6:
 		return false
 	case !k.Has(dst):
 		return true
@@ -155,6 +184,18 @@ func (k KeptSubnets) StaleVia(network, dst netip.Prefix, gw netip.Addr) bool {
 // strictlyInside says whether p lies inside network and is smaller than it.
 func strictlyInside(network, p netip.Prefix) bool {
 	return network.Contains(p.Addr()) && p.Bits() > network.Bits()
+}
+
+// NetworkOf is the one of networks (the overlay's IPv4 Network and, dual stack, its
+// IPv6Network) of dst's address family, the zero Prefix when none is: what Stale and StaleVia
+// judge a destination against when a device or NIC holds routes of both families.
+func NetworkOf(dst netip.Prefix, networks ...netip.Prefix) netip.Prefix {
+	for _, n := range networks {
+		if n.IsValid() && n.Addr().Is4() == dst.Addr().Is4() {
+			return n
+		}
+	}
+	return netip.Prefix{}
 }
 
 // ExternalInterface is the underlay NIC and the address other hosts reach us on.

@@ -158,3 +158,143 @@ func TestKeptSubnetsStaleViaLeavesTheHostsOwnRoutes(t *testing.T) {
 		})
 	}
 }
+
+func TestKeptForCoversIPv6Subnets(t *testing.T) {
+	network6 := netip.MustParsePrefix("fd00:10:244::/48")
+	peer6, router6 := netip.MustParseAddr("fd00:198:18::12"), netip.MustParseAddr("fd00:198:18::1")
+	local := subnetmgr.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), IPv6Subnet: netip.MustParsePrefix("fd00:10:244:1::/64")}
+	kept := KeptFor(local, []subnetmgr.Lease{
+		{Subnet: netip.MustParsePrefix("10.244.2.0/24"), PublicIP: netip.MustParseAddr("198.18.0.12"),
+			IPv6Subnet: netip.MustParsePrefix("fd00:10:244:2::/64"), PublicIPv6: peer6},
+		{Subnet: netip.MustParsePrefix("10.244.3.0/24"), PublicIP: netip.MustParseAddr("198.18.0.13")}, // IPv4 only
+	})
+	stale := []struct {
+		name  string
+		dst   string
+		stale bool
+	}{
+		{"our own IPv6 subnet", "fd00:10:244:1::/64", false},
+		{"a kept lease's IPv6 subnet", "fd00:10:244:2::/64", false},
+		{"an IPv6 subnet no lease holds", "fd00:10:244:3::/64", true},
+		{"a /80 inside our own IPv6 subnet", "fd00:10:244:1:1::/80", true},
+		{"the whole IPv6Network", "fd00:10:244::/48", true},
+		{"outside the IPv6Network", "2001:db8::/64", true},
+		{"the IPv4 subnets stay as they were", "10.244.2.0/24", false},
+	}
+	for _, tt := range stale {
+		dst := netip.MustParsePrefix(tt.dst)
+		network := NetworkOf(dst, netip.MustParsePrefix("10.244.0.0/16"), network6)
+		if got := kept.Stale(network, dst); got != tt.stale {
+			t.Errorf("%s: Stale(%v, %s) = %v, want %v", tt.name, network, tt.dst, got, tt.stale)
+		}
+	}
+	if !kept.HasSubnetAddr(netip.MustParseAddr("fd00:10:244:2::")) || kept.HasSubnetAddr(netip.MustParseAddr("fd00:10:244:3::")) {
+		t.Error("HasSubnetAddr must answer for kept IPv6 subnets' addresses only")
+	}
+	via := []struct {
+		name  string
+		dst   string
+		gw    netip.Addr
+		stale bool
+	}{
+		{"a kept peer's IPv6 route", "fd00:10:244:2::/64", peer6, false},
+		{"an IPv6 subnet no lease holds", "fd00:10:244:3::/64", router6, true},
+		{"outside the IPv6Network via a kept peer's PublicIPv6", "2001:db8::/64", peer6, true},
+		{"outside the IPv6Network via a router is the host's", "2001:db8::/64", router6, false},
+		{"the IPv6 default route is the host's", "::/0", peer6, false},
+	}
+	for _, tt := range via {
+		if got := kept.StaleVia(network6, netip.MustParsePrefix(tt.dst), tt.gw); got != tt.stale {
+			t.Errorf("%s: StaleVia(%s via %v) = %v, want %v", tt.name, tt.dst, tt.gw, got, tt.stale)
+		}
+	}
+	// Without our IPv6 subnet (NewKeptSubnets), our IPv6 subnet is as stale as any other.
+	if !NewKeptSubnets(local.Subnet, nil).Stale(network6, local.IPv6Subnet) {
+		t.Error("NewKeptSubnets kept an IPv6 subnet it was not given")
+	}
+}
+
+func TestNetworkOf(t *testing.T) {
+	v4, v6 := netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:10:244::/48")
+	for _, c := range []struct {
+		dst  string
+		nets []netip.Prefix
+		want netip.Prefix
+	}{
+		{"10.244.2.0/24", []netip.Prefix{v4, v6}, v4},
+		{"fd00:10:244:2::/64", []netip.Prefix{v4, v6}, v6},
+		{"fd00:10:244:2::/64", []netip.Prefix{v4, {}}, netip.Prefix{}},
+		{"10.244.2.0/24", []netip.Prefix{{}, v6}, netip.Prefix{}},
+	} {
+		if got := NetworkOf(netip.MustParsePrefix(c.dst), c.nets...); got != c.want {
+			t.Errorf("NetworkOf(%s, %v) = %v, want %v", c.dst, c.nets, got, c.want)
+		}
+	}
+}
+
+func TestParseVXLANPeerV6(t *testing.T) {
+	v4mac := "0e:78:c6:12:00:0c"
+	base := subnetmgr.Lease{Subnet: netip.MustParsePrefix("10.244.2.0/24"), PublicIP: netip.MustParseAddr("198.18.0.12"),
+		BackendType: "vxlan", BackendData: json.RawMessage(`{"VNI":1,"VtepMAC":"` + v4mac + `"}`)}
+	with := func(f func(*subnetmgr.Lease)) subnetmgr.Lease { l := base; f(&l); return l }
+	dual := func(l *subnetmgr.Lease) {
+		l.IPv6Subnet = netip.MustParsePrefix("fd00:10:244:2::/64")
+		l.PublicIPv6 = netip.MustParseAddr("fd00:198:18::12")
+		l.BackendV6Data = json.RawMessage(`{"VNI":1,"VtepMAC":"0a:01:02:03:04:05"}`)
+	}
+	cases := []struct {
+		name    string
+		lease   subnetmgr.Lease
+		ok      bool
+		ownVTEP bool
+		mac     string
+		err     bool
+	}{
+		{"an IPv4-only peer", base, false, false, "", false},
+		{"a peer with an IPv6 VTEP of its own (flannel's flannel-v6.1)", with(dual), true, true, "0a:01:02:03:04:05", false},
+		{"BackendV6Data repeating BackendData (udp, ebpf): IPv6 over IPv4", with(func(l *subnetmgr.Lease) {
+			dual(l)
+			l.BackendV6Data = l.BackendData
+		}), true, false, v4mac, false},
+		{"no PublicIPv6: IPv6 over IPv4", with(func(l *subnetmgr.Lease) { dual(l); l.PublicIPv6 = netip.Addr{} }), true, false, v4mac, false},
+		{"no BackendV6Data: IPv6 over IPv4", with(func(l *subnetmgr.Lease) { dual(l); l.BackendV6Data = nil }), true, false, v4mac, false},
+		{"a multicast IPv6 VTEP MAC: IPv6 over IPv4", with(func(l *subnetmgr.Lease) {
+			dual(l)
+			l.BackendV6Data = json.RawMessage(`{"VNI":1,"VtepMAC":"33:33:00:00:00:01"}`)
+		}), true, false, v4mac, false},
+		{"an IPv4 address as IPv6 subnet", with(func(l *subnetmgr.Lease) { dual(l); l.IPv6Subnet = netip.MustParsePrefix("10.9.0.0/24") }), false, false, "", true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			v4, err := ParseVXLANPeer(c.lease, 1, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, ok, err := ParseVXLANPeerV6(c.lease, v4)
+			if (err != nil) != c.err || ok != c.ok {
+				t.Fatalf("ok %v err %v, want ok %v err %v", ok, err, c.ok, c.err)
+			}
+			if err != nil && !errors.Is(err, ErrIncompatiblePeer) {
+				t.Errorf("error %v does not wrap ErrIncompatiblePeer", err)
+			}
+			if ok && (p.OwnVTEP != c.ownVTEP || p.VtepMAC.String() != c.mac) {
+				t.Errorf("OwnVTEP %v VtepMAC %v, want %v %v", p.OwnVTEP, p.VtepMAC, c.ownVTEP, c.mac)
+			}
+		})
+	}
+}
+
+func TestVtepMACv6IsStableUnicastAndNotTheIPv4One(t *testing.T) {
+	a, b := netip.MustParseAddr("fd00:198:18::11"), netip.MustParseAddr("fd00:198:19::11")
+	again := netip.MustParseAddr("fd00:198:18:0::11") // the same address, written another way
+	if VtepMACv6(a).String() != VtepMACv6(again).String() || VtepMACv6(a).String() == VtepMACv6(b).String() {
+		t.Errorf("VtepMACv6 not a stable function of the whole address: %v %v", VtepMACv6(a), VtepMACv6(b))
+	}
+	m := VtepMACv6(a)
+	if m[0]&1 != 0 || m[0]&2 == 0 || m[0] == VtepMAC(netip.MustParseAddr("198.18.0.11"))[0] {
+		t.Errorf("VtepMACv6 %v: want locally administered unicast, unlike any VtepMAC", m)
+	}
+	if OverlayMTUv6(1500) != 1430 {
+		t.Errorf("OverlayMTUv6(1500) = %d, want 1430", OverlayMTUv6(1500))
+	}
+}

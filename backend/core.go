@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,8 +21,9 @@ type Base struct {
 	Iface ExternalInterface
 	Log   *slog.Logger
 
-	local   subnetmgr.Lease
-	network netip.Prefix
+	local    subnetmgr.Lease
+	network  netip.Prefix
+	network6 netip.Prefix
 }
 
 // NewBase checks what every backend needs of the underlay (a resolved interface and an IPv4
@@ -55,10 +57,43 @@ func (b *Base) CheckSetup(ctx context.Context, local subnetmgr.Lease, cfg subnet
 	return ctx.Err()
 }
 
-// SetLocal records our lease (its subnet masked) and the overlay Network after Setup.
+// SetLocal records our lease (its subnets masked) and the overlay Network after Setup.
 func (b *Base) SetLocal(local subnetmgr.Lease, network netip.Prefix) {
 	local.Subnet = local.Subnet.Masked()
+	if local.IPv6Subnet.IsValid() {
+		local.IPv6Subnet = local.IPv6Subnet.Masked()
+	}
 	b.local, b.network = local, network
+}
+
+// SetIPv6Network records the overlay's IPv6Network after a dual-stack Setup.
+func (b *Base) SetIPv6Network(network6 netip.Prefix) { b.network6 = network6 }
+
+// IPv6Network is the overlay's IPv6Network as Setup recorded it (invalid unless dual stack).
+func (b *Base) IPv6Network() netip.Prefix { return b.network6 }
+
+// DualStack says whether our lease, as Setup recorded it, has an IPv6 subnet: the overlay
+// carries IPv6 and peers' IPv6 subnets are programmed.
+func (b *Base) DualStack() bool { return b.local.IPv6Subnet.IsValid() }
+
+// Networks are the overlay's IPv4 Network and IPv6Network (invalid unless dual stack), for
+// NetworkOf.
+func (b *Base) Networks() []netip.Prefix { return []netip.Prefix{b.network, b.network6} }
+
+// CheckSetupV6 is the dual-stack part of Setup's precondition: when our lease has an IPv6
+// subnet it is IPv6 and, when the config names an IPv6Network, inside it.
+func (b *Base) CheckSetupV6(local subnetmgr.Lease, cfg subnetmgr.Config) error {
+	s := local.IPv6Subnet
+	if !s.IsValid() {
+		return nil
+	}
+	if !s.Addr().Is6() || s.Addr().Is4In6() {
+		return fmt.Errorf("%s: our lease's IPv6 subnet %v is not IPv6", b.name, s)
+	}
+	if cfg.IPv6Network.IsValid() && (!cfg.IPv6Network.Contains(s.Addr()) || s.Bits() < cfg.IPv6Network.Bits()) {
+		return fmt.Errorf("%s: our lease's IPv6 subnet %v is not inside IPv6Network %v", b.name, s, cfg.IPv6Network)
+	}
+	return nil
 }
 
 // Local is our lease as Setup recorded it (zero before Setup).
@@ -96,11 +131,30 @@ const VXLANOverhead = 50
 // OverlayMTU is the MTU of the overlay for an underlay MTU.
 func OverlayMTU(underlayMTU int) int { return underlayMTU - VXLANOverhead }
 
+// VXLANOverheadV6 is VXLANOverhead over an IPv6 underlay: the outer IPv6 header is 40 bytes,
+// not 20 (flannel's IPv6 vxlan device is 70 below the underlay MTU).
+const VXLANOverheadV6 = 70
+
+// OverlayMTUv6 is the MTU of a VXLAN device on an IPv6 underlay.
+func OverlayMTUv6(underlayMTU int) int { return underlayMTU - VXLANOverheadV6 }
+
 // VtepMAC derives a host's VTEP MAC from its PublicIP: locally administered, unicast, and
 // stable across restarts, so a restarted host keeps the MAC its peers have programmed.
 func VtepMAC(publicIP netip.Addr) net.HardwareAddr {
 	ip := publicIP.As4()
 	return net.HardwareAddr{0x0e, 0x78, ip[0], ip[1], ip[2], ip[3]}
+}
+
+// VtepMACv6 derives the MAC of a host's IPv6 VTEP (the vxlan backend's xnet-v6.<VNI>, on an
+// IPv6 underlay) from its PublicIPv6, for the same reason as VtepMAC: a host that comes back
+// keeps the MAC its peers have programmed. An IPv6 address does not fit in a MAC, so it is a
+// hash: locally administered and unicast (0x0a, never VtepMAC's 0x0e), then 5 bytes of the
+// SHA-256 of the address. It must differ from the IPv4 VTEP's MAC: that difference is how a
+// peer tells an IPv6 VTEP from one that carries IPv6 over IPv4 (ParseVXLANPeerV6).
+func VtepMACv6(publicIPv6 netip.Addr) net.HardwareAddr {
+	ip := publicIPv6.As16()
+	sum := sha256.Sum256(ip[:])
+	return net.HardwareAddr{0x0a, sum[0], sum[1], sum[2], sum[3], sum[4]}
 }
 
 // VXLAN is the core every VXLAN-speaking backend (ebpf, vxlan, udp) embeds: Base plus the
@@ -208,4 +262,63 @@ func ParseVXLANPeer(lease subnetmgr.Lease, ourVNI int, log *slog.Logger) (VXLANP
 		log.Warn("peer publishes another VNI; its traffic will not match ours", "subnet", lease.Subnet, "peer_vni", data.VNI, "our_vni", ourVNI)
 	}
 	return VXLANPeer{Subnet: lease.Subnet.Masked(), PublicIP: lease.PublicIP, VtepMAC: mac, VNI: data.VNI}, nil
+}
+
+// VXLANPeerV6 is how a VXLAN-speaking backend reaches a dual-stack peer's IPv6 subnet.
+//
+// The rule, one for every VXLAN-speaking backend: a peer that publishes a PublicIPv6 and, as
+// BackendV6Data, a VTEP MAC other than its IPv4 VTEP's has a VTEP of its own on its IPv6
+// underlay (flannel's flannel-v6.<VNI>, the vxlan backend's xnet-v6.<VNI>): OwnVTEP, and
+// VtepMAC is that VTEP's. Every other dual-stack peer (no PublicIPv6, no or malformed
+// BackendV6Data, or BackendV6Data that repeats BackendData, as the udp backend and a vxlan host
+// without an IPv6 underlay publish it) receives its IPv6 traffic on its IPv4 VTEP: inner IPv6
+// in the same VXLAN over IPv4 as its IPv4 traffic, VtepMAC its IPv4 VTEP's. The MAC, not the
+// PublicIPv6 alone, decides, because whether a host publishes a PublicIPv6 is the daemon's
+// business and says nothing about where its datapath listens.
+type VXLANPeerV6 struct {
+	Subnet     netip.Prefix // the peer's IPv6 subnet, masked
+	PublicIPv6 netip.Addr   // as published (may be invalid)
+	VtepMAC    net.HardwareAddr
+	OwnVTEP    bool
+}
+
+// ParseVXLANPeerV6 reads the IPv6 half of a lease whose IPv4 half parsed as v4. ok is false for
+// a peer without an IPv6 subnet (an IPv4-only peer); an IPv6 subnet that is not IPv6 is an
+// error wrapping ErrIncompatiblePeer.
+func ParseVXLANPeerV6(lease subnetmgr.Lease, v4 VXLANPeer) (p VXLANPeerV6, ok bool, err error) {
+	s := lease.IPv6Subnet
+	if !s.IsValid() {
+		return VXLANPeerV6{}, false, nil
+	}
+	if !s.Addr().Is6() || s.Addr().Is4In6() {
+		return VXLANPeerV6{}, false, fmt.Errorf("lease %v (PublicIP %v): IPv6 subnet %v is not IPv6: %w", lease.Subnet, lease.PublicIP, s, ErrIncompatiblePeer)
+	}
+	p = VXLANPeerV6{Subnet: s.Masked(), PublicIPv6: lease.PublicIPv6, VtepMAC: v4.VtepMAC}
+	if !lease.PublicIPv6.Is6() || lease.PublicIPv6.Is4In6() {
+		return p, true, nil
+	}
+	data, err := subnetmgr.ParseVXLANData(lease.BackendV6Data)
+	if err != nil {
+		return p, true, nil
+	}
+	mac, err := net.ParseMAC(data.VtepMAC)
+	if err != nil || len(mac) != 6 || mac[0]&1 == 1 || mac.String() == v4.VtepMAC.String() {
+		return p, true, nil
+	}
+	p.VtepMAC, p.OwnVTEP = mac, true
+	return p, true, nil
+}
+
+// VXLANLeaseDataV6 is the BackendV6Data a VXLAN-speaking host publishes: with an IPv6 VTEP of
+// its own (ownVTEP, at publicIPv6), that VTEP's MAC; otherwise its IPv4 VTEP's BackendData, so
+// that peers send its IPv6 traffic there (VXLANPeerV6).
+func VXLANLeaseDataV6(vni int, publicIP, publicIPv6 netip.Addr, ownVTEP bool) (json.RawMessage, error) {
+	if !ownVTEP {
+		return VXLANLeaseData(vni, publicIP)
+	}
+	b, err := json.Marshal(subnetmgr.VXLANData{VNI: vni, VtepMAC: VtepMACv6(publicIPv6).String()})
+	if err != nil {
+		return nil, fmt.Errorf("encode vxlan IPv6 backend data: %w", err)
+	}
+	return b, nil
 }

@@ -22,7 +22,9 @@ import (
 //
 // "On our segment" is host-gw's rule: the peer's PublicIP lies inside a connected subnet of an
 // IPv4 address on the underlay NIC, so the kernel can resolve it by ARP and the route needs no
-// gateway of its own. flannel asks the kernel for the route to the PublicIP instead (no gateway
+// gateway of its own. In a dual-stack overlay the same rule decides for a peer's PublicIPv6
+// against the NIC's IPv6 subnets (link-local ones aside), and the route is
+// `<peer IPv6 subnet> via <peer PublicIPv6> dev <iface>`. flannel asks the kernel for the route to the PublicIP instead (no gateway
 // means direct); both agree on a plain LAN, and the connected subnet is what an operator reads
 // off `ip addr`.
 //
@@ -49,9 +51,13 @@ type PeerPath struct {
 	Why    string `json:"why"`
 }
 
-// Decide says whether publicIP is on our L2 segment.
+// Decide says whether publicIP (a PublicIP, or a PublicIPv6) is on our L2 segment.
 func (d *DirectRouter) Decide(publicIP netip.Addr) (PeerPath, error) {
-	segs, err := d.Segments()
+	family := unix.AF_INET
+	if !publicIP.Is4() {
+		family = unix.AF_INET6
+	}
+	segs, err := d.segments(family)
 	if err != nil {
 		return PeerPath{}, err
 	}
@@ -60,7 +66,7 @@ func (d *DirectRouter) Decide(publicIP netip.Addr) (PeerPath, error) {
 			return PeerPath{Direct: true, Why: fmt.Sprintf("%v is inside %v on %s", publicIP, s, d.iface.Name)}, nil
 		}
 	}
-	return PeerPath{Why: fmt.Sprintf("%v is in no subnet of %s (%s)", publicIP, d.iface.Name, joinPrefixes(segs))}, nil
+	return PeerPath{Why: fmt.Sprintf("%v is in no subnet of %s (%s)", publicIP, d.iface.Name, joinPrefixes(segs, family))}, nil
 }
 
 // Path is how a VXLAN-speaking backend reaches the peer at publicIP: direct when DirectRouting
@@ -81,29 +87,44 @@ func (d *DirectRouter) Path(enabled bool, publicIP netip.Addr) PeerPath {
 }
 
 // PruneRoutes deletes our routes on the underlay NIC that kept no longer accounts for
-// (KeptSubnets.StaleVia): those a restarted daemon inherits from peers whose leases went away
-// while it was down. The host's own routes stay.
-func (d *DirectRouter) PruneRoutes(network netip.Prefix, kept KeptSubnets) ([]netip.Prefix, error) {
-	return d.DeleteRoutesWhere(func(dst netip.Prefix, gw netip.Addr) bool { return kept.StaleVia(network, dst, gw) })
+// (KeptSubnets.StaleVia, against the one of networks of each route's family): those a
+// restarted daemon inherits from peers whose leases went away while it was down. The host's
+// own routes stay.
+func (d *DirectRouter) PruneRoutes(kept KeptSubnets, networks ...netip.Prefix) ([]netip.Prefix, error) {
+	return d.DeleteRoutesWhere(func(dst netip.Prefix, gw netip.Addr) bool {
+		return kept.StaleVia(NetworkOf(dst, networks...), dst, gw)
+	})
 }
 
-// DeleteRoutesInside deletes every gatewayed route on the underlay NIC strictly inside network:
-// the routes DirectRouting made, for a teardown.
-func (d *DirectRouter) DeleteRoutesInside(network netip.Prefix) ([]netip.Prefix, error) {
-	return d.DeleteRoutesWhere(func(dst netip.Prefix, _ netip.Addr) bool { return strictlyInside(network, dst) })
+// DeleteRoutesInside deletes every gatewayed route on the underlay NIC strictly inside one of
+// networks: the routes DirectRouting made, for a teardown.
+func (d *DirectRouter) DeleteRoutesInside(networks ...netip.Prefix) ([]netip.Prefix, error) {
+	return d.DeleteRoutesWhere(func(dst netip.Prefix, _ netip.Addr) bool {
+		for _, n := range networks {
+			if strictlyInside(n, dst) {
+				return true
+			}
+		}
+		return false
+	})
 }
 
 // Segments are the connected IPv4 subnets of the underlay NIC, the L2 segments we are on.
-func (d *DirectRouter) Segments() ([]netip.Prefix, error) {
+func (d *DirectRouter) Segments() ([]netip.Prefix, error) { return d.segments(unix.AF_INET) }
+
+// segments are the connected subnets of one family on the underlay NIC; for IPv6 without the
+// link-local ones, which no peer publishes.
+func (d *DirectRouter) segments(family int) ([]netip.Prefix, error) {
 	// Only the index matters to AddrList; no need to look the link up first.
 	link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: d.iface.Index, Name: d.iface.Name}}
-	addrs, err := d.nl.AddrList(link, unix.AF_INET)
+	addrs, err := d.nl.AddrList(link, family)
 	if err != nil {
 		return nil, fmt.Errorf("addresses of %s: %w", d.iface.Name, err)
 	}
 	var out []netip.Prefix
 	for _, a := range addrs {
-		if p, ok := PrefixOf(a.IPNet); ok && p.Bits() < 32 {
+		p, ok := PrefixOf(a.IPNet)
+		if ok && p.Bits() < p.Addr().BitLen() && !p.Addr().IsLinkLocalUnicast() {
 			out = append(out, p.Masked())
 		}
 	}
@@ -130,7 +151,7 @@ func (d *DirectRouter) DeleteRoute(subnet netip.Prefix) error {
 	return nil
 }
 
-// DeleteRoutesWhere deletes the gatewayed IPv4 routes on the underlay NIC (main table) for which
+// DeleteRoutesWhere deletes the gatewayed IPv4 and IPv6 routes on the underlay NIC (main table) for which
 // del says yes, given destination and gateway, and returns what it deleted. Device routes
 // (no gateway) on the NIC are the host's, never ours.
 func (d *DirectRouter) DeleteRoutesWhere(del func(dst netip.Prefix, gw netip.Addr) bool) ([]netip.Prefix, error) {
@@ -143,17 +164,17 @@ func (d *DirectRouter) DeleteRoutesWhere(del func(dst netip.Prefix, gw netip.Add
 	return gone, nil
 }
 
-// route is the key of our route to a peer subnet: destination and the underlay NIC.
+// route is the key of our route to a peer subnet (IPv4 or IPv6): destination and the
+// underlay NIC.
 func (d *DirectRouter) route(subnet netip.Prefix) *netlink.Route {
-	subnet = subnet.Masked()
-	return &netlink.Route{
-		LinkIndex: d.iface.Index,
-		Dst:       &net.IPNet{IP: net.IP(subnet.Addr().AsSlice()), Mask: net.CIDRMask(subnet.Bits(), 32)},
-	}
+	return &netlink.Route{LinkIndex: d.iface.Index, Dst: IPNet(subnet)}
 }
 
-func joinPrefixes(ps []netip.Prefix) string {
+func joinPrefixes(ps []netip.Prefix, family int) string {
 	if len(ps) == 0 {
+		if family == unix.AF_INET6 {
+			return "no IPv6 subnet"
+		}
 		return "no IPv4 subnet"
 	}
 	s := make([]string, len(ps))

@@ -14,12 +14,14 @@ import (
 // on one of our devices may go (a prune, a teardown) is each backend's rule, listing and deleting
 // them is the same everywhere.
 
-// DeleteRoutesWhere deletes the IPv4 routes on interface ifindex (main table) for which del
-// says yes, given the destination and the gateway (invalid for a device route), and returns the
-// destinations it deleted. A dump interrupted by a concurrent change still lists routes that
-// existed: deleting the unwanted ones among them is right, and the next start catches the rest.
+// DeleteRoutesWhere deletes the IPv4 and IPv6 routes on interface ifindex (main table) for
+// which del says yes, given the destination and the gateway (invalid for a device route), and
+// returns the destinations it deleted. Routes the kernel made for an address of the interface
+// (proto kernel: an IPv6 address's prefix route, fe80::/64) are never a backend's and never
+// offered. A dump interrupted by a concurrent change still lists routes that existed: deleting
+// the unwanted ones among them is right, and the next start catches the rest.
 func DeleteRoutesWhere(nl *netlink.Handle, ifindex int, del func(dst netip.Prefix, gw netip.Addr) bool) ([]netip.Prefix, error) {
-	routes, err := nl.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: ifindex}, netlink.RT_FILTER_OIF)
+	routes, err := nl.RouteListFiltered(unix.AF_UNSPEC, &netlink.Route{LinkIndex: ifindex}, netlink.RT_FILTER_OIF)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
 		return nil, fmt.Errorf("list routes on ifindex %d: %w", ifindex, err)
 	}
@@ -27,7 +29,7 @@ func DeleteRoutesWhere(nl *netlink.Handle, ifindex int, del func(dst netip.Prefi
 	var gone []netip.Prefix
 	for _, r := range routes {
 		dst, ok := PrefixOf(r.Dst)
-		if !ok {
+		if !ok || r.Protocol == unix.RTPROT_KERNEL {
 			continue
 		}
 		gw, _ := netip.AddrFromSlice(r.Gw)

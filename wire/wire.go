@@ -2,7 +2,10 @@
 // inner Ethernet header that follows it, as a UDP socket sees them (the payload of the outer
 // UDP datagram), plus the inner IPv4 header checks every decapsulation must make before it
 // hands a packet to the host. Encode writes the 22 bytes that go in front of an inner IPv4
-// packet; Decode reads them back and says what is wrong when something is.
+// packet; Decode reads them back and says what is wrong when something is. In a dual-stack
+// overlay the inner packet may be IPv6 (EtherType 0x86DD, as the kernel's vxlan device and
+// flannel send it): Encode writes that EtherType when asked, and Decode accepts it when the
+// caller's Expect says so, with the same checks made on the IPv6 header.
 //
 // It owns the byte layout and the rules that need nothing but the packet and our own identity
 // (VNI, VTEP MAC, largest packet we deliver). It does not own the rules that need the set of
@@ -32,6 +35,8 @@ const (
 	OuterLen = 20 + 8
 	// IPv4HeaderLen is the length of an IPv4 header without options.
 	IPv4HeaderLen = 20
+	// IPv6HeaderLen is the length of the IPv6 header (extension headers follow it).
+	IPv6HeaderLen = 40
 )
 
 // Protocol constants of the format.
@@ -40,8 +45,10 @@ const (
 	FlagVNI = 0x08
 	// MaxVNI is the largest 24-bit VNI.
 	MaxVNI = 1<<24 - 1
-	// EtherTypeIPv4 is the only inner EtherType the overlay carries.
+	// EtherTypeIPv4 is the inner EtherType of IPv4, all an IPv4-only overlay carries.
 	EtherTypeIPv4 = 0x0800
+	// EtherTypeIPv6 is the inner EtherType of IPv6, in a dual-stack overlay.
+	EtherTypeIPv6 = 0x86DD
 	// DefaultPort is the outer UDP destination port of Linux and flannel.
 	DefaultPort = 8472
 	// SourcePortMin and SourcePortMax bound the outer source port: Linux's default ephemeral
@@ -67,23 +74,30 @@ func (m MAC) HardwareAddr() net.HardwareAddr { return net.HardwareAddr(append([]
 
 func (m MAC) String() string { return m.HardwareAddr().String() }
 
-// Header is what Encode writes in front of an inner IPv4 packet.
+// Header is what Encode writes in front of an inner IPv4 or IPv6 packet.
 type Header struct {
 	VNI uint32 // 24 bits
 	Dst MAC    // the receiver's VTEP MAC (from its lease)
 	Src MAC    // the sender's VTEP MAC
+	// EtherType is the inner packet's: EtherTypeIPv4, or EtherTypeIPv6 in a dual-stack
+	// overlay. Encode writes 0 as EtherTypeIPv4; Decode always sets it.
+	EtherType uint16
 }
 
 // Encode writes h as the HeaderLen bytes of b[:HeaderLen] (VXLAN header with the I flag, then
-// an inner Ethernet header of type IPv4). It panics if b is shorter than HeaderLen, like
-// binary.BigEndian.PutUint32 does: the caller reserves the room.
+// an inner Ethernet header of type IPv4, or h.EtherType). It panics if b is shorter than
+// HeaderLen, like binary.BigEndian.PutUint32 does: the caller reserves the room.
 func Encode(b []byte, h Header) {
 	_ = b[HeaderLen-1] // one bounds check for the whole header
 	binary.BigEndian.PutUint32(b[0:4], FlagVNI<<24)
 	binary.BigEndian.PutUint32(b[4:8], (h.VNI&MaxVNI)<<8)
 	copy(b[8:14], h.Dst[:])
 	copy(b[14:20], h.Src[:])
-	binary.BigEndian.PutUint16(b[20:22], EtherTypeIPv4)
+	et := h.EtherType
+	if et == 0 {
+		et = EtherTypeIPv4
+	}
+	binary.BigEndian.PutUint16(b[20:22], et)
 }
 
 // Problem says why Decode refused a datagram. The zero value, OK, means it did not.
@@ -99,12 +113,13 @@ const (
 	NotVXLAN
 	// WrongVNI: a VXLAN header for another network.
 	WrongVNI
-	// Malformed: the inner Ethernet or IPv4 header is truncated or inconsistent (version,
-	// header length, total length).
+	// Malformed: the inner Ethernet or IP header is truncated or inconsistent (version,
+	// header length, total or payload length).
 	Malformed
 	// BadVtepMAC: the inner destination MAC is not ours.
 	BadVtepMAC
-	// InnerNotIPv4: the inner frame carries something other than IPv4.
+	// InnerNotIPv4: the inner frame carries something other than IPv4 (or IPv6, where
+	// Expect.IPv6 accepts it).
 	InnerNotIPv4
 	// Oversized: the inner packet is larger than the largest we deliver (the overlay MTU).
 	Oversized
@@ -134,20 +149,30 @@ func (p Problem) String() string {
 type Expect struct {
 	VNI uint32
 	MAC MAC // our VTEP MAC
-	// MaxInner is the largest inner IPv4 packet accepted (total length), normally the overlay
-	// MTU; 0 means no limit beyond what fits in the datagram.
+	// MaxInner is the largest inner packet accepted (IPv4 total length, IPv6 header plus
+	// payload length), normally the overlay MTU; 0 means no limit beyond what fits in the
+	// datagram.
 	MaxInner int
+	// IPv6 accepts inner IPv6 packets too (a dual-stack overlay); without it they are
+	// InnerNotIPv4, as in an IPv4-only overlay.
+	IPv6 bool
 }
 
 // Frame is a datagram Decode accepted.
 type Frame struct {
 	Header
-	// Inner is the inner IPv4 packet: a sub-slice of the datagram, cut to the IPv4 total
-	// length (Ethernet padding after it is dropped).
+	// Inner is the inner IPv4 or IPv6 packet: a sub-slice of the datagram, cut to the
+	// packet's length (Ethernet padding after it is dropped).
 	Inner []byte
-	// InnerSrc and InnerDst are the inner IPv4 addresses, for the lease checks.
+	// InnerSrc and InnerDst are the inner IPv4 addresses, for the lease checks (zero for
+	// IPv6).
 	InnerSrc, InnerDst [4]byte
+	// InnerSrc6 and InnerDst6 are the inner IPv6 addresses (zero for IPv4).
+	InnerSrc6, InnerDst6 [16]byte
 }
+
+// IsIPv6 says whether the inner packet is IPv6.
+func (f *Frame) IsIPv6() bool { return f.EtherType == EtherTypeIPv6 }
 
 // Decode checks one UDP payload against the acceptance rules (docs/design.md, What decapsulation accepts) that need no lease and returns the
 // inner packet. It reads only inside payload and never allocates.
@@ -168,7 +193,11 @@ func Decode(payload []byte, want Expect) (Frame, Problem) {
 	if f.Dst != want.MAC {
 		return f, BadVtepMAC
 	}
-	if binary.BigEndian.Uint16(payload[20:22]) != EtherTypeIPv4 {
+	f.EtherType = binary.BigEndian.Uint16(payload[20:22])
+	switch {
+	case f.EtherType == EtherTypeIPv6 && want.IPv6:
+		return decodeIPv6(payload[HeaderLen:], want, f)
+	case f.EtherType != EtherTypeIPv4:
 		return f, InnerNotIPv4
 	}
 	ip := payload[HeaderLen:]
@@ -189,5 +218,26 @@ func Decode(payload []byte, want Expect) (Frame, Problem) {
 	f.Inner = ip[:total:total]
 	copy(f.InnerSrc[:], ip[12:16])
 	copy(f.InnerDst[:], ip[16:20])
+	return f, OK
+}
+
+// decodeIPv6 is Decode's check of an inner IPv6 packet ip. The payload length covers the
+// extension headers and must lie inside the datagram; 0 (a jumbogram, or nothing at all) is
+// not something a VXLAN peer sends.
+func decodeIPv6(ip []byte, want Expect, f Frame) (Frame, Problem) {
+	if len(ip) < IPv6HeaderLen || ip[0]>>4 != 6 {
+		return f, Malformed
+	}
+	pl := int(binary.BigEndian.Uint16(ip[4:6]))
+	total := IPv6HeaderLen + pl
+	if pl == 0 || total > len(ip) {
+		return f, Malformed
+	}
+	if want.MaxInner > 0 && total > want.MaxInner {
+		return f, Oversized
+	}
+	f.Inner = ip[:total:total]
+	copy(f.InnerSrc6[:], ip[8:24])
+	copy(f.InnerDst6[:], ip[24:40])
 	return f, OK
 }

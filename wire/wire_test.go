@@ -188,3 +188,101 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// innerUDP6 is an IPv6/UDP packet of size bytes from fd00:10:244:2::2 to fd00:10:244:1::2
+// (the UDP checksum is left 0: Decode does not look at it).
+func innerUDP6(size int) []byte {
+	p := make([]byte, size)
+	p[0] = 0x60
+	binary.BigEndian.PutUint16(p[4:6], uint16(size-IPv6HeaderLen))
+	p[6], p[7] = 17, 64
+	src, dst := netip.MustParseAddr("fd00:10:244:2::2").As16(), netip.MustParseAddr("fd00:10:244:1::2").As16()
+	copy(p[8:24], src[:])
+	copy(p[24:40], dst[:])
+	binary.BigEndian.PutUint16(p[40:], 40000)
+	binary.BigEndian.PutUint16(p[42:], 53)
+	binary.BigEndian.PutUint16(p[44:], uint16(size-IPv6HeaderLen))
+	return p
+}
+
+// frame6 is Encode's header with EtherType IPv6 in front of inner.
+func frame6(inner []byte) []byte {
+	b := make([]byte, HeaderLen, HeaderLen+len(inner))
+	Encode(b, Header{VNI: 1, Dst: ourMAC, Src: theirMAC, EtherType: EtherTypeIPv6})
+	return append(b, inner...)
+}
+
+func TestDecodeIPv6(t *testing.T) {
+	dual := expect
+	dual.IPv6 = true
+	good := frame6(innerUDP6(100))
+	if et := binary.BigEndian.Uint16(good[20:22]); et != 0x86dd {
+		t.Fatalf("Encode wrote EtherType %#x, want 0x86dd", et)
+	}
+	cases := []struct {
+		name    string
+		payload []byte
+		expect  Expect
+		want    Problem
+	}{
+		{"a well-formed IPv6 frame in a dual-stack overlay", good, dual, OK},
+		{"Ethernet padding after the IPv6 packet is cut off", append(append([]byte(nil), good...), 0, 0, 0, 0), dual, OK},
+		{"an IPv6 packet of exactly MaxInner", frame6(innerUDP6(1450)), dual, OK},
+		{"IPv6 in an IPv4-only overlay", good, expect, InnerNotIPv4},
+		{"an IPv4 packet still decodes in a dual-stack overlay", frame(1, ourMAC, innerUDP(100)), dual, OK},
+		{"IPv6 header cut", good[:HeaderLen+39], dual, Malformed},
+		{"version 4 with the IPv6 EtherType", edit(good, func(b []byte) { b[HeaderLen] = 0x45 }), dual, Malformed},
+		{"payload length 0 (a jumbogram)", edit(good, func(b []byte) { b[HeaderLen+4], b[HeaderLen+5] = 0, 0 }), dual, Malformed},
+		{"truncated: payload beyond the datagram", good[:len(good)-1], dual, Malformed},
+		{"an IPv6 packet over MaxInner", frame6(innerUDP6(1451)), dual, Oversized},
+		{"another VTEP MAC", edit(good, func(b []byte) { b[13] ^= 1 }), dual, BadVtepMAC},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f, got := Decode(c.payload, c.expect)
+			if got != c.want {
+				t.Fatalf("Decode = %v, want %v", got, c.want)
+			}
+			if got != OK || !f.IsIPv6() {
+				return
+			}
+			total := IPv6HeaderLen + int(binary.BigEndian.Uint16(c.payload[HeaderLen+4:]))
+			if !bytes.Equal(f.Inner, c.payload[HeaderLen:HeaderLen+total]) {
+				t.Errorf("Inner is not the inner packet cut to its length")
+			}
+			if netip.AddrFrom16(f.InnerSrc6) != netip.MustParseAddr("fd00:10:244:2::2") || netip.AddrFrom16(f.InnerDst6) != netip.MustParseAddr("fd00:10:244:1::2") {
+				t.Errorf("inner addresses %v -> %v", f.InnerSrc6, f.InnerDst6)
+			}
+		})
+	}
+}
+
+// FuzzDecodeIPv6 is FuzzDecode in a dual-stack overlay.
+func FuzzDecodeIPv6(f *testing.F) {
+	dual := expect
+	dual.IPv6 = true
+	good := frame6(innerUDP6(100))
+	f.Add(good)
+	f.Add(good[:HeaderLen+40])
+	f.Add(frame(1, ourMAC, innerUDP(100)))
+	f.Add(edit(good, func(b []byte) { b[HeaderLen+4] = 0xff }))
+	f.Fuzz(func(t *testing.T, payload []byte) {
+		fr, p := Decode(payload, dual)
+		if p != OK {
+			return
+		}
+		if !fr.IsIPv6() {
+			if _, p4 := Decode(payload, expect); p4 != OK {
+				t.Fatalf("an IPv4 frame the IPv4-only decode refuses (%v)", p4)
+			}
+			return
+		}
+		if len(fr.Inner) < IPv6HeaderLen+1 || len(fr.Inner) > dual.MaxInner || fr.Inner[0]>>4 != 6 ||
+			IPv6HeaderLen+int(binary.BigEndian.Uint16(fr.Inner[4:6])) != len(fr.Inner) || &fr.Inner[0] != &payload[HeaderLen] {
+			t.Fatalf("Inner of %d bytes does not match its payload length", len(fr.Inner))
+		}
+		if _, p4 := Decode(payload, expect); p4 != InnerNotIPv4 {
+			t.Fatalf("IPv6 without Expect.IPv6: %v, want inner_not_ipv4", p4)
+		}
+	})
+}

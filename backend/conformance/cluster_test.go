@@ -4,12 +4,19 @@ package conformance
 // backend under test as xnetd runs it (built and called inside the host's network namespace,
 // set up with a lease whose BackendType and BackendData come from its own LeaseAttrs), with a
 // docker0 at the backend's MTU and one container.
+//
+// A dual-stack cluster (newDualCluster) adds IPv6: the config's EnableIPv6 with IPv6Network
+// fd00:10:244::/48, an IPv6 subnet fd00:10:244:<i+1>::/64 in every lease (BackendV6Data from
+// the backend's LeaseAttrsV6), docker0 and the containers with IPv6 addresses, and an IPv6
+// underlay address (fd00:198:18::<11+i>, the lease's PublicIPv6) on every host but the second,
+// so that one peer is reached over IPv6 without an IPv6 underlay.
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -32,6 +39,7 @@ import (
 // cluster is one topology running one backend.
 type cluster struct {
 	row   row
+	dual  bool // dual stack: see the file comment
 	cfg   subnetmgr.Config
 	ctx   context.Context // xnetd's: Setup's, alive as long as the cluster
 	log   *slog.Logger
@@ -50,18 +58,40 @@ type node struct {
 }
 
 // newCluster builds three hosts running row's backend with each other's leases unknown yet.
-func newCluster(t *testing.T, r row) *cluster {
+func newCluster(t *testing.T, r row) *cluster { return buildCluster(t, r, false) }
+
+// newDualCluster is newCluster for a dual-stack overlay. It skips the test when the row's
+// backend does not implement backend.DualStack.
+func newDualCluster(t *testing.T, r row) *cluster { return buildCluster(t, r, true) }
+
+// withoutIPv6Underlay is the host (by index) a dual-stack cluster leaves without one.
+const withoutIPv6Underlay = 1
+
+func buildCluster(t *testing.T, r row, dual bool) *cluster {
 	t.Helper()
-	cfg, err := subnetmgr.ParseConfig(fmt.Appendf(nil, `{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":%q,"DirectRouting":%v}}`, r.name, r.direct))
+	ipv6 := ""
+	if dual {
+		ipv6 = `"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","IPv6SubnetLen":64,`
+	}
+	cfg, err := subnetmgr.ParseConfig(fmt.Appendf(nil, `{"Network":"10.244.0.0/16","SubnetLen":24,%s"Backend":{"Type":%q,"DirectRouting":%v}}`, ipv6, r.name, r.direct))
 	if err != nil {
 		t.Fatal(err)
 	}
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3})
-	c := &cluster{row: r, cfg: cfg, ctx: t.Context(), log: harness.TestLogger(t).With("test", r.name)}
+	c := &cluster{row: r, dual: dual, cfg: cfg, ctx: t.Context(), log: harness.TestLogger(t).With("test", r.name)}
 	for i, h := range topo.Hosts() {
 		n := &node{Host: h, cl: c}
 		n.lease.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
 		n.lease.PublicIP = h.UnderlayIP
+		if dual {
+			n.lease.IPv6Subnet = netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%x::/64", i+1))
+			if i != withoutIPv6Underlay {
+				if err := h.AddIPv6Underlay(t.Context()); err != nil {
+					t.Fatal(err)
+				}
+				n.lease.PublicIPv6 = h.UnderlayIPv6
+			}
+		}
 		// Registered before start: whatever backend runs at the end is torn down, also when
 		// the test fails half way (the topology's own cleanup, registered earlier, runs after).
 		t.Cleanup(func() {
@@ -72,6 +102,11 @@ func newCluster(t *testing.T, r row) *cluster {
 		n.start(t)
 		if err := h.SetupDocker0(netip.PrefixFrom(n.lease.Subnet.Addr().Next(), 24), n.b.MTU()); err != nil {
 			t.Fatal(err)
+		}
+		if dual {
+			if err := h.SetupDocker0IPv6(netip.PrefixFrom(n.lease.IPv6Subnet.Addr().Next(), 64)); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if n.container, err = h.AddContainer(); err != nil {
 			t.Fatal(err)
@@ -97,6 +132,7 @@ func (n *node) start(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	iface.PublicIPv6 = n.lease.PublicIPv6 // as xnetd resolves it: the interface's IPv6 address
 	opts := backend.Options{Iface: iface, Config: n.cl.cfg, BPFFS: n.pinDir(), StateDir: n.StateDir, Logger: n.cl.log.With("host", n.Name)}
 	var b backend.Backend
 	if err := n.Do(func() (err error) { b, err = n.cl.row.new(opts); return err }); err != nil {
@@ -107,11 +143,22 @@ func (n *node) start(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%s: LeaseAttrs: %v", n.Name, err)
 	}
+	var data6 []byte
+	if n.cl.dual {
+		ds, ok := n.b.(backend.DualStack)
+		if !ok {
+			t.Skipf("%s does not implement backend.DualStack: xnetd refuses it in a dual-stack overlay", n.cl.row.testName())
+		}
+		if data6, err = ds.LeaseAttrsV6(); err != nil {
+			t.Fatalf("%s: LeaseAttrsV6: %v", n.Name, err)
+		}
+	}
 	if n.lease.BackendType == "" {
-		n.lease.BackendType, n.lease.BackendData = typ, data
+		n.lease.BackendType, n.lease.BackendData, n.lease.BackendV6Data = typ, data, data6
 		n.lease.Expiration = time.Now().Add(24 * time.Hour)
-	} else if typ != n.lease.BackendType || string(data) != string(n.lease.BackendData) {
-		t.Errorf("%s: the restarted backend publishes %s %s, the first published %s %s", n.Name, typ, data, n.lease.BackendType, n.lease.BackendData)
+	} else if typ != n.lease.BackendType || string(data) != string(n.lease.BackendData) || string(data6) != string(n.lease.BackendV6Data) {
+		t.Errorf("%s: the restarted backend publishes %s %s %s, the first published %s %s %s", n.Name, typ, data, data6,
+			n.lease.BackendType, n.lease.BackendData, n.lease.BackendV6Data)
 	}
 	if err := n.call(func(b backend.Backend) error { return b.Setup(n.cl.ctx, n.lease, n.cl.cfg) }); err != nil {
 		t.Fatalf("%s: Setup: %v", n.Name, err)
@@ -189,36 +236,53 @@ const reachWait = 5 * time.Second
 
 // wantReach checks each path gets echo replies, trying for up to reachWait; the paths are tried
 // at once, so a full mesh costs one round trip when everything works.
-func wantReach(t *testing.T, paths ...path) {
+func wantReach(t *testing.T, paths ...path) { t.Helper(); wantReachOver(t, ipv4, paths...) }
+
+// wantNoReach checks no path gets a reply to any of three echo requests.
+func wantNoReach(t *testing.T, paths ...path) { t.Helper(); wantNoReachOver(t, ipv4, paths...) }
+
+// reaches says whether p gets a reply to any of three echo requests.
+func reaches(t *testing.T, p path) bool { return reachesOver(t, ipv4, p) }
+
+// addrFamily picks the container address a path pings: IPv4, or IPv6 in a dual-stack cluster.
+type addrFamily struct {
+	name string
+	of   func(*harness.Container) netip.Addr
+}
+
+var (
+	ipv4 = addrFamily{"IPv4", func(c *harness.Container) netip.Addr { return c.IP }}
+	ipv6 = addrFamily{"IPv6", func(c *harness.Container) netip.Addr { return c.IPv6 }}
+)
+
+func wantReachOver(t *testing.T, f addrFamily, paths ...path) {
 	t.Helper()
 	for _, p := range checkPaths(t, paths, func(ctx context.Context, p path) bool {
 		ctx, cancel := context.WithTimeout(ctx, reachWait)
 		defer cancel()
 		for ctx.Err() == nil {
-			if _, got, err := harness.Ping(ctx, p.from.container.Namespace, p.to.container.IP, 3, 100*time.Millisecond); err != nil || got > 0 {
+			if _, got, err := harness.Ping(ctx, p.from.container.Namespace, f.of(p.to.container), 3, 100*time.Millisecond); err != nil || got > 0 {
 				return err == nil
 			}
 		}
 		return false
 	}) {
-		t.Errorf("%s: no echo reply within %v", p, reachWait)
+		t.Errorf("%s over %s: no echo reply within %v", p, f.name, reachWait)
 	}
 }
 
-// wantNoReach checks no path gets a reply to any of three echo requests.
-func wantNoReach(t *testing.T, paths ...path) {
+func wantNoReachOver(t *testing.T, f addrFamily, paths ...path) {
 	t.Helper()
 	for _, p := range checkPaths(t, paths, func(ctx context.Context, p path) bool {
-		_, got, err := harness.Ping(ctx, p.from.container.Namespace, p.to.container.IP, 3, 100*time.Millisecond)
+		_, got, err := harness.Ping(ctx, p.from.container.Namespace, f.of(p.to.container), 3, 100*time.Millisecond)
 		return err == nil && got == 0
 	}) {
-		t.Errorf("%s: still reachable", p)
+		t.Errorf("%s: still reachable over %s", p, f.name)
 	}
 }
 
-// reaches says whether p gets a reply to any of three echo requests.
-func reaches(t *testing.T, p path) bool {
-	_, got, err := harness.Ping(t.Context(), p.from.container.Namespace, p.to.container.IP, 3, 100*time.Millisecond)
+func reachesOver(t *testing.T, f addrFamily, p path) bool {
+	_, got, err := harness.Ping(t.Context(), p.from.container.Namespace, f.of(p.to.container), 3, 100*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -263,17 +327,24 @@ func (n *node) routedTo(t *testing.T, subnet netip.Prefix) bool {
 
 // state is what the host's kernel shows of its datapath, as sorted lines: link names, IPv4
 // routes of every table, permanent neighbours and permanent forwarding entries (what a backend
-// programs; learned entries come and go with traffic). What it does not show (BPF maps, a
-// process's memory) is the backend's own tests' business.
+// programs; learned entries come and go with traffic); in a dual-stack cluster also the IPv6
+// routes of every table into the IPv6Network and the permanent IPv6 neighbours. What it does
+// not show (BPF maps, a process's memory) is the backend's own tests' business.
 func (n *node) state(t *testing.T) []string {
 	t.Helper()
 	var lines []string
-	for _, cmd := range [][]string{
+	cmds := [][]string{
 		{"ip", "-br", "link", "show"},
 		{"ip", "-4", "route", "show", "table", "all"},
 		{"ip", "-4", "neigh", "show", "nud", "permanent"},
 		{"bridge", "fdb", "show"},
-	} {
+	}
+	if n.cl.dual {
+		cmds = append(cmds,
+			[]string{"ip", "-6", "route", "show", "table", "all"},
+			[]string{"ip", "-6", "neigh", "show", "nud", "permanent"})
+	}
+	for _, cmd := range cmds {
 		out, err := n.Run(t.Context(), cmd[0], cmd[1:]...)
 		if err != nil {
 			t.Fatal(err)
@@ -281,10 +352,12 @@ func (n *node) state(t *testing.T) []string {
 		for l := range strings.Lines(out) {
 			l = strings.TrimSpace(l)
 			switch {
-			case l == "" || cmd[0] == "bridge" && !strings.Contains(l, "permanent"):
-				continue
+			case l == "" || cmd[0] == "bridge" && (!strings.Contains(l, "permanent") || multicastMAC(l)):
+				continue // learned entries, and the kernel's for the multicast groups a device joined
 			case cmd[2] == "link":
 				l = strings.Fields(l)[0] // not the state: docker0's settles when it pleases
+			case cmd[1] == "-6" && cmd[2] == "route" && !n.cl.inIPv6Network(l):
+				continue // link-local, multicast and the underlay's: the kernel's, not a backend's
 			}
 			lines = append(lines, strings.Join(cmd[:3], " ")+": "+l)
 		}
@@ -309,8 +382,36 @@ func (n *node) wantState(t *testing.T, what string, want []string) {
 	}
 }
 
+// multicastMAC says whether a line of `bridge fdb show` is for a multicast MAC: the groups the
+// kernel joins on a device (IPv6 joins more as its addresses pass duplicate address detection,
+// seconds after a link came up), never a backend's entry.
+func multicastMAC(line string) bool {
+	mac, err := net.ParseMAC(strings.Fields(line)[0])
+	return err == nil && len(mac) > 0 && mac[0]&1 == 1
+}
+
+// inIPv6Network says whether a line of `ip -6 route` is a route into the IPv6Network.
+func (c *cluster) inIPv6Network(line string) bool {
+	f := strings.Fields(line)
+	if len(f) > 1 && slices.Contains([]string{"local", "anycast", "multicast", "unicast", "unreachable", "blackhole", "prohibit", "throw"}, f[0]) {
+		f = f[1:]
+	}
+	if len(f) == 0 {
+		return false
+	}
+	p, err := netip.ParsePrefix(f[0])
+	if err != nil {
+		a, aerr := netip.ParseAddr(f[0])
+		if aerr != nil {
+			return false
+		}
+		p = netip.PrefixFrom(a, 128)
+	}
+	return c.cfg.IPv6Network.Overlaps(p) && p.Bits() >= c.cfg.IPv6Network.Bits()
+}
+
 // leftovers lists what of a datapath the host shows: links named xnet*, routes into the
-// overlay Network other than docker0's, BPF programs attached to any link (XDP, TCX or a TC
+// overlay Network (or IPv6Network) other than docker0's, BPF programs attached to any link (XDP, TCX or a TC
 // filter), and pins in the backend's pin directory. docker0, the containers' veths and eth0 are
 // the harness's, not a backend's.
 func (n *node) leftovers(t *testing.T) []string {
@@ -333,18 +434,22 @@ func (n *node) leftovers(t *testing.T) []string {
 			}
 			found = append(found, bpfAttachments(l)...)
 		}
-		routes, err := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+		routes, err := netlink.RouteListFiltered(unix.AF_UNSPEC, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
 		if err != nil {
 			return err
 		}
-		network := n.cl.cfg.Network
 		for _, r := range routes {
 			if r.Dst == nil || r.LinkIndex == docker0 {
 				continue
 			}
 			dst, _ := netip.AddrFromSlice(r.Dst.IP)
+			dst = dst.Unmap()
+			network := n.cl.cfg.Network
+			if dst.Is6() {
+				network = n.cl.cfg.IPv6Network // invalid unless dual stack: then nothing is in it
+			}
 			ones, _ := r.Dst.Mask.Size()
-			if network.Contains(dst.Unmap()) && ones >= network.Bits() {
+			if network.Contains(dst) && ones >= network.Bits() {
 				found = append(found, fmt.Sprintf("route %v dev %s table %d", r.Dst, names[r.LinkIndex], r.Table))
 			}
 		}

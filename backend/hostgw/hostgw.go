@@ -11,6 +11,16 @@
 // reason (xnetd shows it in status), and Status lists it until its lease changes or goes. It
 // is also the throughput ceiling the benchmark compares the others to.
 //
+// In a dual-stack overlay a peer's IPv6 subnet is routed the same way via its PublicIPv6,
+//
+//	ip -6 route replace <peer IPv6 subnet> via <peer PublicIPv6> dev <iface>
+//
+// as flannel's host-gw does, when the PublicIPv6 is on our IPv6 segment (the same check against
+// the NIC's IPv6 subnets). A peer without a PublicIPv6, or with one off our segment, is
+// unreachable over IPv6 in this mode: AddPeer logs it, lists it in Status under its IPv6
+// subnet, and routes its IPv4 subnet all the same (it is not an error: its IPv4 half works).
+// host-gw publishes no BackendV6Data.
+//
 // Routes outlive xnetd, which is what keeps containers connected across a restart; the route of
 // a lease deleted while xnetd was down goes when the daemon, after its first full lease list,
 // calls PrunePeers.
@@ -48,12 +58,16 @@ type Backend struct {
 
 	mu    sync.Mutex
 	setup bool
-	// unreachable holds the peers AddPeer could not route, by subnet, with the reason.
+	// unreachable holds the peers AddPeer could not route, by subnet (IPv4 or IPv6), with the
+	// reason.
 	unreachable map[netip.Prefix]string
+	// routed6 is the IPv6 subnet this process routed per peer (by IPv4 subnet), so a lease
+	// whose IPv6 subnet changed or went has the old route removed.
+	routed6 map[netip.Prefix]netip.Prefix
 }
 
-// Status is what host-gw knows beyond its routes: the peers it cannot reach, by subnet, and
-// why (their PublicIP is not on our segment).
+// Status is what host-gw knows beyond its routes: the peers it cannot reach, by subnet (an IPv6
+// subnet for a peer unreachable over IPv6 only), and why.
 type Status struct {
 	Unreachable map[string]string `json:"unreachable"`
 }
@@ -89,7 +103,8 @@ func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 		return nil, err
 	}
 	base.Log = base.Log.With("iface", opts.Iface.Name)
-	return &Backend{Base: base, nl: h, direct: backend.NewDirectRouter(h, opts.Iface), unreachable: map[netip.Prefix]string{}}, nil
+	return &Backend{Base: base, nl: h, direct: backend.NewDirectRouter(h, opts.Iface), unreachable: map[netip.Prefix]string{},
+		routed6: map[netip.Prefix]netip.Prefix{}}, nil
 }
 
 // Status lists the peers AddPeer could not route and why.
@@ -111,12 +126,23 @@ func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
 	return subnetmgr.BackendHostGW, json.RawMessage("null"), nil
 }
 
+// LeaseAttrsV6 publishes no BackendV6Data: the route needs only the PublicIPv6.
+func (b *Backend) LeaseAttrsV6() (json.RawMessage, error) { return nil, nil }
+
+// ReceivesOnIPv6Underlay: peers route our IPv6 subnet via our PublicIPv6 when we have one.
+func (b *Backend) ReceivesOnIPv6Underlay() bool {
+	return b.Iface.PublicIPv6.Is6() && !b.Iface.PublicIPv6.Is4In6()
+}
+
 // MTU is the NIC's: nothing is added to packets.
 func (b *Backend) MTU() int { return b.Iface.MTU }
 
 // Setup checks the NIC is still the one we were built for. host-gw needs no device.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
 	if err := b.CheckSetup(ctx, local, cfg); err != nil {
+		return err
+	}
+	if err := b.CheckSetupV6(local, cfg); err != nil {
 		return err
 	}
 	link, err := b.nl.LinkByIndex(b.Iface.Index)
@@ -130,7 +156,8 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 	defer b.mu.Unlock()
 	b.setup = true
 	b.SetLocal(local, cfg.Network)
-	b.Log.Info("host-gw ready", "subnet", local.Subnet, "public_ip", b.Iface.PublicIP)
+	b.SetIPv6Network(cfg.IPv6Network)
+	b.Log.Info("host-gw ready", "subnet", local.Subnet, "public_ip", b.Iface.PublicIP, "ipv6_subnet", local.IPv6Subnet, "public_ipv6", b.Iface.PublicIPv6)
 	return nil
 }
 
@@ -153,6 +180,11 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		b.Log.Debug("routing to a peer of another backend type", "subnet", lease.Subnet, "type", lease.BackendType)
 	}
 	subnet := lease.Subnet.Masked()
+	return errors.Join(b.routeV4(lease, subnet), b.routeV6(lease, subnet))
+}
+
+// routeV4 routes the peer's IPv4 subnet, or reports why it cannot.
+func (b *Backend) routeV4(lease subnetmgr.Lease, subnet netip.Prefix) error {
 	path, err := b.direct.Decide(lease.PublicIP)
 	if err != nil {
 		return fmt.Errorf("host-gw: lease %v: %w", lease.Subnet, err)
@@ -178,6 +210,51 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	return nil
 }
 
+// routeV6 routes the peer's IPv6 subnet via its PublicIPv6 in a dual-stack overlay when that is
+// on our IPv6 segment; otherwise it logs and lists the peer as unreachable over IPv6, which is
+// not an error. The route of an IPv6 subnet the peer no longer holds goes.
+func (b *Backend) routeV6(lease subnetmgr.Lease, subnet netip.Prefix) error {
+	var want netip.Prefix
+	if b.DualStack() && lease.IPv6Subnet.IsValid() && lease.IPv6Subnet.Addr().Is6() && !lease.IPv6Subnet.Addr().Is4In6() {
+		want = lease.IPv6Subnet.Masked()
+	}
+	if old, ok := b.routed6[subnet]; ok && old != want {
+		delete(b.routed6, subnet)
+		delete(b.unreachable, old)
+		if err := b.direct.DeleteRoute(old); err != nil {
+			return fmt.Errorf("host-gw: lease %v: remove the route of its former IPv6 subnet: %w", lease.Subnet, err)
+		}
+	}
+	if !want.IsValid() {
+		return nil
+	}
+	b.routed6[subnet] = want
+	why := "the peer publishes no PublicIPv6"
+	if lease.PublicIPv6.Is6() && !lease.PublicIPv6.Is4In6() {
+		path, err := b.direct.Decide(lease.PublicIPv6)
+		if err != nil {
+			return fmt.Errorf("host-gw: lease %v: %w", lease.Subnet, err)
+		}
+		if path.Direct {
+			delete(b.unreachable, want)
+			if err := b.direct.RouteVia(want, lease.PublicIPv6); err != nil {
+				return fmt.Errorf("host-gw: %w", err)
+			}
+			b.Log.Debug("peer routed over IPv6", "subnet", lease.Subnet, "ipv6_subnet", want, "via", lease.PublicIPv6, "why", path.Why)
+			return nil
+		}
+		why = "PublicIPv6 " + path.Why
+	}
+	// As for IPv4: no route is better than one via an address that is not a neighbour.
+	if err := b.direct.DeleteRoute(want); err != nil {
+		b.Log.Warn("removing the IPv6 route of a peer no longer on our segment", "ipv6_subnet", want, "err", err)
+	}
+	b.unreachable[want] = why
+	b.Log.Warn("peer unreachable over IPv6 in host-gw mode; its IPv4 subnet is routed", "subnet", lease.Subnet,
+		"ipv6_subnet", want, "public_ipv6", lease.PublicIPv6, "why", why)
+	return nil
+}
+
 // RemovePeer deletes our route to the lease's subnet, whatever gateway it has now (the lease
 // in a removal event may be older than the route). A missing route is not an error.
 func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
@@ -194,11 +271,23 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if err := b.direct.DeleteRoute(subnet); err != nil {
 		return fmt.Errorf("host-gw: %w", err)
 	}
+	// The IPv6 route, whether this process made it (for whichever IPv6 subnet) or an earlier one did.
+	for _, s6 := range []netip.Prefix{b.routed6[subnet], lease.IPv6Subnet} {
+		if !s6.IsValid() || !s6.Addr().Is6() {
+			continue
+		}
+		delete(b.unreachable, s6.Masked())
+		if err := b.direct.DeleteRoute(s6); err != nil {
+			return fmt.Errorf("host-gw: %w", err)
+		}
+	}
+	delete(b.routed6, subnet)
 	return nil
 }
 
 // Close releases the netlink socket. With teardown it also deletes every gatewayed route on our
-// NIC into the overlay Network (ours by construction, including those of an earlier run).
+// NIC to a part of the overlay Network or IPv6Network (ours by construction, including those of
+// an earlier run). A route to the whole Network is the host's (StaleVia) and stays.
 func (b *Backend) Close(teardown bool) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -218,10 +307,7 @@ func (b *Backend) Close(teardown bool) error {
 }
 
 func (b *Backend) deleteRoutes() error {
-	_, err := b.direct.DeleteRoutesWhere(func(dst netip.Prefix, _ netip.Addr) bool {
-		return b.Network().Contains(dst.Addr()) && dst.Bits() >= b.Network().Bits()
-	})
-	if err != nil {
+	if _, err := b.direct.DeleteRoutesInside(b.Networks()...); err != nil {
 		return fmt.Errorf("host-gw: teardown: %w", err)
 	}
 	return nil
@@ -231,8 +317,8 @@ func (b *Backend) deleteRoutes() error {
 // outlive xnetd, so a restarted daemon inherits the route of every lease deleted while it was
 // down, and no removal event will ever name them. The NIC is shared with the host's own
 // routes: a gatewayed route is ours when it leads strictly into the overlay Network, or
-// elsewhere via a host holding a kept lease (backend.KeptSubnets.StaleVia); our own subnet
-// and every other route stay.
+// elsewhere via a host holding a kept lease (backend.KeptSubnets.StaleVia), IPv6 routes judged
+// against the IPv6Network; our own subnets and every other route stay.
 func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -242,13 +328,18 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.Network().IsValid() {
 		return nil // no Network: no route can be known to be ours
 	}
-	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
+	kept := backend.KeptFor(b.Local(), keep)
 	for s := range b.unreachable {
 		if !kept.Has(s) {
 			delete(b.unreachable, s)
 		}
 	}
-	gone, err := b.direct.DeleteRoutesWhere(func(dst netip.Prefix, gw netip.Addr) bool { return kept.StaleVia(b.Network(), dst, gw) })
+	for s := range b.routed6 {
+		if !kept.Has(s) {
+			delete(b.routed6, s)
+		}
+	}
+	gone, err := b.direct.PruneRoutes(kept, b.Networks()...)
 	if len(gone) > 0 {
 		b.Log.Info("removed routes of peers whose leases went away while xnetd was down", "routes", gone)
 	}
@@ -261,4 +352,5 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 var (
 	_ backend.Backend    = (*Backend)(nil)
 	_ backend.PeerPruner = (*Backend)(nil)
+	_ backend.DualStack  = (*Backend)(nil)
 )

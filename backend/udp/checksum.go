@@ -18,15 +18,26 @@ import (
 // sender that coincidence has a chance of 1 in 65536, and the packet must then also fail
 // verification, which an intact one does not.
 
-// completePartialChecksum fills in the TCP or UDP checksum of an IPv4 packet (already checked by
-// wire.Decode) if it is a pseudo-header-only partial checksum. It reports whether it did.
+// completePartialChecksum fills in the TCP or UDP checksum of an IPv4 or IPv6 packet (already
+// checked by wire.Decode) if it is a pseudo-header-only partial checksum. It reports whether it
+// did. In IPv6 only a TCP or UDP header right after the fixed header is looked at (a kernel
+// sender's partial checksums come so).
 func completePartialChecksum(pkt []byte) bool {
-	ihl := int(pkt[0]&0x0f) * 4
-	if binary.BigEndian.Uint16(pkt[6:8])&0x3fff != 0 {
-		return false // a fragment: its transport header is not (all) here
+	var proto byte
+	var l4 []byte
+	var pseudo uint64
+	if pkt[0]>>4 == 6 {
+		proto, l4 = pkt[6], pkt[40:]
+		pseudo = pseudoHeaderSum6(pkt, len(l4))
+	} else {
+		if binary.BigEndian.Uint16(pkt[6:8])&0x3fff != 0 {
+			return false // a fragment: its transport header is not (all) here
+		}
+		proto, l4 = pkt[9], pkt[int(pkt[0]&0x0f)*4:]
+		pseudo = pseudoHeaderSum(pkt, len(l4))
 	}
 	var at int
-	switch pkt[9] {
+	switch proto {
 	case 6: // TCP
 		at = 16
 	case 17: // UDP
@@ -34,13 +45,11 @@ func completePartialChecksum(pkt []byte) bool {
 	default:
 		return false
 	}
-	l4 := pkt[ihl:]
 	if len(l4) < at+2 {
 		return false
 	}
 	field := binary.BigEndian.Uint16(l4[at:])
-	pseudo := pseudoHeaderSum(pkt, len(l4))
-	if field != fold(pseudo) || (pkt[9] == 17 && field == 0) {
+	if field != fold(pseudo) || (proto == 17 && field == 0) {
 		return false
 	}
 	segment := onesSum(l4)
@@ -50,7 +59,7 @@ func completePartialChecksum(pkt []byte) bool {
 	// Complete it: the checksum is the complement of pseudo header + segment with the field
 	// taken out (adding ^field subtracts it in ones' complement).
 	c := ^fold(pseudo + segment + uint64(^field))
-	if pkt[9] == 17 && c == 0 {
+	if proto == 17 && c == 0 {
 		c = 0xffff // UDP sends a computed 0 as 0xffff (0 means "no checksum")
 	}
 	binary.BigEndian.PutUint16(l4[at:], c)
@@ -62,6 +71,12 @@ func pseudoHeaderSum(pkt []byte, l4Len int) uint64 {
 	return uint64(binary.BigEndian.Uint16(pkt[12:14])) + uint64(binary.BigEndian.Uint16(pkt[14:16])) +
 		uint64(binary.BigEndian.Uint16(pkt[16:18])) + uint64(binary.BigEndian.Uint16(pkt[18:20])) +
 		uint64(pkt[9]) + uint64(l4Len)
+}
+
+// pseudoHeaderSum6 is the unfolded sum of the IPv6 pseudo header (RFC 8200, 8.1) for an
+// l4Len-byte segment of an IPv6 packet whose next header is the transport's.
+func pseudoHeaderSum6(pkt []byte, l4Len int) uint64 {
+	return onesSum(pkt[8:40]) + uint64(pkt[6]) + uint64(l4Len)
 }
 
 // onesSum is the Internet checksum's sum of b (RFC 1071), as a value whose fold is the 16-bit

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"testing"
@@ -23,6 +24,9 @@ import (
 var (
 	h1IP, h2IP, h3IP = netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12"), netip.MustParseAddr("198.18.0.13")
 	h1Subnet         = netip.MustParsePrefix("10.244.1.0/24")
+	h1Subnet6        = netip.MustParsePrefix("fd00:10:244:1::/64")
+	h1Local          = localSubnets{v4: h1Subnet}                // an IPv4-only overlay
+	h1Dual           = localSubnets{v4: h1Subnet, v6: h1Subnet6} // a dual-stack one
 	h1MAC            = mustMAC(backend.VtepMAC(h1IP))
 	rxExpect         = wire.Expect{VNI: 1, MAC: h1MAC, MaxInner: 1450}
 )
@@ -53,13 +57,15 @@ func parsePeer(lease subnetmgr.Lease, vni, port int, log *slog.Logger) (*peerDP,
 	return newPeerDP(p, port), nil
 }
 
+// testTable holds h2 and h3, with IPv6 subnets fd00:10:244:2::/64 and fd00:10:244:3::/64.
 func testTable(t testing.TB) *peerTable {
 	peers := map[netip.Prefix]*peerDP{}
-	for _, l := range []subnetmgr.Lease{testLease("10.244.2.0/24", h2IP), testLease("10.244.3.0/24", h3IP)} {
+	for i, l := range []subnetmgr.Lease{testLease("10.244.2.0/24", h2IP), testLease("10.244.3.0/24", h3IP)} {
 		p, err := parsePeer(l, 1, 8472, slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)
 		}
+		p.subnet6 = netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%d::/64", i+2))
 		peers[p.subnet] = p
 	}
 	return newPeerTable(peers)
@@ -100,7 +106,7 @@ func TestClassifyAppliesEveryAcceptanceRule(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			got, f, p := classify(c.payload, c.outerSrc.As4(), rxExpect, h1Subnet, table)
+			got, f, p := classify(c.payload, c.outerSrc.As4(), rxExpect, h1Local, table)
 			if got != c.want {
 				t.Fatalf("classify = %v, want %v", got, c.want)
 			}
@@ -291,11 +297,13 @@ func FuzzClassify(f *testing.F) {
 	f.Add(datagram(1, h1MAC, "10.244.9.5", "10.244.1.7", 60), []byte{198, 18, 0, 12})
 	f.Add(datagram(2, h1MAC, "10.244.2.5", "10.244.1.7", 60), []byte{198, 18, 0, 12})
 	f.Add([]byte("garbage"), []byte{1, 2, 3, 4})
+	f.Add(datagram6("fd00:10:244:2::5", "fd00:10:244:1::7", 100), []byte{198, 18, 0, 12})
+	f.Add(datagram6("fd00:10:244:2::5", "fd00:10:244:1::7", 100), []byte{198, 18, 0, 13})
 	f.Fuzz(func(t *testing.T, payload, src []byte) {
 		if len(src) != 4 {
 			return
 		}
-		v, fr, p := classify(payload, [4]byte(src), rxExpect, h1Subnet, table)
+		v, fr, p := classify(payload, [4]byte(src), rxExpect, h1Dual, table)
 		_ = isSuperFrame(payload, rxExpect.MaxInner)
 		if v >= numVerdicts {
 			t.Fatalf("verdict %d", v)
@@ -303,10 +311,149 @@ func FuzzClassify(f *testing.F) {
 		if v != verdictDecap {
 			return
 		}
-		if p == nil || p.publicIP.As4() != [4]byte(src) || !p.subnet.Contains(netip.AddrFrom4(fr.InnerSrc)) ||
-			!h1Subnet.Contains(netip.AddrFrom4(fr.InnerDst)) {
-			t.Fatalf("accepted %v -> %v from %v (peer %v)", fr.InnerSrc, fr.InnerDst, src, p)
+		if p == nil || p.publicIP.As4() != [4]byte(src) {
+			t.Fatalf("accepted from %v (peer %v)", src, p)
+		}
+		if fr.IsIPv6() && (!p.subnet6.Contains(netip.AddrFrom16(fr.InnerSrc6)) || !h1Subnet6.Contains(netip.AddrFrom16(fr.InnerDst6))) ||
+			!fr.IsIPv6() && (!p.subnet.Contains(netip.AddrFrom4(fr.InnerSrc)) || !h1Subnet.Contains(netip.AddrFrom4(fr.InnerDst))) {
+			t.Fatalf("accepted %v %v -> %v %v from %v (peer %v)", fr.InnerSrc, fr.InnerSrc6, fr.InnerDst, fr.InnerDst6, src, p)
 		}
 		completePartialChecksum(append([]byte(nil), fr.Inner...))
 	})
+}
+
+// datagram6 is what h2 would send h1 in a dual-stack overlay: VXLAN + Ethernet (IPv6) +
+// IPv6/UDP from src to dst, with a correct UDP checksum.
+func datagram6(src, dst string, size int) []byte {
+	return frame6(udp6(netip.MustParseAddr(src), netip.MustParseAddr(dst), size))
+}
+
+// frame6 puts h2's VXLAN header for h1 with EtherType IPv6 in front of inner.
+func frame6(inner []byte) []byte {
+	b := make([]byte, wire.HeaderLen, wire.HeaderLen+len(inner))
+	wire.Encode(b, wire.Header{VNI: 1, Dst: h1MAC, Src: mustMAC(backend.VtepMAC(h2IP)), EtherType: wire.EtherTypeIPv6})
+	return append(b, inner...)
+}
+
+// udp6 is an IPv6/UDP packet of size bytes with its checksum filled in.
+func udp6(src, dst netip.Addr, size int) []byte {
+	p := make([]byte, size)
+	p[0] = 0x60
+	binary.BigEndian.PutUint16(p[4:6], uint16(size-40))
+	p[6], p[7] = 17, 64
+	s, d := src.As16(), dst.As16()
+	copy(p[8:24], s[:])
+	copy(p[24:40], d[:])
+	binary.BigEndian.PutUint16(p[40:], 1000)
+	binary.BigEndian.PutUint16(p[42:], 2000)
+	binary.BigEndian.PutUint16(p[44:], uint16(size-40))
+	for i := 48; i < size; i++ {
+		p[i] = byte(i)
+	}
+	binary.BigEndian.PutUint16(p[46:], ^fold(pseudoHeaderSum6(p, size-40)+onesSum(p[40:])))
+	return p
+}
+
+func TestClassifyHoldsIPv6ToTheSameRules(t *testing.T) {
+	table := testTable(t)
+	good := datagram6("fd00:10:244:2::5", "fd00:10:244:1::7", 100)
+	cases := []struct {
+		name     string
+		payload  []byte
+		outerSrc netip.Addr
+		local    localSubnets
+		want     verdict
+	}{
+		{"from the peer that owns the IPv6 source, to our IPv6 subnet: delivered", good, h2IP, h1Dual, verdictDecap},
+		{"IPv4 still delivered in a dual-stack overlay", datagram(1, h1MAC, "10.244.2.5", "10.244.1.7", 100), h2IP, h1Dual, verdictDecap},
+		{"IPv6 in an IPv4-only overlay", good, h2IP, h1Local, verdictDropInnerNotIPv4},
+		{"destination in another host's IPv6 subnet", datagram6("fd00:10:244:2::5", "fd00:10:244:3::7", 100), h2IP, h1Dual, verdictDropNotLocal},
+		{"destination outside the overlay", datagram6("fd00:10:244:2::5", "2001:db8::7", 100), h2IP, h1Dual, verdictDropNotLocal},
+		{"source in no lease's IPv6 subnet", datagram6("fd00:10:244:9::5", "fd00:10:244:1::7", 100), h2IP, h1Dual, verdictDropUnknownSource},
+		{"source in our own IPv6 subnet", datagram6("fd00:10:244:1::9", "fd00:10:244:1::7", 100), h2IP, h1Dual, verdictDropUnknownSource},
+		{"spoofed: h3 sends with h2's IPv6 container address", good, h3IP, h1Dual, verdictDropSpoofed},
+		{"spoofed: h2 sends with h3's IPv6 container address", datagram6("fd00:10:244:3::5", "fd00:10:244:1::7", 100), h2IP, h1Dual, verdictDropSpoofed},
+		{"IPv6 over the MTU", datagram6("fd00:10:244:2::5", "fd00:10:244:1::7", 1451), h2IP, h1Dual, verdictDropOversized},
+		{"IPv6 truncated", good[:len(good)-1], h2IP, h1Dual, verdictDropMalformed},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got, f, p := classify(c.payload, c.outerSrc.As4(), rxExpect, c.local, table)
+			if got != c.want {
+				t.Fatalf("classify = %v, want %v", got, c.want)
+			}
+			if got == verdictDecap && (p == nil || p.publicIP != h2IP || len(f.Inner) == 0) {
+				t.Errorf("accepted without the owning peer (%v) or an inner packet", p)
+			}
+		})
+	}
+}
+
+func TestPeerTableFindsTheOwningIPv6Subnet(t *testing.T) {
+	peers := map[netip.Prefix]*peerDP{}
+	for i, s6 := range []string{"fd00:10:244:2::/64", "fd00:10:244:3::/64", "fd00:10:245::/48", "fd00:10:245:8::/62"} {
+		p := &peerDP{subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 2), 0}), 24), subnet6: netip.MustParsePrefix(s6)}
+		peers[p.subnet] = p
+	}
+	peers[netip.MustParsePrefix("10.244.9.0/24")] = &peerDP{subnet: netip.MustParsePrefix("10.244.9.0/24")} // IPv4 only
+	table := newPeerTable(peers)
+	cases := []struct{ addr, want string }{
+		{"fd00:10:244:2::", "fd00:10:244:2::/64"},
+		{"fd00:10:244:2:ffff:ffff:ffff:ffff", "fd00:10:244:2::/64"},
+		{"fd00:10:244:3::77", "fd00:10:244:3::/64"},
+		{"fd00:10:244:4::1", ""},
+		{"fd00:10:245:9::1", "fd00:10:245:8::/62"}, // the longest prefix wins
+		{"fd00:10:245:c::1", "fd00:10:245::/48"},
+		{"::ffff:10.244.2.1", ""},
+	}
+	for _, c := range cases {
+		p := table.lookup6(netip.MustParseAddr(c.addr).As16())
+		got := ""
+		if p != nil {
+			got = p.subnet6.String()
+		}
+		if got != c.want {
+			t.Errorf("lookup6(%s) = %q, want %q", c.addr, got, c.want)
+		}
+	}
+	if len(table.all()) != 5 {
+		t.Errorf("all() lists %d peers, want each of the 5 once", len(table.all()))
+	}
+}
+
+func TestCompletePartialChecksumIPv6(t *testing.T) {
+	src, dst := netip.MustParseAddr("fd00:10:244:2::5"), netip.MustParseAddr("fd00:10:244:1::7")
+	full := udp6(src, dst, 200)
+	partial := append([]byte(nil), full...)
+	// What a kernel sender leaves: the pseudo header's sum alone.
+	binary.BigEndian.PutUint16(partial[46:], fold(pseudoHeaderSum6(partial, 160)))
+	if !completePartialChecksum(partial) {
+		t.Fatal("a partial IPv6/UDP checksum was not completed")
+	}
+	if binary.BigEndian.Uint16(partial[46:]) != binary.BigEndian.Uint16(full[46:]) {
+		t.Errorf("completed %#04x, want %#04x", binary.BigEndian.Uint16(partial[46:]), binary.BigEndian.Uint16(full[46:]))
+	}
+	if completePartialChecksum(full) {
+		t.Error("a correct IPv6 checksum was rewritten")
+	}
+}
+
+func TestFlowHashIPv6(t *testing.T) {
+	pkt := func(sport uint16) []byte {
+		p := udp6(netip.MustParseAddr("fd00:10:244:1::2"), netip.MustParseAddr("fd00:10:244:2::2"), 100)
+		binary.BigEndian.PutUint16(p[40:], sport)
+		return p
+	}
+	long := append(pkt(40000), make([]byte, 1000)...) // another packet of the same flow
+	binary.BigEndian.PutUint16(long[4:6], uint16(len(long)-40))
+	if flowHash(pkt(40000)) != flowHash(long) {
+		t.Error("two packets of one flow hash differently")
+	}
+	used := map[uint32]bool{}
+	for sport := uint16(40000); sport < 40064; sport++ {
+		used[flowHash(pkt(sport))%8] = true
+	}
+	if len(used) < 8 {
+		t.Errorf("64 IPv6 flows used only %d of 8 sockets", len(used))
+	}
 }

@@ -105,7 +105,7 @@ func (c *counters) flush(t *tally) {
 	}
 }
 
-// Counter is the packets and bytes (inner IPv4 bytes) of one verdict.
+// Counter is the packets and bytes (inner IPv4 or IPv6 bytes) of one verdict.
 type Counter struct {
 	Packets uint64
 	Bytes   uint64

@@ -50,7 +50,7 @@ const (
 // dpConfig is the part of the backend's identity the packet path needs.
 type dpConfig struct {
 	expect wire.Expect
-	local  netip.Prefix // our subnet: inner destinations we deliver
+	local  localSubnets // inner destinations we deliver (IPv6 too when local.v6 is set)
 	mac    wire.MAC
 	port   int // outer destination port
 	// copyingGRO uses wireguard-go's TUN Write (copies into per-packet buffers) instead of
@@ -70,8 +70,8 @@ type datapath struct {
 	expect     wire.Expect
 	mac        wire.MAC
 	port       int
-	// local is our subnet, swapped whole when Setup sees a new lease.
-	local atomic.Pointer[netip.Prefix]
+	// local is our subnets, swapped whole when Setup sees a new lease.
+	local atomic.Pointer[localSubnets]
 	// gso turns false for good when the kernel refuses a GSO send at run time (a NIC without
 	// checksum offload on the way to a peer): we then send one datagram per packet.
 	gso     atomic.Bool
@@ -117,7 +117,13 @@ func startDatapath(res *resources, cfg dpConfig, tables *tableHolder, stats *cou
 	return d
 }
 
-func (d *datapath) setLocal(p netip.Prefix) { d.local.Store(&p) }
+// localSubnets are our lease's subnets: the inner destinations we deliver.
+type localSubnets struct {
+	v4 netip.Prefix
+	v6 netip.Prefix // invalid unless dual stack
+}
+
+func (d *datapath) setLocal(l localSubnets) { d.local.Store(&l) }
 
 // release lets the queues be read; it says whether this call did (the first one).
 func (d *datapath) release() bool {
@@ -262,22 +268,28 @@ func (d *datapath) encapAndSend(t *txQueue, n int) {
 			continue
 		}
 		pkt := t.bufs[i][txHeadroom : txHeadroom+size]
-		if len(pkt) < wire.IPv4HeaderLen || pkt[0]>>4 != 4 {
-			// IPv6 or garbage routed into xnet0: the overlay is IPv4 only.
+		var p *peerDP
+		etherType := uint16(wire.EtherTypeIPv4)
+		switch {
+		case len(pkt) >= wire.IPv4HeaderLen && pkt[0]>>4 == 4:
+			dst := [4]byte(pkt[16:20])
+			p = lastPeer
+			if p == nil || dst != lastDst {
+				p = table.lookup(dst)
+				lastDst, lastPeer = dst, p
+			}
+		case len(pkt) >= wire.IPv6HeaderLen && pkt[0]>>4 == 6:
+			p, etherType = table.lookup6([16]byte(pkt[24:40])), wire.EtherTypeIPv6
+		default:
+			// Garbage routed into xnet0.
 			t.tally.add(verdictDropInnerNotIPv4, size)
 			continue
-		}
-		dst := [4]byte(pkt[16:20])
-		p := lastPeer
-		if p == nil || dst != lastDst {
-			p = table.lookup(dst)
-			lastDst, lastPeer = dst, p
 		}
 		if p == nil {
 			t.tally.add(verdictDropNoRoute, size)
 			continue
 		}
-		wire.Encode(t.bufs[i][:wire.HeaderLen], wire.Header{VNI: d.expect.VNI, Dst: p.mac, Src: d.mac})
+		wire.Encode(t.bufs[i][:wire.HeaderLen], wire.Header{VNI: d.expect.VNI, Dst: p.mac, Src: d.mac, EtherType: etherType})
 		dgram := t.bufs[i][:txHeadroom+size]
 		sock := 0
 		if nsend > 1 {
@@ -395,13 +407,27 @@ func putUDPSegment(b []byte, size int) []byte {
 }
 
 // flowHash hashes the inner flow (addresses, protocol, ports of an unfragmented TCP or UDP
-// packet) to pick the sending socket, i.e. the outer source port.
+// packet) to pick the sending socket, i.e. the outer source port. pkt is an IPv4 packet of at
+// least 20 bytes or an IPv6 one of at least 40.
 func flowHash(pkt []byte) uint32 {
-	h := binary.BigEndian.Uint32(pkt[12:16])*0x9e3779b1 ^ binary.BigEndian.Uint32(pkt[16:20])*0x85ebca77 ^ uint32(pkt[9])
-	ihl := int(pkt[0]&0x0f) * 4
-	unfragmented := binary.BigEndian.Uint16(pkt[6:8])&0x3fff == 0
-	if (pkt[9] == unix.IPPROTO_TCP || pkt[9] == unix.IPPROTO_UDP) && unfragmented && len(pkt) >= ihl+4 {
-		h ^= binary.BigEndian.Uint32(pkt[ihl:ihl+4]) * 0xc2b2ae3d
+	var h uint32
+	if pkt[0]>>4 == 6 {
+		// Both addresses, then the ports when TCP or UDP follows the fixed header directly
+		// (extension headers, fragments included, leave a flow on one socket all the same).
+		for i := 8; i < 40; i += 4 {
+			h = (h ^ binary.BigEndian.Uint32(pkt[i:i+4])) * 0x9e3779b1
+		}
+		h ^= uint32(pkt[6])
+		if (pkt[6] == unix.IPPROTO_TCP || pkt[6] == unix.IPPROTO_UDP) && len(pkt) >= 44 {
+			h ^= binary.BigEndian.Uint32(pkt[40:44]) * 0xc2b2ae3d
+		}
+	} else {
+		h = binary.BigEndian.Uint32(pkt[12:16])*0x9e3779b1 ^ binary.BigEndian.Uint32(pkt[16:20])*0x85ebca77 ^ uint32(pkt[9])
+		ihl := int(pkt[0]&0x0f) * 4
+		unfragmented := binary.BigEndian.Uint16(pkt[6:8])&0x3fff == 0
+		if (pkt[9] == unix.IPPROTO_TCP || pkt[9] == unix.IPPROTO_UDP) && unfragmented && len(pkt) >= ihl+4 {
+			h ^= binary.BigEndian.Uint32(pkt[ihl:ihl+4]) * 0xc2b2ae3d
+		}
 	}
 	// murmur3's finaliser: every input bit reaches every output bit.
 	h ^= h >> 16
@@ -473,7 +499,7 @@ func (d *datapath) rxLoop(q int) {
 
 // receive classifies every datagram of one (possibly GRO-coalesced) message and queues the
 // accepted inner packets for the TUN.
-func (d *datapath) receive(r *rxQueue, dev tun.Device, data, oob []byte, flags int, outerSrc [4]byte, table *peerTable, local netip.Prefix) {
+func (d *datapath) receive(r *rxQueue, dev tun.Device, data, oob []byte, flags int, outerSrc [4]byte, table *peerTable, local localSubnets) {
 	if flags&unix.MSG_TRUNC != 0 {
 		// Larger than any datagram can be: cannot happen with a 64 KB buffer, but a
 		// truncated datagram must never be delivered as if whole.
@@ -517,20 +543,32 @@ func (d *datapath) receive(r *rxQueue, dev tun.Device, data, oob []byte, flags i
 // A kernel VXLAN sender on a veth (hosts that are namespaces, containers or VMs on veths)
 // does not segment its TSO packets: the veth carries the whole 64 KB "super-frame" to the
 // receiving namespace, and a plain UDP socket receives it as one datagram - one VXLAN header,
-// one inner IPv4/TCP header whose total length covers all of it - without a UDP_GRO size
+// one inner IPv4/TCP (or IPv6/TCP) header whose length covers all of it - without a UDP_GRO size
 // (that is only reported for UDP segmentation). From a physical NIC, or from a udp host,
 // datagrams arrive cut. Dropping super-frames would cut such a host off; cutting them
 // ourselves would cost a copy and a checksum per segment. Instead we hand the frame to the TUN
 // as what it is, a TSO packet with a virtio-net header, with segments that fit our MTU, and the
 // kernel segments it (or does not need to, when it delivers locally).
 
-// isSuperFrame reports whether a datagram is one super-frame: its inner IPv4 total length
-// covers the whole datagram and exceeds the largest packet we deliver (maxInner).
+// isSuperFrame reports whether a datagram is one super-frame: its inner IPv4 total length (or
+// IPv6 header and payload length) covers the whole datagram and exceeds the largest packet we
+// deliver (maxInner).
 func isSuperFrame(data []byte, maxInner int) bool {
-	if len(data) < wire.HeaderLen+wire.IPv4HeaderLen || data[wire.HeaderLen]>>4 != 4 {
+	if len(data) < wire.HeaderLen+wire.IPv4HeaderLen {
 		return false
 	}
-	total := int(binary.BigEndian.Uint16(data[wire.HeaderLen+2:]))
+	var total int
+	switch data[wire.HeaderLen] >> 4 {
+	case 4:
+		total = int(binary.BigEndian.Uint16(data[wire.HeaderLen+2:]))
+	case 6:
+		if len(data) < wire.HeaderLen+wire.IPv6HeaderLen {
+			return false
+		}
+		total = wire.IPv6HeaderLen + int(binary.BigEndian.Uint16(data[wire.HeaderLen+4:]))
+	default:
+		return false
+	}
 	return wire.HeaderLen+total == len(data) && total > maxInner
 }
 
@@ -539,6 +577,7 @@ const (
 	virtioNetHdrLen        = 10
 	virtioNetHdrFNeedsCsum = 1
 	virtioNetHdrGSOTCPv4   = 1
+	virtioNetHdrGSOTCPv6   = 4
 	virtioNetHdrGSOECN     = 0x80
 	tcpFlagCWR             = 0x80
 	tcpChecksumOffset      = 16
@@ -547,8 +586,8 @@ const (
 // receiveSuperFrame applies the acceptance rules to a super-frame's headers (which every
 // segment shares) and writes it to the TUN as a TSO packet whose segments fill our MTU. Only
 // TCP is accepted this way (it is all the kernel sends so); anything else that large is
-// dropped as oversized.
-func (d *datapath) receiveSuperFrame(r *rxQueue, dev tun.Device, data []byte, outerSrc [4]byte, table *peerTable, local netip.Prefix) {
+// dropped as oversized. An IPv6 super-frame must have TCP right after the fixed header.
+func (d *datapath) receiveSuperFrame(r *rxQueue, dev tun.Device, data []byte, outerSrc [4]byte, table *peerTable, local localSubnets) {
 	expect := d.expect
 	expect.MaxInner = 0 // the segments, not the frame, must fit the MTU: checked below
 	v, f, p := classify(data, outerSrc, expect, local, table)
@@ -557,8 +596,11 @@ func (d *datapath) receiveSuperFrame(r *rxQueue, dev tun.Device, data []byte, ou
 		return
 	}
 	pkt := f.Inner
-	ihl := int(pkt[0]&0x0f) * 4
-	if pkt[9] != unix.IPPROTO_TCP || binary.BigEndian.Uint16(pkt[6:8])&0x3fff != 0 || len(pkt) < ihl+20 || !d.res.offload {
+	ihl, proto, fragment, gsoType := int(pkt[0]&0x0f)*4, pkt[9], binary.BigEndian.Uint16(pkt[6:8])&0x3fff != 0, uint8(virtioNetHdrGSOTCPv4)
+	if f.IsIPv6() {
+		ihl, proto, fragment, gsoType = wire.IPv6HeaderLen, pkt[6], false, virtioNetHdrGSOTCPv6
+	}
+	if proto != unix.IPPROTO_TCP || fragment || len(pkt) < ihl+20 || !d.res.offload {
 		// Only TCP is segmented this way by the kernel; without the vnet header we could not
 		// pass the segmentation on.
 		r.tally.add(verdictDropOversized, len(pkt))
@@ -579,7 +621,6 @@ func (d *datapath) receiveSuperFrame(r *rxQueue, dev tun.Device, data []byte, ou
 	d.flushTUN(r, dev) // what came before it goes first
 	// The virtio-net header goes where the Ethernet header was: no copy.
 	hdr := data[wire.HeaderLen-virtioNetHdrLen : wire.HeaderLen]
-	gsoType := uint8(virtioNetHdrGSOTCPv4)
 	if pkt[ihl+13]&tcpFlagCWR != 0 {
 		gsoType |= virtioNetHdrGSOECN
 	}
@@ -624,19 +665,31 @@ func (d *datapath) flushTUN(r *rxQueue, dev tun.Device) {
 }
 
 // classify applies the acceptance rules (docs/design.md, What decapsulation accepts) to one datagram payload received from
-// outerSrc: wire.Decode's (VXLAN header, VNI, VTEP MAC, inner IPv4) and then the ones that
-// need the leases, in the order bpf/parse.h applies them: the inner destination is in our
-// subnet, the inner source is in a peer's subnet, and that peer's PublicIP is the outer
-// source. It returns verdictDecap with the frame and the peer, or the drop reason.
-func classify(payload []byte, outerSrc [4]byte, expect wire.Expect, local netip.Prefix, table *peerTable) (verdict, wire.Frame, *peerDP) {
+// outerSrc: wire.Decode's (VXLAN header, VNI, VTEP MAC, inner IPv4, or IPv6 when expect says
+// so) and then the ones that need the leases, in the order bpf/parse.h applies them: the inner
+// destination is in our subnet, the inner source is in a peer's subnet, and that peer's
+// PublicIP is the outer source. An inner IPv6 packet is held to the same rules with the IPv6
+// subnets: its destination in our IPv6 subnet, its source in the IPv6 subnet of the peer whose
+// PublicIP sent it (the outer header is IPv4 either way). It returns verdictDecap with the
+// frame and the peer, or the drop reason.
+func classify(payload []byte, outerSrc [4]byte, expect wire.Expect, local localSubnets, table *peerTable) (verdict, wire.Frame, *peerDP) {
+	expect.IPv6 = local.v6.IsValid() // IPv6 is ours to deliver exactly when we have an IPv6 subnet
 	f, prob := wire.Decode(payload, expect)
 	if prob != wire.OK {
 		return verdictOf(prob), f, nil
 	}
-	if !local.Contains(netip.AddrFrom4(f.InnerDst)) {
-		return verdictDropNotLocal, f, nil
+	var p *peerDP
+	if f.IsIPv6() {
+		if !local.v6.IsValid() || !local.v6.Contains(netip.AddrFrom16(f.InnerDst6)) {
+			return verdictDropNotLocal, f, nil
+		}
+		p = table.lookup6(f.InnerSrc6)
+	} else {
+		if !local.v4.Contains(netip.AddrFrom4(f.InnerDst)) {
+			return verdictDropNotLocal, f, nil
+		}
+		p = table.lookup(f.InnerSrc)
 	}
-	p := table.lookup(f.InnerSrc)
 	if p == nil {
 		return verdictDropUnknownSource, f, nil
 	}

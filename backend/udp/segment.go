@@ -23,8 +23,8 @@ import (
 // virtio-net header fields we read (include/uapi/linux/virtio_net.h).
 const (
 	virtioNetHdrGSONone = 0
-	// segHdrCap is the room for one segment's headers: VXLAN + inner Ethernet, and IPv4 and
-	// TCP headers with options.
+	// segHdrCap is the room for one segment's headers: VXLAN + inner Ethernet, and IPv4 (or
+	// IPv6) and TCP headers with options.
 	segHdrCap = wire.HeaderLen + 60 + 60
 )
 
@@ -124,11 +124,17 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 		vh.csumOffset = int(binary.NativeEndian.Uint16(frame[8:]))
 		pkt = frame[virtioNetHdrLen:]
 	}
-	if len(pkt) < wire.IPv4HeaderLen || pkt[0]>>4 != 4 {
+	var p *peerDP
+	ipv6 := false
+	switch {
+	case len(pkt) >= wire.IPv4HeaderLen && pkt[0]>>4 == 4:
+		p = d.tables.load().lookup([4]byte(pkt[16:20]))
+	case len(pkt) >= wire.IPv6HeaderLen && pkt[0]>>4 == 6:
+		p, ipv6 = d.tables.load().lookup6([16]byte(pkt[24:40])), true
+	default:
 		t.tally.add(verdictDropInnerNotIPv4, len(pkt))
 		return nil
 	}
-	p := d.tables.load().lookup([4]byte(pkt[16:20]))
 	if p == nil {
 		t.tally.add(verdictDropNoRoute, len(pkt))
 		return nil
@@ -137,7 +143,10 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 	if n := len(d.res.send); n > 1 {
 		sock = int(flowHash(pkt) % uint32(n))
 	}
-	vx := wire.Header{VNI: d.expect.VNI, Dst: p.mac, Src: d.mac}
+	vx := wire.Header{VNI: d.expect.VNI, Dst: p.mac, Src: d.mac, EtherType: wire.EtherTypeIPv4}
+	if ipv6 {
+		vx.EtherType = wire.EtherTypeIPv6
+	}
 	t.iov = t.iov[:0]
 	t.groups = t.groups[:0]
 
@@ -160,12 +169,16 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 		return nil
 	}
 
-	// A TSO segment: IPv4 + TCP headers, then up to 64 KB of payload to cut at gsoSize.
-	if vh.gsoType&^virtioNetHdrGSOECN != virtioNetHdrGSOTCPv4 || vh.gsoSize == 0 {
+	// A TSO segment: IPv4 (or IPv6 without extension headers) + TCP headers, then up to 64 KB
+	// of payload to cut at gsoSize.
+	wantGSO, ihl, proto := uint8(virtioNetHdrGSOTCPv4), int(pkt[0]&0x0f)*4, pkt[9]
+	if ipv6 {
+		wantGSO, ihl, proto = virtioNetHdrGSOTCPv6, wire.IPv6HeaderLen, pkt[6]
+	}
+	if vh.gsoType&^virtioNetHdrGSOECN != wantGSO || vh.gsoSize == 0 {
 		return errBadGSO
 	}
-	ihl := int(pkt[0]&0x0f) * 4
-	if ihl < 20 || vh.csumStart != ihl || len(pkt) < ihl+20 || pkt[9] != unix.IPPROTO_TCP {
+	if ihl < 20 || vh.csumStart != ihl || len(pkt) < ihl+20 || proto != unix.IPPROTO_TCP {
 		return errBadGSO
 	}
 	thl := int(pkt[ihl+12]>>4) * 4
@@ -178,7 +191,10 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 	if need := segs * segHdrCap; need > len(s.hdrs) {
 		s.hdrs = make([]byte, need)
 	}
-	ipID := binary.BigEndian.Uint16(pkt[4:6])
+	var ipID uint16
+	if !ipv6 {
+		ipID = binary.BigEndian.Uint16(pkt[4:6])
+	}
 	seq := binary.BigEndian.Uint32(pkt[ihl+4:])
 	flags := pkt[ihl+13]
 	// The TCP header without its checksum, summed once; each segment adds its own seq, flags,
@@ -191,10 +207,18 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 		wire.Encode(h, vx)
 		ip := h[wire.HeaderLen:]
 		copy(ip, pkt[:hl])
-		binary.BigEndian.PutUint16(ip[2:4], uint16(hl+len(pay)))
-		binary.BigEndian.PutUint16(ip[4:6], ipID+uint16(i))
-		ip[10], ip[11] = 0, 0
-		binary.BigEndian.PutUint16(ip[10:12], ^fold(onesSum(ip[:ihl])))
+		var pseudo uint64
+		if ipv6 {
+			// IPv6 has no header checksum or ID; the payload length excludes the header.
+			binary.BigEndian.PutUint16(ip[4:6], uint16(thl+len(pay)))
+			pseudo = pseudoHeaderSum6(ip, thl+len(pay))
+		} else {
+			binary.BigEndian.PutUint16(ip[2:4], uint16(hl+len(pay)))
+			binary.BigEndian.PutUint16(ip[4:6], ipID+uint16(i))
+			ip[10], ip[11] = 0, 0
+			binary.BigEndian.PutUint16(ip[10:12], ^fold(onesSum(ip[:ihl])))
+			pseudo = pseudoHeaderSum(ip, thl+len(pay))
+		}
 		tcp := ip[ihl:]
 		binary.BigEndian.PutUint32(tcp[4:8], seq+uint32(i*vh.gsoSize))
 		f := flags
@@ -205,7 +229,7 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 			f &^= 0x01 | 0x08 // FIN and PSH only on the last
 		}
 		tcp[13] = f
-		sum := pseudoHeaderSum(ip, thl+len(pay)) + onesSum(tcp[:thl]) + onesSum(pay)
+		sum := pseudo + onesSum(tcp[:thl]) + onesSum(pay)
 		binary.BigEndian.PutUint16(tcp[16:18], ^fold(sum))
 
 		n := len(h) + len(pay)

@@ -75,6 +75,18 @@
 // clear (IP_PMTUDISC_DONT), as the wire format asks; the UDP checksum is filled (UDP GSO needs it;
 // checksum 0 is allowed, not required).
 //
+// Dual stack (EnableIPv6): peers' IPv6 subnets are routed into xnet0 as well, and inner IPv6
+// packets travel in the same VXLAN over the IPv4 underlay (inner EtherType 0x86DD, inner MACs
+// as for IPv4), which is what the ebpf backend sends and what the kernel's vxlan device takes
+// on its IPv4 VTEP. So BackendV6Data repeats BackendData: peers send our IPv6 traffic to the one
+// VTEP we have (backend.VXLANPeerV6). Decapsulation holds IPv6 to the IPv4 rules with the IPv6
+// subnets: destination in our IPv6 subnet, source in the IPv6 subnet of the lease whose
+// PublicIP sent it. xnet0 gets our IPv6 subnet's address as a /128. TSO segments are cut for
+// IPv6/TCP as for IPv4; received IPv6 segments are not coalesced (each is written alone). A
+// kernel-VXLAN peer's IPv6 TCP super-frames are passed on as TSO, as IPv4 ones are. With
+// DirectRouting a peer whose PublicIPv6 is on our IPv6 segment has its IPv6 subnet routed via
+// that address on the underlay, as the vxlan backend does.
+//
 // Network namespaces: everything that is bound to a namespace - the netlink handle, the TUN
 // fds, the sockets - is opened in the namespace of the thread that calls New (captured there),
 // Setup entering it on a locked thread when the caller runs elsewhere. After that the
@@ -101,9 +113,9 @@ package udp
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"runtime"
 	"sync"
@@ -183,6 +195,8 @@ type Backend struct {
 	direct        *backend.DirectRouter
 	directRouting bool
 	paths         map[netip.Prefix]backend.PeerPath
+	// direct6 holds the peers (by IPv4 subnet) whose IPv6 subnet is routed directly.
+	direct6 map[netip.Prefix]bool
 }
 
 // New builds the backend for opts with the default Tuning. It captures the network namespace
@@ -238,6 +252,7 @@ func NewWithTuning(opts backend.Options, tune Tuning) (*Backend, error) {
 		direct:        backend.NewDirectRouter(nl, opts.Iface),
 		directRouting: opts.Config.Backend.DirectRouting,
 		paths:         map[netip.Prefix]backend.PeerPath{},
+		direct6:       map[netip.Prefix]bool{},
 	}, nil
 }
 
@@ -253,11 +268,23 @@ func (b *Backend) Mode() (string, string) {
 	return "tun", why
 }
 
-// Setup creates (or re-attaches to) xnet0, gives it our subnet's network address as a /32,
-// sets its MTU, brings it up, opens the sockets on PublicIP:port and starts the queues. A
-// second call only records a changed lease.
+// LeaseAttrsV6 publishes our IPv4 VTEP again: IPv6 rides the same VXLAN over IPv4.
+func (b *Backend) LeaseAttrsV6() (json.RawMessage, error) {
+	data, err := backend.VXLANLeaseDataV6(b.VNI, b.Iface.PublicIP, b.Iface.PublicIPv6, false)
+	if err != nil {
+		return nil, fmt.Errorf("udp: %w", err)
+	}
+	return data, nil
+}
+
+// Setup creates (or re-attaches to) xnet0, gives it our subnet's network address as a /32
+// (and, dual stack, our IPv6 subnet's as a /128), sets its MTU, brings it up, opens the sockets
+// on PublicIP:port and starts the queues. A second call only records a changed lease.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
 	if err := b.CheckSetup(ctx, local, cfg); err != nil {
+		return err
+	}
+	if err := b.CheckSetupV6(local, cfg); err != nil {
 		return err
 	}
 	b.mu.Lock()
@@ -266,11 +293,15 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		return errors.New("udp: Setup after Close")
 	}
 	local.Subnet = local.Subnet.Masked()
+	if local.IPv6Subnet.IsValid() {
+		local.IPv6Subnet = local.IPv6Subnet.Masked()
+	}
 	if b.setup {
-		changed := b.Local().Subnet != local.Subnet
+		changed := b.Local().Subnet != local.Subnet || b.Local().IPv6Subnet != local.IPv6Subnet
 		b.SetLocal(local, cfg.Network)
+		b.SetIPv6Network(cfg.IPv6Network)
 		if changed {
-			b.dp.setLocal(local.Subnet)
+			b.dp.setLocal(b.localSubnets())
 			if err := b.ensureAddress(); err != nil {
 				return err
 			}
@@ -278,6 +309,7 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		return nil
 	}
 	b.SetLocal(local, cfg.Network)
+	b.SetIPv6Network(cfg.IPv6Network)
 	var res *resources
 	err := b.inNamespace(func() error {
 		var err error
@@ -309,14 +341,19 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 	b.Log.Info("udp datapath ready", "vni", b.VNI, "port", b.Port, "public_ip", b.Iface.PublicIP,
 		"mtu", b.MTU(), "queues", len(res.queues), "send_sockets", len(res.send),
 		"tun_offload", res.offload, "udp_gso", res.gso, "udp_gro", res.gro, "taken_over", res.adopted,
-		"address", netip.PrefixFrom(local.Subnet.Addr(), 32))
+		"address", netip.PrefixFrom(local.Subnet.Addr(), 32), "ipv6_subnet", local.IPv6Subnet)
 	return nil
+}
+
+// localSubnets are our lease's subnets as the datapath delivers to them.
+func (b *Backend) localSubnets() localSubnets {
+	return localSubnets{v4: b.Local().Subnet, v6: b.Local().IPv6Subnet}
 }
 
 func (b *Backend) dpConfig() dpConfig {
 	return dpConfig{
 		expect:       wire.Expect{VNI: uint32(b.VNI), MAC: b.mac, MaxInner: b.MTU()},
-		local:        b.Local().Subnet,
+		local:        b.localSubnets(),
 		mac:          b.mac,
 		port:         b.Port,
 		copyingGRO:   b.tune.CopyingGRO,
@@ -331,8 +368,9 @@ func (b *Backend) configureDevice(link netlink.Link) error {
 			return fmt.Errorf("udp: set %s mtu %d: %w", DeviceName, b.MTU(), err)
 		}
 	}
-	// The overlay is IPv4 only: without a link-local address the kernel sends no router
-	// solicitations into the TUN for us to count as drops.
+	// No link-local address: the kernel then sends no router solicitations or neighbour
+	// discovery into the TUN for us to count as drops (a dual-stack overlay's IPv6 subnet
+	// address is added by ensureAddress).
 	if err := b.nl.LinkSetIP6AddrGenMode(link, nl.IN6_ADDR_GEN_MODE_NONE); err != nil {
 		b.Log.Debug("cannot turn off IPv6 address generation on the TUN", "err", err)
 	}
@@ -346,39 +384,46 @@ func (b *Backend) configureDevice(link netlink.Link) error {
 }
 
 // ensureAddress gives xnet0 exactly our subnet's network address as a /32 (as flannel gives its
-// vxlan device): it is the source address the host uses towards remote containers, and it is
-// inside our subnet, so replies come back through the overlay.
+// vxlan device), and in a dual-stack overlay our IPv6 subnet's as a /128: the source addresses
+// the host uses towards remote containers, inside our subnets, so replies come back through the
+// overlay. Other addresses (an old lease's) go; IPv6 link-local ones are the kernel's.
 func (b *Backend) ensureAddress() error {
-	want := netip.PrefixFrom(b.Local().Subnet.Addr(), 32)
 	link := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Index: b.dev, Name: DeviceName}}
-	addrs, err := b.nl.AddrList(link, unix.AF_INET)
+	want := map[netip.Prefix]bool{netip.PrefixFrom(b.Local().Subnet.Addr(), 32): true}
+	if s6 := b.Local().IPv6Subnet; s6.IsValid() {
+		want[netip.PrefixFrom(s6.Addr(), 128)] = true
+	}
+	addrs, err := b.nl.AddrList(link, unix.AF_UNSPEC)
 	if err != nil {
 		return fmt.Errorf("udp: list addresses of %s: %w", DeviceName, err)
 	}
-	have := false
 	for _, a := range addrs {
 		p, ok := backend.PrefixOf(a.IPNet)
-		if ok && p == want {
-			have = true
+		if ok && (want[p] || p.Addr().IsLinkLocalUnicast()) {
+			delete(want, p)
 			continue
 		}
 		if err := b.nl.AddrDel(link, &a); err != nil {
 			return fmt.Errorf("udp: remove stale address %v from %s: %w", a.IPNet, DeviceName, err)
 		}
 	}
-	if have {
-		return nil
-	}
-	addr := &netlink.Addr{IPNet: &net.IPNet{IP: want.Addr().AsSlice(), Mask: net.CIDRMask(32, 32)}}
-	if err := b.nl.AddrAdd(link, addr); err != nil {
-		return fmt.Errorf("udp: add address %v to %s: %w", want, DeviceName, err)
+	for p := range want {
+		// IPv6 without duplicate address detection: nothing behind a TUN answers it.
+		addr := &netlink.Addr{IPNet: backend.IPNet(p)}
+		if p.Addr().Is6() {
+			addr.Flags = unix.IFA_F_NODAD
+		}
+		if err := b.nl.AddrAdd(link, addr); err != nil {
+			return fmt.Errorf("udp: add address %v to %s: %w", p, DeviceName, err)
+		}
 	}
 	return nil
 }
 
-// AddPeer routes the peer's subnet into xnet0 and tells the datapath where it lives. Our own
-// lease (or an older lease with our PublicIP) is ignored. A lease that is not "vxlan" or has
-// malformed BackendData is skipped with an error wrapping ErrIncompatiblePeer.
+// AddPeer routes the peer's subnet (and, dual stack, its IPv6 subnet) into xnet0 and tells the
+// datapath where it lives. Our own lease (or an older lease with our PublicIP) is ignored. A
+// lease that is not "vxlan" or has malformed BackendData is skipped with an error wrapping
+// ErrIncompatiblePeer.
 func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -390,10 +435,19 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		return err
 	}
 	p := newPeerDP(vp, b.Port)
-	if old, ok := b.peers[p.subnet]; ok && old.publicIP == p.publicIP {
+	if b.DualStack() {
+		pv, ok, err := backend.ParseVXLANPeerV6(lease, vp)
+		if err != nil {
+			b.Log.Warn("peer's IPv6 subnet skipped; reached over IPv4 only", "subnet", lease.Subnet, "err", err)
+		} else if ok {
+			p.subnet6 = pv.Subnet
+		}
+	}
+	old, had := b.peers[p.subnet]
+	if had && old.publicIP == p.publicIP {
 		p.stats = old.stats // same peer, new lease version: keep its counters
 	}
-	// The datapath learns the peer before the route exists, so the first packet the kernel
+	// The datapath learns the peer before the routes exist, so the first packet the kernel
 	// routes into xnet0 finds it.
 	b.peers[p.subnet] = p
 	b.publishPeers()
@@ -415,11 +469,60 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		return fmt.Errorf("udp: peer %v: %w", p.subnet, err)
 	}
 	b.paths[p.subnet] = path
-	b.Log.Debug("peer programmed", "subnet", p.subnet, "public_ip", p.publicIP, "vtep_mac", p.mac.String(), "direct", path.Direct)
+	var oldSubnet6 netip.Prefix
+	if had {
+		oldSubnet6 = old.subnet6
+	}
+	if err := b.routeV6(p, lease.PublicIPv6, oldSubnet6); err != nil {
+		return fmt.Errorf("udp: peer %v: %w", p.subnet, err)
+	}
+	b.Log.Debug("peer programmed", "subnet", p.subnet, "ipv6_subnet", p.subnet6, "public_ip", p.publicIP, "vtep_mac", p.mac.String(), "direct", path.Direct)
 	return nil
 }
 
-// RemovePeer deletes the peer's route, then forgets it. A route already gone is not an error.
+// routeV6 routes the peer's IPv6 subnet (if any) into xnet0, or with DirectRouting via its
+// PublicIPv6 when that is on our IPv6 segment, and removes the route of the IPv6 subnet it held
+// before (old) when that changed.
+func (b *Backend) routeV6(p *peerDP, publicIPv6 netip.Addr, old netip.Prefix) error {
+	if old.IsValid() && old != p.subnet6 {
+		if err := b.deleteRoutes(old); err != nil {
+			return err
+		}
+	}
+	if !p.subnet6.IsValid() {
+		delete(b.direct6, p.subnet)
+		return nil
+	}
+	direct := false
+	if b.directRouting && publicIPv6.Is6() && !publicIPv6.Is4In6() {
+		path := b.direct.Path(true, publicIPv6)
+		if direct = path.Direct; direct != b.direct6[p.subnet] {
+			b.Log.Info("peer IPv6 path", "subnet", p.subnet, "ipv6_subnet", p.subnet6, "public_ipv6", publicIPv6, "direct", direct, "why", path.Why)
+		}
+	}
+	var err error
+	if direct {
+		err = b.direct.RouteVia(p.subnet6, publicIPv6)
+	} else if err = b.nl.RouteReplace(b.route(p.subnet6)); err != nil {
+		err = fmt.Errorf("route replace %v dev %s: %w", p.subnet6, DeviceName, err)
+	}
+	if err != nil {
+		return err
+	}
+	b.direct6[p.subnet] = direct
+	return nil
+}
+
+// deleteRoutes deletes our routes to subnet: into xnet0, and the direct one on the underlay,
+// whether this process made them or an earlier one did. Missing routes are not an error.
+func (b *Backend) deleteRoutes(subnet netip.Prefix) error {
+	if err := backend.IgnoreMissing(b.nl.RouteDel(b.route(subnet))); err != nil {
+		return fmt.Errorf("route del %v dev %s: %w", subnet, DeviceName, err)
+	}
+	return b.direct.DeleteRoute(subnet)
+}
+
+// RemovePeer deletes the peer's routes, then forgets it. Routes already gone are not an error.
 func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -430,16 +533,21 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if own || err != nil {
 		return err
 	}
-	err = b.nl.RouteDel(b.route(subnet))
-	if err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("udp: remove peer %v: route del: %w", subnet, err)
+	gone := []netip.Prefix{subnet}
+	if p, ok := b.peers[subnet]; ok && p.subnet6.IsValid() {
+		gone = append(gone, p.subnet6)
 	}
-	// The direct route, whether this process made it or an earlier one did.
-	if err := b.direct.DeleteRoute(subnet); err != nil {
-		return fmt.Errorf("udp: remove peer %v: %w", subnet, err)
+	if s6 := lease.IPv6Subnet; s6.IsValid() && s6.Addr().Is6() && !s6.Addr().Is4In6() {
+		gone = append(gone, s6.Masked())
+	}
+	for _, s := range gone {
+		if err := b.deleteRoutes(s); err != nil {
+			return fmt.Errorf("udp: remove peer %v: %w", subnet, err)
+		}
 	}
 	delete(b.peers, subnet)
 	delete(b.paths, subnet)
+	delete(b.direct6, subnet)
 	b.publishPeers()
 	b.Log.Debug("peer removed", "subnet", subnet, "public_ip", lease.PublicIP)
 	return nil
@@ -449,7 +557,7 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 // (backend.PeerPruner): xnet0 is persistent, so a restarted daemon inherits the route of every
 // lease deleted while it was down, and no removal event will ever name them. Left alone, such a
 // route would swallow the traffic for a subnet no host owns. Only routes to subnets strictly
-// inside the overlay Network are touched, never our own subnet.
+// inside the overlay Network (IPv6Network for IPv6 routes) are kept, never our own subnets.
 func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -464,13 +572,16 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.Network().IsValid() {
 		return nil // no Network: no route can be known to be ours
 	}
-	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
+	kept := backend.KeptFor(b.Local(), keep)
+	nets := b.Networks()
 	var errs []error
-	gone, err := backend.DeleteRoutesWhere(b.nl, b.dev, func(dst netip.Prefix, _ netip.Addr) bool { return kept.Stale(b.Network(), dst) })
+	gone, err := backend.DeleteRoutesWhere(b.nl, b.dev, func(dst netip.Prefix, _ netip.Addr) bool {
+		return kept.Stale(backend.NetworkOf(dst, nets...), dst)
+	})
 	if err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", DeviceName, err))
 	}
-	direct, err := b.direct.PruneRoutes(b.Network(), kept)
+	direct, err := b.direct.PruneRoutes(kept, nets...)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -480,6 +591,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		if !kept.Has(s) {
 			delete(b.peers, s)
 			delete(b.paths, s)
+			delete(b.direct6, s)
 			pruned = true
 		}
 	}
@@ -520,7 +632,7 @@ func (b *Backend) Close(teardown bool) error {
 			err = fmt.Errorf("udp: find %s to delete it: %w", DeviceName, lerr)
 		}
 		if b.Network().IsValid() {
-			if _, derr := b.direct.DeleteRoutesInside(b.Network()); derr != nil {
+			if _, derr := b.direct.DeleteRoutesInside(b.Networks()...); derr != nil {
 				err = errors.Join(err, fmt.Errorf("udp: teardown: %w", derr))
 			}
 		}
@@ -537,13 +649,10 @@ func (b *Backend) Close(teardown bool) error {
 	return err
 }
 
-// route is "<subnet> dev xnet0": a TUN has no link layer, so no gateway or neighbour.
+// route is "<subnet> dev xnet0" (IPv4 or IPv6): a TUN has no link layer, so no gateway or
+// neighbour.
 func (b *Backend) route(subnet netip.Prefix) *netlink.Route {
-	return &netlink.Route{
-		LinkIndex: b.dev,
-		Scope:     netlink.SCOPE_LINK,
-		Dst:       &net.IPNet{IP: subnet.Addr().AsSlice(), Mask: net.CIDRMask(subnet.Bits(), 32)},
-	}
+	return &netlink.Route{LinkIndex: b.dev, Scope: netlink.SCOPE_LINK, Dst: backend.IPNet(subnet)}
 }
 
 // publishPeers hands the datapath an immutable copy of the peer set (copy-on-write: the
@@ -563,4 +672,5 @@ func isLinkNotFound(err error) bool {
 var (
 	_ backend.Backend    = (*Backend)(nil)
 	_ backend.PeerPruner = (*Backend)(nil)
+	_ backend.DualStack  = (*Backend)(nil)
 )

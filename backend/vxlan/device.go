@@ -71,6 +71,28 @@ func (b *Backend) wantDevice() *netlink.Vxlan {
 	}
 }
 
+// wantDeviceV6 is flannel's IPv6 device, on the IPv6 underlay:
+//
+//	ip link add xnet-v6.1 type vxlan id 1 dstport 8472 local <PublicIPv6> dev <iface> nolearning
+//
+// with the MTU 70 below the underlay's and the MAC derived from PublicIPv6. flannel's local is
+// the interface's IPv6 address; ours is PublicIPv6, which xnetd takes from the interface
+// unless --public-ipv6 says otherwise.
+func (b *Backend) wantDeviceV6() *netlink.Vxlan {
+	return &netlink.Vxlan{
+		LinkAttrs: netlink.LinkAttrs{
+			Name:         DeviceNameV6(b.VNI),
+			HardwareAddr: backend.VtepMACv6(b.Iface.PublicIPv6),
+			MTU:          backend.OverlayMTUv6(b.Iface.MTU),
+		},
+		VxlanId:      b.VNI,
+		VtepDevIndex: b.Iface.Index,
+		SrcAddr:      net.IP(b.Iface.PublicIPv6.AsSlice()),
+		Port:         b.Port,
+		Learning:     false,
+	}
+}
+
 // localIP is the device's outer source address: the interface's address, else PublicIP.
 func (b *Backend) localIP() netip.Addr {
 	if b.Iface.IfaceIP.Is4() {
@@ -81,8 +103,7 @@ func (b *Backend) localIP() netip.Addr {
 
 // ensureDevice adopts an existing compatible device without disturbing it (a restarted daemon
 // must not cut traffic) and recreates an incompatible one.
-func (b *Backend) ensureDevice() (*netlink.Vxlan, error) {
-	want := b.wantDevice()
+func (b *Backend) ensureDevice(want *netlink.Vxlan) (*netlink.Vxlan, error) {
 	existing, err := b.nl.LinkByName(want.Name)
 	switch {
 	case err == nil:
@@ -102,7 +123,7 @@ func (b *Backend) ensureDevice() (*netlink.Vxlan, error) {
 		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EAFNOSUPPORT) {
 			return nil, fmt.Errorf("vxlan: create %s: kernel refuses vxlan links (%v): %w", want.Name, err, backend.ErrUnavailable)
 		}
-		return nil, fmt.Errorf("vxlan: create %s (vni %d dstport %d local %v dev %s): %w", want.Name, b.VNI, b.Port, b.localIP(), b.Iface.Name, err)
+		return nil, fmt.Errorf("vxlan: create %s (vni %d dstport %d local %v dev %s): %w", want.Name, b.VNI, b.Port, want.SrcAddr, b.Iface.Name, err)
 	}
 	link, err := b.nl.LinkByName(want.Name)
 	if err != nil {
@@ -112,7 +133,7 @@ func (b *Backend) ensureDevice() (*netlink.Vxlan, error) {
 	if !ok {
 		return nil, fmt.Errorf("vxlan: created %s is a %s link, not vxlan", want.Name, link.Type())
 	}
-	b.Log.Info("created vxlan device", "ifindex", vx.Index)
+	b.Log.Info("created vxlan device", "link", vx.Name, "ifindex", vx.Index)
 	return vx, nil
 }
 
@@ -148,7 +169,7 @@ func incompatibility(want *netlink.Vxlan, have netlink.Link) string {
 
 // adopt fixes MAC and MTU of an existing device in place.
 func (b *Backend) adopt(have, want *netlink.Vxlan) (*netlink.Vxlan, error) {
-	b.Log.Info("adopting existing vxlan device", "ifindex", have.Index)
+	b.Log.Info("adopting existing vxlan device", "link", have.Name, "ifindex", have.Index)
 	if have.HardwareAddr.String() != want.HardwareAddr.String() {
 		if err := b.nl.LinkSetHardwareAddr(have, want.HardwareAddr); err != nil {
 			// Some drivers refuse a MAC change while up: retry down.
@@ -173,12 +194,15 @@ func (b *Backend) adopt(have, want *netlink.Vxlan) (*netlink.Vxlan, error) {
 	return have, nil
 }
 
-// ensureAddress leaves exactly <subnet addr>/32 as the device's IPv4 address, as flannel does
-// (the /32 keeps the kernel from adding a connected route for the whole subnet on the device).
-// Other IPv4 addresses on our device are stale (an old lease) and removed; the device is ours.
-func (b *Backend) ensureAddress(link *netlink.Vxlan, subnet netip.Prefix, network netip.Prefix) error {
-	want := netip.PrefixFrom(subnet.Addr(), 32)
-	addrs, err := b.nl.AddrList(link, unix.AF_INET)
+// ensureAddress leaves exactly want as the device's address of family (none when want is
+// invalid), as flannel does: <subnet addr>/32 for IPv4, <IPv6 subnet addr>/128 for IPv6 (the
+// full-length prefix keeps the kernel from adding a connected route for the whole subnet on the
+// device). Other addresses of that family on our device are stale (an old lease) and removed;
+// the device is ours. IPv6 link-local addresses are the kernel's and stay. An IPv6 address is
+// added without duplicate address detection: nothing on a VXLAN device could answer it, and a
+// tentative address would not be usable as a source for a second.
+func (b *Backend) ensureAddress(link *netlink.Vxlan, family int, want netip.Prefix) error {
+	addrs, err := b.nl.AddrList(link, family)
 	if err != nil {
 		return fmt.Errorf("vxlan: list addresses of %s: %w", link.Name, err)
 	}
@@ -189,35 +213,45 @@ func (b *Backend) ensureAddress(link *netlink.Vxlan, subnet netip.Prefix, networ
 			have = true
 			continue
 		}
-		b.Log.Info("removing stale address", "address", p, "network", network)
+		if p.Addr().IsLinkLocalUnicast() {
+			continue
+		}
+		b.Log.Info("removing stale address", "link", link.Name, "address", p)
 		if err := b.nl.AddrDel(link, &a); err != nil {
 			return fmt.Errorf("vxlan: remove stale address %v from %s: %w", p, link.Name, err)
 		}
 	}
-	if have {
+	if have || !want.IsValid() {
 		return nil
 	}
-	if err := b.nl.AddrAdd(link, &netlink.Addr{IPNet: backend.IPNet(want)}); err != nil {
+	addr := &netlink.Addr{IPNet: backend.IPNet(want)}
+	if family == unix.AF_INET6 {
+		addr.Flags = unix.IFA_F_NODAD
+	}
+	if err := b.nl.AddrAdd(link, addr); err != nil {
 		return fmt.Errorf("vxlan: add address %v to %s: %w", want, link.Name, err)
 	}
 	return nil
 }
 
-func (b *Backend) deleteDevice() error {
-	link, err := b.nl.LinkByName(DeviceName(b.VNI))
+// deleteDevice deletes our vxlan device called name, if there is one.
+func (b *Backend) deleteDevice(name string) error {
+	link, err := b.nl.LinkByName(name)
 	if errors.As(err, &netlink.LinkNotFoundError{}) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("vxlan: look up %s for teardown: %w", DeviceName(b.VNI), err)
+		return fmt.Errorf("vxlan: look up %s to delete it: %w", name, err)
 	}
 	if _, ok := link.(*netlink.Vxlan); !ok {
-		return fmt.Errorf("vxlan: %s is a %s link, not ours: not deleting it", DeviceName(b.VNI), link.Type())
+		return fmt.Errorf("vxlan: %s is a %s link, not ours: not deleting it", name, link.Type())
 	}
 	if err := b.nl.LinkDel(link); err != nil {
-		return fmt.Errorf("vxlan: delete %s: %w", DeviceName(b.VNI), err)
+		return fmt.Errorf("vxlan: delete %s: %w", name, err)
 	}
-	b.peers = map[netip.Prefix]peer{}
-	b.Log.Info("deleted vxlan device")
+	if name == DeviceName(b.VNI) {
+		b.peers = map[netip.Prefix]peer{}
+	}
+	b.Log.Info("deleted vxlan device", "link", name)
 	return nil
 }

@@ -490,10 +490,22 @@ func (d *daemonRun) setupMasq() error {
 			return fmt.Errorf("--ip-masq: %w", err)
 		}
 		d.log.Info("masquerading traffic leaving the overlay", "table", "ip "+ipmasq.DefaultTable, "network", d.cfg.Network)
+		if !d.lease.IPv6Subnet.IsValid() {
+			// A table from a dual-stack run before would masquerade under old rules.
+			_ = ipmasq.TeardownIPv6(conn, ipmasq.DefaultTable)
+			return nil
+		}
+		if err := ipmasq.SetupIPv6(conn, ipmasq.DefaultTable, d.cfg.IPv6Network, d.lease.IPv6Subnet); err != nil {
+			return fmt.Errorf("--ip-masq: IPv6: %w", err)
+		}
+		d.log.Info("masquerading IPv6 traffic leaving the overlay", "table", "ip6 "+ipmasq.DefaultTable, "network", d.cfg.IPv6Network)
 		return nil
 	}
 	if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
 		d.log.Debug("no masquerade table to remove", "err", err)
+	}
+	if err := ipmasq.TeardownIPv6(conn, ipmasq.DefaultTable); err != nil {
+		d.log.Debug("no IPv6 masquerade table to remove", "err", err)
 	}
 	return nil
 }
@@ -585,6 +597,9 @@ func (d *daemonRun) teardownHostState() {
 		if conn, err := nftables.New(); err == nil {
 			if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
 				d.log.Warn("remove masquerade table", "err", err)
+			}
+			if err := ipmasq.TeardownIPv6(conn, ipmasq.DefaultTable); err != nil {
+				d.log.Warn("remove IPv6 masquerade table", "err", err)
 			}
 		}
 	}

@@ -84,6 +84,11 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 		} else {
 			fmt.Fprintf(stdout, "removed nftables table ip %s (if it existed)\n", ipmasq.DefaultTable)
 		}
+		if err := ipmasq.TeardownIPv6(conn, ipmasq.DefaultTable); err != nil {
+			errs = append(errs, err)
+		} else {
+			fmt.Fprintf(stdout, "removed nftables table ip6 %s (if it existed)\n", ipmasq.DefaultTable)
+		}
 	}
 	if n, err := loader.RemovePins(o.bpffs); err != nil {
 		errs = append(errs, err)

@@ -44,7 +44,7 @@ func TestDualStackThreeHosts(t *testing.T) {
 			checkDualLeases(t, topo, nodes, tc.ipv6Underlay)
 			cs := xdContainers(t, nodes)
 			for _, c := range cs {
-				if !c.IP6.IsValid() {
+				if !c.IPv6.IsValid() {
 					t.Fatalf("container on %s has no IPv6 address: the subnet file lacks the IPv6 subnet", c.Host.Name)
 				}
 				opts, err := os.ReadFile(c.Host.DockerOptsFile())
@@ -55,8 +55,8 @@ func TestDualStackThreeHosts(t *testing.T) {
 			if failed := dualMesh(cs); len(failed) > 0 {
 				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 			}
-			transferTo(t, cs[0], cs[1], cs[1].IP6, 8<<20)
-			transferTo(t, cs[2], cs[0], cs[0].IP6, 8<<20)
+			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
+			transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
 		})
 	}
 }
@@ -122,7 +122,7 @@ func dualMesh(cs []*harness.Container) []string {
 			if a == b {
 				continue
 			}
-			for _, dst := range []netip.Addr{b.IP6, b.IP} {
+			for _, dst := range []netip.Addr{b.IPv6, b.IP} {
 				wg.Go(func() {
 					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 					defer cancel()

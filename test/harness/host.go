@@ -21,19 +21,21 @@ type Host struct {
 	Index      int        // 0-based
 	Name       string     // "h1", "h2", ...
 	UnderlayIP netip.Addr // 198.18.0.11, .12, ...
-	// UnderlayIPv6 is fd00:198:18::11, ::12, ... with Options.IPv6Underlay, else zero.
+	StateDir   string     // per-host dir for subnet.env and docker opts (instead of /run/xnet)
+	BPFFS      string     // per-host bpffs mount point (a private bpffs instance in StateDir)
+
+	// UnderlayIPv6 is the host's IPv6 underlay address once AddIPv6Underlay (or
+	// Options.IPv6Underlay) gave it one (fd00:198:18::b, ::c, ...: 11+i); invalid otherwise.
 	UnderlayIPv6 netip.Addr
-	StateDir     string // per-host dir for subnet.env and docker opts (instead of /run/xnet)
-	BPFFS        string // per-host bpffs mount point (a private bpffs instance in StateDir)
 
 	topo *Topology
 
 	mu         sync.Mutex
 	segment    int          // Near or Far (two-segment topologies; Near otherwise)
 	docker0    netip.Prefix // gateway/len, invalid until SetupDocker0
-	docker0v6  netip.Prefix // IPv6 gateway/len, invalid unless SetupDocker0IPv6
 	docker0MTU int
-	bridge     string // the container bridge's name: "docker0" unless UseBridgeName
+	docker0v6  netip.Prefix // IPv6 gateway/len (SetupDocker0IPv6), invalid without
+	bridge     string       // the container bridge's name: "docker0" unless UseBridgeName
 	containers []*Container
 }
 
@@ -76,8 +78,9 @@ type Container struct {
 	*Namespace
 	Host *Host
 	IP   netip.Addr
-	// IP6 is the container's IPv6 address when its bridge has one (SetupDocker0IPv6).
-	IP6 netip.Addr
+	// IPv6 is the container's IPv6 address when docker0 has one (SetupDocker0IPv6), as
+	// `docker run` gives it with --ipv6; invalid otherwise.
+	IPv6 netip.Addr
 	// Veth is the host-side name of the container's veth (in the host namespace).
 	Veth string
 }
@@ -166,27 +169,6 @@ func (h *Host) SetupDocker0(gateway netip.Prefix, mtu int) error {
 	return nil
 }
 
-// SetupDocker0IPv6 plays Docker's --ipv6 --fixed-cidr-v6: the bridge (after SetupDocker0)
-// gets the IPv6 gateway address (fd00:10:244:5::1/64), and containers added later an IPv6
-// address next to their IPv4 one.
-func (h *Host) SetupDocker0IPv6(gateway netip.Prefix) error {
-	if !gateway.Addr().Is6() || gateway.Bits() > 120 || gateway.Addr() == gateway.Masked().Addr() {
-		return fmt.Errorf("harness: docker0 IPv6 gateway %s: want an IPv6 host address with its prefix length (<= /120)", gateway)
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if !h.docker0.IsValid() || h.docker0v6.IsValid() {
-		return fmt.Errorf("harness: %s: SetupDocker0IPv6 needs docker0 (SetupDocker0) without an IPv6 gateway yet", h.Name)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := h.IP(ctx, fmt.Sprintf("addr add %s dev %s nodad", gateway, h.bridgeNameLocked())); err != nil {
-		return fmt.Errorf("harness: docker0 IPv6 on %s: %w", h.Name, err)
-	}
-	h.docker0v6 = gateway
-	return nil
-}
-
 // SetupDocker0FromSubnetFile waits until xnetd has written this host's subnet file, then sets
 // up docker0 from it as Docker would with the --bip, --mtu (and --fixed-cidr-v6) xnetd wrote.
 func (h *Host) SetupDocker0FromSubnetFile(ctx context.Context) (subnetmgr.SubnetFile, error) {
@@ -249,17 +231,9 @@ func (h *Host) AddContainer() (*Container, error) {
 	}
 	c := &Container{Namespace: ns, Host: h, IP: ip, Veth: veth}
 	if h.docker0v6.IsValid() {
-		ip6 := h.docker0v6.Addr()
-		for i := 0; i < n; i++ {
-			ip6 = ip6.Next()
+		if c.IPv6, err = h.addContainerIPv6(ctx, ns, n); err != nil {
+			return nil, err
 		}
-		err = ns.IP(ctx,
-			fmt.Sprintf("addr add %s/%d dev eth0 nodad", ip6, h.docker0v6.Bits()),
-			fmt.Sprintf("route add default via %s dev eth0", h.docker0v6.Addr()))
-		if err != nil {
-			return nil, fmt.Errorf("harness: container %d on %s: IPv6: %w", n, h.Name, err)
-		}
-		c.IP6 = ip6
 	}
 	h.containers = append(h.containers, c)
 	return c, nil

@@ -19,21 +19,25 @@ import (
 const pingReplyWait = time.Second
 
 // Ping sends count ICMP echo requests from a namespace to an address, interval apart, and
-// counts the replies that arrive within a second of the last request. A host that does not
-// answer is not an error: err is only for what kept Ping from trying. to may be IPv4 or IPv6.
+// counts the replies that arrive within a second of the last request. to may be IPv4 or IPv6
+// (ICMPv6 echo). A host that does not answer is not an error: err is only for what kept Ping
+// from trying.
 func Ping(ctx context.Context, from *Namespace, to netip.Addr, count int, interval time.Duration) (sent, received int, err error) {
-	network, laddr, proto := "ip4:icmp", "0.0.0.0", 1
-	var echo, reply icmp.Type = ipv4.ICMPTypeEcho, ipv4.ICMPTypeEchoReply
-	if to.Is6() && !to.Is4In6() {
-		network, laddr, proto = "ip6:ipv6-icmp", "::", 58
-		echo, reply = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
+	network, listen, proto := "ip4:icmp", "0.0.0.0", 1
+	var request, reply icmp.Type = ipv4.ICMPTypeEcho, ipv4.ICMPTypeEchoReply
+	switch {
+	case to.Is6() && !to.Is4In6():
+		network, listen, proto = "ip6:ipv6-icmp", "::", 58
+		request, reply = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
+	case !to.Is4():
+		return 0, 0, fmt.Errorf("harness: Ping %s: not an IPv4 or IPv6 address", to)
 	}
 	var conn *icmp.PacketConn
 	// A raw ICMP socket sees every echo reply in the namespace; the random id keeps parallel
-	// Pings from counting each other's replies.
+	// Pings from counting each other's replies. (The kernel fills in ICMPv6 checksums.)
 	err = from.Do(func() error {
 		var err error
-		conn, err = icmp.ListenPacket(network, laddr)
+		conn, err = icmp.ListenPacket(network, listen)
 		return err
 	})
 	if err != nil {
@@ -79,7 +83,7 @@ func Ping(ctx context.Context, from *Namespace, to netip.Addr, count int, interv
 			case <-time.After(interval):
 			}
 		}
-		msg := icmp.Message{Type: echo, Body: &icmp.Echo{ID: id, Seq: seq, Data: []byte("xnet-harness")}}
+		msg := icmp.Message{Type: request, Body: &icmp.Echo{ID: id, Seq: seq, Data: []byte("xnet-harness")}}
 		b, _ := msg.Marshal(nil)
 		// A send error (no route, neighbour unreachable) is a lost ping, as for ping(8).
 		_, _ = conn.WriteTo(b, dst)

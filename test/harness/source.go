@@ -8,14 +8,18 @@ import (
 	"time"
 )
 
-// SourceSeen sends a UDP datagram from namespace from to dst, where a listener in namespace to
-// answers with the source address it saw: what NAT, if any, did on the way. It tries tries
-// times (one for a flow expected to be dropped, a few for one that must pass) and returns an
-// error when nothing answered.
+// SourceSeen sends a UDP datagram from namespace from to dst (IPv4 or IPv6), where a listener
+// in namespace to answers with the source address it saw: what NAT, if any, did on the way. It
+// tries tries times (one for a flow expected to be dropped, a few for one that must pass) and
+// returns an error when nothing answered.
 func SourceSeen(from, to *Namespace, dst netip.Addr, tries int) (netip.Addr, error) {
+	network := "udp4"
+	if !dst.Is4() {
+		network = "udp6"
+	}
 	var srv *net.UDPConn
 	if err := to.Do(func() (err error) {
-		srv, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IP(dst.AsSlice())})
+		srv, err = net.ListenUDP(network, &net.UDPAddr{IP: net.IP(dst.AsSlice())})
 		return err
 	}); err != nil {
 		return netip.Addr{}, fmt.Errorf("listen on %v in %s: %w", dst, to.Name, err)
@@ -33,7 +37,7 @@ func SourceSeen(from, to *Namespace, dst netip.Addr, tries int) (netip.Addr, err
 	}()
 	var c *net.UDPConn
 	if err := from.Do(func() (err error) {
-		c, err = net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
+		c, err = net.DialUDP(network, nil, srv.LocalAddr().(*net.UDPAddr))
 		return err
 	}); err != nil {
 		return netip.Addr{}, fmt.Errorf("dial %v from %s: %w", dst, from.Name, err)

@@ -24,11 +24,8 @@ import (
 
 // Underlay addressing: the underlay namespace's bridge is the gateway, hosts count up from .11.
 var (
-	UnderlayPrefix = netip.MustParsePrefix("198.18.0.0/24")
-	// UnderlayIPv6Prefix is the underlay's IPv6 segment with Options.IPv6Underlay: host i
-	// has fd00:198:18::<11+i>, next to its 198.18.0.<11+i>.
-	UnderlayIPv6Prefix = netip.MustParsePrefix("fd00:198:18::/64")
-	UnderlayGateway    = netip.MustParseAddr("198.18.0.1")
+	UnderlayPrefix  = netip.MustParsePrefix("198.18.0.0/24")
+	UnderlayGateway = netip.MustParseAddr("198.18.0.1")
 )
 
 // With Options.FarHosts the underlay is two L2 segments, the two halves of UnderlayPrefix,
@@ -65,7 +62,7 @@ type Options struct {
 	// (NearSegment, FarSegment), so one cluster has peers on its own segment and peers it
 	// reaches only through the router: DirectRouting's two paths. 0 keeps one segment.
 	FarHosts int
-	// IPv6Underlay gives every host's eth0 an IPv6 address too (UnderlayIPv6Prefix; one
+	// IPv6Underlay gives every host an IPv6 underlay address too (Host.AddIPv6Underlay; one
 	// segment only), for dual-stack overlays whose IPv6 traffic crosses an IPv6 underlay.
 	IPv6Underlay bool
 	// RunID fixes the run id (lowercase letters and digits, 1-8 characters) instead of a random
@@ -317,21 +314,15 @@ func (t *Topology) addHost(ctx context.Context, i, seg int) error {
 		return err
 	}
 	ip, addrCmds := t.segmentAddr(i, seg)
-	var ip6 netip.Addr
-	if t.ipv6 {
-		ip6 = netip.MustParseAddr(fmt.Sprintf("fd00:198:18::%d", hostAddrBase+i))
-		addrCmds = append(addrCmds, fmt.Sprintf("addr add %s/%d dev eth0 nodad", ip6, UnderlayIPv6Prefix.Bits()))
-	}
 	h := &Host{
-		UnderlayIPv6: ip6,
-		Namespace:    ns,
-		Index:        i,
-		Name:         name,
-		UnderlayIP:   ip,
-		StateDir:     filepath.Join(t.baseDir, name),
-		BPFFS:        filepath.Join(t.baseDir, name, "bpffs"),
-		topo:         t,
-		segment:      seg,
+		Namespace:  ns,
+		Index:      i,
+		Name:       name,
+		UnderlayIP: ip,
+		StateDir:   filepath.Join(t.baseDir, name),
+		BPFFS:      filepath.Join(t.baseDir, name, "bpffs"),
+		topo:       t,
+		segment:    seg,
 	}
 	t.hosts = append(t.hosts, h)
 	if err := os.MkdirAll(h.StateDir, 0o755); err != nil {
@@ -362,7 +353,13 @@ func (t *Topology) addHost(ctx context.Context, i, seg int) error {
 	if err != nil {
 		return err
 	}
-	return ns.IP(ctx, append([]string{fmt.Sprintf("link set eth0 mtu %d up", t.mtu)}, addrCmds...)...)
+	if err := ns.IP(ctx, append([]string{fmt.Sprintf("link set eth0 mtu %d up", t.mtu)}, addrCmds...)...); err != nil {
+		return err
+	}
+	if t.ipv6 {
+		return h.AddIPv6Underlay(ctx)
+	}
+	return nil
 }
 
 // segmentBridge is the underlay namespace's bridge of a segment.

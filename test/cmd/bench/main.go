@@ -315,7 +315,7 @@ const v6Suffix = "+v6"
 // target is the server address the tests send to: its IPv6 address in a +v6 mode.
 func (m *mode) target() netip.Addr {
 	if m.v6 {
-		return m.server.IP6
+		return m.server.IPv6
 	}
 	return m.server.IP
 }
