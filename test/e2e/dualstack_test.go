@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -13,6 +14,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -28,7 +30,6 @@ func TestDualStackThreeHosts(t *testing.T) {
 		backend      string
 		ipv6Underlay bool
 	}{
-		{"ebpf", false},
 		{"vxlan", false},
 		{"vxlan", true},
 		{"udp", false},
@@ -139,4 +140,112 @@ func dualMesh(cs []*harness.Container) []string {
 	wg.Wait()
 	slices.Sort(failed)
 	return failed
+}
+
+// A dual-stack cluster of two xnet vxlan hosts and one host set up exactly as flannel's vxlan
+// backend sets up a dual-stack node (flannel.1 and flannel-v6.1 over the IPv6 underlay), whose
+// lease is written in flannel's exact key and JSON: the xnet hosts program it (its IPv6 subnet
+// on xnet-v6.1), and containers on all three reach each other over IPv6 and IPv4.
+func TestDualStackWithAFlannelHost(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true, IPv6Underlay: true})
+	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(dualConfig, "vxlan"))
+	bin := harness.BuildXnetd(t)
+	hosts := topo.Hosts()
+	flannel := hosts[2]
+	flannelSub, flannelSub6 := netip.MustParsePrefix("10.244.200.0/24"), netip.MustParsePrefix("fd00:10:244:c8::/64")
+	mac4, mac6 := backend.VtepMAC(flannel.UnderlayIP), harness.FlannelV6MAC(flannel.UnderlayIPv6)
+	// Written by hand as flannel writes it: key, field order, a TTL'd etcd lease.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	grant, err := topo.EtcdClient().Grant(ctx, 3600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := xdPrefix + "/subnets/10.244.200.0-24&fd00:10:244:c8::-64"
+	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":"%s","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"%s"},"BackendV6Data":{"VNI":1,"VtepMAC":"%s"}}`,
+		flannel.UnderlayIP, flannel.UnderlayIPv6, mac4, mac6)
+	if _, err := topo.EtcdClient().Put(ctx, key, value, clientv3.WithLease(grant.ID)); err != nil {
+		t.Fatal(err)
+	}
+	var nodes []*xdNode
+	for _, h := range hosts[:2] {
+		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend", "vxlan"}}
+		n.start(t)
+		n.waitReady(t)
+		nodes = append(nodes, n)
+	}
+	for _, n := range nodes {
+		n.waitPeers(t, 2)
+	}
+	// The flannel host programs the xnet hosts from their leases, as flannel would.
+	leases, _, err := subnetmgrList(ctx, topo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var peers4, peers6 []harness.FlannelPeer
+	for _, l := range leases {
+		if l.Subnet == flannelSub {
+			continue
+		}
+		d4, err4 := subnetmgr.ParseVXLANData(l.BackendData)
+		d6, err6 := subnetmgr.ParseVXLANData(l.BackendV6Data)
+		m4, _ := net.ParseMAC(d4.VtepMAC)
+		m6, _ := net.ParseMAC(d6.VtepMAC)
+		if err4 != nil || err6 != nil || !l.IPv6Subnet.IsValid() || !l.PublicIPv6.IsValid() || m4.String() == m6.String() {
+			t.Fatalf("xnet lease %+v: want a dual-stack vxlan lease with PublicIPv6 and its own IPv6 VTEP (%v %v)", l, err4, err6)
+		}
+		peers4 = append(peers4, harness.FlannelPeer{Subnet: l.Subnet, PublicIP: l.PublicIP, VtepMAC: m4})
+		peers6 = append(peers6, harness.FlannelPeer{Subnet: l.IPv6Subnet, PublicIP: l.PublicIPv6, VtepMAC: m6})
+	}
+	if err := flannel.SetupDocker0(subnetmgr.GatewayOf(flannelSub), 1450); err != nil {
+		t.Fatal(err)
+	}
+	if err := flannel.SetupDocker0IPv6(subnetmgr.GatewayOf(flannelSub6)); err != nil {
+		t.Fatal(err)
+	}
+	if err := flannel.ConfigureFlannelVXLAN(flannelSub, peers4); err != nil {
+		t.Fatal(err)
+	}
+	if err := flannel.ConfigureFlannelVXLANv6(flannelSub6, peers6); err != nil {
+		t.Fatal(err)
+	}
+	cs := xdContainers(t, nodes)
+	fc, err := flannel.AddContainer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs = append(cs, fc)
+	for _, n := range nodes {
+		if route := n.routeTo(t, flannelSub6); !strings.Contains(route, "xnet-v6.1") {
+			t.Errorf("%s: route to the flannel host's IPv6 subnet %q, want it on xnet-v6.1", n.Name, route)
+		}
+	}
+	if failed := dualMesh(cs); len(failed) > 0 {
+		t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
+	}
+	transferTo(t, cs[0], fc, fc.IPv6, 8<<20)
+	transferTo(t, fc, cs[1], cs[1].IPv6, 8<<20)
+}
+
+// subnetmgrList reads every lease under the test prefix.
+func subnetmgrList(ctx context.Context, topo *harness.Topology) ([]subnetmgr.Lease, int64, error) {
+	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []subnetmgr.Lease
+	for _, kv := range resp.Kvs {
+		v4, v6, err := subnetmgr.ParseDualSubnetKey(xdPrefix, string(kv.Key))
+		if err != nil {
+			return nil, 0, err
+		}
+		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
+		if err != nil {
+			return nil, 0, err
+		}
+		l := subnetmgr.Lease{Subnet: v4, IPv6Subnet: v6}
+		l.PublicIP, l.BackendType, l.BackendData, l.PublicIPv6, l.BackendV6Data = attrs.PublicIP, attrs.BackendType, attrs.BackendData, attrs.PublicIPv6, attrs.BackendV6Data
+		out = append(out, l)
+	}
+	return out, resp.Header.Revision, nil
 }

@@ -285,7 +285,7 @@ func transferTo(t *testing.T, from, to *harness.Container, dst netip.Addr, size 
 		c, err = net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
 		return err
 	}); err != nil {
-		t.Fatalf("connect %v -> %v: %v", from.IP, to.IP, err)
+		t.Fatalf("connect %v -> %v: %v", from.IP, dst, err)
 	}
 	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
 	chunk := make([]byte, 1<<20)
@@ -298,18 +298,18 @@ func transferTo(t *testing.T, from, to *harness.Container, dst netip.Addr, size 
 		h.Write(chunk)
 		if _, err := c.Write(chunk); err != nil {
 			c.Close()
-			t.Fatalf("send %v -> %v after %d bytes: %v", from.IP, to.IP, sent, err)
+			t.Fatalf("send %v -> %v after %d bytes: %v", from.IP, dst, sent, err)
 		}
 	}
 	c.Close()
 	r := <-got
 	if r.err != nil {
-		t.Fatalf("receive %v -> %v: %v", from.IP, to.IP, r.err)
+		t.Fatalf("receive %v -> %v: %v", from.IP, dst, r.err)
 	}
 	if want := h.Sum(nil); r.n != int64(size) || !bytes.Equal(r.sum[:], want) {
-		t.Fatalf("%v -> %v: received %d bytes with sha256 %x, sent %d with %x", from.IP, to.IP, r.n, r.sum, size, want)
+		t.Fatalf("%v -> %v: received %d bytes with sha256 %x, sent %d with %x", from.IP, dst, r.n, r.sum, size, want)
 	}
-	t.Logf("%v -> %v: %d MB intact in %v", from.IP, to.IP, size>>20, time.Since(start).Round(time.Millisecond))
+	t.Logf("%v -> %v: %d MB intact in %v", from.IP, dst, size>>20, time.Since(start).Round(time.Millisecond))
 }
 
 // udpSendRaw sends payload as one UDP datagram from host's underlay address to dst:8472.

@@ -273,7 +273,11 @@ func (n *xdNode) routeTo(t *testing.T, subnet netip.Prefix) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	out, err := n.Run(ctx, "ip", "-4", "route", "show", subnet.String())
+	family := "-4"
+	if subnet.Addr().Is6() {
+		family = "-6"
+	}
+	out, err := n.Run(ctx, "ip", family, "route", "show", subnet.String())
 	if err != nil {
 		t.Fatalf("%s: %v", n.Name, err)
 	}

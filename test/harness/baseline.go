@@ -87,10 +87,10 @@ func ConfigureFlannelVXLAN(hosts []*Host) error {
 		if !sub6.IsValid() || !h.UnderlayIPv6.IsValid() {
 			return fmt.Errorf("harness: flannel vxlan IPv6: %s needs docker0's IPv6 subnet and an IPv6 underlay address", h.Name)
 		}
-		peers[i] = FlannelPeer{Subnet: sub6, PublicIP: h.UnderlayIPv6, VtepMAC: flannelV6MAC(h.UnderlayIPv6)}
+		peers[i] = FlannelPeer{Subnet: sub6, PublicIP: h.UnderlayIPv6, VtepMAC: FlannelV6MAC(h.UnderlayIPv6)}
 	}
 	for i, h := range hosts {
-		if err := h.configureFlannelVXLANv6(peers[i].Subnet, peers); err != nil {
+		if err := h.ConfigureFlannelVXLANv6(peers[i].Subnet, peers); err != nil {
 			return err
 		}
 	}
@@ -100,22 +100,22 @@ func ConfigureFlannelVXLAN(hosts []*Host) error {
 // FlannelVXLANv6Device is the device flannel's vxlan backend carries IPv6 on.
 const FlannelVXLANv6Device = "flannel-v6.1"
 
-// flannelV6MAC is the harness's stand-in for the random MAC flannel gives its IPv6 device.
-func flannelV6MAC(ip netip.Addr) net.HardwareAddr {
+// FlannelV6MAC is the harness's stand-in for the random MAC flannel gives its IPv6 device.
+func FlannelV6MAC(ip netip.Addr) net.HardwareAddr {
 	b := ip.As16()
 	return net.HardwareAddr{0x0e, 0x76, b[12], b[13], b[14], b[15]}
 }
 
-// configureFlannelVXLANv6 is ConfigureFlannelVXLAN's IPv6 half as flannel does it: device
+// ConfigureFlannelVXLANv6 is ConfigureFlannelVXLAN's IPv6 half as flannel does it: device
 // flannel-v6.1 with local = the IPv6 underlay address, MTU eth0 - 70, the subnet address as a
 // /128, and per peer (those in peers other than local) a route via the peer's subnet address
 // onlink, a permanent neighbour and an fdb entry to its IPv6 underlay address.
-func (h *Host) configureFlannelVXLANv6(local netip.Prefix, peers []FlannelPeer) error {
+func (h *Host) ConfigureFlannelVXLANv6(local netip.Prefix, peers []FlannelPeer) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	lines := []string{
 		fmt.Sprintf("link add %s address %s type vxlan id %d dstport %d local %s dev eth0 nolearning",
-			FlannelVXLANv6Device, flannelV6MAC(h.UnderlayIPv6), FlannelVNI, FlannelPort, h.UnderlayIPv6),
+			FlannelVXLANv6Device, FlannelV6MAC(h.UnderlayIPv6), FlannelVNI, FlannelPort, h.UnderlayIPv6),
 		fmt.Sprintf("link set %s mtu %d up", FlannelVXLANv6Device, h.topo.mtu-70),
 		fmt.Sprintf("addr add %s/128 dev %s nodad", local.Masked().Addr(), FlannelVXLANv6Device),
 	}
