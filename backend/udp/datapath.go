@@ -279,6 +279,9 @@ func (d *datapath) encapAndSend(t *txQueue, n int) {
 				lastDst, lastPeer = dst, p
 			}
 		case len(pkt) >= wire.IPv6HeaderLen && pkt[0]>>4 == 6:
+			if kernelChatterIPv6(pkt) {
+				continue
+			}
 			p, etherType = table.lookup6([16]byte(pkt[24:40])), wire.EtherTypeIPv6
 		default:
 			// Garbage routed into xnet0.
@@ -717,3 +720,11 @@ func groSize(oob []byte) int {
 }
 
 func unsafePointer(b []byte) unsafe.Pointer { return unsafe.Pointer(&b[0]) }
+
+// kernelChatterIPv6 says whether an IPv6 packet read from xnet0 is the kernel's own multicast or
+// link-local traffic on the device (MLD reports for the all-routers groups a forwarding host
+// joins): never overlay traffic, so it is neither sent nor counted as a container's loss.
+func kernelChatterIPv6(pkt []byte) bool {
+	dst := pkt[24:40]
+	return dst[0] == 0xff || dst[0] == 0xfe && dst[1]&0xc0 == 0x80
+}

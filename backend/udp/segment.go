@@ -130,6 +130,9 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 	case len(pkt) >= wire.IPv4HeaderLen && pkt[0]>>4 == 4:
 		p = d.tables.load().lookup([4]byte(pkt[16:20]))
 	case len(pkt) >= wire.IPv6HeaderLen && pkt[0]>>4 == 6:
+		if kernelChatterIPv6(pkt) {
+			return nil
+		}
 		p, ipv6 = d.tables.load().lookup6([16]byte(pkt[24:40])), true
 	default:
 		t.tally.add(verdictDropInnerNotIPv4, len(pkt))
