@@ -61,8 +61,8 @@ enum verdict {
 	VERDICT_DIRECT_IN,          /* a plain routed packet from a peer on our segment, its L2 source checked, delivered */
 	VERDICT_PASS_UNVERIFIED,    /* a plain routed packet from a segment peer's subnet whose L2 source cannot be checked (its neighbour entry is not resolved): left to the stack */
 	VERDICT_DROP_DIRECT_SPOOFED,/* a plain routed packet from a peer's subnet not sent by that peer: another L2 neighbour sent it, or the peer is not on our segment (it sends VXLAN) */
-	VERDICT_ICMP6_TOO_BIG,      /* an IPv6 packet too big for the underlay once encapsulated: answered with ICMPv6 Packet Too Big */
-	VERDICT_DROP_IPV6_EXT_HDRS, /* an IPv6 packet whose extension headers had to be walked but are cut short or more than XNET_IPV6_MAX_EXT_HDRS */
+	VERDICT_ICMP_PACKET_TOO_BIG,/* an IPv6 packet too big for the underlay once encapsulated: answered with ICMPv6 Packet Too Big */
+	VERDICT_DROP_EXT_HEADERS,   /* an IPv6 packet whose extension headers had to be walked but are cut short or more than XNET_IPV6_MAX_EXT_HDRS */
 	VERDICT_MAX,
 };
 

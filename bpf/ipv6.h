@@ -121,6 +121,10 @@ static __always_inline int ipv6_upper_layer(struct __sk_buff *skb, __u32 off, __
 			pos += 8;
 			break;
 		default:
+			/* The last extension header must end inside the packet
+			 * too, not only the ones read. */
+			if (pos > skb->len)
+				return -1;
 			*l4_off = pos;
 			return nexthdr;
 		}
@@ -172,7 +176,7 @@ static __always_inline int encap6_too_big(struct __sk_buff *skb, const struct ho
 	}
 	proto = ipv6_upper_layer(skb, sizeof(struct ethhdr), nexthdr, &l4_off);
 	if (proto < 0) {
-		count(VERDICT_DROP_IPV6_EXT_HDRS, len);
+		count(VERDICT_DROP_EXT_HEADERS, len);
 		return TC_ACT_SHOT;
 	}
 	if (proto == IPPROTO_ICMPV6 &&
@@ -184,7 +188,7 @@ static __always_inline int encap6_too_big(struct __sk_buff *skb, const struct ho
 		count(VERDICT_DROP_HELPER, len);
 		return TC_ACT_SHOT;
 	}
-	count(VERDICT_ICMP6_TOO_BIG, len);
+	count(VERDICT_ICMP_PACKET_TOO_BIG, len);
 	/* Out of the veth it came in on: into the container. */
 	return bpf_redirect(skb->ifindex, 0);
 }
@@ -210,7 +214,7 @@ static __always_inline int encap6(struct __sk_buff *skb, const struct host_confi
 
 	seg = encap6_seg_len(skb, nexthdr);
 	if (!seg) {
-		count(VERDICT_DROP_IPV6_EXT_HDRS, skb->len);
+		count(VERDICT_DROP_EXT_HEADERS, skb->len);
 		return TC_ACT_SHOT;
 	}
 	if (seg + XNET_VXLAN_OVERHEAD > cfg->underlay_mtu)

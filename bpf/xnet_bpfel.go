@@ -120,8 +120,8 @@ const (
 	XnetVerdictVERDICT_DIRECT_IN           XnetVerdict = 20
 	XnetVerdictVERDICT_PASS_UNVERIFIED     XnetVerdict = 21
 	XnetVerdictVERDICT_DROP_DIRECT_SPOOFED XnetVerdict = 22
-	XnetVerdictVERDICT_ICMP6TOO_BIG        XnetVerdict = 23
-	XnetVerdictVERDICT_DROP_IPV6EXT_HDRS   XnetVerdict = 24
+	XnetVerdictVERDICT_ICMP_PACKET_TOO_BIG XnetVerdict = 23
+	XnetVerdictVERDICT_DROP_EXT_HEADERS    XnetVerdict = 24
 	XnetVerdictVERDICT_MAX                 XnetVerdict = 25
 )
 
