@@ -214,7 +214,7 @@ func TestDecapIPv6(t *testing.T) {
 			in: append(bytes.Clone(full), padding...), verdict: XnetVerdictVERDICT_DECAP,
 			tcOut: append(out(ctrMAC, gwMAC, inner), padding...), tcRet: tcRedirect},
 		decapCase{name: "a second datagram behind the inner packet (UDP GRO on the underlay) is dropped",
-			in: append(bytes.Clone(full), testpkt.VXLAN(vni, testpkt.Eth(localVtep, peerVtep, testpkt.EtherTypeIPv6, inner))...),
+			in:      append(bytes.Clone(full), testpkt.VXLAN(vni, testpkt.Eth(localVtep, peerVtep, testpkt.EtherTypeIPv6, inner))...),
 			verdict: XnetVerdictVERDICT_DROP_GRO_MERGED},
 	)
 	for _, c := range cases {
@@ -449,7 +449,7 @@ func TestEncapIPv6TooBig(t *testing.T) {
 				testpkt.ICMPv6(ctrIP6, remoteIP6, 1, 0, make([]byte, overlayMTU)), hopByHop(), dstOpts(8))),
 			verdict: XnetVerdictVERDICT_DROP_TOO_BIG, ret: tcDrop},
 		{name: "a too big later fragment (whose upper layer cannot be told) is answered",
-			in: testpkt.Eth(gwMAC, ctrMAC, testpkt.EtherTypeIPv6, ipv6With(ctrIP6, remoteIP6, 0, testpkt.ProtoICMPv6, make([]byte, overlayMTU), fragmentHdr(1232, false))),
+			in:      testpkt.Eth(gwMAC, ctrMAC, testpkt.EtherTypeIPv6, ipv6With(ctrIP6, remoteIP6, 0, testpkt.ProtoICMPv6, make([]byte, overlayMTU), fragmentHdr(1232, false))),
 			verdict: XnetVerdictVERDICT_ICMP_PACKET_TOO_BIG, ret: tcRedirect,
 			out: packetTooBig(testpkt.Eth(gwMAC, ctrMAC, testpkt.EtherTypeIPv6, ipv6With(ctrIP6, remoteIP6, 0, testpkt.ProtoICMPv6, make([]byte, overlayMTU), fragmentHdr(1232, false))), overlayMTU)},
 		// As in TestEncapTooBig: a test run cannot give an skb the GSO type adjust_room needs,
