@@ -10,6 +10,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -498,5 +500,70 @@ func TestLeaseAttrsV6(t *testing.T) {
 	}
 	if mac, err := net.ParseMAC(flannel.VtepMAC); err != nil || mac.String() != backend.VtepMAC(h.UnderlayIP).String() || flannel.VNI != 1 {
 		t.Fatalf("BackendV6Data %s: VNI %d, VtepMAC %q; want 1 and %s", data, flannel.VNI, flannel.VtepMAC, backend.VtepMAC(h.UnderlayIP))
+	}
+}
+
+// IPv6 and IPv4 between the same two containers, interleaved, three rounds of one TCP stream
+// each: what the IPv6 half of the datapath costs against the IPv4 one. It only reports:
+// XNET_IPV6_BENCH=1.
+func TestIPv6ThroughputAgainstIPv4(t *testing.T) {
+	if os.Getenv("XNET_IPV6_BENCH") == "" {
+		t.Skip("XNET_IPV6_BENCH=1 runs it")
+	}
+	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
+	hosts := topo.Hosts()
+	var (
+		leases []subnetmgr.Lease
+		ctrs   []*harness.Container
+		ips    []netip.Addr
+		bs     []*Backend
+	)
+	for i, h := range hosts {
+		l := dualStackLease(t, i, h.UnderlayIP)
+		b := newOn(t, h, DecapTC)
+		t.Cleanup(func() { _ = b.Close(true) })
+		if err := b.Setup(t.Context(), l, dualStackConfig); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.SetupDocker0(netip.PrefixFrom(l.Subnet.Addr().Next(), 24), b.MTU()); err != nil {
+			t.Fatal(err)
+		}
+		c, err := h.AddContainer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		bs, leases, ctrs = append(bs, b), append(leases, l), append(ctrs, c)
+		ips = append(ips, dockerIPv6(t, h, l.IPv6Subnet, c)...)
+	}
+	for _, b := range bs {
+		for _, l := range leases {
+			if err := b.AddPeer(l); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	ctx := t.Context()
+	srv, err := harness.StartIperf3Server(ctx, ctrs[1].Namespace, 5201)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Kill() })
+	results := map[string][]float64{}
+	for range 3 {
+		for _, c := range []struct {
+			name string
+			to   netip.Addr
+		}{{"IPv4", ctrs[1].IP}, {"IPv6", ips[1]}} {
+			r, err := harness.RunIperf3(ctx, ctrs[0].Namespace, harness.Iperf3Options{Server: c.to, Port: 5201, Duration: 5 * time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			results[c.name] = append(results[c.name], r.BitsPerSecond/1e9)
+		}
+	}
+	for _, name := range []string{"IPv4", "IPv6"} {
+		v := append([]float64(nil), results[name]...)
+		slices.Sort(v)
+		t.Logf("%s, one TCP stream between containers on two hosts: median %.2f Gbit/s (rounds %.2f)", name, v[len(v)/2], results[name])
 	}
 }
