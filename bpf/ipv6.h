@@ -235,30 +235,44 @@ static __always_inline int encap6(struct __sk_buff *skb, const struct host_confi
 	return encap_send(skb, &hop);
 }
 
-/* learn6 is learn (encap.h) for a container's IPv6 addresses in our lease:
+/*
+ * learn6 is learn (encap.h) for a container's IPv6 addresses in our lease:
  * the same rules, so an address bound to a live veth does not move. It
  * returns -1 for a packet whose source is not the sender's to use, 0
- * otherwise (also for a source outside our lease, which it does not learn). */
+ * otherwise (also for a source outside our lease, which it does not learn).
+ *
+ * The check covers every packet, neighbour discovery included: a container
+ * that answers solicitations for its neighbour's address (NDP spoofing) is
+ * refused as one that sends from it. Learning, though, takes only packets the
+ * container routes through its gateway (to neither the link nor our lease):
+ * their Ethernet destination is the gateway's MAC, which deliver6 puts back
+ * as the source, where a solicitation's is a multicast group and a local
+ * neighbour's another container.
+ */
 static __always_inline int learn6(struct __sk_buff *skb, const struct host_config6 *cfg6, struct ethhdr *eth,
 				  struct ipv6hdr *ip)
 {
 	struct endpoint *known, ep = {};
 	ipv6_addr saddr;
+	int routed;
 
 	if (!ip6_in_lease(&ip->saddr, cfg6))
 		return 0;
 	if (!unicast_mac(eth->h_source))
 		return -1;
+	routed = !ip6_link_scope(&ip->daddr) && !ip6_in_lease(&ip->daddr, cfg6);
 	ip6_copy(saddr, &ip->saddr);
 	known = bpf_map_lookup_elem(&endpoints6, saddr);
 	if (known) {
 		if (known->ifindex == skb->ifindex) {
-			if (mac_equal(known->mac, eth->h_source) && mac_equal(known->gw_mac, eth->h_dest))
+			if (!routed || (mac_equal(known->mac, eth->h_source) && mac_equal(known->gw_mac, eth->h_dest)))
 				return 0;
 		} else if (ifindex_alive(skb, known->ifindex)) {
 			return -1;
 		}
 	}
+	if (!routed)
+		return 0;
 	ep.ifindex = skb->ifindex;
 	mac_copy(ep.mac, eth->h_source);
 	mac_copy(ep.gw_mac, eth->h_dest);

@@ -534,6 +534,19 @@ func TestLearnIPv6(t *testing.T) {
 	frame := func(srcMAC net.HardwareAddr) []byte {
 		return testpkt.Eth(gwMAC, srcMAC, testpkt.EtherTypeIPv6, tcp6(victimIP, remoteIP6, 10, 0))
 	}
+	// A neighbour advertisement for victimIP to the all-nodes group, as a container answering
+	// for an address sends it.
+	solicitedMAC := net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}
+	advert := func(srcMAC net.HardwareAddr) []byte {
+		allNodes := netip.MustParseAddr("ff02::1")
+		body := append([]byte{0x20, 0, 0, 0}, victimIP.AsSlice()...)
+		return testpkt.Eth(solicitedMAC, srcMAC, testpkt.EtherTypeIPv6,
+			testpkt.IPv6{Src: victimIP, Dst: allNodes, NextHeader: testpkt.ProtoICMPv6, HopLimit: 255}.Packet(testpkt.ICMPv6(victimIP, allNodes, 136, 0, body)))
+	}
+	// A packet to a container on this host: to that container's MAC, not the gateway's.
+	toNeighbour := func(srcMAC net.HardwareAddr) []byte {
+		return testpkt.Eth(ctrMAC, srcMAC, testpkt.EtherTypeIPv6, tcp6(victimIP, ctrIP6, 10, 0))
+	}
 	endpoint := func(ifindex uint32, mac net.HardwareAddr) *XnetEndpoint {
 		ep := &XnetEndpoint{Ifindex: ifindex}
 		copy(ep.Mac[:], mac)
@@ -545,24 +558,37 @@ func TestLearnIPv6(t *testing.T) {
 		known   *XnetEndpoint
 		from    uint32
 		srcMAC  net.HardwareAddr
+		frame   func(net.HardwareAddr) []byte // default frame: to a peer's container, through the gateway
 		verdict XnetVerdict
 		want    *XnetEndpoint
 	}{
 		{"a new container is learned from its first packet",
-			nil, victimVeth, victimMAC, XnetVerdictVERDICT_ENCAP, endpoint(victimVeth, victimMAC)},
+			nil, victimVeth, victimMAC, nil, XnetVerdictVERDICT_ENCAP, endpoint(victimVeth, victimMAC)},
+		{"a neighbour advertisement is not learned from: its Ethernet destination is a group, not the gateway",
+			nil, victimVeth, victimMAC, advert, XnetVerdictVERDICT_PASS, nil},
+		{"a neighbour advertisement leaves the container's endpoint as it was",
+			endpoint(victimVeth, victimMAC), victimVeth, victimMAC, advert, XnetVerdictVERDICT_PASS, endpoint(victimVeth, victimMAC)},
+		{"a neighbour advertisement for an address bound to another live veth is dropped (NDP spoofing)",
+			endpoint(victimVeth, victimMAC), attackerVeth, attackerMAC, advert, XnetVerdictVERDICT_DROP_BAD_SOURCE, endpoint(victimVeth, victimMAC)},
+		{"a packet to a container on this host is not learned from",
+			nil, victimVeth, victimMAC, toNeighbour, XnetVerdictVERDICT_PASS, nil},
 		{"an address bound to another live veth does not move, and the spoofed packet is dropped",
-			endpoint(victimVeth, victimMAC), attackerVeth, attackerMAC, XnetVerdictVERDICT_DROP_BAD_SOURCE, endpoint(victimVeth, victimMAC)},
+			endpoint(victimVeth, victimMAC), attackerVeth, attackerMAC, nil, XnetVerdictVERDICT_DROP_BAD_SOURCE, endpoint(victimVeth, victimMAC)},
 		{"an address whose veth is gone moves to the veth that sends from it now",
-			endpoint(goneVeth, victimMAC), attackerVeth, attackerMAC, XnetVerdictVERDICT_ENCAP, endpoint(attackerVeth, attackerMAC)},
+			endpoint(goneVeth, victimMAC), attackerVeth, attackerMAC, nil, XnetVerdictVERDICT_ENCAP, endpoint(attackerVeth, attackerMAC)},
 		{"a multicast source MAC is never learned",
-			nil, victimVeth, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, XnetVerdictVERDICT_DROP_BAD_SOURCE, nil},
+			nil, victimVeth, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, nil, XnetVerdictVERDICT_DROP_BAD_SOURCE, nil},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_ = objs.Endpoints6.Delete(ip6(victimIP))
 			if c.known != nil {
 				must(t, objs.Endpoints6.Put(ip6(victimIP), c.known))
 			}
-			in := frame(c.srcMAC)
+			build := c.frame
+			if build == nil {
+				build = frame
+			}
+			in := build(c.srcMAC)
 			before := verdicts(t, objs.Counters)
 			var (
 				ret uint32
@@ -571,7 +597,11 @@ func TestLearnIPv6(t *testing.T) {
 			inNS(func() { ret, out, err = runCtxErr(objs.EncapContainer, in, skbContext{Ifindex: c.from}) })
 			must(t, err)
 			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
-			if c.verdict != XnetVerdictVERDICT_ENCAP {
+			switch c.verdict {
+			case XnetVerdictVERDICT_ENCAP:
+			case XnetVerdictVERDICT_PASS:
+				expectUntouched(t, "tc", ret, tcPass, out, in)
+			default:
 				expectUntouched(t, "tc", ret, tcDrop, out, in)
 			}
 			var got XnetEndpoint
