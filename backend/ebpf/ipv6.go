@@ -110,7 +110,12 @@ func (b *Backend) setupIPv6(local subnetmgr.Lease, cfg subnetmgr.Config, host ne
 	if err := b.m.SetConfig6(maps.Config6{Subnet: subnet, Gateway: subnet.Addr().Next()}); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
-	return ensureHostIPv6(host, subnet, b.v6.network)
+	// Not fatal: containers reach each other without it (IPv6 off on this host is the usual
+	// cause), and the IPv4 overlay must not go down for the host's own IPv6.
+	if err := ensureHostIPv6(host, subnet, b.v6.network); err != nil {
+		b.Log.Error("xnet0 has no IPv6: this host cannot reach remote containers over IPv6, and IPv6 packets for a local container that has not sent anything yet are lost", "err", err)
+	}
+	return nil
 }
 
 // ensureHostIPv6 gives xnet0 the IPv6 twin of its IPv4 setup: our subnet's first address (/128,

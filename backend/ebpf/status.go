@@ -21,7 +21,7 @@ type Status struct {
 	Replaced   []string            `json:"replaced"`   // maps replaced at start (layout change)
 	Verdicts   map[string]uint64   `json:"verdicts"`   // packets per verdict
 	Peers      map[string]PeerStat `json:"peers"`      // per peer PublicIP
-	Endpoints  int                 `json:"endpoints"`  // containers learned for direct delivery
+	Endpoints  int                 `json:"endpoints"`  // container addresses (IPv4 and IPv6) learned for direct delivery
 	// HostRouting is "bpf" (container packets skip the host's stack) or "kernel".
 	HostRouting    string `json:"host_routing"`
 	HostRoutingWhy string `json:"host_routing_why"`
