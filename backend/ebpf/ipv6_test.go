@@ -281,6 +281,7 @@ func TestContainersReachEachOtherOverIPv6(t *testing.T) {
 	if got := ping6(t, hosts[0].Namespace, ips[1], 3, 50*time.Millisecond); got == 0 {
 		t.Fatalf("ping6 host 1 -> container on host 2 [%s]: none of 3 answered", ips[1])
 	}
+	tcpTransfer6(t, hosts[0].Namespace, ctrs[1].Namespace, ips[1], 1<<20)
 
 	for i, b := range bs {
 		st, err := b.Status()
