@@ -118,8 +118,8 @@ static __always_inline int parse_vxlanhdr(struct hdr_cursor *nh, void *data_end,
 struct vxlan_match {
 	__u32 strip_len;   /* outer Ethernet + outer IPv4 (with options) + UDP + VXLAN */
 	__u32 peer_ip;     /* outer source, network order */
-	__u32 inner_daddr; /* network order */
-	__u32 inner_off;   /* where the inner IPv4 header starts (strip_len + inner Ethernet) */
+	__u32 inner_daddr; /* network order; for inner IPv4 */
+	__u32 inner_off;   /* where the inner IP header starts (strip_len + inner Ethernet) */
 	__u8 outer_ce;     /* the outer ECN field is CE: decap_ecn marks the inner packet */
 	__u8 inner_ipv6;   /* the inner packet is IPv6 (vxlan_classify_inner6): inner_daddr6 holds its destination */
 	ipv6_addr inner_daddr6;

@@ -52,7 +52,6 @@ int encap_container(struct __sk_buff *skb)
 	const struct host_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *ip;
-
 	int proto;
 
 	cfg = get_config();
@@ -83,11 +82,10 @@ int encap_host(struct __sk_buff *skb)
 	const struct host_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *ip;
+	int proto;
 
 	/* Everything routed into xnet0 is overlay traffic: what we cannot
 	 * send is dropped here rather than looping through the stack. */
-	int proto;
-
 	cfg = get_config();
 	if (!cfg) {
 		count(VERDICT_DROP_NO_CONFIG, skb->len);
