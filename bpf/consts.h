@@ -42,7 +42,7 @@ enum verdict {
 	VERDICT_DECAP,              /* decapsulated and delivered */
 	VERDICT_PASS,               /* not overlay traffic: left untouched */
 	VERDICT_DROP_MALFORMED,     /* VXLAN for us, but the inner frame is truncated or bad */
-	VERDICT_DROP_INNER_NOT_IPV4,/* VXLAN for us carrying something else than IPv4 */
+	VERDICT_DROP_INNER_NOT_IPV4,/* VXLAN for us carrying something else than IPv4 (or IPv6, in a dual-stack overlay) */
 	VERDICT_DROP_BAD_VTEP_MAC,  /* inner destination MAC is not our VTEP MAC */
 	VERDICT_DROP_NOT_LOCAL,     /* inner destination is outside our subnet */
 	VERDICT_DROP_UNKNOWN_SOURCE,/* inner source is in no peer's subnet */
@@ -61,6 +61,8 @@ enum verdict {
 	VERDICT_DIRECT_IN,          /* a plain routed packet from a peer on our segment, its L2 source checked, delivered */
 	VERDICT_PASS_UNVERIFIED,    /* a plain routed packet from a segment peer's subnet whose L2 source cannot be checked (its neighbour entry is not resolved): left to the stack */
 	VERDICT_DROP_DIRECT_SPOOFED,/* a plain routed packet from a peer's subnet not sent by that peer: another L2 neighbour sent it, or the peer is not on our segment (it sends VXLAN) */
+	VERDICT_ICMP_PACKET_TOO_BIG,/* an IPv6 packet too big for the underlay once encapsulated: answered with ICMPv6 Packet Too Big */
+	VERDICT_DROP_EXT_HEADERS,   /* an IPv6 packet whose extension headers had to be walked but are cut short or more than XNET_IPV6_MAX_EXT_HDRS */
 	VERDICT_MAX,
 };
 
@@ -103,13 +105,30 @@ enum verdict {
 /* The inner Ethernet header VXLAN carries in front of the inner IPv4 packet. */
 #define XNET_INNER_ETH_LEN 14
 
+/* Decap of an inner IPv6 packet from an IPv4 underlay: the skb's protocol must
+ * become IPv6, or the stack behind bpf_redirect_peer (which does not look at
+ * the Ethernet header again) hands it to IPv4. 6.3+; Debian's 6.1 uapi lacks
+ * it. */
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
+#endif
+#define XNET_DECAP6_ROOM_FLAGS (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV6)
+
+/* IPv6 extension headers the datapath walks, where it has to know the upper
+ * layer (the L4 header of a GSO packet, whether a too-big packet is an ICMPv6
+ * error): at most this many. Linux's own stack sends at most a few; a longer
+ * chain in a packet that needs the walk is dropped and counted. */
+#define XNET_IPV6_MAX_EXT_HDRS 8
+
 /* The shortest UDP payload that is a VXLAN datagram for us: VXLAN header,
- * inner Ethernet, an inner IPv4 header. Fewer bytes after an inner packet are
- * padding; more can be another datagram (vxlan_classify). */
+ * inner Ethernet, an inner IPv4 header (an inner IPv6 header is longer).
+ * Fewer bytes after an inner packet are padding; more can be another datagram
+ * (vxlan_classify). */
 #define XNET_MIN_VXLAN_PAYLOAD (8 + 14 + 20)
 
 /* Bytes vxlan_classify may read: outer Ethernet, IPv4 with the longest
- * options, UDP, VXLAN, inner Ethernet and IPv4 without options. */
-#define XNET_CLASSIFY_BYTES (14 + 60 + 8 + 8 + 14 + 20)
+ * options, UDP, VXLAN, inner Ethernet and the longer of the inner headers, the
+ * fixed IPv6 header (40; IPv4 without options is 20). */
+#define XNET_CLASSIFY_BYTES (14 + 60 + 8 + 8 + 14 + 40)
 
 #endif /* XNET_CONSTS_H */

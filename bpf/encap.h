@@ -221,11 +221,12 @@ static __always_inline int find_hop(struct __sk_buff *skb, const struct host_con
 /* encap_write_headers fills the outer IPv4, UDP, VXLAN and inner Ethernet
  * headers into the room adjust_room made behind the outer Ethernet header,
  * and the outer Ethernet addresses when the next hop's MAC is known (else
- * bpf_redirect_neigh fills them). tos is the inner packet's, read before
- * adjust_room invalidated the pointers into the packet. */
+ * bpf_redirect_neigh fills them). tos is the inner packet's (an IPv6 packet's
+ * traffic class), read before adjust_room invalidated the pointers into the
+ * packet; inner_proto is its EtherType (network order). */
 static __always_inline int encap_write_headers(struct __sk_buff *skb, const struct host_config *cfg,
 					       const struct route *rt, const struct underlay_hop *hop, __u8 tos,
-					       __u16 sport)
+					       __u16 sport, __be16 inner_proto)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -265,7 +266,7 @@ static __always_inline int encap_write_headers(struct __sk_buff *skb, const stru
 
 	mac_copy(h->inner_eth.h_dest, rt->vtep_mac);
 	mac_copy(h->inner_eth.h_source, cfg->vtep_mac);
-	h->inner_eth.h_proto = bpf_htons(ETH_P_IP);
+	h->inner_eth.h_proto = inner_proto;
 
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	if (hop->resolved) {
@@ -319,7 +320,7 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 	/* The hash of the inner flow, before our headers hide it. */
 	hash = bpf_get_hash_recalc(skb);
 	if (bpf_skb_adjust_room(skb, XNET_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, XNET_ENCAP_ROOM_FLAGS) ||
-	    encap_write_headers(skb, cfg, &rt, &hop, tos, flow_src_port(hash)) < 0) {
+	    encap_write_headers(skb, cfg, &rt, &hop, tos, flow_src_port(hash), bpf_htons(ETH_P_IP)) < 0) {
 		count(VERDICT_DROP_HELPER, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -463,9 +464,23 @@ static __always_inline void decap_pull(struct __sk_buff *skb, const struct host_
 	bpf_skb_pull_data(skb, skb->len < XNET_CLASSIFY_BYTES ? skb->len : XNET_CLASSIFY_BYTES);
 }
 
+/* decap_ecn6 is decap_ecn for an inner IPv6 header: the ECN field is the low
+ * two bits of the traffic class, the upper nibble of the header's second byte,
+ * and IPv6 has no header checksum to fix. The offset is bounded by a mask
+ * (inner_off is at most 104, see decap_ecn), which the verifier follows
+ * whatever order the compiler puts the checks in. */
+static __always_inline void decap_ecn6(void *data, void *data_end, const struct vxlan_match *m)
+{
+	__u8 *tc = data + (m->inner_off & 0x7f) + 1;
+
+	if ((void *)(tc + 1) <= data_end)
+		*tc |= ECN_CE << 4;
+}
+
 /* decap_ecn copies a CE mark from the outer header into the inner IPv4
  * header of an accepted frame (RFC 6040; vxlan_classify already dropped what
- * cannot carry it) and fixes the inner header checksum. It works on
+ * cannot carry it) and fixes the inner header checksum, or into the traffic
+ * class of an inner IPv6 header. It works on
  * [data, data_end) before the strip, so XDP and TC share it. */
 static __always_inline void decap_ecn(void *data, void *data_end, const struct vxlan_match *m)
 {
@@ -474,6 +489,10 @@ static __always_inline void decap_ecn(void *data, void *data_end, const struct v
 
 	if (!m->outer_ce)
 		return;
+	if (m->inner_ipv6) {
+		decap_ecn6(data, data_end, m);
+		return;
+	}
 	/* The offset came through the stack: bound it, or the verifier will
 	 * not let it move a packet pointer. Outer Ethernet, the longest outer
 	 * IPv4 header, UDP, VXLAN and inner Ethernet. */

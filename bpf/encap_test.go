@@ -160,8 +160,14 @@ func TestEncap(t *testing.T) {
 	})
 }
 
-// checkVXLAN checks that out is in, wrapped as docs/design.md's wire format says.
+// checkVXLAN checks that out is in (an IPv4 frame), wrapped as docs/design.md's wire format says.
 func checkVXLAN(t *testing.T, out, in []byte, dstMAC, srcMAC net.HardwareAddr, peer netip.Addr, tos uint8) {
+	t.Helper()
+	checkVXLANOf(t, testpkt.EtherTypeIPv4, out, in, dstMAC, srcMAC, peer, tos)
+}
+
+// checkVXLANOf is checkVXLAN for a frame in of EtherType innerType.
+func checkVXLANOf(t *testing.T, innerType uint16, out, in []byte, dstMAC, srcMAC net.HardwareAddr, peer netip.Addr, tos uint8) {
 	t.Helper()
 	if len(out) != len(in)+50 {
 		t.Fatalf("encapsulated length %d, want %d", len(out), len(in)+50)
@@ -187,8 +193,8 @@ func checkVXLAN(t *testing.T, out, in []byte, dstMAC, srcMAC net.HardwareAddr, p
 	if !bytes.Equal(out[42:50], []byte{0x08, 0, 0, 0, 0, 0, vni, 0}) {
 		t.Errorf("VXLAN header % x, want flags 0x08 and VNI %d", out[42:50], vni)
 	}
-	if !bytes.Equal(out[50:56], peerVtep) || !bytes.Equal(out[56:62], localVtep) || binary.BigEndian.Uint16(out[62:64]) != testpkt.EtherTypeIPv4 {
-		t.Errorf("inner Ethernet % x, want dst %s (peer VTEP) src %s (ours) IPv4", out[50:64], peerVtep, localVtep)
+	if !bytes.Equal(out[50:56], peerVtep) || !bytes.Equal(out[56:62], localVtep) || binary.BigEndian.Uint16(out[62:64]) != innerType {
+		t.Errorf("inner Ethernet % x, want dst %s (peer VTEP) src %s (ours) type %#04x", out[50:64], peerVtep, localVtep, innerType)
 	}
 	if !bytes.Equal(out[64:], in[14:]) {
 		t.Errorf("inner packet changed:\n got % x\nwant % x", out[64:], in[14:])

@@ -80,6 +80,38 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nexthops SEC(".maps");
 
+/* routes6: remote IPv6 subnet -> peer, in a dual-stack overlay. One entry per
+ * peer lease with an IPv6Subnet; the value points at the same peer (PublicIP,
+ * counters) as its IPv4 route. Looked up as routes is: the encap by inner
+ * destination, the decap by inner source. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct route6_key);
+	__type(value, struct route6);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} routes6 SEC(".maps");
+
+/* config6: this host's IPv6 lease (one entry; all zero on an IPv4-only host). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct host_config6);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config6 SEC(".maps");
+
+/* endpoints6: local container IPv6 address -> its veth, learned as endpoints
+ * is (a container's addresses in our IPv6 lease, from what it sends). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, ipv6_addr);
+	__type(value, struct endpoint);
+	__uint(max_entries, 16384);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints6 SEC(".maps");
+
 /*
  * The one way each map is read or counted into.
  */
@@ -132,6 +164,34 @@ static __always_inline void count_peer(__u32 peer_ip, __u32 bytes, int rx)
 		p->tx_packets++;
 		p->tx_bytes += bytes;
 	}
+}
+
+/* get_config6 returns this host's IPv6 config, or 0 when the overlay (or this
+ * host's lease) has no IPv6: then IPv6 is not ours and passes untouched. A
+ * lease's mask is never /0, so a zero first word means "not written". */
+static __always_inline const struct host_config6 *get_config6(void)
+{
+	__u32 zero = 0;
+	const struct host_config6 *cfg6 = bpf_map_lookup_elem(&config6, &zero);
+
+	if (!cfg6 || !ip6_words(cfg6->subnet_mask)[0])
+		return 0;
+	return cfg6;
+}
+
+/* route6_of returns the route of the peer IPv6 subnet holding addr (16 bytes,
+ * wire order, 4-byte aligned). */
+static __always_inline struct route6 *route6_of(const void *addr)
+{
+	struct route6_key key = {.prefixlen = 128};
+	const __u32 *a = ip6_words(addr);
+	__u32 *k = (__u32 *)key.addr;
+
+	k[0] = a[0];
+	k[1] = a[1];
+	k[2] = a[2];
+	k[3] = a[3];
+	return bpf_map_lookup_elem(&routes6, &key);
 }
 
 #endif /* XNET_MAPS_H */

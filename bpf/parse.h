@@ -15,6 +15,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 
@@ -63,6 +64,34 @@ static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end, st
 	return h->protocol;
 }
 
+/* parse_ipv6hdr parses the fixed IPv6 header (40 bytes) and returns its
+ * next header; extension headers, if any, follow it and are the caller's. */
+static __always_inline int parse_ipv6hdr(struct hdr_cursor *nh, void *data_end, struct ipv6hdr **ip6h)
+{
+	struct ipv6hdr *h = nh->pos;
+
+	if ((void *)(h + 1) > data_end)
+		return -1;
+	if (h->version != 6)
+		return -1;
+	nh->pos = h + 1;
+	*ip6h = h;
+	return h->nexthdr;
+}
+
+/* ipv6_ecn is the ECN field of an IPv6 header: the low two bits of the traffic
+ * class, which straddles the version nibble and the flow label. */
+static __always_inline __u8 ipv6_ecn(const struct ipv6hdr *h)
+{
+	return (h->flow_lbl[0] >> 4) & ECN_MASK;
+}
+
+/* ipv6_tclass is the whole traffic class (DSCP and ECN) of an IPv6 header. */
+static __always_inline __u8 ipv6_tclass(const struct ipv6hdr *h)
+{
+	return (h->priority << 4) | (h->flow_lbl[0] >> 4);
+}
+
 static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end, struct udphdr **udph)
 {
 	struct udphdr *h = nh->pos;
@@ -89,10 +118,75 @@ static __always_inline int parse_vxlanhdr(struct hdr_cursor *nh, void *data_end,
 struct vxlan_match {
 	__u32 strip_len;   /* outer Ethernet + outer IPv4 (with options) + UDP + VXLAN */
 	__u32 peer_ip;     /* outer source, network order */
-	__u32 inner_daddr; /* network order */
-	__u32 inner_off;   /* where the inner IPv4 header starts (strip_len + inner Ethernet) */
+	__u32 inner_daddr; /* network order; for inner IPv4 */
+	__u32 inner_off;   /* where the inner IP header starts (strip_len + inner Ethernet) */
 	__u8 outer_ce;     /* the outer ECN field is CE: decap_ecn marks the inner packet */
+	__u8 inner_ipv6;   /* the inner packet is IPv6 (vxlan_classify_inner6): inner_daddr6 holds its destination */
+	ipv6_addr inner_daddr6;
 };
+
+/*
+ * vxlan_classify_inner6 is vxlan_classify's second half for an inner IPv6
+ * packet (dual-stack overlay), with the same rules as for IPv4: the packet
+ * must be all there, no second datagram behind it, its destination in our
+ * IPv6 lease, its source in a peer's IPv6 lease whose PublicIP is the outer
+ * source, and an outer CE mark must have an ECN-capable packet to go to.
+ *
+ * Extension headers are delivered as they came, unread: nothing in these rules
+ * depends on them (the addresses and the ECN field are in the fixed header),
+ * and the receiving container's stack parses and checks them as it does for
+ * any packet, as behind the kernel's vxlan. The one kind refused is a
+ * jumbogram (payload length 0 with a hop-by-hop header, RFC 2675): no peer of
+ * ours sends one, the outer IPv4 length being 16 bits.
+ *
+ * ip is the outer IPv4 header, nh the cursor after the inner Ethernet header.
+ */
+static __always_inline int vxlan_classify_inner6(void *data, void *data_end, __u32 frame_len, struct iphdr *ip,
+						 struct hdr_cursor *nh, struct vxlan_match *m)
+{
+	const struct host_config6 *cfg6 = get_config6();
+	struct ipv6hdr *inner;
+	struct route6 *src_route;
+	__u32 inner_len, inner_present, *d;
+	int nexthdr;
+
+	/* An IPv4-only host: IPv6 is as foreign to it as any other protocol. */
+	if (!cfg6)
+		return VERDICT_DROP_INNER_NOT_IPV4;
+	nexthdr = parse_ipv6hdr(nh, data_end, &inner);
+	if (nexthdr < 0)
+		return VERDICT_DROP_MALFORMED;
+	/* As for IPv4: all of the packet arrived (a few bytes more are Ethernet
+	 * padding or a frame check sequence), and not a second datagram. */
+	inner_len = sizeof(*inner) + bpf_ntohs(inner->payload_len);
+	inner_present = frame_len - (__u32)((void *)inner - data);
+	if (inner_len > inner_present)
+		return VERDICT_DROP_MALFORMED;
+	if (!inner->payload_len && nexthdr == IPPROTO_HOPOPTS)
+		return VERDICT_DROP_MALFORMED;
+	if (inner_present - inner_len >= XNET_MIN_VXLAN_PAYLOAD)
+		return VERDICT_DROP_GRO_MERGED;
+	if (!ip6_in_prefix(&inner->daddr, cfg6->subnet_addr, cfg6->subnet_mask))
+		return VERDICT_DROP_NOT_LOCAL;
+	src_route = route6_of(&inner->saddr);
+	if (!src_route)
+		return VERDICT_DROP_UNKNOWN_SOURCE;
+	if (ip4_word(src_route->remote_ip) != ip->saddr)
+		return VERDICT_DROP_SPOOFED;
+	if ((ip->tos & ECN_MASK) == ECN_CE && !ipv6_ecn(inner))
+		return VERDICT_DROP_CE_NOT_ECT;
+
+	m->peer_ip = ip->saddr;
+	m->inner_off = (void *)inner - data;
+	m->outer_ce = (ip->tos & ECN_MASK) == ECN_CE;
+	m->inner_ipv6 = 1;
+	d = (__u32 *)m->inner_daddr6;
+	d[0] = ip6_words(&inner->daddr)[0];
+	d[1] = ip6_words(&inner->daddr)[1];
+	d[2] = ip6_words(&inner->daddr)[2];
+	d[3] = ip6_words(&inner->daddr)[3];
+	return VERDICT_DECAP;
+}
 
 /*
  * vxlan_classify applies docs/design.md's acceptance rules to one frame.
@@ -154,6 +248,8 @@ static __always_inline int vxlan_classify(void *data, void *data_end, __u32 fram
 		return VERDICT_DROP_MALFORMED;
 	if (!mac_equal(inner_eth->h_dest, cfg->vtep_mac))
 		return VERDICT_DROP_BAD_VTEP_MAC;
+	if (inner_eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return vxlan_classify_inner6(data, data_end, frame_len, ip, &nh, m);
 	if (inner_eth->h_proto != bpf_htons(ETH_P_IP))
 		return VERDICT_DROP_INNER_NOT_IPV4;
 	if (parse_iphdr(&nh, data_end, &inner_ip) < 0)

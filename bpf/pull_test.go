@@ -200,7 +200,7 @@ func TestDecapDoesNotLineariseForeignTraffic(t *testing.T) {
 	must(t, seen.Lookup(uint32(after), &linAfter))
 	must(t, seen.Lookup(uint32(after+1), &nAfter))
 	t.Logf("%d large packets; largest linear part %d bytes before decap_tc, %d after", nBefore, linBefore, linAfter)
-	const classifyBytes = 14 + 60 + 8 + 8 + 14 + 20 // XNET_CLASSIFY_BYTES
+	const classifyBytes = 14 + 60 + 8 + 8 + 14 + 40 // XNET_CLASSIFY_BYTES
 	if nBefore == 0 || nAfter != nBefore || linBefore >= classifyBytes {
 		t.Fatalf("the test saw %d/%d large packets with a largest linear part of %d bytes: it needs paged skbs with less than %d linear bytes to see a pull",
 			nBefore, nAfter, linBefore, classifyBytes)

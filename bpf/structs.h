@@ -118,4 +118,65 @@ struct vxlanhdr {
 	__be32 vni;
 };
 
+/*
+ * IPv6, in a dual-stack overlay (subnetmgr.Config.EnableIPv6). Separate maps
+ * and structs rather than wider IPv4 ones: an IPv4-only host keeps the maps
+ * and the per-packet work it had, and a dual-stack one adds only what IPv6
+ * needs. Inner IPv6 packets cross the same tunnel as IPv4 (one VTEP, one VNI,
+ * the IPv4 underlay), so what a route6 points at is the same peer as its
+ * IPv4 route.
+ */
+
+/* ipv6_addr: an IPv6 address in wire order; bpftool prints its 16 bytes. Like
+ * ipv4_addr it is 4-byte aligned, so the programs compare it as four
+ * network-order words (ip6_words). */
+typedef __u8 ipv6_addr[16] __attribute__((aligned(4)));
+
+/* ip6_words reads an ipv6_addr (or an in6_addr, which is as aligned) as its
+ * four network-order words. */
+static __always_inline const __u32 *ip6_words(const void *a)
+{
+	return (const __u32 *)a;
+}
+
+static __always_inline int ip6_equal(const void *a, const void *b)
+{
+	const __u32 *x = ip6_words(a), *y = ip6_words(b);
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+/* ip6_in_prefix says whether addr lies in the prefix of net and mask. */
+static __always_inline int ip6_in_prefix(const void *addr, const void *net, const void *mask)
+{
+	const __u32 *a = ip6_words(addr), *n = ip6_words(net), *m = ip6_words(mask);
+
+	return (a[0] & m[0]) == n[0] && (a[1] & m[1]) == n[1] && (a[2] & m[2]) == n[2] && (a[3] & m[3]) == n[3];
+}
+
+/* route6_key: key of the routes6 LPM trie (a peer's IPv6 subnet). */
+struct route6_key {
+	__u32 prefixlen; /* host order, as the LPM trie wants it */
+	ipv6_addr addr;
+};
+
+/* route6: the peer owning a remote IPv6 subnet. */
+struct route6 {
+	ipv4_addr remote_ip;          /* the peer's PublicIP: outer destination (IPv4 underlay); keys its counters */
+	__u8 vtep_mac[XNET_ETH_ALEN]; /* inner destination MAC: the VtepMAC of the peer's BackendV6Data (else BackendData) */
+	__u16 pad;
+};
+
+/* host_config6: this host's IPv6 side, entry 0 of the config6 map; written by
+ * the Go side in a dual-stack overlay, all zero (IPv6 not ours: it passes
+ * untouched, as on an IPv4-only host) otherwise. */
+struct host_config6 {
+	ipv6_addr subnet_addr; /* our IPv6 lease */
+	ipv6_addr subnet_mask;
+	/* The container bridge's address in the lease (Docker's --fixed-cidr-v6 puts its gateway
+	 * on the first address): the containers' next hop, and the source of the ICMPv6 errors the
+	 * encap answers in its place. */
+	ipv6_addr gateway;
+};
+
 #endif /* XNET_STRUCTS_H */

@@ -21,7 +21,9 @@
  * maps.h, parse.h (vxlan_classify, the acceptance rules), encap.h (both
  * directions of the tunnel), direct.h (plain routing on our segment, and the
  * choice between it and the tunnel), icmp.h (the "fragmentation needed"
- * answer) and csum.h. This file holds only the programs.
+ * answer), csum.h, and for a dual-stack overlay ipv6.h (the IPv6 halves of
+ * encap and decap) and icmp6.h (Packet Too Big). This file holds only the
+ * programs.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -33,6 +35,7 @@
 #include "parse.h"
 #include "encap.h"
 #include "direct.h"
+#include "ipv6.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -49,11 +52,15 @@ int encap_container(struct __sk_buff *skb)
 	const struct host_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *ip;
+	int proto;
 
 	cfg = get_config();
 	if (!cfg)
 		return XNET_TC_PASS;
-	if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0) {
+	proto = parse_ethhdr(&nh, data_end, &eth);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return encap6_container(skb, cfg);
+	if (proto != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0) {
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
 	}
@@ -75,6 +82,7 @@ int encap_host(struct __sk_buff *skb)
 	const struct host_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *ip;
+	int proto;
 
 	/* Everything routed into xnet0 is overlay traffic: what we cannot
 	 * send is dropped here rather than looping through the stack. */
@@ -83,9 +91,11 @@ int encap_host(struct __sk_buff *skb)
 		count(VERDICT_DROP_NO_CONFIG, skb->len);
 		return TC_ACT_SHOT;
 	}
-	if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0) {
-		/* xnet0 has ARP off; IPv6 router solicitations and the like
-		 * have nowhere to go. */
+	proto = parse_ethhdr(&nh, data_end, &eth);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return encap6_host(skb, cfg);
+	if (proto != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0) {
+		/* xnet0 has ARP off: nothing else has anywhere to go. */
 		count(VERDICT_PASS, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -109,9 +119,13 @@ int decap_tc(struct __sk_buff *skb)
 		struct ethhdr *eth;
 		struct iphdr *ip;
 
+		int proto;
+
 		data_end = (void *)(long)skb->data_end;
-		if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) ||
-		    parse_iphdr(&nh, data_end, &ip) < 0)
+		proto = parse_ethhdr(&nh, data_end, &eth);
+		if (proto == bpf_htons(ETH_P_IPV6))
+			return deliver6_decapped(skb, cfg);
+		if (proto != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0)
 			return TC_ACT_SHOT;
 		return deliver(skb, cfg, ip->daddr);
 	}
@@ -127,6 +141,8 @@ int decap_tc(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	decap_ecn(data, data_end, &m);
+	if (m.inner_ipv6)
+		return decap6(skb, cfg, &m);
 
 	if (decap_strip(skb, &m) < 0) {
 		count(VERDICT_DROP_HELPER, skb->len);

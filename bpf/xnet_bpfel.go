@@ -44,6 +44,13 @@ type XnetHostConfig struct {
 	_               [3]byte
 }
 
+type XnetHostConfig6 struct {
+	_          structs.HostLayout
+	SubnetAddr [16]uint8
+	SubnetMask [16]uint8
+	Gateway    [16]uint8
+}
+
 type XnetNexthop struct {
 	_       structs.HostLayout
 	Ifindex uint32
@@ -66,6 +73,19 @@ type XnetRoute struct {
 	VtepMac  [6]uint8
 	Direct   uint8
 	Pad      uint8
+}
+
+type XnetRoute6 struct {
+	_        structs.HostLayout
+	RemoteIp [4]uint8
+	VtepMac  [6]uint8
+	Pad      uint16
+}
+
+type XnetRoute6Key struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      [16]uint8
 }
 
 type XnetRouteKey struct {
@@ -100,7 +120,9 @@ const (
 	XnetVerdictVERDICT_DIRECT_IN           XnetVerdict = 20
 	XnetVerdictVERDICT_PASS_UNVERIFIED     XnetVerdict = 21
 	XnetVerdictVERDICT_DROP_DIRECT_SPOOFED XnetVerdict = 22
-	XnetVerdictVERDICT_MAX                 XnetVerdict = 23
+	XnetVerdictVERDICT_ICMP_PACKET_TOO_BIG XnetVerdict = 23
+	XnetVerdictVERDICT_DROP_EXT_HEADERS    XnetVerdict = 24
+	XnetVerdictVERDICT_MAX                 XnetVerdict = 25
 )
 
 // Names of all BPF objects in the ELF.
@@ -108,11 +130,14 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	XnetMapConfig          = "config"
+	XnetMapConfig6         = "config6"
 	XnetMapCounters        = "counters"
 	XnetMapEndpoints       = "endpoints"
+	XnetMapEndpoints6      = "endpoints6"
 	XnetMapNexthops        = "nexthops"
 	XnetMapPeers           = "peers"
 	XnetMapRoutes          = "routes"
+	XnetMapRoutes6         = "routes6"
 	XnetProgDecapTc        = "decap_tc"
 	XnetProgDecapXdp       = "decap_xdp"
 	XnetProgEncapContainer = "encap_container"
@@ -172,12 +197,15 @@ type XnetProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XnetMapSpecs struct {
-	Config    *ebpf.MapSpec `ebpf:"config"`
-	Counters  *ebpf.MapSpec `ebpf:"counters"`
-	Endpoints *ebpf.MapSpec `ebpf:"endpoints"`
-	Nexthops  *ebpf.MapSpec `ebpf:"nexthops"`
-	Peers     *ebpf.MapSpec `ebpf:"peers"`
-	Routes    *ebpf.MapSpec `ebpf:"routes"`
+	Config     *ebpf.MapSpec `ebpf:"config"`
+	Config6    *ebpf.MapSpec `ebpf:"config6"`
+	Counters   *ebpf.MapSpec `ebpf:"counters"`
+	Endpoints  *ebpf.MapSpec `ebpf:"endpoints"`
+	Endpoints6 *ebpf.MapSpec `ebpf:"endpoints6"`
+	Nexthops   *ebpf.MapSpec `ebpf:"nexthops"`
+	Peers      *ebpf.MapSpec `ebpf:"peers"`
+	Routes     *ebpf.MapSpec `ebpf:"routes"`
+	Routes6    *ebpf.MapSpec `ebpf:"routes6"`
 }
 
 // XnetVariableSpecs contains global variables before they are loaded into the kernel.
@@ -207,22 +235,28 @@ func (o *XnetObjects) Close() error {
 //
 // It can be passed to LoadXnetObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XnetMaps struct {
-	Config    *ebpf.Map `ebpf:"config"`
-	Counters  *ebpf.Map `ebpf:"counters"`
-	Endpoints *ebpf.Map `ebpf:"endpoints"`
-	Nexthops  *ebpf.Map `ebpf:"nexthops"`
-	Peers     *ebpf.Map `ebpf:"peers"`
-	Routes    *ebpf.Map `ebpf:"routes"`
+	Config     *ebpf.Map `ebpf:"config"`
+	Config6    *ebpf.Map `ebpf:"config6"`
+	Counters   *ebpf.Map `ebpf:"counters"`
+	Endpoints  *ebpf.Map `ebpf:"endpoints"`
+	Endpoints6 *ebpf.Map `ebpf:"endpoints6"`
+	Nexthops   *ebpf.Map `ebpf:"nexthops"`
+	Peers      *ebpf.Map `ebpf:"peers"`
+	Routes     *ebpf.Map `ebpf:"routes"`
+	Routes6    *ebpf.Map `ebpf:"routes6"`
 }
 
 func (m *XnetMaps) Close() error {
 	return _XnetClose(
 		m.Config,
+		m.Config6,
 		m.Counters,
 		m.Endpoints,
+		m.Endpoints6,
 		m.Nexthops,
 		m.Peers,
 		m.Routes,
+		m.Routes6,
 	)
 }
 

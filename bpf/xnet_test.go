@@ -209,6 +209,8 @@ type vxlanFrame struct {
 	innerDst   netip.Addr
 	outerTOS   uint8
 	innerTOS   uint8
+	// innerRaw, when set, is the inner packet (of type innerType) instead of the IPv4 one.
+	innerRaw []byte
 }
 
 func (f vxlanFrame) inner() []byte {
@@ -222,7 +224,10 @@ func (f vxlanFrame) bytes() []byte {
 		innerType = testpkt.EtherTypeIPv4
 	}
 	innerPayload := f.inner()
-	if innerType != testpkt.EtherTypeIPv4 {
+	switch {
+	case f.innerRaw != nil:
+		innerPayload = f.innerRaw
+	case innerType != testpkt.EtherTypeIPv4:
 		innerPayload = bytes.Repeat([]byte{0xab}, 28)
 	}
 	innerEth := testpkt.Eth(f.innerDstMA, peerVtep, innerType, innerPayload)
@@ -400,49 +405,53 @@ func TestDecap(t *testing.T) {
 	)
 
 	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			// TC: BPF_PROG_TEST_RUN refuses SCHED_CLS frames shorter than Ethernet +
-			// IPv4 when the EtherType says IPv4; only XDP sees those.
-			if len(c.in) >= 34 || len(c.in) >= 14 && binary.BigEndian.Uint16(c.in[12:14]) != testpkt.EtherTypeIPv4 {
-				before := verdicts(t, objs.Counters)
-				ret, out := run(t, objs.DecapTc, c.in)
-				checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
-				switch c.verdict {
-				case XnetVerdictVERDICT_DECAP:
-					if ret != c.tcRet || !bytes.Equal(out[:len(c.tcOut)], c.tcOut) {
-						t.Errorf("tc: got %d\n% x\nwant %d\n% x", ret, out[:len(c.tcOut)], c.tcRet, c.tcOut)
-					}
-				case XnetVerdictVERDICT_PASS:
-					expectUntouched(t, "tc", ret, tcPass, out, c.in)
-				default:
-					expectUntouched(t, "tc", ret, tcDrop, out, c.in)
-				}
+		t.Run(c.name, func(t *testing.T) { runDecapCase(t, objs, c) })
+	}
+}
+
+// runDecapCase runs one row of a decap table through decap_tc and, where it loads, decap_xdp.
+func runDecapCase(t *testing.T, objs *objects, c decapCase) {
+	t.Helper()
+	// TC: BPF_PROG_TEST_RUN refuses SCHED_CLS frames shorter than Ethernet +
+	// IPv4 when the EtherType says IPv4; only XDP sees those.
+	if len(c.in) >= 34 || len(c.in) >= 14 && binary.BigEndian.Uint16(c.in[12:14]) != testpkt.EtherTypeIPv4 {
+		before := verdicts(t, objs.Counters)
+		ret, out := run(t, objs.DecapTc, c.in)
+		checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+		switch c.verdict {
+		case XnetVerdictVERDICT_DECAP:
+			if ret != c.tcRet || !bytes.Equal(out[:len(c.tcOut)], c.tcOut) {
+				t.Errorf("tc: got %d\n% x\nwant %d\n% x", ret, out[:len(c.tcOut)], c.tcRet, c.tcOut)
 			}
-			if len(c.in) < 14 || objs.DecapXdp == nil {
-				return // below an Ethernet header the kernel refuses to run XDP too
-			}
-			before := verdicts(t, objs.Counters)
-			ret, out := run(t, objs.DecapXdp, c.in)
-			checkCounted(t, "xdp", before, verdicts(t, objs.Counters), c.verdict)
-			switch c.verdict {
-			case XnetVerdictVERDICT_DECAP:
-				// XDP strips up to the inner Ethernet frame, marks it in the metadata
-				// (which the test run returns in front of the frame) and leaves
-				// delivery to TC.
-				// The inner Ethernet header as it came, the inner packet as TC delivers
-				// it (the same bytes, unless ECN changed them).
-				want := binary.NativeEndian.AppendUint32(nil, xnetMetaDecapped)
-				want = append(want, c.in[len(c.in)-len(c.tcOut):][:14]...)
-				want = append(want, c.tcOut[14:]...)
-				if ret != xdpPass || !bytes.Equal(out[:len(want)], want) {
-					t.Errorf("xdp: got %d\n% x\nwant %d\n% x", ret, out[:len(want)], xdpPass, want)
-				}
-			case XnetVerdictVERDICT_PASS:
-				expectUntouched(t, "xdp", ret, xdpPass, out, c.in)
-			default:
-				expectUntouched(t, "xdp", ret, xdpDrop, out, c.in)
-			}
-		})
+		case XnetVerdictVERDICT_PASS:
+			expectUntouched(t, "tc", ret, tcPass, out, c.in)
+		default:
+			expectUntouched(t, "tc", ret, tcDrop, out, c.in)
+		}
+	}
+	if len(c.in) < 14 || objs.DecapXdp == nil {
+		return // below an Ethernet header the kernel refuses to run XDP too
+	}
+	before := verdicts(t, objs.Counters)
+	ret, out := run(t, objs.DecapXdp, c.in)
+	checkCounted(t, "xdp", before, verdicts(t, objs.Counters), c.verdict)
+	switch c.verdict {
+	case XnetVerdictVERDICT_DECAP:
+		// XDP strips up to the inner Ethernet frame, marks it in the metadata
+		// (which the test run returns in front of the frame) and leaves
+		// delivery to TC.
+		// The inner Ethernet header as it came, the inner packet as TC delivers
+		// it (the same bytes, unless ECN changed them).
+		want := binary.NativeEndian.AppendUint32(nil, xnetMetaDecapped)
+		want = append(want, c.in[len(c.in)-len(c.tcOut):][:14]...)
+		want = append(want, c.tcOut[14:]...)
+		if ret != xdpPass || !bytes.Equal(out[:len(want)], want) {
+			t.Errorf("xdp: got %d\n% x\nwant %d\n% x", ret, out[:len(want)], xdpPass, want)
+		}
+	case XnetVerdictVERDICT_PASS:
+		expectUntouched(t, "xdp", ret, xdpPass, out, c.in)
+	default:
+		expectUntouched(t, "xdp", ret, xdpDrop, out, c.in)
 	}
 }
 

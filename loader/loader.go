@@ -88,10 +88,7 @@ func loadXDP(spec *ebpf.CollectionSpec, m *bpf.XnetMaps) (*ebpf.Program, error) 
 	var objs struct {
 		DecapXdp *ebpf.Program `ebpf:"decap_xdp"`
 	}
-	replace := map[string]*ebpf.Map{
-		maps.RoutesName: m.Routes, maps.PeersName: m.Peers, maps.ConfigName: m.Config,
-		maps.CountersName: m.Counters, maps.EndpointsName: m.Endpoints, maps.NexthopsName: m.Nexthops,
-	}
+	replace := maps.FromObjects(m).ByName()
 	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: replace}); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -178,10 +175,7 @@ func Load(opts Options) (*Loader, error) {
 		log.Info("XDP decapsulation unavailable on this kernel; TC decapsulates", "err", l.xdpErr)
 	}
 
-	for name, m := range map[string]*ebpf.Map{
-		maps.RoutesName: l.maps.Routes, maps.PeersName: l.maps.Peers, maps.ConfigName: l.maps.Config,
-		maps.CountersName: l.maps.Counters, maps.EndpointsName: l.maps.Endpoints, maps.NexthopsName: l.maps.Nexthops,
-	} {
+	for name, m := range maps.FromObjects(&l.maps).ByName() {
 		if _, ok := adopted[name]; ok {
 			continue
 		}

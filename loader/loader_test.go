@@ -413,3 +413,89 @@ func verdictCount(t *testing.T) uint32 {
 	}
 	return spec.Maps["counters"].MaxEntries
 }
+
+// An upgrade from the build before the dual-stack overlay: its pins are this build's maps except
+// routes6, config6 and endpoints6, and a counters map with two verdicts less. The new maps are
+// created and pinned, the counters replaced (they restart, as on every change of the verdict
+// list), and every other map adopted with its entries: the peers' IPv4 routes keep working from
+// the first packet the new programs see. `xnetd status` (maps.OpenPinned) reads the old pins
+// too, before the upgrade.
+func TestUpgradeFromABuildWithoutIPv6(t *testing.T) {
+	dir := pinDir(t)
+	first := load(t, dir, false)
+	r := maps.Route{Subnet: netip.MustParsePrefix("10.244.9.0/24"), PublicIP: netip.MustParseAddr("198.18.0.19"),
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 19}}
+	if err := first.Maps().PutRoute(r); err != nil {
+		t.Fatal(err)
+	}
+	first.Close()
+	ipv6Maps := []string{maps.Routes6Name, maps.Config6Name, maps.Endpoints6Name}
+	for _, name := range ipv6Maps {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	spec, err := bpf.LoadXnet()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs := *spec.Maps[maps.CountersName]
+	cs.MaxEntries -= 2
+	cs.Pinning = ebpf.PinNone
+	oldCounters, err := ebpf.NewMap(&cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer oldCounters.Close()
+	if err := os.Remove(filepath.Join(dir, maps.CountersName)); err != nil {
+		t.Fatal(err)
+	}
+	if err := oldCounters.Pin(filepath.Join(dir, maps.CountersName)); err != nil {
+		t.Fatal(err)
+	}
+
+	old, err := maps.OpenPinned(dir)
+	if err != nil {
+		t.Fatalf("status on the old build's pins: %v", err)
+	}
+	if routes, err := old.ListRoutes6(); err != nil || routes != nil {
+		t.Errorf("IPv6 routes of a build without them: %v, %v; want none", routes, err)
+	}
+	if _, ok, err := old.GetConfig6(); ok || err != nil {
+		t.Errorf("IPv6 config of a build without it: ok %v, %v; want none", ok, err)
+	}
+	if eps, err := old.ListEndpoints(); err != nil || len(eps) != 0 {
+		t.Errorf("endpoints of the old build: %v, %v; want none", eps, err)
+	}
+	old.Close()
+
+	l := load(t, dir, false)
+	if got := l.Replaced(); !slices.Equal(got, []string{maps.CountersName}) {
+		t.Errorf("replaced %v, want only %s", got, maps.CountersName)
+	}
+	for _, name := range ipv6Maps {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Errorf("new map %s not pinned: %v", name, err)
+		}
+	}
+	if routes, err := l.Maps().ListRoutes(); err != nil || len(routes) != 1 || routes[0].Subnet != r.Subnet {
+		t.Fatalf("routes after the upgrade: %+v, %v; want the one written before", routes, err)
+	}
+	r6 := maps.Route6{Subnet: netip.MustParsePrefix("fd00:10:244:9::/64"), PublicIP: r.PublicIP, VtepMAC: r.VtepMAC}
+	if err := l.Maps().PutRoute6(r6); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exec.LookPath("bpftool"); err != nil {
+		return
+	}
+	out, err := exec.Command("bpftool", "map", "dump", "pinned", filepath.Join(dir, maps.Routes6Name)).CombinedOutput()
+	if err != nil {
+		t.Fatalf("bpftool: %v: %s", err, out)
+	}
+	// With BTF: field names, and the address as its 16 bytes in wire order.
+	for _, want := range []string{"prefixlen", "remote_ip", "vtep_mac", "[253,0,0,16,2,68,0,9,0,0,0,0,0,0,0,0", "[198,18,0,19"} {
+		if !strings.Contains(strings.Join(strings.Fields(string(out)), ""), strings.ReplaceAll(want, " ", "")) {
+			t.Errorf("bpftool map dump of %s lacks %q:\n%s", maps.Routes6Name, want, out)
+		}
+	}
+}

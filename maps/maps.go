@@ -1,7 +1,8 @@
 // Package maps is typed Go access to the datapath's maps: routes (peer subnets), peers (per-peer
 // counters), config (this host), counters (per verdict), endpoints (learned local containers)
-// and nexthops (the programs' own cache of underlay next hops). The backend writes through it and `xnetd status` reads through it, from the pins
-// under the bpffs directory.
+// and nexthops (the programs' own cache of underlay next hops), and in a dual-stack overlay their
+// IPv6 counterparts routes6, config6 and endpoints6 (ipv6.go). The backend writes through it and
+// `xnetd status` reads through it, from the pins under the bpffs directory.
 //
 // It owns the translation between Go values (netip, net.HardwareAddr) and the map layouts of
 // bpf/xnet.h (the generated bpf.Xnet* types). It does not load programs, create or pin maps:
@@ -13,6 +14,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -30,25 +32,45 @@ const (
 	CountersName  = bpf.XnetMapCounters
 	EndpointsName = bpf.XnetMapEndpoints
 	NexthopsName  = bpf.XnetMapNexthops
+	// The IPv6 side of a dual-stack overlay (ipv6.go).
+	Routes6Name    = bpf.XnetMapRoutes6
+	Config6Name    = bpf.XnetMapConfig6
+	Endpoints6Name = bpf.XnetMapEndpoints6
 )
 
 // Names lists every map the datapath pins.
 func Names() []string {
-	return []string{RoutesName, PeersName, ConfigName, CountersName, EndpointsName, NexthopsName}
+	return []string{RoutesName, PeersName, ConfigName, CountersName, EndpointsName, NexthopsName,
+		Routes6Name, Config6Name, Endpoints6Name}
 }
 
 // Maps holds the datapath's maps. The zero value is unusable; get one from loader or
 // OpenPinned.
 type Maps struct {
 	Routes, Peers, Config, Counters, Endpoints, Nexthops *ebpf.Map
+	// Routes6, Config6 and Endpoints6 are nil when OpenPinned found the pins of a build without
+	// IPv6; the IPv6 methods then read as empty.
+	Routes6, Config6, Endpoints6 *ebpf.Map
 }
 
 // FromObjects wraps maps loaded from the generated bindings.
 func FromObjects(m *bpf.XnetMaps) *Maps {
-	return &Maps{Routes: m.Routes, Peers: m.Peers, Config: m.Config, Counters: m.Counters, Endpoints: m.Endpoints, Nexthops: m.Nexthops}
+	return &Maps{Routes: m.Routes, Peers: m.Peers, Config: m.Config, Counters: m.Counters, Endpoints: m.Endpoints, Nexthops: m.Nexthops,
+		Routes6: m.Routes6, Config6: m.Config6, Endpoints6: m.Endpoints6}
+}
+
+// ByName is every map by its pin name, for the loader, which loads, replaces and pins them all
+// alike.
+func (m *Maps) ByName() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{
+		RoutesName: m.Routes, PeersName: m.Peers, ConfigName: m.Config, CountersName: m.Counters,
+		EndpointsName: m.Endpoints, NexthopsName: m.Nexthops,
+		Routes6Name: m.Routes6, Config6Name: m.Config6, Endpoints6Name: m.Endpoints6,
+	}
 }
 
 // OpenPinned opens the maps pinned in dir (for `xnetd status`, which must not load programs).
+// The IPv6 maps are optional: a daemon of an older build, still running, has none.
 func OpenPinned(dir string) (*Maps, error) {
 	open := func(name string) (*ebpf.Map, error) {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
@@ -60,10 +82,16 @@ func OpenPinned(dir string) (*Maps, error) {
 	var m Maps
 	var err error
 	for _, f := range []struct {
-		name string
-		dst  **ebpf.Map
-	}{{RoutesName, &m.Routes}, {PeersName, &m.Peers}, {ConfigName, &m.Config}, {CountersName, &m.Counters}, {EndpointsName, &m.Endpoints}, {NexthopsName, &m.Nexthops}} {
+		name     string
+		dst      **ebpf.Map
+		optional bool
+	}{{RoutesName, &m.Routes, false}, {PeersName, &m.Peers, false}, {ConfigName, &m.Config, false}, {CountersName, &m.Counters, false},
+		{EndpointsName, &m.Endpoints, false}, {NexthopsName, &m.Nexthops, false},
+		{Routes6Name, &m.Routes6, true}, {Config6Name, &m.Config6, true}, {Endpoints6Name, &m.Endpoints6, true}} {
 		if *f.dst, err = open(f.name); err != nil {
+			if f.optional && errors.Is(err, os.ErrNotExist) {
+				continue
+			}
 			m.Close()
 			return nil, err
 		}
@@ -74,7 +102,7 @@ func OpenPinned(dir string) (*Maps, error) {
 // Close closes the map handles (pins and the kernel's maps stay).
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.Routes, m.Peers, m.Config, m.Counters, m.Endpoints, m.Nexthops} {
+	for _, mp := range []*ebpf.Map{m.Routes, m.Peers, m.Config, m.Counters, m.Endpoints, m.Nexthops, m.Routes6, m.Config6, m.Endpoints6} {
 		if mp != nil {
 			errs = append(errs, mp.Close())
 		}
@@ -365,7 +393,7 @@ type Endpoint struct {
 	MAC     net.HardwareAddr
 }
 
-// ListEndpoints returns every learned container.
+// ListEndpoints returns every learned container address, IPv4 and IPv6.
 func (m *Maps) ListEndpoints() ([]Endpoint, error) {
 	var (
 		key [4]uint8
@@ -379,11 +407,15 @@ func (m *Maps) ListEndpoints() ([]Endpoint, error) {
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list endpoints: %w", err)
 	}
-	return out, nil
+	v6, err := m.listEndpoints6()
+	if err != nil {
+		return nil, err
+	}
+	return append(out, v6...), nil
 }
 
-// ForgetEndpoints removes the learned containers behind ifindex (its veth is gone) and returns
-// how many there were.
+// ForgetEndpoints removes the learned container addresses behind ifindex (its veth is gone),
+// IPv4 and IPv6, and returns how many there were.
 func (m *Maps) ForgetEndpoints(ifindex int) (int, error) {
 	eps, err := m.ListEndpoints()
 	if err != nil {
@@ -394,7 +426,12 @@ func (m *Maps) ForgetEndpoints(ifindex int) (int, error) {
 		if ep.Ifindex != ifindex {
 			continue
 		}
-		if err := m.Endpoints.Delete(ip4(ep.IP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if ep.IP.Is4() {
+			err = m.Endpoints.Delete(ip4(ep.IP))
+		} else {
+			err = m.Endpoints6.Delete(ip6(ep.IP))
+		}
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return n, fmt.Errorf("forget endpoint %v: %w", ep.IP, err)
 		}
 		n++

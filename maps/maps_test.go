@@ -1,10 +1,13 @@
 package maps
 
 import (
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -170,5 +173,112 @@ func TestNexthopsListAndDelete(t *testing.T) {
 	got, err := m.ListNexthops()
 	if err != nil || !reflect.DeepEqual(got, []netip.Addr{b}) {
 		t.Fatalf("ListNexthops = %v, %v; want [%v]", got, err, b)
+	}
+}
+
+func TestIPv6RoutesRoundTrip(t *testing.T) {
+	m := fresh(t)
+	r := Route6{Subnet: netip.MustParsePrefix("fd00:10:244:7::/64"), PublicIP: netip.MustParseAddr("198.18.0.17"),
+		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 17}}
+	if err := m.PutRoute6(r); err != nil {
+		t.Fatal(err)
+	}
+	got, err := m.ListRoutes6()
+	if err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], r) {
+		t.Fatalf("ListRoutes6 = %+v, %v; want [%+v]", got, err, r)
+	}
+	if err := m.DeleteRoute6(r.Subnet); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DeleteRoute6(r.Subnet); err != nil {
+		t.Fatalf("deleting a missing IPv6 route: %v, want no error", err)
+	}
+	if got, _ := m.ListRoutes6(); len(got) != 0 {
+		t.Fatalf("IPv6 routes after delete: %+v", got)
+	}
+	for _, bad := range []Route6{
+		{Subnet: netip.MustParsePrefix("10.244.7.0/24"), PublicIP: r.PublicIP, VtepMAC: r.VtepMAC},
+		{Subnet: r.Subnet, PublicIP: netip.MustParseAddr("fd00::1"), VtepMAC: r.VtepMAC},
+		{Subnet: r.Subnet, PublicIP: r.PublicIP},
+	} {
+		if err := m.PutRoute6(bad); err == nil {
+			t.Errorf("PutRoute6(%+v) accepted", bad)
+		}
+	}
+}
+
+func TestIPv6ConfigRoundTrip(t *testing.T) {
+	m := fresh(t)
+	if _, ok, err := m.GetConfig6(); ok || err != nil {
+		t.Fatalf("GetConfig6 of a fresh map: ok %v, %v; want not set", ok, err)
+	}
+	c := Config6{Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), Gateway: netip.MustParseAddr("fd00:10:244:5::1")}
+	if err := m.SetConfig6(c); err != nil {
+		t.Fatal(err)
+	}
+	got, ok, err := m.GetConfig6()
+	if err != nil || !ok || got != c {
+		t.Fatalf("GetConfig6 = %+v, %v, %v; want %+v", got, ok, err, c)
+	}
+	if err := m.ClearConfig6(); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := m.GetConfig6(); ok || err != nil {
+		t.Fatalf("GetConfig6 after clear: ok %v, %v; want not set", ok, err)
+	}
+	for _, bad := range []Config6{
+		{Subnet: netip.MustParsePrefix("10.244.5.0/24"), Gateway: netip.MustParseAddr("10.244.5.1")},
+		{Subnet: c.Subnet, Gateway: netip.MustParseAddr("fd00:10:244:6::1")},
+		{Subnet: netip.MustParsePrefix("::/0"), Gateway: netip.MustParseAddr("::1")},
+	} {
+		if err := m.SetConfig6(bad); err == nil {
+			t.Errorf("SetConfig6(%+v) accepted", bad)
+		}
+	}
+}
+
+func TestForgetEndpointsOfBothFamilies(t *testing.T) {
+	m := fresh(t)
+	v4 := netip.MustParseAddr("10.244.5.2")
+	v6a, v6b := netip.MustParseAddr("fd00:10:244:5::2"), netip.MustParseAddr("fd00:10:244:5::3")
+	if err := m.Endpoints.Put(ip4(v4), bpf.XnetEndpoint{Ifindex: 7}); err != nil {
+		t.Fatal(err)
+	}
+	for ip, ifindex := range map[netip.Addr]uint32{v6a: 7, v6b: 8} {
+		if err := m.Endpoints6.Put(ip6(ip), bpf.XnetEndpoint{Ifindex: ifindex}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if eps, err := m.ListEndpoints(); err != nil || len(eps) != 3 {
+		t.Fatalf("ListEndpoints = %+v, %v; want both families, 3 addresses", eps, err)
+	}
+	n, err := m.ForgetEndpoints(7)
+	if err != nil || n != 2 {
+		t.Fatalf("ForgetEndpoints(7) = %d, %v; want 2 (one IPv4, one IPv6)", n, err)
+	}
+	eps, _ := m.ListEndpoints()
+	if len(eps) != 1 || eps[0].IP != v6b {
+		t.Fatalf("endpoints left: %+v, want only %v", eps, v6b)
+	}
+}
+
+// Every map of the datapath object has a name here and a place in Maps: the loader pins what
+// ByName lists, and `xnetd status` opens what Names lists.
+func TestNamesCoverEveryMap(t *testing.T) {
+	spec, err := bpf.LoadXnet()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inObject []string
+	for name := range spec.Maps {
+		if !strings.HasPrefix(name, ".") { // .bss and the like: BTF anchors, not pinned
+			inObject = append(inObject, name)
+		}
+	}
+	slices.Sort(inObject)
+	names := slices.Sorted(slices.Values(Names()))
+	byName := slices.Sorted(maps.Keys((&Maps{}).ByName()))
+	if !slices.Equal(names, inObject) || !slices.Equal(byName, inObject) {
+		t.Fatalf("Names %v, ByName %v; the object has %v", names, byName, inObject)
 	}
 }

@@ -92,6 +92,7 @@ type Backend struct {
 	frags     *fragReceiver    // reassembled datagrams (fragments.go); nil when it could not start
 	peers     map[netip.Prefix]netip.Addr
 	direct    directState // DirectRouting (direct.go)
+	v6        ipv6State   // the IPv6 side of a dual-stack overlay (ipv6.go)
 	status    Status
 	stopWatch func()
 	// headroomErr is the last failure to set up HeadroomDevice ("" when fine), so a repeated
@@ -157,6 +158,7 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 		veths:  map[int]struct{}{},
 		peers:  map[netip.Prefix]netip.Addr{},
 		direct: newDirectState(opts),
+		v6:     newIPv6State(),
 	}, nil
 }
 
@@ -192,6 +194,10 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 		return err
 	}
 	b.host = host
+	hostLink, err := netlink.LinkByIndex(host)
+	if err != nil {
+		return fmt.Errorf("ebpf: %s (ifindex %d): %w", HostDevice, host, err)
+	}
 	nic, err := netlink.LinkByIndex(b.Iface.Index)
 	if err != nil {
 		return fmt.Errorf("ebpf: underlay interface %s (ifindex %d): %w", b.Iface.Name, b.Iface.Index, err)
@@ -207,6 +213,9 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 		HostIfindex: host, VtepMAC: b.VtepMAC, DirectRouting: b.direct.enabled,
 	}); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
+	}
+	if err := b.setupIPv6(local, cfg, hostLink); err != nil {
+		return err
 	}
 
 	a, err := b.ld.AttachTC(host, loader.Egress, loader.EncapHost)
@@ -233,7 +242,7 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 			b.Log.Warn("datagrams fragmented on the underlay cannot be delivered", "err", err)
 		}
 	}
-	b.Log.Info("ebpf datapath ready", "subnet", local.Subnet, "underlay", b.Iface.Name, "local_ip", localIP,
+	b.Log.Info("ebpf datapath ready", "subnet", local.Subnet, "ipv6_subnet", b.v6.local, "underlay", b.Iface.Name, "local_ip", localIP,
 		"decap", b.status.Decap, "decap_why", b.status.DecapWhy, "tc", b.status.TCMode, "containers", len(b.veths),
 		"bpffs", b.bpffs)
 	return nil
@@ -341,4 +350,5 @@ func (b *Backend) Close(teardown bool) error {
 var (
 	_ backend.Backend    = (*Backend)(nil)
 	_ backend.PeerPruner = (*Backend)(nil)
+	_ backend.DualStack  = (*Backend)(nil)
 )

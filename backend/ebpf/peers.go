@@ -34,7 +34,11 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		return fmt.Errorf("ebpf: %w", err)
 	}
 	b.peers[r.Subnet] = r.PublicIP
-	b.Log.Debug("peer programmed", "subnet", r.Subnet, "public_ip", r.PublicIP, "vtep_mac", r.VtepMAC.String(), "direct", r.Direct)
+	if err := b.programPeerIPv6(lease, p); err != nil {
+		return err
+	}
+	b.Log.Debug("peer programmed", "subnet", r.Subnet, "ipv6_subnet", b.v6.peers[r.Subnet], "public_ip", r.PublicIP,
+		"vtep_mac", r.VtepMAC.String(), "direct", r.Direct)
 	return nil
 }
 
@@ -56,6 +60,9 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	}
 	delete(b.peers, subnet)
 	b.forgetPath(subnet)
+	if err := b.removePeerIPv6(subnet, lease); err != nil {
+		return err
+	}
 	if err := b.m.DeleteRoute(subnet); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
@@ -110,6 +117,10 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 			b.forgetPath(s)
 		}
 	}
+	gone6, err := b.pruneIPv6(keep)
+	if err != nil {
+		errs = append(errs, err)
+	}
 	var counters, nexthops int
 	peers, err := b.m.ReadPeers()
 	if err != nil {
@@ -139,8 +150,8 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		}
 		nexthops++
 	}
-	if len(gone)+counters+nexthops > 0 {
-		b.Log.Info("removed peers whose leases went away while xnetd was down", "routes", gone,
+	if len(gone)+len(gone6)+counters+nexthops > 0 {
+		b.Log.Info("removed peers whose leases went away while xnetd was down", "routes", gone, "ipv6_routes", gone6,
 			"peer_counters", counters, "next_hops", nexthops)
 	}
 	if err := errors.Join(errs...); err != nil {

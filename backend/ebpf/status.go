@@ -21,7 +21,7 @@ type Status struct {
 	Replaced   []string            `json:"replaced"`   // maps replaced at start (layout change)
 	Verdicts   map[string]uint64   `json:"verdicts"`   // packets per verdict
 	Peers      map[string]PeerStat `json:"peers"`      // per peer PublicIP
-	Endpoints  int                 `json:"endpoints"`  // containers learned for direct delivery
+	Endpoints  int                 `json:"endpoints"`  // container addresses (IPv4 and IPv6) learned for direct delivery
 	// HostRouting is "bpf" (container packets skip the host's stack) or "kernel".
 	HostRouting    string `json:"host_routing"`
 	HostRoutingWhy string `json:"host_routing_why"`
@@ -37,6 +37,12 @@ type Status struct {
 	// the peer is routed plain on our segment or in VXLAN, and why.
 	DirectRouting bool                        `json:"direct_routing"`
 	Paths         map[string]backend.PeerPath `json:"paths,omitempty"`
+	// IPv6Subnet is our IPv6 lease in a dual-stack overlay ("" otherwise). IPv6Peers is, by
+	// peer subnet, the IPv6 subnet routed to that peer (the same tunnel, counted in Peers),
+	// and IPv6Unreachable why a peer's IPv6 subnet is not.
+	IPv6Subnet      string            `json:"ipv6_subnet,omitempty"`
+	IPv6Peers       map[string]string `json:"ipv6_peers,omitempty"`
+	IPv6Unreachable map[string]string `json:"ipv6_unreachable,omitempty"`
 }
 
 // PeerStat is one peer's traffic.
@@ -52,6 +58,16 @@ func (b *Backend) Status() (Status, error) {
 	st.Paths = map[string]backend.PeerPath{}
 	for s, p := range b.direct.paths {
 		st.Paths[s.String()] = p
+	}
+	if b.v6.local.IsValid() {
+		st.IPv6Subnet = b.v6.local.String()
+		st.IPv6Peers, st.IPv6Unreachable = map[string]string{}, map[string]string{}
+		for s, s6 := range b.v6.peers {
+			st.IPv6Peers[s.String()] = s6.String()
+		}
+		for s, why := range b.v6.unreachable {
+			st.IPv6Unreachable[s.String()] = why
+		}
 	}
 	if b.frags != nil {
 		st.FragmentsDelivered, st.FragmentsRefused = b.frags.delivered.Load(), b.frags.refused.Load()

@@ -45,8 +45,8 @@ func publicIPv6(cfg subnetmgr.Config, iface string, flag netip.Addr) (netip.Addr
 	return netip.Addr{}, nil
 }
 
-// dualStackAttrs adds what a dual-stack overlay publishes (the backend's BackendV6Data, and our
-// IPv6 underlay address when the backend receives IPv6 there) to attrs; a backend that cannot carry IPv6 is a usage error, before
+// dualStackAttrs adds what a dual-stack overlay publishes to attrs: our IPv6 underlay address
+// and the backend's BackendV6Data, when the backend receives IPv6 there; a backend that cannot carry IPv6 is a usage error, before
 // the host changes.
 func dualStackAttrs(cfg subnetmgr.Config, name string, b backend.Backend, iface backend.ExternalInterface, attrs *subnetmgr.LeaseAttrs) error {
 	if !cfg.EnableIPv6 {
@@ -60,9 +60,12 @@ func dualStackAttrs(cfg subnetmgr.Config, name string, b backend.Backend, iface 
 	if err != nil {
 		return fmt.Errorf("backend %s: IPv6 lease attributes: %w", name, err)
 	}
-	attrs.BackendV6Data = data
-	if r, ok := b.(backend.IPv6Receiver); ok && r.ReceivesOnIPv6Underlay() {
-		attrs.PublicIPv6 = iface.PublicIPv6
+	// Both or neither: flannel reads a lease's BackendV6Data as an IPv6 VTEP at PublicIPv6 (and
+	// v0.28 dereferences PublicIPv6 without a check once BackendV6Data parses). Without them
+	// peers send our IPv6 to our IPv4 VTEP (backend.ParseVXLANPeerV6), which is where udp and
+	// ebpf take it.
+	if r, ok := b.(backend.IPv6Receiver); ok && r.ReceivesOnIPv6Underlay() && iface.PublicIPv6.IsValid() {
+		attrs.PublicIPv6, attrs.BackendV6Data = iface.PublicIPv6, data
 	}
 	return nil
 }

@@ -30,6 +30,8 @@ func TestDualStackThreeHosts(t *testing.T) {
 		backend      string
 		ipv6Underlay bool
 	}{
+		{"ebpf", false},
+		{"ebpf", true},
 		{"vxlan", false},
 		{"vxlan", true},
 		{"udp", false},
