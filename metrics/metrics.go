@@ -36,6 +36,7 @@ import (
 const (
 	NameLeasesKnown      = "xnet_leases_known"
 	NameLeaseExpiry      = "xnet_lease_expiry_timestamp_seconds"
+	NameLeaseInfo        = "xnet_lease_info"
 	NameEtcdErrors       = "xnet_etcd_errors_total"
 	NameWatchResyncs     = "xnet_watch_resyncs_total"
 	NameWatchProbes      = "xnet_watch_progress_requests_total"
@@ -99,6 +100,7 @@ type Metrics struct {
 
 	leasesKnown prometheus.Gauge
 	leaseExpiry prometheus.Gauge
+	leaseInfo   *prometheus.GaugeVec
 	reconcile   prometheus.Histogram
 	backendInfo *prometheus.GaugeVec
 	ready       prometheus.Gauge
@@ -128,6 +130,9 @@ func New(stats func() subnetmgr.Stats) *Metrics {
 		leaseExpiry: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: NameLeaseExpiry, Help: "When this host's lease expires unless renewed (Unix seconds).",
 		}),
+		leaseInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: NameLeaseInfo, Help: "This host's lease (value 1): its subnet and, in a dual-stack overlay, its IPv6 subnet (empty otherwise).",
+		}, []string{"subnet", "ipv6_subnet"}),
 		reconcile: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: NameReconcile, Help: "Time to apply one batch of lease events to the datapath.",
 			// From one route (~100 us) to thousands of peers at start (~1 s).
@@ -160,7 +165,7 @@ func New(stats func() subnetmgr.Stats) *Metrics {
 		live:   &liveCollector{stats: stats},
 		health: &healthCollector{},
 	}
-	m.reg.MustRegister(m.leasesKnown, m.leaseExpiry, m.reconcile, m.backendInfo, m.ready,
+	m.reg.MustRegister(m.leasesKnown, m.leaseExpiry, m.leaseInfo, m.reconcile, m.backendInfo, m.ready,
 		m.peers, m.peerErrors, m.leaseEvents, m.refused, m.conflicts, m.conflictsSeen, m.live, m.health)
 	return m
 }
@@ -178,8 +183,14 @@ func (m *Metrics) SetBackend(name, mode string, counters CounterSource) {
 	m.live.setSource(counters)
 }
 
-// SetLease records our lease's expiry.
+// SetLease records our lease: its subnets and expiry.
 func (m *Metrics) SetLease(l subnetmgr.Lease) {
+	ipv6 := ""
+	if l.IPv6Subnet.IsValid() {
+		ipv6 = l.IPv6Subnet.String()
+	}
+	m.leaseInfo.Reset()
+	m.leaseInfo.WithLabelValues(l.Subnet.String(), ipv6).Set(1)
 	if l.Expiration.IsZero() {
 		m.leaseExpiry.Set(0)
 		return

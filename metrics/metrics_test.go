@@ -82,7 +82,7 @@ func TestEveryMetricIsExportedWithItsName(t *testing.T) {
 	mode, _ := dp.Mode()
 	m.SetBackend("ebpf", mode, dp)
 	expiry := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
-	m.SetLease(subnetmgr.Lease{Expiration: expiry})
+	m.SetLease(subnetmgr.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), IPv6Subnet: netip.MustParsePrefix("fd00:10:244:1::/64"), Expiration: expiry})
 	m.SetPeers(3, 2, 0)
 	m.ObserveReconcile(2 * time.Millisecond)
 	m.ObserveReconcile(3 * time.Millisecond)
@@ -101,6 +101,7 @@ func TestEveryMetricIsExportedWithItsName(t *testing.T) {
 		{NameLeasesKnown, nil, 3},
 		{NamePeers, nil, 2},
 		{NameLeaseExpiry, nil, float64(expiry.Unix())},
+		{NameLeaseInfo, []string{"subnet", "10.244.1.0/24", "ipv6_subnet", "fd00:10:244:1::/64"}, 1},
 		{NameEtcdErrors, nil, 3},
 		{NameWatchResyncs, nil, 2},
 		{NameWatchProbes, nil, 7},
