@@ -61,6 +61,27 @@ type IPv6Receiver interface {
 	ReceivesOnIPv6Underlay() bool
 }
 
+// IPv6LeaseAttrs is what a dual-stack host publishes for IPv6 besides its subnets: its IPv6
+// underlay address (PublicIPv6) and b's BackendV6Data, both or neither. Both only when b takes
+// IPv6 on that address (IPv6Receiver): flannel reads the pair as an IPv6 VTEP at PublicIPv6 (and
+// v0.28 dereferences PublicIPv6 without a check once BackendV6Data parses). Without them peers
+// send our IPv6 to our IPv4 VTEP (ParseVXLANPeerV6), where udp and ebpf take it. b must
+// implement DualStack.
+func IPv6LeaseAttrs(b Backend, iface ExternalInterface) (publicIPv6 netip.Addr, data json.RawMessage, err error) {
+	ds, ok := b.(DualStack)
+	if !ok {
+		return netip.Addr{}, nil, fmt.Errorf("backend does not carry IPv6 (no DualStack)")
+	}
+	r, ok := b.(IPv6Receiver)
+	if !ok || !r.ReceivesOnIPv6Underlay() || !iface.PublicIPv6.IsValid() {
+		return netip.Addr{}, nil, nil
+	}
+	if data, err = ds.LeaseAttrsV6(); err != nil {
+		return netip.Addr{}, nil, err
+	}
+	return iface.PublicIPv6, data, nil
+}
+
 // PeerPruner is implemented by backends whose per-peer state survives a restart of xnetd
 // (pinned BPF maps, kernel routes and neighbour entries). A lease deleted while xnetd was down
 // never produces a removal event, so after the first full lease list has been applied the

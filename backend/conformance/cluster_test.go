@@ -89,7 +89,6 @@ func buildCluster(t *testing.T, r row, dual bool) *cluster {
 				if err := h.AddIPv6Underlay(t.Context()); err != nil {
 					t.Fatal(err)
 				}
-				n.lease.PublicIPv6 = h.UnderlayIPv6
 			}
 		}
 		// Registered before start: whatever backend runs at the end is torn down, also when
@@ -132,7 +131,7 @@ func (n *node) start(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	iface.PublicIPv6 = n.lease.PublicIPv6 // as xnetd resolves it: the interface's IPv6 address
+	iface.PublicIPv6 = n.UnderlayIPv6 // as xnetd resolves it: the interface's IPv6 address
 	opts := backend.Options{Iface: iface, Config: n.cl.cfg, BPFFS: n.pinDir(), StateDir: n.StateDir, Logger: n.cl.log.With("host", n.Name)}
 	var b backend.Backend
 	if err := n.Do(func() (err error) { b, err = n.cl.row.new(opts); return err }); err != nil {
@@ -144,17 +143,18 @@ func (n *node) start(t *testing.T) {
 		t.Fatalf("%s: LeaseAttrs: %v", n.Name, err)
 	}
 	var data6 []byte
+	var ip6 netip.Addr
 	if n.cl.dual {
-		ds, ok := n.b.(backend.DualStack)
-		if !ok {
+		if _, ok := n.b.(backend.DualStack); !ok {
 			t.Skipf("%s does not implement backend.DualStack: xnetd refuses it in a dual-stack overlay", n.cl.row.testName())
 		}
-		if data6, err = ds.LeaseAttrsV6(); err != nil {
-			t.Fatalf("%s: LeaseAttrsV6: %v", n.Name, err)
+		// What xnetd publishes: PublicIPv6 and BackendV6Data only where the backend takes IPv6.
+		if ip6, data6, err = backend.IPv6LeaseAttrs(n.b, iface); err != nil {
+			t.Fatalf("%s: IPv6 lease attributes: %v", n.Name, err)
 		}
 	}
 	if n.lease.BackendType == "" {
-		n.lease.BackendType, n.lease.BackendData, n.lease.BackendV6Data = typ, data, data6
+		n.lease.BackendType, n.lease.BackendData, n.lease.BackendV6Data, n.lease.PublicIPv6 = typ, data, data6, ip6
 		n.lease.Expiration = time.Now().Add(24 * time.Hour)
 	} else if typ != n.lease.BackendType || string(data) != string(n.lease.BackendData) || string(data6) != string(n.lease.BackendV6Data) {
 		t.Errorf("%s: the restarted backend publishes %s %s %s, the first published %s %s %s", n.Name, typ, data, data6,

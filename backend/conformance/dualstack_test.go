@@ -44,12 +44,11 @@ func TestDualStack(t *testing.T) {
 	}
 }
 
-// carriesIPv6 says whether the backend can carry p's IPv6: one that publishes BackendV6Data
-// (VXLAN-speaking) carries it inside its own encapsulation from any host; one that does not
-// (host-gw) routes it on the IPv6 underlay, so both hosts need one.
+// carriesIPv6 says whether the backend can carry p's IPv6: a VXLAN-speaking one carries it inside
+// its own encapsulation from any host; host-gw routes it on the IPv6 underlay, so both hosts
+// need one (and publish it).
 func carriesIPv6(p path) bool {
-	d := strings.TrimSpace(string(p.from.lease.BackendV6Data))
-	return d != "" && d != "null" || p.from.lease.PublicIPv6.IsValid() && p.to.lease.PublicIPv6.IsValid()
+	return p.from.lease.BackendType == subnetmgr.BackendVXLAN || p.from.lease.PublicIPv6.IsValid() && p.to.lease.PublicIPv6.IsValid()
 }
 
 // wantIPv6 checks the IPv6 of each path: echo replies where the backend carries it, none where

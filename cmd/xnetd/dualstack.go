@@ -52,20 +52,13 @@ func dualStackAttrs(cfg subnetmgr.Config, name string, b backend.Backend, iface 
 	if !cfg.EnableIPv6 {
 		return nil
 	}
-	ds, ok := b.(backend.DualStack)
-	if !ok {
+	if _, ok := b.(backend.DualStack); !ok {
 		return usagef("the config sets EnableIPv6 but backend %s does not carry IPv6: pick a backend that does (--backend, README \"Dual stack\") or set EnableIPv6 false", name)
 	}
-	data, err := ds.LeaseAttrsV6()
+	ip6, data, err := backend.IPv6LeaseAttrs(b, iface)
 	if err != nil {
 		return fmt.Errorf("backend %s: IPv6 lease attributes: %w", name, err)
 	}
-	// Both or neither: flannel reads a lease's BackendV6Data as an IPv6 VTEP at PublicIPv6 (and
-	// v0.28 dereferences PublicIPv6 without a check once BackendV6Data parses). Without them
-	// peers send our IPv6 to our IPv4 VTEP (backend.ParseVXLANPeerV6), which is where udp and
-	// ebpf take it.
-	if r, ok := b.(backend.IPv6Receiver); ok && r.ReceivesOnIPv6Underlay() && iface.PublicIPv6.IsValid() {
-		attrs.PublicIPv6, attrs.BackendV6Data = iface.PublicIPv6, data
-	}
+	attrs.PublicIPv6, attrs.BackendV6Data = ip6, data
 	return nil
 }
