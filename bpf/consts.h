@@ -61,6 +61,7 @@ enum verdict {
 	VERDICT_DIRECT_IN,          /* a plain routed packet from a peer on our segment, its L2 source checked, delivered */
 	VERDICT_PASS_UNVERIFIED,    /* a plain routed packet from a segment peer's subnet whose L2 source cannot be checked (its neighbour entry is not resolved): left to the stack */
 	VERDICT_DROP_DIRECT_SPOOFED,/* a plain routed packet from a peer's subnet not sent by that peer: another L2 neighbour sent it, or the peer is not on our segment (it sends VXLAN) */
+	VERDICT_BRIDGE_TO_VETH,     /* an overlay packet the host forwarded from xnet0 into a container bridge, handed to the container's veth instead of the bridge's transmit (deliver_bridge) */
 	VERDICT_MAX,
 };
 
