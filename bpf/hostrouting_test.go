@@ -153,3 +153,33 @@ func TestDeliverBridge(t *testing.T) {
 		}
 	}
 }
+
+// Kernel host routing holds for IPv6 too: a container's IPv6 packet for a peer passes to the
+// stack untouched (and learns the container), and an IPv6 packet from the overlay for a learned
+// container goes into xnet0, not into the container.
+func TestKernelHostRoutingLeavesIPv6ToTheStack(t *testing.T) {
+	ifindex, _, inNS := underlay(t)
+	objs := loadDualStack(t, ifindex)
+	setHostRoutingKernel(t, objs, true)
+
+	in := container6Frame(newCtrIP6, remoteIP6, 100, 0)
+	var (
+		ret uint32
+		out []byte
+		err error
+	)
+	inNS(func() { ret, out, err = runCtxErr(objs.EncapContainer, in, skbContext{Ifindex: 1}) })
+	must(t, err)
+	expectUntouched(t, "tc", ret, tcPass, out, in)
+	var ep XnetEndpoint
+	if err := objs.Endpoints6.Lookup(ip6(newCtrIP6), &ep); err != nil {
+		t.Errorf("the container's IPv6 address was not learned: %v", err)
+	}
+
+	inner := tcp6(remoteIP6, ctrIP6, 13, 0)
+	ret, out = run(t, objs.DecapTc, fromPeer6(inner).bytes())
+	want := testpkt.Eth(localVtep, peerNicMAC, testpkt.EtherTypeIPv6, inner)
+	if ret != tcRedirect || !bytes.Equal(out[:len(want)], want) {
+		t.Errorf("decap of IPv6 for a learned container: got %d\n% x\nwant %d (into xnet0)\n% x", ret, out[:len(want)], tcRedirect, want)
+	}
+}
