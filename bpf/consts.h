@@ -63,6 +63,7 @@ enum verdict {
 	VERDICT_DROP_DIRECT_SPOOFED,/* a plain routed packet from a peer's subnet not sent by that peer: another L2 neighbour sent it, or the peer is not on our segment (it sends VXLAN) */
 	VERDICT_ICMP_PACKET_TOO_BIG,/* an IPv6 packet too big for the underlay once encapsulated: answered with ICMPv6 Packet Too Big */
 	VERDICT_DROP_EXT_HEADERS,   /* an IPv6 packet whose extension headers had to be walked but are cut short or more than XNET_IPV6_MAX_EXT_HDRS */
+	VERDICT_BRIDGE_TO_VETH,     /* an overlay packet the host forwarded from xnet0 into a container bridge, handed to the container's veth instead of the bridge's transmit (deliver_bridge) */
 	VERDICT_MAX,
 };
 

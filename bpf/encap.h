@@ -393,7 +393,8 @@ static __always_inline int learn(struct __sk_buff *skb, const struct host_config
  * packet appears on the container's eth0 without touching the host stack),
  * else into xnet0's ingress, where the host routes it like any packet that
  * arrived from the overlay (and rp_filter finds the overlay route back), else
- * to the stack.
+ * to the stack. With kernel host routing every packet takes xnet0, so the
+ * host's forwarding and netfilter see it.
  */
 static __always_inline int deliver(struct __sk_buff *skb, const struct host_config *cfg, __u32 daddr)
 {
@@ -407,7 +408,7 @@ static __always_inline int deliver(struct __sk_buff *skb, const struct host_conf
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_SHOT;
 	eth->h_proto = bpf_htons(ETH_P_IP);
-	ep = bpf_map_lookup_elem(&endpoints, &daddr);
+	ep = cfg->host_routing_kernel ? 0 : bpf_map_lookup_elem(&endpoints, &daddr);
 	if (ep) {
 		mac_copy(eth->h_dest, ep->mac);
 		mac_copy(eth->h_source, ep->gw_mac);
@@ -420,6 +421,45 @@ static __always_inline int deliver(struct __sk_buff *skb, const struct host_conf
 	}
 	mac_copy(eth->h_dest, cfg->underlay_mac);
 	return TC_ACT_OK;
+}
+
+/*
+ * bridge_to_veth takes the last hop of an overlay packet the host forwarded
+ * from xnet0 into a container bridge (the stack path: kernel host routing, or
+ * a container not learned yet) when the container behind the destination is
+ * learned: it goes out of the container's veth instead of through the bridge's
+ * transmit. That is not only one hop less. A GSO packet that crossed a veth
+ * underlay still carries its encapsulation state after decap (the skb keeps
+ * skb->encapsulation and SKB_GSO_UDP_TUNNEL, which bpf_skb_adjust_room cannot
+ * clear), a bridge offers no features for encapsulated packets, and so the
+ * bridge's transmit cut every such packet into MTU-sized segments with their
+ * checksums computed in software, and the container received them one by one:
+ * the stack path ran at a third of kernel VXLAN's throughput. A veth keeps them
+ * whole. It runs after the host's routing, FORWARD and POSTROUTING, so
+ * netfilter has had its say; the frame's destination MAC is the kernel's
+ * neighbour entry for the container, and the packet goes to the veth only if
+ * that is the learned container's MAC. Everything else passes to the bridge.
+ */
+static __always_inline int bridge_to_veth(struct __sk_buff *skb, const struct host_config *cfg)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct hdr_cursor nh = {.pos = data};
+	struct endpoint *ep;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	__u32 daddr;
+
+	if (!cfg->host_ifindex || skb->ingress_ifindex != cfg->host_ifindex)
+		return XNET_TC_PASS;
+	if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0)
+		return XNET_TC_PASS;
+	daddr = ip->daddr;
+	ep = bpf_map_lookup_elem(&endpoints, &daddr);
+	if (!ep || !mac_equal(eth->h_dest, ep->mac))
+		return XNET_TC_PASS;
+	count(VERDICT_BRIDGE_TO_VETH, skb->len);
+	return bpf_redirect(ep->ifindex, 0);
 }
 
 /* udp_to_us says whether the frame is IPv4 UDP to our address and VXLAN

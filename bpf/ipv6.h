@@ -294,7 +294,8 @@ static __always_inline int deliver6(struct __sk_buff *skb, const struct host_con
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_SHOT;
 	eth->h_proto = bpf_htons(ETH_P_IPV6);
-	ep = bpf_map_lookup_elem(&endpoints6, daddr);
+	/* Kernel host routing: through xnet0 and the host's forwarding. */
+	ep = cfg->host_routing_kernel ? 0 : bpf_map_lookup_elem(&endpoints6, daddr);
 	if (ep) {
 		mac_copy(eth->h_dest, ep->mac);
 		mac_copy(eth->h_source, ep->gw_mac);
@@ -355,12 +356,18 @@ static __always_inline int encap6_container(struct __sk_buff *skb, const struct 
 	struct ethhdr *eth;
 	struct ipv6hdr *ip;
 	struct route6 *rt;
+	int learned;
 
 	if (!cfg6 || parse_ethhdr(&nh, data_end, &eth) < 0 || parse_ipv6hdr(&nh, data_end, &ip) < 0) {
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
 	}
-	if (learn6(skb, cfg6, eth, ip) < 0) {
+	learned = learn6(skb, cfg6, eth, ip);
+	/* With kernel host routing the stack and its netfilter rules decide
+	 * about every packet, as for IPv4: only learn. */
+	if (cfg->host_routing_kernel)
+		return XNET_TC_PASS;
+	if (learned < 0) {
 		count(VERDICT_DROP_BAD_SOURCE, skb->len);
 		return TC_ACT_SHOT;
 	}

@@ -109,6 +109,11 @@ struct host_config {
 	/* 1: the config's Backend.DirectRouting. Peers on our segment then send plain routed
 	 * packets, and decap_tc checks those (direct.h); with 0 they are the stack's business. */
 	__u8 direct_routing;
+	/* 1: --host-routing=kernel. Container traffic takes the host's routing and netfilter
+	 * both ways: encap_container only learns and passes, and deliver never hands a packet
+	 * to a container itself but always into xnet0 (deliver_bridge may only shorten the
+	 * last hop, after the host's forwarding). 0: bpf host routing, the fast path. */
+	__u8 host_routing_kernel;
 };
 
 /* The VXLAN header of RFC 7348 (no uapi header has it): flags (I bit = a VNI

@@ -9,6 +9,7 @@
  *   encap_host       TC egress of xnet0, the routed device for host traffic
  *   decap_tc         TC ingress of the underlay NIC
  *   decap_xdp        XDP of the underlay NIC (when --decap picks XDP)
+ *   deliver_bridge   TC egress of each container bridge
  *
  * Encapsulating where the container's packet enters the host skips the
  * bridge, routing and netfilter; decapsulating at the NIC's ingress and
@@ -52,7 +53,7 @@ int encap_container(struct __sk_buff *skb)
 	const struct host_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *ip;
-	int proto;
+	int proto, learned;
 
 	cfg = get_config();
 	if (!cfg)
@@ -64,9 +65,15 @@ int encap_container(struct __sk_buff *skb)
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
 	}
+	learned = learn(skb, cfg, eth, ip);
+	/* With kernel host routing the stack and its netfilter rules decide
+	 * about every packet: the program only learns where containers are,
+	 * for deliver_bridge. */
+	if (cfg->host_routing_kernel)
+		return XNET_TC_PASS;
 	/* A packet from an address another container holds is spoofed: it
 	 * goes nowhere, overlay or not. */
-	if (learn(skb, cfg, eth, ip) < 0) {
+	if (learned < 0) {
 		count(VERDICT_DROP_BAD_SOURCE, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -151,6 +158,19 @@ int decap_tc(struct __sk_buff *skb)
 	count(VERDICT_DECAP, skb->len);
 	count_peer(m.peer_ip, skb->len, 1);
 	return deliver(skb, cfg, m.inner_daddr);
+}
+
+/* Overlay packets the host forwarded into a container bridge go to the
+ * learned container's veth rather than through the bridge (bridge_to_veth in
+ * encap.h says why); the rest, and everything while unconfigured, pass. */
+SEC("tc")
+int deliver_bridge(struct __sk_buff *skb)
+{
+	const struct host_config *cfg = get_config();
+
+	if (!cfg)
+		return XNET_TC_PASS;
+	return bridge_to_veth(skb, cfg);
 }
 
 SEC("xdp")

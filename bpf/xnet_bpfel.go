@@ -29,19 +29,20 @@ type XnetEndpoint struct {
 }
 
 type XnetHostConfig struct {
-	_               structs.HostLayout
-	LocalIp         [4]uint8
-	SubnetAddr      [4]uint8
-	SubnetMask      [4]uint8
-	Vni             uint32
-	UnderlayIfindex uint32
-	HostIfindex     uint32
-	Port            uint16
-	UnderlayMtu     uint16
-	VtepMac         [6]uint8
-	UnderlayMac     [6]uint8
-	DirectRouting   uint8
-	_               [3]byte
+	_                 structs.HostLayout
+	LocalIp           [4]uint8
+	SubnetAddr        [4]uint8
+	SubnetMask        [4]uint8
+	Vni               uint32
+	UnderlayIfindex   uint32
+	HostIfindex       uint32
+	Port              uint16
+	UnderlayMtu       uint16
+	VtepMac           [6]uint8
+	UnderlayMac       [6]uint8
+	DirectRouting     uint8
+	HostRoutingKernel uint8
+	_                 [2]byte
 }
 
 type XnetHostConfig6 struct {
@@ -122,7 +123,8 @@ const (
 	XnetVerdictVERDICT_DROP_DIRECT_SPOOFED XnetVerdict = 22
 	XnetVerdictVERDICT_ICMP_PACKET_TOO_BIG XnetVerdict = 23
 	XnetVerdictVERDICT_DROP_EXT_HEADERS    XnetVerdict = 24
-	XnetVerdictVERDICT_MAX                 XnetVerdict = 25
+	XnetVerdictVERDICT_BRIDGE_TO_VETH      XnetVerdict = 25
+	XnetVerdictVERDICT_MAX                 XnetVerdict = 26
 )
 
 // Names of all BPF objects in the ELF.
@@ -140,6 +142,7 @@ const (
 	XnetMapRoutes6         = "routes6"
 	XnetProgDecapTc        = "decap_tc"
 	XnetProgDecapXdp       = "decap_xdp"
+	XnetProgDeliverBridge  = "deliver_bridge"
 	XnetProgEncapContainer = "encap_container"
 	XnetProgEncapHost      = "encap_host"
 	XnetVarUnusedVerdict   = "unused_verdict"
@@ -189,6 +192,7 @@ type XnetSpecs struct {
 type XnetProgramSpecs struct {
 	DecapTc        *ebpf.ProgramSpec `ebpf:"decap_tc"`
 	DecapXdp       *ebpf.ProgramSpec `ebpf:"decap_xdp"`
+	DeliverBridge  *ebpf.ProgramSpec `ebpf:"deliver_bridge"`
 	EncapContainer *ebpf.ProgramSpec `ebpf:"encap_container"`
 	EncapHost      *ebpf.ProgramSpec `ebpf:"encap_host"`
 }
@@ -273,6 +277,7 @@ type XnetVariables struct {
 type XnetPrograms struct {
 	DecapTc        *ebpf.Program `ebpf:"decap_tc"`
 	DecapXdp       *ebpf.Program `ebpf:"decap_xdp"`
+	DeliverBridge  *ebpf.Program `ebpf:"deliver_bridge"`
 	EncapContainer *ebpf.Program `ebpf:"encap_container"`
 	EncapHost      *ebpf.Program `ebpf:"encap_host"`
 }
@@ -281,6 +286,7 @@ func (p *XnetPrograms) Close() error {
 	return _XnetClose(
 		p.DecapTc,
 		p.DecapXdp,
+		p.DeliverBridge,
 		p.EncapContainer,
 		p.EncapHost,
 	)

@@ -91,10 +91,12 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 			DecapTc        *ebpf.Program `ebpf:"decap_tc"`
 			EncapContainer *ebpf.Program `ebpf:"encap_container"`
 			EncapHost      *ebpf.Program `ebpf:"encap_host"`
+			DeliverBridge  *ebpf.Program `ebpf:"deliver_bridge"`
 			XnetMaps
 		}
 		loadAndAssign(t, spec, &tc)
 		objs.DecapTc, objs.EncapContainer, objs.EncapHost, objs.XnetMaps = tc.DecapTc, tc.EncapContainer, tc.EncapHost, tc.XnetMaps
+		objs.DeliverBridge = tc.DeliverBridge
 	} else {
 		loadAndAssign(t, spec, &objs)
 	}

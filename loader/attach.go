@@ -25,6 +25,7 @@ const (
 	EncapHost      Program = bpf.XnetProgEncapHost      // TC egress of xnet0
 	DecapTC        Program = bpf.XnetProgDecapTc        // TC ingress of the underlay NIC
 	DecapXDP       Program = bpf.XnetProgDecapXdp       // XDP of the underlay NIC
+	DeliverBridge  Program = bpf.XnetProgDeliverBridge  // TC egress of container bridges
 )
 
 // Hook is where on an interface a program runs.
@@ -73,6 +74,8 @@ func (l *Loader) program(p Program) (*ebpf.Program, error) {
 		return l.progs.EncapHost, nil
 	case DecapTC:
 		return l.progs.DecapTc, nil
+	case DeliverBridge:
+		return l.progs.DeliverBridge, nil
 	case DecapXDP:
 		if l.xdpErr != nil {
 			return nil, fmt.Errorf("XDP decapsulation is unavailable on this kernel: %w", l.xdpErr)

@@ -81,6 +81,7 @@ type tcPrograms struct {
 	EncapContainer *ebpf.Program `ebpf:"encap_container"`
 	EncapHost      *ebpf.Program `ebpf:"encap_host"`
 	DecapTc        *ebpf.Program `ebpf:"decap_tc"`
+	DeliverBridge  *ebpf.Program `ebpf:"deliver_bridge"`
 }
 
 // loadXDP loads decap_xdp against the maps already loaded.
@@ -169,7 +170,8 @@ func Load(opts Options) (*Loader, error) {
 		return nil, fmt.Errorf("load datapath programs: %w", err)
 	}
 	l.maps = objs.XnetMaps
-	l.progs = bpf.XnetPrograms{EncapContainer: objs.EncapContainer, EncapHost: objs.EncapHost, DecapTc: objs.DecapTc}
+	l.progs = bpf.XnetPrograms{EncapContainer: objs.EncapContainer, EncapHost: objs.EncapHost, DecapTc: objs.DecapTc,
+		DeliverBridge: objs.DeliverBridge}
 	l.progs.DecapXdp, l.xdpErr = loadXDP(spec, &l.maps)
 	if l.xdpErr != nil {
 		log.Info("XDP decapsulation unavailable on this kernel; TC decapsulates", "err", l.xdpErr)
@@ -193,6 +195,7 @@ func Load(opts Options) (*Loader, error) {
 	// links only as "type 11"). A restart re-pins the new build's programs in place.
 	for p, prog := range map[Program]*ebpf.Program{
 		EncapContainer: l.progs.EncapContainer, EncapHost: l.progs.EncapHost, DecapTC: l.progs.DecapTc, DecapXDP: l.progs.DecapXdp,
+		DeliverBridge: l.progs.DeliverBridge,
 	} {
 		if prog == nil {
 			_ = os.Remove(ProgramPin(dir, p)) // an older build's program, which this one does not run

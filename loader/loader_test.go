@@ -124,7 +124,7 @@ func TestMapsArePinnedWithReadableBTF(t *testing.T) {
 			t.Errorf("bpftool map dump lacks %q:\n%s", want, out)
 		}
 	}
-	progs := []Program{EncapContainer, EncapHost, DecapTC}
+	progs := []Program{EncapContainer, EncapHost, DecapTC, DeliverBridge}
 	if l.XDPUnavailable() == nil {
 		progs = append(progs, DecapXDP)
 	} else if _, err := os.Stat(ProgramPin(dir, DecapXDP)); err == nil {

@@ -47,6 +47,7 @@ func Probe() error {
 	defer objs.EncapContainer.Close()
 	defer objs.EncapHost.Close()
 	defer objs.DecapTc.Close()
+	defer objs.DeliverBridge.Close()
 	defer objs.XnetMaps.Close()
 	return probeEncap(objs.EncapContainer, maps.FromObjects(&objs.XnetMaps))
 }

@@ -39,6 +39,7 @@ func TestProbeRefusesAnEncapThatDoesNotRedirect(t *testing.T) {
 	defer objs.EncapContainer.Close()
 	defer objs.EncapHost.Close()
 	defer objs.DecapTc.Close()
+	defer objs.DeliverBridge.Close()
 	defer objs.XnetMaps.Close()
 	// decap_tc passes a container packet untouched (it is not VXLAN for us): what an encap
 	// program on a kernel that cannot grow the packet would amount to.

@@ -200,6 +200,9 @@ type Config struct {
 	// DirectRouting is the config's Backend.DirectRouting: the programs check plain routed
 	// packets from peers on our segment (bpf/direct.h).
 	DirectRouting bool
+	// HostRoutingKernel is --host-routing=kernel: container traffic takes the host's stack
+	// both ways; the programs only learn containers and shorten the bridge hop.
+	HostRoutingKernel bool
 }
 
 // SetConfig writes the config entry. The programs read it per packet, so the change is atomic
@@ -236,6 +239,9 @@ func (m *Maps) SetConfig(c Config) error {
 	if c.DirectRouting {
 		val.DirectRouting = 1
 	}
+	if c.HostRoutingKernel {
+		val.HostRoutingKernel = 1
+	}
 	if err := m.Config.Put(uint32(0), val); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
@@ -253,16 +259,17 @@ func (m *Maps) GetConfig() (c Config, ok bool, err error) {
 	}
 	bits, _ := net.IPMask(val.SubnetMask[:]).Size()
 	return Config{
-		LocalIP:         addrOf(val.LocalIp),
-		Subnet:          netip.PrefixFrom(addrOf(val.SubnetAddr), bits),
-		VNI:             int(val.Vni),
-		Port:            int(val.Port),
-		UnderlayIfindex: int(val.UnderlayIfindex),
-		UnderlayMTU:     int(val.UnderlayMtu),
-		UnderlayMAC:     append(net.HardwareAddr(nil), val.UnderlayMac[:]...),
-		HostIfindex:     int(val.HostIfindex),
-		VtepMAC:         append(net.HardwareAddr(nil), val.VtepMac[:]...),
-		DirectRouting:   val.DirectRouting != 0,
+		LocalIP:           addrOf(val.LocalIp),
+		Subnet:            netip.PrefixFrom(addrOf(val.SubnetAddr), bits),
+		VNI:               int(val.Vni),
+		Port:              int(val.Port),
+		UnderlayIfindex:   int(val.UnderlayIfindex),
+		UnderlayMTU:       int(val.UnderlayMtu),
+		UnderlayMAC:       append(net.HardwareAddr(nil), val.UnderlayMac[:]...),
+		HostIfindex:       int(val.HostIfindex),
+		VtepMAC:           append(net.HardwareAddr(nil), val.VtepMac[:]...),
+		DirectRouting:     val.DirectRouting != 0,
+		HostRoutingKernel: val.HostRoutingKernel != 0,
 	}, true, nil
 }
 

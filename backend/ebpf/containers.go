@@ -62,14 +62,15 @@ func (b *Backend) primaryBridge() string {
 	return name
 }
 
-// attachContainers makes the container veths match the host-routing mode and what exists now.
-// It finds the container bridges again (findBridges), so a bridge that appeared, got our
-// gateway address, was renamed or went away is followed. With bpf host routing every veth
-// enslaved to a container bridge gets the encap program; with kernel host routing none has it
-// (an earlier run's attachments are removed), so container traffic takes the host's stack and
-// its netfilter rules both ways. In both modes an endpoint learned for an interface that is no
-// longer a container veth is forgotten, and so is the veth: both are what a restart or a lost
-// link event leaves behind, and decap must never hand a packet to an interface that is gone.
+// attachContainers makes the container veths and bridges match what exists now. It finds the
+// container bridges again (findBridges), so a bridge that appeared, got our gateway address,
+// was renamed or went away is followed. Every container bridge gets deliver_bridge at its TC
+// egress, and every veth enslaved to one gets the encap program, in both host-routing modes:
+// with kernel host routing the config map tells the programs to only learn containers and
+// leave every packet to the host's stack (bpf/xnet.c), so a mode switch is one map write. An
+// endpoint learned for an interface that is no longer a container veth is forgotten, and so is
+// the veth: both are what a restart or a lost link event leaves behind, and the programs must
+// never hand a packet to an interface that is gone.
 func (b *Backend) attachContainers() error {
 	links, err := netlink.LinkList()
 	if err != nil {
@@ -78,6 +79,17 @@ func (b *Backend) attachContainers() error {
 	bridges, why := b.findBridges(links)
 	if !maps.Equal(bridges, b.bridges) {
 		b.Log.Info("container bridges", "bridges", slices.Sorted(maps.Values(bridges)), "why", why)
+	}
+	var errs []error
+	for idx := range b.bridges {
+		if _, ok := bridges[idx]; !ok {
+			errs = append(errs, b.ld.Detach(idx, loader.Egress))
+		}
+	}
+	for idx := range bridges {
+		if _, err := b.ld.AttachTC(idx, loader.Egress, loader.DeliverBridge); err != nil {
+			errs = append(errs, fmt.Errorf("ebpf: container bridge %s: %w", bridges[idx], err))
+		}
 	}
 	b.bridges = bridges
 	b.status.Bridges, b.status.BridgeWhy = slices.Sorted(maps.Values(bridges)), why
@@ -88,20 +100,13 @@ func (b *Backend) attachContainers() error {
 		}
 	}
 	// No bridge yet (Docker has not started): the watch catches it later.
-	var errs []error
 	for idx := range b.veths {
-		if !live[idx] || b.hostRouting == HostRoutingKernel {
+		if !live[idx] {
 			errs = append(errs, b.forgetContainer(idx))
 		}
 	}
-	if b.hostRouting == HostRoutingKernel {
-		for idx := range live {
-			errs = append(errs, b.ld.Detach(idx, loader.Ingress))
-		}
-	} else {
-		for idx := range live {
-			errs = append(errs, b.attachContainer(idx))
-		}
+	for idx := range live {
+		errs = append(errs, b.attachContainer(idx))
 	}
 	eps, err := b.m.ListEndpoints()
 	if err != nil {
@@ -109,7 +114,7 @@ func (b *Backend) attachContainers() error {
 	}
 	gone := 0
 	for _, ep := range eps {
-		if live[ep.Ifindex] && b.hostRouting != HostRoutingKernel {
+		if live[ep.Ifindex] {
 			continue
 		}
 		n, err := b.m.ForgetEndpoints(ep.Ifindex)
@@ -117,7 +122,7 @@ func (b *Backend) attachContainers() error {
 		gone += n
 	}
 	if gone > 0 {
-		b.Log.Info("forgot containers whose interface is gone (or that host routing no longer serves)", "endpoints", gone)
+		b.Log.Info("forgot containers whose interface is gone", "endpoints", gone)
 	}
 	b.headroomPort()
 	return errors.Join(errs...)
@@ -130,10 +135,10 @@ func (b *Backend) HostRouting() string {
 	return b.hostRouting
 }
 
-// SetHostRouting switches host routing while running (backend.HostRouter): to kernel, the
-// encap program leaves every container veth and learned endpoints are forgotten, so the next
-// packet each way takes the host's stack; to bpf, the veths get it back and containers are
-// learned again from what they send.
+// SetHostRouting switches host routing while running (backend.HostRouter) by rewriting the
+// config map: to kernel, the next packet each way takes the host's stack (the programs stay
+// attached and only learn containers); to bpf, the fast path serves the containers learned
+// meanwhile at once.
 func (b *Backend) SetHostRouting(mode, why string) error {
 	if mode != HostRoutingBPF && mode != HostRoutingKernel {
 		return fmt.Errorf("ebpf: host routing %q: use bpf or kernel", mode)
@@ -149,6 +154,10 @@ func (b *Backend) SetHostRouting(mode, why string) error {
 	b.Log.Info("host routing changed", "host_routing", mode, "why", why)
 	if b.ld == nil {
 		return nil // Setup applies it
+	}
+	b.config.HostRoutingKernel = mode == HostRoutingKernel
+	if err := b.m.SetConfig(b.config); err != nil {
+		return fmt.Errorf("ebpf: switch host routing to %s: %w", mode, err)
 	}
 	return b.exec.do(b.attachContainers)
 }

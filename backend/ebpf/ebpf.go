@@ -87,6 +87,7 @@ type Backend struct {
 	ld        *loader.Loader
 	m         *maps.Maps
 	host      int              // ifindex of xnet0
+	config    maps.Config      // what Setup wrote into the config map; SetHostRouting rewrites it
 	veths     map[int]struct{} // container veths carrying the encap program
 	bridges   map[int]string   // container bridges by ifindex (findBridges)
 	frags     *fragReceiver    // reassembled datagrams (fragments.go); nil when it could not start
@@ -163,8 +164,9 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 }
 
 // Setup loads (or re-adopts) the datapath, writes our config, brings up xnet0 with its route
-// for the overlay, attaches decap to the underlay NIC and encap to xnet0 and to every container
-// veth, and starts following docker0's veths. Calling it again is harmless.
+// for the overlay, attaches decap to the underlay NIC, encap to xnet0 and to every container
+// veth and deliver_bridge to every container bridge, and starts following docker0's veths.
+// Calling it again is harmless.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
 	if err := b.CheckSetup(ctx, local, cfg); err != nil {
 		return err
@@ -207,11 +209,13 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 		localIP = b.Iface.PublicIP
 	}
 	// Config first: every program treats an unconfigured datapath as absent.
-	if err := b.m.SetConfig(maps.Config{
+	b.config = maps.Config{
 		LocalIP: localIP, Subnet: local.Subnet.Masked(), VNI: b.VNI, Port: b.Port,
 		UnderlayIfindex: b.Iface.Index, UnderlayMTU: b.Iface.MTU, UnderlayMAC: nic.Attrs().HardwareAddr,
 		HostIfindex: host, VtepMAC: b.VtepMAC, DirectRouting: b.direct.enabled,
-	}); err != nil {
+		HostRoutingKernel: b.hostRouting == HostRoutingKernel,
+	}
+	if err := b.m.SetConfig(b.config); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
 	if err := b.setupIPv6(local, cfg, hostLink); err != nil {
@@ -327,6 +331,9 @@ func (b *Backend) Close(teardown bool) error {
 				var errs []error
 				for idx := range b.veths {
 					errs = append(errs, b.ld.Detach(idx, loader.Ingress))
+				}
+				for idx := range b.bridges {
+					errs = append(errs, b.ld.Detach(idx, loader.Egress))
 				}
 				errs = append(errs, b.ld.Detach(b.Iface.Index, loader.Ingress), b.ld.Detach(b.Iface.Index, loader.XDP),
 					b.ld.Detach(b.host, loader.Egress))

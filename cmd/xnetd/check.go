@@ -590,10 +590,17 @@ func (c *checker) checkBPF() checkResult {
 	if dev, err := netlink.LinkByName(ebpfbackend.HostDevice); err == nil {
 		wants = append(wants, want{loader.EncapHost, dev, loader.Egress, "the host's own traffic to the overlay is dropped"})
 	}
-	if !strings.Contains(c.st.Mode, "host routing "+ebpfbackend.HostRoutingKernel) {
-		for _, v := range dockerVeths() {
-			wants = append(wants, want{loader.EncapContainer, v, loader.Ingress, "this container's packets take the slow path through the host"})
-		}
+	// Both host-routing modes want the encap program on container veths: with kernel host
+	// routing it only learns the containers deliver_bridge hands packets to.
+	lost := "this container's packets take the slow path through the host"
+	if strings.Contains(c.st.Mode, "host routing "+ebpfbackend.HostRoutingKernel) {
+		lost = "overlay packets for this container cross the bridge, which cuts large ones into segments"
+	}
+	for _, v := range dockerVeths() {
+		wants = append(wants, want{loader.EncapContainer, v, loader.Ingress, lost})
+	}
+	if br, err := netlink.LinkByName(ebpfbackend.DockerBridge); err == nil {
+		wants = append(wants, want{loader.DeliverBridge, br, loader.Egress, "overlay packets the host forwards to containers cross the bridge, which cuts large ones into segments"})
 	}
 	ids := map[loader.Program]ebpf.ProgramID{}
 	attached := 0
