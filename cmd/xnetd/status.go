@@ -52,6 +52,9 @@ type statusReport struct {
 	// Macvlan is this host's macvlan range for Docker, absent without a Macvlan section.
 	Macvlan *macvlan.Status `json:"macvlan,omitempty"`
 	Peers   []peerStatus    `json:"peers"`
+	// Endpoints are the local containers the ebpf datapath learned and the path each takes
+	// (nil for other backends).
+	Endpoints []endpointStatus `json:"endpoints,omitempty"`
 	// Conflicts are claims in etcd that contradict each other, as the daemon last saw them.
 	Conflicts []conflictState   `json:"conflicts,omitempty"`
 	Verdicts  map[string]uint64 `json:"verdicts,omitempty"`
@@ -121,6 +124,7 @@ func cmdStatus(args []string, stdout io.Writer, lookup func(string) (string, boo
 	rep := buildStatus(context.Background(), st)
 	attachHealth(&rep, f.stateFile)
 	attachWireGuard(&rep, st, f.stateFile)
+	attachEndpoints(&rep, st)
 	if f.output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -371,6 +375,7 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 			healthCell(p.Health, health.Overlay), healthCell(p.Health, health.Underlay), route, orDash(problem))
 	}
 	tw.Flush()
+	printEndpoints(w, rep.Endpoints)
 	if len(rep.Conflicts) > 0 {
 		fmt.Fprintf(w, "\nconflicts (%d):\n", len(rep.Conflicts))
 		for _, c := range rep.Conflicts {

@@ -299,10 +299,22 @@ func dkWaitStackHonoursDockerUser(t *testing.T, n *xdNode) {
 		var st struct {
 			Mode       string `json:"mode"`
 			ModeReason string `json:"mode_reason"`
+			Endpoints  []struct {
+				Address, Path, Why string
+			} `json:"endpoints"`
 		}
 		n.statusInto(t, &st)
-		if !strings.Contains(st.Mode, "host routing") || strings.Contains(st.Mode, "host routing kernel") {
+		if !strings.Contains(st.Mode, "host routing") {
+			return
+		}
+		if strings.Contains(st.Mode, "host routing kernel") {
 			t.Logf("%s: %s (%s)", n.Name, st.Mode, st.ModeReason)
+			// Every learned container says it takes the stack now, and why.
+			for _, e := range st.Endpoints {
+				if e.Path != "stack" || !strings.Contains(e.Why, "DOCKER-USER") {
+					t.Errorf("%s: endpoint %+v, want the stack path because of DOCKER-USER", n.Name, e)
+				}
+			}
 			return
 		}
 		if time.Now().After(deadline) {

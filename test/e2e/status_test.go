@@ -24,6 +24,14 @@ type xdCounters struct {
 	Mode     string            `json:"mode"`
 	Backend  string            `json:"backend"`
 	Running  bool              `json:"running"`
+	// Endpoints are the local containers the ebpf datapath learned, with their path.
+	Endpoints []struct {
+		Address string `json:"address"`
+		Veth    string `json:"veth"`
+		Bridge  string `json:"bridge"`
+		Path    string `json:"path"`
+		Why     string `json:"why"`
+	} `json:"endpoints"`
 }
 
 func (n *xdNode) statusCounters(t *testing.T) xdCounters {
@@ -74,6 +82,11 @@ func TestXnetdStatusShowsPerPeerCountersAndDropReasons(t *testing.T) {
 		check(t, c, true)
 		if c.Mode == "" || c.Mode == "ebpf" {
 			t.Errorf("mode %q does not say where decapsulation runs", c.Mode)
+		}
+		// The container that pinged is learned, with the fast path and why.
+		if len(c.Endpoints) != 1 || c.Endpoints[0].Address != cs[0].IP.String() || c.Endpoints[0].Path != "fast" ||
+			c.Endpoints[0].Bridge != "docker0" || c.Endpoints[0].Veth != cs[0].Veth || !strings.Contains(c.Endpoints[0].Why, "bpf_redirect_peer") {
+			t.Errorf("endpoints %+v, want %v on %s (docker0) on the fast path", c.Endpoints, cs[0].IP, cs[0].Veth)
 		}
 	})
 
