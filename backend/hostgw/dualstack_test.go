@@ -209,7 +209,7 @@ func TestContainersReachEachOtherOverIPv6(t *testing.T) {
 	ca, cb := a.Containers()[0], b.Containers()[0]
 	for _, p := range [][2]*harness.Container{{ca, cb}, {cb, ca}} {
 		from, to := p[0], p[1]
-		if !pingsWithin(t, from.Namespace, to.IPv6, 5*time.Second) {
+		if !harness.PingsWithin(t, from.Namespace, to.IPv6, 5*time.Second) {
 			t.Errorf("%s -> %s (%v): no echo reply within 5s", from.Name, to.Name, to.IPv6)
 		}
 		if err := harness.TCPExchange(t.Context(), from.Namespace, to.Namespace, to.IPv6, 4<<20); err != nil {
@@ -222,21 +222,4 @@ func TestContainersReachEachOtherOverIPv6(t *testing.T) {
 	if _, got, _ := harness.Ping(t.Context(), ca.Namespace, cb.IPv6, 3, 50*time.Millisecond); got > 0 {
 		t.Errorf("%s still reaches %v after RemovePeer", ca.Name, cb.IPv6)
 	}
-}
-
-// pingsWithin says whether dst answers an echo request from ns within wait: a path just set up
-// may lose its first packets (a new veth's queue starts with the link watch, up to a second
-// after the link came up; neighbour discovery retries after a second).
-func pingsWithin(t *testing.T, ns *harness.Namespace, dst netip.Addr, wait time.Duration) bool {
-	t.Helper()
-	for deadline := time.Now().Add(wait); time.Now().Before(deadline); {
-		_, got, err := harness.Ping(t.Context(), ns, dst, 3, 100*time.Millisecond)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got > 0 {
-			return true
-		}
-	}
-	return false
 }

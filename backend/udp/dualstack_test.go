@@ -99,7 +99,7 @@ func wantIPv6Traffic(t *testing.T, a, b *dualHost) {
 	ca, cb := a.Containers()[0], b.Containers()[0]
 	for _, p := range [][2]*harness.Container{{ca, cb}, {cb, ca}} {
 		from, to := p[0], p[1]
-		if !pingsWithin(t, from.Namespace, to.IPv6, 5*time.Second) {
+		if !harness.PingsWithin(t, from.Namespace, to.IPv6, 5*time.Second) {
 			t.Errorf("%s -> %s (%v): no echo reply within 5s", from.Name, to.Name, to.IPv6)
 			continue
 		}
@@ -107,7 +107,7 @@ func wantIPv6Traffic(t *testing.T, a, b *dualHost) {
 			t.Errorf("TCP over IPv6 %s -> %s: %v", from.Name, to.Name, err)
 		}
 	}
-	if !pingsWithin(t, ca.Namespace, cb.IP, 5*time.Second) {
+	if !harness.PingsWithin(t, ca.Namespace, cb.IP, 5*time.Second) {
 		t.Errorf("IPv4 %s -> %s: no echo reply", ca.Name, cb.Name)
 	}
 	// What the udp hosts' datapaths counted: IPv6 passed, none of it dropped as malformed,
@@ -229,21 +229,4 @@ func TestIPv6PruneKeepsOurOwnAndKeptRoutes(t *testing.T) {
 	if strings.Contains(routes, "fd00:10:244:3::/64") {
 		t.Errorf("the prune kept the gone peer's IPv6 route:\n%s", routes)
 	}
-}
-
-// pingsWithin says whether dst answers an echo request from ns within wait: a path just set up
-// may lose its first packets (a new veth's queue starts with the link watch, up to a second
-// after the link came up; neighbour discovery retries after a second).
-func pingsWithin(t *testing.T, ns *harness.Namespace, dst netip.Addr, wait time.Duration) bool {
-	t.Helper()
-	for deadline := time.Now().Add(wait); time.Now().Before(deadline); {
-		_, got, err := harness.Ping(t.Context(), ns, dst, 3, 100*time.Millisecond)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got > 0 {
-			return true
-		}
-	}
-	return false
 }

@@ -366,7 +366,7 @@ func TestContainersReachEachOtherOverIPv6(t *testing.T) {
 			ca, cb := a.Containers()[0], b.Containers()[0]
 			for _, p := range [][2]*harness.Container{{ca, cb}, {cb, ca}} {
 				from, to := p[0], p[1]
-				if !pingsWithin(t, from.Namespace, to.IPv6, 5*time.Second) {
+				if !harness.PingsWithin(t, from.Namespace, to.IPv6, 5*time.Second) {
 					t.Errorf("%s -> %s (%v): no echo reply within 5s", from.Name, to.Name, to.IPv6)
 				}
 				if err := harness.TCPExchange(t.Context(), from.Namespace, to.Namespace, to.IPv6, 4<<20); err != nil {
@@ -374,7 +374,7 @@ func TestContainersReachEachOtherOverIPv6(t *testing.T) {
 				}
 			}
 			// The IPv4 overlay is unchanged by it.
-			if !pingsWithin(t, ca.Namespace, cb.IP, 5*time.Second) {
+			if !harness.PingsWithin(t, ca.Namespace, cb.IP, 5*time.Second) {
 				t.Errorf("IPv4 %s -> %s: no echo reply within 5s", ca.Name, cb.Name)
 			}
 			if err := backends[0].RemovePeer(dualLeaseOf(t, 1, b)); err != nil {
@@ -385,21 +385,4 @@ func TestContainersReachEachOtherOverIPv6(t *testing.T) {
 			}
 		})
 	}
-}
-
-// pingsWithin says whether dst answers an echo request from ns within wait: a path that was
-// just set up may lose its first packets (a device's queue starts with the link watch, up to a
-// second after the link came up; neighbour discovery retries after a second).
-func pingsWithin(t *testing.T, ns *harness.Namespace, dst netip.Addr, wait time.Duration) bool {
-	t.Helper()
-	for deadline := time.Now().Add(wait); time.Now().Before(deadline); {
-		_, got, err := harness.Ping(t.Context(), ns, dst, 3, 100*time.Millisecond)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got > 0 {
-			return true
-		}
-	}
-	return false
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"testing"
 	"time"
 
 	"golang.org/x/net/icmp"
@@ -109,4 +110,21 @@ func Ping(ctx context.Context, from *Namespace, to netip.Addr, count int, interv
 	mu.Lock()
 	defer mu.Unlock()
 	return sent, len(got), nil
+}
+
+// PingsWithin says whether dst answers an echo request from ns within wait: a path that was
+// just set up may lose its first packets (a device's queue starts with the link watch, up to a
+// second after the link came up; neighbour discovery retries after a second).
+func PingsWithin(t testing.TB, ns *Namespace, dst netip.Addr, wait time.Duration) bool {
+	t.Helper()
+	for deadline := time.Now().Add(wait); time.Now().Before(deadline); {
+		_, got, err := Ping(t.Context(), ns, dst, 3, 100*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got > 0 {
+			return true
+		}
+	}
+	return false
 }
