@@ -12,7 +12,6 @@ import (
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
-	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -46,7 +45,8 @@ type userDevice struct {
 	// status answers `xnetd status` (status.go); nil until the device is up.
 	status *uapiServer
 	// offload says the TUN hands over TCP segments of up to 64 KB (IFF_VNET_HDR), which
-	// wireguard-go cuts itself and sends with UDP GSO: a large share of the throughput.
+	// offloadTUN cuts and wireguard-go sends with UDP GSO, and takes coalesced ones: a large
+	// share of the throughput.
 	offload bool
 }
 
@@ -74,8 +74,17 @@ func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, fds *fdstore.St
 	if err != nil {
 		return nil, err
 	}
-	bind := &nsBind{Bind: conn.NewStdNetBind(), ns: ns}
-	u := &userDevice{offload: tdev.BatchSize() > 1, restarted: map[*device.Peer]time.Time{}, takenOver: takenOver,
+	offload := tdev.BatchSize() > 1 // IFF_VNET_HDR, and wireguard-go turned the offloads on
+	if offload {
+		ot, err := newOffloadTUN(tdev, log)
+		if err != nil {
+			tdev.Close()
+			return nil, err
+		}
+		tdev = ot
+	}
+	bind := newUDPBind(ns, log)
+	u := &userDevice{offload: offload, restarted: map[*device.Peer]time.Time{}, takenOver: takenOver,
 		tun: &countingTUN{Device: tdev, c: stats, mtu: mtu, open: make(chan struct{}), closed: make(chan struct{})}}
 	if !takenOver {
 		u.release()
@@ -250,21 +259,6 @@ func (u *userDevice) close() error {
 	}
 	u.dev.Close()
 	return nil
-}
-
-// nsBind is wireguard-go's UDP sockets, opened in the backend's namespace: the device opens
-// them from its own goroutines whenever it comes up, on whatever thread they run.
-type nsBind struct {
-	conn.Bind
-	ns netns.NsHandle
-}
-
-func (b *nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
-	err = backend.InNamespace(b.ns, func() (err error) {
-		fns, actual, err = b.Bind.Open(port)
-		return err
-	})
-	return fns, actual, err
 }
 
 // What wireguard-go logs for events the backend acts on. Its log is the only place it

@@ -111,3 +111,21 @@ func describeSkipped(s []skipped) string {
 	}
 	return strings.Join(parts, "; ")
 }
+
+// embeddedWireGuardProcs is the GOMAXPROCS to run with when the chosen backend is the embedded
+// wireguard-go, or 0 to leave the runtime's choice: 1 when that choice is 2 (two usable CPUs)
+// and the operator set no GOMAXPROCS. wireguard-go moves every batch of packets through
+// several goroutines (TUN reader, encryption workers, sequential sender, and the same on
+// receive); with two Ps they run on both CPUs, and every hand-off wakes the other thread, drags
+// the packets' cache lines across, and takes buffers from the other P's pool cache, oldest
+// first (cold). Measured with `go run ./test/cmd/bench -backends wireguard,wireguard@<same build
+// with GOMAXPROCS=1> -rounds 3` on the 2-core VM: one P moved 21% more on one TCP stream, 16%
+// more on four, the same 64-byte packets/s, at 18% less CPU per GB. Both simulated hosts share
+// those two CPUs there; a host with two CPUs to itself was not measured, nor any larger host,
+// which keep the runtime's choice.
+func embeddedWireGuardProcs(backendName, mode string, procs int, gomaxprocsSet bool) int {
+	if backendName != subnetmgr.BackendWireGuard || mode != string(wireguard.DatapathEmbedded) || gomaxprocsSet || procs != 2 {
+		return 0
+	}
+	return 1
+}

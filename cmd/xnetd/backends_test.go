@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/wireguard"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -98,5 +99,29 @@ func TestBackendChoice(t *testing.T) {
 				t.Errorf("no 'backend chosen' log line for %s:\n%s", tt.want, logs.String())
 			}
 		})
+	}
+}
+
+func TestEmbeddedWireGuardRunsOnOneProcOnTwoCPUs(t *testing.T) {
+	embedded, kernel := string(wireguard.DatapathEmbedded), string(wireguard.DatapathKernel)
+	cases := []struct {
+		name    string
+		backend string
+		mode    string
+		procs   int
+		set     bool
+		want    int
+	}{
+		{"embedded wireguard on 2 CPUs runs on 1", subnetmgr.BackendWireGuard, embedded, 2, false, 1},
+		{"an operator's GOMAXPROCS stands", subnetmgr.BackendWireGuard, embedded, 2, true, 0},
+		{"larger hosts keep the runtime's choice", subnetmgr.BackendWireGuard, embedded, 4, false, 0},
+		{"one CPU stays one", subnetmgr.BackendWireGuard, embedded, 1, false, 0},
+		{"the kernel's WireGuard is not ours to schedule", subnetmgr.BackendWireGuard, kernel, 2, false, 0},
+		{"the udp backend keeps its queue per CPU", subnetmgr.BackendUDP, "", 2, false, 0},
+	}
+	for _, c := range cases {
+		if got := embeddedWireGuardProcs(c.backend, c.mode, c.procs, c.set); got != c.want {
+			t.Errorf("%s: got %d, want %d", c.name, got, c.want)
+		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"time"
 
 	"github.com/google/nftables"
@@ -142,6 +143,12 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return err
 	}
 	b := d.chosen.b
+	_, gomaxprocsSet := os.LookupEnv("GOMAXPROCS")
+	if p := embeddedWireGuardProcs(d.chosen.name, d.chosen.mode, runtime.GOMAXPROCS(0), gomaxprocsSet); p > 0 {
+		was := runtime.GOMAXPROCS(p)
+		log.Info("embedded WireGuard on two CPUs: Go runs on one, where wireguard-go's goroutine hand-offs cost less (the GOMAXPROCS variable overrides)",
+			"gomaxprocs", p, "was", was)
+	}
 	d.m.SetBackend(d.chosen.name, d.chosen.mode, counterSource(b))
 	btype, bdata, err := b.LeaseAttrs()
 	if err != nil {
