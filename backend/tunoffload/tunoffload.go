@@ -2,9 +2,8 @@
 // offloads (TUNSETOFFLOAD) and user space: it cuts the large segments the kernel reads out
 // into MTU-sized packets (Split) and coalesces runs of received TCP segments back into one
 // large segment written with a single writev (Coalescer), and it has the Internet checksum both
-// need (Sum). The wireguard backend uses it. It began as the udp backend's coalescer and
-// checksum, which udp still keeps in its own files (they grew IPv6 there meanwhile): the two
-// are to become one.
+// need (Sum). The udp and wireguard backends share it (udp its coalescer and checksum; the
+// IPv6 pseudo header and the cutting of segments into VXLAN datagrams stay in udp).
 //
 // It owns the virtio-net header (include/uapi/linux/virtio_net.h) as a TUN with IFF_VNET_HDR
 // reads and writes it, the segmentation and coalescing rules (Linux's own: tcp_gso_segment,

@@ -3,10 +3,10 @@ package udp
 import (
 	"bytes"
 	"encoding/binary"
-	"math/rand/v2"
 	"net/netip"
 	"testing"
 
+	"github.com/xnet-dev/xnet/backend/tunoffload"
 	"github.com/xnet-dev/xnet/bpf/testpkt"
 )
 
@@ -22,7 +22,7 @@ func tcpPacket(payload []byte) []byte {
 // udpWithChecksum is an IPv4/UDP packet with its checksum filled in.
 func udpWithChecksum(payload []byte) []byte {
 	seg := testpkt.UDP(40000, 53, payload)
-	sum := fold(pseudoHeaderSum([]byte{9: 17, 12: 10, 13: 244, 14: 1, 15: 2, 16: 10, 17: 244, 18: 2, 19: 2}, len(seg)) + onesSum(seg))
+	sum := tunoffload.Fold(tunoffload.PseudoHeaderSum([]byte{9: 17, 12: 10, 13: 244, 14: 1, 15: 2, 16: 10, 17: 244, 18: 2, 19: 2}, len(seg)) + tunoffload.Sum(seg))
 	c := ^sum
 	if c == 0 {
 		c = 0xffff
@@ -35,7 +35,7 @@ func udpWithChecksum(payload []byte) []byte {
 // pseudo-header sum.
 func partial(pkt []byte, at int) []byte {
 	p := append([]byte(nil), pkt...)
-	binary.BigEndian.PutUint16(p[20+at:], fold(pseudoHeaderSum(p, len(p)-20)))
+	binary.BigEndian.PutUint16(p[20+at:], tunoffload.Fold(tunoffload.PseudoHeaderSum(p, len(p)-20)))
 	return p
 }
 
@@ -73,31 +73,5 @@ func TestCompletePartialChecksum(t *testing.T) {
 				t.Errorf("changed=%v\n got % x\nwant % x", changed, got, want)
 			}
 		})
-	}
-}
-
-func TestOnesSumMatchesTheRFC1071Loop(t *testing.T) {
-	r := rand.New(rand.NewPCG(1, 2))
-	for n := 0; n < 600; n++ {
-		b := make([]byte, n)
-		for i := range b {
-			b[i] = byte(r.Uint32())
-		}
-		if n%7 == 0 {
-			for i := range b {
-				b[i] = 0xff // all ones: the carries that wrap around
-			}
-		}
-		if got, want := fold(onesSum(b)), ^testpkt.Checksum(b, 0); got != want {
-			t.Fatalf("len %d: fold(onesSum) = %#04x, want %#04x", n, got, want)
-		}
-	}
-}
-
-func BenchmarkOnesSum(b *testing.B) {
-	buf := make([]byte, 1398)
-	b.SetBytes(int64(len(buf)))
-	for b.Loop() {
-		_ = onesSum(buf)
 	}
 }

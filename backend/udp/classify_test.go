@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/tunoffload"
 	"github.com/xnet-dev/xnet/bpf/testpkt"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/wire"
@@ -350,7 +351,7 @@ func udp6(src, dst netip.Addr, size int) []byte {
 	for i := 48; i < size; i++ {
 		p[i] = byte(i)
 	}
-	binary.BigEndian.PutUint16(p[46:], ^fold(pseudoHeaderSum6(p, size-40)+onesSum(p[40:])))
+	binary.BigEndian.PutUint16(p[46:], ^tunoffload.Fold(pseudoHeaderSum6(p, size-40)+tunoffload.Sum(p[40:])))
 	return p
 }
 
@@ -426,7 +427,7 @@ func TestCompletePartialChecksumIPv6(t *testing.T) {
 	full := udp6(src, dst, 200)
 	partial := append([]byte(nil), full...)
 	// What a kernel sender leaves: the pseudo header's sum alone.
-	binary.BigEndian.PutUint16(partial[46:], fold(pseudoHeaderSum6(partial, 160)))
+	binary.BigEndian.PutUint16(partial[46:], tunoffload.Fold(pseudoHeaderSum6(partial, 160)))
 	if !completePartialChecksum(partial) {
 		t.Fatal("a partial IPv6/UDP checksum was not completed")
 	}

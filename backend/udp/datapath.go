@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
 
+	"github.com/xnet-dev/xnet/backend/tunoffload"
 	"github.com/xnet-dev/xnet/wire"
 )
 
@@ -54,7 +55,7 @@ type dpConfig struct {
 	mac    wire.MAC
 	port   int // outer destination port
 	// copyingGRO uses wireguard-go's TUN Write (copies into per-packet buffers) instead of
-	// the coalescer (see coalesce.go); kept to measure one against the other.
+	// the coalescer (package tunoffload); kept to measure one against the other.
 	copyingGRO bool
 	// copyingSplit reads the TUN with wireguard-go's Read (which copies each segment out)
 	// instead of the segmenter (see segment.go).
@@ -446,8 +447,8 @@ func flowHash(pkt []byte) uint32 {
 // rxQueue is one rx goroutine's reusable state.
 type rxQueue struct {
 	in    *recvBatch
-	co    *coalescer // zero-copy coalescing writer; nil with Tuning.CopyingGRO
-	out   [][]byte   // with Tuning.CopyingGRO: copies for wireguard-go's GRO
+	co    *tunoffload.Coalescer // zero-copy coalescing writer; nil with Tuning.CopyingGRO
+	out   [][]byte              // with Tuning.CopyingGRO: copies for wireguard-go's GRO
 	nout  int
 	tally tally
 }
@@ -473,7 +474,9 @@ func (d *datapath) rxLoop(q int) {
 			d.log.Error("cannot write to "+DeviceName+": receive queue stopped", "err", err)
 			return
 		}
-		r.co = newCoalescer(rc, d.res.offload)
+		// Verifying: the senders leave the outer UDP checksum 0, and the kernel trusts a
+		// coalesced group's checksum.
+		r.co = tunoffload.NewCoalescer(rc, d.res.offload, true)
 	}
 	for {
 		n, err := r.in.recv(rc)
@@ -530,7 +533,7 @@ func (d *datapath) receive(r *rxQueue, dev tun.Device, data, oob []byte, flags i
 		p.stats.rxBytes.Add(uint64(n))
 		completePartialChecksum(f.Inner)
 		if r.co != nil {
-			r.co.add(f.Inner) // by reference: flushed before the next recvmmsg
+			r.co.Add(f.Inner) // by reference: flushed before the next recvmmsg
 			continue
 		}
 		buf := r.out[r.nout][:cap(r.out[r.nout])]
@@ -650,8 +653,8 @@ func (d *datapath) receiveSuperFrame(r *rxQueue, dev tun.Device, data []byte, ou
 // flushTUN writes the queued inner packets to xnet0, coalescing runs of one flow.
 func (d *datapath) flushTUN(r *rxQueue, dev tun.Device) {
 	if r.co != nil {
-		r.co.flush()
-		if n, err := r.co.takeErrors(); n > 0 && !d.closing.Load() {
+		r.co.Flush()
+		if n, err := r.co.TakeErrors(); n > 0 && !d.closing.Load() {
 			r.tally[verdictDropTUNError].packets += uint64(n)
 			d.logError("write to "+DeviceName, err)
 		}

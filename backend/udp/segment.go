@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/xnet-dev/xnet/backend/tunoffload"
 	"github.com/xnet-dev/xnet/wire"
 )
 
@@ -161,7 +162,7 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 			if vh.csumStart >= len(pkt) || at+2 > len(pkt) {
 				return errBadGSO
 			}
-			binary.BigEndian.PutUint16(pkt[at:], ^fold(onesSum(pkt[vh.csumStart:])))
+			binary.BigEndian.PutUint16(pkt[at:], ^tunoffload.Fold(tunoffload.Sum(pkt[vh.csumStart:])))
 		}
 		h := s.hdrs[:wire.HeaderLen]
 		wire.Encode(h, vx)
@@ -219,8 +220,8 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 			binary.BigEndian.PutUint16(ip[2:4], uint16(hl+len(pay)))
 			binary.BigEndian.PutUint16(ip[4:6], ipID+uint16(i))
 			ip[10], ip[11] = 0, 0
-			binary.BigEndian.PutUint16(ip[10:12], ^fold(onesSum(ip[:ihl])))
-			pseudo = pseudoHeaderSum(ip, thl+len(pay))
+			binary.BigEndian.PutUint16(ip[10:12], ^tunoffload.Fold(tunoffload.Sum(ip[:ihl])))
+			pseudo = tunoffload.PseudoHeaderSum(ip, thl+len(pay))
 		}
 		tcp := ip[ihl:]
 		binary.BigEndian.PutUint32(tcp[4:8], seq+uint32(i*vh.gsoSize))
@@ -232,8 +233,8 @@ func (d *datapath) segmentAndSend(s *segmenter, t *txQueue, frame []byte) error 
 			f &^= 0x01 | 0x08 // FIN and PSH only on the last
 		}
 		tcp[13] = f
-		sum := pseudo + onesSum(tcp[:thl]) + onesSum(pay)
-		binary.BigEndian.PutUint16(tcp[16:18], ^fold(sum))
+		sum := pseudo + tunoffload.Sum(tcp[:thl]) + tunoffload.Sum(pay)
+		binary.BigEndian.PutUint16(tcp[16:18], ^tunoffload.Fold(sum))
 
 		n := len(h) + len(pay)
 		t.iov = append(t.iov, h, pay)

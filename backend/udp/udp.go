@@ -26,14 +26,14 @@
 //     directly with arrays kept per goroutine (mmsg.go), not through x/net's ReadBatch and
 //     WriteBatch, which allocate several objects per call.
 //   - Received TCP segments of one flow are coalesced again into one large segment and written
-//     to the TUN with one writev (coalesce.go), by reference into the receive buffer.
+//     to the TUN with one writev (package tunoffload), by reference into the receive buffer.
 //     wireguard-go's tun package does both cut and coalescing well but copies every packet
 //     twice on the way; the by-reference versions cost measurably less CPU per GB, and
 //     Tuning.CopyingSplit / CopyingGRO keep wireguard-go's for comparison.
 //   - A queue per CPU: xnet0 is IFF_MULTI_QUEUE and the receiving sockets share the port with
 //     SO_REUSEPORT; each queue has one reader per direction, so the kernel's flow hashing
 //     spreads flows over CPUs and one flow stays in order.
-//   - Inner checksums are summed with 64-bit add-with-carry in native byte order (checksum.go),
+//   - Inner checksums are summed with 64-bit add-with-carry in native byte order (tunoffload.Sum),
 //     twice as fast as the first loop; every byte is summed once on each side (the sender
 //     fills each segment's checksum; the receiver verifies each one before coalescing, since
 //     the wire format's senders leave the outer UDP checksum 0 and the kernel trusts a coalesced
@@ -155,7 +155,7 @@ type Tuning struct {
 	// NoUDPGRO leaves UDP_GRO off on the receiving sockets.
 	NoUDPGRO bool
 	// CopyingGRO coalesces received packets with wireguard-go's TUN Write (which copies each
-	// packet twice) instead of writing them by reference (coalesce.go).
+	// packet twice) instead of writing them by reference (tunoffload.Coalescer).
 	CopyingGRO bool
 	// CopyingSplit cuts TSO segments read from the TUN with wireguard-go's Read (which
 	// copies each packet out) instead of sending the payload by reference (segment.go).

@@ -6,12 +6,8 @@ package e2e
 // run wherever the scheduler puts them. Helpers here are prefixed udp.
 
 import (
-	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
 	"encoding/json"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -251,65 +247,7 @@ func udpTransfer(t *testing.T, from, to *harness.Container, size int) {
 // transferTo is udpTransfer to the receiver's address dst (IPv4 or IPv6).
 func transferTo(t *testing.T, from, to *harness.Container, dst netip.Addr, size int) {
 	t.Helper()
-	var ln net.Listener
-	if err := to.Do(func() (err error) {
-		ln, err = net.Listen("tcp", net.JoinHostPort(dst.String(), "0"))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	type result struct {
-		sum [32]byte
-		n   int64
-		err error
-	}
-	got := make(chan result, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			got <- result{err: err}
-			return
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(60 * time.Second))
-		h := sha256.New()
-		n, err := io.Copy(h, c)
-		var r result
-		copy(r.sum[:], h.Sum(nil))
-		r.n, r.err = n, err
-		got <- r
-	}()
-	var c net.Conn
-	if err := from.Do(func() (err error) {
-		c, err = net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
-		return err
-	}); err != nil {
-		t.Fatalf("connect %v -> %v: %v", from.IP, dst, err)
-	}
-	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
-	chunk := make([]byte, 1<<20)
-	h := sha256.New()
-	start := time.Now()
-	for sent := 0; sent < size; sent += len(chunk) {
-		if _, err := rand.Read(chunk); err != nil {
-			t.Fatal(err)
-		}
-		h.Write(chunk)
-		if _, err := c.Write(chunk); err != nil {
-			c.Close()
-			t.Fatalf("send %v -> %v after %d bytes: %v", from.IP, dst, sent, err)
-		}
-	}
-	c.Close()
-	r := <-got
-	if r.err != nil {
-		t.Fatalf("receive %v -> %v: %v", from.IP, dst, r.err)
-	}
-	if want := h.Sum(nil); r.n != int64(size) || !bytes.Equal(r.sum[:], want) {
-		t.Fatalf("%v -> %v: received %d bytes with sha256 %x, sent %d with %x", from.IP, dst, r.n, r.sum, size, want)
-	}
-	t.Logf("%v -> %v: %d MB intact in %v", from.IP, dst, size>>20, time.Since(start).Round(time.Millisecond))
+	harness.TransferIntact(t, from, to, dst, size)
 }
 
 // udpSendRaw sends payload as one UDP datagram from host's underlay address to dst:8472.
