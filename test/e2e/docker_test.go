@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/xnet-dev/xnet/fwrules"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -72,6 +73,25 @@ func dkIPTables(t *testing.T, h dkHost, chain string) string {
 		return err.Error()
 	}
 	return out
+}
+
+// dkWaitNoMasqueradeFirst waits until h's nat POSTROUTING jumps to XNET-POSTRTG before any
+// MASQUERADE rule (xnetd's keeper restores that order within fwrules.DefaultInterval).
+func dkWaitNoMasqueradeFirst(t *testing.T, h dkHost) {
+	t.Helper()
+	deadline := time.Now().Add(3 * fwrules.DefaultInterval)
+	for {
+		out, err := h.node.Run(dkCtx(t, 5*time.Second), "iptables", "-t", "nat", "-S", "POSTROUTING")
+		jump, masq := strings.Index(out, "-j XNET-POSTRTG"), strings.Index(out, "-j MASQUERADE")
+		if err == nil && jump >= 0 && (masq < 0 || jump < masq) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: nat POSTROUTING does not jump to XNET-POSTRTG before Docker's MASQUERADE after %v (%v):\n%s",
+				h.node.Name, 3*fwrules.DefaultInterval, err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 var dkPolicyDrops = regexp.MustCompile(`Chain FORWARD \(policy DROP (\d+) packets`)
@@ -221,6 +241,11 @@ func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) 
 	})
 
 	t.Run("a container sees a peer on another host by the peer's own address", func(t *testing.T) {
+		// dockerd inserts its MASQUERADE rule at the top of POSTROUTING when it starts, after
+		// xnetd; xnetd's keeper puts XNET-POSTRTG back in front within its interval (5 s).
+		for _, h := range []dkHost{hA, hB} {
+			dkWaitNoMasqueradeFirst(t, h)
+		}
 		for _, p := range [][2]*harness.DockerContainer{{a, b}, {b, a}} {
 			if got := dpSourceSeen(t, p[0].Namespace, p[1].Namespace, p[1].IP); got != p[0].IP {
 				t.Errorf("%s (on %s) sees %s (%v on %s) as %v: masqueraded inside the overlay Network",
