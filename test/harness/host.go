@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -229,6 +231,16 @@ func (h *Host) AddContainer() (*Container, error) {
 	if err != nil {
 		return nil, fmt.Errorf("harness: container %d on %s: %w", n, h.Name, err)
 	}
+	// The kernel switches a link that came up from its dropping noop qdisc to its real one in
+	// the link watch, asynchronously and at times hundreds of milliseconds later; until then
+	// the container's first ARP or echo is dropped. The link watch sets operstate in the same
+	// step, so "UP" on both ends says the pair carries packets.
+	if err := waitOperUp(ctx, h.Namespace, veth); err != nil {
+		return nil, fmt.Errorf("harness: container %d on %s: %w", n, h.Name, err)
+	}
+	if err := waitOperUp(ctx, ns, "eth0"); err != nil {
+		return nil, fmt.Errorf("harness: container %d on %s: %w", n, h.Name, err)
+	}
 	c := &Container{Namespace: ns, Host: h, IP: ip, Veth: veth}
 	if h.docker0v6.IsValid() {
 		if c.IPv6, err = h.addContainerIPv6(ctx, ns, n); err != nil {
@@ -291,4 +303,26 @@ func (h *Host) StartXnetdUnder(m *ServiceManager, binary string, extra ...string
 		}
 	}
 	return h.startCmd(cmd)
+}
+
+// waitOperUp waits until link name in ns has operstate UP.
+func waitOperUp(ctx context.Context, ns *Namespace, name string) error {
+	for {
+		var state netlink.LinkOperState
+		err := ns.Do(func() error {
+			l, err := netlink.LinkByName(name)
+			if err == nil {
+				state = l.Attrs().OperState
+			}
+			return err
+		})
+		if err == nil && state == netlink.OperUp {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s never reached operstate up (last %s, %v): %w", name, state, err, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
