@@ -69,8 +69,9 @@ const (
 	postroutComment  = "xnet: no masquerade inside the overlay network"
 )
 
-// DefaultInterval is how often Keep checks the rules (flannel's 5 s): after Docker restarts,
-// the overlay may be cut off for up to this long.
+// DefaultInterval is how often Keep checks the rules (flannel's 5 s) besides after each
+// nf_tables change: with iptables-legacy, after Docker restarts, the overlay may be cut off
+// for up to this long.
 const DefaultInterval = 5 * time.Second
 
 // Docker's chains and targets that fix where our jumps go.
@@ -163,17 +164,35 @@ func (r *Rules) Ensure(ctx context.Context) (Report, error) {
 	return rep, nil
 }
 
-// Keep runs Ensure every interval until ctx ends, logging what it repaired. A failure is
-// logged when it first happens and when it clears, not on every tick.
+// Keep runs Ensure every interval, and shortly after every change to the nf_tables ruleset of
+// the calling thread's network namespace (watch.go), until ctx ends, logging what it repaired.
+// A failure is logged when it first happens and when it clears, not on every tick.
 func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	var changed <-chan struct{}
+	if w, err := watchChanges(); err != nil {
+		r.log.Info("iptables forward rules: no change notifications; checking on the interval only", "every", interval, "err", err)
+	} else {
+		defer w.Close()
+		changed = w.C
+	}
 	failing := ""
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case _, ok := <-changed:
+			if !ok {
+				changed = nil // the subscription failed: the ticker still runs
+				continue
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(settle):
+			}
 		}
 		rep, err := r.Ensure(ctx)
 		switch {

@@ -328,3 +328,38 @@ func sourceSeen(from, to *harness.Namespace, dst netip.Addr, expectAnswer bool) 
 	}
 	return harness.SourceSeen(from, to, dst, tries)
 }
+
+// TestKeepSeesDockerStart: with iptables-nft, Docker putting its MASQUERADE first (as dockerd
+// does at every start) is undone within moments, not at Keep's next tick an hour away.
+func TestKeepSeesDockerStart(t *testing.T) {
+	d := newDockerHost(t, "iptables-nft", "iptables-legacy")
+	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ensure(t, r)
+	want := d.save(t, "iptables-nft")
+	ctx, cancel := context.WithCancel(context.Background())
+	kept := make(chan error, 1)
+	go func() { kept <- d.host.Do(func() error { r.Keep(ctx, time.Hour); return nil }) }()
+	defer func() {
+		cancel()
+		if err := <-kept; err != nil {
+			t.Error(err)
+		}
+	}()
+	time.Sleep(200 * time.Millisecond) // Keep subscribes as it starts
+	for round := range 3 {
+		masq := strings.TrimSpace(dockerMasq)
+		d.iptablesRestore(t, true, "*nat\n"+strings.Replace(masq, "-A", "-D", 1)+"\n"+strings.Replace(masq, "-A POSTROUTING", "-I POSTROUTING 1", 1)+"\nCOMMIT\n")
+		start := time.Now()
+		for d.save(t, "iptables-nft") != want {
+			if time.Since(start) > 3*time.Second {
+				t.Fatalf("round %d: Keep did not move our jump back in front within 3 s:\n%s", round, d.save(t, "iptables-nft"))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Logf("round %d: repaired in %v", round, time.Since(start).Round(time.Millisecond))
+		d.check(t, flow{name: "our container to the overlay peer", from: d.ctr, to: d.peer, dst: "10.244.2.2", seen: "10.244.1.2"})
+	}
+}
