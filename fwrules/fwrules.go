@@ -170,8 +170,10 @@ func (r *Rules) Ensure(ctx context.Context) (Report, error) {
 func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	var err error
+	var w *ChangeWatch
 	var changed <-chan struct{}
-	if w, err := watchChanges(); err != nil {
+	if w, err = WatchChanges(); err != nil {
 		r.log.Info("iptables forward rules: no change notifications; checking on the interval only", "every", interval, "err", err)
 	} else {
 		defer w.Close()
@@ -188,11 +190,7 @@ func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
 				changed = nil // the subscription failed: the ticker still runs
 				continue
 			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(settle):
-			}
+			w.Settled(ctx)
 		}
 		rep, err := r.Ensure(ctx)
 		switch {

@@ -34,31 +34,55 @@ func resolveHostRouting(ctx context.Context, flag string, log *slog.Logger) (mod
 	return "bpf", "auto: DOCKER-USER holds no rules"
 }
 
-// hostRoutingInterval is how often --host-routing=auto looks at DOCKER-USER again: a rule a
-// user adds applies to every packet within this time (one iptables-save per interval).
-const hostRoutingInterval = 2 * time.Second
+// hostRoutingInterval is how often --host-routing=auto looks at DOCKER-USER again when it
+// cannot be told of changes (iptables-legacy, or no netfilter netlink): a rule a user adds
+// applies to every packet within this time (one iptables-save per interval). With change
+// notifications it looks right after each change, and every hostRoutingSafety besides.
+const (
+	hostRoutingInterval = 2 * time.Second
+	hostRoutingSafety   = 30 * time.Second
+)
 
 // hostRoutingChange is a host-routing mode the daemon's loop should switch the backend to.
 type hostRoutingChange struct{ mode, why string }
 
-// watchHostRouting re-reads DOCKER-USER every hostRoutingInterval while ctx lives and sends a
-// change when the mode auto would pick differs from current. It returns a nil channel (never
-// ready) unless --host-routing is auto and the backend can switch.
+// watchHostRouting re-reads DOCKER-USER after each nf_tables change (fwrules.WatchChanges) and
+// on a ticker while ctx lives, and sends a change when the mode auto would pick differs from
+// current. It returns a nil channel (never ready) unless --host-routing is auto and the
+// backend can switch. It subscribes in the calling thread's network namespace.
 func (d *daemonRun) watchHostRouting(ctx context.Context, b any) <-chan hostRoutingChange {
 	hr, ok := b.(backend.HostRouter)
 	if !ok || d.o.hostRouting != "auto" {
 		return nil
 	}
+	interval := hostRoutingInterval
+	w, err := fwrules.WatchChanges()
+	var changed <-chan struct{}
+	if err != nil {
+		d.log.Info("--host-routing=auto: no nf_tables change notifications; reading DOCKER-USER on an interval", "every", interval, "err", err)
+	} else {
+		interval, changed = hostRoutingSafety, w.C
+	}
 	changes := make(chan hostRoutingChange)
 	current := hr.HostRouting()
 	go func() {
-		t := time.NewTicker(hostRoutingInterval)
+		if w != nil {
+			defer w.Close()
+		}
+		t := time.NewTicker(interval)
 		defer t.Stop()
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-t.C:
+			case _, ok := <-changed:
+				if !ok {
+					changed = nil
+					t.Reset(hostRoutingInterval)
+					continue
+				}
+				w.Settled(ctx)
 			}
 			mode, why := resolveHostRouting(ctx, "auto", d.log)
 			if mode == current {
