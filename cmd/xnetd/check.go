@@ -596,10 +596,11 @@ func (c *checker) checkBPF() checkResult {
 	if strings.Contains(c.st.Mode, "host routing "+ebpfbackend.HostRoutingKernel) {
 		lost = "overlay packets for this container cross the bridge, which cuts large ones into segments"
 	}
-	for _, v := range dockerVeths() {
+	bridges, veths := containerLinks(c.subnet, c.o.bridge)
+	for _, v := range veths {
 		wants = append(wants, want{loader.EncapContainer, v, loader.Ingress, lost})
 	}
-	if br, err := netlink.LinkByName(ebpfbackend.DockerBridge); err == nil {
+	for _, br := range bridges {
 		wants = append(wants, want{loader.DeliverBridge, br, loader.Egress, "overlay packets the host forwards to containers cross the bridge, which cuts large ones into segments"})
 	}
 	ids := map[loader.Program]ebpf.ProgramID{}
@@ -639,23 +640,39 @@ func hookKind(h loader.Hook) string {
 	return "TC"
 }
 
-// dockerVeths are the links enslaved to docker0 that are veths (containers' host ends).
-func dockerVeths() []netlink.Link {
-	br, err := netlink.LinkByName(ebpfbackend.DockerBridge)
-	if err != nil {
-		return nil
-	}
+// containerLinks are the container bridges as the ebpf backend finds them (the one --bridge
+// names, or every bridge with an IPv4 address in our subnet, whatever it is called) and the
+// veths enslaved to them (containers' host ends).
+func containerLinks(subnet netip.Prefix, name string) (bridges, veths []netlink.Link) {
 	links, err := netlink.LinkList()
 	if err != nil {
-		return nil
+		return nil, nil
 	}
-	var out []netlink.Link
+	idx := map[int]bool{}
 	for _, l := range links {
-		if l.Attrs().MasterIndex == br.Attrs().Index && l.Type() == "veth" {
-			out = append(out, l)
+		if l.Type() != "bridge" {
+			continue
+		}
+		if name != "" {
+			if l.Attrs().Name == name {
+				bridges, idx[l.Attrs().Index] = append(bridges, l), true
+			}
+			continue
+		}
+		addrs, _ := netlink.AddrList(l, unix.AF_INET)
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && subnet.Contains(ip) {
+				bridges, idx[l.Attrs().Index] = append(bridges, l), true
+				break
+			}
 		}
 	}
-	return out
+	for _, l := range links {
+		if idx[l.Attrs().MasterIndex] && l.Type() == "veth" {
+			veths = append(veths, l)
+		}
+	}
+	return bridges, veths
 }
 
 func pinnedProgID(pin string) (ebpf.ProgramID, error) {
