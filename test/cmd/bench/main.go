@@ -63,7 +63,7 @@ func main() {
 	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (needed with -backends; default: build ./cmd/xnetd)")
 	flag.StringVar(&o.out, "out", "bench", "directory for results.json and chart.svg")
 	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; ebpf-direct, or the suffix +direct on any, turns the config's DirectRouting on; +bridge=NAME names the container bridge, +host sends from the host itself; +v6 measures IPv6 in a dual-stack overlay against IPv6 baselines; NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
-	flag.StringVar(&testNames, "tests", "", "run only the tests whose name contains one of these comma-separated words (tcp, udp, request; default: all)")
+	flag.StringVar(&testNames, "tests", "", "run only these comma-separated tests: tcp1, tcp4, udp64, rr, or words of their names (\"tcp\" selects the three TCP tests; default: all)")
 	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds (at least 1; DESIGN asks for 3 or more)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each test (whole seconds)")
 	flag.BoolVar(&o.verbose, "v", false, "log progress of every test")
@@ -94,8 +94,9 @@ func main() {
 	}
 }
 
-// selectTests returns the tests whose name contains one of the comma-separated words (all of
-// them for ""), so a change that can only move one metric gets more rounds in the same time.
+// selectTests returns the tests a comma-separated word names, by id (tcp1) or by a word of the
+// name ("tcp": the three TCP tests), all of them for "", so a change that can only move one
+// metric gets more rounds in the same time.
 func selectTests(words string) ([]benchTest, error) {
 	if strings.TrimSpace(words) == "" {
 		return tests, nil
@@ -103,7 +104,7 @@ func selectTests(words string) ([]benchTest, error) {
 	var out []benchTest
 	for _, t := range tests {
 		for _, w := range strings.Split(words, ",") {
-			if w = strings.TrimSpace(w); w != "" && strings.Contains(t.name, w) {
+			if w = strings.TrimSpace(w); w != "" && (w == t.id || strings.Contains(t.name, w)) {
 				out = append(out, t)
 				break
 			}

@@ -30,15 +30,16 @@ var metrics = []metric{
 
 // benchTest produces one or more metrics per run.
 type benchTest struct {
+	id   string // what -tests takes to select exactly this test
 	name string
 	run  func(ctx context.Context, m *mode, d time.Duration) (map[string]float64, error)
 }
 
 var tests = []benchTest{
-	{"tcp 1 stream", tcp1},
-	{"tcp 4 streams", tcp4},
-	{"udp 64-byte packets", udp64},
-	{"tcp request/response", tcpRR},
+	{"tcp1", "tcp 1 stream", tcp1},
+	{"tcp4", "tcp 4 streams", tcp4},
+	{"udp64", "udp 64-byte packets", udp64},
+	{"rr", "tcp request/response", tcpRR},
 }
 
 func tcp1(ctx context.Context, m *mode, d time.Duration) (map[string]float64, error) {
