@@ -366,20 +366,32 @@ static __always_inline int learn(struct __sk_buff *skb, const struct host_config
 {
 	struct endpoint *known, ep = {};
 	__u32 saddr = ip->saddr;
+	__u32 mask = ip4_word(cfg->subnet_mask);
+	int routed;
 
-	if ((saddr & ip4_word(cfg->subnet_mask)) != ip4_word(cfg->subnet_addr))
+	if ((saddr & mask) != ip4_word(cfg->subnet_addr))
 		return 0;
 	if (!unicast_mac(eth->h_source))
 		return -1;
+	/* Only a packet the container routes through its gateway (to an address
+	 * outside our lease, by unicast) carries the gateway's MAC as its
+	 * Ethernet destination, which deliver puts back as the source; one to a
+	 * neighbour on the bridge carries the neighbour's MAC, a broadcast or
+	 * multicast a group's. Learning from those would rewrite the entry back
+	 * and forth. The source check above and below still covers every packet. */
+	routed = (ip->daddr & mask) != ip4_word(cfg->subnet_addr) && unicast_mac(eth->h_dest) &&
+		 ip->daddr != 0xffffffff && (ip->daddr & bpf_htonl(0xf0000000)) != bpf_htonl(0xe0000000);
 	known = bpf_map_lookup_elem(&endpoints, &saddr);
 	if (known) {
 		if (known->ifindex == skb->ifindex) {
-			if (mac_equal(known->mac, eth->h_source) && mac_equal(known->gw_mac, eth->h_dest))
+			if (!routed || (mac_equal(known->mac, eth->h_source) && mac_equal(known->gw_mac, eth->h_dest)))
 				return 0;
 		} else if (ifindex_alive(skb, known->ifindex)) {
 			return -1;
 		}
 	}
+	if (!routed)
+		return 0;
 	ep.ifindex = skb->ifindex;
 	mac_copy(ep.mac, eth->h_source);
 	mac_copy(ep.gw_mac, eth->h_dest);

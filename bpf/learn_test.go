@@ -46,10 +46,12 @@ func TestLearn(t *testing.T) {
 	victimMAC := net.HardwareAddr{0x02, 0x42, 10, 244, 1, 7}
 	attackerMAC := net.HardwareAddr{0x02, 0x42, 10, 244, 1, 8}
 	victimIP := netip.MustParseAddr("10.244.1.7")
-	frame := func(src netip.Addr, srcMAC net.HardwareAddr) []byte {
-		ip := testpkt.IPv4{Src: src, Dst: remoteIP, Proto: testpkt.ProtoTCP}.
-			Packet(testpkt.TCP(src, remoteIP, 40000, 5201, []byte("learn me")))
-		return testpkt.Eth(gwMAC, srcMAC, testpkt.EtherTypeIPv4, ip)
+	neighbourIP := netip.MustParseAddr("10.244.1.9")
+	neighbourMAC := net.HardwareAddr{0x02, 0x42, 10, 244, 1, 9}
+	frameTo := func(src netip.Addr, srcMAC net.HardwareAddr, dst netip.Addr, dstMAC net.HardwareAddr) []byte {
+		ip := testpkt.IPv4{Src: src, Dst: dst, Proto: testpkt.ProtoUDP}.
+			Packet(testpkt.UDP(40000, 5201, []byte("learn me")))
+		return testpkt.Eth(dstMAC, srcMAC, testpkt.EtherTypeIPv4, ip)
 	}
 	endpoint := func(ifindex uint32, mac net.HardwareAddr) *XnetEndpoint {
 		ep := &XnetEndpoint{Ifindex: ifindex}
@@ -65,32 +67,51 @@ func TestLearn(t *testing.T) {
 		srcMAC  net.HardwareAddr
 		verdict XnetVerdict
 		want    *XnetEndpoint // the endpoint of victimIP after the packet; nil: none
+		dst     netip.Addr    // default remoteIP through gwMAC
+		dstMAC  net.HardwareAddr
 	}{
 		{"a new container is learned from its first packet",
-			nil, victimVeth, victimMAC, XnetVerdictVERDICT_ENCAP, endpoint(victimVeth, victimMAC)},
+			nil, victimVeth, victimMAC, XnetVerdictVERDICT_ENCAP, endpoint(victimVeth, victimMAC), netip.Addr{}, nil},
 		{"a container's own packets keep its endpoint",
-			endpoint(victimVeth, victimMAC), victimVeth, victimMAC, XnetVerdictVERDICT_ENCAP, endpoint(victimVeth, victimMAC)},
+			endpoint(victimVeth, victimMAC), victimVeth, victimMAC, XnetVerdictVERDICT_ENCAP, endpoint(victimVeth, victimMAC), netip.Addr{}, nil},
 		{"a container that changed its MAC on its own veth is learned again",
-			endpoint(victimVeth, attackerMAC), victimVeth, victimMAC, XnetVerdictVERDICT_ENCAP, endpoint(victimVeth, victimMAC)},
+			endpoint(victimVeth, attackerMAC), victimVeth, victimMAC, XnetVerdictVERDICT_ENCAP, endpoint(victimVeth, victimMAC), netip.Addr{}, nil},
 		{"an address bound to another live veth does not move, and the spoofed packet is dropped",
-			endpoint(victimVeth, victimMAC), attackerVeth, attackerMAC, XnetVerdictVERDICT_DROP_BAD_SOURCE, endpoint(victimVeth, victimMAC)},
+			endpoint(victimVeth, victimMAC), attackerVeth, attackerMAC, XnetVerdictVERDICT_DROP_BAD_SOURCE, endpoint(victimVeth, victimMAC), netip.Addr{}, nil},
 		{"an address whose veth is gone moves to the veth that sends from it now",
-			endpoint(goneVeth, victimMAC), attackerVeth, attackerMAC, XnetVerdictVERDICT_ENCAP, endpoint(attackerVeth, attackerMAC)},
+			endpoint(goneVeth, victimMAC), attackerVeth, attackerMAC, XnetVerdictVERDICT_ENCAP, endpoint(attackerVeth, attackerMAC), netip.Addr{}, nil},
 		{"a broadcast source MAC is never learned",
-			nil, victimVeth, net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, XnetVerdictVERDICT_DROP_BAD_SOURCE, nil},
+			nil, victimVeth, net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, XnetVerdictVERDICT_DROP_BAD_SOURCE, nil, netip.Addr{}, nil},
 		{"a multicast source MAC is never learned",
-			nil, victimVeth, net.HardwareAddr{0x01, 0x00, 0x5e, 0, 0, 7}, XnetVerdictVERDICT_DROP_BAD_SOURCE, nil},
+			nil, victimVeth, net.HardwareAddr{0x01, 0x00, 0x5e, 0, 0, 7}, XnetVerdictVERDICT_DROP_BAD_SOURCE, nil, netip.Addr{}, nil},
 		{"a multicast source MAC does not replace a learned endpoint",
-			endpoint(victimVeth, victimMAC), victimVeth, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, XnetVerdictVERDICT_DROP_BAD_SOURCE, endpoint(victimVeth, victimMAC)},
+			endpoint(victimVeth, victimMAC), victimVeth, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, XnetVerdictVERDICT_DROP_BAD_SOURCE, endpoint(victimVeth, victimMAC), netip.Addr{}, nil},
 		{"an all-zero source MAC is never learned",
-			nil, victimVeth, net.HardwareAddr{0, 0, 0, 0, 0, 0}, XnetVerdictVERDICT_DROP_BAD_SOURCE, nil},
+			nil, victimVeth, net.HardwareAddr{0, 0, 0, 0, 0, 0}, XnetVerdictVERDICT_DROP_BAD_SOURCE, nil, netip.Addr{}, nil},
+		// Only packets routed through the gateway say what the gateway's MAC is.
+		{"a packet to a neighbour on the bridge keeps the gateway MAC learned",
+			endpoint(victimVeth, victimMAC), victimVeth, victimMAC, XnetVerdictVERDICT_PASS, endpoint(victimVeth, victimMAC), neighbourIP, neighbourMAC},
+		{"a broadcast keeps the gateway MAC learned",
+			endpoint(victimVeth, victimMAC), victimVeth, victimMAC, XnetVerdictVERDICT_PASS, endpoint(victimVeth, victimMAC),
+			netip.MustParseAddr("255.255.255.255"), net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}},
+		{"a multicast keeps the gateway MAC learned",
+			endpoint(victimVeth, victimMAC), victimVeth, victimMAC, XnetVerdictVERDICT_PASS, endpoint(victimVeth, victimMAC),
+			netip.MustParseAddr("239.1.2.3"), net.HardwareAddr{0x01, 0x00, 0x5e, 1, 2, 3}},
+		{"a new container is not learned from a packet to a neighbour",
+			nil, victimVeth, victimMAC, XnetVerdictVERDICT_PASS, nil, neighbourIP, neighbourMAC},
+		{"a packet to a neighbour from an address bound to another live veth is still dropped",
+			endpoint(victimVeth, victimMAC), attackerVeth, attackerMAC, XnetVerdictVERDICT_DROP_BAD_SOURCE, endpoint(victimVeth, victimMAC), neighbourIP, neighbourMAC},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_ = objs.Endpoints.Delete(ip4(victimIP))
 			if c.known != nil {
 				must(t, objs.Endpoints.Put(ip4(victimIP), c.known))
 			}
-			in := frame(victimIP, c.srcMAC)
+			dst, dstMAC := c.dst, c.dstMAC
+			if !dst.IsValid() {
+				dst, dstMAC = remoteIP, gwMAC
+			}
+			in := frameTo(victimIP, c.srcMAC, dst, dstMAC)
 			before := verdicts(t, objs.Counters)
 			var (
 				ret uint32
@@ -100,7 +121,11 @@ func TestLearn(t *testing.T) {
 			inNS(func() { ret, out, err = runCtxErr(objs.EncapContainer, in, skbContext{Ifindex: c.from}) })
 			must(t, err)
 			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
-			if c.verdict != XnetVerdictVERDICT_ENCAP {
+			switch c.verdict {
+			case XnetVerdictVERDICT_ENCAP:
+			case XnetVerdictVERDICT_PASS:
+				expectUntouched(t, "tc", ret, tcPass, out, in)
+			default:
 				expectUntouched(t, "tc", ret, tcDrop, out, in)
 			}
 			var got XnetEndpoint
