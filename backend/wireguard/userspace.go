@@ -138,7 +138,7 @@ func takeOrOpenTUN(fds *fdstore.Store, name string, ns netns.NsHandle, log *slog
 			err = unix.SetNonblock(fd, true) // before os.NewFile, so the runtime polls it
 		}
 		if err == nil {
-			log.Info("took "+name+"'s TUN back from the service manager's store: what our side sent while xnetd was down is sent once the peers are programmed")
+			log.Info("took " + name + "'s TUN back from the service manager's store: what our side sent while xnetd was down is sent once the peers are programmed")
 			return os.NewFile(uintptr(fd), "/dev/net/tun"), true, nil
 		}
 		unix.Close(fd)
