@@ -4,8 +4,9 @@
 // containers. It runs on the kernel's WireGuard where the kernel has it, and otherwise on
 // wireguard-go embedded in xnetd; Mode says which and why.
 //
-// It owns the device xnet-wg (its address, MTU and the routes on it), the host's private key
-// (KeyFile in the state directory) and the device's peers. It does not own leases (package
+// It owns the device xnet-wg and, in a dual-stack overlay in flannel's separate mode,
+// xnet-wg-v6 (their addresses, MTU and the routes on them), the host's private key (KeyFile in
+// the state directory) and the devices' peers. It does not own leases (package
 // subnetmgr), the config's defaults and checks (subnetmgr.ParseConfig), masquerading or the
 // underlay NIC.
 //
@@ -56,6 +57,14 @@
 //   - Counters: wireguard-go counts only bytes on the wire per peer, so the embedded datapath
 //     counts packets itself at the TUN (counters.go), per peer subnet and per verdict. The
 //     kernel's device offers per-peer bytes only; Counters reports those.
+//   - Dual stack (backend.DualStack) follows flannel's Mode: "separate" runs a second device,
+//     xnet-wg-v6, with the same key on ListenPortV6 for the IPv6 of peers that, like us, have
+//     an IPv6 underlay (reached at [PublicIPv6]:<BackendV6Data Port>); "auto", "ipv4" and
+//     "ipv6" run xnet-wg alone with both subnets of every peer in its AllowedIPs, its endpoint
+//     chosen by family (parsePeerV6). A pair of hosts where either lacks an IPv6 underlay
+//     exchanges IPv6 inside xnet-wg over IPv4; each side decides from what the other
+//     publishes, so both agree. AllowedIPs stay exactly a peer's lease subnets across both
+//     devices: program rebuilds a key's configuration on both from the programmed leases.
 //   - Throughput (make bench, 2-core VM): about 1.8 Gbit/s on one TCP stream, 0.19x kernel
 //     VXLAN, bound by CPU: ChaCha20-Poly1305 is a third of the daemons' CPU and wireguard-go's
 //     per-packet work most of the rest.
