@@ -271,6 +271,15 @@ func TestDualStackOneDeviceModes(t *testing.T) {
 					t.Errorf("IPv6 routes on %s lack %s:\n%s", DeviceName, w, routes)
 				}
 			}
+			// Only IPv6 crossed so far: the counters of b's lease moved with it.
+			cnt, err := a.b.Counters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(cnt.Peers) != 1 || cnt.Peers[0].Subnet != b.lease.Subnet || cnt.Peers[0].TxPackets == 0 || cnt.Peers[0].RxPackets == 0 ||
+				cnt.Verdicts["encap"] == 0 || cnt.Verdicts["decap"] == 0 {
+				t.Errorf("counters %+v %v: want IPv6 packets both ways counted for %v", cnt.Peers, cnt.Verdicts, b.lease.Subnet)
+			}
 		})
 	}
 }

@@ -1168,13 +1168,15 @@ func (b *Backend) routeOn(link int, dst netip.Prefix) *netlink.Route {
 
 // publishStats hands the packet counters the current peer subnets.
 func (b *Backend) publishStats() {
-	b.stats.setSubnets(slices.Collect(func(yield func(netip.Prefix) bool) {
-		for s := range b.leases {
-			if !yield(s) {
-				return
-			}
+	subnets := make([]netip.Prefix, 0, len(b.leases))
+	ipv6 := map[netip.Prefix]netip.Prefix{}
+	for s, l := range b.leases {
+		subnets = append(subnets, s)
+		if l.subnet6.IsValid() {
+			ipv6[l.subnet6] = s
 		}
-	}))
+	}
+	b.stats.setSubnets(subnets, ipv6)
 }
 
 func sortPrefixes(ps []netip.Prefix) {
