@@ -1248,20 +1248,43 @@ func (b *Backend) Counters() (metrics.Counters, error) {
 		if b.dev == nil {
 			return metrics.Counters{}, nil
 		}
-		d, err := b.dev.get()
-		if err != nil {
-			return metrics.Counters{}, err
-		}
-		var peers []metrics.PeerCounters
-		for _, p := range d.Peers {
-			if len(p.AllowedIPs) == 0 {
+		// A peer's bytes on xnet-wg-v6 count under its first subnet on xnet-wg, as the embedded
+		// datapath counts its IPv6 packets.
+		bySubnet := map[netip.Prefix]*metrics.PeerCounters{}
+		var peers []*metrics.PeerCounters
+		for _, dev := range []wgDevice{b.dev, b.dev6} {
+			if dev == nil {
 				continue
 			}
-			if s, ok := netipPrefix(p.AllowedIPs[0]); ok {
-				peers = append(peers, metrics.PeerCounters{Subnet: s, TxBytes: uint64(p.TransmitBytes), RxBytes: uint64(p.ReceiveBytes)})
+			d, err := dev.get()
+			if err != nil {
+				return metrics.Counters{}, err
+			}
+			for _, p := range d.Peers {
+				var s netip.Prefix
+				if ours := b.peers[p.PublicKey]; dev == b.dev6 && ours != nil && len(ours.subnets) > 0 {
+					s = ours.subnets[0]
+				} else if len(p.AllowedIPs) > 0 {
+					s, _ = netipPrefix(p.AllowedIPs[0])
+				}
+				if !s.IsValid() {
+					continue
+				}
+				pc := bySubnet[s]
+				if pc == nil {
+					pc = &metrics.PeerCounters{Subnet: s}
+					bySubnet[s] = pc
+					peers = append(peers, pc)
+				}
+				pc.TxBytes += uint64(p.TransmitBytes)
+				pc.RxBytes += uint64(p.ReceiveBytes)
 			}
 		}
-		return metrics.NewCounters(nil, peers), nil
+		list := make([]metrics.PeerCounters, len(peers))
+		for i, pc := range peers {
+			list[i] = *pc
+		}
+		return metrics.NewCounters(nil, list), nil
 	}
 	b.mu.Unlock()
 	c := b.stats
