@@ -69,6 +69,8 @@ func TestPeerIPv6GoesWhereFlannelSendsIt(t *testing.T) {
 			lease("198.18.0.7", ula6, v6Data(51820)), false, "198.18.0.7:51820", ""},
 		{"ipv6: one device at [PublicIPv6]", ModeIPv6, ula6, false,
 			lease("198.18.0.7", ula6, v6Data(51820)), false, "[fd00:198:18::7]:51820", ""},
+		{"ipv6, flannel's BackendV6Data with ListenPortV6: at its one device's port", ModeIPv6, ula6, false,
+			lease("198.18.0.7", ula6, v6Data(51821)), false, "[fd00:198:18::7]:51820", ""},
 		{"ipv6, the peer without an IPv6 underlay: at PublicIP", ModeIPv6, ula6, false,
 			lease("198.18.0.7", netip.Addr{}, ""), false, "198.18.0.7:51820", ""},
 		{"auto, public IPv4: at PublicIP", ModeAuto, public6, false,

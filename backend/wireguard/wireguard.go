@@ -731,14 +731,17 @@ func (b *Backend) parsePeerV6(lease subnetmgr.Lease, spec *peerSpec) {
 	case b.dev6 != nil:
 		spec.lease.on6, spec.endpoint6 = true, ep6
 	case mode == ModeIPv6, mode == ModeAuto && preferIPv6(lease.PublicIP, b.Iface.PublicIPv6, lease.PublicIPv6):
-		spec.endpoint = ep6
+		// The peer's one device, at its IPv6 address. Its port is BackendData's: flannel
+		// publishes ListenPortV6 in BackendV6Data whatever the mode, though in these modes
+		// nothing listens there (flannel to flannel, Mode ipv6 works only with equal ports).
+		spec.endpoint = netip.AddrPortFrom(ep6.Addr(), spec.endpoint.Port())
 	}
 }
 
-// peerEndpointV6 is where the peer takes IPv6 traffic on its IPv6 underlay: its PublicIPv6 and
-// the Port of its BackendV6Data (our port for IPv6 when it publishes none, as flannel reads
-// it). ok is false when we have no IPv6 underlay, or the peer publishes no PublicIPv6 or no
-// BackendV6Data with the key of its BackendData (one key is one peer here).
+// peerEndpointV6 is where the peer takes IPv6 traffic on its IPv6 underlay in separate mode:
+// its PublicIPv6 and the Port of its BackendV6Data (our ListenPortV6 when it publishes none, as
+// flannel reads it). ok is false when we have no IPv6 underlay, or the peer publishes no
+// PublicIPv6 or no BackendV6Data with the key of its BackendData (one key is one peer here).
 func (b *Backend) peerEndpointV6(lease subnetmgr.Lease, key wgtypes.Key) (netip.AddrPort, bool) {
 	if !b.Iface.PublicIPv6.IsValid() || !lease.PublicIPv6.Is6() || lease.PublicIPv6.Is4In6() {
 		return netip.AddrPort{}, false
@@ -759,11 +762,11 @@ func (b *Backend) peerEndpointV6(lease subnetmgr.Lease, key wgtypes.Key) (netip.
 	return netip.AddrPortFrom(lease.PublicIPv6, port), true
 }
 
-// preferIPv6 is flannel's auto choice when a peer has both underlays: IPv4, unless the peer's
-// IPv4 is private and both IPv6 addresses are public (so the IPv6 path needs no NAT).
+// preferIPv6 is flannel's auto choice (selectMode) when a peer has both underlays: IPv4,
+// unless the peer's IPv4 is private (RFC 1918) and neither IPv6 address is (RFC 4193), so the
+// IPv6 path likely needs no NAT.
 func preferIPv6(peer4, our6, peer6 netip.Addr) bool {
-	public := func(a netip.Addr) bool { return a.IsGlobalUnicast() && !a.IsPrivate() }
-	return peer4.IsPrivate() && public(our6) && public(peer6)
+	return peer4.IsPrivate() && !our6.IsPrivate() && !peer6.IsPrivate()
 }
 
 // AddPeer makes the lease's host a peer: its key with its subnets in AllowedIPs, reached at

@@ -594,6 +594,134 @@ func TestWireGuardInteroperatesWithFlannel(t *testing.T) {
 	udpTransfer(t, cs[2], cs[0], 16<<20)
 }
 
+// A dual-stack cluster of two xnet wireguard hosts and one host set up exactly as flannel's
+// wireguard backend (v0.28, Mode separate) sets up a dual-stack node: flannel-wg (IPv4, 51820)
+// and flannel-wg-v6 (IPv6, 51821) with one key, its lease in flannel's dual-stack key and JSON,
+// and the xnet hosts programmed from their leases as flannel's handleSubnetEvents does.
+// Containers on all three reach each other over IPv6 and IPv4.
+func TestWireGuardDualStackInteroperatesWithFlannel(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true, IPv6Underlay: true})
+	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(dualConfig, "wireguard"))
+	hosts := topo.Hosts()
+	fh := hosts[0]
+	sub, sub6 := netip.MustParsePrefix("10.244.200.0/24"), netip.MustParsePrefix("fd00:10:244:c8::/64")
+	key, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const mtu = 1500 - 80
+	devs := map[string]*device.Device{}
+	for name, port := range map[string]int{"flannel-wg": 51820, "flannel-wg-v6": 51821} {
+		err := fh.Do(func() error {
+			tdev, err := tun.CreateTUN(name, mtu)
+			if err != nil {
+				return err
+			}
+			d := device.NewDevice(tdev, conn.NewStdNetBind(), &device.Logger{Verbosef: device.DiscardLogf, Errorf: device.DiscardLogf})
+			devs[name] = d
+			if err := d.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\nreplace_peers=true\n", hex.EncodeToString(key[:]), port)); err != nil {
+				return err
+			}
+			return d.Up()
+		})
+		if d := devs[name]; d != nil {
+			t.Cleanup(d.Close)
+		}
+		if err != nil {
+			t.Fatalf("%s on %s: %v", name, fh.Name, err)
+		}
+	}
+	// flannel's Configure and ConfigureV6: the subnets' addresses as /32 and /128, the networks
+	// routed into the devices.
+	err = fh.IP(t.Context(),
+		fmt.Sprintf("addr add %s/32 dev flannel-wg", sub.Addr()),
+		"link set flannel-wg up",
+		"route replace 10.244.0.0/16 dev flannel-wg scope link",
+		fmt.Sprintf("addr add %s/128 dev flannel-wg-v6 nodad", sub6.Addr()),
+		"link set flannel-wg-v6 up",
+		"route replace fd00:10:244::/56 dev flannel-wg-v6")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fh.SetupDocker0(subnetmgr.GatewayOf(sub), mtu); err != nil {
+		t.Fatal(err)
+	}
+	if err := fh.SetupDocker0IPv6(subnetmgr.GatewayOf(sub6)); err != nil {
+		t.Fatal(err)
+	}
+	fc, err := fh.AddContainer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The lease as flanneld v0.28 writes it (newSubnetAttrs): BackendV6Data with ListenPortV6.
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	grant, err := topo.EtcdClient().Grant(ctx, 3600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":"%s","BackendType":"wireguard","BackendData":{"PublicKey":"%s","Port":51820},"BackendV6Data":{"PublicKey":"%s","Port":51821}}`,
+		fh.UnderlayIP, fh.UnderlayIPv6, key.PublicKey(), key.PublicKey())
+	if _, err := topo.EtcdClient().Put(ctx, xdPrefix+"/subnets/10.244.200.0-24&fd00:10:244:c8::-64", value, clientv3.WithLease(grant.ID)); err != nil {
+		t.Fatal(err)
+	}
+
+	bin := harness.BuildXnetd(t)
+	var nodes []*xdNode
+	for _, h := range hosts[1:] {
+		n := &xdNode{Host: h, bin: bin}
+		n.start(t)
+		n.waitReady(t)
+		nodes = append(nodes, n)
+	}
+	for _, n := range nodes {
+		n.waitPeers(t, 2)
+	}
+	// flannel's handleSubnetEvents in separate mode for the xnet hosts' leases.
+	leases, _, err := subnetmgrList(ctx, topo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range leases {
+		if l.Subnet == sub {
+			continue
+		}
+		d4, err4 := subnetmgr.ParseWireGuardData(l.BackendData)
+		d6, err6 := subnetmgr.ParseWireGuardData(l.BackendV6Data)
+		if err4 != nil || err6 != nil || d6.PublicKey != d4.PublicKey || d6.Port != 51821 || !l.PublicIPv6.IsValid() {
+			t.Fatalf("xnet lease %+v: want flannel's dual-stack wireguard lease (%v %v)", l, err4, err6)
+		}
+		pub, err := wgtypes.ParseKey(d4.PublicKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []struct {
+			dev      string
+			endpoint netip.AddrPort
+			subnet   netip.Prefix
+		}{
+			{"flannel-wg", netip.AddrPortFrom(l.PublicIP, d4.Port), l.Subnet},
+			{"flannel-wg-v6", netip.AddrPortFrom(l.PublicIPv6, d6.Port), l.IPv6Subnet},
+		} {
+			conf := fmt.Sprintf("public_key=%s\nendpoint=%s\nreplace_allowed_ips=true\nallowed_ip=%s\n", hex.EncodeToString(pub[:]), p.endpoint, p.subnet)
+			if err := devs[p.dev].IpcSet(conf); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	cs := append(xdContainers(t, nodes), fc)
+	for _, n := range nodes {
+		if route := n.routeTo(t, sub6); !strings.Contains(route, wireguard.DeviceNameV6) {
+			t.Errorf("%s: route to the flannel host's IPv6 subnet %q, want it on %s", n.Name, route, wireguard.DeviceNameV6)
+		}
+	}
+	if failed := dualMesh(cs); len(failed) > 0 {
+		t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
+	}
+	transferTo(t, cs[0], fc, fc.IPv6, 8<<20)
+	transferTo(t, fc, cs[1], cs[1].IPv6, 8<<20)
+}
+
 // wgFlannel is a host configured as flannel's wireguard backend configures one.
 type wgFlannel struct {
 	dev       *device.Device
