@@ -17,7 +17,9 @@ import (
 // dual-stack cluster per backend that implements backend.DualStack (the others are skipped:
 // xnetd refuses EnableIPv6 with them). As in behaviours, each starts where the one before left
 // the hosts. The second host has no IPv6 underlay (cluster_test.go): a VXLAN-speaking backend
-// reaches it over IPv6 all the same, inside its IPv4 VXLAN; host-gw cannot, and must not.
+// reaches it over IPv6 all the same, inside its IPv4 VXLAN, and wireguard inside its IPv4
+// tunnel (xnet-wg; the other two hosts reach each other's IPv6 on xnet-wg-v6, over the IPv6
+// underlay); host-gw cannot, and must not.
 var dualBehaviours = []struct {
 	name string
 	run  func(t *testing.T, c *cluster)
@@ -44,11 +46,15 @@ func TestDualStack(t *testing.T) {
 	}
 }
 
-// carriesIPv6 says whether the backend can carry p's IPv6: a VXLAN-speaking one carries it inside
-// its own encapsulation from any host; host-gw routes it on the IPv6 underlay, so both hosts
-// need one (and publish it).
+// carriesIPv6 says whether the backend can carry p's IPv6: a VXLAN-speaking one or wireguard
+// carries it inside its own encapsulation from any host; host-gw routes it on the IPv6
+// underlay, so both hosts need one (and publish it).
 func carriesIPv6(p path) bool {
-	return p.from.lease.BackendType == subnetmgr.BackendVXLAN || p.from.lease.PublicIPv6.IsValid() && p.to.lease.PublicIPv6.IsValid()
+	switch p.from.lease.BackendType {
+	case subnetmgr.BackendVXLAN, subnetmgr.BackendWireGuard:
+		return true
+	}
+	return p.from.lease.PublicIPv6.IsValid() && p.to.lease.PublicIPv6.IsValid()
 }
 
 // wantIPv6 checks the IPv6 of each path: echo replies where the backend carries it, none where

@@ -27,14 +27,23 @@ type peerStats struct {
 // statsTable maps the peer subnets to their counters. It is replaced, never changed, so the
 // packet path reads it without a lock.
 type statsTable struct {
-	lengths  []int // the distinct prefix lengths of the subnets: one lookup each per packet
-	bySubnet map[netip.Prefix]*peerStats
+	// lengths are the distinct prefix lengths of each family's subnets: one lookup each per
+	// packet.
+	lengths4, lengths6 []int
+	bySubnet           map[netip.Prefix]*peerStats // by the leases' IPv4 subnets, as reported
+	// byPrefix is bySubnet with, in a dual-stack overlay, each lease's IPv6 subnet pointing at
+	// the counters of its IPv4 subnet: a peer's traffic is one count, whichever family.
+	byPrefix map[netip.Prefix]*peerStats
 }
 
 func (t *statsTable) lookup(a netip.Addr) *peerStats {
-	for _, l := range t.lengths {
+	lengths := t.lengths4
+	if a.Is6() {
+		lengths = t.lengths6
+	}
+	for _, l := range lengths {
 		if p, err := a.Prefix(l); err == nil {
-			if s := t.bySubnet[p]; s != nil {
+			if s := t.byPrefix[p]; s != nil {
 				return s
 			}
 		}
@@ -50,26 +59,39 @@ type counters struct {
 
 func newCounters() *counters {
 	c := &counters{}
-	c.table.Store(&statsTable{bySubnet: map[netip.Prefix]*peerStats{}})
+	c.table.Store(&statsTable{bySubnet: map[netip.Prefix]*peerStats{}, byPrefix: map[netip.Prefix]*peerStats{}})
 	return c
 }
 
-// setSubnets makes the table hold exactly subnets, keeping the counts of the subnets it had.
-func (c *counters) setSubnets(subnets []netip.Prefix) {
+// setSubnets makes the table hold exactly subnets (the leases' IPv4 subnets), keeping the
+// counts of the subnets it had; ipv6 maps a lease's IPv6 subnet to its IPv4 subnet, whose
+// counters its packets move.
+func (c *counters) setSubnets(subnets []netip.Prefix, ipv6 map[netip.Prefix]netip.Prefix) {
 	old := c.table.Load()
-	t := &statsTable{bySubnet: make(map[netip.Prefix]*peerStats, len(subnets))}
+	t := &statsTable{bySubnet: make(map[netip.Prefix]*peerStats, len(subnets)), byPrefix: make(map[netip.Prefix]*peerStats, len(subnets)+len(ipv6))}
+	addLength := func(lengths *[]int, bits int) {
+		if !slices.Contains(*lengths, bits) {
+			*lengths = append(*lengths, bits)
+		}
+	}
 	for _, s := range subnets {
 		st := old.bySubnet[s]
 		if st == nil {
 			st = &peerStats{}
 		}
-		t.bySubnet[s] = st
-		if !slices.Contains(t.lengths, s.Bits()) {
-			t.lengths = append(t.lengths, s.Bits())
+		t.bySubnet[s], t.byPrefix[s] = st, st
+		addLength(&t.lengths4, s.Bits())
+	}
+	for s6, s := range ipv6 {
+		if st := t.bySubnet[s]; st != nil {
+			t.byPrefix[s6] = st
+			addLength(&t.lengths6, s6.Bits())
 		}
 	}
-	slices.Sort(t.lengths)
-	slices.Reverse(t.lengths) // most specific first
+	for _, l := range [][]int{t.lengths4, t.lengths6} {
+		slices.Sort(l)
+		slices.Reverse(l) // most specific first
+	}
 	c.table.Store(t)
 }
 
@@ -111,10 +133,9 @@ func (t *countingTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) 
 	r := runTally{table: t.c.table.Load()}
 	for i := range n {
 		pkt := bufs[i][offset : offset+sizes[i]]
-		if len(pkt) < 20 || pkt[0]>>4 != 4 {
-			continue // not IPv4: wireguard-go drops what no peer's AllowedIPs cover
+		if dst, ok := ipAddr(pkt, false); ok {
+			r.add(dst, len(pkt))
 		}
-		r.add([4]byte(pkt[16:20]), len(pkt))
 	}
 	r.flush()
 	if r.matched > 0 {
@@ -131,10 +152,9 @@ func (t *countingTUN) Write(bufs [][]byte, offset int) (int, error) {
 	r := runTally{table: t.c.table.Load(), rx: true}
 	for _, b := range bufs {
 		pkt := b[offset:]
-		if len(pkt) < 20 || pkt[0]>>4 != 4 {
-			continue
+		if src, ok := ipAddr(pkt, true); ok {
+			r.add(src, len(pkt))
 		}
-		r.add([4]byte(pkt[12:16]), len(pkt))
 	}
 	r.flush()
 	if d := r.matched + r.unmatched; d > 0 {
@@ -143,24 +163,42 @@ func (t *countingTUN) Write(bufs [][]byte, offset int) (int, error) {
 	return t.Device.Write(bufs, offset)
 }
 
+// ipAddr is the source (src) or destination address of the IPv4 or IPv6 packet pkt; ok is
+// false for anything else, which wireguard-go drops (no peer's AllowedIPs cover it).
+func ipAddr(pkt []byte, src bool) (a netip.Addr, ok bool) {
+	switch {
+	case len(pkt) >= 20 && pkt[0]>>4 == 4:
+		if src {
+			return netip.AddrFrom4([4]byte(pkt[12:16])), true
+		}
+		return netip.AddrFrom4([4]byte(pkt[16:20])), true
+	case len(pkt) >= 40 && pkt[0]>>4 == 6:
+		if src {
+			return netip.AddrFrom16([16]byte(pkt[8:24])), true
+		}
+		return netip.AddrFrom16([16]byte(pkt[24:40])), true
+	}
+	return netip.Addr{}, false
+}
+
 // runTally counts a batch of packets by peer subnet, one run of packets to (or from) one
 // address at a time: a batch is mostly one flow's segments, so it costs a table lookup and a
 // few atomic adds per run rather than per packet.
 type runTally struct {
 	table              *statsTable
 	rx                 bool // counting received packets (by source), else sent (by destination)
-	addr               [4]byte
+	addr               netip.Addr
 	s                  *peerStats // addr's subnet's counters; nil if no peer holds it
 	started            bool
 	packets, bytes     uint64 // of the current run
 	matched, unmatched uint64 // of the whole batch: packets with and without a peer subnet
 }
 
-func (r *runTally) add(addr [4]byte, size int) {
+func (r *runTally) add(addr netip.Addr, size int) {
 	if !r.started || addr != r.addr {
 		r.flush()
 		r.addr, r.started = addr, true
-		r.s = r.table.lookup(netip.AddrFrom4(addr))
+		r.s = r.table.lookup(addr)
 	}
 	if r.s == nil {
 		r.unmatched++

@@ -18,17 +18,19 @@ import (
 // kernelDevice is the kernel's WireGuard: a link of type wireguard, configured over generic
 // netlink with wgctrl. It forwards without us, so a stopped xnetd interrupts nothing.
 type kernelDevice struct {
+	name   string
 	client *wgctrl.Client
 }
 
-// openKernelDevice makes sure xnet-wg is a kernel WireGuard link (replacing an xnet-wg of
-// another kind, the embedded datapath's TUN from an earlier start) and opens wgctrl in ns.
-// An existing device keeps its peers: they forward until the lease list settles them.
-func openKernelDevice(nl *netlink.Handle, ns netns.NsHandle, mtu int) (*kernelDevice, error) {
-	link, err := nl.LinkByName(DeviceName)
+// openKernelDevice makes sure name (xnet-wg or xnet-wg-v6) is a kernel WireGuard link
+// (replacing one of another kind, the embedded datapath's TUN from an earlier start) and opens
+// wgctrl in ns. An existing device keeps its peers: they forward until the lease list settles
+// them.
+func openKernelDevice(nl *netlink.Handle, ns netns.NsHandle, name string, mtu int) (*kernelDevice, error) {
+	link, err := nl.LinkByName(name)
 	if err == nil && link.Type() != "wireguard" {
 		if err := nl.LinkDel(link); err != nil {
-			return nil, fmt.Errorf("wireguard: replace %s (a %s link) with a kernel WireGuard device: %w", DeviceName, link.Type(), err)
+			return nil, fmt.Errorf("wireguard: replace %s (a %s link) with a kernel WireGuard device: %w", name, link.Type(), err)
 		}
 		err = netlink.LinkNotFoundError{}
 	}
@@ -36,31 +38,31 @@ func openKernelDevice(nl *netlink.Handle, ns netns.NsHandle, mtu int) (*kernelDe
 	switch {
 	case errors.As(err, &nf):
 		// Creating the link loads the module when it is not loaded yet.
-		if err := nl.LinkAdd(&netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: DeviceName, MTU: mtu}}); err != nil {
-			return nil, fmt.Errorf("wireguard: create kernel WireGuard device %s: %w", DeviceName, err)
+		if err := nl.LinkAdd(&netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}}); err != nil {
+			return nil, fmt.Errorf("wireguard: create kernel WireGuard device %s: %w", name, err)
 		}
 	case err != nil:
-		return nil, fmt.Errorf("wireguard: look up %s: %w", DeviceName, err)
+		return nil, fmt.Errorf("wireguard: look up %s: %w", name, err)
 	}
 	var c *wgctrl.Client
 	err = backend.InNamespace(ns, func() (err error) { c, err = wgctrl.New(); return err })
 	if err != nil {
 		return nil, fmt.Errorf("wireguard: open wgctrl: %w", err)
 	}
-	return &kernelDevice{client: c}, nil
+	return &kernelDevice{name: name, client: c}, nil
 }
 
 func (k *kernelDevice) configure(cfg wgtypes.Config) error {
-	if err := k.client.ConfigureDevice(DeviceName, cfg); err != nil {
-		return fmt.Errorf("configure kernel WireGuard device %s: %w", DeviceName, err)
+	if err := k.client.ConfigureDevice(k.name, cfg); err != nil {
+		return fmt.Errorf("configure kernel WireGuard device %s: %w", k.name, err)
 	}
 	return nil
 }
 
 func (k *kernelDevice) get() (*wgtypes.Device, error) {
-	d, err := k.client.Device(DeviceName)
+	d, err := k.client.Device(k.name)
 	if err != nil {
-		return nil, fmt.Errorf("read kernel WireGuard device %s: %w", DeviceName, err)
+		return nil, fmt.Errorf("read kernel WireGuard device %s: %w", k.name, err)
 	}
 	return d, nil
 }

@@ -30,8 +30,19 @@ import (
 // undone by the next lease event, or silently kept until it is). It is 0600, as the key file
 // beside it: the answer holds the private key, as wireguard-go's own socket does.
 
-// UAPISocket is the socket's file name in the state directory.
-const UAPISocket = DeviceName + ".sock"
+// UAPISocket is the socket's file name in the state directory; xnet-wg-v6's is UAPISocketV6.
+const (
+	UAPISocket   = DeviceName + ".sock"
+	UAPISocketV6 = DeviceNameV6 + ".sock"
+)
+
+// uapiSocketOf is the status socket of the device name.
+func uapiSocketOf(name string) string {
+	if name == DeviceNameV6 {
+		return UAPISocketV6
+	}
+	return UAPISocket
+}
 
 // uapiServer answers "get=1" for one device on a unix socket.
 type uapiServer struct {
@@ -115,19 +126,35 @@ func (s *uapiServer) close() {
 }
 
 // ReadStatus reads what `xnetd status` shows of a wireguard host from outside the daemon: the
-// kernel's device with wgctrl (whether xnetd runs or not), the embedded one's from the socket
-// the running xnetd serves in stateDir. Why and PSK are not the device's to say and stay empty.
+// kernel's devices with wgctrl (whether xnetd runs or not), the embedded ones' from the sockets
+// the running xnetd serves in stateDir. xnet-wg-v6 is read when it exists (separate mode with
+// an IPv6 underlay). Why and PSK are not the device's to say and stay empty.
 func ReadStatus(datapath Datapath, stateDir string) (Status, error) {
-	st := Status{Datapath: datapath, Device: DeviceName}
-	if link, err := netlink.LinkByName(DeviceName); err == nil {
+	st, err := readStatus(datapath, stateDir, DeviceName)
+	if err != nil {
+		return st, err
+	}
+	if _, lerr := netlink.LinkByName(DeviceNameV6); lerr == nil {
+		st6, err := readStatus(datapath, stateDir, DeviceNameV6)
+		st.V6 = &st6
+		if err != nil {
+			return st, err
+		}
+	}
+	return st, nil
+}
+
+func readStatus(datapath Datapath, stateDir, name string) (Status, error) {
+	st := Status{Datapath: datapath, Device: name}
+	if link, err := netlink.LinkByName(name); err == nil {
 		st.MTU = link.Attrs().MTU
 	}
 	var dev *wgtypes.Device
 	var err error
 	if datapath == DatapathKernel {
-		dev, err = readKernelDevice()
+		dev, err = readKernelDevice(name)
 	} else {
-		dev, err = readUAPI(filepath.Join(stateDir, UAPISocket))
+		dev, err = readUAPI(filepath.Join(stateDir, uapiSocketOf(name)), name)
 	}
 	if err != nil {
 		return st, err
@@ -136,21 +163,21 @@ func ReadStatus(datapath Datapath, stateDir string) (Status, error) {
 	return st, nil
 }
 
-func readKernelDevice() (*wgtypes.Device, error) {
+func readKernelDevice(name string) (*wgtypes.Device, error) {
 	c, err := wgctrl.New()
 	if err != nil {
 		return nil, fmt.Errorf("wireguard: open wgctrl: %w", err)
 	}
 	defer c.Close()
-	d, err := c.Device(DeviceName)
+	d, err := c.Device(name)
 	if err != nil {
-		return nil, fmt.Errorf("wireguard: read kernel WireGuard device %s: %w", DeviceName, err)
+		return nil, fmt.Errorf("wireguard: read kernel WireGuard device %s: %w", name, err)
 	}
 	return d, nil
 }
 
-// readUAPI asks the socket at path for the device's state.
-func readUAPI(path string) (*wgtypes.Device, error) {
+// readUAPI asks the socket at path for the state of the device name.
+func readUAPI(path, name string) (*wgtypes.Device, error) {
 	c, err := net.DialTimeout("unix", path, 2*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("wireguard-go runs inside xnetd, which serves its state on %s: %w", path, err)
@@ -176,7 +203,7 @@ func readUAPI(path string) (*wgtypes.Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.Name = DeviceName
+	d.Name = name
 	return d, nil
 }
 

@@ -29,11 +29,12 @@ type wgDevice interface {
 	close() error
 }
 
-// userDevice is WireGuard inside xnetd: wireguard-go's device between the TUN xnet-wg and UDP
-// sockets on the listen port.
+// userDevice is WireGuard inside xnetd: wireguard-go's device between a TUN (xnet-wg, or
+// xnet-wg-v6 in separate mode) and UDP sockets on its listen port.
 type userDevice struct {
-	dev *device.Device
-	tun *countingTUN
+	name string // the TUN's
+	dev  *device.Device
+	tun  *countingTUN
 	// takenOver says the TUN's fd was the previous process's, taken back from the service
 	// manager's store with the packets queued on it while xnetd was down.
 	takenOver bool
@@ -50,15 +51,15 @@ type userDevice struct {
 	offload bool
 }
 
-// openUserDevice attaches to xnet-wg (taking the previous process's fd back from the service
-// manager's store fds, or creating the device, persistent, when missing) in the namespace ns
-// and starts wireguard-go on it, its sockets opened in ns too. The device is down until
-// configured and brought up; a TUN taken over is not read before release.
-func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, fds *fdstore.Store, crossed func(netip.AddrPort, string), log *slog.Logger) (*userDevice, error) {
+// openUserDevice attaches to the TUN name (taking the previous process's fd back from the
+// service manager's store fds, or creating the device, persistent, when missing) in the
+// namespace ns and starts wireguard-go on it, its sockets opened in ns too. The device is down
+// until configured and brought up; a TUN taken over is not read before release.
+func openUserDevice(name string, ns netns.NsHandle, mtu int, stats *counters, fds *fdstore.Store, crossed func(netip.AddrPort, string), log *slog.Logger) (*userDevice, error) {
 	var tdev tun.Device
 	takenOver := false
 	err := backend.InNamespace(ns, func() error {
-		f, took, err := takeOrOpenTUN(fds, ns, log)
+		f, took, err := takeOrOpenTUN(fds, name, ns, log)
 		if err != nil {
 			return err
 		}
@@ -67,7 +68,7 @@ func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, fds *fdstore.St
 		tdev, err = tun.CreateTUNFromFile(f, mtu)
 		if err != nil {
 			f.Close()
-			return fmt.Errorf("wireguard: start on TUN %s: %w", DeviceName, err)
+			return fmt.Errorf("wireguard: start on TUN %s: %w", name, err)
 		}
 		return nil
 	})
@@ -84,7 +85,7 @@ func openUserDevice(ns netns.NsHandle, mtu int, stats *counters, fds *fdstore.St
 		tdev = ot
 	}
 	bind := newUDPBind(ns, log)
-	u := &userDevice{offload: offload, restarted: map[*device.Peer]time.Time{}, takenOver: takenOver,
+	u := &userDevice{name: name, offload: offload, restarted: map[*device.Peer]time.Time{}, takenOver: takenOver,
 		tun: &countingTUN{Device: tdev, c: stats, mtu: mtu, open: make(chan struct{}), closed: make(chan struct{})}}
 	if !takenOver {
 		u.release()
@@ -109,46 +110,52 @@ func (u *userDevice) release() bool {
 	return did
 }
 
-// tunFDName is the name xnet-wg's fd has in the service manager's store. Only the TUN is
-// stored, not wireguard-go's UDP sockets: what peers send while xnetd is down is sealed with
+// tunFDName is the name a TUN's fd has in the service manager's store: xnet-wg's "tun" (as
+// before there was a second device), xnet-wg-v6's "tun6". Only the TUN is stored, not wireguard-go's UDP sockets: what peers send while xnetd is down is sealed with
 // the session keys of the process that died, which WireGuard keeps nowhere else (reusing
 // them after a restart would risk reusing a nonce), so the next process could open none of
 // it; what waits on the TUN, our containers' packets, it can seal anew after a handshake.
-var tunFDName = backend.FDName(subnetmgr.BackendWireGuard, "tun")
+func tunFDName(device string) string {
+	if device == DeviceNameV6 {
+		return backend.FDName(subnetmgr.BackendWireGuard, "tun6")
+	}
+	return backend.FDName(subnetmgr.BackendWireGuard, "tun")
+}
 
-// tunFlags are the flags openTUN gives xnet-wg, which a stored fd must have too.
+// tunFlags are the flags openTUN gives our TUNs, which a stored fd must have too.
 const tunFlags = unix.IFF_TUN | unix.IFF_NO_PI | unix.IFF_VNET_HDR
 
-// takeOrOpenTUN takes xnet-wg's fd back from the service manager's store when it is there and
-// is a queue of xnet-wg with our flags in ns (took is then true); otherwise it drops a stored
-// one (closed, removed from the store and the removal awaited: xnet-wg takes one queue only,
-// and the manager's copy would keep it) and opens xnet-wg anew, storing the new fd for the
-// next process. It runs on a thread in ns.
-func takeOrOpenTUN(fds *fdstore.Store, ns netns.NsHandle, log *slog.Logger) (f *os.File, took bool, err error) {
-	if fd, ok := fds.Take(tunFDName); ok {
-		err := fdstore.CheckTUN(fd, DeviceName, tunFlags, int(ns))
+// takeOrOpenTUN takes the TUN name's fd back from the service manager's store when it is there
+// and is a queue of name with our flags in ns (took is then true); otherwise it drops a stored
+// one (closed, removed from the store and the removal awaited: the TUN takes one queue only,
+// and the manager's copy would keep it) and opens name anew, storing the new fd for the next
+// process. It runs on a thread in ns.
+func takeOrOpenTUN(fds *fdstore.Store, name string, ns netns.NsHandle, log *slog.Logger) (f *os.File, took bool, err error) {
+	fdName := tunFDName(name)
+	if fd, ok := fds.Take(fdName); ok {
+		err := fdstore.CheckTUN(fd, name, tunFlags, int(ns))
 		if err == nil {
 			err = unix.SetNonblock(fd, true) // before os.NewFile, so the runtime polls it
 		}
 		if err == nil {
-			log.Info("took xnet-wg's TUN back from the service manager's store: what our side sent while xnetd was down is sent once the peers are programmed")
+			log.Info("took " + name + "'s TUN back from the service manager's store: what our side sent while xnetd was down is sent once the peers are programmed")
 			return os.NewFile(uintptr(fd), "/dev/net/tun"), true, nil
 		}
 		unix.Close(fd)
-		serr := errors.Join(fds.Remove(tunFDName), fds.Barrier(time.Second))
-		log.Warn("not taking the stored TUN back; opening xnet-wg anew", "why", err, "store_err", serr)
+		serr := errors.Join(fds.Remove(fdName), fds.Barrier(time.Second))
+		log.Warn("not taking the stored TUN back; opening it anew", "tun", name, "why", err, "store_err", serr)
 	}
-	if f, err = openTUN(DeviceName); err != nil {
+	if f, err = openTUN(name); err != nil {
 		return nil, false, err
 	}
 	if fds.Enabled() {
 		rc, err := f.SyscallConn()
 		if err == nil {
-			cerr := rc.Control(func(fd uintptr) { err = fds.Put(tunFDName, int(fd)) })
+			cerr := rc.Control(func(fd uintptr) { err = fds.Put(fdName, int(fd)) })
 			err = errors.Join(err, cerr)
 		}
 		if err != nil {
-			log.Warn("the service manager does not hold xnet-wg's TUN: a restart loses what our side sends meanwhile", "err", err)
+			log.Warn("the service manager does not hold the TUN: a restart loses what our side sends meanwhile", "tun", name, "err", err)
 		}
 	}
 	return f, false, nil
@@ -198,7 +205,7 @@ func (u *userDevice) get() (*wgtypes.Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.Name = DeviceName
+	d.Name = u.name
 	return d, nil
 }
 
@@ -264,9 +271,10 @@ func (u *userDevice) close() error {
 // What wireguard-go logs for events the backend acts on. Its log is the only place it
 // reports them; a test fails if a new version words them differently.
 const (
-	// A decrypted packet whose inner source is not in the sender's AllowedIPs (its subnet):
+	// A decrypted packet whose inner source is not in the sender's AllowedIPs (its subnets):
 	// the cryptokey routing check, counted as spoofed.
-	logDisallowedSource = "IPv4 packet with disallowed source address from %v"
+	logDisallowedSource   = "IPv4 packet with disallowed source address from %v"
+	logDisallowedSourceV6 = "IPv6 packet with disallowed source address from %v"
 	// Two handshakes crossed (see Backend.handshakesCrossed), seen by the host whose own
 	// initiation was replaced by the peer's before the answer came ...
 	logInvalidResponse = "Received invalid response message from %s"
@@ -281,7 +289,7 @@ func deviceLogger(log *slog.Logger, stats *counters, crossed func(netip.AddrPort
 	return &device.Logger{
 		Verbosef: func(format string, args ...any) {
 			switch format {
-			case logDisallowedSource:
+			case logDisallowedSource, logDisallowedSourceV6:
 				stats.spoofed.Add(1)
 			case logInvalidResponse:
 				if s, ok := args[0].(string); ok {

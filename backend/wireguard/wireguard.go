@@ -4,8 +4,9 @@
 // containers. It runs on the kernel's WireGuard where the kernel has it, and otherwise on
 // wireguard-go embedded in xnetd; Mode says which and why.
 //
-// It owns the device xnet-wg (its address, MTU and the routes on it), the host's private key
-// (KeyFile in the state directory) and the device's peers. It does not own leases (package
+// It owns the device xnet-wg and, in a dual-stack overlay in flannel's separate mode,
+// xnet-wg-v6 (their addresses, MTU and the routes on them), the host's private key (KeyFile in
+// the state directory) and the devices' peers. It does not own leases (package
 // subnetmgr), the config's defaults and checks (subnetmgr.ParseConfig), masquerading or the
 // underlay NIC.
 //
@@ -56,6 +57,14 @@
 //   - Counters: wireguard-go counts only bytes on the wire per peer, so the embedded datapath
 //     counts packets itself at the TUN (counters.go), per peer subnet and per verdict. The
 //     kernel's device offers per-peer bytes only; Counters reports those.
+//   - Dual stack (backend.DualStack) follows flannel's Mode: "separate" runs a second device,
+//     xnet-wg-v6, with the same key on ListenPortV6 for the IPv6 of peers that, like us, have
+//     an IPv6 underlay (reached at [PublicIPv6]:<BackendV6Data Port>); "auto", "ipv4" and
+//     "ipv6" run xnet-wg alone with both subnets of every peer in its AllowedIPs, its endpoint
+//     chosen by family (parsePeerV6). A pair of hosts where either lacks an IPv6 underlay
+//     exchanges IPv6 inside xnet-wg over IPv4; each side decides from what the other
+//     publishes, so both agree. AllowedIPs stay exactly a peer's lease subnets across both
+//     devices: program rebuilds a key's configuration on both from the programmed leases.
 //   - Throughput (make bench, 2-core VM): about 1.8 Gbit/s on one TCP stream, 0.19x kernel
 //     VXLAN, bound by CPU: ChaCha20-Poly1305 is a third of the daemons' CPU and wireguard-go's
 //     per-packet work most of the rest.
@@ -88,8 +97,21 @@ import (
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
-// DeviceName is the WireGuard device of this backend (flannel's is flannel-wg).
+// DeviceName is the WireGuard device of this backend (flannel's is flannel-wg). It carries
+// IPv4, and in a dual-stack overlay IPv6 too unless DeviceNameV6 does.
 const DeviceName = "xnet-wg"
+
+// DeviceNameV6 is the device of flannel's separate mode in a dual-stack overlay (flannel's
+// flannel-wg-v6): IPv6 between hosts that both have an IPv6 underlay, on ListenPortV6.
+const DeviceNameV6 = "xnet-wg-v6"
+
+// flannel's Mode values (subnetmgr.WireGuardConfig.Mode).
+const (
+	ModeSeparate = "separate" // IPv4 on xnet-wg, IPv6 on xnet-wg-v6 over the IPv6 underlay
+	ModeAuto     = "auto"     // one device; each peer's endpoint chosen (peerEndpointV6)
+	ModeIPv4     = "ipv4"     // one device; peers at their PublicIP
+	ModeIPv6     = "ipv6"     // one device; peers at their PublicIPv6
+)
 
 // Datapath is where WireGuard runs.
 type Datapath string
@@ -118,6 +140,9 @@ type Backend struct {
 	want     Datapath // as asked: auto, kernel or embedded
 	kernel   bool     // the kernel has WireGuard
 	kernWhy  string
+	// wantV6Device: separate mode in a dual-stack overlay on a host with an IPv6 underlay,
+	// so IPv6 goes to peers with one on xnet-wg-v6.
+	wantV6Device bool
 
 	mu       sync.Mutex
 	key      hostKey
@@ -125,18 +150,31 @@ type Backend struct {
 	why      string
 	setup    bool
 	// listed is set by the first PrunePeers, which follows the first full lease list.
-	listed  bool
-	dev     wgDevice
-	link    int                          // ifindex of xnet-wg once Setup ran
-	peers   map[wgtypes.Key]*peer        // what AddPeer programmed, by public key
-	subnets map[netip.Prefix]wgtypes.Key // which peer holds each programmed subnet
+	listed bool
+	dev    wgDevice
+	link   int      // ifindex of xnet-wg once Setup ran
+	dev6   wgDevice // xnet-wg-v6 when Setup made it (wantV6Device), else nil
+	link6  int
+	peers  map[wgtypes.Key]*peer // what the devices hold, by public key
+	leases map[netip.Prefix]peerLease
 }
 
-// peer is one WireGuard peer: a public key, where it listens, and its leases' subnets.
+// peer is one WireGuard peer: a public key, where it listens, and its leases' subnets, as
+// xnet-wg and xnet-wg-v6 hold it.
 type peer struct {
-	key      wgtypes.Key
-	endpoint netip.AddrPort
-	subnets  []netip.Prefix // sorted; its AllowedIPs
+	key       wgtypes.Key
+	endpoint  netip.AddrPort // on xnet-wg
+	endpoint6 netip.AddrPort // on xnet-wg-v6; invalid while it has no subnet there
+	subnets   []netip.Prefix // sorted; its AllowedIPs on xnet-wg
+	subnets6  []netip.Prefix // sorted; its AllowedIPs on xnet-wg-v6
+}
+
+// peerLease is one programmed lease, by its IPv4 subnet: whose key it is and where its IPv6
+// subnet (invalid when none is programmed) goes, xnet-wg-v6 (on6) or xnet-wg.
+type peerLease struct {
+	key     wgtypes.Key
+	subnet6 netip.Prefix
+	on6     bool
 }
 
 // New builds the backend: the kernel's WireGuard if the kernel has it, else the embedded one.
@@ -162,9 +200,15 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 	if wg.MTU != 0 {
 		underlay = wg.MTU
 	}
+	// One overhead for both underlays, as flannel's: WireGuardOverhead counts an outer IPv6
+	// header, so an IPv6 underlay fits and an IPv4 one has 20 bytes to spare.
 	mtu := underlay - subnetmgr.WireGuardOverhead
 	if mtu < 576 {
 		return nil, fmt.Errorf("wireguard: MTU %d (of %s) leaves %d bytes for the overlay after WireGuard's %d, below IPv4's 576", underlay, opts.Iface.Name, mtu, subnetmgr.WireGuardOverhead)
+	}
+	if opts.Config.EnableIPv6 && mtu < minIPv6MTU {
+		// The kernel turns IPv6 off on a device below 1280: the overlay's IPv6 would not start.
+		return nil, fmt.Errorf("wireguard: MTU %d (of %s) leaves %d bytes for the overlay after WireGuard's %d, below IPv6's %d (EnableIPv6)", underlay, opts.Iface.Name, mtu, subnetmgr.WireGuardOverhead, minIPv6MTU)
 	}
 	var psk *wgtypes.Key
 	if wg.PSK != "" {
@@ -199,7 +243,8 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 	}
 	b := &Backend{
 		Base: base, wg: wg, psk: psk, mtu: mtu, ns: ns, nl: h, stats: newCounters(), fds: opts.FDStore, stateDir: opts.StateDir, want: want, key: key,
-		peers: map[wgtypes.Key]*peer{}, subnets: map[netip.Prefix]wgtypes.Key{},
+		wantV6Device: opts.Config.EnableIPv6 && modeOf(wg) == ModeSeparate && opts.Iface.PublicIPv6.IsValid(),
+		peers:        map[wgtypes.Key]*peer{}, leases: map[netip.Prefix]peerLease{},
 	}
 	b.Log = log
 	b.kernel, b.kernWhy = kernelWireGuard(h)
@@ -208,6 +253,26 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 		return nil, err
 	}
 	return b, nil
+}
+
+// minIPv6MTU is the smallest MTU of a link that carries IPv6 (RFC 8200).
+const minIPv6MTU = 1280
+
+// modeOf is the config's Mode, separate when unset (a Config not built by ParseConfig).
+func modeOf(wg subnetmgr.WireGuardConfig) string {
+	if wg.Mode == "" {
+		return ModeSeparate
+	}
+	return wg.Mode
+}
+
+// listenPortV6 is the port where our IPv6 container traffic arrives: xnet-wg-v6's
+// (ListenPortV6) in separate mode, else the one device's.
+func (b *Backend) listenPortV6() int {
+	if modeOf(b.wg) == ModeSeparate {
+		return b.wg.ListenPortV6
+	}
+	return b.wg.ListenPort
 }
 
 // choose settles the datapath New reports in Mode (Setup may still fall back from the kernel).
@@ -238,34 +303,61 @@ func (b *Backend) Mode() (string, string) {
 	if u, ok := b.dev.(*userDevice); ok {
 		why += fmt.Sprintf(" (TUN offload %v)", u.offload)
 	}
+	if b.dev6 != nil {
+		why += fmt.Sprintf("; IPv6 to peers with an IPv6 underlay on %s, port %d (Mode separate)", DeviceNameV6, b.wg.ListenPortV6)
+	}
 	return string(b.datapath), why
 }
 
 // LeaseAttrs publishes BackendType "wireguard" with our public key and listen port, as flannel
 // does.
 func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	data, err := json.Marshal(subnetmgr.WireGuardData{PublicKey: b.key.public.String(), Port: uint16(b.wg.ListenPort)})
+	data, err := b.leaseData(b.wg.ListenPort)
 	if err != nil {
-		return "", nil, fmt.Errorf("wireguard: encode backend data: %w", err)
+		return "", nil, err
 	}
 	return subnetmgr.BackendWireGuard, data, nil
 }
+
+// LeaseAttrsV6 is our BackendV6Data (backend.DualStack): what flannel publishes there, our
+// public key (one key for both devices), with the port our IPv6 traffic arrives on.
+func (b *Backend) LeaseAttrsV6() (json.RawMessage, error) {
+	return b.leaseData(b.listenPortV6())
+}
+
+func (b *Backend) leaseData(port int) (json.RawMessage, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	data, err := json.Marshal(subnetmgr.WireGuardData{PublicKey: b.key.public.String(), Port: uint16(port)})
+	if err != nil {
+		return nil, fmt.Errorf("wireguard: encode backend data: %w", err)
+	}
+	return data, nil
+}
+
+// ReceivesOnIPv6Underlay is true (backend.IPv6Receiver): WireGuard listens on IPv6 as well as
+// IPv4, on xnet-wg-v6's port in separate mode and on the one device's otherwise, so a peer
+// may send our IPv6 to our PublicIPv6 whatever the mode.
+func (b *Backend) ReceivesOnIPv6Underlay() bool { return true }
 
 // MTU is the underlay MTU (or Backend.MTU) minus WireGuard's 80 bytes, as flannel's.
 func (b *Backend) MTU() int { return b.mtu }
 
 // Setup saves a generated key, brings up xnet-wg (kernel or embedded) with our key and listen
-// port, gives it our subnet's network address as a /32 and routes the Network into it. A
-// second call only records a changed lease.
+// port, gives it our subnet's network address as a /32 and routes the Network into it. In a
+// dual-stack overlay our IPv6 subnet's address (a /128) and the IPv6Network go to xnet-wg-v6,
+// which Setup brings up on ListenPortV6 with the same key, in separate mode on a host with an
+// IPv6 underlay, and to xnet-wg otherwise. A second call only records a changed lease.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
 	if err := b.CheckSetup(ctx, local, cfg); err != nil {
 		return err
 	}
-	if b.wg.ListenPort == 0 {
+	if err := b.CheckSetupV6(local, cfg); err != nil {
+		return err
+	}
+	if b.wg.ListenPort == 0 || b.wantV6Device && b.wg.ListenPortV6 == 0 {
 		// Port 0 would listen anywhere and publish 0, which peers read as their own port.
-		return errors.New("wireguard: config has no ListenPort: build it with subnetmgr.ParseConfig")
+		return errors.New("wireguard: config has no ListenPort or ListenPortV6: build it with subnetmgr.ParseConfig")
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -273,11 +365,14 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		return errors.New("wireguard: Setup after Close")
 	}
 	local.Subnet = local.Subnet.Masked()
+	if local.IPv6Subnet.IsValid() {
+		local.IPv6Subnet = local.IPv6Subnet.Masked()
+	}
 	if b.setup {
-		changed := b.Local().Subnet != local.Subnet
+		changed := b.Local().Subnet != local.Subnet || b.Local().IPv6Subnet != local.IPv6Subnet
 		b.SetLocal(local, cfg.Network)
 		if changed {
-			return b.ensureAddress()
+			return b.ensureAddresses()
 		}
 		return nil
 	}
@@ -285,34 +380,68 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 		return fmt.Errorf("wireguard: %w", err)
 	}
 	b.SetLocal(local, cfg.Network)
-	if err := b.openDevice(); err != nil {
+	if local.IPv6Subnet.IsValid() {
+		b.SetIPv6Network(cfg.IPv6Network)
+	}
+	if err := b.openDevices(); err != nil {
 		return err
 	}
-	if err := b.configureLink(); err != nil {
-		b.dev.close()
-		b.dev = nil
+	if err := b.configureLinks(); err != nil {
+		b.closeDevices()
 		return err
 	}
 	b.setup = true
 	b.Log.Info("wireguard datapath ready", "datapath", b.datapath, "public_key", b.key.public.String(),
 		"listen_port", b.wg.ListenPort, "mtu", b.mtu, "psk", b.psk != nil, "keepalive", b.wg.PersistentKeepaliveInterval,
-		"address", netip.PrefixFrom(local.Subnet.Addr(), 32))
+		"address", netip.PrefixFrom(local.Subnet.Addr(), 32), "ipv6_subnet", local.IPv6Subnet,
+		"mode", modeOf(b.wg), "ipv6_device", b.dev6 != nil)
 	return nil
 }
 
-// openDevice starts the chosen datapath with our key and port. When the kernel was chosen
-// only because a module is installed and creating the device fails, auto falls back to the
-// embedded one.
-func (b *Backend) openDevice() error {
-	port := b.wg.ListenPort
-	cfg := wgtypes.Config{PrivateKey: &b.key.private, ListenPort: &port}
-	if b.datapath == DatapathKernel {
-		k, err := openKernelDevice(b.nl, b.ns, b.mtu)
-		if err == nil {
-			if err = k.configure(cfg); err != nil {
-				k.close()
-			}
+// openDevices starts xnet-wg and, when wanted, xnet-wg-v6 on the same datapath.
+func (b *Backend) openDevices() error {
+	if err := b.openDevice(); err != nil {
+		return err
+	}
+	if !b.DualStack() || !b.wantV6Device {
+		// A host that ran separate mode with an IPv6 underlay before: IPv6 takes xnet-wg now.
+		if err := b.deleteDevice(DeviceNameV6); err != nil {
+			b.dev.close()
+			b.dev = nil
+			return err
 		}
+		return nil
+	}
+	dev6, err := b.startDevice(DeviceNameV6, b.wg.ListenPortV6)
+	if err != nil {
+		b.dev.close()
+		b.dev = nil
+		return err
+	}
+	b.dev6 = dev6
+	return nil
+}
+
+// closeDevices stops both devices' control sides (the links stay).
+func (b *Backend) closeDevices() error {
+	var errs []error
+	for _, d := range []*wgDevice{&b.dev, &b.dev6} {
+		if *d != nil {
+			if err := (*d).close(); err != nil {
+				errs = append(errs, fmt.Errorf("wireguard: close device: %w", err))
+			}
+			*d = nil
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// openDevice starts the chosen datapath on xnet-wg with our key and port. When the kernel was
+// chosen only because a module is installed and creating the device fails, auto falls back to
+// the embedded one.
+func (b *Backend) openDevice() error {
+	if b.datapath == DatapathKernel {
+		k, err := b.startKernel(DeviceName, b.wg.ListenPort)
 		if err == nil {
 			b.dev = k
 			return nil
@@ -323,101 +452,211 @@ func (b *Backend) openDevice() error {
 		b.Log.Warn("kernel WireGuard failed; using wireguard-go in xnetd", "err", err)
 		b.datapath, b.why = DatapathEmbedded, fmt.Sprintf("wireguard-go in xnetd: kernel WireGuard failed (%v)", err)
 	}
-	u, err := b.openEmbedded()
+	u, err := b.startEmbedded(DeviceName, b.wg.ListenPort)
 	if err != nil {
-		return err
-	}
-	if err := u.configure(cfg); err != nil {
-		u.close()
-		return fmt.Errorf("wireguard: %w", err)
-	}
-	if err := u.up(); err != nil {
-		u.close()
-		return fmt.Errorf("wireguard: listen port %d: %w", port, err)
-	}
-	// For `xnetd status`, which runs in another process (status.go).
-	if u.status, err = serveUAPI(filepath.Join(b.stateDir, UAPISocket), u.dev, b.Log); err != nil {
-		u.close()
 		return err
 	}
 	b.dev = u
 	return nil
 }
 
-// openEmbedded starts wireguard-go on xnet-wg, first removing an xnet-wg that is not a TUN
-// (the kernel device of an earlier start) or that a TUN of other flags holds.
-func (b *Backend) openEmbedded() (*userDevice, error) {
-	if link, err := b.nl.LinkByName(DeviceName); err == nil && link.Type() != "tuntap" {
+// startDevice starts the device name on the datapath xnet-wg runs on.
+func (b *Backend) startDevice(name string, port int) (wgDevice, error) {
+	if b.datapath == DatapathKernel {
+		return b.startKernel(name, port)
+	}
+	return b.startEmbedded(name, port)
+}
+
+func (b *Backend) startKernel(name string, port int) (wgDevice, error) {
+	k, err := openKernelDevice(b.nl, b.ns, name, b.mtu)
+	if err != nil {
+		return nil, err
+	}
+	if err := k.configure(wgtypes.Config{PrivateKey: &b.key.private, ListenPort: &port}); err != nil {
+		k.close()
+		return nil, err
+	}
+	return k, nil
+}
+
+// startEmbedded starts wireguard-go on the TUN name with our key, listening on port, and serves
+// its state for `xnetd status` (status.go).
+func (b *Backend) startEmbedded(name string, port int) (wgDevice, error) {
+	u, err := b.openEmbedded(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := u.configure(wgtypes.Config{PrivateKey: &b.key.private, ListenPort: &port}); err != nil {
+		u.close()
+		return nil, fmt.Errorf("wireguard: %s: %w", name, err)
+	}
+	if err := u.up(); err != nil {
+		u.close()
+		return nil, fmt.Errorf("wireguard: %s: listen port %d: %w", name, port, err)
+	}
+	if u.status, err = serveUAPI(filepath.Join(b.stateDir, uapiSocketOf(name)), u.dev, b.Log); err != nil {
+		u.close()
+		return nil, err
+	}
+	return u, nil
+}
+
+// openEmbedded starts wireguard-go on the TUN name, first removing a link of that name that is
+// not a TUN (the kernel device of an earlier start) or that a TUN of other flags holds.
+func (b *Backend) openEmbedded(name string) (*userDevice, error) {
+	if link, err := b.nl.LinkByName(name); err == nil && link.Type() != "tuntap" {
 		if err := b.nl.LinkDel(link); err != nil {
-			return nil, fmt.Errorf("wireguard: replace %s (a %s link) with a TUN: %w", DeviceName, link.Type(), err)
+			return nil, fmt.Errorf("wireguard: replace %s (a %s link) with a TUN: %w", name, link.Type(), err)
 		}
 	}
-	u, err := openUserDevice(b.ns, b.mtu, b.stats, b.fds, b.handshakesCrossed, b.Log)
+	crossed := b.handshakesCrossed(name == DeviceNameV6)
+	u, err := openUserDevice(name, b.ns, b.mtu, b.stats, b.fds, crossed, b.Log)
 	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EBUSY) {
-		if link, lerr := b.nl.LinkByName(DeviceName); lerr == nil {
-			b.Log.Warn("replacing a TUN of other flags", "err", err)
+		if link, lerr := b.nl.LinkByName(name); lerr == nil {
+			b.Log.Warn("replacing a TUN of other flags", "tun", name, "err", err)
 			if derr := b.nl.LinkDel(link); derr == nil {
-				u, err = openUserDevice(b.ns, b.mtu, b.stats, b.fds, b.handshakesCrossed, b.Log)
+				u, err = openUserDevice(name, b.ns, b.mtu, b.stats, b.fds, crossed, b.Log)
 			}
 		}
 	}
 	return u, err
 }
 
-// configureLink sets xnet-wg's MTU, address and up state and routes the Network into it.
-func (b *Backend) configureLink() error {
-	link, err := b.nl.LinkByName(DeviceName)
-	if err != nil {
-		return fmt.Errorf("wireguard: find %s: %w", DeviceName, err)
-	}
-	b.link = link.Attrs().Index
-	if link.Attrs().MTU != b.mtu {
-		if err := b.nl.LinkSetMTU(link, b.mtu); err != nil {
-			return fmt.Errorf("wireguard: set %s mtu %d: %w", DeviceName, b.mtu, err)
+// deleteDevice deletes the link name, if any, with what keeps it (the stored fd of a TUN, the
+// status socket a killed xnetd left).
+func (b *Backend) deleteDevice(name string) error {
+	var errs []error
+	link, err := b.nl.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case err == nil:
+		if err := b.nl.LinkDel(link); err != nil {
+			errs = append(errs, fmt.Errorf("wireguard: delete %s: %w", name, err))
 		}
+	case !errors.As(err, &nf):
+		errs = append(errs, fmt.Errorf("wireguard: find %s to delete it: %w", name, err))
 	}
-	// The overlay is IPv4 only: no link-local address, no router solicitations into the tunnel.
-	if err := b.nl.LinkSetIP6AddrGenMode(link, nl.IN6_ADDR_GEN_MODE_NONE); err != nil {
-		b.Log.Debug("cannot turn off IPv6 address generation", "err", err)
+	if err := b.fds.Remove(tunFDName(name)); err != nil {
+		errs = append(errs, fmt.Errorf("wireguard: delete %s: %w", name, err))
 	}
-	if err := b.ensureAddress(); err != nil {
+	if err := os.Remove(filepath.Join(b.stateDir, uapiSocketOf(name))); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("wireguard: delete %s: %w", name, err))
+	}
+	return errors.Join(errs...)
+}
+
+// configureLinks sets each device's MTU, addresses and up state and routes the networks into
+// them: the Network into xnet-wg, the IPv6Network into the device that carries our IPv6.
+func (b *Backend) configureLinks() error {
+	var err error
+	if b.link, err = b.configureLink(DeviceName); err != nil {
 		return err
 	}
-	if err := b.nl.LinkSetUp(link); err != nil {
-		return fmt.Errorf("wireguard: set %s up: %w", DeviceName, err)
+	if b.dev6 != nil {
+		if b.link6, err = b.configureLink(DeviceNameV6); err != nil {
+			return err
+		}
 	}
-	if err := b.nl.RouteReplace(b.route(b.Network())); err != nil {
+	if err := b.ensureAddresses(); err != nil {
+		return err
+	}
+	for _, link := range []int{b.link, b.link6} {
+		if link == 0 {
+			continue
+		}
+		if err := b.nl.LinkSetUp(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: link}}); err != nil {
+			return fmt.Errorf("wireguard: set ifindex %d up: %w", link, err)
+		}
+	}
+	if err := b.nl.RouteReplace(b.routeOn(b.link, b.Network())); err != nil {
 		return fmt.Errorf("wireguard: route %v dev %s: %w", b.Network(), DeviceName, err)
+	}
+	if n6 := b.IPv6Network(); n6.IsValid() {
+		if err := b.nl.RouteReplace(b.routeOn(b.link6Or4(true), n6)); err != nil {
+			return fmt.Errorf("wireguard: route %v: %w", n6, err)
+		}
 	}
 	return nil
 }
 
-// ensureAddress gives xnet-wg exactly our subnet's network address as a /32, as flannel gives
-// flannel-wg: the source the host uses towards remote containers, inside our subnet, so it
-// is in our AllowedIPs on every peer and replies come back through the tunnel.
-func (b *Backend) ensureAddress() error {
-	want := netip.PrefixFrom(b.Local().Subnet.Addr(), 32)
-	link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: b.link, Name: DeviceName}}
-	addrs, err := b.nl.AddrList(link, unix.AF_INET)
+// configureLink sets name's MTU and turns off its IPv6 link-local address, returning its ifindex.
+func (b *Backend) configureLink(name string) (int, error) {
+	link, err := b.nl.LinkByName(name)
 	if err != nil {
-		return fmt.Errorf("wireguard: list addresses of %s: %w", DeviceName, err)
+		return 0, fmt.Errorf("wireguard: find %s: %w", name, err)
 	}
-	have := false
+	if link.Attrs().MTU != b.mtu {
+		if err := b.nl.LinkSetMTU(link, b.mtu); err != nil {
+			return 0, fmt.Errorf("wireguard: set %s mtu %d: %w", name, b.mtu, err)
+		}
+	}
+	// No link-local address, no router solicitations into the tunnel: a dual-stack overlay's
+	// IPv6 subnet address is added by ensureAddresses.
+	if err := b.nl.LinkSetIP6AddrGenMode(link, nl.IN6_ADDR_GEN_MODE_NONE); err != nil {
+		b.Log.Debug("cannot turn off IPv6 address generation", "device", name, "err", err)
+	}
+	return link.Attrs().Index, nil
+}
+
+// link6Or4 is the ifindex of the device that carries IPv6 to a peer: xnet-wg-v6 when on6 and
+// it runs, else xnet-wg.
+func (b *Backend) link6Or4(on6 bool) int {
+	if on6 && b.link6 != 0 {
+		return b.link6
+	}
+	return b.link
+}
+
+// ensureAddresses gives xnet-wg exactly our subnet's network address as a /32, as flannel gives
+// flannel-wg: the source the host uses towards remote containers, inside our subnet, so it is
+// in our AllowedIPs on every peer and replies come back through the tunnel. In a dual-stack
+// overlay our IPv6 subnet's address, a /128, goes to the device carrying our IPv6 (flannel's
+// ConfigureV6) for the same reason.
+func (b *Backend) ensureAddresses() error {
+	want := map[int][]netip.Prefix{b.link: {netip.PrefixFrom(b.Local().Subnet.Addr(), 32)}}
+	if b.link6 != 0 {
+		want[b.link6] = nil
+	}
+	if s6 := b.Local().IPv6Subnet; s6.IsValid() {
+		l := b.link6Or4(true)
+		want[l] = append(want[l], netip.PrefixFrom(s6.Addr(), 128))
+	}
+	for link, addrs := range want {
+		if err := b.ensureAddress(link, addrs); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ensureAddress makes want the addresses of link (IPv6 link-local ones are the kernel's).
+func (b *Backend) ensureAddress(link int, want []netip.Prefix) error {
+	dev := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: link}}
+	addrs, err := b.nl.AddrList(dev, unix.AF_UNSPEC)
+	if err != nil {
+		return fmt.Errorf("wireguard: list addresses of ifindex %d: %w", link, err)
+	}
+	missing := slices.Clone(want)
 	for _, a := range addrs {
-		if p, ok := netipPrefix(*a.IPNet); ok && p == want {
-			have = true
+		p, ok := netipPrefix(*a.IPNet)
+		if ok && (slices.Contains(want, p) || p.Addr().IsLinkLocalUnicast()) {
+			missing = slices.DeleteFunc(missing, func(m netip.Prefix) bool { return m == p })
 			continue
 		}
-		if err := b.nl.AddrDel(link, &a); err != nil {
-			return fmt.Errorf("wireguard: remove stale address %v from %s: %w", a.IPNet, DeviceName, err)
+		if err := b.nl.AddrDel(dev, &a); err != nil {
+			return fmt.Errorf("wireguard: remove stale address %v from ifindex %d: %w", a.IPNet, link, err)
 		}
 	}
-	if have {
-		return nil
-	}
-	n := ipNet(want)
-	if err := b.nl.AddrAdd(link, &netlink.Addr{IPNet: &n}); err != nil {
-		return fmt.Errorf("wireguard: add address %v to %s: %w", want, DeviceName, err)
+	for _, p := range missing {
+		n := ipNet(p)
+		addr := &netlink.Addr{IPNet: &n}
+		if p.Addr().Is6() {
+			addr.Flags = unix.IFA_F_NODAD // nothing behind the tunnel answers duplicate address detection
+		}
+		if err := b.nl.AddrAdd(dev, addr); err != nil {
+			return fmt.Errorf("wireguard: add address %v to ifindex %d: %w", p, link, err)
+		}
 	}
 	return nil
 }
@@ -425,11 +664,20 @@ func (b *Backend) ensureAddress() error {
 // ErrIncompatiblePeer marks a peer lease this backend cannot program.
 var ErrIncompatiblePeer = backend.ErrIncompatiblePeer
 
-// parsePeer checks a lease is a wireguard host's and returns its key, endpoint and subnet.
-// Errors wrap ErrIncompatiblePeer and name the lease.
-func (b *Backend) parsePeer(lease subnetmgr.Lease) (wgtypes.Key, netip.AddrPort, netip.Prefix, error) {
-	bad := func(format string, args ...any) (wgtypes.Key, netip.AddrPort, netip.Prefix, error) {
-		return wgtypes.Key{}, netip.AddrPort{}, netip.Prefix{}, fmt.Errorf("wireguard: lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
+// peerSpec is a peer lease as the devices program it.
+type peerSpec struct {
+	key       wgtypes.Key
+	endpoint  netip.AddrPort // xnet-wg's endpoint
+	subnet    netip.Prefix
+	lease     peerLease      // its IPv6 subnet and where it goes
+	endpoint6 netip.AddrPort // xnet-wg-v6's endpoint when lease.on6
+}
+
+// parsePeer checks a lease is a wireguard host's and returns how to program it. Errors wrap
+// ErrIncompatiblePeer and name the lease.
+func (b *Backend) parsePeer(lease subnetmgr.Lease) (peerSpec, error) {
+	bad := func(format string, args ...any) (peerSpec, error) {
+		return peerSpec{}, fmt.Errorf("wireguard: lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
 	}
 	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
 		return bad("subnet is not IPv4")
@@ -455,13 +703,77 @@ func (b *Backend) parsePeer(lease subnetmgr.Lease) (wgtypes.Key, netip.AddrPort,
 	if port == 0 {
 		port = uint16(b.wg.ListenPort) // flannel before v0.22 published no Port
 	}
-	return key, netip.AddrPortFrom(lease.PublicIP, port), lease.Subnet.Masked(), nil
+	spec := peerSpec{key: key, endpoint: netip.AddrPortFrom(lease.PublicIP, port), subnet: lease.Subnet.Masked(), lease: peerLease{key: key}}
+	b.parsePeerV6(lease, &spec)
+	return spec, nil
 }
 
-// AddPeer makes the lease's host a peer: its key with its subnet in AllowedIPs, reached at
-// PublicIP:Port, and a route for the subnet into xnet-wg. Our own lease (or an older one with
-// our PublicIP) is ignored; a lease that is not a wireguard host's is refused with an error
-// wrapping ErrIncompatiblePeer.
+// parsePeerV6 fills in the IPv6 half of spec in a dual-stack overlay. A peer's IPv6 subnet
+// goes into its AllowedIPs on xnet-wg-v6, reached at its PublicIPv6 and BackendV6Data's port,
+// when that device runs and the peer publishes both (flannel's separate mode); otherwise into
+// its AllowedIPs on xnet-wg, which Mode ipv6 and auto may point at the PublicIPv6 instead of
+// the PublicIP (flannel's single-device modes). Both hosts of a pair decide alike, from what
+// each publishes: a host without an IPv6 underlay publishes neither, and both use xnet-wg. An
+// IPv6 subnet that is not IPv6 is skipped with a warning (the peer is reached over IPv4 only).
+func (b *Backend) parsePeerV6(lease subnetmgr.Lease, spec *peerSpec) {
+	s6 := lease.IPv6Subnet
+	if !b.DualStack() || !s6.IsValid() {
+		return
+	}
+	if !s6.Addr().Is6() || s6.Addr().Is4In6() {
+		b.Log.Warn("peer's IPv6 subnet skipped; reached over IPv4 only", "subnet", lease.Subnet, "ipv6_subnet", s6)
+		return
+	}
+	spec.lease.subnet6 = s6.Masked()
+	ep6, ok := b.peerEndpointV6(lease, spec.key)
+	switch mode := modeOf(b.wg); {
+	case !ok || mode == ModeIPv4:
+	case b.dev6 != nil:
+		spec.lease.on6, spec.endpoint6 = true, ep6
+	case mode == ModeIPv6, mode == ModeAuto && preferIPv6(lease.PublicIP, b.Iface.PublicIPv6, lease.PublicIPv6):
+		// The peer's one device, at its IPv6 address. Its port is BackendData's: flannel
+		// publishes ListenPortV6 in BackendV6Data whatever the mode, though in these modes
+		// nothing listens there (flannel to flannel, Mode ipv6 works only with equal ports).
+		spec.endpoint = netip.AddrPortFrom(ep6.Addr(), spec.endpoint.Port())
+	}
+}
+
+// peerEndpointV6 is where the peer takes IPv6 traffic on its IPv6 underlay in separate mode:
+// its PublicIPv6 and the Port of its BackendV6Data (our ListenPortV6 when it publishes none, as
+// flannel reads it). ok is false when we have no IPv6 underlay, or the peer publishes no
+// PublicIPv6 or no BackendV6Data with the key of its BackendData (one key is one peer here).
+func (b *Backend) peerEndpointV6(lease subnetmgr.Lease, key wgtypes.Key) (netip.AddrPort, bool) {
+	if !b.Iface.PublicIPv6.IsValid() || !lease.PublicIPv6.Is6() || lease.PublicIPv6.Is4In6() {
+		return netip.AddrPort{}, false
+	}
+	data, err := subnetmgr.ParseWireGuardData(lease.BackendV6Data)
+	if err != nil {
+		b.Log.Warn("peer's BackendV6Data unreadable; its IPv6 goes over IPv4", "subnet", lease.Subnet, "err", err)
+		return netip.AddrPort{}, false
+	}
+	if k, err := wgtypes.ParseKey(data.PublicKey); err != nil || k != key {
+		b.Log.Warn("peer's BackendV6Data names another key than its BackendData; its IPv6 goes over IPv4", "subnet", lease.Subnet)
+		return netip.AddrPort{}, false
+	}
+	port := data.Port
+	if port == 0 {
+		port = uint16(b.listenPortV6())
+	}
+	return netip.AddrPortFrom(lease.PublicIPv6, port), true
+}
+
+// preferIPv6 is flannel's auto choice (selectMode) when a peer has both underlays: IPv4,
+// unless the peer's IPv4 is private (RFC 1918) and neither IPv6 address is (RFC 4193), so the
+// IPv6 path likely needs no NAT.
+func preferIPv6(peer4, our6, peer6 netip.Addr) bool {
+	return peer4.IsPrivate() && !our6.IsPrivate() && !peer6.IsPrivate()
+}
+
+// AddPeer makes the lease's host a peer: its key with its subnets in AllowedIPs, reached at
+// PublicIP:Port (or, for IPv6 in a dual-stack overlay, as parsePeerV6 says), and a route for
+// each subnet into the device holding it. Our own lease (or an older one with our PublicIP)
+// is ignored; a lease that is not a wireguard host's is refused with an error wrapping
+// ErrIncompatiblePeer.
 func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -471,87 +783,165 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	if b.IsOwn(lease) {
 		return nil
 	}
-	key, endpoint, subnet, err := b.parsePeer(lease)
+	spec, err := b.parsePeer(lease)
 	if err != nil {
 		b.Log.Warn("skipping peer lease", "subnet", lease.Subnet, "public_ip", lease.PublicIP, "err", err)
 		return err
 	}
-	if old, ok := b.subnets[subnet]; ok && old != key {
-		// The host behind the subnet has a new key (its state directory was lost): the old
-		// key loses the subnet, and the peer if it was its last.
-		if err := b.detach(subnet); err != nil {
-			return err
-		}
-	}
+	key, subnet := spec.key, spec.subnet
+	old, had := b.leases[subnet]
 	p := b.peers[key]
-	if p == nil {
-		p = &peer{key: key}
-	} else if p.endpoint.IsValid() && p.endpoint.Addr() != endpoint.Addr() {
-		b.Log.Warn("a peer key moves to another PublicIP", "public_key", key.String(), "from", p.endpoint, "to", endpoint, "subnet", subnet)
+	if p != nil && p.endpoint.IsValid() && p.endpoint.Addr() != spec.endpoint.Addr() {
+		b.Log.Warn("a peer key moves to another address", "public_key", key.String(), "from", p.endpoint, "to", spec.endpoint, "subnet", subnet)
 	}
-	np := &peer{key: key, endpoint: endpoint, subnets: sortedWith(p.subnets, subnet)}
+	endpoint6 := spec.endpoint6
+	if !spec.lease.on6 && p != nil {
+		endpoint6 = p.endpoint6 // the peer's other leases may keep their IPv6 there
+	}
 	// The counters learn the subnet before the route exists, so the first packet is counted.
-	b.peers[key], b.subnets[subnet] = np, key
-	b.publishStats()
+	b.leases[subnet] = spec.lease
 	rollback := func() {
-		if len(p.subnets) == 0 {
-			delete(b.peers, key)
+		if had {
+			b.leases[subnet] = old
 		} else {
-			b.peers[key] = p
+			delete(b.leases, subnet)
 		}
-		delete(b.subnets, subnet)
 		b.publishStats()
 	}
-	if err := b.dev.configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{b.peerConfig(np)}}); err != nil {
+	if err := b.program(key, spec.endpoint, endpoint6); err != nil {
 		rollback()
 		return fmt.Errorf("wireguard: peer %v: %w", subnet, err)
 	}
-	if err := b.nl.RouteReplace(b.route(subnet)); err != nil {
+	if had && old.key != key {
+		// The host behind the subnet has a new key (its state directory was lost): the old
+		// key loses the subnet, and the peer if it was its last.
+		if op := b.peers[old.key]; op != nil {
+			if err := b.program(old.key, op.endpoint, op.endpoint6); err != nil {
+				return fmt.Errorf("wireguard: peer %v: %w", subnet, err)
+			}
+		}
+	}
+	if err := b.nl.RouteReplace(b.routeOn(b.link, subnet)); err != nil {
 		rollback()
 		return fmt.Errorf("wireguard: peer %v: route replace %v dev %s: %w", subnet, subnet, DeviceName, err)
 	}
-	if u, ok := b.dev.(*userDevice); ok && len(p.subnets) == 0 && !b.listed {
+	if had && old.subnet6.IsValid() && (old.subnet6 != spec.lease.subnet6 || old.on6 != spec.lease.on6) {
+		if err := b.deleteRoute(b.link6Or4(old.on6), old.subnet6); err != nil {
+			return fmt.Errorf("wireguard: peer %v: %w", subnet, err)
+		}
+	}
+	if s6 := spec.lease.subnet6; s6.IsValid() {
+		if err := b.nl.RouteReplace(b.routeOn(b.link6Or4(spec.lease.on6), s6)); err != nil {
+			return fmt.Errorf("wireguard: peer %v: route replace %v: %w", subnet, s6, err)
+		}
+	}
+	if p == nil && !b.listed {
 		// A peer of our first lease list may still hold a session with our previous process
 		// and send into it, unanswered, until WireGuard gives up on it (15 s). A handshake now
 		// replaces it. Hosts that appear later greet us themselves when they start.
-		u.initiate(key)
+		for _, d := range []wgDevice{b.dev, b.dev6} {
+			if u, ok := d.(*userDevice); ok {
+				u.initiate(key)
+			}
+		}
 	}
-	b.Log.Debug("peer programmed", "subnet", subnet, "endpoint", endpoint, "public_key", key.String())
+	b.Log.Debug("peer programmed", "subnet", subnet, "endpoint", spec.endpoint, "ipv6_subnet", spec.lease.subnet6,
+		"ipv6_device", spec.lease.on6, "endpoint6", spec.endpoint6, "public_key", key.String())
 	return nil
 }
 
-// handshakesCrossed is told by the embedded device that a handshake with the peer at
-// endpoint, or whose abbreviated key (wireguard-go's "peer(AbCd…WxYz)") is peer, failed
-// because both sides initiated at once. WireGuard has no tie-break for that: each side answers
-// the other's initiation, which replaces its own, then rejects the answer to its own, and
-// both wait out the 5 s retransmission before a packet flows (or, when the two sides' handshake
-// workers raced, one side keeps a session the other cannot decrypt for as long). It happens
-// whenever two hosts start talking in both directions at once: xnetd adds a new host on every
-// host within milliseconds, and a keepalive interval makes both start a handshake right then.
-// Whoever notices starts over, the host with the greater public key first and the other one
-// later, so two restarts never cross: at worst the second redoes a handshake that worked.
-// Packets waiting for the session stay queued.
-func (b *Backend) handshakesCrossed(endpoint netip.AddrPort, peer string) {
-	b.mu.Lock()
-	u, ok := b.dev.(*userDevice)
-	var key wgtypes.Key
-	found := false
-	for k, p := range b.peers {
-		if endpoint.IsValid() && p.endpoint == endpoint || peer != "" && peer == abbreviated(k) {
-			key, found = k, true
-			break
+// program makes the devices hold the peer key exactly as b.leases says: on xnet-wg at
+// endpoint with its IPv4 subnets and the IPv6 subnets that go there, on xnet-wg-v6 at
+// endpoint6 with the others; on neither once no lease is its.
+func (b *Backend) program(key wgtypes.Key, endpoint, endpoint6 netip.AddrPort) error {
+	np := &peer{key: key, endpoint: endpoint}
+	for s, l := range b.leases {
+		if l.key != key {
+			continue
+		}
+		np.subnets = append(np.subnets, s)
+		switch {
+		case !l.subnet6.IsValid():
+		case l.on6:
+			np.subnets6 = append(np.subnets6, l.subnet6)
+		default:
+			np.subnets = append(np.subnets, l.subnet6)
 		}
 	}
-	b.mu.Unlock()
-	if !ok || !found {
-		return
+	sortPrefixes(np.subnets)
+	sortPrefixes(np.subnets6)
+	if len(np.subnets6) > 0 {
+		np.endpoint6 = endpoint6
 	}
-	delay := restartFirst
-	if bytes.Compare(b.key.public[:], key[:]) < 0 {
-		delay = restartSecond
+	old := b.peers[key]
+	remove := wgtypes.PeerConfig{PublicKey: key, Remove: true}
+	pc := remove
+	if len(np.subnets) > 0 {
+		pc = b.peerConfig(key, np.endpoint, np.subnets)
 	}
-	if u.restartHandshake(key, delay) {
-		b.Log.Debug("handshakes crossed; started over", "public_key", key.String(), "after", delay)
+	if err := b.dev.configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{pc}}); err != nil {
+		return fmt.Errorf("peer %s on %s: %w", key, DeviceName, err)
+	}
+	if b.dev6 != nil && (len(np.subnets6) > 0 || old != nil && len(old.subnets6) > 0) {
+		pc := remove
+		if len(np.subnets6) > 0 {
+			pc = b.peerConfig(key, np.endpoint6, np.subnets6)
+		}
+		if err := b.dev6.configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{pc}}); err != nil {
+			return fmt.Errorf("peer %s on %s: %w", key, DeviceNameV6, err)
+		}
+	}
+	if len(np.subnets) == 0 {
+		delete(b.peers, key)
+	} else {
+		b.peers[key] = np
+	}
+	b.publishStats()
+	return nil
+}
+
+// handshakesCrossed returns what the embedded device xnet-wg (or xnet-wg-v6, v6) calls when a
+// handshake with the peer at endpoint, or whose abbreviated key (wireguard-go's
+// "peer(AbCd…WxYz)") is peer, failed because both sides initiated at once. WireGuard has no
+// tie-break for that: each side answers the other's initiation, which replaces its own, then
+// rejects the answer to its own, and both wait out the 5 s retransmission before a packet flows
+// (or, when the two sides' handshake workers raced, one side keeps a session the other cannot
+// decrypt for as long). It happens whenever two hosts start talking in both directions at
+// once: xnetd adds a new host on every host within milliseconds, and a keepalive interval makes
+// both start a handshake right then. Whoever notices starts over, the host with the greater
+// public key first and the other one later, so two restarts never cross: at worst the second
+// redoes a handshake that worked. Packets waiting for the session stay queued.
+func (b *Backend) handshakesCrossed(v6 bool) func(endpoint netip.AddrPort, peer string) {
+	return func(endpoint netip.AddrPort, peer string) {
+		b.mu.Lock()
+		dev := b.dev
+		if v6 {
+			dev = b.dev6
+		}
+		u, ok := dev.(*userDevice)
+		var key wgtypes.Key
+		found := false
+		for k, p := range b.peers {
+			ep := p.endpoint
+			if v6 {
+				ep = p.endpoint6
+			}
+			if endpoint.IsValid() && ep == endpoint || peer != "" && peer == abbreviated(k) {
+				key, found = k, true
+				break
+			}
+		}
+		b.mu.Unlock()
+		if !ok || !found {
+			return
+		}
+		delay := restartFirst
+		if bytes.Compare(b.key.public[:], key[:]) < 0 {
+			delay = restartSecond
+		}
+		if u.restartHandshake(key, delay) {
+			b.Log.Debug("handshakes crossed; started over", "device", u.name, "public_key", key.String(), "after", delay)
+		}
 	}
 }
 
@@ -571,50 +961,46 @@ func abbreviated(k wgtypes.Key) string {
 	return "peer(" + s[:4] + "…" + s[39:43] + ")"
 }
 
-// peerConfig is p as the device must have it: exactly its subnets as AllowedIPs.
-func (b *Backend) peerConfig(p *peer) wgtypes.PeerConfig {
+// peerConfig is the peer key as a device must have it: exactly subnets as AllowedIPs.
+func (b *Backend) peerConfig(key wgtypes.Key, endpoint netip.AddrPort, subnets []netip.Prefix) wgtypes.PeerConfig {
 	keepalive := b.wg.PersistentKeepaliveInterval
-	allowed := make([]net.IPNet, len(p.subnets))
-	for i, s := range p.subnets {
+	allowed := make([]net.IPNet, len(subnets))
+	for i, s := range subnets {
 		allowed[i] = ipNet(s)
 	}
 	return wgtypes.PeerConfig{
-		PublicKey:                   p.key,
+		PublicKey:                   key,
 		PresharedKey:                b.psk,
-		Endpoint:                    net.UDPAddrFromAddrPort(p.endpoint),
+		Endpoint:                    net.UDPAddrFromAddrPort(endpoint),
 		PersistentKeepaliveInterval: &keepalive,
 		ReplaceAllowedIPs:           true,
 		AllowedIPs:                  allowed,
 	}
 }
 
-// detach takes subnet from the peer holding it: the peer keeps its other subnets, or goes.
-func (b *Backend) detach(subnet netip.Prefix) error {
-	key, ok := b.subnets[subnet]
+// detach forgets the lease of subnet: its peer keeps its other leases' subnets, or goes. It
+// returns what was forgotten (ok false when nothing was held); the routes are the caller's.
+func (b *Backend) detach(subnet netip.Prefix) (l peerLease, ok bool, err error) {
+	l, ok = b.leases[subnet]
 	if !ok {
-		return nil
+		return peerLease{}, false, nil
 	}
-	p := b.peers[key]
-	rest := slices.DeleteFunc(slices.Clone(p.subnets), func(s netip.Prefix) bool { return s == subnet })
-	pc := wgtypes.PeerConfig{PublicKey: key, Remove: true}
-	if len(rest) > 0 {
-		pc = b.peerConfig(&peer{key: key, endpoint: p.endpoint, subnets: rest})
+	p := b.peers[l.key]
+	delete(b.leases, subnet)
+	var ep, ep6 netip.AddrPort
+	if p != nil {
+		ep, ep6 = p.endpoint, p.endpoint6
 	}
-	if err := b.dev.configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{pc}}); err != nil {
-		return fmt.Errorf("wireguard: remove %v from peer %s: %w", subnet, key, err)
+	if err := b.program(l.key, ep, ep6); err != nil {
+		b.leases[subnet] = l
+		b.publishStats()
+		return peerLease{}, false, fmt.Errorf("wireguard: remove %v from peer %s: %w", subnet, l.key, err)
 	}
-	delete(b.subnets, subnet)
-	if len(rest) == 0 {
-		delete(b.peers, key)
-	} else {
-		b.peers[key] = &peer{key: key, endpoint: p.endpoint, subnets: rest}
-	}
-	b.publishStats()
-	return nil
+	return l, true, nil
 }
 
-// RemovePeer takes the lease's subnet from its peer (the peer goes with its last subnet) and
-// deletes the subnet's route. A lease the backend does not hold is not an error.
+// RemovePeer takes the lease's subnets from its peer (the peer goes with its last subnet) and
+// deletes their routes. A lease the backend does not hold is not an error.
 func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -625,21 +1011,36 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if own || err != nil {
 		return err
 	}
-	if err := b.detach(subnet); err != nil {
+	l, held, err := b.detach(subnet)
+	if err != nil {
 		return err
 	}
-	if err := b.nl.RouteDel(b.route(subnet)); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("wireguard: remove peer %v: route del: %w", subnet, err)
+	if err := b.deleteRoute(b.link, subnet); err != nil {
+		return fmt.Errorf("wireguard: remove peer %v: %w", subnet, err)
 	}
-	b.Log.Debug("peer removed", "subnet", subnet, "public_ip", lease.PublicIP)
+	if held && l.subnet6.IsValid() {
+		if err := b.deleteRoute(b.link6Or4(l.on6), l.subnet6); err != nil {
+			return fmt.Errorf("wireguard: remove peer %v: %w", subnet, err)
+		}
+	}
+	b.Log.Debug("peer removed", "subnet", subnet, "ipv6_subnet", l.subnet6, "public_ip", lease.PublicIP)
 	return nil
 }
 
-// PrunePeers removes what the device and xnet-wg's routes hold for subnets no lease in keep
-// holds (backend.PeerPruner): the kernel device keeps its peers while xnetd is down, and both
-// datapaths keep their routes, so a lease deleted meanwhile would otherwise stay. Device
+// deleteRoute deletes the route to dst on link; one already gone is not an error.
+func (b *Backend) deleteRoute(link int, dst netip.Prefix) error {
+	if err := backend.IgnoreMissing(b.nl.RouteDel(b.routeOn(link, dst))); err != nil {
+		return fmt.Errorf("route del %v dev ifindex %d: %w", dst, link, err)
+	}
+	return nil
+}
+
+// PrunePeers removes what the devices and their routes hold for subnets no lease in keep
+// holds (backend.PeerPruner): the kernel devices keep their peers while xnetd is down, and
+// both datapaths keep their routes, so a lease deleted meanwhile would otherwise stay. Device
 // peers AddPeer did not program since this start (their key is not a kept lease's) go.
-// Only routes strictly inside the overlay Network are touched, never our own subnet's.
+// Only routes strictly inside the overlay Network (IPv6Network for IPv6) are touched, never
+// our own subnets'.
 func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -647,50 +1048,73 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		return errors.New("wireguard: PrunePeers before Setup")
 	}
 	b.listed = true
-	if u, ok := b.dev.(*userDevice); ok {
-		// The first lease list is programmed: a TUN taken over from the previous process may
-		// be read now (openUserDevice).
-		defer func() {
-			if u.release() {
-				b.Log.Info("reading the taken-over TUN: the peers of the first lease list are programmed", "peers", len(b.peers))
-			}
-		}()
+	for _, d := range []wgDevice{b.dev, b.dev6} {
+		if u, ok := d.(*userDevice); ok {
+			// The first lease list is programmed: a TUN taken over from the previous process
+			// may be read now (openUserDevice).
+			defer func() {
+				if u.release() {
+					b.Log.Info("reading the taken-over TUN: the peers of the first lease list are programmed", "tun", u.name, "peers", len(b.peers))
+				}
+			}()
+		}
 	}
-	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
+	kept := backend.KeptFor(b.Local(), keep)
 	var errs []error
-	for s := range b.subnets {
-		if !kept.Has(s) {
-			if err := b.detach(s); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	dev, err := b.dev.get()
-	if err != nil {
-		return fmt.Errorf("wireguard: prune peers: %w", err)
-	}
 	var gone []string
-	for _, p := range dev.Peers {
-		if _, ours := b.peers[p.PublicKey]; ours {
+	for s := range b.leases {
+		if kept.Has(s) {
 			continue
 		}
-		if err := b.dev.configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: p.PublicKey, Remove: true}}}); err != nil {
+		// Its routes go with the stale routes below.
+		if _, _, err := b.detach(s); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	for _, d := range []struct {
+		name string
+		dev  wgDevice
+		on6  func(*peer) bool
+	}{
+		{DeviceName, b.dev, func(*peer) bool { return true }},
+		{DeviceNameV6, b.dev6, func(p *peer) bool { return len(p.subnets6) > 0 }},
+	} {
+		if d.dev == nil {
 			continue
 		}
-		gone = append(gone, p.PublicKey.String())
-	}
-	if network := b.Network(); network.IsValid() {
-		// The whole Network's route is the device's own (traffic to a subnet no peer holds is
-		// dropped there instead of leaving in clear), not a peer's.
-		routes, err := backend.DeleteRoutesWhere(b.nl, b.link, func(dst netip.Prefix, _ netip.Addr) bool {
-			return dst != network.Masked() && kept.Stale(network, dst)
-		})
+		dev, err := d.dev.get()
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", DeviceName, err))
+			return fmt.Errorf("wireguard: prune peers: %w", err)
 		}
-		for _, r := range routes {
-			gone = append(gone, r.String())
+		for _, p := range dev.Peers {
+			if ours, ok := b.peers[p.PublicKey]; ok && d.on6(ours) {
+				continue
+			}
+			if err := d.dev.configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: p.PublicKey, Remove: true}}}); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			gone = append(gone, d.name+" peer "+p.PublicKey.String())
+		}
+	}
+	if b.Network().IsValid() {
+		nets := b.Networks()
+		for _, link := range []int{b.link, b.link6} {
+			if link == 0 {
+				continue
+			}
+			// The whole Network's (and IPv6Network's) route is the device's own (traffic to a
+			// subnet no peer holds is dropped there instead of leaving in clear), not a peer's.
+			routes, err := backend.DeleteRoutesWhere(b.nl, link, func(dst netip.Prefix, _ netip.Addr) bool {
+				network := backend.NetworkOf(dst, nets...)
+				return dst != network.Masked() && kept.Stale(network, dst)
+			})
+			if err != nil {
+				errs = append(errs, fmt.Errorf("ifindex %d: %w", link, err))
+			}
+			for _, r := range routes {
+				gone = append(gone, r.String())
+			}
 		}
 	}
 	if len(gone) > 0 {
@@ -702,10 +1126,10 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	return nil
 }
 
-// Close stops xnetd's side. Without teardown xnet-wg stays with its routes (the kernel device
-// with its peers, still forwarding; the embedded datapath's TUN idle, dropping); with
-// teardown it is deleted, routes and peers with it. The key file stays: it is the host's
-// identity, which its lease still publishes. Calling Close twice is harmless.
+// Close stops xnetd's side. Without teardown xnet-wg (and xnet-wg-v6) stay with their routes
+// (the kernel devices with their peers, still forwarding; the embedded datapath's TUNs idle,
+// dropping); with teardown they are deleted, routes and peers with them. The key file stays:
+// it is the host's identity, which its lease still publishes. Calling Close twice is harmless.
 func (b *Backend) Close(teardown bool) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -713,36 +1137,23 @@ func (b *Backend) Close(teardown bool) error {
 		return nil
 	}
 	var errs []error
-	if b.dev != nil {
-		if err := b.dev.close(); err != nil {
-			errs = append(errs, fmt.Errorf("wireguard: close device: %w", err))
-		}
-		b.dev = nil
+	if err := b.closeDevices(); err != nil {
+		errs = append(errs, err)
 	}
 	if teardown {
-		link, err := b.nl.LinkByName(DeviceName)
-		var nf netlink.LinkNotFoundError
-		switch {
-		case err == nil:
-			if err := b.nl.LinkDel(link); err != nil {
-				errs = append(errs, fmt.Errorf("wireguard: delete %s: %w", DeviceName, err))
+		// The devices are gone: the service manager need not keep their fds, and the status
+		// sockets a killed xnetd left have nothing to answer for.
+		for _, name := range []string{DeviceName, DeviceNameV6} {
+			if err := b.deleteDevice(name); err != nil {
+				errs = append(errs, fmt.Errorf("wireguard: teardown: %w", err))
 			}
-		case !errors.As(err, &nf):
-			errs = append(errs, fmt.Errorf("wireguard: find %s to delete it: %w", DeviceName, err))
-		}
-		// The device is gone: the service manager need not keep its fd, and the status
-		// socket a killed xnetd left has nothing to answer for.
-		if err := b.fds.Remove(tunFDName); err != nil {
-			errs = append(errs, fmt.Errorf("wireguard: teardown: %w", err))
-		}
-		if err := os.Remove(filepath.Join(b.stateDir, UAPISocket)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("wireguard: teardown: %w", err))
 		}
 	}
 	b.closeHandles()
 	b.setup = false
+	b.link, b.link6 = 0, 0
 	clear(b.peers)
-	clear(b.subnets)
+	clear(b.leases)
 	return errors.Join(errs...)
 }
 
@@ -752,30 +1163,27 @@ func (b *Backend) closeHandles() {
 	b.ns.Close()
 }
 
-// route is "<dst> dev xnet-wg": WireGuard has no link layer, so no gateway or neighbour.
-func (b *Backend) route(dst netip.Prefix) *netlink.Route {
+// routeOn is "<dst> dev <link>": WireGuard has no link layer, so no gateway or neighbour.
+func (b *Backend) routeOn(link int, dst netip.Prefix) *netlink.Route {
 	n := ipNet(dst)
-	return &netlink.Route{LinkIndex: b.link, Scope: netlink.SCOPE_LINK, Dst: &n}
+	return &netlink.Route{LinkIndex: link, Scope: netlink.SCOPE_LINK, Dst: &n}
 }
 
 // publishStats hands the packet counters the current peer subnets.
 func (b *Backend) publishStats() {
-	b.stats.setSubnets(slices.Collect(func(yield func(netip.Prefix) bool) {
-		for s := range b.subnets {
-			if !yield(s) {
-				return
-			}
+	subnets := make([]netip.Prefix, 0, len(b.leases))
+	ipv6 := map[netip.Prefix]netip.Prefix{}
+	for s, l := range b.leases {
+		subnets = append(subnets, s)
+		if l.subnet6.IsValid() {
+			ipv6[l.subnet6] = s
 		}
-	}))
+	}
+	b.stats.setSubnets(subnets, ipv6)
 }
 
-func sortedWith(subnets []netip.Prefix, s netip.Prefix) []netip.Prefix {
-	out := slices.Clone(subnets)
-	if !slices.Contains(out, s) {
-		out = append(out, s)
-	}
-	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	return out
+func sortPrefixes(ps []netip.Prefix) {
+	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 }
 
 // Status is what `xnetd status` can show of a wireguard host.
@@ -788,6 +1196,9 @@ type Status struct {
 	MTU        int          `json:"mtu"`
 	PSK        bool         `json:"psk"` // a pre-shared key is in use (never the key itself)
 	Peers      []PeerStatus `json:"peers"`
+	// V6 is xnet-wg-v6 in separate mode with an IPv6 underlay: the peers reached over it, with
+	// their IPv6 subnets. Without it IPv6 subnets are among the AllowedIPs of Peers.
+	V6 *Status `json:"v6,omitempty"`
 }
 
 // PeerStatus is one peer as WireGuard sees it.
@@ -817,6 +1228,16 @@ func (b *Backend) Status() (Status, error) {
 	}
 	st.fill(dev)
 	st.PSK = b.psk != nil
+	if b.dev6 != nil {
+		st6 := Status{Datapath: b.datapath, Why: b.why, Device: DeviceNameV6, MTU: b.mtu, PSK: b.psk != nil}
+		dev, err := b.dev6.get()
+		if err != nil {
+			return st, err
+		}
+		st6.fill(dev)
+		st6.PSK = b.psk != nil
+		st.V6 = &st6
+	}
 	return st, nil
 }
 
@@ -830,20 +1251,43 @@ func (b *Backend) Counters() (metrics.Counters, error) {
 		if b.dev == nil {
 			return metrics.Counters{}, nil
 		}
-		d, err := b.dev.get()
-		if err != nil {
-			return metrics.Counters{}, err
-		}
-		var peers []metrics.PeerCounters
-		for _, p := range d.Peers {
-			if len(p.AllowedIPs) == 0 {
+		// A peer's bytes on xnet-wg-v6 count under its first subnet on xnet-wg, as the embedded
+		// datapath counts its IPv6 packets.
+		bySubnet := map[netip.Prefix]*metrics.PeerCounters{}
+		var peers []*metrics.PeerCounters
+		for _, dev := range []wgDevice{b.dev, b.dev6} {
+			if dev == nil {
 				continue
 			}
-			if s, ok := netipPrefix(p.AllowedIPs[0]); ok {
-				peers = append(peers, metrics.PeerCounters{Subnet: s, TxBytes: uint64(p.TransmitBytes), RxBytes: uint64(p.ReceiveBytes)})
+			d, err := dev.get()
+			if err != nil {
+				return metrics.Counters{}, err
+			}
+			for _, p := range d.Peers {
+				var s netip.Prefix
+				if ours := b.peers[p.PublicKey]; dev == b.dev6 && ours != nil && len(ours.subnets) > 0 {
+					s = ours.subnets[0]
+				} else if len(p.AllowedIPs) > 0 {
+					s, _ = netipPrefix(p.AllowedIPs[0])
+				}
+				if !s.IsValid() {
+					continue
+				}
+				pc := bySubnet[s]
+				if pc == nil {
+					pc = &metrics.PeerCounters{Subnet: s}
+					bySubnet[s] = pc
+					peers = append(peers, pc)
+				}
+				pc.TxBytes += uint64(p.TransmitBytes)
+				pc.RxBytes += uint64(p.ReceiveBytes)
 			}
 		}
-		return metrics.NewCounters(nil, peers), nil
+		list := make([]metrics.PeerCounters, len(peers))
+		for i, pc := range peers {
+			list[i] = *pc
+		}
+		return metrics.NewCounters(nil, list), nil
 	}
 	b.mu.Unlock()
 	c := b.stats

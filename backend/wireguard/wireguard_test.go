@@ -77,9 +77,9 @@ func TestPeerLeasesAreReadAsFlannelReadsThem(t *testing.T) {
 		{"flannel before v0.22 published no Port: our own", lease("wireguard", `{"PublicKey":"`+peerKey.String()+`"}`), "198.18.0.17:51820"},
 	}
 	for _, tc := range ok {
-		key, ep, s, err := b.parsePeer(tc.lease)
-		if err != nil || key != peerKey || ep.String() != tc.endpoint || s != subnet {
-			t.Errorf("%s: parsePeer = %v %v %v %v; want %v %s %v", tc.desc, key, ep, s, err, peerKey, tc.endpoint, subnet)
+		p, err := b.parsePeer(tc.lease)
+		if err != nil || p.key != peerKey || p.endpoint.String() != tc.endpoint || p.subnet != subnet || p.lease.subnet6.IsValid() {
+			t.Errorf("%s: parsePeer = %+v %v; want %v %s %v and no IPv6", tc.desc, p, err, peerKey, tc.endpoint, subnet)
 		}
 	}
 	bad := []struct {
@@ -97,7 +97,7 @@ func TestPeerLeasesAreReadAsFlannelReadsThem(t *testing.T) {
 		}()},
 	}
 	for _, tc := range bad {
-		if _, _, _, err := b.parsePeer(tc.lease); err == nil || !strings.Contains(err.Error(), "10.244.7.0/24") {
+		if _, err := b.parsePeer(tc.lease); err == nil || !strings.Contains(err.Error(), "10.244.7.0/24") {
 			t.Errorf("%s: parsePeer error %v, want one naming the lease", tc.desc, err)
 		}
 	}
@@ -109,7 +109,7 @@ func TestPeerLeasesAreReadAsFlannelReadsThem(t *testing.T) {
 func TestConfigurationReachesWireguardGo(t *testing.T) {
 	dev := device.NewDevice(tuntest.NewChannelTUN().TUN(), conn.NewStdNetBind(), &device.Logger{Verbosef: device.DiscardLogf, Errorf: t.Logf})
 	defer dev.Close()
-	u := &userDevice{dev: dev, restarted: map[*device.Peer]time.Time{}}
+	u := &userDevice{name: DeviceName, dev: dev, restarted: map[*device.Peer]time.Time{}}
 
 	priv, psk := mustKey(t), mustKey(t)
 	p1, p2 := mustKey(t).PublicKey(), mustKey(t).PublicKey()
@@ -234,7 +234,7 @@ func TestWireguardGoStillLogsWhatWeWatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range []string{logDisallowedSource, logInvalidResponse, logDeriveFailed} {
+	for _, line := range []string{logDisallowedSource, logDisallowedSourceV6, logInvalidResponse, logDeriveFailed} {
 		if !strings.Contains(string(src), `"`+line+`"`) {
 			t.Errorf("wireguard-go's device/receive.go no longer logs %q", line)
 		}

@@ -2,10 +2,13 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"net/netip"
 	"slices"
 	"testing"
 
+	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/wireguard"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -90,3 +93,39 @@ func (c *capturing) AddPeer(l subnetmgr.Lease) error {
 }
 
 func equalStrings(a, b []string) bool { return slices.Equal(a, b) }
+
+// EnableIPv6 with wireguard publishes what flannel's wireguard backend does: our PublicIPv6 and
+// BackendV6Data with our key and the IPv6 device's port (separate mode); a backend that does
+// not carry IPv6 is still refused before the host changes.
+func TestDualStackAttrsOfWireGuard(t *testing.T) {
+	cfg, err := subnetmgr.ParseConfig([]byte(`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	iface := backend.ExternalInterface{Name: "lo", Index: 1, MTU: 1500,
+		PublicIP: netip.MustParseAddr("198.18.0.11"), PublicIPv6: netip.MustParseAddr("fd00:198:18::b")}
+	b, err := wireguard.New(backend.Options{Iface: iface, Config: cfg, StateDir: t.TempDir(), Logger: testLog()})
+	if errors.Is(err, backend.ErrUnavailable) {
+		t.Skipf("wireguard cannot run here: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close(false)
+	var attrs subnetmgr.LeaseAttrs
+	if err := dualStackAttrs(cfg, "wireguard", b, iface, &attrs); err != nil {
+		t.Fatal(err)
+	}
+	_, v4, _ := b.LeaseAttrs()
+	d4, err4 := subnetmgr.ParseWireGuardData(v4)
+	d6, err6 := subnetmgr.ParseWireGuardData(attrs.BackendV6Data)
+	if attrs.PublicIPv6 != iface.PublicIPv6 || err4 != nil || err6 != nil || d6.PublicKey != d4.PublicKey || d6.Port != 51821 {
+		t.Errorf("PublicIPv6 %v BackendV6Data %s (%v): want %v and our key %s with Port 51821", attrs.PublicIPv6, attrs.BackendV6Data, err6, iface.PublicIPv6, d4.PublicKey)
+	}
+
+	err = dualStackAttrs(cfg, "recorder", &recorder{}, iface, &subnetmgr.LeaseAttrs{})
+	var u *usageError
+	if !errors.As(err, &u) {
+		t.Errorf("a backend without backend.DualStack: %v, want a usage error", err)
+	}
+}

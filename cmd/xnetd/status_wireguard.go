@@ -12,8 +12,9 @@ import (
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
-// wireguardReport is what status shows of a wireguard host's device: our public key and, per
-// peer, the last handshake and the bytes each way, as the device counts them.
+// wireguardReport is what status shows of a wireguard host's devices: our public key and, per
+// peer, its endpoint, allowed IPs (IPv6 subnets included), the last handshake and the bytes
+// each way, as the device counts them; xnet-wg-v6's under V6 in separate mode.
 type wireguardReport struct {
 	wireguard.Status
 	// Unavailable says why the device could not be read ("" when it was).
@@ -40,23 +41,37 @@ func attachWireGuard(rep *statusReport, st state, stateFile string) {
 	rep.WireGuard = r
 }
 
-// printWireGuard is the wireguard section of the text status.
+// printWireGuard is the wireguard section of the text status: xnet-wg, and in separate mode
+// with an IPv6 underlay xnet-wg-v6, whose peers are reached over IPv6 with their IPv6 subnets.
+// (In the other modes, and for peers without an IPv6 underlay, IPv6 subnets are among
+// xnet-wg's allowed IPs.)
 func printWireGuard(w io.Writer, r *wireguardReport, now time.Time) {
 	if r == nil {
 		return
 	}
-	if r.Unavailable != "" {
+	if r.Unavailable != "" && r.PublicKey == "" {
 		fmt.Fprintf(w, "\nwireguard: %s (%s): unavailable: %s\n", r.Device, r.Datapath, r.Unavailable)
 		return
 	}
+	printWireGuardDevice(w, r.Status, now)
+	if r.V6 != nil && r.V6.PublicKey != "" {
+		printWireGuardDevice(w, *r.V6, now)
+	}
+	if r.Unavailable != "" {
+		fmt.Fprintf(w, "wireguard: unavailable: %s\n", r.Unavailable)
+	}
+}
+
+// printWireGuardDevice prints one device and its peers.
+func printWireGuardDevice(w io.Writer, st wireguard.Status, now time.Time) {
 	psk := ""
-	if r.PSK {
+	if st.PSK {
 		psk = ", pre-shared key"
 	}
-	fmt.Fprintf(w, "\nwireguard: %s (%s), public key %s, listen port %d%s\n", r.Device, r.Datapath, r.PublicKey, r.ListenPort, psk)
+	fmt.Fprintf(w, "\nwireguard: %s (%s), public key %s, listen port %d%s\n", st.Device, st.Datapath, st.PublicKey, st.ListenPort, psk)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  PEER PUBLIC KEY\tENDPOINT\tALLOWED IPS\tLAST HANDSHAKE\tRX BYTES\tTX BYTES")
-	for _, p := range r.Peers {
+	for _, p := range st.Peers {
 		subnets := make([]string, len(p.Subnets))
 		for i, s := range p.Subnets {
 			subnets[i] = s.String()

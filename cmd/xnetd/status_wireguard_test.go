@@ -85,3 +85,68 @@ func TestStatusShowsTheWireGuardDevice(t *testing.T) {
 		t.Errorf("status of another backend shows a wireguard section:\n%s", b.String())
 	}
 }
+
+// In a dual-stack overlay status shows IPv6 too: IPv6 subnets among xnet-wg's allowed IPs
+// (peers without an IPv6 underlay, or the single-device modes), and in separate mode
+// xnet-wg-v6 with its peers' IPv6 endpoints and subnets, in text and JSON.
+func TestStatusShowsTheIPv6Device(t *testing.T) {
+	now := time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)
+	p := netip.MustParsePrefix
+	rep := statusReport{Running: true, Daemon: "running, pid 7", Backend: "wireguard", Mode: "wireguard-go",
+		WireGuard: &wireguardReport{Status: wireguard.Status{
+			Datapath: wireguard.DatapathEmbedded, Device: "xnet-wg", PublicKey: "OURKEY=", ListenPort: 51820,
+			Peers: []wireguard.PeerStatus{
+				{PublicKey: "PEERKEY1=", Endpoint: "198.18.0.12:51820", Subnets: []netip.Prefix{p("10.244.2.0/24"), p("fd00:10:244:2::/64")}},
+				{PublicKey: "PEERKEY2=", Endpoint: "198.18.0.13:51820", Subnets: []netip.Prefix{p("10.244.3.0/24")}},
+			},
+			V6: &wireguard.Status{Datapath: wireguard.DatapathEmbedded, Device: "xnet-wg-v6", PublicKey: "OURKEY=", ListenPort: 51821,
+				Peers: []wireguard.PeerStatus{
+					{PublicKey: "PEERKEY2=", Endpoint: "[fd00:198:18::13]:51821", Subnets: []netip.Prefix{p("fd00:10:244:3::/64")}, RxBytes: 10, TxBytes: 20},
+				}},
+		}}}
+	var b bytes.Buffer
+	printStatus(&b, rep, now)
+	out := b.String()
+	for _, want := range []string{
+		"wireguard: xnet-wg (wireguard-go), public key OURKEY=, listen port 51820\n",
+		"wireguard: xnet-wg-v6 (wireguard-go), public key OURKEY=, listen port 51821\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+	for _, want := range []string{
+		"PEERKEY1= 198.18.0.12:51820 10.244.2.0/24,fd00:10:244:2::/64 never 0 0",
+		"PEERKEY2= [fd00:198:18::13]:51821 fd00:10:244:3::/64 never 10 20",
+	} {
+		found := false
+		for l := range strings.Lines(out) {
+			found = found || strings.Join(strings.Fields(l), " ") == want
+		}
+		if !found {
+			t.Errorf("status lacks the line %q:\n%s", want, out)
+		}
+	}
+	data, err := json.Marshal(rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		WireGuard struct {
+			V6 struct {
+				Device string `json:"device"`
+				Peers  []struct {
+					Endpoint string   `json:"endpoint"`
+					Subnets  []string `json:"subnets"`
+				} `json:"peers"`
+			} `json:"v6"`
+		} `json:"wireguard"`
+	}
+	if err := json.Unmarshal(data, &got); err != nil {
+		t.Fatal(err)
+	}
+	if v6 := got.WireGuard.V6; v6.Device != "xnet-wg-v6" || len(v6.Peers) != 1 || v6.Peers[0].Endpoint != "[fd00:198:18::13]:51821" ||
+		len(v6.Peers[0].Subnets) != 1 || v6.Peers[0].Subnets[0] != "fd00:10:244:3::/64" {
+		t.Errorf("JSON v6 section %+v from %s", v6, data)
+	}
+}

@@ -24,7 +24,9 @@ const dualConfig = `{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"
 // A dual-stack overlay on three hosts, per backend: leases in flannel's dual-stack keys, the
 // files Docker reads, and containers reaching each other over IPv6 (ping, TCP both ways) and
 // still over IPv4. ipv6Underlay gives the hosts IPv6 underlay addresses (PublicIPv6): host-gw
-// needs them, the VXLAN-speaking backends carry IPv6 over the IPv4 underlay without.
+// needs them, the VXLAN-speaking backends and wireguard carry IPv6 over the IPv4 underlay
+// without (wireguard with them runs flannel's separate mode: IPv6 on xnet-wg-v6 over the IPv6
+// underlay).
 func TestDualStackThreeHosts(t *testing.T) {
 	for _, tc := range []struct {
 		backend      string
@@ -36,6 +38,8 @@ func TestDualStackThreeHosts(t *testing.T) {
 		{"vxlan", true},
 		{"udp", false},
 		{"host-gw", true},
+		{"wireguard", false},
+		{"wireguard", true},
 	} {
 		name := tc.backend
 		if tc.ipv6Underlay {
@@ -46,8 +50,8 @@ func TestDualStackThreeHosts(t *testing.T) {
 				fmt.Sprintf(dualConfig, tc.backend), "--backend", tc.backend)
 			// Only backends that take IPv6 on the IPv6 underlay publish PublicIPv6 (and
 			// BackendV6Data): flannel reads the pair as an IPv6 VTEP.
-			publishes := tc.ipv6Underlay && (tc.backend == "vxlan" || tc.backend == "host-gw")
-			checkDualLeases(t, topo, nodes, publishes, publishes && tc.backend == "vxlan")
+			publishes := tc.ipv6Underlay && (tc.backend == "vxlan" || tc.backend == "host-gw" || tc.backend == "wireguard")
+			checkDualLeases(t, topo, nodes, publishes, publishes && (tc.backend == "vxlan" || tc.backend == "wireguard"))
 			cs := xdContainers(t, nodes)
 			for _, c := range cs {
 				if !c.IPv6.IsValid() {

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -124,6 +125,128 @@ func TestWireGuardHostsConnectTheirContainersEncrypted(t *testing.T) {
 		}
 		n.teardown(t, topo)
 	})
+}
+
+// A dual-stack overlay of wireguard hosts, two with an IPv6 underlay and one without (flannel's
+// default, separate mode): containers reach each other over IPv6; between the first two it
+// crosses the IPv6 underlay as WireGuard to xnet-wg-v6's port 51821, to the third inside
+// xnet-wg over IPv4, never in clear; status shows both devices with the IPv6 endpoints and
+// subnets.
+func TestWireGuardCarriesIPv6Encrypted(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true})
+	for _, h := range topo.Hosts()[:2] {
+		if err := h.AddIPv6Underlay(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nodes := xdStart(t, topo, fmt.Sprintf(dualConfig, "wireguard"))
+	cs := xdContainers(t, nodes)
+	if failed := dualMesh(cs); len(failed) > 0 {
+		t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
+	}
+	a, b, c := nodes[0], nodes[1], nodes[2]
+
+	t.Run("status shows xnet-wg-v6 with the IPv6 peer, and the other host's IPv6 subnet on xnet-wg", func(t *testing.T) {
+		var st struct {
+			WireGuard struct {
+				Peers []wgPeerStatus `json:"peers"`
+				V6    struct {
+					Device     string         `json:"device"`
+					ListenPort int            `json:"listen_port"`
+					Peers      []wgPeerStatus `json:"peers"`
+				} `json:"v6"`
+			} `json:"wireguard"`
+		}
+		a.statusInto(t, &st)
+		v6 := st.WireGuard.V6
+		bSub6, cSub6 := b.state(t).Lease.IPv6Subnet, c.state(t).Lease.IPv6Subnet
+		if v6.Device != wireguard.DeviceNameV6 || v6.ListenPort != 51821 || len(v6.Peers) != 1 ||
+			v6.Peers[0].Endpoint != netip.AddrPortFrom(b.UnderlayIPv6, 51821).String() || !slices.Equal(v6.Peers[0].Subnets, []netip.Prefix{bSub6}) {
+			t.Errorf("status v6 %+v: want %s on 51821 with %s's IPv6 subnet %v at [%v]:51821", v6, wireguard.DeviceNameV6, b.Name, bSub6, b.UnderlayIPv6)
+		}
+		found := false
+		for _, p := range st.WireGuard.Peers {
+			found = found || slices.Contains(p.Subnets, cSub6)
+		}
+		if !found {
+			t.Errorf("no peer of %s holds %s's IPv6 subnet %v: %+v", wireguard.DeviceName, c.Name, cSub6, st.WireGuard.Peers)
+		}
+		text, err := a.Run(t.Context(), a.bin, "status", "--subnet-file", a.SubnetFile())
+		if err != nil || !strings.Contains(text, "wireguard: xnet-wg-v6 (wireguard-go)") || !strings.Contains(text, bSub6.String()) {
+			t.Errorf("xnetd status (%v) does not show %s with %v:\n%s", err, wireguard.DeviceNameV6, bSub6, text)
+		}
+	})
+
+	t.Run("TCP over IPv6 arrives intact both ways", func(t *testing.T) {
+		transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
+		transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
+	})
+
+	for _, tc := range []struct {
+		desc     string
+		to       *xdNode
+		cTo      *harness.Container
+		wgPort   netip.AddrPort // where the datagrams to tc.to go
+		from     netip.Addr     // and whence
+		clearDst netip.Addr     // an underlay address of tc.to's, to send the control marker to
+	}{
+		{"over the IPv6 underlay", b, cs[1], netip.AddrPortFrom(b.UnderlayIPv6, 51821), a.UnderlayIPv6, b.UnderlayIPv6},
+		{"to a host without an IPv6 underlay", c, cs[2], netip.AddrPortFrom(c.UnderlayIP, 51820), a.UnderlayIP, c.UnderlayIP},
+	} {
+		t.Run("IPv6 between containers is not in clear on the underlay "+tc.desc, func(t *testing.T) {
+			marker, control := wgMarker(t, "overlay6"), wgMarker(t, "clear")
+			const count = 20
+			sink := wgSinkOn(t, tc.cTo, tc.cTo.IPv6, 7777)
+			pcap := filepath.Join(t.TempDir(), "underlay.pcap")
+			// On the receiver's port of the bridge: frames forwarded between ports never pass br0.
+			dump, err := topo.Underlay().Start("tcpdump", "--immediate-mode", "-i", tc.to.Name, "-U", "-s", "0", "-w", pcap, "udp")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(10 * time.Second); !strings.Contains(dump.Output(), "listening on"); time.Sleep(20 * time.Millisecond) {
+				if dump.Exited() || time.Now().After(deadline) {
+					t.Fatalf("tcpdump did not start: %s", dump.Output())
+				}
+			}
+			wgSend(t, cs[0].Namespace, netip.AddrPortFrom(tc.cTo.IPv6, 7777), marker, count)
+			wgSend(t, a.Namespace, netip.AddrPortFrom(tc.clearDst, 9), control, 1) // discard port: in clear
+			if got := sink.wait(count, 5*time.Second); got != count {
+				t.Fatalf("%s's container received %d of %d marked datagrams", tc.to.Name, got, count)
+			}
+			time.Sleep(200 * time.Millisecond)
+			if err := dump.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			capture, err := os.ReadFile(pcap)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Contains(capture, control) {
+				t.Fatalf("the capture lacks the marker sent in clear: it sees nothing (%d bytes, %s)", len(capture), dump.Output())
+			}
+			if bytes.Contains(capture, marker) {
+				t.Errorf("the marker sent between containers over IPv6 is in clear on the underlay")
+			}
+			// WireGuard transport data (type 4) at least as long as the marked datagrams: a
+			// batch wireguard-go sends with UDP GSO crosses the veths as one frame, so bytes
+			// are counted, not datagrams.
+			sent := 0
+			for _, d := range wgUDP(t, capture) {
+				if d.src.Addr() == tc.from && d.dst == tc.wgPort && len(d.payload) >= 32+len(marker) && d.payload[0] == 4 {
+					sent += len(d.payload)
+				}
+			}
+			if want := count * (32 + len(marker)); sent < want {
+				t.Errorf("the capture holds %d bytes of WireGuard data from %v to %v, want at least the %d of the marked datagrams", sent, tc.from, tc.wgPort, want)
+			}
+		})
+	}
+}
+
+// wgPeerStatus is a peer of the wireguard section of `xnetd status --output json`.
+type wgPeerStatus struct {
+	Endpoint string         `json:"endpoint"`
+	Subnets  []netip.Prefix `json:"subnets"`
 }
 
 // wgNothingInClearNothingReplayed captures the underlay while a's container sends marked
@@ -247,11 +370,11 @@ func wgMarker(t *testing.T, what string) []byte {
 	return []byte("xnet-" + what + "-marker-" + hex.EncodeToString(b))
 }
 
-// wgSend sends payload count times from a UDP socket in ns to dst.
+// wgSend sends payload count times from a UDP socket in ns to dst (IPv4 or IPv6).
 func wgSend(t *testing.T, ns *harness.Namespace, dst netip.AddrPort, payload []byte, count int) {
 	t.Helper()
 	err := ns.Do(func() error {
-		c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(dst))
+		c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
 		if err != nil {
 			return err
 		}
@@ -291,9 +414,15 @@ func (c *wgCounter) wait(want int, timeout time.Duration) int {
 
 func wgSink(t *testing.T, c *harness.Container, port int) *wgCounter {
 	t.Helper()
+	return wgSinkOn(t, c, c.IP, port)
+}
+
+// wgSinkOn is wgSink on the container's address addr (its IP or IPv6).
+func wgSinkOn(t *testing.T, c *harness.Container, addr netip.Addr, port int) *wgCounter {
+	t.Helper()
 	var conn *net.UDPConn
 	if err := c.Do(func() (err error) {
-		conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: c.IP.AsSlice(), Port: port})
+		conn, err = net.ListenUDP("udp", &net.UDPAddr{IP: addr.AsSlice(), Port: port})
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -320,7 +449,8 @@ type wgDatagram struct {
 	payload  []byte
 }
 
-// wgUDP reads the IPv4 UDP datagrams out of a pcap file of an Ethernet interface.
+// wgUDP reads the UDP datagrams (IPv4, and IPv6 without extension headers) out of a pcap file
+// of an Ethernet interface.
 func wgUDP(t *testing.T, file []byte) []wgDatagram {
 	t.Helper()
 	if len(file) < 24 {
@@ -342,6 +472,23 @@ func wgUDP(t *testing.T, file []byte) []wgDatagram {
 		}
 		frame := rest[16 : 16+n]
 		rest = rest[16+n:]
+		if len(frame) >= 14+40+8 && binary.BigEndian.Uint16(frame[12:]) == 0x86dd {
+			ip := frame[14:]
+			if ip[6] != 17 {
+				continue
+			}
+			udp := ip[40:]
+			end := int(binary.BigEndian.Uint16(udp[4:]))
+			if end < 8 || end > len(udp) {
+				continue
+			}
+			out = append(out, wgDatagram{
+				src:     netip.AddrPortFrom(netip.AddrFrom16([16]byte(ip[8:24])), binary.BigEndian.Uint16(udp[0:])),
+				dst:     netip.AddrPortFrom(netip.AddrFrom16([16]byte(ip[24:40])), binary.BigEndian.Uint16(udp[2:])),
+				payload: udp[8:end],
+			})
+			continue
+		}
 		if len(frame) < 14+20+8 || binary.BigEndian.Uint16(frame[12:]) != 0x0800 {
 			continue
 		}
@@ -445,6 +592,134 @@ func TestWireGuardInteroperatesWithFlannel(t *testing.T) {
 	}
 	udpTransfer(t, cs[0], cs[1], 16<<20)
 	udpTransfer(t, cs[2], cs[0], 16<<20)
+}
+
+// A dual-stack cluster of two xnet wireguard hosts and one host set up exactly as flannel's
+// wireguard backend (v0.28, Mode separate) sets up a dual-stack node: flannel-wg (IPv4, 51820)
+// and flannel-wg-v6 (IPv6, 51821) with one key, its lease in flannel's dual-stack key and JSON,
+// and the xnet hosts programmed from their leases as flannel's handleSubnetEvents does.
+// Containers on all three reach each other over IPv6 and IPv4.
+func TestWireGuardDualStackInteroperatesWithFlannel(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true, IPv6Underlay: true})
+	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(dualConfig, "wireguard"))
+	hosts := topo.Hosts()
+	fh := hosts[0]
+	sub, sub6 := netip.MustParsePrefix("10.244.200.0/24"), netip.MustParsePrefix("fd00:10:244:c8::/64")
+	key, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const mtu = 1500 - 80
+	devs := map[string]*device.Device{}
+	for name, port := range map[string]int{"flannel-wg": 51820, "flannel-wg-v6": 51821} {
+		err := fh.Do(func() error {
+			tdev, err := tun.CreateTUN(name, mtu)
+			if err != nil {
+				return err
+			}
+			d := device.NewDevice(tdev, conn.NewStdNetBind(), &device.Logger{Verbosef: device.DiscardLogf, Errorf: device.DiscardLogf})
+			devs[name] = d
+			if err := d.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\nreplace_peers=true\n", hex.EncodeToString(key[:]), port)); err != nil {
+				return err
+			}
+			return d.Up()
+		})
+		if d := devs[name]; d != nil {
+			t.Cleanup(d.Close)
+		}
+		if err != nil {
+			t.Fatalf("%s on %s: %v", name, fh.Name, err)
+		}
+	}
+	// flannel's Configure and ConfigureV6: the subnets' addresses as /32 and /128, the networks
+	// routed into the devices.
+	err = fh.IP(t.Context(),
+		fmt.Sprintf("addr add %s/32 dev flannel-wg", sub.Addr()),
+		"link set flannel-wg up",
+		"route replace 10.244.0.0/16 dev flannel-wg scope link",
+		fmt.Sprintf("addr add %s/128 dev flannel-wg-v6 nodad", sub6.Addr()),
+		"link set flannel-wg-v6 up",
+		"route replace fd00:10:244::/56 dev flannel-wg-v6")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fh.SetupDocker0(subnetmgr.GatewayOf(sub), mtu); err != nil {
+		t.Fatal(err)
+	}
+	if err := fh.SetupDocker0IPv6(subnetmgr.GatewayOf(sub6)); err != nil {
+		t.Fatal(err)
+	}
+	fc, err := fh.AddContainer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The lease as flanneld v0.28 writes it (newSubnetAttrs): BackendV6Data with ListenPortV6.
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	grant, err := topo.EtcdClient().Grant(ctx, 3600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":"%s","BackendType":"wireguard","BackendData":{"PublicKey":"%s","Port":51820},"BackendV6Data":{"PublicKey":"%s","Port":51821}}`,
+		fh.UnderlayIP, fh.UnderlayIPv6, key.PublicKey(), key.PublicKey())
+	if _, err := topo.EtcdClient().Put(ctx, xdPrefix+"/subnets/10.244.200.0-24&fd00:10:244:c8::-64", value, clientv3.WithLease(grant.ID)); err != nil {
+		t.Fatal(err)
+	}
+
+	bin := harness.BuildXnetd(t)
+	var nodes []*xdNode
+	for _, h := range hosts[1:] {
+		n := &xdNode{Host: h, bin: bin}
+		n.start(t)
+		n.waitReady(t)
+		nodes = append(nodes, n)
+	}
+	for _, n := range nodes {
+		n.waitPeers(t, 2)
+	}
+	// flannel's handleSubnetEvents in separate mode for the xnet hosts' leases.
+	leases, _, err := subnetmgrList(ctx, topo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range leases {
+		if l.Subnet == sub {
+			continue
+		}
+		d4, err4 := subnetmgr.ParseWireGuardData(l.BackendData)
+		d6, err6 := subnetmgr.ParseWireGuardData(l.BackendV6Data)
+		if err4 != nil || err6 != nil || d6.PublicKey != d4.PublicKey || d6.Port != 51821 || !l.PublicIPv6.IsValid() {
+			t.Fatalf("xnet lease %+v: want flannel's dual-stack wireguard lease (%v %v)", l, err4, err6)
+		}
+		pub, err := wgtypes.ParseKey(d4.PublicKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []struct {
+			dev      string
+			endpoint netip.AddrPort
+			subnet   netip.Prefix
+		}{
+			{"flannel-wg", netip.AddrPortFrom(l.PublicIP, d4.Port), l.Subnet},
+			{"flannel-wg-v6", netip.AddrPortFrom(l.PublicIPv6, d6.Port), l.IPv6Subnet},
+		} {
+			conf := fmt.Sprintf("public_key=%s\nendpoint=%s\nreplace_allowed_ips=true\nallowed_ip=%s\n", hex.EncodeToString(pub[:]), p.endpoint, p.subnet)
+			if err := devs[p.dev].IpcSet(conf); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	cs := append(xdContainers(t, nodes), fc)
+	for _, n := range nodes {
+		if route := n.routeTo(t, sub6); !strings.Contains(route, wireguard.DeviceNameV6) {
+			t.Errorf("%s: route to the flannel host's IPv6 subnet %q, want it on %s", n.Name, route, wireguard.DeviceNameV6)
+		}
+	}
+	if failed := dualMesh(cs); len(failed) > 0 {
+		t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
+	}
+	transferTo(t, cs[0], fc, fc.IPv6, 8<<20)
+	transferTo(t, fc, cs[1], cs[1].IPv6, 8<<20)
 }
 
 // wgFlannel is a host configured as flannel's wireguard backend configures one.

@@ -55,9 +55,16 @@ func xdCluster(t *testing.T, hosts int, config string, extra ...string) ([]*xdNo
 // xdClusterOn is xdCluster on a topology built with opts (opts.Hosts hosts, etcd included).
 func xdClusterOn(t *testing.T, opts harness.Options, config string, extra ...string) ([]*xdNode, *harness.Topology) {
 	t.Helper()
-	hosts := opts.Hosts
 	opts.WithEtcd = true
 	topo := harness.NewForTest(t, opts)
+	return xdStart(t, topo, config, extra...), topo
+}
+
+// xdStart runs xnetd with config on every host of topo (built WithEtcd) and waits until each
+// lists the others as peers.
+func xdStart(t *testing.T, topo *harness.Topology, config string, extra ...string) []*xdNode {
+	t.Helper()
+	hosts := len(topo.Hosts())
 	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), config)
 	bin := harness.BuildXnetd(t)
 	// One after the other, so each host finds the earlier ones' leases at start.
@@ -72,7 +79,7 @@ func xdClusterOn(t *testing.T, opts harness.Options, config string, extra ...str
 	for _, n := range nodes {
 		n.waitPeers(t, hosts-1)
 	}
-	return nodes, topo
+	return nodes
 }
 
 // waitPeers waits until the daemon's state lists want peers.
@@ -141,7 +148,8 @@ type xdState struct {
 	Ready       bool   `json:"ready"`
 	MetricsAddr string `json:"metrics_addr"`
 	Lease       struct {
-		Subnet netip.Prefix `json:"subnet"`
+		Subnet     netip.Prefix `json:"subnet"`
+		IPv6Subnet netip.Prefix `json:"ipv6_subnet"` // dual stack only
 	} `json:"lease"`
 	Peers []struct {
 		Subnet netip.Prefix `json:"subnet"`
