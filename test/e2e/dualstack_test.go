@@ -272,6 +272,10 @@ func TestDualStackWithAFlannelHost(t *testing.T) {
 	transferTo(t, fc, ec, ec.IPv6, 8<<20)
 	transferTo(t, ec, fc, fc.IP, 1<<20)
 	transferTo(t, fc, ec, ec.IP, 1<<20)
+	// The ebpf host's own IPv6 (xnet0, encap_host, the route's 1430-byte MTU) to the flannel
+	// container, and back to xnet0's address.
+	self := &harness.Container{Namespace: ebpfNode.Namespace, Host: ebpfNode.Host, IP: ebpfNode.UnderlayIP}
+	transferTo(t, self, fc, fc.IPv6, 1<<20)
 	// Every peer of the ebpf host has an IPv6 VTEP: none of its IPv6 rides the IPv4 VXLAN.
 	got := count.Stop()
 	over6, over4 := harness.VXLANKind{Underlay6: true, Inner6: true}, harness.VXLANKind{Inner6: true}
