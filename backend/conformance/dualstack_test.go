@@ -130,6 +130,12 @@ func dualUnderlayTaken(t *testing.T, c *cluster) {
 			t.Errorf("%s: on %s's underlay NIC %d datagrams of %s and %d of %s (all: %v); want some of the first, none of the second",
 				p, a.Name, got[w.want], w.want, got[w.not], w.not, got)
 		}
+		// The TCP exchange leaves as GSO packets, segmented after the underlay NIC (a veth
+		// passes UDP-tunnel GSO on): frames above its MTU. Over IPv6 that needs the
+		// kernel to mark them UDP-tunnel GSO with checksums, which only a vxlan device does.
+		if largest := count.Largest()[w.want]; largest <= 1500+14 {
+			t.Errorf("%s: the largest datagram of %s on %s's underlay NIC is %d bytes: want GSO packets above the MTU", p, w.want, a.Name, largest)
+		}
 	}
 }
 

@@ -32,20 +32,22 @@ func (k VXLANKind) String() string {
 
 // VXLANCounter counts the VXLAN datagrams (UDP to one port) an interface sends and receives, by
 // VXLANKind: proof of which underlay a path takes that no backend can fake. A GSO packet the
-// interface carries whole counts once.
+// interface carries whole counts once, and its length shows in Largest: a frame longer than the
+// interface's MTU is a GSO packet that kept its offload down to the interface.
 type VXLANCounter struct {
-	fd     int
-	port   uint16
-	stop   atomic.Bool
-	done   sync.WaitGroup
-	mu     sync.Mutex
-	counts map[VXLANKind]int
+	fd      int
+	port    uint16
+	stop    atomic.Bool
+	done    sync.WaitGroup
+	mu      sync.Mutex
+	counts  map[VXLANKind]int
+	largest map[VXLANKind]int
 }
 
 // CountVXLAN starts counting the VXLAN datagrams to port on the interface iface of the
 // namespace. Stop ends it.
 func (n *Namespace) CountVXLAN(iface string, port int) (*VXLANCounter, error) {
-	c := &VXLANCounter{fd: -1, port: uint16(port), counts: map[VXLANKind]int{}}
+	c := &VXLANCounter{fd: -1, port: uint16(port), counts: map[VXLANKind]int{}, largest: map[VXLANKind]int{}}
 	err := n.Do(func() error {
 		ifc, err := net.InterfaceByName(iface)
 		if err != nil {
@@ -93,6 +95,7 @@ func (c *VXLANCounter) read() {
 		if kind, ok := c.classify(buf[:min(n, len(buf))]); ok {
 			c.mu.Lock()
 			c.counts[kind]++
+			c.largest[kind] = max(c.largest[kind], n) // with MSG_TRUNC, the frame's whole length
 			c.mu.Unlock()
 		}
 	}
@@ -134,6 +137,17 @@ func (c *VXLANCounter) Counts() map[VXLANKind]int {
 	defer c.mu.Unlock()
 	out := make(map[VXLANKind]int, len(c.counts))
 	for k, v := range c.counts {
+		out[k] = v
+	}
+	return out
+}
+
+// Largest is the length of the longest frame of each kind so far, Ethernet header included.
+func (c *VXLANCounter) Largest() map[VXLANKind]int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[VXLANKind]int, len(c.largest))
+	for k, v := range c.largest {
 		out[k] = v
 	}
 	return out
