@@ -32,22 +32,22 @@ func (k VXLANKind) String() string {
 
 // VXLANCounter counts the VXLAN datagrams (UDP to one port) an interface sends and receives, by
 // VXLANKind: proof of which underlay a path takes that no backend can fake. A GSO packet the
-// interface carries whole counts once, and its length shows in Largest: a frame longer than the
-// interface's MTU is a GSO packet that kept its offload down to the interface.
+// interface carries whole counts once, and its length shows in LargestSent: a frame longer than
+// the interface's MTU is a GSO packet that kept its offload down to the interface.
 type VXLANCounter struct {
-	fd      int
-	port    uint16
-	stop    atomic.Bool
-	done    sync.WaitGroup
-	mu      sync.Mutex
-	counts  map[VXLANKind]int
-	largest map[VXLANKind]int
+	fd          int
+	port        uint16
+	stop        atomic.Bool
+	done        sync.WaitGroup
+	mu          sync.Mutex
+	counts      map[VXLANKind]int
+	largestSent map[VXLANKind]int
 }
 
 // CountVXLAN starts counting the VXLAN datagrams to port on the interface iface of the
 // namespace. Stop ends it.
 func (n *Namespace) CountVXLAN(iface string, port int) (*VXLANCounter, error) {
-	c := &VXLANCounter{fd: -1, port: uint16(port), counts: map[VXLANKind]int{}, largest: map[VXLANKind]int{}}
+	c := &VXLANCounter{fd: -1, port: uint16(port), counts: map[VXLANKind]int{}, largestSent: map[VXLANKind]int{}}
 	err := n.Do(func() error {
 		ifc, err := net.InterfaceByName(iface)
 		if err != nil {
@@ -85,7 +85,7 @@ func (c *VXLANCounter) read() {
 	defer c.done.Done()
 	buf := make([]byte, 256) // the headers are all we look at
 	for !c.stop.Load() {
-		n, _, err := unix.Recvfrom(c.fd, buf, unix.MSG_TRUNC)
+		n, from, err := unix.Recvfrom(c.fd, buf, unix.MSG_TRUNC)
 		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -95,7 +95,9 @@ func (c *VXLANCounter) read() {
 		if kind, ok := c.classify(buf[:min(n, len(buf))]); ok {
 			c.mu.Lock()
 			c.counts[kind]++
-			c.largest[kind] = max(c.largest[kind], n) // with MSG_TRUNC, the frame's whole length
+			if ll, ok := from.(*unix.SockaddrLinklayer); ok && ll.Pkttype == unix.PACKET_OUTGOING {
+				c.largestSent[kind] = max(c.largestSent[kind], n) // with MSG_TRUNC, the frame's whole length
+			}
 			c.mu.Unlock()
 		}
 	}
@@ -142,12 +144,13 @@ func (c *VXLANCounter) Counts() map[VXLANKind]int {
 	return out
 }
 
-// Largest is the length of the longest frame of each kind so far, Ethernet header included.
-func (c *VXLANCounter) Largest() map[VXLANKind]int {
+// LargestSent is the length of the longest frame of each kind the interface sent so far,
+// Ethernet header included.
+func (c *VXLANCounter) LargestSent() map[VXLANKind]int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := make(map[VXLANKind]int, len(c.largest))
-	for k, v := range c.largest {
+	out := make(map[VXLANKind]int, len(c.largestSent))
+	for k, v := range c.largestSent {
 		out[k] = v
 	}
 	return out
