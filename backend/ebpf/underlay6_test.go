@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/backend/conformance"
 	"github.com/xnet-dev/xnet/bpf/testpkt"
@@ -179,5 +181,80 @@ func sendUDP(t *testing.T, h *harness.Host, src, dst netip.Addr, port int, paylo
 	})
 	if err != nil {
 		t.Fatal(fmt.Errorf("send from %v to %v: %w", src, dst, err))
+	}
+}
+
+// xnet6 outlives the process as xnet0 does: a restarted backend adopts the same device (a
+// device made again would drop the traffic in flight and the peers' neighbour state), one
+// without an IPv6 underlay deletes it, and teardown removes it.
+func TestTunnelDeviceIsAdoptedAndRemoved(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 1, IPv6Underlay: true})
+	h := topo.Hosts()[0]
+	local := dualStackLease(t, 0, h.UnderlayIP)
+	tunnel := func() (index int, external bool) {
+		t.Helper()
+		_ = h.Do(func() error {
+			l, err := netlink.LinkByName(TunnelDevice)
+			if err != nil {
+				return nil
+			}
+			vx, ok := l.(*netlink.Vxlan)
+			index, external = l.Attrs().Index, ok && vx.FlowBased && l.Attrs().HardwareAddr.String() == backend.VtepMACv6(h.UnderlayIPv6).String()
+			return nil
+		})
+		return index, external
+	}
+	start := func(b *Backend) {
+		t.Helper()
+		if err := b.Setup(t.Context(), local, dualStackConfig); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	b := newDualOn(t, h)
+	t.Cleanup(func() { _ = b.Close(true) })
+	start(b)
+	first, external := tunnel()
+	if first == 0 || !external {
+		t.Fatalf("after Setup with an IPv6 underlay: %s ifindex %d, external with our IPv6 VTEP MAC %v", TunnelDevice, first, external)
+	}
+	if !b.ReceivesOnIPv6Underlay() {
+		t.Error("ReceivesOnIPv6Underlay is false with an IPv6 underlay")
+	}
+	if err := b.Close(false); err != nil {
+		t.Fatal(err)
+	}
+	b = newDualOn(t, h)
+	start(b)
+	if again, _ := tunnel(); again != first {
+		t.Fatalf("after a restart %s has ifindex %d, was %d: made again, not adopted", TunnelDevice, again, first)
+	}
+	if err := b.Close(false); err != nil {
+		t.Fatal(err)
+	}
+
+	// A start without the IPv6 underlay (no --public-ipv6, the address gone).
+	b = newOn(t, h, DecapTC)
+	start(b)
+	if idx, _ := tunnel(); idx != 0 {
+		t.Fatalf("a backend without an IPv6 underlay kept %s (ifindex %d)", TunnelDevice, idx)
+	}
+	if b.ReceivesOnIPv6Underlay() {
+		t.Error("ReceivesOnIPv6Underlay is true without an IPv6 underlay")
+	}
+	if err := b.Close(false); err != nil {
+		t.Fatal(err)
+	}
+
+	b = newDualOn(t, h)
+	start(b)
+	if idx, _ := tunnel(); idx == 0 {
+		t.Fatalf("%s not made again", TunnelDevice)
+	}
+	if err := b.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	if idx, _ := tunnel(); idx != 0 {
+		t.Fatalf("teardown left %s (ifindex %d)", TunnelDevice, idx)
 	}
 }
