@@ -15,6 +15,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/ebpf"
+	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -256,6 +258,11 @@ func TestDualStackWithAFlannelHost(t *testing.T) {
 	want := fmt.Sprintf("%v via %v mac %v (bpf, IPv6 underlay)", flannelSub6, flannel.UnderlayIPv6, mac6)
 	if !slices.Contains(st.Routes, want) {
 		t.Errorf("%s (ebpf) status: routes %q, want %q", ebpfNode.Name, st.Routes, want)
+	}
+	// xnetd check finds decap_tunnel where it belongs (the flannel host answers no health
+	// probes, so the check as a whole may fail; its datapath line must not).
+	if out, _ := ebpfNode.check(t); !strings.Contains(out, "programs attached where they belong") || strings.Contains(out, string(loader.DecapTunnel)) {
+		t.Errorf("xnetd check on %s (ebpf): want every program attached, decap_tunnel on %s included:\n%s", ebpfNode.Name, ebpf.TunnelDevice, out)
 	}
 	count, err := ebpfNode.CountVXLAN("eth0", 8472)
 	if err != nil {
