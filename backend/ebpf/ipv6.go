@@ -1,12 +1,13 @@
 package ebpf
 
 // IPv6 in a dual-stack overlay (subnetmgr.Config.EnableIPv6): containers' IPv6 packets cross the
-// same tunnel as their IPv4 ones. The programs (bpf/ipv6.h) encapsulate an inner IPv6 packet
-// (EtherType 0x86DD) in the same VXLAN over the IPv4 underlay, to the same peer, with the same
-// VNI and VTEP MACs, and decapsulate it under the same rules, so one program, one pair of MACs
-// and one set of per-peer counters serve both families. The Go side adds per host the config6
-// entry (our IPv6 lease and the gateway Docker puts in it), per peer one routes6 entry (its
-// IPv6Subnet, pointing at the same PublicIP and VTEP MAC as its IPv4 route), and on xnet0 the
+// same tunnel as their IPv4 ones, unless both hosts have an IPv6 underlay (below). The programs
+// (bpf/ipv6.h) encapsulate an inner IPv6 packet (EtherType 0x86DD) in the same VXLAN over the
+// IPv4 underlay, to the same peer, with the same VNI and VTEP MACs, and decapsulate it under the
+// same rules, so one program, one pair of MACs and one set of per-peer counters serve both
+// families. The Go side adds per host the config6 entry (our IPv6 lease and the gateway Docker
+// puts in it, and our IPv6 VTEP when we have one), per peer one routes6 entry (its IPv6Subnet,
+// pointing at the same PublicIP and VTEP MAC as its IPv4 route, or at its IPv6 VTEP), and on xnet0 the
 // IPv6 twin of its IPv4 setup (our subnet's first address, /128, and a route for the IPv6
 // Network), so the host reaches remote containers over IPv6 too. Containers' IPv6 addresses
 // are learned as their IPv4 ones are: from what they send (endpoints6).
