@@ -1,12 +1,14 @@
 // Package ebpf is xnet's eBPF backend: VXLAN in BPF programs (package bpf), wire-compatible with
-// the kernel's vxlan device as flannel sets it up, without any vxlan device.
+// the kernel's vxlan device as flannel sets it up, without any vxlan device on the data path but
+// one: VXLAN over an IPv6 underlay goes through a metadata-mode vxlan device (tunnel.go).
 //
 // It owns what the datapath is attached to on this host and what its maps say: the config
 // entry, one route and one counter entry per peer, the TC attachments on every container veth
 // (it follows Docker's docker0 through netlink), the routed device xnet0 for the host's own
 // traffic, a down vxlan device on docker0 that only gives containers headroom for the outer
-// headers (headroom.go), and the decap attachment on the underlay NIC. It does not own leases (subnetmgr),
-// loading and pinning (loader) or map layouts (maps).
+// headers (headroom.go), in a dual-stack overlay with an IPv6 underlay the vxlan device xnet6
+// that carries IPv6 over it (tunnel.go), and the decap attachment on the underlay NIC. It does
+// not own leases (subnetmgr), loading and pinning (loader) or map layouts (maps).
 //
 // Design history:
 //
