@@ -54,9 +54,10 @@ type DualStack interface {
 }
 
 // IPv6Receiver is implemented by dual-stack backends that can take IPv6 container traffic
-// arriving on our IPv6 underlay address (vxlan's IPv6 device, host-gw's routes). xnetd publishes
-// PublicIPv6 only when ReceivesOnIPv6Underlay says so: a peer configured as flannel sends IPv6
-// to a PublicIPv6, and a backend that listens only on IPv4 (udp, ebpf) would drop it there.
+// arriving on our IPv6 underlay address (vxlan's IPv6 device, ebpf's metadata-mode one,
+// host-gw's routes). xnetd publishes PublicIPv6 only when ReceivesOnIPv6Underlay says so: a peer
+// configured as flannel sends IPv6 to a PublicIPv6, and a backend that listens only on IPv4
+// (udp) would drop it there.
 type IPv6Receiver interface {
 	ReceivesOnIPv6Underlay() bool
 }
@@ -65,7 +66,8 @@ type IPv6Receiver interface {
 // underlay address (PublicIPv6) and b's BackendV6Data, both or neither. Both only when b takes
 // IPv6 on that address (IPv6Receiver): flannel reads the pair as an IPv6 VTEP at PublicIPv6 (and
 // v0.28 dereferences PublicIPv6 without a check once BackendV6Data parses). Without them peers
-// send our IPv6 to our IPv4 VTEP (ParseVXLANPeerV6), where udp and ebpf take it. b must
+// send our IPv6 to our IPv4 VTEP (ParseVXLANPeerV6), where udp (and ebpf without an IPv6
+// underlay) take it. b must
 // implement DualStack.
 func IPv6LeaseAttrs(b Backend, iface ExternalInterface) (publicIPv6 netip.Addr, data json.RawMessage, err error) {
 	ds, ok := b.(DualStack)

@@ -64,12 +64,31 @@ enum verdict {
 	VERDICT_ICMP_PACKET_TOO_BIG,/* an IPv6 packet too big for the underlay once encapsulated: answered with ICMPv6 Packet Too Big */
 	VERDICT_DROP_EXT_HEADERS,   /* an IPv6 packet whose extension headers had to be walked but are cut short or more than XNET_IPV6_MAX_EXT_HDRS */
 	VERDICT_BRIDGE_TO_VETH,     /* an overlay packet the host forwarded from xnet0 into a container bridge, handed to the container's veth instead of the bridge's transmit (deliver_bridge) */
+	VERDICT_DROP_ICMP_RATELIMIT,/* too big for the underlay once encapsulated, and the ICMP error that would answer it is over the rate limit (icmp_ratelimit in maps.h) */
+	VERDICT_DROP_WRONG_VNI,     /* VXLAN on the tunnel device (IPv6 underlay) with another VNI than ours */
 	VERDICT_MAX,
 };
 
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+
+/* What VXLAN adds in front of an inner packet over the IPv6 underlay: the
+ * outer IPv6 header is 40 bytes, not 20. backend.VXLANOverheadV6 on the Go
+ * side. */
+#define XNET_VXLAN6_OVERHEAD 70
+
+/* icmp_ratelimit: how many ICMP errors (fragmentation needed, Packet Too Big)
+ * the encap may send, per CPU: one per XNET_ICMP_INTERVAL_NS on average, up to
+ * XNET_ICMP_BURST at once. The kernel's own defaults for its ICMP errors
+ * (net.ipv4.icmp_msgs_per_sec = 1000, icmp_msgs_burst = 50). A container that
+ * floods oversize packets then costs the host at most that many replies, and
+ * one that sends a few gets every answer. An enum so that bpf2go hands the
+ * numbers to Go (tests check the budget with them). */
+enum icmp_ratelimit {
+	XNET_ICMP_BURST = 50,
+	XNET_ICMP_INTERVAL_NS = 1000000,
+};
 
 #ifndef IP_MF
 #define IP_MF 0x2000

@@ -110,7 +110,8 @@ static __always_inline __u32 container_gateway(const struct host_config *cfg)
  *
  * From a container (answer set): with DF, the container gets an ICMP
  * "fragmentation needed" with the overlay MTU and its path MTU discovery
- * does the rest, as with the kernel's vxlan; without DF it goes to the
+ * does the rest, as with the kernel's vxlan (within the rate limit of
+ * icmp_allowed: beyond it the packet is dropped unanswered); without DF it goes to the
  * kernel, which routes it into xnet0 (whose MTU is the overlay's), fragments
  * it there and encap_host sends the fragments. A GSO packet counts by its
  * segments; TCP's always carry DF.
@@ -131,6 +132,10 @@ static __always_inline int encap_too_big(struct __sk_buff *skb, const struct hos
 	if (!(inner->frag_off & bpf_htons(IP_DF))) {
 		count(VERDICT_PASS_TOO_BIG, len);
 		return XNET_TC_PASS;
+	}
+	if (!icmp_allowed()) {
+		count(VERDICT_DROP_ICMP_RATELIMIT, len);
+		return TC_ACT_SHOT;
 	}
 	if (icmp_frag_needed(skb, container_gateway(cfg), cfg->underlay_mtu - XNET_VXLAN_OVERHEAD) < 0) {
 		count(VERDICT_DROP_HELPER, len);

@@ -9,4 +9,4 @@
 // committed files differ from what that produces.
 package bpf
 
-//go:generate go tool bpf2go -go-package bpf -target bpfel -cflags "-O2 -g -Wall -I/usr/include/x86_64-linux-gnu" -type verdict -type route_key -type route -type peer_stats -type counter -type endpoint -type nexthop -type host_config -type route6_key -type route6 -type host_config6 Xnet xnet.c
+//go:generate go tool bpf2go -go-package bpf -target bpfel -cflags "-O2 -g -Wall -I/usr/include/x86_64-linux-gnu" -type verdict -type route_key -type route -type peer_stats -type counter -type endpoint -type nexthop -type host_config -type route6_key -type route6 -type host_config6 -type icmp_bucket -type icmp_ratelimit Xnet xnet.c

@@ -2,8 +2,9 @@
 /*
  * IPv6 container traffic in a dual-stack overlay: the IPv6 halves of the
  * encap and decap, for the programs in xnet.c. Inner IPv6 packets cross the
- * same tunnel as IPv4 ones: VXLAN over the IPv4 underlay to the peer's
- * PublicIP, with the inner Ethernet type 0x86DD, the same VNI, VTEP MACs, GSO
+ * same tunnel as IPv4 ones (except to a peer with an IPv6 VTEP while we have
+ * one too: then VXLAN over the IPv6 underlay, underlay6.h): VXLAN over the
+ * IPv4 underlay to the peer's PublicIP, with the inner Ethernet type 0x86DD, the same VNI, VTEP MACs, GSO
  * handling (bpf_skb_adjust_room with the UDP-tunnel flags) and per-peer
  * counters. So one program and one pair of VTEP MACs serve both families, as
  * the lease's BackendV6Data says (backend/ebpf).
@@ -49,6 +50,7 @@
 #include "parse.h"
 #include "encap.h"
 #include "icmp6.h"
+#include "underlay6.h"
 
 /* ip6_link_scope says whether a is link-local unicast (fe80::/10) or
  * multicast (ff00::/8): traffic of the link the container sits on, which the
@@ -160,11 +162,13 @@ static __always_inline __u32 encap6_seg_len(struct __sk_buff *skb, __u8 nexthdr)
 /*
  * encap6_too_big deals with an IPv6 packet that will not fit the underlay once
  * encapsulated: from a container (answer set) it is answered with Packet Too
- * Big carrying the overlay MTU, unless it is an ICMPv6 error; in xnet0 the
- * stack already held it to xnet0's MTU, and a misfit is dropped and counted.
+ * Big carrying mtu, the overlay MTU on the path the packet would take, unless
+ * it is an ICMPv6 error or the ICMP budget is spent (icmp_allowed); in xnet0
+ * the stack already held it to xnet0's MTU, and a misfit is dropped and
+ * counted.
  */
-static __always_inline int encap6_too_big(struct __sk_buff *skb, const struct host_config *cfg,
-					  const struct host_config6 *cfg6, __u8 nexthdr, int answer)
+static __always_inline int encap6_too_big(struct __sk_buff *skb, const struct host_config6 *cfg6, __u8 nexthdr,
+					  __u32 mtu, int answer)
 {
 	__u32 len = skb->len, l4_off = 0;
 	__u8 type = 0;
@@ -184,7 +188,11 @@ static __always_inline int encap6_too_big(struct __sk_buff *skb, const struct ho
 		count(VERDICT_DROP_TOO_BIG, len);
 		return TC_ACT_SHOT;
 	}
-	if (icmp6_packet_too_big(skb, cfg6->gateway, cfg->underlay_mtu - XNET_VXLAN_OVERHEAD) < 0) {
+	if (!icmp_allowed()) {
+		count(VERDICT_DROP_ICMP_RATELIMIT, len);
+		return TC_ACT_SHOT;
+	}
+	if (icmp6_packet_too_big(skb, cfg6->gateway, mtu) < 0) {
 		count(VERDICT_DROP_HELPER, len);
 		return TC_ACT_SHOT;
 	}
@@ -204,21 +212,28 @@ static __always_inline int encap6(struct __sk_buff *skb, const struct host_confi
 {
 	struct underlay_hop hop = {};
 	struct route rt = {};
+	struct route6 rt6 = *found;
 	__u8 tclass = ipv6_tclass(inner), nexthdr = inner->nexthdr;
-	__u32 seg, hash;
+	__u32 seg, hash, overhead = XNET_VXLAN_OVERHEAD;
+	/* Over the IPv6 underlay only while xnet6 is there to carry it. */
+	int underlay6 = rt6.underlay6 && cfg6->tunnel_ifindex;
 
 	/* The IPv4 route the tunnel code takes: the same peer. Copied, as
 	 * encap copies: the entry may change under us. */
-	*(__u32 *)rt.remote_ip = ip4_word(found->remote_ip);
-	mac_copy(rt.vtep_mac, found->vtep_mac);
+	*(__u32 *)rt.remote_ip = ip4_word(rt6.remote_ip);
+	mac_copy(rt.vtep_mac, rt6.vtep_mac);
 
 	seg = encap6_seg_len(skb, nexthdr);
 	if (!seg) {
 		count(VERDICT_DROP_EXT_HEADERS, skb->len);
 		return TC_ACT_SHOT;
 	}
-	if (seg + XNET_VXLAN_OVERHEAD > cfg->underlay_mtu)
-		return encap6_too_big(skb, cfg, cfg6, nexthdr, from_container);
+	if (underlay6)
+		overhead = XNET_VXLAN6_OVERHEAD;
+	if (seg + overhead > cfg->underlay_mtu)
+		return encap6_too_big(skb, cfg6, nexthdr, cfg->underlay_mtu - overhead, from_container);
+	if (underlay6)
+		return tunnel6_send(skb, cfg, cfg6, &rt6);
 	if (find_hop(skb, cfg, rt.remote_ip, &hop) < 0) {
 		count(VERDICT_DROP_NO_NEXTHOP, skb->len);
 		return TC_ACT_SHOT;

@@ -112,6 +112,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints6 SEC(".maps");
 
+/* icmp_buckets: the token bucket of the ICMP errors the encap sends (one
+ * entry, per CPU: no atomics, and a CPU flooded by one container does not
+ * starve the others); see enum icmp_ratelimit and icmp_allowed below. Pinned
+ * like the rest: a restart does not refill the buckets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct icmp_bucket);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} icmp_buckets SEC(".maps");
+
 /*
  * The one way each map is read or counted into.
  */
@@ -192,6 +204,35 @@ static __always_inline struct route6 *route6_of(const void *addr)
 	k[2] = a[2];
 	k[3] = a[3];
 	return bpf_map_lookup_elem(&routes6, &key);
+}
+
+/* icmp_allowed takes one token from this CPU's ICMP bucket: 1 when the encap
+ * may send the ICMP error it is about to build, 0 when it is over the budget
+ * (the packet is then dropped unanswered, as the kernel's icmp_global_allow
+ * drops its own). The bucket holds time rather than tokens: every nanosecond
+ * since the last error adds one, up to XNET_ICMP_BURST intervals, and an error
+ * costs one interval. An entry never used holds 0 as its last time, so the
+ * first error finds a full bucket. */
+static __always_inline int icmp_allowed(void)
+{
+	__u32 zero = 0;
+	struct icmp_bucket *b = bpf_map_lookup_elem(&icmp_buckets, &zero);
+	__u64 now = bpf_ktime_get_ns(), credit, full = (__u64)XNET_ICMP_BURST * XNET_ICMP_INTERVAL_NS;
+
+	if (!b)
+		return 0;
+	credit = now - b->last_ns;
+	if (credit > full || b->credit_ns > full - credit)
+		credit = full;
+	else
+		credit += b->credit_ns;
+	b->last_ns = now;
+	if (credit < XNET_ICMP_INTERVAL_NS) {
+		b->credit_ns = credit;
+		return 0;
+	}
+	b->credit_ns = credit - XNET_ICMP_INTERVAL_NS;
+	return 1;
 }
 
 #endif /* XNET_MAPS_H */

@@ -116,6 +116,12 @@ struct host_config {
 	__u8 host_routing_kernel;
 };
 
+/* icmp_bucket: one CPU's ICMP error budget (maps.h icmp_allowed). */
+struct icmp_bucket {
+	__u64 last_ns;   /* bpf_ktime_get_ns of the last error asked for */
+	__u64 credit_ns; /* time credit then, at most XNET_ICMP_BURST * XNET_ICMP_INTERVAL_NS */
+};
+
 /* The VXLAN header of RFC 7348 (no uapi header has it): flags (I bit = a VNI
  * is present), 24 reserved bits, the 24-bit VNI, 8 reserved bits. */
 struct vxlanhdr {
@@ -129,7 +135,8 @@ struct vxlanhdr {
  * and the per-packet work it had, and a dual-stack one adds only what IPv6
  * needs. Inner IPv6 packets cross the same tunnel as IPv4 (one VTEP, one VNI,
  * the IPv4 underlay), so what a route6 points at is the same peer as its
- * IPv4 route.
+ * IPv4 route; except where both hosts have an IPv6 underlay, as flannel's
+ * dual stack has it: then over that, to the peer's IPv6 VTEP (underlay6.h).
  */
 
 /* ipv6_addr: an IPv6 address in wire order; bpftool prints its 16 bytes. Like
@@ -169,7 +176,12 @@ struct route6_key {
 struct route6 {
 	ipv4_addr remote_ip;          /* the peer's PublicIP: outer destination (IPv4 underlay); keys its counters */
 	__u8 vtep_mac[XNET_ETH_ALEN]; /* inner destination MAC: the VtepMAC of the peer's BackendV6Data (else BackendData) */
-	__u16 pad;
+	/* 1: the peer has an IPv6 VTEP (a PublicIPv6 and a BackendV6Data VtepMAC of its own) and so
+	 * have we: VXLAN over the IPv6 underlay to remote_ip6, through the tunnel device
+	 * (underlay6.h), and vtep_mac is that VTEP's. 0: inside the IPv4 VXLAN to remote_ip. */
+	__u8 underlay6;
+	__u8 pad;
+	ipv6_addr remote_ip6;         /* the peer's PublicIPv6 when underlay6: outer destination, accepted outer source */
 };
 
 /* host_config6: this host's IPv6 side, entry 0 of the config6 map; written by
@@ -182,6 +194,15 @@ struct host_config6 {
 	 * on the first address): the containers' next hop, and the source of the ICMPv6 errors the
 	 * encap answers in its place. */
 	ipv6_addr gateway;
+	/* Our IPv6 underlay address (PublicIPv6), when we receive VXLAN over the IPv6 underlay: the
+	 * outer source towards route6s with underlay6. Zero without an IPv6 underlay. */
+	ipv6_addr local_ip6;
+	/* The metadata-mode vxlan device (xnet6) the encap hands IPv6-underlay packets to; 0: none. */
+	__u32 tunnel_ifindex;
+	/* Our IPv6 VTEP MAC (xnet6's, published as BackendV6Data's VtepMAC): the inner source MAC
+	 * we send, the inner destination MAC we accept over the IPv6 underlay. */
+	__u8 vtep_mac6[XNET_ETH_ALEN];
+	__u16 pad;
 };
 
 #endif /* XNET_STRUCTS_H */

@@ -10,6 +10,8 @@
  *   decap_tc         TC ingress of the underlay NIC
  *   decap_xdp        XDP of the underlay NIC (when --decap picks XDP)
  *   deliver_bridge   TC egress of each container bridge
+ *   decap_tunnel     TC ingress of xnet6, the metadata-mode vxlan device that
+ *                    carries VXLAN over the IPv6 underlay (underlay6.h)
  *
  * Encapsulating where the container's packet enters the host skips the
  * bridge, routing and netfilter; decapsulating at the NIC's ingress and
@@ -23,7 +25,8 @@
  * directions of the tunnel), direct.h (plain routing on our segment, and the
  * choice between it and the tunnel), icmp.h (the "fragmentation needed"
  * answer), csum.h, and for a dual-stack overlay ipv6.h (the IPv6 halves of
- * encap and decap) and icmp6.h (Packet Too Big). This file holds only the
+ * encap and decap), icmp6.h (Packet Too Big) and underlay6.h (VXLAN over the
+ * IPv6 underlay, through xnet6). This file holds only the
  * programs.
  */
 #include <linux/bpf.h>
@@ -43,6 +46,8 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 /* Keeps enum verdict in the BTF (it only appears as constants otherwise), so
  * bpf2go can generate the Go constants from it. */
 const enum verdict *unused_verdict __attribute__((unused));
+/* The same for enum icmp_ratelimit, whose constants the tests check against. */
+const enum icmp_ratelimit *unused_icmp_ratelimit __attribute__((unused));
 
 SEC("tc")
 int encap_container(struct __sk_buff *skb)
@@ -171,6 +176,36 @@ int deliver_bridge(struct __sk_buff *skb)
 	if (!cfg)
 		return XNET_TC_PASS;
 	return bridge_to_veth(skb, cfg);
+}
+
+/* What xnet6 received: judged by tunnel_classify (underlay6.h), then delivered
+ * as decap_tc delivers. The kernel's vxlan has stripped the outer headers and
+ * applied the outer ECN field already. */
+SEC("tc")
+int decap_tunnel(struct __sk_buff *skb)
+{
+	const struct host_config *cfg;
+	struct tunnel_match m = {};
+	ipv6_addr daddr;
+	int verdict;
+
+	cfg = get_config();
+	if (!cfg) {
+		count(VERDICT_DROP_NO_CONFIG, skb->len);
+		return TC_ACT_SHOT;
+	}
+	verdict = tunnel_classify(skb, cfg, &m);
+	if (verdict != VERDICT_DECAP) {
+		count(verdict, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count(VERDICT_DECAP, skb->len);
+	count_peer(m.peer_ip, skb->len, 1);
+	if (m.inner_ipv6) {
+		ip6_copy(daddr, m.inner_daddr6);
+		return deliver6(skb, cfg, daddr);
+	}
+	return deliver(skb, cfg, m.inner_daddr);
 }
 
 SEC("xdp")

@@ -46,11 +46,28 @@ type XnetHostConfig struct {
 }
 
 type XnetHostConfig6 struct {
-	_          structs.HostLayout
-	SubnetAddr [16]uint8
-	SubnetMask [16]uint8
-	Gateway    [16]uint8
+	_             structs.HostLayout
+	SubnetAddr    [16]uint8
+	SubnetMask    [16]uint8
+	Gateway       [16]uint8
+	LocalIp6      [16]uint8
+	TunnelIfindex uint32
+	VtepMac6      [6]uint8
+	Pad           uint16
 }
+
+type XnetIcmpBucket struct {
+	_        structs.HostLayout
+	LastNs   uint64
+	CreditNs uint64
+}
+
+type XnetIcmpRatelimit uint32
+
+const (
+	XnetIcmpRatelimitXNET_ICMP_BURST       XnetIcmpRatelimit = 50
+	XnetIcmpRatelimitXNET_ICMP_INTERVAL_NS XnetIcmpRatelimit = 1000000
+)
 
 type XnetNexthop struct {
 	_       structs.HostLayout
@@ -77,10 +94,12 @@ type XnetRoute struct {
 }
 
 type XnetRoute6 struct {
-	_        structs.HostLayout
-	RemoteIp [4]uint8
-	VtepMac  [6]uint8
-	Pad      uint16
+	_         structs.HostLayout
+	RemoteIp  [4]uint8
+	VtepMac   [6]uint8
+	Underlay6 uint8
+	Pad       uint8
+	RemoteIp6 [16]uint8
 }
 
 type XnetRoute6Key struct {
@@ -124,28 +143,33 @@ const (
 	XnetVerdictVERDICT_ICMP_PACKET_TOO_BIG XnetVerdict = 23
 	XnetVerdictVERDICT_DROP_EXT_HEADERS    XnetVerdict = 24
 	XnetVerdictVERDICT_BRIDGE_TO_VETH      XnetVerdict = 25
-	XnetVerdictVERDICT_MAX                 XnetVerdict = 26
+	XnetVerdictVERDICT_DROP_ICMP_RATELIMIT XnetVerdict = 26
+	XnetVerdictVERDICT_DROP_WRONG_VNI      XnetVerdict = 27
+	XnetVerdictVERDICT_MAX                 XnetVerdict = 28
 )
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	XnetMapConfig          = "config"
-	XnetMapConfig6         = "config6"
-	XnetMapCounters        = "counters"
-	XnetMapEndpoints       = "endpoints"
-	XnetMapEndpoints6      = "endpoints6"
-	XnetMapNexthops        = "nexthops"
-	XnetMapPeers           = "peers"
-	XnetMapRoutes          = "routes"
-	XnetMapRoutes6         = "routes6"
-	XnetProgDecapTc        = "decap_tc"
-	XnetProgDecapXdp       = "decap_xdp"
-	XnetProgDeliverBridge  = "deliver_bridge"
-	XnetProgEncapContainer = "encap_container"
-	XnetProgEncapHost      = "encap_host"
-	XnetVarUnusedVerdict   = "unused_verdict"
+	XnetMapConfig              = "config"
+	XnetMapConfig6             = "config6"
+	XnetMapCounters            = "counters"
+	XnetMapEndpoints           = "endpoints"
+	XnetMapEndpoints6          = "endpoints6"
+	XnetMapIcmpBuckets         = "icmp_buckets"
+	XnetMapNexthops            = "nexthops"
+	XnetMapPeers               = "peers"
+	XnetMapRoutes              = "routes"
+	XnetMapRoutes6             = "routes6"
+	XnetProgDecapTc            = "decap_tc"
+	XnetProgDecapTunnel        = "decap_tunnel"
+	XnetProgDecapXdp           = "decap_xdp"
+	XnetProgDeliverBridge      = "deliver_bridge"
+	XnetProgEncapContainer     = "encap_container"
+	XnetProgEncapHost          = "encap_host"
+	XnetVarUnusedIcmpRatelimit = "unused_icmp_ratelimit"
+	XnetVarUnusedVerdict       = "unused_verdict"
 )
 
 // LoadXnet returns the embedded CollectionSpec for Xnet.
@@ -191,6 +215,7 @@ type XnetSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type XnetProgramSpecs struct {
 	DecapTc        *ebpf.ProgramSpec `ebpf:"decap_tc"`
+	DecapTunnel    *ebpf.ProgramSpec `ebpf:"decap_tunnel"`
 	DecapXdp       *ebpf.ProgramSpec `ebpf:"decap_xdp"`
 	DeliverBridge  *ebpf.ProgramSpec `ebpf:"deliver_bridge"`
 	EncapContainer *ebpf.ProgramSpec `ebpf:"encap_container"`
@@ -201,22 +226,24 @@ type XnetProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XnetMapSpecs struct {
-	Config     *ebpf.MapSpec `ebpf:"config"`
-	Config6    *ebpf.MapSpec `ebpf:"config6"`
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	Endpoints  *ebpf.MapSpec `ebpf:"endpoints"`
-	Endpoints6 *ebpf.MapSpec `ebpf:"endpoints6"`
-	Nexthops   *ebpf.MapSpec `ebpf:"nexthops"`
-	Peers      *ebpf.MapSpec `ebpf:"peers"`
-	Routes     *ebpf.MapSpec `ebpf:"routes"`
-	Routes6    *ebpf.MapSpec `ebpf:"routes6"`
+	Config      *ebpf.MapSpec `ebpf:"config"`
+	Config6     *ebpf.MapSpec `ebpf:"config6"`
+	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	Endpoints   *ebpf.MapSpec `ebpf:"endpoints"`
+	Endpoints6  *ebpf.MapSpec `ebpf:"endpoints6"`
+	IcmpBuckets *ebpf.MapSpec `ebpf:"icmp_buckets"`
+	Nexthops    *ebpf.MapSpec `ebpf:"nexthops"`
+	Peers       *ebpf.MapSpec `ebpf:"peers"`
+	Routes      *ebpf.MapSpec `ebpf:"routes"`
+	Routes6     *ebpf.MapSpec `ebpf:"routes6"`
 }
 
 // XnetVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XnetVariableSpecs struct {
-	UnusedVerdict *ebpf.VariableSpec `ebpf:"unused_verdict"`
+	UnusedIcmpRatelimit *ebpf.VariableSpec `ebpf:"unused_icmp_ratelimit"`
+	UnusedVerdict       *ebpf.VariableSpec `ebpf:"unused_verdict"`
 }
 
 // XnetObjects contains all objects after they have been loaded into the kernel.
@@ -239,15 +266,16 @@ func (o *XnetObjects) Close() error {
 //
 // It can be passed to LoadXnetObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XnetMaps struct {
-	Config     *ebpf.Map `ebpf:"config"`
-	Config6    *ebpf.Map `ebpf:"config6"`
-	Counters   *ebpf.Map `ebpf:"counters"`
-	Endpoints  *ebpf.Map `ebpf:"endpoints"`
-	Endpoints6 *ebpf.Map `ebpf:"endpoints6"`
-	Nexthops   *ebpf.Map `ebpf:"nexthops"`
-	Peers      *ebpf.Map `ebpf:"peers"`
-	Routes     *ebpf.Map `ebpf:"routes"`
-	Routes6    *ebpf.Map `ebpf:"routes6"`
+	Config      *ebpf.Map `ebpf:"config"`
+	Config6     *ebpf.Map `ebpf:"config6"`
+	Counters    *ebpf.Map `ebpf:"counters"`
+	Endpoints   *ebpf.Map `ebpf:"endpoints"`
+	Endpoints6  *ebpf.Map `ebpf:"endpoints6"`
+	IcmpBuckets *ebpf.Map `ebpf:"icmp_buckets"`
+	Nexthops    *ebpf.Map `ebpf:"nexthops"`
+	Peers       *ebpf.Map `ebpf:"peers"`
+	Routes      *ebpf.Map `ebpf:"routes"`
+	Routes6     *ebpf.Map `ebpf:"routes6"`
 }
 
 func (m *XnetMaps) Close() error {
@@ -257,6 +285,7 @@ func (m *XnetMaps) Close() error {
 		m.Counters,
 		m.Endpoints,
 		m.Endpoints6,
+		m.IcmpBuckets,
 		m.Nexthops,
 		m.Peers,
 		m.Routes,
@@ -268,7 +297,8 @@ func (m *XnetMaps) Close() error {
 //
 // It can be passed to LoadXnetObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XnetVariables struct {
-	UnusedVerdict *ebpf.Variable `ebpf:"unused_verdict"`
+	UnusedIcmpRatelimit *ebpf.Variable `ebpf:"unused_icmp_ratelimit"`
+	UnusedVerdict       *ebpf.Variable `ebpf:"unused_verdict"`
 }
 
 // XnetPrograms contains all programs after they have been loaded into the kernel.
@@ -276,6 +306,7 @@ type XnetVariables struct {
 // It can be passed to LoadXnetObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XnetPrograms struct {
 	DecapTc        *ebpf.Program `ebpf:"decap_tc"`
+	DecapTunnel    *ebpf.Program `ebpf:"decap_tunnel"`
 	DecapXdp       *ebpf.Program `ebpf:"decap_xdp"`
 	DeliverBridge  *ebpf.Program `ebpf:"deliver_bridge"`
 	EncapContainer *ebpf.Program `ebpf:"encap_container"`
@@ -285,6 +316,7 @@ type XnetPrograms struct {
 func (p *XnetPrograms) Close() error {
 	return _XnetClose(
 		p.DecapTc,
+		p.DecapTunnel,
 		p.DecapXdp,
 		p.DeliverBridge,
 		p.EncapContainer,

@@ -92,11 +92,12 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 			EncapContainer *ebpf.Program `ebpf:"encap_container"`
 			EncapHost      *ebpf.Program `ebpf:"encap_host"`
 			DeliverBridge  *ebpf.Program `ebpf:"deliver_bridge"`
+			DecapTunnel    *ebpf.Program `ebpf:"decap_tunnel"`
 			XnetMaps
 		}
 		loadAndAssign(t, spec, &tc)
 		objs.DecapTc, objs.EncapContainer, objs.EncapHost, objs.XnetMaps = tc.DecapTc, tc.EncapContainer, tc.EncapHost, tc.XnetMaps
-		objs.DeliverBridge = tc.DeliverBridge
+		objs.DeliverBridge, objs.DecapTunnel = tc.DeliverBridge, tc.DecapTunnel
 	} else {
 		loadAndAssign(t, spec, &objs)
 	}

@@ -26,6 +26,7 @@ const (
 	DecapTC        Program = bpf.XnetProgDecapTc        // TC ingress of the underlay NIC
 	DecapXDP       Program = bpf.XnetProgDecapXdp       // XDP of the underlay NIC
 	DeliverBridge  Program = bpf.XnetProgDeliverBridge  // TC egress of container bridges
+	DecapTunnel    Program = bpf.XnetProgDecapTunnel    // TC ingress of the IPv6-underlay vxlan device
 )
 
 // Hook is where on an interface a program runs.
@@ -76,6 +77,8 @@ func (l *Loader) program(p Program) (*ebpf.Program, error) {
 		return l.progs.DecapTc, nil
 	case DeliverBridge:
 		return l.progs.DeliverBridge, nil
+	case DecapTunnel:
+		return l.progs.DecapTunnel, nil
 	case DecapXDP:
 		if l.xdpErr != nil {
 			return nil, fmt.Errorf("XDP decapsulation is unavailable on this kernel: %w", l.xdpErr)

@@ -82,6 +82,7 @@ type tcPrograms struct {
 	EncapHost      *ebpf.Program `ebpf:"encap_host"`
 	DecapTc        *ebpf.Program `ebpf:"decap_tc"`
 	DeliverBridge  *ebpf.Program `ebpf:"deliver_bridge"`
+	DecapTunnel    *ebpf.Program `ebpf:"decap_tunnel"`
 }
 
 // loadXDP loads decap_xdp against the maps already loaded.
@@ -171,7 +172,7 @@ func Load(opts Options) (*Loader, error) {
 	}
 	l.maps = objs.XnetMaps
 	l.progs = bpf.XnetPrograms{EncapContainer: objs.EncapContainer, EncapHost: objs.EncapHost, DecapTc: objs.DecapTc,
-		DeliverBridge: objs.DeliverBridge}
+		DeliverBridge: objs.DeliverBridge, DecapTunnel: objs.DecapTunnel}
 	l.progs.DecapXdp, l.xdpErr = loadXDP(spec, &l.maps)
 	if l.xdpErr != nil {
 		log.Info("XDP decapsulation unavailable on this kernel; TC decapsulates", "err", l.xdpErr)
@@ -195,7 +196,7 @@ func Load(opts Options) (*Loader, error) {
 	// links only as "type 11"). A restart re-pins the new build's programs in place.
 	for p, prog := range map[Program]*ebpf.Program{
 		EncapContainer: l.progs.EncapContainer, EncapHost: l.progs.EncapHost, DecapTC: l.progs.DecapTc, DecapXDP: l.progs.DecapXdp,
-		DeliverBridge: l.progs.DeliverBridge,
+		DeliverBridge: l.progs.DeliverBridge, DecapTunnel: l.progs.DecapTunnel,
 	} {
 		if prog == nil {
 			_ = os.Remove(ProgramPin(dir, p)) // an older build's program, which this one does not run

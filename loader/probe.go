@@ -48,6 +48,7 @@ func Probe() error {
 	defer objs.EncapHost.Close()
 	defer objs.DecapTc.Close()
 	defer objs.DeliverBridge.Close()
+	defer objs.DecapTunnel.Close()
 	defer objs.XnetMaps.Close()
 	return probeEncap(objs.EncapContainer, maps.FromObjects(&objs.XnetMaps))
 }

@@ -23,8 +23,11 @@ func ip6(a netip.Addr) [16]uint8 { return a.As16() }
 // Route6 is one remote IPv6 subnet and the peer that owns it.
 type Route6 struct {
 	Subnet   netip.Prefix     // the peer's IPv6Subnet
-	PublicIP netip.Addr       // the peer's IPv4 PublicIP: the tunnel's outer destination
+	PublicIP netip.Addr       // the peer's IPv4 PublicIP: the tunnel's outer destination; keys its counters
 	VtepMAC  net.HardwareAddr // the inner destination MAC (BackendV6Data's VtepMAC)
+	// PublicIPv6, when valid, is the peer's IPv6 VTEP: the subnet is reached in VXLAN over the
+	// IPv6 underlay (bpf/underlay6.h), and VtepMAC is that VTEP's.
+	PublicIPv6 netip.Addr
 }
 
 func route6Key(subnet netip.Prefix) bpf.XnetRoute6Key {
@@ -41,6 +44,12 @@ func (m *Maps) PutRoute6(r Route6) error {
 		return err
 	}
 	val := bpf.XnetRoute6{RemoteIp: ip4(r.PublicIP), VtepMac: mac}
+	if r.PublicIPv6.IsValid() {
+		if !r.PublicIPv6.Is6() || r.PublicIPv6.Is4In6() {
+			return fmt.Errorf("IPv6 route %v via %v: PublicIPv6 %v is not IPv6", r.Subnet, r.PublicIP, r.PublicIPv6)
+		}
+		val.Underlay6, val.RemoteIp6 = 1, ip6(r.PublicIPv6)
+	}
 	if err := m.Routes6.Put(route6Key(r.Subnet), val); err != nil {
 		return fmt.Errorf("put IPv6 route %v -> %v: %w", r.Subnet, r.PublicIP, err)
 	}
@@ -67,11 +76,15 @@ func (m *Maps) ListRoutes6() ([]Route6, error) {
 	)
 	it := m.Routes6.Iterate()
 	for it.Next(&key, &val) {
-		out = append(out, Route6{
+		r := Route6{
 			Subnet:   netip.PrefixFrom(netip.AddrFrom16(key.Addr), int(key.Prefixlen)),
 			PublicIP: addrOf(val.RemoteIp),
 			VtepMAC:  append(net.HardwareAddr(nil), val.VtepMac[:]...),
-		})
+		}
+		if val.Underlay6 != 0 {
+			r.PublicIPv6 = netip.AddrFrom16(val.RemoteIp6)
+		}
+		out = append(out, r)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list IPv6 routes: %w", err)
@@ -83,6 +96,12 @@ func (m *Maps) ListRoutes6() ([]Route6, error) {
 type Config6 struct {
 	Subnet  netip.Prefix // our IPv6 lease
 	Gateway netip.Addr   // the container bridge's address in it: the source of our ICMPv6 errors
+	// The IPv6 underlay, when we have one: our PublicIPv6 (the outer source), the ifindex of
+	// the metadata-mode vxlan device that carries VXLAN over it, and our IPv6 VTEP MAC. All
+	// zero without one.
+	LocalIPv6     netip.Addr
+	TunnelIfindex int
+	VtepMACv6     net.HardwareAddr
 }
 
 // SetConfig6 writes the config6 entry: from the next packet on, IPv6 to and from our lease is
@@ -95,6 +114,16 @@ func (m *Maps) SetConfig6(c Config6) error {
 		SubnetAddr: ip6(c.Subnet.Masked().Addr()),
 		SubnetMask: [16]uint8(net.CIDRMask(c.Subnet.Bits(), 128)),
 		Gateway:    ip6(c.Gateway),
+	}
+	if c.TunnelIfindex != 0 {
+		if !c.LocalIPv6.Is6() || c.LocalIPv6.Is4In6() {
+			return fmt.Errorf("IPv6 config: tunnel device %d without an IPv6 underlay address (%v)", c.TunnelIfindex, c.LocalIPv6)
+		}
+		mac, err := mac6(c.VtepMACv6, "IPv6 VTEP MAC")
+		if err != nil {
+			return err
+		}
+		val.LocalIp6, val.TunnelIfindex, val.VtepMac6 = ip6(c.LocalIPv6), uint32(c.TunnelIfindex), mac
 	}
 	if err := m.Config6.Put(uint32(0), val); err != nil {
 		return fmt.Errorf("write IPv6 config: %w", err)
@@ -124,7 +153,12 @@ func (m *Maps) GetConfig6() (c Config6, ok bool, err error) {
 	if bits == 0 {
 		return Config6{}, false, nil
 	}
-	return Config6{Subnet: netip.PrefixFrom(netip.AddrFrom16(val.SubnetAddr), bits), Gateway: netip.AddrFrom16(val.Gateway)}, true, nil
+	c = Config6{Subnet: netip.PrefixFrom(netip.AddrFrom16(val.SubnetAddr), bits), Gateway: netip.AddrFrom16(val.Gateway)}
+	if val.TunnelIfindex != 0 {
+		c.LocalIPv6, c.TunnelIfindex = netip.AddrFrom16(val.LocalIp6), int(val.TunnelIfindex)
+		c.VtepMACv6 = append(net.HardwareAddr(nil), val.VtepMac6[:]...)
+	}
+	return c, true, nil
 }
 
 func (m *Maps) listEndpoints6() ([]Endpoint, error) {

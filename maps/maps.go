@@ -36,12 +36,14 @@ const (
 	Routes6Name    = bpf.XnetMapRoutes6
 	Config6Name    = bpf.XnetMapConfig6
 	Endpoints6Name = bpf.XnetMapEndpoints6
+	// ICMPBucketsName is the programs' own rate limit of the ICMP errors they send.
+	ICMPBucketsName = bpf.XnetMapIcmpBuckets
 )
 
 // Names lists every map the datapath pins.
 func Names() []string {
 	return []string{RoutesName, PeersName, ConfigName, CountersName, EndpointsName, NexthopsName,
-		Routes6Name, Config6Name, Endpoints6Name}
+		Routes6Name, Config6Name, Endpoints6Name, ICMPBucketsName}
 }
 
 // Maps holds the datapath's maps. The zero value is unusable; get one from loader or
@@ -51,12 +53,14 @@ type Maps struct {
 	// Routes6, Config6 and Endpoints6 are nil when OpenPinned found the pins of a build without
 	// IPv6; the IPv6 methods then read as empty.
 	Routes6, Config6, Endpoints6 *ebpf.Map
+	// ICMPBuckets is the programs' own state (bpf/maps.h icmp_allowed); nil from OpenPinned.
+	ICMPBuckets *ebpf.Map
 }
 
 // FromObjects wraps maps loaded from the generated bindings.
 func FromObjects(m *bpf.XnetMaps) *Maps {
 	return &Maps{Routes: m.Routes, Peers: m.Peers, Config: m.Config, Counters: m.Counters, Endpoints: m.Endpoints, Nexthops: m.Nexthops,
-		Routes6: m.Routes6, Config6: m.Config6, Endpoints6: m.Endpoints6}
+		Routes6: m.Routes6, Config6: m.Config6, Endpoints6: m.Endpoints6, ICMPBuckets: m.IcmpBuckets}
 }
 
 // ByName is every map by its pin name, for the loader, which loads, replaces and pins them all
@@ -65,7 +69,7 @@ func (m *Maps) ByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
 		RoutesName: m.Routes, PeersName: m.Peers, ConfigName: m.Config, CountersName: m.Counters,
 		EndpointsName: m.Endpoints, NexthopsName: m.Nexthops,
-		Routes6Name: m.Routes6, Config6Name: m.Config6, Endpoints6Name: m.Endpoints6,
+		Routes6Name: m.Routes6, Config6Name: m.Config6, Endpoints6Name: m.Endpoints6, ICMPBucketsName: m.ICMPBuckets,
 	}
 }
 
@@ -102,7 +106,7 @@ func OpenPinned(dir string) (*Maps, error) {
 // Close closes the map handles (pins and the kernel's maps stay).
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.Routes, m.Peers, m.Config, m.Counters, m.Endpoints, m.Nexthops, m.Routes6, m.Config6, m.Endpoints6} {
+	for _, mp := range []*ebpf.Map{m.Routes, m.Peers, m.Config, m.Counters, m.Endpoints, m.Nexthops, m.Routes6, m.Config6, m.Endpoints6, m.ICMPBuckets} {
 		if mp != nil {
 			errs = append(errs, mp.Close())
 		}

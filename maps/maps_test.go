@@ -1,6 +1,7 @@
 package maps
 
 import (
+	"fmt"
 	"maps"
 	"net"
 	"net/netip"
@@ -180,12 +181,17 @@ func TestIPv6RoutesRoundTrip(t *testing.T) {
 	m := fresh(t)
 	r := Route6{Subnet: netip.MustParsePrefix("fd00:10:244:7::/64"), PublicIP: netip.MustParseAddr("198.18.0.17"),
 		VtepMAC: net.HardwareAddr{0x0e, 0x78, 198, 18, 0, 17}}
-	if err := m.PutRoute6(r); err != nil {
-		t.Fatal(err)
-	}
-	got, err := m.ListRoutes6()
-	if err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], r) {
-		t.Fatalf("ListRoutes6 = %+v, %v; want [%+v]", got, err, r)
+	// The same peer with an IPv6 VTEP, then without again: the entry follows.
+	over6 := r
+	over6.PublicIPv6, over6.VtepMAC = netip.MustParseAddr("fd00:198:18::17"), net.HardwareAddr{0x0a, 1, 2, 3, 4, 5}
+	for _, want := range []Route6{r, over6, r} {
+		if err := m.PutRoute6(want); err != nil {
+			t.Fatal(err)
+		}
+		got, err := m.ListRoutes6()
+		if err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], want) {
+			t.Fatalf("ListRoutes6 = %+v, %v; want [%+v]", got, err, want)
+		}
 	}
 	if err := m.DeleteRoute6(r.Subnet); err != nil {
 		t.Fatal(err)
@@ -200,6 +206,7 @@ func TestIPv6RoutesRoundTrip(t *testing.T) {
 		{Subnet: netip.MustParsePrefix("10.244.7.0/24"), PublicIP: r.PublicIP, VtepMAC: r.VtepMAC},
 		{Subnet: r.Subnet, PublicIP: netip.MustParseAddr("fd00::1"), VtepMAC: r.VtepMAC},
 		{Subnet: r.Subnet, PublicIP: r.PublicIP},
+		{Subnet: r.Subnet, PublicIP: r.PublicIP, VtepMAC: r.VtepMAC, PublicIPv6: netip.MustParseAddr("198.18.0.17")},
 	} {
 		if err := m.PutRoute6(bad); err == nil {
 			t.Errorf("PutRoute6(%+v) accepted", bad)
@@ -212,13 +219,18 @@ func TestIPv6ConfigRoundTrip(t *testing.T) {
 	if _, ok, err := m.GetConfig6(); ok || err != nil {
 		t.Fatalf("GetConfig6 of a fresh map: ok %v, %v; want not set", ok, err)
 	}
-	c := Config6{Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), Gateway: netip.MustParseAddr("fd00:10:244:5::1")}
-	if err := m.SetConfig6(c); err != nil {
-		t.Fatal(err)
-	}
-	got, ok, err := m.GetConfig6()
-	if err != nil || !ok || got != c {
-		t.Fatalf("GetConfig6 = %+v, %v, %v; want %+v", got, ok, err, c)
+	for _, c := range []Config6{
+		{Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), Gateway: netip.MustParseAddr("fd00:10:244:5::1")},
+		{Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), Gateway: netip.MustParseAddr("fd00:10:244:5::1"),
+			LocalIPv6: netip.MustParseAddr("fd00:198:18::11"), TunnelIfindex: 7, VtepMACv6: net.HardwareAddr{0x0a, 1, 2, 3, 4, 5}},
+	} {
+		if err := m.SetConfig6(c); err != nil {
+			t.Fatal(err)
+		}
+		got, ok, err := m.GetConfig6()
+		if err != nil || !ok || fmt.Sprint(got) != fmt.Sprint(c) {
+			t.Fatalf("GetConfig6 = %+v, %v, %v; want %+v", got, ok, err, c)
+		}
 	}
 	if err := m.ClearConfig6(); err != nil {
 		t.Fatal(err)
@@ -228,8 +240,12 @@ func TestIPv6ConfigRoundTrip(t *testing.T) {
 	}
 	for _, bad := range []Config6{
 		{Subnet: netip.MustParsePrefix("10.244.5.0/24"), Gateway: netip.MustParseAddr("10.244.5.1")},
-		{Subnet: c.Subnet, Gateway: netip.MustParseAddr("fd00:10:244:6::1")},
+		{Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), Gateway: netip.MustParseAddr("fd00:10:244:6::1")},
 		{Subnet: netip.MustParsePrefix("::/0"), Gateway: netip.MustParseAddr("::1")},
+		{Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), Gateway: netip.MustParseAddr("fd00:10:244:5::1"), TunnelIfindex: 7,
+			VtepMACv6: net.HardwareAddr{0x0a, 1, 2, 3, 4, 5}},
+		{Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), Gateway: netip.MustParseAddr("fd00:10:244:5::1"), TunnelIfindex: 7,
+			LocalIPv6: netip.MustParseAddr("fd00:198:18::11")},
 	} {
 		if err := m.SetConfig6(bad); err == nil {
 			t.Errorf("SetConfig6(%+v) accepted", bad)

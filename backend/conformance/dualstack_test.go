@@ -25,6 +25,7 @@ var dualBehaviours = []struct {
 	run  func(t *testing.T, c *cluster)
 }{
 	{"containers reach each other over IPv6 (ICMPv6, TCP both ways) and IPv4 once every host added the others' dual-stack leases", dualPeersAdded},
+	{"IPv6 between hosts with an IPv6 underlay crosses it as VXLAN over IPv6, to a host without one inside the IPv4 VXLAN", dualUnderlayTaken},
 	{"adding a dual-stack lease again changes nothing", dualLeaseAddedAgain},
 	{"a removed peer's IPv6 state goes and the other peers' stays", dualPeerRemoved},
 	{"a peer whose lease loses its IPv6 subnet is reached over IPv4 only", dualPeerLosesIPv6},
@@ -101,6 +102,47 @@ func dualPeersAdded(t *testing.T, c *cluster) {
 	mesh := mesh(c.hosts...)
 	wantIPv6(t, mesh...)
 	wantTCP6(t, mesh...)
+}
+
+// dualUnderlayTaken proves the path on the wire: a count of the VXLAN datagrams on the first
+// host's underlay NIC while its container exchanges IPv6 (echo and 1 MB of TCP) with each
+// peer's. To the third host (both have an IPv6 underlay and publish their IPv6 VTEPs, as
+// flannel's dual stack does) the datagrams are UDP over IPv6; to the second (no IPv6 underlay)
+// they are IPv4 VXLAN carrying IPv6; and never the other way.
+func dualUnderlayTaken(t *testing.T, c *cluster) {
+	a, noV6, v6 := c.hosts[0], c.hosts[withoutIPv6Underlay], c.hosts[2]
+	if a.lease.BackendType != subnetmgr.BackendVXLAN || !a.lease.PublicIPv6.IsValid() || !v6.lease.PublicIPv6.IsValid() {
+		t.Skipf("%s publishes no IPv6 VTEP (%s, PublicIPv6 %v): nothing of it crosses the IPv6 underlay as VXLAN",
+			c.row.testName(), a.lease.BackendType, a.lease.PublicIPv6)
+	}
+	if c.row.direct && c.row.name == subnetmgr.BackendVXLAN {
+		t.Skip("vxlan with DirectRouting routes IPv6 plain between hosts on one IPv6 segment, as flannel does (ebpf keeps VXLAN for IPv6)")
+	}
+	over6 := harness.VXLANKind{Underlay6: true, Inner6: true}
+	over4 := harness.VXLANKind{Inner6: true}
+	for _, w := range []struct {
+		to        *node
+		want, not harness.VXLANKind
+	}{{v6, over6, over4}, {noV6, over4, over6}} {
+		p := path{a, w.to}
+		count, err := a.CountVXLAN("eth0", c.cfg.Backend.Port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantReachOver(t, ipv6, p, path{w.to, a})
+		wantTCP6(t, p, path{w.to, a})
+		got := count.Stop()
+		if got[w.want] == 0 || got[w.not] != 0 {
+			t.Errorf("%s: on %s's underlay NIC %d datagrams of %s and %d of %s (all: %v); want some of the first, none of the second",
+				p, a.Name, got[w.want], w.want, got[w.not], w.not, got)
+		}
+		// The TCP exchange leaves as GSO packets, segmented after the underlay NIC (a veth
+		// passes UDP-tunnel GSO on): frames above its MTU. Over IPv6 that needs the
+		// kernel to mark them UDP-tunnel GSO with checksums, which only a vxlan device does.
+		if largest := count.LargestSent()[w.want]; largest <= 1500+14 {
+			t.Errorf("%s: the largest datagram of %s %s's underlay NIC sent is %d bytes: want GSO packets above the MTU", p, w.want, a.Name, largest)
+		}
+	}
 }
 
 func dualLeaseAddedAgain(t *testing.T, c *cluster) {

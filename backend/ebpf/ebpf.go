@@ -1,12 +1,14 @@
 // Package ebpf is xnet's eBPF backend: VXLAN in BPF programs (package bpf), wire-compatible with
-// the kernel's vxlan device as flannel sets it up, without any vxlan device.
+// the kernel's vxlan device as flannel sets it up, without any vxlan device on the data path but
+// one: VXLAN over an IPv6 underlay goes through a metadata-mode vxlan device (tunnel.go).
 //
 // It owns what the datapath is attached to on this host and what its maps say: the config
 // entry, one route and one counter entry per peer, the TC attachments on every container veth
 // (it follows Docker's docker0 through netlink), the routed device xnet0 for the host's own
 // traffic, a down vxlan device on docker0 that only gives containers headroom for the outer
-// headers (headroom.go), and the decap attachment on the underlay NIC. It does not own leases (subnetmgr),
-// loading and pinning (loader) or map layouts (maps).
+// headers (headroom.go), in a dual-stack overlay with an IPv6 underlay the vxlan device xnet6
+// that carries IPv6 over it (tunnel.go), and the decap attachment on the underlay NIC. It does
+// not own leases (subnetmgr), loading and pinning (loader) or map layouts (maps).
 //
 // Design history:
 //
@@ -83,19 +85,22 @@ type Backend struct {
 	linkBuffer    int    // receive buffer of the link subscription
 	linkResyncs   atomic.Int64
 
-	mu        sync.Mutex
-	ld        *loader.Loader
-	m         *maps.Maps
-	host      int              // ifindex of xnet0
-	config    maps.Config      // what Setup wrote into the config map; SetHostRouting rewrites it
-	veths     map[int]struct{} // container veths carrying the encap program
-	bridges   map[int]string   // container bridges by ifindex (findBridges)
-	frags     *fragReceiver    // reassembled datagrams (fragments.go); nil when it could not start
-	peers     map[netip.Prefix]netip.Addr
-	direct    directState // DirectRouting (direct.go)
-	v6        ipv6State   // the IPv6 side of a dual-stack overlay (ipv6.go)
-	status    Status
-	stopWatch func()
+	mu      sync.Mutex
+	ld      *loader.Loader
+	m       *maps.Maps
+	host    int              // ifindex of xnet0
+	config  maps.Config      // what Setup wrote into the config map; SetHostRouting rewrites it
+	veths   map[int]struct{} // container veths carrying the encap program
+	bridges map[int]string   // container bridges by ifindex (findBridges)
+	frags   *fragReceiver    // reassembled datagrams (fragments.go); nil when it could not start
+	peers   map[netip.Prefix]netip.Addr
+	direct  directState // DirectRouting (direct.go)
+	v6      ipv6State   // the IPv6 side of a dual-stack overlay (ipv6.go)
+	// ipv6Underlay: a dual-stack overlay and an IPv6 underlay address, so we run an IPv6 VTEP
+	// (tunnel.go). Set by New.
+	ipv6Underlay bool
+	status       Status
+	stopWatch    func()
 	// headroomErr is the last failure to set up HeadroomDevice ("" when fine), so a repeated
 	// one is logged once.
 	headroomErr string
@@ -159,7 +164,7 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 		veths:  map[int]struct{}{},
 		peers:  map[netip.Prefix]netip.Addr{},
 		direct: newDirectState(opts),
-		v6:     newIPv6State(),
+		v6:     newIPv6State(), ipv6Underlay: hasIPv6Underlay(opts),
 	}, nil
 }
 
@@ -240,8 +245,9 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 		}
 		b.stopWatch = stop
 	}
-	if b.frags == nil {
-		// Best effort: without it only datagrams fragmented on the underlay are lost.
+	if b.frags == nil && b.v6.tunnel == 0 {
+		// Best effort: without it only datagrams fragmented on the underlay are lost. With
+		// TunnelDevice its socket owns the port and its program takes them (tunnel.go).
 		if b.frags, err = b.startFragReceiver(localIP); err != nil {
 			b.Log.Warn("datagrams fragmented on the underlay cannot be delivered", "err", err)
 		}
@@ -340,6 +346,7 @@ func (b *Backend) Close(teardown bool) error {
 				if l, err := netlink.LinkByName(HostDevice); err == nil {
 					errs = append(errs, netlink.LinkDel(l))
 				}
+				errs = append(errs, b.removeTunnelDevice())
 				errs = append(errs, removeHeadroomPort())
 				errs = append(errs, b.ld.Teardown())
 				return errors.Join(errs...)
@@ -355,7 +362,8 @@ func (b *Backend) Close(teardown bool) error {
 }
 
 var (
-	_ backend.Backend    = (*Backend)(nil)
-	_ backend.PeerPruner = (*Backend)(nil)
-	_ backend.DualStack  = (*Backend)(nil)
+	_ backend.Backend      = (*Backend)(nil)
+	_ backend.PeerPruner   = (*Backend)(nil)
+	_ backend.DualStack    = (*Backend)(nil)
+	_ backend.IPv6Receiver = (*Backend)(nil)
 )

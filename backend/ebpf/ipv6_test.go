@@ -375,10 +375,6 @@ func TestIPv6RoutesFollowTheLeases(t *testing.T) {
 		{"the whole IPv6 Network", func(l *subnetmgr.Lease) { l.IPv6Subnet = dualStackConfig.IPv6Network }, "not strictly inside"},
 		{"of another length", func(l *subnetmgr.Lease) { l.IPv6Subnet = netip.MustParsePrefix("fd00:10:244:9::/80") }, "is not a /64"},
 		{"our own", func(l *subnetmgr.Lease) { l.IPv6Subnet = local.IPv6Subnet }, "overlaps ours"},
-		{"with a separate IPv6 VTEP (flannel's IPv6 device)", func(l *subnetmgr.Lease) {
-			l.PublicIPv6 = netip.MustParseAddr("2001:db8::12")
-			l.BackendV6Data = json.RawMessage(`{"VNI":1,"VtepMAC":"52:54:00:00:00:12"}`)
-		}, "another device than its IPv4 one"},
 		{"with malformed BackendV6Data", func(l *subnetmgr.Lease) { l.BackendV6Data = json.RawMessage(`{"VtepMAC":"not a mac"}`) }, "not an Ethernet MAC"},
 	}
 	for _, c := range refused {
@@ -404,12 +400,27 @@ func TestIPv6RoutesFollowTheLeases(t *testing.T) {
 	}
 	sameVTEP := moved
 	sameVTEP.PublicIPv6 = netip.MustParseAddr("2001:db8::12")
-	sameVTEP.BackendV6Data = sameVTEP.BackendData // an xnet host with an IPv6 underlay
-	if err := b.AddPeer(sameVTEP); err != nil {
-		t.Fatal(err)
-	}
-	if got := routes6(); len(got) != 1 || got[moved.IPv6Subnet] != peerIP {
-		t.Fatalf("a peer publishing its one VTEP as BackendV6Data: IPv6 routes %v, want %v via %v", got, moved.IPv6Subnet, peerIP)
+	sameVTEP.BackendV6Data = sameVTEP.BackendData // an xnet host of an older build with an IPv6 underlay
+	ownVTEP := moved
+	ownVTEP.PublicIPv6 = netip.MustParseAddr("2001:db8::12")
+	ownVTEP.BackendV6Data = json.RawMessage(`{"VNI":1,"VtepMAC":"52:54:00:00:00:12"}`) // flannel's IPv6 device
+	for _, c := range []struct {
+		name  string
+		lease subnetmgr.Lease
+	}{
+		{"a peer publishing its one VTEP as BackendV6Data", sameVTEP},
+		// We have no IPv6 underlay: its IPv6 rides the IPv4 VXLAN to its IPv4 VTEP, as xnet's
+		// vxlan backend sends it.
+		{"a peer with a separate IPv6 VTEP, seen from a host without an IPv6 underlay", ownVTEP},
+	} {
+		if err := b.AddPeer(c.lease); err != nil {
+			t.Fatal(err)
+		}
+		rs, err := b.m.ListRoutes6()
+		if err != nil || len(rs) != 1 || rs[0].Subnet != moved.IPv6Subnet || rs[0].PublicIP != peerIP || rs[0].PublicIPv6.IsValid() ||
+			rs[0].VtepMAC.String() != backend.VtepMAC(peerIP).String() {
+			t.Fatalf("%s: IPv6 routes %+v, %v; want %v via %v over IPv4 to its IPv4 VTEP %v", c.name, rs, err, moved.IPv6Subnet, peerIP, backend.VtepMAC(peerIP))
+		}
 	}
 
 	if err := b.RemovePeer(moved); err != nil {

@@ -38,8 +38,9 @@ type Status struct {
 	DirectRouting bool                        `json:"direct_routing"`
 	Paths         map[string]backend.PeerPath `json:"paths,omitempty"`
 	// IPv6Subnet is our IPv6 lease in a dual-stack overlay ("" otherwise). IPv6Peers is, by
-	// peer subnet, the IPv6 subnet routed to that peer (the same tunnel, counted in Peers),
-	// and IPv6Unreachable why a peer's IPv6 subnet is not.
+	// peer subnet, the IPv6 subnet routed to that peer (counted in Peers, whichever underlay
+	// it crosses: the routes6 map says which), and IPv6Unreachable why a peer's IPv6 subnet
+	// is not.
 	IPv6Subnet      string            `json:"ipv6_subnet,omitempty"`
 	IPv6Peers       map[string]string `json:"ipv6_peers,omitempty"`
 	IPv6Unreachable map[string]string `json:"ipv6_unreachable,omitempty"`
@@ -108,8 +109,12 @@ func (b *Backend) Mode() (string, string) {
 	if b.direct.enabled {
 		mode += ", direct routing"
 	}
-	return mode,
-		b.status.DecapWhy + "; TC: " + b.status.TCWhy + "; host routing: " + b.status.HostRoutingWhy
+	why := b.status.DecapWhy + "; TC: " + b.status.TCWhy + "; host routing: " + b.status.HostRoutingWhy
+	if b.v6.tunnel != 0 {
+		mode += ", IPv6 underlay"
+		why += "; IPv6 underlay: " + TunnelDevice + " at " + b.Iface.PublicIPv6.String() + " to peers with an IPv6 VTEP"
+	}
+	return mode, why
 }
 
 // Counters reports per-peer and per-verdict counters (metrics.CounterSource).

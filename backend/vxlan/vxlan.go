@@ -47,8 +47,8 @@
 // flannel needs an IPv6 underlay on every host; xnet does not. The rule (backend.VXLANPeerV6):
 // a peer's IPv6 subnet goes through xnet-v6.<VNI> when both we and the peer have an IPv6 VTEP
 // (we: a PublicIPv6; the peer: a PublicIPv6 and a BackendV6Data VtepMAC other than its IPv4
-// one). Otherwise (we have no PublicIPv6, or the peer has none, or it is a udp or ebpf host,
-// which publish their IPv4 VTEP as BackendV6Data) its IPv6 traffic rides the IPv4 device as
+// one). Otherwise (we have no PublicIPv6, or the peer has none, or it is a udp host or an
+// ebpf host without an IPv6 underlay, which publish no IPv6 VTEP) its IPv6 traffic rides the IPv4 device as
 // inner IPv6: `<peer IPv6 subnet> via <its subnet addr> dev xnet.1 onlink` and a permanent
 // neighbour entry for that address with the peer's IPv4 VtepMAC; the peer's fdb entry on xnet.1
 // is already there. Without a PublicIPv6 we publish our IPv4 VTEP as BackendV6Data, make no

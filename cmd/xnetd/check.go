@@ -590,6 +590,9 @@ func (c *checker) checkBPF() checkResult {
 	if dev, err := netlink.LinkByName(ebpfbackend.HostDevice); err == nil {
 		wants = append(wants, want{loader.EncapHost, dev, loader.Egress, "the host's own traffic to the overlay is dropped"})
 	}
+	if dev, err := netlink.LinkByName(ebpfbackend.TunnelDevice); err == nil {
+		wants = append(wants, want{loader.DecapTunnel, dev, loader.Ingress, "VXLAN over the IPv6 underlay reaches the stack unchecked"})
+	}
 	// Both host-routing modes want the encap program on container veths: with kernel host
 	// routing it only learns the containers deliver_bridge hands packets to.
 	lost := "this container's packets take the slow path through the host"

@@ -241,8 +241,8 @@ func scrape(ctx context.Context, addr string) (c metrics.Counters, ready bool, s
 }
 
 // pinnedDatapath reads the ebpf datapath from its pinned maps: the counters, with the per-peer
-// ones (keyed by PublicIP in the map) mapped to the peers' subnets, and the routes map, which
-// is that datapath's routing table.
+// ones (keyed by PublicIP in the map) mapped to the peers' subnets, and the routes and routes6
+// maps, which are that datapath's routing table.
 func pinnedDatapath(st state) (metrics.Counters, map[netip.Prefix]string, error) {
 	if st.Backend != subnetmgr.BackendEBPF || st.BPFFS == "" {
 		return metrics.Counters{}, nil, errors.New("not an ebpf datapath")
@@ -258,6 +258,14 @@ func pinnedDatapath(st state) (metrics.Counters, map[netip.Prefix]string, error)
 			routes[r.Subnet.Masked()] = fmt.Sprintf("%v via %v mac %v (bpf)", r.Subnet, r.PublicIP, r.VtepMAC)
 			if r.Direct { // DirectRouting: plain on our segment, no VXLAN
 				routes[r.Subnet.Masked()] = fmt.Sprintf("%v via %v (bpf, direct)", r.Subnet, r.PublicIP)
+			}
+		}
+	}
+	if list, err := m.ListRoutes6(); err == nil {
+		for _, r := range list {
+			routes[r.Subnet.Masked()] = fmt.Sprintf("%v via %v mac %v (bpf)", r.Subnet, r.PublicIP, r.VtepMAC)
+			if r.PublicIPv6.IsValid() { // the peer's IPv6 VTEP, through the IPv6-underlay vxlan device
+				routes[r.Subnet.Masked()] = fmt.Sprintf("%v via %v mac %v (bpf, IPv6 underlay)", r.Subnet, r.PublicIPv6, r.VtepMAC)
 			}
 		}
 	}

@@ -15,6 +15,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/ebpf"
+	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -50,8 +52,9 @@ func TestDualStackThreeHosts(t *testing.T) {
 				fmt.Sprintf(dualConfig, tc.backend), "--backend", tc.backend)
 			// Only backends that take IPv6 on the IPv6 underlay publish PublicIPv6 (and
 			// BackendV6Data): flannel reads the pair as an IPv6 VTEP.
-			publishes := tc.ipv6Underlay && (tc.backend == "vxlan" || tc.backend == "host-gw" || tc.backend == "wireguard")
-			checkDualLeases(t, topo, nodes, publishes, publishes && (tc.backend == "vxlan" || tc.backend == "wireguard"))
+			vtep6 := tc.backend == "vxlan" || tc.backend == "ebpf" || tc.backend == "wireguard"
+			publishes := tc.ipv6Underlay && (vtep6 || tc.backend == "host-gw")
+			checkDualLeases(t, topo, nodes, publishes, publishes && vtep6)
 			cs := xdContainers(t, nodes)
 			for _, c := range cs {
 				if !c.IPv6.IsValid() {
@@ -166,16 +169,19 @@ func dualMesh(cs []*harness.Container) []string {
 	return failed
 }
 
-// A dual-stack cluster of two xnet vxlan hosts and one host set up exactly as flannel's vxlan
-// backend sets up a dual-stack node (flannel.1 and flannel-v6.1 over the IPv6 underlay), whose
-// lease is written in flannel's exact key and JSON: the xnet hosts program it (its IPv6 subnet
-// on xnet-v6.1), and containers on all three reach each other over IPv6 and IPv4.
+// A dual-stack cluster of two xnet vxlan hosts, an xnet ebpf host, and one host set up exactly
+// as flannel's vxlan backend sets up a dual-stack node (flannel.1 and flannel-v6.1 over the IPv6
+// underlay), whose lease is written in flannel's exact key and JSON: the xnet hosts program it
+// (its IPv6 subnet on xnet-v6.1, or in the ebpf host's routes6 map over the IPv6 underlay),
+// flannel programs them from their leases, and containers on all four reach each other over
+// IPv6 and IPv4, with TCP intact over IPv6 both ways between flannel and each xnet backend. The
+// ebpf host's IPv6 to and from the flannel host crosses the IPv6 underlay (counted on the wire).
 func TestDualStackWithAFlannelHost(t *testing.T) {
-	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true, IPv6Underlay: true})
+	topo := harness.NewForTest(t, harness.Options{Hosts: 4, WithEtcd: true, IPv6Underlay: true})
 	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(dualConfig, "vxlan"))
 	bin := harness.BuildXnetd(t)
 	hosts := topo.Hosts()
-	flannel := hosts[2]
+	flannel := hosts[3]
 	flannelSub, flannelSub6 := netip.MustParsePrefix("10.244.200.0/24"), netip.MustParsePrefix("fd00:10:244:c8::/64")
 	mac4, mac6 := backend.VtepMAC(flannel.UnderlayIP), harness.FlannelV6MAC(flannel.UnderlayIPv6)
 	// Written by hand as flannel writes it: key, field order, a TTL'd etcd lease.
@@ -192,14 +198,19 @@ func TestDualStackWithAFlannelHost(t *testing.T) {
 		t.Fatal(err)
 	}
 	var nodes []*xdNode
-	for _, h := range hosts[:2] {
-		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend", "vxlan"}}
+	for i, h := range hosts[:3] {
+		b := "vxlan"
+		if i == 2 {
+			b = "ebpf"
+		}
+		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend", b}}
 		n.start(t)
 		n.waitReady(t)
 		nodes = append(nodes, n)
 	}
+	ebpfNode := nodes[2]
 	for _, n := range nodes {
-		n.waitPeers(t, 2)
+		n.waitPeers(t, 3)
 	}
 	// The flannel host programs the xnet hosts from their leases, as flannel would.
 	leases, _, err := subnetmgrList(ctx, topo)
@@ -239,16 +250,55 @@ func TestDualStackWithAFlannelHost(t *testing.T) {
 		t.Fatal(err)
 	}
 	cs = append(cs, fc)
-	for _, n := range nodes {
+	for _, n := range nodes[:2] {
 		if route := n.routeTo(t, flannelSub6); !strings.Contains(route, "xnet-v6.1") {
 			t.Errorf("%s: route to the flannel host's IPv6 subnet %q, want it on xnet-v6.1", n.Name, route)
 		}
 	}
+	var st struct {
+		Routes []string `json:"routes"`
+	}
+	ebpfNode.statusInto(t, &st)
+	want := fmt.Sprintf("%v via %v mac %v (bpf, IPv6 underlay)", flannelSub6, flannel.UnderlayIPv6, mac6)
+	if !slices.Contains(st.Routes, want) {
+		t.Errorf("%s (ebpf) status: routes %q, want %q", ebpfNode.Name, st.Routes, want)
+	}
+	// xnetd check finds decap_tunnel where it belongs (the flannel host answers no health
+	// probes, so the check as a whole may fail; its datapath line must not).
+	if out, _ := ebpfNode.check(t); !strings.Contains(out, "programs attached where they belong") || strings.Contains(out, string(loader.DecapTunnel)) {
+		t.Errorf("xnetd check on %s (ebpf): want every program attached, decap_tunnel on %s included:\n%s", ebpfNode.Name, ebpf.TunnelDevice, out)
+	}
+	count, err := ebpfNode.CountVXLAN("eth0", 8472)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if failed := dualMesh(cs); len(failed) > 0 {
+		count.Stop()
 		t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 	}
 	transferTo(t, cs[0], fc, fc.IPv6, 8<<20)
 	transferTo(t, fc, cs[1], cs[1].IPv6, 8<<20)
+	ec := cs[2] // the ebpf host's container
+	transferTo(t, ec, fc, fc.IPv6, 8<<20)
+	transferTo(t, fc, ec, ec.IPv6, 8<<20)
+	transferTo(t, ec, fc, fc.IP, 1<<20)
+	transferTo(t, fc, ec, ec.IP, 1<<20)
+	// The ebpf host's own IPv6 (xnet0, encap_host, the route's 1430-byte MTU) to the flannel
+	// container, and back to xnet0's address.
+	self := &harness.Container{Namespace: ebpfNode.Namespace, Host: ebpfNode.Host, IP: ebpfNode.UnderlayIP}
+	transferTo(t, self, fc, fc.IPv6, 1<<20)
+	// Every peer of the ebpf host has an IPv6 VTEP: none of its IPv6 rides the IPv4 VXLAN. Its
+	// TCP leaves as GSO packets (frames above the MTU on the veth underlay), which the flannel
+	// host's device took: their UDP checksums were filled.
+	got, largest := count.Stop(), count.LargestSent()
+	over6, over4 := harness.VXLANKind{Underlay6: true, Inner6: true}, harness.VXLANKind{Inner6: true}
+	if got[over6] == 0 || got[over4] != 0 {
+		t.Errorf("%s (ebpf) underlay NIC: %d datagrams of %s, %d of %s (all: %v): want its IPv6 over the IPv6 underlay only",
+			ebpfNode.Name, got[over6], over6, got[over4], over4, got)
+	}
+	if largest[over6] <= 1500+14 {
+		t.Errorf("%s (ebpf) underlay NIC: the largest datagram of %s it sent is %d bytes: want GSO packets above the MTU", ebpfNode.Name, over6, largest[over6])
+	}
 }
 
 // subnetmgrList reads every lease under the test prefix.

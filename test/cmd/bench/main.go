@@ -62,7 +62,7 @@ func main() {
 	var backends, testNames string
 	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (needed with -backends; default: build ./cmd/xnetd)")
 	flag.StringVar(&o.out, "out", "bench", "directory for results.json and chart.svg")
-	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; ebpf-direct, or the suffix +direct on any, turns the config's DirectRouting on; +bridge=NAME names the container bridge, +host sends from the host itself; +v6 measures IPv6 in a dual-stack overlay against IPv6 baselines; NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
+	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; ebpf-direct, or the suffix +direct on any, turns the config's DirectRouting on; +bridge=NAME names the container bridge, +host sends from the host itself; +v6 measures IPv6 in a dual-stack overlay against IPv6 baselines, +v6ul the same with IPv6 underlay addresses on the hosts (ebpf and vxlan then carry it as VXLAN over IPv6); NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
 	flag.StringVar(&testNames, "tests", "", "run only these comma-separated tests: tcp1, tcp4, udp64, rr, or words of their names (\"tcp\" selects the three TCP tests; default: all)")
 	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds (at least 1; DESIGN asks for 3 or more)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each test (whole seconds)")
@@ -129,7 +129,10 @@ func selectTests(words string) ([]benchTest, error) {
 //
 // "+v6" measures IPv6 container traffic in a dual-stack overlay; the run then also measures
 // both baselines over IPv6 (flannel's host-gw and vxlan IPv6 halves, over an IPv6 underlay),
-// and the ratios of a +v6 mode are to those.
+// and the ratios of a +v6 mode are to those. The hosts of a +v6 mode have no IPv6 underlay
+// address (host-gw's excepted: it has no other way), so VXLAN-speaking backends carry IPv6
+// inside their IPv4 VXLAN. "+v6ul" gives them one: ebpf and vxlan then run an IPv6 VTEP and
+// carry IPv6 as VXLAN over the IPv6 underlay, as flannel's vxlan baseline does.
 //
 // "+direct" turns the config's Backend.DirectRouting on: the two hosts share a segment, so the
 // peer is routed plain (no VXLAN), the path to hold against host-gw. "ebpf-direct" is
@@ -147,6 +150,8 @@ func modeOf(name string) *mode {
 				m.direct = true
 			case suf == "v6":
 				m.v6 = true
+			case suf == "v6ul":
+				m.v6, m.v6ul = true, true
 			case suf == "kernel":
 				// The stack path: container traffic through xnet0 and the host's
 				// forwarding both ways (what a DOCKER-USER rule makes auto choose).
@@ -178,8 +183,11 @@ type mode struct {
 	fromHost bool
 	// direct turns the config's Backend.DirectRouting on ("+direct", "ebpf-direct").
 	direct bool
-	// v6 sends IPv6 between the containers of a dual-stack overlay ("+v6").
-	v6      bool
+	// v6 sends IPv6 between the containers of a dual-stack overlay ("+v6", "+v6ul").
+	v6 bool
+	// v6ul gives the hosts IPv6 underlay addresses ("+v6ul"; always for the baselines and
+	// host-gw, which need them).
+	v6ul    bool
 	topo    *harness.Topology
 	client  *harness.Container // on h1
 	server  *harness.Container // on h2
@@ -227,7 +235,7 @@ func run(ctx context.Context, o options) (err error) {
 		v6 = v6 || m.v6
 	}
 	if v6 {
-		modes = slices.Insert(modes, 2, &mode{name: baseHostGW + v6Suffix, v6: true}, &mode{name: baseVXLAN + v6Suffix, v6: true})
+		modes = slices.Insert(modes, 2, &mode{name: baseHostGW + v6Suffix, v6: true, v6ul: true}, &mode{name: baseVXLAN + v6Suffix, v6: true, v6ul: true})
 	}
 	defer func() {
 		for _, m := range modes {
@@ -323,7 +331,8 @@ func (m *mode) target() netip.Addr {
 
 func setup(ctx context.Context, m *mode, xnetd string) error {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	topo, err := harness.New(ctx, harness.Options{Hosts: 2, WithEtcd: m.backend != "", IPv6Underlay: m.v6, Logger: logger})
+	underlay6 := m.v6 && (m.v6ul || m.backend == "host-gw")
+	topo, err := harness.New(ctx, harness.Options{Hosts: 2, WithEtcd: m.backend != "", IPv6Underlay: underlay6, Logger: logger})
 	if err != nil {
 		return err
 	}

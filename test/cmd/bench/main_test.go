@@ -19,8 +19,11 @@ func TestModeOfSpellings(t *testing.T) {
 		{"ebpf-direct+host", "ebpf-direct+host", "ebpf", nil, true, true},
 		{"ebpf-tc+v6", "ebpf-tc+v6", "ebpf", []string{"--decap=tc"}, false, false},
 	}
-	if !modeOf("vxlan+v6").v6 || modeOf("vxlan").v6 {
+	if !modeOf("vxlan+v6").v6 || modeOf("vxlan").v6 || modeOf("vxlan+v6").v6ul {
 		t.Errorf("+v6 does not set (only) the IPv6 mode")
+	}
+	if m := modeOf("ebpf-tc+v6ul"); !m.v6 || !m.v6ul || m.backend != "ebpf" || m.name != "ebpf-tc+v6ul" {
+		t.Errorf("modeOf(ebpf-tc+v6ul) = %+v: want IPv6 over an IPv6 underlay, backend ebpf", m)
 	}
 	for _, c := range cases {
 		m := modeOf(c.name)

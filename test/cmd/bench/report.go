@@ -106,7 +106,7 @@ func (r *results) finish() {
 			}
 			// An IPv6 mode is held against the baselines' IPv6 twins.
 			suffix := ""
-			if strings.HasSuffix(b, v6Suffix) || strings.Contains(b, v6Suffix+"+") || strings.Contains(b, v6Suffix+"@") {
+			if modeOf(b).v6 {
 				suffix = v6Suffix
 			}
 			if base := r.byKey[[2]string{baseHostGW + suffix, m.id}]; base != nil && base.Median != 0 {
