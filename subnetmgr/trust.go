@@ -124,5 +124,5 @@ func ClaimsFirst(a, b Lease) bool {
 	if a.CreateRevision != b.CreateRevision {
 		return a.CreateRevision < b.CreateRevision
 	}
-	return comparePrefix(a.Subnet, b.Subnet) < 0
+	return comparePrefix(a.ID(), b.ID()) < 0
 }
