@@ -51,8 +51,10 @@ type Config struct {
 }
 
 // IPv6Only says whether the overlay is IPv6 only (EnableIPv4 false, EnableIPv6 true): leases
-// hold no IPv4 subnet, and a lease's ID is its IPv6 subnet.
-func (c Config) IPv6Only() bool { return !c.EnableIPv4 && c.EnableIPv6 }
+// hold no IPv4 subnet, and a lease's ID is its IPv6 subnet. A Config with a Network is not,
+// whatever EnableIPv4 says: ParseConfig leaves Network empty in an IPv6-only config, and a
+// Config built by hand with a Network and EnableIPv6 (as tests build them) is dual stack.
+func (c Config) IPv6Only() bool { return !c.EnableIPv4 && c.EnableIPv6 && !c.Network.IsValid() }
 
 // BackendConfig is the config's "Backend" object. VNI and Port default to 1 and 8472.
 type BackendConfig struct {
