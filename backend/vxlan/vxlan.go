@@ -202,10 +202,11 @@ func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 			return nil, fmt.Errorf("vxlan: interface %s MTU %d leaves no room for the %d-byte VXLAN overhead over IPv6", opts.Iface.Name, opts.Iface.MTU, backend.VXLANOverheadV6)
 		}
 	}
-	core.Log = core.Log.With("device", DeviceName(core.VNI))
+	device := DeviceName(core.VNI)
 	if opts.Config.IPv6Only() {
-		core.Log = core.Log.With("device", DeviceNameV6(core.VNI))
+		device = DeviceNameV6(core.VNI)
 	}
+	core.Log = core.Log.With("device", device)
 	return &Backend{VXLAN: core, nl: h, peers: map[netip.Prefix]peer{}, ipv6Only: opts.Config.IPv6Only(),
 		direct: backend.NewDirectRouter(h, opts.Iface), directRouting: opts.Config.Backend.DirectRouting}, nil
 }
