@@ -227,7 +227,8 @@ type LeaseAttrs struct {
 	PublicIP    netip.Addr
 	BackendType string
 	BackendData json.RawMessage
-	// PublicIPv6 and BackendV6Data are published only in a dual-stack overlay (both optional).
+	// PublicIPv6 and BackendV6Data are published only in a dual-stack overlay (both optional)
+	// and in an IPv6-only one (PublicIPv6 required; PublicIP is then 0.0.0.0, BackendData empty).
 	PublicIPv6    netip.Addr
 	BackendV6Data json.RawMessage
 }

@@ -175,10 +175,7 @@ func (p *peers) put(ev subnetmgr.Event, now time.Time) {
 // leases naming one, the one etcd created first is programmed. A claimant l comes before
 // loses its claim here (it is refused, and its PublicIP settled again).
 func (p *peers) check(l subnetmgr.Lease) *subnetmgr.Refusal {
-	if r := subnetmgr.CheckPeerSubnet(p.cfg, p.own.ID(), l.ID().Masked()); r != nil {
-		return r
-	}
-	if r := subnetmgr.CheckPeerIPv6(p.cfg, p.own.IPv6Subnet, l); r != nil {
+	if r := subnetmgr.CheckPeer(p.cfg, p.own, l); r != nil {
 		return r
 	}
 	if !l.IPv6Subnet.IsValid() {

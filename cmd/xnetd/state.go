@@ -70,6 +70,15 @@ func (s leaseState) subnets() string {
 	return s.Subnet.String()
 }
 
+// host is the underlay address that names the lease's host: its PublicIP, or its PublicIPv6
+// in an IPv6-only overlay (where PublicIP is 0.0.0.0).
+func (s leaseState) host() netip.Addr {
+	if s.PublicIP.IsValid() && !s.PublicIP.IsUnspecified() {
+		return s.PublicIP
+	}
+	return s.PublicIPv6
+}
+
 // peerState is a peer lease and what the backend made of it.
 type peerState struct {
 	leaseState
