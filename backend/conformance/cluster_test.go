@@ -80,10 +80,6 @@ func newIPv6OnlyCluster(t *testing.T, r row) *cluster {
 	return buildClusterWith(t, r, true, true)
 }
 
-// dockerDefaultBridge is docker0's address in an IPv6-only cluster: Docker's own default,
-// outside every overlay network.
-var dockerDefaultBridge = netip.MustParsePrefix("172.17.0.1/16")
-
 func buildCluster(t *testing.T, r row, dual bool) *cluster {
 	t.Helper()
 	return buildClusterWith(t, r, dual, false)
@@ -129,7 +125,7 @@ func buildClusterWith(t *testing.T, r row, dual, ipv6Only bool) *cluster {
 		n.start(t)
 		docker0 := netip.PrefixFrom(n.lease.Subnet.Addr().Next(), 24)
 		if ipv6Only {
-			docker0 = dockerDefaultBridge
+			docker0 = harness.DockerDefaultBridge
 		}
 		if err := h.SetupDocker0(docker0, n.b.MTU()); err != nil {
 			t.Fatal(err)
