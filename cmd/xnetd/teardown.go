@@ -75,6 +75,10 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 		if !lease.PublicIP.IsValid() {
 			lease.PublicIP = iface.PublicIP
 		}
+		// As at start: vxlan in an IPv6-only overlay is built only with our IPv6 underlay address.
+		if iface.PublicIPv6, err = publicIPv6(cfg, iface.Name, o.publicIPv6); err != nil {
+			errs = append(errs, fmt.Errorf("IPv6 underlay address: %w", err))
+		}
 		errs = append(errs, teardownBackends(o, iface, cfg, lease, st.Backend, stdout, log)...)
 	}
 

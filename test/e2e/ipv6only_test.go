@@ -61,6 +61,20 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 			if out, code := nodes[0].check(t); code != 2 || !strings.Contains(out, "IPv6-only") || !strings.Contains(out, "EnableIPv4 false") {
 				t.Errorf("xnetd check on an IPv6-only overlay: exit %d, want 2 naming EnableIPv4:\n%s", code, out)
 			}
+
+			n := nodes[2]
+			if err := n.proc.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			n.teardown(t, topo)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			routes, _ := n.Run(ctx, "ip", "-6", "route", "show", "root", "fd00:10:244::/56")
+			for _, r := range strings.Split(strings.TrimSpace(routes), "\n") {
+				if r != "" && !strings.Contains(r, "dev docker0 proto kernel") {
+					t.Errorf("%s: IPv6 route into the overlay left after teardown: %s", n.Name, r)
+				}
+			}
 		})
 	}
 }

@@ -343,10 +343,12 @@ func xdLeases(t *testing.T, topo *harness.Topology, prefix string) map[netip.Pre
 	}
 	out := map[netip.Prefix]subnetmgr.LeaseAttrs{}
 	for _, kv := range resp.Kvs {
-		subnet, err := subnetmgr.ParseSubnetKey(prefix, string(kv.Key))
+		// By the lease's ID: its IPv4 subnet, its IPv6 one in an IPv6-only overlay.
+		v4, v6, err := subnetmgr.ParseDualSubnetKey(prefix, string(kv.Key))
 		if err != nil {
 			t.Fatalf("key %s: %v", kv.Key, err)
 		}
+		subnet := subnetmgr.Lease{Subnet: v4, IPv6Subnet: v6}.ID()
 		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
 		if err != nil {
 			t.Fatalf("key %s: %v", kv.Key, err)
