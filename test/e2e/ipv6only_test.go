@@ -57,6 +57,22 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
 			transferTo(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
 			transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
+			// A restart takes the same lease back (from subnet.env and by PublicIPv6), adopts the
+			// datapath and programs the same peers.
+			r := nodes[0]
+			before := r.state(t).Lease.Subnet
+			if err := r.proc.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			r.start(t)
+			r.waitReady(t)
+			r.waitPeers(t, len(nodes)-1)
+			if after := r.state(t).Lease.Subnet; after != before || !after.Addr().Is6() {
+				t.Errorf("%s restarted with lease %v, had %v", r.Name, after, before)
+			}
+			if failed := ipv6Mesh(cs); len(failed) > 0 {
+				t.Errorf("after a restart of %s, pings failed:\n%s", r.Name, strings.Join(failed, "\n"))
+			}
 			// Its checks are IPv4's: it says so rather than report problems that are not there.
 			if out, code := nodes[0].check(t); code != 2 || !strings.Contains(out, "IPv6-only") || !strings.Contains(out, "EnableIPv4 false") {
 				t.Errorf("xnetd check on an IPv6-only overlay: exit %d, want 2 naming EnableIPv4:\n%s", code, out)
