@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -122,7 +123,7 @@ func v6OnlyAttrs(i int) LeaseAttrs {
 		pub6 = pub6.Next()
 	}
 	return LeaseAttrs{PublicIP: netip.IPv4Unspecified(), PublicIPv6: pub6, BackendType: BackendVXLAN,
-		BackendV6Data: json.RawMessage(`{"VNI":1,"VtepMAC":"aa:bb:cc:00:01:0` + string(rune('0'+i)) + `"}`)}
+		BackendV6Data: json.RawMessage(fmt.Sprintf(`{"VNI":1,"VtepMAC":"aa:bb:cc:00:01:%02x"}`, i))}
 }
 
 // IPv6-only leases in etcd, as flannel keeps them: hosts starting together get distinct /64s
@@ -198,7 +199,7 @@ func TestAcquireIPv6Only(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		kctx, cancel := ctxForCancel(ctx)
+		kctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		renewed := make(chan Lease, 8)
 		go func() {
@@ -284,11 +285,6 @@ func TestAcquireIPv6Only(t *testing.T) {
 		}
 		waitFor(t, 10*time.Second, "our lease removed", func() bool { return find(EventRemoved, l.IPv6Subnet) != nil })
 	})
-}
-
-// ctxForCancel is a child of ctx the caller cancels.
-func ctxForCancel(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithCancel(ctx)
 }
 
 // subnet.env and the Docker options of an IPv6-only overlay, as flannel writes them (plus
