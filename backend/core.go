@@ -57,6 +57,32 @@ func (b *Base) CheckSetup(ctx context.Context, local subnetmgr.Lease, cfg subnet
 	return ctx.Err()
 }
 
+// CheckSetupIPv6Only is CheckSetup for an IPv6-only overlay (cfg.IPv6Only), which only the
+// backends that carry one call: our lease has an IPv6 subnet inside the IPv6Network and no
+// IPv4 one, and ctx is still live.
+func (b *Base) CheckSetupIPv6Only(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
+	if !cfg.IPv6Only() {
+		return fmt.Errorf("%s: the config is not IPv6 only", b.name)
+	}
+	if local.Subnet.IsValid() || !local.IPv6Subnet.IsValid() {
+		return fmt.Errorf("%s: in an IPv6-only overlay our lease must hold an IPv6 subnet and no IPv4 one (has %v, %v)", b.name, local.Subnet, local.IPv6Subnet)
+	}
+	if !cfg.IPv6Network.IsValid() {
+		return fmt.Errorf("%s: config has no IPv6Network", b.name)
+	}
+	if err := b.CheckSetupV6(local, cfg); err != nil {
+		return err
+	}
+	return ctx.Err()
+}
+
+// IPv6Only says whether our lease, as Setup recorded it, is IPv6 only (no IPv4 subnet).
+func (b *Base) IPv6Only() bool { return !b.local.Subnet.IsValid() && b.local.IPv6Subnet.IsValid() }
+
+// HasNetwork says whether Setup recorded an overlay network of either family: routes strictly
+// inside one are ours to tear down and prune.
+func (b *Base) HasNetwork() bool { return b.network.IsValid() || b.network6.IsValid() }
+
 // SetLocal records our lease (its subnets masked) and the overlay Network after Setup.
 func (b *Base) SetLocal(local subnetmgr.Lease, network netip.Prefix) {
 	local.Subnet = local.Subnet.Masked()
@@ -109,10 +135,15 @@ func (b *Base) IsOwn(lease subnetmgr.Lease) bool {
 	return IsOwnLease(b.local, b.Iface.PublicIP, lease)
 }
 
-// IsOwnLease is Base.IsOwn for callers without a Base (the daemon's lease bookkeeping).
+// IsOwnLease is Base.IsOwn for callers without a Base (the daemon's lease bookkeeping). Leases
+// are compared by ID (the IPv6 subnet of an IPv6-only lease); an IPv6-only lease, whose
+// PublicIP is 0.0.0.0, is ours when it names our PublicIPv6.
 func IsOwnLease(local subnetmgr.Lease, publicIP netip.Addr, lease subnetmgr.Lease) bool {
-	return (local.Subnet.IsValid() && lease.Subnet.Masked() == local.Subnet.Masked()) ||
-		lease.PublicIP == publicIP
+	if id := local.ID(); id.IsValid() && lease.ID().Masked() == id.Masked() {
+		return true
+	}
+	return lease.PublicIP == publicIP ||
+		!lease.Subnet.IsValid() && local.PublicIPv6.IsValid() && lease.PublicIPv6 == local.PublicIPv6
 }
 
 // RemovedSubnet is the subnet a RemovePeer call is about, or an error naming the backend when
@@ -307,6 +338,33 @@ func ParseVXLANPeerV6(lease subnetmgr.Lease, v4 VXLANPeer) (p VXLANPeerV6, ok bo
 	}
 	p.VtepMAC, p.OwnVTEP = mac, true
 	return p, true, nil
+}
+
+// ParseVXLANPeerIPv6Only reads the lease of a peer in an IPv6-only overlay, as flannel's vxlan
+// backend publishes it there: an IPv6 subnet, a PublicIPv6 and, as BackendV6Data, the VNI and
+// MAC of its IPv6 VTEP (OwnVTEP is true). Errors wrap ErrIncompatiblePeer and name the lease.
+func ParseVXLANPeerIPv6Only(lease subnetmgr.Lease) (VXLANPeerV6, error) {
+	bad := func(format string, args ...any) (VXLANPeerV6, error) {
+		return VXLANPeerV6{}, fmt.Errorf("lease %v (PublicIPv6 %v): %s: %w", lease.ID(), lease.PublicIPv6, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
+	}
+	s := lease.IPv6Subnet
+	switch {
+	case !s.IsValid() || !s.Addr().Is6() || s.Addr().Is4In6():
+		return bad("no IPv6 subnet")
+	case !lease.PublicIPv6.Is6() || lease.PublicIPv6.Is4In6():
+		return bad("PublicIPv6 is not IPv6")
+	case lease.BackendType != subnetmgr.BackendVXLAN:
+		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendVXLAN)
+	}
+	data, err := subnetmgr.ParseVXLANData(lease.BackendV6Data)
+	if err != nil {
+		return bad("BackendV6Data: %v", err)
+	}
+	mac, err := net.ParseMAC(data.VtepMAC)
+	if err != nil || len(mac) != 6 || mac[0]&1 == 1 {
+		return bad("BackendV6Data VtepMAC %q is not a unicast Ethernet MAC", data.VtepMAC)
+	}
+	return VXLANPeerV6{Subnet: s.Masked(), PublicIPv6: lease.PublicIPv6, VtepMAC: mac, OwnVTEP: true}, nil
 }
 
 // VXLANLeaseDataV6 is the BackendV6Data a VXLAN-speaking host publishes: with an IPv6 VTEP of

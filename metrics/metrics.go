@@ -190,7 +190,8 @@ func (m *Metrics) SetLease(l subnetmgr.Lease) {
 		ipv6 = l.IPv6Subnet.String()
 	}
 	m.leaseInfo.Reset()
-	m.leaseInfo.WithLabelValues(l.Subnet.String(), ipv6).Set(1)
+	// The subnet label is the lease's ID: its IPv6 subnet in an IPv6-only overlay.
+	m.leaseInfo.WithLabelValues(l.ID().String(), ipv6).Set(1)
 	if l.Expiration.IsZero() {
 		m.leaseExpiry.Set(0)
 		return

@@ -39,8 +39,8 @@ func (l storedLease) leaseID() clientv3.LeaseID { return clientv3.LeaseID(l.Etcd
 type snapshot struct {
 	rev    int64
 	leases []storedLease  // well-formed leases, sorted by subnet
-	keys   []netip.Prefix // every key that names a subnet, well-formed value or not
-	keys6  []netip.Prefix // the IPv6 subnets those keys name (dual-stack keys only)
+	keys   []netip.Prefix // the ID of every key that names a subnet, well-formed value or not
+	keys6  []netip.Prefix // the IPv6 subnets those keys name (dual-stack and IPv6-only keys)
 }
 
 // parseKV turns one key-value under <prefix>/subnets/ into a lease (see parseKVIn).
@@ -85,7 +85,7 @@ func (m *Manager) listQuiet(ctx context.Context, dir string, logBad func(key str
 	for _, kv := range resp.Kvs {
 		l, subnetOK, err := m.parseKVIn(dir, kv)
 		if subnetOK {
-			snap.keys = append(snap.keys, l.Subnet)
+			snap.keys = append(snap.keys, l.ID())
 			if l.IPv6Subnet.IsValid() {
 				snap.keys6 = append(snap.keys6, l.IPv6Subnet)
 			}
@@ -96,7 +96,7 @@ func (m *Manager) listQuiet(ctx context.Context, dir string, logBad func(key str
 			logBad(string(kv.Key), kv.ModRevision, err)
 		}
 	}
-	slices.SortFunc(snap.leases, func(a, b storedLease) int { return comparePrefix(a.Subnet, b.Subnet) })
+	slices.SortFunc(snap.leases, func(a, b storedLease) int { return comparePrefix(a.ID(), b.ID()) })
 	return snap, nil
 }
 
@@ -197,10 +197,16 @@ func (m *Manager) acquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev, p
 	if _, err := EncodeLeaseValue(attrs); err != nil {
 		return Lease{}, fmt.Errorf("acquire lease: %w", err)
 	}
+	if p.ipv6Only() && !attrs.PublicIPv6.IsValid() {
+		// The host's PublicIPv6 is how it finds its lease again and how peers reach it.
+		return Lease{}, fmt.Errorf("acquire lease: an IPv6-only overlay needs our PublicIPv6 (EnableIPv4 is false)")
+	}
 	bo := m.newBackoff()
 	for {
 		l, err := m.tryAcquire(ctx, p, attrs, prev, prev6)
-		if err == nil && l.IPv6Subnet.IsValid() {
+		// An IPv6-only key names its IPv6 subnet, which the create-only transaction keeps
+		// unique; only a dual-stack key needs settling.
+		if err == nil && l.Subnet.IsValid() && l.IPv6Subnet.IsValid() {
 			l, err = m.settleIPv6(ctx, p, l, attrs)
 		}
 		switch {
@@ -235,15 +241,16 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 	if err != nil {
 		return Lease{}, err
 	}
-	// 1. Our own lease, found by PublicIP: a restart, or an operator's reservation for us. The
-	// one our file records first, then the oldest: peers keep the lease etcd created first
-	// when two name one PublicIP (ClaimsFirst), so that is the one they program.
+	// 1. Our own lease, found by PublicIP (PublicIPv6 in an IPv6-only pool: Host): a restart,
+	// or an operator's reservation for us. The one our file records first, then the oldest:
+	// peers keep the lease etcd created first when two name one host (ClaimsFirst), so that
+	// is the one they program.
 	var ours []storedLease
 	for _, l := range snap.leases {
-		if l.PublicIP != attrs.PublicIP {
+		if !p.sameHost(l.Lease, attrs) {
 			continue
 		}
-		if !p.compatible(l.Subnet) {
+		if !p.compatible(l.ID()) {
 			m.dropIncompatible(ctx, p, l)
 			continue
 		}
@@ -251,8 +258,8 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 	}
 	taken6 := p.takenIPv6(snap.keys6)
 	slices.SortStableFunc(ours, func(a, b storedLease) int {
-		if (a.Subnet == prev) != (b.Subnet == prev) {
-			if a.Subnet == prev {
+		if (a.ID() == prev) != (b.ID() == prev) {
+			if a.ID() == prev {
 				return -1
 			}
 			return 1
@@ -260,9 +267,9 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 		return cmp.Compare(a.CreateRevision, b.CreateRevision)
 	})
 	for _, l := range ours {
-		if a, bad := avoid.covered(l.Subnet); bad {
+		if a, bad := avoid.covered(l.ID()); bad {
 			m.log.Warn("our previous lease covers an address no range may cover now; leaving it to expire and taking another",
-				"pool", p.Dir, "subnet", l.Subnet, "address", a)
+				"pool", p.Dir, "subnet", l.ID(), "address", a)
 			continue
 		}
 		if want6, ok := p.ipv6For(l, taken6, prev6); !ok {
@@ -280,12 +287,12 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 		}
 		nl, err := m.reclaim(ctx, p.Dir, l, attrs)
 		if err == nil {
-			m.log.Info("reclaimed our previous lease", "pool", p.Dir, "subnet", nl.Subnet, "public_ip", attrs.PublicIP,
+			m.log.Info("reclaimed our previous lease", "pool", p.Dir, "subnet", nl.ID(), "public_ip", attrs.Host(),
 				"reservation", nl.Expiration.IsZero())
 		}
 		return nl, err
 	}
-	taken := newTakenSet(p, snap.keys, avoid)
+	taken := newTakenSet(p, p.primaryKeys(snap), avoid)
 	// 2. The range our file recorded, if nobody holds it now.
 	if prev.IsValid() && p.compatible(prev) {
 		if !taken.has(prev) {
@@ -322,7 +329,7 @@ func (m *Manager) tryAcquire(ctx context.Context, p Pool, attrs LeaseAttrs, prev
 	}
 	l, err := m.create(ctx, p.Dir, free[rand.N(len(free))], sn6, attrs)
 	if err == nil {
-		m.log.Info("acquired a new lease", "pool", p.Dir, "subnet", l.Subnet, "ipv6_subnet", l.IPv6Subnet, "public_ip", attrs.PublicIP)
+		m.log.Info("acquired a new lease", "pool", p.Dir, "subnet", l.Subnet, "ipv6_subnet", l.IPv6Subnet, "public_ip", attrs.Host())
 	}
 	return l, err
 }
@@ -413,9 +420,9 @@ func (m *Manager) dropIncompatible(ctx context.Context, p Pool, l storedLease) {
 	case err != nil:
 		m.etcdErrors.Add(1)
 		m.log.Warn("cannot delete our previous lease, which the config no longer allows; it expires by its TTL",
-			"pool", p.Dir, "subnet", l.Subnet, "err", err)
+			"pool", p.Dir, "subnet", l.ID(), "err", err)
 	case resp.Succeeded:
-		m.log.Info("deleted our previous lease: the config no longer allows it", "pool", p.Dir, "subnet", l.Subnet)
+		m.log.Info("deleted our previous lease: the config no longer allows it", "pool", p.Dir, "subnet", l.ID())
 	}
 }
 
@@ -441,7 +448,8 @@ func (m *Manager) revoke(id clientv3.LeaseID) {
 	}
 }
 
-// create takes subnet (and subnet6, in a dual-stack pool) by a transaction that only creates
+// create takes subnet (and subnet6, in a dual-stack pool; subnet is the IPv6 one in an
+// IPv6-only pool) by a transaction that only creates
 // the key if it does not exist, so two hosts can never hold the same subnet.
 func (m *Manager) create(ctx context.Context, dir string, subnet, subnet6 netip.Prefix, attrs LeaseAttrs) (Lease, error) {
 	value, err := EncodeLeaseValue(attrs)
@@ -451,6 +459,9 @@ func (m *Manager) create(ctx context.Context, dir string, subnet, subnet6 netip.
 	id, exp, err := m.grant(ctx)
 	if err != nil {
 		return Lease{}, err
+	}
+	if subnet.Addr().Is6() { // an IPv6-only pool's range: the key's IPv6 part
+		subnet, subnet6 = netip.Prefix{}, subnet
 	}
 	key := LeaseKey(m.prefix, dir, subnet, subnet6)
 	rctx, cancel := m.reqCtx(ctx)

@@ -106,18 +106,28 @@ func ParseConfig(data []byte) (Config, error) {
 	}
 	var cfg Config
 
+	// flannel's defaults: EnableIPv4 true, EnableIPv6 false. Each family's fields are read
+	// only when the family is on, so an IPv6-only config needs no Network (and one it has is
+	// ignored, as flannel ignores it).
+	cfg.EnableIPv4 = raw.EnableIPv4 == nil || *raw.EnableIPv4
 	cfg.EnableIPv6 = raw.EnableIPv6 != nil && *raw.EnableIPv6
-	if raw.EnableIPv4 != nil && !*raw.EnableIPv4 {
-		// flannel allows it; xnet's datapaths, files and trust rules key everything by the IPv4
-		// subnet, so it is refused rather than half working.
-		return Config{}, configErr("EnableIPv4", "false (an IPv6-only overlay) is not supported; keep EnableIPv4 and set EnableIPv6 for a dual-stack overlay")
+	if !cfg.EnableIPv4 && !cfg.EnableIPv6 {
+		return Config{}, configErr("EnableIPv4", "and EnableIPv6 are both false, so the overlay has no address family; set EnableIPv4 true (the default), EnableIPv6 true, or both")
 	}
 	var err error
-	if cfg.Network, cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax, err = parseFamily(family4, raw.Network, raw.SubnetLen, raw.SubnetMin, raw.SubnetMax); err != nil {
-		return Config{}, err
+	if cfg.EnableIPv4 {
+		if cfg.Network, cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax, err = parseFamily(family4, raw.Network, raw.SubnetLen, raw.SubnetMin, raw.SubnetMax); err != nil {
+			return Config{}, err
+		}
 	}
 	if cfg.EnableIPv6 {
 		if cfg.IPv6Network, cfg.IPv6SubnetLen, cfg.IPv6SubnetMin, cfg.IPv6SubnetMax, err = parseFamily(family6, raw.IPv6Network, raw.IPv6SubnetLen, raw.IPv6SubnetMin, raw.IPv6SubnetMax); err != nil {
+			if !cfg.EnableIPv4 {
+				var ce *ConfigError
+				if errors.As(err, &ce) && ce.Field == "IPv6Network" {
+					ce.Reason += " (EnableIPv4 is false: the IPv6-only overlay needs it)"
+				}
+			}
 			return Config{}, err
 		}
 	}

@@ -70,6 +70,7 @@ func TestParseConfig(t *testing.T) {
 			if tc.want.Backend.WireGuard == (WireGuardConfig{}) {
 				tc.want.Backend.WireGuard = defaultWireGuard // a case about other fields
 			}
+			tc.want.EnableIPv4 = true // flannel's default; every case here is an IPv4 overlay
 			got, err := ParseConfig([]byte(tc.json))
 			if err != nil {
 				t.Fatalf("ParseConfig: %v", err)

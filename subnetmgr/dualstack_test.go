@@ -45,7 +45,6 @@ func TestParseConfigIPv6(t *testing.T) {
 		{`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetMax":"fd00::"}`, "IPv6SubnetMax", "outside IPv6Network"},
 		{`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetMin":"fc00:0:0:9::","IPv6SubnetMax":"fc00:0:0:8::"}`, "IPv6SubnetMax", "below IPv6SubnetMin"},
 		{`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetMin":"10.0.0.0"}`, "IPv6SubnetMin", "not an IPv6 address"},
-		{`{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}`, "EnableIPv4", "IPv6-only"},
 		{`{"Network":"10.244.0.0/16","EnableIPv6":"yes","IPv6Network":"fc00::/48"}`, "EnableIPv6", "wrong JSON type"},
 	}
 	for _, tc := range bad {

@@ -13,15 +13,18 @@ import (
 
 // WriteSubnetFile writes subnet.env atomically: XNET_* for xnet's own scripts and the same
 // values as FLANNEL_* for scripts written for flannel (mk-docker-opts.sh and the like). A
-// dual-stack overlay adds IPV6_NETWORK and IPV6_SUBNET (gateway form, as SUBNET), as flannel.
+// dual-stack overlay adds IPV6_NETWORK and IPV6_SUBNET (gateway form, as SUBNET), as flannel;
+// an IPv6-only one (no Subnet) writes those without NETWORK and SUBNET, as flannel.
 func WriteSubnetFile(path string, f SubnetFile) error {
 	if err := f.check(); err != nil {
 		return fmt.Errorf("write subnet file %s: %w", path, err)
 	}
 	var b bytes.Buffer
 	for _, p := range []string{"XNET_", "FLANNEL_"} {
-		fmt.Fprintf(&b, "%sNETWORK=%s\n", p, f.Network)
-		fmt.Fprintf(&b, "%sSUBNET=%s\n", p, GatewayOf(f.Subnet))
+		if f.Subnet.IsValid() {
+			fmt.Fprintf(&b, "%sNETWORK=%s\n", p, f.Network)
+			fmt.Fprintf(&b, "%sSUBNET=%s\n", p, GatewayOf(f.Subnet))
+		}
 		if f.IPv6Subnet.IsValid() {
 			fmt.Fprintf(&b, "%sIPV6_NETWORK=%s\n", p, f.IPv6Network)
 			fmt.Fprintf(&b, "%sIPV6_SUBNET=%s\n", p, GatewayOf(f.IPv6Subnet))
@@ -34,7 +37,9 @@ func WriteSubnetFile(path string, f SubnetFile) error {
 
 // WriteDockerOpts writes the Docker options file atomically, for EnvironmentFile= in a
 // docker.service drop-in. As flannel's mk-docker-opts.sh: when xnetd masquerades
-// (IPMasq true) Docker must not masquerade as well, so Docker gets the opposite value.
+// (IPMasq true) Docker must not masquerade as well, so Docker gets the opposite value. In an
+// IPv6-only overlay Docker gets no --bip (its IPv4 bridge is not the overlay's) and no
+// --ip-masq (an IPv4 option): " --ipv6 --fixed-cidr-v6=<subnet> --mtu=<mtu>".
 func WriteDockerOpts(path string, f SubnetFile) error {
 	if err := f.check(); err != nil {
 		return fmt.Errorf("write docker options file %s: %w", path, err)
@@ -49,11 +54,16 @@ func WriteDockerOpts(path string, f SubnetFile) error {
 		ipv6 = " --ipv6 --fixed-cidr-v6=" + f.IPv6Subnet.Masked().String()
 	}
 	line := fmt.Sprintf("DOCKER_NETWORK_OPTIONS=\" --bip=%s --ip-masq=%t --mtu=%d%s%s\"\n", GatewayOf(f.Subnet), !f.IPMasq, f.MTU, ipv6, dns)
+	if !f.Subnet.IsValid() {
+		line = fmt.Sprintf("DOCKER_NETWORK_OPTIONS=\"%s --mtu=%d%s\"\n", ipv6, f.MTU, dns)
+	}
 	return writeFileAtomic(path, []byte(line))
 }
 
 func (f SubnetFile) check() error {
-	if !f.Network.IsValid() || !f.Subnet.IsValid() {
+	switch {
+	case !f.Network.IsValid() && !f.Subnet.IsValid() && f.IPv6Subnet.IsValid(): // IPv6 only
+	case !f.Network.IsValid() || !f.Subnet.IsValid():
 		return fmt.Errorf("both network (%v) and subnet (%v) must be set", f.Network, f.Subnet)
 	}
 	if f.MTU <= 0 {
@@ -67,6 +77,7 @@ func (f SubnetFile) check() error {
 
 // ReadSubnetFile reads a subnet.env written by WriteSubnetFile, or by flannel (FLANNEL_*
 // only). XNET_* values win when both are present. Subnet is returned masked (10.244.5.0/24).
+// A file of an IPv6-only overlay has no NETWORK and SUBNET: Network and Subnet stay zero.
 func ReadSubnetFile(path string) (SubnetFile, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -95,20 +106,25 @@ func ReadSubnetFile(path string) (SubnetFile, error) {
 	}
 	var f SubnetFile
 	name, v, err := get("NETWORK")
-	if err != nil {
-		return SubnetFile{}, err
+	_, _, noSubnet := get("SUBNET")
+	_, _, noIPv6 := get("IPV6_SUBNET")
+	ipv6Only := err != nil && noSubnet != nil && noIPv6 == nil
+	if !ipv6Only {
+		if err != nil {
+			return SubnetFile{}, err
+		}
+		if f.Network, err = netip.ParsePrefix(v); err != nil {
+			return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not a CIDR", path, name, v)
+		}
+		if name, v, err = get("SUBNET"); err != nil {
+			return SubnetFile{}, err
+		}
+		gw, err := netip.ParsePrefix(v)
+		if err != nil {
+			return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not a gateway/len such as 10.244.5.1/24", path, name, v)
+		}
+		f.Subnet = gw.Masked()
 	}
-	if f.Network, err = netip.ParsePrefix(v); err != nil {
-		return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not a CIDR", path, name, v)
-	}
-	if name, v, err = get("SUBNET"); err != nil {
-		return SubnetFile{}, err
-	}
-	gw, err := netip.ParsePrefix(v)
-	if err != nil {
-		return SubnetFile{}, fmt.Errorf("subnet file %s: %s=%q is not a gateway/len such as 10.244.5.1/24", path, name, v)
-	}
-	f.Subnet = gw.Masked()
 	if name, v, err = get("MTU"); err != nil {
 		return SubnetFile{}, err
 	}

@@ -79,7 +79,7 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 				return ctx.Err()
 			}
 			d := bo.next()
-			m.log.Log(ctx, retryLevel(err), "cannot renew our subnet lease, retrying", "subnet", lease.Subnet, "err", err,
+			m.log.Log(ctx, retryLevel(err), "cannot renew our subnet lease, retrying", "subnet", lease.ID(), "err", err,
 				"expires", lease.Expiration, "retry_in", d.Round(time.Millisecond))
 			failing = true
 			if err := sleep(ctx, d); err != nil {
@@ -88,7 +88,7 @@ func (m *Manager) KeepPoolLease(ctx context.Context, p Pool, attrs LeaseAttrs, l
 			continue
 		}
 		if failing {
-			m.log.Info("subnet lease renewed again after failures", "subnet", nl.Subnet)
+			m.log.Info("subnet lease renewed again after failures", "subnet", nl.ID())
 		}
 		failing = false
 		bo.reset()
@@ -117,7 +117,7 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 		// take the same subnet back if it is still free, so peers and containers keep it.
 		l, err := m.create(ctx, p.Dir, lease.Subnet, lease.IPv6Subnet, attrs)
 		if err == nil {
-			m.log.Warn("our subnet lease was gone from etcd; re-acquired the same subnet", "subnet", lease.Subnet)
+			m.log.Warn("our subnet lease was gone from etcd; re-acquired the same subnet", "subnet", lease.ID())
 			return l, nil
 		}
 		if !errors.Is(err, errConflict) {
@@ -128,20 +128,20 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 	cur, _, perr := m.parseKVIn(p.Dir, resp.Kvs[0])
 	// Ours: a key we created (or reclaimed) for our etcd lease and nobody deleted since.
 	mine := lease.EtcdLeaseID != 0 && lease.CreateRevision != 0 && cur.CreateRevision == lease.CreateRevision
-	if perr != nil || cur.PublicIP != attrs.PublicIP {
+	if perr != nil || cur.Host() != attrs.Host() {
 		holder := "a malformed value"
 		if perr == nil {
-			holder = "PublicIP " + cur.PublicIP.String()
+			holder = "PublicIP " + cur.Host().String()
 		}
 		switch {
 		case mine:
 			return m.takeBack(ctx, p, attrs, lease, cur, "rewritten with "+holder)
 		case lease.EtcdLeaseID == 0 && cur.leaseID() == 0:
 			m.log.Warn("our reserved subnet now names another host: an administrator moved the reservation; giving it up and taking another subnet",
-				"pool", p.Dir, "subnet", lease.Subnet, "public_ip", attrs.PublicIP, "now", holder)
+				"pool", p.Dir, "subnet", lease.ID(), "public_ip", attrs.PublicIP, "now", holder)
 			l, err := m.AcquirePoolLease(ctx, p, attrs, netip.Prefix{})
 			if err != nil {
-				return Lease{}, fmt.Errorf("replace the reservation %s moved to %s: %w", lease.Subnet, holder, err)
+				return Lease{}, fmt.Errorf("replace the reservation %s moved to %s: %w", lease.ID(), holder, err)
 			}
 			return l, nil
 		}
@@ -184,7 +184,7 @@ func (m *Manager) renew(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lea
 func (m *Manager) takeBack(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lease, cur storedLease, how string) (Lease, error) {
 	key := lease.key(m.prefix, p.Dir)
 	m.log.Error("our lease was "+how+" by someone else; it is ours (we created the key for our etcd lease), writing it back",
-		"pool", p.Dir, "subnet", lease.Subnet, "public_ip", attrs.PublicIP,
+		"pool", p.Dir, "subnet", lease.ID(), "public_ip", attrs.PublicIP,
 		"etcd_lease", fmt.Sprintf("%x", lease.EtcdLeaseID), "key_etcd_lease", fmt.Sprintf("%x", cur.EtcdLeaseID))
 	value, err := EncodeLeaseValue(attrs)
 	if err != nil {
@@ -223,17 +223,17 @@ func (m *Manager) takeBack(ctx context.Context, p Pool, attrs LeaseAttrs, lease 
 	}
 	nl := Lease{Subnet: lease.Subnet, IPv6Subnet: lease.IPv6Subnet, CreateRevision: lease.CreateRevision, EtcdLeaseID: int64(id), Expiration: m.expiryOf(ctx, id)}
 	nl.setAttrs(attrs)
-	m.log.Warn("our lease is ours again", "pool", p.Dir, "subnet", lease.Subnet, "public_ip", attrs.PublicIP)
+	m.log.Warn("our lease is ours again", "pool", p.Dir, "subnet", lease.ID(), "public_ip", attrs.PublicIP)
 	return nl, nil
 }
 
 // lost handles our subnet held by someone else: take another one, loudly.
 func (m *Manager) lost(ctx context.Context, p Pool, attrs LeaseAttrs, lease Lease, why string) (Lease, error) {
 	m.log.Error("our subnet lease was lost; acquiring another subnet (containers on the old one lose connectivity)",
-		"pool", p.Dir, "subnet", lease.Subnet, "why", why)
+		"pool", p.Dir, "subnet", lease.ID(), "why", why)
 	l, err := m.AcquirePoolLease(ctx, p, attrs, netip.Prefix{})
 	if err != nil {
-		return Lease{}, fmt.Errorf("replace lost lease %s: %w", lease.Subnet, err)
+		return Lease{}, fmt.Errorf("replace lost lease %s: %w", lease.ID(), err)
 	}
 	return l, nil
 }
@@ -304,5 +304,5 @@ func (m *Manager) watchOwnKey(ctx context.Context, p Pool, key string, attrs Lea
 // parse, or (leased: we hold it with an etcd lease) was detached from every etcd lease.
 func (m *Manager) isForeignWrite(p Pool, kv *mvccpb.KeyValue, attrs LeaseAttrs, leased bool) bool {
 	l, _, err := m.parseKVIn(p.Dir, kv)
-	return err != nil || l.PublicIP != attrs.PublicIP || leased && l.leaseID() == 0
+	return err != nil || l.Host() != attrs.Host() || leased && l.leaseID() == 0
 }

@@ -43,9 +43,17 @@ func ParseDualSubnetKey(prefix, key string) (v4, v6 netip.Prefix, err error) {
 	return ParseLeaseKey(prefix, SubnetsDir, key)
 }
 
+// noIPv4Subnet is what flannel writes as the IPv4 subnet of an IPv6-only lease: its zero
+// IP4Net, so the key is <prefix>/subnets/0.0.0.0-0&fc00:0:0:1::-64.
+var noIPv4Subnet = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+
 // LeaseKey is the key of the lease on subnet (and subnet6, when valid) in the pool in dir:
-// PoolKey, with flannel's "&<ipv6>-<len>" suffix for a dual-stack lease.
+// PoolKey, with flannel's "&<ipv6>-<len>" suffix for a dual-stack lease. An IPv6-only lease
+// (subnet invalid, subnet6 valid) is flannel's 0.0.0.0-0&<ipv6>-<len>.
 func LeaseKey(prefix, dir string, subnet, subnet6 netip.Prefix) string {
+	if !subnet.IsValid() && subnet6.IsValid() {
+		subnet = noIPv4Subnet
+	}
 	k := PoolKey(prefix, dir, subnet)
 	if subnet6.IsValid() {
 		k += "&" + subnet6.Addr().String() + "-" + strconv.Itoa(subnet6.Bits())
@@ -59,7 +67,9 @@ func (l Lease) key(prefix, dir string) string { return LeaseKey(prefix, dir, l.S
 // Key is the etcd key of l, an overlay lease, under prefix.
 func (l Lease) Key(prefix string) string { return l.key(prefix, SubnetsDir) }
 
-// ParseLeaseKey is the inverse of LeaseKey.
+// ParseLeaseKey is the inverse of LeaseKey. v4 is the zero Prefix for an IPv6-only key
+// (0.0.0.0-0&<ipv6>-<len>); 0.0.0.0-0 alone is an IPv4 key like any other (and no valid
+// lease: it covers every address).
 func ParseLeaseKey(prefix, dir, key string) (v4, v6 netip.Prefix, err error) {
 	v4Key, v6Part, dual := strings.Cut(key, "&")
 	if v4, err = ParsePoolKey(prefix, dir, v4Key); err != nil {
@@ -88,6 +98,9 @@ func ParseLeaseKey(prefix, dir, key string) (v4, v6 netip.Prefix, err error) {
 	v6 = netip.PrefixFrom(ip, n)
 	if v6.Masked() != v6 {
 		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("key %q: %s has host bits set", key, v6)
+	}
+	if v4 == noIPv4Subnet {
+		v4 = netip.Prefix{}
 	}
 	return v4, v6, nil
 }

@@ -22,7 +22,8 @@ type Pool struct {
 	// Dir is the key directory under the prefix: SubnetsDir for the overlay, "macvlan" for
 	// macvlan ranges. Keys are <prefix>/<Dir>/<a.b.c.d>-<len>.
 	Dir string
-	// Network is the network the ranges are cut from (for messages and reclaim checks).
+	// Network is the network the ranges are cut from (for messages and reclaim checks). It is
+	// IPv4 but for the overlay of an IPv6-only config (OverlayPool).
 	Network netip.Prefix
 	// Len is the prefix length of every range.
 	Len int
@@ -57,8 +58,13 @@ type Ranges struct {
 // ranges is Ranges as the free-range walk uses it.
 type ranges = Ranges
 
-// OverlayPool is the pool of the overlay's subnets under <prefix>/subnets/ for cfg.
+// OverlayPool is the pool of the overlay's subnets under <prefix>/subnets/ for cfg. In an
+// IPv6-only overlay the pool's ranges are the IPv6 ones (its Network is IPv6): each lease is
+// then named by its IPv6 subnet (Lease.ID), under flannel's key 0.0.0.0-0&<ipv6>-<len>.
 func OverlayPool(cfg Config) Pool {
+	if cfg.IPv6Only() {
+		return Pool{Dir: SubnetsDir, Network: cfg.IPv6Network, Len: cfg.IPv6SubnetLen, Min: cfg.IPv6SubnetMin, Max: cfg.IPv6SubnetMax}
+	}
 	p := Pool{Dir: SubnetsDir, Network: cfg.Network, Len: cfg.SubnetLen, Min: cfg.SubnetMin, Max: cfg.SubnetMax}
 	if cfg.EnableIPv6 {
 		p.IPv6 = &Ranges{Network: cfg.IPv6Network, Len: cfg.IPv6SubnetLen, Min: cfg.IPv6SubnetMin, Max: cfg.IPv6SubnetMax}
@@ -81,11 +87,37 @@ func (p Pool) takenIPv6(keys6 []netip.Prefix) *takenSet {
 	return newTakenRanges(*p.IPv6, keys6, nil)
 }
 
-// ipv6For is the IPv6 range our lease l should hold: the one it holds when the pool still
-// hands it out, else a free one (prev6 first), none in a pool without IPv6. ok is false when
-// l needs one and none is free.
+// ipv6Only says whether the pool's ranges are IPv6 (an IPv6-only overlay).
+func (p Pool) ipv6Only() bool { return p.Network.Addr().Is6() }
+
+// sameHost says whether l names the host that publishes attrs: by PublicIPv6 in an IPv6-only
+// pool (as flannel finds its lease there; a dual-stack lease of ours from an older config
+// has it too), by Host otherwise.
+func (p Pool) sameHost(l Lease, attrs LeaseAttrs) bool {
+	if p.ipv6Only() {
+		return l.PublicIPv6.IsValid() && l.PublicIPv6 == attrs.PublicIPv6
+	}
+	return l.Host() == attrs.Host()
+}
+
+// primaryKeys are the ranges of snap's keys that the pool's own ranges may collide with: every
+// IPv6 subnet named in a key in an IPv6-only pool (a dual-stack key holds one too).
+func (p Pool) primaryKeys(snap snapshot) []netip.Prefix {
+	if p.ipv6Only() {
+		return snap.keys6
+	}
+	return snap.keys
+}
+
+// ipv6For is the IPv6 range our lease l should hold besides its IPv4 one: the one it holds
+// when the pool still hands it out, else a free one (prev6 first), none in a pool without
+// IPv6. In an IPv6-only pool the IPv6 range is the lease's ID, which it keeps. ok is false
+// when l needs one and none is free.
 func (p Pool) ipv6For(l storedLease, taken6 *takenSet, prev6 netip.Prefix) (netip.Prefix, bool) {
 	if p.IPv6 == nil {
+		if p.ipv6Only() {
+			return l.IPv6Subnet, true
+		}
 		return netip.Prefix{}, true
 	}
 	if p.IPv6.compatible(l.IPv6Subnet) {
@@ -116,14 +148,18 @@ func (p Pool) check() error {
 	if p.Dir == "" {
 		return fmt.Errorf("lease pool: empty key directory")
 	}
-	if !p.Network.IsValid() || !p.Network.Addr().Is4() {
+	if p.ipv6Only() {
+		if p.Dir != SubnetsDir || p.IPv6 != nil || !isIPv6(p.Network.Addr()) {
+			return fmt.Errorf("lease pool %s: network %v: only the overlay's pool may be IPv6 only", p.Dir, p.Network)
+		}
+	} else if !p.Network.IsValid() || !p.Network.Addr().Is4() {
 		return fmt.Errorf("lease pool %s: network %v is not an IPv4 CIDR", p.Dir, p.Network)
 	}
-	if p.Len < p.Network.Bits() || p.Len > 32 {
+	if p.Len < p.Network.Bits() || p.Len > p.Network.Addr().BitLen() {
 		return fmt.Errorf("lease pool %s: range length /%d does not fit network %s", p.Dir, p.Len, p.Network)
 	}
 	for _, a := range []netip.Addr{p.Min, p.Max} {
-		if !a.Is4() || !p.Network.Contains(a) || netip.PrefixFrom(a, p.Len).Masked().Addr() != a {
+		if !p.Network.Contains(a) || netip.PrefixFrom(a, p.Len).Masked().Addr() != a {
 			return fmt.Errorf("lease pool %s: bound %v is not a /%d boundary inside %s", p.Dir, a, p.Len, p.Network)
 		}
 	}

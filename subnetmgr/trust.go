@@ -108,12 +108,31 @@ func CheckPeerIPv6(cfg Config, own6 netip.Prefix, l Lease) *Refusal {
 }
 
 // ForFamilies is l as a datapath under cfg may use it: in an IPv4-only overlay without its
-// IPv6 part (whatever another host published there).
+// IPv6 part, in an IPv6-only one without its IPv4 part (PublicIP 0.0.0.0, as flannel writes
+// it there), whatever another host published. Its ID is then the subnet of the overlay's
+// family.
 func ForFamilies(cfg Config, l Lease) Lease {
 	if !cfg.EnableIPv6 {
 		l.IPv6Subnet, l.PublicIPv6, l.BackendV6Data = netip.Prefix{}, netip.Addr{}, nil
 	}
+	if cfg.IPv6Only() {
+		l.Subnet, l.PublicIP, l.BackendData = netip.Prefix{}, netip.IPv4Unspecified(), nil
+	}
 	return l
+}
+
+// CheckPeer applies the whole trust rule's subnet part to l, a lease of another host, for a
+// host whose own lease is own under cfg: the IPv4 subnet (unless the overlay is IPv6 only) and
+// the IPv6 one (CheckPeerIPv6), which an IPv6-only overlay requires.
+func CheckPeer(cfg Config, own, l Lease) *Refusal {
+	if cfg.IPv6Only() {
+		if !l.IPv6Subnet.IsValid() {
+			return &Refusal{RefusedOutsideNetwork, fmt.Sprintf("lease %v has no IPv6 subnet, and the overlay is IPv6 only (IPv6Network %v)", l.ID(), cfg.IPv6Network)}
+		}
+	} else if r := CheckPeerSubnet(cfg, own.Subnet, l.Subnet.Masked()); r != nil {
+		return r
+	}
+	return CheckPeerIPv6(cfg, own.IPv6Subnet, l)
 }
 
 // ClaimsFirst reports whether lease a's claim to its PublicIP comes before b's: the key etcd
@@ -124,5 +143,5 @@ func ClaimsFirst(a, b Lease) bool {
 	if a.CreateRevision != b.CreateRevision {
 		return a.CreateRevision < b.CreateRevision
 	}
-	return comparePrefix(a.Subnet, b.Subnet) < 0
+	return comparePrefix(a.ID(), b.ID()) < 0
 }

@@ -28,14 +28,17 @@ const (
 
 // Config is the operator's <prefix>/config, validated and with flannel's defaults filled in.
 type Config struct {
-	Network   netip.Prefix
-	SubnetLen int
-	SubnetMin netip.Addr
-	SubnetMax netip.Addr
+	// EnableIPv4 is flannel's field (default true). False makes an IPv6-only overlay: Network
+	// and its fields are then ignored, every lease holds only an IPv6 subnet and is stored
+	// under flannel's key <prefix>/subnets/0.0.0.0-0&<ipv6>-<len> (Lease.ID).
+	EnableIPv4 bool
+	Network    netip.Prefix
+	SubnetLen  int
+	SubnetMin  netip.Addr
+	SubnetMax  netip.Addr
 	// EnableIPv6 makes the overlay dual stack (flannel's field): every lease also holds an
 	// IPv6Network subnet of IPv6SubnetLen bits (default 64), from IPv6SubnetMin to
-	// IPv6SubnetMax. (flannel's EnableIPv4 is always true here: ParseConfig refuses an
-	// IPv6-only overlay.)
+	// IPv6SubnetMax. With EnableIPv4 false it is the only family.
 	EnableIPv6    bool
 	IPv6Network   netip.Prefix
 	IPv6SubnetLen int
@@ -46,6 +49,12 @@ type Config struct {
 	// macvlan's "Macvlan"), so they parse the same read instead of asking etcd again.
 	Raw string `json:"-"`
 }
+
+// IPv6Only says whether the overlay is IPv6 only (EnableIPv4 false, EnableIPv6 true): leases
+// hold no IPv4 subnet, and a lease's ID is its IPv6 subnet. A Config with a Network is not,
+// whatever EnableIPv4 says: ParseConfig leaves Network empty in an IPv6-only config, and a
+// Config built by hand with a Network and EnableIPv6 (as tests build them) is dual stack.
+func (c Config) IPv6Only() bool { return !c.EnableIPv4 && c.EnableIPv6 && !c.Network.IsValid() }
 
 // BackendConfig is the config's "Backend" object. VNI and Port default to 1 and 8472.
 type BackendConfig struct {
@@ -83,9 +92,13 @@ type WireGuardConfig struct {
 }
 
 // Lease is one host's subnet as stored under <prefix>/subnets/<a.b.c.d>-<len>, or, in a
-// dual-stack overlay, <prefix>/subnets/<a.b.c.d>-<len>&<ipv6>-<len> (flannel's key).
+// dual-stack overlay, <prefix>/subnets/<a.b.c.d>-<len>&<ipv6>-<len>, or, in an IPv6-only
+// overlay, <prefix>/subnets/0.0.0.0-0&<ipv6>-<len> (flannel's keys).
 type Lease struct {
-	Subnet      netip.Prefix
+	// Subnet is the IPv4 subnet; the zero Prefix in an IPv6-only overlay (see ID).
+	Subnet netip.Prefix
+	// PublicIP is the host's IPv4 underlay address; 0.0.0.0 in an IPv6-only overlay, as
+	// flannel writes it there (see Host).
 	PublicIP    netip.Addr
 	BackendType string          // "vxlan" for every VXLAN-speaking backend, "host-gw" otherwise
 	BackendData json.RawMessage // {"VNI":1,"VtepMAC":"..."} for vxlan; may be null
@@ -109,6 +122,29 @@ type Lease struct {
 	CreateRevision int64
 	// EtcdLeaseID is the etcd lease the key is attached to, 0 for a reservation.
 	EtcdLeaseID int64
+}
+
+// ID is the subnet that names the lease: its IPv4 subnet, or its IPv6 subnet in an
+// IPv6-only overlay. Whatever keys leases by subnet (peer tables, status, metrics) keys them by
+// ID, so one code path serves both.
+func (l Lease) ID() netip.Prefix {
+	if l.Subnet.IsValid() {
+		return l.Subnet
+	}
+	return l.IPv6Subnet
+}
+
+// Host is the underlay address that names the host holding l: its PublicIP, or its
+// PublicIPv6 when PublicIP is unset or 0.0.0.0 (an IPv6-only overlay). A host finds its own
+// lease by it, and of two leases naming one Host only the older is programmed.
+func (l Lease) Host() netip.Addr { return l.Attrs().Host() }
+
+// Host is Lease.Host for what a host publishes.
+func (a LeaseAttrs) Host() netip.Addr {
+	if a.PublicIP.IsValid() && !a.PublicIP.IsUnspecified() {
+		return a.PublicIP
+	}
+	return a.PublicIPv6
 }
 
 // VXLANData is the BackendData of a lease whose BackendType is "vxlan".
@@ -191,17 +227,20 @@ type LeaseAttrs struct {
 	PublicIP    netip.Addr
 	BackendType string
 	BackendData json.RawMessage
-	// PublicIPv6 and BackendV6Data are published only in a dual-stack overlay (both optional).
+	// PublicIPv6 and BackendV6Data are published only in a dual-stack overlay (both optional)
+	// and in an IPv6-only one (PublicIPv6 required; PublicIP is then 0.0.0.0, BackendData empty).
 	PublicIPv6    netip.Addr
 	BackendV6Data json.RawMessage
 }
 
 // SubnetFile is the content of /run/xnet/subnet.env and /run/xnet/docker.
 type SubnetFile struct {
-	Network netip.Prefix // the overlay Network
-	Subnet  netip.Prefix // our lease; files show its first host address as gateway (10.244.5.1/24)
-	// IPv6Network and IPv6Subnet are set in a dual-stack overlay: Docker then gets --ipv6
-	// --fixed-cidr-v6=<IPv6Subnet>.
+	// Network is the overlay Network and Subnet our lease's IPv4 subnet (files show its first
+	// host address as gateway: 10.244.5.1/24). Both are zero in an IPv6-only overlay.
+	Network netip.Prefix
+	Subnet  netip.Prefix
+	// IPv6Network and IPv6Subnet are set in a dual-stack or IPv6-only overlay: Docker then
+	// gets --ipv6 --fixed-cidr-v6=<IPv6Subnet>.
 	IPv6Network netip.Prefix
 	IPv6Subnet  netip.Prefix
 	MTU         int

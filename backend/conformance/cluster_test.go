@@ -10,6 +10,11 @@ package conformance
 // the backend's LeaseAttrsV6), docker0 and the containers with IPv6 addresses, and an IPv6
 // underlay address (fd00:198:18::<11+i>, the lease's PublicIPv6) on every host but the second,
 // so that one peer is reached over IPv6 without an IPv6 underlay.
+//
+// An IPv6-only cluster (newIPv6OnlyCluster) is a dual-stack one without IPv4: the config's
+// EnableIPv4 false, leases as flannel writes them there (no IPv4 subnet, PublicIP 0.0.0.0, no
+// BackendData), an IPv6 underlay on every host, and docker0 with Docker's default IPv4 bridge
+// address, which no backend routes.
 
 import (
 	"context"
@@ -38,12 +43,14 @@ import (
 
 // cluster is one topology running one backend.
 type cluster struct {
-	row   row
-	dual  bool // dual stack: see the file comment
-	cfg   subnetmgr.Config
-	ctx   context.Context // xnetd's: Setup's, alive as long as the cluster
-	log   *slog.Logger
-	hosts []*node
+	row  row
+	dual bool // dual stack: see the file comment
+	// ipv6Only: an IPv6-only overlay (dual is set too: the IPv6 half is the same)
+	ipv6Only bool
+	cfg      subnetmgr.Config
+	ctx      context.Context // xnetd's: Setup's, alive as long as the cluster
+	log      *slog.Logger
+	hosts    []*node
 	// withoutLast is the first host's state (node.state) with every peer but the last host.
 	withoutLast []string
 }
@@ -67,25 +74,42 @@ func newDualCluster(t *testing.T, r row) *cluster { return buildCluster(t, r, tr
 // withoutIPv6Underlay is the host (by index) a dual-stack cluster leaves without one.
 const withoutIPv6Underlay = 1
 
+// newIPv6OnlyCluster is newCluster for an IPv6-only overlay (see the file comment).
+func newIPv6OnlyCluster(t *testing.T, r row) *cluster {
+	t.Helper()
+	return buildClusterWith(t, r, true, true)
+}
+
 func buildCluster(t *testing.T, r row, dual bool) *cluster {
+	t.Helper()
+	return buildClusterWith(t, r, dual, false)
+}
+
+func buildClusterWith(t *testing.T, r row, dual, ipv6Only bool) *cluster {
 	t.Helper()
 	ipv6 := ""
 	if dual {
 		ipv6 = `"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","IPv6SubnetLen":64,`
+	}
+	if ipv6Only {
+		ipv6 += `"EnableIPv4":false,`
 	}
 	cfg, err := subnetmgr.ParseConfig(fmt.Appendf(nil, `{"Network":"10.244.0.0/16","SubnetLen":24,%s"Backend":{"Type":%q,"DirectRouting":%v}}`, ipv6, r.name, r.direct))
 	if err != nil {
 		t.Fatal(err)
 	}
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3})
-	c := &cluster{row: r, dual: dual, cfg: cfg, ctx: t.Context(), log: harness.TestLogger(t).With("test", r.name)}
+	c := &cluster{row: r, dual: dual, ipv6Only: ipv6Only, cfg: cfg, ctx: t.Context(), log: harness.TestLogger(t).With("test", r.name)}
 	for i, h := range topo.Hosts() {
 		n := &node{Host: h, cl: c}
 		n.lease.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
 		n.lease.PublicIP = h.UnderlayIP
+		if ipv6Only {
+			n.lease.Subnet, n.lease.PublicIP = netip.Prefix{}, netip.IPv4Unspecified()
+		}
 		if dual {
 			n.lease.IPv6Subnet = netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%x::/64", i+1))
-			if i != withoutIPv6Underlay {
+			if i != withoutIPv6Underlay || ipv6Only {
 				if err := h.AddIPv6Underlay(t.Context()); err != nil {
 					t.Fatal(err)
 				}
@@ -99,7 +123,11 @@ func buildCluster(t *testing.T, r row, dual bool) *cluster {
 			}
 		})
 		n.start(t)
-		if err := h.SetupDocker0(netip.PrefixFrom(n.lease.Subnet.Addr().Next(), 24), n.b.MTU()); err != nil {
+		docker0 := netip.PrefixFrom(n.lease.Subnet.Addr().Next(), 24)
+		if ipv6Only {
+			docker0 = harness.DockerDefaultBridge
+		}
+		if err := h.SetupDocker0(docker0, n.b.MTU()); err != nil {
 			t.Fatal(err)
 		}
 		if dual {
@@ -153,6 +181,9 @@ func (n *node) start(t *testing.T) {
 			t.Fatalf("%s: IPv6 lease attributes: %v", n.Name, err)
 		}
 	}
+	if n.cl.ipv6Only {
+		data = nil // flannel's IPv6-only lease has no BackendData (xnetd drops it)
+	}
 	if n.lease.BackendType == "" {
 		n.lease.BackendType, n.lease.BackendData, n.lease.BackendV6Data, n.lease.PublicIPv6 = typ, data, data6, ip6
 		n.lease.Expiration = time.Now().Add(24 * time.Hour)
@@ -189,7 +220,7 @@ func (n *node) addPeers(t *testing.T, leases ...subnetmgr.Lease) {
 	t.Helper()
 	for _, l := range leases {
 		if err := n.call(func(b backend.Backend) error { return b.AddPeer(l) }); err != nil {
-			t.Fatalf("%s: AddPeer(%v): %v", n.Name, l.Subnet, err)
+			t.Fatalf("%s: AddPeer(%v): %v", n.Name, l.ID(), err)
 		}
 	}
 }

@@ -21,6 +21,9 @@
 // subnet, and routes its IPv4 subnet all the same (it is not an error: its IPv4 half works).
 // host-gw publishes no BackendV6Data.
 //
+// IPv6 only (EnableIPv4 false): only the IPv6 routes, keyed by the peers' IPv6 subnets, and a
+// peer whose PublicIPv6 is off our segment is an ErrUnreachablePeer as an IPv4 one is.
+//
 // Routes outlive xnetd, which is what keeps containers connected across a restart; the route of
 // a lease deleted while xnetd was down goes when the daemon, after its first full lease list,
 // calls PrunePeers.
@@ -64,6 +67,8 @@ type Backend struct {
 	// routed6 is the IPv6 subnet this process routed per peer (by IPv4 subnet), so a lease
 	// whose IPv6 subnet changed or went has the old route removed.
 	routed6 map[netip.Prefix]netip.Prefix
+	// ipv6Only is an IPv6-only overlay (the config's EnableIPv4 false): IPv6 routes only.
+	ipv6Only bool
 }
 
 // Status is what host-gw knows beyond its routes: the peers it cannot reach, by subnet (an IPv6
@@ -104,7 +109,7 @@ func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 	}
 	base.Log = base.Log.With("iface", opts.Iface.Name)
 	return &Backend{Base: base, nl: h, direct: backend.NewDirectRouter(h, opts.Iface), unreachable: map[netip.Prefix]string{},
-		routed6: map[netip.Prefix]netip.Prefix{}}, nil
+		routed6: map[netip.Prefix]netip.Prefix{}, ipv6Only: opts.Config.IPv6Only()}, nil
 }
 
 // Status lists the peers AddPeer could not route and why.
@@ -139,10 +144,13 @@ func (b *Backend) MTU() int { return b.Iface.MTU }
 
 // Setup checks the NIC is still the one we were built for. host-gw needs no device.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
-	if err := b.CheckSetup(ctx, local, cfg); err != nil {
+	if b.ipv6Only {
+		if err := b.CheckSetupIPv6Only(ctx, local, cfg); err != nil {
+			return err
+		}
+	} else if err := b.CheckSetup(ctx, local, cfg); err != nil {
 		return err
-	}
-	if err := b.CheckSetupV6(local, cfg); err != nil {
+	} else if err := b.CheckSetupV6(local, cfg); err != nil {
 		return err
 	}
 	link, err := b.nl.LinkByIndex(b.Iface.Index)
@@ -168,7 +176,16 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if !b.setup {
-		return fmt.Errorf("host-gw: AddPeer(%v) before Setup", lease.Subnet)
+		return fmt.Errorf("host-gw: AddPeer(%v) before Setup", lease.ID())
+	}
+	if b.ipv6Only {
+		if !lease.IPv6Subnet.IsValid() || !lease.IPv6Subnet.Addr().Is6() || lease.IPv6Subnet.Addr().Is4In6() {
+			return fmt.Errorf("host-gw: lease %v has no IPv6 subnet: skipped", lease.ID())
+		}
+		if b.IsOwn(lease) {
+			return nil
+		}
+		return b.routeV6(lease, lease.IPv6Subnet.Masked())
 	}
 	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() || !lease.PublicIP.Is4() {
 		return fmt.Errorf("host-gw: lease %v (PublicIP %v) is not IPv4: skipped", lease.Subnet, lease.PublicIP)
@@ -229,18 +246,19 @@ func (b *Backend) routeV6(lease subnetmgr.Lease, subnet netip.Prefix) error {
 		return nil
 	}
 	b.routed6[subnet] = want
+	name := lease.ID()
 	why := "the peer publishes no PublicIPv6"
 	if lease.PublicIPv6.Is6() && !lease.PublicIPv6.Is4In6() {
 		path, err := b.direct.Decide(lease.PublicIPv6)
 		if err != nil {
-			return fmt.Errorf("host-gw: lease %v: %w", lease.Subnet, err)
+			return fmt.Errorf("host-gw: lease %v: %w", name, err)
 		}
 		if path.Direct {
 			delete(b.unreachable, want)
 			if err := b.direct.RouteVia(want, lease.PublicIPv6); err != nil {
 				return fmt.Errorf("host-gw: %w", err)
 			}
-			b.Log.Debug("peer routed over IPv6", "subnet", lease.Subnet, "ipv6_subnet", want, "via", lease.PublicIPv6, "why", path.Why)
+			b.Log.Debug("peer routed over IPv6", "subnet", name, "ipv6_subnet", want, "via", lease.PublicIPv6, "why", path.Why)
 			return nil
 		}
 		why = "PublicIPv6 " + path.Why
@@ -250,6 +268,13 @@ func (b *Backend) routeV6(lease subnetmgr.Lease, subnet netip.Prefix) error {
 		b.Log.Warn("removing the IPv6 route of a peer no longer on our segment", "ipv6_subnet", want, "err", err)
 	}
 	b.unreachable[want] = why
+	if b.ipv6Only {
+		// The only family: as for IPv4 in the other overlays, an error the daemon shows.
+		err := fmt.Errorf("host-gw: lease %v: %s, so it is unreachable in host-gw mode (DirectRouting without a fallback): put the hosts on one L2 segment or use the vxlan backend: %w",
+			name, why, ErrUnreachablePeer)
+		b.Log.Warn("peer unreachable in host-gw mode", "subnet", name, "public_ipv6", lease.PublicIPv6, "err", err)
+		return err
+	}
 	b.Log.Warn("peer unreachable over IPv6 in host-gw mode; its IPv4 subnet is routed", "subnet", lease.Subnet,
 		"ipv6_subnet", want, "public_ipv6", lease.PublicIPv6, "why", why)
 	return nil
@@ -261,11 +286,21 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if !b.setup {
-		return fmt.Errorf("host-gw: RemovePeer(%v) before Setup", lease.Subnet)
+		return fmt.Errorf("host-gw: RemovePeer(%v) before Setup", lease.ID())
 	}
-	subnet, own, err := b.RemovedSubnet(lease)
-	if own || err != nil {
-		return err
+	var subnet netip.Prefix
+	if b.ipv6Only {
+		// Keyed by the IPv6 subnet: the loop below removes its route.
+		if b.IsOwn(lease) {
+			return nil
+		}
+		subnet = lease.ID().Masked()
+	} else {
+		var own bool
+		var err error
+		if subnet, own, err = b.RemovedSubnet(lease); own || err != nil {
+			return err
+		}
 	}
 	delete(b.unreachable, subnet)
 	if err := b.direct.DeleteRoute(subnet); err != nil {
@@ -295,7 +330,7 @@ func (b *Backend) Close(teardown bool) error {
 		return nil // closed already
 	}
 	var err error
-	if teardown && b.setup && b.Network().IsValid() {
+	if teardown && b.setup && b.HasNetwork() {
 		err = b.deleteRoutes()
 	}
 	if b.ownsNL {
@@ -325,7 +360,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	if !b.setup {
 		return errors.New("host-gw: PrunePeers before Setup")
 	}
-	if !b.Network().IsValid() {
+	if !b.HasNetwork() {
 		return nil // no Network: no route can be known to be ours
 	}
 	kept := backend.KeptFor(b.Local(), keep)

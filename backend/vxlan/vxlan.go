@@ -56,6 +56,11 @@
 // DirectRouting a peer whose PublicIPv6 is on our IPv6 segment gets `<IPv6 subnet> via
 // <PublicIPv6> dev <underlay>`, as flannel does.
 //
+// IPv6 only (EnableIPv4 false): only xnet-v6.<VNI> exists (an xnet.<VNI> of an earlier run is
+// deleted), MTU underlay - 70, and every peer gets the three entries above on it, read from its
+// IPv6-only lease (backend.ParseVXLANPeerIPv6Only); exactly flannel's layout, so flannel and
+// xnet hosts share the overlay. It needs our PublicIPv6: New refuses to build without one.
+//
 // DirectRouting ("Backend":{"DirectRouting":true}) is flannel's too: a peer whose PublicIP is on
 // our L2 segment (backend.DirectRouter) gets `<peer subnet> via <PublicIP> dev <underlay>` instead
 // of the three entries on the device, and its packets leave unencapsulated; the others keep
@@ -107,7 +112,10 @@ type Backend struct {
 	setup         bool
 	direct        *backend.DirectRouter
 	directRouting bool // the config's Backend.DirectRouting
-	dev           int  // ifindex of our vxlan device once Setup ran
+	// ipv6Only is an IPv6-only overlay (the config's EnableIPv4 false): only xnet-v6.<VNI>,
+	// peers keyed by their IPv6 subnet.
+	ipv6Only bool
+	dev      int // ifindex of our vxlan device once Setup ran
 	// dev6 is the ifindex of xnet-v6.<VNI> once a dual-stack Setup with a PublicIPv6 made it;
 	// 0 otherwise (IPv6 then rides dev).
 	dev6 int
@@ -183,6 +191,9 @@ func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
+	if opts.Config.IPv6Only() && !ipv6Underlay(opts.Iface) {
+		return nil, fmt.Errorf("vxlan: an IPv6-only overlay (EnableIPv4 false) is carried over the IPv6 underlay, and %s has no global IPv6 address: add one or set --public-ipv6", opts.Iface.Name)
+	}
 	if opts.Config.EnableIPv6 && ipv6Underlay(opts.Iface) {
 		if name := DeviceNameV6(core.VNI); len(name) > maxIfName {
 			return nil, fmt.Errorf("vxlan: the IPv6 device's name %q is longer than %d bytes: use a VNI below 10000000 in a dual-stack overlay", name, maxIfName)
@@ -191,8 +202,12 @@ func newBackend(opts backend.Options, h *netlink.Handle) (*Backend, error) {
 			return nil, fmt.Errorf("vxlan: interface %s MTU %d leaves no room for the %d-byte VXLAN overhead over IPv6", opts.Iface.Name, opts.Iface.MTU, backend.VXLANOverheadV6)
 		}
 	}
-	core.Log = core.Log.With("device", DeviceName(core.VNI))
-	return &Backend{VXLAN: core, nl: h, peers: map[netip.Prefix]peer{},
+	device := DeviceName(core.VNI)
+	if opts.Config.IPv6Only() {
+		device = DeviceNameV6(core.VNI)
+	}
+	core.Log = core.Log.With("device", device)
+	return &Backend{VXLAN: core, nl: h, peers: map[netip.Prefix]peer{}, ipv6Only: opts.Config.IPv6Only(),
 		direct: backend.NewDirectRouter(h, opts.Iface), directRouting: opts.Config.Backend.DirectRouting}, nil
 }
 
@@ -206,6 +221,9 @@ func (b *Backend) Mode() (string, string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	why := "kernel VXLAN device " + DeviceName(b.VNI)
+	if b.ipv6Only {
+		return "kernel", "kernel VXLAN device " + DeviceNameV6(b.VNI) + " on the IPv6 underlay (IPv6 only)"
+	}
 	if b.dev6 != 0 {
 		why += " and " + DeviceNameV6(b.VNI) + " on the IPv6 underlay"
 	}
@@ -226,11 +244,23 @@ func (b *Backend) LeaseAttrsV6() (json.RawMessage, error) {
 	return data, nil
 }
 
+// MTU is the underlay MTU minus the VXLAN overhead: over IPv6 (70) in an IPv6-only overlay,
+// whose only device is on the IPv6 underlay, else over IPv4 (50).
+func (b *Backend) MTU() int {
+	if b.ipv6Only {
+		return backend.OverlayMTUv6(b.Iface.MTU)
+	}
+	return b.VXLAN.MTU()
+}
+
 // Setup creates (or adopts) the vxlan device, gives it our subnet's network address as a /32
 // and brings it up. In a dual-stack overlay (our lease has an IPv6 subnet) it does the same
 // for xnet-v6.<VNI> with our IPv6 subnet's address as a /128 when we have a PublicIPv6, and
 // otherwise gives that /128 to xnet.<VNI>. Calling it again is harmless.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
+	if b.ipv6Only {
+		return b.setupIPv6Only(ctx, local, cfg)
+	}
 	if err := b.CheckSetup(ctx, local, cfg); err != nil {
 		return err
 	}
@@ -287,6 +317,97 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 	return nil
 }
 
+// setupIPv6Only is Setup in an IPv6-only overlay: xnet-v6.<VNI> with our IPv6 subnet's address
+// as a /128, and no xnet.<VNI>.
+func (b *Backend) setupIPv6Only(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
+	if err := b.CheckSetupIPv6Only(ctx, local, cfg); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	// An earlier run of an IPv4 or dual-stack overlay made it; nothing may route through it now.
+	if err := b.deleteDevice(DeviceName(b.VNI)); err != nil {
+		return err
+	}
+	link6, err := b.ensureDevice(b.wantDeviceV6())
+	if err != nil {
+		return err
+	}
+	addr6 := netip.PrefixFrom(local.IPv6Subnet.Masked().Addr(), 128)
+	if err := b.ensureAddress(link6, unix.AF_INET6, addr6); err != nil {
+		return err
+	}
+	if err := b.nl.LinkSetUp(link6); err != nil {
+		return fmt.Errorf("vxlan: set %s up: %w", link6.Name, err)
+	}
+	b.setup = true
+	b.SetLocal(local, netip.Prefix{})
+	b.SetIPv6Network(cfg.IPv6Network)
+	b.dev, b.dev6 = 0, link6.Index
+	b.Log.Info("vxlan IPv6-only device ready", "vni", b.VNI, "port", b.Port, "local", b.Iface.PublicIPv6, "underlay", b.Iface.Name,
+		"mtu", link6.MTU, "mac", link6.HardwareAddr.String(), "address", addr6, "direct_routing", b.directRouting)
+	return nil
+}
+
+// addPeerIPv6Only is AddPeer in an IPv6-only overlay: the three entries on xnet-v6.<VNI> (or,
+// with DirectRouting and the peer's PublicIPv6 on our segment, the direct route), with the
+// IPv6 half's bookkeeping, the peer keyed by its IPv6 subnet.
+func (b *Backend) addPeerIPv6Only(lease subnetmgr.Lease) error {
+	if b.IsOwn(lease) {
+		return nil
+	}
+	pv, err := backend.ParseVXLANPeerIPv6Only(lease)
+	if err != nil {
+		b.Log.Warn("skipping peer lease", "subnet", lease.ID(), "public_ipv6", lease.PublicIPv6, "err", err)
+		return fmt.Errorf("vxlan: %w", err)
+	}
+	v := &peerV6{subnet: pv.Subnet, publicIPv6: pv.PublicIPv6, mac: pv.VtepMAC, path: v6OwnVTEP, why: "IPv6-only overlay"}
+	if b.directRouting {
+		if path := b.direct.Path(true, pv.PublicIPv6); path.Direct {
+			v.path, v.why = v6Direct, path.Why
+		}
+	}
+	p := peer{subnet: pv.Subnet, v6: v}
+	old, had := b.peers[p.subnet]
+	if !had || old.v6 == nil || old.v6.path != v.path {
+		b.Log.Info("peer path", "subnet", p.subnet, "public_ipv6", v.publicIPv6, "path", v.path.String(), "why", v.why)
+	}
+	b.peers[p.subnet] = p
+	if err := b.programV6(p, old, had); err != nil {
+		return fmt.Errorf("vxlan: peer %v: %w", p.subnet, err)
+	}
+	return nil
+}
+
+// removePeerIPv6Only is RemovePeer in an IPv6-only overlay: every path's entries for the
+// lease's IPv6 subnet go.
+func (b *Backend) removePeerIPv6Only(lease subnetmgr.Lease) error {
+	if b.IsOwn(lease) {
+		return nil
+	}
+	s := lease.IPv6Subnet
+	if !s.IsValid() || !s.Addr().Is6() {
+		return fmt.Errorf("vxlan: RemovePeer: lease has no IPv6 subnet (%v)", s)
+	}
+	subnet := s.Masked()
+	p, known := b.peers[subnet]
+	if !known || p.v6 == nil {
+		p = peer{subnet: subnet, v6: b.removedV6(lease, peer{})}
+	}
+	var errs []error
+	for _, path := range []v6Path{v6OwnVTEP, v6Direct} {
+		prev := *p.v6
+		prev.path = path
+		errs = append(errs, b.removeV6Leftovers(prev, nil)...)
+	}
+	delete(b.peers, subnet)
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("vxlan: remove peer %v: %w", subnet, err)
+	}
+	b.Log.Debug("peer removed", "subnet", subnet, "public_ipv6", lease.PublicIPv6)
+	return nil
+}
+
 // AddPeer programs the route, neighbour and fdb entry for one remote lease, replacing whatever
 // was there for that subnet, and in a dual-stack overlay those of its IPv6 subnet. Our own
 // lease is ignored. A lease that is not "vxlan" or whose BackendData is malformed is logged and
@@ -295,7 +416,10 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if !b.setup {
-		return fmt.Errorf("vxlan: AddPeer(%v) before Setup", lease.Subnet)
+		return fmt.Errorf("vxlan: AddPeer(%v) before Setup", lease.ID())
+	}
+	if b.ipv6Only {
+		return b.addPeerIPv6Only(lease)
 	}
 	vp, own, err := b.Peer(lease)
 	if own || err != nil {
@@ -557,7 +681,10 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if !b.setup {
-		return fmt.Errorf("vxlan: RemovePeer(%v) before Setup", lease.Subnet)
+		return fmt.Errorf("vxlan: RemovePeer(%v) before Setup", lease.ID())
+	}
+	if b.ipv6Only {
+		return b.removePeerIPv6Only(lease)
 	}
 	subnet, own, err := b.RemovedSubnet(lease)
 	if own || err != nil {
@@ -640,6 +767,12 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	nets := b.Networks()
 	keepMACs, keepMACs6 := map[string]bool{}, map[string]bool{}
 	for _, l := range keep {
+		if b.ipv6Only {
+			if v, err := backend.ParseVXLANPeerIPv6Only(l); err == nil {
+				keepMACs6[v.VtepMAC.String()] = true
+			}
+			continue
+		}
 		// No logger: AddPeer has already warned about anything odd in these leases.
 		p, err := backend.ParseVXLANPeer(l, b.VNI, nil)
 		if err != nil {
@@ -657,6 +790,9 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		name     string
 		keepMACs map[string]bool
 	}{{b.dev, DeviceName(b.VNI), keepMACs}}
+	if b.dev == 0 { // IPv6 only: there is no xnet.<VNI>
+		devs = devs[:0]
+	}
 	if b.dev6 != 0 {
 		devs = append(devs, struct {
 			index    int
@@ -747,7 +883,7 @@ func (b *Backend) Close(teardown bool) error {
 	var err error
 	if teardown {
 		err = errors.Join(b.deleteDevice(DeviceName(b.VNI)), b.deleteDevice(DeviceNameV6(b.VNI)))
-		if b.Network().IsValid() {
+		if b.HasNetwork() {
 			_, derr := b.direct.DeleteRoutesInside(b.Networks()...)
 			err = errors.Join(err, derr)
 		}

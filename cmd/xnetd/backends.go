@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 
 	"github.com/xnet-dev/xnet/backend"
@@ -37,6 +38,24 @@ func counterSource(b backend.Backend) metrics.CounterSource {
 // autoOrder is what --backend=auto tries, in order (docs/design.md, Choosing a backend).
 func autoOrder() []string {
 	return []string{subnetmgr.BackendEBPF, subnetmgr.BackendVXLAN, subnetmgr.BackendUDP}
+}
+
+// ipv6OnlyBackends are the backends that carry an IPv6-only overlay (EnableIPv4 false). The
+// others key their datapath by the IPv4 subnet and reach peers at their IPv4 PublicIP, so they
+// are refused before they start rather than left half working.
+func ipv6OnlyBackends() []string { return []string{subnetmgr.BackendVXLAN, subnetmgr.BackendHostGW} }
+
+// checkIPv6Only refuses backend name for an IPv6-only cfg unless it carries one: a usage error
+// (exit 2) naming EnableIPv4 and the backends that would do.
+func checkIPv6Only(cfg subnetmgr.Config, source, name string) error {
+	if !cfg.IPv6Only() || slices.Contains(ipv6OnlyBackends(), name) {
+		return nil
+	}
+	if len(ipv6OnlyBackends()) == 0 {
+		return usagef("%s: the config sets EnableIPv4 false (an IPv6-only overlay), which no backend of this xnetd carries: set EnableIPv4 true (IPv4 or dual stack)", source)
+	}
+	return usagef("%s: the config sets EnableIPv4 false (an IPv6-only overlay), which backend %s does not carry: use %s (--backend or Backend.Type), or set EnableIPv4 true",
+		source, name, strings.Join(ipv6OnlyBackends(), " or "))
 }
 
 // wantedBackends says which backends to try for this host: the flag overrides the config's
@@ -77,6 +96,21 @@ type chosenBackend struct {
 func pickBackend(reg *backend.Registry, flag string, opts backend.Options, log *slog.Logger) (chosenBackend, error) {
 	names, source := wantedBackends(flag, opts.Config)
 	var c chosenBackend
+	if opts.Config.IPv6Only() {
+		// auto tries only those that carry it; a backend asked for by name is refused here.
+		var ok []string
+		for _, name := range names {
+			if err := checkIPv6Only(opts.Config, source, name); err != nil && len(names) == 1 {
+				return c, err
+			} else if err == nil {
+				ok = append(ok, name)
+			}
+		}
+		if len(ok) == 0 {
+			return c, checkIPv6Only(opts.Config, source, names[0])
+		}
+		names = ok
+	}
 	for _, name := range names {
 		ctor, ok := reg.Lookup(name)
 		if !ok {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"testing"
 
@@ -123,5 +124,48 @@ func TestEmbeddedWireGuardRunsOnOneProcOnTwoCPUs(t *testing.T) {
 		if got := embeddedWireGuardProcs(c.backend, c.mode, c.procs, c.set); got != c.want {
 			t.Errorf("%s: got %d, want %d", c.name, got, c.want)
 		}
+	}
+}
+
+// An IPv6-only overlay (EnableIPv4 false) runs only on the backends that carry it: auto picks
+// among those, and a backend asked for by name that does not is refused before it starts, as a
+// usage error (exit 2) naming EnableIPv4 and what would do.
+func TestBackendChoiceIPv6Only(t *testing.T) {
+	all := map[string]string{"ebpf": "", "vxlan": "", "udp": "", "host-gw": "", "wireguard": ""}
+	cfg := subnetmgr.Config{EnableIPv6: true}
+	supported := ipv6OnlyBackends()
+	for _, name := range []string{"ebpf", "udp", "wireguard", "vxlan", "host-gw"} {
+		for _, by := range []struct{ flag, configType string }{{name, ""}, {"", name}} {
+			if by.configType == "ebpf" {
+				continue // config ebpf means auto
+			}
+			c := cfg
+			c.Backend.Type = by.configType
+			got, err := pickBackend(registryOf(all), by.flag, backend.Options{Config: c}, slog.New(slog.DiscardHandler))
+			if slices.Contains(supported, name) {
+				if err != nil || got.name != name {
+					t.Errorf("%s (flag %q, config %q): chose %q, %v; want it", name, by.flag, by.configType, got.name, err)
+				}
+				continue
+			}
+			if _, ok := err.(*usageError); !ok || !strings.Contains(err.Error(), "EnableIPv4") {
+				t.Errorf("%s (flag %q, config %q): chose %q, %v; want a usage error naming EnableIPv4", name, by.flag, by.configType, got.name, err)
+				continue
+			}
+			for _, s := range supported {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("%s: error %q does not name %s, which carries IPv6 only", name, err, s)
+				}
+			}
+		}
+	}
+	got, err := pickBackend(registryOf(all), "auto", backend.Options{Config: cfg}, slog.New(slog.DiscardHandler))
+	switch {
+	case len(supported) == 0:
+		if err == nil || !strings.Contains(err.Error(), "EnableIPv4") {
+			t.Errorf("auto: chose %q, %v; want an error naming EnableIPv4", got.name, err)
+		}
+	case err != nil || !slices.Contains(supported, got.name):
+		t.Errorf("auto: chose %q, %v; want one of %v", got.name, err, supported)
 	}
 }

@@ -136,7 +136,11 @@ func cmdCheck(args []string, stdout, stderr io.Writer, lookup func(string) (stri
 	ctx, cancel := context.WithTimeout(context.Background(), timeout+15*time.Second)
 	defer cancel()
 	c := &checker{o: o, log: newLogger(stderr, max(o.logLevel, slog.LevelWarn))}
-	c.run(ctx, timeout)
+	if !c.run(ctx, timeout) {
+		// Its checks of the files, the underlay, the device, the routes and the peers are
+		// IPv4's: run on an IPv6-only overlay they would report problems that are not there.
+		return usagef("xnetd check does not cover an IPv6-only overlay yet (the config sets EnableIPv4 false): `xnetd status` shows the lease and every peer")
+	}
 
 	if output == "json" {
 		enc := json.NewEncoder(stdout)
@@ -153,9 +157,17 @@ func cmdCheck(args []string, stdout, stderr io.Writer, lookup func(string) (stri
 	return nil
 }
 
-func (c *checker) run(ctx context.Context, probeTimeout time.Duration) {
+// run runs every check; it stops after reading the config, returning false, when the overlay
+// is IPv6 only, which the checks do not cover.
+func (c *checker) run(ctx context.Context, probeTimeout time.Duration) bool {
 	c.add(c.checkDaemon(ctx))
+	if c.cfg.IPv6Only() {
+		return false
+	}
 	c.add(c.checkEtcd(ctx))
+	if c.cfg.IPv6Only() {
+		return false
+	}
 	c.rep.Subnet, c.rep.PublicIP, c.rep.Iface, c.rep.Backend = c.subnet, c.publicIP, c.ifaceName, c.backend
 	c.add(c.checkFiles())
 	c.add(c.checkUnderlay())
@@ -166,6 +178,7 @@ func (c *checker) run(ctx context.Context, probeTimeout time.Duration) {
 	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
 	c.add(c.checkPeers(pctx))
+	return true
 }
 
 func (c *checker) add(r checkResult) {

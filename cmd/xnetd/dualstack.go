@@ -60,5 +60,8 @@ func dualStackAttrs(cfg subnetmgr.Config, name string, b backend.Backend, iface 
 		return fmt.Errorf("backend %s: IPv6 lease attributes: %w", name, err)
 	}
 	attrs.PublicIPv6, attrs.BackendV6Data = ip6, data
+	if cfg.IPv6Only() && !ip6.IsValid() {
+		return usagef("the config sets EnableIPv4 false (an IPv6-only overlay), and this host has no IPv6 underlay address: give %s a global IPv6 address or set --public-ipv6", iface.Name)
+	}
 	return nil
 }

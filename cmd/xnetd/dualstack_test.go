@@ -129,3 +129,88 @@ func TestDualStackAttrsOfWireGuard(t *testing.T) {
 		t.Errorf("a backend without backend.DualStack: %v, want a usage error", err)
 	}
 }
+
+// v6only is a lease of an IPv6-only overlay as flannel writes it, created at etcd revision rev.
+func v6only(subnet6, publicIPv6 string, rev int64) subnetmgr.Lease {
+	return subnetmgr.Lease{IPv6Subnet: netip.MustParsePrefix(subnet6), PublicIP: netip.IPv4Unspecified(),
+		PublicIPv6: netip.MustParseAddr(publicIPv6), BackendType: "vxlan", CreateRevision: rev,
+		BackendV6Data: json.RawMessage(`{"VNI":1,"VtepMAC":"0a:78:c6:12:00:0c"}`)}
+}
+
+// The trust rule in an IPv6-only overlay: leases are named by their IPv6 subnet and hosts by
+// their PublicIPv6; the IPv6 subnet rule applies alone (a lease without an IPv6 subnet is
+// refused), a dual-stack lease loses its IPv4 part, and of two leases naming one PublicIPv6
+// the older is programmed, none when it is ours.
+func TestPeersIPv6Only(t *testing.T) {
+	cfg := subnetmgr.Config{EnableIPv6: true, IPv6Network: netip.MustParsePrefix("fd00:10:244::/56"), IPv6SubnetLen: 64}
+	if !cfg.IPv6Only() {
+		t.Fatal("the test config is not IPv6 only")
+	}
+	own := v6only("fd00:10:244:1::/64", "fd00:198:18::b", 1)
+
+	refusals := []struct {
+		desc   string
+		lease  subnetmgr.Lease
+		reason string
+	}{
+		{"the whole address space", v6only("::/0", "fd00:198:18::c", 2), subnetmgr.RefusedOutsideNetwork},
+		{"outside IPv6Network", v6only("fd00:99::/64", "fd00:198:18::c", 2), subnetmgr.RefusedOutsideNetwork},
+		{"inside our subnet", v6only("fd00:10:244:1:8000::/65", "fd00:198:18::c", 2), subnetmgr.RefusedOverlapsOwnSubnet},
+		{"another length", v6only("fd00:10:244:2::/80", "fd00:198:18::c", 2), subnetmgr.RefusedWrongLength},
+		{"no IPv6 subnet (an IPv4 host's lease)", leaseAt("10.244.2.0/24", "198.18.0.12", 2), subnetmgr.RefusedOutsideNetwork},
+		{"our PublicIPv6 under another subnet", v6only("fd00:10:244:2::/64", "fd00:198:18::b", 2), subnetmgr.RefusedDuplicatePublicIP},
+	}
+	for _, tc := range refusals {
+		r := &recorder{}
+		obs := newObserved()
+		p := newPeers(r, own, cfg, testLog(), obs)
+		p.apply([]subnetmgr.Event{{Type: subnetmgr.EventAdded, Lease: tc.lease}})
+		if len(r.calls) != 0 || obs.refused[tc.reason] != 1 {
+			t.Errorf("%s: calls %v, refused %v; want it refused as %s", tc.desc, r.calls, obs.refused, tc.reason)
+		}
+	}
+
+	t.Run("peers are programmed by IPv6 subnet, a dual-stack one without its IPv4 part", func(t *testing.T) {
+		r := &capturing{}
+		p := newPeers(r, own, cfg, testLog(), newObserved())
+		p.apply([]subnetmgr.Event{
+			{Type: subnetmgr.EventAdded, Lease: own},
+			{Type: subnetmgr.EventAdded, Lease: v6only("fd00:10:244:2::/64", "fd00:198:18::c", 2)},
+			{Type: subnetmgr.EventAdded, Lease: dual("10.244.3.0/24", "198.18.0.13", "fd00:10:244:3::/64", 3)},
+		})
+		want := []string{"add fd00:10:244:2::/64 0.0.0.0", "add fd00:10:244:3::/64 0.0.0.0"}
+		if !equalStrings(r.calls, want) {
+			t.Fatalf("calls %v, want %v", r.calls, want)
+		}
+		if l := r.added[1]; l.Subnet.IsValid() || l.BackendData != nil || l.ID() != netip.MustParsePrefix("fd00:10:244:3::/64") {
+			t.Errorf("the dual-stack lease reached the backend as %+v; want its IPv6 part only", l)
+		}
+		known, applied, refused := p.counts()
+		if known != 3 || applied != 2 || refused != 0 {
+			t.Errorf("counts %d %d %d, want 3 known, 2 applied", known, applied, refused)
+		}
+		if list := p.list(); len(list) != 2 || list[0].Subnet != netip.MustParsePrefix("fd00:10:244:2::/64") {
+			t.Errorf("status lists %+v; want the peers by IPv6 subnet", list)
+		}
+		p.grace = 0
+		p.apply([]subnetmgr.Event{{Type: subnetmgr.EventRemoved, Lease: v6only("fd00:10:244:2::/64", "fd00:198:18::c", 2)}})
+		if got := r.calls[len(r.calls)-1]; got != "remove fd00:10:244:2::/64" {
+			t.Errorf("last call %q, want the peer removed by its IPv6 subnet", got)
+		}
+	})
+
+	t.Run("two leases name one PublicIPv6: the older is programmed", func(t *testing.T) {
+		r := &recorder{}
+		obs := newObserved()
+		p := newPeers(r, own, cfg, testLog(), obs)
+		p.grace = 0
+		younger := v6only("fd00:10:244:4::/64", "fd00:198:18::c", 9)
+		older := v6only("fd00:10:244:3::/64", "fd00:198:18::c", 5)
+		p.apply([]subnetmgr.Event{{Type: subnetmgr.EventAdded, Lease: younger}})
+		p.apply([]subnetmgr.Event{{Type: subnetmgr.EventAdded, Lease: older}})
+		want := []string{"add fd00:10:244:4::/64 0.0.0.0", "remove fd00:10:244:4::/64", "add fd00:10:244:3::/64 0.0.0.0"}
+		if !equalStrings(r.calls, want) || obs.refused[subnetmgr.RefusedDuplicatePublicIP] != 1 {
+			t.Errorf("calls %v refused %v; want %v and one duplicate_public_ip", r.calls, obs.refused, want)
+		}
+	})
+}

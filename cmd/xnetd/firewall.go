@@ -22,6 +22,11 @@ func (d *daemonRun) startForwardRules(ctx context.Context) (stop func(), err err
 		}
 		return func() {}, nil
 	}
+	if d.cfg.IPv6Only() {
+		// The rules are iptables' (IPv4) FORWARD rules for the Network; there is none.
+		d.log.Info("--iptables-forward-rules: the rules are for IPv4 and the overlay is IPv6 only; none installed")
+		return func() {}, nil
+	}
 	r, err := fwrules.New(d.cfg.Network, d.log)
 	if err != nil {
 		return nil, fmt.Errorf("--iptables-forward-rules: %w", err)

@@ -131,7 +131,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&o.etcdPassword, "etcd-password", "", "etcd password (prefer XNETD_ETCD_PASSWORD in an EnvironmentFile)")
 	fs.StringVar(&o.iface, "iface", "", "underlay interface, by name or IPv4 address (default: the default route's interface)")
 	fs.StringVar(&r.publicIP, "public-ip", "", "IPv4 address other hosts reach us on (default: the interface's address)")
-	fs.StringVar(&r.publicIPv6, "public-ipv6", "", "dual stack: IPv6 address other hosts reach us on (default: the interface's first global IPv6 address; none: IPv6 containers cross the IPv4 underlay)")
+	fs.StringVar(&r.publicIPv6, "public-ipv6", "", "dual stack and IPv6 only: IPv6 address other hosts reach us on (default: the interface's first global IPv6 address; none: IPv6 containers cross the IPv4 underlay, and an IPv6-only overlay is refused)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade traffic from containers to outside the overlay network")
 	fs.BoolVar(&o.iptablesForwardRules, "iptables-forward-rules", true, "accept the overlay network in iptables FORWARD and exempt it from masquerading, in the chains Docker uses (XNET-FWD, XNET-POSTRTG)")
 	fs.StringVar(&o.subnetFile, "subnet-file", "/run/xnet/subnet.env", "where to write XNET_* and FLANNEL_* variables")

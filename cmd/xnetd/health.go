@@ -64,6 +64,10 @@ func overlayAddress(backendType string, subnet netip.Prefix) (addr netip.Addr, o
 // the writer of the health file.
 func (d *daemonRun) startHealth(ctx context.Context) *healthProbes {
 	h := &healthProbes{path: healthFile(d.o.stateFile), updates: make(chan struct{}, 1), done: make(chan struct{})}
+	if d.cfg.IPv6Only() {
+		d.log.Info("health probes are IPv4 and the overlay is IPv6 only: peers' reachability is not reported")
+		return h
+	}
 	overlay, optional := overlayAddress(d.chosen.name, d.lease.Subnet)
 	p, err := health.Start(health.Options{
 		Overlay: overlay, OverlayOptional: optional, Underlay: d.iface.IfaceIP, Network: d.cfg.Network,

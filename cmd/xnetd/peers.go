@@ -95,7 +95,7 @@ func (p *peers) apply(events []subnetmgr.Event) (ownRemoved bool) {
 		if p.obs != nil {
 			p.obs.LeaseEvent(ev.Type.String())
 		}
-		if ev.Lease.Subnet.Masked() == p.own.Subnet.Masked() {
+		if ev.Lease.ID().Masked() == p.own.ID().Masked() {
 			p.ownSeen = ev.Type != subnetmgr.EventRemoved
 			ownRemoved = !p.ownSeen
 			p.ownEvent(ev, now)
@@ -116,53 +116,54 @@ func (p *peers) apply(events []subnetmgr.Event) (ownRemoved bool) {
 // reservation an administrator moved).
 func (p *peers) ownEvent(ev subnetmgr.Event, now time.Time) {
 	l := ev.Lease
-	if ev.Type == subnetmgr.EventRemoved || l.PublicIP == p.own.PublicIP {
+	if ev.Type == subnetmgr.EventRemoved || l.Host() == p.own.Host() {
 		if p.ownRewrite != nil {
-			p.log.Info("our lease names our PublicIP again", "subnet", l.Subnet, "public_ip", p.own.PublicIP,
+			p.log.Info("our lease names our PublicIP again", "subnet", l.ID(), "public_ip", p.own.Host(),
 				"rewritten_for", now.Sub(p.ownRewrite.Since).Round(time.Millisecond))
 			p.ownRewrite = nil
 			p.conflictsChanged = true
 		}
-		p.log.Info("lease "+ev.Type.String(), "subnet", l.Subnet, "public_ip", l.PublicIP, "skipped", "our lease")
+		p.log.Info("lease "+ev.Type.String(), "subnet", l.ID(), "public_ip", l.PublicIP, "skipped", "our lease")
 		return
 	}
 	if p.own.Expiration.IsZero() {
 		p.log.Warn("our reserved subnet now names another host's PublicIP: an administrator moved the reservation; the lease keeper gives it up",
-			"subnet", l.Subnet, "public_ip", p.own.PublicIP, "now", l.PublicIP)
+			"subnet", l.ID(), "public_ip", p.own.Host(), "now", l.Host())
 		return
 	}
-	if p.ownRewrite != nil && p.ownRewrite.PublicIP == l.PublicIP {
+	if p.ownRewrite != nil && p.ownRewrite.PublicIP == l.Host() {
 		return
 	}
 	p.conflictsChanged = true
-	p.ownRewrite = &conflictState{Kind: conflictOwnSubnetRewritten, PublicIP: l.PublicIP,
-		Subnets: []netip.Prefix{l.Subnet.Masked()}, Kept: l.Subnet.Masked(), Since: now,
-		Detail: fmt.Sprintf("our lease %v was rewritten to name %v; it is ours (we created it), the lease keeper writes it back", l.Subnet, l.PublicIP)}
+	p.ownRewrite = &conflictState{Kind: conflictOwnSubnetRewritten, PublicIP: l.Host(),
+		Subnets: []netip.Prefix{l.ID().Masked()}, Kept: l.ID().Masked(), Since: now,
+		Detail: fmt.Sprintf("our lease %v was rewritten to name %v; it is ours (we created it), the lease keeper writes it back", l.ID(), l.Host())}
 	if p.obs != nil {
 		p.obs.ConflictDetected(conflictOwnSubnetRewritten)
 	}
 	p.log.Warn("our lease names another PublicIP; peers send our subnet there until the lease keeper writes it back",
-		"subnet", l.Subnet, "public_ip", p.own.PublicIP, "claimed_by", l.PublicIP)
+		"subnet", l.ID(), "public_ip", p.own.Host(), "claimed_by", l.Host())
 }
 
 // put takes in a lease added or changed: refused by the subnet rule, or a claimant of its
 // PublicIP; then the claims of its PublicIP (and of its old one) are settled again.
 func (p *peers) put(ev subnetmgr.Event, now time.Time) {
 	l := subnetmgr.ForFamilies(p.cfg, ev.Lease)
-	key := l.Subnet.Masked()
+	key := l.ID().Masked()
 	what := "lease " + ev.Type.String()
 	old6 := p.known[key].lease.IPv6Subnet
 	oldIP, claimed := p.unclaim(key)
 	if r := p.check(l); r != nil {
 		p.refuse(l, what, *r)
 	} else {
-		if p.claims[l.PublicIP] == nil {
-			p.claims[l.PublicIP] = map[netip.Prefix]subnetmgr.Lease{}
+		host := l.Host()
+		if p.claims[host] == nil {
+			p.claims[host] = map[netip.Prefix]subnetmgr.Lease{}
 		}
-		p.claims[l.PublicIP][key] = l
-		p.settle(l.PublicIP, key, what, now)
+		p.claims[host][key] = l
+		p.settle(host, key, what, now)
 	}
-	if claimed && oldIP != l.PublicIP {
+	if claimed && oldIP != l.Host() {
 		p.settle(oldIP, key, what, now)
 	}
 	if old6.IsValid() && old6 != l.IPv6Subnet {
@@ -174,10 +175,7 @@ func (p *peers) put(ev subnetmgr.Event, now time.Time) {
 // leases naming one, the one etcd created first is programmed. A claimant l comes before
 // loses its claim here (it is refused, and its PublicIP settled again).
 func (p *peers) check(l subnetmgr.Lease) *subnetmgr.Refusal {
-	if r := subnetmgr.CheckPeerSubnet(p.cfg, p.own.Subnet, l.Subnet.Masked()); r != nil {
-		return r
-	}
-	if r := subnetmgr.CheckPeerIPv6(p.cfg, p.own.IPv6Subnet, l); r != nil {
+	if r := subnetmgr.CheckPeer(p.cfg, p.own, l); r != nil {
 		return r
 	}
 	if !l.IPv6Subnet.IsValid() {
@@ -185,18 +183,18 @@ func (p *peers) check(l subnetmgr.Lease) *subnetmgr.Refusal {
 	}
 	for ip, group := range p.claims {
 		for key, o := range group {
-			if o.IPv6Subnet != l.IPv6Subnet || key == l.Subnet.Masked() {
+			if o.IPv6Subnet != l.IPv6Subnet || key == l.ID().Masked() {
 				continue
 			}
 			if subnetmgr.ClaimsFirst(o, l) {
 				return &subnetmgr.Refusal{Reason: subnetmgr.RefusedDuplicateIPv6Subnet,
 					Detail: fmt.Sprintf("IPv6 subnet %v is claimed first by %v (created at etcd revision %d, this lease at %d)",
-						l.IPv6Subnet, o.Subnet, o.CreateRevision, l.CreateRevision)}
+						l.IPv6Subnet, o.ID(), o.CreateRevision, l.CreateRevision)}
 			}
 			p.unclaim(key)
-			p.refuse(o, "IPv6 subnet claimed earlier by "+l.Subnet.String(), subnetmgr.Refusal{Reason: subnetmgr.RefusedDuplicateIPv6Subnet,
+			p.refuse(o, "IPv6 subnet claimed earlier by "+l.ID().String(), subnetmgr.Refusal{Reason: subnetmgr.RefusedDuplicateIPv6Subnet,
 				Detail: fmt.Sprintf("IPv6 subnet %v is claimed first by %v (created at etcd revision %d, this lease at %d)",
-					o.IPv6Subnet, l.Subnet, l.CreateRevision, o.CreateRevision)})
+					o.IPv6Subnet, l.ID(), l.CreateRevision, o.CreateRevision)})
 			p.settle(ip, key, "claims to "+ip.String()+" settled again", p.now())
 		}
 	}
@@ -217,13 +215,13 @@ func (p *peers) recheckIPv6(ipv6 netip.Prefix, now time.Time) {
 // programmed one after the grace. Its PublicIP's claims are settled again, so a lease it kept
 // out is programmed now.
 func (p *peers) drop(l subnetmgr.Lease, now time.Time) {
-	key := l.Subnet.Masked()
+	key := l.ID().Masked()
 	ip, claimed := p.unclaim(key)
 	ps, ok := p.known[key]
 	switch {
 	case ok && ps.Refused != "":
 		delete(p.known, key)
-		p.log.Info("refused lease removed", "subnet", l.Subnet, "public_ip", l.PublicIP)
+		p.log.Info("refused lease removed", "subnet", l.ID(), "public_ip", l.PublicIP)
 	case !ok || p.grace <= 0:
 		p.remove(key, l, "lease removed")
 	default:
@@ -232,7 +230,7 @@ func (p *peers) drop(l subnetmgr.Lease, now time.Time) {
 			p.removing[key] = due
 			ps.RemovalDue = due
 			p.known[key] = ps
-			p.log.Info("lease removed; the peer leaves the datapath unless the lease is back within the grace", "subnet", l.Subnet, "public_ip", l.PublicIP, "grace", p.grace)
+			p.log.Info("lease removed; the peer leaves the datapath unless the lease is back within the grace", "subnet", l.ID(), "public_ip", l.PublicIP, "grace", p.grace)
 		}
 	}
 	if claimed {
@@ -255,15 +253,16 @@ func (p *peers) unclaim(key netip.Prefix) (netip.Addr, bool) {
 	if !ok {
 		return netip.Addr{}, false
 	}
-	group := p.claims[ps.PublicIP]
+	host := ps.lease.Host()
+	group := p.claims[host]
 	if _, claimant := group[key]; !claimant {
 		return netip.Addr{}, false
 	}
 	delete(group, key)
 	if len(group) == 0 {
-		delete(p.claims, ps.PublicIP)
+		delete(p.claims, host)
 	}
-	return ps.PublicIP, true
+	return host, true
 }
 
 // settle programs the first claimant of ip and refuses the others (all of them when ip is
@@ -276,17 +275,17 @@ func (p *peers) settle(ip netip.Addr, trigger netip.Prefix, what string, now tim
 	}
 	sort.Slice(claimants, func(i, j int) bool { return subnetmgr.ClaimsFirst(claimants[i], claimants[j]) })
 	whatFor := func(l subnetmgr.Lease) string {
-		if l.Subnet.Masked() == trigger {
+		if l.ID().Masked() == trigger {
 			return what
 		}
 		return "claims to " + ip.String() + " settled again"
 	}
-	if ip == p.own.PublicIP {
+	if ip == p.own.Host() {
 		for _, l := range claimants {
 			p.refuse(l, whatFor(l), subnetmgr.Refusal{Reason: subnetmgr.RefusedDuplicatePublicIP,
-				Detail: fmt.Sprintf("PublicIP %v is ours (our lease %v)", ip, p.own.Subnet)})
+				Detail: fmt.Sprintf("PublicIP %v is ours (our lease %v)", ip, p.own.ID())})
 		}
-		p.setConflict(ip, append([]subnetmgr.Lease{p.own}, claimants...), p.own.Subnet.Masked(), now)
+		p.setConflict(ip, append([]subnetmgr.Lease{p.own}, claimants...), p.own.ID().Masked(), now)
 		return
 	}
 	if len(claimants) == 0 {
@@ -299,10 +298,10 @@ func (p *peers) settle(ip netip.Addr, trigger netip.Prefix, what string, now tim
 	for _, l := range claimants[1:] {
 		p.refuse(l, whatFor(l), subnetmgr.Refusal{Reason: subnetmgr.RefusedDuplicatePublicIP,
 			Detail: fmt.Sprintf("PublicIP %v is claimed first by %v (created at etcd revision %d, this lease at %d)",
-				ip, first.Subnet, first.CreateRevision, l.CreateRevision)})
+				ip, first.ID(), first.CreateRevision, l.CreateRevision)})
 	}
 	p.program(first, whatFor(first))
-	p.setConflict(ip, claimants, first.Subnet.Masked(), now)
+	p.setConflict(ip, claimants, first.ID().Masked(), now)
 }
 
 // setConflict records that claimants (the one kept first) claim ip now, logging it at Error
@@ -321,7 +320,7 @@ func (p *peers) setConflict(ip netip.Addr, claimants []subnetmgr.Lease, kept net
 	}
 	subnets := make([]netip.Prefix, len(claimants))
 	for i, l := range claimants {
-		subnets[i] = l.Subnet.Masked()
+		subnets[i] = l.ID().Masked()
 	}
 	if had && slices.Equal(old.Subnets, subnets) && old.Kept == kept {
 		return
@@ -330,7 +329,7 @@ func (p *peers) setConflict(ip netip.Addr, claimants []subnetmgr.Lease, kept net
 	if had {
 		c.Since = old.Since
 	}
-	if ip == p.own.PublicIP {
+	if ip == p.own.Host() {
 		// Other hosts keep the lease etcd created first, which may not be ours.
 		first := p.own
 		for _, l := range claimants {
@@ -338,9 +337,9 @@ func (p *peers) setConflict(ip netip.Addr, claimants []subnetmgr.Lease, kept net
 				first = l
 			}
 		}
-		c.Detail = fmt.Sprintf("leases name our PublicIP %v besides our lease %v; other hosts program %v, created first", ip, p.own.Subnet, first.Subnet)
+		c.Detail = fmt.Sprintf("leases name our PublicIP %v besides our lease %v; other hosts program %v, created first", ip, p.own.ID(), first.ID())
 		p.log.Error("several leases claim our PublicIP; we program none of them, other hosts program only the one etcd created first",
-			"public_ip", ip, "ours", p.own.Subnet, "claimants", subnets, "peers_program", first.Subnet)
+			"public_ip", ip, "ours", p.own.ID(), "claimants", subnets, "peers_program", first.ID())
 	} else {
 		c.Detail = fmt.Sprintf("%d leases name PublicIP %v; only %v, created first, is programmed", len(subnets), ip, kept)
 		p.log.Error("several leases claim one PublicIP; only the one etcd created first is programmed",
@@ -356,14 +355,14 @@ func (p *peers) setConflict(ip netip.Addr, claimants []subnetmgr.Lease, kept net
 // program puts l into the datapath as the peer on its subnet (nothing to do when it is
 // there as it is).
 func (p *peers) program(l subnetmgr.Lease, what string) {
-	key := l.Subnet.Masked()
+	key := l.ID().Masked()
 	prev, had := p.known[key]
 	inDatapath := had && prev.Error == "" && prev.Refused == ""
 	if _, ok := p.removing[key]; ok {
 		delete(p.removing, key)
 		if inDatapath && sameLease(prev.lease, l) {
 			p.known[key] = peerState{leaseState: leaseStateOf(l), lease: l}
-			p.log.Info(what+" again before its removal was due; peer kept as it was", "subnet", l.Subnet, "public_ip", l.PublicIP)
+			p.log.Info(what+" again before its removal was due; peer kept as it was", "subnet", l.ID(), "public_ip", l.PublicIP)
 			return
 		}
 	} else if inDatapath && sameLease(prev.lease, l) {
@@ -374,9 +373,9 @@ func (p *peers) program(l subnetmgr.Lease, what string) {
 	ps := peerState{leaseState: leaseStateOf(l), lease: l}
 	if err := p.b.AddPeer(l); err != nil {
 		ps.Error = err.Error()
-		p.log.Warn(what+": peer refused by the backend", "subnet", l.Subnet, "public_ip", l.PublicIP, "backend_type", l.BackendType, "err", err)
+		p.log.Warn(what+": peer refused by the backend", "subnet", l.ID(), "public_ip", l.PublicIP, "backend_type", l.BackendType, "err", err)
 	} else {
-		p.log.Info(what, "subnet", l.Subnet, "public_ip", l.PublicIP, "backend_type", l.BackendType)
+		p.log.Info(what, "subnet", l.ID(), "public_ip", l.PublicIP, "backend_type", l.BackendType)
 	}
 	p.known[key] = ps
 }
@@ -384,7 +383,7 @@ func (p *peers) program(l subnetmgr.Lease, what string) {
 // refuse keeps l out of the datapath for r: a peer there before (or leaving) goes at once.
 // A refusal is logged and counted once per lease version and reason.
 func (p *peers) refuse(l subnetmgr.Lease, what string, r subnetmgr.Refusal) {
-	key := l.Subnet.Masked()
+	key := l.ID().Masked()
 	prev, had := p.known[key]
 	if had && prev.Refused == r.Reason && prev.Error == r.Detail && sameLease(prev.lease, l) {
 		prev.leaseState, prev.lease = leaseStateOf(l), l
@@ -396,7 +395,7 @@ func (p *peers) refuse(l subnetmgr.Lease, what string, r subnetmgr.Refusal) {
 		p.remove(key, prev.lease, what+": refused by the trust rule")
 	}
 	p.known[key] = peerState{leaseState: leaseStateOf(l), lease: l, Refused: r.Reason, Error: r.Detail}
-	p.log.Warn(what+": refused by the trust rule, not programmed", "subnet", l.Subnet, "public_ip", l.PublicIP,
+	p.log.Warn(what+": refused by the trust rule, not programmed", "subnet", l.ID(), "public_ip", l.PublicIP,
 		"reason", r.Reason, "why", r.Detail)
 	if p.obs != nil {
 		p.obs.LeaseRefused(r.Reason)
@@ -416,9 +415,9 @@ func sameLease(a, b subnetmgr.Lease) bool {
 // keep per-host state by PublicIP must not have the old removal undo the new peer later.
 func (p *peers) removeMovedHost(l subnetmgr.Lease) {
 	for key := range p.removing {
-		if old := p.known[key]; key != l.Subnet.Masked() && old.PublicIP == l.PublicIP {
+		if old := p.known[key]; key != l.ID().Masked() && old.lease.Host() == l.Host() {
 			delete(p.removing, key)
-			p.remove(key, old.lease, "lease removed earlier; its host is back under "+l.Subnet.String())
+			p.remove(key, old.lease, "lease removed earlier; its host is back under "+l.ID().String())
 		}
 	}
 }
@@ -426,9 +425,9 @@ func (p *peers) removeMovedHost(l subnetmgr.Lease) {
 // remove takes one peer out of the datapath and out of known.
 func (p *peers) remove(key netip.Prefix, l subnetmgr.Lease, why string) {
 	if err := p.b.RemovePeer(l); err != nil {
-		p.log.Warn(why+": backend could not remove the peer", "subnet", l.Subnet, "public_ip", l.PublicIP, "err", err)
+		p.log.Warn(why+": backend could not remove the peer", "subnet", l.ID(), "public_ip", l.PublicIP, "err", err)
 	} else {
-		p.log.Info(why+": peer removed", "subnet", l.Subnet, "public_ip", l.PublicIP)
+		p.log.Info(why+": peer removed", "subnet", l.ID(), "public_ip", l.PublicIP)
 	}
 	delete(p.known, key)
 }
@@ -526,6 +525,6 @@ func (p *peers) list() []peerState {
 	for _, ps := range p.known {
 		out = append(out, ps)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Subnet.Addr().Less(out[j].Subnet.Addr()) })
+	sort.Slice(out, func(i, j int) bool { return out[i].lease.ID().Addr().Less(out[j].lease.ID().Addr()) })
 	return out
 }

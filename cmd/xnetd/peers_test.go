@@ -32,14 +32,14 @@ func (r *recorder) MTU() int                  { return 1450 }
 func (r *recorder) Mode() (string, string)    { return "recorder", "test" }
 func (r *recorder) Close(teardown bool) error { return nil }
 func (r *recorder) AddPeer(l subnetmgr.Lease) error {
-	r.calls = append(r.calls, fmt.Sprintf("add %v %v", l.Subnet, l.PublicIP))
+	r.calls = append(r.calls, fmt.Sprintf("add %v %v", l.ID(), l.PublicIP))
 	if r.refuse[l.Subnet] {
 		return errors.New("incompatible peer")
 	}
 	return nil
 }
 func (r *recorder) RemovePeer(l subnetmgr.Lease) error {
-	r.calls = append(r.calls, fmt.Sprintf("remove %v", l.Subnet))
+	r.calls = append(r.calls, fmt.Sprintf("remove %v", l.ID()))
 	return nil
 }
 

@@ -126,7 +126,10 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return usagef("etcd %s/config: %v: fix it with `etcdctl put %s/config '{\"Network\":\"10.244.0.0/16\"}'`", o.etcdPrefix, err, o.etcdPrefix)
 	}
 	log.Info("network config", "network", d.cfg.Network, "subnet_len", d.cfg.SubnetLen, "backend_type", d.cfg.Backend.Type,
-		"ipv6_network", d.cfg.IPv6Network)
+		"ipv6_network", d.cfg.IPv6Network, "ipv6_only", d.cfg.IPv6Only())
+	if d.cfg.IPv6Only() && o.dockerNetworks {
+		return usagef("--docker-networks: xnet's Docker networks are IPv4, and the config sets EnableIPv4 false (an IPv6-only overlay): drop --docker-networks or set EnableIPv4 true")
+	}
 	if d.iface.PublicIPv6, err = publicIPv6(d.cfg, d.iface.Name, o.publicIPv6); err != nil {
 		return err
 	}
@@ -156,6 +159,11 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 		return fmt.Errorf("backend %s: lease attributes: %w", d.chosen.name, err)
 	}
 	attrs := subnetmgr.LeaseAttrs{PublicIP: d.iface.PublicIP, BackendType: btype, BackendData: bdata}
+	if d.cfg.IPv6Only() {
+		// flannel's IPv6-only lease: PublicIP is its zero IP4 and there is no BackendData; the
+		// host is named by its PublicIPv6 (dualStackAttrs).
+		attrs.PublicIP, attrs.BackendData = netip.IPv4Unspecified(), nil
+	}
 	if err := dualStackAttrs(d.cfg, d.chosen.name, b, d.iface, &attrs); err != nil {
 		b.Close(false)
 		return err
@@ -188,7 +196,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	d.dropOtherBackendsFDs()
 	if err := b.Setup(ctx, d.lease, d.cfg); err != nil {
 		b.Close(false)
-		return &fatalError{fmt.Errorf("backend %s setup for %v: %w", d.chosen.name, d.lease.Subnet, err)}
+		return &fatalError{fmt.Errorf("backend %s setup for %v: %w", d.chosen.name, d.lease.ID(), err)}
 	}
 	d.dropUntakenFDs()
 	// Some backends decide their mode in Setup (ebpf: XDP or TC decap, by what the NIC allows).
@@ -210,10 +218,10 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	}
 	if o.teardownOnExit {
 		d.teardownHostState()
-		log.Info("stopped; datapath removed (--teardown-on-exit), lease left to expire", "subnet", d.lease.Subnet)
+		log.Info("stopped; datapath removed (--teardown-on-exit), lease left to expire", "subnet", d.lease.ID())
 	} else {
 		d.writeState()
-		log.Info("stopped; datapath and lease left in place for the next start", "subnet", d.lease.Subnet)
+		log.Info("stopped; datapath and lease left in place for the next start", "subnet", d.lease.ID())
 	}
 	return runErr
 }
@@ -248,7 +256,12 @@ func (d *daemonRun) prepareMacvlan() error {
 // PublicIP's lease, or a free one.
 func (d *daemonRun) acquire(ctx context.Context, attrs subnetmgr.LeaseAttrs) (subnetmgr.Lease, error) {
 	var prev, prev6 netip.Prefix
-	if f, err := subnetmgr.ReadSubnetFile(d.o.subnetFile); err == nil && d.cfg.Network.Contains(f.Subnet.Addr()) {
+	f, err := subnetmgr.ReadSubnetFile(d.o.subnetFile)
+	if err == nil && d.cfg.IPv6Only() && d.cfg.IPv6Network.Contains(f.IPv6Subnet.Addr()) {
+		// The pool of an IPv6-only overlay hands out IPv6 subnets: prev is one.
+		return d.acquireSubnet(ctx, attrs, f.IPv6Subnet.Masked(), netip.Prefix{})
+	}
+	if err == nil && d.cfg.Network.Contains(f.Subnet.Addr()) {
 		prev = f.Subnet.Masked()
 		if d.cfg.EnableIPv6 && d.cfg.IPv6Network.Contains(f.IPv6Subnet.Addr()) {
 			prev6 = f.IPv6Subnet.Masked()
@@ -264,6 +277,9 @@ func (d *daemonRun) acquireSubnet(ctx context.Context, attrs subnetmgr.LeaseAttr
 		l, err := d.mgr.AcquireDualLease(ctx, d.cfg, attrs, prev, prev6)
 		if err == nil {
 			return l, nil
+		}
+		if errors.Is(err, subnetmgr.ErrRangeFull) && d.cfg.IPv6Only() {
+			return l, fmt.Errorf("acquire a lease in %v: %w: widen IPv6Network or IPv6SubnetMin/IPv6SubnetMax in the config, or remove stale leases", d.cfg.IPv6Network, err)
 		}
 		if errors.Is(err, subnetmgr.ErrRangeFull) {
 			return l, fmt.Errorf("acquire a lease in %v: %w: widen Network or SubnetMin/SubnetMax in the config, or remove stale leases", d.cfg.Network, err)
@@ -343,8 +359,12 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				// lets the restart take a lease again; taking it back here is the same without
 				// the restart. The keeper stops first so two acquisitions never race.
 				keep.stop()
-				d.log.Warn("our lease was deleted from etcd; taking it back", "subnet", d.lease.Subnet)
-				l, err := d.acquireSubnet(ctx, attrs, d.lease.Subnet, d.lease.IPv6Subnet)
+				d.log.Warn("our lease was deleted from etcd; taking it back", "subnet", d.lease.ID())
+				prev, prev6 := d.lease.Subnet, d.lease.IPv6Subnet
+				if d.cfg.IPv6Only() {
+					prev, prev6 = d.lease.IPv6Subnet, netip.Prefix{}
+				}
+				l, err := d.acquireSubnet(ctx, attrs, prev, prev6)
 				if err != nil {
 					if ctx.Err() != nil {
 						return nil
@@ -352,11 +372,11 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 					return &fatalError{err}
 				}
 				if l.Subnet.Masked() != d.lease.Subnet.Masked() || l.IPv6Subnet != d.lease.IPv6Subnet {
-					return &fatalError{fmt.Errorf("our lease %v was deleted and taken by another host meanwhile (we got %v): the datapath and Docker's --bip are for the old subnet; exiting so the restart reconfigures everything", d.lease.Subnet, l.Subnet)}
+					return &fatalError{fmt.Errorf("our lease %v was deleted and taken by another host meanwhile (we got %v): the datapath and Docker's --bip are for the old subnet; exiting so the restart reconfigures everything", d.lease.ID(), l.ID())}
 				}
 				d.lease, d.peers.own = l, l
 				d.m.SetLease(l)
-				d.log.Info("lease taken back", "subnet", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
+				d.log.Info("lease taken back", "subnet", l.ID(), "expires", l.Expiration.Format(time.RFC3339))
 				keep = d.startKeeper(loopCtx, attrs, leases)
 				d.writeState()
 			}
@@ -373,7 +393,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 				d.m.SetReady(true)
 				_, applied, refused := d.peers.counts()
 				d.log.Info("datapath programmed with the initial peers; ready", "peers", applied, "refused", refused, "took", time.Since(d.started).Round(time.Millisecond))
-				_ = d.fds.Notify(fmt.Sprintf("READY=1\nSTATUS=ready: %v via %s, %d peers", d.lease.Subnet, d.chosen.name, applied))
+				_ = d.fds.Notify(fmt.Sprintf("READY=1\nSTATUS=ready: %v via %s, %d peers", d.lease.ID(), d.chosen.name, applied))
 				d.writeState()
 			} else if conflictsChanged {
 				d.writeState()
@@ -388,7 +408,7 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 			d.lease = l
 			d.peers.own = l
 			d.m.SetLease(l)
-			d.log.Info("lease renewed", "subnet", l.Subnet, "expires", l.Expiration.Format(time.RFC3339))
+			d.log.Info("lease renewed", "subnet", l.ID(), "expires", l.Expiration.Format(time.RFC3339))
 			d.writeState()
 		case c := <-hostRouting:
 			d.applyHostRouting(b, c)
@@ -493,10 +513,15 @@ func (d *daemonRun) setupMasq() error {
 		return nil
 	}
 	if d.o.ipMasq {
-		if err := ipmasq.Setup(conn, ipmasq.DefaultTable, d.cfg.Network, d.lease.Subnet); err != nil {
-			return fmt.Errorf("--ip-masq: %w", err)
+		if d.lease.Subnet.IsValid() {
+			if err := ipmasq.Setup(conn, ipmasq.DefaultTable, d.cfg.Network, d.lease.Subnet); err != nil {
+				return fmt.Errorf("--ip-masq: %w", err)
+			}
+			d.log.Info("masquerading traffic leaving the overlay", "table", "ip "+ipmasq.DefaultTable, "network", d.cfg.Network)
+		} else if err := ipmasq.Teardown(conn, ipmasq.DefaultTable); err != nil {
+			// IPv6 only: a table from an IPv4 run before would masquerade under old rules.
+			d.log.Debug("no IPv4 masquerade table to remove", "err", err)
 		}
-		d.log.Info("masquerading traffic leaving the overlay", "table", "ip "+ipmasq.DefaultTable, "network", d.cfg.Network)
 		if !d.lease.IPv6Subnet.IsValid() {
 			// A table from a dual-stack run before would masquerade under old rules.
 			_ = ipmasq.TeardownIPv6(conn, ipmasq.DefaultTable)

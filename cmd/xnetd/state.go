@@ -49,6 +49,8 @@ type state struct {
 
 // leaseState is one lease as status shows it.
 type leaseState struct {
+	// Subnet is the lease's ID: its IPv4 subnet, or its IPv6 subnet in an IPv6-only overlay
+	// (IPv6Subnet then repeats it).
 	Subnet      netip.Prefix `json:"subnet"`
 	PublicIP    netip.Addr   `json:"public_ip"`
 	BackendType string       `json:"backend_type"`
@@ -60,12 +62,21 @@ type leaseState struct {
 }
 
 // subnets is the lease's subnets as one cell: "10.244.5.0/24" or
-// "10.244.5.0/24,fd00:10:244:5::/64".
+// "10.244.5.0/24,fd00:10:244:5::/64", or "fd00:10:244:5::/64" in an IPv6-only overlay.
 func (s leaseState) subnets() string {
-	if s.IPv6Subnet.IsValid() {
+	if s.IPv6Subnet.IsValid() && s.IPv6Subnet != s.Subnet {
 		return s.Subnet.String() + "," + s.IPv6Subnet.String()
 	}
 	return s.Subnet.String()
+}
+
+// host is the underlay address that names the lease's host: its PublicIP, or its PublicIPv6
+// in an IPv6-only overlay (where PublicIP is 0.0.0.0).
+func (s leaseState) host() netip.Addr {
+	if s.PublicIP.IsValid() && !s.PublicIP.IsUnspecified() {
+		return s.PublicIP
+	}
+	return s.PublicIPv6
 }
 
 // peerState is a peer lease and what the backend made of it.
@@ -99,10 +110,14 @@ type conflictState struct {
 }
 
 func leaseStateOf(l subnetmgr.Lease) leaseState {
-	s := leaseState{Subnet: l.Subnet, PublicIP: l.PublicIP, BackendType: l.BackendType, Expiration: l.Expiration,
+	s := leaseState{Subnet: l.ID(), PublicIP: l.PublicIP, BackendType: l.BackendType, Expiration: l.Expiration,
 		IPv6Subnet: l.IPv6Subnet, PublicIPv6: l.PublicIPv6}
 	if l.BackendType == subnetmgr.BackendVXLAN {
-		if d, err := subnetmgr.ParseVXLANData(l.BackendData); err == nil {
+		data := l.BackendData
+		if !l.Subnet.IsValid() {
+			data = l.BackendV6Data // IPv6 only: the IPv6 VTEP is the only one
+		}
+		if d, err := subnetmgr.ParseVXLANData(data); err == nil {
 			s.VtepMAC = d.VtepMAC
 		}
 	}

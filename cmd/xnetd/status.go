@@ -334,10 +334,14 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 	if !rep.Lease.Expiration.IsZero() {
 		expiry = fmt.Sprintf("expires %s (in %s)", rep.Lease.Expiration.Format(time.RFC3339), rep.Lease.Expiration.Sub(now).Round(time.Minute))
 	}
-	public := rep.Lease.PublicIP.String()
-	if rep.Lease.PublicIPv6.IsValid() {
-		public += "," + rep.Lease.PublicIPv6.String()
+	var publics []string
+	if rep.Lease.PublicIP.IsValid() && !rep.Lease.PublicIP.IsUnspecified() { // 0.0.0.0 in an IPv6-only overlay
+		publics = append(publics, rep.Lease.PublicIP.String())
 	}
+	if rep.Lease.PublicIPv6.IsValid() {
+		publics = append(publics, rep.Lease.PublicIPv6.String())
+	}
+	public := strings.Join(publics, ",")
 	fmt.Fprintf(w, "lease:    %s public %s, %s\n", rep.Lease.subnets(), public, expiry)
 	if mv := rep.Macvlan; mv != nil {
 		line := mv.String()
@@ -354,10 +358,13 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 	for _, s := range rep.SkippedBackends {
 		fmt.Fprintf(w, "          skipped %s: %s\n", s.Name, s.Reason)
 	}
-	network := rep.Network.String()
-	if rep.IPv6Network.IsValid() {
-		network += "," + rep.IPv6Network.String()
+	var networks []string
+	for _, n := range []netip.Prefix{rep.Network, rep.IPv6Network} {
+		if n.IsValid() { // no Network in an IPv6-only overlay
+			networks = append(networks, n.String())
+		}
 	}
+	network := strings.Join(networks, ",")
 	fmt.Fprintf(w, "network:  %s on %s, ip-masq %v\n", network, rep.Iface, rep.IPMasq)
 	fmt.Fprintf(w, "counters: %s\n", rep.Counters)
 
@@ -378,7 +385,7 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 			problem = strings.Join(slices.DeleteFunc([]string{gone, problem}, func(s string) bool { return s == "" }), "; ")
 		}
 		problem = strings.Join(slices.DeleteFunc([]string{problem, healthProblem(p.Health)}, func(s string) bool { return s == "" }), "; ")
-		fmt.Fprintf(tw, "  %s\t%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.subnets(), p.PublicIP, orDash(p.VtepMAC),
+		fmt.Fprintf(tw, "  %s\t%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.subnets(), p.host(), orDash(p.VtepMAC),
 			num(p.TxPackets), num(p.TxBytes), num(p.RxPackets), num(p.RxBytes),
 			healthCell(p.Health, health.Overlay), healthCell(p.Health, health.Underlay), route, orDash(problem))
 	}

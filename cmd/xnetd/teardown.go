@@ -48,7 +48,13 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 		cfg.Network = sf.Network
 	}
 	lease := subnetmgr.Lease{Subnet: st.Lease.Subnet, PublicIP: st.Lease.PublicIP}
-	if !lease.Subnet.IsValid() {
+	if cfg.IPv6Only() {
+		// The state file's subnet is the lease's ID, its IPv6 subnet.
+		lease = subnetmgr.Lease{IPv6Subnet: st.Lease.IPv6Subnet, PublicIP: st.Lease.PublicIP, PublicIPv6: st.Lease.PublicIPv6}
+		if !lease.IPv6Subnet.IsValid() {
+			lease.IPv6Subnet = sf.IPv6Subnet
+		}
+	} else if !lease.Subnet.IsValid() {
 		lease.Subnet = sf.Subnet
 	}
 	ifaceName := o.iface
@@ -68,6 +74,10 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 	} else {
 		if !lease.PublicIP.IsValid() {
 			lease.PublicIP = iface.PublicIP
+		}
+		// As at start: vxlan in an IPv6-only overlay is built only with our IPv6 underlay address.
+		if iface.PublicIPv6, err = publicIPv6(cfg, iface.Name, o.publicIPv6); err != nil {
+			errs = append(errs, fmt.Errorf("IPv6 underlay address: %w", err))
 		}
 		errs = append(errs, teardownBackends(o, iface, cfg, lease, st.Backend, stdout, log)...)
 	}
@@ -113,9 +123,9 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 			errs = append(errs, err)
 		}
 	}
-	if lease.Subnet.IsValid() {
-		fmt.Fprintf(stdout, "lease %v left in etcd: it expires by its TTL (delete %s/subnets/%s-%d to free it now)\n",
-			lease.Subnet, o.etcdPrefix, lease.Subnet.Addr(), lease.Subnet.Bits())
+	if lease.ID().IsValid() {
+		fmt.Fprintf(stdout, "lease %v left in etcd: it expires by its TTL (delete %s to free it now)\n",
+			lease.ID(), lease.Key(o.etcdPrefix))
 	}
 	return errors.Join(errs...)
 }
@@ -130,7 +140,7 @@ func teardownBackends(o options, iface backend.ExternalInterface, cfg subnetmgr.
 			log.Info("backend not torn down: cannot run here, so it left nothing", "backend", name, "reason", err)
 			continue
 		}
-		if name == recorded && lease.Subnet.IsValid() && cfg.Network.IsValid() {
+		if name == recorded && lease.ID().IsValid() && (cfg.Network.IsValid() || cfg.IPv6Only()) {
 			if err := b.Setup(context.Background(), lease, cfg); err != nil {
 				errs = append(errs, fmt.Errorf("backend %s: adopt its datapath for teardown: %w", name, err))
 			}

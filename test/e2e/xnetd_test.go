@@ -351,10 +351,12 @@ func xdLeases(t *testing.T, topo *harness.Topology, prefix string) map[netip.Pre
 	}
 	out := map[netip.Prefix]subnetmgr.LeaseAttrs{}
 	for _, kv := range resp.Kvs {
-		subnet, err := subnetmgr.ParseSubnetKey(prefix, string(kv.Key))
+		// By the lease's ID: its IPv4 subnet, its IPv6 one in an IPv6-only overlay.
+		v4, v6, err := subnetmgr.ParseDualSubnetKey(prefix, string(kv.Key))
 		if err != nil {
 			t.Fatalf("key %s: %v", kv.Key, err)
 		}
+		subnet := subnetmgr.Lease{Subnet: v4, IPv6Subnet: v6}.ID()
 		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
 		if err != nil {
 			t.Fatalf("key %s: %v", kv.Key, err)
@@ -763,6 +765,8 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 	xdPut(t, topo, subnetmgr.ConfigKey("/good/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badnet/network"), `{"Network":"10.244.0.0/33"}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badtype/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}`)
+	xdPut(t, topo, subnetmgr.ConfigKey("/v6only/network"), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}`)
+	xdPut(t, topo, subnetmgr.ConfigKey("/nofamily/network"), `{"EnableIPv4":false,"EnableIPv6":false,"Network":"10.244.0.0/16"}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badmacvlan/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},"Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":31}}`)
 
 	tests := []struct {
@@ -779,6 +783,11 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 		{"invalid Network in the config", "/badnet/network", nil, []string{"/badnet/network/config", "Network"}},
 		{"unknown Backend.Type in the config", "/badtype/network", nil, []string{"Backend.Type", "ipip"}},
 		{"--macvlan without a Macvlan section in the config", "/good/network", []string{"--macvlan"}, []string{"/good/network/config", "no Macvlan section", "--macvlan"}},
+		{"IPv6-only config with the ebpf backend", "/v6only/network", []string{"--backend=ebpf"}, []string{"--backend=ebpf", "EnableIPv4 false", "use vxlan or host-gw"}},
+		{"IPv6-only config with the udp backend", "/v6only/network", []string{"--backend=udp"}, []string{"--backend=udp", "EnableIPv4 false", "use vxlan or host-gw"}},
+		{"IPv6-only config with the wireguard backend", "/v6only/network", []string{"--backend=wireguard"}, []string{"--backend=wireguard", "EnableIPv4 false", "use vxlan or host-gw"}},
+		{"IPv6-only config on a host without an IPv6 underlay", "/v6only/network", nil, []string{"EnableIPv4 false", "no global IPv6 address", "--public-ipv6"}},
+		{"a config with neither address family", "/nofamily/network", nil, []string{"/nofamily/network/config", "EnableIPv4", "EnableIPv6"}},
 		{"invalid Macvlan section (with or without --macvlan)", "/badmacvlan/network", nil, []string{"/badmacvlan/network/config", "Macvlan.RangeLen", "31"}},
 	}
 	for _, tt := range tests {

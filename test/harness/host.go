@@ -178,6 +178,10 @@ func (h *Host) SetupDocker0FromSubnetFile(ctx context.Context) (subnetmgr.Subnet
 		f, err := subnetmgr.ReadSubnetFile(h.SubnetFile())
 		if err == nil {
 			gw := netip.PrefixFrom(f.Subnet.Addr().Next(), f.Subnet.Bits())
+			if !f.Subnet.IsValid() {
+				// An IPv6-only overlay: Docker keeps its default IPv4 bridge, outside it.
+				gw = DockerDefaultBridge
+			}
 			if err := h.SetupDocker0(gw, f.MTU); err != nil || !f.IPv6Subnet.IsValid() {
 				return f, err
 			}
@@ -193,6 +197,9 @@ func (h *Host) SetupDocker0FromSubnetFile(ctx context.Context) (subnetmgr.Subnet
 		}
 	}
 }
+
+// DockerDefaultBridge is docker0's address when Docker gets no --bip: in an IPv6-only overlay.
+var DockerDefaultBridge = netip.MustParsePrefix("172.17.0.1/16")
 
 // AddContainer plays `docker run`: a namespace xn-<id>-<host>c<n> whose eth0 is a veth into
 // docker0, with the next free address of docker0's subnet, docker0's MTU and a default route

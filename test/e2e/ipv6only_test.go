@@ -1,0 +1,249 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/harness"
+)
+
+const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"%s"}}`
+
+// An IPv6-only overlay (EnableIPv4 false) on three hosts, per backend that carries one: leases
+// under flannel's 0.0.0.0-0&<ipv6>-<len> keys with flannel's value, subnet.env and the Docker
+// options as flannel writes them there, `xnetd status` and the metrics naming each lease by its
+// IPv6 subnet, nothing of an IPv4 overlay on the hosts, and containers reaching each other over
+// IPv6 (ping, TCP both ways).
+func TestIPv6OnlyThreeHosts(t *testing.T) {
+	for _, backendName := range []string{"vxlan", "host-gw"} {
+		t.Run(backendName, func(t *testing.T) {
+			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: true},
+				fmt.Sprintf(ipv6OnlyConfig, backendName), "--backend", backendName)
+			subnets := checkIPv6OnlyLeases(t, topo, nodes, backendName)
+			mtu := map[string]int{"vxlan": 1430, "host-gw": 1500}[backendName]
+			for _, n := range nodes {
+				checkIPv6OnlyFiles(t, n, subnets[n.UnderlayIPv6], mtu)
+				checkIPv6OnlyStatus(t, n, subnets)
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				links, _ := n.Run(ctx, "ip", "-br", "link", "show")
+				routes, _ := n.Run(ctx, "ip", "-4", "route", "show", "table", "all")
+				cancel()
+				if strings.Contains(links, "xnet.1") || strings.Contains(routes, "10.244.") {
+					t.Errorf("%s has IPv4 overlay state in an IPv6-only overlay:\n%s\n%s", n.Name, links, routes)
+				}
+				if backendName == "vxlan" && !strings.Contains(links, "xnet-v6.1") {
+					t.Errorf("%s has no xnet-v6.1:\n%s", n.Name, links)
+				}
+			}
+			cs := xdContainers(t, nodes)
+			for _, c := range cs {
+				if !c.IPv6.IsValid() {
+					t.Fatalf("container on %s has no IPv6 address", c.Host.Name)
+				}
+			}
+			if failed := ipv6Mesh(cs); len(failed) > 0 {
+				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
+			}
+			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
+			transferTo(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
+			transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
+			// A restart takes the same lease back (from subnet.env and by PublicIPv6), adopts the
+			// datapath and programs the same peers.
+			r := nodes[0]
+			before := r.state(t).Lease.Subnet
+			if err := r.proc.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			r.start(t)
+			r.waitReady(t)
+			r.waitPeers(t, len(nodes)-1)
+			if after := r.state(t).Lease.Subnet; after != before || !after.Addr().Is6() {
+				t.Errorf("%s restarted with lease %v, had %v", r.Name, after, before)
+			}
+			if failed := ipv6Mesh(cs); len(failed) > 0 {
+				t.Errorf("after a restart of %s, pings failed:\n%s", r.Name, strings.Join(failed, "\n"))
+			}
+			// Its checks are IPv4's: it says so rather than report problems that are not there.
+			if out, code := nodes[0].check(t); code != 2 || !strings.Contains(out, "IPv6-only") || !strings.Contains(out, "EnableIPv4 false") {
+				t.Errorf("xnetd check on an IPv6-only overlay: exit %d, want 2 naming EnableIPv4:\n%s", code, out)
+			}
+
+			n := nodes[2]
+			if err := n.proc.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			n.teardown(t, topo)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			routes, _ := n.Run(ctx, "ip", "-6", "route", "show", "root", "fd00:10:244::/56")
+			for _, r := range strings.Split(strings.TrimSpace(routes), "\n") {
+				if r != "" && !strings.Contains(r, "dev docker0 proto kernel") {
+					t.Errorf("%s: IPv6 route into the overlay left after teardown: %s", n.Name, r)
+				}
+			}
+		})
+	}
+}
+
+// checkIPv6OnlyLeases: one key per host, flannel's IPv6-only key and value (no BackendData,
+// BackendV6Data for vxlan only), distinct IPv6 subnets; returns each host's subnet by its
+// PublicIPv6.
+func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, backendName string) map[netip.Addr]netip.Prefix {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	byHost := map[netip.Addr]netip.Prefix{}
+	for _, kv := range resp.Kvs {
+		v4, v6, err := subnetmgr.ParseDualSubnetKey(xdPrefix, string(kv.Key))
+		if err != nil || v4.IsValid() || !v6.IsValid() || !strings.HasPrefix(string(kv.Key), subnetmgr.SubnetsPrefix(xdPrefix)+"0.0.0.0-0&fd00:10:244:") {
+			t.Errorf("key %s: want flannel's IPv6-only key 0.0.0.0-0&<ipv6>-64 (%v %v %v)", kv.Key, v4, v6, err)
+			continue
+		}
+		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
+		v := string(kv.Value)
+		if err != nil || !strings.HasPrefix(v, `{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::`) ||
+			!strings.Contains(v, `"BackendType":"`+backendName+`"`) || strings.Contains(v, `"BackendData"`) ||
+			strings.Contains(v, `"BackendV6Data"`) != (backendName == "vxlan") {
+			t.Errorf("key %s = %s (%v): want flannel's IPv6-only value", kv.Key, kv.Value, err)
+			continue
+		}
+		if _, dup := byHost[attrs.PublicIPv6]; dup || slices.Contains(mapsValues(byHost), v6) {
+			t.Errorf("key %s: a host or IPv6 subnet twice", kv.Key)
+		}
+		byHost[attrs.PublicIPv6] = v6
+	}
+	for _, n := range nodes {
+		if !byHost[n.UnderlayIPv6].IsValid() {
+			t.Errorf("no lease for %s (PublicIPv6 %v) in %v", n.Name, n.UnderlayIPv6, byHost)
+		}
+	}
+	if len(byHost) != len(nodes) {
+		t.Fatalf("%d leases, want %d", len(byHost), len(nodes))
+	}
+	return byHost
+}
+
+func mapsValues(m map[netip.Addr]netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, v := range m {
+		out = append(out, v)
+	}
+	return out
+}
+
+// checkIPv6OnlyFiles: subnet.env exactly as flannel writes it in an IPv6-only network (after
+// xnet's XNET_* twins), and Docker's options without --bip.
+func checkIPv6OnlyFiles(t *testing.T, n *xdNode, subnet netip.Prefix, mtu int) {
+	t.Helper()
+	env, err := os.ReadFile(n.SubnetFile())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want strings.Builder
+	for _, p := range []string{"XNET_", "FLANNEL_"} {
+		// IPMASQ false: the harness runs xnetd without --ip-masq.
+		fmt.Fprintf(&want, "%sIPV6_NETWORK=fd00:10:244::/56\n%sIPV6_SUBNET=%s\n%sMTU=%d\n%sIPMASQ=false\n", p, p, subnetmgr.GatewayOf(subnet), p, mtu, p)
+	}
+	if string(env) != want.String() {
+		t.Errorf("%s subnet.env:\n%s\nwant:\n%s", n.Name, env, want.String())
+	}
+	opts, err := os.ReadFile(n.DockerOptsFile())
+	if wantOpts := fmt.Sprintf("DOCKER_NETWORK_OPTIONS=\" --ipv6 --fixed-cidr-v6=%s --mtu=%d\"\n", subnet, mtu); err != nil || string(opts) != wantOpts {
+		t.Errorf("%s Docker options %q (%v), want %q", n.Name, opts, err, wantOpts)
+	}
+}
+
+// checkIPv6OnlyStatus: `xnetd status` names our lease and every peer by its IPv6 subnet, all
+// programmed; the lease metric's subnet label is ours.
+func checkIPv6OnlyStatus(t *testing.T, n *xdNode, subnets map[netip.Addr]netip.Prefix) {
+	t.Helper()
+	var st struct {
+		Lease struct {
+			Subnet     netip.Prefix `json:"subnet"`
+			IPv6Subnet netip.Prefix `json:"ipv6_subnet"`
+		} `json:"lease"`
+		Peers []struct {
+			Subnet  netip.Prefix `json:"subnet"`
+			Refused string       `json:"refused"`
+			Error   string       `json:"error"`
+		} `json:"peers"`
+	}
+	n.statusInto(t, &st)
+	own := subnets[n.UnderlayIPv6]
+	if st.Lease.Subnet != own || st.Lease.IPv6Subnet != own {
+		t.Errorf("%s status: lease %v / %v, want %v", n.Name, st.Lease.Subnet, st.Lease.IPv6Subnet, own)
+	}
+	if len(st.Peers) != len(subnets)-1 {
+		t.Errorf("%s status: %d peers, want %d", n.Name, len(st.Peers), len(subnets)-1)
+	}
+	for _, p := range st.Peers {
+		if !slices.Contains(mapsValues(subnets), p.Subnet) || p.Subnet == own || p.Refused != "" || p.Error != "" {
+			t.Errorf("%s status: peer %+v", n.Name, p)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	text, err := n.Run(ctx, n.bin, "status", "--subnet-file", n.SubnetFile())
+	if err != nil || !strings.Contains(text, own.String()) || !strings.Contains(text, n.UnderlayIPv6.String()) ||
+		strings.Contains(text, "invalid") || strings.Contains(text, "0.0.0.0") {
+		t.Errorf("%s `xnetd status`: %v\n%s", n.Name, err, text)
+	}
+	if code, body := n.httpGet(t, "/metrics"); code != 200 || !strings.Contains(body, `subnet="`+own.String()+`"`) {
+		t.Errorf("%s /metrics (%d): no lease info with subnet=%q", n.Name, code, own)
+	}
+}
+
+// ipv6Mesh pings every container from every other one over IPv6, in parallel, after one
+// unchecked echo per pair for neighbour discovery (see dualMesh); it returns what failed.
+func ipv6Mesh(cs []*harness.Container) []string {
+	var warm sync.WaitGroup
+	for _, a := range cs {
+		for _, b := range cs {
+			if a != b {
+				warm.Go(func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+					defer cancel()
+					_, _, _ = harness.Ping(ctx, a.Namespace, b.IPv6, 1, 0)
+				})
+			}
+		}
+	}
+	warm.Wait()
+	var mu sync.Mutex
+	var failed []string
+	var wg sync.WaitGroup
+	for _, a := range cs {
+		for _, b := range cs {
+			if a == b {
+				continue
+			}
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				sent, got, err := harness.Ping(ctx, a.Namespace, b.IPv6, 3, 50*time.Millisecond)
+				if err != nil || got != sent {
+					mu.Lock()
+					failed = append(failed, fmt.Sprintf("%s -> %s(%v): %d/%d replies %v", a.Host.Name, b.Host.Name, b.IPv6, got, sent, err))
+					mu.Unlock()
+				}
+			})
+		}
+	}
+	wg.Wait()
+	slices.Sort(failed)
+	return failed
+}
