@@ -41,9 +41,9 @@ const WireGuardOverhead = 80
 // validBackendTypes lists what Backend.Type may be, in the order error messages name them.
 var validBackendTypes = []string{BackendEBPF, BackendVXLAN, BackendUDP, BackendHostGW, BackendWireGuard}
 
-// validWireGuardModes are flannel's Mode values that make sense for an IPv4 overlay ("ipv6"
-// would reach peers over IPv6, which xnet does not do).
-var validWireGuardModes = []string{"separate", "auto", "ipv4"}
+// validWireGuardModes are flannel's Mode values ("ipv6" only with EnableIPv6: peers publish a
+// PublicIPv6 only in a dual-stack overlay).
+var validWireGuardModes = []string{"separate", "auto", "ipv4", "ipv6"}
 
 // ConfigError says which field of <prefix>/config is invalid and what would be valid.
 type ConfigError struct {
@@ -135,6 +135,9 @@ func ParseConfig(data []byte) (Config, error) {
 	cfg.Backend, err = parseBackendConfig(raw.Backend)
 	if err != nil {
 		return Config{}, err
+	}
+	if cfg.Backend.Type == BackendWireGuard && cfg.Backend.WireGuard.Mode == "ipv6" && !cfg.EnableIPv6 {
+		return Config{}, configErr("Backend.Mode", `"ipv6" reaches peers at their PublicIPv6, which hosts publish only in a dual-stack overlay: set EnableIPv6 and IPv6Network, or use one of separate, auto, ipv4`)
 	}
 	return cfg, nil
 }
@@ -319,7 +322,7 @@ func parseWireGuard(wg *WireGuardConfig, raw backendJSON) error {
 	}
 	if raw.Mode != nil && *raw.Mode != "" {
 		if !slices.Contains(validWireGuardModes, *raw.Mode) {
-			return configErr("Backend.Mode", "%q is not a wireguard mode for an IPv4 overlay; use one of %s (default %s)", *raw.Mode, strings.Join(validWireGuardModes, ", "), defaultWireGuardMode)
+			return configErr("Backend.Mode", "%q is not a wireguard mode; use one of %s (default %s)", *raw.Mode, strings.Join(validWireGuardModes, ", "), defaultWireGuardMode)
 		}
 		wg.Mode = *raw.Mode
 	}

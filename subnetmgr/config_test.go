@@ -158,3 +158,17 @@ func TestParseConfig(t *testing.T) {
 		})
 	}
 }
+
+// wireguard's Mode "ipv6" (peers reached at their PublicIPv6) is taken with EnableIPv6 only:
+// hosts publish a PublicIPv6 only in a dual-stack overlay.
+func TestParseConfigWireGuardModeIPv6(t *testing.T) {
+	cfg, err := ParseConfig([]byte(`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":"ipv6"}}`))
+	if err != nil || cfg.Backend.WireGuard.Mode != "ipv6" {
+		t.Fatalf("dual stack with Mode ipv6: %+v, %v; want it taken", cfg.Backend.WireGuard, err)
+	}
+	_, err = ParseConfig([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}`))
+	var ce *ConfigError
+	if !errors.As(err, &ce) || ce.Field != "Backend.Mode" || !strings.Contains(err.Error(), "EnableIPv6") {
+		t.Errorf("Mode ipv6 without EnableIPv6: %v; want a ConfigError on Backend.Mode naming EnableIPv6", err)
+	}
+}

@@ -74,8 +74,8 @@ type BackendConfig struct {
 type WireGuardConfig struct {
 	// ListenPort is the UDP port WireGuard listens on and publishes in the lease (51820).
 	ListenPort int
-	// ListenPortV6 is flannel's port for its IPv6 device (51821); xnet's overlay is IPv4 only,
-	// so it is validated and kept, not used.
+	// ListenPortV6 is flannel's port for its IPv6 device (51821): xnet-wg-v6 listens on it in
+	// a dual-stack overlay in separate mode.
 	ListenPortV6 int
 	// PSK is an optional pre-shared key (base64 of 32 bytes) mixed into every handshake; all
 	// hosts must have the same. Never written out with the rest of the config.
@@ -86,8 +86,9 @@ type WireGuardConfig struct {
 	// MTU is the underlay MTU the overlay MTU is derived from (minus WireGuard's 80 bytes);
 	// 0 means the underlay interface's MTU.
 	MTU int
-	// Mode is flannel's address family choice: "separate" (default), "auto" or "ipv4". With an
-	// IPv4-only overlay they all mean one device reaching peers at their IPv4 PublicIP.
+	// Mode is flannel's address family choice: "separate" (default), "auto", "ipv4" or "ipv6"
+	// (only with EnableIPv6). With an IPv4-only overlay the first three all mean one device
+	// reaching peers at their IPv4 PublicIP; in a dual-stack one see backend/wireguard.
 	Mode string
 }
 
