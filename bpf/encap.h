@@ -43,6 +43,7 @@
 #include "parse.h"
 #include "csum.h"
 #include "icmp.h"
+#include "pull.h"
 
 /* The outer headers, in wire order, written in one go after adjust_room.
  * Every member falls on its natural alignment (0, 20, 28, 36), so no packing
@@ -518,7 +519,7 @@ static __always_inline void decap_pull(struct __sk_buff *skb, const struct host_
 		return; /* all there already */
 	if (!udp_to_us(skb, cfg))
 		return;
-	bpf_skb_pull_data(skb, skb->len < XNET_CLASSIFY_BYTES ? skb->len : XNET_CLASSIFY_BYTES);
+	bpf_skb_pull_data(skb, decap_pull_len(skb)); /* headers only: pull.h says why */
 }
 
 /* decap_ecn6 is decap_ecn for an inner IPv6 header: the ECN field is the low
