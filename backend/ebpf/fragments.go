@@ -71,6 +71,7 @@ func (r *fragReceiver) run(ifindex int) {
 	defer r.done.Done()
 	buf := make([]byte, 65536)
 	to := &unix.SockaddrLinklayer{Ifindex: ifindex, Protocol: htons(unix.ETH_P_IP)}
+	to6 := &unix.SockaddrLinklayer{Ifindex: ifindex, Protocol: htons(unix.ETH_P_IPV6)}
 	for {
 		n, src, err := r.conn.ReadFromUDPAddrPort(buf)
 		if err != nil {
@@ -79,12 +80,16 @@ func (r *fragReceiver) run(ifindex int) {
 			}
 			return
 		}
-		frame, ok := r.check(buf[:n], src.Addr().Unmap())
+		frame, v6, ok := r.check(buf[:n], src.Addr().Unmap())
 		if !ok {
 			r.refused.Add(1)
 			continue
 		}
-		if err := unix.Sendto(r.inject, frame, 0, to); err != nil {
+		dst := to
+		if v6 {
+			dst = to6
+		}
+		if err := unix.Sendto(r.inject, frame, 0, dst); err != nil {
 			r.refused.Add(1)
 			continue
 		}
@@ -93,31 +98,43 @@ func (r *fragReceiver) run(ifindex int) {
 }
 
 // check applies the decap rules to one datagram from outer source src and returns the inner
-// Ethernet frame to deliver.
-func (r *fragReceiver) check(payload []byte, src netip.Addr) ([]byte, bool) {
+// Ethernet frame to deliver, and whether it carries IPv6 (in a dual-stack overlay, where a
+// peer's IPv6 subnet is checked as its IPv4 one is).
+func (r *fragReceiver) check(payload []byte, src netip.Addr) (frame []byte, v6 bool, ok bool) {
 	b := r.b
 	mac, _ := wire.MACFrom(b.VtepMAC)
-	f, problem := wire.Decode(payload, wire.Expect{VNI: uint32(b.VNI), MAC: mac, MaxInner: b.MTU()})
-	if problem != wire.OK {
-		return nil, false
-	}
-	inner, dst := netip.AddrFrom4(f.InnerSrc), netip.AddrFrom4(f.InnerDst)
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	f, problem := wire.Decode(payload, wire.Expect{VNI: uint32(b.VNI), MAC: mac, MaxInner: b.MTU(), IPv6: b.v6.local.IsValid()})
+	if problem != wire.OK {
+		return nil, false, false
+	}
+	// The inner Ethernet header (after the 8-byte VXLAN header) and the inner packet, without
+	// padding.
+	frame = payload[wire.VXLANHeaderLen : wire.HeaderLen+len(f.Inner)]
+	if f.IsIPv6() {
+		inner, dst := netip.AddrFrom16(f.InnerSrc6), netip.AddrFrom16(f.InnerDst6)
+		if !b.v6.local.Contains(dst) {
+			return nil, true, false
+		}
+		for key, subnet6 := range b.v6.peers {
+			if subnet6.Contains(inner) {
+				// Spoofed unless the peer whose lease holds the inner source sent it.
+				return frame, true, b.peers[key] == src
+			}
+		}
+		return nil, true, false
+	}
+	inner, dst := netip.AddrFrom4(f.InnerSrc), netip.AddrFrom4(f.InnerDst)
 	if !b.Local().Subnet.Contains(dst) {
-		return nil, false
+		return nil, false, false
 	}
 	for subnet, publicIP := range b.peers {
 		if subnet.Contains(inner) {
-			if publicIP != src {
-				return nil, false // spoofed: not the peer that owns the inner source
-			}
-			// The inner Ethernet header (after the 8-byte VXLAN header) and the inner packet,
-			// without padding.
-			return payload[wire.VXLANHeaderLen : wire.HeaderLen+len(f.Inner)], true
+			return frame, false, publicIP == src
 		}
 	}
-	return nil, false
+	return nil, false, false
 }
 
 func (r *fragReceiver) close() {
