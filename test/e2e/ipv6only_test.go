@@ -25,12 +25,12 @@ const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd0
 // IPv6 subnet, nothing of an IPv4 overlay on the hosts, and containers reaching each other over
 // IPv6 (ping, TCP both ways).
 func TestIPv6OnlyThreeHosts(t *testing.T) {
-	for _, backendName := range []string{"vxlan", "host-gw"} {
+	for _, backendName := range []string{"vxlan", "host-gw", "wireguard"} {
 		t.Run(backendName, func(t *testing.T) {
 			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: true},
 				fmt.Sprintf(ipv6OnlyConfig, backendName), "--backend", backendName)
 			subnets := checkIPv6OnlyLeases(t, topo, nodes, backendName)
-			mtu := map[string]int{"vxlan": 1430, "host-gw": 1500}[backendName]
+			mtu := map[string]int{"vxlan": 1430, "host-gw": 1500, "wireguard": 1420}[backendName]
 			for _, n := range nodes {
 				checkIPv6OnlyFiles(t, n, subnets[n.UnderlayIPv6], mtu)
 				checkIPv6OnlyStatus(t, n, subnets)
@@ -43,6 +43,10 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 				}
 				if backendName == "vxlan" && !strings.Contains(links, "xnet-v6.1") {
 					t.Errorf("%s has no xnet-v6.1:\n%s", n.Name, links)
+				}
+				// flannel's separate mode (the default) with IPv4 off: only the IPv6 device.
+				if backendName == "wireguard" && (!strings.Contains(links, "xnet-wg-v6") || strings.Contains(links, "xnet-wg ")) {
+					t.Errorf("%s: want xnet-wg-v6 and no xnet-wg:\n%s", n.Name, links)
 				}
 			}
 			cs := xdContainers(t, nodes)
@@ -96,8 +100,8 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 }
 
 // checkIPv6OnlyLeases: one key per host, flannel's IPv6-only key and value (no BackendData,
-// BackendV6Data for vxlan only), distinct IPv6 subnets; returns each host's subnet by its
-// PublicIPv6.
+// BackendV6Data for vxlan and wireguard only), distinct IPv6 subnets; returns each host's
+// subnet by its PublicIPv6.
 func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, backendName string) map[netip.Addr]netip.Prefix {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -117,7 +121,7 @@ func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, 
 		v := string(kv.Value)
 		if err != nil || !strings.HasPrefix(v, `{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::`) ||
 			!strings.Contains(v, `"BackendType":"`+backendName+`"`) || strings.Contains(v, `"BackendData"`) ||
-			strings.Contains(v, `"BackendV6Data"`) != (backendName == "vxlan") {
+			strings.Contains(v, `"BackendV6Data"`) != (backendName == "vxlan" || backendName == "wireguard") {
 			t.Errorf("key %s = %s (%v): want flannel's IPv6-only value", kv.Key, kv.Value, err)
 			continue
 		}
