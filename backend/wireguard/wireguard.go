@@ -290,7 +290,9 @@ func mainDevice(wg subnetmgr.WireGuardConfig, ipv6Only bool) (name string, port 
 
 // IPv6OnlyDevice is the one device of an IPv6-only overlay with config wg, and its listen port
 // (what `xnetd check` looks for).
-func IPv6OnlyDevice(wg subnetmgr.WireGuardConfig) (name string, port int) { return mainDevice(wg, true) }
+func IPv6OnlyDevice(wg subnetmgr.WireGuardConfig) (name string, port int) {
+	return mainDevice(wg, true)
+}
 
 // minIPv6MTU is the smallest MTU of a link that carries IPv6 (RFC 8200).
 const minIPv6MTU = 1280
