@@ -478,7 +478,11 @@ func (c *checker) checkUnderlay() checkResult {
 	defer nl.Close()
 	var nic netlink.Link
 	if c.ifaceName == "" {
-		nic, err = defaultRouteLink(nl)
+		family := unix.AF_INET
+		if c.ipv6Only() {
+			family = unix.AF_INET6
+		}
+		nic, err = defaultRouteLink(nl, family)
 	} else {
 		nic, err = nl.LinkByName(c.ifaceName)
 	}

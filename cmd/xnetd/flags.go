@@ -129,7 +129,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&o.etcdCAFile, "etcd-cafile", "", "CA certificate that signed etcd's server certificate")
 	fs.StringVar(&o.etcdUsername, "etcd-username", "", "etcd user name")
 	fs.StringVar(&o.etcdPassword, "etcd-password", "", "etcd password (prefer XNETD_ETCD_PASSWORD in an EnvironmentFile)")
-	fs.StringVar(&o.iface, "iface", "", "underlay interface, by name or IPv4 address (default: the default route's interface)")
+	fs.StringVar(&o.iface, "iface", "", "underlay interface, by name or address (default: the default route's interface; in an IPv6-only overlay the one holding --public-ipv6, else the IPv6 default route's)")
 	fs.StringVar(&r.publicIP, "public-ip", "", "IPv4 address other hosts reach us on (default: the interface's address)")
 	fs.StringVar(&r.publicIPv6, "public-ipv6", "", "dual stack and IPv6 only: IPv6 address other hosts reach us on (default: the interface's first global IPv6 address; none: IPv6 containers cross the IPv4 underlay, and an IPv6-only overlay is refused)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade traffic from containers to outside the overlay network")

@@ -369,3 +369,68 @@ func (n *xdNode) out(t *testing.T, args ...string) string {
 	}
 	return out
 }
+
+// An IPv6-only overlay runs on a host whose underlay interface has no IPv4 address at all:
+// xnetd finds the interface without --iface by its IPv6 default route, or as the one holding
+// --public-ipv6, reaches etcd over IPv6, and its containers reach the others' over IPv6; `xnetd
+// check` passes there.
+func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
+	for _, backendName := range []string{"vxlan", "wireguard"} {
+		t.Run(backendName, func(t *testing.T) {
+			topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true, IPv6Underlay: true})
+			v6only := topo.Hosts()[2]
+			if out, err := v6only.Run(t.Context(), "ip", "-4", "addr", "flush", "dev", "eth0"); err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(ipv6OnlyConfig, backendName))
+			bin := harness.BuildXnetd(t)
+			// No --iface (XnetdArgs' is overridden): the IPv6 default route's interface, or
+			// the one holding --public-ipv6; etcd over IPv6 for every host alike.
+			extra := func(h *harness.Host) []string {
+				args := []string{"--iface=", "--etcd-endpoints", topo.EtcdEndpointV6(), "--backend", backendName}
+				if h.Index == 1 {
+					args = append(args, "--public-ipv6", h.UnderlayIPv6.String())
+				}
+				return args
+			}
+			var nodes []*xdNode
+			for _, h := range topo.Hosts() {
+				n := &xdNode{Host: h, bin: bin, extra: extra(h)}
+				n.start(t)
+				n.waitReady(t)
+				nodes = append(nodes, n)
+			}
+			for _, n := range nodes {
+				n.waitPeers(t, len(nodes)-1)
+			}
+			if addrs := nodes[2].out(t, "ip", "-4", "-br", "addr", "show", "dev", "eth0"); strings.TrimSpace(addrs) != "" && strings.Contains(addrs, ".") {
+				t.Fatalf("%s's eth0 has IPv4 still: %s", nodes[2].Name, addrs)
+			}
+			for _, n := range nodes {
+				var st struct {
+					Iface    string     `json:"iface"`
+					PublicIP netip.Addr `json:"public_ip"`
+					Lease    struct {
+						PublicIPv6 netip.Addr `json:"public_ipv6"`
+					} `json:"lease"`
+				}
+				n.statusInto(t, &st)
+				if st.Iface != "eth0" || st.Lease.PublicIPv6 != n.UnderlayIPv6 {
+					t.Errorf("%s: underlay %q with PublicIPv6 %v, want eth0 with %v", n.Name, st.Iface, st.Lease.PublicIPv6, n.UnderlayIPv6)
+				}
+				if n == nodes[2] && st.PublicIP.IsValid() {
+					t.Errorf("%s has no IPv4 address, yet xnetd took PublicIP %v", n.Name, st.PublicIP)
+				}
+			}
+			cs := xdContainers(t, nodes)
+			if failed := ipv6Mesh(cs); len(failed) > 0 {
+				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
+			}
+			transferTo(t, cs[0], cs[2], cs[2].IPv6, 8<<20)
+			transferTo(t, cs[2], cs[1], cs[1].IPv6, 8<<20)
+			if out, code := nodes[2].check(t); code != 0 {
+				t.Errorf("xnetd check on %s (no IPv4): exit %d\n%s", nodes[2].Name, code, out)
+			}
+		})
+	}
+}
