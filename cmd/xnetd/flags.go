@@ -133,7 +133,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&r.publicIP, "public-ip", "", "IPv4 address other hosts reach us on (default: the interface's address)")
 	fs.StringVar(&r.publicIPv6, "public-ipv6", "", "dual stack and IPv6 only: IPv6 address other hosts reach us on (default: the interface's first global IPv6 address; none: IPv6 containers cross the IPv4 underlay, and an IPv6-only overlay is refused)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade traffic from containers to outside the overlay network")
-	fs.BoolVar(&o.iptablesForwardRules, "iptables-forward-rules", true, "accept the overlay network in iptables FORWARD and exempt it from masquerading, in the chains Docker uses (XNET-FWD, XNET-POSTRTG)")
+	fs.BoolVar(&o.iptablesForwardRules, "iptables-forward-rules", true, "accept the overlay network in iptables FORWARD and exempt it from masquerading, in the chains Docker uses (XNET-FWD, XNET-POSTRTG; for the IPv6Network the same in ip6tables)")
 	fs.StringVar(&o.subnetFile, "subnet-file", "/run/xnet/subnet.env", "where to write XNET_* and FLANNEL_* variables")
 	fs.Var(minutesOrDuration{&o.renewMargin}, "subnet-lease-renew-margin", "renew the lease this long before it expires: minutes (60) or a duration (1h)")
 	fs.StringVar(&o.backend, "backend", "", "auto|ebpf|vxlan|udp|host-gw|wireguard (default: the config's Backend.Type; \"ebpf\" there means auto, which never picks wireguard)")

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -432,5 +433,82 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 				t.Errorf("xnetd check on %s (no IPv4): exit %d\n%s", nodes[2].Name, code, out)
 			}
 		})
+	}
+}
+
+// dockerdStart6 is dockerdStart for ip6tables, as dockerd with --ipv6 --fixed-cidr-v6 (and
+// ip6tables on, Docker 27's default) adds it: FORWARD policy DROP, its chains, its rules first
+// in FORWARD and POSTROUTING. %[1]s is the IPv6 subnet.
+const dockerdStart6 = `*filter
+:FORWARD DROP [0:0]
+:DOCKER - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-ISOLATION-STAGE-2 - [0:0]
+:DOCKER-USER - [0:0]
+-I FORWARD 1 -i docker0 -o docker0 -j ACCEPT
+-I FORWARD 1 -i docker0 ! -o docker0 -j ACCEPT
+-I FORWARD 1 -o docker0 -j DOCKER
+-I FORWARD 1 -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-I FORWARD 1 -j DOCKER-ISOLATION-STAGE-1
+-I FORWARD 1 -j DOCKER-USER
+-A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j DOCKER-ISOLATION-STAGE-2
+-A DOCKER-ISOLATION-STAGE-1 -j RETURN
+-A DOCKER-ISOLATION-STAGE-2 -o docker0 -j DROP
+-A DOCKER-ISOLATION-STAGE-2 -j RETURN
+-A DOCKER-USER -j RETURN
+COMMIT
+*nat
+:DOCKER - [0:0]
+-I PREROUTING 1 -m addrtype --dst-type LOCAL -j DOCKER
+-I OUTPUT 1 ! -d ::1/128 -m addrtype --dst-type LOCAL -j DOCKER
+-I POSTROUTING 1 -s %[1]s ! -o docker0 -j MASQUERADE
+-A DOCKER -i docker0 -j RETURN
+COMMIT
+`
+
+// TestIPv6OnlyDockerFirewall: dockerd with IPv6 starts after xnetd on every host of an
+// IPv6-only overlay (ip6tables FORWARD policy DROP, its MASQUERADE first in POSTROUTING), and
+// containers on different hosts still reach each other over IPv6, each seeing the other's own
+// address: xnetd keeps XNET-FWD and XNET-POSTRTG for the IPv6Network in ip6tables, and no
+// iptables rule of its own.
+func TestIPv6OnlyDockerFirewall(t *testing.T) {
+	if _, err := exec.LookPath("ip6tables-restore"); err != nil {
+		t.Fatalf("ip6tables-restore (installed by .ci/run): %v", err)
+	}
+	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "vxlan"), "--backend", "vxlan")
+	cs := xdContainers(t, nodes)
+	for _, n := range nodes {
+		cmd := exec.Command("nsenter", "--net="+n.Path(), "--", "ip6tables-restore", "--noflush")
+		cmd.Stdin = strings.NewReader(fmt.Sprintf(dockerdStart6, n.Docker0IPv6().Masked()))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("dockerd's ip6tables rules on %s: %v\n%s", n.Name, err, out)
+		}
+	}
+	// Docker put its MASQUERADE in front of our POSTROUTING jump: xnetd moves it back within
+	// moments (it watches nf_tables).
+	for _, n := range nodes {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			post := n.out(t, "ip6tables", "-t", "nat", "-S", "POSTROUTING")
+			fwd := n.out(t, "ip6tables-save", "-t", "filter")
+			if ours := strings.Index(post, "XNET-POSTRTG"); ours >= 0 && ours < strings.Index(post, "MASQUERADE") &&
+				strings.Contains(fwd, "-A XNET-FWD -s fd00:10:244::/56 -j ACCEPT") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: ip6tables without our rules in place after 5 s:\n%s\n%s", n.Name, post, fwd)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if v4 := n.out(t, "iptables-save"); strings.Contains(v4, "XNET-") {
+			t.Errorf("%s: iptables rules of ours in an IPv6-only overlay:\n%s", n.Name, v4)
+		}
+	}
+	if failed := ipv6Mesh(cs); len(failed) > 0 {
+		t.Fatalf("pings failed behind Docker's ip6tables firewall:\n%s", strings.Join(failed, "\n"))
+	}
+	src, err := harness.SourceSeen(cs[0].Namespace, cs[1].Namespace, cs[1].IPv6, 3)
+	if err != nil || src != cs[0].IPv6 {
+		t.Errorf("%s's container saw %v (%v), want the sender's own address %v (not masqueraded)", nodes[1].Name, src, err, cs[0].IPv6)
 	}
 }
