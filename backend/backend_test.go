@@ -298,3 +298,44 @@ func TestVtepMACv6IsStableUnicastAndNotTheIPv4One(t *testing.T) {
 		t.Errorf("OverlayMTUv6(1500) = %d, want 1430", OverlayMTUv6(1500))
 	}
 }
+
+// A host without IPv4 can run an IPv6-only overlay (its PublicIPv6 stands for it, PublicIP
+// stays the zero Addr, which no lease carries, so a peer's 0.0.0.0 is not taken for ours), and
+// nothing else: every other overlay needs an IPv4 PublicIP. Its VXLAN core has no IPv4 VTEP and
+// publishes no BackendData.
+func TestNewBaseWithoutIPv4OnlyInAnIPv6OnlyOverlay(t *testing.T) {
+	ipv6Only := subnetmgr.Config{EnableIPv6: true, IPv6Network: netip.MustParsePrefix("fd00:10:244::/48"), IPv6SubnetLen: 64}
+	dual := subnetmgr.Config{EnableIPv4: true, Network: netip.MustParsePrefix("10.244.0.0/16"), EnableIPv6: true, IPv6Network: ipv6Only.IPv6Network}
+	noIPv4 := ExternalInterface{Name: "eth0", Index: 2, MTU: 1500, PublicIPv6: netip.MustParseAddr("fd00:198:18::b")}
+	for _, tc := range []struct {
+		desc  string
+		cfg   subnetmgr.Config
+		iface ExternalInterface
+		ok    bool
+	}{
+		{"IPv6 only, a PublicIPv6", ipv6Only, noIPv4, true},
+		{"IPv6 only, no PublicIPv6 either", ipv6Only, ExternalInterface{Name: "eth0", Index: 2, MTU: 1500}, false},
+		{"dual stack", dual, noIPv4, false},
+	} {
+		v, err := NewVXLAN("vxlan", Options{Iface: tc.iface, Config: tc.cfg})
+		if (err == nil) != tc.ok {
+			t.Errorf("%s: NewVXLAN: %v, want ok %v", tc.desc, err, tc.ok)
+			continue
+		}
+		if err != nil {
+			if !strings.Contains(err.Error(), "--public-ip") {
+				t.Errorf("%s: %v does not name --public-ip", tc.desc, err)
+			}
+			continue
+		}
+		own := subnetmgr.Lease{IPv6Subnet: netip.MustParsePrefix("fd00:10:244:1::/64"), PublicIP: netip.IPv4Unspecified(), PublicIPv6: noIPv4.PublicIPv6}
+		peer := subnetmgr.Lease{IPv6Subnet: netip.MustParsePrefix("fd00:10:244:2::/64"), PublicIP: netip.IPv4Unspecified(), PublicIPv6: netip.MustParseAddr("fd00:198:18::c")}
+		v.SetLocal(own, netip.Prefix{})
+		if v.IsOwn(peer) || !v.IsOwn(own) {
+			t.Errorf("%s: IsOwn(peer) %v, IsOwn(own) %v; want false, true", tc.desc, v.IsOwn(peer), v.IsOwn(own))
+		}
+		if typ, data, err := v.LeaseAttrs(); err != nil || typ != subnetmgr.BackendVXLAN || data != nil || v.VtepMAC != nil {
+			t.Errorf("%s: LeaseAttrs = %s %s %v, VtepMAC %v; want vxlan, no BackendData, no IPv4 VTEP", tc.desc, typ, data, err, v.VtepMAC)
+		}
+	}
+}

@@ -27,12 +27,15 @@ type Base struct {
 }
 
 // NewBase checks what every backend needs of the underlay (a resolved interface and an IPv4
-// PublicIP) and returns the Base for the backend called name.
+// PublicIP) and returns the Base for the backend called name. In an IPv6-only overlay a host
+// may have no IPv4 address at all: a PublicIPv6 then does instead (PublicIP stays the zero
+// Addr, which no lease carries, so IsOwn does not take a peer's 0.0.0.0 for ours).
 func NewBase(name string, opts Options) (Base, error) {
 	if opts.Iface.Index <= 0 || opts.Iface.Name == "" {
 		return Base{}, fmt.Errorf("%s: external interface not resolved (name %q, index %d): pass --iface", name, opts.Iface.Name, opts.Iface.Index)
 	}
-	if !opts.Iface.PublicIP.Is4() {
+	ipv6Only := opts.Config.IPv6Only() && !opts.Iface.PublicIP.IsValid() && opts.Iface.PublicIPv6.Is6()
+	if !opts.Iface.PublicIP.Is4() && !ipv6Only {
 		return Base{}, fmt.Errorf("%s: PublicIP %v is not an IPv4 address: set --public-ip", name, opts.Iface.PublicIP)
 	}
 	log := opts.Logger
@@ -209,12 +212,20 @@ func NewVXLAN(name string, opts Options) (VXLAN, error) {
 	if opts.Iface.MTU <= VXLANOverhead {
 		return VXLAN{}, fmt.Errorf("%s: interface %s MTU %d leaves no room for the %d-byte VXLAN overhead", name, opts.Iface.Name, opts.Iface.MTU, VXLANOverhead)
 	}
-	return VXLAN{Base: base, VNI: opts.Config.Backend.VNI, Port: opts.Config.Backend.Port, VtepMAC: VtepMAC(opts.Iface.PublicIP)}, nil
+	v := VXLAN{Base: base, VNI: opts.Config.Backend.VNI, Port: opts.Config.Backend.Port}
+	if opts.Iface.PublicIP.Is4() { // else an IPv6-only host without IPv4 (NewBase): no IPv4 VTEP
+		v.VtepMAC = VtepMAC(opts.Iface.PublicIP)
+	}
+	return v, nil
 }
 
 // LeaseAttrs publishes BackendType "vxlan" with our VNI and VTEP MAC: on the wire every
 // VXLAN-speaking backend is a kernel VXLAN device, as flannel's vxlan backend publishes it.
 func (v *VXLAN) LeaseAttrs() (string, json.RawMessage, error) {
+	if !v.Iface.PublicIP.Is4() {
+		// An IPv6-only host without IPv4 (NewBase): an IPv6-only lease has no BackendData.
+		return subnetmgr.BackendVXLAN, nil, nil
+	}
 	data, err := VXLANLeaseData(v.VNI, v.Iface.PublicIP)
 	if err != nil {
 		return "", nil, fmt.Errorf("%s: %w", v.name, err)

@@ -10,6 +10,11 @@
 //	nat    XNET-POSTRTG:  -s <Network> -d <Network> -j ACCEPT
 //	       POSTROUTING:   -j XNET-POSTRTG, before every MASQUERADE or SNAT rule
 //
+// and, for a dual-stack or IPv6-only overlay, the same two chains for the IPv6Network in the
+// ip6tables variant (ip6tables-nft or ip6tables-legacy) that holds Docker's IPv6 rules: Docker
+// with --ipv6 and ip6tables enabled drops forwarded IPv6 in FORWARD and masquerades its IPv6
+// subnet as it does for IPv4. Each family picks its variant on its own.
+//
 // It does not own Docker's chains, the FORWARD policy, ip_forward, or the masquerading of
 // traffic that leaves the overlay (package ipmasq, with --ip-masq, in an nftables table).
 //
@@ -82,66 +87,110 @@ var (
 	natTargets = []string{"MASQUERADE", "SNAT"}
 )
 
-// Rules are the forward and no-masquerade rules for one overlay Network.
+// Rules are the forward and no-masquerade rules for one overlay: its Network in iptables and
+// its IPv6Network in ip6tables, each when the overlay has it.
 type Rules struct {
-	network netip.Prefix
-	log     *slog.Logger
+	network  netip.Prefix // invalid in an IPv6-only overlay
+	network6 netip.Prefix // invalid without IPv6
+	log      *slog.Logger
 	// ifaces are interface patterns whose forwarded traffic XNET-FWD also accepts.
 	ifaces []string
 }
 
-// AcceptInterfaces makes XNET-FWD also accept what is forwarded into or out of interfaces
-// matching patterns (iptables' -i syntax: "xnbr.+"): the bridges of xnet's Docker networks
-// (package dockernet), whose isolation from each other is enforced by their own table. Call
-// it before Ensure and Keep.
+// AcceptInterfaces makes XNET-FWD (iptables', IPv4) also accept what is forwarded into or out
+// of interfaces matching patterns (iptables' -i syntax: "xnbr.+"): the bridges of xnet's
+// Docker networks (package dockernet, IPv4 only), whose isolation from each other is enforced
+// by their own table. Call it before Ensure and Keep.
 func (r *Rules) AcceptInterfaces(patterns ...string) {
 	r.ifaces = append(r.ifaces, patterns...)
 }
 
-// New checks network (an IPv4 prefix) and returns its rules; nothing is installed yet.
-func New(network netip.Prefix, log *slog.Logger) (*Rules, error) {
-	if !network.IsValid() || !network.Addr().Is4() {
+// New checks network (an IPv4 prefix, or the zero Prefix in an IPv6-only overlay) and
+// network6 (an IPv6 prefix, or the zero Prefix without IPv6), at least one given, and returns
+// their rules; nothing is installed yet.
+func New(network, network6 netip.Prefix, log *slog.Logger) (*Rules, error) {
+	switch {
+	case !network.IsValid() && !network6.IsValid():
+		return nil, errors.New("fwrules: neither a Network nor an IPv6Network")
+	case network.IsValid() && !network.Addr().Is4():
 		return nil, fmt.Errorf("fwrules: Network %v is not an IPv4 prefix", network)
+	case network6.IsValid() && (!network6.Addr().Is6() || network6.Addr().Is4In6()):
+		return nil, fmt.Errorf("fwrules: IPv6Network %v is not an IPv6 prefix", network6)
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Rules{network: network.Masked(), log: log}, nil
+	return &Rules{network: network.Masked(), network6: network6.Masked(), log: log}, nil
 }
 
 // Report is what one Ensure found and did.
 type Report struct {
-	// Variant is the iptables binary the rules are in ("iptables-nft", "iptables-legacy", or
-	// "iptables" where the distribution has only that name); "" when there is no iptables.
+	// Variant is the iptables binary the IPv4 rules are in ("iptables-nft", "iptables-legacy",
+	// or "iptables" where the distribution has only that name); "" when there is no iptables
+	// or no Network.
 	Variant string
 	// Why that variant (or why none).
 	Why string
-	// Changes says what was added, rewritten, moved or removed; empty when all was in place.
+	// Variant6 and Why6 are the same for the IPv6 rules (ip6tables-nft, ...); "" without an
+	// IPv6Network.
+	Variant6, Why6 string
+	// Changes says what was added, rewritten, moved or removed (IPv6's prefixed "ip6tables: ");
+	// empty when all was in place.
 	Changes []string
 }
 
-// Ensure makes the rules hold now, in the network namespace of the calling thread: picks the
-// variant, removes our chains from any other variant (a previous choice), and adds, rewrites
-// or moves in the chosen one only what is missing, wrong or out of order. Without any iptables
-// binary there is no Docker firewall to open: that is a Report without Variant, not an error.
+// Ensure makes the rules hold now, in the network namespace of the calling thread, for each
+// family the overlay has: picks the variant, removes our chains from any other variant (a
+// previous choice), and adds, rewrites or moves in the chosen one only what is missing, wrong
+// or out of order. Without any iptables binary of a family there is no Docker firewall to
+// open: that is a Report without Variant (Variant6), not an error.
 func (r *Rules) Ensure(ctx context.Context) (Report, error) {
-	found, err := findVariants(ctx)
+	var rep Report
+	if r.network.IsValid() {
+		fr, err := r.ensure(ctx, familyIPv4, r.network, r.ifaces)
+		rep.Variant, rep.Why, rep.Changes = fr.variant, fr.why, fr.changes
+		if err != nil {
+			return rep, err
+		}
+	}
+	if r.network6.IsValid() {
+		fr, err := r.ensure(ctx, familyIPv6, r.network6, nil)
+		rep.Variant6, rep.Why6 = fr.variant, fr.why
+		for _, c := range fr.changes {
+			rep.Changes = append(rep.Changes, string(familyIPv6)+": "+c)
+		}
+		if err != nil {
+			return rep, err
+		}
+	}
+	return rep, nil
+}
+
+// familyReport is what ensure found and did in one family.
+type familyReport struct {
+	variant, why string
+	changes      []string
+}
+
+// ensure is Ensure for one family: network's rules (and ifaces') in fam's variants.
+func (r *Rules) ensure(ctx context.Context, fam family, network netip.Prefix, ifaces []string) (familyReport, error) {
+	found, err := findVariants(ctx, fam)
 	if err != nil {
-		return Report{}, err
+		return familyReport{}, err
 	}
 	if len(found.variants) == 0 {
-		return Report{Why: "no iptables binary on PATH: Docker cannot have a firewall here"}, nil
+		return familyReport{why: fmt.Sprintf("no %s binary on PATH: Docker cannot have a firewall here", fam)}, nil
 	}
 	states := make([]ruleset, len(found.variants))
 	cands := make([]candidate, len(found.variants))
 	for i, v := range found.variants {
 		if states[i], err = v.save(ctx); err != nil {
-			return Report{}, err
+			return familyReport{}, err
 		}
 		cands[i] = candidate{mode: v.mode, docker: states[i].hasDocker(), foreign: states[i].foreignRules()}
 	}
-	pick, why := choose(cands, found.pathMode)
-	rep := Report{Variant: found.variants[pick].name, Why: why}
+	pick, why := choose(cands, found.pathMode, string(fam))
+	rep := familyReport{variant: found.variants[pick].name, why: why}
 
 	for i, v := range found.variants {
 		if i == pick {
@@ -151,15 +200,15 @@ func (r *Rules) Ensure(ctx context.Context) (Report, error) {
 			if err := v.restore(ctx, b.text); err != nil {
 				return rep, fmt.Errorf("remove our chains from %s (not the variant in use): %w", v.name, err)
 			}
-			rep.Changes = append(rep.Changes, b.changes...)
+			rep.changes = append(rep.changes, b.changes...)
 		}
 	}
 	v := found.variants[pick]
-	for _, b := range r.plan(states[pick]) {
+	for _, b := range plan(states[pick], network, ifaces) {
 		if err := v.restore(ctx, b.text); err != nil {
 			return rep, fmt.Errorf("%s: %s: %w", v.name, strings.Join(b.changes, "; "), err)
 		}
-		rep.Changes = append(rep.Changes, b.changes...)
+		rep.changes = append(rep.changes, b.changes...)
 	}
 	return rep, nil
 }
@@ -203,28 +252,33 @@ func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
 			}
 			continue
 		case failing != "":
-			r.log.Info("iptables forward rules: check works again", "variant", rep.Variant)
+			r.log.Info("iptables forward rules: check works again", "variant", rep.Variant, "ip6tables_variant", rep.Variant6)
 			failing = ""
 		}
 		if len(rep.Changes) > 0 {
 			// Docker starting (after us, on every boot) or a firewall reload removed or
 			// reordered our rules: the overlay was dropped or masqueraded until now.
-			r.log.Info("iptables forward rules repaired", "variant", rep.Variant, "why", rep.Why, "changes", rep.Changes)
+			r.log.Info("iptables forward rules repaired", "variant", rep.Variant, "why", rep.Why,
+				"ip6tables_variant", rep.Variant6, "ip6tables_why", rep.Why6, "changes", rep.Changes)
 		}
 	}
 }
 
-// Remove deletes our chains and every jump to them from every iptables variant that holds
-// them, in the network namespace of the calling thread. It needs no Network. Variants without
-// our chains are only read (iptables-save), never touched.
+// Remove deletes our chains and every jump to them from every iptables and ip6tables variant
+// that holds them, in the network namespace of the calling thread. It needs no Network.
+// Variants without our chains are only read (iptables-save), never touched.
 func Remove(ctx context.Context) ([]string, error) {
-	found, err := findVariants(ctx)
-	if err != nil {
-		return nil, err
+	var all []variant
+	for _, fam := range []family{familyIPv4, familyIPv6} {
+		found, err := findVariants(ctx, fam)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, found.variants...)
 	}
 	var changes []string
 	var errs []error
-	for _, v := range found.variants {
+	for _, v := range all {
 		rs, err := v.save(ctx)
 		if err != nil {
 			errs = append(errs, err)
@@ -255,8 +309,9 @@ type candidate struct {
 // any rules, since whoever filters traffic there (Docker started with a custom PATH, a
 // firewall) does it in that variant; else the one Docker will use when it starts, `iptables`
 // on PATH, or nf_tables where PATH has no plain `iptables`. pathMode is the mode of that
-// `iptables` ("" when there is none). cands is not empty.
-func choose(cands []candidate, pathMode string) (int, string) {
+// `iptables` ("" when there is none); bin is "iptables" or "ip6tables", for the reasons. cands
+// is not empty.
+func choose(cands []candidate, pathMode, bin string) (int, string) {
 	onPath := -1
 	for i, c := range cands {
 		if c.mode == pathMode {
@@ -276,15 +331,15 @@ func choose(cands []candidate, pathMode string) (int, string) {
 	case len(docker) == 1:
 		return docker[0], "holds Docker's chains"
 	case len(docker) > 1 && onPath >= 0:
-		return onPath, "every variant holds Docker's chains; this is `iptables` on PATH, which Docker runs"
+		return onPath, "every variant holds Docker's chains; this is `" + bin + "` on PATH, which Docker runs"
 	case len(docker) == 0 && len(used) == 1:
 		return used[0], "holds the host's rules; the other variant is empty"
 	case onPath >= 0:
-		return onPath, "`iptables` on PATH, which Docker runs"
+		return onPath, "`" + bin + "` on PATH, which Docker runs"
 	}
 	for i, c := range cands {
 		if c.mode == modeNFT {
-			return i, "no `iptables` on PATH; nf_tables is what Docker's own iptables would be"
+			return i, "no `" + bin + "` on PATH; nf_tables is what Docker's own " + bin + " would be"
 		}
 	}
 	return 0, "the only variant installed"
@@ -301,14 +356,15 @@ func jumpSpec(comment, chain string) string {
 	return fmt.Sprintf("-m comment --comment %q -j %s", comment, chain)
 }
 
-// plan compares rs with what should be there and returns the batches that repair it, none
-// when everything is in place. The specs are written as iptables-save prints them, so a rule
-// we wrote compares equal to itself on the next check.
-func (r *Rules) plan(rs ruleset) []batch {
-	n := r.network.String()
+// plan compares rs (one family's) with what should be there for network (and the interface
+// patterns ifaces) and returns the batches that repair it, none when everything is in place.
+// The specs are written as iptables-save (ip6tables-save) prints them, so a rule we wrote
+// compares equal to itself on the next check.
+func plan(rs ruleset, network netip.Prefix, ifaces []string) []batch {
+	n := network.String()
 	var out []batch
 	fwd := []string{"-s " + n + " -j ACCEPT", "-d " + n + " -j ACCEPT"}
-	for _, p := range r.ifaces {
+	for _, p := range ifaces {
 		fwd = append(fwd, "-i "+p+" -j ACCEPT", "-o "+p+" -j ACCEPT")
 	}
 	if b, ok := rs.table("filter").repair(ForwardChain, fwd, "FORWARD", jumpSpec(forwardComment, ForwardChain), jumpAfter(forwardAfter)); ok {
@@ -432,7 +488,7 @@ func removalBatches(rs ruleset) []batch {
 // are none. xnetd's --host-routing=auto keeps container traffic on the host's stack when the
 // list is not empty, so those rules see every packet.
 func DockerUserRules(ctx context.Context) ([]string, error) {
-	found, err := findVariants(ctx)
+	found, err := findVariants(ctx, familyIPv4)
 	if err != nil {
 		return nil, err
 	}

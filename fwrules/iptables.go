@@ -11,6 +11,15 @@ import (
 	"time"
 )
 
+// family is one address family's iptables tools, by the name of its binary: iptables (IPv4)
+// or ip6tables (IPv6). Each has its own variants, tables and Docker chains.
+type family string
+
+const (
+	familyIPv4 family = "iptables"
+	familyIPv6 family = "ip6tables"
+)
+
 // The two iptables variants, as `iptables --version` names them in parentheses.
 const (
 	modeNFT    = "nf_tables"
@@ -24,7 +33,7 @@ const commandTimeout = 30 * time.Second
 // variant is one iptables implementation installed on the host, with its save and restore
 // companions.
 type variant struct {
-	name       string // "iptables-nft", "iptables-legacy" or "iptables"
+	name       string // "iptables-nft", "iptables-legacy" or "iptables" (ip6tables-... for IPv6)
 	mode       string
 	saveBin    string // path of <name>-save
 	restoreBin string // path of <name>-restore
@@ -38,15 +47,16 @@ type foundVariants struct {
 
 // findVariants looks up iptables-nft and iptables-legacy (Debian and Ubuntu ship both), and
 // plain `iptables` for the mode Docker will use; where only `iptables` exists (RHEL has no
-// iptables-nft name, Alpine's may be legacy only) it stands for its own mode.
-func findVariants(ctx context.Context) (foundVariants, error) {
+// iptables-nft name, Alpine's may be legacy only) it stands for its own mode. For IPv6 the
+// same with ip6tables.
+func findVariants(ctx context.Context, fam family) (foundVariants, error) {
 	var f foundVariants
-	for _, c := range []struct{ name, mode string }{{"iptables-nft", modeNFT}, {"iptables-legacy", modeLegacy}} {
+	for _, c := range []struct{ name, mode string }{{string(fam) + "-nft", modeNFT}, {string(fam) + "-legacy", modeLegacy}} {
 		if v, ok := lookVariant(c.name, c.mode); ok {
 			f.variants = append(f.variants, v)
 		}
 	}
-	bin, err := exec.LookPath("iptables")
+	bin, err := exec.LookPath(string(fam))
 	if err != nil {
 		return f, nil
 	}
@@ -62,7 +72,7 @@ func findVariants(ctx context.Context) (foundVariants, error) {
 			return f, nil
 		}
 	}
-	if v, ok := lookVariant("iptables", f.pathMode); ok {
+	if v, ok := lookVariant(string(fam), f.pathMode); ok {
 		f.variants = append(f.variants, v)
 	}
 	return f, nil

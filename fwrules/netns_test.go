@@ -171,7 +171,7 @@ func testDockerHost(t *testing.T, variant, other string) {
 	d := newDockerHost(t, variant, other)
 	dockerOnly := d.save(t, variant)
 	otherBefore := d.save(t, other)
-	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), nil)
+	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), netip.Prefix{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -333,7 +333,7 @@ func sourceSeen(from, to *harness.Namespace, dst netip.Addr, expectAnswer bool) 
 // does at every start) is undone within moments, not at Keep's next tick an hour away.
 func TestKeepSeesDockerStart(t *testing.T) {
 	d := newDockerHost(t, "iptables-nft", "iptables-legacy")
-	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), nil)
+	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), netip.Prefix{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

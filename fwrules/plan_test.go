@@ -118,7 +118,7 @@ func TestPlanRepairsOnlyWhatIsMissingOrOutOfOrder(t *testing.T) {
 			want: []string{"*filter\n" + oursFilterChain + "COMMIT\n"},
 		},
 	}
-	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), nil)
+	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), netip.Prefix{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func TestPlanRepairsOnlyWhatIsMissingOrOutOfOrder(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got := r.plan(rs)
+			got := plan(rs, r.network, r.ifaces)
 			if len(got) != len(c.want) {
 				t.Fatalf("%d batches, want %d:\n%v", len(got), len(c.want), got)
 			}
@@ -187,7 +187,7 @@ func TestChooseTheVariantDockerUses(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			i, why := choose(c.cands, c.pathMode)
+			i, why := choose(c.cands, c.pathMode, "iptables")
 			if c.cands[i].mode != c.want || why == "" {
 				t.Errorf("chose %s (%q), want %s", c.cands[i].mode, why, c.want)
 			}
@@ -218,7 +218,7 @@ func TestParseSaveRejectsWhatIsNotIptablesSave(t *testing.T) {
 }
 
 func TestPlanAcceptsDockerNetworkBridgesWhenAsked(t *testing.T) {
-	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), nil)
+	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), netip.Prefix{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +227,7 @@ func TestPlanAcceptsDockerNetworkBridgesWhenAsked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := r.plan(rs)
+	got := plan(rs, r.network, r.ifaces)
 	want := "*filter\n" + oursFilterChain + "-A XNET-FWD -i xnbr.+ -j ACCEPT\n-A XNET-FWD -o xnbr.+ -j ACCEPT\nCOMMIT\n"
 	if len(got) != 1 || got[0].text != want {
 		t.Fatalf("plan = %v, want one batch rewriting XNET-FWD:\n%s", got, want)
@@ -237,7 +237,7 @@ func TestPlanAcceptsDockerNetworkBridgesWhenAsked(t *testing.T) {
 	if rs, err = parseSave(after); err != nil {
 		t.Fatal(err)
 	}
-	if got := r.plan(rs); len(got) != 0 {
+	if got := plan(rs, r.network, r.ifaces); len(got) != 0 {
 		t.Errorf("plan after the rewrite = %v, want nothing", got)
 	}
 }

@@ -139,6 +139,9 @@ func ParseConfig(data []byte) (Config, error) {
 	if cfg.Backend.Type == BackendWireGuard && cfg.Backend.WireGuard.Mode == "ipv6" && !cfg.EnableIPv6 {
 		return Config{}, configErr("Backend.Mode", `"ipv6" reaches peers at their PublicIPv6, which hosts publish only in a dual-stack overlay: set EnableIPv6 and IPv6Network, or use one of separate, auto, ipv4`)
 	}
+	if cfg.Backend.Type == BackendWireGuard && cfg.Backend.WireGuard.Mode == "ipv4" && !cfg.EnableIPv4 {
+		return Config{}, configErr("Backend.Mode", `"ipv4" reaches peers at their IPv4 PublicIP, which hosts do not publish in an IPv6-only overlay (EnableIPv4 false): use one of separate, auto, ipv6, or set EnableIPv4 true`)
+	}
 	return cfg, nil
 }
 

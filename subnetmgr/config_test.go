@@ -2,6 +2,7 @@ package subnetmgr
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -170,5 +171,21 @@ func TestParseConfigWireGuardModeIPv6(t *testing.T) {
 	var ce *ConfigError
 	if !errors.As(err, &ce) || ce.Field != "Backend.Mode" || !strings.Contains(err.Error(), "EnableIPv6") {
 		t.Errorf("Mode ipv6 without EnableIPv6: %v; want a ConfigError on Backend.Mode naming EnableIPv6", err)
+	}
+}
+
+// wireguard's Mode "ipv4" (peers reached at their IPv4 PublicIP) is refused in an IPv6-only
+// overlay, where hosts publish PublicIP 0.0.0.0; the other modes are taken there.
+func TestParseConfigWireGuardModeIPv4IPv6Only(t *testing.T) {
+	const v6only = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":%q}}`
+	for _, mode := range []string{"", "separate", "auto", "ipv6"} {
+		if _, err := ParseConfig(fmt.Appendf(nil, v6only, mode)); err != nil {
+			t.Errorf("IPv6 only with Mode %q: %v; want it taken", mode, err)
+		}
+	}
+	_, err := ParseConfig(fmt.Appendf(nil, v6only, "ipv4"))
+	var ce *ConfigError
+	if !errors.As(err, &ce) || ce.Field != "Backend.Mode" || !strings.Contains(err.Error(), "EnableIPv4") {
+		t.Errorf("Mode ipv4 in an IPv6-only overlay: %v; want a ConfigError on Backend.Mode naming EnableIPv4", err)
 	}
 }

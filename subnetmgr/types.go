@@ -87,8 +87,9 @@ type WireGuardConfig struct {
 	// 0 means the underlay interface's MTU.
 	MTU int
 	// Mode is flannel's address family choice: "separate" (default), "auto", "ipv4" or "ipv6"
-	// (only with EnableIPv6). With an IPv4-only overlay the first three all mean one device
-	// reaching peers at their IPv4 PublicIP; in a dual-stack one see backend/wireguard.
+	// (only with EnableIPv6), "ipv4" only with EnableIPv4. With an IPv4-only overlay the first
+	// three all mean one device reaching peers at their IPv4 PublicIP; in a dual-stack or
+	// IPv6-only one see backend/wireguard.
 	Mode string
 }
 

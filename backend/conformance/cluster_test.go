@@ -47,10 +47,12 @@ type cluster struct {
 	dual bool // dual stack: see the file comment
 	// ipv6Only: an IPv6-only overlay (dual is set too: the IPv6 half is the same)
 	ipv6Only bool
-	cfg      subnetmgr.Config
-	ctx      context.Context // xnetd's: Setup's, alive as long as the cluster
-	log      *slog.Logger
-	hosts    []*node
+	// mode is the config's Backend.Mode (wireguard's), empty for the default
+	mode  string
+	cfg   subnetmgr.Config
+	ctx   context.Context // xnetd's: Setup's, alive as long as the cluster
+	log   *slog.Logger
+	hosts []*node
 	// withoutLast is the first host's state (node.state) with every peer but the last host.
 	withoutLast []string
 }
@@ -74,18 +76,19 @@ func newDualCluster(t *testing.T, r row) *cluster { return buildCluster(t, r, tr
 // withoutIPv6Underlay is the host (by index) a dual-stack cluster leaves without one.
 const withoutIPv6Underlay = 1
 
-// newIPv6OnlyCluster is newCluster for an IPv6-only overlay (see the file comment).
-func newIPv6OnlyCluster(t *testing.T, r row) *cluster {
+// newIPv6OnlyCluster is newCluster for an IPv6-only overlay (see the file comment), with the
+// config's Backend.Mode mode unless it is empty.
+func newIPv6OnlyCluster(t *testing.T, r row, mode string) *cluster {
 	t.Helper()
-	return buildClusterWith(t, r, true, true)
+	return buildClusterWith(t, r, true, true, mode)
 }
 
 func buildCluster(t *testing.T, r row, dual bool) *cluster {
 	t.Helper()
-	return buildClusterWith(t, r, dual, false)
+	return buildClusterWith(t, r, dual, false, "")
 }
 
-func buildClusterWith(t *testing.T, r row, dual, ipv6Only bool) *cluster {
+func buildClusterWith(t *testing.T, r row, dual, ipv6Only bool, mode string) *cluster {
 	t.Helper()
 	ipv6 := ""
 	if dual {
@@ -94,12 +97,16 @@ func buildClusterWith(t *testing.T, r row, dual, ipv6Only bool) *cluster {
 	if ipv6Only {
 		ipv6 += `"EnableIPv4":false,`
 	}
-	cfg, err := subnetmgr.ParseConfig(fmt.Appendf(nil, `{"Network":"10.244.0.0/16","SubnetLen":24,%s"Backend":{"Type":%q,"DirectRouting":%v}}`, ipv6, r.name, r.direct))
+	backendMode := ""
+	if mode != "" {
+		backendMode = fmt.Sprintf(`,"Mode":%q`, mode)
+	}
+	cfg, err := subnetmgr.ParseConfig(fmt.Appendf(nil, `{"Network":"10.244.0.0/16","SubnetLen":24,%s"Backend":{"Type":%q,"DirectRouting":%v%s}}`, ipv6, r.name, r.direct, backendMode))
 	if err != nil {
 		t.Fatal(err)
 	}
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3})
-	c := &cluster{row: r, dual: dual, ipv6Only: ipv6Only, cfg: cfg, ctx: t.Context(), log: harness.TestLogger(t).With("test", r.name)}
+	c := &cluster{row: r, dual: dual, ipv6Only: ipv6Only, mode: mode, cfg: cfg, ctx: t.Context(), log: harness.TestLogger(t).With("test", r.name)}
 	for i, h := range topo.Hosts() {
 		n := &node{Host: h, cl: c}
 		n.lease.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)

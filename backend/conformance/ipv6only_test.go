@@ -13,8 +13,9 @@ import (
 )
 
 // ipv6OnlyBehaviours are the behaviours of an IPv6-only overlay (EnableIPv4 false), run in
-// order on one IPv6-only cluster per backend that carries one (vxlan and host-gw; xnetd refuses
-// the others at start, see cmd/xnetd's TestBackendChoiceIPv6Only).
+// order on one IPv6-only cluster per backend that carries one (vxlan, host-gw and wireguard,
+// the latter once per device layout, ipv6OnlyWireGuardModes; xnetd refuses the others at
+// start, see cmd/xnetd's TestBackendChoiceIPv6Only).
 var ipv6OnlyBehaviours = []struct {
 	name string
 	run  func(t *testing.T, c *cluster)
@@ -27,7 +28,15 @@ var ipv6OnlyBehaviours = []struct {
 }
 
 // carriesIPv6Only are the backends that run an IPv6-only overlay.
-var carriesIPv6Only = []string{subnetmgr.BackendVXLAN, subnetmgr.BackendHostGW}
+var carriesIPv6Only = []string{subnetmgr.BackendVXLAN, subnetmgr.BackendHostGW, subnetmgr.BackendWireGuard}
+
+// ipv6OnlyWireGuardModes are wireguard's Modes with a different device in an IPv6-only
+// overlay, and that device: flannel's separate mode has only the IPv6 one (xnet-wg-v6 on
+// ListenPortV6), auto (and ipv6, the same there) the one xnet-wg on ListenPort.
+var ipv6OnlyWireGuardModes = []struct{ mode, device string }{
+	{"separate", "xnet-wg-v6"},
+	{"auto", "xnet-wg"},
+}
 
 func TestIPv6Only(t *testing.T) {
 	for _, r := range backends {
@@ -35,13 +44,22 @@ func TestIPv6Only(t *testing.T) {
 			if !slices.Contains(carriesIPv6Only, r.name) {
 				t.Skipf("%s does not carry an IPv6-only overlay: xnetd refuses it at start", r.name)
 			}
-			c := newIPv6OnlyCluster(t, r)
-			for _, b := range ipv6OnlyBehaviours {
-				if !t.Run(b.name, func(t *testing.T) { b.run(t, c) }) {
-					t.Fatalf("stopped after %q failed: the behaviours after it start from where it left the hosts", b.name)
-				}
+			if r.name != subnetmgr.BackendWireGuard {
+				runIPv6OnlyBehaviours(t, newIPv6OnlyCluster(t, r, ""))
+				return
+			}
+			for _, m := range ipv6OnlyWireGuardModes {
+				t.Run("Mode="+m.mode, func(t *testing.T) { runIPv6OnlyBehaviours(t, newIPv6OnlyCluster(t, r, m.mode)) })
 			}
 		})
+	}
+}
+
+func runIPv6OnlyBehaviours(t *testing.T, c *cluster) {
+	for _, b := range ipv6OnlyBehaviours {
+		if !t.Run(b.name, func(t *testing.T) { b.run(t, c) }) {
+			t.Fatalf("stopped after %q failed: the behaviours after it start from where it left the hosts", b.name)
+		}
 	}
 }
 
@@ -70,6 +88,21 @@ func ipv6OnlyPeersAdded(t *testing.T, c *cluster) {
 			t.Errorf("%s has no xnet-v6.1: %q", a.Name, a.state(t))
 		}
 	}
+	for _, m := range ipv6OnlyWireGuardModes {
+		if c.row.name != subnetmgr.BackendWireGuard || c.mode != m.mode {
+			continue
+		}
+		// The one device of the mode, and nothing of the other.
+		var devices []string
+		for _, l := range a.state(t) {
+			if d, ok := strings.CutPrefix(l, "ip -br link: "); ok && strings.HasPrefix(d, "xnet-wg") {
+				devices = append(devices, d)
+			}
+		}
+		if !slices.Equal(devices, []string{m.device}) {
+			t.Errorf("%s: Mode %s: WireGuard devices %q, want only %s", a.Name, m.mode, devices, m.device)
+		}
+	}
 	// The first host's state with every peer but the last, for the behaviours after this one.
 	gone := c.hosts[2]
 	if err := a.call(func(b backend.Backend) error { return b.RemovePeer(gone.lease) }); err != nil {
@@ -96,6 +129,9 @@ func ipv6OnlyRestartAdopts(t *testing.T, c *cluster) {
 	before := a.state(t)
 	a.stop(t, false)
 	t.Run("IPv6 keeps flowing while no backend runs", func(t *testing.T) {
+		if !c.row.kernelDatapath {
+			t.Skip("the datapath is the backend's process: nothing forwards while it is stopped")
+		}
 		wantReachOver(t, ipv6, mesh(c.hosts...)...)
 	})
 	a.start(t)

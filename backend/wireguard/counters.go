@@ -63,9 +63,9 @@ func newCounters() *counters {
 	return c
 }
 
-// setSubnets makes the table hold exactly subnets (the leases' IPv4 subnets), keeping the
-// counts of the subnets it had; ipv6 maps a lease's IPv6 subnet to its IPv4 subnet, whose
-// counters its packets move.
+// setSubnets makes the table hold exactly subnets (the leases' IPv4 subnets, or IPv6 ones in an
+// IPv6-only overlay), keeping the counts of the subnets it had; ipv6 maps a lease's IPv6
+// subnet to its IPv4 subnet, whose counters its packets move.
 func (c *counters) setSubnets(subnets []netip.Prefix, ipv6 map[netip.Prefix]netip.Prefix) {
 	old := c.table.Load()
 	t := &statsTable{bySubnet: make(map[netip.Prefix]*peerStats, len(subnets)), byPrefix: make(map[netip.Prefix]*peerStats, len(subnets)+len(ipv6))}
@@ -80,7 +80,11 @@ func (c *counters) setSubnets(subnets []netip.Prefix, ipv6 map[netip.Prefix]neti
 			st = &peerStats{}
 		}
 		t.bySubnet[s], t.byPrefix[s] = st, st
-		addLength(&t.lengths4, s.Bits())
+		if s.Addr().Is6() { // an IPv6-only overlay's leases are keyed by their IPv6 subnet
+			addLength(&t.lengths6, s.Bits())
+		} else {
+			addLength(&t.lengths4, s.Bits())
+		}
 	}
 	for s6, s := range ipv6 {
 		if st := t.bySubnet[s]; st != nil {

@@ -128,8 +128,13 @@ func (s *uapiServer) close() {
 // ReadStatus reads what `xnetd status` shows of a wireguard host from outside the daemon: the
 // kernel's devices with wgctrl (whether xnetd runs or not), the embedded ones' from the sockets
 // the running xnetd serves in stateDir. xnet-wg-v6 is read when it exists (separate mode with
-// an IPv6 underlay). Why and PSK are not the device's to say and stay empty.
+// an IPv6 underlay), and read alone when it is the only device (an IPv6-only overlay in
+// separate mode). Why and PSK are not the device's to say and stay empty.
 func ReadStatus(datapath Datapath, stateDir string) (Status, error) {
+	_, err4 := netlink.LinkByName(DeviceName)
+	if _, err6 := netlink.LinkByName(DeviceNameV6); err4 != nil && err6 == nil {
+		return readStatus(datapath, stateDir, DeviceNameV6)
+	}
 	st, err := readStatus(datapath, stateDir, DeviceName)
 	if err != nil {
 		return st, err

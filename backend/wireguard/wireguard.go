@@ -65,6 +65,13 @@
 //     exchanges IPv6 inside xnet-wg over IPv4; each side decides from what the other
 //     publishes, so both agree. AllowedIPs stay exactly a peer's lease subnets across both
 //     devices: program rebuilds a key's configuration on both from the programmed leases.
+//   - IPv6 only (EnableIPv4 false) is flannel's layout there: one device, the IPv6 one. In
+//     separate mode that is xnet-wg-v6 on ListenPortV6 (flannel-wg-v6), in auto and ipv6 mode
+//     xnet-wg on ListenPort; Mode ipv4 is refused (there is no IPv4 PublicIP to reach). The
+//     lease has BackendV6Data only (PublicIP 0.0.0.0), a peer is reached at
+//     [PublicIPv6]:<BackendV6Data Port>, and everything keyed by a lease's IPv4 subnet
+//     elsewhere is keyed by its IPv6 subnet (Lease.ID): the device's peers, routes and
+//     counters are those of the IPv6 subnets alone.
 //   - Throughput (make bench, 2-core VM): about 1.8 Gbit/s on one TCP stream, 0.19x kernel
 //     VXLAN, bound by CPU: ChaCha20-Poly1305 is a third of the daemons' CPU and wireguard-go's
 //     per-packet work most of the rest.
@@ -143,6 +150,12 @@ type Backend struct {
 	// wantV6Device: separate mode in a dual-stack overlay on a host with an IPv6 underlay,
 	// so IPv6 goes to peers with one on xnet-wg-v6.
 	wantV6Device bool
+	// ipv6Only: an IPv6-only overlay (the config's EnableIPv4 false). dev is then the only
+	// device, named devName (xnet-wg-v6 in separate mode, else xnet-wg), and leases are keyed
+	// by their IPv6 subnet.
+	ipv6Only bool
+	devName  string // dev's name: DeviceName but in an IPv6-only overlay in separate mode
+	port     int    // dev's listen port
 
 	mu       sync.Mutex
 	key      hostKey
@@ -152,7 +165,7 @@ type Backend struct {
 	// listed is set by the first PrunePeers, which follows the first full lease list.
 	listed bool
 	dev    wgDevice
-	link   int      // ifindex of xnet-wg once Setup ran
+	link   int      // ifindex of dev (xnet-wg, or devName) once Setup ran
 	dev6   wgDevice // xnet-wg-v6 when Setup made it (wantV6Device), else nil
 	link6  int
 	peers  map[wgtypes.Key]*peer // what the devices hold, by public key
@@ -169,8 +182,9 @@ type peer struct {
 	subnets6  []netip.Prefix // sorted; its AllowedIPs on xnet-wg-v6
 }
 
-// peerLease is one programmed lease, by its IPv4 subnet: whose key it is and where its IPv6
-// subnet (invalid when none is programmed) goes, xnet-wg-v6 (on6) or xnet-wg.
+// peerLease is one programmed lease, by its IPv4 subnet (its IPv6 one in an IPv6-only overlay):
+// whose key it is and where its IPv6 subnet (invalid when none is programmed, and always in an
+// IPv6-only overlay) goes, xnet-wg-v6 (on6) or xnet-wg.
 type peerLease struct {
 	key     wgtypes.Key
 	subnet6 netip.Prefix
@@ -210,6 +224,13 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 		// The kernel turns IPv6 off on a device below 1280: the overlay's IPv6 would not start.
 		return nil, fmt.Errorf("wireguard: MTU %d (of %s) leaves %d bytes for the overlay after WireGuard's %d, below IPv6's %d (EnableIPv6)", underlay, opts.Iface.Name, mtu, subnetmgr.WireGuardOverhead, minIPv6MTU)
 	}
+	ipv6Only := opts.Config.IPv6Only()
+	if ipv6Only && modeOf(wg) == ModeIPv4 {
+		return nil, fmt.Errorf("wireguard: config Backend.Mode %q reaches peers at their IPv4 PublicIP, which hosts do not publish in an IPv6-only overlay (EnableIPv4 false): use separate, auto or ipv6", ModeIPv4)
+	}
+	if ipv6Only && !opts.Iface.PublicIPv6.IsValid() {
+		return nil, fmt.Errorf("wireguard: an IPv6-only overlay (EnableIPv4 false) is carried over the IPv6 underlay, and %s has no global IPv6 address: add one or set --public-ipv6", opts.Iface.Name)
+	}
 	var psk *wgtypes.Key
 	if wg.PSK != "" {
 		k, err := wgtypes.ParseKey(wg.PSK)
@@ -221,7 +242,8 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 	if opts.StateDir == "" {
 		return nil, errors.New("wireguard: no state directory for the private key (backend.Options.StateDir)")
 	}
-	log := base.Log.With("device", DeviceName)
+	devName, port := mainDevice(wg, ipv6Only)
+	log := base.Log.With("device", devName)
 	key, err := loadKey(filepath.Join(opts.StateDir, KeyFile), log)
 	if err != nil {
 		return nil, fmt.Errorf("wireguard: %w", err)
@@ -243,8 +265,9 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 	}
 	b := &Backend{
 		Base: base, wg: wg, psk: psk, mtu: mtu, ns: ns, nl: h, stats: newCounters(), fds: opts.FDStore, stateDir: opts.StateDir, want: want, key: key,
-		wantV6Device: opts.Config.EnableIPv6 && modeOf(wg) == ModeSeparate && opts.Iface.PublicIPv6.IsValid(),
-		peers:        map[wgtypes.Key]*peer{}, leases: map[netip.Prefix]peerLease{},
+		wantV6Device: opts.Config.EnableIPv6 && !ipv6Only && modeOf(wg) == ModeSeparate && opts.Iface.PublicIPv6.IsValid(),
+		ipv6Only:     ipv6Only, devName: devName, port: port,
+		peers: map[wgtypes.Key]*peer{}, leases: map[netip.Prefix]peerLease{},
 	}
 	b.Log = log
 	b.kernel, b.kernWhy = kernelWireGuard(h)
@@ -253,6 +276,22 @@ func NewWithDatapath(opts backend.Options, want Datapath) (*Backend, error) {
 		return nil, err
 	}
 	return b, nil
+}
+
+// mainDevice is the device every overlay has, and its port: xnet-wg on ListenPort, but in an
+// IPv6-only overlay in separate mode xnet-wg-v6 on ListenPortV6 (flannel runs only
+// flannel-wg-v6 there).
+func mainDevice(wg subnetmgr.WireGuardConfig, ipv6Only bool) (name string, port int) {
+	if ipv6Only && modeOf(wg) == ModeSeparate {
+		return DeviceNameV6, wg.ListenPortV6
+	}
+	return DeviceName, wg.ListenPort
+}
+
+// IPv6OnlyDevice is the one device of an IPv6-only overlay with config wg, and its listen port
+// (what `xnetd check` looks for).
+func IPv6OnlyDevice(wg subnetmgr.WireGuardConfig) (name string, port int) {
+	return mainDevice(wg, true)
 }
 
 // minIPv6MTU is the smallest MTU of a link that carries IPv6 (RFC 8200).
@@ -306,13 +345,17 @@ func (b *Backend) Mode() (string, string) {
 	if b.dev6 != nil {
 		why += fmt.Sprintf("; IPv6 to peers with an IPv6 underlay on %s, port %d (Mode separate)", DeviceNameV6, b.wg.ListenPortV6)
 	}
+	if b.ipv6Only {
+		why += fmt.Sprintf("; IPv6 only: %s on port %d, peers at their PublicIPv6 (Mode %s)", b.devName, b.port, modeOf(b.wg))
+	}
 	return string(b.datapath), why
 }
 
 // LeaseAttrs publishes BackendType "wireguard" with our public key and listen port, as flannel
-// does.
+// does. In an IPv6-only overlay xnetd publishes no BackendData (flannel does not), only
+// LeaseAttrsV6.
 func (b *Backend) LeaseAttrs() (string, json.RawMessage, error) {
-	data, err := b.leaseData(b.wg.ListenPort)
+	data, err := b.leaseData(b.port)
 	if err != nil {
 		return "", nil, err
 	}
@@ -347,15 +390,19 @@ func (b *Backend) MTU() int { return b.mtu }
 // port, gives it our subnet's network address as a /32 and routes the Network into it. In a
 // dual-stack overlay our IPv6 subnet's address (a /128) and the IPv6Network go to xnet-wg-v6,
 // which Setup brings up on ListenPortV6 with the same key, in separate mode on a host with an
-// IPv6 underlay, and to xnet-wg otherwise. A second call only records a changed lease.
+// IPv6 underlay, and to xnet-wg otherwise. In an IPv6-only overlay the one device (xnet-wg-v6
+// in separate mode, else xnet-wg) gets only those. A second call only records a changed lease.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
-	if err := b.CheckSetup(ctx, local, cfg); err != nil {
+	if b.ipv6Only {
+		if err := b.CheckSetupIPv6Only(ctx, local, cfg); err != nil {
+			return err
+		}
+	} else if err := b.CheckSetup(ctx, local, cfg); err != nil {
+		return err
+	} else if err := b.CheckSetupV6(local, cfg); err != nil {
 		return err
 	}
-	if err := b.CheckSetupV6(local, cfg); err != nil {
-		return err
-	}
-	if b.wg.ListenPort == 0 || b.wantV6Device && b.wg.ListenPortV6 == 0 {
+	if b.port == 0 || b.wantV6Device && b.wg.ListenPortV6 == 0 {
 		// Port 0 would listen anywhere and publish 0, which peers read as their own port.
 		return errors.New("wireguard: config has no ListenPort or ListenPortV6: build it with subnetmgr.ParseConfig")
 	}
@@ -392,16 +439,30 @@ func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmg
 	}
 	b.setup = true
 	b.Log.Info("wireguard datapath ready", "datapath", b.datapath, "public_key", b.key.public.String(),
-		"listen_port", b.wg.ListenPort, "mtu", b.mtu, "psk", b.psk != nil, "keepalive", b.wg.PersistentKeepaliveInterval,
-		"address", netip.PrefixFrom(local.Subnet.Addr(), 32), "ipv6_subnet", local.IPv6Subnet,
-		"mode", modeOf(b.wg), "ipv6_device", b.dev6 != nil)
+		"listen_port", b.port, "mtu", b.mtu, "psk", b.psk != nil, "keepalive", b.wg.PersistentKeepaliveInterval,
+		"subnet", local.Subnet, "ipv6_subnet", local.IPv6Subnet,
+		"mode", modeOf(b.wg), "ipv6_device", b.dev6 != nil, "ipv6_only", b.ipv6Only)
 	return nil
 }
 
-// openDevices starts xnet-wg and, when wanted, xnet-wg-v6 on the same datapath.
+// openDevices starts xnet-wg and, when wanted, xnet-wg-v6 on the same datapath; in an
+// IPv6-only overlay only devName.
 func (b *Backend) openDevices() error {
 	if err := b.openDevice(); err != nil {
 		return err
+	}
+	if b.ipv6Only {
+		// The other device of an earlier run in another mode or family would route nothing.
+		other := DeviceName
+		if b.devName == DeviceName {
+			other = DeviceNameV6
+		}
+		if err := b.deleteDevice(other); err != nil {
+			b.dev.close()
+			b.dev = nil
+			return err
+		}
+		return nil
 	}
 	if !b.DualStack() || !b.wantV6Device {
 		// A host that ran separate mode with an IPv6 underlay before: IPv6 takes xnet-wg now.
@@ -436,12 +497,12 @@ func (b *Backend) closeDevices() error {
 	return errors.Join(errs...)
 }
 
-// openDevice starts the chosen datapath on xnet-wg with our key and port. When the kernel was
+// openDevice starts the chosen datapath on devName with our key and port. When the kernel was
 // chosen only because a module is installed and creating the device fails, auto falls back to
 // the embedded one.
 func (b *Backend) openDevice() error {
 	if b.datapath == DatapathKernel {
-		k, err := b.startKernel(DeviceName, b.wg.ListenPort)
+		k, err := b.startKernel(b.devName, b.port)
 		if err == nil {
 			b.dev = k
 			return nil
@@ -452,7 +513,7 @@ func (b *Backend) openDevice() error {
 		b.Log.Warn("kernel WireGuard failed; using wireguard-go in xnetd", "err", err)
 		b.datapath, b.why = DatapathEmbedded, fmt.Sprintf("wireguard-go in xnetd: kernel WireGuard failed (%v)", err)
 	}
-	u, err := b.startEmbedded(DeviceName, b.wg.ListenPort)
+	u, err := b.startEmbedded(b.devName, b.port)
 	if err != nil {
 		return err
 	}
@@ -510,7 +571,7 @@ func (b *Backend) openEmbedded(name string) (*userDevice, error) {
 			return nil, fmt.Errorf("wireguard: replace %s (a %s link) with a TUN: %w", name, link.Type(), err)
 		}
 	}
-	crossed := b.handshakesCrossed(name == DeviceNameV6)
+	crossed := b.handshakesCrossed(name != b.devName)
 	u, err := openUserDevice(name, b.ns, b.mtu, b.stats, b.fds, crossed, b.Log)
 	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EBUSY) {
 		if link, lerr := b.nl.LinkByName(name); lerr == nil {
@@ -550,7 +611,7 @@ func (b *Backend) deleteDevice(name string) error {
 // them: the Network into xnet-wg, the IPv6Network into the device that carries our IPv6.
 func (b *Backend) configureLinks() error {
 	var err error
-	if b.link, err = b.configureLink(DeviceName); err != nil {
+	if b.link, err = b.configureLink(b.devName); err != nil {
 		return err
 	}
 	if b.dev6 != nil {
@@ -569,8 +630,10 @@ func (b *Backend) configureLinks() error {
 			return fmt.Errorf("wireguard: set ifindex %d up: %w", link, err)
 		}
 	}
-	if err := b.nl.RouteReplace(b.routeOn(b.link, b.Network())); err != nil {
-		return fmt.Errorf("wireguard: route %v dev %s: %w", b.Network(), DeviceName, err)
+	if n := b.Network(); n.IsValid() {
+		if err := b.nl.RouteReplace(b.routeOn(b.link, n)); err != nil {
+			return fmt.Errorf("wireguard: route %v dev %s: %w", n, b.devName, err)
+		}
 	}
 	if n6 := b.IPv6Network(); n6.IsValid() {
 		if err := b.nl.RouteReplace(b.routeOn(b.link6Or4(true), n6)); err != nil {
@@ -611,10 +674,13 @@ func (b *Backend) link6Or4(on6 bool) int {
 // ensureAddresses gives xnet-wg exactly our subnet's network address as a /32, as flannel gives
 // flannel-wg: the source the host uses towards remote containers, inside our subnet, so it is
 // in our AllowedIPs on every peer and replies come back through the tunnel. In a dual-stack
-// overlay our IPv6 subnet's address, a /128, goes to the device carrying our IPv6 (flannel's
-// ConfigureV6) for the same reason.
+// (or IPv6-only) overlay our IPv6 subnet's address, a /128, goes to the device carrying our
+// IPv6 (flannel's ConfigureV6) for the same reason.
 func (b *Backend) ensureAddresses() error {
-	want := map[int][]netip.Prefix{b.link: {netip.PrefixFrom(b.Local().Subnet.Addr(), 32)}}
+	want := map[int][]netip.Prefix{b.link: nil}
+	if s := b.Local().Subnet; s.IsValid() {
+		want[b.link] = []netip.Prefix{netip.PrefixFrom(s.Addr(), 32)}
+	}
 	if b.link6 != 0 {
 		want[b.link6] = nil
 	}
@@ -679,6 +745,9 @@ func (b *Backend) parsePeer(lease subnetmgr.Lease) (peerSpec, error) {
 	bad := func(format string, args ...any) (peerSpec, error) {
 		return peerSpec{}, fmt.Errorf("wireguard: lease %v (PublicIP %v): %s: %w", lease.Subnet, lease.PublicIP, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
 	}
+	if b.ipv6Only {
+		return b.parsePeerIPv6Only(lease)
+	}
 	if !lease.Subnet.IsValid() || !lease.Subnet.Addr().Is4() {
 		return bad("subnet is not IPv4")
 	}
@@ -706,6 +775,46 @@ func (b *Backend) parsePeer(lease subnetmgr.Lease) (peerSpec, error) {
 	spec := peerSpec{key: key, endpoint: netip.AddrPortFrom(lease.PublicIP, port), subnet: lease.Subnet.Masked(), lease: peerLease{key: key}}
 	b.parsePeerV6(lease, &spec)
 	return spec, nil
+}
+
+// parsePeerIPv6Only is parsePeer in an IPv6-only overlay: the lease, as flannel writes it there,
+// has an IPv6 subnet, a PublicIPv6 and its key in BackendV6Data, and nothing of IPv4. The peer
+// is reached at its PublicIPv6 whatever the mode, and its IPv6 subnet is the lease's key. The
+// port: in separate mode BackendV6Data's (our ListenPortV6 when it publishes none, as flannel
+// reads it); in auto and ipv6 mode our ListenPort, because flannel publishes ListenPortV6 in
+// BackendV6Data there although its one device listens on ListenPort, and the config, shared
+// by every host, gives the peer's device our ListenPort (we publish it, so a flannel peer
+// sending to our BackendV6Data Port reaches us).
+func (b *Backend) parsePeerIPv6Only(lease subnetmgr.Lease) (peerSpec, error) {
+	bad := func(format string, args ...any) (peerSpec, error) {
+		return peerSpec{}, fmt.Errorf("wireguard: lease %v (PublicIPv6 %v): %s: %w", lease.ID(), lease.PublicIPv6, fmt.Sprintf(format, args...), ErrIncompatiblePeer)
+	}
+	s6 := lease.IPv6Subnet
+	if !s6.IsValid() || !s6.Addr().Is6() || s6.Addr().Is4In6() {
+		return bad("no IPv6 subnet in an IPv6-only overlay")
+	}
+	if !lease.PublicIPv6.Is6() || lease.PublicIPv6.Is4In6() {
+		return bad("PublicIPv6 is not IPv6")
+	}
+	if lease.BackendType != subnetmgr.BackendWireGuard {
+		return bad("BackendType %q is not %q", lease.BackendType, subnetmgr.BackendWireGuard)
+	}
+	data, err := subnetmgr.ParseWireGuardData(lease.BackendV6Data)
+	if err != nil {
+		return bad("BackendV6Data: %v", err)
+	}
+	key, err := wgtypes.ParseKey(data.PublicKey)
+	if err != nil {
+		return bad("PublicKey: %v", err)
+	}
+	if key == b.key.public {
+		return bad("PublicKey is ours: another host has a copy of our private key")
+	}
+	port := data.Port
+	if port == 0 || modeOf(b.wg) != ModeSeparate {
+		port = uint16(b.port)
+	}
+	return peerSpec{key: key, endpoint: netip.AddrPortFrom(lease.PublicIPv6, port), subnet: s6.Masked(), lease: peerLease{key: key}}, nil
 }
 
 // parsePeerV6 fills in the IPv6 half of spec in a dual-stack overlay. A peer's IPv6 subnet
@@ -823,7 +932,7 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	}
 	if err := b.nl.RouteReplace(b.routeOn(b.link, subnet)); err != nil {
 		rollback()
-		return fmt.Errorf("wireguard: peer %v: route replace %v dev %s: %w", subnet, subnet, DeviceName, err)
+		return fmt.Errorf("wireguard: peer %v: route replace %v dev %s: %w", subnet, subnet, b.devName, err)
 	}
 	if had && old.subnet6.IsValid() && (old.subnet6 != spec.lease.subnet6 || old.on6 != spec.lease.on6) {
 		if err := b.deleteRoute(b.link6Or4(old.on6), old.subnet6); err != nil {
@@ -880,7 +989,7 @@ func (b *Backend) program(key wgtypes.Key, endpoint, endpoint6 netip.AddrPort) e
 		pc = b.peerConfig(key, np.endpoint, np.subnets)
 	}
 	if err := b.dev.configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{pc}}); err != nil {
-		return fmt.Errorf("peer %s on %s: %w", key, DeviceName, err)
+		return fmt.Errorf("peer %s on %s: %w", key, b.devName, err)
 	}
 	if b.dev6 != nil && (len(np.subnets6) > 0 || old != nil && len(old.subnets6) > 0) {
 		pc := remove
@@ -1007,9 +1116,22 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if !b.setup {
 		return fmt.Errorf("wireguard: RemovePeer(%v) before Setup", lease.Subnet)
 	}
-	subnet, own, err := b.RemovedSubnet(lease)
-	if own || err != nil {
-		return err
+	var subnet netip.Prefix
+	if b.ipv6Only {
+		// Keyed by the IPv6 subnet (parsePeerIPv6Only).
+		if b.IsOwn(lease) {
+			return nil
+		}
+		if subnet = lease.ID(); !subnet.IsValid() {
+			return fmt.Errorf("wireguard: RemovePeer: lease has no IPv6 subnet (%v)", lease.IPv6Subnet)
+		}
+		subnet = subnet.Masked()
+	} else {
+		var own bool
+		var err error
+		if subnet, own, err = b.RemovedSubnet(lease); own || err != nil {
+			return err
+		}
 	}
 	l, held, err := b.detach(subnet)
 	if err != nil {
@@ -1076,7 +1198,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 		dev  wgDevice
 		on6  func(*peer) bool
 	}{
-		{DeviceName, b.dev, func(*peer) bool { return true }},
+		{b.devName, b.dev, func(*peer) bool { return true }},
 		{DeviceNameV6, b.dev6, func(p *peer) bool { return len(p.subnets6) > 0 }},
 	} {
 		if d.dev == nil {
@@ -1097,7 +1219,7 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 			gone = append(gone, d.name+" peer "+p.PublicKey.String())
 		}
 	}
-	if b.Network().IsValid() {
+	if b.HasNetwork() {
 		nets := b.Networks()
 		for _, link := range []int{b.link, b.link6} {
 			if link == 0 {
@@ -1217,8 +1339,8 @@ type PeerStatus struct {
 func (b *Backend) Status() (Status, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	st := Status{Datapath: b.datapath, Why: b.why, Device: DeviceName, PublicKey: b.key.public.String(),
-		ListenPort: b.wg.ListenPort, MTU: b.mtu, PSK: b.psk != nil}
+	st := Status{Datapath: b.datapath, Why: b.why, Device: b.devName, PublicKey: b.key.public.String(),
+		ListenPort: b.port, MTU: b.mtu, PSK: b.psk != nil}
 	if b.dev == nil {
 		return st, errors.New("wireguard: Status before Setup")
 	}

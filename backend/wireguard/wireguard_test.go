@@ -40,7 +40,8 @@ func mustKey(t *testing.T) wgtypes.Key {
 // bareBackend is a Backend with a key and a config, enough for what needs no device.
 func bareBackend(t *testing.T, wg subnetmgr.WireGuardConfig) *Backend {
 	k := mustKey(t)
-	return &Backend{wg: wg, key: hostKey{private: k, public: k.PublicKey()}}
+	name, port := mainDevice(wg, false)
+	return &Backend{wg: wg, key: hostKey{private: k, public: k.PublicKey()}, devName: name, port: port}
 }
 
 func TestLeaseDataIsWhatFlannelWrites(t *testing.T) {

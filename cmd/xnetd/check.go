@@ -37,6 +37,11 @@ import (
 // over the overlay and the underlay from here. It takes run's flags (so one
 // /etc/default/xnetd serves both) and reads the daemon's state file; it changes nothing.
 //
+// In an IPv6-only overlay (EnableIPv4 false) the same checks look at IPv6 (check_ipv6only.go):
+// leases by their IPv6 subnet and PublicIPv6, the IPv6 keys of the files, the underlay's IPv6
+// address and routes, the IPv6 device and routes of the backend, and rules dropping its UDP
+// port over IPv6. Peers are not probed there: the health probes are IPv4's.
+//
 // Exit code 0 when everything holds, 1 when something does not (each failure printed with its
 // fix), 2 for a bad flag. A peer unreachable over the overlay while nothing here is wrong points
 // at the peer: the output says to run the check there.
@@ -136,11 +141,7 @@ func cmdCheck(args []string, stdout, stderr io.Writer, lookup func(string) (stri
 	ctx, cancel := context.WithTimeout(context.Background(), timeout+15*time.Second)
 	defer cancel()
 	c := &checker{o: o, log: newLogger(stderr, max(o.logLevel, slog.LevelWarn))}
-	if !c.run(ctx, timeout) {
-		// Its checks of the files, the underlay, the device, the routes and the peers are
-		// IPv4's: run on an IPv6-only overlay they would report problems that are not there.
-		return usagef("xnetd check does not cover an IPv6-only overlay yet (the config sets EnableIPv4 false): `xnetd status` shows the lease and every peer")
-	}
+	c.run(ctx, timeout)
 
 	if output == "json" {
 		enc := json.NewEncoder(stdout)
@@ -157,18 +158,21 @@ func cmdCheck(args []string, stdout, stderr io.Writer, lookup func(string) (stri
 	return nil
 }
 
-// run runs every check; it stops after reading the config, returning false, when the overlay
-// is IPv6 only, which the checks do not cover.
-func (c *checker) run(ctx context.Context, probeTimeout time.Duration) bool {
+// run runs every check.
+func (c *checker) run(ctx context.Context, probeTimeout time.Duration) {
 	c.add(c.checkDaemon(ctx))
-	if c.cfg.IPv6Only() {
-		return false
-	}
 	c.add(c.checkEtcd(ctx))
-	if c.cfg.IPv6Only() {
-		return false
-	}
 	c.rep.Subnet, c.rep.PublicIP, c.rep.Iface, c.rep.Backend = c.subnet, c.publicIP, c.ifaceName, c.backend
+	if c.ipv6Only() {
+		c.add(c.checkFilesIPv6Only())
+		c.add(c.checkUnderlay())
+		c.add(c.checkDevice())
+		c.add(c.checkRoutes())
+		c.add(c.checkFirewall(ctx))
+		c.add(checkResult{Check: "peers", Status: checkSkip,
+			Detail: "not probed in an IPv6-only overlay (the health probes are IPv4's): `xnetd status` shows every peer"})
+		return
+	}
 	c.add(c.checkFiles())
 	c.add(c.checkUnderlay())
 	c.add(c.checkDevice())
@@ -178,8 +182,11 @@ func (c *checker) run(ctx context.Context, probeTimeout time.Duration) bool {
 	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
 	c.add(c.checkPeers(pctx))
-	return true
 }
+
+// ipv6Only says whether the overlay is IPv6 only: every check then looks at IPv6, and the
+// subnet and PublicIP of a lease are its IPv6 subnet and PublicIPv6.
+func (c *checker) ipv6Only() bool { return c.cfg.IPv6Only() }
 
 func (c *checker) add(r checkResult) {
 	c.rep.Checks = append(c.rep.Checks, r)
@@ -189,7 +196,11 @@ func (c *checker) add(r checkResult) {
 }
 
 func printCheck(w io.Writer, rep checkReport) {
-	fmt.Fprintf(w, "xnetd check: %v (PublicIP %v) on %s, backend %s\n", rep.Subnet, rep.PublicIP, orDash(rep.Iface), orDash(rep.Backend))
+	publicIP := "PublicIP"
+	if rep.PublicIP.Is6() {
+		publicIP = "PublicIPv6" // an IPv6-only overlay
+	}
+	fmt.Fprintf(w, "xnetd check: %v (%s %v) on %s, backend %s\n", rep.Subnet, publicIP, rep.PublicIP, orDash(rep.Iface), orDash(rep.Backend))
 	for _, r := range rep.Checks {
 		fmt.Fprintf(w, "%-5s %-9s %s\n", r.Status, r.Check, r.Detail)
 		for _, p := range r.Problems {
@@ -215,6 +226,9 @@ func (c *checker) checkDaemon(ctx context.Context) checkResult {
 	}
 	c.st, c.haveState = st, true
 	c.backend, c.cfg, c.subnet, c.publicIP, c.ifaceName = st.Backend, st.Config, st.Lease.Subnet.Masked(), st.PublicIP, st.Iface
+	if c.ipv6Only() {
+		c.publicIP = st.Lease.PublicIPv6 // the lease's Subnet is its IPv6 one (its ID)
+	}
 	alive, why := daemonAlive(st.PID)
 	if !alive {
 		r.Status = checkFail
@@ -246,6 +260,9 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 	if !c.subnet.IsValid() {
 		if sf, err := subnetmgr.ReadSubnetFile(c.o.subnetFile); err == nil {
 			c.subnet = sf.Subnet.Masked()
+			if !sf.Subnet.IsValid() {
+				c.subnet = sf.IPv6Subnet.Masked() // an IPv6-only overlay's file
+			}
 		}
 	}
 	if c.ifaceName == "" {
@@ -253,6 +270,9 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 	}
 	if !c.publicIP.IsValid() {
 		c.publicIP = c.o.publicIP
+		if c.ipv6Only() {
+			c.publicIP = c.o.publicIPv6
+		}
 	}
 	c.peersFromState("the daemon's last view (etcd did not answer)")
 
@@ -278,6 +298,10 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 		r.Problems = append(r.Problems, fmt.Sprintf("the config's Network is %v but xnetd runs with %v", cfg.Network, c.cfg.Network))
 		r.Fix = "systemctl restart xnetd, then Docker: the Network changed under them"
 	}
+	if c.ipv6Only() && cfg.IPv6Network != c.cfg.IPv6Network {
+		r.Problems = append(r.Problems, fmt.Sprintf("the config's IPv6Network is %v but xnetd runs with %v", cfg.IPv6Network, c.cfg.IPv6Network))
+		r.Fix = "systemctl restart xnetd, then Docker: the IPv6Network changed under them"
+	}
 	c.cfg = cfg
 	if c.backend == "" {
 		c.backend = cfg.Backend.Type
@@ -291,15 +315,21 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 	refused := c.refusedByDaemon()
 	c.peers, c.peersFrom = nil, "etcd"
 	var ours *subnetmgr.Lease
+	// In an IPv6-only overlay every lease's PublicIP is 0.0.0.0: hosts are told apart by their
+	// PublicIPv6, and a VTEP MAC is in BackendV6Data.
+	host, data, publicIP := func(l subnetmgr.Lease) netip.Addr { return l.PublicIP }, func(l subnetmgr.Lease) json.RawMessage { return l.BackendData }, "PublicIP"
+	if c.ipv6Only() {
+		host, data, publicIP = func(l subnetmgr.Lease) netip.Addr { return l.PublicIPv6 }, func(l subnetmgr.Lease) json.RawMessage { return l.BackendV6Data }, "PublicIPv6"
+	}
 	for i, l := range leases {
-		switch {
-		case l.Subnet.Masked() == c.subnet:
+		switch id := l.ID().Masked(); {
+		case id == c.subnet:
 			ours = &leases[i]
-		case l.PublicIP == c.publicIP:
-			r.Problems = append(r.Problems, fmt.Sprintf("another lease %v carries our PublicIP %v (a stale lease of this host?)", l.Subnet, l.PublicIP))
+		case host(l) == c.publicIP:
+			r.Problems = append(r.Problems, fmt.Sprintf("another lease %v carries our %s %v (a stale lease of this host?)", id, publicIP, host(l)))
 		default:
-			cl := checkLease{Subnet: l.Subnet.Masked(), PublicIP: l.PublicIP, BackendType: l.BackendType, Refused: refused[l.Subnet.Masked()]}
-			if d, err := subnetmgr.ParseVXLANData(l.BackendData); err == nil {
+			cl := checkLease{Subnet: id, PublicIP: host(l), BackendType: l.BackendType, Refused: refused[id]}
+			if d, err := subnetmgr.ParseVXLANData(data(l)); err == nil {
 				cl.VtepMAC = d.VtepMAC
 			}
 			c.peers = append(c.peers, cl)
@@ -312,9 +342,9 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 	case ours == nil:
 		r.Problems = append(r.Problems, fmt.Sprintf("no lease for our subnet %v in etcd: another host may take it", c.subnet))
 		r.Fix = "systemctl restart xnetd: it takes its subnet back (a different one means Docker must restart too)"
-	case ours.PublicIP != c.publicIP:
-		r.Problems = append(r.Problems, fmt.Sprintf("the lease of %v carries PublicIP %v, not ours (%v): another host holds our subnet", c.subnet, ours.PublicIP, c.publicIP))
-		r.Fix = "find the host at " + ours.PublicIP.String() + "; restart xnetd here to get a subnet of our own, then Docker"
+	case host(*ours) != c.publicIP:
+		r.Problems = append(r.Problems, fmt.Sprintf("the lease of %v carries %s %v, not ours (%v): another host holds our subnet", c.subnet, publicIP, host(*ours), c.publicIP))
+		r.Fix = "find the host at " + host(*ours).String() + "; restart xnetd here to get a subnet of our own, then Docker"
 	case !ours.Expiration.IsZero() && time.Until(ours.Expiration) <= 0:
 		r.Problems = append(r.Problems, fmt.Sprintf("the lease of %v expired at %s", c.subnet, ours.Expiration.Format(time.RFC3339)))
 		r.Fix = "systemctl restart xnetd"
@@ -328,7 +358,7 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 		expiry = fmt.Sprintf("expires %s (in %s)", ours.Expiration.Format(time.RFC3339), time.Until(ours.Expiration).Round(time.Minute))
 	}
 	r.Status = checkOK
-	r.Detail = fmt.Sprintf("%v with PublicIP %v in etcd, %s; %d peer leases", c.subnet, c.publicIP, expiry, len(c.peers))
+	r.Detail = fmt.Sprintf("%v with %s %v in etcd, %s; %d peer leases", c.subnet, publicIP, c.publicIP, expiry, len(c.peers))
 	return r
 }
 
@@ -348,7 +378,7 @@ func (c *checker) peersFromState(from string) {
 	c.peers, c.peersFrom = nil, from
 	for _, p := range c.st.Peers {
 		if p.RemovalDue.IsZero() {
-			c.peers = append(c.peers, checkLease{Subnet: p.Subnet.Masked(), PublicIP: p.PublicIP, BackendType: p.BackendType, VtepMAC: p.VtepMAC, Refused: p.Error})
+			c.peers = append(c.peers, checkLease{Subnet: p.Subnet.Masked(), PublicIP: p.host(), BackendType: p.BackendType, VtepMAC: p.VtepMAC, Refused: p.Error})
 		}
 	}
 }
@@ -448,7 +478,11 @@ func (c *checker) checkUnderlay() checkResult {
 	defer nl.Close()
 	var nic netlink.Link
 	if c.ifaceName == "" {
-		nic, err = defaultRouteLink(nl)
+		family := unix.AF_INET
+		if c.ipv6Only() {
+			family = unix.AF_INET6
+		}
+		nic, err = defaultRouteLink(nl, family)
 	} else {
 		nic, err = nl.LinkByName(c.ifaceName)
 	}
@@ -460,7 +494,11 @@ func (c *checker) checkUnderlay() checkResult {
 	c.nic = nic
 	a := nic.Attrs()
 	c.ifaceName, c.rep.Iface = a.Name, a.Name
-	if ip, err := firstIPv4(nl, nic); err == nil {
+	family := "IPv4"
+	if c.ipv6Only() {
+		family = "IPv6"
+		c.ifaceIP = c.underlayIPv6(nl, nic)
+	} else if ip, err := firstIPv4(nl, nic); err == nil {
 		c.ifaceIP = ip
 	}
 	if !c.publicIP.IsValid() {
@@ -473,8 +511,11 @@ func (c *checker) checkUnderlay() checkResult {
 	case a.OperState == netlink.OperDown || a.OperState == netlink.OperLowerLayerDown:
 		r.Problems = append(r.Problems, fmt.Sprintf("%s has no carrier (oper state %s)", a.Name, a.OperState))
 		r.Fix = "check its cable, switch port, or the VM's NIC"
+	case !c.ifaceIP.IsValid() && c.ipv6Only() && c.publicIP.IsValid():
+		r.Problems = append(r.Problems, fmt.Sprintf("%s does not hold our PublicIPv6 %v: peers send the overlay there", a.Name, c.publicIP))
+		r.Fix = fmt.Sprintf("give it its address back (ip -6 addr add %v/64 dev %s, or the prefix it had), then systemctl restart xnetd", c.publicIP, a.Name)
 	case !c.ifaceIP.IsValid():
-		r.Problems = append(r.Problems, fmt.Sprintf("%s has no IPv4 address", a.Name))
+		r.Problems = append(r.Problems, fmt.Sprintf("%s has no %s address", a.Name, family))
 		r.Fix = "give it its address back (ip addr add ...), then systemctl restart xnetd"
 	}
 	if len(r.Problems) == 0 {
@@ -488,8 +529,11 @@ func (c *checker) checkUnderlay() checkResult {
 			}
 		}
 		if len(noRoute) > 0 {
-			r.Problems = append(r.Problems, fmt.Sprintf("no route over %s to %d peers' PublicIPs: %s", a.Name, len(noRoute), strings.Join(firstN(noRoute, 5), "; ")))
+			r.Problems = append(r.Problems, fmt.Sprintf("no route over %s to %d peers' %s: %s", a.Name, len(noRoute), c.publicIPName()+"s", strings.Join(firstN(noRoute, 5), "; ")))
 			r.Fix = "restore the underlay routes (ip route)"
+			if c.ipv6Only() {
+				r.Fix = "restore the underlay's IPv6 routes (ip -6 route)"
+			}
 		}
 	}
 	if len(r.Problems) > 0 {
@@ -497,7 +541,7 @@ func (c *checker) checkUnderlay() checkResult {
 		return r
 	}
 	r.Status = checkOK
-	r.Detail = fmt.Sprintf("%s up, %v, MTU %d, a route to every peer's PublicIP", a.Name, c.ifaceIP, a.MTU)
+	r.Detail = fmt.Sprintf("%s up, %v, MTU %d, a route to every peer's %s", a.Name, c.ifaceIP, a.MTU, c.publicIPName())
 	return r
 }
 
@@ -510,6 +554,9 @@ func firstN(s []string, n int) []string {
 
 // deviceName is the backend's overlay device ("" for host-gw).
 func (c *checker) deviceName() string {
+	if c.ipv6Only() {
+		return c.deviceNameIPv6Only()
+	}
 	switch c.backend {
 	case subnetmgr.BackendEBPF, subnetmgr.BackendUDP:
 		return ebpfbackend.HostDevice // both name it xnet0
@@ -537,12 +584,25 @@ func (c *checker) checkDevice() checkResult {
 	if dev.Attrs().Flags&net.FlagUp == 0 {
 		r.Problems = append(r.Problems, name+" is down")
 	}
-	addrs, _ := netlink.AddrList(dev, unix.AF_INET)
+	family, bits := unix.AF_INET, 32
+	if c.ipv6Only() {
+		family, bits = unix.AF_INET6, 128
+	}
+	addrs, _ := netlink.AddrList(dev, family)
 	if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IP.Equal(want.AsSlice()) }) {
-		r.Problems = append(r.Problems, fmt.Sprintf("%s lacks our overlay address %v/32", name, want))
+		r.Problems = append(r.Problems, fmt.Sprintf("%s lacks our overlay address %v/%d", name, want, bits))
+	}
+	if c.ipv6Only() && c.backend == subnetmgr.BackendWireGuard {
+		// The whole IPv6Network goes into the device, so traffic to a subnet no peer holds
+		// is dropped there instead of leaving in clear by the default route.
+		if !slices.ContainsFunc(mainRoutes(unix.AF_INET6), func(rt netlink.Route) bool {
+			return rt.LinkIndex == dev.Attrs().Index && prefixOf(rt.Dst) == c.cfg.IPv6Network
+		}) {
+			r.Problems = append(r.Problems, fmt.Sprintf("no route %v dev %s: traffic to a subnet no peer holds leaves unencrypted by the default route", c.cfg.IPv6Network, name))
+		}
 	}
 	if c.backend == subnetmgr.BackendEBPF && c.cfg.Network.IsValid() {
-		if !slices.ContainsFunc(mainRoutes(), func(rt netlink.Route) bool {
+		if !slices.ContainsFunc(mainRoutes(unix.AF_INET), func(rt netlink.Route) bool {
 			return rt.LinkIndex == dev.Attrs().Index && prefixOf(rt.Dst) == c.cfg.Network
 		}) {
 			r.Problems = append(r.Problems, fmt.Sprintf("no route %v dev %s: the host's own traffic to containers elsewhere is not encapsulated", c.cfg.Network, name))
@@ -743,7 +803,7 @@ func progAttached(dev netlink.Link, hook loader.Hook, id ebpf.ProgramID) (bool, 
 // ebpf, the kernel's routes (and fdb for vxlan) for the others.
 func (c *checker) checkRoutes() checkResult {
 	r := checkResult{Check: "routes"}
-	if !c.subnet.IsValid() || !c.cfg.Network.IsValid() {
+	if !c.subnet.IsValid() || !c.network().IsValid() {
 		r.Status, r.Detail = checkSkip, "no lease and Network to compare with"
 		return r
 	}
@@ -793,8 +853,17 @@ func (c *checker) checkRoutes() checkResult {
 	return r
 }
 
+// network is the overlay network the checks look into: the Network, or the IPv6Network in an
+// IPv6-only overlay.
+func (c *checker) network() netip.Prefix {
+	if c.ipv6Only() {
+		return c.cfg.IPv6Network
+	}
+	return c.cfg.Network
+}
+
 // expectedVia is the next hop a peer's route must have: its PublicIP (ebpf's routes map,
-// host-gw), or its subnet address on the vxlan device.
+// host-gw; the PublicIPv6 in an IPv6-only overlay), or its subnet address on the vxlan device.
 func (c *checker) expectedVia(p checkLease) netip.Addr {
 	if c.backend == subnetmgr.BackendVXLAN {
 		return p.Subnet.Addr()
@@ -811,8 +880,9 @@ type datapathRoute struct {
 // datapathRoutes lists the routes to peer subnets in the backend's own terms.
 func (c *checker) datapathRoutes() (map[netip.Prefix]datapathRoute, string, error) {
 	out := map[netip.Prefix]datapathRoute{}
+	network := c.network()
 	peerRoute := func(dst netip.Prefix) bool {
-		return c.cfg.Network.Contains(dst.Addr()) && dst.Bits() > c.cfg.Network.Bits() && !dst.Overlaps(c.subnet)
+		return network.Contains(dst.Addr()) && dst.Bits() > network.Bits() && !dst.Overlaps(c.subnet)
 	}
 	if c.backend == subnetmgr.BackendEBPF {
 		dir := c.o.bpffs
@@ -851,7 +921,11 @@ func (c *checker) datapathRoutes() (map[netip.Prefix]datapathRoute, string, erro
 			}
 		}
 	}
-	for _, rt := range mainRoutes() {
+	family := unix.AF_INET
+	if c.ipv6Only() {
+		family = unix.AF_INET6
+	}
+	for _, rt := range mainRoutes(family) {
 		dst := prefixOf(rt.Dst)
 		if !dst.IsValid() || !peerRoute(dst) {
 			continue
@@ -869,8 +943,15 @@ func (c *checker) datapathRoutes() (map[netip.Prefix]datapathRoute, string, erro
 			if c.nic != nil && rt.LinkIndex != c.nic.Attrs().Index {
 				dr.problem = fmt.Sprintf("routed out ifindex %d, not %s", rt.LinkIndex, c.ifaceName)
 			}
+		case subnetmgr.BackendWireGuard:
+			if dev != "" && rt.LinkIndex != devIndex {
+				dr.problem = fmt.Sprintf("routed out ifindex %d, not %s: it leaves unencrypted", rt.LinkIndex, dev)
+			}
 		}
 		out[dst] = dr
+	}
+	if c.ipv6Only() && c.backend == subnetmgr.BackendVXLAN && devIndex > 0 {
+		c.checkNeighboursV6(devIndex, dev, out)
 	}
 	// The vxlan device also needs the peer's VTEP MAC in its fdb, pointing at the PublicIP.
 	for _, p := range c.peers {
@@ -888,8 +969,9 @@ func (c *checker) datapathRoutes() (map[netip.Prefix]datapathRoute, string, erro
 	return out, "the kernel's routing table", nil
 }
 
-func mainRoutes() []netlink.Route {
-	routes, err := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+// mainRoutes are the main table's routes of family (unix.AF_INET or AF_INET6).
+func mainRoutes(family int) []netlink.Route {
+	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil
 	}
@@ -911,6 +993,9 @@ func prefixOf(n *net.IPNet) netip.Prefix {
 // checkFirewall finds rules that drop the VXLAN port or the health port.
 func (c *checker) checkFirewall(ctx context.Context) checkResult {
 	r := checkResult{Check: "firewall"}
+	if c.ipv6Only() {
+		return c.checkFirewallIPv6Only(ctx)
+	}
 	var ports []int
 	if c.backend != subnetmgr.BackendHostGW {
 		vxlanPort := c.cfg.Backend.Port

@@ -24,6 +24,9 @@ type portRule struct {
 	Hook string
 	// Netdev: the chain is in the netdev family (ingress/egress of one device).
 	Netdev bool
+	// Family is the nftables family of the rule's table ("ip", "ip6", "inet", "netdev", ...;
+	// "ip" for iptables-legacy, "ip6" for ip6tables-legacy): which packets it can see.
+	Family string
 	// Delete is the command that removes the rule.
 	Delete string
 }
@@ -35,7 +38,21 @@ type portRule struct {
 // reported under the first of them.
 func firewallPortRules(ctx context.Context, ports []int) ([]portRule, error) {
 	found, err := nftPortRules(ports)
-	found = append(found, legacyPortRules(ctx, ports)...)
+	found = append(found, legacyPortRules(ctx, "iptables-legacy", ports)...)
+	return found, err
+}
+
+// firewallPortRulesIPv6 is firewallPortRules for the rules that see IPv6 packets: nftables'
+// but those of the ip (IPv4) and arp families, and ip6tables-legacy's.
+func firewallPortRulesIPv6(ctx context.Context, ports []int) ([]portRule, error) {
+	all, err := nftPortRules(ports)
+	var found []portRule
+	for _, r := range all {
+		if r.Family != "ip" && r.Family != "arp" {
+			found = append(found, r)
+		}
+	}
+	found = append(found, legacyPortRules(ctx, "ip6tables-legacy", ports)...)
 	return found, err
 }
 
@@ -68,7 +85,7 @@ func nftPortRules(ports []int) ([]portRule, error) {
 			}
 			found = append(found, portRule{
 				Where: fmt.Sprintf("%s handle %d", where, r.Handle), Port: port, Hook: hook,
-				Netdev: ch.Table.Family == nftables.TableFamilyNetdev,
+				Netdev: ch.Table.Family == nftables.TableFamilyNetdev, Family: fam,
 				Delete: fmt.Sprintf("nft delete rule %s %s %s handle %d", fam, ch.Table.Name, ch.Name, r.Handle),
 			})
 		}
@@ -223,10 +240,14 @@ func hookName(ch *nftables.Chain) string {
 	return ""
 }
 
-// legacyPortRules reads iptables-legacy-save (when installed): its rules are invisible to
-// nftables.
-func legacyPortRules(ctx context.Context, ports []int) []portRule {
-	path, err := exec.LookPath("iptables-legacy-save")
+// legacyPortRules reads <tool>-save (iptables-legacy or ip6tables-legacy, when installed): its
+// rules are invisible to nftables.
+func legacyPortRules(ctx context.Context, tool string, ports []int) []portRule {
+	family := "ip"
+	if strings.HasPrefix(tool, "ip6") {
+		family = "ip6"
+	}
+	path, err := exec.LookPath(tool + "-save")
 	if err != nil {
 		return nil
 	}
@@ -248,8 +269,8 @@ func legacyPortRules(ctx context.Context, ports []int) []portRule {
 		}
 		if p := legacyRuleDropsPort(strings.Fields(line), ports); p != 0 {
 			found = append(found, portRule{
-				Where: fmt.Sprintf("iptables-legacy table %s: %s", table, line), Port: p,
-				Delete: fmt.Sprintf("iptables-legacy -t %s -D%s", table, strings.TrimPrefix(line, "-A")),
+				Where: fmt.Sprintf("%s table %s: %s", tool, table, line), Port: p, Family: family,
+				Delete: fmt.Sprintf("%s -t %s -D%s", tool, table, strings.TrimPrefix(line, "-A")),
 			})
 		}
 	}

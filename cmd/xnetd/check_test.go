@@ -104,6 +104,27 @@ func TestCheckReadsTheDockerOptionsTheDaemonWrites(t *testing.T) {
 	}
 }
 
+// In an IPv6-only overlay check reads back the daemon's options for Docker (--fixed-cidr-v6 and
+// --mtu, no --bip), and takes a file with --bip as an IPv4 run's.
+func TestCheckReadsTheIPv6OnlyDockerOptionsTheDaemonWrites(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "docker")
+	sf := subnetmgr.SubnetFile{IPv6Network: netip.MustParsePrefix("fd00:10:244::/56"), IPv6Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), MTU: 1430}
+	if err := subnetmgr.WriteDockerOpts(path, sf); err != nil {
+		t.Fatal(err)
+	}
+	fixed, mtu, err := readDockerOptsIPv6Only(path)
+	if err != nil || fixed != sf.IPv6Subnet || mtu != 1430 {
+		t.Errorf("readDockerOptsIPv6Only = %v, %d, %v; want %v, 1430", fixed, mtu, err, sf.IPv6Subnet)
+	}
+	sf.Network, sf.Subnet = netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.244.5.0/24")
+	if err := subnetmgr.WriteDockerOpts(path, sf); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := readDockerOptsIPv6Only(path); err == nil || !strings.Contains(err.Error(), "--bip") {
+		t.Errorf("a dual-stack file with --bip: %v; want an error naming --bip", err)
+	}
+}
+
 // Real rules in a host's nftables, as an administrator writes them: a set of ports, a plain
 // match in a netdev egress chain, and a rule that does not drop.
 func TestFirewallPortRulesReadsTheKernelsRuleset(t *testing.T) {

@@ -31,9 +31,15 @@ func publicIPv6(cfg subnetmgr.Config, iface string, flag netip.Addr) (netip.Addr
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("underlay %s: %w", iface, err)
 	}
+	return firstGlobalIPv6(nl, link)
+}
+
+// firstGlobalIPv6 is link's first usable global IPv6 address (not link-local, tentative,
+// failed or deprecated), the zero Addr when it has none.
+func firstGlobalIPv6(nl *netlink.Handle, link netlink.Link) (netip.Addr, error) {
 	addrs, err := nl.AddrList(link, unix.AF_INET6)
 	if err != nil {
-		return netip.Addr{}, fmt.Errorf("list IPv6 addresses of %s: %w", iface, err)
+		return netip.Addr{}, fmt.Errorf("list IPv6 addresses of %s: %w", link.Attrs().Name, err)
 	}
 	for _, a := range addrs {
 		ip, ok := netip.AddrFromSlice(a.IP)

@@ -4,12 +4,14 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/netip"
 	"strings"
 
 	"github.com/xnet-dev/xnet/fwrules"
 )
 
-// startForwardRules installs the iptables forward and no-masquerade rules for the Network
+// startForwardRules installs the iptables forward and no-masquerade rules for the Network, and
+// the ip6tables ones for the IPv6Network of a dual-stack or IPv6-only overlay
 // (--iptables-forward-rules), so Docker's FORWARD policy DROP and its MASQUERADE leave the
 // overlay alone, and keeps them in place in the background until the returned stop, which
 // waits for the keeper to end (so a teardown after it is not undone). A first install that
@@ -22,12 +24,12 @@ func (d *daemonRun) startForwardRules(ctx context.Context) (stop func(), err err
 		}
 		return func() {}, nil
 	}
-	if d.cfg.IPv6Only() {
-		// The rules are iptables' (IPv4) FORWARD rules for the Network; there is none.
-		d.log.Info("--iptables-forward-rules: the rules are for IPv4 and the overlay is IPv6 only; none installed")
-		return func() {}, nil
+	// iptables' rules for the Network, ip6tables' for the IPv6Network: each family the overlay has.
+	var network6 netip.Prefix
+	if d.cfg.EnableIPv6 {
+		network6 = d.cfg.IPv6Network
 	}
-	r, err := fwrules.New(d.cfg.Network, d.log)
+	r, err := fwrules.New(d.cfg.Network, network6, d.log)
 	if err != nil {
 		return nil, fmt.Errorf("--iptables-forward-rules: %w", err)
 	}
@@ -41,7 +43,8 @@ func (d *daemonRun) startForwardRules(ctx context.Context) (stop func(), err err
 	if err != nil {
 		return nil, fmt.Errorf("--iptables-forward-rules (set it false to run without them): %w", err)
 	}
-	d.log.Info("iptables forward rules", "variant", rep.Variant, "why", rep.Why, "network", d.cfg.Network, "changes", rep.Changes)
+	d.log.Info("iptables forward rules", "variant", rep.Variant, "why", rep.Why, "network", d.cfg.Network,
+		"ip6tables_variant", rep.Variant6, "ip6tables_why", rep.Why6, "ipv6_network", network6, "changes", rep.Changes)
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {

@@ -11,14 +11,29 @@ import (
 	"github.com/xnet-dev/xnet/backend"
 )
 
-// underlay resolves --iface (a name, an IPv4 address, or empty for the default route's
-// interface) and --public-ip into the interface every backend is built on. It only reads.
-func underlay(nl *netlink.Handle, iface string, publicIP netip.Addr) (backend.ExternalInterface, error) {
+// underlay resolves --iface (a name, an address, or empty for the default route's interface)
+// and --public-ip into the interface every backend is built on. It only reads.
+//
+// In an IPv6-only overlay (ipv6Only) a host needs no IPv4 address: without --iface the
+// interface is the one holding --public-ipv6 (publicIPv6) or, without that, the IPv6 default
+// route's; IfaceIP and PublicIP are then the interface's IPv4 address and --public-ip when
+// there are any, else the zero Addr.
+func underlay(nl *netlink.Handle, iface string, publicIP netip.Addr, ipv6Only bool, publicIPv6 netip.Addr) (backend.ExternalInterface, error) {
 	var link netlink.Link
 	var ifaceIP netip.Addr
 	switch ip, err := netip.ParseAddr(iface); {
+	case iface == "" && ipv6Only && publicIPv6.IsValid():
+		link, err = linkWithAddr(nl, publicIPv6)
+		if err != nil {
+			return backend.ExternalInterface{}, usagef("--public-ipv6 %v: no interface here has that address: add it, or give --iface", publicIPv6)
+		}
+	case iface == "" && ipv6Only:
+		link, err = defaultRouteLink(nl, unix.AF_INET6)
+		if err != nil {
+			return backend.ExternalInterface{}, err
+		}
 	case iface == "":
-		link, err = defaultRouteLink(nl)
+		link, err = defaultRouteLink(nl, unix.AF_INET)
 		if err != nil {
 			return backend.ExternalInterface{}, err
 		}
@@ -27,7 +42,9 @@ func underlay(nl *netlink.Handle, iface string, publicIP netip.Addr) (backend.Ex
 		if err != nil {
 			return backend.ExternalInterface{}, err
 		}
-		ifaceIP = ip
+		if ip.Is4() {
+			ifaceIP = ip
+		}
 	default:
 		link, err = nl.LinkByName(iface)
 		if err != nil {
@@ -37,10 +54,10 @@ func underlay(nl *netlink.Handle, iface string, publicIP netip.Addr) (backend.Ex
 	attrs := link.Attrs()
 	if !ifaceIP.IsValid() {
 		ip, err := firstIPv4(nl, link)
-		if err != nil {
+		if err != nil && !ipv6Only {
 			return backend.ExternalInterface{}, err
 		}
-		ifaceIP = ip
+		ifaceIP = ip // the zero Addr on an IPv6-only host without IPv4
 	}
 	if attrs.Flags&net.FlagUp == 0 {
 		return backend.ExternalInterface{}, usagef("--iface %s is down: bring it up (ip link set %s up) or pick another interface", attrs.Name, attrs.Name)
@@ -58,9 +75,10 @@ func underlay(nl *netlink.Handle, iface string, publicIP netip.Addr) (backend.Ex
 	}, nil
 }
 
-// defaultRouteLink is the interface of the IPv4 default route with the lowest metric.
-func defaultRouteLink(nl *netlink.Handle) (netlink.Link, error) {
-	routes, err := nl.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+// defaultRouteLink is the interface of the default route of family (unix.AF_INET or AF_INET6)
+// with the lowest metric.
+func defaultRouteLink(nl *netlink.Handle, family int) (netlink.Link, error) {
+	routes, err := nl.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("list routes to find the default route's interface: %w", err)
 	}
@@ -78,6 +96,9 @@ func defaultRouteLink(nl *netlink.Handle) (netlink.Link, error) {
 			best = i
 		}
 	}
+	if best < 0 && family == unix.AF_INET6 {
+		return nil, usagef("--iface not given and there is no IPv6 default route (an IPv6-only overlay): give --iface NAME, --iface ADDRESS or --public-ipv6")
+	}
 	if best < 0 {
 		return nil, usagef("--iface not given and there is no IPv4 default route: give --iface NAME or --iface ADDRESS")
 	}
@@ -89,7 +110,7 @@ func defaultRouteLink(nl *netlink.Handle) (netlink.Link, error) {
 }
 
 func linkWithAddr(nl *netlink.Handle, ip netip.Addr) (netlink.Link, error) {
-	addrs, err := nl.AddrList(nil, unix.AF_INET)
+	addrs, err := nl.AddrList(nil, unix.AF_UNSPEC)
 	if err != nil {
 		return nil, fmt.Errorf("list addresses to find --iface %v: %w", ip, err)
 	}
@@ -102,7 +123,7 @@ func linkWithAddr(nl *netlink.Handle, ip netip.Addr) (netlink.Link, error) {
 			return link, nil
 		}
 	}
-	return nil, usagef("--iface %v: no interface here has that address: give an address from `ip -4 addr` or an interface name", ip)
+	return nil, usagef("--iface %v: no interface here has that address: give an address from `ip addr` or an interface name", ip)
 }
 
 func firstIPv4(nl *netlink.Handle, link netlink.Link) (netip.Addr, error) {

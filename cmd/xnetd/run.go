@@ -78,17 +78,6 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	if d.fds, err = openFDStore(log); err != nil {
 		return err
 	}
-	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("open netlink socket: %w", err)
-	}
-	d.iface, err = underlay(nl, o.iface, o.publicIP)
-	nl.Close()
-	if err != nil {
-		return err
-	}
-	log.Info("underlay interface", "iface", d.iface.Name, "iface_ip", d.iface.IfaceIP, "public_ip", d.iface.PublicIP, "mtu", d.iface.MTU)
-
 	d.mgr, err = subnetmgr.New(subnetmgr.Options{
 		Endpoints: o.etcdEndpoints,
 		Prefix:    o.etcdPrefix,
@@ -130,9 +119,21 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	if d.cfg.IPv6Only() && o.dockerNetworks {
 		return usagef("--docker-networks: xnet's Docker networks are IPv4, and the config sets EnableIPv4 false (an IPv6-only overlay): drop --docker-networks or set EnableIPv4 true")
 	}
+	// After the config: an IPv6-only overlay finds the interface without IPv4 (underlay).
+	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("open netlink socket: %w", err)
+	}
+	d.iface, err = underlay(nl, o.iface, o.publicIP, d.cfg.IPv6Only(), o.publicIPv6)
+	nl.Close()
+	if err != nil {
+		return err
+	}
 	if d.iface.PublicIPv6, err = publicIPv6(d.cfg, d.iface.Name, o.publicIPv6); err != nil {
 		return err
 	}
+	log.Info("underlay interface", "iface", d.iface.Name, "iface_ip", d.iface.IfaceIP, "public_ip", d.iface.PublicIP,
+		"public_ipv6", d.iface.PublicIPv6, "mtu", d.iface.MTU)
 	if err := d.prepareMacvlan(); err != nil {
 		return err
 	}

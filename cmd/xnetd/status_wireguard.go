@@ -29,7 +29,11 @@ func attachWireGuard(rep *statusReport, st state, stateFile string) {
 	}
 	datapath := wireguard.Datapath(st.Mode)
 	if datapath != wireguard.DatapathKernel && !rep.Running {
-		rep.WireGuard = &wireguardReport{Status: wireguard.Status{Datapath: datapath, Device: wireguard.DeviceName},
+		device := wireguard.DeviceName
+		if st.Config.IPv6Only() {
+			device, _ = wireguard.IPv6OnlyDevice(st.Config.Backend.WireGuard)
+		}
+		rep.WireGuard = &wireguardReport{Status: wireguard.Status{Datapath: datapath, Device: device},
 			Unavailable: "the daemon is not running, and the embedded WireGuard runs inside it"}
 		return
 	}

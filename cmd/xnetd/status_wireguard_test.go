@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/xnet-dev/xnet/backend/wireguard"
+	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
 // A wireguard host's status shows our public key and, per peer, the last handshake and the
@@ -148,5 +149,20 @@ func TestStatusShowsTheIPv6Device(t *testing.T) {
 	if v6 := got.WireGuard.V6; v6.Device != "xnet-wg-v6" || len(v6.Peers) != 1 || v6.Peers[0].Endpoint != "[fd00:198:18::13]:51821" ||
 		len(v6.Peers[0].Subnets) != 1 || v6.Peers[0].Subnets[0] != "fd00:10:244:3::/64" {
 		t.Errorf("JSON v6 section %+v from %s", v6, data)
+	}
+}
+
+// A stopped embedded WireGuard is reported under the device it ran: in an IPv6-only overlay in
+// separate mode that is xnet-wg-v6 alone, in auto mode xnet-wg.
+func TestStatusOfAStoppedIPv6OnlyWireGuardNamesItsDevice(t *testing.T) {
+	for mode, want := range map[string]string{"separate": wireguard.DeviceNameV6, "auto": wireguard.DeviceName} {
+		st := state{Backend: "wireguard", Mode: string(wireguard.DatapathEmbedded), Config: subnetmgr.Config{
+			EnableIPv6: true, IPv6Network: netip.MustParsePrefix("fd00:10:244::/48"),
+			Backend: subnetmgr.BackendConfig{Type: "wireguard", WireGuard: subnetmgr.WireGuardConfig{ListenPort: 51820, ListenPortV6: 51821, Mode: mode}}}}
+		var rep statusReport
+		attachWireGuard(&rep, st, "/nonexistent/state.json")
+		if rep.WireGuard == nil || rep.WireGuard.Device != want || rep.WireGuard.Unavailable == "" {
+			t.Errorf("mode %s: %+v, want %s, unavailable", mode, rep.WireGuard, want)
+		}
 	}
 }

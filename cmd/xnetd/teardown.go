@@ -67,7 +67,7 @@ func cmdTeardown(args []string, stdout, stderr io.Writer, lookup func(string) (s
 	if err != nil {
 		return fmt.Errorf("open netlink socket: %w", err)
 	}
-	iface, err := underlay(nl, ifaceName, o.publicIP)
+	iface, err := underlay(nl, ifaceName, o.publicIP, cfg.IPv6Only(), o.publicIPv6)
 	nl.Close()
 	if err != nil {
 		errs = append(errs, fmt.Errorf("backends not torn down: %w", err))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -25,12 +26,12 @@ const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd0
 // IPv6 subnet, nothing of an IPv4 overlay on the hosts, and containers reaching each other over
 // IPv6 (ping, TCP both ways).
 func TestIPv6OnlyThreeHosts(t *testing.T) {
-	for _, backendName := range []string{"vxlan", "host-gw"} {
+	for _, backendName := range []string{"vxlan", "host-gw", "wireguard"} {
 		t.Run(backendName, func(t *testing.T) {
 			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: true},
 				fmt.Sprintf(ipv6OnlyConfig, backendName), "--backend", backendName)
 			subnets := checkIPv6OnlyLeases(t, topo, nodes, backendName)
-			mtu := map[string]int{"vxlan": 1430, "host-gw": 1500}[backendName]
+			mtu := map[string]int{"vxlan": 1430, "host-gw": 1500, "wireguard": 1420}[backendName]
 			for _, n := range nodes {
 				checkIPv6OnlyFiles(t, n, subnets[n.UnderlayIPv6], mtu)
 				checkIPv6OnlyStatus(t, n, subnets)
@@ -43,6 +44,10 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 				}
 				if backendName == "vxlan" && !strings.Contains(links, "xnet-v6.1") {
 					t.Errorf("%s has no xnet-v6.1:\n%s", n.Name, links)
+				}
+				// flannel's separate mode (the default) with IPv4 off: only the IPv6 device.
+				if backendName == "wireguard" && (!strings.Contains(links, "xnet-wg-v6") || strings.Contains(links, "xnet-wg ")) {
+					t.Errorf("%s: want xnet-wg-v6 and no xnet-wg:\n%s", n.Name, links)
 				}
 			}
 			cs := xdContainers(t, nodes)
@@ -73,10 +78,9 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 			if failed := ipv6Mesh(cs); len(failed) > 0 {
 				t.Errorf("after a restart of %s, pings failed:\n%s", r.Name, strings.Join(failed, "\n"))
 			}
-			// Its checks are IPv4's: it says so rather than report problems that are not there.
-			if out, code := nodes[0].check(t); code != 2 || !strings.Contains(out, "IPv6-only") || !strings.Contains(out, "EnableIPv4 false") {
-				t.Errorf("xnetd check on an IPv6-only overlay: exit %d, want 2 naming EnableIPv4:\n%s", code, out)
-			}
+			t.Run("xnetd check passes on the healthy cluster and names each fault injected", func(t *testing.T) {
+				checkIPv6OnlyFaults(t, nodes, backendName)
+			})
 
 			n := nodes[2]
 			if err := n.proc.Stop(); err != nil {
@@ -96,8 +100,8 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 }
 
 // checkIPv6OnlyLeases: one key per host, flannel's IPv6-only key and value (no BackendData,
-// BackendV6Data for vxlan only), distinct IPv6 subnets; returns each host's subnet by its
-// PublicIPv6.
+// BackendV6Data for vxlan and wireguard only), distinct IPv6 subnets; returns each host's
+// subnet by its PublicIPv6.
 func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, backendName string) map[netip.Addr]netip.Prefix {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -117,7 +121,7 @@ func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, 
 		v := string(kv.Value)
 		if err != nil || !strings.HasPrefix(v, `{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::`) ||
 			!strings.Contains(v, `"BackendType":"`+backendName+`"`) || strings.Contains(v, `"BackendData"`) ||
-			strings.Contains(v, `"BackendV6Data"`) != (backendName == "vxlan") {
+			strings.Contains(v, `"BackendV6Data"`) != (backendName == "vxlan" || backendName == "wireguard") {
 			t.Errorf("key %s = %s (%v): want flannel's IPv6-only value", kv.Key, kv.Value, err)
 			continue
 		}
@@ -246,4 +250,265 @@ func ipv6Mesh(cs []*harness.Container) []string {
 	wg.Wait()
 	slices.Sort(failed)
 	return failed
+}
+
+// checkIPv6OnlyFaults: `xnetd check` exits 0 on every host of a healthy IPv6-only cluster; on
+// one host, each fault injected (Docker's options, a peer's route, vxlan's neighbour,
+// wireguard's IPv6Network route, an unreachable peer PublicIPv6, an ip6 firewall rule on the
+// backend's port) fails the check naming the problem and its fix, and once it is undone the
+// check passes again. A rule of the ip (IPv4) family is not reported: it sees no IPv6.
+func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
+	for _, n := range nodes {
+		if out, code := n.check(t); code != 0 || !strings.Contains(out, "everything checked holds") {
+			t.Errorf("xnetd check on the healthy %s: exit %d\n%s", n.Name, code, out)
+		}
+	}
+	a, b := nodes[0], nodes[1] // b breaks; a is its peer
+	aSubnet := a.state(t).Lease.Subnet
+	device := map[string]string{"vxlan": "xnet-v6.1", "wireguard": "xnet-wg-v6", "host-gw": "eth0"}[backendName]
+	port := map[string]string{"vxlan": "8472", "wireguard": "51821"}[backendName]
+	route := strings.TrimSpace(b.out(t, "ip", "-6", "route", "show", "exact", aSubnet.String()))
+	if route == "" {
+		t.Fatalf("%s has no route to %v", b.Name, aSubnet)
+	}
+	opts, err := os.ReadFile(b.DockerOptsFile())
+	if err != nil {
+		t.Fatal(err)
+	}
+	type fault struct {
+		name            string
+		inject, restore func(t *testing.T)
+		says            []string
+	}
+	faults := []fault{
+		{"Docker's options name another IPv6 subnet",
+			func(t *testing.T) {
+				if err := os.WriteFile(b.DockerOptsFile(), []byte(`DOCKER_NETWORK_OPTIONS=" --ipv6 --fixed-cidr-v6=fd00:10:244:ff::/64 --mtu=1400"`+"\n"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			},
+			func(t *testing.T) {
+				if err := os.WriteFile(b.DockerOptsFile(), opts, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			},
+			[]string{"FAIL  files", "--fixed-cidr-v6=fd00:10:244:ff::/64", "systemctl restart xnetd"}},
+		{"the route to a peer's IPv6 subnet deleted",
+			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", aSubnet.String(), "dev", device) },
+			func(t *testing.T) { b.sh(t, append([]string{"ip", "-6", "route", "add"}, strings.Fields(route)...)...) },
+			[]string{"FAIL  routes", fmt.Sprintf("lacks %v", aSubnet), "systemctl restart xnetd"}},
+		{"a peer's PublicIPv6 unreachable on the underlay",
+			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "add", "unreachable", a.UnderlayIPv6.String()+"/128") },
+			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", "unreachable", a.UnderlayIPv6.String()+"/128") },
+			[]string{"FAIL  underlay", "peers' PublicIPv6s: " + a.UnderlayIPv6.String(), "ip -6 route"}},
+	}
+	switch backendName {
+	case "vxlan":
+		neigh := strings.Fields(b.out(t, "ip", "-6", "neigh", "show", aSubnet.Addr().String(), "dev", device))
+		i := slices.Index(neigh, "lladdr")
+		if i < 0 || i+1 >= len(neigh) {
+			t.Fatalf("%s has no neighbour %v on %s: %q", b.Name, aSubnet.Addr(), device, neigh)
+		}
+		mac := neigh[i+1]
+		faults = append(faults, fault{"vxlan's neighbour entry for a peer deleted",
+			func(t *testing.T) { b.sh(t, "ip", "-6", "neigh", "del", aSubnet.Addr().String(), "dev", device) },
+			func(t *testing.T) {
+				b.sh(t, "ip", "-6", "neigh", "replace", aSubnet.Addr().String(), "lladdr", mac, "dev", device, "nud", "permanent")
+			},
+			[]string{"FAIL  routes", "no permanent neighbour " + aSubnet.Addr().String()}})
+	case "wireguard":
+		faults = append(faults, fault{"wireguard's IPv6Network route deleted",
+			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", "fd00:10:244::/56", "dev", device) },
+			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "add", "fd00:10:244::/56", "dev", device) },
+			[]string{"FAIL  device", "no route fd00:10:244::/56 dev " + device, "leaves unencrypted"}})
+	}
+	if port != "" {
+		faults = append(faults, fault{"an ip6 firewall rule drops the backend's port (and an ip one, which sees no IPv6)",
+			func(t *testing.T) {
+				b.sh(t, "nft", "add table ip6 v6fw")
+				b.sh(t, "nft", "add chain ip6 v6fw in { type filter hook input priority 0 ; }")
+				b.sh(t, "nft", "add rule ip6 v6fw in udp dport "+port+" drop")
+				b.sh(t, "nft", "add table ip v4fw")
+				b.sh(t, "nft", "add chain ip v4fw in { type filter hook input priority 0 ; }")
+				b.sh(t, "nft", "add rule ip v4fw in udp dport "+port+" drop")
+			},
+			func(t *testing.T) { b.sh(t, "nft", "delete table ip6 v6fw"); b.sh(t, "nft", "delete table ip v4fw") },
+			[]string{"FAIL  firewall", "nftables table ip6 v6fw chain in (hook input) handle", "drops UDP " + port + " over IPv6", "nft delete rule ip6 v6fw in handle"}})
+	}
+	for _, f := range faults {
+		t.Run(f.name, func(t *testing.T) {
+			f.inject(t)
+			out, code := b.check(t)
+			f.restore(t)
+			if code != 1 {
+				t.Errorf("xnetd check on %s: exit %d, want 1\n%s", b.Name, code, out)
+			}
+			for _, want := range f.says {
+				if !strings.Contains(out, want) {
+					t.Errorf("xnetd check on %s does not say %q:\n%s", b.Name, want, out)
+				}
+			}
+			if strings.Contains(out, "v4fw") {
+				t.Errorf("xnetd check names a rule of the ip family, which sees no IPv6:\n%s", out)
+			}
+			if out, code := b.check(t); code != 0 {
+				t.Errorf("xnetd check on %s after the fault was undone: exit %d\n%s", b.Name, code, out)
+			}
+		})
+	}
+}
+
+// out runs a command in the host's namespace and returns its output, failing the test if it
+// fails.
+func (n *xdNode) out(t *testing.T, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := n.Run(ctx, args[0], args[1:]...)
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", n.Name, err, out)
+	}
+	return out
+}
+
+// An IPv6-only overlay runs on a host whose underlay interface has no IPv4 address at all:
+// xnetd finds the interface without --iface by its IPv6 default route, or as the one holding
+// --public-ipv6, reaches etcd over IPv6, and its containers reach the others' over IPv6; `xnetd
+// check` passes there.
+func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
+	for _, backendName := range []string{"vxlan", "wireguard"} {
+		t.Run(backendName, func(t *testing.T) {
+			topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true, IPv6Underlay: true})
+			v6only := topo.Hosts()[2]
+			if out, err := v6only.Run(t.Context(), "ip", "-4", "addr", "flush", "dev", "eth0"); err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(ipv6OnlyConfig, backendName))
+			bin := harness.BuildXnetd(t)
+			// No --iface (XnetdArgs' is overridden): the IPv6 default route's interface, or
+			// the one holding --public-ipv6; etcd over IPv6 for every host alike.
+			extra := func(h *harness.Host) []string {
+				args := []string{"--iface=", "--etcd-endpoints", topo.EtcdEndpointV6(), "--backend", backendName}
+				if h.Index == 1 {
+					args = append(args, "--public-ipv6", h.UnderlayIPv6.String())
+				}
+				return args
+			}
+			var nodes []*xdNode
+			for _, h := range topo.Hosts() {
+				n := &xdNode{Host: h, bin: bin, extra: extra(h)}
+				n.start(t)
+				n.waitReady(t)
+				nodes = append(nodes, n)
+			}
+			for _, n := range nodes {
+				n.waitPeers(t, len(nodes)-1)
+			}
+			if addrs := nodes[2].out(t, "ip", "-4", "-br", "addr", "show", "dev", "eth0"); strings.TrimSpace(addrs) != "" && strings.Contains(addrs, ".") {
+				t.Fatalf("%s's eth0 has IPv4 still: %s", nodes[2].Name, addrs)
+			}
+			for _, n := range nodes {
+				var st struct {
+					Iface    string     `json:"iface"`
+					PublicIP netip.Addr `json:"public_ip"`
+					Lease    struct {
+						PublicIPv6 netip.Addr `json:"public_ipv6"`
+					} `json:"lease"`
+				}
+				n.statusInto(t, &st)
+				if st.Iface != "eth0" || st.Lease.PublicIPv6 != n.UnderlayIPv6 {
+					t.Errorf("%s: underlay %q with PublicIPv6 %v, want eth0 with %v", n.Name, st.Iface, st.Lease.PublicIPv6, n.UnderlayIPv6)
+				}
+				if n == nodes[2] && st.PublicIP.IsValid() {
+					t.Errorf("%s has no IPv4 address, yet xnetd took PublicIP %v", n.Name, st.PublicIP)
+				}
+			}
+			cs := xdContainers(t, nodes)
+			if failed := ipv6Mesh(cs); len(failed) > 0 {
+				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
+			}
+			transferTo(t, cs[0], cs[2], cs[2].IPv6, 8<<20)
+			transferTo(t, cs[2], cs[1], cs[1].IPv6, 8<<20)
+			if out, code := nodes[2].check(t); code != 0 {
+				t.Errorf("xnetd check on %s (no IPv4): exit %d\n%s", nodes[2].Name, code, out)
+			}
+		})
+	}
+}
+
+// dockerdStart6 is dockerdStart for ip6tables, as dockerd with --ipv6 --fixed-cidr-v6 (and
+// ip6tables on, Docker 27's default) adds it: FORWARD policy DROP, its chains, its rules first
+// in FORWARD and POSTROUTING. %[1]s is the IPv6 subnet.
+const dockerdStart6 = `*filter
+:FORWARD DROP [0:0]
+:DOCKER - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-ISOLATION-STAGE-2 - [0:0]
+:DOCKER-USER - [0:0]
+-I FORWARD 1 -i docker0 -o docker0 -j ACCEPT
+-I FORWARD 1 -i docker0 ! -o docker0 -j ACCEPT
+-I FORWARD 1 -o docker0 -j DOCKER
+-I FORWARD 1 -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-I FORWARD 1 -j DOCKER-ISOLATION-STAGE-1
+-I FORWARD 1 -j DOCKER-USER
+-A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j DOCKER-ISOLATION-STAGE-2
+-A DOCKER-ISOLATION-STAGE-1 -j RETURN
+-A DOCKER-ISOLATION-STAGE-2 -o docker0 -j DROP
+-A DOCKER-ISOLATION-STAGE-2 -j RETURN
+-A DOCKER-USER -j RETURN
+COMMIT
+*nat
+:DOCKER - [0:0]
+-I PREROUTING 1 -m addrtype --dst-type LOCAL -j DOCKER
+-I OUTPUT 1 ! -d ::1/128 -m addrtype --dst-type LOCAL -j DOCKER
+-I POSTROUTING 1 -s %[1]s ! -o docker0 -j MASQUERADE
+-A DOCKER -i docker0 -j RETURN
+COMMIT
+`
+
+// TestIPv6OnlyDockerFirewall: dockerd with IPv6 starts after xnetd on every host of an
+// IPv6-only overlay (ip6tables FORWARD policy DROP, its MASQUERADE first in POSTROUTING), and
+// containers on different hosts still reach each other over IPv6, each seeing the other's own
+// address: xnetd keeps XNET-FWD and XNET-POSTRTG for the IPv6Network in ip6tables, and no
+// iptables rule of its own.
+func TestIPv6OnlyDockerFirewall(t *testing.T) {
+	if _, err := exec.LookPath("ip6tables-restore"); err != nil {
+		t.Fatalf("ip6tables-restore (installed by .ci/run): %v", err)
+	}
+	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "vxlan"), "--backend", "vxlan")
+	cs := xdContainers(t, nodes)
+	for _, n := range nodes {
+		cmd := exec.Command("nsenter", "--net="+n.Path(), "--", "ip6tables-restore", "--noflush")
+		cmd.Stdin = strings.NewReader(fmt.Sprintf(dockerdStart6, n.Docker0IPv6().Masked()))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("dockerd's ip6tables rules on %s: %v\n%s", n.Name, err, out)
+		}
+	}
+	// Docker put its MASQUERADE in front of our POSTROUTING jump: xnetd moves it back within
+	// moments (it watches nf_tables).
+	for _, n := range nodes {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			post := n.out(t, "ip6tables", "-t", "nat", "-S", "POSTROUTING")
+			fwd := n.out(t, "ip6tables-save", "-t", "filter")
+			if ours := strings.Index(post, "XNET-POSTRTG"); ours >= 0 && ours < strings.Index(post, "MASQUERADE") &&
+				strings.Contains(fwd, "-A XNET-FWD -s fd00:10:244::/56 -j ACCEPT") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: ip6tables without our rules in place after 5 s:\n%s\n%s", n.Name, post, fwd)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if v4 := n.out(t, "iptables-save"); strings.Contains(v4, "XNET-") {
+			t.Errorf("%s: iptables rules of ours in an IPv6-only overlay:\n%s", n.Name, v4)
+		}
+	}
+	if failed := ipv6Mesh(cs); len(failed) > 0 {
+		t.Fatalf("pings failed behind Docker's ip6tables firewall:\n%s", strings.Join(failed, "\n"))
+	}
+	src, err := harness.SourceSeen(cs[0].Namespace, cs[1].Namespace, cs[1].IPv6, 3)
+	if err != nil || src != cs[0].IPv6 {
+		t.Errorf("%s's container saw %v (%v), want the sender's own address %v (not masqueraded)", nodes[1].Name, src, err, cs[0].IPv6)
+	}
 }

@@ -194,51 +194,103 @@ func TestWireGuardCarriesIPv6Encrypted(t *testing.T) {
 		{"to a host without an IPv6 underlay", c, cs[2], netip.AddrPortFrom(c.UnderlayIP, 51820), a.UnderlayIP, c.UnderlayIP},
 	} {
 		t.Run("IPv6 between containers is not in clear on the underlay "+tc.desc, func(t *testing.T) {
-			marker, control := wgMarker(t, "overlay6"), wgMarker(t, "clear")
-			const count = 20
-			sink := wgSinkOn(t, tc.cTo, tc.cTo.IPv6, 7777)
-			pcap := filepath.Join(t.TempDir(), "underlay.pcap")
-			// On the receiver's port of the bridge: frames forwarded between ports never pass br0.
-			dump, err := topo.Underlay().Start("tcpdump", "--immediate-mode", "-i", tc.to.Name, "-U", "-s", "0", "-w", pcap, "udp")
-			if err != nil {
-				t.Fatal(err)
+			wgWantSealed(t, topo, a, cs[0], tc.to, tc.cTo, tc.wgPort, tc.from, tc.clearDst)
+		})
+	}
+}
+
+// wgWantSealed sends marked UDP datagrams from cFrom (on from) to cTo's IPv6 address (on to)
+// while the underlay is captured on to's port, and a control marker in clear from from to
+// clearDst, an underlay address of to: the control marker must be in the capture (it sees the
+// traffic), the marked ones must not, and WireGuard transport data from src to wgPort at least
+// as long as them must.
+func wgWantSealed(t *testing.T, topo *harness.Topology, from *xdNode, cFrom *harness.Container, to *xdNode, cTo *harness.Container,
+	wgPort netip.AddrPort, src, clearDst netip.Addr) {
+	t.Helper()
+	marker, control := wgMarker(t, "overlay6"), wgMarker(t, "clear")
+	const count = 20
+	sink := wgSinkOn(t, cTo, cTo.IPv6, 7777)
+	pcap := filepath.Join(t.TempDir(), "underlay.pcap")
+	// On the receiver's port of the bridge: frames forwarded between ports never pass br0.
+	dump, err := topo.Underlay().Start("tcpdump", "--immediate-mode", "-i", to.Name, "-U", "-s", "0", "-w", pcap, "udp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(dump.Output(), "listening on"); time.Sleep(20 * time.Millisecond) {
+		if dump.Exited() || time.Now().After(deadline) {
+			t.Fatalf("tcpdump did not start: %s", dump.Output())
+		}
+	}
+	wgSend(t, cFrom.Namespace, netip.AddrPortFrom(cTo.IPv6, 7777), marker, count)
+	wgSend(t, from.Namespace, netip.AddrPortFrom(clearDst, 9), control, 1) // discard port: in clear
+	if got := sink.wait(count, 5*time.Second); got != count {
+		t.Fatalf("%s's container received %d of %d marked datagrams", to.Name, got, count)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := dump.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	capture, err := os.ReadFile(pcap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(capture, control) {
+		t.Fatalf("the capture lacks the marker sent in clear: it sees nothing (%d bytes, %s)", len(capture), dump.Output())
+	}
+	if bytes.Contains(capture, marker) {
+		t.Errorf("the marker sent between containers over IPv6 is in clear on the underlay")
+	}
+	// WireGuard transport data (type 4) at least as long as the marked datagrams: a batch
+	// wireguard-go sends with UDP GSO crosses the veths as one frame, so bytes are counted,
+	// not datagrams.
+	sent := 0
+	for _, d := range wgUDP(t, capture) {
+		if d.src.Addr() == src && d.dst == wgPort && len(d.payload) >= 32+len(marker) && d.payload[0] == 4 {
+			sent += len(d.payload)
+		}
+	}
+	if want := count * (32 + len(marker)); sent < want {
+		t.Errorf("the capture holds %d bytes of WireGuard data from %v to %v, want at least the %d of the marked datagrams", sent, src, wgPort, want)
+	}
+}
+
+// An IPv6-only overlay of wireguard hosts (flannel's separate mode, the default): each runs
+// only xnet-wg-v6 on port 51821 with its peers at [PublicIPv6]:51821 and their IPv6 subnets,
+// and what containers send each other crosses the underlay sealed; with Mode auto the one
+// device is xnet-wg on 51820.
+func TestWireGuardIPv6OnlyEncrypted(t *testing.T) {
+	for _, tc := range []struct {
+		mode, device string
+		port         uint16
+	}{
+		{"separate", wireguard.DeviceNameV6, 51821},
+		{"auto", wireguard.DeviceName, 51820},
+	} {
+		t.Run("Mode="+tc.mode, func(t *testing.T) {
+			config := fmt.Sprintf(`{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":%q}}`, tc.mode)
+			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, config)
+			cs := xdContainers(t, nodes)
+			if failed := ipv6Mesh(cs); len(failed) > 0 {
+				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 			}
-			for deadline := time.Now().Add(10 * time.Second); !strings.Contains(dump.Output(), "listening on"); time.Sleep(20 * time.Millisecond) {
-				if dump.Exited() || time.Now().After(deadline) {
-					t.Fatalf("tcpdump did not start: %s", dump.Output())
-				}
+			a, b := nodes[0], nodes[1]
+			var st struct {
+				WireGuard struct {
+					Device     string         `json:"device"`
+					ListenPort uint16         `json:"listen_port"`
+					Peers      []wgPeerStatus `json:"peers"`
+					V6         *struct{}      `json:"v6"`
+				} `json:"wireguard"`
 			}
-			wgSend(t, cs[0].Namespace, netip.AddrPortFrom(tc.cTo.IPv6, 7777), marker, count)
-			wgSend(t, a.Namespace, netip.AddrPortFrom(tc.clearDst, 9), control, 1) // discard port: in clear
-			if got := sink.wait(count, 5*time.Second); got != count {
-				t.Fatalf("%s's container received %d of %d marked datagrams", tc.to.Name, got, count)
+			a.statusInto(t, &st)
+			wg, bSub := st.WireGuard, b.state(t).Lease.Subnet
+			if wg.Device != tc.device || wg.ListenPort != tc.port || wg.V6 != nil || len(wg.Peers) != 1 ||
+				wg.Peers[0].Endpoint != netip.AddrPortFrom(b.UnderlayIPv6, tc.port).String() || !slices.Equal(wg.Peers[0].Subnets, []netip.Prefix{bSub}) {
+				t.Errorf("status %+v: want %s on %d alone, its one peer %s's IPv6 subnet %v at [%v]:%d", wg, tc.device, tc.port, b.Name, bSub, b.UnderlayIPv6, tc.port)
 			}
-			time.Sleep(200 * time.Millisecond)
-			if err := dump.Stop(); err != nil {
-				t.Fatal(err)
-			}
-			capture, err := os.ReadFile(pcap)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Contains(capture, control) {
-				t.Fatalf("the capture lacks the marker sent in clear: it sees nothing (%d bytes, %s)", len(capture), dump.Output())
-			}
-			if bytes.Contains(capture, marker) {
-				t.Errorf("the marker sent between containers over IPv6 is in clear on the underlay")
-			}
-			// WireGuard transport data (type 4) at least as long as the marked datagrams: a
-			// batch wireguard-go sends with UDP GSO crosses the veths as one frame, so bytes
-			// are counted, not datagrams.
-			sent := 0
-			for _, d := range wgUDP(t, capture) {
-				if d.src.Addr() == tc.from && d.dst == tc.wgPort && len(d.payload) >= 32+len(marker) && d.payload[0] == 4 {
-					sent += len(d.payload)
-				}
-			}
-			if want := count * (32 + len(marker)); sent < want {
-				t.Errorf("the capture holds %d bytes of WireGuard data from %v to %v, want at least the %d of the marked datagrams", sent, tc.from, tc.wgPort, want)
-			}
+			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
+			transferTo(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
+			wgWantSealed(t, topo, a, cs[0], b, cs[1], netip.AddrPortFrom(b.UnderlayIPv6, tc.port), a.UnderlayIPv6, b.UnderlayIPv6)
 		})
 	}
 }

@@ -766,6 +766,7 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 	xdPut(t, topo, subnetmgr.ConfigKey("/badnet/network"), `{"Network":"10.244.0.0/33"}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badtype/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/v6only/network"), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}`)
+	xdPut(t, topo, subnetmgr.ConfigKey("/v6onlywg4/network"), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":"ipv4"}}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/nofamily/network"), `{"EnableIPv4":false,"EnableIPv6":false,"Network":"10.244.0.0/16"}`)
 	xdPut(t, topo, subnetmgr.ConfigKey("/badmacvlan/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},"Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":31}}`)
 
@@ -783,9 +784,9 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 		{"invalid Network in the config", "/badnet/network", nil, []string{"/badnet/network/config", "Network"}},
 		{"unknown Backend.Type in the config", "/badtype/network", nil, []string{"Backend.Type", "ipip"}},
 		{"--macvlan without a Macvlan section in the config", "/good/network", []string{"--macvlan"}, []string{"/good/network/config", "no Macvlan section", "--macvlan"}},
-		{"IPv6-only config with the ebpf backend", "/v6only/network", []string{"--backend=ebpf"}, []string{"--backend=ebpf", "EnableIPv4 false", "use vxlan or host-gw"}},
-		{"IPv6-only config with the udp backend", "/v6only/network", []string{"--backend=udp"}, []string{"--backend=udp", "EnableIPv4 false", "use vxlan or host-gw"}},
-		{"IPv6-only config with the wireguard backend", "/v6only/network", []string{"--backend=wireguard"}, []string{"--backend=wireguard", "EnableIPv4 false", "use vxlan or host-gw"}},
+		{"IPv6-only config with the ebpf backend", "/v6only/network", []string{"--backend=ebpf"}, []string{"--backend=ebpf", "EnableIPv4 false", "use vxlan or host-gw or wireguard"}},
+		{"IPv6-only config with the udp backend", "/v6only/network", []string{"--backend=udp"}, []string{"--backend=udp", "EnableIPv4 false", "use vxlan or host-gw or wireguard"}},
+		{"IPv6-only config with wireguard in Mode ipv4", "/v6onlywg4/network", []string{"--backend=wireguard"}, []string{"/v6onlywg4/network/config", "Backend.Mode", "EnableIPv4 false"}},
 		{"IPv6-only config on a host without an IPv6 underlay", "/v6only/network", nil, []string{"EnableIPv4 false", "no global IPv6 address", "--public-ipv6"}},
 		{"a config with neither address family", "/nofamily/network", nil, []string{"/nofamily/network/config", "EnableIPv4", "EnableIPv6"}},
 		{"invalid Macvlan section (with or without --macvlan)", "/badmacvlan/network", nil, []string{"/badmacvlan/network/config", "Macvlan.RangeLen", "31"}},

@@ -26,6 +26,7 @@ type etcdServer struct {
 	client   *clientv3.Client
 	loopback string // host:port of the client URL on 127.0.0.1
 	relay    *tcpRelay
+	relay6   *tcpRelay // on the IPv6 underlay gateway (Options.IPv6Underlay), else nil
 	log      *slog.Logger
 }
 
@@ -106,9 +107,17 @@ func (s *etcdServer) serveRelay(l net.Listener) {
 	s.relay.serve(l)
 }
 
+// serveRelayV6 is serveRelay for a second listener, on the IPv6 underlay gateway address.
+func (s *etcdServer) serveRelayV6(l net.Listener) {
+	s.relay6 = newRelay(s.loopback, s.log)
+	s.relay6.serve(l)
+}
+
 func (s *etcdServer) close() {
-	if s.relay != nil {
-		s.relay.close()
+	for _, r := range []*tcpRelay{s.relay, s.relay6} {
+		if r != nil {
+			r.close()
+		}
 	}
 	if s.client != nil {
 		s.client.Close()

@@ -238,6 +238,19 @@ func (t *Topology) build(ctx context.Context, opts Options) error {
 			return fmt.Errorf("harness: etcd relay listener in %s: %w", t.underlay.Name, err)
 		}
 		t.etcd.serveRelay(l)
+		if t.ipv6 {
+			// A host without IPv4 (its eth0 holding only the IPv6 underlay address) reaches
+			// etcd at EtcdEndpointV6.
+			err = t.underlay.Do(func() error {
+				var err error
+				l, err = net.Listen("tcp6", netip.AddrPortFrom(UnderlayGatewayV6, EtcdPort).String())
+				return err
+			})
+			if err != nil {
+				return fmt.Errorf("harness: etcd IPv6 relay listener in %s: %w", t.underlay.Name, err)
+			}
+			t.etcd.serveRelayV6(l)
+		}
 	}
 	return nil
 }
@@ -376,6 +389,12 @@ func (t *Topology) ID() string { return t.id }
 // EtcdEndpoint is the etcd URL for processes inside the topology.
 func (t *Topology) EtcdEndpoint() string {
 	return "http://" + netip.AddrPortFrom(UnderlayGateway, EtcdPort).String()
+}
+
+// EtcdEndpointV6 is etcd's URL on the IPv6 underlay gateway, served with Options.IPv6Underlay
+// (and WithEtcd): for hosts without an IPv4 address.
+func (t *Topology) EtcdEndpointV6() string {
+	return "http://" + netip.AddrPortFrom(UnderlayGatewayV6, EtcdPort).String()
 }
 
 // EtcdClient is a client for the test process itself (root namespace, loopback); nil without

@@ -1,0 +1,217 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	ebpfbackend "github.com/xnet-dev/xnet/backend/ebpf"
+	"github.com/xnet-dev/xnet/backend/vxlan"
+	"github.com/xnet-dev/xnet/backend/wireguard"
+	"github.com/xnet-dev/xnet/subnetmgr"
+)
+
+// The parts of `xnetd check` that differ in an IPv6-only overlay (EnableIPv4 false): what
+// flannel writes there (subnet.env with only IPV6_NETWORK and IPV6_SUBNET, Docker options
+// with --fixed-cidr-v6 and no --bip), the backends' IPv6 devices and neighbours, and the
+// firewall rules that see IPv6.
+
+// publicIPName is what a lease's host address is called in the checks' output.
+func (c *checker) publicIPName() string {
+	if c.ipv6Only() {
+		return "PublicIPv6"
+	}
+	return "PublicIP"
+}
+
+// checkFilesIPv6Only compares subnet.env and the Docker options with our IPv6 lease, and
+// docker0's IPv6 addresses with them.
+func (c *checker) checkFilesIPv6Only() checkResult {
+	r := checkResult{Check: "files"}
+	if !c.subnet.IsValid() {
+		r.Status, r.Detail = checkSkip, "no subnet to compare the files with"
+		return r
+	}
+	sf, err := subnetmgr.ReadSubnetFile(c.o.subnetFile)
+	if err != nil {
+		r.Status, r.Detail = checkFail, fmt.Sprintf("%s: %v", c.o.subnetFile, unwrapPath(err))
+		r.Fix = "systemctl restart xnetd: it writes the file at start"
+		return r
+	}
+	switch {
+	case sf.Subnet.IsValid() || sf.Network.IsValid():
+		r.Problems = append(r.Problems, fmt.Sprintf("%s sets XNET_NETWORK=%v and XNET_SUBNET=%v in an IPv6-only overlay (a file of an earlier IPv4 run)", c.o.subnetFile, sf.Network, sf.Subnet))
+	case sf.IPv6Subnet.Masked() != c.subnet:
+		r.Problems = append(r.Problems, fmt.Sprintf("%s says XNET_IPV6_SUBNET=%v, the lease is %v", c.o.subnetFile, sf.IPv6Subnet, c.subnet))
+	case c.cfg.IPv6Network.IsValid() && sf.IPv6Network != c.cfg.IPv6Network:
+		r.Problems = append(r.Problems, fmt.Sprintf("%s says XNET_IPV6_NETWORK=%v, the config %v", c.o.subnetFile, sf.IPv6Network, c.cfg.IPv6Network))
+	}
+	fixed, mtu, err := readDockerOptsIPv6Only(c.o.dockerOptsFile)
+	switch {
+	case err != nil:
+		r.Problems = append(r.Problems, fmt.Sprintf("%s: %v", c.o.dockerOptsFile, unwrapPath(err)))
+	case fixed != c.subnet:
+		r.Problems = append(r.Problems, fmt.Sprintf("%s gives Docker --fixed-cidr-v6=%v, the lease is %v", c.o.dockerOptsFile, fixed, c.subnet))
+	case mtu != sf.MTU:
+		r.Problems = append(r.Problems, fmt.Sprintf("%s gives Docker --mtu=%d, %s says XNET_MTU=%d", c.o.dockerOptsFile, mtu, c.o.subnetFile, sf.MTU))
+	}
+	if len(r.Problems) > 0 {
+		r.Status, r.Fix = checkFail, "systemctl restart xnetd (it rewrites both files), then systemctl restart docker"
+		r.Detail = "the files Docker starts from do not match the lease"
+		return r
+	}
+	// Docker gives docker0 an address of --fixed-cidr-v6 when it starts: global IPv6 addresses
+	// elsewhere mean it started from an older file.
+	if br, err := netlink.LinkByName(ebpfbackend.DockerBridge); err == nil {
+		addrs, _ := netlink.AddrList(br, unix.AF_INET6)
+		var have []string
+		match := true
+		for _, a := range addrs {
+			ip, ok := netip.AddrFromSlice(a.IP)
+			if !ok || ip.IsLinkLocalUnicast() {
+				continue
+			}
+			ones, _ := a.Mask.Size()
+			have = append(have, netip.PrefixFrom(ip, ones).String())
+			match = match && c.subnet.Contains(ip)
+		}
+		if !match {
+			r.Status, r.Detail = checkFail, "docker0 is not on the lease's IPv6 subnet"
+			r.Problems = []string{fmt.Sprintf("docker0 has %s, the lease is %v: Docker started before xnetd wrote %s, or before the lease changed", strings.Join(have, ", "), c.subnet, c.o.dockerOptsFile)}
+			r.Fix = "systemctl restart docker"
+			return r
+		}
+	}
+	r.Status = checkOK
+	r.Detail = fmt.Sprintf("%s and %s match the lease: --fixed-cidr-v6=%v --mtu=%d", c.o.subnetFile, c.o.dockerOptsFile, c.subnet, sf.MTU)
+	return r
+}
+
+// readDockerOptsIPv6Only reads --fixed-cidr-v6 and --mtu from the options file of an
+// IPv6-only overlay; a --bip there is an error (the file of an IPv4 run).
+func readDockerOptsIPv6Only(path string) (fixed netip.Prefix, mtu int, err error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fixed, 0, err
+	}
+	for _, f := range strings.Fields(strings.Trim(strings.TrimSpace(string(data)), `"`)) {
+		f = strings.Trim(f, `"`)
+		if v, ok := strings.CutPrefix(f, "--fixed-cidr-v6="); ok {
+			if fixed, err = netip.ParsePrefix(v); err != nil {
+				return fixed, 0, fmt.Errorf("--fixed-cidr-v6=%s: %w", v, err)
+			}
+		}
+		if v, ok := strings.CutPrefix(f, "--mtu="); ok {
+			if mtu, err = strconv.Atoi(v); err != nil {
+				return fixed, 0, fmt.Errorf("--mtu=%s: %w", v, err)
+			}
+		}
+		if strings.HasPrefix(f, "--bip=") {
+			return fixed, 0, fmt.Errorf("%s gives Docker an IPv4 bridge address in an IPv6-only overlay", f)
+		}
+	}
+	if !fixed.IsValid() || mtu == 0 {
+		return fixed, mtu, fmt.Errorf("no --fixed-cidr-v6 and --mtu in %q", strings.TrimSpace(string(data)))
+	}
+	return fixed.Masked(), mtu, nil
+}
+
+// underlayIPv6 is our IPv6 underlay address on nic: our PublicIPv6 when nic holds it (zero
+// when it does not), else nic's first global IPv6 address.
+func (c *checker) underlayIPv6(nl *netlink.Handle, nic netlink.Link) netip.Addr {
+	if c.publicIP.IsValid() {
+		addrs, _ := nl.AddrList(nic, unix.AF_INET6)
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok && ip == c.publicIP {
+				return ip
+			}
+		}
+		return netip.Addr{}
+	}
+	ip, _ := firstGlobalIPv6(nl, nic)
+	return ip
+}
+
+// deviceNameIPv6Only is the backend's device in an IPv6-only overlay ("" for host-gw).
+func (c *checker) deviceNameIPv6Only() string {
+	switch c.backend {
+	case subnetmgr.BackendVXLAN:
+		return vxlan.DeviceNameV6(c.cfg.Backend.VNI)
+	case subnetmgr.BackendWireGuard:
+		name, _ := wireguard.IPv6OnlyDevice(c.cfg.Backend.WireGuard)
+		return name
+	}
+	return ""
+}
+
+// checkNeighboursV6 adds to routes the problem of each vxlan peer whose permanent IPv6
+// neighbour on dev (its subnet address to its VTEP MAC, flannel's layout) is missing or names
+// another MAC: the kernel would ask for it by neighbour discovery, which nothing answers.
+func (c *checker) checkNeighboursV6(devIndex int, dev string, routes map[netip.Prefix]datapathRoute) {
+	neighs, err := netlink.NeighList(devIndex, unix.AF_INET6)
+	if err != nil {
+		return
+	}
+	macs := map[netip.Addr]string{}
+	for _, n := range neighs {
+		if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+			macs[ip] = strings.ToLower(n.HardwareAddr.String())
+		}
+	}
+	for _, p := range c.peers {
+		dr, ok := routes[p.Subnet]
+		if !ok || p.VtepMAC == "" || dr.problem != "" {
+			continue
+		}
+		switch mac, ok := macs[p.Subnet.Addr()]; {
+		case !ok:
+			dr.problem = fmt.Sprintf("no permanent neighbour %v lladdr %s on %s", p.Subnet.Addr(), p.VtepMAC, dev)
+		case mac != strings.ToLower(p.VtepMAC):
+			dr.problem = fmt.Sprintf("the neighbour %v on %s has lladdr %s, the lease says %s", p.Subnet.Addr(), dev, mac, p.VtepMAC)
+		}
+		routes[p.Subnet] = dr
+	}
+}
+
+// checkFirewallIPv6Only finds rules that see IPv6 and drop the backend's UDP port: vxlan's
+// VXLAN port, wireguard's listen port (the device's: ListenPortV6 in separate mode). host-gw
+// sends nothing of its own.
+func (c *checker) checkFirewallIPv6Only(ctx context.Context) checkResult {
+	r := checkResult{Check: "firewall"}
+	var port int
+	switch c.backend {
+	case subnetmgr.BackendVXLAN:
+		if port = c.cfg.Backend.Port; port == 0 {
+			port = 8472
+		}
+	case subnetmgr.BackendWireGuard:
+		_, port = wireguard.IPv6OnlyDevice(c.cfg.Backend.WireGuard)
+	default:
+		r.Status, r.Detail = checkSkip, "backend "+orDash(c.backend)+" sends no UDP of its own between hosts"
+		return r
+	}
+	rules, err := firewallPortRulesIPv6(ctx, []int{port})
+	for _, fr := range rules {
+		r.Problems = append(r.Problems, fmt.Sprintf("%s drops UDP %d over IPv6 (%s: container traffic between hosts)", fr.Where, fr.Port, c.backend))
+	}
+	if len(r.Problems) > 0 {
+		var fixes []string
+		for _, fr := range rules {
+			fixes = append(fixes, fr.Delete)
+		}
+		r.Status, r.Detail = checkFail, "firewall rules drop what the overlay needs"
+		r.Fix = fmt.Sprintf("remove the rule (%s), or accept UDP %d from the peers' PublicIPv6s before it", strings.Join(fixes, "; "), port)
+		return r
+	}
+	r.Status, r.Detail = checkOK, fmt.Sprintf("no nftables or ip6tables rule drops UDP %d over IPv6", port)
+	if err != nil {
+		r.Status, r.Detail = checkWarn, fmt.Sprintf("could not read every rule: %v", err)
+	}
+	return r
+}
