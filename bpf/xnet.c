@@ -66,7 +66,9 @@ int encap_container(struct __sk_buff *skb)
 	proto = parse_ethhdr(&nh, data_end, &eth);
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return encap6_container(skb, cfg);
-	if (proto != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0) {
+	/* In an IPv6-only overlay a container's IPv4 (Docker's default
+	 * bridge network) is the host's business: not learned, not sent. */
+	if (proto != bpf_htons(ETH_P_IP) || cfg->ipv6_only || parse_iphdr(&nh, data_end, &ip) < 0) {
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
 	}
@@ -106,7 +108,7 @@ int encap_host(struct __sk_buff *skb)
 	proto = parse_ethhdr(&nh, data_end, &eth);
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return encap6_host(skb, cfg);
-	if (proto != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0) {
+	if (proto != bpf_htons(ETH_P_IP) || cfg->ipv6_only || parse_iphdr(&nh, data_end, &ip) < 0) {
 		/* xnet0 has ARP off: nothing else has anywhere to go. */
 		count(VERDICT_PASS, skb->len);
 		return TC_ACT_SHOT;
@@ -123,8 +125,14 @@ int decap_tc(struct __sk_buff *skb)
 	int verdict;
 
 	cfg = get_config();
+	/* IPv6-only: nothing for us arrives on the NIC itself (VXLAN over IPv6
+	 * is xnet6's, decap_tunnel), and IPv4 is not the overlay's. */
 	if (!cfg)
 		return XNET_TC_PASS;
+	if (cfg->ipv6_only) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
 
 	if (xdp_decapped(skb)) {
 		struct hdr_cursor nh = {.pos = (void *)(long)skb->data};
@@ -221,6 +229,10 @@ int decap_xdp(struct xdp_md *ctx)
 	cfg = get_config();
 	if (!cfg)
 		return XDP_PASS;
+	if (cfg->ipv6_only) {
+		count(VERDICT_PASS, len);
+		return XDP_PASS;
+	}
 	verdict = vxlan_classify(data, data_end, len, cfg, &m);
 	if (verdict == VERDICT_PASS) {
 		count(VERDICT_PASS, len);

@@ -42,7 +42,8 @@ type XnetHostConfig struct {
 	UnderlayMac       [6]uint8
 	DirectRouting     uint8
 	HostRoutingKernel uint8
-	_                 [2]byte
+	Ipv6Only          uint8
+	_                 [1]byte
 }
 
 type XnetHostConfig6 struct {

@@ -99,6 +99,20 @@ func TestConfigRoundTrip(t *testing.T) {
 	if err := m.SetConfig(bad); err == nil {
 		t.Fatal("VNI 2^24 accepted")
 	}
+	// An IPv6-only host has no IPv4 lease or underlay address, and is configured all the same.
+	v6only := c
+	v6only.LocalIP, v6only.Subnet, v6only.IPv6Only = netip.Addr{}, netip.Prefix{}, true
+	if err := m.SetConfig(v6only); err != nil {
+		t.Fatalf("IPv6-only config refused: %v", err)
+	}
+	if got, ok, err := m.GetConfig(); err != nil || !ok || !reflect.DeepEqual(got, v6only) {
+		t.Fatalf("GetConfig = %+v %v %v, want %+v", got, ok, err, v6only)
+	}
+	mixed := v6only
+	mixed.LocalIP = c.LocalIP
+	if err := m.SetConfig(mixed); err == nil {
+		t.Fatal("an IPv6-only config with an IPv4 LocalIP was accepted")
+	}
 }
 
 func TestCountersAndPeers(t *testing.T) {
