@@ -251,20 +251,8 @@ func (b *Backend) peerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) (subnet n
 	fail := func(format string, args ...any) (netip.Prefix, net.HardwareAddr, netip.Addr, string) {
 		return netip.Prefix{}, nil, netip.Addr{}, fmt.Sprintf(format, args...)
 	}
-	switch {
-	case !subnet.Addr().Is6() || subnet.Addr().Is4In6():
-		return fail("IPv6Subnet %v is not IPv6", lease.IPv6Subnet)
-	case !b.v6.network.IsValid() || !b.v6.network.Contains(subnet.Addr()) || subnet.Bits() <= b.v6.network.Bits():
-		return fail("IPv6Subnet %v is not strictly inside the IPv6Network %v", subnet, b.v6.network)
-	case b.v6.subnetLen != 0 && subnet.Bits() != b.v6.subnetLen:
-		return fail("IPv6Subnet %v is not a /%d", subnet, b.v6.subnetLen)
-	case subnet.Overlaps(b.v6.local):
-		return fail("IPv6Subnet %v overlaps ours, %v", subnet, b.v6.local)
-	}
-	for other, s := range b.v6.peers {
-		if other != p.Subnet && s.Overlaps(subnet) {
-			return fail("IPv6Subnet %v overlaps %v of the peer %v", subnet, s, other)
-		}
+	if why := b.subnet6Problem(subnet, p.Subnet); why != "" {
+		return fail("%s", why)
 	}
 	if len(lease.BackendV6Data) == 0 || string(lease.BackendV6Data) == "null" {
 		return subnet, p.VtepMAC, netip.Addr{}, ""
@@ -287,6 +275,28 @@ func (b *Backend) peerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) (subnet n
 		return subnet, p.VtepMAC, netip.Addr{}, ""
 	}
 	return subnet, v6mac, lease.PublicIPv6, ""
+}
+
+// subnet6Problem says why a peer's IPv6 subnet (masked) cannot be programmed, or "" when it
+// can: it must be IPv6, strictly inside the IPv6Network, IPv6SubnetLen long, and overlap
+// neither ours nor that of another peer than the one keyed key. Called with mu held.
+func (b *Backend) subnet6Problem(subnet, key netip.Prefix) string {
+	switch {
+	case !subnet.Addr().Is6() || subnet.Addr().Is4In6():
+		return fmt.Sprintf("IPv6Subnet %v is not IPv6", subnet)
+	case !b.v6.network.IsValid() || !b.v6.network.Contains(subnet.Addr()) || subnet.Bits() <= b.v6.network.Bits():
+		return fmt.Sprintf("IPv6Subnet %v is not strictly inside the IPv6Network %v", subnet, b.v6.network)
+	case b.v6.subnetLen != 0 && subnet.Bits() != b.v6.subnetLen:
+		return fmt.Sprintf("IPv6Subnet %v is not a /%d", subnet, b.v6.subnetLen)
+	case subnet.Overlaps(b.v6.local):
+		return fmt.Sprintf("IPv6Subnet %v overlaps ours, %v", subnet, b.v6.local)
+	}
+	for other, s := range b.v6.peers {
+		if other != key && s.Overlaps(subnet) {
+			return fmt.Sprintf("IPv6Subnet %v overlaps %v of the peer %v", subnet, s, other)
+		}
+	}
+	return ""
 }
 
 // programPeerIPv6 writes (or removes) the routes6 entry of the peer on p.Subnet as peerIPv6
