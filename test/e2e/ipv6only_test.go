@@ -25,12 +25,12 @@ const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd0
 // IPv6 subnet, nothing of an IPv4 overlay on the hosts, and containers reaching each other over
 // IPv6 (ping, TCP both ways).
 func TestIPv6OnlyThreeHosts(t *testing.T) {
-	for _, backendName := range []string{"vxlan", "host-gw"} {
+	for _, backendName := range []string{"ebpf", "vxlan", "host-gw"} {
 		t.Run(backendName, func(t *testing.T) {
 			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: true},
 				fmt.Sprintf(ipv6OnlyConfig, backendName), "--backend", backendName)
 			subnets := checkIPv6OnlyLeases(t, topo, nodes, backendName)
-			mtu := map[string]int{"vxlan": 1430, "host-gw": 1500}[backendName]
+			mtu := map[string]int{"ebpf": 1430, "vxlan": 1430, "host-gw": 1500}[backendName]
 			for _, n := range nodes {
 				checkIPv6OnlyFiles(t, n, subnets[n.UnderlayIPv6], mtu)
 				checkIPv6OnlyStatus(t, n, subnets)
@@ -43,6 +43,9 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 				}
 				if backendName == "vxlan" && !strings.Contains(links, "xnet-v6.1") {
 					t.Errorf("%s has no xnet-v6.1:\n%s", n.Name, links)
+				}
+				if backendName == "ebpf" && (!strings.Contains(links, "xnet6") || !strings.Contains(links, "xnet0")) {
+					t.Errorf("%s has no xnet6 or xnet0:\n%s", n.Name, links)
 				}
 			}
 			cs := xdContainers(t, nodes)
@@ -73,6 +76,7 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 			if failed := ipv6Mesh(cs); len(failed) > 0 {
 				t.Errorf("after a restart of %s, pings failed:\n%s", r.Name, strings.Join(failed, "\n"))
 			}
+			transferTo(t, cs[0], cs[2], cs[2].IPv6, 8<<20)
 			// Its checks are IPv4's: it says so rather than report problems that are not there.
 			if out, code := nodes[0].check(t); code != 2 || !strings.Contains(out, "IPv6-only") || !strings.Contains(out, "EnableIPv4 false") {
 				t.Errorf("xnetd check on an IPv6-only overlay: exit %d, want 2 naming EnableIPv4:\n%s", code, out)
@@ -91,12 +95,15 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 					t.Errorf("%s: IPv6 route into the overlay left after teardown: %s", n.Name, r)
 				}
 			}
+			if links, _ := n.Run(ctx, "ip", "-br", "link", "show"); strings.Contains(links, "xnet") {
+				t.Errorf("%s: xnet devices left after teardown:\n%s", n.Name, links)
+			}
 		})
 	}
 }
 
 // checkIPv6OnlyLeases: one key per host, flannel's IPv6-only key and value (no BackendData,
-// BackendV6Data for vxlan only), distinct IPv6 subnets; returns each host's subnet by its
+// BackendV6Data for vxlan and ebpf only), distinct IPv6 subnets; returns each host's subnet by its
 // PublicIPv6.
 func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, backendName string) map[netip.Addr]netip.Prefix {
 	t.Helper()
@@ -105,6 +112,11 @@ func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, 
 	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
+	}
+	// ebpf hosts are VXLAN nodes on the wire, and publish themselves as flannel's vxlan does.
+	published := backendName
+	if backendName == "ebpf" {
+		published = "vxlan"
 	}
 	byHost := map[netip.Addr]netip.Prefix{}
 	for _, kv := range resp.Kvs {
@@ -116,8 +128,8 @@ func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, 
 		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
 		v := string(kv.Value)
 		if err != nil || !strings.HasPrefix(v, `{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::`) ||
-			!strings.Contains(v, `"BackendType":"`+backendName+`"`) || strings.Contains(v, `"BackendData"`) ||
-			strings.Contains(v, `"BackendV6Data"`) != (backendName == "vxlan") {
+			!strings.Contains(v, `"BackendType":"`+published+`"`) || strings.Contains(v, `"BackendData"`) ||
+			strings.Contains(v, `"BackendV6Data"`) != (published == "vxlan") {
 			t.Errorf("key %s = %s (%v): want flannel's IPv6-only value", kv.Key, kv.Value, err)
 			continue
 		}
