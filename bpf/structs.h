@@ -186,8 +186,10 @@ struct route6 {
 	 * have we: VXLAN over the IPv6 underlay to remote_ip6, through the tunnel device
 	 * (underlay6.h), and vtep_mac is that VTEP's. 0: inside the IPv4 VXLAN to remote_ip. */
 	__u8 underlay6;
-	__u8 pad;
-	ipv6_addr remote_ip6;         /* the peer's PublicIPv6 when underlay6: outer destination, accepted outer source */
+	/* 1: DirectRouting is on and remote_ip6 (the peer's PublicIPv6) is on our IPv6 segment:
+	 * the subnet is routed plain, via remote_ip6, without VXLAN (direct6.h). */
+	__u8 direct;
+	ipv6_addr remote_ip6;         /* the peer's PublicIPv6 when underlay6 or direct: outer destination (next hop), accepted outer source */
 };
 
 /* host_config6: this host's IPv6 side, entry 0 of the config6 map; written by

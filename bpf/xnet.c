@@ -25,8 +25,8 @@
  * directions of the tunnel), direct.h (plain routing on our segment, and the
  * choice between it and the tunnel), icmp.h (the "fragmentation needed"
  * answer), csum.h, and for a dual-stack overlay ipv6.h (the IPv6 halves of
- * encap and decap), icmp6.h (Packet Too Big) and underlay6.h (VXLAN over the
- * IPv6 underlay, through xnet6). This file holds only the
+ * encap and decap), icmp6.h (Packet Too Big), underlay6.h (VXLAN over the
+ * IPv6 underlay, through xnet6) and direct6.h (DirectRouting for IPv6). This file holds only the
  * programs.
  */
 #include <linux/bpf.h>
@@ -125,14 +125,13 @@ int decap_tc(struct __sk_buff *skb)
 	int verdict;
 
 	cfg = get_config();
-	/* IPv6-only: nothing for us arrives on the NIC itself (VXLAN over IPv6
-	 * is xnet6's, decap_tunnel), and IPv4 is not the overlay's. */
 	if (!cfg)
 		return XNET_TC_PASS;
-	if (cfg->ipv6_only) {
-		count(VERDICT_PASS, skb->len);
-		return XNET_TC_PASS;
-	}
+	/* IPv6-only: no VXLAN for us arrives on the NIC itself (VXLAN over
+	 * IPv6 is xnet6's, decap_tunnel), only plain IPv6 from peers on our
+	 * segment (DirectRouting), and IPv4 is not the overlay's. */
+	if (cfg->ipv6_only)
+		return plain_in(skb, cfg);
 
 	if (xdp_decapped(skb)) {
 		struct hdr_cursor nh = {.pos = (void *)(long)skb->data};
@@ -155,7 +154,7 @@ int decap_tc(struct __sk_buff *skb)
 	data_end = (void *)(long)skb->data_end;
 	verdict = vxlan_classify(data, data_end, skb->len, cfg, &m);
 	if (verdict == VERDICT_PASS)
-		return direct_in(skb, cfg); /* plain routed from a peer on our segment, or not ours */
+		return plain_in(skb, cfg); /* plain routed from a peer on our segment, or not ours */
 	if (verdict != VERDICT_DECAP) {
 		count(verdict, skb->len);
 		return TC_ACT_SHOT;

@@ -99,7 +99,7 @@ type XnetRoute6 struct {
 	RemoteIp  [4]uint8
 	VtepMac   [6]uint8
 	Underlay6 uint8
-	Pad       uint8
+	Direct    uint8
 	RemoteIp6 [16]uint8
 }
 

@@ -423,7 +423,7 @@ func (n *node) ebpfRoutes(t *testing.T) []string {
 		t.Fatal(err)
 	}
 	for _, r := range routes6 {
-		lines = append(lines, fmt.Sprintf("ebpf routes6: %v via %v %v %v", r.Subnet, r.PublicIP, r.PublicIPv6, r.VtepMAC))
+		lines = append(lines, fmt.Sprintf("ebpf routes6: %v via %v %v %v direct %v", r.Subnet, r.PublicIP, r.PublicIPv6, r.VtepMAC, r.Direct))
 	}
 	return lines
 }

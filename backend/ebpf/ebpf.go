@@ -234,9 +234,8 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 		HostRoutingKernel: b.hostRouting == HostRoutingKernel,
 	}
 	if b.ipv6Only {
-		// No IPv4 lease, and no IPv4 underlay address needed: the programs leave IPv4 alone,
-		// and DirectRouting's IPv4 path has no peers.
-		b.config.LocalIP, b.config.Subnet, b.config.DirectRouting, b.config.IPv6Only = netip.Addr{}, netip.Prefix{}, false, true
+		// No IPv4 lease, and no IPv4 underlay address needed: the programs leave IPv4 alone.
+		b.config.LocalIP, b.config.Subnet, b.config.IPv6Only = netip.Addr{}, netip.Prefix{}, true
 	}
 	if err := b.m.SetConfig(b.config); err != nil {
 		return fmt.Errorf("ebpf: %w", err)

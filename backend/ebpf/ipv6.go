@@ -35,7 +35,9 @@ package ebpf
 //   - A peer without one (an xnet host without an IPv6 underlay, or an ebpf or udp host of an
 //     older build) is reached inside the IPv4 VXLAN with its BackendData VTEP MAC: the one
 //     device of such a host carries both families.
-// IPv6 always crosses in VXLAN, also to peers that DirectRouting reaches plain over IPv4.
+// With DirectRouting a peer whose PublicIPv6 is on our IPv6 segment gets its IPv6 subnet routed
+// plain via that address (peerPath6 in direct.go, bpf/direct6.h), decided apart from its IPv4
+// path; every other peer's IPv6 crosses in VXLAN, also when its IPv4 goes plain.
 // Over the IPv6 underlay the overlay MTU is 20 bytes smaller (backend.VXLANOverheadV6): the
 // programs answer a container's larger IPv6 packets to such a peer with Packet Too Big, and
 // xnet0's IPv6 route carries that MTU for the host's own traffic.
@@ -308,6 +310,7 @@ func (b *Backend) programPeerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) er
 			return fmt.Errorf("ebpf: %w", err)
 		}
 		delete(b.v6.peers, p.Subnet)
+		b.forgetPath(old)
 	}
 	if why != "" {
 		// An earlier run (or build) may have programmed it.
@@ -325,7 +328,11 @@ func (b *Backend) programPeerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) er
 	if !subnet.IsValid() {
 		return nil
 	}
-	if err := b.m.PutRoute6(maps.Route6{Subnet: subnet, PublicIP: p.PublicIP, VtepMAC: mac, PublicIPv6: publicIPv6}); err != nil {
+	r := maps.Route6{Subnet: subnet, PublicIP: p.PublicIP, VtepMAC: mac, PublicIPv6: publicIPv6}
+	if b.peerPath6(subnet, lease.PublicIPv6).Direct {
+		r.PublicIPv6, r.Direct = lease.PublicIPv6, true
+	}
+	if err := b.m.PutRoute6(r); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
 	b.v6.peers[p.Subnet] = subnet
@@ -339,6 +346,7 @@ func (b *Backend) removePeerIPv6(subnet netip.Prefix, lease subnetmgr.Lease) err
 	subnet6, ok := b.v6.peers[subnet]
 	delete(b.v6.peers, subnet)
 	delete(b.v6.unreachable, subnet)
+	b.forgetPath(subnet6)
 	if !ok {
 		return b.deleteStaleRoute6(lease.IPv6Subnet, lease.PublicIP)
 	}
@@ -385,9 +393,10 @@ func (b *Backend) pruneIPv6(keep []subnetmgr.Lease) ([]netip.Prefix, error) {
 		}
 		keptV4[l.Subnet.Masked()] = true
 	}
-	for s := range b.v6.peers {
+	for s, s6 := range b.v6.peers {
 		if !keptV4[s] {
 			delete(b.v6.peers, s)
+			b.forgetPath(s6)
 		}
 	}
 	for s := range b.v6.unreachable {

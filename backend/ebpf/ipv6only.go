@@ -25,6 +25,8 @@ package ebpf
 //     gateway is what says it serves our lease.
 //   - The overlay MTU (Docker's --mtu, xnet0's) is the underlay's less 70, as for flannel's
 //     IPv6 device.
+//   - DirectRouting routes a peer whose PublicIPv6 is on our IPv6 segment plain (peerPath6 in
+//     direct.go, bpf/direct6.h), as vxlan does there.
 
 import (
 	"errors"
@@ -63,12 +65,13 @@ func (b *Backend) addPeerIPv6Only(lease subnetmgr.Lease) error {
 		return fmt.Errorf("ebpf: lease %v: %s: %w", p.Subnet, why, backend.ErrIncompatiblePeer)
 	}
 	delete(b.v6.unreachable, p.Subnet)
-	r := maps.Route6{Subnet: p.Subnet, PublicIP: netip.IPv4Unspecified(), VtepMAC: p.VtepMAC, PublicIPv6: p.PublicIPv6}
+	r := maps.Route6{Subnet: p.Subnet, PublicIP: netip.IPv4Unspecified(), VtepMAC: p.VtepMAC, PublicIPv6: p.PublicIPv6,
+		Direct: b.peerPath6(p.Subnet, p.PublicIPv6).Direct}
 	if err := b.m.PutRoute6(r); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
 	b.v6.peers[p.Subnet] = p.Subnet
-	b.Log.Debug("peer programmed", "ipv6_subnet", p.Subnet, "public_ipv6", p.PublicIPv6, "vtep_mac", p.VtepMAC.String())
+	b.Log.Debug("peer programmed", "ipv6_subnet", p.Subnet, "public_ipv6", p.PublicIPv6, "vtep_mac", p.VtepMAC.String(), "direct", r.Direct)
 	return nil
 }
 
@@ -85,6 +88,7 @@ func (b *Backend) removePeerIPv6Only(lease subnetmgr.Lease) error {
 	subnet := s.Masked()
 	delete(b.v6.peers, subnet)
 	delete(b.v6.unreachable, subnet)
+	b.forgetPath(subnet)
 	if err := b.m.DeleteRoute6(subnet); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
@@ -104,6 +108,11 @@ func (b *Backend) prunePeersIPv6Only(keep []subnetmgr.Lease) error {
 	for s := range b.v6.peers {
 		if !kept[s] {
 			delete(b.v6.peers, s)
+		}
+	}
+	for s := range b.direct.paths {
+		if !kept[s] {
+			b.forgetPath(s)
 		}
 	}
 	for s := range b.v6.unreachable {
