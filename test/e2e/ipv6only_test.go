@@ -17,7 +17,7 @@ import (
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
-const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"%s"}}`
+const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"%s","DirectRouting":%v}}`
 
 // An IPv6-only overlay (EnableIPv4 false) on three hosts, per backend that carries one: leases
 // under flannel's 0.0.0.0-0&<ipv6>-<len> keys with flannel's value, subnet.env and the Docker
@@ -25,10 +25,13 @@ const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd0
 // IPv6 subnet, nothing of an IPv4 overlay on the hosts, and containers reaching each other over
 // IPv6 (ping, TCP both ways).
 func TestIPv6OnlyThreeHosts(t *testing.T) {
-	for _, backendName := range []string{"ebpf", "vxlan", "host-gw"} {
-		t.Run(backendName, func(t *testing.T) {
+	// ebpf+direct: DirectRouting, and the hosts share one IPv6 segment, so every peer is routed
+	// plain via its PublicIPv6.
+	for _, row := range []string{"ebpf", "ebpf+direct", "vxlan", "host-gw"} {
+		backendName, direct := strings.CutSuffix(row, "+direct")
+		t.Run(row, func(t *testing.T) {
 			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: true},
-				fmt.Sprintf(ipv6OnlyConfig, backendName), "--backend", backendName)
+				fmt.Sprintf(ipv6OnlyConfig, backendName, direct), "--backend", backendName)
 			subnets := checkIPv6OnlyLeases(t, topo, nodes, backendName)
 			mtu := map[string]int{"ebpf": 1430, "vxlan": 1430, "host-gw": 1500}[backendName]
 			for _, n := range nodes {
@@ -60,6 +63,21 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
 			transferTo(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
 			transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
+			if backendName == "ebpf" {
+				// The fast path carried it: encapsulated into xnet6 at the veth, or with
+				// DirectRouting sent plain, and nothing else.
+				var st struct {
+					Verdicts map[string]uint64 `json:"verdicts"`
+				}
+				nodes[0].statusInto(t, &st)
+				want, not := "encap", "direct_out"
+				if direct {
+					want, not = not, want
+				}
+				if st.Verdicts[want] == 0 || st.Verdicts[not] != 0 {
+					t.Errorf("%s verdicts %v: want %s and no %s", nodes[0].Name, st.Verdicts, want, not)
+				}
+			}
 			// A restart takes the same lease back (from subnet.env and by PublicIPv6), adopts the
 			// datapath and programs the same peers.
 			r := nodes[0]
