@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -276,4 +277,58 @@ func ipv6Mesh(cs []*harness.Container) []string {
 	wg.Wait()
 	slices.Sort(failed)
 	return failed
+}
+
+// TestDockerIPv6OnlyEBPF: real Docker on two ebpf hosts of an IPv6-only overlay, dockerd started
+// from the options xnetd wrote (--ipv6 --fixed-cidr-v6, and Docker's default IPv4 bridge, which
+// is not the overlay's). The backend finds docker0 by its IPv6 gateway in our lease, and busybox
+// containers reach each other over IPv6 through the fast path.
+func TestDockerIPv6OnlyEBPF(t *testing.T) {
+	if why := harness.DockerMissing(); why != "" {
+		t.Skip(why)
+	}
+	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "ebpf", false), "--backend=ebpf")
+	dockers := harness.StartDockerForTest(t, nodes[0].Host, nodes[1].Host)
+	a, b := dkRun(t, dkHost{nodes[0], dockers[0]}, "a1"), dkRun(t, dkHost{nodes[1], dockers[1]}, "b1")
+	a6, b6 := dkIPv6(t, a), dkIPv6(t, b)
+	t.Logf("a1 %v (%v) on %s, b1 %v (%v) on %s", a6, a.IP, nodes[0].Name, b6, b.IP, nodes[1].Name)
+	for _, p := range []struct {
+		from *harness.DockerContainer
+		to   netip.Addr
+	}{{a, b6}, {b, a6}} {
+		if got, out := dkPing(t, p.from, p.to); got != 3 {
+			t.Errorf("docker exec %s ping %v: %d of 3 replies\n%s", p.from.Name, p.to, got, out)
+		}
+	}
+	var st struct {
+		Verdicts map[string]uint64 `json:"verdicts"`
+	}
+	nodes[0].statusInto(t, &st)
+	if st.Verdicts["encap"] == 0 || st.Verdicts["decap"] == 0 {
+		t.Errorf("%s verdicts %v: want the containers' IPv6 encapsulated and decapsulated by the programs", nodes[0].Name, st.Verdicts)
+	}
+}
+
+// dkIPv6 is the global IPv6 address Docker gave the container (from --fixed-cidr-v6), once
+// none of eth0's addresses is tentative. Docker adds the global one without DAD, but until the
+// link-local one has passed it the container sends no MLD report, so docker0 (which snoops
+// multicast) forwards it no neighbour solicitation for its address: the first packets to it
+// are lost, whatever the network.
+func dkIPv6(t *testing.T, c *harness.DockerContainer) netip.Addr {
+	t.Helper()
+	global := regexp.MustCompile(`inet6 ([0-9a-f:]+)/\d+ scope global`)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, err := c.Exec(dkCtx(t, 10*time.Second), "ip", "-6", "addr", "show", "dev", "eth0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m := global.FindStringSubmatch(out); m != nil && !strings.Contains(out, "tentative") {
+			return netip.MustParseAddr(m[1])
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s has no usable global IPv6 address after 10s:\n%s", c.Name, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
