@@ -468,7 +468,7 @@ static __always_inline int bridge_to_veth(struct __sk_buff *skb, const struct ho
 	struct iphdr *ip;
 	__u32 daddr;
 
-	if (!cfg->host_ifindex || skb->ingress_ifindex != cfg->host_ifindex)
+	if (!cfg->host_ifindex || skb->ingress_ifindex != cfg->host_ifindex || cfg->ipv6_only)
 		return XNET_TC_PASS;
 	if (parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0)
 		return XNET_TC_PASS;

@@ -51,6 +51,8 @@
 #include "encap.h"
 #include "icmp6.h"
 #include "underlay6.h"
+#include "direct.h"
+#include "direct6.h"
 
 /* ip6_link_scope says whether a is link-local unicast (fe80::/10) or
  * multicast (ff00::/8): traffic of the link the container sits on, which the
@@ -228,6 +230,9 @@ static __always_inline int encap6(struct __sk_buff *skb, const struct host_confi
 		count(VERDICT_DROP_EXT_HEADERS, skb->len);
 		return TC_ACT_SHOT;
 	}
+	/* A peer on our IPv6 segment, with DirectRouting: plain (direct6.h). */
+	if (rt6.direct)
+		return direct6_out(skb, cfg, cfg6, inner, &rt6, seg, from_container);
 	if (underlay6)
 		overhead = XNET_VXLAN6_OVERHEAD;
 	if (seg + overhead > cfg->underlay_mtu)
@@ -338,6 +343,82 @@ static __always_inline int decap6(struct __sk_buff *skb, const struct host_confi
 	count(VERDICT_DECAP, skb->len);
 	count_peer(m->peer_ip, skb->len, 1);
 	return deliver6(skb, cfg, daddr);
+}
+
+/*
+ * direct6_in judges a frame on the underlay NIC that is not VXLAN for us and
+ * says it is IPv6: with DirectRouting, a plain IPv6 packet for our IPv6 lease
+ * from a direct peer's IPv6 subnet is delivered when its Ethernet source is
+ * that peer's MAC as the neighbour table knows its PublicIPv6, dropped when
+ * it is another's (or the peer is not direct: it sends VXLAN), left to the
+ * stack when that cannot be checked; direct_in's rules (direct.h).
+ * Everything else passes untouched.
+ */
+static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_config *cfg)
+{
+	const struct host_config6 *cfg6 = get_config6();
+	struct bpf_fib_lookup fib = {};
+	struct hdr_cursor nh;
+	struct ethhdr *eth;
+	struct ipv6hdr *ip;
+	struct route6 *src;
+	ipv6_addr daddr, peer;
+	__u32 peer_ip;
+	void *data_end;
+
+	direct6_pull(skb);
+	nh.pos = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (!cfg->direct_routing || !cfg6 || parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IPV6) ||
+	    parse_ipv6hdr(&nh, data_end, &ip) < 0 || !ip6_in_lease(&ip->daddr, cfg6)) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
+	src = route6_of(&ip->saddr);
+	if (!src) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
+	if (!src->direct) {
+		count(VERDICT_DROP_DIRECT_SPOOFED, skb->len);
+		return TC_ACT_SHOT;
+	}
+	ip6_copy(peer, src->remote_ip6);
+	peer_ip = ip4_word(src->remote_ip);
+	if (fib6_neighbour(skb, cfg, cfg6, peer, &fib) < 0) {
+		count(VERDICT_PASS_UNVERIFIED, skb->len);
+		return XNET_TC_PASS;
+	}
+	if (!mac_equal(eth->h_source, fib.dmac)) {
+		count(VERDICT_DROP_DIRECT_SPOOFED, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (ip->hop_limit <= 1) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
+	ip->hop_limit--;
+	ip6_copy(daddr, &ip->daddr);
+	count(VERDICT_DIRECT_IN, skb->len);
+	count_peer(peer_ip, skb->len, 1);
+	return deliver6(skb, cfg, daddr);
+}
+
+/* plain_in judges what decap_tc found not to be VXLAN for us: IPv6 by
+ * direct6_in, IPv4 by direct_in, except in an IPv6-only overlay, whose IPv4
+ * is not the datapath's. */
+static __always_inline int plain_in(struct __sk_buff *skb, const struct host_config *cfg)
+{
+	__be16 proto = 0;
+
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)) == 0 &&
+	    proto == bpf_htons(ETH_P_IPV6))
+		return direct6_in(skb, cfg);
+	if (cfg->ipv6_only) {
+		count(VERDICT_PASS, skb->len);
+		return XNET_TC_PASS;
+	}
+	return direct_in(skb, cfg);
 }
 
 /* deliver6_decapped delivers a frame decap_xdp already validated and stripped

@@ -130,13 +130,14 @@ struct {
 
 /* get_config returns this host's config, or 0 while the datapath is not
  * configured: an unconfigured datapath (the Go side has not written our lease
- * yet) must behave as if it were not attached. */
+ * yet) must behave as if it were not attached. An IPv6-only host has no IPv4
+ * underlay address: its ipv6_only says it is configured. */
 static __always_inline const struct host_config *get_config(void)
 {
 	__u32 zero = 0;
 	const struct host_config *cfg = bpf_map_lookup_elem(&config, &zero);
 
-	if (!cfg || !ip4_word(cfg->local_ip))
+	if (!cfg || (!ip4_word(cfg->local_ip) && !cfg->ipv6_only))
 		return 0;
 	return cfg;
 }

@@ -114,6 +114,12 @@ struct host_config {
 	 * to a container itself but always into xnet0 (deliver_bridge may only shorten the
 	 * last hop, after the host's forwarding). 0: bpf host routing, the fast path. */
 	__u8 host_routing_kernel;
+	/* 1: an IPv6-only overlay (the config's EnableIPv4 false). The host has no IPv4 lease:
+	 * local_ip and the subnet are zero, and every IPv4 path stands aside (encap and learn
+	 * pass IPv4, encap_host drops it, decap passes IPv4 VXLAN and plain IPv4 to the stack,
+	 * decap_tunnel drops what came over the IPv4 underlay). Only IPv6 crosses, over the IPv6
+	 * underlay through xnet6 (underlay6.h). */
+	__u8 ipv6_only;
 };
 
 /* icmp_bucket: one CPU's ICMP error budget (maps.h icmp_allowed). */
@@ -180,8 +186,10 @@ struct route6 {
 	 * have we: VXLAN over the IPv6 underlay to remote_ip6, through the tunnel device
 	 * (underlay6.h), and vtep_mac is that VTEP's. 0: inside the IPv4 VXLAN to remote_ip. */
 	__u8 underlay6;
-	__u8 pad;
-	ipv6_addr remote_ip6;         /* the peer's PublicIPv6 when underlay6: outer destination, accepted outer source */
+	/* 1: DirectRouting is on and remote_ip6 (the peer's PublicIPv6) is on our IPv6 segment:
+	 * the subnet is routed plain, via remote_ip6, without VXLAN (direct6.h). */
+	__u8 direct;
+	ipv6_addr remote_ip6;         /* the peer's PublicIPv6 when underlay6 or direct: outer destination (next hop), accepted outer source */
 };
 
 /* host_config6: this host's IPv6 side, entry 0 of the config6 map; written by

@@ -172,6 +172,10 @@ static __always_inline int tunnel_classify(struct __sk_buff *skb, const struct h
 		outer6 = 0;
 		if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0)
 			return VERDICT_DROP_MALFORMED;
+		/* In an IPv6-only overlay no lease has an IPv4 PublicIP: whatever
+		 * came over the IPv4 underlay came from no peer. */
+		if (cfg->ipv6_only)
+			return VERDICT_DROP_SPOOFED;
 	}
 	if (key.tunnel_id != cfg->vni)
 		return VERDICT_DROP_WRONG_VNI;

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend"
@@ -224,5 +225,87 @@ func TestICMPErrorsAreRateLimited(t *testing.T) {
 	}
 	if again, _ := answers(); again-answered < uint64(burst) {
 		t.Errorf("after a pause of %v, %d of %d oversize packets answered: want all, the bucket refilled", time.Duration(burst)*interval, again-answered, burst)
+	}
+}
+
+// loadIPv6Only is loadUnderlay6 on a host of an IPv6-only overlay: the config says ipv6_only
+// and holds no IPv4 underlay address or lease, and the only routes are IPv6 ones over the IPv6
+// underlay (PublicIP 0.0.0.0, as the lease publishes it).
+func loadIPv6Only(t testing.TB, underlayIfindex uint32) *objects {
+	t.Helper()
+	objs := loadUnderlay6(t, underlayIfindex, true)
+	var cfg XnetHostConfig
+	must(t, objs.Config.Lookup(uint32(0), &cfg))
+	cfg.LocalIp, cfg.SubnetAddr, cfg.SubnetMask, cfg.Ipv6Only = [4]uint8{}, [4]uint8{}, [4]uint8{}, 1
+	must(t, objs.Config.Put(uint32(0), cfg))
+	var rt XnetRoute6
+	key := XnetRoute6Key{Prefixlen: 64, Addr: ip6(peer6Net6)}
+	must(t, objs.Routes6.Lookup(key, &rt))
+	rt.RemoteIp = [4]uint8{}
+	must(t, objs.Routes6.Put(key, rt))
+	return objs
+}
+
+// TestIPv6Only is the specification of the datapath in an IPv6-only overlay: it is configured
+// without an IPv4 address, carries containers' IPv6 over the IPv6 underlay as in dual stack,
+// and leaves every IPv4 packet alone, whatever IPv4 state an earlier run left in the maps.
+func TestIPv6Only(t *testing.T) {
+	ifindex, _, inNS := underlay(t)
+	objs := loadIPv6Only(t, ifindex)
+	tunnelOut := testpkt.Eth(peer6Vtep6, localVtep6, testpkt.EtherTypeIPv6, container6Frame(ctrIP6, peer6Ctr, 100, 0)[14:])
+	ipv4Frame := containerFrame(newCtrIP, remoteIP, 100)
+	for _, c := range []struct {
+		name    string
+		prog    func() *ebpf.Program
+		in      []byte
+		verdict XnetVerdict
+		ret     uint32
+		out     []byte // nil: the packet as it came
+	}{
+		{name: "a container's IPv6 packet to a peer goes to xnet6",
+			prog: func() *ebpf.Program { return objs.EncapContainer }, in: container6Frame(ctrIP6, peer6Ctr, 100, 0),
+			verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, out: tunnelOut},
+		{name: "the host's IPv6 in xnet0 goes the same way",
+			prog: func() *ebpf.Program { return objs.EncapHost }, in: container6Frame(ctrIP6, peer6Ctr, 100, 0),
+			verdict: XnetVerdictVERDICT_ENCAP, ret: tcRedirect, out: tunnelOut},
+		{name: "a container's IPv4 packet, even to an IPv4 route an earlier run left, passes unlearned",
+			prog: func() *ebpf.Program { return objs.EncapContainer }, in: ipv4Frame,
+			verdict: XnetVerdictVERDICT_PASS, ret: tcPass},
+		{name: "IPv4 routed into xnet0 has nowhere to go",
+			prog: func() *ebpf.Program { return objs.EncapHost }, in: ipv4Frame,
+			verdict: XnetVerdictVERDICT_PASS, ret: tcDrop},
+		{name: "IPv4 VXLAN to the underlay NIC is not ours: it passes to the stack",
+			prog: func() *ebpf.Program { return objs.DecapTc }, in: fromPeer().bytes(),
+			verdict: XnetVerdictVERDICT_PASS, ret: tcPass},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			before := verdicts(t, objs.Counters)
+			var (
+				ret uint32
+				out []byte
+				err error
+			)
+			inNS(func() { ret, out, err = runCtxErr(c.prog(), c.in, skbContext{}) })
+			must(t, err)
+			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+			want := c.out
+			if want == nil {
+				want = c.in
+			}
+			if ret != c.ret || !bytes.Equal(out[:len(want)], want) {
+				t.Errorf("returned %d, want %d\n got % x\nwant % x", ret, c.ret, out[:len(want)], want)
+			}
+		})
+	}
+	var ep XnetEndpoint
+	if err := objs.Endpoints.Lookup(ip4(newCtrIP), &ep); err == nil {
+		t.Errorf("the container's IPv4 address was learned (%+v)", ep)
+	}
+	if objs.DecapXdp != nil {
+		before := verdicts(t, objs.Counters)
+		in := fromPeer().bytes()
+		ret, out := run(t, objs.DecapXdp, in)
+		checkCounted(t, "xdp", before, verdicts(t, objs.Counters), XnetVerdictVERDICT_PASS)
+		expectUntouched(t, "xdp", ret, xdpPass, out, in)
 	}
 }

@@ -25,8 +25,8 @@
  * directions of the tunnel), direct.h (plain routing on our segment, and the
  * choice between it and the tunnel), icmp.h (the "fragmentation needed"
  * answer), csum.h, and for a dual-stack overlay ipv6.h (the IPv6 halves of
- * encap and decap), icmp6.h (Packet Too Big) and underlay6.h (VXLAN over the
- * IPv6 underlay, through xnet6). This file holds only the
+ * encap and decap), icmp6.h (Packet Too Big), underlay6.h (VXLAN over the
+ * IPv6 underlay, through xnet6) and direct6.h (DirectRouting for IPv6). This file holds only the
  * programs.
  */
 #include <linux/bpf.h>
@@ -66,7 +66,9 @@ int encap_container(struct __sk_buff *skb)
 	proto = parse_ethhdr(&nh, data_end, &eth);
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return encap6_container(skb, cfg);
-	if (proto != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0) {
+	/* In an IPv6-only overlay a container's IPv4 (Docker's default
+	 * bridge network) is the host's business: not learned, not sent. */
+	if (proto != bpf_htons(ETH_P_IP) || cfg->ipv6_only || parse_iphdr(&nh, data_end, &ip) < 0) {
 		count(VERDICT_PASS, skb->len);
 		return XNET_TC_PASS;
 	}
@@ -106,7 +108,7 @@ int encap_host(struct __sk_buff *skb)
 	proto = parse_ethhdr(&nh, data_end, &eth);
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return encap6_host(skb, cfg);
-	if (proto != bpf_htons(ETH_P_IP) || parse_iphdr(&nh, data_end, &ip) < 0) {
+	if (proto != bpf_htons(ETH_P_IP) || cfg->ipv6_only || parse_iphdr(&nh, data_end, &ip) < 0) {
 		/* xnet0 has ARP off: nothing else has anywhere to go. */
 		count(VERDICT_PASS, skb->len);
 		return TC_ACT_SHOT;
@@ -125,6 +127,11 @@ int decap_tc(struct __sk_buff *skb)
 	cfg = get_config();
 	if (!cfg)
 		return XNET_TC_PASS;
+	/* IPv6-only: no VXLAN for us arrives on the NIC itself (VXLAN over
+	 * IPv6 is xnet6's, decap_tunnel), only plain IPv6 from peers on our
+	 * segment (DirectRouting), and IPv4 is not the overlay's. */
+	if (cfg->ipv6_only)
+		return plain_in(skb, cfg);
 
 	if (xdp_decapped(skb)) {
 		struct hdr_cursor nh = {.pos = (void *)(long)skb->data};
@@ -147,7 +154,7 @@ int decap_tc(struct __sk_buff *skb)
 	data_end = (void *)(long)skb->data_end;
 	verdict = vxlan_classify(data, data_end, skb->len, cfg, &m);
 	if (verdict == VERDICT_PASS)
-		return direct_in(skb, cfg); /* plain routed from a peer on our segment, or not ours */
+		return plain_in(skb, cfg); /* plain routed from a peer on our segment, or not ours */
 	if (verdict != VERDICT_DECAP) {
 		count(verdict, skb->len);
 		return TC_ACT_SHOT;
@@ -221,6 +228,10 @@ int decap_xdp(struct xdp_md *ctx)
 	cfg = get_config();
 	if (!cfg)
 		return XDP_PASS;
+	if (cfg->ipv6_only) {
+		count(VERDICT_PASS, len);
+		return XDP_PASS;
+	}
 	verdict = vxlan_classify(data, data_end, len, cfg, &m);
 	if (verdict == VERDICT_PASS) {
 		count(VERDICT_PASS, len);

@@ -42,7 +42,8 @@ type XnetHostConfig struct {
 	UnderlayMac       [6]uint8
 	DirectRouting     uint8
 	HostRoutingKernel uint8
-	_                 [2]byte
+	Ipv6Only          uint8
+	_                 [1]byte
 }
 
 type XnetHostConfig6 struct {
@@ -98,7 +99,7 @@ type XnetRoute6 struct {
 	RemoteIp  [4]uint8
 	VtepMac   [6]uint8
 	Underlay6 uint8
-	Pad       uint8
+	Direct    uint8
 	RemoteIp6 [16]uint8
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/bpf/testpkt"
@@ -530,8 +531,23 @@ func underlay(t *testing.T) (ifindex uint32, mac net.HardwareAddr, in func(func(
 			if err := os.WriteFile("/proc/sys/net/ipv4/conf/u0/forwarding", []byte("1"), 0o644); err != nil {
 				return err
 			}
+			if err := h.NeighAdd(&netlink.Neigh{LinkIndex: u0.Attrs().Index, State: netlink.NUD_PERMANENT,
+				IP: peerIP.AsSlice(), HardwareAddr: peerNicMAC}); err != nil {
+				return err
+			}
+			// The IPv6 underlay (underlay6_test.go's addresses): our PublicIPv6, and the
+			// IPv6 peer's, which has the same NIC MAC as the IPv4 peer.
+			for _, f := range []string{"all", "u0"} {
+				if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+f+"/forwarding", []byte("1"), 0o644); err != nil {
+					return err
+				}
+			}
+			if err := h.AddrAdd(u0, &netlink.Addr{IPNet: &net.IPNet{IP: localIP6.AsSlice(), Mask: net.CIDRMask(64, 128)},
+				Flags: unix.IFA_F_NODAD}); err != nil {
+				return err
+			}
 			return h.NeighAdd(&netlink.Neigh{LinkIndex: u0.Attrs().Index, State: netlink.NUD_PERMANENT,
-				IP: peerIP.AsSlice(), HardwareAddr: peerNicMAC})
+				IP: peer6IP6.AsSlice(), HardwareAddr: peerNicMAC})
 		}()
 		if err == nil {
 			ifindex, mac = uint32(u0.Attrs().Index), u0.Attrs().HardwareAddr

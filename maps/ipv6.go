@@ -28,6 +28,9 @@ type Route6 struct {
 	// PublicIPv6, when valid, is the peer's IPv6 VTEP: the subnet is reached in VXLAN over the
 	// IPv6 underlay (bpf/underlay6.h), and VtepMAC is that VTEP's.
 	PublicIPv6 netip.Addr
+	// Direct: DirectRouting found PublicIPv6 (which must be set) on our IPv6 segment: the
+	// subnet is routed plain via PublicIPv6, without VXLAN (bpf/direct6.h).
+	Direct bool
 }
 
 func route6Key(subnet netip.Prefix) bpf.XnetRoute6Key {
@@ -44,6 +47,12 @@ func (m *Maps) PutRoute6(r Route6) error {
 		return err
 	}
 	val := bpf.XnetRoute6{RemoteIp: ip4(r.PublicIP), VtepMac: mac}
+	if r.Direct && !r.PublicIPv6.IsValid() {
+		return fmt.Errorf("IPv6 route %v via %v: direct without a PublicIPv6 to route it via", r.Subnet, r.PublicIP)
+	}
+	if r.Direct {
+		val.Direct = 1
+	}
 	if r.PublicIPv6.IsValid() {
 		if !r.PublicIPv6.Is6() || r.PublicIPv6.Is4In6() {
 			return fmt.Errorf("IPv6 route %v via %v: PublicIPv6 %v is not IPv6", r.Subnet, r.PublicIP, r.PublicIPv6)
@@ -80,6 +89,7 @@ func (m *Maps) ListRoutes6() ([]Route6, error) {
 			Subnet:   netip.PrefixFrom(netip.AddrFrom16(key.Addr), int(key.Prefixlen)),
 			PublicIP: addrOf(val.RemoteIp),
 			VtepMAC:  append(net.HardwareAddr(nil), val.VtepMac[:]...),
+			Direct:   val.Direct != 0,
 		}
 		if val.Underlay6 != 0 {
 			r.PublicIPv6 = netip.AddrFrom16(val.RemoteIp6)

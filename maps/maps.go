@@ -207,12 +207,18 @@ type Config struct {
 	// HostRoutingKernel is --host-routing=kernel: container traffic takes the host's stack
 	// both ways; the programs only learn containers and shorten the bridge hop.
 	HostRoutingKernel bool
+	// IPv6Only is an IPv6-only overlay (EnableIPv4 false): LocalIP and Subnet stay unset
+	// (the host has no IPv4 lease) and the programs leave IPv4 alone.
+	IPv6Only bool
 }
 
 // SetConfig writes the config entry. The programs read it per packet, so the change is atomic
 // per packet.
 func (m *Maps) SetConfig(c Config) error {
-	if !c.LocalIP.Is4() || !c.Subnet.Addr().Is4() {
+	switch {
+	case c.IPv6Only && (c.LocalIP.IsValid() || c.Subnet.IsValid()):
+		return fmt.Errorf("config: an IPv6-only config has no LocalIP or Subnet (got %v, %v)", c.LocalIP, c.Subnet)
+	case !c.IPv6Only && (!c.LocalIP.Is4() || !c.Subnet.Addr().Is4()):
 		return fmt.Errorf("config: LocalIP %v and Subnet %v must be IPv4", c.LocalIP, c.Subnet)
 	}
 	// VNI 0 is a valid VNI (the kernel's vxlan and flannel accept it).
@@ -227,11 +233,7 @@ func (m *Maps) SetConfig(c Config) error {
 	if err != nil {
 		return err
 	}
-	mask := net.CIDRMask(c.Subnet.Bits(), 32)
 	val := bpf.XnetHostConfig{
-		LocalIp:         ip4(c.LocalIP),
-		SubnetAddr:      ip4(c.Subnet.Masked().Addr()),
-		SubnetMask:      [4]uint8(mask),
 		Vni:             uint32(c.VNI),
 		UnderlayIfindex: uint32(c.UnderlayIfindex),
 		HostIfindex:     uint32(c.HostIfindex),
@@ -246,6 +248,12 @@ func (m *Maps) SetConfig(c Config) error {
 	if c.HostRoutingKernel {
 		val.HostRoutingKernel = 1
 	}
+	if c.IPv6Only {
+		val.Ipv6Only = 1
+	} else {
+		val.LocalIp, val.SubnetAddr = ip4(c.LocalIP), ip4(c.Subnet.Masked().Addr())
+		val.SubnetMask = [4]uint8(net.CIDRMask(c.Subnet.Bits(), 32))
+	}
 	if err := m.Config.Put(uint32(0), val); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
@@ -258,13 +266,10 @@ func (m *Maps) GetConfig() (c Config, ok bool, err error) {
 	if err := m.Config.Lookup(uint32(0), &val); err != nil {
 		return Config{}, false, fmt.Errorf("read config: %w", err)
 	}
-	if val.LocalIp == [4]uint8{} {
+	if val.LocalIp == [4]uint8{} && val.Ipv6Only == 0 {
 		return Config{}, false, nil
 	}
-	bits, _ := net.IPMask(val.SubnetMask[:]).Size()
-	return Config{
-		LocalIP:           addrOf(val.LocalIp),
-		Subnet:            netip.PrefixFrom(addrOf(val.SubnetAddr), bits),
+	c = Config{
 		VNI:               int(val.Vni),
 		Port:              int(val.Port),
 		UnderlayIfindex:   int(val.UnderlayIfindex),
@@ -274,7 +279,13 @@ func (m *Maps) GetConfig() (c Config, ok bool, err error) {
 		VtepMAC:           append(net.HardwareAddr(nil), val.VtepMac[:]...),
 		DirectRouting:     val.DirectRouting != 0,
 		HostRoutingKernel: val.HostRoutingKernel != 0,
-	}, true, nil
+		IPv6Only:          val.Ipv6Only != 0,
+	}
+	if !c.IPv6Only {
+		bits, _ := net.IPMask(val.SubnetMask[:]).Size()
+		c.LocalIP, c.Subnet = addrOf(val.LocalIp), netip.PrefixFrom(addrOf(val.SubnetAddr), bits)
+	}
+	return c, true, nil
 }
 
 // Counter is packets and bytes summed over CPUs.

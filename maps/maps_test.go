@@ -99,6 +99,20 @@ func TestConfigRoundTrip(t *testing.T) {
 	if err := m.SetConfig(bad); err == nil {
 		t.Fatal("VNI 2^24 accepted")
 	}
+	// An IPv6-only host has no IPv4 lease or underlay address, and is configured all the same.
+	v6only := c
+	v6only.LocalIP, v6only.Subnet, v6only.IPv6Only = netip.Addr{}, netip.Prefix{}, true
+	if err := m.SetConfig(v6only); err != nil {
+		t.Fatalf("IPv6-only config refused: %v", err)
+	}
+	if got, ok, err := m.GetConfig(); err != nil || !ok || !reflect.DeepEqual(got, v6only) {
+		t.Fatalf("GetConfig = %+v %v %v, want %+v", got, ok, err, v6only)
+	}
+	mixed := v6only
+	mixed.LocalIP = c.LocalIP
+	if err := m.SetConfig(mixed); err == nil {
+		t.Fatal("an IPv6-only config with an IPv4 LocalIP was accepted")
+	}
 }
 
 func TestCountersAndPeers(t *testing.T) {
@@ -184,7 +198,10 @@ func TestIPv6RoutesRoundTrip(t *testing.T) {
 	// The same peer with an IPv6 VTEP, then without again: the entry follows.
 	over6 := r
 	over6.PublicIPv6, over6.VtepMAC = netip.MustParseAddr("fd00:198:18::17"), net.HardwareAddr{0x0a, 1, 2, 3, 4, 5}
-	for _, want := range []Route6{r, over6, r} {
+	// On our IPv6 segment with DirectRouting: plain via its PublicIPv6.
+	direct := over6
+	direct.Direct = true
+	for _, want := range []Route6{r, over6, direct, r} {
 		if err := m.PutRoute6(want); err != nil {
 			t.Fatal(err)
 		}
@@ -207,6 +224,7 @@ func TestIPv6RoutesRoundTrip(t *testing.T) {
 		{Subnet: r.Subnet, PublicIP: netip.MustParseAddr("fd00::1"), VtepMAC: r.VtepMAC},
 		{Subnet: r.Subnet, PublicIP: r.PublicIP},
 		{Subnet: r.Subnet, PublicIP: r.PublicIP, VtepMAC: r.VtepMAC, PublicIPv6: netip.MustParseAddr("198.18.0.17")},
+		{Subnet: r.Subnet, PublicIP: r.PublicIP, VtepMAC: r.VtepMAC, Direct: true},
 	} {
 		if err := m.PutRoute6(bad); err == nil {
 			t.Errorf("PutRoute6(%+v) accepted", bad)

@@ -37,6 +37,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -400,7 +401,37 @@ func (n *node) state(t *testing.T) []string {
 			lines = append(lines, strings.Join(cmd[:3], " ")+": "+l)
 		}
 	}
+	if n.cl.ipv6Only && n.cl.row.name == subnetmgr.BackendEBPF {
+		lines = append(lines, n.ebpfRoutes(t)...)
+	}
 	slices.Sort(lines)
+	return lines
+}
+
+// ebpfRoutes are the ebpf backend's routes as its pinned maps hold them (none when nothing is
+// pinned): in an IPv6-only overlay its peers are there, not in the kernel's tables.
+func (n *node) ebpfRoutes(t *testing.T) []string {
+	t.Helper()
+	m, err := maps.OpenPinned(n.pinDir())
+	if err != nil {
+		return nil
+	}
+	defer m.Close()
+	var lines []string
+	routes, err := m.ListRoutes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range routes {
+		lines = append(lines, fmt.Sprintf("ebpf routes: %v via %v %v direct %v", r.Subnet, r.PublicIP, r.VtepMAC, r.Direct))
+	}
+	routes6, err := m.ListRoutes6()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range routes6 {
+		lines = append(lines, fmt.Sprintf("ebpf routes6: %v via %v %v %v direct %v", r.Subnet, r.PublicIP, r.PublicIPv6, r.VtepMAC, r.Direct))
+	}
 	return lines
 }
 

@@ -8,14 +8,15 @@ import (
 	"testing"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
 // ipv6OnlyBehaviours are the behaviours of an IPv6-only overlay (EnableIPv4 false), run in
-// order on one IPv6-only cluster per backend that carries one (vxlan, host-gw and wireguard,
-// the latter once per device layout, ipv6OnlyWireGuardModes; xnetd refuses the others at
-// start, see cmd/xnetd's TestBackendChoiceIPv6Only).
+// order on one IPv6-only cluster per backend that carries one (ebpf, vxlan, host-gw and
+// wireguard, the latter once per device layout, ipv6OnlyWireGuardModes; xnetd refuses the others
+// at start, see cmd/xnetd's TestBackendChoiceIPv6Only).
 var ipv6OnlyBehaviours = []struct {
 	name string
 	run  func(t *testing.T, c *cluster)
@@ -28,7 +29,7 @@ var ipv6OnlyBehaviours = []struct {
 }
 
 // carriesIPv6Only are the backends that run an IPv6-only overlay.
-var carriesIPv6Only = []string{subnetmgr.BackendVXLAN, subnetmgr.BackendHostGW, subnetmgr.BackendWireGuard}
+var carriesIPv6Only = []string{subnetmgr.BackendEBPF, subnetmgr.BackendVXLAN, subnetmgr.BackendHostGW, subnetmgr.BackendWireGuard}
 
 // ipv6OnlyWireGuardModes are wireguard's Modes with a different device in an IPv6-only
 // overlay, and that device: flannel's separate mode has only the IPv6 one (xnet-wg-v6 on
@@ -81,6 +82,18 @@ func ipv6OnlyPeersAdded(t *testing.T, c *cluster) {
 			if strings.HasPrefix(l, "ip -br link: xnet.") || strings.Contains(l, "10.244.") {
 				t.Errorf("%s: IPv4 overlay state in an IPv6-only overlay: %s", n.Name, l)
 			}
+		}
+	}
+	if c.row.name == subnetmgr.BackendEBPF {
+		// The containers' packets took the programs both ways: encapsulated into xnet6 at the
+		// veth, judged and delivered by decap_tunnel; with DirectRouting (the hosts share one
+		// IPv6 segment) sent plain at the veth and judged and delivered by decap_tc.
+		want := []string{"encap", "decap"}
+		if c.row.direct {
+			want = []string{"direct_out", "direct_in"}
+		}
+		for _, n := range c.hosts {
+			n.wantVerdicts(t, want...)
 		}
 	}
 	if c.row.name == subnetmgr.BackendVXLAN {
@@ -145,8 +158,8 @@ func ipv6OnlyRestartAdopts(t *testing.T, c *cluster) {
 // IPv6-only network (the harness's flannel-v6.1) and gives the others its lease as flannel
 // writes it in etcd, byte for byte, read by subnetmgr: the containers reach each other.
 func ipv6OnlyFlannelPeer(t *testing.T, c *cluster) {
-	if c.row.name != subnetmgr.BackendVXLAN || c.row.direct {
-		t.Skip("flannel's vxlan layout: for the vxlan backend without DirectRouting")
+	if !slices.Contains([]string{subnetmgr.BackendVXLAN, subnetmgr.BackendEBPF}, c.row.name) || c.row.direct {
+		t.Skip("flannel's vxlan layout: for the VXLAN-speaking backends without DirectRouting")
 	}
 	a, b, fl := c.hosts[0], c.hosts[1], c.hosts[2]
 	fl.stop(t, true)
@@ -219,6 +232,25 @@ func TestIPv6OnlyLeaseNamesIPv6VTEP(t *testing.T) {
 	} {
 		if _, err := backend.ParseVXLANPeerIPv6Only(bad); err == nil {
 			t.Errorf("ParseVXLANPeerIPv6Only(%+v) took it", bad)
+		}
+	}
+}
+
+// wantVerdicts checks the ebpf datapath of n counted packets under each verdict named.
+func (n *node) wantVerdicts(t *testing.T, names ...string) {
+	t.Helper()
+	m, err := maps.OpenPinned(n.pinDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	counters, err := m.ReadCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		if counters[name].Packets == 0 {
+			t.Errorf("%s: no packet counted as %s: %v", n.Name, name, counters)
 		}
 	}
 }

@@ -20,7 +20,9 @@ import (
 // --bridge it is the one named. Otherwise it is every bridge that has an IPv4 address inside
 // our lease: Docker's docker0 started with the --bip xnetd wrote, a daemon.json "bridge" of
 // another name, podman's or a CNI bridge configured from subnet.env. The gateway address says
-// which bridge serves our subnet; its name says nothing.
+// which bridge serves our subnet; its name says nothing. In an IPv6-only overlay it is an IPv6
+// address inside our IPv6 lease (Docker's --fixed-cidr-v6 gateway): docker0 keeps Docker's
+// default IPv4 address there, which says nothing about our lease.
 func (b *Backend) findBridges(links []netlink.Link) (map[int]string, string) {
 	found := map[int]string{}
 	if b.bridgeName != "" {
@@ -31,12 +33,15 @@ func (b *Backend) findBridges(links []netlink.Link) (map[int]string, string) {
 		}
 		return found, "--bridge=" + b.bridgeName
 	}
-	subnet := b.Local().Subnet
+	subnet, family := b.Local().Subnet, unix.AF_INET
+	if b.ipv6Only {
+		subnet, family = b.Local().IPv6Subnet, unix.AF_INET6
+	}
 	for _, l := range links {
 		if l.Type() != "bridge" {
 			continue
 		}
-		addrs, err := netlink.AddrList(l, unix.AF_INET)
+		addrs, err := netlink.AddrList(l, family)
 		if err != nil {
 			continue
 		}
@@ -261,7 +266,9 @@ func (b *Backend) follow(sub subscription) {
 			if !ok {
 				return
 			}
-			if u.LinkAddress.IP.To4() != nil && b.isBridgeAddrChange(u) {
+			// Only the lease's family: IPv6 link-local addresses come and go with every
+			// bridge and veth.
+			if (u.LinkAddress.IP.To4() != nil) != b.ipv6Only && b.isBridgeAddrChange(u) {
 				b.resync()
 			}
 		}
@@ -277,7 +284,7 @@ func (b *Backend) isBridgeAddrChange(u netlink.AddrUpdate) bool {
 		return true
 	}
 	ip, ok := netip.AddrFromSlice(u.LinkAddress.IP)
-	return ok && b.Local().Subnet.Contains(ip.Unmap())
+	return ok && b.Local().ID().Contains(ip.Unmap())
 }
 
 // resync finds the container bridges and their veths again (attachContainers).

@@ -59,6 +59,11 @@ func (b *Backend) ensureHostDevice(local subnetmgr.Lease, network netip.Prefix) 
 	if err := netlink.LinkSetUp(link); err != nil {
 		return 0, fmt.Errorf("ebpf: set %s up: %w", HostDevice, err)
 	}
+	if !local.Subnet.IsValid() {
+		// An IPv6-only lease: xnet0 carries the host's IPv6 only (setupIPv6), and what an
+		// earlier IPv4 or dual-stack run gave it would route IPv4 into an overlay that has none.
+		return link.Attrs().Index, removeHostIPv4(link)
+	}
 	addr := &netlink.Addr{IPNet: &net.IPNet{IP: local.Subnet.Masked().Addr().AsSlice(), Mask: net.CIDRMask(32, 32)}}
 	if err := netlink.AddrReplace(link, addr); err != nil {
 		return 0, fmt.Errorf("ebpf: address %s on %s: %w", addr.IPNet, HostDevice, err)
@@ -81,4 +86,27 @@ func (b *Backend) ensureHostDevice(local subnetmgr.Lease, network netip.Prefix) 
 	// their way back, so strict rp_filter accepts them. Forwarding them to docker0 needs
 	// forwarding on xnet0, which a Docker host has everywhere already.
 	return link.Attrs().Index, nil
+}
+
+// removeHostIPv4 takes xnet0's IPv4 addresses and routes away (an IPv6-only overlay).
+func removeHostIPv4(host netlink.Link) error {
+	var errs []error
+	routes, err := netlink.RouteList(host, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("ebpf: list IPv4 routes of %s: %w", HostDevice, err)
+	}
+	for _, r := range routes {
+		errs = append(errs, backend.IgnoreMissing(netlink.RouteDel(&r)))
+	}
+	addrs, err := netlink.AddrList(host, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("ebpf: list IPv4 addresses of %s: %w", HostDevice, err)
+	}
+	for _, a := range addrs {
+		errs = append(errs, backend.IgnoreMissing(netlink.AddrDel(host, &a)))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("ebpf: remove the IPv4 setup of %s: %w", HostDevice, err)
+	}
+	return nil
 }

@@ -10,6 +10,11 @@ package ebpf
 // host's own traffic takes xnet0 as for VXLAN peers and encap_host sends it plain too. The
 // decision is made again at every AddPeer, so a peer whose lease moves it onto or off our
 // segment switches path with one map update.
+//
+// IPv6 the same way (peerPath6, bpf/direct6.h): a peer whose PublicIPv6 is on our IPv6 segment
+// gets routes6.direct, in a dual-stack overlay (decided apart from its IPv4 path) and in an
+// IPv6-only one, and its IPv6 subnet goes plain via its PublicIPv6. It takes an IPv6 underlay
+// address of ours (the source the FIB lookup asks from); without one IPv6 stays in VXLAN.
 
 import (
 	"net/netip"
@@ -57,3 +62,24 @@ func (b *Backend) peerPath(subnet netip.Prefix, publicIP netip.Addr) backend.Pee
 
 // forgetPath drops what peerPath recorded for subnet. Called with mu held.
 func (b *Backend) forgetPath(subnet netip.Prefix) { delete(b.direct.paths, subnet) }
+
+// peerPath6 is peerPath for the IPv6 subnet of a peer at publicIPv6 (invalid when it publishes
+// none): direct when DirectRouting is on, we have an IPv6 underlay address and publicIPv6 is on
+// our IPv6 segment. Called with mu held.
+func (b *Backend) peerPath6(subnet netip.Prefix, publicIPv6 netip.Addr) backend.PeerPath {
+	path := backend.PeerPath{Why: "DirectRouting is off"}
+	switch {
+	case !b.direct.enabled:
+	case !b.ipv6Underlay:
+		path.Why = "VXLAN: we have no IPv6 underlay address"
+	case !publicIPv6.Is6() || publicIPv6.Is4In6():
+		path.Why = "VXLAN: the peer publishes no PublicIPv6"
+	default:
+		_ = b.exec.do(func() error { path = b.direct.router.Path(true, publicIPv6); return nil })
+	}
+	if old, ok := b.direct.paths[subnet]; b.direct.enabled && (!ok || old.Direct != path.Direct) {
+		b.Log.Info("peer path", "ipv6_subnet", subnet, "public_ipv6", publicIPv6, "direct", path.Direct, "why", path.Why)
+	}
+	b.direct.paths[subnet] = path
+	return path
+}

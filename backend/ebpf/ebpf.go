@@ -96,11 +96,13 @@ type Backend struct {
 	peers   map[netip.Prefix]netip.Addr
 	direct  directState // DirectRouting (direct.go)
 	v6      ipv6State   // the IPv6 side of a dual-stack overlay (ipv6.go)
-	// ipv6Underlay: a dual-stack overlay and an IPv6 underlay address, so we run an IPv6 VTEP
-	// (tunnel.go). Set by New.
+	// ipv6Underlay: a dual-stack (or IPv6-only) overlay and an IPv6 underlay address, so we
+	// run an IPv6 VTEP (tunnel.go). Set by New.
 	ipv6Underlay bool
-	status       Status
-	stopWatch    func()
+	// ipv6Only: an IPv6-only overlay (ipv6only.go); ipv6Underlay is then true. Set by New.
+	ipv6Only  bool
+	status    Status
+	stopWatch func()
 	// headroomErr is the last failure to set up HeadroomDevice ("" when fine), so a repeated
 	// one is logged once.
 	headroomErr string
@@ -145,6 +147,10 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 	if bpffs == "" {
 		bpffs = loader.DefaultDir
 	}
+	if opts.Config.IPv6Only() && !hasIPv6Underlay(opts) {
+		return nil, fmt.Errorf("ebpf: an IPv6-only overlay (EnableIPv4 false) is carried over the IPv6 underlay, and %s has no global IPv6 address with room for the %d-byte VXLAN overhead: add one or set --public-ipv6",
+			opts.Iface.Name, backend.VXLANOverheadV6)
+	}
 	if err := loader.Probe(); err != nil {
 		return nil, fmt.Errorf("ebpf: %w: %w", err, backend.ErrUnavailable)
 	}
@@ -164,7 +170,7 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 		veths:  map[int]struct{}{},
 		peers:  map[netip.Prefix]netip.Addr{},
 		direct: newDirectState(opts),
-		v6:     newIPv6State(), ipv6Underlay: hasIPv6Underlay(opts),
+		v6:     newIPv6State(), ipv6Underlay: hasIPv6Underlay(opts), ipv6Only: opts.Config.IPv6Only(),
 	}, nil
 }
 
@@ -173,7 +179,11 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 // veth and deliver_bridge to every container bridge, and starts following docker0's veths.
 // Calling it again is harmless.
 func (b *Backend) Setup(ctx context.Context, local subnetmgr.Lease, cfg subnetmgr.Config) error {
-	if err := b.CheckSetup(ctx, local, cfg); err != nil {
+	check := b.CheckSetup
+	if b.ipv6Only {
+		check = b.CheckSetupIPv6Only
+	}
+	if err := check(ctx, local, cfg); err != nil {
 		return err
 	}
 	b.mu.Lock()
@@ -194,6 +204,9 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 		}
 	}
 	b.SetLocal(local, cfg.Network)
+	if b.ipv6Only {
+		b.SetIPv6Network(cfg.IPv6Network)
+	}
 	b.status.BPFFS = b.bpffs
 
 	host, err := b.ensureHostDevice(local, cfg.Network)
@@ -219,6 +232,10 @@ func (b *Backend) setupLocked(local subnetmgr.Lease, cfg subnetmgr.Config) error
 		UnderlayIfindex: b.Iface.Index, UnderlayMTU: b.Iface.MTU, UnderlayMAC: nic.Attrs().HardwareAddr,
 		HostIfindex: host, VtepMAC: b.VtepMAC, DirectRouting: b.direct.enabled,
 		HostRoutingKernel: b.hostRouting == HostRoutingKernel,
+	}
+	if b.ipv6Only {
+		// No IPv4 lease, and no IPv4 underlay address needed: the programs leave IPv4 alone.
+		b.config.LocalIP, b.config.Subnet, b.config.IPv6Only = netip.Addr{}, netip.Prefix{}, true
 	}
 	if err := b.m.SetConfig(b.config); err != nil {
 		return fmt.Errorf("ebpf: %w", err)

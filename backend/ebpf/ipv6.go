@@ -35,7 +35,9 @@ package ebpf
 //   - A peer without one (an xnet host without an IPv6 underlay, or an ebpf or udp host of an
 //     older build) is reached inside the IPv4 VXLAN with its BackendData VTEP MAC: the one
 //     device of such a host carries both families.
-// IPv6 always crosses in VXLAN, also to peers that DirectRouting reaches plain over IPv4.
+// With DirectRouting a peer whose PublicIPv6 is on our IPv6 segment gets its IPv6 subnet routed
+// plain via that address (peerPath6 in direct.go, bpf/direct6.h), decided apart from its IPv4
+// path; every other peer's IPv6 crosses in VXLAN, also when its IPv4 goes plain.
 // Over the IPv6 underlay the overlay MTU is 20 bytes smaller (backend.VXLANOverheadV6): the
 // programs answer a container's larger IPv6 packets to such a peer with Packet Too Big, and
 // xnet0's IPv6 route carries that MTU for the host's own traffic.
@@ -251,20 +253,8 @@ func (b *Backend) peerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) (subnet n
 	fail := func(format string, args ...any) (netip.Prefix, net.HardwareAddr, netip.Addr, string) {
 		return netip.Prefix{}, nil, netip.Addr{}, fmt.Sprintf(format, args...)
 	}
-	switch {
-	case !subnet.Addr().Is6() || subnet.Addr().Is4In6():
-		return fail("IPv6Subnet %v is not IPv6", lease.IPv6Subnet)
-	case !b.v6.network.IsValid() || !b.v6.network.Contains(subnet.Addr()) || subnet.Bits() <= b.v6.network.Bits():
-		return fail("IPv6Subnet %v is not strictly inside the IPv6Network %v", subnet, b.v6.network)
-	case b.v6.subnetLen != 0 && subnet.Bits() != b.v6.subnetLen:
-		return fail("IPv6Subnet %v is not a /%d", subnet, b.v6.subnetLen)
-	case subnet.Overlaps(b.v6.local):
-		return fail("IPv6Subnet %v overlaps ours, %v", subnet, b.v6.local)
-	}
-	for other, s := range b.v6.peers {
-		if other != p.Subnet && s.Overlaps(subnet) {
-			return fail("IPv6Subnet %v overlaps %v of the peer %v", subnet, s, other)
-		}
+	if why := b.subnet6Problem(subnet, p.Subnet); why != "" {
+		return fail("%s", why)
 	}
 	if len(lease.BackendV6Data) == 0 || string(lease.BackendV6Data) == "null" {
 		return subnet, p.VtepMAC, netip.Addr{}, ""
@@ -289,6 +279,28 @@ func (b *Backend) peerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) (subnet n
 	return subnet, v6mac, lease.PublicIPv6, ""
 }
 
+// subnet6Problem says why a peer's IPv6 subnet (masked) cannot be programmed, or "" when it
+// can: it must be IPv6, strictly inside the IPv6Network, IPv6SubnetLen long, and overlap
+// neither ours nor that of another peer than the one keyed key. Called with mu held.
+func (b *Backend) subnet6Problem(subnet, key netip.Prefix) string {
+	switch {
+	case !subnet.Addr().Is6() || subnet.Addr().Is4In6():
+		return fmt.Sprintf("IPv6Subnet %v is not IPv6", subnet)
+	case !b.v6.network.IsValid() || !b.v6.network.Contains(subnet.Addr()) || subnet.Bits() <= b.v6.network.Bits():
+		return fmt.Sprintf("IPv6Subnet %v is not strictly inside the IPv6Network %v", subnet, b.v6.network)
+	case b.v6.subnetLen != 0 && subnet.Bits() != b.v6.subnetLen:
+		return fmt.Sprintf("IPv6Subnet %v is not a /%d", subnet, b.v6.subnetLen)
+	case subnet.Overlaps(b.v6.local):
+		return fmt.Sprintf("IPv6Subnet %v overlaps ours, %v", subnet, b.v6.local)
+	}
+	for other, s := range b.v6.peers {
+		if other != key && s.Overlaps(subnet) {
+			return fmt.Sprintf("IPv6Subnet %v overlaps %v of the peer %v", subnet, s, other)
+		}
+	}
+	return ""
+}
+
 // programPeerIPv6 writes (or removes) the routes6 entry of the peer on p.Subnet as peerIPv6
 // decides, removing the entry of an IPv6 subnet the peer no longer holds. Called with mu held.
 func (b *Backend) programPeerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) error {
@@ -298,6 +310,7 @@ func (b *Backend) programPeerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) er
 			return fmt.Errorf("ebpf: %w", err)
 		}
 		delete(b.v6.peers, p.Subnet)
+		b.forgetPath(old)
 	}
 	if why != "" {
 		// An earlier run (or build) may have programmed it.
@@ -315,7 +328,11 @@ func (b *Backend) programPeerIPv6(lease subnetmgr.Lease, p backend.VXLANPeer) er
 	if !subnet.IsValid() {
 		return nil
 	}
-	if err := b.m.PutRoute6(maps.Route6{Subnet: subnet, PublicIP: p.PublicIP, VtepMAC: mac, PublicIPv6: publicIPv6}); err != nil {
+	r := maps.Route6{Subnet: subnet, PublicIP: p.PublicIP, VtepMAC: mac, PublicIPv6: publicIPv6}
+	if b.peerPath6(subnet, lease.PublicIPv6).Direct {
+		r.PublicIPv6, r.Direct = lease.PublicIPv6, true
+	}
+	if err := b.m.PutRoute6(r); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
 	b.v6.peers[p.Subnet] = subnet
@@ -329,6 +346,7 @@ func (b *Backend) removePeerIPv6(subnet netip.Prefix, lease subnetmgr.Lease) err
 	subnet6, ok := b.v6.peers[subnet]
 	delete(b.v6.peers, subnet)
 	delete(b.v6.unreachable, subnet)
+	b.forgetPath(subnet6)
 	if !ok {
 		return b.deleteStaleRoute6(lease.IPv6Subnet, lease.PublicIP)
 	}
@@ -375,9 +393,10 @@ func (b *Backend) pruneIPv6(keep []subnetmgr.Lease) ([]netip.Prefix, error) {
 		}
 		keptV4[l.Subnet.Masked()] = true
 	}
-	for s := range b.v6.peers {
+	for s, s6 := range b.v6.peers {
 		if !keptV4[s] {
 			delete(b.v6.peers, s)
+			b.forgetPath(s6)
 		}
 	}
 	for s := range b.v6.unreachable {

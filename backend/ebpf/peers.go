@@ -17,7 +17,10 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.m == nil {
-		return fmt.Errorf("ebpf: AddPeer(%v) before Setup", lease.Subnet)
+		return fmt.Errorf("ebpf: AddPeer(%v) before Setup", lease.ID())
+	}
+	if b.ipv6Only {
+		return b.addPeerIPv6Only(lease)
 	}
 	p, own, err := b.Peer(lease)
 	if own || err != nil {
@@ -48,7 +51,10 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.m == nil {
-		return fmt.Errorf("ebpf: RemovePeer(%v) before Setup", lease.Subnet)
+		return fmt.Errorf("ebpf: RemovePeer(%v) before Setup", lease.ID())
+	}
+	if b.ipv6Only {
+		return b.removePeerIPv6Only(lease)
 	}
 	subnet, own, err := b.RemovedSubnet(lease)
 	if own || err != nil {
@@ -85,6 +91,9 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	defer b.mu.Unlock()
 	if b.m == nil {
 		return fmt.Errorf("ebpf: PrunePeers before Setup")
+	}
+	if b.ipv6Only {
+		return b.prunePeersIPv6Only(keep)
 	}
 	kept := backend.NewKeptSubnets(b.Local().Subnet, keep)
 	keepIPs := map[netip.Addr]bool{}

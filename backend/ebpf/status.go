@@ -110,6 +110,10 @@ func (b *Backend) Mode() (string, string) {
 		mode += ", direct routing"
 	}
 	why := b.status.DecapWhy + "; TC: " + b.status.TCWhy + "; host routing: " + b.status.HostRoutingWhy
+	if b.ipv6Only {
+		mode += ", IPv6 only"
+		why += "; IPv6-only overlay: every peer over the IPv6 underlay"
+	}
 	if b.v6.tunnel != 0 {
 		mode += ", IPv6 underlay"
 		why += "; IPv6 underlay: " + TunnelDevice + " at " + b.Iface.PublicIPv6.String() + " to peers with an IPv6 VTEP"

@@ -40,11 +40,11 @@ func autoOrder() []string {
 	return []string{subnetmgr.BackendEBPF, subnetmgr.BackendVXLAN, subnetmgr.BackendUDP}
 }
 
-// ipv6OnlyBackends are the backends that carry an IPv6-only overlay (EnableIPv4 false). The
-// others key their datapath by the IPv4 subnet and reach peers at their IPv4 PublicIP, so they
-// are refused before they start rather than left half working.
+// ipv6OnlyBackends are the backends that carry an IPv6-only overlay (EnableIPv4 false), in
+// autoOrder's order. The others key their datapath by the IPv4 subnet and reach peers at their
+// IPv4 PublicIP, so they are refused before they start rather than left half working.
 func ipv6OnlyBackends() []string {
-	return []string{subnetmgr.BackendVXLAN, subnetmgr.BackendHostGW, subnetmgr.BackendWireGuard}
+	return []string{subnetmgr.BackendEBPF, subnetmgr.BackendVXLAN, subnetmgr.BackendHostGW, subnetmgr.BackendWireGuard}
 }
 
 // checkIPv6Only refuses backend name for an IPv6-only cfg unless it carries one: a usage error

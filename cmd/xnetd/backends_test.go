@@ -168,4 +168,12 @@ func TestBackendChoiceIPv6Only(t *testing.T) {
 	case err != nil || !slices.Contains(supported, got.name):
 		t.Errorf("auto: chose %q, %v; want one of %v", got.name, err, supported)
 	}
+	// The ebpf backend carries it (over the IPv6 underlay), so auto picks it first, as in
+	// the other modes; udp does not.
+	if got.name != subnetmgr.BackendEBPF {
+		t.Errorf("auto: chose %q, want ebpf", got.name)
+	}
+	if slices.Contains(supported, subnetmgr.BackendUDP) {
+		t.Errorf("udp carries an IPv6-only overlay: %v", supported)
+	}
 }

@@ -894,6 +894,17 @@ func (c *checker) datapathRoutes() (map[netip.Prefix]datapathRoute, string, erro
 			return nil, "", fmt.Errorf("the BPF routes map: %w", err)
 		}
 		defer m.Close()
+		if c.ipv6Only() {
+			// Every peer is in routes6, reached at its PublicIPv6 (its IPv6 VTEP).
+			routes, err := m.ListRoutes6()
+			if err != nil {
+				return nil, "", err
+			}
+			for _, rt := range routes {
+				out[rt.Subnet.Masked()] = datapathRoute{via: rt.PublicIPv6, mac: rt.VtepMAC.String()}
+			}
+			return out, "the BPF routes6 map", nil
+		}
 		routes, err := m.ListRoutes()
 		if err != nil {
 			return nil, "", err

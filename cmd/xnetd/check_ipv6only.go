@@ -138,9 +138,12 @@ func (c *checker) underlayIPv6(nl *netlink.Handle, nic netlink.Link) netip.Addr 
 	return ip
 }
 
-// deviceNameIPv6Only is the backend's device in an IPv6-only overlay ("" for host-gw).
+// deviceNameIPv6Only is the backend's device in an IPv6-only overlay ("" for host-gw; for
+// ebpf xnet0, which carries the host's own traffic into the programs).
 func (c *checker) deviceNameIPv6Only() string {
 	switch c.backend {
+	case subnetmgr.BackendEBPF:
+		return ebpfbackend.HostDevice // xnet0: our IPv6 /128 and the IPv6Network route
 	case subnetmgr.BackendVXLAN:
 		return vxlan.DeviceNameV6(c.cfg.Backend.VNI)
 	case subnetmgr.BackendWireGuard:
@@ -186,7 +189,7 @@ func (c *checker) checkFirewallIPv6Only(ctx context.Context) checkResult {
 	r := checkResult{Check: "firewall"}
 	var port int
 	switch c.backend {
-	case subnetmgr.BackendVXLAN:
+	case subnetmgr.BackendVXLAN, subnetmgr.BackendEBPF:
 		if port = c.cfg.Backend.Port; port == 0 {
 			port = 8472
 		}

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -14,11 +15,12 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
-const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"%s"}}`
+const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"%s","DirectRouting":%v}}`
 
 // An IPv6-only overlay (EnableIPv4 false) on three hosts, per backend that carries one: leases
 // under flannel's 0.0.0.0-0&<ipv6>-<len> keys with flannel's value, subnet.env and the Docker
@@ -26,12 +28,15 @@ const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd0
 // IPv6 subnet, nothing of an IPv4 overlay on the hosts, and containers reaching each other over
 // IPv6 (ping, TCP both ways).
 func TestIPv6OnlyThreeHosts(t *testing.T) {
-	for _, backendName := range []string{"vxlan", "host-gw", "wireguard"} {
-		t.Run(backendName, func(t *testing.T) {
+	// ebpf+direct: DirectRouting, and the hosts share one IPv6 segment, so every peer is routed
+	// plain via its PublicIPv6.
+	for _, row := range []string{"ebpf", "ebpf+direct", "vxlan", "host-gw", "wireguard"} {
+		backendName, direct := strings.CutSuffix(row, "+direct")
+		t.Run(row, func(t *testing.T) {
 			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: true},
-				fmt.Sprintf(ipv6OnlyConfig, backendName), "--backend", backendName)
+				fmt.Sprintf(ipv6OnlyConfig, backendName, direct), "--backend", backendName)
 			subnets := checkIPv6OnlyLeases(t, topo, nodes, backendName)
-			mtu := map[string]int{"vxlan": 1430, "host-gw": 1500, "wireguard": 1420}[backendName]
+			mtu := map[string]int{"ebpf": 1430, "vxlan": 1430, "host-gw": 1500, "wireguard": 1420}[backendName]
 			for _, n := range nodes {
 				checkIPv6OnlyFiles(t, n, subnets[n.UnderlayIPv6], mtu)
 				checkIPv6OnlyStatus(t, n, subnets)
@@ -49,6 +54,9 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 				if backendName == "wireguard" && (!strings.Contains(links, "xnet-wg-v6") || strings.Contains(links, "xnet-wg ")) {
 					t.Errorf("%s: want xnet-wg-v6 and no xnet-wg:\n%s", n.Name, links)
 				}
+				if backendName == "ebpf" && (!strings.Contains(links, "xnet6") || !strings.Contains(links, "xnet0")) {
+					t.Errorf("%s has no xnet6 or xnet0:\n%s", n.Name, links)
+				}
 			}
 			cs := xdContainers(t, nodes)
 			for _, c := range cs {
@@ -62,6 +70,21 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
 			transferTo(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
 			transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
+			if backendName == "ebpf" {
+				// The fast path carried it: encapsulated into xnet6 at the veth, or with
+				// DirectRouting sent plain, and nothing else.
+				var st struct {
+					Verdicts map[string]uint64 `json:"verdicts"`
+				}
+				nodes[0].statusInto(t, &st)
+				want, not := "encap", "direct_out"
+				if direct {
+					want, not = not, want
+				}
+				if st.Verdicts[want] == 0 || st.Verdicts[not] != 0 {
+					t.Errorf("%s verdicts %v: want %s and no %s", nodes[0].Name, st.Verdicts, want, not)
+				}
+			}
 			// A restart takes the same lease back (from subnet.env and by PublicIPv6), adopts the
 			// datapath and programs the same peers.
 			r := nodes[0]
@@ -78,6 +101,7 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 			if failed := ipv6Mesh(cs); len(failed) > 0 {
 				t.Errorf("after a restart of %s, pings failed:\n%s", r.Name, strings.Join(failed, "\n"))
 			}
+			transferTo(t, cs[0], cs[2], cs[2].IPv6, 8<<20)
 			t.Run("xnetd check passes on the healthy cluster and names each fault injected", func(t *testing.T) {
 				checkIPv6OnlyFaults(t, nodes, backendName)
 			})
@@ -95,12 +119,15 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 					t.Errorf("%s: IPv6 route into the overlay left after teardown: %s", n.Name, r)
 				}
 			}
+			if links, _ := n.Run(ctx, "ip", "-br", "link", "show"); strings.Contains(links, "xnet") {
+				t.Errorf("%s: xnet devices left after teardown:\n%s", n.Name, links)
+			}
 		})
 	}
 }
 
 // checkIPv6OnlyLeases: one key per host, flannel's IPv6-only key and value (no BackendData,
-// BackendV6Data for vxlan and wireguard only), distinct IPv6 subnets; returns each host's
+// BackendV6Data for vxlan, ebpf and wireguard only), distinct IPv6 subnets; returns each host's
 // subnet by its PublicIPv6.
 func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, backendName string) map[netip.Addr]netip.Prefix {
 	t.Helper()
@@ -109,6 +136,11 @@ func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, 
 	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
+	}
+	// ebpf hosts are VXLAN nodes on the wire, and publish themselves as flannel's vxlan does.
+	published := backendName
+	if backendName == "ebpf" {
+		published = "vxlan"
 	}
 	byHost := map[netip.Addr]netip.Prefix{}
 	for _, kv := range resp.Kvs {
@@ -120,8 +152,8 @@ func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, 
 		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
 		v := string(kv.Value)
 		if err != nil || !strings.HasPrefix(v, `{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::`) ||
-			!strings.Contains(v, `"BackendType":"`+backendName+`"`) || strings.Contains(v, `"BackendData"`) ||
-			strings.Contains(v, `"BackendV6Data"`) != (backendName == "vxlan" || backendName == "wireguard") {
+			!strings.Contains(v, `"BackendType":"`+published+`"`) || strings.Contains(v, `"BackendData"`) ||
+			strings.Contains(v, `"BackendV6Data"`) != (published == "vxlan" || published == "wireguard") {
 			t.Errorf("key %s = %s (%v): want flannel's IPv6-only value", kv.Key, kv.Value, err)
 			continue
 		}
@@ -266,10 +298,13 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
 	a, b := nodes[0], nodes[1] // b breaks; a is its peer
 	aSubnet := a.state(t).Lease.Subnet
 	device := map[string]string{"vxlan": "xnet-v6.1", "wireguard": "xnet-wg-v6", "host-gw": "eth0"}[backendName]
-	port := map[string]string{"vxlan": "8472", "wireguard": "51821"}[backendName]
-	route := strings.TrimSpace(b.out(t, "ip", "-6", "route", "show", "exact", aSubnet.String()))
-	if route == "" {
-		t.Fatalf("%s has no route to %v", b.Name, aSubnet)
+	port := map[string]string{"vxlan": "8472", "wireguard": "51821", "ebpf": "8472"}[backendName]
+	var route string
+	if backendName != "ebpf" { // ebpf's routes are in its routes6 map, not the kernel's table
+		route = strings.TrimSpace(b.out(t, "ip", "-6", "route", "show", "exact", aSubnet.String()))
+		if route == "" {
+			t.Fatalf("%s has no route to %v", b.Name, aSubnet)
+		}
 	}
 	opts, err := os.ReadFile(b.DockerOptsFile())
 	if err != nil {
@@ -293,14 +328,49 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
 				}
 			},
 			[]string{"FAIL  files", "--fixed-cidr-v6=fd00:10:244:ff::/64", "systemctl restart xnetd"}},
-		{"the route to a peer's IPv6 subnet deleted",
-			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", aSubnet.String(), "dev", device) },
-			func(t *testing.T) { b.sh(t, append([]string{"ip", "-6", "route", "add"}, strings.Fields(route)...)...) },
-			[]string{"FAIL  routes", fmt.Sprintf("lacks %v", aSubnet), "systemctl restart xnetd"}},
 		{"a peer's PublicIPv6 unreachable on the underlay",
 			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "add", "unreachable", a.UnderlayIPv6.String()+"/128") },
 			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", "unreachable", a.UnderlayIPv6.String()+"/128") },
 			[]string{"FAIL  underlay", "peers' PublicIPv6s: " + a.UnderlayIPv6.String(), "ip -6 route"}},
+	}
+	if backendName == "ebpf" {
+		var saved maps.Route6
+		faults = append(faults, fault{"the routes6 map's entry for a peer deleted",
+			func(t *testing.T) {
+				m, err := maps.OpenPinned(b.BPFFS)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer m.Close()
+				routes, err := m.ListRoutes6()
+				if err != nil {
+					t.Fatal(err)
+				}
+				i := slices.IndexFunc(routes, func(r maps.Route6) bool { return r.Subnet == aSubnet })
+				if i < 0 {
+					t.Fatalf("%s's routes6 map has no %v: %+v", b.Name, aSubnet, routes)
+				}
+				saved = routes[i]
+				if err := m.DeleteRoute6(aSubnet); err != nil {
+					t.Fatal(err)
+				}
+			},
+			func(t *testing.T) {
+				m, err := maps.OpenPinned(b.BPFFS)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer m.Close()
+				if err := m.PutRoute6(saved); err != nil {
+					t.Fatal(err)
+				}
+			},
+			[]string{"FAIL  routes", fmt.Sprintf("the BPF routes6 map lacks %v", aSubnet), "systemctl restart xnetd"}})
+	} else {
+		faults = append(faults, fault{"the route to a peer's IPv6 subnet deleted",
+			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", aSubnet.String(), "dev", device) },
+			func(t *testing.T) { b.sh(t, append([]string{"ip", "-6", "route", "add"}, strings.Fields(route)...)...) },
+			[]string{"FAIL  routes", fmt.Sprintf("lacks %v", aSubnet), "systemctl restart xnetd"}})
 	}
 	switch backendName {
 	case "vxlan":
@@ -383,7 +453,7 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 			if out, err := v6only.Run(t.Context(), "ip", "-4", "addr", "flush", "dev", "eth0"); err != nil {
 				t.Fatalf("%v: %s", err, out)
 			}
-			xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(ipv6OnlyConfig, backendName))
+			xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(ipv6OnlyConfig, backendName, false))
 			bin := harness.BuildXnetd(t)
 			// No --iface (XnetdArgs' is overridden): the IPv6 default route's interface, or
 			// the one holding --public-ipv6; etcd over IPv6 for every host alike.
@@ -475,7 +545,7 @@ func TestIPv6OnlyDockerFirewall(t *testing.T) {
 	if _, err := exec.LookPath("ip6tables-restore"); err != nil {
 		t.Fatalf("ip6tables-restore (installed by .ci/run): %v", err)
 	}
-	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "vxlan"), "--backend", "vxlan")
+	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "vxlan", false), "--backend", "vxlan")
 	cs := xdContainers(t, nodes)
 	for _, n := range nodes {
 		cmd := exec.Command("nsenter", "--net="+n.Path(), "--", "ip6tables-restore", "--noflush")
@@ -510,5 +580,59 @@ func TestIPv6OnlyDockerFirewall(t *testing.T) {
 	src, err := harness.SourceSeen(cs[0].Namespace, cs[1].Namespace, cs[1].IPv6, 3)
 	if err != nil || src != cs[0].IPv6 {
 		t.Errorf("%s's container saw %v (%v), want the sender's own address %v (not masqueraded)", nodes[1].Name, src, err, cs[0].IPv6)
+	}
+}
+
+// TestDockerIPv6OnlyEBPF: real Docker on two ebpf hosts of an IPv6-only overlay, dockerd started
+// from the options xnetd wrote (--ipv6 --fixed-cidr-v6, and Docker's default IPv4 bridge, which
+// is not the overlay's). The backend finds docker0 by its IPv6 gateway in our lease, and busybox
+// containers reach each other over IPv6 through the fast path.
+func TestDockerIPv6OnlyEBPF(t *testing.T) {
+	if why := harness.DockerMissing(); why != "" {
+		t.Skip(why)
+	}
+	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "ebpf", false), "--backend=ebpf")
+	dockers := harness.StartDockerForTest(t, nodes[0].Host, nodes[1].Host)
+	a, b := dkRun(t, dkHost{nodes[0], dockers[0]}, "a1"), dkRun(t, dkHost{nodes[1], dockers[1]}, "b1")
+	a6, b6 := dkIPv6(t, a), dkIPv6(t, b)
+	t.Logf("a1 %v (%v) on %s, b1 %v (%v) on %s", a6, a.IP, nodes[0].Name, b6, b.IP, nodes[1].Name)
+	for _, p := range []struct {
+		from *harness.DockerContainer
+		to   netip.Addr
+	}{{a, b6}, {b, a6}} {
+		if got, out := dkPing(t, p.from, p.to); got != 3 {
+			t.Errorf("docker exec %s ping %v: %d of 3 replies\n%s", p.from.Name, p.to, got, out)
+		}
+	}
+	var st struct {
+		Verdicts map[string]uint64 `json:"verdicts"`
+	}
+	nodes[0].statusInto(t, &st)
+	if st.Verdicts["encap"] == 0 || st.Verdicts["decap"] == 0 {
+		t.Errorf("%s verdicts %v: want the containers' IPv6 encapsulated and decapsulated by the programs", nodes[0].Name, st.Verdicts)
+	}
+}
+
+// dkIPv6 is the global IPv6 address Docker gave the container (from --fixed-cidr-v6), once
+// none of eth0's addresses is tentative. Docker adds the global one without DAD, but until the
+// link-local one has passed it the container sends no MLD report, so docker0 (which snoops
+// multicast) forwards it no neighbour solicitation for its address: the first packets to it
+// are lost, whatever the network.
+func dkIPv6(t *testing.T, c *harness.DockerContainer) netip.Addr {
+	t.Helper()
+	global := regexp.MustCompile(`inet6 ([0-9a-f:]+)/\d+ scope global`)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, err := c.Exec(dkCtx(t, 10*time.Second), "ip", "-6", "addr", "show", "dev", "eth0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m := global.FindStringSubmatch(out); m != nil && !strings.Contains(out, "tentative") {
+			return netip.MustParseAddr(m[1])
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s has no usable global IPv6 address after 10s:\n%s", c.Name, out)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -784,10 +784,11 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 		{"invalid Network in the config", "/badnet/network", nil, []string{"/badnet/network/config", "Network"}},
 		{"unknown Backend.Type in the config", "/badtype/network", nil, []string{"Backend.Type", "ipip"}},
 		{"--macvlan without a Macvlan section in the config", "/good/network", []string{"--macvlan"}, []string{"/good/network/config", "no Macvlan section", "--macvlan"}},
-		{"IPv6-only config with the ebpf backend", "/v6only/network", []string{"--backend=ebpf"}, []string{"--backend=ebpf", "EnableIPv4 false", "use vxlan or host-gw or wireguard"}},
-		{"IPv6-only config with the udp backend", "/v6only/network", []string{"--backend=udp"}, []string{"--backend=udp", "EnableIPv4 false", "use vxlan or host-gw or wireguard"}},
+		{"IPv6-only config with the udp backend", "/v6only/network", []string{"--backend=udp"}, []string{"--backend=udp", "EnableIPv4 false", "use ebpf or vxlan or host-gw or wireguard"}},
 		{"IPv6-only config with wireguard in Mode ipv4", "/v6onlywg4/network", []string{"--backend=wireguard"}, []string{"/v6onlywg4/network/config", "Backend.Mode", "EnableIPv4 false"}},
 		{"IPv6-only config on a host without an IPv6 underlay", "/v6only/network", nil, []string{"EnableIPv4 false", "no global IPv6 address", "--public-ipv6"}},
+		// ebpf carries an IPv6-only overlay over the IPv6 underlay only, as vxlan does.
+		{"IPv6-only config with the ebpf backend on a host without an IPv6 underlay", "/v6only/network", []string{"--backend=ebpf"}, []string{"--backend=ebpf", "EnableIPv4 false", "no global IPv6 address", "--public-ipv6"}},
 		{"a config with neither address family", "/nofamily/network", nil, []string{"/nofamily/network/config", "EnableIPv4", "EnableIPv6"}},
 		{"invalid Macvlan section (with or without --macvlan)", "/badmacvlan/network", nil, []string{"/badmacvlan/network/config", "Macvlan.RangeLen", "31"}},
 	}

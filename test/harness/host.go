@@ -2,8 +2,10 @@ package harness
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -159,8 +161,16 @@ func (h *Host) SetupDocker0(gateway netip.Prefix, mtu int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	br := h.bridgeNameLocked()
+	// A MAC of its own, as Docker gives docker0: a bridge without one takes its lowest port's,
+	// so a port going away (the ebpf backend's headroom port at teardown) would change it under
+	// the containers' neighbour entries for their gateway.
+	mac := make([]byte, 6)
+	if _, err := rand.Read(mac); err != nil {
+		return fmt.Errorf("harness: docker0 MAC: %w", err)
+	}
+	mac[0] = mac[0]&0xfe | 0x02 // unicast, locally administered
 	err := h.IP(ctx,
-		"link add "+br+" type bridge",
+		fmt.Sprintf("link add %s address %s type bridge", br, net.HardwareAddr(mac)),
 		fmt.Sprintf("link set %s mtu %d", br, mtu),
 		fmt.Sprintf("addr add %s dev %s", gateway, br),
 		"link set "+br+" up")
