@@ -151,6 +151,12 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 		return nil, fmt.Errorf("ebpf: an IPv6-only overlay (EnableIPv4 false) is carried over the IPv6 underlay, and %s has no global IPv6 address with room for the %d-byte VXLAN overhead: add one or set --public-ipv6",
 			opts.Iface.Name, backend.VXLANOverheadV6)
 	}
+	if len(core.VtepMAC) == 0 {
+		// An IPv6-only host without an IPv4 address has no IPv4 VTEP MAC: xnet0 and the config
+		// map take the IPv6 VTEP's, as stable across restarts. Nothing publishes it as an IPv4
+		// VTEP (LeaseAttrs publishes no BackendData without an IPv4 PublicIP).
+		core.VtepMAC = backend.VtepMACv6(opts.Iface.PublicIPv6)
+	}
 	if err := loader.Probe(); err != nil {
 		return nil, fmt.Errorf("ebpf: %w: %w", err, backend.ErrUnavailable)
 	}

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/xnet-dev/xnet/maps"
@@ -335,13 +337,19 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
 	}
 	if backendName == "ebpf" {
 		var saved maps.Route6
+		// maps.OpenPinned opens read-only, as xnetd check does; the fault needs to write.
+		routes6 := func(t *testing.T) *maps.Maps {
+			t.Helper()
+			m, err := ebpf.LoadPinnedMap(filepath.Join(b.BPFFS, maps.Routes6Name), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return &maps.Maps{Routes6: m}
+		}
 		faults = append(faults, fault{"the routes6 map's entry for a peer deleted",
 			func(t *testing.T) {
-				m, err := maps.OpenPinned(b.BPFFS)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer m.Close()
+				m := routes6(t)
+				defer m.Routes6.Close()
 				routes, err := m.ListRoutes6()
 				if err != nil {
 					t.Fatal(err)
@@ -356,11 +364,8 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
 				}
 			},
 			func(t *testing.T) {
-				m, err := maps.OpenPinned(b.BPFFS)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer m.Close()
+				m := routes6(t)
+				defer m.Routes6.Close()
 				if err := m.PutRoute6(saved); err != nil {
 					t.Fatal(err)
 				}
@@ -446,7 +451,7 @@ func (n *xdNode) out(t *testing.T, args ...string) string {
 // --public-ipv6, reaches etcd over IPv6, and its containers reach the others' over IPv6; `xnetd
 // check` passes there.
 func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
-	for _, backendName := range []string{"vxlan", "wireguard"} {
+	for _, backendName := range []string{"ebpf", "vxlan", "wireguard"} {
 		t.Run(backendName, func(t *testing.T) {
 			topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true, IPv6Underlay: true})
 			v6only := topo.Hosts()[2]

@@ -17,6 +17,11 @@ import (
 // segments, so a datapath's segmentation and coalescing are in the path.
 func TransferIntact(tb testing.TB, from, to *Container, dst netip.Addr, size int) {
 	tb.Helper()
+	// What the messages name: the addresses of the family dst is of.
+	src := from.IP
+	if dst.Is6() {
+		src = from.IPv6
+	}
 	var ln net.Listener
 	if err := to.Do(func() (err error) {
 		ln, err = net.Listen("tcp", net.JoinHostPort(dst.String(), "0"))
@@ -51,7 +56,7 @@ func TransferIntact(tb testing.TB, from, to *Container, dst netip.Addr, size int
 		c, err = net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
 		return err
 	}); err != nil {
-		tb.Fatalf("connect %v -> %v: %v", from.IP, to.IP, err)
+		tb.Fatalf("connect %v -> %v: %v", src, dst, err)
 	}
 	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
 	chunk := make([]byte, 1<<20)
@@ -64,16 +69,16 @@ func TransferIntact(tb testing.TB, from, to *Container, dst netip.Addr, size int
 		h.Write(chunk)
 		if _, err := c.Write(chunk); err != nil {
 			c.Close()
-			tb.Fatalf("send %v -> %v after %d bytes: %v", from.IP, to.IP, sent, err)
+			tb.Fatalf("send %v -> %v after %d bytes: %v", src, dst, sent, err)
 		}
 	}
 	c.Close()
 	r := <-got
 	if r.err != nil {
-		tb.Fatalf("receive %v -> %v: %v", from.IP, to.IP, r.err)
+		tb.Fatalf("receive %v -> %v: %v", src, dst, r.err)
 	}
 	if want := h.Sum(nil); r.n != int64(size) || !bytes.Equal(r.sum[:], want) {
-		tb.Fatalf("%v -> %v: received %d bytes with sha256 %x, sent %d with %x", from.IP, to.IP, r.n, r.sum, size, want)
+		tb.Fatalf("%v -> %v: received %d bytes with sha256 %x, sent %d with %x", src, dst, r.n, r.sum, size, want)
 	}
-	tb.Logf("%v -> %v: %d MB intact in %v", from.IP, to.IP, size>>20, time.Since(start).Round(time.Millisecond))
+	tb.Logf("%v -> %v: %d MB intact in %v", src, dst, size>>20, time.Since(start).Round(time.Millisecond))
 }
