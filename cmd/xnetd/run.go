@@ -238,6 +238,11 @@ func (d *daemonRun) prepareMacvlan() error {
 	if !present {
 		return nil
 	}
+	if !d.iface.IfaceIP.Is4() || !d.iface.PublicIP.Is4() {
+		// The ranges are IPv4 addresses on the parent's IPv4 segment, and a lease is claimed
+		// by the host's IPv4 PublicIP.
+		return usagef("the Macvlan section leases IPv4 ranges on %s, which has no IPv4 address: give it one, or remove the Macvlan section (and --macvlan)", d.iface.Name)
+	}
 	hostAddrs := []netip.Addr{d.iface.IfaceIP}
 	if d.iface.PublicIP != d.iface.IfaceIP {
 		hostAddrs = append(hostAddrs, d.iface.PublicIP)

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -506,6 +507,30 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 			transferTo(t, cs[2], cs[1], cs[1].IPv6, 8<<20)
 			if out, code := nodes[2].check(t); code != 0 {
 				t.Errorf("xnetd check on %s (no IPv4): exit %d\n%s", nodes[2].Name, code, out)
+			}
+			if backendName != "vxlan" {
+				return
+			}
+			// Macvlan ranges are IPv4 on the parent's segment: a host without IPv4 refuses
+			// the section at start, exit 2, before it changes anything.
+			const prefix = "/v6macvlan/network"
+			xdPut(t, topo, subnetmgr.ConfigKey(prefix), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"},`+
+				`"Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":29,"RangeMin":"198.18.0.8","RangeMax":"198.18.0.32"}}`)
+			dir := t.TempDir()
+			p, err := nodes[2].StartXnetd(bin, append(extra(nodes[2].Host), "--etcd-prefix", prefix, "--subnet-file", filepath.Join(dir, "subnet.env"),
+				"--docker-opts-file", filepath.Join(dir, "docker"), "--macvlan-file", filepath.Join(dir, "macvlan"), "--macvlan")...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-p.Done():
+			case <-time.After(15 * time.Second):
+				p.Kill()
+				t.Fatalf("xnetd with a Macvlan section on a host without IPv4 did not exit:\n%s", p.Output())
+			}
+			var exit *exec.ExitError
+			if err := p.Wait(); !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.Contains(p.Output(), "Macvlan section leases IPv4 ranges on eth0, which has no IPv4 address") {
+				t.Errorf("xnetd with a Macvlan section on a host without IPv4: %v, want exit code 2 naming the Macvlan section\n%s", err, p.Output())
 			}
 		})
 	}
