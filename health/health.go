@@ -13,6 +13,10 @@
 //     Docker runs, and the probe takes the peer route as container traffic does;
 //   - underlay: from our underlay address to the peer's PublicIP, without encapsulation.
 //
+// Either family: in an IPv6-only overlay the daemon hands IPv6 addresses for both (our IPv6
+// subnet's first address, the /128 the device holds, and PublicIPv6), and the sockets, the
+// address check and the ICMP answers follow the family of the address.
+//
 // Overlay unreachable while the underlay answers: the datapath is broken here, on the peer, or
 // a firewall between drops the VXLAN port. Both unreachable: the host or its network is down.
 // A host that runs no responder (flannel in a mixed cluster, a stopped xnetd whose datapath

@@ -150,7 +150,7 @@ func Start(o Options) (*Prober, error) {
 		port = 0
 	}
 	for i, addr := range [2]netip.Addr{o.Overlay, o.Underlay} {
-		if !addr.Is4() {
+		if !addr.IsValid() {
 			p.why[i] = "this host has no " + string(Paths[i]) + " address to probe from"
 			continue
 		}
@@ -190,17 +190,21 @@ func Start(o Options) (*Prober, error) {
 // listen binds a UDP socket with IP_FREEBIND: our overlay address may not be on an interface
 // yet (host-gw's docker0 comes with Docker) and the socket must still be there when it is. And
 // with IP_RECVERR, so an ICMP port unreachable for one of our probes reaches us (see
-// drainErrors).
+// drainErrors). An IPv6 address (an IPv6-only overlay) takes the IPv6 twins of both options.
 func listen(addr netip.AddrPort) (*net.UDPConn, error) {
+	network, level, freebind, recverr := "udp4", unix.SOL_IP, unix.IP_FREEBIND, unix.IP_RECVERR
+	if addr.Addr().Is6() {
+		network, level, freebind, recverr = "udp6", unix.SOL_IPV6, unix.IPV6_FREEBIND, unix.IPV6_RECVERR
+	}
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var errFree, errRecv error
 		err := c.Control(func(fd uintptr) {
-			errFree = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_FREEBIND, 1)
-			errRecv = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_RECVERR, 1)
+			errFree = unix.SetsockoptInt(int(fd), level, freebind, 1)
+			errRecv = unix.SetsockoptInt(int(fd), level, recverr, 1)
 		})
 		return errors.Join(err, errFree, errRecv)
 	}}
-	pc, err := lc.ListenPacket(context.Background(), "udp4", addr.String())
+	pc, err := lc.ListenPacket(context.Background(), network, addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("listen on UDP %v: %w", addr, err)
 	}
@@ -570,8 +574,16 @@ func (p *Prober) drainErrors(idx int, c *net.UDPConn) {
 		}); err != nil || rerr != nil {
 			return
 		}
-		sa, ok := from.(*unix.SockaddrInet4)
-		if !ok || !portUnreachable(oob[:oobn]) {
+		var to netip.AddrPort
+		switch sa := from.(type) {
+		case *unix.SockaddrInet4:
+			to = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+		case *unix.SockaddrInet6:
+			to = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+		default:
+			continue
+		}
+		if !portUnreachable(oob[:oobn]) {
 			continue
 		}
 		// The queue holds what we sent: our request, with its sequence number.
@@ -579,7 +591,6 @@ func (p *Prober) drainErrors(idx int, c *net.UDPConn) {
 		if !ok || m.kind != kindRequest {
 			continue
 		}
-		to := netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
 		if p.reply(idx, to, message{kind: kindReply, seq: m.seq}, time.Now(), true) {
 			p.changed()
 		}
@@ -587,19 +598,25 @@ func (p *Prober) drainErrors(idx int, c *net.UDPConn) {
 }
 
 // portUnreachable says whether the control messages of an error-queue read carry an ICMP
-// destination unreachable, port unreachable.
+// destination unreachable, port unreachable (or ICMPv6's).
 func portUnreachable(oob []byte) bool {
 	const icmpDestUnreach, icmpPortUnreach = 3, 3
+	const icmp6DestUnreach, icmp6PortUnreach = 1, 4
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
 		return false
 	}
 	for _, m := range msgs {
-		if m.Header.Level != unix.SOL_IP || m.Header.Type != unix.IP_RECVERR || len(m.Data) < int(unsafe.Sizeof(unix.SockExtendedErr{})) {
+		v4 := m.Header.Level == unix.SOL_IP && m.Header.Type == unix.IP_RECVERR
+		v6 := m.Header.Level == unix.SOL_IPV6 && m.Header.Type == unix.IPV6_RECVERR
+		if !v4 && !v6 || len(m.Data) < int(unsafe.Sizeof(unix.SockExtendedErr{})) {
 			continue
 		}
 		ee := (*unix.SockExtendedErr)(unsafe.Pointer(&m.Data[0]))
-		if ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == icmpDestUnreach && ee.Code == icmpPortUnreach {
+		if v4 && ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == icmpDestUnreach && ee.Code == icmpPortUnreach {
+			return true
+		}
+		if v6 && ee.Origin == unix.SO_EE_ORIGIN_ICMP6 && ee.Type == icmp6DestUnreach && ee.Code == icmp6PortUnreach {
 			return true
 		}
 	}
@@ -670,7 +687,11 @@ func (p *Prober) overlayAddrUp() bool {
 	if !p.o.Overlay.IsValid() {
 		return false
 	}
-	addrs, err := p.nl.AddrList(nil, unix.AF_INET)
+	family := unix.AF_INET
+	if p.o.Overlay.Is6() {
+		family = unix.AF_INET6
+	}
+	addrs, err := p.nl.AddrList(nil, family)
 	if err != nil {
 		p.log.Debug("health: list addresses", "err", err)
 		return p.overlayUp

@@ -40,7 +40,8 @@ import (
 // In an IPv6-only overlay (EnableIPv4 false) the same checks look at IPv6 (check_ipv6only.go):
 // leases by their IPv6 subnet and PublicIPv6, the IPv6 keys of the files, the underlay's IPv6
 // address and routes, the IPv6 device and routes of the backend, and rules dropping its UDP
-// port over IPv6. Peers are not probed there: the health probes are IPv4's.
+// port or the health port over IPv6. Peers are probed there over IPv6: from our IPv6 subnet's
+// first address to theirs, and from our PublicIPv6 to theirs.
 //
 // Exit code 0 when everything holds, 1 when something does not (each failure printed with its
 // fix), 2 for a bad flag. A peer unreachable over the overlay while nothing here is wrong points
@@ -169,8 +170,9 @@ func (c *checker) run(ctx context.Context, probeTimeout time.Duration) {
 		c.add(c.checkDevice())
 		c.add(c.checkRoutes())
 		c.add(c.checkFirewall(ctx))
-		c.add(checkResult{Check: "peers", Status: checkSkip,
-			Detail: "not probed in an IPv6-only overlay (the health probes are IPv4's): `xnetd status` shows every peer"})
+		pctx, cancel := context.WithTimeout(ctx, probeTimeout)
+		defer cancel()
+		c.add(c.checkPeers(pctx))
 		return
 	}
 	c.add(c.checkFiles())
@@ -1088,7 +1090,7 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 		underlayIP = c.publicIP
 	}
 	res, err := health.ProbeOnce(ctx, health.Options{Overlay: overlay, OverlayOptional: optional, Underlay: underlayIP,
-		Network: c.cfg.Network, Logger: c.log}, peers)
+		Network: c.network(), Logger: c.log}, peers)
 	if err != nil {
 		r.Status, r.Detail = checkFail, err.Error()
 		return r

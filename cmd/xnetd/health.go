@@ -64,13 +64,15 @@ func overlayAddress(backendType string, subnet netip.Prefix) (addr netip.Addr, o
 // the writer of the health file.
 func (d *daemonRun) startHealth(ctx context.Context) *healthProbes {
 	h := &healthProbes{path: healthFile(d.o.stateFile), updates: make(chan struct{}, 1), done: make(chan struct{})}
+	// In an IPv6-only overlay both paths are IPv6: from our IPv6 subnet's first address (the
+	// /128 the backend's device holds, as it holds <subnet>.0 in IPv4) and from PublicIPv6.
+	overlay, optional := overlayAddress(d.chosen.name, d.lease.ID())
+	underlay, network := d.iface.IfaceIP, d.cfg.Network
 	if d.cfg.IPv6Only() {
-		d.log.Info("health probes are IPv4 and the overlay is IPv6 only: peers' reachability is not reported")
-		return h
+		underlay, network = d.iface.PublicIPv6, d.cfg.IPv6Network
 	}
-	overlay, optional := overlayAddress(d.chosen.name, d.lease.Subnet)
 	p, err := health.Start(health.Options{
-		Overlay: overlay, OverlayOptional: optional, Underlay: d.iface.IfaceIP, Network: d.cfg.Network,
+		Overlay: overlay, OverlayOptional: optional, Underlay: underlay, Network: network,
 		Logger: d.log, OnChange: func() {
 			select {
 			case h.updates <- struct{}{}:
@@ -146,7 +148,9 @@ func (h *healthProbes) setPeers(peers []peerState) {
 	}
 	out := make([]health.Peer, 0, len(peers))
 	for _, ps := range peers {
-		hp := health.Peer{Subnet: ps.Subnet, PublicIP: ps.PublicIP}
+		// Subnet is the lease's ID (its IPv6 subnet in an IPv6-only overlay), host() its
+		// PublicIP or PublicIPv6 alike.
+		hp := health.Peer{Subnet: ps.Subnet, PublicIP: ps.host()}
 		if ps.Error != "" {
 			hp.OverlayWhy = "the backend refused the peer: it is not in the datapath"
 		} else {

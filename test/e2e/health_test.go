@@ -111,6 +111,10 @@ type hcFault struct {
 func hcRun(t *testing.T, nodes []*xdNode, f hcFault) {
 	t.Helper()
 	subnet := f.broken.state(t).Lease.Subnet
+	brokenHost := f.broken.UnderlayIP
+	if subnet.Addr().Is6() { // an IPv6-only overlay: hosts are named by their PublicIPv6
+		brokenHost = f.broken.UnderlayIPv6
+	}
 	start := time.Now()
 	f.inject(t)
 	var took time.Duration
@@ -176,8 +180,8 @@ func hcRun(t *testing.T, nodes []*xdNode, f hcFault) {
 		}
 		t.Logf("xnetd check on %s:\n%s", f.broken.Name, brokenOut)
 		// The observer finds nothing wrong at home and says where to look.
-		if observerCode != 1 || !strings.Contains(observerOut, "nothing wrong found on this host: run xnetd check on "+f.broken.UnderlayIP.String()) {
-			t.Errorf("xnetd check on %s (healthy) exit %d, want 1 pointing at %s:\n%s", f.observer.Name, observerCode, f.broken.UnderlayIP, observerOut)
+		if observerCode != 1 || !strings.Contains(observerOut, "nothing wrong found on this host: run xnetd check on "+brokenHost.String()) {
+			t.Errorf("xnetd check on %s (healthy) exit %d, want 1 pointing at %s:\n%s", f.observer.Name, observerCode, brokenHost, observerOut)
 		}
 		for _, l := range strings.Split(observerOut, "\n") {
 			if strings.HasPrefix(l, "FAIL") && !strings.HasPrefix(l, "FAIL  peers") {
