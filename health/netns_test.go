@@ -349,3 +349,44 @@ func TestIPv6ProbersTellABrokenOverlayFromAWorkingUnderlay(t *testing.T) {
 	hs[0].sh(t, "ip", "route", "add", network.String(), "dev", "eth0")
 	waitFor(t, a, hs[1].subnet, "both paths reachable again", 5*time.Second, bothUp)
 }
+
+// Dual stack: the IPv6 overlay is a third path, and a broken IPv6 route shows on it alone.
+func TestOverlay6IsProbedBesideTheIPv4Overlay(t *testing.T) {
+	network6 := netip.MustParsePrefix("fd00:10:244::/48")
+	hs := probeHosts(t)
+	var o6 [2]netip.Addr
+	for i, h := range hs {
+		o6[i] = netip.MustParseAddr(fmt.Sprintf("fd00:10:244:%d::", i+1))
+		h.sh(t, "ip", "addr", "add", o6[i].String()+"/128", "dev", "eth0", "nodad")
+		h.sh(t, "ip", "route", "add", network6.String(), "dev", "eth0")
+	}
+	var ps [2]*Prober
+	for i, h := range hs {
+		ps[i] = h.start(t, func(o *Options) { o.Overlay6, o.Network6 = o6[i], network6 })
+	}
+	for i := range hs {
+		peer := hs[1-i].peer()
+		peer.Overlay6 = o6[1-i]
+		ps[i].SetPeers([]Peer{peer})
+	}
+	a, b := ps[0], hs[1]
+	allUp := func(h PeerHealth) bool {
+		return bothUp(h) && h.Overlay6 != nil && h.Overlay6.State == StateReachable && !h.Overlay6.NoResponder
+	}
+	waitFor(t, a, b.subnet, "all three paths reachable", 3*time.Second, allUp)
+	if h := a.Snapshot()[b.subnet]; h.Overlay6.Target != o6[1] || h.Overlay6.RTTLast <= 0 || h.Path(Overlay6).Target != o6[1] {
+		t.Errorf("overlay6 %+v, want answers from %v", h.Overlay6, o6[1])
+	}
+	hs[0].sh(t, "ip", "route", "del", network6.String(), "dev", "eth0")
+	waitFor(t, a, b.subnet, "overlay6 unreachable, the rest reachable", 5*time.Second, func(h PeerHealth) bool {
+		return bothUp(h) && h.Overlay6 != nil && h.Overlay6.State == StateUnreachable
+	})
+	if p := a.Snapshot()[b.subnet].Problem(); !strings.Contains(p, "IPv6 overlay unreachable") {
+		t.Errorf("Problem() = %q, want the IPv6 overlay unreachable", p)
+	}
+	hs[0].sh(t, "ip", "route", "add", network6.String(), "dev", "eth0")
+	waitFor(t, a, b.subnet, "all three paths reachable again", 5*time.Second, allUp)
+	// A peer without an IPv6 subnet has no overlay6.
+	a.SetPeers([]Peer{b.peer()})
+	waitFor(t, a, b.subnet, "two paths only", 3*time.Second, func(h PeerHealth) bool { return bothUp(h) && h.Overlay6 == nil })
+}

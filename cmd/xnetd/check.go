@@ -95,6 +95,9 @@ type checkLease struct {
 	PublicIP    netip.Addr
 	BackendType string
 	VtepMAC     string
+	// IPv6Subnet is the lease's IPv6 subnet in a dual-stack overlay (its IPv6 overlay is
+	// probed), invalid otherwise.
+	IPv6Subnet netip.Prefix
 	// Refused is why the daemon's backend refused the lease ("" when programmed).
 	Refused string
 }
@@ -331,6 +334,9 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 			r.Problems = append(r.Problems, fmt.Sprintf("another lease %v carries our %s %v (a stale lease of this host?)", id, publicIP, host(l)))
 		default:
 			cl := checkLease{Subnet: id, PublicIP: host(l), BackendType: l.BackendType, Refused: refused[id]}
+			if !c.ipv6Only() {
+				cl.IPv6Subnet = subnetmgr.ForFamilies(c.cfg, l).IPv6Subnet
+			}
 			if d, err := subnetmgr.ParseVXLANData(data(l)); err == nil {
 				cl.VtepMAC = d.VtepMAC
 			}
@@ -380,7 +386,11 @@ func (c *checker) peersFromState(from string) {
 	c.peers, c.peersFrom = nil, from
 	for _, p := range c.st.Peers {
 		if p.RemovalDue.IsZero() {
-			c.peers = append(c.peers, checkLease{Subnet: p.Subnet.Masked(), PublicIP: p.host(), BackendType: p.BackendType, VtepMAC: p.VtepMAC, Refused: p.Error})
+			cl := checkLease{Subnet: p.Subnet.Masked(), PublicIP: p.host(), BackendType: p.BackendType, VtepMAC: p.VtepMAC, Refused: p.Error}
+			if !c.ipv6Only() && c.cfg.EnableIPv6 {
+				cl.IPv6Subnet = p.IPv6Subnet
+			}
+			c.peers = append(c.peers, cl)
 		}
 	}
 }
@@ -1075,6 +1085,12 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 		return r
 	}
 	overlay, optional := overlayAddress(c.backend, c.subnet)
+	// A dual-stack overlay probes the IPv6 overlay too (overlay6Address): our IPv6 subnet is
+	// in the daemon's state.
+	var overlay6 netip.Addr
+	if c.haveState && !c.ipv6Only() {
+		overlay6 = overlay6Address(c.cfg, c.backend, c.st.Lease.IPv6Subnet)
+	}
 	var peers []health.Peer
 	for _, p := range c.peers {
 		hp := health.Peer{Subnet: p.Subnet, PublicIP: p.PublicIP}
@@ -1082,6 +1098,9 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 			hp.OverlayWhy = "refused by the backend: " + p.Refused
 		} else {
 			hp.Overlay, hp.OverlayOptional = overlayAddress(p.BackendType, p.Subnet)
+			if overlay6.IsValid() && p.IPv6Subnet.IsValid() && p.BackendType != subnetmgr.BackendHostGW {
+				hp.Overlay6 = p.IPv6Subnet.Masked().Addr()
+			}
 		}
 		peers = append(peers, hp)
 	}
@@ -1090,16 +1109,23 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 		underlayIP = c.publicIP
 	}
 	res, err := health.ProbeOnce(ctx, health.Options{Overlay: overlay, OverlayOptional: optional, Underlay: underlayIP,
-		Network: c.network(), Logger: c.log}, peers)
+		Network: c.network(), Overlay6: overlay6, Network6: c.cfg.IPv6Network, Logger: c.log}, peers)
 	if err != nil {
 		r.Status, r.Detail = checkFail, err.Error()
 		return r
 	}
 	var rtts []time.Duration
-	var overlayDown, notProbed int
+	var overlayDown, overlay6Down, overlay6Up, notProbed int
 	for _, p := range c.peers {
 		h := res[p.Subnet]
 		c.rep.Peers = append(c.rep.Peers, checkPeer{Subnet: p.Subnet, PublicIP: p.PublicIP, Health: h})
+		if h.Overlay6 != nil && h.Overlay6.State == health.StateReachable {
+			overlay6Up++
+		}
+		if h.Overlay6 != nil && h.Overlay6.State == health.StateUnreachable {
+			overlay6Down++
+			r.Problems = append(r.Problems, fmt.Sprintf("%v (%v): IPv6 overlay unreachable to %v (%s)", p.Subnet, p.PublicIP, h.Overlay6.Target, h.Overlay6.Why))
+		}
 		switch h.Overlay.State {
 		case health.StateReachable:
 			rtts = append(rtts, time.Duration(h.Overlay.RTTP50))
@@ -1120,15 +1146,22 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 		}
 	}
 	sort.Strings(r.Problems)
-	if overlayDown > 0 {
+	if overlayDown > 0 || overlay6Down > 0 {
 		r.Status = checkFail
-		r.Detail = fmt.Sprintf("%d of %d peers do not answer over the overlay (UDP %d to their overlay address)", overlayDown, len(c.peers), health.DefaultPort)
+		var down []string
+		if overlayDown > 0 {
+			down = append(down, fmt.Sprintf("%d of %d peers do not answer over the overlay", overlayDown, len(c.peers)))
+		}
+		if overlay6Down > 0 {
+			down = append(down, fmt.Sprintf("%d of %d peers do not answer over the IPv6 overlay", overlay6Down, len(c.peers)))
+		}
+		r.Detail = fmt.Sprintf("%s (UDP %d to their overlay address)", strings.Join(down, ", "), health.DefaultPort)
 		if len(c.rep.Failed) > 0 {
 			r.Fix = "fix the problems above on this host first: they explain this (" + strings.Join(c.rep.Failed, ", ") + ")"
 		} else {
 			var where []string
 			for _, p := range c.rep.Peers {
-				if p.Health.Overlay.State == health.StateUnreachable {
+				if p.Health.Overlay.State == health.StateUnreachable || p.Health.Path(health.Overlay6).State == health.StateUnreachable {
 					where = append(where, p.PublicIP.String())
 				}
 			}
@@ -1142,6 +1175,9 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 	r.Detail = fmt.Sprintf("%d of %d peers answer over the overlay", len(rtts), len(c.peers))
 	if len(rtts) > 0 {
 		r.Detail += fmt.Sprintf(" (median RTT %v)", health.Duration(rtts[(len(rtts)-1)/2]))
+	}
+	if overlay6.IsValid() {
+		r.Detail += fmt.Sprintf(", %d over the IPv6 overlay", overlay6Up)
 	}
 	if notProbed > 0 {
 		r.Detail += fmt.Sprintf(", %d not probed over the overlay", notProbed)
