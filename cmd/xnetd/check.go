@@ -24,6 +24,7 @@ import (
 
 	ebpfbackend "github.com/xnet-dev/xnet/backend/ebpf"
 	"github.com/xnet-dev/xnet/backend/vxlan"
+	"github.com/xnet-dev/xnet/backend/wireguard"
 	"github.com/xnet-dev/xnet/health"
 	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/maps"
@@ -33,9 +34,10 @@ import (
 // `xnetd check` verifies this host's part of the overlay end to end, once, and names what is
 // wrong with the fix: the daemon, the lease in etcd, the files Docker starts from, the underlay
 // interface, the backend's device, the BPF programs (ebpf), the datapath's routes against the
-// leases in etcd, firewall rules on the VXLAN and health ports, and finally every peer probed
-// over the overlay and the underlay from here. It takes run's flags (so one
-// /etc/default/xnetd serves both) and reads the daemon's state file; it changes nothing.
+// leases in etcd, firewall rules on the backend's port (VXLAN, wireguard's) and the health
+// port, and finally every peer probed over the overlay and the underlay from here. It takes
+// run's flags (so one /etc/default/xnetd serves both) and reads the daemon's state file; it
+// changes nothing.
 //
 // In an IPv6-only overlay (EnableIPv4 false) the same checks look at IPv6 (check_ipv6only.go):
 // leases by their IPv6 subnet and PublicIPv6, the IPv6 keys of the files, the underlay's IPv6
@@ -574,6 +576,8 @@ func (c *checker) deviceName() string {
 		return ebpfbackend.HostDevice // both name it xnet0
 	case subnetmgr.BackendVXLAN:
 		return vxlan.DeviceName(c.cfg.Backend.VNI)
+	case subnetmgr.BackendWireGuard:
+		return wireguard.DeviceName
 	}
 	return ""
 }
@@ -612,6 +616,9 @@ func (c *checker) checkDevice() checkResult {
 		}) {
 			r.Problems = append(r.Problems, fmt.Sprintf("no route %v dev %s: traffic to a subnet no peer holds leaves unencrypted by the default route", c.cfg.IPv6Network, name))
 		}
+	}
+	if c.backend == subnetmgr.BackendWireGuard && !c.ipv6Only() {
+		r.Problems = append(r.Problems, c.wireguardDeviceProblems(dev)...)
 	}
 	if c.backend == subnetmgr.BackendEBPF && c.cfg.Network.IsValid() {
 		if !slices.ContainsFunc(mainRoutes(unix.AF_INET), func(rt netlink.Route) bool {
@@ -1020,7 +1027,11 @@ func (c *checker) checkFirewall(ctx context.Context) checkResult {
 		return c.checkFirewallIPv6Only(ctx)
 	}
 	var ports []int
-	if c.backend != subnetmgr.BackendHostGW {
+	switch c.backend {
+	case subnetmgr.BackendHostGW:
+	case subnetmgr.BackendWireGuard:
+		ports, _ = c.wireguardPorts()
+	default:
 		vxlanPort := c.cfg.Backend.Port
 		if vxlanPort == 0 {
 			vxlanPort = 8472
@@ -1029,7 +1040,12 @@ func (c *checker) checkFirewall(ctx context.Context) checkResult {
 	}
 	ports = append(ports, health.DefaultPort)
 	rules, err := firewallPortRules(ctx, ports)
-	var notes []string
+	var notes, fixes []string
+	if c.backend == subnetmgr.BackendWireGuard {
+		var err6 error
+		r.Problems, fixes, err6 = c.wireguardFirewallProblems(ctx)
+		err = errors.Join(err, err6)
+	}
 	for _, fr := range rules {
 		what := fmt.Sprintf("%s drops UDP %d", fr.Where, fr.Port)
 		if fr.Port == health.DefaultPort {
@@ -1042,11 +1058,14 @@ func (c *checker) checkFirewall(ctx context.Context) checkResult {
 			notes = append(notes, what+" (the ebpf datapath runs before netfilter and is not affected; a fallback to vxlan or udp would be)")
 			continue
 		}
+		if c.backend == subnetmgr.BackendWireGuard {
+			r.Problems = append(r.Problems, what+" (wireguard: container traffic between hosts)")
+			continue
+		}
 		r.Problems = append(r.Problems, what+" (VXLAN: container traffic between hosts)")
 	}
 	if len(r.Problems) > 0 {
 		r.Status, r.Detail = checkFail, "firewall rules drop what the overlay needs"
-		var fixes []string
 		for _, fr := range rules {
 			fixes = append(fixes, fr.Delete)
 		}
