@@ -13,6 +13,12 @@
 //     Docker runs, and the probe takes the peer route as container traffic does;
 //   - underlay: from our underlay address to the peer's PublicIP, without encapsulation.
 //
+// Either family: in an IPv6-only overlay the daemon hands IPv6 addresses for both (our IPv6
+// subnet's first address, the /128 the device holds, and PublicIPv6), and the sockets, the
+// address check and the ICMP answers follow the family of the address. A dual-stack overlay
+// adds a third path, overlay6, from our IPv6 subnet's first address to the peer's
+// (Options.Overlay6, Peer.Overlay6), so a broken IPv6 datapath shows while IPv4 works.
+//
 // Overlay unreachable while the underlay answers: the datapath is broken here, on the peer, or
 // a firewall between drops the VXLAN port. Both unreachable: the host or its network is down.
 // A host that runs no responder (flannel in a mixed cluster, a stopped xnetd whose datapath
@@ -60,13 +66,18 @@ const (
 // Path is the way a probe takes to a peer.
 type Path string
 
-// The two paths.
+// The paths.
 const (
 	Overlay  Path = "overlay"  // encapsulated by the datapath, as container traffic
 	Underlay Path = "underlay" // straight to the peer's PublicIP
+	// Overlay6 is the IPv6 overlay of a dual-stack overlay: our IPv6 subnet's first address to
+	// the peer's, through the datapath's IPv6 side (an IPv6-only overlay's Overlay is IPv6
+	// itself and has no Overlay6).
+	Overlay6 Path = "overlay6"
 )
 
-// Paths lists both, overlay first.
+// Paths lists the two every peer has, overlay first; Overlay6 only peers with an IPv6 overlay
+// address have (PeerHealth.Overlay6).
 var Paths = [2]Path{Overlay, Underlay}
 
 // States of a path.
@@ -88,18 +99,29 @@ type Peer struct {
 	// OverlayOptional marks an overlay address that exists only once Docker runs there
 	// (host-gw's docker0): it is probed only after the peer's underlay reply says it is up.
 	OverlayOptional bool
+	// Overlay6 is the peer's IPv6 overlay address in a dual-stack overlay (its IPv6 subnet's
+	// first address); invalid when it has none or the IPv6 overlay is not probed.
+	Overlay6 netip.Addr
 }
 
 // PeerHealth is one peer's reachability over both paths.
 type PeerHealth struct {
 	Overlay  PathHealth `json:"overlay"`
 	Underlay PathHealth `json:"underlay"`
+	// Overlay6 is the IPv6 overlay of a dual-stack overlay; nil when the peer's is not probed.
+	Overlay6 *PathHealth `json:"overlay6,omitempty"`
 }
 
-// Path returns the health of one path.
+// Path returns the health of one path (the zero PathHealth for an Overlay6 not probed).
 func (h PeerHealth) Path(p Path) PathHealth {
-	if p == Overlay {
+	switch p {
+	case Overlay:
 		return h.Overlay
+	case Overlay6:
+		if h.Overlay6 == nil {
+			return PathHealth{}
+		}
+		return *h.Overlay6
 	}
 	return h.Underlay
 }
@@ -186,6 +208,10 @@ func (h PeerHealth) Problem() string {
 		return "underlay probes unanswered" + since(h.Underlay) + " while the overlay answers: UDP " + fmt.Sprint(DefaultPort) + " to its PublicIP is filtered?"
 	case u:
 		return "underlay unreachable" + since(h.Underlay) + ": " + h.Underlay.Why
+	case h.Overlay6 != nil && h.Overlay6.State == StateUnreachable && h.Overlay.State != StateReachable:
+		return "IPv6 overlay unreachable" + since(*h.Overlay6) + ": " + h.Overlay6.Why
+	case h.Overlay6 != nil && h.Overlay6.State == StateUnreachable:
+		return "IPv6 overlay unreachable" + since(*h.Overlay6) + " while the IPv4 overlay answers: the IPv6 datapath is broken here or there (its routes, its IPv6 device), or a firewall drops its port over IPv6; run xnetd check on both hosts"
 	}
 	return ""
 }

@@ -295,3 +295,98 @@ func TestAHostWithoutResponderIsReachableThroughItsICMPAnswer(t *testing.T) {
 		return bothUp(h) && !h.Overlay.NoResponder && !h.Underlay.NoResponder
 	})
 }
+
+// An IPv6-only overlay probes over IPv6 on both paths: from our IPv6 subnet's first address
+// and from our IPv6 underlay address. A broken overlay is told from a working underlay as in
+// IPv4, and a host without a responder answers with ICMPv6 port unreachable.
+func TestIPv6ProbersTellABrokenOverlayFromAWorkingUnderlay(t *testing.T) {
+	network := netip.MustParsePrefix("fd00:10:244::/48")
+	var hs [2]*probeHost
+	for i, h := range harness.NewForTest(t, harness.Options{Hosts: 2, IPv6Underlay: true}).Hosts() {
+		subnet := netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%d::/64", i+1))
+		hs[i] = &probeHost{Host: h, subnet: subnet, overlay: subnet.Addr()}
+		hs[i].sh(t, "ip", "addr", "add", hs[i].overlay.String()+"/128", "dev", "eth0", "nodad")
+	}
+	// One route for the whole Network, as ebpf's xnet0 has: a route to exactly the peer's /64
+	// would make its first address the subnet-router anycast address, to which the kernel sends
+	// no ICMPv6 errors (and so no port unreachable from a host without a responder).
+	hs[0].sh(t, "ip", "route", "add", network.String(), "dev", "eth0")
+	hs[1].sh(t, "ip", "route", "add", network.String(), "dev", "eth0")
+	peer := func(h *probeHost) Peer { return Peer{Subnet: h.subnet, PublicIP: h.UnderlayIPv6, Overlay: h.overlay} }
+	start := func(h *probeHost) *Prober {
+		return h.start(t, func(o *Options) { o.Underlay, o.Network = h.UnderlayIPv6, network })
+	}
+
+	a := start(hs[0])
+	a.SetPeers([]Peer{peer(hs[1])})
+	// No responder on hs[1] yet: its ICMPv6 port unreachable answers both paths.
+	waitFor(t, a, hs[1].subnet, "both paths reachable through ICMPv6", 3*time.Second, func(h PeerHealth) bool {
+		return bothUp(h) && h.Overlay.NoResponder && h.Underlay.NoResponder
+	})
+
+	b := start(hs[1])
+	b.SetPeers([]Peer{peer(hs[0])})
+	waitFor(t, a, hs[1].subnet, "answers from the responder", 3*time.Second, func(h PeerHealth) bool {
+		return bothUp(h) && !h.Overlay.NoResponder && !h.Underlay.NoResponder
+	})
+	waitFor(t, b, hs[0].subnet, "both paths reachable", 3*time.Second, bothUp)
+	if got := a.LocalAddr(Overlay); got != netip.AddrPortFrom(hs[0].overlay, DefaultPort) {
+		t.Errorf("overlay socket on %v, want %v", got, netip.AddrPortFrom(hs[0].overlay, DefaultPort))
+	}
+	h := a.Snapshot()[hs[1].subnet]
+	if h.Overlay.Target != hs[1].overlay || h.Underlay.Target != hs[1].UnderlayIPv6 || h.Overlay.RTTLast <= 0 {
+		t.Errorf("targets %v and %v (RTT %v), want %v and %v", h.Overlay.Target, h.Underlay.Target, h.Overlay.RTTLast, hs[1].overlay, hs[1].UnderlayIPv6)
+	}
+
+	// The route to the peer's overlay gone: its overlay is unreachable, its underlay still answers.
+	hs[0].sh(t, "ip", "route", "del", network.String(), "dev", "eth0")
+	waitFor(t, a, hs[1].subnet, "overlay unreachable, underlay reachable", 5*time.Second, func(h PeerHealth) bool {
+		return h.Overlay.State == StateUnreachable && h.Underlay.State == StateReachable
+	})
+	if p := a.Snapshot()[hs[1].subnet].Problem(); !strings.Contains(p, "while the underlay answers") {
+		t.Errorf("Problem() = %q, want the overlay broken while the underlay answers", p)
+	}
+	hs[0].sh(t, "ip", "route", "add", network.String(), "dev", "eth0")
+	waitFor(t, a, hs[1].subnet, "both paths reachable again", 5*time.Second, bothUp)
+}
+
+// Dual stack: the IPv6 overlay is a third path, and a broken IPv6 route shows on it alone.
+func TestOverlay6IsProbedBesideTheIPv4Overlay(t *testing.T) {
+	network6 := netip.MustParsePrefix("fd00:10:244::/48")
+	hs := probeHosts(t)
+	var o6 [2]netip.Addr
+	for i, h := range hs {
+		o6[i] = netip.MustParseAddr(fmt.Sprintf("fd00:10:244:%d::", i+1))
+		h.sh(t, "ip", "addr", "add", o6[i].String()+"/128", "dev", "eth0", "nodad")
+		h.sh(t, "ip", "route", "add", network6.String(), "dev", "eth0")
+	}
+	var ps [2]*Prober
+	for i, h := range hs {
+		ps[i] = h.start(t, func(o *Options) { o.Overlay6, o.Network6 = o6[i], network6 })
+	}
+	for i := range hs {
+		peer := hs[1-i].peer()
+		peer.Overlay6 = o6[1-i]
+		ps[i].SetPeers([]Peer{peer})
+	}
+	a, b := ps[0], hs[1]
+	allUp := func(h PeerHealth) bool {
+		return bothUp(h) && h.Overlay6 != nil && h.Overlay6.State == StateReachable && !h.Overlay6.NoResponder
+	}
+	waitFor(t, a, b.subnet, "all three paths reachable", 3*time.Second, allUp)
+	if h := a.Snapshot()[b.subnet]; h.Overlay6.Target != o6[1] || h.Overlay6.RTTLast <= 0 || h.Path(Overlay6).Target != o6[1] {
+		t.Errorf("overlay6 %+v, want answers from %v", h.Overlay6, o6[1])
+	}
+	hs[0].sh(t, "ip", "route", "del", network6.String(), "dev", "eth0")
+	waitFor(t, a, b.subnet, "overlay6 unreachable, the rest reachable", 5*time.Second, func(h PeerHealth) bool {
+		return bothUp(h) && h.Overlay6 != nil && h.Overlay6.State == StateUnreachable
+	})
+	if p := a.Snapshot()[b.subnet].Problem(); !strings.Contains(p, "IPv6 overlay unreachable") {
+		t.Errorf("Problem() = %q, want the IPv6 overlay unreachable", p)
+	}
+	hs[0].sh(t, "ip", "route", "add", network6.String(), "dev", "eth0")
+	waitFor(t, a, b.subnet, "all three paths reachable again", 5*time.Second, allUp)
+	// A peer without an IPv6 subnet has no overlay6.
+	a.SetPeers([]Peer{b.peer()})
+	waitFor(t, a, b.subnet, "two paths only", 3*time.Second, func(h PeerHealth) bool { return bothUp(h) && h.Overlay6 == nil })
+}

@@ -36,6 +36,11 @@ type Options struct {
 	Underlay netip.Addr
 	// Network is the overlay Network: the sources whose overlay probes we answer.
 	Network netip.Prefix
+	// Overlay6 is our IPv6 overlay address in a dual-stack overlay (our IPv6 subnet's first
+	// address, the /128 the device holds), invalid when the IPv6 overlay is not probed;
+	// Network6 the IPv6Network, whose sources' overlay6 probes we answer.
+	Overlay6 netip.Addr
+	Network6 netip.Prefix
 
 	Interval  time.Duration // DefaultInterval
 	MaxRate   float64       // DefaultMaxRate
@@ -62,8 +67,8 @@ const replyRate = 2000
 type Prober struct {
 	o      Options
 	log    *slog.Logger
-	conns  [2]*net.UDPConn // by pathIndex; nil when the path cannot be probed from here
-	why    [2]string       // why conns[i] is nil
+	conns  [numPaths]*net.UDPConn // by pathIndex; nil when the path cannot be probed from here
+	why    [numPaths]string       // why conns[i] is nil
 	nl     *netlink.Handle
 	kick   chan struct{}
 	cancel context.CancelFunc
@@ -76,16 +81,17 @@ type Prober struct {
 	order         []uint64 // sequence numbers in flight, oldest first (timeouts come in order)
 	seq           uint64
 	sends         bucket
-	replies       [2]bucket
+	replies       [numPaths]bucket
 	interval      time.Duration
 	overlayUp     bool
+	overlay6Up    bool
 	nextAddrCheck time.Time
 	publicIPs     map[netip.Addr]int // peers' PublicIPs (count of peers with each): whose underlay probes we answer
 }
 
 type target struct {
 	peer    Peer
-	paths   [2]*pathState
+	paths   []*pathState // by pathIndex: overlay and underlay, and overlay6 when the peer has one
 	removed bool
 	// peerOverlayUp is what the peer's last underlay reply said of its overlay address: -1
 	// not heard yet, 0 not up, 1 up.
@@ -107,9 +113,17 @@ type inflight struct {
 	sent time.Time
 }
 
+// numPaths counts every path a peer may have; allPaths names them by pathIndex.
+const numPaths = 3
+
+var allPaths = [numPaths]Path{Overlay, Underlay, Overlay6}
+
 func pathIndex(p Path) int {
-	if p == Overlay {
+	switch p {
+	case Overlay:
 		return 0
+	case Overlay6:
+		return 2
 	}
 	return 1
 }
@@ -142,22 +156,22 @@ func Start(o Options) (*Prober, error) {
 		targets: map[netip.Prefix]*target{}, inflight: map[uint64]inflight{}, publicIPs: map[netip.Addr]int{},
 		seq:      rand.Uint64() >> 1, // a restarted prober never takes its predecessor's late replies for its own
 		sends:    newBucket(o.MaxRate, max(1, o.MaxRate/10), now),
-		replies:  [2]bucket{newBucket(replyRate, replyRate/10, now), newBucket(replyRate, replyRate/10, now)},
+		replies:  [numPaths]bucket{newBucket(replyRate, replyRate/10, now), newBucket(replyRate, replyRate/10, now), newBucket(replyRate, replyRate/10, now)},
 		interval: o.Interval,
 	}
 	port := o.Port
 	if o.Ephemeral {
 		port = 0
 	}
-	for i, addr := range [2]netip.Addr{o.Overlay, o.Underlay} {
-		if !addr.Is4() {
-			p.why[i] = "this host has no " + string(Paths[i]) + " address to probe from"
+	for i, addr := range [numPaths]netip.Addr{o.Overlay, o.Underlay, o.Overlay6} {
+		if !addr.IsValid() {
+			p.why[i] = "this host has no " + string(allPaths[i]) + " address to probe from"
 			continue
 		}
 		c, err := listen(netip.AddrPortFrom(addr, uint16(port)))
 		if err != nil {
 			p.why[i] = err.Error()
-			p.log.Warn("health: cannot listen; this path is not probed", "path", Paths[i], "err", err)
+			p.log.Warn("health: cannot listen; this path is not probed", "path", allPaths[i], "err", err)
 			continue
 		}
 		p.conns[i] = c
@@ -171,7 +185,7 @@ func Start(o Options) (*Prober, error) {
 		return nil, fmt.Errorf("health: netlink: %w", err)
 	}
 	p.nl = nl
-	p.overlayUp = p.overlayAddrUp()
+	p.overlayUp, p.overlay6Up = p.addrUp(o.Overlay, p.overlayUp), p.addrUp(o.Overlay6, p.overlay6Up)
 	p.nextAddrCheck = now.Add(addrCheckInterval)
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -190,17 +204,21 @@ func Start(o Options) (*Prober, error) {
 // listen binds a UDP socket with IP_FREEBIND: our overlay address may not be on an interface
 // yet (host-gw's docker0 comes with Docker) and the socket must still be there when it is. And
 // with IP_RECVERR, so an ICMP port unreachable for one of our probes reaches us (see
-// drainErrors).
+// drainErrors). An IPv6 address (an IPv6-only overlay) takes the IPv6 twins of both options.
 func listen(addr netip.AddrPort) (*net.UDPConn, error) {
+	network, level, freebind, recverr := "udp4", unix.SOL_IP, unix.IP_FREEBIND, unix.IP_RECVERR
+	if addr.Addr().Is6() {
+		network, level, freebind, recverr = "udp6", unix.SOL_IPV6, unix.IPV6_FREEBIND, unix.IPV6_RECVERR
+	}
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var errFree, errRecv error
 		err := c.Control(func(fd uintptr) {
-			errFree = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_FREEBIND, 1)
-			errRecv = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_RECVERR, 1)
+			errFree = unix.SetsockoptInt(int(fd), level, freebind, 1)
+			errRecv = unix.SetsockoptInt(int(fd), level, recverr, 1)
 		})
 		return errors.Join(err, errFree, errRecv)
 	}}
-	pc, err := lc.ListenPacket(context.Background(), "udp4", addr.String())
+	pc, err := lc.ListenPacket(context.Background(), network, addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("listen on UDP %v: %w", addr, err)
 	}
@@ -262,7 +280,11 @@ func (p *Prober) SetPeers(peers []Peer) {
 			p.removeLocked(key, t)
 		}
 	}
-	p.interval = probeInterval(p.o.Interval, p.o.MaxRate, 2*len(p.targets))
+	n := 0
+	for _, t := range p.targets {
+		n += len(t.paths)
+	}
+	p.interval = probeInterval(p.o.Interval, p.o.MaxRate, n)
 	p.mu.Unlock()
 	select {
 	case p.kick <- struct{}{}:
@@ -273,7 +295,12 @@ func (p *Prober) SetPeers(peers []Peer) {
 func (p *Prober) addLocked(key netip.Prefix, peer Peer, now time.Time) {
 	t := &target{peer: peer, peerOverlayUp: -1}
 	interval := probeInterval(p.o.Interval, p.o.MaxRate, 2*(len(p.targets)+1))
-	for i, addr := range [2]netip.Addr{peer.Overlay, peer.PublicIP} {
+	addrs := []netip.Addr{peer.Overlay, peer.PublicIP}
+	if peer.Overlay6.IsValid() {
+		addrs = append(addrs, peer.Overlay6)
+	}
+	t.paths = make([]*pathState, len(addrs))
+	for i, addr := range addrs {
 		ps := &pathState{t: t, idx: i, h: PathHealth{State: StateUnknown, Since: now, Target: addr}}
 		ps.next = now.Add(time.Duration(rand.Float64() * float64(interval)))
 		t.paths[i] = ps
@@ -300,7 +327,12 @@ func (p *Prober) Snapshot() map[netip.Prefix]PeerHealth {
 	defer p.mu.Unlock()
 	out := make(map[netip.Prefix]PeerHealth, len(p.targets))
 	for key, t := range p.targets {
-		out[key] = PeerHealth{Overlay: t.paths[0].health(), Underlay: t.paths[1].health()}
+		h := PeerHealth{Overlay: t.paths[0].health(), Underlay: t.paths[1].health()}
+		if len(t.paths) > 2 {
+			o6 := t.paths[2].health()
+			h.Overlay6 = &o6
+		}
+		out[key] = h
 	}
 	return out
 }
@@ -365,7 +397,7 @@ func (p *Prober) tick(now time.Time) (wait time.Duration, changed bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !now.Before(p.nextAddrCheck) {
-		p.overlayUp = p.overlayAddrUp()
+		p.overlayUp, p.overlay6Up = p.addrUp(p.o.Overlay, p.overlayUp), p.addrUp(p.o.Overlay6, p.overlay6Up)
 		p.nextAddrCheck = now.Add(addrCheckInterval)
 	}
 	changed = p.expireLocked(now)
@@ -414,9 +446,9 @@ func (p *Prober) skipLocked(ps *pathState) string {
 		if ps.t.peer.OverlayWhy != "" {
 			return ps.t.peer.OverlayWhy
 		}
-		return "the peer has no " + string(Paths[ps.idx]) + " address"
+		return "the peer has no " + string(allPaths[ps.idx]) + " address"
 	}
-	if ps.idx != 0 {
+	if ps.idx != 0 { // only the IPv4 overlay may be optional (host-gw's docker0)
 		return ""
 	}
 	if p.o.OverlayOptional && !p.overlayUp {
@@ -437,6 +469,9 @@ func (p *Prober) sendLocked(ps *pathState, now time.Time) (changed bool) {
 	if ps.idx == 0 && !p.overlayUp {
 		// Sending from an address no interface holds would put it on the underlay unencapsulated.
 		return p.lostLocked(ps, now, fmt.Sprintf("our overlay address %v is on no interface here (its device is gone?)", p.o.Overlay))
+	}
+	if ps.idx == 2 && !p.overlay6Up {
+		return p.lostLocked(ps, now, fmt.Sprintf("our IPv6 overlay address %v is on no interface here (its device is gone?)", p.o.Overlay6))
 	}
 	p.seq++
 	msg := message{kind: kindRequest, seq: p.seq}.appendTo(make([]byte, 0, msgLen))
@@ -513,7 +548,7 @@ func (p *Prober) setStateLocked(ps *pathState, state, why string, now time.Time)
 		return false
 	}
 	if state == StateUnreachable || ps.h.State == StateUnreachable {
-		p.log.Info("health: peer "+string(Paths[ps.idx])+" "+state, "subnet", ps.t.peer.Subnet,
+		p.log.Info("health: peer "+string(allPaths[ps.idx])+" "+state, "subnet", ps.t.peer.Subnet,
 			"target", ps.h.Target, "was", ps.h.State, "why", why)
 	}
 	ps.h.State, ps.h.Since = state, now
@@ -570,8 +605,16 @@ func (p *Prober) drainErrors(idx int, c *net.UDPConn) {
 		}); err != nil || rerr != nil {
 			return
 		}
-		sa, ok := from.(*unix.SockaddrInet4)
-		if !ok || !portUnreachable(oob[:oobn]) {
+		var to netip.AddrPort
+		switch sa := from.(type) {
+		case *unix.SockaddrInet4:
+			to = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+		case *unix.SockaddrInet6:
+			to = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+		default:
+			continue
+		}
+		if !portUnreachable(oob[:oobn]) {
 			continue
 		}
 		// The queue holds what we sent: our request, with its sequence number.
@@ -579,7 +622,6 @@ func (p *Prober) drainErrors(idx int, c *net.UDPConn) {
 		if !ok || m.kind != kindRequest {
 			continue
 		}
-		to := netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
 		if p.reply(idx, to, message{kind: kindReply, seq: m.seq}, time.Now(), true) {
 			p.changed()
 		}
@@ -587,19 +629,25 @@ func (p *Prober) drainErrors(idx int, c *net.UDPConn) {
 }
 
 // portUnreachable says whether the control messages of an error-queue read carry an ICMP
-// destination unreachable, port unreachable.
+// destination unreachable, port unreachable (or ICMPv6's).
 func portUnreachable(oob []byte) bool {
 	const icmpDestUnreach, icmpPortUnreach = 3, 3
+	const icmp6DestUnreach, icmp6PortUnreach = 1, 4
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
 		return false
 	}
 	for _, m := range msgs {
-		if m.Header.Level != unix.SOL_IP || m.Header.Type != unix.IP_RECVERR || len(m.Data) < int(unsafe.Sizeof(unix.SockExtendedErr{})) {
+		v4 := m.Header.Level == unix.SOL_IP && m.Header.Type == unix.IP_RECVERR
+		v6 := m.Header.Level == unix.SOL_IPV6 && m.Header.Type == unix.IPV6_RECVERR
+		if !v4 && !v6 || len(m.Data) < int(unsafe.Sizeof(unix.SockExtendedErr{})) {
 			continue
 		}
 		ee := (*unix.SockExtendedErr)(unsafe.Pointer(&m.Data[0]))
-		if ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == icmpDestUnreach && ee.Code == icmpPortUnreach {
+		if v4 && ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == icmpDestUnreach && ee.Code == icmpPortUnreach {
+			return true
+		}
+		if v6 && ee.Origin == unix.SO_EE_ORIGIN_ICMP6 && ee.Type == icmp6DestUnreach && ee.Code == icmp6PortUnreach {
 			return true
 		}
 	}
@@ -612,7 +660,8 @@ func (p *Prober) answer(idx int, c *net.UDPConn, from netip.AddrPort, m message)
 		return
 	}
 	p.mu.Lock()
-	allowed := (idx == 0 && p.o.Network.Contains(from.Addr())) || (idx == 1 && p.publicIPs[from.Addr()] > 0)
+	allowed := (idx == 0 && p.o.Network.Contains(from.Addr())) || (idx == 1 && p.publicIPs[from.Addr()] > 0) ||
+		(idx == 2 && p.o.Network6.Contains(from.Addr()))
 	allowed = allowed && p.replies[idx].take(time.Now())
 	var flags byte
 	if p.overlayUp {
@@ -624,7 +673,7 @@ func (p *Prober) answer(idx int, c *net.UDPConn, from netip.AddrPort, m message)
 	}
 	msg := message{kind: kindReply, flags: flags, seq: m.seq}.appendTo(make([]byte, 0, msgLen))
 	if _, err := c.WriteToUDPAddrPort(msg, from); err != nil {
-		p.log.Debug("health: reply", "path", Paths[idx], "to", from, "err", err)
+		p.log.Debug("health: reply", "path", allPaths[idx], "to", from, "err", err)
 	}
 }
 
@@ -665,18 +714,23 @@ func (p *Prober) reply(idx int, from netip.AddrPort, m message, now time.Time, n
 	return p.setStateLocked(ps, StateReachable, "", now) || responderChanged
 }
 
-// overlayAddrUp says whether our overlay address is on an interface of this host.
-func (p *Prober) overlayAddrUp() bool {
-	if !p.o.Overlay.IsValid() {
+// addrUp says whether addr (our overlay address, or our IPv6 one) is on an interface of this
+// host; was when the addresses cannot be listed.
+func (p *Prober) addrUp(addr netip.Addr, was bool) bool {
+	if !addr.IsValid() {
 		return false
 	}
-	addrs, err := p.nl.AddrList(nil, unix.AF_INET)
+	family := unix.AF_INET
+	if addr.Is6() {
+		family = unix.AF_INET6
+	}
+	addrs, err := p.nl.AddrList(nil, family)
 	if err != nil {
 		p.log.Debug("health: list addresses", "err", err)
-		return p.overlayUp
+		return was
 	}
 	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == p.o.Overlay {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == addr {
 			return true
 		}
 	}

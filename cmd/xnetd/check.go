@@ -24,6 +24,7 @@ import (
 
 	ebpfbackend "github.com/xnet-dev/xnet/backend/ebpf"
 	"github.com/xnet-dev/xnet/backend/vxlan"
+	"github.com/xnet-dev/xnet/backend/wireguard"
 	"github.com/xnet-dev/xnet/health"
 	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/maps"
@@ -33,14 +34,16 @@ import (
 // `xnetd check` verifies this host's part of the overlay end to end, once, and names what is
 // wrong with the fix: the daemon, the lease in etcd, the files Docker starts from, the underlay
 // interface, the backend's device, the BPF programs (ebpf), the datapath's routes against the
-// leases in etcd, firewall rules on the VXLAN and health ports, and finally every peer probed
-// over the overlay and the underlay from here. It takes run's flags (so one
-// /etc/default/xnetd serves both) and reads the daemon's state file; it changes nothing.
+// leases in etcd, firewall rules on the backend's port (VXLAN, wireguard's) and the health
+// port, and finally every peer probed over the overlay and the underlay from here. It takes
+// run's flags (so one /etc/default/xnetd serves both) and reads the daemon's state file; it
+// changes nothing.
 //
 // In an IPv6-only overlay (EnableIPv4 false) the same checks look at IPv6 (check_ipv6only.go):
 // leases by their IPv6 subnet and PublicIPv6, the IPv6 keys of the files, the underlay's IPv6
 // address and routes, the IPv6 device and routes of the backend, and rules dropping its UDP
-// port over IPv6. Peers are not probed there: the health probes are IPv4's.
+// port or the health port over IPv6. Peers are probed there over IPv6: from our IPv6 subnet's
+// first address to theirs, and from our PublicIPv6 to theirs.
 //
 // Exit code 0 when everything holds, 1 when something does not (each failure printed with its
 // fix), 2 for a bad flag. A peer unreachable over the overlay while nothing here is wrong points
@@ -94,6 +97,9 @@ type checkLease struct {
 	PublicIP    netip.Addr
 	BackendType string
 	VtepMAC     string
+	// IPv6Subnet is the lease's IPv6 subnet in a dual-stack overlay (its IPv6 overlay is
+	// probed), invalid otherwise.
+	IPv6Subnet netip.Prefix
 	// Refused is why the daemon's backend refused the lease ("" when programmed).
 	Refused string
 }
@@ -169,8 +175,9 @@ func (c *checker) run(ctx context.Context, probeTimeout time.Duration) {
 		c.add(c.checkDevice())
 		c.add(c.checkRoutes())
 		c.add(c.checkFirewall(ctx))
-		c.add(checkResult{Check: "peers", Status: checkSkip,
-			Detail: "not probed in an IPv6-only overlay (the health probes are IPv4's): `xnetd status` shows every peer"})
+		pctx, cancel := context.WithTimeout(ctx, probeTimeout)
+		defer cancel()
+		c.add(c.checkPeers(pctx))
 		return
 	}
 	c.add(c.checkFiles())
@@ -329,6 +336,9 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 			r.Problems = append(r.Problems, fmt.Sprintf("another lease %v carries our %s %v (a stale lease of this host?)", id, publicIP, host(l)))
 		default:
 			cl := checkLease{Subnet: id, PublicIP: host(l), BackendType: l.BackendType, Refused: refused[id]}
+			if !c.ipv6Only() {
+				cl.IPv6Subnet = subnetmgr.ForFamilies(c.cfg, l).IPv6Subnet
+			}
 			if d, err := subnetmgr.ParseVXLANData(data(l)); err == nil {
 				cl.VtepMAC = d.VtepMAC
 			}
@@ -378,7 +388,11 @@ func (c *checker) peersFromState(from string) {
 	c.peers, c.peersFrom = nil, from
 	for _, p := range c.st.Peers {
 		if p.RemovalDue.IsZero() {
-			c.peers = append(c.peers, checkLease{Subnet: p.Subnet.Masked(), PublicIP: p.host(), BackendType: p.BackendType, VtepMAC: p.VtepMAC, Refused: p.Error})
+			cl := checkLease{Subnet: p.Subnet.Masked(), PublicIP: p.host(), BackendType: p.BackendType, VtepMAC: p.VtepMAC, Refused: p.Error}
+			if !c.ipv6Only() && c.cfg.EnableIPv6 {
+				cl.IPv6Subnet = p.IPv6Subnet
+			}
+			c.peers = append(c.peers, cl)
 		}
 	}
 }
@@ -562,6 +576,8 @@ func (c *checker) deviceName() string {
 		return ebpfbackend.HostDevice // both name it xnet0
 	case subnetmgr.BackendVXLAN:
 		return vxlan.DeviceName(c.cfg.Backend.VNI)
+	case subnetmgr.BackendWireGuard:
+		return wireguard.DeviceName
 	}
 	return ""
 }
@@ -600,6 +616,9 @@ func (c *checker) checkDevice() checkResult {
 		}) {
 			r.Problems = append(r.Problems, fmt.Sprintf("no route %v dev %s: traffic to a subnet no peer holds leaves unencrypted by the default route", c.cfg.IPv6Network, name))
 		}
+	}
+	if c.backend == subnetmgr.BackendWireGuard && !c.ipv6Only() {
+		r.Problems = append(r.Problems, c.wireguardDeviceProblems(dev)...)
 	}
 	if c.backend == subnetmgr.BackendEBPF && c.cfg.Network.IsValid() {
 		if !slices.ContainsFunc(mainRoutes(unix.AF_INET), func(rt netlink.Route) bool {
@@ -1008,7 +1027,11 @@ func (c *checker) checkFirewall(ctx context.Context) checkResult {
 		return c.checkFirewallIPv6Only(ctx)
 	}
 	var ports []int
-	if c.backend != subnetmgr.BackendHostGW {
+	switch c.backend {
+	case subnetmgr.BackendHostGW:
+	case subnetmgr.BackendWireGuard:
+		ports, _ = c.wireguardPorts()
+	default:
 		vxlanPort := c.cfg.Backend.Port
 		if vxlanPort == 0 {
 			vxlanPort = 8472
@@ -1017,7 +1040,12 @@ func (c *checker) checkFirewall(ctx context.Context) checkResult {
 	}
 	ports = append(ports, health.DefaultPort)
 	rules, err := firewallPortRules(ctx, ports)
-	var notes []string
+	var notes, fixes []string
+	if c.backend == subnetmgr.BackendWireGuard {
+		var err6 error
+		r.Problems, fixes, err6 = c.wireguardFirewallProblems(ctx)
+		err = errors.Join(err, err6)
+	}
 	for _, fr := range rules {
 		what := fmt.Sprintf("%s drops UDP %d", fr.Where, fr.Port)
 		if fr.Port == health.DefaultPort {
@@ -1030,11 +1058,14 @@ func (c *checker) checkFirewall(ctx context.Context) checkResult {
 			notes = append(notes, what+" (the ebpf datapath runs before netfilter and is not affected; a fallback to vxlan or udp would be)")
 			continue
 		}
+		if c.backend == subnetmgr.BackendWireGuard {
+			r.Problems = append(r.Problems, what+" (wireguard: container traffic between hosts)")
+			continue
+		}
 		r.Problems = append(r.Problems, what+" (VXLAN: container traffic between hosts)")
 	}
 	if len(r.Problems) > 0 {
 		r.Status, r.Detail = checkFail, "firewall rules drop what the overlay needs"
-		var fixes []string
 		for _, fr := range rules {
 			fixes = append(fixes, fr.Delete)
 		}
@@ -1073,6 +1104,12 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 		return r
 	}
 	overlay, optional := overlayAddress(c.backend, c.subnet)
+	// A dual-stack overlay probes the IPv6 overlay too (overlay6Address): our IPv6 subnet is
+	// in the daemon's state.
+	var overlay6 netip.Addr
+	if c.haveState && !c.ipv6Only() {
+		overlay6 = overlay6Address(c.cfg, c.backend, c.st.Lease.IPv6Subnet)
+	}
 	var peers []health.Peer
 	for _, p := range c.peers {
 		hp := health.Peer{Subnet: p.Subnet, PublicIP: p.PublicIP}
@@ -1080,6 +1117,9 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 			hp.OverlayWhy = "refused by the backend: " + p.Refused
 		} else {
 			hp.Overlay, hp.OverlayOptional = overlayAddress(p.BackendType, p.Subnet)
+			if overlay6.IsValid() && p.IPv6Subnet.IsValid() && p.BackendType != subnetmgr.BackendHostGW {
+				hp.Overlay6 = p.IPv6Subnet.Masked().Addr()
+			}
 		}
 		peers = append(peers, hp)
 	}
@@ -1088,16 +1128,23 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 		underlayIP = c.publicIP
 	}
 	res, err := health.ProbeOnce(ctx, health.Options{Overlay: overlay, OverlayOptional: optional, Underlay: underlayIP,
-		Network: c.cfg.Network, Logger: c.log}, peers)
+		Network: c.network(), Overlay6: overlay6, Network6: c.cfg.IPv6Network, Logger: c.log}, peers)
 	if err != nil {
 		r.Status, r.Detail = checkFail, err.Error()
 		return r
 	}
 	var rtts []time.Duration
-	var overlayDown, notProbed int
+	var overlayDown, overlay6Down, overlay6Up, notProbed int
 	for _, p := range c.peers {
 		h := res[p.Subnet]
 		c.rep.Peers = append(c.rep.Peers, checkPeer{Subnet: p.Subnet, PublicIP: p.PublicIP, Health: h})
+		if h.Overlay6 != nil && h.Overlay6.State == health.StateReachable {
+			overlay6Up++
+		}
+		if h.Overlay6 != nil && h.Overlay6.State == health.StateUnreachable {
+			overlay6Down++
+			r.Problems = append(r.Problems, fmt.Sprintf("%v (%v): IPv6 overlay unreachable to %v (%s)", p.Subnet, p.PublicIP, h.Overlay6.Target, h.Overlay6.Why))
+		}
 		switch h.Overlay.State {
 		case health.StateReachable:
 			rtts = append(rtts, time.Duration(h.Overlay.RTTP50))
@@ -1118,15 +1165,22 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 		}
 	}
 	sort.Strings(r.Problems)
-	if overlayDown > 0 {
+	if overlayDown > 0 || overlay6Down > 0 {
 		r.Status = checkFail
-		r.Detail = fmt.Sprintf("%d of %d peers do not answer over the overlay (UDP %d to their overlay address)", overlayDown, len(c.peers), health.DefaultPort)
+		var down []string
+		if overlayDown > 0 {
+			down = append(down, fmt.Sprintf("%d of %d peers do not answer over the overlay", overlayDown, len(c.peers)))
+		}
+		if overlay6Down > 0 {
+			down = append(down, fmt.Sprintf("%d of %d peers do not answer over the IPv6 overlay", overlay6Down, len(c.peers)))
+		}
+		r.Detail = fmt.Sprintf("%s (UDP %d to their overlay address)", strings.Join(down, ", "), health.DefaultPort)
 		if len(c.rep.Failed) > 0 {
 			r.Fix = "fix the problems above on this host first: they explain this (" + strings.Join(c.rep.Failed, ", ") + ")"
 		} else {
 			var where []string
 			for _, p := range c.rep.Peers {
-				if p.Health.Overlay.State == health.StateUnreachable {
+				if p.Health.Overlay.State == health.StateUnreachable || p.Health.Path(health.Overlay6).State == health.StateUnreachable {
 					where = append(where, p.PublicIP.String())
 				}
 			}
@@ -1140,6 +1194,9 @@ func (c *checker) checkPeers(ctx context.Context) checkResult {
 	r.Detail = fmt.Sprintf("%d of %d peers answer over the overlay", len(rtts), len(c.peers))
 	if len(rtts) > 0 {
 		r.Detail += fmt.Sprintf(" (median RTT %v)", health.Duration(rtts[(len(rtts)-1)/2]))
+	}
+	if overlay6.IsValid() {
+		r.Detail += fmt.Sprintf(", %d over the IPv6 overlay", overlay6Up)
 	}
 	if notProbed > 0 {
 		r.Detail += fmt.Sprintf(", %d not probed over the overlay", notProbed)

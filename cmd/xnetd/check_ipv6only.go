@@ -14,6 +14,7 @@ import (
 	ebpfbackend "github.com/xnet-dev/xnet/backend/ebpf"
 	"github.com/xnet-dev/xnet/backend/vxlan"
 	"github.com/xnet-dev/xnet/backend/wireguard"
+	"github.com/xnet-dev/xnet/health"
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
@@ -182,9 +183,9 @@ func (c *checker) checkNeighboursV6(devIndex int, dev string, routes map[netip.P
 	}
 }
 
-// checkFirewallIPv6Only finds rules that see IPv6 and drop the backend's UDP port: vxlan's
-// VXLAN port, wireguard's listen port (the device's: ListenPortV6 in separate mode). host-gw
-// sends nothing of its own.
+// checkFirewallIPv6Only finds rules that see IPv6 and drop the backend's UDP port (vxlan's
+// VXLAN port, wireguard's listen port: the device's, ListenPortV6 in separate mode; host-gw
+// sends nothing of its own) or the health port.
 func (c *checker) checkFirewallIPv6Only(ctx context.Context) checkResult {
 	r := checkResult{Check: "firewall"}
 	var port int
@@ -195,12 +196,17 @@ func (c *checker) checkFirewallIPv6Only(ctx context.Context) checkResult {
 		}
 	case subnetmgr.BackendWireGuard:
 		_, port = wireguard.IPv6OnlyDevice(c.cfg.Backend.WireGuard)
-	default:
-		r.Status, r.Detail = checkSkip, "backend "+orDash(c.backend)+" sends no UDP of its own between hosts"
-		return r
 	}
-	rules, err := firewallPortRulesIPv6(ctx, []int{port})
+	ports := []int{health.DefaultPort}
+	if port != 0 {
+		ports = []int{port, health.DefaultPort}
+	}
+	rules, err := firewallPortRulesIPv6(ctx, ports)
 	for _, fr := range rules {
+		if fr.Port == health.DefaultPort {
+			r.Problems = append(r.Problems, fmt.Sprintf("%s drops UDP %d over IPv6 (the health probes: peers' reachability cannot be measured)", fr.Where, fr.Port))
+			continue
+		}
 		r.Problems = append(r.Problems, fmt.Sprintf("%s drops UDP %d over IPv6 (%s: container traffic between hosts)", fr.Where, fr.Port, c.backend))
 	}
 	if len(r.Problems) > 0 {
@@ -209,10 +215,10 @@ func (c *checker) checkFirewallIPv6Only(ctx context.Context) checkResult {
 			fixes = append(fixes, fr.Delete)
 		}
 		r.Status, r.Detail = checkFail, "firewall rules drop what the overlay needs"
-		r.Fix = fmt.Sprintf("remove the rule (%s), or accept UDP %d from the peers' PublicIPv6s before it", strings.Join(fixes, "; "), port)
+		r.Fix = fmt.Sprintf("remove the rule (%s), or accept UDP %s from the peers' PublicIPv6s before it", strings.Join(fixes, "; "), joinInts(ports))
 		return r
 	}
-	r.Status, r.Detail = checkOK, fmt.Sprintf("no nftables or ip6tables rule drops UDP %d over IPv6", port)
+	r.Status, r.Detail = checkOK, fmt.Sprintf("no nftables or ip6tables rule drops UDP %s over IPv6", joinInts(ports))
 	if err != nil {
 		r.Status, r.Detail = checkWarn, fmt.Sprintf("could not read every rule: %v", err)
 	}

@@ -42,12 +42,14 @@ type healthRecord struct {
 // cannot start is logged and the daemon runs without one; the datapath never depends on it.
 // Its methods are nil-safe and called from the event loop.
 type healthProbes struct {
-	p       *health.Prober // set once at start; nil when the prober did not start
-	path    string
-	updates chan struct{}
-	cancel  context.CancelFunc
-	done    chan struct{} // closed when the writer has stopped
-	closed  bool
+	p *health.Prober // set once at start; nil when the prober did not start
+	// overlay6: peers' IPv6 overlay is probed too (a dual-stack overlay, see overlay6Address).
+	overlay6 bool
+	path     string
+	updates  chan struct{}
+	cancel   context.CancelFunc
+	done     chan struct{} // closed when the writer has stopped
+	closed   bool
 }
 
 // overlayAddress is the address a host's overlay probes go to and come from: <subnet>.0 on the
@@ -60,17 +62,35 @@ func overlayAddress(backendType string, subnet netip.Prefix) (addr netip.Addr, o
 	return subnet.Masked().Addr(), false
 }
 
+// overlay6Address is a host's IPv6 overlay address in a dual-stack overlay, probed as a third
+// path (health.Overlay6) so that a broken IPv6 datapath shows while IPv4 works: our IPv6
+// subnet's first address, the /128 the backend's device holds. Invalid when the overlay is
+// not dual stack or the host has no IPv6 subnet, and for host-gw, whose overlay address is
+// docker0's and comes and goes with Docker (its IPv6 routes are the kernel's, which xnetd
+// check looks at).
+func overlay6Address(cfg subnetmgr.Config, backendType string, subnet6 netip.Prefix) netip.Addr {
+	if !cfg.EnableIPv6 || cfg.IPv6Only() || !subnet6.IsValid() || backendType == subnetmgr.BackendHostGW {
+		return netip.Addr{}
+	}
+	return subnet6.Masked().Addr()
+}
+
 // startHealth starts probing (no peers yet: setPeers) and answering on health.DefaultPort, and
 // the writer of the health file.
 func (d *daemonRun) startHealth(ctx context.Context) *healthProbes {
 	h := &healthProbes{path: healthFile(d.o.stateFile), updates: make(chan struct{}, 1), done: make(chan struct{})}
+	// In an IPv6-only overlay both paths are IPv6: from our IPv6 subnet's first address (the
+	// /128 the backend's device holds, as it holds <subnet>.0 in IPv4) and from PublicIPv6.
+	overlay, optional := overlayAddress(d.chosen.name, d.lease.ID())
+	underlay, network := d.iface.IfaceIP, d.cfg.Network
 	if d.cfg.IPv6Only() {
-		d.log.Info("health probes are IPv4 and the overlay is IPv6 only: peers' reachability is not reported")
-		return h
+		underlay, network = d.iface.PublicIPv6, d.cfg.IPv6Network
 	}
-	overlay, optional := overlayAddress(d.chosen.name, d.lease.Subnet)
+	overlay6 := overlay6Address(d.cfg, d.chosen.name, d.lease.IPv6Subnet)
+	h.overlay6 = overlay6.IsValid()
 	p, err := health.Start(health.Options{
-		Overlay: overlay, OverlayOptional: optional, Underlay: d.iface.IfaceIP, Network: d.cfg.Network,
+		Overlay: overlay, OverlayOptional: optional, Underlay: underlay, Network: network,
+		Overlay6: overlay6, Network6: d.cfg.IPv6Network,
 		Logger: d.log, OnChange: func() {
 			select {
 			case h.updates <- struct{}{}:
@@ -146,11 +166,18 @@ func (h *healthProbes) setPeers(peers []peerState) {
 	}
 	out := make([]health.Peer, 0, len(peers))
 	for _, ps := range peers {
-		hp := health.Peer{Subnet: ps.Subnet, PublicIP: ps.PublicIP}
+		// Subnet is the lease's ID (its IPv6 subnet in an IPv6-only overlay), host() its
+		// PublicIP or PublicIPv6 alike.
+		hp := health.Peer{Subnet: ps.Subnet, PublicIP: ps.host()}
 		if ps.Error != "" {
 			hp.OverlayWhy = "the backend refused the peer: it is not in the datapath"
 		} else {
 			hp.Overlay, hp.OverlayOptional = overlayAddress(ps.BackendType, ps.Subnet)
+			// Only peers with an IPv6 subnet have an IPv6 overlay (a peer of a dual-stack
+			// overlay may run IPv4 only); host-gw peers' is docker0's (see overlay6Address).
+			if h.overlay6 && ps.IPv6Subnet.IsValid() && ps.BackendType != subnetmgr.BackendHostGW {
+				hp.Overlay6 = ps.IPv6Subnet.Masked().Addr()
+			}
 		}
 		out = append(out, hp)
 	}
@@ -161,7 +188,11 @@ func (h *healthProbes) setPeers(peers []peerState) {
 func (h *healthProbes) PathHealth() []metrics.PathHealth {
 	var out []metrics.PathHealth
 	for subnet, ph := range h.p.Snapshot() {
-		for _, path := range health.Paths {
+		paths := health.Paths[:]
+		if ph.Overlay6 != nil {
+			paths = append(paths, health.Overlay6)
+		}
+		for _, path := range paths {
 			s := ph.Path(path)
 			known := s.State == health.StateReachable || s.State == health.StateUnreachable
 			out = append(out, metrics.PathHealth{
@@ -197,6 +228,9 @@ func attachHealth(rep *statusReport, stateFile string) {
 func healthCell(h *health.PeerHealth, path health.Path) string {
 	if h == nil {
 		return "-"
+	}
+	if path == health.Overlay && h.Overlay6 != nil {
+		return h.Overlay.Brief() + ", v6 " + h.Overlay6.Brief()
 	}
 	return h.Path(path).Brief()
 }
