@@ -62,6 +62,13 @@ func (n *Namespace) CountVXLAN(iface string, port int) (*VXLANCounter, error) {
 			unix.Close(fd)
 			return fmt.Errorf("bind the packet socket to %s: %w", iface, err)
 		}
+		// The socket queues whole frames (MSG_TRUNC only trims what a read copies), and a GSO
+		// frame is up to 64 KB: with the default buffer a burst of them under CPU load
+		// overflows it and the largest frames are the ones dropped. Room for a few hundred.
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 32<<20); err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("packet socket buffer: %w", err)
+		}
 		// Reads time out, so Stop is heard.
 		tv := unix.NsecToTimeval((50 * time.Millisecond).Nanoseconds())
 		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
