@@ -4,7 +4,7 @@ BIN     := bin/xnetd
 PREFIX  ?= /usr/local
 # Tests create network namespaces and load BPF programs: they need root. They run one package
 # at a time per CPU and each names what it creates uniquely, so packages may run in parallel.
-TESTFLAGS ?= -count=1 -timeout 12m
+TESTFLAGS ?= -count=1 -timeout 20m
 
 .PHONY: all build test vet lint unit demo bench bench-scale generate check-generated install clean deps
 
