@@ -8,16 +8,11 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-
 	"github.com/xnet-dev/xnet/health"
-	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -51,40 +46,11 @@ func TestHealthIPv6OnlyReportsADroppedRouteWithin5s(t *testing.T) {
 			var f hcFault
 			switch backendName {
 			case "ebpf":
-				var saved maps.Route6
-				routes6 := func(t *testing.T) *maps.Maps {
-					t.Helper()
-					m, err := ebpf.LoadPinnedMap(filepath.Join(b.BPFFS, maps.Routes6Name), nil)
-					if err != nil {
-						t.Fatal(err)
-					}
-					return &maps.Maps{Routes6: m}
-				}
+				var restore func(*testing.T)
 				f = hcFault{name: "routes6 map entry deleted",
-					inject: func(t *testing.T) {
-						m := routes6(t)
-						defer m.Routes6.Close()
-						routes, err := m.ListRoutes6()
-						if err != nil {
-							t.Fatal(err)
-						}
-						i := slices.IndexFunc(routes, func(r maps.Route6) bool { return r.Subnet == aSubnet })
-						if i < 0 {
-							t.Fatalf("%s's routes6 map has no %v: %+v", b.Name, aSubnet, routes)
-						}
-						saved = routes[i]
-						if err := m.DeleteRoute6(aSubnet); err != nil {
-							t.Fatal(err)
-						}
-					},
+					inject:    func(t *testing.T) { restore = dropRoute6(t, b, aSubnet) },
 					checkSays: []string{"FAIL  routes", fmt.Sprintf("the BPF routes6 map lacks %v", aSubnet), "FAIL  peers"},
-					restore: func(t *testing.T) {
-						m := routes6(t)
-						defer m.Routes6.Close()
-						if err := m.PutRoute6(saved); err != nil {
-							t.Fatal(err)
-						}
-					}}
+					restore:   func(t *testing.T) { restore(t) }}
 			case "vxlan":
 				route := strings.TrimSpace(b.out(t, "ip", "-6", "route", "show", "exact", aSubnet.String()))
 				if route == "" {
@@ -150,41 +116,12 @@ func TestHealthDualStackEBPFReportsABrokenIPv6DatapathOnly(t *testing.T) {
 		t.Errorf("xnetd check on the healthy %s: exit %d, want 0 and both peers over the IPv6 overlay\n%s", a.Name, code, out)
 	}
 
-	var saved maps.Route6
-	routes6 := func(t *testing.T) *maps.Maps {
-		t.Helper()
-		m, err := ebpf.LoadPinnedMap(filepath.Join(b.BPFFS, maps.Routes6Name), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return &maps.Maps{Routes6: m}
-	}
-	func() {
-		m := routes6(t)
-		defer m.Routes6.Close()
-		routes, err := m.ListRoutes6()
-		if err != nil {
-			t.Fatal(err)
-		}
-		i := slices.IndexFunc(routes, func(r maps.Route6) bool { return r.Subnet == aSubnet6 })
-		if i < 0 {
-			t.Fatalf("%s's routes6 map has no %v: %+v", b.Name, aSubnet6, routes)
-		}
-		saved = routes[i]
-		if err := m.DeleteRoute6(aSubnet6); err != nil {
-			t.Fatal(err)
-		}
-	}()
+	put := dropRoute6(t, b, aSubnet6)
 	restored := false
 	restore := func() {
-		if restored {
-			return
-		}
-		restored = true
-		m := routes6(t)
-		defer m.Routes6.Close()
-		if err := m.PutRoute6(saved); err != nil {
-			t.Fatal(err)
+		if !restored {
+			restored = true
+			put(t)
 		}
 	}
 	defer restore()

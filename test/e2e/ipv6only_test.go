@@ -15,10 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
@@ -337,40 +335,10 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
 			[]string{"FAIL  underlay", "peers' PublicIPv6s: " + a.UnderlayIPv6.String(), "ip -6 route"}},
 	}
 	if backendName == "ebpf" {
-		var saved maps.Route6
-		// maps.OpenPinned opens read-only, as xnetd check does; the fault needs to write.
-		routes6 := func(t *testing.T) *maps.Maps {
-			t.Helper()
-			m, err := ebpf.LoadPinnedMap(filepath.Join(b.BPFFS, maps.Routes6Name), nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return &maps.Maps{Routes6: m}
-		}
+		var restore func(*testing.T)
 		faults = append(faults, fault{"the routes6 map's entry for a peer deleted",
-			func(t *testing.T) {
-				m := routes6(t)
-				defer m.Routes6.Close()
-				routes, err := m.ListRoutes6()
-				if err != nil {
-					t.Fatal(err)
-				}
-				i := slices.IndexFunc(routes, func(r maps.Route6) bool { return r.Subnet == aSubnet })
-				if i < 0 {
-					t.Fatalf("%s's routes6 map has no %v: %+v", b.Name, aSubnet, routes)
-				}
-				saved = routes[i]
-				if err := m.DeleteRoute6(aSubnet); err != nil {
-					t.Fatal(err)
-				}
-			},
-			func(t *testing.T) {
-				m := routes6(t)
-				defer m.Routes6.Close()
-				if err := m.PutRoute6(saved); err != nil {
-					t.Fatal(err)
-				}
-			},
+			func(t *testing.T) { restore = dropRoute6(t, b, aSubnet) },
+			func(t *testing.T) { restore(t) },
 			[]string{"FAIL  routes", fmt.Sprintf("the BPF routes6 map lacks %v", aSubnet), "systemctl restart xnetd"}})
 	} else {
 		faults = append(faults, fault{"the route to a peer's IPv6 subnet deleted",

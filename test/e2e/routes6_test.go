@@ -1,0 +1,50 @@
+package e2e
+
+import (
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"net/netip"
+
+	"github.com/xnet-dev/xnet/maps"
+)
+
+// dropRoute6 deletes subnet's entry from n's pinned routes6 map (a fault: the ebpf datapath no
+// longer reaches that peer's IPv6 subnet) and returns what puts it back. maps.OpenPinned opens
+// read-only, as xnetd check does; a fault needs to write.
+func dropRoute6(t *testing.T, n *xdNode, subnet netip.Prefix) (restore func(*testing.T)) {
+	t.Helper()
+	open := func(t *testing.T) *maps.Maps {
+		t.Helper()
+		m, err := ebpf.LoadPinnedMap(filepath.Join(n.BPFFS, maps.Routes6Name), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &maps.Maps{Routes6: m}
+	}
+	m := open(t)
+	defer m.Routes6.Close()
+	routes, err := m.ListRoutes6()
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := slices.IndexFunc(routes, func(r maps.Route6) bool { return r.Subnet == subnet })
+	if i < 0 {
+		t.Fatalf("%s's routes6 map has no %v: %+v", n.Name, subnet, routes)
+	}
+	saved := routes[i]
+	if err := m.DeleteRoute6(subnet); err != nil {
+		t.Fatal(err)
+	}
+	return func(t *testing.T) {
+		t.Helper()
+		m := open(t)
+		defer m.Routes6.Close()
+		if err := m.PutRoute6(saved); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
