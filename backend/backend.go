@@ -249,7 +249,11 @@ type Options struct {
 	// Bridge is ebpf only: the container bridge by name (--bridge); empty finds every bridge
 	// holding an address in our lease, whatever it is called.
 	Bridge string
-	BPFFS  string // ebpf only: pin directory, default /sys/fs/bpf/xnet
+	// FlowSteering is ebpf only: "rps" turns on RPS on every container veth, so each flow a
+	// container sends is processed by one CPU and keeps its order (--flow-steering); "" or
+	// "off" leaves the veths as they are.
+	FlowSteering string
+	BPFFS        string // ebpf only: pin directory, default /sys/fs/bpf/xnet
 	// StateDir is where a backend keeps what must outlive xnetd and is not in the kernel
 	// (wireguard: its private key). xnetd passes the directory of its state file.
 	StateDir string

@@ -177,7 +177,38 @@ func (b *Backend) attachContainer(ifindex int) error {
 	b.veths[ifindex] = struct{}{}
 	b.status.Containers = len(b.veths)
 	b.Log.Debug("encap attached to container veth", "ifindex", ifindex)
+	b.steerFlows(ifindex)
 	return nil
+}
+
+// steerFlows turns on RPS for a container veth that has none (rps.go). A failure costs
+// ordering, not connectivity: it is logged, and the veth keeps its encap program.
+func (b *Backend) steerFlows(ifindex int) {
+	if b.rpsMask == "" {
+		return
+	}
+	l, err := netlink.LinkByIndex(ifindex)
+	if err == nil {
+		err = setRPS(b.exec.ns, []string{l.Attrs().Name}, "0", b.rpsMask)
+	}
+	if err != nil {
+		b.Log.Warn("cannot steer a container veth's flows to one CPU each; its TCP flows may be reordered", "ifindex", ifindex, "err", err)
+	}
+}
+
+// unsteerFlows gives a veth that stays (it left the container bridge, or xnet is torn down)
+// its RPS mask back, if it is still the one steerFlows wrote.
+func (b *Backend) unsteerFlows(ifindex int) {
+	if b.rpsMask == "" {
+		return
+	}
+	l, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return // gone with its container
+	}
+	if err := setRPS(b.exec.ns, []string{l.Attrs().Name}, b.rpsMask, "0"); err != nil {
+		b.Log.Warn("cannot turn off flow steering on a former container veth", "ifindex", ifindex, "err", err)
+	}
 }
 
 // forgetContainer detaches the encap program from a container veth (if the veth still exists)
@@ -186,6 +217,7 @@ func (b *Backend) forgetContainer(ifindex int) error {
 	delete(b.veths, ifindex)
 	b.status.Containers = len(b.veths)
 	err := b.ld.Detach(ifindex, loader.Ingress)
+	b.unsteerFlows(ifindex)
 	n, errF := b.m.ForgetEndpoints(ifindex)
 	b.Log.Debug("container veth forgotten", "ifindex", ifindex, "forgotten_endpoints", n, "err", errors.Join(err, errF))
 	return errors.Join(err, errF)

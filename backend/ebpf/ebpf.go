@@ -67,6 +67,12 @@ const (
 	HostRoutingKernel = "kernel"
 )
 
+// Flow steering modes (--flow-steering, rps.go).
+const (
+	FlowSteeringOff = "off"
+	FlowSteeringRPS = "rps"
+)
+
 // Decap modes (--decap).
 const (
 	DecapAuto = "auto"
@@ -82,6 +88,7 @@ type Backend struct {
 	exec          *executor
 	hostRouting   string // HostRoutingBPF or HostRoutingKernel
 	bridgeName    string // --bridge; "" finds the bridges by our gateway address
+	rpsMask       string // rps_cpus for container veths (rps.go); "" leaves them alone
 	linkBuffer    int    // receive buffer of the link subscription
 	linkResyncs   atomic.Int64
 
@@ -169,8 +176,18 @@ func NewBackend(opts backend.Options) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
+	var mask string
+	switch opts.FlowSteering {
+	case "", FlowSteeringOff:
+	case FlowSteeringRPS:
+		if mask, err = rpsMask(); err != nil {
+			return nil, fmt.Errorf("ebpf: --flow-steering=rps: %w", err)
+		}
+	default:
+		return nil, fmt.Errorf("ebpf: --flow-steering=%q: use off or rps", opts.FlowSteering)
+	}
 	return &Backend{
-		VXLAN: core, decap: decap, bpffs: bpffs, exec: ex,
+		VXLAN: core, decap: decap, bpffs: bpffs, exec: ex, rpsMask: mask,
 		hostRouting: hostRouting, linkBuffer: linkWatchBuffer, bridgeName: opts.Bridge,
 		status: Status{HostRouting: hostRouting, HostRoutingWhy: why},
 		veths:  map[int]struct{}{},
@@ -360,6 +377,7 @@ func (b *Backend) Close(teardown bool) error {
 				var errs []error
 				for idx := range b.veths {
 					errs = append(errs, b.ld.Detach(idx, loader.Ingress))
+					b.unsteerFlows(idx)
 				}
 				for idx := range b.bridges {
 					errs = append(errs, b.ld.Detach(idx, loader.Egress))

@@ -110,6 +110,10 @@ func (b *Backend) Mode() (string, string) {
 		mode += ", direct routing"
 	}
 	why := b.status.DecapWhy + "; TC: " + b.status.TCWhy + "; host routing: " + b.status.HostRoutingWhy
+	if b.rpsMask != "" {
+		mode += ", flow steering rps"
+		why += "; flow steering: --flow-steering=rps, RPS mask " + b.rpsMask + " on every container veth"
+	}
 	if b.ipv6Only {
 		mode += ", IPv6 only"
 		why += "; IPv6-only overlay: every peer over the IPv6 underlay"

@@ -45,6 +45,7 @@ type options struct {
 	decap          string
 	hostRouting    string
 	bridge         string
+	flowSteering   string
 	metricsAddr    string // "" = no metrics endpoint
 	bpffs          string
 	teardownOnExit bool
@@ -139,6 +140,7 @@ func runFlagSet(name string) (*pflag.FlagSet, *rawFlags) {
 	fs.StringVar(&o.backend, "backend", "", "auto|ebpf|vxlan|udp|host-gw|wireguard (default: the config's Backend.Type; \"ebpf\" there means auto, which never picks wireguard)")
 	fs.StringVar(&o.decap, "decap", "auto", "ebpf decapsulation: auto|xdp|tc")
 	fs.StringVar(&o.bridge, "bridge", "", "ebpf: the container bridge by name; empty finds every bridge holding an address in our lease (docker0, a daemon.json \"bridge\", podman's or a CNI bridge)")
+	fs.StringVar(&o.flowSteering, "flow-steering", "off", "ebpf: rps processes each flow a container sends on one CPU (RPS on its veth), so it keeps its order and TCP sees no reordering, at a throughput cost on hosts with few CPUs (see the README); off leaves the veths alone")
 	fs.StringVar(&o.hostRouting, "host-routing", "auto", "ebpf: bpf (container packets skip the host's routing and netfilter) or kernel (they take the host's stack and its firewall, e.g. Docker's DOCKER-USER); auto picks kernel when DOCKER-USER holds rules")
 	fs.StringVar(&o.dockerOptsFile, "docker-opts-file", "/run/xnet/docker", "where to write DOCKER_NETWORK_OPTIONS")
 	fs.StringVar(&o.stateFile, "state-file", "", "where the daemon records its state for 'xnetd status' (default: state.json next to --subnet-file)")
@@ -270,6 +272,11 @@ func (r *rawFlags) validate(backendNames []string) (options, error) {
 	case "auto", "xdp", "tc":
 	default:
 		return o, usagef("--decap %q is not a decapsulation mode: use auto, xdp or tc", o.decap)
+	}
+	switch o.flowSteering {
+	case "off", "rps":
+	default:
+		return o, usagef("--flow-steering %q is not a flow-steering mode: use off or rps", o.flowSteering)
 	}
 	switch o.hostRouting {
 	case "auto", "bpf", "kernel":

@@ -64,7 +64,7 @@ func TestValidFlagsAndEnvironment(t *testing.T) {
 			if o.etcdPrefix != want.etcdPrefix || strings.Join(o.etcdEndpoints, ",") != strings.Join(want.etcdEndpoints, ",") ||
 				o.subnetFile != want.subnetFile || o.dockerOptsFile != want.dockerOptsFile || o.stateFile != want.stateFile ||
 				o.renewMargin != want.renewMargin || o.decap != want.decap || o.metricsAddr != want.metricsAddr ||
-				o.bpffs != want.bpffs || o.backend != "" || o.ipMasq || o.teardownOnExit {
+				o.bpffs != want.bpffs || o.backend != "" || o.ipMasq || o.teardownOnExit || o.flowSteering != "off" {
 				t.Errorf("got %+v, want %+v", o, want)
 			}
 		}},
@@ -161,6 +161,7 @@ func TestBadFlagsNameTheFlagAndTheFix(t *testing.T) {
 		{"unknown backend", []string{"--backend=vxlan2"}, nil, []string{"--backend", `"vxlan2"`, "use auto, ebpf, vxlan, udp, host-gw or wireguard"}},
 		{"backend not built in", []string{"--backend=udp"}, nil, []string{"--backend udp", "not built into this xnetd", "host-gw, vxlan"}},
 		{"bad decap", []string{"--decap=fast"}, nil, []string{"--decap", "use auto, xdp or tc"}},
+		{"bad flow steering", []string{"--flow-steering=rfs"}, nil, []string{"--flow-steering", `"rfs"`, "use off or rps"}},
 		{"public ip not an address", []string{"--public-ip=host1"}, nil, []string{"--public-ip", "not an IPv4 address"}},
 		{"public ip is IPv6", []string{"--public-ip=2001:db8::1"}, nil, []string{"--public-ip", "not an IPv4 address"}},
 		{"renew margin garbage", []string{"--subnet-lease-renew-margin=soon"}, nil, []string{"subnet-lease-renew-margin", "neither minutes"}},

@@ -141,7 +141,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	hostRouting, hostRoutingWhy := resolveHostRouting(ctx, o.hostRouting, log)
 	d.chosen, err = pickBackend(reg, o.backend, backend.Options{
 		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, StateDir: filepath.Dir(o.stateFile), Logger: log,
-		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy, Bridge: o.bridge, FDStore: d.fds,
+		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy, Bridge: o.bridge, FlowSteering: o.flowSteering, FDStore: d.fds,
 	}, log)
 	if err != nil {
 		return err

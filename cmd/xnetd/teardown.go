@@ -135,7 +135,7 @@ func teardownBackends(o options, iface backend.ExternalInterface, cfg subnetmgr.
 	var errs []error
 	for _, name := range reg.Names() {
 		ctor, _ := reg.Lookup(name)
-		b, err := ctor(backend.Options{Iface: iface, Config: cfg, Decap: o.decap, BPFFS: o.bpffs, StateDir: filepath.Dir(o.stateFile), Logger: log})
+		b, err := ctor(backend.Options{Iface: iface, Config: cfg, Decap: o.decap, FlowSteering: o.flowSteering, BPFFS: o.bpffs, StateDir: filepath.Dir(o.stateFile), Logger: log})
 		if err != nil {
 			log.Info("backend not torn down: cannot run here, so it left nothing", "backend", name, "reason", err)
 			continue

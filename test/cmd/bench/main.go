@@ -62,7 +62,7 @@ func main() {
 	var backends, testNames string
 	flag.StringVar(&o.xnetd, "xnetd", "", "xnetd binary (needed with -backends; default: build ./cmd/xnetd)")
 	flag.StringVar(&o.out, "out", "bench", "directory for results.json and chart.svg")
-	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; ebpf-direct, or the suffix +direct on any, turns the config's DirectRouting on; +bridge=NAME names the container bridge, +host sends from the host itself; +v6 measures IPv6 in a dual-stack overlay against IPv6 baselines, +v6ul the same with IPv6 underlay addresses on the hosts (ebpf and vxlan then carry it as VXLAN over IPv6); NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
+	flag.StringVar(&backends, "backends", "", "xnet backends to measure besides the baselines, comma-separated (ebpf,vxlan,udp,host-gw,wireguard; ebpf-tc and ebpf-xdp pass --decap; ebpf-direct, or the suffix +direct on any, turns the config's DirectRouting on; +bridge=NAME names the container bridge, +host sends from the host itself; +kernel takes the host's stack (--host-routing=kernel); +rps steers each container flow to one CPU (--flow-steering=rps); +v6 measures IPv6 in a dual-stack overlay against IPv6 baselines, +v6ul the same with IPv6 underlay addresses on the hosts (ebpf and vxlan then carry it as VXLAN over IPv6); NAME@BINARY measures NAME with another xnetd build, for an A/B of two builds in one interleaved run)")
 	flag.StringVar(&testNames, "tests", "", "run only these comma-separated tests: tcp1, tcp4, udp64, rr, or words of their names (\"tcp\" selects the three TCP tests; default: all)")
 	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds (at least 1; DESIGN asks for 3 or more)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each test (whole seconds)")
@@ -134,6 +134,8 @@ func selectTests(words string) ([]benchTest, error) {
 // inside their IPv4 VXLAN. "+v6ul" gives them one: ebpf and vxlan then run an IPv6 VTEP and
 // carry IPv6 as VXLAN over the IPv6 underlay, as flannel's vxlan baseline does.
 //
+// "+rps" runs xnetd with --flow-steering=rps (RPS on the container veths).
+//
 // "+direct" turns the config's Backend.DirectRouting on: the two hosts share a segment, so the
 // peer is routed plain (no VXLAN), the path to hold against host-gw. "ebpf-direct" is
 // ebpf+direct, the spelling the README uses.
@@ -156,6 +158,10 @@ func modeOf(name string) *mode {
 				// The stack path: container traffic through xnet0 and the host's
 				// forwarding both ways (what a DOCKER-USER rule makes auto choose).
 				m.extra = append(m.extra, "--host-routing=kernel")
+			case suf == "rps":
+				// Each container flow on one CPU (--flow-steering=rps): no reordering, at a
+				// throughput cost on few CPUs.
+				m.extra = append(m.extra, "--flow-steering=rps")
 			case strings.HasPrefix(suf, "bridge="):
 				m.bridge = strings.TrimPrefix(suf, "bridge=")
 			}
