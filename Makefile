@@ -32,11 +32,11 @@ demo: build
 	$(GO) run ./test/cmd/demo -xnetd $(BIN) $(DEMO_FLAGS)
 
 # The benchmark protocol (docs/design.md, Benchmark protocol); installs iperf3 from Debian if it is missing.
-# Besides each backend: ebpf with a container bridge not named docker0 (+bridge=cbr0), from the
+# Besides each backend: ebpf with --flow-steering=rps (+rps), with a container bridge not named docker0 (+bridge=cbr0), from the
 # host itself (+host), through the host's stack (+kernel), with DirectRouting, and over IPv6 in a
 # dual-stack overlay (+v6, which adds the baselines' IPv6 twins: inside the IPv4 VXLAN; +v6ul:
 # VXLAN over an IPv6 underlay, as flannel's IPv6 baseline).
-BENCH_BACKENDS ?= ebpf,ebpf+bridge=cbr0,ebpf+host,ebpf+kernel,ebpf-direct,ebpf+v6,ebpf+v6ul,vxlan,udp,host-gw,wireguard
+BENCH_BACKENDS ?= ebpf,ebpf+rps,ebpf+bridge=cbr0,ebpf+host,ebpf+kernel,ebpf-direct,ebpf+v6,ebpf+v6ul,vxlan,udp,host-gw,wireguard
 BENCH_ROUNDS   ?= 3
 bench: build
 	@command -v iperf3 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3)
