@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -169,21 +168,14 @@ func (c *checker) run(ctx context.Context, probeTimeout time.Duration) {
 	c.add(c.checkDaemon(ctx))
 	c.add(c.checkEtcd(ctx))
 	c.rep.Subnet, c.rep.PublicIP, c.rep.Iface, c.rep.Backend = c.subnet, c.publicIP, c.ifaceName, c.backend
-	if c.ipv6Only() {
-		c.add(c.checkFilesIPv6Only())
-		c.add(c.checkUnderlay())
-		c.add(c.checkDevice())
-		c.add(c.checkRoutes())
-		c.add(c.checkFirewall(ctx))
-		pctx, cancel := context.WithTimeout(ctx, probeTimeout)
-		defer cancel()
-		c.add(c.checkPeers(pctx))
-		return
-	}
 	c.add(c.checkFiles())
 	c.add(c.checkUnderlay())
 	c.add(c.checkDevice())
-	c.add(c.checkBPF())
+	if !c.ipv6Only() {
+		// checkBPF compares the IPv4 config entry; an IPv6-only datapath shows in its device
+		// and its routes6 map.
+		c.add(c.checkBPF())
+	}
 	c.add(c.checkRoutes())
 	c.add(c.checkFirewall(ctx))
 	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
@@ -395,90 +387,6 @@ func (c *checker) peersFromState(from string) {
 			c.peers = append(c.peers, cl)
 		}
 	}
-}
-
-// checkFiles compares the subnet and Docker options files with the lease, and docker0 with
-// them.
-func (c *checker) checkFiles() checkResult {
-	r := checkResult{Check: "files"}
-	if !c.subnet.IsValid() {
-		r.Status, r.Detail = checkSkip, "no subnet to compare the files with"
-		return r
-	}
-	gw := subnetmgr.GatewayOf(c.subnet)
-	sf, err := subnetmgr.ReadSubnetFile(c.o.subnetFile)
-	if err != nil {
-		r.Status, r.Detail = checkFail, fmt.Sprintf("%s: %v", c.o.subnetFile, unwrapPath(err))
-		r.Fix = "systemctl restart xnetd: it writes the file at start"
-		return r
-	}
-	if sf.Subnet != gw && sf.Subnet.Masked() != c.subnet {
-		r.Problems = append(r.Problems, fmt.Sprintf("%s says XNET_SUBNET=%v, the lease is %v", c.o.subnetFile, sf.Subnet, c.subnet))
-	}
-	if c.cfg.Network.IsValid() && sf.Network != c.cfg.Network {
-		r.Problems = append(r.Problems, fmt.Sprintf("%s says XNET_NETWORK=%v, the config %v", c.o.subnetFile, sf.Network, c.cfg.Network))
-	}
-	bip, mtu, err := readDockerOpts(c.o.dockerOptsFile)
-	switch {
-	case err != nil:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s: %v", c.o.dockerOptsFile, unwrapPath(err)))
-	case bip != gw:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s gives Docker --bip=%v, the lease's gateway is %v", c.o.dockerOptsFile, bip, gw))
-	case mtu != sf.MTU:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s gives Docker --mtu=%d, %s says XNET_MTU=%d", c.o.dockerOptsFile, mtu, c.o.subnetFile, sf.MTU))
-	}
-	if len(r.Problems) > 0 {
-		r.Status, r.Fix = checkFail, "systemctl restart xnetd (it rewrites both files), then systemctl restart docker"
-		r.Detail = "the files Docker starts from do not match the lease"
-		return r
-	}
-	// Docker applies --bip when it starts: a docker0 with another address started from an
-	// older file.
-	if br, err := netlink.LinkByName(ebpfbackend.DockerBridge); err == nil {
-		addrs, _ := netlink.AddrList(br, unix.AF_INET)
-		var have []string
-		match := len(addrs) == 0
-		for _, a := range addrs {
-			ones, _ := a.Mask.Size()
-			p := netip.PrefixFrom(netip.AddrFrom4([4]byte(a.IP.To4())), ones)
-			have = append(have, p.String())
-			match = match || p == gw
-		}
-		if !match {
-			r.Status, r.Detail = checkFail, "docker0 is not on the lease's subnet"
-			r.Problems = []string{fmt.Sprintf("docker0 has %s, the lease's gateway is %v: Docker started before xnetd wrote %s, or before the lease changed", strings.Join(have, ", "), gw, c.o.dockerOptsFile)}
-			r.Fix = "systemctl restart docker"
-			return r
-		}
-	}
-	r.Status = checkOK
-	r.Detail = fmt.Sprintf("%s and %s match the lease: --bip=%v --mtu=%d", c.o.subnetFile, c.o.dockerOptsFile, gw, sf.MTU)
-	return r
-}
-
-// readDockerOpts reads --bip and --mtu from the options file WriteDockerOpts wrote.
-func readDockerOpts(path string) (bip netip.Prefix, mtu int, err error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return bip, 0, err
-	}
-	for _, f := range strings.Fields(strings.Trim(strings.TrimSpace(string(data)), `"`)) {
-		f = strings.Trim(f, `"`)
-		if v, ok := strings.CutPrefix(f, "--bip="); ok {
-			if bip, err = netip.ParsePrefix(v); err != nil {
-				return bip, 0, fmt.Errorf("--bip=%s: %w", v, err)
-			}
-		}
-		if v, ok := strings.CutPrefix(f, "--mtu="); ok {
-			if mtu, err = strconv.Atoi(v); err != nil {
-				return bip, 0, fmt.Errorf("--mtu=%s: %w", v, err)
-			}
-		}
-	}
-	if !bip.IsValid() || mtu == 0 {
-		return bip, mtu, fmt.Errorf("no --bip and --mtu in %q", strings.TrimSpace(string(data)))
-	}
-	return bip, mtu, nil
 }
 
 // checkUnderlay looks at the interface other hosts reach us on, and our route to each peer.
