@@ -51,7 +51,10 @@
 //
 // Docker rebuilds its chains when it restarts, and a firewall reload can flush everything, so
 // Keep checks every few seconds (flannel: 5 s) and repairs only what is missing or out of
-// order: a check that finds everything in place changes nothing.
+// order: a check that finds everything in place changes nothing. It also checks right after
+// each nf_tables change, through a Monitor: the one subscription to those changes, whose one
+// reading of the rules (iptables-save) serves every consumer of a process, the keeper and
+// xnetd's --host-routing=auto, which reads DOCKER-USER from it.
 package fwrules
 
 import (
@@ -145,16 +148,23 @@ type Report struct {
 // or out of order. Without any iptables binary of a family there is no Docker firewall to
 // open: that is a Report without Variant (Variant6), not an error.
 func (r *Rules) Ensure(ctx context.Context) (Report, error) {
+	return r.EnsureWith(ctx, NewSnapshot())
+}
+
+// EnsureWith is Ensure from the rules as s read them (or reads them, for what it has not read
+// yet), so that one reading after a change serves Ensure and whatever else follows the rules
+// (DockerUserRules for --host-routing=auto).
+func (r *Rules) EnsureWith(ctx context.Context, s *Snapshot) (Report, error) {
 	var rep Report
 	if r.network.IsValid() {
-		fr, err := r.ensure(ctx, familyIPv4, r.network, r.ifaces)
+		fr, err := r.ensure(ctx, s, familyIPv4, r.network, r.ifaces)
 		rep.Variant, rep.Why, rep.Changes = fr.variant, fr.why, fr.changes
 		if err != nil {
 			return rep, err
 		}
 	}
 	if r.network6.IsValid() {
-		fr, err := r.ensure(ctx, familyIPv6, r.network6, nil)
+		fr, err := r.ensure(ctx, s, familyIPv6, r.network6, nil)
 		rep.Variant6, rep.Why6 = fr.variant, fr.why
 		for _, c := range fr.changes {
 			rep.Changes = append(rep.Changes, string(familyIPv6)+": "+c)
@@ -172,9 +182,10 @@ type familyReport struct {
 	changes      []string
 }
 
-// ensure is Ensure for one family: network's rules (and ifaces') in fam's variants.
-func (r *Rules) ensure(ctx context.Context, fam family, network netip.Prefix, ifaces []string) (familyReport, error) {
-	found, err := findVariants(ctx, fam)
+// ensure is Ensure for one family: network's rules (and ifaces') in fam's variants, as s reads
+// them.
+func (r *Rules) ensure(ctx context.Context, s *Snapshot, fam family, network netip.Prefix, ifaces []string) (familyReport, error) {
+	found, err := s.variants(ctx, fam)
 	if err != nil {
 		return familyReport{}, err
 	}
@@ -184,7 +195,7 @@ func (r *Rules) ensure(ctx context.Context, fam family, network netip.Prefix, if
 	states := make([]ruleset, len(found.variants))
 	cands := make([]candidate, len(found.variants))
 	for i, v := range found.variants {
-		if states[i], err = v.save(ctx); err != nil {
+		if states[i], err = s.ruleset(ctx, fam, i); err != nil {
 			return familyReport{}, err
 		}
 		cands[i] = candidate{mode: v.mode, docker: states[i].hasDocker(), foreign: states[i].foreignRules()}
@@ -214,34 +225,22 @@ func (r *Rules) ensure(ctx context.Context, fam family, network netip.Prefix, if
 }
 
 // Keep runs Ensure every interval, and shortly after every change to the nf_tables ruleset of
-// the calling thread's network namespace (watch.go), until ctx ends, logging what it repaired.
-// A failure is logged when it first happens and when it clears, not on every tick.
+// the calling thread's network namespace, until ctx ends, logging what it repaired: Keeper on
+// a Monitor of its own. A daemon that also follows the rules for something else (xnetd's
+// --host-routing=auto) adds Keeper to its one Monitor instead.
 func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	var err error
-	var w *ChangeWatch
-	var changed <-chan struct{}
-	if w, err = WatchChanges(); err != nil {
-		r.log.Info("iptables forward rules: no change notifications; checking on the interval only", "every", interval, "err", err)
-	} else {
-		defer w.Close()
-		changed = w.C
-	}
+	m := NewMonitor(r.log)
+	m.Add(r.Keeper(interval))
+	m.Run(ctx)
+}
+
+// Keeper is the consumer that keeps the rules in place: Ensure from each reading (after every
+// change, and every interval), logging what it repaired. A failure is logged when it first
+// happens and when it clears, not on every reading.
+func (r *Rules) Keeper(interval time.Duration) Consumer {
 	failing := ""
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case _, ok := <-changed:
-			if !ok {
-				changed = nil // the subscription failed: the ticker still runs
-				continue
-			}
-			w.Settled(ctx)
-		}
-		rep, err := r.Ensure(ctx)
+	return Consumer{Every: interval, Read: func(ctx context.Context, s *Snapshot) {
+		rep, err := r.EnsureWith(ctx, s)
 		switch {
 		case err != nil && ctx.Err() != nil:
 			return
@@ -250,7 +249,7 @@ func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
 				r.log.Error("iptables forward rules: check failed; retrying", "every", interval, "err", err)
 				failing = err.Error()
 			}
-			continue
+			return
 		case failing != "":
 			r.log.Info("iptables forward rules: check works again", "variant", rep.Variant, "ip6tables_variant", rep.Variant6)
 			failing = ""
@@ -261,7 +260,7 @@ func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
 			r.log.Info("iptables forward rules repaired", "variant", rep.Variant, "why", rep.Why,
 				"ip6tables_variant", rep.Variant6, "ip6tables_why", rep.Why6, "changes", rep.Changes)
 		}
-	}
+	}}
 }
 
 // Remove deletes our chains and every jump to them from every iptables and ip6tables variant
@@ -486,28 +485,8 @@ func removalBatches(rs ruleset) []batch {
 // iptables-save prints them without the "-A DOCKER-USER" prefix, leaving out the RETURN Docker
 // appends. It reads the variant that holds Docker's chains; where no variant has them there
 // are none. xnetd's --host-routing=auto keeps container traffic on the host's stack when the
-// list is not empty, so those rules see every packet.
+// list is not empty, so those rules see every packet; while it runs it reads them from the
+// Monitor's readings (Snapshot.DockerUserRules), which the forward rules' keeper shares.
 func DockerUserRules(ctx context.Context) ([]string, error) {
-	found, err := findVariants(ctx, familyIPv4)
-	if err != nil {
-		return nil, err
-	}
-	for _, v := range found.variants {
-		rs, err := v.save(ctx)
-		if err != nil {
-			return nil, err
-		}
-		if !rs.hasDocker() {
-			continue
-		}
-		specs, _ := rs.table("filter").chainRules("DOCKER-USER")
-		var user []string
-		for _, s := range specs {
-			if s != "-j RETURN" {
-				user = append(user, s)
-			}
-		}
-		return user, nil
-	}
-	return nil, nil
+	return NewSnapshot().DockerUserRules(ctx)
 }

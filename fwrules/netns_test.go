@@ -4,10 +4,13 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -107,7 +110,13 @@ func (d *dockerHost) iptablesRestore(t *testing.T, noflush bool, input string) {
 // save is iptables-save of one variant in the host namespace, without comments and counters.
 func (d *dockerHost) save(t *testing.T, variant string) string {
 	t.Helper()
-	out := run(t, "nsenter", "--net="+d.host.Path(), "--", variant+"-save")
+	return d.saveWith(t, variant+"-save")
+}
+
+// saveWith is save with the iptables-save binary at path.
+func (d *dockerHost) saveWith(t *testing.T, path string) string {
+	t.Helper()
+	out := run(t, "nsenter", "--net="+d.host.Path(), "--", path)
 	var keep []string
 	for l := range strings.SplitSeq(out, "\n") {
 		if l == "" || strings.HasPrefix(l, "#") {
@@ -361,5 +370,127 @@ func TestKeepSeesDockerStart(t *testing.T) {
 		}
 		t.Logf("round %d: repaired in %v", round, time.Since(start).Round(time.Millisecond))
 		d.check(t, flow{name: "our container to the overlay peer", from: d.ctr, to: d.peer, dst: "10.244.2.2", seen: "10.244.1.2"})
+	}
+}
+
+// TestOneReadingServesEveryConsumer: a Monitor following the rules for the keeper and for a
+// second consumer (what --host-routing=auto is: DOCKER-USER) runs one iptables-save per variant
+// per change, whatever the number of consumers. One change that concerns both (Docker puts its
+// MASQUERADE first, and a user adds a DOCKER-USER rule) is seen by both: the keeper moves our
+// jump back and the other reads the rule; iptables-save, counted by wrappers on PATH, ran once
+// per variant for each reading, not once per consumer.
+func TestOneReadingServesEveryConsumer(t *testing.T) {
+	d := newDockerHost(t, "iptables-nft", "iptables-legacy")
+	r, err := New(netip.MustParsePrefix("10.244.0.0/16"), netip.Prefix{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ensure(t, r)
+	want := d.save(t, "iptables-nft")
+
+	// Wrappers in front of the real iptables-save binaries log each run.
+	bin := t.TempDir()
+	runs := filepath.Join(bin, "runs")
+	saveBins := map[string]string{}
+	for _, name := range []string{"iptables-nft-save", "iptables-legacy-save"} {
+		path, err := exec.LookPath(name)
+		if err != nil {
+			t.Skipf("%s not installed", name)
+		}
+		saveBins[name] = path
+		script := fmt.Sprintf("#!/bin/sh\necho %s >>%s\nexec %s \"$@\"\n", name, runs, path)
+		if err := os.WriteFile(filepath.Join(bin, name), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+	saves := func(name string) int {
+		data, err := os.ReadFile(runs)
+		if err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
+		return strings.Count(string(data), name+"\n")
+	}
+
+	var mu sync.Mutex
+	var keeperReads, userReads int
+	var user []string
+	keeper := r.Keeper(time.Hour)
+	keep := keeper.Read
+	keeper.Read = func(ctx context.Context, s *Snapshot) {
+		mu.Lock()
+		keeperReads++
+		mu.Unlock()
+		keep(ctx, s)
+	}
+	m := NewMonitor(nil)
+	m.Add(keeper)
+	m.Add(Consumer{Every: time.Hour, Read: func(ctx context.Context, s *Snapshot) {
+		rules, err := s.DockerUserRules(ctx)
+		if err != nil {
+			t.Errorf("DockerUserRules: %v", err)
+		}
+		mu.Lock()
+		userReads, user = userReads+1, rules
+		mu.Unlock()
+	}})
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- d.host.Do(func() error { m.Run(ctx); return nil }) }()
+	defer func() {
+		cancel()
+		if err := <-ran; err != nil {
+			t.Error(err)
+		}
+	}()
+	counts := func() (keeper, user, nft, legacy int) {
+		mu.Lock()
+		defer mu.Unlock()
+		return keeperReads, userReads, saves("iptables-nft-save"), saves("iptables-legacy-save")
+	}
+	// waitQuiet waits until a reading has been handed to both and nothing has moved for a while:
+	// a reading after a change, and the one after the keeper's own repair.
+	waitQuiet := func(what string) (keeper, user, nft, legacy int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		k, u, n, l := counts()
+		for still := time.Now(); time.Since(still) < time.Second; {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: readings still going after 10 s: keeper %d, other %d", what, k, u)
+			}
+			time.Sleep(100 * time.Millisecond)
+			if k2, u2, n2, l2 := counts(); k2 != k || u2 != u || n2 != n || l2 != l || k == 0 || u != k {
+				k, u, n, l, still = k2, u2, n2, l2, time.Now()
+			}
+		}
+		return k, u, n, l
+	}
+	k0, u0, n0, l0 := waitQuiet("the first reading, as Run starts")
+	t.Logf("first reading: keeper %d, other %d, iptables-nft-save %d, iptables-legacy-save %d", k0, u0, n0, l0)
+
+	masq := strings.TrimSpace(dockerMasq)
+	d.iptablesRestore(t, true, "*filter\n-I DOCKER-USER 1 -s 10.244.2.2/32 -j DROP\nCOMMIT\n"+
+		"*nat\n"+strings.Replace(masq, "-A", "-D", 1)+"\n"+strings.Replace(masq, "-A POSTROUTING", "-I POSTROUTING 1", 1)+"\nCOMMIT\n")
+	k, u, n, l := waitQuiet("after Docker's MASQUERADE and a DOCKER-USER rule")
+	reads := k - k0
+	t.Logf("after the change: %d readings, iptables-nft-save %d, iptables-legacy-save %d", reads, n-n0, l-l0)
+
+	mu.Lock()
+	seen := user
+	mu.Unlock()
+	if len(seen) != 1 || seen[0] != "-s 10.244.2.2/32 -j DROP" {
+		t.Errorf("the second consumer read DOCKER-USER as %q, want the user's rule", seen)
+	}
+	// Our jump back in front, without the wrapper: the user's rule stays, so compare with it.
+	wantNow := strings.Replace(want, "-A DOCKER-USER -j RETURN", "-A DOCKER-USER -s 10.244.2.2/32 -j DROP\n-A DOCKER-USER -j RETURN", 1)
+	if got := d.saveWith(t, saveBins["iptables-nft-save"]); got != wantNow {
+		t.Errorf("the keeper did not put our jump back in front:\n%s\nwant:\n%s", got, wantNow)
+	}
+	if reads < 1 || u-u0 != reads {
+		t.Errorf("%d readings for the keeper, %d for the other consumer: want the same ones, at least one", reads, u-u0)
+	}
+	if n-n0 != reads || l-l0 != reads {
+		t.Errorf("%d readings ran iptables-nft-save %d times and iptables-legacy-save %d times: want once each per reading, for both consumers",
+			reads, n-n0, l-l0)
 	}
 }

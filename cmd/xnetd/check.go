@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -100,6 +99,9 @@ type checkLease struct {
 	// IPv6Subnet is the lease's IPv6 subnet in a dual-stack overlay (its IPv6 overlay is
 	// probed), invalid otherwise.
 	IPv6Subnet netip.Prefix
+	// PublicIPv6 is the lease's IPv6 underlay address in a dual-stack overlay (host-gw routes
+	// its IPv6 subnet there), invalid otherwise.
+	PublicIPv6 netip.Addr
 	// Refused is why the daemon's backend refused the lease ("" when programmed).
 	Refused string
 }
@@ -169,21 +171,14 @@ func (c *checker) run(ctx context.Context, probeTimeout time.Duration) {
 	c.add(c.checkDaemon(ctx))
 	c.add(c.checkEtcd(ctx))
 	c.rep.Subnet, c.rep.PublicIP, c.rep.Iface, c.rep.Backend = c.subnet, c.publicIP, c.ifaceName, c.backend
-	if c.ipv6Only() {
-		c.add(c.checkFilesIPv6Only())
-		c.add(c.checkUnderlay())
-		c.add(c.checkDevice())
-		c.add(c.checkRoutes())
-		c.add(c.checkFirewall(ctx))
-		pctx, cancel := context.WithTimeout(ctx, probeTimeout)
-		defer cancel()
-		c.add(c.checkPeers(pctx))
-		return
-	}
 	c.add(c.checkFiles())
 	c.add(c.checkUnderlay())
 	c.add(c.checkDevice())
-	c.add(c.checkBPF())
+	if !c.ipv6Only() {
+		// checkBPF compares the IPv4 config entry; an IPv6-only datapath shows in its device
+		// and its routes6 map.
+		c.add(c.checkBPF())
+	}
 	c.add(c.checkRoutes())
 	c.add(c.checkFirewall(ctx))
 	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
@@ -337,7 +332,8 @@ func (c *checker) checkEtcd(ctx context.Context) checkResult {
 		default:
 			cl := checkLease{Subnet: id, PublicIP: host(l), BackendType: l.BackendType, Refused: refused[id]}
 			if !c.ipv6Only() {
-				cl.IPv6Subnet = subnetmgr.ForFamilies(c.cfg, l).IPv6Subnet
+				dual := subnetmgr.ForFamilies(c.cfg, l)
+				cl.IPv6Subnet, cl.PublicIPv6 = dual.IPv6Subnet.Masked(), dual.PublicIPv6
 			}
 			if d, err := subnetmgr.ParseVXLANData(data(l)); err == nil {
 				cl.VtepMAC = d.VtepMAC
@@ -390,95 +386,11 @@ func (c *checker) peersFromState(from string) {
 		if p.RemovalDue.IsZero() {
 			cl := checkLease{Subnet: p.Subnet.Masked(), PublicIP: p.host(), BackendType: p.BackendType, VtepMAC: p.VtepMAC, Refused: p.Error}
 			if !c.ipv6Only() && c.cfg.EnableIPv6 {
-				cl.IPv6Subnet = p.IPv6Subnet
+				cl.IPv6Subnet, cl.PublicIPv6 = p.IPv6Subnet.Masked(), p.PublicIPv6
 			}
 			c.peers = append(c.peers, cl)
 		}
 	}
-}
-
-// checkFiles compares the subnet and Docker options files with the lease, and docker0 with
-// them.
-func (c *checker) checkFiles() checkResult {
-	r := checkResult{Check: "files"}
-	if !c.subnet.IsValid() {
-		r.Status, r.Detail = checkSkip, "no subnet to compare the files with"
-		return r
-	}
-	gw := subnetmgr.GatewayOf(c.subnet)
-	sf, err := subnetmgr.ReadSubnetFile(c.o.subnetFile)
-	if err != nil {
-		r.Status, r.Detail = checkFail, fmt.Sprintf("%s: %v", c.o.subnetFile, unwrapPath(err))
-		r.Fix = "systemctl restart xnetd: it writes the file at start"
-		return r
-	}
-	if sf.Subnet != gw && sf.Subnet.Masked() != c.subnet {
-		r.Problems = append(r.Problems, fmt.Sprintf("%s says XNET_SUBNET=%v, the lease is %v", c.o.subnetFile, sf.Subnet, c.subnet))
-	}
-	if c.cfg.Network.IsValid() && sf.Network != c.cfg.Network {
-		r.Problems = append(r.Problems, fmt.Sprintf("%s says XNET_NETWORK=%v, the config %v", c.o.subnetFile, sf.Network, c.cfg.Network))
-	}
-	bip, mtu, err := readDockerOpts(c.o.dockerOptsFile)
-	switch {
-	case err != nil:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s: %v", c.o.dockerOptsFile, unwrapPath(err)))
-	case bip != gw:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s gives Docker --bip=%v, the lease's gateway is %v", c.o.dockerOptsFile, bip, gw))
-	case mtu != sf.MTU:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s gives Docker --mtu=%d, %s says XNET_MTU=%d", c.o.dockerOptsFile, mtu, c.o.subnetFile, sf.MTU))
-	}
-	if len(r.Problems) > 0 {
-		r.Status, r.Fix = checkFail, "systemctl restart xnetd (it rewrites both files), then systemctl restart docker"
-		r.Detail = "the files Docker starts from do not match the lease"
-		return r
-	}
-	// Docker applies --bip when it starts: a docker0 with another address started from an
-	// older file.
-	if br, err := netlink.LinkByName(ebpfbackend.DockerBridge); err == nil {
-		addrs, _ := netlink.AddrList(br, unix.AF_INET)
-		var have []string
-		match := len(addrs) == 0
-		for _, a := range addrs {
-			ones, _ := a.Mask.Size()
-			p := netip.PrefixFrom(netip.AddrFrom4([4]byte(a.IP.To4())), ones)
-			have = append(have, p.String())
-			match = match || p == gw
-		}
-		if !match {
-			r.Status, r.Detail = checkFail, "docker0 is not on the lease's subnet"
-			r.Problems = []string{fmt.Sprintf("docker0 has %s, the lease's gateway is %v: Docker started before xnetd wrote %s, or before the lease changed", strings.Join(have, ", "), gw, c.o.dockerOptsFile)}
-			r.Fix = "systemctl restart docker"
-			return r
-		}
-	}
-	r.Status = checkOK
-	r.Detail = fmt.Sprintf("%s and %s match the lease: --bip=%v --mtu=%d", c.o.subnetFile, c.o.dockerOptsFile, gw, sf.MTU)
-	return r
-}
-
-// readDockerOpts reads --bip and --mtu from the options file WriteDockerOpts wrote.
-func readDockerOpts(path string) (bip netip.Prefix, mtu int, err error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return bip, 0, err
-	}
-	for _, f := range strings.Fields(strings.Trim(strings.TrimSpace(string(data)), `"`)) {
-		f = strings.Trim(f, `"`)
-		if v, ok := strings.CutPrefix(f, "--bip="); ok {
-			if bip, err = netip.ParsePrefix(v); err != nil {
-				return bip, 0, fmt.Errorf("--bip=%s: %w", v, err)
-			}
-		}
-		if v, ok := strings.CutPrefix(f, "--mtu="); ok {
-			if mtu, err = strconv.Atoi(v); err != nil {
-				return bip, 0, fmt.Errorf("--mtu=%s: %w", v, err)
-			}
-		}
-	}
-	if !bip.IsValid() || mtu == 0 {
-		return bip, mtu, fmt.Errorf("no --bip and --mtu in %q", strings.TrimSpace(string(data)))
-	}
-	return bip, mtu, nil
 }
 
 // checkUnderlay looks at the interface other hosts reach us on, and our route to each peer.
@@ -642,10 +554,7 @@ func (c *checker) checkBPF() checkResult {
 		r.Status, r.Detail = checkSkip, "backend "+orDash(c.backend)+" loads no BPF programs"
 		return r
 	}
-	dir := c.o.bpffs
-	if c.haveState && c.st.BPFFS != "" {
-		dir = c.st.BPFFS
-	}
+	dir := c.bpffsDir()
 	r.Fix = "systemctl restart xnetd: it loads, configures and attaches the programs again"
 	m, err := maps.OpenPinned(dir)
 	if err != nil {
@@ -726,6 +635,14 @@ func (c *checker) checkBPF() checkResult {
 	}
 	r.Status, r.Detail, r.Fix = checkOK, fmt.Sprintf("configured for %v, %d programs attached where they belong (pins in %s)", c.subnet, attached, dir), ""
 	return r
+}
+
+// bpffsDir is where the daemon pinned its datapath: where its state says, else --bpffs.
+func (c *checker) bpffsDir() string {
+	if c.haveState && c.st.BPFFS != "" {
+		return c.st.BPFFS
+	}
+	return c.o.bpffs
 }
 
 func hookKind(h loader.Hook) string {
@@ -819,7 +736,8 @@ func progAttached(dev netlink.Link, hook loader.Hook, id ebpf.ProgramID) (bool, 
 }
 
 // checkRoutes compares the datapath's routes with the peer leases: the BPF routes map for
-// ebpf, the kernel's routes (and fdb for vxlan) for the others.
+// ebpf, the kernel's routes (and fdb for vxlan) for the others; in a dual-stack overlay also
+// the routes to the peers' IPv6 subnets (check_dualstack.go).
 func (c *checker) checkRoutes() checkResult {
 	r := checkResult{Check: "routes"}
 	if !c.subnet.IsValid() || !c.network().IsValid() {
@@ -831,45 +749,82 @@ func (c *checker) checkRoutes() checkResult {
 		r.Status, r.Detail, r.Fix = checkFail, err.Error(), "systemctl restart xnetd"
 		return r
 	}
-	want := map[netip.Prefix]checkLease{}
+	want := map[netip.Prefix]routeWant{}
 	var refused []string
 	for _, p := range c.peers {
 		if p.Refused != "" {
 			refused = append(refused, fmt.Sprintf("%v (%s)", p.Subnet, p.Refused))
 			continue
 		}
-		want[p.Subnet] = p
+		want[p.Subnet] = routeWant{host: p.PublicIP, via: c.expectedVia(p), mac: p.VtepMAC}
 	}
-	for subnet, p := range want {
-		got, ok := have[subnet]
-		switch {
-		case !ok:
-			r.Problems = append(r.Problems, fmt.Sprintf("%s lacks %v via %v (lease in %s): its containers are unreachable from here", where, subnet, p.PublicIP, c.peersFrom))
-		case got.via.IsValid() && got.via != c.expectedVia(p):
-			r.Problems = append(r.Problems, fmt.Sprintf("%s sends %v via %v, the lease says %v", where, subnet, got.via, c.expectedVia(p)))
-		case got.mac != "" && p.VtepMAC != "" && !strings.EqualFold(got.mac, p.VtepMAC):
-			r.Problems = append(r.Problems, fmt.Sprintf("%s has VTEP MAC %s for %v, the lease says %s", where, got.mac, subnet, p.VtepMAC))
-		case got.problem != "":
-			r.Problems = append(r.Problems, fmt.Sprintf("%v: %s", subnet, got.problem))
-		}
+	held := func(subnet netip.Prefix) bool {
+		return slices.ContainsFunc(c.peers, func(p checkLease) bool { return p.Subnet == subnet })
 	}
-	for subnet, got := range have {
-		if _, ok := want[subnet]; !ok && !slices.ContainsFunc(c.peers, func(p checkLease) bool { return p.Subnet == subnet }) {
-			r.Problems = append(r.Problems, fmt.Sprintf("%s has %v via %v, which no lease in %s holds (a lease deleted in the last 3 s leaves then)", where, subnet, got.via, c.peersFrom))
+	r.Problems = c.routeProblems(where, "its containers are unreachable from here", want, have, held)
+	var mismatched []string
+	if len(r.Problems) > 0 {
+		mismatched = append(mismatched, fmt.Sprintf("%s does not match the %d peer leases", where, len(want)))
+	}
+	r.Detail = fmt.Sprintf("%s holds exactly the %d peer leases in %s", where, len(want), c.peersFrom)
+	if c.dualStack() {
+		problems, detail, failed, err := c.checkRoutes6()
+		if err != nil {
+			r.Status, r.Detail, r.Fix = checkFail, err.Error(), "systemctl restart xnetd"
+			return r
 		}
+		r.Problems = append(r.Problems, problems...)
+		if failed != "" {
+			mismatched = append(mismatched, failed)
+		}
+		r.Detail += ", " + detail
 	}
 	sort.Strings(r.Problems)
 	if len(r.Problems) > 0 {
-		r.Status, r.Detail = checkFail, fmt.Sprintf("%s does not match the %d peer leases", where, len(want))
+		r.Status, r.Detail = checkFail, strings.Join(mismatched, "; ")
 		r.Fix = "systemctl restart xnetd: at start it programs every lease in etcd and removes the rest"
 		return r
 	}
 	r.Status = checkOK
-	r.Detail = fmt.Sprintf("%s holds exactly the %d peer leases in %s", where, len(want), c.peersFrom)
 	if len(refused) > 0 {
 		r.Detail += fmt.Sprintf("; refused by the backend (see xnetd status): %s", strings.Join(refused, ", "))
 	}
 	return r
+}
+
+// routeWant is the route a peer's subnet must have in the datapath.
+type routeWant struct {
+	host netip.Addr // the peer's underlay address, for the messages
+	// via is the next hop the route must have when it has one (a device route of udp or
+	// wireguard has none); a direct route (DirectRouting) may go via direct instead.
+	via, direct netip.Addr
+	mac         string // the VTEP MAC the route must carry, "" when not compared
+}
+
+// routeProblems compares the routes a datapath holds (have, as where calls it) with the ones
+// the peers need (want); lost says what a missing route costs, and held whether some lease
+// holds a subnet that has a route but is not wanted (refused, say).
+func (c *checker) routeProblems(where, lost string, want map[netip.Prefix]routeWant, have map[netip.Prefix]datapathRoute, held func(netip.Prefix) bool) []string {
+	var problems []string
+	for subnet, w := range want {
+		got, ok := have[subnet]
+		switch {
+		case !ok:
+			problems = append(problems, fmt.Sprintf("%s lacks %v via %v (lease in %s): %s", where, subnet, w.host, c.peersFrom, lost))
+		case got.via.IsValid() && w.via.IsValid() && got.via != w.via && (!w.direct.IsValid() || got.via != w.direct):
+			problems = append(problems, fmt.Sprintf("%s sends %v via %v, the lease says %v", where, subnet, got.via, w.via))
+		case got.mac != "" && w.mac != "" && !strings.EqualFold(got.mac, w.mac):
+			problems = append(problems, fmt.Sprintf("%s has VTEP MAC %s for %v, the lease says %s", where, got.mac, subnet, w.mac))
+		case got.problem != "":
+			problems = append(problems, fmt.Sprintf("%v: %s", subnet, got.problem))
+		}
+	}
+	for subnet, got := range have {
+		if _, ok := want[subnet]; !ok && !held(subnet) {
+			problems = append(problems, fmt.Sprintf("%s has %v via %v, which no lease in %s holds (a lease deleted in the last 3 s leaves then)", where, subnet, got.via, c.peersFrom))
+		}
+	}
+	return problems
 }
 
 // network is the overlay network the checks look into: the Network, or the IPv6Network in an
@@ -904,11 +859,7 @@ func (c *checker) datapathRoutes() (map[netip.Prefix]datapathRoute, string, erro
 		return network.Contains(dst.Addr()) && dst.Bits() > network.Bits() && !dst.Overlaps(c.subnet)
 	}
 	if c.backend == subnetmgr.BackendEBPF {
-		dir := c.o.bpffs
-		if c.st.BPFFS != "" {
-			dir = c.st.BPFFS
-		}
-		m, err := maps.OpenPinned(dir)
+		m, err := maps.OpenPinned(c.bpffsDir())
 		if err != nil {
 			return nil, "", fmt.Errorf("the BPF routes map: %w", err)
 		}

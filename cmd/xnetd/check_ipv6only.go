@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os"
-	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -18,10 +16,10 @@ import (
 	"github.com/xnet-dev/xnet/subnetmgr"
 )
 
-// The parts of `xnetd check` that differ in an IPv6-only overlay (EnableIPv4 false): what
-// flannel writes there (subnet.env with only IPV6_NETWORK and IPV6_SUBNET, Docker options
-// with --fixed-cidr-v6 and no --bip), the backends' IPv6 devices and neighbours, and the
-// firewall rules that see IPv6.
+// The parts of `xnetd check` that differ in an IPv6-only overlay (EnableIPv4 false): the
+// backends' IPv6 devices and neighbours, and the firewall rules that see IPv6. What flannel
+// writes there (subnet.env with only IPV6_NETWORK and IPV6_SUBNET, Docker options with
+// --fixed-cidr-v6 and no --bip) is checked with every other overlay's files (check_files.go).
 
 // publicIPName is what a lease's host address is called in the checks' output.
 func (c *checker) publicIPName() string {
@@ -29,98 +27,6 @@ func (c *checker) publicIPName() string {
 		return "PublicIPv6"
 	}
 	return "PublicIP"
-}
-
-// checkFilesIPv6Only compares subnet.env and the Docker options with our IPv6 lease, and
-// docker0's IPv6 addresses with them.
-func (c *checker) checkFilesIPv6Only() checkResult {
-	r := checkResult{Check: "files"}
-	if !c.subnet.IsValid() {
-		r.Status, r.Detail = checkSkip, "no subnet to compare the files with"
-		return r
-	}
-	sf, err := subnetmgr.ReadSubnetFile(c.o.subnetFile)
-	if err != nil {
-		r.Status, r.Detail = checkFail, fmt.Sprintf("%s: %v", c.o.subnetFile, unwrapPath(err))
-		r.Fix = "systemctl restart xnetd: it writes the file at start"
-		return r
-	}
-	switch {
-	case sf.Subnet.IsValid() || sf.Network.IsValid():
-		r.Problems = append(r.Problems, fmt.Sprintf("%s sets XNET_NETWORK=%v and XNET_SUBNET=%v in an IPv6-only overlay (a file of an earlier IPv4 run)", c.o.subnetFile, sf.Network, sf.Subnet))
-	case sf.IPv6Subnet.Masked() != c.subnet:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s says XNET_IPV6_SUBNET=%v, the lease is %v", c.o.subnetFile, sf.IPv6Subnet, c.subnet))
-	case c.cfg.IPv6Network.IsValid() && sf.IPv6Network != c.cfg.IPv6Network:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s says XNET_IPV6_NETWORK=%v, the config %v", c.o.subnetFile, sf.IPv6Network, c.cfg.IPv6Network))
-	}
-	fixed, mtu, err := readDockerOptsIPv6Only(c.o.dockerOptsFile)
-	switch {
-	case err != nil:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s: %v", c.o.dockerOptsFile, unwrapPath(err)))
-	case fixed != c.subnet:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s gives Docker --fixed-cidr-v6=%v, the lease is %v", c.o.dockerOptsFile, fixed, c.subnet))
-	case mtu != sf.MTU:
-		r.Problems = append(r.Problems, fmt.Sprintf("%s gives Docker --mtu=%d, %s says XNET_MTU=%d", c.o.dockerOptsFile, mtu, c.o.subnetFile, sf.MTU))
-	}
-	if len(r.Problems) > 0 {
-		r.Status, r.Fix = checkFail, "systemctl restart xnetd (it rewrites both files), then systemctl restart docker"
-		r.Detail = "the files Docker starts from do not match the lease"
-		return r
-	}
-	// Docker gives docker0 an address of --fixed-cidr-v6 when it starts: global IPv6 addresses
-	// elsewhere mean it started from an older file.
-	if br, err := netlink.LinkByName(ebpfbackend.DockerBridge); err == nil {
-		addrs, _ := netlink.AddrList(br, unix.AF_INET6)
-		var have []string
-		match := true
-		for _, a := range addrs {
-			ip, ok := netip.AddrFromSlice(a.IP)
-			if !ok || ip.IsLinkLocalUnicast() {
-				continue
-			}
-			ones, _ := a.Mask.Size()
-			have = append(have, netip.PrefixFrom(ip, ones).String())
-			match = match && c.subnet.Contains(ip)
-		}
-		if !match {
-			r.Status, r.Detail = checkFail, "docker0 is not on the lease's IPv6 subnet"
-			r.Problems = []string{fmt.Sprintf("docker0 has %s, the lease is %v: Docker started before xnetd wrote %s, or before the lease changed", strings.Join(have, ", "), c.subnet, c.o.dockerOptsFile)}
-			r.Fix = "systemctl restart docker"
-			return r
-		}
-	}
-	r.Status = checkOK
-	r.Detail = fmt.Sprintf("%s and %s match the lease: --fixed-cidr-v6=%v --mtu=%d", c.o.subnetFile, c.o.dockerOptsFile, c.subnet, sf.MTU)
-	return r
-}
-
-// readDockerOptsIPv6Only reads --fixed-cidr-v6 and --mtu from the options file of an
-// IPv6-only overlay; a --bip there is an error (the file of an IPv4 run).
-func readDockerOptsIPv6Only(path string) (fixed netip.Prefix, mtu int, err error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return fixed, 0, err
-	}
-	for _, f := range strings.Fields(strings.Trim(strings.TrimSpace(string(data)), `"`)) {
-		f = strings.Trim(f, `"`)
-		if v, ok := strings.CutPrefix(f, "--fixed-cidr-v6="); ok {
-			if fixed, err = netip.ParsePrefix(v); err != nil {
-				return fixed, 0, fmt.Errorf("--fixed-cidr-v6=%s: %w", v, err)
-			}
-		}
-		if v, ok := strings.CutPrefix(f, "--mtu="); ok {
-			if mtu, err = strconv.Atoi(v); err != nil {
-				return fixed, 0, fmt.Errorf("--mtu=%s: %w", v, err)
-			}
-		}
-		if strings.HasPrefix(f, "--bip=") {
-			return fixed, 0, fmt.Errorf("%s gives Docker an IPv4 bridge address in an IPv6-only overlay", f)
-		}
-	}
-	if !fixed.IsValid() || mtu == 0 {
-		return fixed, mtu, fmt.Errorf("no --fixed-cidr-v6 and --mtu in %q", strings.TrimSpace(string(data)))
-	}
-	return fixed.Masked(), mtu, nil
 }
 
 // underlayIPv6 is our IPv6 underlay address on nic: our PublicIPv6 when nic holds it (zero

@@ -2,9 +2,6 @@ package main
 
 import (
 	"fmt"
-	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -12,7 +9,6 @@ import (
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 
-	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -82,46 +78,6 @@ func TestLegacyIptablesRulesDroppingTheOverlayPortsAreRecognised(t *testing.T) {
 		if got := legacyRuleDropsPort(strings.Fields(tt.rule), ports); got != tt.want {
 			t.Errorf("%q: %d, want %d", tt.rule, got, tt.want)
 		}
-	}
-}
-
-// check reads back exactly what the daemon writes for Docker.
-func TestCheckReadsTheDockerOptionsTheDaemonWrites(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "docker")
-	sf := subnetmgr.SubnetFile{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.5.0/24"), MTU: 1450}
-	if err := subnetmgr.WriteDockerOpts(path, sf); err != nil {
-		t.Fatal(err)
-	}
-	bip, mtu, err := readDockerOpts(path)
-	if err != nil || bip != netip.MustParsePrefix("10.244.5.1/24") || mtu != 1450 {
-		t.Errorf("readDockerOpts = %v, %d, %v; want 10.244.5.1/24, 1450", bip, mtu, err)
-	}
-	if err := os.WriteFile(path, []byte("DOCKER_NETWORK_OPTIONS=\" --ip-masq=true\"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := readDockerOpts(path); err == nil {
-		t.Errorf("a file without --bip and --mtu was accepted")
-	}
-}
-
-// In an IPv6-only overlay check reads back the daemon's options for Docker (--fixed-cidr-v6 and
-// --mtu, no --bip), and takes a file with --bip as an IPv4 run's.
-func TestCheckReadsTheIPv6OnlyDockerOptionsTheDaemonWrites(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "docker")
-	sf := subnetmgr.SubnetFile{IPv6Network: netip.MustParsePrefix("fd00:10:244::/56"), IPv6Subnet: netip.MustParsePrefix("fd00:10:244:5::/64"), MTU: 1430}
-	if err := subnetmgr.WriteDockerOpts(path, sf); err != nil {
-		t.Fatal(err)
-	}
-	fixed, mtu, err := readDockerOptsIPv6Only(path)
-	if err != nil || fixed != sf.IPv6Subnet || mtu != 1430 {
-		t.Errorf("readDockerOptsIPv6Only = %v, %d, %v; want %v, 1430", fixed, mtu, err, sf.IPv6Subnet)
-	}
-	sf.Network, sf.Subnet = netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.244.5.0/24")
-	if err := subnetmgr.WriteDockerOpts(path, sf); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := readDockerOptsIPv6Only(path); err == nil || !strings.Contains(err.Error(), "--bip") {
-		t.Errorf("a dual-stack file with --bip: %v; want an error naming --bip", err)
 	}
 }
 

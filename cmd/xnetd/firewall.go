@@ -13,16 +13,15 @@ import (
 // startForwardRules installs the iptables forward and no-masquerade rules for the Network, and
 // the ip6tables ones for the IPv6Network of a dual-stack or IPv6-only overlay
 // (--iptables-forward-rules), so Docker's FORWARD policy DROP and its MASQUERADE leave the
-// overlay alone, and keeps them in place in the background until the returned stop, which
-// waits for the keeper to end (so a teardown after it is not undone). A first install that
-// fails is fatal: without it the overlay would be silently dropped on a Docker host. With the
-// flag off it removes the rules a previous run left.
-func (d *daemonRun) startForwardRules(ctx context.Context) (stop func(), err error) {
+// overlay alone, and adds their keeper to rules, which keeps them in place while it runs
+// (followRules). A first install that fails is fatal: without it the overlay would be silently
+// dropped on a Docker host. With the flag off it removes the rules a previous run left.
+func (d *daemonRun) startForwardRules(ctx context.Context, rules *fwrules.Monitor) error {
 	if !d.o.iptablesForwardRules {
 		if changes, err := fwrules.Remove(ctx); err != nil || len(changes) > 0 {
 			d.log.Info("--iptables-forward-rules=false: removed the rules a previous run left", "changes", changes, "err", err)
 		}
-		return func() {}, nil
+		return nil
 	}
 	// iptables' rules for the Network, ip6tables' for the IPv6Network: each family the overlay has.
 	var network6 netip.Prefix
@@ -31,27 +30,35 @@ func (d *daemonRun) startForwardRules(ctx context.Context) (stop func(), err err
 	}
 	r, err := fwrules.New(d.cfg.Network, network6, d.log)
 	if err != nil {
-		return nil, fmt.Errorf("--iptables-forward-rules: %w", err)
+		return fmt.Errorf("--iptables-forward-rules: %w", err)
 	}
 	if d.o.dockerNetworks {
 		r.AcceptInterfaces(dockerNetworkBridges)
 	}
 	rep, err := r.Ensure(ctx)
 	if err != nil && ctx.Err() != nil {
-		return func() {}, nil // stopping anyway: serve sees ctx end next
+		return nil // stopping anyway: serve sees ctx end next
 	}
 	if err != nil {
-		return nil, fmt.Errorf("--iptables-forward-rules (set it false to run without them): %w", err)
+		return fmt.Errorf("--iptables-forward-rules (set it false to run without them): %w", err)
 	}
 	d.log.Info("iptables forward rules", "variant", rep.Variant, "why", rep.Why, "network", d.cfg.Network,
 		"ip6tables_variant", rep.Variant6, "ip6tables_why", rep.Why6, "ipv6_network", network6, "changes", rep.Changes)
+	rules.Add(r.Keeper(fwrules.DefaultInterval))
+	return nil
+}
+
+// followRules runs rules (the forward rules' keeper and --host-routing=auto, whichever were
+// added: one nf_tables subscription and one iptables-save per change for both) until the
+// returned stop, which waits for it to end, so a teardown after it is not undone.
+func followRules(ctx context.Context, rules *fwrules.Monitor) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		r.Keep(ctx, fwrules.DefaultInterval)
+		rules.Run(ctx)
 	}()
-	return func() { cancel(); <-done }, nil
+	return func() { cancel(); <-done }
 }
 
 // removeForwardRules is the --teardown-on-exit part: a failure is logged.

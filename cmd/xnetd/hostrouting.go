@@ -19,17 +19,22 @@ func resolveHostRouting(ctx context.Context, flag string, log *slog.Logger) (mod
 	if flag != "auto" {
 		return flag, "--host-routing=" + flag
 	}
+	return autoHostRouting(ctx, fwrules.NewSnapshot(), log)
+}
+
+// autoHostRouting is the mode auto picks from DOCKER-USER as rules reads it.
+func autoHostRouting(ctx context.Context, rules *fwrules.Snapshot, log *slog.Logger) (mode, why string) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	rules, err := fwrules.DockerUserRules(ctx)
+	user, err := rules.DockerUserRules(ctx)
 	switch {
 	case err != nil:
 		log.Warn("cannot read Docker's DOCKER-USER chain; container traffic skips the host's stack", "err", err)
 		return "bpf", "auto: DOCKER-USER unreadable (" + err.Error() + ")"
-	case len(rules) > 0:
+	case len(user) > 0:
 		log.Info("DOCKER-USER holds rules: container traffic takes the host's stack so they apply to every packet",
-			"rules", rules)
-		return "kernel", "auto: DOCKER-USER holds " + strings.Join(rules, "; ") + ", which bpf host routing would skip"
+			"rules", user)
+		return "kernel", "auto: DOCKER-USER holds " + strings.Join(user, "; ") + ", which bpf host routing would skip"
 	}
 	return "bpf", "auto: DOCKER-USER holds no rules"
 }
@@ -46,56 +51,32 @@ const (
 // hostRoutingChange is a host-routing mode the daemon's loop should switch the backend to.
 type hostRoutingChange struct{ mode, why string }
 
-// watchHostRouting re-reads DOCKER-USER after each nf_tables change (fwrules.WatchChanges) and
-// on a ticker while ctx lives, and sends a change when the mode auto would pick differs from
-// current. It returns a nil channel (never ready) unless --host-routing is auto and the
-// backend can switch. It subscribes in the calling thread's network namespace.
-func (d *daemonRun) watchHostRouting(ctx context.Context, b any) <-chan hostRoutingChange {
+// watchHostRouting adds to rules a consumer that re-reads DOCKER-USER from each of its
+// readings (after every nf_tables change, from the same iptables-save as the forward rules'
+// keeper, and every hostRoutingSafety, or hostRoutingInterval without notifications) and sends
+// a change when the mode auto would pick differs from the last one sent. It returns a nil
+// channel (never ready) unless --host-routing is auto and the backend can switch.
+func (d *daemonRun) watchHostRouting(rules *fwrules.Monitor, b any) <-chan hostRoutingChange {
 	hr, ok := b.(backend.HostRouter)
 	if !ok || d.o.hostRouting != "auto" {
 		return nil
 	}
-	interval := hostRoutingInterval
-	w, err := fwrules.WatchChanges()
-	var changed <-chan struct{}
-	if err != nil {
-		d.log.Info("--host-routing=auto: no nf_tables change notifications; reading DOCKER-USER on an interval", "every", interval, "err", err)
-	} else {
-		interval, changed = hostRoutingSafety, w.C
-	}
-	changes := make(chan hostRoutingChange)
+	// One slot: a reading must not wait for the daemon's loop (the keeper shares it), so a
+	// newer mode replaces one the loop has not taken yet.
+	changes := make(chan hostRoutingChange, 1)
 	current := hr.HostRouting()
-	go func() {
-		if w != nil {
-			defer w.Close()
+	rules.Add(fwrules.Consumer{Every: hostRoutingSafety, Unwatched: hostRoutingInterval, Read: func(ctx context.Context, s *fwrules.Snapshot) {
+		mode, why := autoHostRouting(ctx, s, d.log)
+		if mode == current {
+			return
 		}
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			case _, ok := <-changed:
-				if !ok {
-					changed = nil
-					t.Reset(hostRoutingInterval)
-					continue
-				}
-				w.Settled(ctx)
-			}
-			mode, why := resolveHostRouting(ctx, "auto", d.log)
-			if mode == current {
-				continue
-			}
-			select {
-			case changes <- hostRoutingChange{mode, why}:
-				current = mode
-			case <-ctx.Done():
-				return
-			}
+		select {
+		case <-changes:
+		default:
 		}
-	}()
+		changes <- hostRoutingChange{mode, why}
+		current = mode
+	}})
 	return changes
 }
 

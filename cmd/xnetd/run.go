@@ -20,6 +20,7 @@ import (
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/dockernet"
 	"github.com/xnet-dev/xnet/fdstore"
+	"github.com/xnet-dev/xnet/fwrules"
 	"github.com/xnet-dev/xnet/ipmasq"
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/metrics"
@@ -321,11 +322,10 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	if err := d.setupMasq(); err != nil {
 		return &fatalError{err}
 	}
-	stopForwardRules, err := d.startForwardRules(ctx)
-	if err != nil {
+	rules := fwrules.NewMonitor(d.log)
+	if err := d.startForwardRules(ctx, rules); err != nil {
 		return &fatalError{err}
 	}
-	defer stopForwardRules()
 
 	d.peers = newPeers(b, d.lease, d.cfg, d.log, d.m)
 	d.health = d.startHealth(ctx)
@@ -342,7 +342,9 @@ func (d *daemonRun) serve(ctx context.Context, attrs subnetmgr.LeaseAttrs) error
 	keep := d.startKeeper(loopCtx, attrs, leases)
 	defer func() { keep.stop() }()
 	mvLeases, mvDone := d.keepMacvlan(loopCtx)
-	hostRouting := d.watchHostRouting(loopCtx, b)
+	hostRouting := d.watchHostRouting(rules, b)
+	stopRules := followRules(ctx, rules)
+	defer stopRules()
 	stopDockerNetworks, dockerNetworksChanged, err := d.startDockerNetworks(loopCtx)
 	if err != nil {
 		return &fatalError{err}

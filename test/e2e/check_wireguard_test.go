@@ -10,8 +10,9 @@ import (
 // xnetd check with wireguard in a dual-stack overlay in separate mode (xnet-wg for IPv4,
 // xnet-wg-v6 over the IPv6 underlay): a healthy cluster passes, naming the device, wireguard's
 // ports and both overlays' probes; each fault (the Network's route out of xnet-wg, the
-// IPv6Network's out of xnet-wg-v6, a firewall rule on ListenPort, one on ListenPortV6 over
-// IPv6) fails the check naming it, and once undone the check passes again.
+// IPv6Network's out of xnet-wg-v6, a peer's IPv6 subnet's out of xnet-wg-v6, a firewall rule
+// on ListenPort, one on ListenPortV6 over IPv6) fails the check naming it, and once undone the
+// check passes again.
 func TestCheckWireGuardDevicesRoutesAndPorts(t *testing.T) {
 	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmtDual("wireguard"), "--backend", "wireguard")
 	for _, n := range nodes {
@@ -23,6 +24,7 @@ func TestCheckWireGuardDevicesRoutesAndPorts(t *testing.T) {
 		}
 	}
 	b := nodes[1]
+	aSubnet6 := nodes[0].state(t).Lease.IPv6Subnet.String()
 	faults := []struct {
 		name            string
 		inject, restore []string
@@ -36,6 +38,10 @@ func TestCheckWireGuardDevicesRoutesAndPorts(t *testing.T) {
 			[]string{"ip", "-6", "route", "del", "fd00:10:244::/56", "dev", "xnet-wg-v6"},
 			[]string{"ip", "-6", "route", "add", "fd00:10:244::/56", "dev", "xnet-wg-v6"},
 			[]string{"FAIL  device", "no route fd00:10:244::/56 dev xnet-wg-v6"}},
+		{"the route to a peer's IPv6 subnet out of xnet-wg-v6",
+			[]string{"ip", "-6", "route", "del", aSubnet6, "dev", "xnet-wg-v6"},
+			[]string{"ip", "-6", "route", "add", aSubnet6, "dev", "xnet-wg-v6"},
+			[]string{"FAIL  routes", "the kernel's IPv6 routing table lacks " + aSubnet6, "unreachable over IPv6"}},
 		{"a rule dropping ListenPort",
 			[]string{"sh", "-c", "nft add table ip wgfw && nft add chain ip wgfw in '{ type filter hook input priority 0 ; }' && nft add rule ip wgfw in udp dport 51820 drop"},
 			[]string{"nft", "delete", "table", "ip", "wgfw"},
