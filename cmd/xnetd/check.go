@@ -756,7 +756,12 @@ func (c *checker) checkRoutes() checkResult {
 			refused = append(refused, fmt.Sprintf("%v (%s)", p.Subnet, p.Refused))
 			continue
 		}
-		want[p.Subnet] = routeWant{host: p.PublicIP, via: c.expectedVia(p), mac: p.VtepMAC}
+		w := routeWant{host: p.PublicIP, via: c.expectedVia(p), mac: p.VtepMAC}
+		if c.directKernelRoutes() {
+			// A peer on our segment is routed plain, via its PublicIP on the NIC.
+			w.direct = p.PublicIP
+		}
+		want[p.Subnet] = w
 	}
 	held := func(subnet netip.Prefix) bool {
 		return slices.ContainsFunc(c.peers, func(p checkLease) bool { return p.Subnet == subnet })
@@ -834,6 +839,13 @@ func (c *checker) network() netip.Prefix {
 		return c.cfg.IPv6Network
 	}
 	return c.cfg.Network
+}
+
+// directKernelRoutes says whether peers on our segment may be routed via their PublicIP on the
+// NIC in the kernel's routing table: vxlan's and udp's DirectRouting (ebpf keeps its direct
+// peers in its routes map; host-gw routes every peer that way).
+func (c *checker) directKernelRoutes() bool {
+	return c.cfg.Backend.DirectRouting && (c.backend == subnetmgr.BackendVXLAN || c.backend == subnetmgr.BackendUDP)
 }
 
 // expectedVia is the next hop a peer's route must have: its PublicIP (ebpf's routes map,
@@ -915,16 +927,21 @@ func (c *checker) datapathRoutes() (map[netip.Prefix]datapathRoute, string, erro
 		if gw, ok := netip.AddrFromSlice(rt.Gw); ok {
 			dr.via = gw.Unmap()
 		}
-		switch c.backend {
-		case subnetmgr.BackendVXLAN, subnetmgr.BackendUDP:
+		direct := c.directKernelRoutes() && c.nic != nil && rt.LinkIndex == c.nic.Attrs().Index
+		switch {
+		case direct:
+			// DirectRouting: plain via the peer's PublicIP; no VTEP entries to compare.
+			out[dst] = dr
+			continue
+		case c.backend == subnetmgr.BackendVXLAN, c.backend == subnetmgr.BackendUDP:
 			if rt.LinkIndex != devIndex {
 				dr.problem = fmt.Sprintf("routed out ifindex %d, not %s", rt.LinkIndex, dev)
 			}
-		case subnetmgr.BackendHostGW:
+		case c.backend == subnetmgr.BackendHostGW:
 			if c.nic != nil && rt.LinkIndex != c.nic.Attrs().Index {
 				dr.problem = fmt.Sprintf("routed out ifindex %d, not %s", rt.LinkIndex, c.ifaceName)
 			}
-		case subnetmgr.BackendWireGuard:
+		case c.backend == subnetmgr.BackendWireGuard:
 			if dev != "" && rt.LinkIndex != devIndex {
 				dr.problem = fmt.Sprintf("routed out ifindex %d, not %s: it leaves unencrypted", rt.LinkIndex, dev)
 			}
@@ -937,7 +954,7 @@ func (c *checker) datapathRoutes() (map[netip.Prefix]datapathRoute, string, erro
 	// The vxlan device also needs the peer's VTEP MAC in its fdb, pointing at the PublicIP.
 	for _, p := range c.peers {
 		dr, ok := out[p.Subnet]
-		if !ok || fdb == nil || p.VtepMAC == "" {
+		if !ok || fdb == nil || p.VtepMAC == "" || c.directKernelRoutes() && dr.via == p.PublicIP {
 			continue
 		}
 		if ip, ok := fdb[strings.ToLower(p.VtepMAC)]; !ok {
