@@ -149,9 +149,10 @@ static __always_inline int neighbour_mac(struct __sk_buff *skb, const struct hos
 {
 	struct underlay_hop hop = {};
 	__u64 now = bpf_jiffies64();
+	underlay_addr key;
 
-	if (!hop_from_cache((const __u8 *)&peer_ip, now, &hop) &&
-	    (hop_from_fib(skb, cfg, (const __u8 *)&peer_ip, now, &hop) < 0 || !hop.resolved))
+	underlay_addr4(key, peer_ip);
+	if (!hop_from_cache(key, now, &hop) && (hop_from_fib(skb, cfg, peer_ip, key, now, &hop) < 0 || !hop.resolved))
 		return -1;
 	mac_copy(mac, hop.dmac);
 	return 0;

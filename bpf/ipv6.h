@@ -349,15 +349,16 @@ static __always_inline int decap6(struct __sk_buff *skb, const struct host_confi
  * direct6_in judges a frame on the underlay NIC that is not VXLAN for us and
  * says it is IPv6: with DirectRouting, a plain IPv6 packet for our IPv6 lease
  * from a direct peer's IPv6 subnet is delivered when its Ethernet source is
- * that peer's MAC as the neighbour table knows its PublicIPv6, dropped when
- * it is another's (or the peer is not direct: it sends VXLAN), left to the
- * stack when that cannot be checked; direct_in's rules (direct.h).
+ * that peer's MAC as the neighbour table knows its PublicIPv6 (through the
+ * nexthops cache, as direct_in), dropped when it is another's (or the peer is
+ * not direct: it sends VXLAN), left to the stack when that cannot be checked;
+ * direct_in's rules (direct.h).
  * Everything else passes untouched.
  */
 static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_config *cfg)
 {
 	const struct host_config6 *cfg6 = get_config6();
-	struct bpf_fib_lookup fib = {};
+	struct underlay_hop hop = {};
 	struct hdr_cursor nh;
 	struct ethhdr *eth;
 	struct ipv6hdr *ip;
@@ -385,11 +386,11 @@ static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_c
 	}
 	ip6_copy(peer, src->remote_ip6);
 	peer_ip = ip4_word(src->remote_ip);
-	if (fib6_neighbour(skb, cfg, cfg6, peer, &fib) < 0) {
+	if (find_hop6(skb, cfg, cfg6, peer, &hop) < 0) {
 		count(VERDICT_PASS_UNVERIFIED, skb->len);
 		return XNET_TC_PASS;
 	}
-	if (!mac_equal(eth->h_source, fib.dmac)) {
+	if (!mac_equal(eth->h_source, hop.dmac)) {
 		count(VERDICT_DROP_DIRECT_SPOOFED, skb->len);
 		return TC_ACT_SHOT;
 	}

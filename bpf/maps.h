@@ -69,12 +69,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints SEC(".maps");
 
-/* nexthops: peer PublicIP -> underlay next hop (MACs, NIC), a cache of
- * bpf_fib_lookup answers written by encap and trusted for
- * XNET_NEXTHOP_TTL_JIFFIES. LRU: peers that went away age out by themselves. */
+/* nexthops: peer underlay address -> underlay next hop (MACs, NIC), a cache
+ * of bpf_fib_lookup answers written by encap and the DirectRouting paths and
+ * trusted for XNET_NEXTHOP_TTL_JIFFIES. Keyed by underlay_addr: a peer's
+ * PublicIP as ::ffff:a.b.c.d, or the PublicIPv6 of a DirectRouting peer on our
+ * IPv6 segment. LRU: peers that went away age out by themselves. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, ipv4_addr);
+	__type(key, underlay_addr);
 	__type(value, struct nexthop);
 	__uint(max_entries, 16384);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

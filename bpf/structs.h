@@ -85,8 +85,9 @@ struct endpoint {
 	__u16 pad;
 };
 
-/* nexthop: the underlay next hop towards a peer, as bpf_fib_lookup found it,
- * kept for a moment so encap does not walk the FIB for every packet. */
+/* nexthop: the underlay next hop towards a peer (an IPv4 or IPv6 underlay
+ * address), as bpf_fib_lookup found it, kept for a moment so encap and the
+ * DirectRouting paths do not walk the FIB for every packet. */
 struct nexthop {
 	__u32 ifindex;              /* underlay NIC to send from */
 	__u8 dmac[XNET_ETH_ALEN];   /* next hop's MAC (the peer's, on one L2 segment) */
@@ -170,6 +171,26 @@ static __always_inline int ip6_in_prefix(const void *addr, const void *net, cons
 	const __u32 *a = ip6_words(addr), *n = ip6_words(net), *m = ip6_words(mask);
 
 	return (a[0] & m[0]) == n[0] && (a[1] & m[1]) == n[1] && (a[2] & m[2]) == n[2] && (a[3] & m[3]) == n[3];
+}
+
+/* underlay_addr: a peer's underlay address, of either family, as the nexthops
+ * cache keys it: an IPv6 address, or an IPv4 one mapped into IPv6
+ * (::ffff:a.b.c.d, RFC 4291 2.5.5.2). One cache, one lookup and one way to
+ * invalidate an entry then serve the VXLAN and DirectRouting peers reached
+ * over IPv4 and the DirectRouting peers reached over IPv6. Wire order, 4-byte
+ * aligned as ipv6_addr is. */
+typedef __u8 underlay_addr[16] __attribute__((aligned(4)));
+
+/* underlay_addr4 writes the IPv4 address ip (network order) into key, an
+ * underlay_addr. */
+static __always_inline void underlay_addr4(void *key, __u32 ip)
+{
+	__u32 *k = key;
+
+	k[0] = 0;
+	k[1] = 0;
+	k[2] = bpf_htonl(0xffff);
+	k[3] = ip;
 }
 
 /* route6_key: key of the routes6 LPM trie (a peer's IPv6 subnet). */

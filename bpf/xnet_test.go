@@ -172,6 +172,10 @@ func must(t testing.TB, err error) {
 // ip4 returns an IPv4 address as the maps hold it (ipv4_addr: wire-order bytes).
 func ip4(a netip.Addr) [4]uint8 { return a.As4() }
 
+// underlayKey is a peer's underlay address as the nexthops map keys it (bpf/structs.h
+// underlay_addr): an IPv6 address, or an IPv4 one mapped into IPv6.
+func underlayKey(a netip.Addr) [16]uint8 { return a.As16() }
+
 // verdicts sums the per-CPU counters map.
 func verdicts(t testing.TB, m *ebpf.Map) map[XnetVerdict]uint64 {
 	t.Helper()

@@ -10,7 +10,8 @@ package ebpf
 //   - Peers are keyed by their IPv6 subnet (Lease.ID()), parsed as flannel's IPv6-only vxlan
 //     node publishes itself (backend.ParseVXLANPeerIPv6Only: a PublicIPv6 and BackendV6Data),
 //     and get one routes6 entry each, PublicIP 0.0.0.0. The IPv4 maps hold nothing of ours:
-//     PrunePeers empties routes, peer counters and next hops an earlier run left. Per-peer
+//     PrunePeers empties routes, peer counters and IPv4 next hops an earlier run left (the
+//     nexthops cache keeps the PublicIPv6 of kept DirectRouting peers). Per-peer
 //     counters are keyed by an IPv4 PublicIP, so an IPv6-only host keeps none; the verdict
 //     counters count everything as before.
 //   - We publish what flannel's IPv6-only vxlan node does: PublicIP 0.0.0.0 and no BackendData
@@ -148,14 +149,27 @@ func (b *Backend) prunePeersIPv6Only(keep []subnetmgr.Lease) error {
 	for ip := range peers {
 		errs = append(errs, b.m.DeletePeer(ip))
 	}
+	// Cached next hops: a kept peer's PublicIPv6 (DirectRouting) stays, the rest (every IPv4
+	// one) goes.
+	keepHops := map[netip.Addr]bool{}
+	for _, l := range keep {
+		if l.PublicIPv6.IsValid() {
+			keepHops[l.PublicIPv6] = true
+		}
+	}
 	hops, err := b.m.ListNexthops()
 	errs = append(errs, err)
+	droppedHops := 0
 	for _, ip := range hops {
+		if keepHops[ip] {
+			continue
+		}
 		errs = append(errs, b.m.DeleteNexthop(ip))
+		droppedHops++
 	}
-	if len(gone)+len(gone6)+len(peers)+len(hops) > 0 {
+	if len(gone)+len(gone6)+len(peers)+droppedHops > 0 {
 		b.Log.Info("removed peers whose leases went away while xnetd was down, and IPv4 state an earlier run left",
-			"ipv6_routes", gone6, "ipv4_routes", gone, "peer_counters", len(peers), "next_hops", len(hops))
+			"ipv6_routes", gone6, "ipv4_routes", gone, "peer_counters", len(peers), "next_hops", droppedHops)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("ebpf: prune peers: %w", err)

@@ -3,6 +3,7 @@ package ebpf
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/backend/conformance"
+	"github.com/xnet-dev/xnet/bpf"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
@@ -82,6 +84,13 @@ func TestIPv6OnlyAfterAnIPv4Run(t *testing.T) {
 	if err := b.AddPeer(outside); !errors.Is(err, backend.ErrIncompatiblePeer) {
 		t.Errorf("AddPeer of a lease outside the IPv6Network: %v, want ErrIncompatiblePeer", err)
 	}
+	// What DirectRouting leaves in the nexthops cache, keyed by PublicIPv6, next to the IPv4
+	// one of the earlier run.
+	for _, ip := range []netip.Addr{kept.PublicIPv6, gone.PublicIPv6} {
+		if err := b.m.Nexthops.Put(ip.As16(), bpf.XnetNexthop{Ifindex: 2, Expires: 1 << 62}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := b.PrunePeers([]subnetmgr.Lease{local, kept}); err != nil {
 		t.Fatal(err)
 	}
@@ -102,8 +111,8 @@ func TestIPv6OnlyAfterAnIPv4Run(t *testing.T) {
 		routes6[0].VtepMAC.String() != want.VtepMAC.String() || routes6[0].Direct {
 		t.Errorf("routes6 %+v (%v), want only %+v", routes6, err, want)
 	}
-	if p := readPinned(t, h.BPFFS); len(p.routes)+len(p.counters)+len(p.nexthops) != 0 {
-		t.Errorf("IPv4 state of the earlier run left after the prune: %+v", p)
+	if p := readPinned(t, h.BPFFS); len(p.routes)+len(p.counters) != 0 || !slices.Equal(p.nexthops, []netip.Addr{kept.PublicIPv6}) {
+		t.Errorf("after the prune: %+v, want no IPv4 state of the earlier run and only the kept peer's next hop, %v", p, kept.PublicIPv6)
 	}
 	err = h.Do(func() error {
 		x0, err := netlink.LinkByName(HostDevice)

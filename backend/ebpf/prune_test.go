@@ -73,7 +73,7 @@ func TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs(t *testing.T) {
 	// What the encap program leaves behind after sending to both peers: cached next hops and
 	// counts.
 	for _, ip := range []netip.Addr{a.PublicIP, b.PublicIP} {
-		if err := first.m.Nexthops.Put(ip.As4(), bpf.XnetNexthop{Ifindex: 2, Expires: 1 << 62}); err != nil {
+		if err := first.m.Nexthops.Put(ip.As16(), bpf.XnetNexthop{Ifindex: 2, Expires: 1 << 62}); err != nil {
 			t.Fatal(err)
 		}
 	}
