@@ -100,7 +100,7 @@ static __always_inline int direct_out(struct __sk_buff *skb, const struct host_c
 		return XNET_TC_PASS;
 	}
 	count(VERDICT_DIRECT_OUT, skb->len);
-	count_peer(nh.ipv4_nh, skb->len, 0);
+	count_peer4(nh.ipv4_nh, skb->len, 0);
 	/* The peer is on our segment, so the next hop is the peer itself.
 	 * Anything short of a resolved neighbour (even a FIB that disagrees)
 	 * is the kernel's to sort out. */
@@ -223,7 +223,7 @@ static __always_inline int direct_in(struct __sk_buff *skb, const struct host_co
 	}
 	daddr = ip->daddr;
 	count(VERDICT_DIRECT_IN, skb->len);
-	count_peer(peer_ip, skb->len, 1);
+	count_peer4(peer_ip, skb->len, 1);
 	return deliver(skb, cfg, daddr);
 }
 

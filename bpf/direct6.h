@@ -120,7 +120,7 @@ static __always_inline int direct6_out(struct __sk_buff *skb, const struct host_
 		ip->hop_limit--;
 	}
 	count(VERDICT_DIRECT_OUT, skb->len);
-	count_peer(ip4_word(rt->remote_ip), skb->len, 0);
+	count_peer6(rt, skb->len, 0);
 	if (find_hop6(skb, cfg, cfg6, rt->remote_ip6, &hop) < 0) {
 		nh.ipv6_nh[0] = peer[0];
 		nh.ipv6_nh[1] = peer[1];

@@ -80,6 +80,14 @@ func TestDirect6(t *testing.T) {
 			setDirectRouting(t, objs, true)
 			setDirect6(t, objs, true)
 			addUnresolvedDirect6(t, objs, ipv6Only)
+			// The peer's counters are keyed by its PublicIP; in an IPv6-only overlay, where it
+			// has none, by its PublicIPv6. Both entries exist: only the right one may move.
+			counted, notCounted := peer6IP, peer6IP6
+			if ipv6Only {
+				counted, notCounted = peer6IP6, peer6IP
+			}
+			addPeerCounters(t, objs, counted)
+			addPeerCounters(t, objs, notCounted)
 
 			toPeer := container6Frame(ctrIP6, peer6Ctr, 100, 0)
 			hops1 := testpkt.Eth(gwMAC, ctrMAC, testpkt.EtherTypeIPv6,
@@ -156,6 +164,14 @@ func TestDirect6(t *testing.T) {
 			}
 			t.Run("the peer's next hop is cached under its PublicIPv6 and trusted until it expires, both ways", func(t *testing.T) {
 				checkNexthopCache6(t, objs, inNS, nic)
+			})
+			t.Run("the peer's counters count both directions, under its PublicIP or, IPv6-only, its PublicIPv6", func(t *testing.T) {
+				if tx, rx := peerPackets(t, objs, counted); tx < 2 || rx < 1 {
+					t.Errorf("peer %s: %d packets sent and %d received counted, want at least 2 and 1", counted, tx, rx)
+				}
+				if tx, rx := peerPackets(t, objs, notCounted); tx+rx != 0 {
+					t.Errorf("counted under %s too: %d sent, %d received", notCounted, tx, rx)
+				}
 			})
 		})
 	}

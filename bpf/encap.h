@@ -341,7 +341,7 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_ENCAP, skb->len);
-	count_peer(ip4_word(rt.remote_ip), skb->len, 0);
+	count_peer4(ip4_word(rt.remote_ip), skb->len, 0);
 	return encap_send(skb, &hop);
 }
 

@@ -149,7 +149,7 @@ func TestEncap(t *testing.T) {
 
 	t.Run("per-peer counters count what was sent", func(t *testing.T) {
 		var per []XnetPeerStats
-		must(t, objs.Peers.Lookup(ip4(peerIP), &per))
+		must(t, objs.Peers.Lookup(underlayKey(peerIP), &per))
 		var packets uint64
 		for _, p := range per {
 			packets += p.TxPackets

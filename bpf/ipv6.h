@@ -251,7 +251,7 @@ static __always_inline int encap6(struct __sk_buff *skb, const struct host_confi
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_ENCAP, skb->len);
-	count_peer(ip4_word(rt.remote_ip), skb->len, 0);
+	count_peer4(ip4_word(rt.remote_ip), skb->len, 0);
 	return encap_send(skb, &hop);
 }
 
@@ -341,7 +341,7 @@ static __always_inline int decap6(struct __sk_buff *skb, const struct host_confi
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_DECAP, skb->len);
-	count_peer(m->peer_ip, skb->len, 1);
+	count_peer4(m->peer_ip, skb->len, 1);
 	return deliver6(skb, cfg, daddr);
 }
 
@@ -364,7 +364,7 @@ static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_c
 	struct ipv6hdr *ip;
 	struct route6 *src;
 	ipv6_addr daddr, peer;
-	__u32 peer_ip;
+	underlay_addr peer_key;
 	void *data_end;
 
 	direct6_pull(skb);
@@ -385,7 +385,7 @@ static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_c
 		return TC_ACT_SHOT;
 	}
 	ip6_copy(peer, src->remote_ip6);
-	peer_ip = ip4_word(src->remote_ip);
+	route6_peer(src, peer_key);
 	if (find_hop6(skb, cfg, cfg6, peer, &hop) < 0) {
 		count(VERDICT_PASS_UNVERIFIED, skb->len);
 		return XNET_TC_PASS;
@@ -401,7 +401,7 @@ static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_c
 	ip->hop_limit--;
 	ip6_copy(daddr, &ip->daddr);
 	count(VERDICT_DIRECT_IN, skb->len);
-	count_peer(peer_ip, skb->len, 1);
+	count_peer(peer_key, skb->len, 1);
 	return deliver6(skb, cfg, daddr);
 }
 

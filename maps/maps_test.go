@@ -128,28 +128,32 @@ func TestCountersAndPeers(t *testing.T) {
 	if err != nil || len(counters) != int(bpf.XnetVerdictVERDICT_MAX) {
 		t.Fatalf("ReadCounters = %v, %v", counters, err)
 	}
-	peer := netip.MustParseAddr("198.18.0.12")
-	if err := m.AddPeer(peer); err != nil {
-		t.Fatal(err)
-	}
-	// The programs count into the per-CPU entry; AddPeer again must not reset it.
-	per := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
-	per[0].RxPackets = 5
-	if err := m.Peers.Put(ip4(peer), per); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.AddPeer(peer); err != nil {
-		t.Fatal(err)
-	}
-	stats, err := m.ReadPeers()
-	if err != nil || stats[peer].RxPackets != 5 {
-		t.Fatalf("ReadPeers = %+v, %v; want 5 packets received from %v", stats, err, peer)
-	}
-	if err := m.DeletePeer(peer); err != nil {
-		t.Fatal(err)
-	}
-	if stats, _ := m.ReadPeers(); len(stats) != 0 {
-		t.Fatalf("peers after delete: %+v", stats)
+	// A peer by its PublicIP, and one of an IPv6-only overlay by its PublicIPv6: the programs
+	// key both as underlay_addr (IPv4 mapped into IPv6), and ReadPeers gives back what AddPeer
+	// was given.
+	for _, peer := range []netip.Addr{netip.MustParseAddr("198.18.0.12"), netip.MustParseAddr("fd00:198:18::c")} {
+		if err := m.AddPeer(peer); err != nil {
+			t.Fatal(err)
+		}
+		// The programs count into the per-CPU entry; AddPeer again must not reset it.
+		per := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
+		per[0].RxPackets = 5
+		if err := m.Peers.Put(peer.As16(), per); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.AddPeer(peer); err != nil {
+			t.Fatal(err)
+		}
+		stats, err := m.ReadPeers()
+		if err != nil || len(stats) != 1 || stats[peer].RxPackets != 5 {
+			t.Fatalf("ReadPeers = %+v, %v; want 5 packets received from %v", stats, err, peer)
+		}
+		if err := m.DeletePeer(peer); err != nil {
+			t.Fatal(err)
+		}
+		if stats, _ := m.ReadPeers(); len(stats) != 0 {
+			t.Fatalf("peers after delete: %+v", stats)
+		}
 	}
 }
 

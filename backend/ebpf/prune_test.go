@@ -79,7 +79,7 @@ func TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs(t *testing.T) {
 	}
 	sent := make([]bpf.XnetPeerStats, len(mustPerCPU(t, first.m, a.PublicIP)))
 	sent[0].TxPackets = 7
-	if err := first.m.Peers.Put(a.PublicIP.As4(), sent); err != nil {
+	if err := first.m.Peers.Put(a.PublicIP.As16(), sent); err != nil {
 		t.Fatal(err)
 	}
 	before := readPinned(t, h.BPFFS)
@@ -132,7 +132,7 @@ func TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs(t *testing.T) {
 func mustPerCPU(t *testing.T, m *maps.Maps, ip netip.Addr) []bpf.XnetPeerStats {
 	t.Helper()
 	var per []bpf.XnetPeerStats
-	if err := m.Peers.Lookup(ip.As4(), &per); err != nil {
+	if err := m.Peers.Lookup(ip.As16(), &per); err != nil {
 		t.Fatal(err)
 	}
 	return per
