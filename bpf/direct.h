@@ -100,7 +100,7 @@ static __always_inline int direct_out(struct __sk_buff *skb, const struct host_c
 		return XNET_TC_PASS;
 	}
 	count(VERDICT_DIRECT_OUT, skb->len);
-	count_peer(nh.ipv4_nh, skb->len, 0);
+	count_peer4(nh.ipv4_nh, skb->len, 0);
 	/* The peer is on our segment, so the next hop is the peer itself.
 	 * Anything short of a resolved neighbour (even a FIB that disagrees)
 	 * is the kernel's to sort out. */
@@ -149,9 +149,10 @@ static __always_inline int neighbour_mac(struct __sk_buff *skb, const struct hos
 {
 	struct underlay_hop hop = {};
 	__u64 now = bpf_jiffies64();
+	underlay_addr key;
 
-	if (!hop_from_cache((const __u8 *)&peer_ip, now, &hop) &&
-	    (hop_from_fib(skb, cfg, (const __u8 *)&peer_ip, now, &hop) < 0 || !hop.resolved))
+	underlay_addr4(key, peer_ip);
+	if (!hop_from_cache(key, now, &hop) && (hop_from_fib(skb, cfg, peer_ip, key, now, &hop) < 0 || !hop.resolved))
 		return -1;
 	mac_copy(mac, hop.dmac);
 	return 0;
@@ -222,7 +223,7 @@ static __always_inline int direct_in(struct __sk_buff *skb, const struct host_co
 	}
 	daddr = ip->daddr;
 	count(VERDICT_DIRECT_IN, skb->len);
-	count_peer(peer_ip, skb->len, 1);
+	count_peer4(peer_ip, skb->len, 1);
 	return deliver(skb, cfg, daddr);
 }
 

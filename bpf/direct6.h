@@ -9,12 +9,17 @@
  * peer's IPv6 subnet is delivered only when its Ethernet source is that
  * peer's MAC as our neighbour table knows its PublicIPv6.
  *
- * What differs from IPv4: the nexthops cache is keyed by IPv4 addresses, so
- * the IPv6 next hop is asked of the FIB per packet (bpf_fib_lookup, which
- * reads the neighbour table too); while it is unresolved, or the lookup
- * refuses (IPv6 forwarding off on the NIC), bpf_redirect_neigh with the
- * PublicIPv6 as next hop leaves neighbour discovery to the kernel. The hop
- * limit is decremented as a router does (no checksum in an IPv6 header).
+ * The next hop comes from the same nexthops cache as IPv4's, keyed by the
+ * peer's PublicIPv6 (an underlay_addr), else from bpf_fib_lookup, which reads
+ * the neighbour table and whose resolved answer is cached for the next
+ * packets: per packet, the lookup cost the direct path what it costs the
+ * encap. While the neighbour is unresolved, or the lookup refuses (IPv6
+ * forwarding off on the NIC), bpf_redirect_neigh with the PublicIPv6 as next
+ * hop leaves neighbour discovery to the kernel, and nothing is cached. What
+ * invalidates an IPv4 entry invalidates an IPv6 one: it expires after
+ * XNET_NEXTHOP_TTL_JIFFIES, and the Go side deletes it when the peer's path
+ * changes or its lease goes (backend/ebpf). The hop limit is decremented as a
+ * router does (no checksum in an IPv6 header).
  */
 #ifndef XNET_DIRECT6_H
 #define XNET_DIRECT6_H
@@ -30,36 +35,55 @@
 #include "xnet.h"
 #include "maps.h"
 #include "parse.h"
+#include "encap.h"
 
 #ifndef AF_INET6
 #define AF_INET6 10
 #endif
 
-/* fib6_neighbour asks the FIB for the way to peer (an IPv6 underlay address,
- * wire order) out of the underlay NIC, as from our PublicIPv6. It returns 0
- * with the next hop's MAC, our NIC's MAC and the NIC in fib when the
- * neighbour is resolved, -1 otherwise (unresolved, unreachable, or IPv6
- * forwarding off on the NIC, which bpf_fib_lookup insists on). */
-static __always_inline int fib6_neighbour(struct __sk_buff *skb, const struct host_config *cfg,
-					  const struct host_config6 *cfg6, const void *peer, struct bpf_fib_lookup *fib)
+/* hop6_from_fib asks the FIB for the way to peer (an IPv6 underlay address,
+ * wire order: also its underlay_addr) out of the underlay NIC, as from our
+ * PublicIPv6, and caches a resolved answer as hop_from_fib does. It returns -1
+ * when the neighbour is not resolved, the peer is unreachable, or IPv6
+ * forwarding is off on the NIC (which bpf_fib_lookup insists on): nothing is
+ * cached then, and the caller leaves the packet to bpf_redirect_neigh or the
+ * stack. */
+static __always_inline int hop6_from_fib(struct __sk_buff *skb, const struct host_config *cfg,
+					 const struct host_config6 *cfg6, const void *peer, __u64 now,
+					 struct underlay_hop *hop)
 {
 	const __u32 *dst = ip6_words(peer), *src = ip6_words(cfg6->local_ip6);
+	struct bpf_fib_lookup fib = {};
 
-	fib->family = AF_INET6;
-	fib->l4_protocol = IPPROTO_TCP;
-	fib->ifindex = cfg->underlay_ifindex;
-	fib->ipv6_dst[0] = dst[0];
-	fib->ipv6_dst[1] = dst[1];
-	fib->ipv6_dst[2] = dst[2];
-	fib->ipv6_dst[3] = dst[3];
-	fib->ipv6_src[0] = src[0];
-	fib->ipv6_src[1] = src[1];
-	fib->ipv6_src[2] = src[2];
-	fib->ipv6_src[3] = src[3];
+	fib.family = AF_INET6;
+	fib.l4_protocol = IPPROTO_TCP;
+	fib.ifindex = cfg->underlay_ifindex;
+	fib.ipv6_dst[0] = dst[0];
+	fib.ipv6_dst[1] = dst[1];
+	fib.ipv6_dst[2] = dst[2];
+	fib.ipv6_dst[3] = dst[3];
+	fib.ipv6_src[0] = src[0];
+	fib.ipv6_src[1] = src[1];
+	fib.ipv6_src[2] = src[2];
+	fib.ipv6_src[3] = src[3];
 	/* No tot_len, as in hop_from_fib: the sizes were checked before. */
-	if (bpf_fib_lookup(skb, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
 		return -1;
+	hop_from_answer(&fib, peer, now, hop);
 	return 0;
+}
+
+/* find_hop6 fills hop with the resolved next hop towards peer (an IPv6
+ * underlay address on the stack, 4-byte aligned): the nexthops cache, else the
+ * FIB. It returns -1 when the neighbour is not resolved (hop6_from_fib). */
+static __always_inline int find_hop6(struct __sk_buff *skb, const struct host_config *cfg,
+				     const struct host_config6 *cfg6, const void *peer, struct underlay_hop *hop)
+{
+	__u64 now = bpf_jiffies64();
+
+	if (hop_from_cache(peer, now, hop))
+		return 0;
+	return hop6_from_fib(skb, cfg, cfg6, peer, now, hop);
 }
 
 /*
@@ -76,7 +100,7 @@ static __always_inline int direct6_out(struct __sk_buff *skb, const struct host_
 				       __u32 seg, int from_container)
 {
 	struct bpf_redir_neigh nh = {.nh_family = AF_INET6};
-	struct bpf_fib_lookup fib = {};
+	struct underlay_hop hop = {};
 	const __u32 *peer = ip6_words(rt->remote_ip6);
 	struct ethhdr *eth;
 
@@ -96,8 +120,8 @@ static __always_inline int direct6_out(struct __sk_buff *skb, const struct host_
 		ip->hop_limit--;
 	}
 	count(VERDICT_DIRECT_OUT, skb->len);
-	count_peer(ip4_word(rt->remote_ip), skb->len, 0);
-	if (fib6_neighbour(skb, cfg, cfg6, rt->remote_ip6, &fib) < 0) {
+	count_peer6(rt, skb->len, 0);
+	if (find_hop6(skb, cfg, cfg6, rt->remote_ip6, &hop) < 0) {
 		nh.ipv6_nh[0] = peer[0];
 		nh.ipv6_nh[1] = peer[1];
 		nh.ipv6_nh[2] = peer[2];
@@ -107,9 +131,9 @@ static __always_inline int direct6_out(struct __sk_buff *skb, const struct host_
 	eth = (void *)(long)skb->data;
 	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
 		return TC_ACT_SHOT;
-	mac_copy(eth->h_dest, fib.dmac);
-	mac_copy(eth->h_source, fib.smac);
-	return bpf_redirect(fib.ifindex, 0);
+	mac_copy(eth->h_dest, hop.dmac);
+	mac_copy(eth->h_source, hop.smac);
+	return bpf_redirect(hop.ifindex, 0);
 }
 
 /* direct6_pull makes the Ethernet and IPv6 headers of a paged frame linear

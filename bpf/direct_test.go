@@ -182,7 +182,7 @@ func TestDirect(t *testing.T) {
 
 	t.Run("per-peer counters count both directions of the direct path", func(t *testing.T) {
 		var per []XnetPeerStats
-		must(t, objs.Peers.Lookup(ip4(peerIP), &per))
+		must(t, objs.Peers.Lookup(underlayKey(peerIP), &per))
 		var tx, rx uint64
 		for _, p := range per {
 			tx += p.TxPackets

@@ -147,12 +147,12 @@ static __always_inline int encap_too_big(struct __sk_buff *skb, const struct hos
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-/* hop_from_cache fills hop from the nexthops cache while the entry is fresh:
- * a FIB walk and neighbour lookup cost about a fifth of the encap at small
- * packets. */
-static __always_inline int hop_from_cache(const __u8 *remote_ip, __u64 now, struct underlay_hop *hop)
+/* hop_from_cache fills hop from the nexthops cache while the entry of key (an
+ * underlay_addr) is fresh: a FIB walk and neighbour lookup cost about a fifth
+ * of the encap at small packets. */
+static __always_inline int hop_from_cache(const void *key, __u64 now, struct underlay_hop *hop)
 {
-	struct nexthop *nh = bpf_map_lookup_elem(&nexthops, remote_ip);
+	struct nexthop *nh = bpf_map_lookup_elem(&nexthops, key);
 
 	if (!nh || now >= nh->expires)
 		return 0;
@@ -163,12 +163,29 @@ static __always_inline int hop_from_cache(const __u8 *remote_ip, __u64 now, stru
 	return 1;
 }
 
-/* hop_from_fib asks the FIB for the next hop towards remote_ip and caches a
- * complete answer. It returns -1 when the underlay cannot reach the peer.
+/* hop_from_answer fills hop from a successful bpf_fib_lookup and caches the
+ * answer under key (an underlay_addr), for either family. */
+static __always_inline void hop_from_answer(const struct bpf_fib_lookup *fib, const void *key, __u64 now,
+					    struct underlay_hop *hop)
+{
+	struct nexthop fresh = {.ifindex = fib->ifindex, .expires = now + XNET_NEXTHOP_TTL_JIFFIES};
+
+	mac_copy(fresh.dmac, fib->dmac);
+	mac_copy(fresh.smac, fib->smac);
+	bpf_map_update_elem(&nexthops, key, &fresh, BPF_ANY);
+	hop->ifindex = fib->ifindex;
+	mac_copy(hop->dmac, fib->dmac);
+	mac_copy(hop->smac, fib->smac);
+	hop->resolved = 1;
+}
+
+/* hop_from_fib asks the FIB for the next hop towards remote_ip (IPv4, network
+ * order) and caches a complete answer under key, remote_ip as an
+ * underlay_addr. It returns -1 when the underlay cannot reach the peer.
  * NO_NEIGH (the first packet to a peer) is left for bpf_redirect_neigh to
  * resolve and is not cached. */
-static __always_inline int hop_from_fib(struct __sk_buff *skb, const struct host_config *cfg,
-					const __u8 *remote_ip, __u64 now, struct underlay_hop *hop)
+static __always_inline int hop_from_fib(struct __sk_buff *skb, const struct host_config *cfg, __u32 remote_ip,
+					const void *key, __u64 now, struct underlay_hop *hop)
 {
 	struct bpf_fib_lookup fib = {};
 	long rc;
@@ -176,7 +193,7 @@ static __always_inline int hop_from_fib(struct __sk_buff *skb, const struct host
 	fib.family = AF_INET;
 	fib.l4_protocol = IPPROTO_UDP;
 	fib.ipv4_src = ip4_word(cfg->local_ip);
-	fib.ipv4_dst = ip4_word(remote_ip);
+	fib.ipv4_dst = remote_ip;
 	/* No tot_len: with one, the lookup compares it to the MTU and refuses
 	 * every GSO packet (FRAG_NEEDED); without, it checks the skb, which
 	 * knows a GSO packet is cut to size later. Sizes were checked against
@@ -184,18 +201,9 @@ static __always_inline int hop_from_fib(struct __sk_buff *skb, const struct host
 	fib.ifindex = cfg->underlay_ifindex;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 	switch (rc) {
-	case BPF_FIB_LKUP_RET_SUCCESS: {
-		struct nexthop fresh = {.ifindex = fib.ifindex, .expires = now + XNET_NEXTHOP_TTL_JIFFIES};
-
-		mac_copy(fresh.dmac, fib.dmac);
-		mac_copy(fresh.smac, fib.smac);
-		bpf_map_update_elem(&nexthops, remote_ip, &fresh, BPF_ANY);
-		hop->ifindex = fib.ifindex;
-		mac_copy(hop->dmac, fib.dmac);
-		mac_copy(hop->smac, fib.smac);
-		hop->resolved = 1;
+	case BPF_FIB_LKUP_RET_SUCCESS:
+		hop_from_answer(&fib, key, now, hop);
 		return 0;
-	}
 	case BPF_FIB_LKUP_RET_NO_NEIGH:
 		hop->ifindex = fib.ifindex;
 		hop->nh_ip = fib.ipv4_dst; /* the gateway, or the peer itself on-link */
@@ -212,16 +220,18 @@ static __always_inline int hop_from_fib(struct __sk_buff *skb, const struct host
 	}
 }
 
-/* find_hop decides how to reach remote_ip on the underlay: the cache, else
- * the FIB. */
+/* find_hop decides how to reach remote_ip (an ipv4_addr) on the underlay: the
+ * cache, else the FIB. */
 static __always_inline int find_hop(struct __sk_buff *skb, const struct host_config *cfg, const __u8 *remote_ip,
 				    struct underlay_hop *hop)
 {
 	__u64 now = bpf_jiffies64();
+	underlay_addr key;
 
-	if (hop_from_cache(remote_ip, now, hop))
+	underlay_addr4(key, ip4_word(remote_ip));
+	if (hop_from_cache(key, now, hop))
 		return 0;
-	return hop_from_fib(skb, cfg, remote_ip, now, hop);
+	return hop_from_fib(skb, cfg, ip4_word(remote_ip), key, now, hop);
 }
 
 /* encap_write_headers fills the outer IPv4, UDP, VXLAN and inner Ethernet
@@ -331,7 +341,7 @@ static __always_inline int encap(struct __sk_buff *skb, const struct host_config
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_ENCAP, skb->len);
-	count_peer(ip4_word(rt.remote_ip), skb->len, 0);
+	count_peer4(ip4_word(rt.remote_ip), skb->len, 0);
 	return encap_send(skb, &hop);
 }
 

@@ -108,7 +108,7 @@ func TestEncap(t *testing.T) {
 
 	t.Run("the underlay next hop is cached until it expires", func(t *testing.T) {
 		var nh XnetNexthop
-		must(t, objs.Nexthops.Lookup(ip4(peerIP), &nh))
+		must(t, objs.Nexthops.Lookup(underlayKey(peerIP), &nh))
 		if !bytes.Equal(nh.Dmac[:], peerNicMAC) || !bytes.Equal(nh.Smac[:], nic) || nh.Ifindex == 0 || nh.Expires == 0 {
 			t.Fatalf("cached next hop of %s: %+v, want %s from %s with an expiry", peerIP, nh, peerNicMAC, nic)
 		}
@@ -124,14 +124,14 @@ func TestEncap(t *testing.T) {
 			stale := nh
 			copy(stale.Dmac[:], other)
 			stale.Expires = c.expires
-			must(t, objs.Nexthops.Put(ip4(peerIP), stale))
+			must(t, objs.Nexthops.Put(underlayKey(peerIP), stale))
 			var out []byte
 			inNS(func() { _, out = run(t, objs.EncapContainer, toPeer) })
 			if !bytes.Equal(out[0:6], c.wantDst) {
 				t.Errorf("%s: outer destination MAC %s, want %s", c.name, net.HardwareAddr(out[0:6]), c.wantDst)
 			}
 		}
-		must(t, objs.Nexthops.Lookup(ip4(peerIP), &nh))
+		must(t, objs.Nexthops.Lookup(underlayKey(peerIP), &nh))
 		if !bytes.Equal(nh.Dmac[:], peerNicMAC) || nh.Expires <= 1 {
 			t.Fatalf("after the expired entry: %+v, want it refreshed to %s", nh, peerNicMAC)
 		}
@@ -149,7 +149,7 @@ func TestEncap(t *testing.T) {
 
 	t.Run("per-peer counters count what was sent", func(t *testing.T) {
 		var per []XnetPeerStats
-		must(t, objs.Peers.Lookup(ip4(peerIP), &per))
+		must(t, objs.Peers.Lookup(underlayKey(peerIP), &per))
 		var packets uint64
 		for _, p := range per {
 			packets += p.TxPackets

@@ -251,7 +251,7 @@ static __always_inline int encap6(struct __sk_buff *skb, const struct host_confi
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_ENCAP, skb->len);
-	count_peer(ip4_word(rt.remote_ip), skb->len, 0);
+	count_peer4(ip4_word(rt.remote_ip), skb->len, 0);
 	return encap_send(skb, &hop);
 }
 
@@ -341,7 +341,7 @@ static __always_inline int decap6(struct __sk_buff *skb, const struct host_confi
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_DECAP, skb->len);
-	count_peer(m->peer_ip, skb->len, 1);
+	count_peer4(m->peer_ip, skb->len, 1);
 	return deliver6(skb, cfg, daddr);
 }
 
@@ -349,21 +349,22 @@ static __always_inline int decap6(struct __sk_buff *skb, const struct host_confi
  * direct6_in judges a frame on the underlay NIC that is not VXLAN for us and
  * says it is IPv6: with DirectRouting, a plain IPv6 packet for our IPv6 lease
  * from a direct peer's IPv6 subnet is delivered when its Ethernet source is
- * that peer's MAC as the neighbour table knows its PublicIPv6, dropped when
- * it is another's (or the peer is not direct: it sends VXLAN), left to the
- * stack when that cannot be checked; direct_in's rules (direct.h).
+ * that peer's MAC as the neighbour table knows its PublicIPv6 (through the
+ * nexthops cache, as direct_in), dropped when it is another's (or the peer is
+ * not direct: it sends VXLAN), left to the stack when that cannot be checked;
+ * direct_in's rules (direct.h).
  * Everything else passes untouched.
  */
 static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_config *cfg)
 {
 	const struct host_config6 *cfg6 = get_config6();
-	struct bpf_fib_lookup fib = {};
+	struct underlay_hop hop = {};
 	struct hdr_cursor nh;
 	struct ethhdr *eth;
 	struct ipv6hdr *ip;
 	struct route6 *src;
 	ipv6_addr daddr, peer;
-	__u32 peer_ip;
+	underlay_addr peer_key;
 	void *data_end;
 
 	direct6_pull(skb);
@@ -384,12 +385,12 @@ static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_c
 		return TC_ACT_SHOT;
 	}
 	ip6_copy(peer, src->remote_ip6);
-	peer_ip = ip4_word(src->remote_ip);
-	if (fib6_neighbour(skb, cfg, cfg6, peer, &fib) < 0) {
+	route6_peer(src, peer_key);
+	if (find_hop6(skb, cfg, cfg6, peer, &hop) < 0) {
 		count(VERDICT_PASS_UNVERIFIED, skb->len);
 		return XNET_TC_PASS;
 	}
-	if (!mac_equal(eth->h_source, fib.dmac)) {
+	if (!mac_equal(eth->h_source, hop.dmac)) {
 		count(VERDICT_DROP_DIRECT_SPOOFED, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -400,7 +401,7 @@ static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_c
 	ip->hop_limit--;
 	ip6_copy(daddr, &ip->daddr);
 	count(VERDICT_DIRECT_IN, skb->len);
-	count_peer(peer_ip, skb->len, 1);
+	count_peer(peer_key, skb->len, 1);
 	return deliver6(skb, cfg, daddr);
 }
 

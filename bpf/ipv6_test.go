@@ -223,7 +223,7 @@ func TestDecapIPv6(t *testing.T) {
 
 	t.Run("the peer's counters count what arrived", func(t *testing.T) {
 		var per []XnetPeerStats
-		must(t, objs.Peers.Lookup(ip4(peerIP), &per))
+		must(t, objs.Peers.Lookup(underlayKey(peerIP), &per))
 		var packets uint64
 		for _, p := range per {
 			packets += p.RxPackets
@@ -355,7 +355,7 @@ func TestEncapIPv6(t *testing.T) {
 
 	t.Run("IPv6 traffic counts into the peer's counters", func(t *testing.T) {
 		var per []XnetPeerStats
-		must(t, objs.Peers.Lookup(ip4(peerIP), &per))
+		must(t, objs.Peers.Lookup(underlayKey(peerIP), &per))
 		var packets uint64
 		for _, p := range per {
 			packets += p.TxPackets

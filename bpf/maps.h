@@ -26,12 +26,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } routes SEC(".maps");
 
-/* peers: per-peer packet and byte counters, keyed by PublicIP. The Go side
- * creates an entry when a peer appears and deletes it when the peer goes; the
- * programs only count into existing entries. */
+/* peers: per-peer packet and byte counters, keyed by the peer's underlay
+ * address (underlay_addr): its PublicIP mapped into IPv6, or in an IPv6-only
+ * overlay its PublicIPv6 (count_peer6). The Go side creates an entry when a
+ * peer appears and deletes it when the peer goes; the programs only count into
+ * existing entries. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__type(key, ipv4_addr);
+	__type(key, underlay_addr);
 	__type(value, struct peer_stats);
 	__uint(max_entries, 16384);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -69,12 +71,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints SEC(".maps");
 
-/* nexthops: peer PublicIP -> underlay next hop (MACs, NIC), a cache of
- * bpf_fib_lookup answers written by encap and trusted for
- * XNET_NEXTHOP_TTL_JIFFIES. LRU: peers that went away age out by themselves. */
+/* nexthops: peer underlay address -> underlay next hop (MACs, NIC), a cache
+ * of bpf_fib_lookup answers written by encap and the DirectRouting paths and
+ * trusted for XNET_NEXTHOP_TTL_JIFFIES. Keyed by underlay_addr: a peer's
+ * PublicIP as ::ffff:a.b.c.d, or the PublicIPv6 of a DirectRouting peer on our
+ * IPv6 segment. LRU: peers that went away age out by themselves. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, ipv4_addr);
+	__type(key, underlay_addr);
 	__type(value, struct nexthop);
 	__uint(max_entries, 16384);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -162,11 +166,11 @@ static __always_inline void count(__u32 verdict, __u32 bytes)
 	}
 }
 
-/* count_peer adds one packet to a peer's tx or rx counters, if the Go side
- * knows the peer. */
-static __always_inline void count_peer(__u32 peer_ip, __u32 bytes, int rx)
+/* count_peer adds one packet to the tx or rx counters of the peer at peer (an
+ * underlay_addr on the stack), if the Go side knows the peer. */
+static __always_inline void count_peer(const void *peer, __u32 bytes, int rx)
 {
-	struct peer_stats *p = bpf_map_lookup_elem(&peers, &peer_ip);
+	struct peer_stats *p = bpf_map_lookup_elem(&peers, peer);
 
 	if (!p)
 		return;
@@ -177,6 +181,44 @@ static __always_inline void count_peer(__u32 peer_ip, __u32 bytes, int rx)
 		p->tx_packets++;
 		p->tx_bytes += bytes;
 	}
+}
+
+/* count_peer4 is count_peer for the peer whose PublicIP is peer_ip (network
+ * order). */
+static __always_inline void count_peer4(__u32 peer_ip, __u32 bytes, int rx)
+{
+	underlay_addr key;
+
+	underlay_addr4(key, peer_ip);
+	count_peer(key, bytes, rx);
+}
+
+/* route6_peer writes into key (an underlay_addr) the address that keys the
+ * counters of the peer of rt: its PublicIP, as for its IPv4 route (one set of
+ * counters per peer, whichever family and underlay the traffic takes), or in
+ * an IPv6-only overlay, where it has none (0.0.0.0), its PublicIPv6. */
+static __always_inline void route6_peer(const struct route6 *rt, void *key)
+{
+	const __u32 *a = ip6_words(rt->remote_ip6);
+	__u32 ip = ip4_word(rt->remote_ip), *k = key;
+
+	if (ip) {
+		underlay_addr4(key, ip);
+		return;
+	}
+	k[0] = a[0];
+	k[1] = a[1];
+	k[2] = a[2];
+	k[3] = a[3];
+}
+
+/* count_peer6 is count_peer for the peer of the IPv6 route rt. */
+static __always_inline void count_peer6(const struct route6 *rt, __u32 bytes, int rx)
+{
+	underlay_addr key;
+
+	route6_peer(rt, key);
+	count_peer(key, bytes, rx);
 }
 
 /* get_config6 returns this host's IPv6 config, or 0 when the overlay (or this

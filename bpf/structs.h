@@ -62,7 +62,9 @@ struct route {
 	__u8 pad;
 };
 
-/* peer_stats: per-peer traffic (per CPU), keyed by the peer's PublicIP. */
+/* peer_stats: per-peer traffic (per CPU), keyed by the peer's underlay address
+ * (underlay_addr): its PublicIP, or in an IPv6-only overlay, where it has
+ * none, its PublicIPv6. */
 struct peer_stats {
 	__u64 tx_packets;
 	__u64 tx_bytes;
@@ -85,8 +87,9 @@ struct endpoint {
 	__u16 pad;
 };
 
-/* nexthop: the underlay next hop towards a peer, as bpf_fib_lookup found it,
- * kept for a moment so encap does not walk the FIB for every packet. */
+/* nexthop: the underlay next hop towards a peer (an IPv4 or IPv6 underlay
+ * address), as bpf_fib_lookup found it, kept for a moment so encap and the
+ * DirectRouting paths do not walk the FIB for every packet. */
 struct nexthop {
 	__u32 ifindex;              /* underlay NIC to send from */
 	__u8 dmac[XNET_ETH_ALEN];   /* next hop's MAC (the peer's, on one L2 segment) */
@@ -172,6 +175,27 @@ static __always_inline int ip6_in_prefix(const void *addr, const void *net, cons
 	return (a[0] & m[0]) == n[0] && (a[1] & m[1]) == n[1] && (a[2] & m[2]) == n[2] && (a[3] & m[3]) == n[3];
 }
 
+/* underlay_addr: a peer's underlay address, of either family, as the nexthops
+ * cache and the peers counters key it: an IPv6 address, or an IPv4 one mapped
+ * into IPv6 (::ffff:a.b.c.d, RFC 4291 2.5.5.2). One cache, one lookup and one
+ * way to invalidate an entry then serve the VXLAN and DirectRouting peers
+ * reached over IPv4 and the DirectRouting peers reached over IPv6; and a peer
+ * of an IPv6-only overlay, which has no IPv4 PublicIP, is counted under its
+ * PublicIPv6. Wire order, 4-byte aligned as ipv6_addr is. */
+typedef __u8 underlay_addr[16] __attribute__((aligned(4)));
+
+/* underlay_addr4 writes the IPv4 address ip (network order) into key, an
+ * underlay_addr. */
+static __always_inline void underlay_addr4(void *key, __u32 ip)
+{
+	__u32 *k = key;
+
+	k[0] = 0;
+	k[1] = 0;
+	k[2] = bpf_htonl(0xffff);
+	k[3] = ip;
+}
+
 /* route6_key: key of the routes6 LPM trie (a peer's IPv6 subnet). */
 struct route6_key {
 	__u32 prefixlen; /* host order, as the LPM trie wants it */
@@ -180,7 +204,7 @@ struct route6_key {
 
 /* route6: the peer owning a remote IPv6 subnet. */
 struct route6 {
-	ipv4_addr remote_ip;          /* the peer's PublicIP: outer destination (IPv4 underlay); keys its counters */
+	ipv4_addr remote_ip;          /* the peer's PublicIP: outer destination (IPv4 underlay); keys its counters (route6_peer); 0.0.0.0 in an IPv6-only overlay */
 	__u8 vtep_mac[XNET_ETH_ALEN]; /* inner destination MAC: the VtepMAC of the peer's BackendV6Data (else BackendData) */
 	/* 1: the peer has an IPv6 VTEP (a PublicIPv6 and a BackendV6Data VtepMAC of its own) and so
 	 * have we: VXLAN over the IPv6 underlay to remote_ip6, through the tunnel device
@@ -189,7 +213,7 @@ struct route6 {
 	/* 1: DirectRouting is on and remote_ip6 (the peer's PublicIPv6) is on our IPv6 segment:
 	 * the subnet is routed plain, via remote_ip6, without VXLAN (direct6.h). */
 	__u8 direct;
-	ipv6_addr remote_ip6;         /* the peer's PublicIPv6 when underlay6 or direct: outer destination (next hop), accepted outer source */
+	ipv6_addr remote_ip6;         /* the peer's PublicIPv6 when underlay6 or direct: outer destination (next hop), accepted outer source; keys its counters without a PublicIP */
 };
 
 /* host_config6: this host's IPv6 side, entry 0 of the config6 map; written by

@@ -86,14 +86,14 @@ static __always_inline int tunnel6_send(struct __sk_buff *skb, const struct host
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_ENCAP, skb->len);
-	count_peer(ip4_word(rt->remote_ip), skb->len, 0);
+	count_peer6(rt, skb->len, 0);
 	return bpf_redirect(cfg6->tunnel_ifindex, 0);
 }
 
 /* tunnel_match: what tunnel_classify found in an accepted frame. */
 struct tunnel_match {
-	__u32 peer_ip;     /* the peer's PublicIP, network order: keys its counters */
-	__u32 inner_daddr; /* network order; for inner IPv4 */
+	underlay_addr peer; /* what keys the peer's counters: its PublicIP, or its PublicIPv6 without one (route6_peer) */
+	__u32 inner_daddr;  /* network order; for inner IPv4 */
 	__u8 inner_ipv6;   /* the inner packet is IPv6: inner_daddr6 holds its destination */
 	ipv6_addr inner_daddr6;
 };
@@ -134,7 +134,7 @@ static __always_inline int tunnel_classify6(void *data, void *data_end, __u32 fr
 	} else if (ip4_word(src_route->remote_ip) != bpf_htonl(key->remote_ipv4)) {
 		return VERDICT_DROP_SPOOFED;
 	}
-	m->peer_ip = ip4_word(src_route->remote_ip);
+	route6_peer(src_route, m->peer);
 	m->inner_ipv6 = 1;
 	d = (__u32 *)m->inner_daddr6;
 	d[0] = ip6_words(&inner->daddr)[0];
@@ -208,7 +208,7 @@ static __always_inline int tunnel_classify(struct __sk_buff *skb, const struct h
 		return VERDICT_DROP_UNKNOWN_SOURCE;
 	if (ip4_word(src_route->remote_ip) != bpf_htonl(key.remote_ipv4))
 		return VERDICT_DROP_SPOOFED;
-	m->peer_ip = ip4_word(src_route->remote_ip);
+	underlay_addr4(m->peer, ip4_word(src_route->remote_ip));
 	m->inner_daddr = inner->daddr;
 	return VERDICT_DECAP;
 }

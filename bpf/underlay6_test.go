@@ -252,6 +252,8 @@ func loadIPv6Only(t testing.TB, underlayIfindex uint32) *objects {
 func TestIPv6Only(t *testing.T) {
 	ifindex, _, inNS := underlay(t)
 	objs := loadIPv6Only(t, ifindex)
+	// The peer has no PublicIP: its counters are keyed by its PublicIPv6.
+	addPeerCounters(t, objs, peer6IP6)
 	tunnelOut := testpkt.Eth(peer6Vtep6, localVtep6, testpkt.EtherTypeIPv6, container6Frame(ctrIP6, peer6Ctr, 100, 0)[14:])
 	ipv4Frame := containerFrame(newCtrIP, remoteIP, 100)
 	for _, c := range []struct {
@@ -300,6 +302,9 @@ func TestIPv6Only(t *testing.T) {
 	var ep XnetEndpoint
 	if err := objs.Endpoints.Lookup(ip4(newCtrIP), &ep); err == nil {
 		t.Errorf("the container's IPv4 address was learned (%+v)", ep)
+	}
+	if tx, _ := peerPackets(t, objs, peer6IP6); tx != 2 {
+		t.Errorf("peer %s: %d packets sent counted, want the 2 sent to it", peer6IP6, tx)
 	}
 	if objs.DecapXdp != nil {
 		before := verdicts(t, objs.Counters)

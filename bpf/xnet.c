@@ -168,7 +168,7 @@ int decap_tc(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_DECAP, skb->len);
-	count_peer(m.peer_ip, skb->len, 1);
+	count_peer4(m.peer_ip, skb->len, 1);
 	return deliver(skb, cfg, m.inner_daddr);
 }
 
@@ -207,7 +207,7 @@ int decap_tunnel(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	count(VERDICT_DECAP, skb->len);
-	count_peer(m.peer_ip, skb->len, 1);
+	count_peer(m.peer, skb->len, 1);
 	if (m.inner_ipv6) {
 		ip6_copy(daddr, m.inner_daddr6);
 		return deliver6(skb, cfg, daddr);
@@ -256,6 +256,6 @@ int decap_xdp(struct xdp_md *ctx)
 		return XDP_DROP;
 	}
 	count(VERDICT_DECAP, len - m.strip_len);
-	count_peer(m.peer_ip, len - m.strip_len, 1);
+	count_peer4(m.peer_ip, len - m.strip_len, 1);
 	return XDP_PASS;
 }

@@ -128,7 +128,7 @@ func load(t testing.TB, underlayIfindex uint32) *objects {
 	copy(ep.GwMac[:], gwMAC)
 	must(t, objs.Endpoints.Put(ip4(ctrIP), ep))
 	zero := make([]XnetPeerStats, ebpf.MustPossibleCPU())
-	must(t, objs.Peers.Put(ip4(peerIP), zero))
+	must(t, objs.Peers.Put(underlayKey(peerIP), zero))
 	return &objs
 }
 
@@ -171,6 +171,29 @@ func must(t testing.TB, err error) {
 
 // ip4 returns an IPv4 address as the maps hold it (ipv4_addr: wire-order bytes).
 func ip4(a netip.Addr) [4]uint8 { return a.As4() }
+
+// underlayKey is a peer's underlay address as the nexthops and peers maps key it (bpf/structs.h
+// underlay_addr): an IPv6 address, or an IPv4 one mapped into IPv6.
+func underlayKey(a netip.Addr) [16]uint8 { return a.As16() }
+
+// addPeerCounters creates zeroed counters for the peer at addr, as the Go side's AddPeer does
+// (the programs only count into existing entries).
+func addPeerCounters(t testing.TB, objs *objects, addr netip.Addr) {
+	t.Helper()
+	must(t, objs.Peers.Put(underlayKey(addr), make([]XnetPeerStats, ebpf.MustPossibleCPU())))
+}
+
+// peerPackets sums the packets the peers map counted for addr, sent and received.
+func peerPackets(t testing.TB, objs *objects, addr netip.Addr) (tx, rx uint64) {
+	t.Helper()
+	var per []XnetPeerStats
+	must(t, objs.Peers.Lookup(underlayKey(addr), &per))
+	for _, p := range per {
+		tx += p.TxPackets
+		rx += p.RxPackets
+	}
+	return tx, rx
+}
 
 // verdicts sums the per-CPU counters map.
 func verdicts(t testing.TB, m *ebpf.Map) map[XnetVerdict]uint64 {

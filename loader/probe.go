@@ -77,11 +77,12 @@ func probeEncap(prog *ebpf.Program, m *maps.Maps) error {
 	if err := m.PutRoute(maps.Route{Subnet: probeRemote, PublicIP: probePeer, VtepMAC: probePeerM}); err != nil {
 		return fmt.Errorf("probe: %w", err)
 	}
-	// A cached next hop that never expires, so the run needs no FIB entry for the peer.
+	// A cached next hop that never expires, so the run needs no FIB entry for the peer. Keyed
+	// as the programs key an IPv4 peer: mapped into IPv6 (bpf/structs.h underlay_addr).
 	hop := bpf.XnetNexthop{Ifindex: 1, Expires: 1 << 62}
 	copy(hop.Dmac[:], probePeerM)
 	copy(hop.Smac[:], probeMAC)
-	if err := m.Nexthops.Put(probePeer.As4(), hop); err != nil {
+	if err := m.Nexthops.Put(probePeer.As16(), hop); err != nil {
 		return fmt.Errorf("probe: cache a next hop: %w", err)
 	}
 	in := probeFrame(probeSubnet.Addr().Next().Next(), probeRemote.Addr().Next().Next())

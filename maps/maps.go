@@ -120,6 +120,18 @@ func ip4(a netip.Addr) [4]uint8 { return a.As4() }
 
 func addrOf(v [4]uint8) netip.Addr { return netip.AddrFrom4(v) }
 
+// underlayKey is a peer's underlay address as the nexthops and peers maps key it (bpf/structs.h
+// underlay_addr): IPv6, or IPv4 mapped into IPv6 (::ffff:a.b.c.d), 16 bytes in wire order.
+func underlayKey(a netip.Addr) ([16]uint8, error) {
+	if !a.IsValid() {
+		return [16]uint8{}, fmt.Errorf("no underlay address")
+	}
+	return a.As16(), nil
+}
+
+// underlayAddr is the address of an underlay_addr key: IPv4 for a mapped one.
+func underlayAddr(k [16]uint8) netip.Addr { return netip.AddrFrom16(k).Unmap() }
+
 func mac6(mac net.HardwareAddr, field string) ([6]uint8, error) {
 	var out [6]uint8
 	if len(mac) != 6 {
@@ -340,29 +352,40 @@ type PeerStats struct {
 	TxPackets, TxBytes, RxPackets, RxBytes uint64
 }
 
-// AddPeer makes sure publicIP has a counter entry (the programs only count into existing
-// entries); existing counts are kept.
-func (m *Maps) AddPeer(publicIP netip.Addr) error {
+// AddPeer makes sure the peer at addr has a counter entry (the programs only count into
+// existing entries); existing counts are kept. addr is what the programs count the peer under:
+// its PublicIP, or in an IPv6-only overlay, where it has none, its PublicIPv6 (bpf/maps.h
+// route6_peer).
+func (m *Maps) AddPeer(addr netip.Addr) error {
+	key, err := underlayKey(addr)
+	if err != nil {
+		return fmt.Errorf("add peer counters: %w", err)
+	}
 	zero := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
-	err := m.Peers.Update(ip4(publicIP), zero, ebpf.UpdateNoExist)
+	err = m.Peers.Update(key, zero, ebpf.UpdateNoExist)
 	if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-		return fmt.Errorf("add peer counters for %v: %w", publicIP, err)
+		return fmt.Errorf("add peer counters for %v: %w", addr, err)
 	}
 	return nil
 }
 
-// DeletePeer removes the counters of publicIP; missing is not an error.
-func (m *Maps) DeletePeer(publicIP netip.Addr) error {
-	if err := m.Peers.Delete(ip4(publicIP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete peer counters for %v: %w", publicIP, err)
+// DeletePeer removes the counters of the peer at addr; missing is not an error.
+func (m *Maps) DeletePeer(addr netip.Addr) error {
+	key, err := underlayKey(addr)
+	if err != nil {
+		return fmt.Errorf("delete peer counters: %w", err)
+	}
+	if err := m.Peers.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete peer counters for %v: %w", addr, err)
 	}
 	return nil
 }
 
-// ReadPeers returns every peer's counters keyed by PublicIP.
+// ReadPeers returns every peer's counters keyed by the address AddPeer was given (IPv4 as
+// IPv4).
 func (m *Maps) ReadPeers() (map[netip.Addr]PeerStats, error) {
 	var (
-		key [4]uint8
+		key [16]uint8
 		per []bpf.XnetPeerStats
 	)
 	out := map[netip.Addr]PeerStats{}
@@ -375,7 +398,7 @@ func (m *Maps) ReadPeers() (map[netip.Addr]PeerStats, error) {
 			s.RxPackets += p.RxPackets
 			s.RxBytes += p.RxBytes
 		}
-		out[addrOf(key)] = s
+		out[underlayAddr(key)] = s
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("read peer counters: %w", err)
@@ -383,16 +406,17 @@ func (m *Maps) ReadPeers() (map[netip.Addr]PeerStats, error) {
 	return out, nil
 }
 
-// ListNexthops returns the peer PublicIPs the encap program has cached an underlay next hop for.
+// ListNexthops returns the peer underlay addresses the programs have cached an underlay next
+// hop for: PublicIPs (IPv4), and the PublicIPv6 of DirectRouting peers on our IPv6 segment.
 func (m *Maps) ListNexthops() ([]netip.Addr, error) {
 	var (
-		key [4]uint8
+		key [16]uint8
 		val bpf.XnetNexthop
 		out []netip.Addr
 	)
 	it := m.Nexthops.Iterate()
 	for it.Next(&key, &val) {
-		out = append(out, addrOf(key))
+		out = append(out, underlayAddr(key))
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list next hops: %w", err)
@@ -400,10 +424,15 @@ func (m *Maps) ListNexthops() ([]netip.Addr, error) {
 	return out, nil
 }
 
-// DeleteNexthop drops the cached next hop towards publicIP; missing is not an error.
-func (m *Maps) DeleteNexthop(publicIP netip.Addr) error {
-	if err := m.Nexthops.Delete(ip4(publicIP)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete next hop of %v: %w", publicIP, err)
+// DeleteNexthop drops the cached next hop towards addr (a PublicIP or PublicIPv6); missing is
+// not an error.
+func (m *Maps) DeleteNexthop(addr netip.Addr) error {
+	key, err := underlayKey(addr)
+	if err != nil {
+		return fmt.Errorf("delete next hop: %w", err)
+	}
+	if err := m.Nexthops.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete next hop of %v: %w", addr, err)
 	}
 	return nil
 }

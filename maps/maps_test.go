@@ -128,28 +128,32 @@ func TestCountersAndPeers(t *testing.T) {
 	if err != nil || len(counters) != int(bpf.XnetVerdictVERDICT_MAX) {
 		t.Fatalf("ReadCounters = %v, %v", counters, err)
 	}
-	peer := netip.MustParseAddr("198.18.0.12")
-	if err := m.AddPeer(peer); err != nil {
-		t.Fatal(err)
-	}
-	// The programs count into the per-CPU entry; AddPeer again must not reset it.
-	per := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
-	per[0].RxPackets = 5
-	if err := m.Peers.Put(ip4(peer), per); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.AddPeer(peer); err != nil {
-		t.Fatal(err)
-	}
-	stats, err := m.ReadPeers()
-	if err != nil || stats[peer].RxPackets != 5 {
-		t.Fatalf("ReadPeers = %+v, %v; want 5 packets received from %v", stats, err, peer)
-	}
-	if err := m.DeletePeer(peer); err != nil {
-		t.Fatal(err)
-	}
-	if stats, _ := m.ReadPeers(); len(stats) != 0 {
-		t.Fatalf("peers after delete: %+v", stats)
+	// A peer by its PublicIP, and one of an IPv6-only overlay by its PublicIPv6: the programs
+	// key both as underlay_addr (IPv4 mapped into IPv6), and ReadPeers gives back what AddPeer
+	// was given.
+	for _, peer := range []netip.Addr{netip.MustParseAddr("198.18.0.12"), netip.MustParseAddr("fd00:198:18::c")} {
+		if err := m.AddPeer(peer); err != nil {
+			t.Fatal(err)
+		}
+		// The programs count into the per-CPU entry; AddPeer again must not reset it.
+		per := make([]bpf.XnetPeerStats, ebpf.MustPossibleCPU())
+		per[0].RxPackets = 5
+		if err := m.Peers.Put(peer.As16(), per); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.AddPeer(peer); err != nil {
+			t.Fatal(err)
+		}
+		stats, err := m.ReadPeers()
+		if err != nil || len(stats) != 1 || stats[peer].RxPackets != 5 {
+			t.Fatalf("ReadPeers = %+v, %v; want 5 packets received from %v", stats, err, peer)
+		}
+		if err := m.DeletePeer(peer); err != nil {
+			t.Fatal(err)
+		}
+		if stats, _ := m.ReadPeers(); len(stats) != 0 {
+			t.Fatalf("peers after delete: %+v", stats)
+		}
 	}
 }
 
@@ -171,23 +175,33 @@ func TestForgetEndpoints(t *testing.T) {
 	}
 }
 
+// The nexthops cache holds both families in one map, the programs keying IPv4 PublicIPs as
+// ::ffff:a.b.c.d: ListNexthops gives them back as IPv4 and DeleteNexthop takes either.
 func TestNexthopsListAndDelete(t *testing.T) {
 	m := fresh(t)
 	a, b := netip.MustParseAddr("198.18.0.12"), netip.MustParseAddr("198.18.0.13")
-	for _, ip := range []netip.Addr{a, b} {
-		if err := m.Nexthops.Put(ip4(ip), bpf.XnetNexthop{Ifindex: 2}); err != nil {
+	a6, b6 := netip.MustParseAddr("fd00:198:18::c"), netip.MustParseAddr("fd00:198:18::d")
+	for _, ip := range []netip.Addr{a, b, a6, b6} {
+		// As the programs write them (bpf/structs.h underlay_addr4 for IPv4).
+		if err := m.Nexthops.Put(ip.As16(), bpf.XnetNexthop{Ifindex: 2}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := m.DeleteNexthop(a); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.DeleteNexthop(a); err != nil {
-		t.Fatalf("deleting a missing next hop: %v, want no error", err)
+	for _, ip := range []netip.Addr{a, a6} {
+		if err := m.DeleteNexthop(ip); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.DeleteNexthop(ip); err != nil {
+			t.Fatalf("deleting a missing next hop: %v, want no error", err)
+		}
 	}
 	got, err := m.ListNexthops()
-	if err != nil || !reflect.DeepEqual(got, []netip.Addr{b}) {
-		t.Fatalf("ListNexthops = %v, %v; want [%v]", got, err, b)
+	slices.SortFunc(got, netip.Addr.Compare)
+	if err != nil || !reflect.DeepEqual(got, []netip.Addr{b, b6}) {
+		t.Fatalf("ListNexthops = %v, %v; want [%v %v]", got, err, b, b6)
+	}
+	if err := m.DeleteNexthop(netip.Addr{}); err == nil {
+		t.Errorf("DeleteNexthop of no address: no error")
 	}
 }
 

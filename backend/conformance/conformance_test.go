@@ -200,7 +200,12 @@ func skipUnless(applies bool, why string) string {
 	return why
 }
 
-func countersMove(t *testing.T, c *cluster) {
+func countersMove(t *testing.T, c *cluster) { countersMoveOver(t, c, ipv4) }
+
+// countersMoveOver: echo requests from the first host's container to the second's over f move
+// the second host's per-peer counters (named by its lease's ID: its subnet, or its IPv6 subnet
+// in an IPv6-only overlay) both ways, and the verdict counters.
+func countersMoveOver(t *testing.T, c *cluster, f addrFamily) {
 	a, b := c.hosts[0], c.hosts[1]
 	src, ok := a.b.(metrics.CounterSource)
 	if !ok {
@@ -213,9 +218,9 @@ func countersMove(t *testing.T, c *cluster) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, replies, err := harness.Ping(t.Context(), a.container.Namespace, b.container.IP, 5, 20*time.Millisecond)
+	_, replies, err := harness.Ping(t.Context(), a.container.Namespace, f.of(b.container), 5, 20*time.Millisecond)
 	if err != nil || replies == 0 {
-		t.Fatalf("%s: %d echo replies (%v)", path{a, b}, replies, err)
+		t.Fatalf("%s over %s: %d echo replies (%v)", path{a, b}, f.name, replies, err)
 	}
 	// A datapath may add a batch's counts after the packets went on (the udp backend does, per
 	// batch): the counters must catch up, within a second.
@@ -229,18 +234,19 @@ func countersMove(t *testing.T, c *cluster) {
 			break
 		}
 	}
-	was, is := peerCounters(before, b.lease.Subnet), peerCounters(after, b.lease.Subnet)
+	peer := b.lease.ID()
+	was, is := peerCounters(before, peer), peerCounters(after, peer)
 	if is == nil {
-		t.Fatalf("Counters has no entry for peer %v: %+v", b.lease.Subnet, after.Peers)
+		t.Fatalf("Counters has no entry for peer %v: %+v", peer, after.Peers)
 	}
 	if was == nil {
 		was = &metrics.PeerCounters{}
 	}
 	if is.TxPackets-was.TxPackets < n || is.TxBytes <= was.TxBytes {
-		t.Errorf("peer %v sent %d packets, %d bytes while %d echo requests went to it, want at least as many", b.lease.Subnet, is.TxPackets-was.TxPackets, is.TxBytes-was.TxBytes, n)
+		t.Errorf("peer %v sent %d packets, %d bytes while %d echo requests went to it, want at least as many", peer, is.TxPackets-was.TxPackets, is.TxBytes-was.TxBytes, n)
 	}
 	if is.RxPackets-was.RxPackets < n || is.RxBytes <= was.RxBytes {
-		t.Errorf("peer %v received %d packets, %d bytes while %d echo replies came from it, want at least as many", b.lease.Subnet, is.RxPackets-was.RxPackets, is.RxBytes-was.RxBytes, n)
+		t.Errorf("peer %v received %d packets, %d bytes while %d echo replies came from it, want at least as many", peer, is.RxPackets-was.RxPackets, is.RxBytes-was.RxBytes, n)
 	}
 	if got := sum(after.Verdicts) - sum(before.Verdicts); got < 2*n {
 		t.Errorf("the verdict counters moved by %d for %d packets each way: %v -> %v", got, n, before.Verdicts, after.Verdicts)

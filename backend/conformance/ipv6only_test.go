@@ -23,6 +23,7 @@ var ipv6OnlyBehaviours = []struct {
 }{
 	{"containers reach each other over IPv6 (ICMPv6, TCP both ways) and nothing IPv4 is programmed", ipv6OnlyPeersAdded},
 	{"a removed peer is unreachable and the others are not; added again it is reachable", ipv6OnlyPeerRemoved},
+	{"IPv6 traffic to a peer moves its counters, named by its IPv6 subnet, and the verdict counters", ipv6OnlyCountersMove},
 	{"a restarted backend adopts the datapath", ipv6OnlyRestartAdopts},
 	{"a host laid out as flannel's IPv6-only vxlan, its lease as flannel writes it, is reached both ways", ipv6OnlyFlannelPeer},
 	{"teardown leaves nothing of xnet on the host", teardownLeavesNothing},
@@ -136,6 +137,8 @@ func ipv6OnlyPeerRemoved(t *testing.T, c *cluster) {
 	a.addPeers(t, gone.lease)
 	wantReachOver(t, ipv6, mesh(c.hosts...)...)
 }
+
+func ipv6OnlyCountersMove(t *testing.T, c *cluster) { countersMoveOver(t, c, ipv6) }
 
 func ipv6OnlyRestartAdopts(t *testing.T, c *cluster) {
 	a := c.hosts[0]

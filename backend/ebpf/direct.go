@@ -14,7 +14,10 @@ package ebpf
 // IPv6 the same way (peerPath6, bpf/direct6.h): a peer whose PublicIPv6 is on our IPv6 segment
 // gets routes6.direct, in a dual-stack overlay (decided apart from its IPv4 path) and in an
 // IPv6-only one, and its IPv6 subnet goes plain via its PublicIPv6. It takes an IPv6 underlay
-// address of ours (the source the FIB lookup asks from); without one IPv6 stays in VXLAN.
+// address of ours (the source the FIB lookup asks from); without one IPv6 stays in VXLAN. The
+// programs cache its next hop in the same nexthops map, keyed by its PublicIPv6, and the same
+// invalidation applies: a changed path drops the entry, and PrunePeers drops what no kept lease
+// names.
 
 import (
 	"net/netip"
@@ -79,6 +82,12 @@ func (b *Backend) peerPath6(subnet netip.Prefix, publicIPv6 netip.Addr) backend.
 	}
 	if old, ok := b.direct.paths[subnet]; b.direct.enabled && (!ok || old.Direct != path.Direct) {
 		b.Log.Info("peer path", "ipv6_subnet", subnet, "public_ipv6", publicIPv6, "direct", path.Direct, "why", path.Why)
+		// The nexthops cache holds IPv6 next hops too, keyed by PublicIPv6: peerPath's reason.
+		if publicIPv6.IsValid() {
+			if err := b.m.DeleteNexthop(publicIPv6); err != nil {
+				b.Log.Warn("dropping the cached next hop of a peer whose path changed", "public_ipv6", publicIPv6, "err", err)
+			}
+		}
 	}
 	b.direct.paths[subnet] = path
 	return path

@@ -100,9 +100,11 @@ type Backend struct {
 	veths   map[int]struct{} // container veths carrying the encap program
 	bridges map[int]string   // container bridges by ifindex (findBridges)
 	frags   *fragReceiver    // reassembled datagrams (fragments.go); nil when it could not start
-	peers   map[netip.Prefix]netip.Addr
-	direct  directState // DirectRouting (direct.go)
-	v6      ipv6State   // the IPv6 side of a dual-stack overlay (ipv6.go)
+	// peers is, by peer subnet (the lease's ID), the address its counters are keyed by: its
+	// PublicIP, or in an IPv6-only overlay its PublicIPv6.
+	peers  map[netip.Prefix]netip.Addr
+	direct directState // DirectRouting (direct.go)
+	v6     ipv6State   // the IPv6 side of a dual-stack overlay (ipv6.go)
 	// ipv6Underlay: a dual-stack (or IPv6-only) overlay and an IPv6 underlay address, so we
 	// run an IPv6 VTEP (tunnel.go). Set by New.
 	ipv6Underlay bool

@@ -14,6 +14,15 @@ package ebpf
 // vxlan device as a docker0 port makes every container, present and future, allocate 66 bytes
 // of headroom, and adjust_room writes the outer headers in place.
 //
+// With the IPv6 underlay in use (TunnelDevice: a dual-stack host with a PublicIPv6, or an
+// IPv6-only one) the outer headers are 70 bytes, which xnet6's transmit (the kernel's vxlan)
+// has to find in front of the frame or it reallocates the head as adjust_room did. A vxlan
+// device whose local address is IPv6 (here ::, any) asks for 14 + 70, so the port is made that
+// way then: 70 covers the 50 of the IPv4 VXLAN the same host also sends. Which one a device is
+// cannot be read back (the kernel reports no local address that is ::), so the VNI says it:
+// headroomVNI for 14 + 50, headroomVNI6 for 14 + 70, and a port of the other kind is made again
+// (the bridge recomputes its ports' headroom on every port change).
+//
 // The port must carry nothing: the device stays down (a bridge port whose device is down is
 // disabled and gets no frame; a vxlan device that is down has no socket), its port does not
 // learn or flood even if someone brings it up, it takes docker0's MAC (the bridge takes the
@@ -30,20 +39,36 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
+
+	"github.com/xnet-dev/xnet/backend"
 )
 
 // HeadroomDevice is the down vxlan device enslaved to the container bridge (docker0 or
 // whatever holds our gateway address) for its needed_headroom.
 const HeadroomDevice = "xnet-hr"
 
-// headroomVNI is the VNI of HeadroomDevice: never used on the wire, chosen so no real vxlan
-// device (flannel's is VNI 1) conflicts with it.
-const headroomVNI = 1<<24 - 1
+// The VNIs of HeadroomDevice: never used on the wire, chosen so no real vxlan device (flannel's
+// is VNI 1) conflicts with it. headroomVNI is the one over an IPv4 underlay (14 + 50 bytes of
+// headroom), headroomVNI6 the one with an IPv6 local address (14 + 70).
+const (
+	headroomVNI  = 1<<24 - 1
+	headroomVNI6 = 1<<24 - 2
+)
+
+// headroomPortKind is what HeadroomDevice must be: its VNI and the headroom it asks for, the
+// larger one while VXLAN over the IPv6 underlay is in use (TunnelDevice is up). Called with mu
+// held.
+func (b *Backend) headroomPortKind() (vni int, headroom int) {
+	if b.v6.tunnel != 0 {
+		return headroomVNI6, 14 + backend.VXLANOverheadV6
+	}
+	return headroomVNI, 14 + backend.VXLANOverhead
+}
 
 // ensureHeadroomPort makes HeadroomDevice a down, inert port of docker0 with docker0's MAC and
-// MTU. It changes nothing when all is in place (it runs on every docker0 link event, some of
-// which its own changes cause) and nothing when docker0 is absent or not a bridge. It runs on
-// the executor's thread.
+// MTU, asking for the headroom of headroomPortKind. It changes nothing when all is in place (it
+// runs on every docker0 link event, some of which its own changes cause) and nothing when
+// docker0 is absent or not a bridge. It runs on the executor's thread, with mu held.
 func (b *Backend) ensureHeadroomPort() error {
 	name := b.primaryBridge()
 	if name == "" {
@@ -60,15 +85,28 @@ func (b *Backend) ensureHeadroomPort() error {
 	if br.Type() != "bridge" {
 		return nil
 	}
+	vni, headroom := b.headroomPortKind()
 	link, err := netlink.LinkByName(HeadroomDevice)
 	if err != nil {
 		var nf netlink.LinkNotFoundError
 		if !errors.As(err, &nf) {
 			return fmt.Errorf("look up %s: %w", HeadroomDevice, err)
 		}
+		link = nil
+	} else if vx, ok := link.(*netlink.Vxlan); ok && vx.VxlanId != vni {
+		// Made for the other underlay (the host gained or lost its IPv6 underlay since).
+		if err := netlink.LinkDel(link); err != nil {
+			return fmt.Errorf("delete %s (VNI %d) to make it for %d bytes of headroom: %w", HeadroomDevice, vx.VxlanId, headroom, err)
+		}
+		link = nil
+	}
+	if link == nil {
 		vx := &netlink.Vxlan{
 			LinkAttrs: netlink.LinkAttrs{Name: HeadroomDevice, MTU: br.Attrs().MTU, HardwareAddr: br.Attrs().HardwareAddr},
-			VxlanId:   headroomVNI,
+			VxlanId:   vni,
+		}
+		if vni == headroomVNI6 {
+			vx.SrcAddr = net.IPv6unspecified // an IPv6 device: the kernel's vxlan adds 70 bytes, not 50
 		}
 		if err := netlink.LinkAdd(vx); err != nil {
 			return fmt.Errorf("create vxlan device %s: %w", HeadroomDevice, err)
@@ -77,7 +115,7 @@ func (b *Backend) ensureHeadroomPort() error {
 			return fmt.Errorf("look up %s: %w", HeadroomDevice, err)
 		}
 		b.Log.Info("docker0 port for packet headroom created: containers allocate room for the VXLAN headers",
-			"device", HeadroomDevice, "headroom", "14+50 bytes")
+			"device", HeadroomDevice, "headroom", fmt.Sprintf("%d bytes", headroom))
 	}
 	if link.Type() != "vxlan" {
 		return fmt.Errorf("%s exists and is a %s, not ours: delete it", HeadroomDevice, link.Type())

@@ -13,6 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/backend"
+	"github.com/xnet-dev/xnet/backend/conformance"
+	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -216,4 +218,97 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 	}
 	t.Fatalf("timed out waiting for %s", what)
+}
+
+// TestHeadroomFollowsTheUnderlayInUse: the headroom the container bridge hands its ports is
+// that of the outer headers this host sends: 14 + 50 bytes over the IPv4 underlay, 14 + 70 while
+// it carries VXLAN over the IPv6 underlay (xnet6: dual stack with a PublicIPv6, or an IPv6-only
+// overlay), which the kernel's vxlan needs in front of the frame as adjust_room does. One host
+// restarts on the same pins and docker0 in each mode, both ways, and docker0's and the
+// container's needed_headroom follow.
+func TestHeadroomFollowsTheUnderlayInUse(t *testing.T) {
+	topo := harness.NewForTest(t, harness.Options{Hosts: 1, IPv6Underlay: true})
+	h := topo.Hosts()[0]
+	v4 := vxlanLease(t, "10.244.1.0/24", h.UnderlayIP.String())
+	dual := dualStackLease(t, 0, h.UnderlayIP)
+	v6only := ipv6OnlyLease(t, dual.IPv6Subnet.String(), h.UnderlayIPv6.String())
+	if err := h.SetupDocker0(netip.PrefixFrom(v4.Subnet.Addr().Next(), 24), 1430); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SetupDocker0IPv6(netip.PrefixFrom(dual.IPv6Subnet.Addr().Next(), 64)); err != nil {
+		t.Fatal(err)
+	}
+	c, err := h.AddContainer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	iface, err := conformance.Underlay(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	withIPv6 := iface
+	withIPv6.PublicIPv6 = h.UnderlayIPv6
+	const over4, over6 = 14 + backend.VXLANOverhead, 14 + backend.VXLANOverheadV6
+	for _, m := range []struct {
+		name     string
+		iface    backend.ExternalInterface
+		cfg      subnetmgr.Config
+		local    subnetmgr.Lease
+		headroom int
+	}{
+		{"IPv4 overlay", iface, testConfig, v4, over4},
+		{"dual stack without an IPv6 underlay address: IPv6 rides the IPv4 VXLAN", iface, dualStackConfig, dual, over4},
+		{"dual stack with an IPv6 underlay address", withIPv6, dualStackConfig, dual, over6},
+		{"IPv6-only overlay", withIPv6, ipv6OnlyConfig, v6only, over6},
+		{"IPv4 overlay again", iface, testConfig, v4, over4},
+	} {
+		t.Run(m.name, func(t *testing.T) {
+			opts := backend.Options{Iface: m.iface, Config: m.cfg, Decap: DecapTC, BPFFS: h.BPFFS, Logger: harness.TestLogger(t)}
+			var b *Backend
+			if err := h.Do(func() (err error) { b, err = NewBackend(opts); return err }); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = b.Close(false) })
+			if err := b.Setup(t.Context(), m.local, m.cfg); err != nil {
+				t.Fatal(err)
+			}
+			wantVNI := headroomVNI
+			if m.headroom == over6 {
+				wantVNI = headroomVNI6
+			}
+			var port *netlink.Vxlan
+			waitFor(t, HeadroomDevice+" enslaved to docker0", func() bool {
+				err := h.Do(func() error {
+					br, err := netlink.LinkByName(DockerBridge)
+					if err != nil {
+						return err
+					}
+					l, err := netlink.LinkByName(HeadroomDevice)
+					if err != nil {
+						return err
+					}
+					if vx, ok := l.(*netlink.Vxlan); ok && vx.MasterIndex == br.Attrs().Index {
+						port = vx
+					}
+					return nil
+				})
+				return err == nil && port != nil
+			})
+			if port.VxlanId != wantVNI || port.Flags&net.FlagUp != 0 {
+				t.Errorf("%s: VNI %d, flags %v; want VNI %d, down", HeadroomDevice, port.VxlanId, port.Flags, wantVNI)
+			}
+			for _, l := range []struct {
+				ns   *harness.Namespace
+				name string
+			}{{h.Namespace, DockerBridge}, {c.Namespace, "eth0"}} {
+				hr, ok := headroomOf(t, l.ns, l.name)
+				if !ok {
+					t.Skip("this kernel does not report IFLA_HEADROOM (6.14+)")
+				}
+				if hr != m.headroom {
+					t.Errorf("%s needed_headroom %d, want %d", l.name, hr, m.headroom)
+				}
+			}
+		})
+	}
 }

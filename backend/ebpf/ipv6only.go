@@ -10,9 +10,12 @@ package ebpf
 //   - Peers are keyed by their IPv6 subnet (Lease.ID()), parsed as flannel's IPv6-only vxlan
 //     node publishes itself (backend.ParseVXLANPeerIPv6Only: a PublicIPv6 and BackendV6Data),
 //     and get one routes6 entry each, PublicIP 0.0.0.0. The IPv4 maps hold nothing of ours:
-//     PrunePeers empties routes, peer counters and next hops an earlier run left. Per-peer
-//     counters are keyed by an IPv4 PublicIP, so an IPv6-only host keeps none; the verdict
-//     counters count everything as before.
+//     PrunePeers empties routes, peer counters and IPv4 next hops an earlier run left (the
+//     nexthops cache keeps the PublicIPv6 of kept DirectRouting peers).
+//   - Per-peer counters are keyed by the PublicIPv6 (the programs count a route6 without a
+//     PublicIP under its remote_ip6), and b.peers maps each IPv6 subnet to that address, so
+//     Counters, `xnetd status` and the metrics name them by IPv6 subnet as the other modes do
+//     by subnet.
 //   - We publish what flannel's IPv6-only vxlan node does: PublicIP 0.0.0.0 and no BackendData
 //     (xnetd), PublicIPv6 and BackendV6Data {VNI, VtepMAC of xnet6} (LeaseAttrsV6), so flannel
 //     hosts, xnet vxlan hosts and ebpf hosts of an IPv6-only overlay reach each other.
@@ -67,16 +70,24 @@ func (b *Backend) addPeerIPv6Only(lease subnetmgr.Lease) error {
 	delete(b.v6.unreachable, p.Subnet)
 	r := maps.Route6{Subnet: p.Subnet, PublicIP: netip.IPv4Unspecified(), VtepMAC: p.VtepMAC, PublicIPv6: p.PublicIPv6,
 		Direct: b.peerPath6(p.Subnet, p.PublicIPv6).Direct}
+	// Counters first, as for IPv4: the programs count only into entries that exist.
+	if old, ok := b.peers[p.Subnet]; ok && old != p.PublicIPv6 && !b.publicIPInUse(old, p.Subnet) {
+		_ = b.m.DeletePeer(old)
+	}
+	if err := b.m.AddPeer(p.PublicIPv6); err != nil {
+		return fmt.Errorf("ebpf: %w", err)
+	}
 	if err := b.m.PutRoute6(r); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
+	b.peers[p.Subnet] = p.PublicIPv6
 	b.v6.peers[p.Subnet] = p.Subnet
 	b.Log.Debug("peer programmed", "ipv6_subnet", p.Subnet, "public_ipv6", p.PublicIPv6, "vtep_mac", p.VtepMAC.String(), "direct", r.Direct)
 	return nil
 }
 
-// removePeerIPv6Only is RemovePeer in an IPv6-only overlay: the lease's IPv6 subnet goes.
-// Called with mu held.
+// removePeerIPv6Only is RemovePeer in an IPv6-only overlay: the lease's IPv6 subnet goes, and
+// its counters unless another subnet's peer has the same PublicIPv6. Called with mu held.
 func (b *Backend) removePeerIPv6Only(lease subnetmgr.Lease) error {
 	s := lease.IPv6Subnet
 	if !s.IsValid() || !s.Addr().Is6() {
@@ -86,18 +97,29 @@ func (b *Backend) removePeerIPv6Only(lease subnetmgr.Lease) error {
 		return nil
 	}
 	subnet := s.Masked()
+	ip, ok := b.peers[subnet]
+	if !ok {
+		ip = lease.PublicIPv6
+	}
+	delete(b.peers, subnet)
 	delete(b.v6.peers, subnet)
 	delete(b.v6.unreachable, subnet)
 	b.forgetPath(subnet)
 	if err := b.m.DeleteRoute6(subnet); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
+	if ip.IsValid() && !b.publicIPInUse(ip, subnet) {
+		if err := b.m.DeletePeer(ip); err != nil {
+			return fmt.Errorf("ebpf: %w", err)
+		}
+	}
 	return nil
 }
 
 // prunePeersIPv6Only is PrunePeers in an IPv6-only overlay: routes6 entries of IPv6 subnets
-// no kept lease holds go, and so does everything in the IPv4 maps (an earlier IPv4 or
-// dual-stack run's: nothing of an IPv6-only overlay is there). Called with mu held.
+// no kept lease holds go, counters and cached next hops of addresses no kept lease has as its
+// PublicIPv6 go, and so does everything in the IPv4 routes map (an earlier IPv4 or dual-stack
+// run's: nothing of an IPv6-only overlay is there). Called with mu held.
 func (b *Backend) prunePeersIPv6Only(keep []subnetmgr.Lease) error {
 	kept := map[netip.Prefix]bool{}
 	for _, l := range keep {
@@ -108,6 +130,7 @@ func (b *Backend) prunePeersIPv6Only(keep []subnetmgr.Lease) error {
 	for s := range b.v6.peers {
 		if !kept[s] {
 			delete(b.v6.peers, s)
+			delete(b.peers, s)
 		}
 	}
 	for s := range b.direct.paths {
@@ -143,19 +166,37 @@ func (b *Backend) prunePeersIPv6Only(keep []subnetmgr.Lease) error {
 		}
 		gone = append(gone, r.Subnet)
 	}
+	// Counters and cached next hops (DirectRouting's) are keyed by PublicIPv6 here: a kept
+	// peer's stay, the rest (every IPv4 one) go.
+	keepIPs := map[netip.Addr]bool{}
+	for _, l := range keep {
+		if l.PublicIPv6.IsValid() {
+			keepIPs[l.PublicIPv6] = true
+		}
+	}
 	peers, err := b.m.ReadPeers()
 	errs = append(errs, err)
+	droppedCounters := 0
 	for ip := range peers {
+		if keepIPs[ip] {
+			continue
+		}
 		errs = append(errs, b.m.DeletePeer(ip))
+		droppedCounters++
 	}
 	hops, err := b.m.ListNexthops()
 	errs = append(errs, err)
+	droppedHops := 0
 	for _, ip := range hops {
+		if keepIPs[ip] {
+			continue
+		}
 		errs = append(errs, b.m.DeleteNexthop(ip))
+		droppedHops++
 	}
-	if len(gone)+len(gone6)+len(peers)+len(hops) > 0 {
+	if len(gone)+len(gone6)+droppedCounters+droppedHops > 0 {
 		b.Log.Info("removed peers whose leases went away while xnetd was down, and IPv4 state an earlier run left",
-			"ipv6_routes", gone6, "ipv4_routes", gone, "peer_counters", len(peers), "next_hops", len(hops))
+			"ipv6_routes", gone6, "ipv4_routes", gone, "peer_counters", droppedCounters, "next_hops", droppedHops)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("ebpf: prune peers: %w", err)

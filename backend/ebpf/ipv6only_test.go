@@ -3,6 +3,7 @@ package ebpf
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/backend/conformance"
+	"github.com/xnet-dev/xnet/bpf"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
@@ -37,8 +39,8 @@ func ipv6OnlyLease(t *testing.T, subnet, publicIPv6 string) subnetmgr.Lease {
 // the same pins. What a user sees (containers reaching each other, flannel hosts too) is
 // backend/conformance's TestIPv6Only; this is what the host and the pinned maps hold: xnet0
 // without IPv4, the config entry IPv6 only, each peer one routes6 entry over the IPv6 underlay
-// keyed by its IPv6 subnet, a peer outside the IPv6Network refused, and after PrunePeers
-// nothing of the IPv4 run in the maps.
+// keyed by its IPv6 subnet, per-peer counters keyed by its PublicIPv6, a peer outside the
+// IPv6Network refused, and after PrunePeers nothing of the IPv4 run in the maps.
 func TestIPv6OnlyAfterAnIPv4Run(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 1, IPv6Underlay: true})
 	h := topo.Hosts()[0]
@@ -82,6 +84,13 @@ func TestIPv6OnlyAfterAnIPv4Run(t *testing.T) {
 	if err := b.AddPeer(outside); !errors.Is(err, backend.ErrIncompatiblePeer) {
 		t.Errorf("AddPeer of a lease outside the IPv6Network: %v, want ErrIncompatiblePeer", err)
 	}
+	// What DirectRouting leaves in the nexthops cache, keyed by PublicIPv6, next to the IPv4
+	// one of the earlier run.
+	for _, ip := range []netip.Addr{kept.PublicIPv6, gone.PublicIPv6} {
+		if err := b.m.Nexthops.Put(ip.As16(), bpf.XnetNexthop{Ifindex: 2, Expires: 1 << 62}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := b.PrunePeers([]subnetmgr.Lease{local, kept}); err != nil {
 		t.Fatal(err)
 	}
@@ -102,8 +111,10 @@ func TestIPv6OnlyAfterAnIPv4Run(t *testing.T) {
 		routes6[0].VtepMAC.String() != want.VtepMAC.String() || routes6[0].Direct {
 		t.Errorf("routes6 %+v (%v), want only %+v", routes6, err, want)
 	}
-	if p := readPinned(t, h.BPFFS); len(p.routes)+len(p.counters)+len(p.nexthops) != 0 {
-		t.Errorf("IPv4 state of the earlier run left after the prune: %+v", p)
+	// Counters and next hops are keyed by PublicIPv6 here: the kept peer's stay.
+	want6 := []netip.Addr{kept.PublicIPv6}
+	if p := readPinned(t, h.BPFFS); len(p.routes) != 0 || !slices.Equal(p.counters, want6) || !slices.Equal(p.nexthops, want6) {
+		t.Errorf("after the prune: %+v, want no IPv4 state of the earlier run and only the kept peer's counters and next hop, by %v", p, kept.PublicIPv6)
 	}
 	err = h.Do(func() error {
 		x0, err := netlink.LinkByName(HostDevice)
@@ -123,5 +134,8 @@ func TestIPv6OnlyAfterAnIPv4Run(t *testing.T) {
 	}
 	if st, err := b.Status(); err != nil || st.IPv6Peers[kept.IPv6Subnet.String()] != kept.IPv6Subnet.String() || len(st.IPv6Peers) != 1 {
 		t.Errorf("status IPv6 peers %v (%v), want only %v", st.IPv6Peers, err, kept.IPv6Subnet)
+	}
+	if c, err := b.Counters(); err != nil || len(c.Peers) != 1 || c.Peers[0].Subnet != kept.IPv6Subnet {
+		t.Errorf("metrics peers %+v (%v), want only %v", c.Peers, err, kept.IPv6Subnet)
 	}
 }

@@ -83,9 +83,10 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 // PrunePeers removes what the pinned maps still hold for peers that are not in keep
 // (backend.PeerPruner): a restarted xnetd inherits the routes, counters and cached next hops of
 // leases deleted while it was down, and no removal event will ever name them. Routes go by
-// subnet; counter entries and cached next hops by PublicIP, kept while a kept lease or a kept
-// route names it. Our own lease's subnet, the config entry, the verdict counters and the
-// learned containers are this host's and never touched.
+// subnet; counter entries and cached next hops by PublicIP (or PublicIPv6, which keys the next
+// hop of a DirectRouting peer on our IPv6 segment), kept while a kept lease or a kept route
+// names it. Our own lease's subnet, the config entry, the verdict counters and the learned
+// containers are this host's and never touched.
 func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -100,6 +101,9 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	for _, l := range keep {
 		if l.PublicIP.IsValid() {
 			keepIPs[l.PublicIP] = true
+		}
+		if l.PublicIPv6.IsValid() {
+			keepIPs[l.PublicIPv6] = true
 		}
 	}
 	routes, err := b.m.ListRoutes()

@@ -73,13 +73,13 @@ func TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs(t *testing.T) {
 	// What the encap program leaves behind after sending to both peers: cached next hops and
 	// counts.
 	for _, ip := range []netip.Addr{a.PublicIP, b.PublicIP} {
-		if err := first.m.Nexthops.Put(ip.As4(), bpf.XnetNexthop{Ifindex: 2, Expires: 1 << 62}); err != nil {
+		if err := first.m.Nexthops.Put(ip.As16(), bpf.XnetNexthop{Ifindex: 2, Expires: 1 << 62}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	sent := make([]bpf.XnetPeerStats, len(mustPerCPU(t, first.m, a.PublicIP)))
 	sent[0].TxPackets = 7
-	if err := first.m.Peers.Put(a.PublicIP.As4(), sent); err != nil {
+	if err := first.m.Peers.Put(a.PublicIP.As16(), sent); err != nil {
 		t.Fatal(err)
 	}
 	before := readPinned(t, h.BPFFS)
@@ -132,7 +132,7 @@ func TestPruneKeepsCountersAndNextHopsOfKeptPublicIPs(t *testing.T) {
 func mustPerCPU(t *testing.T, m *maps.Maps, ip netip.Addr) []bpf.XnetPeerStats {
 	t.Helper()
 	var per []bpf.XnetPeerStats
-	if err := m.Peers.Lookup(ip.As4(), &per); err != nil {
+	if err := m.Peers.Lookup(ip.As16(), &per); err != nil {
 		t.Fatal(err)
 	}
 	return per

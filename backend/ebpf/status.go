@@ -20,7 +20,7 @@ type Status struct {
 	Containers int                 `json:"containers"` // container veths with the encap program
 	Replaced   []string            `json:"replaced"`   // maps replaced at start (layout change)
 	Verdicts   map[string]uint64   `json:"verdicts"`   // packets per verdict
-	Peers      map[string]PeerStat `json:"peers"`      // per peer PublicIP
+	Peers      map[string]PeerStat `json:"peers"`      // per peer PublicIP (PublicIPv6 in an IPv6-only overlay)
 	Endpoints  int                 `json:"endpoints"`  // container addresses (IPv4 and IPv6) learned for direct delivery
 	// HostRouting is "bpf" (container packets skip the host's stack) or "kernel".
 	HostRouting    string `json:"host_routing"`
@@ -135,8 +135,8 @@ func (b *Backend) Counters() (metrics.Counters, error) {
 	return ReadCounters(b.m, b.peers)
 }
 
-// ReadCounters reads the verdict counters and, for each peer subnet in peers (its PublicIP keys
-// the peers map), that peer's traffic. It serves the running backend and `xnetd status`
+// ReadCounters reads the verdict counters and, for each peer subnet in peers (its PublicIP, or in
+// an IPv6-only overlay its PublicIPv6, keys the peers map), that peer's traffic. It serves the running backend and `xnetd status`
 // reading the pinned maps of a stopped daemon alike.
 func ReadCounters(m *maps.Maps, peers map[netip.Prefix]netip.Addr) (metrics.Counters, error) {
 	verdicts, err := m.ReadCounters()

@@ -241,7 +241,8 @@ func scrape(ctx context.Context, addr string) (c metrics.Counters, ready bool, s
 }
 
 // pinnedDatapath reads the ebpf datapath from its pinned maps: the counters, with the per-peer
-// ones (keyed by PublicIP in the map) mapped to the peers' subnets, and the routes and routes6
+// ones (keyed by PublicIP in the map, PublicIPv6 in an IPv6-only overlay) mapped to the peers'
+// subnets, and the routes and routes6
 // maps, which are that datapath's routing table.
 func pinnedDatapath(st state) (metrics.Counters, map[netip.Prefix]string, error) {
 	if st.Backend != subnetmgr.BackendEBPF || st.BPFFS == "" {
@@ -276,7 +277,9 @@ func pinnedDatapath(st state) (metrics.Counters, map[netip.Prefix]string, error)
 func pinnedCounters(m *maps.Maps, st state) (metrics.Counters, error) {
 	peers := make(map[netip.Prefix]netip.Addr, len(st.Peers))
 	for _, p := range st.Peers {
-		peers[p.Subnet] = p.PublicIP
+		// The peers map keys a peer by its PublicIP, or in an IPv6-only overlay (PublicIP
+		// 0.0.0.0) by its PublicIPv6: the address that names its host.
+		peers[p.Subnet] = p.host()
 	}
 	return ebpf.ReadCounters(m, peers)
 }

@@ -85,6 +85,7 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 				if st.Verdicts[want] == 0 || st.Verdicts[not] != 0 {
 					t.Errorf("%s verdicts %v: want %s and no %s", nodes[0].Name, st.Verdicts, want, not)
 				}
+				checkIPv6OnlyPeerCounters(t, nodes, subnets)
 			}
 			// A restart takes the same lease back (from subnet.env and by PublicIPv6), adopts the
 			// datapath and programs the same peers.
@@ -241,6 +242,38 @@ func checkIPv6OnlyStatus(t *testing.T, n *xdNode, subnets map[netip.Addr]netip.P
 	}
 	if code, body := n.httpGet(t, "/metrics"); code != 200 || !strings.Contains(body, `subnet="`+own.String()+`"`) {
 		t.Errorf("%s /metrics (%d): no lease info with subnet=%q", n.Name, code, own)
+	}
+}
+
+// checkIPv6OnlyPeerCounters: after 8 MB from the first host's container to the second's and
+// 8 MB from each other host's container to the first's, the first host's `xnetd status` and
+// metrics show per-peer counters by IPv6 subnet (the datapath keys them by PublicIPv6) that saw
+// at least that much: sent to the second host, received from both.
+func checkIPv6OnlyPeerCounters(t *testing.T, nodes []*xdNode, subnets map[netip.Addr]netip.Prefix) {
+	t.Helper()
+	n := nodes[0]
+	second, third := subnets[nodes[1].UnderlayIPv6].String(), subnets[nodes[2].UnderlayIPv6].String()
+	const moved = 8 << 20
+	c := n.statusCounters(t)
+	got := map[string][2]uint64{}
+	for _, p := range c.Peers {
+		if p.TxBytes != nil && p.RxBytes != nil {
+			got[p.Subnet] = [2]uint64{*p.TxBytes, *p.RxBytes}
+		}
+	}
+	if got[second][0] < moved || got[second][1] < moved || got[third][1] < moved {
+		t.Errorf("%s status peer counters (tx, rx bytes) %v (%s): want >= %d sent to %s and received from %s and %s",
+			n.Name, got, c.Counters, moved, second, second, third)
+	}
+	code, body := n.httpGet(t, "/metrics")
+	if code != 200 {
+		t.Fatalf("%s /metrics: HTTP %d", n.Name, code)
+	}
+	fams := xdParse(t, body)
+	for _, m := range []struct{ peer, direction string }{{second, "tx"}, {second, "rx"}, {third, "rx"}} {
+		if v, ok := xdMetric(fams, "xnet_peer_bytes_total", map[string]string{"peer": m.peer, "direction": m.direction}); !ok || v < moved {
+			t.Errorf("%s xnet_peer_bytes_total{peer=%s,direction=%s} = %v (present %v), want >= %d", n.Name, m.peer, m.direction, v, ok, moved)
+		}
 	}
 }
 
