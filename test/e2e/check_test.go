@@ -8,18 +8,20 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf/link"
+
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 )
 
 // TestCheckFollowsTheContainerBridge: `xnetd check` inspects the ebpf programs on the container
 // bridge the daemon found, whatever it is called, and on the veths of its containers: a
 // container veth that lost its program is reported by name.
 func TestCheckFollowsTheContainerBridge(t *testing.T) {
-	nodes, _ := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
+	nodes, _ := xnetdtest.Cluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
 	for _, n := range nodes {
 		n.UseBridgeName("cbr0")
 	}
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("containers do not reach each other:\n%s", strings.Join(failed, "\n"))
 	}
 	a := nodes[0]
@@ -29,7 +31,7 @@ func TestCheckFollowsTheContainerBridge(t *testing.T) {
 	var out string
 	var code int
 	for deadline := time.Now().Add(10 * time.Second); ; {
-		out, code = a.check(t)
+		out, code = a.Check(t)
 		if code == 0 && strings.Contains(out, "4 programs attached") {
 			break
 		}
@@ -40,7 +42,7 @@ func TestCheckFollowsTheContainerBridge(t *testing.T) {
 	}
 
 	veth := cs[0].Veth
-	pin := filepath.Join(a.BPFFS, fmt.Sprintf("link_ingress_%d", a.ifindex(t, veth)))
+	pin := filepath.Join(a.BPFFS, fmt.Sprintf("link_ingress_%d", a.Ifindex(t, veth)))
 	lk, err := link.LoadPinnedLink(pin, nil)
 	if err != nil {
 		t.Fatalf("the container veth %s on cbr0 has no pinned encap link: %v", veth, err)
@@ -49,7 +51,7 @@ func TestCheckFollowsTheContainerBridge(t *testing.T) {
 		t.Fatal(err)
 	}
 	lk.Close()
-	out, code = a.check(t)
+	out, code = a.Check(t)
 	if code == 0 || !strings.Contains(out, "encap_container is not attached to "+veth+"'s TC ingress") {
 		t.Errorf("xnetd check after the encap program left %s: exit %d, want a failure naming it:\n%s", veth, code, out)
 	}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/xnet-dev/xnet/fwrules"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -33,7 +34,7 @@ var dkBackends = []struct{ name, config string }{
 
 // dkHost is a simulated host running xnetd and a real dockerd.
 type dkHost struct {
-	node   *xdNode
+	node   *xnetdtest.Node
 	docker *harness.Docker
 }
 
@@ -151,7 +152,7 @@ func TestDockerContainersOnTwoHostsWorkAsTheTutorialPromises(t *testing.T) {
 
 func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) {
 	begin := time.Now()
-	nodes, _ := xdCluster(t, 2, config, xnetdFlags...)
+	nodes, _ := xnetdtest.Cluster(t, 2, config, xnetdFlags...)
 	dockers := harness.StartDockerForTest(t, nodes[0].Host, nodes[1].Host)
 	hA, hB := dkHost{nodes[0], dockers[0]}, dkHost{nodes[1], dockers[1]}
 	for _, h := range []dkHost{hA, hB} {
@@ -247,7 +248,7 @@ func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) 
 			dkWaitNoMasqueradeFirst(t, h)
 		}
 		for _, p := range [][2]*harness.DockerContainer{{a, b}, {b, a}} {
-			if got := dpSourceSeen(t, p[0].Namespace, p[1].Namespace, p[1].IP); got != p[0].IP {
+			if got := xnetdtest.SourceSeen(t, p[0].Namespace, p[1].Namespace, p[1].IP); got != p[0].IP {
 				t.Errorf("%s (on %s) sees %s (%v on %s) as %v: masqueraded inside the overlay Network",
 					p[1].Name, p[1].Docker.Host.Name, p[0].Name, p[0].IP, p[0].Docker.Host.Name, got)
 			}
@@ -298,11 +299,11 @@ func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) 
 		}()
 		for _, n := range nodes {
 			time.Sleep(500 * time.Millisecond)
-			if err := n.proc.Kill(); err != nil {
+			if err := n.Proc.Kill(); err != nil {
 				t.Errorf("kill -9 xnetd on %s: %v", n.Name, err)
 			}
-			n.start(t)
-			n.waitReady(t)
+			n.StartDaemon(t)
+			n.WaitReady(t)
 		}
 		r := <-done
 		if r.sent < 100 || r.got != r.sent {
@@ -317,7 +318,7 @@ func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) 
 // dkWaitStackHonoursDockerUser waits until xnetd on n says its datapath takes the host's stack
 // (status mode "host routing kernel") after a DOCKER-USER rule appeared, for backends that
 // have a host-routing mode at all; the others always take the stack.
-func dkWaitStackHonoursDockerUser(t *testing.T, n *xdNode) {
+func dkWaitStackHonoursDockerUser(t *testing.T, n *xnetdtest.Node) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -328,7 +329,7 @@ func dkWaitStackHonoursDockerUser(t *testing.T, n *xdNode) {
 				Address, Path, Why string
 			} `json:"endpoints"`
 		}
-		n.statusInto(t, &st)
+		n.StatusInto(t, &st)
 		if !strings.Contains(st.Mode, "host routing") {
 			return
 		}

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -54,8 +55,8 @@ func TestIPv6OnlyDockerFirewall(t *testing.T) {
 	if _, err := exec.LookPath("ip6tables-restore"); err != nil {
 		t.Fatalf("ip6tables-restore (installed by .ci/run): %v", err)
 	}
-	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "vxlan", false), "--backend", "vxlan")
-	cs := xdContainers(t, nodes)
+	nodes, _ := xnetdtest.ClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(xnetdtest.IPv6OnlyConfig, "vxlan", false), "--backend", "vxlan")
+	cs := xnetdtest.Containers(t, nodes)
 	for _, n := range nodes {
 		cmd := exec.Command("nsenter", "--net="+n.Path(), "--", "ip6tables-restore", "--noflush")
 		cmd.Stdin = strings.NewReader(fmt.Sprintf(dockerdStart6, n.Docker0IPv6().Masked()))
@@ -68,8 +69,8 @@ func TestIPv6OnlyDockerFirewall(t *testing.T) {
 	for _, n := range nodes {
 		deadline := time.Now().Add(5 * time.Second)
 		for {
-			post := n.out(t, "ip6tables", "-t", "nat", "-S", "POSTROUTING")
-			fwd := n.out(t, "ip6tables-save", "-t", "filter")
+			post := n.Out(t, "ip6tables", "-t", "nat", "-S", "POSTROUTING")
+			fwd := n.Out(t, "ip6tables-save", "-t", "filter")
 			if ours := strings.Index(post, "XNET-POSTRTG"); ours >= 0 && ours < strings.Index(post, "MASQUERADE") &&
 				strings.Contains(fwd, "-A XNET-FWD -s fd00:10:244::/56 -j ACCEPT") {
 				break
@@ -79,11 +80,11 @@ func TestIPv6OnlyDockerFirewall(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		if v4 := n.out(t, "iptables-save"); strings.Contains(v4, "XNET-") {
+		if v4 := n.Out(t, "iptables-save"); strings.Contains(v4, "XNET-") {
 			t.Errorf("%s: iptables rules of ours in an IPv6-only overlay:\n%s", n.Name, v4)
 		}
 	}
-	if failed := ipv6Mesh(cs); len(failed) > 0 {
+	if failed := xnetdtest.IPv6Mesh(cs); len(failed) > 0 {
 		t.Fatalf("pings failed behind Docker's ip6tables firewall:\n%s", strings.Join(failed, "\n"))
 	}
 	src, err := harness.SourceSeen(cs[0].Namespace, cs[1].Namespace, cs[1].IPv6, 3)
@@ -100,7 +101,7 @@ func TestDockerIPv6OnlyEBPF(t *testing.T) {
 	if why := harness.DockerMissing(); why != "" {
 		t.Skip(why)
 	}
-	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "ebpf", false), "--backend=ebpf")
+	nodes, _ := xnetdtest.ClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(xnetdtest.IPv6OnlyConfig, "ebpf", false), "--backend=ebpf")
 	dockers := harness.StartDockerForTest(t, nodes[0].Host, nodes[1].Host)
 	a, b := dkRun(t, dkHost{nodes[0], dockers[0]}, "a1"), dkRun(t, dkHost{nodes[1], dockers[1]}, "b1")
 	a6, b6 := dkIPv6(t, a), dkIPv6(t, b)
@@ -116,7 +117,7 @@ func TestDockerIPv6OnlyEBPF(t *testing.T) {
 	var st struct {
 		Verdicts map[string]uint64 `json:"verdicts"`
 	}
-	nodes[0].statusInto(t, &st)
+	nodes[0].StatusInto(t, &st)
 	if st.Verdicts["encap"] == 0 || st.Verdicts["decap"] == 0 {
 		t.Errorf("%s verdicts %v: want the containers' IPv6 encapsulated and decapsulated by the programs", nodes[0].Name, st.Verdicts)
 	}
