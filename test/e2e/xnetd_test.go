@@ -1,3 +1,8 @@
+// Package e2e holds the end-to-end tests of the xnetd binary and every backend on simulated
+// hosts: the daemon's life (start, restart, kill -9, teardown, status, check, metrics), the
+// datapaths, etcd faults, trust and security, peer health. IPv6 overlays are in test/e2e/ipv6,
+// the tests with Docker in test/e2e/docker; the three packages run side by side under go test
+// and share test/e2e/xnetdtest.
 package e2e
 
 // End to end tests of the xnetd binary as an operator runs it: hosts in network namespaces, a

@@ -1,4 +1,8 @@
-package e2e
+// Package docker holds the end-to-end tests with Docker: a real dockerd per simulated host
+// (test/harness/docker.go) started from the options xnetd wrote, xnet's Docker networks, and
+// dockerd's firewall rules played in front of xnetd's. It is a package of its own so that go test
+// runs it beside the others (see test/e2e/xnetdtest for the helpers they share).
+package docker
 
 // End to end with real Docker: on two simulated hosts, xnetd writes DOCKER_NETWORK_OPTIONS and a
 // real dockerd (Debian's docker.io 20.10, iptables on, as a user installs it) starts from them,

@@ -1,4 +1,9 @@
-package e2e
+// Package ipv6 holds the end-to-end tests of IPv6 overlays with the real xnetd binary: dual
+// stack, IPv6-only (with and without an IPv4 underlay), and peer health over IPv6. Tests that
+// need a real dockerd live in test/e2e/docker, whatever the address family; WireGuard's IPv6
+// cases stay with the rest of WireGuard in test/e2e. It is a package of its own so that go test
+// runs it beside the others (see test/e2e/xnetdtest for the helpers they share).
+package ipv6
 
 import (
 	"context"

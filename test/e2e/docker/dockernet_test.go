@@ -1,4 +1,4 @@
-package e2e
+package docker
 
 // End to end: xnet's Docker networks (xnetd --docker-networks) with real dockerds on two
 // simulated hosts, as a user runs them: docker network create -d xnet --ipam-driver xnet on one

@@ -1,4 +1,4 @@
-package e2e
+package ipv6
 
 // Peer health in an IPv6-only overlay: the probes run over IPv6 on both paths (from our IPv6
 // subnet's first address to the peer's through the datapath, and from PublicIPv6 to

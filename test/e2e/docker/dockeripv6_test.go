@@ -1,4 +1,4 @@
-package e2e
+package docker
 
 // Docker in IPv6-only overlays: dockerd's ip6tables firewall in front of xnetd's rules, and real
 // dockerd started from the options xnetd wrote. Helpers of the Docker tests are prefixed dk.

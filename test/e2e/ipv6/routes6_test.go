@@ -1,4 +1,4 @@
-package e2e
+package ipv6
 
 import (
 	"net/netip"
