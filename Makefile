@@ -4,6 +4,8 @@ BIN     := bin/xnetd
 PREFIX  ?= /usr/local
 # Tests create network namespaces and load BPF programs: they need root. They run one package
 # at a time per CPU and each names what it creates uniquely, so packages may run in parallel.
+# The end-to-end tests are three packages (test/e2e/...) for that reason: one of 9 minutes was
+# most of the run, with the other CPU idle.
 TESTFLAGS ?= -count=1 -timeout 20m
 
 .PHONY: all build test vet lint unit demo bench bench-scale generate check-generated install clean deps

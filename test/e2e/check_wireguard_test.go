@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -14,9 +15,9 @@ import (
 // on ListenPort, one on ListenPortV6 over IPv6) fails the check naming it, and once undone the
 // check passes again.
 func TestCheckWireGuardDevicesRoutesAndPorts(t *testing.T) {
-	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmtDual("wireguard"), "--backend", "wireguard")
+	nodes, _ := xnetdtest.ClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmtDual("wireguard"), "--backend", "wireguard")
 	for _, n := range nodes {
-		out, code := n.check(t)
+		out, code := n.Check(t)
 		for _, want := range []string{"everything checked holds", "ok    device    xnet-wg up with", "drops UDP 51820 and 8473", "1 over the IPv6 overlay"} {
 			if code != 0 || !strings.Contains(out, want) {
 				t.Errorf("xnetd check on the healthy %s: exit %d, want 0 and %q\n%s", n.Name, code, want, out)
@@ -24,7 +25,7 @@ func TestCheckWireGuardDevicesRoutesAndPorts(t *testing.T) {
 		}
 	}
 	b := nodes[1]
-	aSubnet6 := nodes[0].state(t).Lease.IPv6Subnet.String()
+	aSubnet6 := nodes[0].State(t).Lease.IPv6Subnet.String()
 	faults := []struct {
 		name            string
 		inject, restore []string
@@ -53,9 +54,9 @@ func TestCheckWireGuardDevicesRoutesAndPorts(t *testing.T) {
 	}
 	for _, f := range faults {
 		t.Run(f.name, func(t *testing.T) {
-			b.sh(t, f.inject...)
-			out, code := b.check(t)
-			b.sh(t, f.restore...)
+			b.Sh(t, f.inject...)
+			out, code := b.Check(t)
+			b.Sh(t, f.restore...)
 			if code != 1 {
 				t.Errorf("xnetd check on %s: exit %d, want 1\n%s", b.Name, code, out)
 			}
@@ -64,11 +65,13 @@ func TestCheckWireGuardDevicesRoutesAndPorts(t *testing.T) {
 					t.Errorf("xnetd check on %s does not say %q:\n%s", b.Name, want, out)
 				}
 			}
-			if out, code := b.check(t); code != 0 {
+			if out, code := b.Check(t); code != 0 {
 				t.Errorf("xnetd check on %s after the fault was undone: exit %d\n%s", b.Name, code, out)
 			}
 		})
 	}
 }
 
-func fmtDual(backend string) string { return strings.Replace(dualConfig, "%s", backend, 1) }
+func fmtDual(backend string) string {
+	return strings.Replace(xnetdtest.DualStackConfig, "%s", backend, 1)
+}

@@ -180,16 +180,6 @@ func dpRequireRemovePeerCutsOnlyThatPeer(t *testing.T, nodes []*dpNode) {
 	}
 }
 
-// dpSourceSeen is the source address a listener in to sees for a datagram from from to dst.
-func dpSourceSeen(t *testing.T, from, to *harness.Namespace, dst netip.Addr) netip.Addr {
-	t.Helper()
-	a, err := harness.SourceSeen(from, to, dst, 3)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a
-}
-
 // dpNFTables is an nftables connection into a host's namespace.
 func dpNFTables(t *testing.T, h *harness.Host) *nftables.Conn {
 	t.Helper()

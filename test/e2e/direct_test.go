@@ -21,6 +21,7 @@ import (
 	"github.com/xnet-dev/xnet/bpf/testpkt"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -32,22 +33,22 @@ func drConfig(backendName string) string {
 
 // drCluster starts xnetd with DirectRouting on the three hosts of a two-segment topology and
 // one container per host.
-func drCluster(t *testing.T, backendName string) ([]*xdNode, []*harness.Container, *harness.Topology) {
+func drCluster(t *testing.T, backendName string) ([]*xnetdtest.Node, []*harness.Container, *harness.Topology) {
 	t.Helper()
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3, FarHosts: 1, WithEtcd: true})
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), drConfig(backendName))
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), drConfig(backendName))
 	bin := harness.BuildXnetd(t)
-	var nodes []*xdNode
+	var nodes []*xnetdtest.Node
 	for _, h := range topo.Hosts() {
-		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend", backendName}}
-		n.start(t)
-		n.waitReady(t)
+		n := &xnetdtest.Node{Host: h, Bin: bin, Extra: []string{"--backend", backendName}}
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		nodes = append(nodes, n)
 	}
 	for _, n := range nodes {
-		n.waitPeers(t, len(nodes)-1)
+		n.WaitPeers(t, len(nodes)-1)
 	}
-	return nodes, xdContainers(t, nodes), topo
+	return nodes, xnetdtest.Containers(t, nodes), topo
 }
 
 // drFrame is one frame a capture saw: Ethernet and IPv4 addresses, ports when it has them.
@@ -145,7 +146,7 @@ func drMAC(t *testing.T, h *harness.Host) string {
 
 // drPaths is how a host's datapath reaches each peer subnet: "direct via <PublicIP>" or
 // "vxlan via <PublicIP>" (ebpf: the pinned routes map), or the kernel's route (vxlan, udp).
-func drPaths(t *testing.T, n *xdNode, backendName string, subnets ...netip.Prefix) map[netip.Prefix]string {
+func drPaths(t *testing.T, n *xnetdtest.Node, backendName string, subnets ...netip.Prefix) map[netip.Prefix]string {
 	t.Helper()
 	out := map[netip.Prefix]string{}
 	if backendName == "ebpf" {
@@ -168,14 +169,14 @@ func drPaths(t *testing.T, n *xdNode, backendName string, subnets ...netip.Prefi
 		return out
 	}
 	for _, s := range subnets {
-		out[s] = n.routeTo(t, s)
+		out[s] = n.RouteTo(t, s)
 	}
 	return out
 }
 
 // drWantPath waits (the lease watch takes a moment) until n reaches subnet as want says:
 // "direct" (routed plain via publicIP) or "vxlan".
-func drWantPath(t *testing.T, n *xdNode, backendName string, subnet netip.Prefix, publicIP netip.Addr, want string, within time.Duration) time.Time {
+func drWantPath(t *testing.T, n *xnetdtest.Node, backendName string, subnet netip.Prefix, publicIP netip.Addr, want string, within time.Duration) time.Time {
 	t.Helper()
 	ok := func(got string) bool {
 		if backendName == "ebpf" {
@@ -206,7 +207,7 @@ func TestDirectRoutingSameSegmentPeersGetPlainPacketsAndTheFarOneVXLAN(t *testin
 
 			// Every host's view: the peer on its segment direct, the one behind the router VXLAN.
 			for _, p := range []struct {
-				from     *xdNode
+				from     *xnetdtest.Node
 				to       *harness.Container
 				via      netip.Addr
 				wantPath string
@@ -250,11 +251,11 @@ func TestDirectRoutingSameSegmentPeersGetPlainPacketsAndTheFarOneVXLAN(t *testin
 					"%d VXLAN frames h1<->h3 (want >= 20), %d plain frames c1<->c3 (want 0); captured:\n%s",
 					vxlanNear, plainNear, vxlanFar, plainFar, strings.Join(lines, "\n"))
 			}
-			if failed := xdMesh(cs); len(failed) > 0 {
+			if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 				t.Fatalf("containers that do not reach each other:\n%s", strings.Join(failed, "\n"))
 			}
 			if backendName == "ebpf" {
-				st := h1.status(t)
+				st := h1.Status(t)
 				for _, p := range st.Peers {
 					direct := strings.HasSuffix(p.Route, "(bpf, direct)")
 					if direct != (p.PublicIP == h2.UnderlayIP) {
@@ -269,9 +270,9 @@ func TestDirectRoutingSameSegmentPeersGetPlainPacketsAndTheFarOneVXLAN(t *testin
 // drMoveHost re-numbers n's host onto segment seg as an operator would: stop xnetd (the
 // datapath stays), move the machine, delete its lease (whose PublicIP is the old address), and
 // start xnetd, which takes its subnet back from its subnet file with the new PublicIP.
-func drMoveHost(t *testing.T, topo *harness.Topology, n *xdNode, subnet netip.Prefix, seg int) {
+func drMoveHost(t *testing.T, topo *harness.Topology, n *xnetdtest.Node, subnet netip.Prefix, seg int) {
 	t.Helper()
-	if err := n.proc.Stop(); err != nil {
+	if err := n.Proc.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -279,12 +280,12 @@ func drMoveHost(t *testing.T, topo *harness.Topology, n *xdNode, subnet netip.Pr
 	if err := n.MoveToSegment(ctx, seg); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := topo.EtcdClient().Delete(ctx, subnetmgr.SubnetKey(xdPrefix, subnet)); err != nil {
+	if _, err := topo.EtcdClient().Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, subnet)); err != nil {
 		t.Fatal(err)
 	}
-	n.start(t)
-	n.waitReady(t)
-	if got := n.state(t).Lease.Subnet; got != subnet {
+	n.StartDaemon(t)
+	n.WaitReady(t)
+	if got := n.State(t).Lease.Subnet; got != subnet {
 		t.Fatalf("%s came back with %v, want its subnet %v", n.Name, got, subnet)
 	}
 }
@@ -387,7 +388,7 @@ func TestDirectRoutingSpoofedPlainPacketsDoNotReachContainers(t *testing.T) {
 			Verdicts map[string]uint64 `json:"verdicts"`
 			Drops    map[string]uint64 `json:"drops"`
 		}
-		h1.statusInto(t, &st)
+		h1.StatusInto(t, &st)
 		if reason, ok := strings.CutPrefix(name, "drop_"); ok {
 			return st.Drops[reason]
 		}

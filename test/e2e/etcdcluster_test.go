@@ -17,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -61,7 +62,7 @@ func TestEtcdClusterLosingAMemberGoesUnnoticed(t *testing.T) {
 		t.Logf("stopping member %d (%s); host connections per member: %s", member, role, strings.Join(conns, " "))
 		logFrom := make([]int, len(nodes))
 		for i, n := range nodes {
-			logFrom[i] = len(n.proc.Output())
+			logFrom[i] = len(n.Proc.Output())
 		}
 		stopped := time.Now()
 		cluster.Stop(member)
@@ -86,8 +87,8 @@ func TestEtcdClusterLosingAMemberGoesUnnoticed(t *testing.T) {
 		// Both hosts renew at least once while the member is down.
 		renewed := ecWaitRenewed(ctx, t, cli, nodes, leases, 4*ecRenewEvery)
 		for _, n := range nodes {
-			if n.proc.Exited() {
-				t.Fatalf("xnetd on %s exited with member %d down: %v\n%s", n.Name, member, n.proc.Wait(), n.proc.Output())
+			if n.Proc.Exited() {
+				t.Fatalf("xnetd on %s exited with member %d down: %v\n%s", n.Name, member, n.Proc.Wait(), n.Proc.Output())
 			}
 		}
 		t.Logf("member %d down: leader %d after %v; a new lease in both hosts' maps %v after it was written; "+
@@ -97,7 +98,7 @@ func TestEtcdClusterLosingAMemberGoesUnnoticed(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i, n := range nodes {
-			if lines := ecLogLines(n.proc.Output()[logFrom[i]:], "WARN", "ERROR"); len(lines) > 0 {
+			if lines := ecLogLines(n.Proc.Output()[logFrom[i]:], "WARN", "ERROR"); len(lines) > 0 {
 				t.Logf("xnetd on %s logged while member %d was down and restarted:\n%s", n.Name, member, strings.Join(lines, "\n"))
 			}
 		}
@@ -106,8 +107,8 @@ func TestEtcdClusterLosingAMemberGoesUnnoticed(t *testing.T) {
 	flows.requireNoLoss(t, "each etcd member stopped in turn")
 	rlWaitConvergedWith(t, cli, nodes, 5*time.Second)
 	for _, n := range nodes {
-		if n.proc.Exited() {
-			t.Errorf("xnetd on %s exited: %v\n%s", n.Name, n.proc.Wait(), n.proc.Output())
+		if n.Proc.Exited() {
+			t.Errorf("xnetd on %s exited: %v\n%s", n.Name, n.Proc.Wait(), n.Proc.Output())
 		}
 	}
 }
@@ -118,7 +119,7 @@ func TestEtcdClusterLosingAMemberGoesUnnoticed(t *testing.T) {
 // they open at start, their lease watches included, runs through the leader (returned as
 // pinned; -1 without pin); the other members are reachable again (and connected) when
 // ecSetup returns.
-func ecSetup(t *testing.T, pin bool) (cluster *harness.EtcdCluster, nodes []*xdNode, cs []*harness.Container,
+func ecSetup(t *testing.T, pin bool) (cluster *harness.EtcdCluster, nodes []*xnetdtest.Node, cs []*harness.Container,
 	leases []clientv3.LeaseID, pinned int) {
 	t.Helper()
 	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
@@ -126,7 +127,7 @@ func ecSetup(t *testing.T, pin bool) (cluster *harness.EtcdCluster, nodes []*xdN
 	cli := cluster.Client()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if _, err := cli.Put(ctx, subnetmgr.ConfigKey(xdPrefix), rlEBPFConfig); err != nil {
+	if _, err := cli.Put(ctx, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), rlEBPFConfig); err != nil {
 		t.Fatal(err)
 	}
 	var reopen func()
@@ -146,21 +147,21 @@ func ecSetup(t *testing.T, pin bool) (cluster *harness.EtcdCluster, nodes []*xdN
 	}
 	bin := harness.BuildXnetd(t)
 	for _, h := range topo.Hosts() {
-		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend=ebpf", "--etcd-endpoints", cluster.EndpointsFlag(),
+		n := &xnetdtest.Node{Host: h, Bin: bin, Extra: []string{"--backend=ebpf", "--etcd-endpoints", cluster.EndpointsFlag(),
 			"--subnet-lease-renew-margin", (subnetmgr.DefaultLeaseTTL - ecRenewEvery).String()}}
-		n.start(t)
-		n.waitReady(t)
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		nodes = append(nodes, n)
 	}
 	for _, n := range nodes {
-		n.waitPeers(t, len(nodes)-1)
+		n.WaitPeers(t, len(nodes)-1)
 	}
 	if pin {
 		reopen()
 		ecWaitConnected(ctx, t, cluster, nodes, 10*time.Second)
 	}
-	cs = xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	cs = xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
 	}
 	return cluster, nodes, cs, ecHostLeases(ctx, t, cli, nodes), pinned
@@ -205,7 +206,7 @@ func ecRefuse(ctx context.Context, t *testing.T, topo *harness.Topology, cluster
 }
 
 // ecWaitConnected waits until every node has an established connection to every member.
-func ecWaitConnected(ctx context.Context, t *testing.T, cluster *harness.EtcdCluster, nodes []*xdNode, within time.Duration) {
+func ecWaitConnected(ctx context.Context, t *testing.T, cluster *harness.EtcdCluster, nodes []*xnetdtest.Node, within time.Duration) {
 	t.Helper()
 	start := time.Now()
 	for {
@@ -277,16 +278,16 @@ func TestEtcdClusterMemberPoweredOffIsNoticedWithinSeconds(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	// A renewal of each host before the power-off, for the gaps below.
 	for _, n := range nodes {
-		for len(ecLogTimes(n.proc.Output(), "lease renewed", time.Time{})) < 1 {
-			if n.proc.Exited() {
-				t.Fatalf("xnetd on %s exited: %v\n%s", n.Name, n.proc.Wait(), n.proc.Output())
+		for len(ecLogTimes(n.Proc.Output(), "lease renewed", time.Time{})) < 1 {
+			if n.Proc.Exited() {
+				t.Fatalf("xnetd on %s exited: %v\n%s", n.Name, n.Proc.Wait(), n.Proc.Output())
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
 	logFrom := make([]int, len(nodes))
 	for i, n := range nodes {
-		logFrom[i] = len(n.proc.Output())
+		logFrom[i] = len(n.Proc.Output())
 	}
 	off := time.Now()
 	if err := cluster.PowerOff(ctx, member); err != nil {
@@ -306,22 +307,22 @@ func TestEtcdClusterMemberPoweredOffIsNoticedWithinSeconds(t *testing.T) {
 	renewed := ecWaitRenewed(ctx, t, cli, nodes, leases, ecRenewGapBound+5*time.Second)
 	// Two renewals each after the power-off, as the hosts log them, for the gaps below.
 	for _, n := range nodes {
-		for len(ecLogTimes(n.proc.Output(), "lease renewed", off)) < 2 {
+		for len(ecLogTimes(n.Proc.Output(), "lease renewed", off)) < 2 {
 			if time.Since(off) > 3*ecRenewGapBound {
-				t.Fatalf("%s has not renewed twice %v after the power-off:\n%s", n.Name, 3*ecRenewGapBound, n.proc.Output())
+				t.Fatalf("%s has not renewed twice %v after the power-off:\n%s", n.Name, 3*ecRenewGapBound, n.Proc.Output())
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
 	for _, n := range nodes {
-		if n.proc.Exited() {
-			t.Fatalf("xnetd on %s exited with member %d off: %v\n%s", n.Name, member, n.proc.Wait(), n.proc.Output())
+		if n.Proc.Exited() {
+			t.Fatalf("xnetd on %s exited with member %d off: %v\n%s", n.Name, member, n.Proc.Wait(), n.Proc.Output())
 		}
 	}
 	t.Logf("member %d (%s, behind both hosts' watches) off: new leader after %v; a lease written %v after the power-off",
 		member, role, elected.Round(time.Millisecond), put.Sub(off).Round(time.Millisecond))
 	for i, n := range nodes {
-		logs := n.proc.Output()[logFrom[i]:]
+		logs := n.Proc.Output()[logFrom[i]:]
 		// Either the watcher noticed the silence, or the kernel ended the connection first
 		// (a renewal wrote to it before the watcher's progress request did) and clientv3
 		// resumed the watch by itself; either way the host says so.
@@ -339,7 +340,7 @@ func TestEtcdClusterMemberPoweredOffIsNoticedWithinSeconds(t *testing.T) {
 		var gaps []string
 		var gap time.Duration
 		var prev time.Time
-		for _, at := range ecLogTimes(n.proc.Output(), "lease renewed", off.Add(-ecRenewEvery)) {
+		for _, at := range ecLogTimes(n.Proc.Output(), "lease renewed", off.Add(-ecRenewEvery)) {
 			if !prev.IsZero() {
 				gaps = append(gaps, at.Sub(prev).Round(10*time.Millisecond).String())
 				gap = max(gap, at.Sub(prev))
@@ -362,7 +363,7 @@ func TestEtcdClusterMemberPoweredOffIsNoticedWithinSeconds(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, n := range nodes {
-		if lines := ecLogLines(n.proc.Output()[logFrom[i]:], "WARN", "ERROR"); len(lines) > 0 {
+		if lines := ecLogLines(n.Proc.Output()[logFrom[i]:], "WARN", "ERROR"); len(lines) > 0 {
 			t.Logf("xnetd on %s logged:\n%s", n.Name, strings.Join(lines, "\n"))
 		}
 	}
@@ -395,11 +396,11 @@ func ecLogTimes(log, msg string, since time.Time) []time.Time {
 }
 
 // ecHostLeases is the etcd lease behind each node's subnet key.
-func ecHostLeases(ctx context.Context, t *testing.T, cli *clientv3.Client, nodes []*xdNode) []clientv3.LeaseID {
+func ecHostLeases(ctx context.Context, t *testing.T, cli *clientv3.Client, nodes []*xnetdtest.Node) []clientv3.LeaseID {
 	t.Helper()
 	var out []clientv3.LeaseID
 	for _, n := range nodes {
-		key := subnetmgr.SubnetKey(xdPrefix, n.state(t).Lease.Subnet)
+		key := subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, n.State(t).Lease.Subnet)
 		r, err := cli.Get(ctx, key)
 		if err != nil {
 			t.Fatal(err)
@@ -414,7 +415,7 @@ func ecHostLeases(ctx context.Context, t *testing.T, cli *clientv3.Client, nodes
 
 // ecWaitRenewed waits until the remaining TTL of every lease has gone up at least once (a
 // renewal; otherwise it only goes down) and returns when each one was seen to.
-func ecWaitRenewed(ctx context.Context, t *testing.T, cli *clientv3.Client, nodes []*xdNode, leases []clientv3.LeaseID, within time.Duration) []time.Time {
+func ecWaitRenewed(ctx context.Context, t *testing.T, cli *clientv3.Client, nodes []*xnetdtest.Node, leases []clientv3.LeaseID, within time.Duration) []time.Time {
 	t.Helper()
 	last := make([]int64, len(leases))
 	done := make([]bool, len(leases))
@@ -446,7 +447,7 @@ func ecWaitRenewed(ctx context.Context, t *testing.T, cli *clientv3.Client, node
 		if time.Since(start) > within {
 			for i, ok := range done {
 				if !ok {
-					t.Errorf("%s did not renew its lease within %v (remaining TTL %d s):\n%s", nodes[i].Name, within, last[i], nodes[i].proc.Output())
+					t.Errorf("%s did not renew its lease within %v (remaining TTL %d s):\n%s", nodes[i].Name, within, last[i], nodes[i].Proc.Output())
 				}
 			}
 			t.FailNow()
@@ -457,7 +458,7 @@ func ecWaitRenewed(ctx context.Context, t *testing.T, cli *clientv3.Client, node
 
 // ecWaitRoute waits until every node's BPF maps route subnet via publicIP and returns when
 // each one was seen to.
-func ecWaitRoute(t *testing.T, nodes []*xdNode, subnet netip.Prefix, publicIP netip.Addr, within time.Duration) []time.Time {
+func ecWaitRoute(t *testing.T, nodes []*xnetdtest.Node, subnet netip.Prefix, publicIP netip.Addr, within time.Duration) []time.Time {
 	t.Helper()
 	start := time.Now()
 	at := make([]time.Time, len(nodes))

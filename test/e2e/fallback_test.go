@@ -31,6 +31,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -163,33 +164,33 @@ func TestAutoFallsBackToUDPWhereNeitherBPFNorVXLANCanRun(t *testing.T) {
 func fbFallback(t *testing.T, way fbWay) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 2, WithEtcd: true})
 	// The shared config names ebpf, which means auto: each host runs what it can.
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
 	bin := harness.BuildXnetd(t)
 	hosts := topo.Hosts()
 
-	crippled := &xdNode{Host: hosts[0], bin: bin}
-	crippled.proc = fbStartWithoutBPFOrVXLAN(t, crippled.Host, way.prefix(t), bin)
-	crippled.waitReady(t)
-	normal := &xdNode{Host: hosts[1], bin: bin}
-	normal.start(t)
-	normal.waitReady(t)
-	nodes := []*xdNode{crippled, normal}
+	crippled := &xnetdtest.Node{Host: hosts[0], Bin: bin}
+	crippled.Proc = fbStartWithoutBPFOrVXLAN(t, crippled.Host, way.prefix(t), bin)
+	crippled.WaitReady(t)
+	normal := &xnetdtest.Node{Host: hosts[1], Bin: bin}
+	normal.StartDaemon(t)
+	normal.WaitReady(t)
+	nodes := []*xnetdtest.Node{crippled, normal}
 	for _, n := range nodes {
-		n.waitPeers(t, 1)
+		n.WaitPeers(t, 1)
 	}
 
 	t.Run("the restricted xnetd really lacks BPF and the vxlan module", func(t *testing.T) {
-		st := fbProcStatus(t, crippled.proc.Pid)
+		st := fbProcStatus(t, crippled.Proc.Pid)
 		way.check(t, st)
 		// /proc/<pid>/root walks the process's own mount namespace.
-		if _, err := os.Stat(fmt.Sprintf("/proc/%d/root/sys/module/vxlan", crippled.proc.Pid)); !os.IsNotExist(err) {
-			t.Errorf("xnetd (pid %d) still sees /sys/module/vxlan (stat: %v)", crippled.proc.Pid, err)
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d/root/sys/module/vxlan", crippled.Proc.Pid)); !os.IsNotExist(err) {
+			t.Errorf("xnetd (pid %d) still sees /sys/module/vxlan (stat: %v)", crippled.Proc.Pid, err)
 		}
 	})
 
 	t.Run("auto skipped ebpf and vxlan, saying why, and chose udp", func(t *testing.T) {
 		var s fbStatus
-		crippled.statusInto(t, &s)
+		crippled.StatusInto(t, &s)
 		if !s.Running || !s.Ready || s.Backend != subnetmgr.BackendUDP {
 			t.Errorf("status running=%v ready=%v backend=%q, want running, ready, udp", s.Running, s.Ready, s.Backend)
 		}
@@ -211,7 +212,7 @@ func fbFallback(t *testing.T, way fbWay) {
 		if r := s.SkippedBackends[0].Reason; !strings.Contains(r, "operation not permitted") {
 			t.Errorf("ebpf was skipped for %q, want the kernel's EPERM (operation not permitted)", r)
 		}
-		log := crippled.proc.Output()
+		log := crippled.Proc.Output()
 		for _, line := range []string{
 			`msg="backend skipped" backend=ebpf`,
 			`msg="backend skipped" backend=vxlan`,
@@ -225,16 +226,16 @@ func fbFallback(t *testing.T, way fbWay) {
 
 	t.Run("the unrestricted host chose ebpf", func(t *testing.T) {
 		var s fbStatus
-		normal.statusInto(t, &s)
+		normal.StatusInto(t, &s)
 		if s.Backend != subnetmgr.BackendEBPF || len(s.SkippedBackends) != 0 {
 			t.Errorf("backend %q skipped %+v, want ebpf with nothing skipped", s.Backend, s.SkippedBackends)
 		}
 	})
 
-	cs := xdContainers(t, nodes)
+	cs := xnetdtest.Containers(t, nodes)
 	t.Run("containers on the udp and the ebpf host reach each other both ways", func(t *testing.T) {
 		var before fbStatus
-		crippled.statusInto(t, &before)
+		crippled.StatusInto(t, &before)
 		for _, pair := range [][2]*harness.Container{{cs[0], cs[1]}, {cs[1], cs[0]}} {
 			from, to := pair[0], pair[1]
 			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
@@ -247,7 +248,7 @@ func fbFallback(t *testing.T, way fbWay) {
 		}
 		// The packets went through the user-space datapath of the udp host, each way.
 		var after fbStatus
-		crippled.statusInto(t, &after)
+		crippled.StatusInto(t, &after)
 		for _, v := range []string{"encap", "decap"} {
 			if d := after.Verdicts[v] - before.Verdicts[v]; d < 6 {
 				t.Errorf("udp host counted %d %s packets during 6 pings and 6 replies, want >= 6 (verdicts %v)", d, v, after.Verdicts)

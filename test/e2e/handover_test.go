@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -65,15 +66,15 @@ const hoRestartDelay = 2 * time.Second
 
 // hoKillAndRestart kill -9s xnetd on n and starts it again under the same service manager
 // hoRestartDelay later, returning how long from the kill until the new xnetd was ready.
-func hoKillAndRestart(t *testing.T, n *xdNode) time.Duration {
+func hoKillAndRestart(t *testing.T, n *xnetdtest.Node) time.Duration {
 	t.Helper()
 	start := time.Now()
-	if err := n.proc.Kill(); err != nil {
+	if err := n.Proc.Kill(); err != nil {
 		t.Fatalf("kill -9 xnetd on %s: %v", n.Name, err)
 	}
 	time.Sleep(hoRestartDelay)
-	n.start(t)
-	n.waitReady(t)
+	n.StartDaemon(t)
+	n.WaitReady(t)
 	return time.Since(start)
 }
 
@@ -81,9 +82,9 @@ func hoKillAndRestart(t *testing.T, n *xdNode) time.Duration {
 // between containers on the two hosts: with the datapath's fds in the service manager's store,
 // nothing is lost either way.
 func TestUDPKill9OfXnetdLosesNoPacket(t *testing.T) {
-	nodes, _ := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}`)
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, _ := xnetdtest.Cluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}`)
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity before the kill:\n%s", strings.Join(failed, "\n"))
 	}
 	n := nodes[1]
@@ -111,7 +112,7 @@ func TestUDPKill9OfXnetdLosesNoPacket(t *testing.T) {
 			t.Errorf("ping %s every 50 ms through kill -9 and restart of xnetd: %d of %d replies, want all", what, r.got, r.sent)
 		}
 	}
-	if out := n.proc.Output(); !strings.Contains(out, "took xnet0's queues and receiving sockets back") || !strings.Contains(out, "taken_over=true") {
+	if out := n.Proc.Output(); !strings.Contains(out, "took xnet0's queues and receiving sockets back") || !strings.Contains(out, "taken_over=true") {
 		t.Errorf("the restarted xnetd did not say it took the stored queues back:\n%s", out)
 	}
 	if got := hoStored(n, want); !hoSameNames(got, want) {
@@ -120,19 +121,19 @@ func TestUDPKill9OfXnetdLosesNoPacket(t *testing.T) {
 
 	t.Run("a host restarted with another backend drops the udp fds from the store first", func(t *testing.T) {
 		// The stored receiving sockets hold port 8472, which the kernel VXLAN device binds.
-		if err := n.proc.Stop(); err != nil {
+		if err := n.Proc.Stop(); err != nil {
 			t.Fatal(err)
 		}
-		n.extra = append(n.extra, "--backend=vxlan")
-		n.start(t)
-		n.waitReady(t)
-		if got := n.systemd.Stored(); len(got) != 0 {
+		n.Extra = append(n.Extra, "--backend=vxlan")
+		n.StartDaemon(t)
+		n.WaitReady(t)
+		if got := n.Systemd.Stored(); len(got) != 0 {
 			t.Errorf("the service manager still holds %v for a vxlan host", got)
 		}
-		if out := n.proc.Output(); !strings.Contains(out, "dropped fds from the service manager's store") {
+		if out := n.Proc.Output(); !strings.Contains(out, "dropped fds from the service manager's store") {
 			t.Errorf("xnetd did not log the fds it dropped:\n%s", out)
 		}
-		if failed := xdMesh(cs); len(failed) > 0 {
+		if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 			t.Errorf("after the switch to vxlan:\n%s", strings.Join(failed, "\n"))
 		}
 	})
@@ -140,12 +141,12 @@ func TestUDPKill9OfXnetdLosesNoPacket(t *testing.T) {
 
 // hoStored is what n's service manager stores once it holds want, or after 2 s: it reads its
 // socket in its own time, as systemd does.
-func hoStored(n *xdNode, want []string) []string {
+func hoStored(n *xnetdtest.Node, want []string) []string {
 	deadline := time.Now().Add(2 * time.Second)
-	for !hoSameNames(n.systemd.Stored(), want) && time.Now().Before(deadline) {
+	for !hoSameNames(n.Systemd.Stored(), want) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	return n.systemd.Stored()
+	return n.Systemd.Stored()
 }
 
 func hoSameNames(got, want []string) bool {
@@ -162,9 +163,9 @@ func hoSameNames(got, want []string) bool {
 // WireGuard keeps nowhere else: the new process cannot open it, so that direction loses the
 // packets of the restart until the other host has the new session.
 func TestWireGuardKill9OfXnetdLosesNothingTheRestartedHostSends(t *testing.T) {
-	nodes, _ := xdCluster(t, 2, wgConfig)
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, _ := xnetdtest.Cluster(t, 2, wgConfig)
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity before the kill:\n%s", strings.Join(failed, "\n"))
 	}
 	n := nodes[1]
@@ -192,7 +193,7 @@ func TestWireGuardKill9OfXnetdLosesNothingTheRestartedHostSends(t *testing.T) {
 	if r, most := res["into the restarted host"], int(took/hoInterval)+3; r.sent < count-10 || r.sent-r.got > most {
 		t.Errorf("ping into the restarted host every 50 ms through kill -9 and restart of xnetd: %d of %d replies, want at most %d lost (the %v of the restart)", r.got, r.sent, most, took.Round(time.Millisecond))
 	}
-	if out := n.proc.Output(); !strings.Contains(out, "took xnet-wg's TUN back") {
+	if out := n.Proc.Output(); !strings.Contains(out, "took xnet-wg's TUN back") {
 		t.Errorf("the restarted xnetd did not say it took the stored TUN back:\n%s", out)
 	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/xnet-dev/xnet/macvlan"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -27,7 +28,7 @@ const mvConfig = `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},
 
 // mvNode is one host running xnetd with --macvlan, its options file and its containers.
 type mvNode struct {
-	*xdNode
+	*xnetdtest.Node
 	file       string
 	opts       macvlan.OptionsFile
 	containers []mvContainer
@@ -88,17 +89,17 @@ func mvAddContainer(t *testing.T, topo *harness.Topology, h *harness.Host, n int
 func TestMacvlanContainersOnThreeHostsGetDisjointRangesAndReachEachOther(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true})
 	cli := topo.EtcdClient()
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), mvConfig)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), mvConfig)
 	bin := harness.BuildXnetd(t)
 
 	nodes := make([]*mvNode, len(topo.Hosts()))
 	for i, h := range topo.Hosts() {
 		file := filepath.Join(h.StateDir, "macvlan")
-		nodes[i] = &mvNode{xdNode: &xdNode{Host: h, bin: bin, extra: []string{"--macvlan", "--macvlan-file", file}}, file: file}
-		nodes[i].start(t)
+		nodes[i] = &mvNode{Node: &xnetdtest.Node{Host: h, Bin: bin, Extra: []string{"--macvlan", "--macvlan-file", file}}, file: file}
+		nodes[i].StartDaemon(t)
 	}
 	for _, n := range nodes {
-		n.waitReady(t)
+		n.WaitReady(t)
 	}
 
 	// The options file is the contract with Docker: read it as a host's setup would.
@@ -109,7 +110,7 @@ func TestMacvlanContainersOnThreeHostsGetDisjointRangesAndReachEachOther(t *test
 	for _, n := range nodes {
 		var err error
 		if n.opts, err = macvlan.ReadOptionsFile(n.file); err != nil {
-			t.Fatalf("%s: %v\n%s", n.Name, err, n.proc.Output())
+			t.Fatalf("%s: %v\n%s", n.Name, err, n.Proc.Output())
 		}
 		data, _ := os.ReadFile(n.file)
 		want := fmt.Sprintf(`DOCKER_MACVLAN_OPTIONS="-d macvlan --subnet=198.18.0.0/24 --gateway=198.18.0.1 --ip-range=%s -o parent=eth0 xnet-macvlan"`, n.opts.Range)
@@ -126,7 +127,7 @@ func TestMacvlanContainersOnThreeHostsGetDisjointRangesAndReachEachOther(t *test
 	t.Run("status --output json shows the range next to the overlay lease", func(t *testing.T) {
 		for _, n := range nodes {
 			var s mvStatus
-			n.statusInto(t, &s)
+			n.StatusInto(t, &s)
 			mv := s.Macvlan
 			if mv == nil {
 				t.Errorf("%s: status has no macvlan section", n.Name)
@@ -246,14 +247,14 @@ func TestMacvlanContainersOnThreeHostsGetDisjointRangesAndReachEachOther(t *test
 		for _, stop := range []struct {
 			how string
 			do  func() error
-		}{{"SIGTERM", func() error { return n.proc.Stop() }}, {"kill -9", func() error { return n.proc.Kill() }}} {
+		}{{"SIGTERM", func() error { return n.Proc.Stop() }}, {"kill -9", func() error { return n.Proc.Kill() }}} {
 			if err := stop.do(); err != nil {
 				t.Fatalf("%s: %v", stop.how, err)
 			}
-			n.start(t)
-			n.waitReady(t)
+			n.StartDaemon(t)
+			n.WaitReady(t)
 			var s mvStatus
-			n.statusInto(t, &s)
+			n.StatusInto(t, &s)
 			if s.Macvlan == nil || s.Macvlan.Range != n.opts.Range {
 				t.Errorf("%s restarted after %s onto %+v, want its range %v: its containers' addresses would collide", n.Name, stop.how, s.Macvlan, n.opts.Range)
 			}
@@ -270,10 +271,10 @@ func TestMacvlanContainersOnThreeHostsGetDisjointRangesAndReachEachOther(t *test
 
 	t.Run("teardown removes the options file and leaves the range to expire", func(t *testing.T) {
 		n := nodes[2]
-		if err := n.proc.Stop(); err != nil {
+		if err := n.Proc.Stop(); err != nil {
 			t.Fatal(err)
 		}
-		n.teardown(t, topo)
+		n.Teardown(t, topo)
 		if _, err := os.Stat(n.file); err == nil {
 			t.Errorf("%s still exists after teardown", n.file)
 		}

@@ -14,12 +14,13 @@ import (
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 )
 
 // prVXLANState is what the kernel VXLAN device holds for peers, as iproute2 prints it.
 type prVXLANState struct{ routes, neighs, fdb, link string }
 
-func prReadVXLAN(t *testing.T, n *xdNode) prVXLANState {
+func prReadVXLAN(t *testing.T, n *xnetdtest.Node) prVXLANState {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -58,13 +59,13 @@ func (s prVXLANState) has(l subnetmgr.Lease) []string {
 // without that peer's route, neighbour and fdb entry on xnet.1, keeping the device (it is
 // adopted, not re-created) and the entries of the peers that are still there.
 func TestPruneVXLANHostDownWhileAPeerLeaseWentAwayDropsThatPeerWhenItComesBack(t *testing.T) {
-	nodes, topo := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`, "--backend=vxlan")
+	nodes, topo := xnetdtest.Cluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`, "--backend=vxlan")
 	down, other := nodes[1], nodes[0]
 	cli := topo.EtcdClient()
 	sim := rlFreeSubnets(t, topo, 1)[0]
 	rlPutPeer(t, cli, sim, rlSimIP(0), time.Hour)
 	gone := subnetmgr.Lease{Subnet: sim, PublicIP: rlSimIP(0)}
-	stays := subnetmgr.Lease{Subnet: other.state(t).Lease.Subnet, PublicIP: other.UnderlayIP}
+	stays := subnetmgr.Lease{Subnet: other.State(t).Lease.Subnet, PublicIP: other.UnderlayIP}
 
 	waitFor := func(what string, ok func(prVXLANState) bool) prVXLANState {
 		t.Helper()
@@ -82,21 +83,21 @@ func TestPruneVXLANHostDownWhileAPeerLeaseWentAwayDropsThatPeerWhenItComesBack(t
 	}
 	before := waitFor("the simulated peer is not programmed", func(s prVXLANState) bool { return len(s.has(gone)) == 3 })
 
-	if err := down.proc.Kill(); err != nil {
+	if err := down.Proc.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xdPrefix, sim)); err != nil {
+	if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, sim)); err != nil {
 		t.Fatal(err)
 	}
 	if got := prReadVXLAN(t, down).has(gone); len(got) != 3 {
 		t.Fatalf("with xnetd down, %s holds only %v of the deleted peer: the test would prove nothing", down.Name, got)
 	}
 
-	down.start(t)
+	down.StartDaemon(t)
 	start := time.Now()
-	down.waitReady(t)
+	down.WaitReady(t)
 	after := waitFor("the deleted peer's entries are still there", func(s prVXLANState) bool { return len(s.has(gone)) == 0 })
 	t.Logf("%s dropped the route, neighbour and fdb entry of %v %v after it started", down.Name, sim, time.Since(start).Round(time.Millisecond))
 	if after.link != before.link {

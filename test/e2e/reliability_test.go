@@ -36,6 +36,7 @@ import (
 	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -235,7 +236,7 @@ func rlPutPeerCtx(ctx context.Context, cli *clientv3.Client, subnet netip.Prefix
 	if err != nil {
 		return 0, fmt.Errorf("grant a %v etcd lease: %w", ttl, err)
 	}
-	if _, err := cli.Put(ctx, subnetmgr.SubnetKey(xdPrefix, subnet), string(value), clientv3.WithLease(g.ID)); err != nil {
+	if _, err := cli.Put(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, subnet), string(value), clientv3.WithLease(g.ID)); err != nil {
 		return 0, fmt.Errorf("put lease %v: %w", subnet, err)
 	}
 	return g.ID, nil
@@ -250,7 +251,7 @@ func rlSimIP(i int) netip.Addr {
 // rlFreeSubnets lists n subnets of 10.244.0.0/16 that no lease in etcd holds.
 func rlFreeSubnets(t *testing.T, topo *harness.Topology, n int) []netip.Prefix {
 	t.Helper()
-	taken := xdLeases(t, topo, xdPrefix)
+	taken := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)
 	var out []netip.Prefix
 	for i := 1; i < 255 && len(out) < n; i++ {
 		s := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24)
@@ -297,13 +298,13 @@ func rlReadDatapath(dir string) (rlDatapath, error) {
 
 // rlEtcdView reads every lease under the default prefix: subnet -> PublicIP.
 func rlEtcdView(ctx context.Context, cli *clientv3.Client) (map[netip.Prefix]netip.Addr, error) {
-	resp, err := cli.Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
+	resp, err := cli.Get(ctx, subnetmgr.SubnetsPrefix(xnetdtest.EtcdPrefix), clientv3.WithPrefix())
 	if err != nil {
 		return nil, err
 	}
 	out := map[netip.Prefix]netip.Addr{}
 	for _, kv := range resp.Kvs {
-		subnet, err := subnetmgr.ParseSubnetKey(xdPrefix, string(kv.Key))
+		subnet, err := subnetmgr.ParseSubnetKey(xnetdtest.EtcdPrefix, string(kv.Key))
 		if err != nil {
 			return nil, fmt.Errorf("key %s: %w", kv.Key, err)
 		}
@@ -360,13 +361,13 @@ func rlDiff(self netip.Addr, view map[netip.Prefix]netip.Addr, d rlDatapath) str
 
 // rlWaitConverged waits until every node's BPF maps equal etcd's view, and returns how long
 // that took. It fails the test with the differences left after within.
-func rlWaitConverged(t *testing.T, topo *harness.Topology, nodes []*xdNode, within time.Duration) time.Duration {
+func rlWaitConverged(t *testing.T, topo *harness.Topology, nodes []*xnetdtest.Node, within time.Duration) time.Duration {
 	t.Helper()
 	return rlWaitConvergedWith(t, topo.EtcdClient(), nodes, within)
 }
 
 // rlWaitConvergedWith is rlWaitConverged against any etcd client (a cluster's, for example).
-func rlWaitConvergedWith(t *testing.T, cli *clientv3.Client, nodes []*xdNode, within time.Duration) time.Duration {
+func rlWaitConvergedWith(t *testing.T, cli *clientv3.Client, nodes []*xnetdtest.Node, within time.Duration) time.Duration {
 	t.Helper()
 	start := time.Now()
 	for {
@@ -534,28 +535,28 @@ func rlInstallOtherBuild(t *testing.T, dir string) {
 }
 
 func TestReliabilityEBPFKill9AndNewBuildUnderTraffic(t *testing.T) {
-	nodes, topo := xdCluster(t, 2, rlEBPFConfig, "--backend=ebpf")
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, topo := xnetdtest.Cluster(t, 2, rlEBPFConfig, "--backend=ebpf")
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
 	}
 	n := nodes[0]
-	subnet := n.state(t).Lease.Subnet
+	subnet := n.State(t).Lease.Subnet
 
 	t.Run("kill -9 and restart: 0 lost, same subnet, maps and links re-adopted", func(t *testing.T) {
 		before := rlPins(t, n.BPFFS)
 		flows := rlStartFlows(t, cs[0], cs[1])
 		time.Sleep(300 * time.Millisecond)
-		if err := n.proc.Kill(); err != nil {
+		if err := n.Proc.Kill(); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(300 * time.Millisecond) // the datapath runs with no daemon
-		n.start(t)
-		n.waitReady(t)
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		time.Sleep(300 * time.Millisecond)
 		flows.requireNoLoss(t, "kill -9 and restart of xnetd")
 
-		if got := n.state(t).Lease.Subnet; got != subnet {
+		if got := n.State(t).Lease.Subnet; got != subnet {
 			t.Errorf("subnet after kill -9 and restart %v, want %v", got, subnet)
 		}
 		after := rlPins(t, n.BPFFS)
@@ -564,8 +565,8 @@ func TestReliabilityEBPFKill9AndNewBuildUnderTraffic(t *testing.T) {
 				t.Errorf("%s had kernel id %d before the restart and %d after: re-created, not adopted", pin, id, after[pin])
 			}
 		}
-		if !strings.Contains(n.proc.Output(), fmt.Sprintf("adopted_maps=%d replaced_maps=[]", len(maps.Names()))) {
-			t.Errorf("the restarted xnetd did not log adopting all 5 maps:\n%s", n.proc.Output())
+		if !strings.Contains(n.Proc.Output(), fmt.Sprintf("adopted_maps=%d replaced_maps=[]", len(maps.Names()))) {
+			t.Errorf("the restarted xnetd did not log adopting all 5 maps:\n%s", n.Proc.Output())
 		}
 		rlWaitConverged(t, topo, nodes, 5*time.Second)
 	})
@@ -587,18 +588,18 @@ func TestReliabilityEBPFKill9AndNewBuildUnderTraffic(t *testing.T) {
 			}
 		}
 		// Traffic really runs through the old programs (they are a working datapath).
-		if failed := xdMesh(cs); len(failed) > 0 {
+		if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 			t.Fatalf("the old release's programs do not forward:\n%s", strings.Join(failed, "\n"))
 		}
 
 		// The upgrade: stop the old daemon, start the new build.
 		flows = rlStartFlows(t, cs[0], cs[1])
 		time.Sleep(200 * time.Millisecond)
-		if err := n.proc.Stop(); err != nil {
+		if err := n.Proc.Stop(); err != nil {
 			t.Errorf("stop: %v", err)
 		}
-		n.start(t)
-		n.waitReady(t)
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		time.Sleep(300 * time.Millisecond)
 		flows.requireNoLoss(t, "upgrade to a build with other BPF programs")
 
@@ -615,7 +616,7 @@ func TestReliabilityEBPFKill9AndNewBuildUnderTraffic(t *testing.T) {
 				t.Errorf("%s re-created by the upgrade (id %d -> %d): same layout, must be adopted", pin, pinsBefore[pin], id)
 			}
 		}
-		if got := n.state(t).Lease.Subnet; got != subnet {
+		if got := n.State(t).Lease.Subnet; got != subnet {
 			t.Errorf("subnet after the upgrade %v, want %v", got, subnet)
 		}
 	})
@@ -650,9 +651,9 @@ func rlWaitKeyGone(t *testing.T, cli *clientv3.Client, key string, within time.D
 // comes back with a new PublicIP is reached at the new one. Containers on the hosts that stay
 // keep talking through all of it.
 func TestReliabilityPeerLeaseGoneLeavesEveryHostWithin5s(t *testing.T) {
-	nodes, topo := xdCluster(t, 3, rlEBPFConfig, "--backend=ebpf")
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, topo := xnetdtest.Cluster(t, 3, rlEBPFConfig, "--backend=ebpf")
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
 	}
 	cli := topo.EtcdClient()
@@ -663,7 +664,7 @@ func TestReliabilityPeerLeaseGoneLeavesEveryHostWithin5s(t *testing.T) {
 		sim := free[0]
 		rlPutPeer(t, cli, sim, rlSimIP(0), 2*time.Second)
 		rlWaitConverged(t, topo, nodes, 5*time.Second)
-		gone := rlWaitKeyGone(t, cli, subnetmgr.SubnetKey(xdPrefix, sim), 10*time.Second)
+		gone := rlWaitKeyGone(t, cli, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, sim), 10*time.Second)
 		took := rlWaitConverged(t, topo, nodes, 5*time.Second)
 		t.Logf("route and peer entry of %v left all 3 hosts %v after etcd expired its lease (%v after the expiry was seen here)",
 			sim, time.Since(gone).Round(time.Millisecond), took.Round(time.Millisecond))
@@ -675,7 +676,7 @@ func TestReliabilityPeerLeaseGoneLeavesEveryHostWithin5s(t *testing.T) {
 		rlWaitConverged(t, topo, nodes, 5*time.Second)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xdPrefix, sim)); err != nil {
+		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, sim)); err != nil {
 			t.Fatal(err)
 		}
 		took := rlWaitConverged(t, topo, nodes, 5*time.Second)
@@ -684,15 +685,15 @@ func TestReliabilityPeerLeaseGoneLeavesEveryHostWithin5s(t *testing.T) {
 
 	t.Run("a host that comes back with a new PublicIP is re-programmed everywhere", func(t *testing.T) {
 		moved := nodes[2]
-		subnet := moved.state(t).Lease.Subnet
+		subnet := moved.State(t).Lease.Subnet
 		newIP := netip.MustParseAddr("198.18.0.63")
-		if err := moved.proc.Kill(); err != nil {
+		if err := moved.Proc.Kill(); err != nil {
 			t.Fatal(err)
 		}
 		// Its lease runs out while it is away (deleted here rather than waited for: 24 h).
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
-		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xdPrefix, subnet)); err != nil {
+		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, subnet)); err != nil {
 			t.Fatal(err)
 		}
 		if err := moved.IP(ctx, "addr flush dev eth0",
@@ -701,14 +702,14 @@ func TestReliabilityPeerLeaseGoneLeavesEveryHostWithin5s(t *testing.T) {
 			t.Fatal(err)
 		}
 		moved.UnderlayIP = newIP // for the rest of the test: the host has moved
-		moved.start(t)
-		moved.waitReady(t)
-		if got := moved.state(t).Lease.Subnet; got != subnet {
+		moved.StartDaemon(t)
+		moved.WaitReady(t)
+		if got := moved.State(t).Lease.Subnet; got != subnet {
 			t.Errorf("%s came back with subnet %v, want its old %v (from its subnet file)", moved.Name, got, subnet)
 		}
 		took := rlWaitConverged(t, topo, nodes, 5*time.Second)
 		t.Logf("every host routes %v via %v %v after %s was ready", subnet, newIP, took.Round(time.Millisecond), moved.Name)
-		if failed := xdMesh(cs); len(failed) > 0 {
+		if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 			t.Errorf("containers after the move:\n%s", strings.Join(failed, "\n"))
 		}
 	})
@@ -718,16 +719,16 @@ func TestReliabilityPeerLeaseGoneLeavesEveryHostWithin5s(t *testing.T) {
 		sim := free[2]
 		rlPutPeer(t, cli, sim, rlSimIP(2), time.Hour)
 		rlWaitConverged(t, topo, nodes, 5*time.Second)
-		if err := down.proc.Kill(); err != nil {
+		if err := down.Proc.Kill(); err != nil {
 			t.Fatal(err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xdPrefix, sim)); err != nil {
+		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, sim)); err != nil {
 			t.Fatal(err)
 		}
-		down.start(t)
-		down.waitReady(t)
+		down.StartDaemon(t)
+		down.WaitReady(t)
 		took := rlWaitConverged(t, topo, nodes, 5*time.Second)
 		t.Logf("%s dropped %v %v after it was ready again", down.Name, sim, took.Round(time.Millisecond))
 	})
@@ -808,15 +809,15 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: two 15 s etcd outages")
 	}
-	nodes, topo := xdCluster(t, 2, rlEBPFConfig, "--backend=ebpf")
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, topo := xnetdtest.Cluster(t, 2, rlEBPFConfig, "--backend=ebpf")
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
 	}
 	cli := topo.EtcdClient()
 	subnets := map[string]netip.Prefix{}
 	for _, n := range nodes {
-		subnets[n.Name] = n.state(t).Lease.Subnet
+		subnets[n.Name] = n.State(t).Lease.Subnet
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -843,7 +844,7 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 		}
 		cutAt := time.Now()
 		time.Sleep(time.Second)
-		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xdPrefix, free[0])); err != nil {
+		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, free[0])); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := rlPutPeerCtx(ctx, cli, free[1], rlSimIP(base+11), time.Hour); err != nil {
@@ -869,8 +870,8 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 		}
 		time.Sleep(time.Until(cutAt.Add(*rlOutage)))
 		for i, n := range nodes {
-			if n.proc.Exited() {
-				t.Fatalf("xnetd on %s exited during the etcd outage: %v\n%s", n.Name, n.proc.Wait(), n.proc.Output())
+			if n.Proc.Exited() {
+				t.Fatalf("xnetd on %s exited during the etcd outage: %v\n%s", n.Name, n.Proc.Wait(), n.Proc.Output())
 			}
 			end := cuts[i].attempts(t)
 			t.Logf("%s sent %d packets towards etcd in the outage's first half, %d in the second", n.Name, mid[i], end-mid[i])
@@ -907,12 +908,12 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 			c.heal(t)
 		}
 		for {
-			attrs, ok := xdLeases(t, topo, xdPrefix)[subnets[nodes[0].Name]]
+			attrs, ok := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)[subnets[nodes[0].Name]]
 			if ok && attrs.PublicIP == nodes[0].UnderlayIP {
 				break
 			}
 			if time.Since(healAt) > 20*time.Second {
-				t.Fatalf("h1 does not hold its subnet %v 20 s after etcd's return:\n%s", subnets[nodes[0].Name], nodes[0].proc.Output())
+				t.Fatalf("h1 does not hold its subnet %v 20 s after etcd's return:\n%s", subnets[nodes[0].Name], nodes[0].Proc.Output())
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
@@ -925,7 +926,7 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 			f.result()
 		}
 		for _, n := range nodes {
-			if got := n.state(t).Lease.Subnet; got != subnets[n.Name] {
+			if got := n.State(t).Lease.Subnet; got != subnets[n.Name] {
 				t.Errorf("%s holds %v after the outage, want the same %v", n.Name, got, subnets[n.Name])
 			}
 		}
@@ -939,7 +940,7 @@ func TestReliabilityEtcdOutage(t *testing.T) {
 	})
 
 	t.Run("h1's lease runs out during the outage: same subnet again, peers caught up", func(t *testing.T) {
-		resp, err := cli.Get(ctx, subnetmgr.SubnetKey(xdPrefix, subnets[nodes[0].Name]))
+		resp, err := cli.Get(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, subnets[nodes[0].Name]))
 		if err != nil || len(resp.Kvs) != 1 {
 			t.Fatalf("h1's lease: %v %v", resp, err)
 		}
@@ -967,9 +968,9 @@ func TestReliabilityLeaseChurn(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: 10 s of lease churn")
 	}
-	nodes, topo := xdCluster(t, 2, rlEBPFConfig, "--backend=ebpf")
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, topo := xnetdtest.Cluster(t, 2, rlEBPFConfig, "--backend=ebpf")
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
 	}
 	cli := topo.EtcdClient()
@@ -997,7 +998,7 @@ func TestReliabilityLeaseChurn(t *testing.T) {
 				mu.Lock()
 				id, present := leases[i]
 				mu.Unlock()
-				key := subnetmgr.SubnetKey(xdPrefix, subnets[i])
+				key := subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, subnets[i])
 				var op string
 				var err error
 				switch r := rng.IntN(10); {
@@ -1047,8 +1048,8 @@ func TestReliabilityLeaseChurn(t *testing.T) {
 		total, *rlChurn, ops, len(leases), took.Round(time.Millisecond))
 	flows.requireNoLoss(t, "lease churn of 200 simulated peers")
 	for _, n := range nodes {
-		if n.proc.Exited() {
-			t.Errorf("xnetd on %s exited during the churn: %v", n.Name, n.proc.Wait())
+		if n.Proc.Exited() {
+			t.Errorf("xnetd on %s exited during the churn: %v", n.Name, n.Proc.Wait())
 		}
 	}
 }

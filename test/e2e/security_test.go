@@ -31,6 +31,7 @@ import (
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/subnetmgr/etcdtest"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 	"github.com/xnet-dev/xnet/wire"
 )
@@ -191,11 +192,11 @@ func TestSecurityEtcdOverTLSWithClientCertificates(t *testing.T) {
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	if _, err := cli.Put(ctx, subnetmgr.ConfigKey(xdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`); err != nil {
+	if _, err := cli.Put(ctx, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`); err != nil {
 		t.Fatalf("put config over TLS: %v", err)
 	}
 	leases := func() int {
-		r, err := cli.Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix(), clientv3.WithCountOnly())
+		r, err := cli.Get(ctx, subnetmgr.SubnetsPrefix(xnetdtest.EtcdPrefix), clientv3.WithPrefix(), clientv3.WithCountOnly())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -204,21 +205,21 @@ func TestSecurityEtcdOverTLSWithClientCertificates(t *testing.T) {
 
 	bin := harness.BuildXnetd(t)
 	t.Run("the right CA and a client certificate: leases and connected containers", func(t *testing.T) {
-		var nodes []*xdNode
+		var nodes []*xnetdtest.Node
 		for _, h := range topo.Hosts() {
-			n := &xdNode{Host: h, bin: bin, extra: []string{"--etcd-endpoints", endpoint,
+			n := &xnetdtest.Node{Host: h, Bin: bin, Extra: []string{"--etcd-endpoints", endpoint,
 				"--etcd-cafile", ca.certPEM, "--etcd-certfile", clientCert, "--etcd-keyfile", clientKey}}
-			n.start(t)
-			n.waitReady(t)
+			n.StartDaemon(t)
+			n.WaitReady(t)
 			nodes = append(nodes, n)
 		}
 		for _, n := range nodes {
-			n.waitPeers(t, 1)
+			n.WaitPeers(t, 1)
 		}
 		if got := leases(); got != 2 {
 			t.Errorf("%d leases in etcd, want 2", got)
 		}
-		if failed := xdMesh(xdContainers(t, nodes)); len(failed) > 0 {
+		if failed := xnetdtest.Mesh(xnetdtest.Containers(t, nodes)); len(failed) > 0 {
 			t.Errorf("containers do not reach each other:\n%s", strings.Join(failed, "\n"))
 		}
 	})
@@ -318,25 +319,25 @@ func TestSecuritySpoofedAndMalformedVXLANIsDroppedAndCounted(t *testing.T) {
 
 func scSpoofing(t *testing.T, backendName string) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true})
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
 	bin := harness.BuildXnetd(t)
 	hosts := topo.Hosts()
 	attacker := hosts[2] // on the underlay, holds no lease
-	var nodes []*xdNode
+	var nodes []*xnetdtest.Node
 	for _, h := range hosts[:2] {
-		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend=" + backendName}}
-		n.start(t)
-		n.waitReady(t)
+		n := &xnetdtest.Node{Host: h, Bin: bin, Extra: []string{"--backend=" + backendName}}
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		nodes = append(nodes, n)
 	}
 	// A third member that exists only in etcd: h2 will speak for its containers.
 	other := rlFreeSubnets(t, topo, 2)
 	rlPutPeer(t, topo.EtcdClient(), other[0], rlSimIP(40), time.Hour)
 	for _, n := range nodes {
-		n.waitPeers(t, 2)
+		n.WaitPeers(t, 2)
 	}
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity to start from:\n%s", strings.Join(failed, "\n"))
 	}
 	victim, legit := nodes[0], nodes[1]
@@ -367,7 +368,7 @@ func scSpoofing(t *testing.T, backendName string) {
 
 	// The victim's VTEP MAC as its lease publishes it.
 	var data subnetmgr.VXLANData
-	attrs := xdLeases(t, topo, xdPrefix)[victim.state(t).Lease.Subnet]
+	attrs := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)[victim.State(t).Lease.Subnet]
 	if err := json.Unmarshal(attrs.BackendData, &data); err != nil {
 		t.Fatal(err)
 	}
@@ -393,7 +394,7 @@ func scSpoofing(t *testing.T, backendName string) {
 		g[0] = 0x55 // not the VXLAN flags byte: garbage, not a VXLAN frame that happens to be bad
 		garbage = append(garbage, g)
 	}
-	memberSrc := legit.state(t).Lease.Subnet.Addr().Next().Next() // h2's first container
+	memberSrc := legit.State(t).Lease.Subnet.Addr().Next().Next() // h2's first container
 	otherMemberSrc := other[0].Addr().Next().Next()
 	noLeaseSrc := other[1].Addr().Next().Next()
 	cases := []scInjection{
@@ -418,16 +419,16 @@ func scSpoofing(t *testing.T, backendName string) {
 			counted:  map[string]string{"ebpf": "spoofed", "udp": "spoofed"}, kernelDelivers: true},
 	}
 
-	count := func(c xdCounters, name string) uint64 { return c.Verdicts[name] + c.Drops[name] }
+	count := func(c xnetdtest.Counters, name string) uint64 { return c.Verdicts[name] + c.Drops[name] }
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			mu.Lock()
 			delivered = nil
 			mu.Unlock()
-			var before xdCounters
+			var before xnetdtest.Counters
 			verdict := c.counted[backendName]
 			if verdict != "" {
-				before = victim.statusCounters(t)
+				before = victim.StatusCounters(t)
 			}
 			for _, p := range c.payloads {
 				udpSendRaw(t, c.from, victim.UnderlayIP, p)
@@ -451,7 +452,7 @@ func scSpoofing(t *testing.T, backendName string) {
 			// The udp backend counts once per receive batch: give it a moment.
 			deadline := time.Now().Add(3 * time.Second)
 			for {
-				after := victim.statusCounters(t)
+				after := victim.StatusCounters(t)
 				n := count(after, verdict) - count(before, verdict)
 				if n >= uint64(len(c.payloads)) {
 					t.Logf("%d sent, counted %d under %q, none delivered", len(c.payloads), n, verdict)

@@ -6,55 +6,23 @@ import (
 	"testing"
 
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 )
-
-// xdCounters is the counters part of `xnetd status --output json`.
-type xdCounters struct {
-	Peers []struct {
-		Subnet    string  `json:"subnet"`
-		Route     string  `json:"route"`
-		TxPackets *uint64 `json:"tx_packets"`
-		RxPackets *uint64 `json:"rx_packets"`
-		TxBytes   *uint64 `json:"tx_bytes"`
-		RxBytes   *uint64 `json:"rx_bytes"`
-	} `json:"peers"`
-	Verdicts map[string]uint64 `json:"verdicts"`
-	Drops    map[string]uint64 `json:"drops"`
-	Counters string            `json:"counters"`
-	Mode     string            `json:"mode"`
-	Backend  string            `json:"backend"`
-	Running  bool              `json:"running"`
-	// Endpoints are the local containers the ebpf datapath learned, with their path.
-	Endpoints []struct {
-		Address string `json:"address"`
-		Veth    string `json:"veth"`
-		Bridge  string `json:"bridge"`
-		Path    string `json:"path"`
-		Why     string `json:"why"`
-	} `json:"endpoints"`
-}
-
-func (n *xdNode) statusCounters(t *testing.T) xdCounters {
-	t.Helper()
-	var c xdCounters
-	n.statusInto(t, &c)
-	return c
-}
 
 // With the ebpf datapath an operator sees, per peer, the packets and bytes each way, and the
 // datapath's verdicts with every drop reason named: from the running daemon, in its metrics,
 // and still after the daemon stopped (the counters live in pinned maps).
 func TestXnetdStatusShowsPerPeerCountersAndDropReasons(t *testing.T) {
 	// The config's "ebpf" means auto: ebpf where it loads, which it does here.
-	nodes, topo := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, topo := xnetdtest.Cluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`)
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("containers do not reach each other:\n%s", strings.Join(failed, "\n"))
 	}
 	n := nodes[0]
-	peerSubnet := nodes[1].state(t).Lease.Subnet.String()
+	peerSubnet := nodes[1].State(t).Lease.Subnet.String()
 
-	check := func(t *testing.T, c xdCounters, wantRunning bool) {
+	check := func(t *testing.T, c xnetdtest.Counters, wantRunning bool) {
 		t.Helper()
 		if c.Backend != subnetmgr.BackendEBPF || c.Running != wantRunning {
 			t.Fatalf("status backend %q running %v, want ebpf running %v (%s)", c.Backend, c.Running, wantRunning, c.Counters)
@@ -78,7 +46,7 @@ func TestXnetdStatusShowsPerPeerCountersAndDropReasons(t *testing.T) {
 	}
 
 	t.Run("status of the running daemon", func(t *testing.T) {
-		c := n.statusCounters(t)
+		c := n.StatusCounters(t)
 		check(t, c, true)
 		if c.Mode == "" || c.Mode == "ebpf" {
 			t.Errorf("mode %q does not say where decapsulation runs", c.Mode)
@@ -91,30 +59,30 @@ func TestXnetdStatusShowsPerPeerCountersAndDropReasons(t *testing.T) {
 	})
 
 	t.Run("metrics carry the same counters", func(t *testing.T) {
-		code, body := n.httpGet(t, "/metrics")
+		code, body := n.HTTPGet(t, "/metrics")
 		if code != http.StatusOK {
 			t.Fatalf("/metrics: HTTP %d", code)
 		}
-		fams := xdParse(t, body)
-		if v, ok := xdMetric(fams, "xnet_peer_packets_total", map[string]string{"peer": peerSubnet, "direction": "tx"}); !ok || v < 3 {
+		fams := xnetdtest.ParseMetrics(t, body)
+		if v, ok := xnetdtest.Metric(fams, "xnet_peer_packets_total", map[string]string{"peer": peerSubnet, "direction": "tx"}); !ok || v < 3 {
 			t.Errorf("xnet_peer_packets_total{peer=%s,direction=tx} = %v (present %v), want >= 3", peerSubnet, v, ok)
 		}
-		if _, ok := xdMetric(fams, "xnet_datapath_drops_total", map[string]string{"reason": "spoofed"}); !ok {
+		if _, ok := xnetdtest.Metric(fams, "xnet_datapath_drops_total", map[string]string{"reason": "spoofed"}); !ok {
 			t.Errorf("xnet_datapath_drops_total{reason=spoofed} missing")
 		}
-		if v, ok := xdMetric(fams, "xnet_backend_info", map[string]string{"backend": "ebpf"}); !ok || v != 1 {
+		if v, ok := xnetdtest.Metric(fams, "xnet_backend_info", map[string]string{"backend": "ebpf"}); !ok || v != 1 {
 			t.Errorf("xnet_backend_info{backend=ebpf} = %v (present %v)", v, ok)
 		}
 	})
 
 	t.Run("status after the daemon stopped still shows the datapath's counters", func(t *testing.T) {
-		if err := n.proc.Stop(); err != nil {
+		if err := n.Proc.Stop(); err != nil {
 			t.Fatal(err)
 		}
-		check(t, n.statusCounters(t), false)
+		check(t, n.StatusCounters(t), false)
 	})
 
 	t.Run("teardown detaches the datapath and removes its pins", func(t *testing.T) {
-		n.teardown(t, topo)
+		n.Teardown(t, topo)
 	})
 }

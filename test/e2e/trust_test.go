@@ -20,6 +20,7 @@ import (
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 )
 
 // trBad is a lease no host may program.
@@ -58,16 +59,16 @@ type trStatus struct {
 	} `json:"conflicts"`
 }
 
-func trStatusOf(t *testing.T, n *xdNode) trStatus {
+func trStatusOf(t *testing.T, n *xnetdtest.Node) trStatus {
 	t.Helper()
 	var s trStatus
-	n.statusInto(t, &s)
+	n.StatusInto(t, &s)
 	return s
 }
 
 // trRoutes is every destination the host's datapath sends somewhere: the main routing table
 // and, with ebpf, the BPF routes map.
-func trRoutes(t *testing.T, n *xdNode, ebpf bool) map[netip.Prefix]string {
+func trRoutes(t *testing.T, n *xnetdtest.Node, ebpf bool) map[netip.Prefix]string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -106,7 +107,7 @@ func trRoutes(t *testing.T, n *xdNode, ebpf bool) map[netip.Prefix]string {
 
 // trWaitKnown waits until every host lists every lease in subnets among its peers: it has
 // seen them, so what its datapath holds is its decision.
-func trWaitKnown(t *testing.T, nodes []*xdNode, subnets []netip.Prefix) {
+func trWaitKnown(t *testing.T, nodes []*xnetdtest.Node, subnets []netip.Prefix) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for _, n := range nodes {
@@ -132,10 +133,10 @@ func trWaitKnown(t *testing.T, nodes []*xdNode, subnets []netip.Prefix) {
 	}
 }
 
-func trMetric(t *testing.T, n *xdNode, name string, labels map[string]string) float64 {
+func trMetric(t *testing.T, n *xnetdtest.Node, name string, labels map[string]string) float64 {
 	t.Helper()
-	_, body := n.httpGet(t, "/metrics")
-	v, _ := xdMetric(xdParse(t, body), name, labels)
+	_, body := n.HTTPGet(t, "/metrics")
+	v, _ := xnetdtest.Metric(xnetdtest.ParseMetrics(t, body), name, labels)
 	return v
 }
 
@@ -155,15 +156,15 @@ func TestTrustBadLeasesReachNoDatapath(t *testing.T) {
 }
 
 func trBadLeasesOn(t *testing.T, backendName, config string) {
-	nodes, topo := xdCluster(t, 2, config, "--backend="+backendName)
+	nodes, topo := xnetdtest.Cluster(t, 2, config, "--backend="+backendName)
 	a, b := nodes[0], nodes[1]
 	ebpf := backendName == "ebpf"
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("containers do not reach each other before any bad lease:\n%s", strings.Join(failed, "\n"))
 	}
 	cli := topo.EtcdClient()
-	aSub := a.state(t).Lease.Subnet
+	aSub := a.State(t).Lease.Subnet
 	bad := trBadLeases(aSub, rlFreeSubnets(t, topo, 1)[0])
 	var subnets []netip.Prefix
 	for _, l := range bad {
@@ -213,7 +214,7 @@ func trBadLeasesOn(t *testing.T, backendName, config string) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		text, err := a.Run(ctx, a.bin, "status", "--subnet-file", a.SubnetFile())
+		text, err := a.Run(ctx, a.Bin, "status", "--subnet-file", a.SubnetFile())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -227,18 +228,18 @@ func trBadLeasesOn(t *testing.T, backendName, config string) {
 		}
 		// Logged once each, not again on every later change of the lease set.
 		for _, l := range bad {
-			if n := strings.Count(a.proc.Output(), "subnet="+l.subnet.String()+" "); n != 1 {
-				t.Errorf("%s logged %v %d times, want once:\n%s", a.Name, l.subnet, n, a.proc.Output())
+			if n := strings.Count(a.Proc.Output(), "subnet="+l.subnet.String()+" "); n != 1 {
+				t.Errorf("%s logged %v %d times, want once:\n%s", a.Name, l.subnet, n, a.Proc.Output())
 			}
 		}
 	})
 
-	if failed := xdMesh(cs); len(failed) > 0 {
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Errorf("containers do not reach each other with the bad leases in etcd:\n%s", strings.Join(failed, "\n"))
 	}
 
 	t.Run("a restart removes what an older build programmed for them", func(t *testing.T) {
-		if err := a.proc.Kill(); err != nil {
+		if err := a.Proc.Kill(); err != nil {
 			t.Fatal(err)
 		}
 		planted := trPlantOldBuild(t, a, b, aSub, backendName)
@@ -248,15 +249,15 @@ func trBadLeasesOn(t *testing.T, backendName, config string) {
 				t.Fatalf("planting %v on %s did not work: the test would prove nothing", s, a.Name)
 			}
 		}
-		a.start(t)
-		a.waitReady(t)
+		a.StartDaemon(t)
+		a.WaitReady(t)
 		after := trRoutes(t, a, ebpf)
 		for _, s := range planted {
 			if r, ok := after[s]; ok {
 				t.Errorf("%s still holds %v after the restart: %s", a.Name, s, r)
 			}
 		}
-		if _, ok := after[b.state(t).Lease.Subnet]; !ok {
+		if _, ok := after[b.State(t).Lease.Subnet]; !ok {
 			t.Errorf("%s lost the route to host B's subnet in the restart", a.Name)
 		}
 		if backendName == "vxlan" {
@@ -269,7 +270,7 @@ func trBadLeasesOn(t *testing.T, backendName, config string) {
 				}
 			}
 		}
-		if failed := xdMesh(cs); len(failed) > 0 {
+		if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 			t.Errorf("containers do not reach each other after the restart:\n%s", strings.Join(failed, "\n"))
 		}
 	})
@@ -277,7 +278,7 @@ func trBadLeasesOn(t *testing.T, backendName, config string) {
 
 // trPlantOldBuild writes into a's datapath (its xnetd stopped) what a build without the trust
 // rule programmed for bad leases pointing at host b, and returns their subnets.
-func trPlantOldBuild(t *testing.T, a, b *xdNode, aSub netip.Prefix, backendName string) []netip.Prefix {
+func trPlantOldBuild(t *testing.T, a, b *xnetdtest.Node, aSub netip.Prefix, backendName string) []netip.Prefix {
 	t.Helper()
 	s := aSub.Addr().As4()
 	inside := netip.PrefixFrom(netip.AddrFrom4([4]byte{s[0], s[1], s[2], 128}), 25)
@@ -348,7 +349,7 @@ func trLeaseValue(t *testing.T, ip netip.Addr) string {
 
 // trVia is the PublicIP host n's kernel VXLAN device sends subnet to: the one its VTEP MAC
 // (the neighbour entry of the subnet's address) is derived from. ok is false without a route.
-func trVia(t *testing.T, n *xdNode, subnet netip.Prefix) (netip.Addr, bool) {
+func trVia(t *testing.T, n *xnetdtest.Node, subnet netip.Prefix) (netip.Addr, bool) {
 	t.Helper()
 	if _, ok := trRoutes(t, n, false)[subnet]; !ok {
 		return netip.Addr{}, false
@@ -372,7 +373,7 @@ func trVia(t *testing.T, n *xdNode, subnet netip.Prefix) (netip.Addr, bool) {
 }
 
 // trWaitVia waits until every host but the owner sends subnet to ip.
-func trWaitVia(t *testing.T, nodes []*xdNode, subnet netip.Prefix, ip netip.Addr, within time.Duration) {
+func trWaitVia(t *testing.T, nodes []*xnetdtest.Node, subnet netip.Prefix, ip netip.Addr, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for _, n := range nodes {
@@ -398,21 +399,21 @@ func trWaitVia(t *testing.T, nodes []*xdNode, subnet netip.Prefix, ip netip.Addr
 // within a second, and every host ends up sending to both honest hosts again. (The control
 // plane is the same for every backend; the kernel VXLAN device shows where each subnet goes.)
 func TestTrustTwoLeasesClaimingOnePublicIP(t *testing.T) {
-	nodes, topo := xdCluster(t, 3, `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`, "--backend=vxlan")
+	nodes, topo := xnetdtest.Cluster(t, 3, `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`, "--backend=vxlan")
 	a, b, c := nodes[0], nodes[1], nodes[2]
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("containers do not reach each other at the start:\n%s", strings.Join(failed, "\n"))
 	}
 	cli := topo.EtcdClient()
-	bSub := b.state(t).Lease.Subnet
+	bSub := b.State(t).Lease.Subnet
 
 	t.Run("a newer lease with host B's PublicIP is refused everywhere", func(t *testing.T) {
 		dup := rlFreeSubnets(t, topo, 1)[0]
 		written := time.Now()
 		rlPutPeer(t, cli, dup, b.UnderlayIP, time.Hour)
-		trWaitKnown(t, []*xdNode{a, c}, []netip.Prefix{dup})
-		for _, n := range []*xdNode{a, c} {
+		trWaitKnown(t, []*xnetdtest.Node{a, c}, []netip.Prefix{dup})
+		for _, n := range []*xnetdtest.Node{a, c} {
 			if _, ok := trRoutes(t, n, false)[dup]; ok {
 				t.Errorf("%s programmed the newer lease %v with host B's PublicIP", n.Name, dup)
 			}
@@ -420,7 +421,7 @@ func TestTrustTwoLeasesClaimingOnePublicIP(t *testing.T) {
 				t.Errorf("%s sends host B's own subnet %v to %v (routed %v), want %v", n.Name, bSub, via, ok, b.UnderlayIP)
 			}
 		}
-		for _, n := range []*xdNode{a, c} {
+		for _, n := range []*xnetdtest.Node{a, c} {
 			deadline := written.Add(time.Second)
 			for {
 				var found bool
@@ -440,12 +441,12 @@ func TestTrustTwoLeasesClaimingOnePublicIP(t *testing.T) {
 				t.Errorf("%s: xnet_lease_conflicts{kind=duplicate_public_ip} = %v, want 1", n.Name, got)
 			}
 			if !trLogged(n, "level=ERROR", bSub.String(), dup.String(), b.UnderlayIP.String()) {
-				t.Errorf("%s logged no Error naming both claimants of %v:\n%s", n.Name, b.UnderlayIP, n.proc.Output())
+				t.Errorf("%s logged no Error naming both claimants of %v:\n%s", n.Name, b.UnderlayIP, n.Proc.Output())
 			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xdPrefix, dup)); err != nil {
+		if _, err := cli.Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, dup)); err != nil {
 			t.Fatal(err)
 		}
 		deadline := time.Now().Add(2 * time.Second)
@@ -458,8 +459,8 @@ func TestTrustTwoLeasesClaimingOnePublicIP(t *testing.T) {
 	})
 
 	t.Run("host A's lease rewritten with host B's PublicIP is written back within a second", func(t *testing.T) {
-		aSub := a.state(t).Lease.Subnet
-		key := subnetmgr.SubnetKey(xdPrefix, aSub)
+		aSub := a.State(t).Lease.Subnet
+		key := subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, aSub)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		written := time.Now()
@@ -481,34 +482,34 @@ func TestTrustTwoLeasesClaimingOnePublicIP(t *testing.T) {
 				}
 			}
 			if time.Since(written) > time.Second {
-				t.Fatalf("%s did not write its lease back within 1 s of the rewrite:\n%s", a.Name, a.proc.Output())
+				t.Fatalf("%s did not write its lease back within 1 s of the rewrite:\n%s", a.Name, a.Proc.Output())
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
 		trWaitVia(t, nodes, aSub, a.UnderlayIP, 2*time.Second)
 		trWaitVia(t, nodes, bSub, b.UnderlayIP, 2*time.Second)
 		if !trLogged(a, "level=ERROR", aSub.String(), a.UnderlayIP.String(), b.UnderlayIP.String()) {
-			t.Errorf("%s logged no Error naming both claimants of its subnet:\n%s", a.Name, a.proc.Output())
+			t.Errorf("%s logged no Error naming both claimants of its subnet:\n%s", a.Name, a.Proc.Output())
 		}
 		if got := trMetric(t, a, "xnet_lease_conflicts_total", map[string]string{"kind": "own_subnet_rewritten"}); got < 1 {
 			t.Errorf("%s: xnet_lease_conflicts_total{kind=own_subnet_rewritten} = %v, want at least 1", a.Name, got)
 		}
-		if a.proc.Exited() {
-			t.Fatalf("%s exited: %v\n%s", a.Name, a.proc.Wait(), a.proc.Output())
+		if a.Proc.Exited() {
+			t.Fatalf("%s exited: %v\n%s", a.Name, a.Proc.Wait(), a.Proc.Output())
 		}
-		if got := a.state(t).Lease.Subnet; got != aSub {
+		if got := a.State(t).Lease.Subnet; got != aSub {
 			t.Errorf("%s moved to %v; it must keep %v", a.Name, got, aSub)
 		}
 	})
 
-	if failed := xdMesh(cs); len(failed) > 0 {
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Errorf("containers do not reach each other after the conflicts:\n%s", strings.Join(failed, "\n"))
 	}
 }
 
 // trLogged reports whether one line of n's log holds every one of words.
-func trLogged(n *xdNode, words ...string) bool {
-	for line := range strings.SplitSeq(n.proc.Output(), "\n") {
+func trLogged(n *xnetdtest.Node, words ...string) bool {
+	for line := range strings.SplitSeq(n.Proc.Output(), "\n") {
 		all := true
 		for _, w := range words {
 			all = all && strings.Contains(line, w)

@@ -241,13 +241,7 @@ func udpPeer(t *testing.T, c udp.Counters, ip netip.Addr) udp.PeerCounters {
 // and checks the receiver's SHA-256 equals the sender's.
 func udpTransfer(t *testing.T, from, to *harness.Container, size int) {
 	t.Helper()
-	transferTo(t, from, to, to.IP, size)
-}
-
-// transferTo is udpTransfer to the receiver's address dst (IPv4 or IPv6).
-func transferTo(t *testing.T, from, to *harness.Container, dst netip.Addr, size int) {
-	t.Helper()
-	harness.TransferIntact(t, from, to, dst, size)
+	harness.TransferIntact(t, from, to, to.IP, size)
 }
 
 // udpSendRaw sends payload as one UDP datagram from host's underlay address to dst:8472.

@@ -13,6 +13,7 @@ import (
 	"github.com/xnet-dev/xnet/backend/vxlan"
 	"github.com/xnet-dev/xnet/ipmasq"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -156,10 +157,10 @@ func TestVXLANWithIPMasqContainersReachTheOutsideAsTheirHost(t *testing.T) {
 	dpMesh(t, nodes)
 	c1, c2 := nodes[0].host.Containers()[0], nodes[1].host.Containers()[0]
 	gateway := netip.MustParseAddr("198.18.0.1") // the underlay namespace's bridge address
-	if got := dpSourceSeen(t, c1.Namespace, topo.Underlay(), gateway); got != nodes[0].host.UnderlayIP {
+	if got := xnetdtest.SourceSeen(t, c1.Namespace, topo.Underlay(), gateway); got != nodes[0].host.UnderlayIP {
 		t.Errorf("the underlay saw %v, want the host's %v", got, nodes[0].host.UnderlayIP)
 	}
-	if got := dpSourceSeen(t, c1.Namespace, c2.Namespace, c2.IP); got != c1.IP {
+	if got := xnetdtest.SourceSeen(t, c1.Namespace, c2.Namespace, c2.IP); got != c1.IP {
 		t.Errorf("the remote container saw %v, want the container's own %v", got, c1.IP)
 	}
 }

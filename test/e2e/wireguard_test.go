@@ -33,22 +33,23 @@ import (
 
 	"github.com/xnet-dev/xnet/backend/wireguard"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
 const wgConfig = `{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}`
 
 func TestWireGuardHostsConnectTheirContainersEncrypted(t *testing.T) {
-	nodes, topo := xdCluster(t, 3, wgConfig)
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, topo := xnetdtest.Cluster(t, 3, wgConfig)
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("containers that do not reach each other:\n%s", strings.Join(failed, "\n"))
 	}
 
 	t.Run("every host publishes its key as flannel does and keeps the private key 0600", func(t *testing.T) {
-		leases := xdLeases(t, topo, xdPrefix)
+		leases := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)
 		for _, n := range nodes {
-			l := leases[n.state(t).Lease.Subnet]
+			l := leases[n.State(t).Lease.Subnet]
 			data, err := subnetmgr.ParseWireGuardData(l.BackendData)
 			if l.BackendType != "wireguard" || err != nil || data.Port != 51820 {
 				t.Errorf("%s's lease: %s %s (%v), want wireguard with its key and Port 51820", n.Name, l.BackendType, l.BackendData, err)
@@ -75,7 +76,7 @@ func TestWireGuardHostsConnectTheirContainersEncrypted(t *testing.T) {
 			Backend string `json:"backend"`
 			Mode    string `json:"mode"`
 		}
-		nodes[0].statusInto(t, &st)
+		nodes[0].StatusInto(t, &st)
 		if st.Backend != "wireguard" || st.Mode != string(wireguard.DatapathEmbedded) {
 			t.Errorf("status: backend %q mode %q, want wireguard %s", st.Backend, st.Mode, wireguard.DatapathEmbedded)
 		}
@@ -95,13 +96,13 @@ func TestWireGuardHostsConnectTheirContainersEncrypted(t *testing.T) {
 	})
 
 	t.Run("kill -9 and restart keeps the key and reconnects", func(t *testing.T) {
-		before := xdLeases(t, topo, xdPrefix)[nodes[0].state(t).Lease.Subnet]
-		if err := nodes[0].proc.Kill(); err != nil {
+		before := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)[nodes[0].State(t).Lease.Subnet]
+		if err := nodes[0].Proc.Kill(); err != nil {
 			t.Fatal(err)
 		}
-		nodes[0].start(t)
-		nodes[0].waitReady(t)
-		after := xdLeases(t, topo, xdPrefix)[nodes[0].state(t).Lease.Subnet]
+		nodes[0].StartDaemon(t)
+		nodes[0].WaitReady(t)
+		after := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)[nodes[0].State(t).Lease.Subnet]
 		if string(after.BackendData) != string(before.BackendData) {
 			t.Errorf("the restarted host publishes %s, it published %s", after.BackendData, before.BackendData)
 		}
@@ -113,17 +114,17 @@ func TestWireGuardHostsConnectTheirContainersEncrypted(t *testing.T) {
 				t.Errorf("%s's container does not reach the restarted %s's within %v", c.Host.Name, nodes[0].Name, took)
 			}
 		}
-		if failed := xdMesh(cs); len(failed) > 0 {
+		if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 			t.Errorf("after the restart:\n%s", strings.Join(failed, "\n"))
 		}
 	})
 
 	t.Run("teardown removes the device and routes", func(t *testing.T) {
 		n := nodes[2]
-		if err := n.proc.Stop(); err != nil {
+		if err := n.Proc.Stop(); err != nil {
 			t.Fatal(err)
 		}
-		n.teardown(t, topo)
+		n.Teardown(t, topo)
 	})
 }
 
@@ -139,9 +140,9 @@ func TestWireGuardCarriesIPv6Encrypted(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	nodes := xdStart(t, topo, fmt.Sprintf(dualConfig, "wireguard"))
-	cs := xdContainers(t, nodes)
-	if failed := dualMesh(cs); len(failed) > 0 {
+	nodes := xnetdtest.Start(t, topo, fmt.Sprintf(xnetdtest.DualStackConfig, "wireguard"))
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.DualStackMesh(cs); len(failed) > 0 {
 		t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 	}
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -157,9 +158,9 @@ func TestWireGuardCarriesIPv6Encrypted(t *testing.T) {
 				} `json:"v6"`
 			} `json:"wireguard"`
 		}
-		a.statusInto(t, &st)
+		a.StatusInto(t, &st)
 		v6 := st.WireGuard.V6
-		bSub6, cSub6 := b.state(t).Lease.IPv6Subnet, c.state(t).Lease.IPv6Subnet
+		bSub6, cSub6 := b.State(t).Lease.IPv6Subnet, c.State(t).Lease.IPv6Subnet
 		if v6.Device != wireguard.DeviceNameV6 || v6.ListenPort != 51821 || len(v6.Peers) != 1 ||
 			v6.Peers[0].Endpoint != netip.AddrPortFrom(b.UnderlayIPv6, 51821).String() || !slices.Equal(v6.Peers[0].Subnets, []netip.Prefix{bSub6}) {
 			t.Errorf("status v6 %+v: want %s on 51821 with %s's IPv6 subnet %v at [%v]:51821", v6, wireguard.DeviceNameV6, b.Name, bSub6, b.UnderlayIPv6)
@@ -171,20 +172,20 @@ func TestWireGuardCarriesIPv6Encrypted(t *testing.T) {
 		if !found {
 			t.Errorf("no peer of %s holds %s's IPv6 subnet %v: %+v", wireguard.DeviceName, c.Name, cSub6, st.WireGuard.Peers)
 		}
-		text, err := a.Run(t.Context(), a.bin, "status", "--subnet-file", a.SubnetFile())
+		text, err := a.Run(t.Context(), a.Bin, "status", "--subnet-file", a.SubnetFile())
 		if err != nil || !strings.Contains(text, "wireguard: xnet-wg-v6 (wireguard-go)") || !strings.Contains(text, bSub6.String()) {
 			t.Errorf("xnetd status (%v) does not show %s with %v:\n%s", err, wireguard.DeviceNameV6, bSub6, text)
 		}
 	})
 
 	t.Run("TCP over IPv6 arrives intact both ways", func(t *testing.T) {
-		transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
-		transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
+		harness.TransferIntact(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
+		harness.TransferIntact(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
 	})
 
 	for _, tc := range []struct {
 		desc     string
-		to       *xdNode
+		to       *xnetdtest.Node
 		cTo      *harness.Container
 		wgPort   netip.AddrPort // where the datagrams to tc.to go
 		from     netip.Addr     // and whence
@@ -204,7 +205,7 @@ func TestWireGuardCarriesIPv6Encrypted(t *testing.T) {
 // clearDst, an underlay address of to: the control marker must be in the capture (it sees the
 // traffic), the marked ones must not, and WireGuard transport data from src to wgPort at least
 // as long as them must.
-func wgWantSealed(t *testing.T, topo *harness.Topology, from *xdNode, cFrom *harness.Container, to *xdNode, cTo *harness.Container,
+func wgWantSealed(t *testing.T, topo *harness.Topology, from *xnetdtest.Node, cFrom *harness.Container, to *xnetdtest.Node, cTo *harness.Container,
 	wgPort netip.AddrPort, src, clearDst netip.Addr) {
 	t.Helper()
 	marker, control := wgMarker(t, "overlay6"), wgMarker(t, "clear")
@@ -268,9 +269,9 @@ func TestWireGuardIPv6OnlyEncrypted(t *testing.T) {
 	} {
 		t.Run("Mode="+tc.mode, func(t *testing.T) {
 			config := fmt.Sprintf(`{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":%q}}`, tc.mode)
-			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, config)
-			cs := xdContainers(t, nodes)
-			if failed := ipv6Mesh(cs); len(failed) > 0 {
+			nodes, topo := xnetdtest.ClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, config)
+			cs := xnetdtest.Containers(t, nodes)
+			if failed := xnetdtest.IPv6Mesh(cs); len(failed) > 0 {
 				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 			}
 			a, b := nodes[0], nodes[1]
@@ -282,14 +283,14 @@ func TestWireGuardIPv6OnlyEncrypted(t *testing.T) {
 					V6         *struct{}      `json:"v6"`
 				} `json:"wireguard"`
 			}
-			a.statusInto(t, &st)
-			wg, bSub := st.WireGuard, b.state(t).Lease.Subnet
+			a.StatusInto(t, &st)
+			wg, bSub := st.WireGuard, b.State(t).Lease.Subnet
 			if wg.Device != tc.device || wg.ListenPort != tc.port || wg.V6 != nil || len(wg.Peers) != 1 ||
 				wg.Peers[0].Endpoint != netip.AddrPortFrom(b.UnderlayIPv6, tc.port).String() || !slices.Equal(wg.Peers[0].Subnets, []netip.Prefix{bSub}) {
 				t.Errorf("status %+v: want %s on %d alone, its one peer %s's IPv6 subnet %v at [%v]:%d", wg, tc.device, tc.port, b.Name, bSub, b.UnderlayIPv6, tc.port)
 			}
-			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
-			transferTo(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
 			wgWantSealed(t, topo, a, cs[0], b, cs[1], netip.AddrPortFrom(b.UnderlayIPv6, tc.port), a.UnderlayIPv6, b.UnderlayIPv6)
 		})
 	}
@@ -307,7 +308,7 @@ type wgPeerStatus struct {
 // WireGuard port what an attacker on the underlay could: every captured datagram again, each
 // with its authentication tag changed, and garbage. None may reach b's container, and b must
 // still answer a: its session and a's endpoint are undisturbed.
-func wgNothingInClearNothingReplayed(t *testing.T, topo *harness.Topology, a, b *xdNode, ca, cb *harness.Container) {
+func wgNothingInClearNothingReplayed(t *testing.T, topo *harness.Topology, a, b *xnetdtest.Node, ca, cb *harness.Container) {
 	marker, control := wgMarker(t, "overlay"), wgMarker(t, "clear")
 	const count = 20
 	sink := wgSink(t, cb, 7777)
@@ -390,7 +391,7 @@ func wgNothingInClearNothingReplayed(t *testing.T, topo *harness.Topology, a, b 
 		t.Errorf("%d of %d replayed, forged or garbage datagrams reached %s's container", got-count, len(attack), b.Name)
 	}
 	// b still reaches a where a is (a forged packet did not move a's endpoint), and a b.
-	if failed := xdMesh([]*harness.Container{ca, cb}); len(failed) > 0 {
+	if failed := xnetdtest.Mesh([]*harness.Container{ca, cb}); len(failed) > 0 {
 		t.Errorf("after the replays:\n%s", strings.Join(failed, "\n"))
 	}
 	wgSend(t, ca.Namespace, netip.AddrPortFrom(cb.IP, 7777), marker, 1)
@@ -572,7 +573,7 @@ func TestXnetdWireGuardWithoutKernelOrTUNSaysWhy(t *testing.T) {
 	if err := h.Do(func() error { _, err := netlink.GenlFamilyGet("wireguard"); return err }); err == nil || wgModuleInstalled() {
 		t.Skip("this kernel has WireGuard: there is nothing to refuse")
 	}
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
 	bin := harness.BuildXnetd(t)
 	script := `mount -t tmpfs none /dev/net && exec "$0" "$@"`
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
@@ -617,29 +618,29 @@ func wgModuleInstalled() bool {
 // other, and TCP crosses between the flannel host and an xnet host intact both ways.
 func TestWireGuardInteroperatesWithFlannel(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true})
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), wgConfig)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), wgConfig)
 	hosts := topo.Hosts()
 	flannel := wgStartFlannel(t, topo, hosts[0], netip.MustParsePrefix("10.244.200.0/24"))
 
 	bin := harness.BuildXnetd(t)
-	var nodes []*xdNode
+	var nodes []*xnetdtest.Node
 	for _, h := range hosts[1:] {
-		n := &xdNode{Host: h, bin: bin}
-		n.start(t)
-		n.waitReady(t)
+		n := &xnetdtest.Node{Host: h, Bin: bin}
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		nodes = append(nodes, n)
 	}
 	for _, n := range nodes {
-		n.waitPeers(t, 2)
+		n.WaitPeers(t, 2)
 	}
 	// flannel's handleSubnetEvents for the xnet hosts' leases.
-	for subnet, l := range xdLeases(t, topo, xdPrefix) {
+	for subnet, l := range xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix) {
 		if subnet != flannel.subnet {
 			flannel.addPeer(t, subnet, l)
 		}
 	}
-	cs := append([]*harness.Container{flannel.container}, xdContainers(t, nodes)...)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	cs := append([]*harness.Container{flannel.container}, xnetdtest.Containers(t, nodes)...)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("containers that do not reach each other:\n%s", strings.Join(failed, "\n"))
 	}
 	udpTransfer(t, cs[0], cs[1], 16<<20)
@@ -653,7 +654,7 @@ func TestWireGuardInteroperatesWithFlannel(t *testing.T) {
 // Containers on all three reach each other over IPv6 and IPv4.
 func TestWireGuardDualStackInteroperatesWithFlannel(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 3, WithEtcd: true, IPv6Underlay: true})
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(dualConfig, "wireguard"))
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), fmt.Sprintf(xnetdtest.DualStackConfig, "wireguard"))
 	hosts := topo.Hosts()
 	fh := hosts[0]
 	sub, sub6 := netip.MustParsePrefix("10.244.200.0/24"), netip.MustParsePrefix("fd00:10:244:c8::/64")
@@ -714,23 +715,23 @@ func TestWireGuardDualStackInteroperatesWithFlannel(t *testing.T) {
 	}
 	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":"%s","BackendType":"wireguard","BackendData":{"PublicKey":"%s","Port":51820},"BackendV6Data":{"PublicKey":"%s","Port":51821}}`,
 		fh.UnderlayIP, fh.UnderlayIPv6, key.PublicKey(), key.PublicKey())
-	if _, err := topo.EtcdClient().Put(ctx, xdPrefix+"/subnets/10.244.200.0-24&fd00:10:244:c8::-64", value, clientv3.WithLease(grant.ID)); err != nil {
+	if _, err := topo.EtcdClient().Put(ctx, xnetdtest.EtcdPrefix+"/subnets/10.244.200.0-24&fd00:10:244:c8::-64", value, clientv3.WithLease(grant.ID)); err != nil {
 		t.Fatal(err)
 	}
 
 	bin := harness.BuildXnetd(t)
-	var nodes []*xdNode
+	var nodes []*xnetdtest.Node
 	for _, h := range hosts[1:] {
-		n := &xdNode{Host: h, bin: bin}
-		n.start(t)
-		n.waitReady(t)
+		n := &xnetdtest.Node{Host: h, Bin: bin}
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		nodes = append(nodes, n)
 	}
 	for _, n := range nodes {
-		n.waitPeers(t, 2)
+		n.WaitPeers(t, 2)
 	}
 	// flannel's handleSubnetEvents in separate mode for the xnet hosts' leases.
-	leases, _, err := subnetmgrList(ctx, topo)
+	leases, _, err := xnetdtest.ListLeases(ctx, topo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -761,17 +762,17 @@ func TestWireGuardDualStackInteroperatesWithFlannel(t *testing.T) {
 			}
 		}
 	}
-	cs := append(xdContainers(t, nodes), fc)
+	cs := append(xnetdtest.Containers(t, nodes), fc)
 	for _, n := range nodes {
-		if route := n.routeTo(t, sub6); !strings.Contains(route, wireguard.DeviceNameV6) {
+		if route := n.RouteTo(t, sub6); !strings.Contains(route, wireguard.DeviceNameV6) {
 			t.Errorf("%s: route to the flannel host's IPv6 subnet %q, want it on %s", n.Name, route, wireguard.DeviceNameV6)
 		}
 	}
-	if failed := dualMesh(cs); len(failed) > 0 {
+	if failed := xnetdtest.DualStackMesh(cs); len(failed) > 0 {
 		t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 	}
-	transferTo(t, cs[0], fc, fc.IPv6, 8<<20)
-	transferTo(t, fc, cs[1], cs[1].IPv6, 8<<20)
+	harness.TransferIntact(t, cs[0], fc, fc.IPv6, 8<<20)
+	harness.TransferIntact(t, fc, cs[1], cs[1].IPv6, 8<<20)
 }
 
 // wgFlannel is a host configured as flannel's wireguard backend configures one.
@@ -826,7 +827,7 @@ func wgStartFlannel(t *testing.T, topo *harness.Topology, h *harness.Host, subne
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := topo.EtcdClient().Put(ctx, subnetmgr.SubnetKey(xdPrefix, subnet), value, clientv3.WithLease(grant.ID)); err != nil {
+	if _, err := topo.EtcdClient().Put(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, subnet), value, clientv3.WithLease(grant.ID)); err != nil {
 		t.Fatal(err)
 	}
 	return f
@@ -870,11 +871,11 @@ type wgStatus struct {
 
 // wgCheckStatus checks what `xnetd status` says of the first host's device against the leases
 // in etcd, after the traffic so far and after more.
-func wgCheckStatus(t *testing.T, topo *harness.Topology, nodes []*xdNode) {
+func wgCheckStatus(t *testing.T, topo *harness.Topology, nodes []*xnetdtest.Node) {
 	t.Helper()
-	leases := xdLeases(t, topo, xdPrefix)
-	keyOf := func(n *xdNode) string {
-		d, err := subnetmgr.ParseWireGuardData(leases[n.state(t).Lease.Subnet].BackendData)
+	leases := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)
+	keyOf := func(n *xnetdtest.Node) string {
+		d, err := subnetmgr.ParseWireGuardData(leases[n.State(t).Lease.Subnet].BackendData)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -882,7 +883,7 @@ func wgCheckStatus(t *testing.T, topo *harness.Topology, nodes []*xdNode) {
 	}
 	n := nodes[0]
 	var before wgStatus
-	n.statusInto(t, &before)
+	n.StatusInto(t, &before)
 	w := before.WireGuard
 	if w.Unavailable != "" || w.Datapath != string(wireguard.DatapathEmbedded) || w.PublicKey != keyOf(n) || w.ListenPort != 51820 {
 		t.Fatalf("status wireguard: %+v, want the embedded device with our published key %s on 51820", w, keyOf(n))
@@ -901,8 +902,8 @@ func wgCheckStatus(t *testing.T, topo *harness.Topology, nodes []*xdNode) {
 			continue
 		}
 		p := w.Peers[i]
-		if len(p.Subnets) != 1 || p.Subnets[0] != peer.state(t).Lease.Subnet || p.Endpoint != peer.UnderlayIP.String()+":51820" {
-			t.Errorf("peer %s: %+v, want its subnet %v at %v:51820", peer.Name, p, peer.state(t).Lease.Subnet, peer.UnderlayIP)
+		if len(p.Subnets) != 1 || p.Subnets[0] != peer.State(t).Lease.Subnet || p.Endpoint != peer.UnderlayIP.String()+":51820" {
+			t.Errorf("peer %s: %+v, want its subnet %v at %v:51820", peer.Name, p, peer.State(t).Lease.Subnet, peer.UnderlayIP)
 		}
 		// WireGuard renews a session every 2 minutes while traffic flows.
 		if p.LastHandshake.IsZero() || time.Since(p.LastHandshake) > 3*time.Minute || p.RxBytes == 0 || p.TxBytes == 0 {
@@ -915,7 +916,7 @@ func wgCheckStatus(t *testing.T, topo *harness.Topology, nodes []*xdNode) {
 		cancel()
 	}
 	var after wgStatus
-	n.statusInto(t, &after)
+	n.StatusInto(t, &after)
 	for _, p := range after.WireGuard.Peers {
 		i, ok := byKey[p.PublicKey]
 		if !ok {
@@ -927,7 +928,7 @@ func wgCheckStatus(t *testing.T, topo *harness.Topology, nodes []*xdNode) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
-	text, err := n.Run(ctx, n.bin, "status", "--subnet-file", n.SubnetFile())
+	text, err := n.Run(ctx, n.Bin, "status", "--subnet-file", n.SubnetFile())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -935,7 +936,7 @@ func wgCheckStatus(t *testing.T, topo *harness.Topology, nodes []*xdNode) {
 		t.Errorf("xnetd status lacks %q:\n%s", want, text)
 	}
 	for _, peer := range nodes[1:] {
-		if line := lineContaining(text, keyOf(peer)); !strings.Contains(line, peer.state(t).Lease.Subnet.String()) || !strings.Contains(line, " ago)") {
+		if line := xnetdtest.LineContaining(text, keyOf(peer)); !strings.Contains(line, peer.State(t).Lease.Subnet.String()) || !strings.Contains(line, " ago)") {
 			t.Errorf("xnetd status shows %s's peer as %q, want its subnet and when it last shook hands:\n%s", peer.Name, line, text)
 		}
 	}

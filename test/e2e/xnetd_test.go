@@ -1,16 +1,18 @@
+// Package e2e holds the end-to-end tests of the xnetd binary and every backend on simulated
+// hosts: the daemon's life (start, restart, kill -9, teardown, status, check, metrics), the
+// datapaths, etcd faults, trust and security, peer health. IPv6 overlays are in test/e2e/ipv6,
+// the tests with Docker in test/e2e/docker; the three packages run side by side under go test
+// and share test/e2e/xnetdtest.
 package e2e
 
 // End to end tests of the xnetd binary as an operator runs it: hosts in network namespaces, a
-// real etcd, real datapaths. Helpers here are prefixed xd so they do not collide with the
-// datapath tests' helpers in this package.
+// real etcd, real datapaths. The daemon on each host is an xnetdtest.Node, shared with the
+// IPv6 and Docker end-to-end packages.
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -18,418 +20,26 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
-	clientv3 "go.etcd.io/etcd/client/v3"
-
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
-const xdPrefix = subnetmgr.DefaultPrefix
-
-// xdNode is one host running xnetd.
-type xdNode struct {
-	*harness.Host
-	bin   string
-	extra []string
-	proc  *harness.Process
-
-	// systemd plays systemd for this host's xnetd: its NOTIFY_SOCKET and its fd store,
-	// which it passes to every restarted xnetd, as systemd does across restarts.
-	systemd *harness.ServiceManager
-}
-
-// xdCluster builds a topology with etcd, writes config under the default prefix and starts
-// xnetd on every host with extra flags, waiting until each reports ready.
-func xdCluster(t *testing.T, hosts int, config string, extra ...string) ([]*xdNode, *harness.Topology) {
-	t.Helper()
-	return xdClusterOn(t, harness.Options{Hosts: hosts, WithEtcd: true}, config, extra...)
-}
-
-// xdClusterOn is xdCluster on a topology built with opts (opts.Hosts hosts, etcd included).
-func xdClusterOn(t *testing.T, opts harness.Options, config string, extra ...string) ([]*xdNode, *harness.Topology) {
-	t.Helper()
-	opts.WithEtcd = true
-	topo := harness.NewForTest(t, opts)
-	return xdStart(t, topo, config, extra...), topo
-}
-
-// xdStart runs xnetd with config on every host of topo (built WithEtcd) and waits until each
-// lists the others as peers.
-func xdStart(t *testing.T, topo *harness.Topology, config string, extra ...string) []*xdNode {
-	t.Helper()
-	hosts := len(topo.Hosts())
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), config)
-	bin := harness.BuildXnetd(t)
-	// One after the other, so each host finds the earlier ones' leases at start.
-	var nodes []*xdNode
-	for _, h := range topo.Hosts() {
-		n := &xdNode{Host: h, bin: bin, extra: extra}
-		n.start(t)
-		n.waitReady(t)
-		nodes = append(nodes, n)
-	}
-	// The earlier hosts learn of the later ones through their lease watch.
-	for _, n := range nodes {
-		n.waitPeers(t, hosts-1)
-	}
-	return nodes
-}
-
-// waitPeers waits until the daemon's state lists want peers.
-func (n *xdNode) waitPeers(t *testing.T, want int) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		s := n.state(t)
-		if len(s.Peers) == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s knows %d peers after 10s, want %d: %+v", n.Name, len(s.Peers), want, s.Peers)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// listenNotify starts the service manager that plays systemd for this host's xnetd.
-func (n *xdNode) listenNotify(t *testing.T) {
-	t.Helper()
-	m, err := harness.NewServiceManager()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	n.systemd = m
-}
-
-// notifications is what xnetd told systemd so far.
-func (n *xdNode) notifications() []string { return n.systemd.Notifications() }
-
-func xdPut(t *testing.T, topo *harness.Topology, key, value string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if _, err := topo.EtcdClient().Put(ctx, key, value); err != nil {
-		t.Fatalf("etcd put %s: %v", key, err)
-	}
-}
-
-func (n *xdNode) start(t *testing.T) {
-	t.Helper()
-	if n.systemd == nil {
-		n.listenNotify(t)
-	}
-	// As systemd restarts a service: with NOTIFY_SOCKET, and the fds stored by the process
-	// before (the test's environment passes on, XNETD_* aside).
-	p, err := n.StartXnetdUnder(n.systemd, n.bin, n.extra...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.proc = p
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("xnetd on %s (pid %d) said:\n%s", n.Name, p.Pid, p.Output())
-		}
-	})
-}
-
-func (n *xdNode) stateFile() string { return filepath.Join(n.StateDir, "state.json") }
-
-// xdState is the part of state.json the tests look at.
-type xdState struct {
-	PID         int    `json:"pid"`
-	Ready       bool   `json:"ready"`
-	MetricsAddr string `json:"metrics_addr"`
-	Lease       struct {
-		Subnet     netip.Prefix `json:"subnet"`
-		IPv6Subnet netip.Prefix `json:"ipv6_subnet"` // dual stack only
-	} `json:"lease"`
-	Peers []struct {
-		Subnet netip.Prefix `json:"subnet"`
-	} `json:"peers"`
-}
-
-func (n *xdNode) state(t *testing.T) xdState {
-	t.Helper()
-	data, err := os.ReadFile(n.stateFile())
-	if err != nil {
-		t.Fatalf("%s: %v", n.Name, err)
-	}
-	var s xdState
-	if err := json.Unmarshal(data, &s); err != nil {
-		t.Fatalf("%s: state file: %v", n.Name, err)
-	}
-	return s
-}
-
-// waitReady waits until this process (not an earlier one) recorded ready in its state file.
-func (n *xdNode) waitReady(t *testing.T) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
-		if data, err := os.ReadFile(n.stateFile()); err == nil {
-			var s xdState
-			if json.Unmarshal(data, &s) == nil && s.PID == n.proc.Pid && s.Ready {
-				return
-			}
-		}
-		if n.proc.Exited() {
-			t.Fatalf("xnetd on %s exited before ready: %v\n%s", n.Name, n.proc.Wait(), n.proc.Output())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("xnetd on %s not ready after 20s:\n%s", n.Name, n.proc.Output())
-}
-
-// xdStatus is `xnetd status --output json` as a user's script would read it.
-type xdStatus struct {
-	Running bool         `json:"running"`
-	Daemon  string       `json:"daemon"`
-	Ready   bool         `json:"ready"`
-	Backend string       `json:"backend"`
-	Network netip.Prefix `json:"network"`
-	Lease   struct {
-		Subnet     netip.Prefix `json:"subnet"`
-		PublicIP   netip.Addr   `json:"public_ip"`
-		Expiration time.Time    `json:"expiration"`
-	} `json:"lease"`
-	Peers []struct {
-		Subnet    netip.Prefix `json:"subnet"`
-		PublicIP  netip.Addr   `json:"public_ip"`
-		VtepMAC   string       `json:"vtep_mac"`
-		Route     string       `json:"route"`
-		Error     string       `json:"error"`
-		TxPackets *uint64      `json:"tx_packets"`
-		// RemovalDue is set while the peer's lease is gone and its removal waits out the grace.
-		RemovalDue time.Time `json:"removal_due"`
-	} `json:"peers"`
-	Counters string   `json:"counters"`
-	Routes   []string `json:"routes"`
-}
-
-func (n *xdNode) status(t *testing.T) xdStatus {
-	t.Helper()
-	var s xdStatus
-	n.statusInto(t, &s)
-	return s
-}
-
-// statusInto runs `xnetd status --output json` in the host and decodes it into v.
-func (n *xdNode) statusInto(t *testing.T, v any) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	out, err := n.Run(ctx, n.bin, "status", "--output", "json", "--subnet-file", n.SubnetFile())
-	if err != nil {
-		t.Fatalf("xnetd status on %s: %v", n.Name, err)
-	}
-	if err := json.Unmarshal([]byte(out), v); err != nil {
-		t.Fatalf("xnetd status --output json on %s is not JSON: %v\n%s", n.Name, err, out)
-	}
-}
-
-// xdParse parses a scrape with Prometheus' own text parser.
-func xdParse(t *testing.T, body string) map[string]*dto.MetricFamily {
-	t.Helper()
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := parser.TextToMetricFamilies(strings.NewReader(body))
-	if err != nil {
-		t.Fatalf("/metrics does not parse: %v\n%s", err, body)
-	}
-	return fams
-}
-
-// httpGet fetches path from the daemon's metrics endpoint, which listens on the loopback of
-// the host's namespace: the connection is dialled from inside it.
-func (n *xdNode) httpGet(t *testing.T, path string) (int, string) {
-	t.Helper()
-	addr := n.state(t).MetricsAddr
-	if addr == "" {
-		t.Fatalf("%s: state file has no metrics_addr", n.Name)
-	}
-	var conn net.Conn
-	if err := n.Do(func() error {
-		var err error
-		conn, err = net.DialTimeout("tcp", addr, 2*time.Second)
-		return err
-	}); err != nil {
-		t.Fatalf("%s: dial metrics %s: %v", n.Name, addr, err)
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprintf(conn, "GET %s HTTP/1.0\r\nHost: %s\r\nAccept: text/plain\r\n\r\n", path, addr)
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		t.Fatalf("%s: GET %s: %v", n.Name, path, err)
-	}
-	defer resp.Body.Close()
-	var b strings.Builder
-	if _, err := bufio.NewReader(resp.Body).WriteTo(&b); err != nil {
-		t.Fatalf("%s: GET %s: %v", n.Name, path, err)
-	}
-	return resp.StatusCode, b.String()
-}
-
-func (n *xdNode) routeTo(t *testing.T, subnet netip.Prefix) string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	family := "-4"
-	if subnet.Addr().Is6() {
-		family = "-6"
-	}
-	out, err := n.Run(ctx, "ip", family, "route", "show", subnet.String())
-	if err != nil {
-		t.Fatalf("%s: %v", n.Name, err)
-	}
-	return strings.TrimSpace(out)
-}
-
-// teardown runs `xnetd teardown` with the flags the daemon ran with, and checks what every
-// backend leaves behind is gone: files, pins, routes into the overlay, xnet devices, the
-// masquerade table. The lease stays in etcd (it expires by its TTL).
-func (n *xdNode) teardown(t *testing.T, topo *harness.Topology) {
-	t.Helper()
-	subnet := n.state(t).Lease.Subnet
-	// The operator's `systemctl stop xnetd` before the teardown: systemd closes the fds it
-	// stored for the service (a restart keeps them).
-	if n.systemd != nil {
-		n.systemd.Flush()
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	out, err := n.Run(ctx, n.bin, append(append([]string{"teardown"}, n.XnetdArgs()...), n.extra...)...)
-	if err != nil {
-		t.Fatalf("xnetd teardown on %s: %v\n%s", n.Name, err, out)
-	}
-	t.Logf("xnetd teardown on %s:\n%s", n.Name, out)
-	for _, f := range []string{n.SubnetFile(), n.DockerOptsFile(), n.stateFile()} {
-		if _, err := os.Stat(f); err == nil {
-			t.Errorf("%s still exists after teardown", f)
-		}
-	}
-	entries, _ := os.ReadDir(n.BPFFS)
-	for _, e := range entries {
-		// The kernel's own iterators in the root of a bpffs mount are not pins of ours.
-		if e.Name() != "maps.debug" && e.Name() != "progs.debug" {
-			t.Errorf("pin %s left in %s after teardown", e.Name(), n.BPFFS)
-		}
-	}
-	routes, _ := n.Run(ctx, "ip", "-4", "route", "show", "root", "10.244.0.0/16")
-	for _, r := range strings.Split(strings.TrimSpace(routes), "\n") {
-		// docker0's own subnet route is Docker's, not ours.
-		if r != "" && !strings.Contains(r, "dev docker0 proto kernel") {
-			t.Errorf("route into the overlay left after teardown: %s", r)
-		}
-	}
-	if links, _ := n.Run(ctx, "ip", "-o", "link", "show"); strings.Contains(links, "xnet") {
-		t.Errorf("xnet devices left after teardown:\n%s", links)
-	}
-	if _, err := n.Run(ctx, "nft", "list", "table", "ip", "xnet"); err == nil {
-		t.Errorf("nftables table ip xnet left after teardown")
-	}
-	if _, ok := xdLeases(t, topo, xdPrefix)[subnet]; !ok {
-		t.Errorf("teardown removed the lease %v from etcd; it must leave it to expire", subnet)
-	}
-}
-
-// xdLeases reads every lease key from etcd.
-func xdLeases(t *testing.T, topo *harness.Topology, prefix string) map[netip.Prefix]subnetmgr.LeaseAttrs {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(prefix), clientv3.WithPrefix())
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[netip.Prefix]subnetmgr.LeaseAttrs{}
-	for _, kv := range resp.Kvs {
-		// By the lease's ID: its IPv4 subnet, its IPv6 one in an IPv6-only overlay.
-		v4, v6, err := subnetmgr.ParseDualSubnetKey(prefix, string(kv.Key))
-		if err != nil {
-			t.Fatalf("key %s: %v", kv.Key, err)
-		}
-		subnet := subnetmgr.Lease{Subnet: v4, IPv6Subnet: v6}.ID()
-		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
-		if err != nil {
-			t.Fatalf("key %s: %v", kv.Key, err)
-		}
-		if kv.Lease == 0 {
-			t.Errorf("lease %s has no TTL: xnetd leases must expire", kv.Key)
-		}
-		out[subnet] = attrs
-	}
-	return out
-}
-
-// xdContainers plays Docker on every host from the subnet file xnetd wrote.
-func xdContainers(t *testing.T, nodes []*xdNode) []*harness.Container {
-	t.Helper()
-	var cs []*harness.Container
-	for _, n := range nodes {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_, err := n.SetupDocker0FromSubnetFile(ctx)
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := n.AddContainer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cs = append(cs, c)
-	}
-	return cs
-}
-
-// xdMesh pings every container from every other one, in parallel; it returns what failed.
-func xdMesh(cs []*harness.Container) []string {
-	var mu sync.Mutex
-	var failed []string
-	var wg sync.WaitGroup
-	for _, a := range cs {
-		for _, b := range cs {
-			if a == b {
-				continue
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
-				sent, got, err := harness.Ping(ctx, a.Namespace, b.IP, 3, 50*time.Millisecond)
-				if err != nil || got != sent {
-					mu.Lock()
-					failed = append(failed, fmt.Sprintf("%s(%v) -> %s(%v): %d/%d replies %v", a.Host.Name, a.IP, b.Host.Name, b.IP, got, sent, err))
-					mu.Unlock()
-				}
-			}()
-		}
-	}
-	wg.Wait()
-	slices.Sort(failed)
-	return failed
-}
-
 func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 	// The config names host-gw; xnetd takes it from etcd with no --backend.
-	nodes, topo := xdCluster(t, 3, `{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`)
+	nodes, topo := xnetdtest.Cluster(t, 3, `{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`)
 
 	var leases map[netip.Prefix]subnetmgr.LeaseAttrs
 	t.Run("each host holds one lease in etcd with its PublicIP", func(t *testing.T) {
-		leases = xdLeases(t, topo, xdPrefix)
+		leases = xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)
 		if len(leases) != 3 {
 			t.Fatalf("%d leases in etcd, want 3: %v", len(leases), leases)
 		}
 		for _, n := range nodes {
-			subnet := n.state(t).Lease.Subnet
+			subnet := n.State(t).Lease.Subnet
 			attrs, ok := leases[subnet]
 			if !ok || attrs.PublicIP != n.UnderlayIP || attrs.BackendType != subnetmgr.BackendHostGW {
 				t.Errorf("%s: lease %v in etcd is %+v, want PublicIP %v BackendType host-gw", n.Name, subnet, attrs, n.UnderlayIP)
@@ -440,8 +50,8 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 	t.Run("systemd hears READY only once the datapath holds every peer", func(t *testing.T) {
 		// The last host started after the two others held leases: its READY must count both.
 		last := nodes[2]
-		got := strings.Join(last.notifications(), "\n")
-		want := fmt.Sprintf("READY=1\nSTATUS=ready: %v via host-gw, 2 peers", last.state(t).Lease.Subnet)
+		got := strings.Join(last.Notifications(), "\n")
+		want := fmt.Sprintf("READY=1\nSTATUS=ready: %v via host-gw, 2 peers", last.State(t).Lease.Subnet)
 		if !strings.Contains(got, want) {
 			t.Errorf("%s told systemd %q, want %q", last.Name, got, want)
 		}
@@ -449,7 +59,7 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 
 	t.Run("subnet file and docker options match the lease", func(t *testing.T) {
 		for _, n := range nodes {
-			subnet := n.state(t).Lease.Subnet
+			subnet := n.State(t).Lease.Subnet
 			gw := netip.PrefixFrom(subnet.Addr().Next(), subnet.Bits())
 			env, err := os.ReadFile(n.SubnetFile())
 			if err != nil {
@@ -474,28 +84,28 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 		}
 	})
 
-	cs := xdContainers(t, nodes)
+	cs := xnetdtest.Containers(t, nodes)
 	t.Run("containers on different hosts reach each other", func(t *testing.T) {
-		if failed := xdMesh(cs); len(failed) > 0 {
+		if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 			t.Errorf("pings lost:\n%s", strings.Join(failed, "\n"))
 		}
 	})
 
 	t.Run("status --output json shows the lease, backend and every peer", func(t *testing.T) {
-		s := nodes[0].status(t)
+		s := nodes[0].Status(t)
 		if !s.Running || !s.Ready || s.Backend != subnetmgr.BackendHostGW || s.Network.String() != "10.244.0.0/16" {
 			t.Errorf("status running=%v ready=%v backend=%q network=%v, want running, ready, host-gw, 10.244.0.0/16 (%s)", s.Running, s.Ready, s.Backend, s.Network, s.Daemon)
 		}
-		if s.Lease.Subnet != nodes[0].state(t).Lease.Subnet || s.Lease.PublicIP != nodes[0].UnderlayIP ||
+		if s.Lease.Subnet != nodes[0].State(t).Lease.Subnet || s.Lease.PublicIP != nodes[0].UnderlayIP ||
 			time.Until(s.Lease.Expiration) < 23*time.Hour {
-			t.Errorf("status lease %+v, want %v public %v expiring in ~24h", s.Lease, nodes[0].state(t).Lease.Subnet, nodes[0].UnderlayIP)
+			t.Errorf("status lease %+v, want %v public %v expiring in ~24h", s.Lease, nodes[0].State(t).Lease.Subnet, nodes[0].UnderlayIP)
 		}
 		if len(s.Peers) != 2 {
 			t.Fatalf("status shows %d peers, want 2: %+v", len(s.Peers), s.Peers)
 		}
-		bySubnet := map[netip.Prefix]*xdNode{}
+		bySubnet := map[netip.Prefix]*xnetdtest.Node{}
 		for _, n := range nodes[1:] {
-			bySubnet[n.state(t).Lease.Subnet] = n
+			bySubnet[n.State(t).Lease.Subnet] = n
 		}
 		for i, p := range s.Peers {
 			peer := bySubnet[p.Subnet]
@@ -503,9 +113,9 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 				t.Errorf("peer %d: subnet %v is not another host's", i, p.Subnet)
 				continue
 			}
-			want := fmt.Sprintf("%v via %v dev eth0", peer.state(t).Lease.Subnet, peer.UnderlayIP)
-			if p.Subnet != peer.state(t).Lease.Subnet || p.PublicIP != peer.UnderlayIP || p.Route != want || p.Error != "" {
-				t.Errorf("peer %d: %+v, want subnet %v public %v route %q", i, p, peer.state(t).Lease.Subnet, peer.UnderlayIP, want)
+			want := fmt.Sprintf("%v via %v dev eth0", peer.State(t).Lease.Subnet, peer.UnderlayIP)
+			if p.Subnet != peer.State(t).Lease.Subnet || p.PublicIP != peer.UnderlayIP || p.Route != want || p.Error != "" {
+				t.Errorf("peer %d: %+v, want subnet %v public %v route %q", i, p, peer.State(t).Lease.Subnet, peer.UnderlayIP, want)
 			}
 		}
 		if !strings.HasPrefix(s.Counters, "none:") {
@@ -515,14 +125,14 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 
 	t.Run("metrics parse and describe the cluster; healthz is ready", func(t *testing.T) {
 		n := nodes[0]
-		if code, body := n.httpGet(t, "/healthz"); code != http.StatusOK {
+		if code, body := n.HTTPGet(t, "/healthz"); code != http.StatusOK {
 			t.Errorf("/healthz: HTTP %d %q, want 200", code, body)
 		}
-		code, body := n.httpGet(t, "/metrics")
+		code, body := n.HTTPGet(t, "/metrics")
 		if code != http.StatusOK {
 			t.Fatalf("/metrics: HTTP %d", code)
 		}
-		fams := xdParse(t, body)
+		fams := xnetdtest.ParseMetrics(t, body)
 		for _, tt := range []struct {
 			name   string
 			labels map[string]string
@@ -541,7 +151,7 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 			{"xnet_watch_resyncs_total", nil, func(v float64) bool { return v == 0 }, "0"},
 			{"xnet_lease_events_total", map[string]string{"type": "added"}, func(v float64) bool { return v >= 3 }, ">= 3"},
 		} {
-			v, ok := xdMetric(fams, tt.name, tt.labels)
+			v, ok := xnetdtest.Metric(fams, tt.name, tt.labels)
 			if !ok || !tt.check(v) {
 				t.Errorf("%s%v = %v (present %v), want %s", tt.name, tt.labels, v, ok, tt.want)
 			}
@@ -555,24 +165,24 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 
 	t.Run("a running host whose lease is deleted takes it back at once", func(t *testing.T) {
 		n := nodes[1]
-		subnet := n.state(t).Lease.Subnet
+		subnet := n.State(t).Lease.Subnet
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		start := time.Now()
-		if _, err := topo.EtcdClient().Delete(ctx, subnetmgr.SubnetKey(xdPrefix, subnet)); err != nil {
+		if _, err := topo.EtcdClient().Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, subnet)); err != nil {
 			t.Fatal(err)
 		}
 		for {
-			if attrs, ok := xdLeases(t, topo, xdPrefix)[subnet]; ok && attrs.PublicIP == n.UnderlayIP {
+			if attrs, ok := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix)[subnet]; ok && attrs.PublicIP == n.UnderlayIP {
 				break
 			}
 			if time.Since(start) > 5*time.Second {
-				t.Fatalf("%s did not take its lease %v back within 5s:\n%s", n.Name, subnet, n.proc.Output())
+				t.Fatalf("%s did not take its lease %v back within 5s:\n%s", n.Name, subnet, n.Proc.Output())
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
 		t.Logf("%s took its lease back %v after the delete", n.Name, time.Since(start).Round(time.Millisecond))
-		for nodes[0].routeTo(t, subnet) == "" {
+		for nodes[0].RouteTo(t, subnet) == "" {
 			if time.Since(start) > 5*time.Second {
 				t.Fatalf("%s has no route to %v again 5s after the delete", nodes[0].Name, subnet)
 			}
@@ -581,28 +191,28 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 		if sent, got, err := harness.Ping(ctx, cs[0].Namespace, cs[1].IP, 3, 50*time.Millisecond); err != nil || got != sent {
 			t.Errorf("ping %s -> %s after the lease came back: %d/%d %v", nodes[0].Name, n.Name, got, sent, err)
 		}
-		if n.proc.Exited() {
-			t.Errorf("xnetd on %s exited: %v", n.Name, n.proc.Wait())
+		if n.Proc.Exited() {
+			t.Errorf("xnetd on %s exited: %v", n.Name, n.Proc.Wait())
 		}
 	})
 
 	t.Run("a dead host's lease deleted in etcd leaves the other hosts' routes within seconds", func(t *testing.T) {
 		gone := nodes[2]
-		subnet := gone.state(t).Lease.Subnet
-		if err := gone.proc.Kill(); err != nil {
+		subnet := gone.State(t).Lease.Subnet
+		if err := gone.Proc.Kill(); err != nil {
 			t.Fatal(err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		start := time.Now()
-		if _, err := topo.EtcdClient().Delete(ctx, subnetmgr.SubnetKey(xdPrefix, subnet)); err != nil {
+		if _, err := topo.EtcdClient().Delete(ctx, subnetmgr.SubnetKey(xnetdtest.EtcdPrefix, subnet)); err != nil {
 			t.Fatal(err)
 		}
 		// For a few seconds the peer stays, in case its lease comes back (a host re-creating
 		// an expired lease after an etcd outage); status says so.
 		for {
 			var pending time.Time
-			for _, p := range nodes[0].status(t).Peers {
+			for _, p := range nodes[0].Status(t).Peers {
 				if p.Subnet == subnet {
 					pending = p.RemovalDue
 				}
@@ -620,23 +230,23 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 		for _, n := range nodes[:2] {
-			for n.routeTo(t, subnet) != "" {
+			for n.RouteTo(t, subnet) != "" {
 				if time.Since(start) > 5*time.Second {
-					t.Fatalf("%s still routes %v 5s after its lease was deleted: %s", n.Name, subnet, n.routeTo(t, subnet))
+					t.Fatalf("%s still routes %v 5s after its lease was deleted: %s", n.Name, subnet, n.RouteTo(t, subnet))
 				}
 				time.Sleep(20 * time.Millisecond)
 			}
 		}
 		t.Logf("route to %v gone from both peers %v after the delete", subnet, time.Since(start).Round(time.Millisecond))
 		// The other pair is untouched.
-		if route := nodes[0].routeTo(t, nodes[1].state(t).Lease.Subnet); route == "" {
+		if route := nodes[0].RouteTo(t, nodes[1].State(t).Lease.Subnet); route == "" {
 			t.Errorf("%s lost its route to %s too", nodes[0].Name, nodes[1].Name)
 		}
 		// The state file follows peer changes within a second (it is rewritten at most once
 		// a second under churn).
 		for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-			s := nodes[0].status(t)
-			if len(s.Peers) == 1 && s.Peers[0].Subnet == nodes[1].state(t).Lease.Subnet {
+			s := nodes[0].Status(t)
+			if len(s.Peers) == 1 && s.Peers[0].Subnet == nodes[1].State(t).Lease.Subnet {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -647,47 +257,18 @@ func TestXnetdOnThreeHostsConnectsTheirContainers(t *testing.T) {
 	})
 }
 
-func xdMetric(fams map[string]*dto.MetricFamily, name string, labels map[string]string) (float64, bool) {
-	fam := fams[name]
-	if fam == nil {
-		return 0, false
-	}
-	for _, m := range fam.GetMetric() {
-		match := true
-		for k, v := range labels {
-			found := false
-			for _, l := range m.GetLabel() {
-				found = found || (l.GetName() == k && l.GetValue() == v)
-			}
-			match = match && found
-		}
-		if !match {
-			continue
-		}
-		switch {
-		case m.Counter != nil:
-			return m.GetCounter().GetValue(), true
-		case m.Gauge != nil:
-			return m.GetGauge().GetValue(), true
-		case m.Histogram != nil:
-			return float64(m.GetHistogram().GetSampleCount()), true
-		}
-	}
-	return 0, false
-}
-
 // A restart, graceful or kill -9, keeps the subnet and the datapath: a ping every 50 ms
 // across both restarts loses nothing. Between stop and start, status says the daemon is down
 // and still shows the datapath.
 func TestXnetdRestartKeepsTheSubnetAndLosesNoPacket(t *testing.T) {
 	// The config says ebpf (auto) as a cluster would; these hosts pin vxlan, the kernel device.
-	nodes, topo := xdCluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`, "--backend=vxlan", "--ip-masq")
-	cs := xdContainers(t, nodes)
-	if failed := xdMesh(cs); len(failed) > 0 {
+	nodes, topo := xnetdtest.Cluster(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ebpf"}}`, "--backend=vxlan", "--ip-masq")
+	cs := xnetdtest.Containers(t, nodes)
+	if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 		t.Fatalf("no connectivity before the restarts:\n%s", strings.Join(failed, "\n"))
 	}
 	n := nodes[0]
-	subnet := n.state(t).Lease.Subnet
+	subnet := n.State(t).Lease.Subnet
 
 	type pingResult struct{ sent, got int }
 	done := make(chan pingResult, 1)
@@ -700,30 +281,30 @@ func TestXnetdRestartKeepsTheSubnetAndLosesNoPacket(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 
 	// Graceful: SIGTERM, exit 0, datapath left in place.
-	if err := n.proc.Stop(); err != nil {
+	if err := n.Proc.Stop(); err != nil {
 		t.Errorf("xnetd on %s did not stop cleanly on SIGTERM: %v", n.Name, err)
 	}
-	if !strings.Contains(n.proc.Output(), "datapath and lease left in place") {
-		t.Errorf("xnetd did not say it left the datapath in place:\n%s", n.proc.Output())
+	if !strings.Contains(n.Proc.Output(), "datapath and lease left in place") {
+		t.Errorf("xnetd did not say it left the datapath in place:\n%s", n.Proc.Output())
 	}
-	s := n.status(t)
+	s := n.Status(t)
 	if s.Running || !strings.Contains(s.Daemon, "not running") || len(s.Peers) != 1 || s.Peers[0].Route == "" {
 		t.Errorf("status of a stopped daemon: running=%v daemon=%q peers=%+v, want not running with the peer's kernel route", s.Running, s.Daemon, s.Peers)
 	}
-	n.start(t)
-	n.waitReady(t)
-	if got := n.state(t).Lease.Subnet; got != subnet {
+	n.StartDaemon(t)
+	n.WaitReady(t)
+	if got := n.State(t).Lease.Subnet; got != subnet {
 		t.Errorf("subnet after graceful restart %v, want %v", got, subnet)
 	}
 	time.Sleep(500 * time.Millisecond)
 
 	// Crash: SIGKILL, no chance to clean up.
-	if err := n.proc.Kill(); err != nil {
+	if err := n.Proc.Kill(); err != nil {
 		t.Errorf("kill -9: %v", err)
 	}
-	n.start(t)
-	n.waitReady(t)
-	if got := n.state(t).Lease.Subnet; got != subnet {
+	n.StartDaemon(t)
+	n.WaitReady(t)
+	if got := n.State(t).Lease.Subnet; got != subnet {
 		t.Errorf("subnet after kill -9 and restart %v, want %v", got, subnet)
 	}
 
@@ -733,7 +314,7 @@ func TestXnetdRestartKeepsTheSubnetAndLosesNoPacket(t *testing.T) {
 	} else {
 		t.Logf("ping every 50 ms through a graceful restart and a kill -9: %d/%d replies", r.got, r.sent)
 	}
-	if leases := xdLeases(t, topo, xdPrefix); len(leases) != 2 {
+	if leases := xnetdtest.Leases(t, topo, xnetdtest.EtcdPrefix); len(leases) != 2 {
 		t.Errorf("%d leases in etcd after the restarts, want still 2: %v", len(leases), leases)
 	}
 
@@ -749,10 +330,10 @@ func TestXnetdRestartKeepsTheSubnetAndLosesNoPacket(t *testing.T) {
 	})
 
 	t.Run("teardown after stop removes the device, routes, table and files but not the lease", func(t *testing.T) {
-		if err := n.proc.Stop(); err != nil {
+		if err := n.Proc.Stop(); err != nil {
 			t.Fatal(err)
 		}
-		n.teardown(t, topo)
+		n.Teardown(t, topo)
 	})
 }
 
@@ -762,13 +343,13 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 1, WithEtcd: true})
 	h := topo.Hosts()[0]
 	bin := harness.BuildXnetd(t)
-	xdPut(t, topo, subnetmgr.ConfigKey("/good/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
-	xdPut(t, topo, subnetmgr.ConfigKey("/badnet/network"), `{"Network":"10.244.0.0/33"}`)
-	xdPut(t, topo, subnetmgr.ConfigKey("/badtype/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}`)
-	xdPut(t, topo, subnetmgr.ConfigKey("/v6only/network"), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}`)
-	xdPut(t, topo, subnetmgr.ConfigKey("/v6onlywg4/network"), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":"ipv4"}}`)
-	xdPut(t, topo, subnetmgr.ConfigKey("/nofamily/network"), `{"EnableIPv4":false,"EnableIPv6":false,"Network":"10.244.0.0/16"}`)
-	xdPut(t, topo, subnetmgr.ConfigKey("/badmacvlan/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},"Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":31}}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey("/good/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey("/badnet/network"), `{"Network":"10.244.0.0/33"}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey("/badtype/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey("/v6only/network"), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey("/v6onlywg4/network"), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard","Mode":"ipv4"}}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey("/nofamily/network"), `{"EnableIPv4":false,"EnableIPv6":false,"Network":"10.244.0.0/16"}`)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey("/badmacvlan/network"), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},"Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":31}}`)
 
 	tests := []struct {
 		name   string
@@ -827,7 +408,7 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 					t.Errorf("%s was written although xnetd refused to start", f)
 				}
 			}
-			if leases := xdLeases(t, topo, tt.prefix); len(leases) != 0 {
+			if leases := xnetdtest.Leases(t, topo, tt.prefix); len(leases) != 0 {
 				t.Errorf("lease taken although xnetd refused to start: %v", leases)
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -846,8 +427,8 @@ func TestXnetdRefusesBadFlagsAndConfigWithExitCode2(t *testing.T) {
 // `xnetd status` (text) then tells an operator which one and what the daemon holds.
 func TestXnetdFindsTheUnderlayInterface(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 1, WithEtcd: true})
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
-	n := &xdNode{Host: topo.Hosts()[0], bin: harness.BuildXnetd(t)}
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
+	n := &xnetdtest.Node{Host: topo.Hosts()[0], Bin: harness.BuildXnetd(t)}
 	for _, tt := range []struct {
 		name  string
 		iface string
@@ -856,22 +437,22 @@ func TestXnetdFindsTheUnderlayInterface(t *testing.T) {
 		{"the interface holding the address given to --iface", "--iface=" + n.UnderlayIP.String()},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			n.extra = []string{tt.iface}
-			n.start(t)
-			n.waitReady(t)
+			n.Extra = []string{tt.iface}
+			n.StartDaemon(t)
+			n.WaitReady(t)
 			want := fmt.Sprintf(`msg="underlay interface" iface=eth0 iface_ip=%s public_ip=%s`, n.UnderlayIP, n.UnderlayIP)
-			if !strings.Contains(n.proc.Output(), want) {
-				t.Errorf("log lacks %q:\n%s", want, n.proc.Output())
+			if !strings.Contains(n.Proc.Output(), want) {
+				t.Errorf("log lacks %q:\n%s", want, n.Proc.Output())
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			out, err := n.Run(ctx, n.bin, "status", "--subnet-file", n.SubnetFile())
+			out, err := n.Run(ctx, n.Bin, "status", "--subnet-file", n.SubnetFile())
 			if err != nil {
 				t.Fatal(err)
 			}
 			for _, w := range []string{
-				fmt.Sprintf("xnetd running, pid %d, ready", n.proc.Pid),
-				fmt.Sprintf("lease:    %v public %v, expires", n.state(t).Lease.Subnet, n.UnderlayIP),
+				fmt.Sprintf("xnetd running, pid %d, ready", n.Proc.Pid),
+				fmt.Sprintf("lease:    %v public %v, expires", n.State(t).Lease.Subnet, n.UnderlayIP),
 				"backend:  vxlan (kernel: kernel VXLAN device xnet.1)",
 				"network:  10.244.0.0/16 on eth0",
 				"peers (0):",
@@ -880,7 +461,7 @@ func TestXnetdFindsTheUnderlayInterface(t *testing.T) {
 					t.Errorf("xnetd status lacks %q:\n%s", w, out)
 				}
 			}
-			if err := n.proc.Stop(); err != nil {
+			if err := n.Proc.Stop(); err != nil {
 				t.Error(err)
 			}
 		})

@@ -1,4 +1,8 @@
-package e2e
+// Package docker holds the end-to-end tests with Docker: a real dockerd per simulated host
+// (test/harness/docker.go) started from the options xnetd wrote, xnet's Docker networks, and
+// dockerd's firewall rules played in front of xnetd's. It is a package of its own so that go test
+// runs it beside the others (see test/e2e/xnetdtest for the helpers they share).
+package docker
 
 // End to end with real Docker: on two simulated hosts, xnetd writes DOCKER_NETWORK_OPTIONS and a
 // real dockerd (Debian's docker.io 20.10, iptables on, as a user installs it) starts from them,
@@ -18,6 +22,7 @@ import (
 	"time"
 
 	"github.com/xnet-dev/xnet/fwrules"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -33,7 +38,7 @@ var dkBackends = []struct{ name, config string }{
 
 // dkHost is a simulated host running xnetd and a real dockerd.
 type dkHost struct {
-	node   *xdNode
+	node   *xnetdtest.Node
 	docker *harness.Docker
 }
 
@@ -151,7 +156,7 @@ func TestDockerContainersOnTwoHostsWorkAsTheTutorialPromises(t *testing.T) {
 
 func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) {
 	begin := time.Now()
-	nodes, _ := xdCluster(t, 2, config, xnetdFlags...)
+	nodes, _ := xnetdtest.Cluster(t, 2, config, xnetdFlags...)
 	dockers := harness.StartDockerForTest(t, nodes[0].Host, nodes[1].Host)
 	hA, hB := dkHost{nodes[0], dockers[0]}, dkHost{nodes[1], dockers[1]}
 	for _, h := range []dkHost{hA, hB} {
@@ -247,7 +252,7 @@ func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) 
 			dkWaitNoMasqueradeFirst(t, h)
 		}
 		for _, p := range [][2]*harness.DockerContainer{{a, b}, {b, a}} {
-			if got := dpSourceSeen(t, p[0].Namespace, p[1].Namespace, p[1].IP); got != p[0].IP {
+			if got := xnetdtest.SourceSeen(t, p[0].Namespace, p[1].Namespace, p[1].IP); got != p[0].IP {
 				t.Errorf("%s (on %s) sees %s (%v on %s) as %v: masqueraded inside the overlay Network",
 					p[1].Name, p[1].Docker.Host.Name, p[0].Name, p[0].IP, p[0].Docker.Host.Name, got)
 			}
@@ -298,11 +303,11 @@ func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) 
 		}()
 		for _, n := range nodes {
 			time.Sleep(500 * time.Millisecond)
-			if err := n.proc.Kill(); err != nil {
+			if err := n.Proc.Kill(); err != nil {
 				t.Errorf("kill -9 xnetd on %s: %v", n.Name, err)
 			}
-			n.start(t)
-			n.waitReady(t)
+			n.StartDaemon(t)
+			n.WaitReady(t)
 		}
 		r := <-done
 		if r.sent < 100 || r.got != r.sent {
@@ -317,7 +322,7 @@ func dkScenario(t *testing.T, backendName, config string, xnetdFlags ...string) 
 // dkWaitStackHonoursDockerUser waits until xnetd on n says its datapath takes the host's stack
 // (status mode "host routing kernel") after a DOCKER-USER rule appeared, for backends that
 // have a host-routing mode at all; the others always take the stack.
-func dkWaitStackHonoursDockerUser(t *testing.T, n *xdNode) {
+func dkWaitStackHonoursDockerUser(t *testing.T, n *xnetdtest.Node) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -328,7 +333,7 @@ func dkWaitStackHonoursDockerUser(t *testing.T, n *xdNode) {
 				Address, Path, Why string
 			} `json:"endpoints"`
 		}
-		n.statusInto(t, &st)
+		n.StatusInto(t, &st)
 		if !strings.Contains(st.Mode, "host routing") {
 			return
 		}

@@ -1,4 +1,9 @@
-package e2e
+// Package ipv6 holds the end-to-end tests of IPv6 overlays with the real xnetd binary: dual
+// stack, IPv6-only (with and without an IPv4 underlay), and peer health over IPv6. Tests that
+// need a real dockerd live in test/e2e/docker, whatever the address family; WireGuard's IPv6
+// cases stay with the rest of WireGuard in test/e2e. It is a package of its own so that go test
+// runs it beside the others (see test/e2e/xnetdtest for the helpers they share).
+package ipv6
 
 import (
 	"context"
@@ -8,7 +13,6 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,10 +22,9 @@ import (
 	"github.com/xnet-dev/xnet/backend/ebpf"
 	"github.com/xnet-dev/xnet/loader"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
-
-const dualConfig = `{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"%s"}}`
 
 // A dual-stack overlay on three hosts, per backend: leases in flannel's dual-stack keys, the
 // files Docker reads, and containers reaching each other over IPv6 (ping, TCP both ways) and
@@ -48,14 +51,14 @@ func TestDualStackThreeHosts(t *testing.T) {
 			name += "+ipv6-underlay"
 		}
 		t.Run(name, func(t *testing.T) {
-			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: tc.ipv6Underlay},
-				fmt.Sprintf(dualConfig, tc.backend), "--backend", tc.backend)
+			nodes, topo := xnetdtest.ClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: tc.ipv6Underlay},
+				fmt.Sprintf(xnetdtest.DualStackConfig, tc.backend), "--backend", tc.backend)
 			// Only backends that take IPv6 on the IPv6 underlay publish PublicIPv6 (and
 			// BackendV6Data): flannel reads the pair as an IPv6 VTEP.
 			vtep6 := tc.backend == "vxlan" || tc.backend == "ebpf" || tc.backend == "wireguard"
 			publishes := tc.ipv6Underlay && (vtep6 || tc.backend == "host-gw")
 			checkDualLeases(t, topo, nodes, publishes, publishes && vtep6)
-			cs := xdContainers(t, nodes)
+			cs := xnetdtest.Containers(t, nodes)
 			for _, c := range cs {
 				if !c.IPv6.IsValid() {
 					t.Fatalf("container on %s has no IPv6 address: the subnet file lacks the IPv6 subnet", c.Host.Name)
@@ -65,11 +68,11 @@ func TestDualStackThreeHosts(t *testing.T) {
 					t.Errorf("%s: Docker options %q (%v): want --ipv6 --fixed-cidr-v6", c.Host.Name, opts, err)
 				}
 			}
-			if failed := dualMesh(cs); len(failed) > 0 {
+			if failed := xnetdtest.DualStackMesh(cs); len(failed) > 0 {
 				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 			}
-			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
-			transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
 		})
 	}
 }
@@ -77,17 +80,17 @@ func TestDualStackThreeHosts(t *testing.T) {
 // checkDualLeases: each host's key is flannel's "<v4>-<len>&<v6>-<len>", with PublicIPv6 when
 // publishes (BackendV6Data too with v6Data), the IPv6 subnets differ, and the daemons' status
 // shows them.
-func checkDualLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, publishes, v6Data bool) {
+func checkDualLeases(t *testing.T, topo *harness.Topology, nodes []*xnetdtest.Node, publishes, v6Data bool) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
+	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xnetdtest.EtcdPrefix), clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
 	}
 	seen := map[netip.Prefix]bool{}
 	for _, kv := range resp.Kvs {
-		v4, v6, err := subnetmgr.ParseDualSubnetKey(xdPrefix, string(kv.Key))
+		v4, v6, err := subnetmgr.ParseDualSubnetKey(xnetdtest.EtcdPrefix, string(kv.Key))
 		if err != nil || !v6.IsValid() || seen[v6] {
 			t.Errorf("key %s (%v %v %v): want a dual-stack key with its own IPv6 subnet", kv.Key, v4, v6, err)
 		}
@@ -113,7 +116,7 @@ func checkDualLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, publ
 				Error      string       `json:"error"`
 			} `json:"peers"`
 		}
-		n.statusInto(t, &st)
+		n.StatusInto(t, &st)
 		if !seen[st.Lease.IPv6Subnet] || st.IPv6Network.String() != "fd00:10:244::/56" {
 			t.Errorf("%s status: IPv6 network %v, lease IPv6 subnet %v", n.Name, st.IPv6Network, st.Lease.IPv6Subnet)
 		}
@@ -125,50 +128,6 @@ func checkDualLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, publ
 	}
 }
 
-// dualMesh pings every container from every other one over IPv6 and IPv4, in parallel; it
-// returns what failed. One echo per pair goes first, unchecked: IPv6 neighbour discovery on the
-// hosts and bridges may cost it, as the first packet to a new neighbour may be for ping(8).
-func dualMesh(cs []*harness.Container) []string {
-	var warm sync.WaitGroup
-	for _, a := range cs {
-		for _, b := range cs {
-			if a != b {
-				warm.Go(func() {
-					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-					defer cancel()
-					_, _, _ = harness.Ping(ctx, a.Namespace, b.IPv6, 1, 0)
-				})
-			}
-		}
-	}
-	warm.Wait()
-	var mu sync.Mutex
-	var failed []string
-	var wg sync.WaitGroup
-	for _, a := range cs {
-		for _, b := range cs {
-			if a == b {
-				continue
-			}
-			for _, dst := range []netip.Addr{b.IPv6, b.IP} {
-				wg.Go(func() {
-					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-					defer cancel()
-					sent, got, err := harness.Ping(ctx, a.Namespace, dst, 3, 50*time.Millisecond)
-					if err != nil || got != sent {
-						mu.Lock()
-						failed = append(failed, fmt.Sprintf("%s -> %s(%v): %d/%d replies %v", a.Host.Name, b.Host.Name, dst, got, sent, err))
-						mu.Unlock()
-					}
-				})
-			}
-		}
-	}
-	wg.Wait()
-	slices.Sort(failed)
-	return failed
-}
-
 // A dual-stack cluster of two xnet vxlan hosts, an xnet ebpf host, and one host set up exactly
 // as flannel's vxlan backend sets up a dual-stack node (flannel.1 and flannel-v6.1 over the IPv6
 // underlay), whose lease is written in flannel's exact key and JSON: the xnet hosts program it
@@ -178,7 +137,7 @@ func dualMesh(cs []*harness.Container) []string {
 // ebpf host's IPv6 to and from the flannel host crosses the IPv6 underlay (counted on the wire).
 func TestDualStackWithAFlannelHost(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 4, WithEtcd: true, IPv6Underlay: true})
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(dualConfig, "vxlan"))
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), fmt.Sprintf(xnetdtest.DualStackConfig, "vxlan"))
 	bin := harness.BuildXnetd(t)
 	hosts := topo.Hosts()
 	flannel := hosts[3]
@@ -191,29 +150,29 @@ func TestDualStackWithAFlannelHost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	key := xdPrefix + "/subnets/10.244.200.0-24&fd00:10:244:c8::-64"
+	key := xnetdtest.EtcdPrefix + "/subnets/10.244.200.0-24&fd00:10:244:c8::-64"
 	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":"%s","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"%s"},"BackendV6Data":{"VNI":1,"VtepMAC":"%s"}}`,
 		flannel.UnderlayIP, flannel.UnderlayIPv6, mac4, mac6)
 	if _, err := topo.EtcdClient().Put(ctx, key, value, clientv3.WithLease(grant.ID)); err != nil {
 		t.Fatal(err)
 	}
-	var nodes []*xdNode
+	var nodes []*xnetdtest.Node
 	for i, h := range hosts[:3] {
 		b := "vxlan"
 		if i == 2 {
 			b = "ebpf"
 		}
-		n := &xdNode{Host: h, bin: bin, extra: []string{"--backend", b}}
-		n.start(t)
-		n.waitReady(t)
+		n := &xnetdtest.Node{Host: h, Bin: bin, Extra: []string{"--backend", b}}
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		nodes = append(nodes, n)
 	}
 	ebpfNode := nodes[2]
 	for _, n := range nodes {
-		n.waitPeers(t, 3)
+		n.WaitPeers(t, 3)
 	}
 	// The flannel host programs the xnet hosts from their leases, as flannel would.
-	leases, _, err := subnetmgrList(ctx, topo)
+	leases, _, err := xnetdtest.ListLeases(ctx, topo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -244,49 +203,49 @@ func TestDualStackWithAFlannelHost(t *testing.T) {
 	if err := flannel.ConfigureFlannelVXLANv6(flannelSub6, peers6); err != nil {
 		t.Fatal(err)
 	}
-	cs := xdContainers(t, nodes)
+	cs := xnetdtest.Containers(t, nodes)
 	fc, err := flannel.AddContainer()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cs = append(cs, fc)
 	for _, n := range nodes[:2] {
-		if route := n.routeTo(t, flannelSub6); !strings.Contains(route, "xnet-v6.1") {
+		if route := n.RouteTo(t, flannelSub6); !strings.Contains(route, "xnet-v6.1") {
 			t.Errorf("%s: route to the flannel host's IPv6 subnet %q, want it on xnet-v6.1", n.Name, route)
 		}
 	}
 	var st struct {
 		Routes []string `json:"routes"`
 	}
-	ebpfNode.statusInto(t, &st)
+	ebpfNode.StatusInto(t, &st)
 	want := fmt.Sprintf("%v via %v mac %v (bpf, IPv6 underlay)", flannelSub6, flannel.UnderlayIPv6, mac6)
 	if !slices.Contains(st.Routes, want) {
 		t.Errorf("%s (ebpf) status: routes %q, want %q", ebpfNode.Name, st.Routes, want)
 	}
 	// xnetd check finds decap_tunnel where it belongs (the flannel host answers no health
 	// probes, so the check as a whole may fail; its datapath line must not).
-	if out, _ := ebpfNode.check(t); !strings.Contains(out, "programs attached where they belong") || strings.Contains(out, string(loader.DecapTunnel)) {
+	if out, _ := ebpfNode.Check(t); !strings.Contains(out, "programs attached where they belong") || strings.Contains(out, string(loader.DecapTunnel)) {
 		t.Errorf("xnetd check on %s (ebpf): want every program attached, decap_tunnel on %s included:\n%s", ebpfNode.Name, ebpf.TunnelDevice, out)
 	}
 	count, err := ebpfNode.CountVXLAN("eth0", 8472)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if failed := dualMesh(cs); len(failed) > 0 {
+	if failed := xnetdtest.DualStackMesh(cs); len(failed) > 0 {
 		count.Stop()
 		t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 	}
-	transferTo(t, cs[0], fc, fc.IPv6, 8<<20)
-	transferTo(t, fc, cs[1], cs[1].IPv6, 8<<20)
+	harness.TransferIntact(t, cs[0], fc, fc.IPv6, 8<<20)
+	harness.TransferIntact(t, fc, cs[1], cs[1].IPv6, 8<<20)
 	ec := cs[2] // the ebpf host's container
-	transferTo(t, ec, fc, fc.IPv6, 8<<20)
-	transferTo(t, fc, ec, ec.IPv6, 8<<20)
-	transferTo(t, ec, fc, fc.IP, 1<<20)
-	transferTo(t, fc, ec, ec.IP, 1<<20)
+	harness.TransferIntact(t, ec, fc, fc.IPv6, 8<<20)
+	harness.TransferIntact(t, fc, ec, ec.IPv6, 8<<20)
+	harness.TransferIntact(t, ec, fc, fc.IP, 1<<20)
+	harness.TransferIntact(t, fc, ec, ec.IP, 1<<20)
 	// The ebpf host's own IPv6 (xnet0, encap_host, the route's 1430-byte MTU) to the flannel
 	// container, and back to xnet0's address.
 	self := &harness.Container{Namespace: ebpfNode.Namespace, Host: ebpfNode.Host, IP: ebpfNode.UnderlayIP}
-	transferTo(t, self, fc, fc.IPv6, 1<<20)
+	harness.TransferIntact(t, self, fc, fc.IPv6, 1<<20)
 	// Every peer of the ebpf host has an IPv6 VTEP: none of its IPv6 rides the IPv4 VXLAN. Its
 	// TCP leaves as GSO packets (frames above the MTU on the veth underlay), which the flannel
 	// host's device took: their UDP checksums were filled.
@@ -299,27 +258,4 @@ func TestDualStackWithAFlannelHost(t *testing.T) {
 	if largest[over6] <= 1500+14 {
 		t.Errorf("%s (ebpf) underlay NIC: the largest datagram of %s it sent is %d bytes: want GSO packets above the MTU", ebpfNode.Name, over6, largest[over6])
 	}
-}
-
-// subnetmgrList reads every lease under the test prefix.
-func subnetmgrList(ctx context.Context, topo *harness.Topology) ([]subnetmgr.Lease, int64, error) {
-	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
-	if err != nil {
-		return nil, 0, err
-	}
-	var out []subnetmgr.Lease
-	for _, kv := range resp.Kvs {
-		v4, v6, err := subnetmgr.ParseDualSubnetKey(xdPrefix, string(kv.Key))
-		if err != nil {
-			return nil, 0, err
-		}
-		attrs, err := subnetmgr.DecodeLeaseValue(kv.Value)
-		if err != nil {
-			return nil, 0, err
-		}
-		l := subnetmgr.Lease{Subnet: v4, IPv6Subnet: v6}
-		l.PublicIP, l.BackendType, l.BackendData, l.PublicIPv6, l.BackendV6Data = attrs.PublicIP, attrs.BackendType, attrs.BackendData, attrs.PublicIPv6, attrs.BackendV6Data
-		out = append(out, l)
-	}
-	return out, resp.Header.Revision, nil
 }

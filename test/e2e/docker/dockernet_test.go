@@ -1,4 +1,4 @@
-package e2e
+package docker
 
 // End to end: xnet's Docker networks (xnetd --docker-networks) with real dockerds on two
 // simulated hosts, as a user runs them: docker network create -d xnet --ipam-driver xnet on one
@@ -20,30 +20,31 @@ import (
 
 	"github.com/xnet-dev/xnet/dockernet"
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
 // dnCluster starts xnetd with --docker-networks on every host, each pointed at its own
 // dockerd's socket and plugin directory, then the dockerds from the options xnetd wrote.
-func dnCluster(t *testing.T, hosts int, config string) ([]*xdNode, []*harness.Docker, *harness.Topology) {
+func dnCluster(t *testing.T, hosts int, config string) ([]*xnetdtest.Node, []*harness.Docker, *harness.Topology) {
 	t.Helper()
 	if why := harness.DockerMissing(); why != "" {
 		t.Skip(why)
 	}
 	topo := harness.NewForTest(t, harness.Options{Hosts: hosts, WithEtcd: true})
-	xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), config)
+	xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), config)
 	bin := harness.BuildXnetd(t)
-	var nodes []*xdNode
+	var nodes []*xnetdtest.Node
 	for _, h := range topo.Hosts() {
-		n := &xdNode{Host: h, bin: bin, extra: []string{"--docker-networks", "--log-level", "debug",
+		n := &xnetdtest.Node{Host: h, Bin: bin, Extra: []string{"--docker-networks", "--log-level", "debug",
 			"--docker-plugin-socket", filepath.Join(h.DockerPluginDir(), dockernet.DriverName+".sock"),
 			"--docker-socket", h.DockerSocket()}}
-		n.start(t)
-		n.waitReady(t)
+		n.StartDaemon(t)
+		n.WaitReady(t)
 		nodes = append(nodes, n)
 	}
 	for _, n := range nodes {
-		n.waitPeers(t, hosts-1)
+		n.WaitPeers(t, hosts-1)
 	}
 	var hs []*harness.Host
 	for _, n := range nodes {
@@ -124,10 +125,10 @@ type dnStatus struct {
 	DockerNetworks *dockernet.Status `json:"docker_networks"`
 }
 
-func dnNetworkStatus(t *testing.T, n *xdNode, name string) dockernet.NetworkStatus {
+func dnNetworkStatus(t *testing.T, n *xnetdtest.Node, name string) dockernet.NetworkStatus {
 	t.Helper()
 	var s dnStatus
-	n.statusInto(t, &s)
+	n.StatusInto(t, &s)
 	if s.DockerNetworks == nil {
 		t.Fatalf("xnetd status on %s has no docker_networks section", n.Name)
 	}
@@ -145,8 +146,8 @@ func dnEtcdKeys(t *testing.T, topo *harness.Topology, name string) []string {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var keys []string
-	for _, p := range []string{subnetmgr.NetworkKey(xdPrefix, name), subnetmgr.PoolPrefix(xdPrefix, subnetmgr.NetworkBlocksDirOf(name)),
-		subnetmgr.PoolPrefix(xdPrefix, subnetmgr.NetworkEndpointsDir+"/"+name)} {
+	for _, p := range []string{subnetmgr.NetworkKey(xnetdtest.EtcdPrefix, name), subnetmgr.PoolPrefix(xnetdtest.EtcdPrefix, subnetmgr.NetworkBlocksDirOf(name)),
+		subnetmgr.PoolPrefix(xnetdtest.EtcdPrefix, subnetmgr.NetworkEndpointsDir+"/"+name)} {
 		resp, err := topo.EtcdClient().Get(ctx, p, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 		if err != nil {
 			t.Fatal(err)
@@ -170,7 +171,7 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, n := range nodes {
-				if out, err := n.Run(context.Background(), n.bin, "status", "--subnet-file", n.SubnetFile()); err == nil {
+				if out, err := n.Run(context.Background(), n.Bin, "status", "--subnet-file", n.SubnetFile()); err == nil {
 					t.Logf("xnetd status on %s:\n%s", n.Name, out)
 				}
 			}
@@ -238,20 +239,20 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		// no host can set up (every block reserved by a host that does not exist), then the
 		// same name with another subnet on host 1.
 		rec := `{"Subnet":"10.253.0.0/24","VNI":720128,"Port":8474,"BlockLen":26}`
-		xdPut(t, topo, subnetmgr.NetworkKey(xdPrefix, "cyan"), rec)
+		xnetdtest.Put(t, topo, subnetmgr.NetworkKey(xnetdtest.EtcdPrefix, "cyan"), rec)
 		for _, b := range []string{"10.253.0.64", "10.253.0.128", "10.253.0.192"} {
-			xdPut(t, topo, subnetmgr.PoolKey(xdPrefix, subnetmgr.NetworkBlocksDirOf("cyan"), netip.MustParsePrefix(b+"/26")),
+			xnetdtest.Put(t, topo, subnetmgr.PoolKey(xnetdtest.EtcdPrefix, subnetmgr.NetworkBlocksDirOf("cyan"), netip.MustParsePrefix(b+"/26")),
 				`{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":720128,"VtepMAC":"0e:78:c6:12:00:63"}}`)
 		}
 		t.Cleanup(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			_, _ = topo.EtcdClient().Delete(ctx, subnetmgr.NetworkKey(xdPrefix, "cyan"))
-			_, _ = topo.EtcdClient().Delete(ctx, subnetmgr.PoolPrefix(xdPrefix, subnetmgr.NetworkBlocksDirOf("cyan")), clientv3.WithPrefix())
+			_, _ = topo.EtcdClient().Delete(ctx, subnetmgr.NetworkKey(xnetdtest.EtcdPrefix, "cyan"))
+			_, _ = topo.EtcdClient().Delete(ctx, subnetmgr.PoolPrefix(xnetdtest.EtcdPrefix, subnetmgr.NetworkBlocksDirOf("cyan")), clientv3.WithPrefix())
 		})
 		for start := time.Now(); ; time.Sleep(200 * time.Millisecond) {
 			var s dnStatus
-			nodes[0].statusInto(t, &s)
+			nodes[0].StatusInto(t, &s)
 			var cyan *dockernet.NetworkStatus
 			for i := range s.DockerNetworks.Networks {
 				if s.DockerNetworks.Networks[i].Name == "cyan" {
@@ -270,11 +271,11 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 			t.Fatalf("docker network create cyan with another subnet: %v (it cannot know the name yet, so it succeeds)", err)
 		}
 		dnWaitNetwork(t, hA, "cyan", false, 15*time.Second)
-		if log := nodes[0].proc.Output(); !strings.Contains(log, "lost to another host's network") || !strings.Contains(log, "network cyan exists with subnet 10.253.0.0/24") {
+		if log := nodes[0].Proc.Output(); !strings.Contains(log, "lost to another host's network") || !strings.Contains(log, "network cyan exists with subnet 10.253.0.0/24") {
 			t.Errorf("xnetd on %s did not say why cyan was removed again", nodes[0].Name)
 		}
 		var s dnStatus
-		nodes[0].statusInto(t, &s)
+		nodes[0].StatusInto(t, &s)
 		for _, n := range s.DockerNetworks.Networks {
 			if n.Subnet == netip.MustParsePrefix("10.254.0.0/16") {
 				t.Errorf("the losing cyan (10.254.0.0/16) is still known: %+v", n)
@@ -387,7 +388,7 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		if s.State != "ready" || names["r2"] != ip["r2"] || names["rb"] != ip["rb/red"] || len(s.Blocks) < 2 || s.RemoteEndpoints < 1 {
 			t.Errorf("red on %s: %+v; want ready, r2 and rb here, two blocks and r1 elsewhere", nodes[1].Name, s)
 		}
-		out, err := nodes[1].Run(dkCtx(t, 10*time.Second), nodes[1].bin, "status", "--subnet-file", nodes[1].SubnetFile())
+		out, err := nodes[1].Run(dkCtx(t, 10*time.Second), nodes[1].Bin, "status", "--subnet-file", nodes[1].SubnetFile())
 		if err != nil || !strings.Contains(out, "docker networks (2)") || !strings.Contains(out, "rb="+ip["rb/red"].String()) {
 			t.Errorf("xnetd status text lacks the docker networks section: %v\n%s", err, out)
 		}
@@ -405,11 +406,11 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		}()
 		for _, n := range nodes {
 			time.Sleep(500 * time.Millisecond)
-			if err := n.proc.Kill(); err != nil {
+			if err := n.Proc.Kill(); err != nil {
 				t.Errorf("kill -9 xnetd on %s: %v", n.Name, err)
 			}
-			n.start(t)
-			n.waitReady(t)
+			n.StartDaemon(t)
+			n.WaitReady(t)
 		}
 		if r := <-done; r[0] < 100 || r[1] != r[0] {
 			t.Errorf("ping r1 -> r2 on red every 50 ms through kill -9 and restart of both xnetds: %d of %d replies", r[1], r[0])
@@ -516,7 +517,7 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		}
 		dnWaitNetwork(t, hB, "green", true, 15*time.Second)
 		n := nodes[1]
-		if err := n.proc.Stop(); err != nil {
+		if err := n.Proc.Stop(); err != nil {
 			t.Fatal(err)
 		}
 		bridge := dockernet.BridgeName(dnNetworkStatus(t, n, "green").VNI)
@@ -524,7 +525,7 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		if links, _ := n.Run(ctx, "ip", "-o", "link", "show", bridge); !strings.Contains(links, bridge) {
 			t.Fatalf("%s: %s gone after a plain stop", n.Name, bridge)
 		}
-		out, err := n.Run(ctx, n.bin, append(append([]string{"teardown"}, n.XnetdArgs()...), n.extra...)...)
+		out, err := n.Run(ctx, n.Bin, append(append([]string{"teardown"}, n.XnetdArgs()...), n.Extra...)...)
 		if err != nil {
 			t.Fatalf("xnetd teardown: %v\n%s", err, out)
 		}

@@ -1,4 +1,4 @@
-package e2e
+package ipv6
 
 import (
 	"context"
@@ -8,20 +8,17 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/xnet-dev/xnet/subnetmgr"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
-
-const ipv6OnlyConfig = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"%s","DirectRouting":%v}}`
 
 // An IPv6-only overlay (EnableIPv4 false) on three hosts, per backend that carries one: leases
 // under flannel's 0.0.0.0-0&<ipv6>-<len> keys with flannel's value, subnet.env and the Docker
@@ -34,8 +31,8 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 	for _, row := range []string{"ebpf", "ebpf+direct", "vxlan", "host-gw", "wireguard"} {
 		backendName, direct := strings.CutSuffix(row, "+direct")
 		t.Run(row, func(t *testing.T) {
-			nodes, topo := xdClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: true},
-				fmt.Sprintf(ipv6OnlyConfig, backendName, direct), "--backend", backendName)
+			nodes, topo := xnetdtest.ClusterOn(t, harness.Options{Hosts: 3, IPv6Underlay: true},
+				fmt.Sprintf(xnetdtest.IPv6OnlyConfig, backendName, direct), "--backend", backendName)
 			subnets := checkIPv6OnlyLeases(t, topo, nodes, backendName)
 			mtu := map[string]int{"ebpf": 1430, "vxlan": 1430, "host-gw": 1500, "wireguard": 1420}[backendName]
 			for _, n := range nodes {
@@ -59,25 +56,25 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 					t.Errorf("%s has no xnet6 or xnet0:\n%s", n.Name, links)
 				}
 			}
-			cs := xdContainers(t, nodes)
+			cs := xnetdtest.Containers(t, nodes)
 			for _, c := range cs {
 				if !c.IPv6.IsValid() {
 					t.Fatalf("container on %s has no IPv6 address", c.Host.Name)
 				}
 			}
-			if failed := ipv6Mesh(cs); len(failed) > 0 {
+			if failed := xnetdtest.IPv6Mesh(cs); len(failed) > 0 {
 				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 			}
-			transferTo(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
-			transferTo(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
-			transferTo(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[0], cs[1], cs[1].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[1], cs[0], cs[0].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[2], cs[0], cs[0].IPv6, 8<<20)
 			if backendName == "ebpf" {
 				// The fast path carried it: encapsulated into xnet6 at the veth, or with
 				// DirectRouting sent plain, and nothing else.
 				var st struct {
 					Verdicts map[string]uint64 `json:"verdicts"`
 				}
-				nodes[0].statusInto(t, &st)
+				nodes[0].StatusInto(t, &st)
 				want, not := "encap", "direct_out"
 				if direct {
 					want, not = not, want
@@ -90,29 +87,29 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 			// A restart takes the same lease back (from subnet.env and by PublicIPv6), adopts the
 			// datapath and programs the same peers.
 			r := nodes[0]
-			before := r.state(t).Lease.Subnet
-			if err := r.proc.Stop(); err != nil {
+			before := r.State(t).Lease.Subnet
+			if err := r.Proc.Stop(); err != nil {
 				t.Fatal(err)
 			}
-			r.start(t)
-			r.waitReady(t)
-			r.waitPeers(t, len(nodes)-1)
-			if after := r.state(t).Lease.Subnet; after != before || !after.Addr().Is6() {
+			r.StartDaemon(t)
+			r.WaitReady(t)
+			r.WaitPeers(t, len(nodes)-1)
+			if after := r.State(t).Lease.Subnet; after != before || !after.Addr().Is6() {
 				t.Errorf("%s restarted with lease %v, had %v", r.Name, after, before)
 			}
-			if failed := ipv6Mesh(cs); len(failed) > 0 {
+			if failed := xnetdtest.IPv6Mesh(cs); len(failed) > 0 {
 				t.Errorf("after a restart of %s, pings failed:\n%s", r.Name, strings.Join(failed, "\n"))
 			}
-			transferTo(t, cs[0], cs[2], cs[2].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[0], cs[2], cs[2].IPv6, 8<<20)
 			t.Run("xnetd check passes on the healthy cluster and names each fault injected", func(t *testing.T) {
 				checkIPv6OnlyFaults(t, nodes, backendName)
 			})
 
 			n := nodes[2]
-			if err := n.proc.Stop(); err != nil {
+			if err := n.Proc.Stop(); err != nil {
 				t.Fatal(err)
 			}
-			n.teardown(t, topo)
+			n.Teardown(t, topo)
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			routes, _ := n.Run(ctx, "ip", "-6", "route", "show", "root", "fd00:10:244::/56")
@@ -131,11 +128,11 @@ func TestIPv6OnlyThreeHosts(t *testing.T) {
 // checkIPv6OnlyLeases: one key per host, flannel's IPv6-only key and value (no BackendData,
 // BackendV6Data for vxlan, ebpf and wireguard only), distinct IPv6 subnets; returns each host's
 // subnet by its PublicIPv6.
-func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, backendName string) map[netip.Addr]netip.Prefix {
+func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xnetdtest.Node, backendName string) map[netip.Addr]netip.Prefix {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xdPrefix), clientv3.WithPrefix())
+	resp, err := topo.EtcdClient().Get(ctx, subnetmgr.SubnetsPrefix(xnetdtest.EtcdPrefix), clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,8 +143,8 @@ func checkIPv6OnlyLeases(t *testing.T, topo *harness.Topology, nodes []*xdNode, 
 	}
 	byHost := map[netip.Addr]netip.Prefix{}
 	for _, kv := range resp.Kvs {
-		v4, v6, err := subnetmgr.ParseDualSubnetKey(xdPrefix, string(kv.Key))
-		if err != nil || v4.IsValid() || !v6.IsValid() || !strings.HasPrefix(string(kv.Key), subnetmgr.SubnetsPrefix(xdPrefix)+"0.0.0.0-0&fd00:10:244:") {
+		v4, v6, err := subnetmgr.ParseDualSubnetKey(xnetdtest.EtcdPrefix, string(kv.Key))
+		if err != nil || v4.IsValid() || !v6.IsValid() || !strings.HasPrefix(string(kv.Key), subnetmgr.SubnetsPrefix(xnetdtest.EtcdPrefix)+"0.0.0.0-0&fd00:10:244:") {
 			t.Errorf("key %s: want flannel's IPv6-only key 0.0.0.0-0&<ipv6>-64 (%v %v %v)", kv.Key, v4, v6, err)
 			continue
 		}
@@ -185,7 +182,7 @@ func mapsValues(m map[netip.Addr]netip.Prefix) []netip.Prefix {
 
 // checkIPv6OnlyFiles: subnet.env exactly as flannel writes it in an IPv6-only network (after
 // xnet's XNET_* twins), and Docker's options without --bip.
-func checkIPv6OnlyFiles(t *testing.T, n *xdNode, subnet netip.Prefix, mtu int) {
+func checkIPv6OnlyFiles(t *testing.T, n *xnetdtest.Node, subnet netip.Prefix, mtu int) {
 	t.Helper()
 	env, err := os.ReadFile(n.SubnetFile())
 	if err != nil {
@@ -207,7 +204,7 @@ func checkIPv6OnlyFiles(t *testing.T, n *xdNode, subnet netip.Prefix, mtu int) {
 
 // checkIPv6OnlyStatus: `xnetd status` names our lease and every peer by its IPv6 subnet, all
 // programmed; the lease metric's subnet label is ours.
-func checkIPv6OnlyStatus(t *testing.T, n *xdNode, subnets map[netip.Addr]netip.Prefix) {
+func checkIPv6OnlyStatus(t *testing.T, n *xnetdtest.Node, subnets map[netip.Addr]netip.Prefix) {
 	t.Helper()
 	var st struct {
 		Lease struct {
@@ -220,7 +217,7 @@ func checkIPv6OnlyStatus(t *testing.T, n *xdNode, subnets map[netip.Addr]netip.P
 			Error   string       `json:"error"`
 		} `json:"peers"`
 	}
-	n.statusInto(t, &st)
+	n.StatusInto(t, &st)
 	own := subnets[n.UnderlayIPv6]
 	if st.Lease.Subnet != own || st.Lease.IPv6Subnet != own {
 		t.Errorf("%s status: lease %v / %v, want %v", n.Name, st.Lease.Subnet, st.Lease.IPv6Subnet, own)
@@ -235,12 +232,12 @@ func checkIPv6OnlyStatus(t *testing.T, n *xdNode, subnets map[netip.Addr]netip.P
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	text, err := n.Run(ctx, n.bin, "status", "--subnet-file", n.SubnetFile())
+	text, err := n.Run(ctx, n.Bin, "status", "--subnet-file", n.SubnetFile())
 	if err != nil || !strings.Contains(text, own.String()) || !strings.Contains(text, n.UnderlayIPv6.String()) ||
 		strings.Contains(text, "invalid") || strings.Contains(text, "0.0.0.0") {
 		t.Errorf("%s `xnetd status`: %v\n%s", n.Name, err, text)
 	}
-	if code, body := n.httpGet(t, "/metrics"); code != 200 || !strings.Contains(body, `subnet="`+own.String()+`"`) {
+	if code, body := n.HTTPGet(t, "/metrics"); code != 200 || !strings.Contains(body, `subnet="`+own.String()+`"`) {
 		t.Errorf("%s /metrics (%d): no lease info with subnet=%q", n.Name, code, own)
 	}
 }
@@ -249,12 +246,12 @@ func checkIPv6OnlyStatus(t *testing.T, n *xdNode, subnets map[netip.Addr]netip.P
 // 8 MB from each other host's container to the first's, the first host's `xnetd status` and
 // metrics show per-peer counters by IPv6 subnet (the datapath keys them by PublicIPv6) that saw
 // at least that much: sent to the second host, received from both.
-func checkIPv6OnlyPeerCounters(t *testing.T, nodes []*xdNode, subnets map[netip.Addr]netip.Prefix) {
+func checkIPv6OnlyPeerCounters(t *testing.T, nodes []*xnetdtest.Node, subnets map[netip.Addr]netip.Prefix) {
 	t.Helper()
 	n := nodes[0]
 	second, third := subnets[nodes[1].UnderlayIPv6].String(), subnets[nodes[2].UnderlayIPv6].String()
 	const moved = 8 << 20
-	c := n.statusCounters(t)
+	c := n.StatusCounters(t)
 	got := map[string][2]uint64{}
 	for _, p := range c.Peers {
 		if p.TxBytes != nil && p.RxBytes != nil {
@@ -265,57 +262,16 @@ func checkIPv6OnlyPeerCounters(t *testing.T, nodes []*xdNode, subnets map[netip.
 		t.Errorf("%s status peer counters (tx, rx bytes) %v (%s): want >= %d sent to %s and received from %s and %s",
 			n.Name, got, c.Counters, moved, second, second, third)
 	}
-	code, body := n.httpGet(t, "/metrics")
+	code, body := n.HTTPGet(t, "/metrics")
 	if code != 200 {
 		t.Fatalf("%s /metrics: HTTP %d", n.Name, code)
 	}
-	fams := xdParse(t, body)
+	fams := xnetdtest.ParseMetrics(t, body)
 	for _, m := range []struct{ peer, direction string }{{second, "tx"}, {second, "rx"}, {third, "rx"}} {
-		if v, ok := xdMetric(fams, "xnet_peer_bytes_total", map[string]string{"peer": m.peer, "direction": m.direction}); !ok || v < moved {
+		if v, ok := xnetdtest.Metric(fams, "xnet_peer_bytes_total", map[string]string{"peer": m.peer, "direction": m.direction}); !ok || v < moved {
 			t.Errorf("%s xnet_peer_bytes_total{peer=%s,direction=%s} = %v (present %v), want >= %d", n.Name, m.peer, m.direction, v, ok, moved)
 		}
 	}
-}
-
-// ipv6Mesh pings every container from every other one over IPv6, in parallel, after one
-// unchecked echo per pair for neighbour discovery (see dualMesh); it returns what failed.
-func ipv6Mesh(cs []*harness.Container) []string {
-	var warm sync.WaitGroup
-	for _, a := range cs {
-		for _, b := range cs {
-			if a != b {
-				warm.Go(func() {
-					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-					defer cancel()
-					_, _, _ = harness.Ping(ctx, a.Namespace, b.IPv6, 1, 0)
-				})
-			}
-		}
-	}
-	warm.Wait()
-	var mu sync.Mutex
-	var failed []string
-	var wg sync.WaitGroup
-	for _, a := range cs {
-		for _, b := range cs {
-			if a == b {
-				continue
-			}
-			wg.Go(func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
-				sent, got, err := harness.Ping(ctx, a.Namespace, b.IPv6, 3, 50*time.Millisecond)
-				if err != nil || got != sent {
-					mu.Lock()
-					failed = append(failed, fmt.Sprintf("%s -> %s(%v): %d/%d replies %v", a.Host.Name, b.Host.Name, b.IPv6, got, sent, err))
-					mu.Unlock()
-				}
-			})
-		}
-	}
-	wg.Wait()
-	slices.Sort(failed)
-	return failed
 }
 
 // checkIPv6OnlyFaults: `xnetd check` exits 0 on every host of a healthy IPv6-only cluster; on
@@ -323,19 +279,19 @@ func ipv6Mesh(cs []*harness.Container) []string {
 // wireguard's IPv6Network route, an unreachable peer PublicIPv6, an ip6 firewall rule on the
 // backend's port) fails the check naming the problem and its fix, and once it is undone the
 // check passes again. A rule of the ip (IPv4) family is not reported: it sees no IPv6.
-func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
+func checkIPv6OnlyFaults(t *testing.T, nodes []*xnetdtest.Node, backendName string) {
 	for _, n := range nodes {
-		if out, code := n.check(t); code != 0 || !strings.Contains(out, "everything checked holds") {
+		if out, code := n.Check(t); code != 0 || !strings.Contains(out, "everything checked holds") {
 			t.Errorf("xnetd check on the healthy %s: exit %d\n%s", n.Name, code, out)
 		}
 	}
 	a, b := nodes[0], nodes[1] // b breaks; a is its peer
-	aSubnet := a.state(t).Lease.Subnet
+	aSubnet := a.State(t).Lease.Subnet
 	device := map[string]string{"vxlan": "xnet-v6.1", "wireguard": "xnet-wg-v6", "host-gw": "eth0"}[backendName]
 	port := map[string]string{"vxlan": "8472", "wireguard": "51821", "ebpf": "8472"}[backendName]
 	var route string
 	if backendName != "ebpf" { // ebpf's routes are in its routes6 map, not the kernel's table
-		route = strings.TrimSpace(b.out(t, "ip", "-6", "route", "show", "exact", aSubnet.String()))
+		route = strings.TrimSpace(b.Out(t, "ip", "-6", "route", "show", "exact", aSubnet.String()))
 		if route == "" {
 			t.Fatalf("%s has no route to %v", b.Name, aSubnet)
 		}
@@ -363,8 +319,8 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
 			},
 			[]string{"FAIL  files", "--fixed-cidr-v6=fd00:10:244:ff::/64", "systemctl restart xnetd"}},
 		{"a peer's PublicIPv6 unreachable on the underlay",
-			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "add", "unreachable", a.UnderlayIPv6.String()+"/128") },
-			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", "unreachable", a.UnderlayIPv6.String()+"/128") },
+			func(t *testing.T) { b.Sh(t, "ip", "-6", "route", "add", "unreachable", a.UnderlayIPv6.String()+"/128") },
+			func(t *testing.T) { b.Sh(t, "ip", "-6", "route", "del", "unreachable", a.UnderlayIPv6.String()+"/128") },
 			[]string{"FAIL  underlay", "peers' PublicIPv6s: " + a.UnderlayIPv6.String(), "ip -6 route"}},
 	}
 	if backendName == "ebpf" {
@@ -375,47 +331,47 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
 			[]string{"FAIL  routes", fmt.Sprintf("the BPF routes6 map lacks %v", aSubnet), "systemctl restart xnetd"}})
 	} else {
 		faults = append(faults, fault{"the route to a peer's IPv6 subnet deleted",
-			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", aSubnet.String(), "dev", device) },
-			func(t *testing.T) { b.sh(t, append([]string{"ip", "-6", "route", "add"}, strings.Fields(route)...)...) },
+			func(t *testing.T) { b.Sh(t, "ip", "-6", "route", "del", aSubnet.String(), "dev", device) },
+			func(t *testing.T) { b.Sh(t, append([]string{"ip", "-6", "route", "add"}, strings.Fields(route)...)...) },
 			[]string{"FAIL  routes", fmt.Sprintf("lacks %v", aSubnet), "systemctl restart xnetd"}})
 	}
 	switch backendName {
 	case "vxlan":
-		neigh := strings.Fields(b.out(t, "ip", "-6", "neigh", "show", aSubnet.Addr().String(), "dev", device))
+		neigh := strings.Fields(b.Out(t, "ip", "-6", "neigh", "show", aSubnet.Addr().String(), "dev", device))
 		i := slices.Index(neigh, "lladdr")
 		if i < 0 || i+1 >= len(neigh) {
 			t.Fatalf("%s has no neighbour %v on %s: %q", b.Name, aSubnet.Addr(), device, neigh)
 		}
 		mac := neigh[i+1]
 		faults = append(faults, fault{"vxlan's neighbour entry for a peer deleted",
-			func(t *testing.T) { b.sh(t, "ip", "-6", "neigh", "del", aSubnet.Addr().String(), "dev", device) },
+			func(t *testing.T) { b.Sh(t, "ip", "-6", "neigh", "del", aSubnet.Addr().String(), "dev", device) },
 			func(t *testing.T) {
-				b.sh(t, "ip", "-6", "neigh", "replace", aSubnet.Addr().String(), "lladdr", mac, "dev", device, "nud", "permanent")
+				b.Sh(t, "ip", "-6", "neigh", "replace", aSubnet.Addr().String(), "lladdr", mac, "dev", device, "nud", "permanent")
 			},
 			[]string{"FAIL  routes", "no permanent neighbour " + aSubnet.Addr().String()}})
 	case "wireguard":
 		faults = append(faults, fault{"wireguard's IPv6Network route deleted",
-			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "del", "fd00:10:244::/56", "dev", device) },
-			func(t *testing.T) { b.sh(t, "ip", "-6", "route", "add", "fd00:10:244::/56", "dev", device) },
+			func(t *testing.T) { b.Sh(t, "ip", "-6", "route", "del", "fd00:10:244::/56", "dev", device) },
+			func(t *testing.T) { b.Sh(t, "ip", "-6", "route", "add", "fd00:10:244::/56", "dev", device) },
 			[]string{"FAIL  device", "no route fd00:10:244::/56 dev " + device, "leaves unencrypted"}})
 	}
 	if port != "" {
 		faults = append(faults, fault{"an ip6 firewall rule drops the backend's port (and an ip one, which sees no IPv6)",
 			func(t *testing.T) {
-				b.sh(t, "nft", "add table ip6 v6fw")
-				b.sh(t, "nft", "add chain ip6 v6fw in { type filter hook input priority 0 ; }")
-				b.sh(t, "nft", "add rule ip6 v6fw in udp dport "+port+" drop")
-				b.sh(t, "nft", "add table ip v4fw")
-				b.sh(t, "nft", "add chain ip v4fw in { type filter hook input priority 0 ; }")
-				b.sh(t, "nft", "add rule ip v4fw in udp dport "+port+" drop")
+				b.Sh(t, "nft", "add table ip6 v6fw")
+				b.Sh(t, "nft", "add chain ip6 v6fw in { type filter hook input priority 0 ; }")
+				b.Sh(t, "nft", "add rule ip6 v6fw in udp dport "+port+" drop")
+				b.Sh(t, "nft", "add table ip v4fw")
+				b.Sh(t, "nft", "add chain ip v4fw in { type filter hook input priority 0 ; }")
+				b.Sh(t, "nft", "add rule ip v4fw in udp dport "+port+" drop")
 			},
-			func(t *testing.T) { b.sh(t, "nft", "delete table ip6 v6fw"); b.sh(t, "nft", "delete table ip v4fw") },
+			func(t *testing.T) { b.Sh(t, "nft", "delete table ip6 v6fw"); b.Sh(t, "nft", "delete table ip v4fw") },
 			[]string{"FAIL  firewall", "nftables table ip6 v6fw chain in (hook input) handle", "drops UDP " + port + " over IPv6", "nft delete rule ip6 v6fw in handle"}})
 	}
 	for _, f := range faults {
 		t.Run(f.name, func(t *testing.T) {
 			f.inject(t)
-			out, code := b.check(t)
+			out, code := b.Check(t)
 			f.restore(t)
 			if code != 1 {
 				t.Errorf("xnetd check on %s: exit %d, want 1\n%s", b.Name, code, out)
@@ -428,24 +384,11 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xdNode, backendName string) {
 			if strings.Contains(out, "v4fw") {
 				t.Errorf("xnetd check names a rule of the ip family, which sees no IPv6:\n%s", out)
 			}
-			if out, code := b.check(t); code != 0 {
+			if out, code := b.Check(t); code != 0 {
 				t.Errorf("xnetd check on %s after the fault was undone: exit %d\n%s", b.Name, code, out)
 			}
 		})
 	}
-}
-
-// out runs a command in the host's namespace and returns its output, failing the test if it
-// fails.
-func (n *xdNode) out(t *testing.T, args ...string) string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	out, err := n.Run(ctx, args[0], args[1:]...)
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", n.Name, err, out)
-	}
-	return out
 }
 
 // An IPv6-only overlay runs on a host whose underlay interface has no IPv4 address at all:
@@ -460,7 +403,7 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 			if out, err := v6only.Run(t.Context(), "ip", "-4", "addr", "flush", "dev", "eth0"); err != nil {
 				t.Fatalf("%v: %s", err, out)
 			}
-			xdPut(t, topo, subnetmgr.ConfigKey(xdPrefix), fmt.Sprintf(ipv6OnlyConfig, backendName, false))
+			xnetdtest.Put(t, topo, subnetmgr.ConfigKey(xnetdtest.EtcdPrefix), fmt.Sprintf(xnetdtest.IPv6OnlyConfig, backendName, false))
 			bin := harness.BuildXnetd(t)
 			// No --iface (XnetdArgs' is overridden): the IPv6 default route's interface, or
 			// the one holding --public-ipv6; etcd over IPv6 for every host alike.
@@ -471,17 +414,17 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 				}
 				return args
 			}
-			var nodes []*xdNode
+			var nodes []*xnetdtest.Node
 			for _, h := range topo.Hosts() {
-				n := &xdNode{Host: h, bin: bin, extra: extra(h)}
-				n.start(t)
-				n.waitReady(t)
+				n := &xnetdtest.Node{Host: h, Bin: bin, Extra: extra(h)}
+				n.StartDaemon(t)
+				n.WaitReady(t)
 				nodes = append(nodes, n)
 			}
 			for _, n := range nodes {
-				n.waitPeers(t, len(nodes)-1)
+				n.WaitPeers(t, len(nodes)-1)
 			}
-			if addrs := nodes[2].out(t, "ip", "-4", "-br", "addr", "show", "dev", "eth0"); strings.TrimSpace(addrs) != "" && strings.Contains(addrs, ".") {
+			if addrs := nodes[2].Out(t, "ip", "-4", "-br", "addr", "show", "dev", "eth0"); strings.TrimSpace(addrs) != "" && strings.Contains(addrs, ".") {
 				t.Fatalf("%s's eth0 has IPv4 still: %s", nodes[2].Name, addrs)
 			}
 			for _, n := range nodes {
@@ -492,7 +435,7 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 						PublicIPv6 netip.Addr `json:"public_ipv6"`
 					} `json:"lease"`
 				}
-				n.statusInto(t, &st)
+				n.StatusInto(t, &st)
 				if st.Iface != "eth0" || st.Lease.PublicIPv6 != n.UnderlayIPv6 {
 					t.Errorf("%s: underlay %q with PublicIPv6 %v, want eth0 with %v", n.Name, st.Iface, st.Lease.PublicIPv6, n.UnderlayIPv6)
 				}
@@ -500,13 +443,13 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 					t.Errorf("%s has no IPv4 address, yet xnetd took PublicIP %v", n.Name, st.PublicIP)
 				}
 			}
-			cs := xdContainers(t, nodes)
-			if failed := ipv6Mesh(cs); len(failed) > 0 {
+			cs := xnetdtest.Containers(t, nodes)
+			if failed := xnetdtest.IPv6Mesh(cs); len(failed) > 0 {
 				t.Fatalf("pings failed:\n%s", strings.Join(failed, "\n"))
 			}
-			transferTo(t, cs[0], cs[2], cs[2].IPv6, 8<<20)
-			transferTo(t, cs[2], cs[1], cs[1].IPv6, 8<<20)
-			if out, code := nodes[2].check(t); code != 0 {
+			harness.TransferIntact(t, cs[0], cs[2], cs[2].IPv6, 8<<20)
+			harness.TransferIntact(t, cs[2], cs[1], cs[1].IPv6, 8<<20)
+			if out, code := nodes[2].Check(t); code != 0 {
 				t.Errorf("xnetd check on %s (no IPv4): exit %d\n%s", nodes[2].Name, code, out)
 			}
 			if backendName != "vxlan" {
@@ -515,7 +458,7 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 			// Macvlan ranges are IPv4 on the parent's segment: a host without IPv4 refuses
 			// the section at start, exit 2, before it changes anything.
 			const prefix = "/v6macvlan/network"
-			xdPut(t, topo, subnetmgr.ConfigKey(prefix), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"},`+
+			xnetdtest.Put(t, topo, subnetmgr.ConfigKey(prefix), `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"},`+
 				`"Macvlan":{"Subnet":"198.18.0.0/24","Gateway":"198.18.0.1","RangeLen":29,"RangeMin":"198.18.0.8","RangeMax":"198.18.0.32"}}`)
 			dir := t.TempDir()
 			p, err := nodes[2].StartXnetd(bin, append(extra(nodes[2].Host), "--etcd-prefix", prefix, "--subnet-file", filepath.Join(dir, "subnet.env"),
@@ -534,136 +477,5 @@ func TestIPv6OnlyHostWithoutIPv4(t *testing.T) {
 				t.Errorf("xnetd with a Macvlan section on a host without IPv4: %v, want exit code 2 naming the Macvlan section\n%s", err, p.Output())
 			}
 		})
-	}
-}
-
-// dockerdStart6 is dockerdStart for ip6tables, as dockerd with --ipv6 --fixed-cidr-v6 (and
-// ip6tables on, Docker 27's default) adds it: FORWARD policy DROP, its chains, its rules first
-// in FORWARD and POSTROUTING. %[1]s is the IPv6 subnet.
-const dockerdStart6 = `*filter
-:FORWARD DROP [0:0]
-:DOCKER - [0:0]
-:DOCKER-ISOLATION-STAGE-1 - [0:0]
-:DOCKER-ISOLATION-STAGE-2 - [0:0]
-:DOCKER-USER - [0:0]
--I FORWARD 1 -i docker0 -o docker0 -j ACCEPT
--I FORWARD 1 -i docker0 ! -o docker0 -j ACCEPT
--I FORWARD 1 -o docker0 -j DOCKER
--I FORWARD 1 -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--I FORWARD 1 -j DOCKER-ISOLATION-STAGE-1
--I FORWARD 1 -j DOCKER-USER
--A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j DOCKER-ISOLATION-STAGE-2
--A DOCKER-ISOLATION-STAGE-1 -j RETURN
--A DOCKER-ISOLATION-STAGE-2 -o docker0 -j DROP
--A DOCKER-ISOLATION-STAGE-2 -j RETURN
--A DOCKER-USER -j RETURN
-COMMIT
-*nat
-:DOCKER - [0:0]
--I PREROUTING 1 -m addrtype --dst-type LOCAL -j DOCKER
--I OUTPUT 1 ! -d ::1/128 -m addrtype --dst-type LOCAL -j DOCKER
--I POSTROUTING 1 -s %[1]s ! -o docker0 -j MASQUERADE
--A DOCKER -i docker0 -j RETURN
-COMMIT
-`
-
-// TestIPv6OnlyDockerFirewall: dockerd with IPv6 starts after xnetd on every host of an
-// IPv6-only overlay (ip6tables FORWARD policy DROP, its MASQUERADE first in POSTROUTING), and
-// containers on different hosts still reach each other over IPv6, each seeing the other's own
-// address: xnetd keeps XNET-FWD and XNET-POSTRTG for the IPv6Network in ip6tables, and no
-// iptables rule of its own.
-func TestIPv6OnlyDockerFirewall(t *testing.T) {
-	if _, err := exec.LookPath("ip6tables-restore"); err != nil {
-		t.Fatalf("ip6tables-restore (installed by .ci/run): %v", err)
-	}
-	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "vxlan", false), "--backend", "vxlan")
-	cs := xdContainers(t, nodes)
-	for _, n := range nodes {
-		cmd := exec.Command("nsenter", "--net="+n.Path(), "--", "ip6tables-restore", "--noflush")
-		cmd.Stdin = strings.NewReader(fmt.Sprintf(dockerdStart6, n.Docker0IPv6().Masked()))
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("dockerd's ip6tables rules on %s: %v\n%s", n.Name, err, out)
-		}
-	}
-	// Docker put its MASQUERADE in front of our POSTROUTING jump: xnetd moves it back within
-	// moments (it watches nf_tables).
-	for _, n := range nodes {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			post := n.out(t, "ip6tables", "-t", "nat", "-S", "POSTROUTING")
-			fwd := n.out(t, "ip6tables-save", "-t", "filter")
-			if ours := strings.Index(post, "XNET-POSTRTG"); ours >= 0 && ours < strings.Index(post, "MASQUERADE") &&
-				strings.Contains(fwd, "-A XNET-FWD -s fd00:10:244::/56 -j ACCEPT") {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: ip6tables without our rules in place after 5 s:\n%s\n%s", n.Name, post, fwd)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		if v4 := n.out(t, "iptables-save"); strings.Contains(v4, "XNET-") {
-			t.Errorf("%s: iptables rules of ours in an IPv6-only overlay:\n%s", n.Name, v4)
-		}
-	}
-	if failed := ipv6Mesh(cs); len(failed) > 0 {
-		t.Fatalf("pings failed behind Docker's ip6tables firewall:\n%s", strings.Join(failed, "\n"))
-	}
-	src, err := harness.SourceSeen(cs[0].Namespace, cs[1].Namespace, cs[1].IPv6, 3)
-	if err != nil || src != cs[0].IPv6 {
-		t.Errorf("%s's container saw %v (%v), want the sender's own address %v (not masqueraded)", nodes[1].Name, src, err, cs[0].IPv6)
-	}
-}
-
-// TestDockerIPv6OnlyEBPF: real Docker on two ebpf hosts of an IPv6-only overlay, dockerd started
-// from the options xnetd wrote (--ipv6 --fixed-cidr-v6, and Docker's default IPv4 bridge, which
-// is not the overlay's). The backend finds docker0 by its IPv6 gateway in our lease, and busybox
-// containers reach each other over IPv6 through the fast path.
-func TestDockerIPv6OnlyEBPF(t *testing.T) {
-	if why := harness.DockerMissing(); why != "" {
-		t.Skip(why)
-	}
-	nodes, _ := xdClusterOn(t, harness.Options{Hosts: 2, IPv6Underlay: true}, fmt.Sprintf(ipv6OnlyConfig, "ebpf", false), "--backend=ebpf")
-	dockers := harness.StartDockerForTest(t, nodes[0].Host, nodes[1].Host)
-	a, b := dkRun(t, dkHost{nodes[0], dockers[0]}, "a1"), dkRun(t, dkHost{nodes[1], dockers[1]}, "b1")
-	a6, b6 := dkIPv6(t, a), dkIPv6(t, b)
-	t.Logf("a1 %v (%v) on %s, b1 %v (%v) on %s", a6, a.IP, nodes[0].Name, b6, b.IP, nodes[1].Name)
-	for _, p := range []struct {
-		from *harness.DockerContainer
-		to   netip.Addr
-	}{{a, b6}, {b, a6}} {
-		if got, out := dkPing(t, p.from, p.to); got != 3 {
-			t.Errorf("docker exec %s ping %v: %d of 3 replies\n%s", p.from.Name, p.to, got, out)
-		}
-	}
-	var st struct {
-		Verdicts map[string]uint64 `json:"verdicts"`
-	}
-	nodes[0].statusInto(t, &st)
-	if st.Verdicts["encap"] == 0 || st.Verdicts["decap"] == 0 {
-		t.Errorf("%s verdicts %v: want the containers' IPv6 encapsulated and decapsulated by the programs", nodes[0].Name, st.Verdicts)
-	}
-}
-
-// dkIPv6 is the global IPv6 address Docker gave the container (from --fixed-cidr-v6), once
-// none of eth0's addresses is tentative. Docker adds the global one without DAD, but until the
-// link-local one has passed it the container sends no MLD report, so docker0 (which snoops
-// multicast) forwards it no neighbour solicitation for its address: the first packets to it
-// are lost, whatever the network.
-func dkIPv6(t *testing.T, c *harness.DockerContainer) netip.Addr {
-	t.Helper()
-	global := regexp.MustCompile(`inet6 ([0-9a-f:]+)/\d+ scope global`)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		out, err := c.Exec(dkCtx(t, 10*time.Second), "ip", "-6", "addr", "show", "dev", "eth0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if m := global.FindStringSubmatch(out); m != nil && !strings.Contains(out, "tentative") {
-			return netip.MustParseAddr(m[1])
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s has no usable global IPv6 address after 10s:\n%s", c.Name, out)
-		}
-		time.Sleep(100 * time.Millisecond)
 	}
 }

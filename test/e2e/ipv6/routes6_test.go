@@ -1,21 +1,21 @@
-package e2e
+package ipv6
 
 import (
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"testing"
 
 	"github.com/cilium/ebpf"
 
-	"net/netip"
-
 	"github.com/xnet-dev/xnet/maps"
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 )
 
 // dropRoute6 deletes subnet's entry from n's pinned routes6 map (a fault: the ebpf datapath no
 // longer reaches that peer's IPv6 subnet) and returns what puts it back. maps.OpenPinned opens
 // read-only, as xnetd check does; a fault needs to write.
-func dropRoute6(t *testing.T, n *xdNode, subnet netip.Prefix) (restore func(*testing.T)) {
+func dropRoute6(t *testing.T, n *xnetdtest.Node, subnet netip.Prefix) (restore func(*testing.T)) {
 	t.Helper()
 	open := func(t *testing.T) *maps.Maps {
 		t.Helper()

@@ -1,4 +1,4 @@
-package e2e
+package docker
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -87,13 +88,13 @@ func TestDockerFirewallContainersOnTwoHostsReachEachOther(t *testing.T) {
 		name := c.backend + strings.Join(c.extra, "")
 		t.Run(name, func(t *testing.T) {
 			config := fmt.Sprintf(`{"Network":"10.244.0.0/16","Backend":{"Type":%q}}`, c.backend)
-			nodes, topo := xdCluster(t, 2, config, append([]string{"--backend=" + c.backend}, c.extra...)...)
-			cs := xdContainers(t, nodes)
+			nodes, topo := xnetdtest.Cluster(t, 2, config, append([]string{"--backend=" + c.backend}, c.extra...)...)
+			cs := xnetdtest.Containers(t, nodes)
 			for _, n := range nodes {
 				playDockerd(t, n.Host)
 			}
 			if !c.reach {
-				if failed := xdMesh(cs); len(failed) != 2 {
+				if failed := xnetdtest.Mesh(cs); len(failed) != 2 {
 					t.Errorf("with dockerd's FORWARD DROP and no forward rules %d of 2 directions failed, want both: %q", len(failed), failed)
 				}
 				return
@@ -109,20 +110,20 @@ func TestDockerFirewallContainersOnTwoHostsReachEachOther(t *testing.T) {
 					time.Sleep(200 * time.Millisecond)
 				}
 			}
-			if failed := xdMesh(cs); len(failed) > 0 {
+			if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 				t.Errorf("under dockerd's firewall: %q", failed)
 			}
-			if got := dpSourceSeen(t, cs[0].Namespace, cs[1].Namespace, cs[1].IP); got != cs[0].IP {
+			if got := xnetdtest.SourceSeen(t, cs[0].Namespace, cs[1].Namespace, cs[1].IP); got != cs[0].IP {
 				t.Errorf("the remote container saw %v, want the container's own %v", got, cs[0].IP)
 			}
-			if got := dpSourceSeen(t, cs[1].Namespace, cs[0].Namespace, cs[0].IP); got != cs[1].IP {
+			if got := xnetdtest.SourceSeen(t, cs[1].Namespace, cs[0].Namespace, cs[0].IP); got != cs[1].IP {
 				t.Errorf("the remote container saw %v, want the container's own %v", got, cs[1].IP)
 			}
 			n := nodes[0]
-			if err := n.proc.Stop(); err != nil {
+			if err := n.Proc.Stop(); err != nil {
 				t.Fatal(err)
 			}
-			n.teardown(t, topo)
+			n.Teardown(t, topo)
 			if s := iptablesSave(t, n.Host); strings.Contains(s, "XNET") || !strings.Contains(s, "-j MASQUERADE") {
 				t.Errorf("after teardown, iptables-save: want dockerd's rules and none of ours:\n%s", s)
 			}
