@@ -254,6 +254,10 @@ func TestDirectRoutingSameSegmentPeersGetPlainPacketsAndTheFarOneVXLAN(t *testin
 			if failed := xnetdtest.Mesh(cs); len(failed) > 0 {
 				t.Fatalf("containers that do not reach each other:\n%s", strings.Join(failed, "\n"))
 			}
+			// `xnetd check` takes the direct peer's plain route on the NIC as right.
+			if out, code := h1.Check(t); code != 0 {
+				t.Errorf("xnetd check on h1 with a direct and a VXLAN peer: exit %d\n%s", code, out)
+			}
 			if backendName == "ebpf" {
 				st := h1.Status(t)
 				for _, p := range st.Peers {
