@@ -39,7 +39,8 @@ func (n *Node) PeerHealth(t *testing.T, subnet netip.Prefix) *health.PeerHealth 
 }
 
 // WaitHealthy waits until every node's status shows every other node reachable over both
-// paths.
+// paths, answered by its health responder: a probe sent before the peer's responder listened
+// comes back as ICMP port unreachable, which counts as reachable but marked NoResponder.
 func WaitHealthy(t *testing.T, nodes []*Node, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
@@ -51,7 +52,8 @@ func WaitHealthy(t *testing.T, nodes []*Node, within time.Duration) {
 			subnet := p.State(t).Lease.Subnet
 			for {
 				h := n.PeerHealth(t, subnet)
-				if h != nil && h.Overlay.State == health.StateReachable && h.Underlay.State == health.StateReachable {
+				if h != nil && h.Overlay.State == health.StateReachable && h.Underlay.State == health.StateReachable &&
+					!h.Overlay.NoResponder && !h.Underlay.NoResponder {
 					break
 				}
 				if time.Now().After(deadline) {
