@@ -19,32 +19,9 @@ import (
 // dockerdStart6 is dockerdStart for ip6tables, as dockerd with --ipv6 --fixed-cidr-v6 (and
 // ip6tables on, Docker 27's default) adds it: FORWARD policy DROP, its chains, its rules first
 // in FORWARD and POSTROUTING. %[1]s is the IPv6 subnet.
-const dockerdStart6 = `*filter
-:FORWARD DROP [0:0]
-:DOCKER - [0:0]
-:DOCKER-ISOLATION-STAGE-1 - [0:0]
-:DOCKER-ISOLATION-STAGE-2 - [0:0]
-:DOCKER-USER - [0:0]
--I FORWARD 1 -i docker0 -o docker0 -j ACCEPT
--I FORWARD 1 -i docker0 ! -o docker0 -j ACCEPT
--I FORWARD 1 -o docker0 -j DOCKER
--I FORWARD 1 -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--I FORWARD 1 -j DOCKER-ISOLATION-STAGE-1
--I FORWARD 1 -j DOCKER-USER
--A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j DOCKER-ISOLATION-STAGE-2
--A DOCKER-ISOLATION-STAGE-1 -j RETURN
--A DOCKER-ISOLATION-STAGE-2 -o docker0 -j DROP
--A DOCKER-ISOLATION-STAGE-2 -j RETURN
--A DOCKER-USER -j RETURN
-COMMIT
-*nat
-:DOCKER - [0:0]
--I PREROUTING 1 -m addrtype --dst-type LOCAL -j DOCKER
--I OUTPUT 1 ! -d ::1/128 -m addrtype --dst-type LOCAL -j DOCKER
--I POSTROUTING 1 -s %[1]s ! -o docker0 -j MASQUERADE
--A DOCKER -i docker0 -j RETURN
-COMMIT
-`
+func dockerdStart6() string {
+	return strings.Replace(dockerdStart, "! -d 127.0.0.0/8", "! -d ::1/128", 1)
+}
 
 // TestIPv6OnlyDockerFirewall: dockerd with IPv6 starts after xnetd on every host of an
 // IPv6-only overlay (ip6tables FORWARD policy DROP, its MASQUERADE first in POSTROUTING), and
@@ -59,7 +36,7 @@ func TestIPv6OnlyDockerFirewall(t *testing.T) {
 	cs := xnetdtest.Containers(t, nodes)
 	for _, n := range nodes {
 		cmd := exec.Command("nsenter", "--net="+n.Path(), "--", "ip6tables-restore", "--noflush")
-		cmd.Stdin = strings.NewReader(fmt.Sprintf(dockerdStart6, n.Docker0IPv6().Masked()))
+		cmd.Stdin = strings.NewReader(fmt.Sprintf(dockerdStart6(), n.Docker0IPv6().Masked()))
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("dockerd's ip6tables rules on %s: %v\n%s", n.Name, err, out)
 		}
