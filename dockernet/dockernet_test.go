@@ -34,6 +34,9 @@ func TestSubnetsVNIsAndBlocks(t *testing.T) {
 		{"10.250.0.0/25", 0, 0, "/24 or larger"},
 		{"fd00::/64", 0, 0, "IPv4 only"},
 		{"nonsense", 0, 0, "not an IPv4 CIDR"},
+		{"255.255.255.0/24", 0, 0, "inside 240.0.0.0/4"},
+		{"255.255.254.0/23", 0, 0, "inside 240.0.0.0/4"},
+		{"250.1.0.0/16", 0, 0, "pick a private range"},
 	} {
 		p, err := parseSubnet(tc.subnet)
 		if tc.problem != "" {

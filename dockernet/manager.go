@@ -332,6 +332,8 @@ func defaultBlockLen(subnet netip.Prefix) int {
 
 // parseSubnet checks a --subnet an xnet network can use.
 func parseSubnet(s string) (netip.Prefix, error) {
+	// 240.0.0.0/4 is RFC 1112's class E, reserved for future use.
+	reserved := netip.PrefixFrom(netip.AddrFrom4([4]byte{240, 0, 0, 0}), 4)
 	p, err := netip.ParsePrefix(s)
 	switch {
 	case err != nil || !p.Addr().Is4():
@@ -342,6 +344,10 @@ func parseSubnet(s string) (netip.Prefix, error) {
 		return netip.Prefix{}, fmt.Errorf("--subnet %s: an xnet network is a /24 or larger (each host gets a block of it)", s)
 	case p.Bits() < 8:
 		return netip.Prefix{}, fmt.Errorf("--subnet %s: larger than a /8", s)
+	case p.Overlaps(reserved):
+		// Besides being reserved, its last two /24s would have the VNIs of the ebpf backend's
+		// headroom device (backend/ebpf/headroom.go), and two vxlan devices cannot share one.
+		return netip.Prefix{}, fmt.Errorf("--subnet %s: inside %s, addresses reserved for future use: pick a private range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)", s, reserved)
 	}
 	return p, nil
 }
