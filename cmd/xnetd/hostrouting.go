@@ -19,24 +19,32 @@ func resolveHostRouting(ctx context.Context, flag string, log *slog.Logger) (mod
 	if flag != "auto" {
 		return flag, "--host-routing=" + flag
 	}
-	return autoHostRouting(ctx, fwrules.NewSnapshot(), log)
+	return autoHostRouting(ctx, fwrules.NewSnapshot(), "", log)
 }
 
-// autoHostRouting is the mode auto picks from DOCKER-USER as rules reads it.
-func autoHostRouting(ctx context.Context, rules *fwrules.Snapshot, log *slog.Logger) (mode, why string) {
+// autoHostRouting is the mode auto picks from DOCKER-USER as rules reads it. It logs only what
+// differs from lastWhy (the reason of the previous reading, "" at start): the rules are read
+// after every nf_tables change and every 30 s, and an unchanged verdict is not news.
+func autoHostRouting(ctx context.Context, rules *fwrules.Snapshot, lastWhy string, log *slog.Logger) (mode, why string) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	user, err := rules.DockerUserRules(ctx)
 	switch {
 	case err != nil:
-		log.Warn("cannot read Docker's DOCKER-USER chain; container traffic skips the host's stack", "err", err)
-		return "bpf", "auto: DOCKER-USER unreadable (" + err.Error() + ")"
+		mode, why = "bpf", "auto: DOCKER-USER unreadable ("+err.Error()+")"
+		if why != lastWhy {
+			log.Warn("cannot read Docker's DOCKER-USER chain; container traffic skips the host's stack", "err", err)
+		}
 	case len(user) > 0:
-		log.Info("DOCKER-USER holds rules: container traffic takes the host's stack so they apply to every packet",
-			"rules", user)
-		return "kernel", "auto: DOCKER-USER holds " + strings.Join(user, "; ") + ", which bpf host routing would skip"
+		mode, why = "kernel", "auto: DOCKER-USER holds "+strings.Join(user, "; ")+", which bpf host routing would skip"
+		if why != lastWhy {
+			log.Info("DOCKER-USER holds rules: container traffic takes the host's stack so they apply to every packet",
+				"rules", user)
+		}
+	default:
+		mode, why = "bpf", "auto: DOCKER-USER holds no rules"
 	}
-	return "bpf", "auto: DOCKER-USER holds no rules"
+	return mode, why
 }
 
 // hostRoutingInterval is how often --host-routing=auto looks at DOCKER-USER again when it
@@ -64,9 +72,10 @@ func (d *daemonRun) watchHostRouting(rules *fwrules.Monitor, b any) <-chan hostR
 	// One slot: a reading must not wait for the daemon's loop (the keeper shares it), so a
 	// newer mode replaces one the loop has not taken yet.
 	changes := make(chan hostRoutingChange, 1)
-	current := hr.HostRouting()
+	current, lastWhy := hr.HostRouting(), d.hostRoutingWhy
 	rules.Add(fwrules.Consumer{Every: hostRoutingSafety, Unwatched: hostRoutingInterval, Read: func(ctx context.Context, s *fwrules.Snapshot) {
-		mode, why := autoHostRouting(ctx, s, d.log)
+		mode, why := autoHostRouting(ctx, s, lastWhy, d.log)
+		lastWhy = why
 		if mode == current {
 			return
 		}

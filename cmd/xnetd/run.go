@@ -43,8 +43,10 @@ type daemonRun struct {
 	cfg    subnetmgr.Config
 	iface  backend.ExternalInterface
 	chosen chosenBackend
-	lease  subnetmgr.Lease
-	peers  *peers
+	// hostRoutingWhy is why --host-routing resolved as it did at start (auto's reading).
+	hostRoutingWhy string
+	lease          subnetmgr.Lease
+	peers          *peers
 	// mv holds this host's macvlan range; nil when the config has no Macvlan section.
 	mv      *macvlan.Manager
 	ready   bool
@@ -140,6 +142,7 @@ func runDaemon(ctx context.Context, o options, reg *backend.Registry, log *slog.
 	}
 
 	hostRouting, hostRoutingWhy := resolveHostRouting(ctx, o.hostRouting, log)
+	d.hostRoutingWhy = hostRoutingWhy
 	d.chosen, err = pickBackend(reg, o.backend, backend.Options{
 		Iface: d.iface, Config: d.cfg, Decap: o.decap, BPFFS: o.bpffs, StateDir: filepath.Dir(o.stateFile), Logger: log,
 		HostRouting: hostRouting, HostRoutingWhy: hostRoutingWhy, Bridge: o.bridge, FlowSteering: o.flowSteering, FDStore: d.fds,
