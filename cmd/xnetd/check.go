@@ -174,11 +174,7 @@ func (c *checker) run(ctx context.Context, probeTimeout time.Duration) {
 	c.add(c.checkFiles())
 	c.add(c.checkUnderlay())
 	c.add(c.checkDevice())
-	if !c.ipv6Only() {
-		// checkBPF compares the IPv4 config entry; an IPv6-only datapath shows in its device
-		// and its routes6 map.
-		c.add(c.checkBPF())
-	}
+	c.add(c.checkBPF())
 	c.add(c.checkRoutes())
 	c.add(c.checkFirewall(ctx))
 	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
@@ -565,14 +561,25 @@ func (c *checker) checkBPF() checkResult {
 	if mc, ok, err := m.GetConfig(); err != nil || !ok {
 		r.Problems = append(r.Problems, fmt.Sprintf("the config map holds no configuration (%v): every program passes traffic untouched", err))
 	} else {
-		if mc.Subnet.Masked() != c.subnet {
+		switch {
+		case c.ipv6Only() && !mc.IPv6Only:
+			r.Problems = append(r.Problems, fmt.Sprintf("the config map is an IPv4 overlay's (subnet %v), the overlay is IPv6-only", mc.Subnet))
+		case !c.ipv6Only() && mc.Subnet.Masked() != c.subnet:
 			r.Problems = append(r.Problems, fmt.Sprintf("the config map says our subnet is %v, the lease %v", mc.Subnet, c.subnet))
 		}
 		if c.nic != nil && mc.UnderlayIfindex != c.nic.Attrs().Index {
 			r.Problems = append(r.Problems, fmt.Sprintf("the config map sends to ifindex %d, %s is %d", mc.UnderlayIfindex, c.ifaceName, c.nic.Attrs().Index))
 		}
-		if c.ifaceIP.IsValid() && mc.LocalIP != c.ifaceIP {
+		if !c.ipv6Only() && c.ifaceIP.IsValid() && mc.LocalIP != c.ifaceIP {
 			r.Problems = append(r.Problems, fmt.Sprintf("the config map's underlay address is %v, %s has %v", mc.LocalIP, c.ifaceName, c.ifaceIP))
+		}
+	}
+	if c.ipv6Only() {
+		// Our IPv6 subnet is in config6 (in dual stack too; there its routes check says more).
+		if c6, ok, err := m.GetConfig6(); err != nil || !ok {
+			r.Problems = append(r.Problems, fmt.Sprintf("the config6 map holds no configuration (%v): IPv6 passes untouched", err))
+		} else if c6.Subnet.Masked() != c.subnet {
+			r.Problems = append(r.Problems, fmt.Sprintf("the config6 map says our IPv6 subnet is %v, the lease %v", c6.Subnet, c.subnet))
 		}
 	}
 	type want struct {
@@ -653,8 +660,9 @@ func hookKind(h loader.Hook) string {
 }
 
 // containerLinks are the container bridges as the ebpf backend finds them (the one --bridge
-// names, or every bridge with an IPv4 address in our subnet, whatever it is called) and the
-// veths enslaved to them (containers' host ends).
+// names, or every bridge with an address in our subnet, whatever it is called: an IPv6 one in
+// an IPv6-only overlay, whose subnet is the IPv6 lease) and the veths enslaved to them
+// (containers' host ends).
 func containerLinks(subnet netip.Prefix, name string) (bridges, veths []netlink.Link) {
 	links, err := netlink.LinkList()
 	if err != nil {
@@ -671,9 +679,13 @@ func containerLinks(subnet netip.Prefix, name string) (bridges, veths []netlink.
 			}
 			continue
 		}
-		addrs, _ := netlink.AddrList(l, unix.AF_INET)
+		family := unix.AF_INET
+		if subnet.Addr().Is6() {
+			family = unix.AF_INET6
+		}
+		addrs, _ := netlink.AddrList(l, family)
 		for _, a := range addrs {
-			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && subnet.Contains(ip) {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok && subnet.Contains(ip.Unmap()) {
 				bridges, idx[l.Attrs().Index] = append(bridges, l), true
 				break
 			}

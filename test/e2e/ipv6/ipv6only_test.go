@@ -15,6 +15,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/xnet-dev/xnet/maps"
 	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/e2e/xnetdtest"
 	"github.com/xnet-dev/xnet/test/harness"
@@ -283,6 +284,10 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xnetdtest.Node, backendName stri
 	for _, n := range nodes {
 		if out, code := n.Check(t); code != 0 || !strings.Contains(out, "everything checked holds") {
 			t.Errorf("xnetd check on the healthy %s: exit %d\n%s", n.Name, code, out)
+		} else if backendName == "ebpf" && !strings.Contains(out, "5 programs attached") {
+			// decap on eth0 and on xnet6, encap on xnet0 and the container's veth, deliver on
+			// the bridge that holds our IPv6 gateway.
+			t.Errorf("xnetd check on the healthy %s does not count the 5 programs of an IPv6-only host:\n%s", n.Name, out)
 		}
 	}
 	a, b := nodes[0], nodes[1] // b breaks; a is its peer
@@ -329,6 +334,28 @@ func checkIPv6OnlyFaults(t *testing.T, nodes []*xnetdtest.Node, backendName stri
 			func(t *testing.T) { restore = dropRoute6(t, b, aSubnet) },
 			func(t *testing.T) { restore(t) },
 			[]string{"FAIL  routes", fmt.Sprintf("the BPF routes6 map lacks %v", aSubnet), "systemctl restart xnetd"}})
+		var config6 maps.Config6
+		faults = append(faults, fault{"the config6 map's entry cleared",
+			func(t *testing.T) {
+				m := openConfig6(t, b)
+				defer m.Config6.Close()
+				var ok bool
+				var err error
+				if config6, ok, err = m.GetConfig6(); err != nil || !ok {
+					t.Fatalf("%s's config6 map: %v (present %v)", b.Name, err, ok)
+				}
+				if err := m.ClearConfig6(); err != nil {
+					t.Fatal(err)
+				}
+			},
+			func(t *testing.T) {
+				m := openConfig6(t, b)
+				defer m.Config6.Close()
+				if err := m.SetConfig6(config6); err != nil {
+					t.Fatal(err)
+				}
+			},
+			[]string{"FAIL  bpf", "the config6 map holds no configuration", "systemctl restart xnetd"}})
 	} else {
 		faults = append(faults, fault{"the route to a peer's IPv6 subnet deleted",
 			func(t *testing.T) { b.Sh(t, "ip", "-6", "route", "del", aSubnet.String(), "dev", device) },

@@ -48,3 +48,13 @@ func dropRoute6(t *testing.T, n *xnetdtest.Node, subnet netip.Prefix) (restore f
 		}
 	}
 }
+
+// openConfig6 opens n's pinned config6 map for writing (maps.OpenPinned opens read-only).
+func openConfig6(t *testing.T, n *xnetdtest.Node) *maps.Maps {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(n.BPFFS, maps.Config6Name), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &maps.Maps{Config6: m}
+}
