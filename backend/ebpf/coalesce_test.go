@@ -4,13 +4,11 @@ import (
 	"context"
 	"io"
 	"net"
-	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -25,31 +23,8 @@ import (
 // one are merged into it (TCPRcvCoalesce, TCPBacklogCoalesce). The old pull left both at 0.
 func TestReceiverCoalescesDecapsulatedTCP(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
-	var backends []*Backend
-	var leases []subnetmgr.Lease
-	var containers []*harness.Container
-	for i, h := range topo.Hosts() {
-		subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
-		l := vxlanLease(t, subnet.String(), h.UnderlayIP.String())
-		b := startOn(t, h, l)
-		t.Cleanup(func() { _ = b.Close(true) })
-		if err := h.SetupDocker0(netip.PrefixFrom(subnet.Addr().Next(), 24), b.MTU()); err != nil {
-			t.Fatal(err)
-		}
-		c, err := h.AddContainer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		backends, leases, containers = append(backends, b), append(leases, l), append(containers, c)
-	}
-	for _, b := range backends {
-		for _, l := range leases {
-			if err := b.AddPeer(l); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	from, to := containers[0], containers[1]
+	pair := newPeeredPair(t, topo, func(h *harness.Host) *Backend { return newOn(t, h, DecapTC) })
+	from, to := pair.containers[0], pair.containers[1]
 	before := tcpCounters(t, to)
 	const total = 16 << 20
 	slowTransfer(t, from, to, total)
@@ -58,11 +33,11 @@ func TestReceiverCoalescesDecapsulatedTCP(t *testing.T) {
 	segs := after["TcpInSegs"] - before["TcpInSegs"]
 	merged := after["TcpExtTCPRcvCoalesce"] - before["TcpExtTCPRcvCoalesce"] +
 		after["TcpExtTCPBacklogCoalesce"] - before["TcpExtTCPBacklogCoalesce"]
-	st, err := backends[1].Status()
+	st, err := pair.backends[1].Status()
 	if err != nil {
 		t.Fatal(err)
 	}
-	rx := st.Peers[leases[0].PublicIP.String()]
+	rx := st.Peers[pair.leases[0].PublicIP.String()]
 	t.Logf("%d bytes: %d segments received, %d merged into the one before; %d packets decapsulated, %d bytes each on average",
 		total, segs, merged, rx.RxPackets, rx.RxBytes/max(rx.RxPackets, 1))
 	if rx.RxPackets == 0 || rx.RxBytes/rx.RxPackets <= 1500 {

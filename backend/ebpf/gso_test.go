@@ -5,12 +5,10 @@ import (
 	"crypto/sha256"
 	"io"
 	"net"
-	"net/netip"
 	"testing"
 	"time"
 
 	"github.com/xnet-dev/xnet/loader"
-	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -28,36 +26,13 @@ func TestLargeTCPSegmentsPassTheDecapLengthChecks(t *testing.T) {
 				}
 			}
 			topo := harness.NewForTest(t, harness.Options{Hosts: 2})
-			var backends []*Backend
-			var leases []subnetmgr.Lease
-			var containers []*harness.Container
-			for i, h := range topo.Hosts() {
-				subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
-				l := vxlanLease(t, subnet.String(), h.UnderlayIP.String())
-				b := startOnDecap(t, h, l, decap)
-				t.Cleanup(func() { _ = b.Close(true) })
-				if err := h.SetupDocker0(netip.PrefixFrom(subnet.Addr().Next(), 24), b.MTU()); err != nil {
-					t.Fatal(err)
-				}
-				c, err := h.AddContainer()
-				if err != nil {
-					t.Fatal(err)
-				}
-				backends, leases, containers = append(backends, b), append(leases, l), append(containers, c)
-			}
-			for _, b := range backends {
-				for _, l := range leases {
-					if err := b.AddPeer(l); err != nil {
-						t.Fatal(err)
-					}
-				}
-			}
-			sent := tcpTransfer(t, containers[0], containers[1], 4<<20)
-			st, err := backends[1].Status()
+			pair := newPeeredPair(t, topo, func(h *harness.Host) *Backend { return newOn(t, h, decap) })
+			sent := tcpTransfer(t, pair.containers[0], pair.containers[1], 4<<20)
+			st, err := pair.backends[1].Status()
 			if err != nil {
 				t.Fatal(err)
 			}
-			rx := st.Peers[leases[0].PublicIP.String()]
+			rx := st.Peers[pair.leases[0].PublicIP.String()]
 			t.Logf("%s decap (%s): %d bytes sent, %d packets decapsulated, %d bytes each on average; verdicts %v",
 				decap, st.Decap, sent, rx.RxPackets, rx.RxBytes/max(rx.RxPackets, 1), st.Verdicts)
 			if n := st.Verdicts["drop_malformed"]; n != 0 {
@@ -68,16 +43,6 @@ func TestLargeTCPSegmentsPassTheDecapLengthChecks(t *testing.T) {
 			}
 		})
 	}
-}
-
-// startOnDecap is startOn with a --decap mode.
-func startOnDecap(t *testing.T, h *harness.Host, local subnetmgr.Lease, decap string) *Backend {
-	t.Helper()
-	b := newOn(t, h, decap)
-	if err := b.Setup(t.Context(), local, testConfig); err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 // tcpTransfer sends n random bytes over TCP from one container to another and fails unless

@@ -53,3 +53,42 @@ func newOn(t *testing.T, h *harness.Host, decap string) *Backend {
 	}
 	return b
 }
+
+// peeredPair is two hosts of topo, each with a backend newBackend builds there (not set up yet),
+// set up on its own /24 (10.244.1.0/24, 10.244.2.0/24), a docker0 holding the gateway, one
+// container, and every lease as a peer.
+type peeredPair struct {
+	backends   []*Backend
+	leases     []subnetmgr.Lease
+	containers []*harness.Container
+}
+
+func newPeeredPair(t *testing.T, topo *harness.Topology, newBackend func(*harness.Host) *Backend) peeredPair {
+	t.Helper()
+	var p peeredPair
+	for i, h := range topo.Hosts() {
+		subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
+		l := vxlanLease(t, subnet.String(), h.UnderlayIP.String())
+		b := newBackend(h)
+		t.Cleanup(func() { _ = b.Close(true) })
+		if err := b.Setup(t.Context(), l, testConfig); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.SetupDocker0(netip.PrefixFrom(subnet.Addr().Next(), 24), b.MTU()); err != nil {
+			t.Fatal(err)
+		}
+		c, err := h.AddContainer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.backends, p.leases, p.containers = append(p.backends, b), append(p.leases, l), append(p.containers, c)
+	}
+	for _, b := range p.backends {
+		for _, l := range p.leases {
+			if err := b.AddPeer(l); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return p
+}

@@ -10,7 +10,6 @@ import (
 
 	"github.com/xnet-dev/xnet/backend"
 	"github.com/xnet-dev/xnet/backend/conformance"
-	"github.com/xnet-dev/xnet/subnetmgr"
 	"github.com/xnet-dev/xnet/test/harness"
 )
 
@@ -23,41 +22,15 @@ import (
 // kernel VXLAN.
 func TestKernelHostRoutingForwardsLargeTCPSegmentsIntoContainersWhole(t *testing.T) {
 	topo := harness.NewForTest(t, harness.Options{Hosts: 2})
-	var backends []*Backend
-	var leases []subnetmgr.Lease
-	var containers []*harness.Container
-	for i, h := range topo.Hosts() {
-		subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24)
-		l := vxlanLease(t, subnet.String(), h.UnderlayIP.String())
-		b := newKernelRouted(t, h)
-		if err := b.Setup(t.Context(), l, testConfig); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = b.Close(true) })
-		if err := h.SetupDocker0(netip.PrefixFrom(subnet.Addr().Next(), 24), b.MTU()); err != nil {
-			t.Fatal(err)
-		}
-		c, err := h.AddContainer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		backends, leases, containers = append(backends, b), append(leases, l), append(containers, c)
-	}
-	for _, b := range backends {
-		for _, l := range leases {
-			if err := b.AddPeer(l); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	forwarded := countForwarded(t, topo.Hosts()[1], containers[1].IP)
+	pair := newPeeredPair(t, topo, func(h *harness.Host) *Backend { return newKernelRouted(t, h) })
+	forwarded := countForwarded(t, topo.Hosts()[1], pair.containers[1].IP)
 	// A first exchange lets the receiving container be learned (it answers the handshake).
-	tcpTransfer(t, containers[0], containers[1], 64<<10)
-	rxBefore := eth0RxPackets(t, containers[1])
-	sent := tcpTransfer(t, containers[0], containers[1], 8<<20)
-	rx := eth0RxPackets(t, containers[1]) - rxBefore
+	tcpTransfer(t, pair.containers[0], pair.containers[1], 64<<10)
+	rxBefore := eth0RxPackets(t, pair.containers[1])
+	sent := tcpTransfer(t, pair.containers[0], pair.containers[1], 8<<20)
+	rx := eth0RxPackets(t, pair.containers[1]) - rxBefore
 
-	st, err := backends[1].Status()
+	st, err := pair.backends[1].Status()
 	if err != nil {
 		t.Fatal(err)
 	}
