@@ -11,38 +11,9 @@ import (
 // dockerSave6 is what dockerd with --ipv6 --fixed-cidr-v6=fd00:10:244:1::/64 and ip6tables
 // enabled (the default since Docker 27) leaves in ip6tables: the chains and rules of
 // dockerSave, for its IPv6 subnet.
-const dockerSave6 = `*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-:DOCKER - [0:0]
-:DOCKER-ISOLATION-STAGE-1 - [0:0]
-:DOCKER-ISOLATION-STAGE-2 - [0:0]
-:DOCKER-USER - [0:0]
--A FORWARD -j DOCKER-USER
--A FORWARD -j DOCKER-ISOLATION-STAGE-1
--A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A FORWARD -o docker0 -j DOCKER
--A FORWARD -i docker0 ! -o docker0 -j ACCEPT
--A FORWARD -i docker0 -o docker0 -j ACCEPT
--A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j DOCKER-ISOLATION-STAGE-2
--A DOCKER-ISOLATION-STAGE-1 -j RETURN
--A DOCKER-ISOLATION-STAGE-2 -o docker0 -j DROP
--A DOCKER-ISOLATION-STAGE-2 -j RETURN
--A DOCKER-USER -j RETURN
-COMMIT
-*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:DOCKER - [0:0]
--A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
--A OUTPUT ! -d ::1/128 -m addrtype --dst-type LOCAL -j DOCKER
--A POSTROUTING -s fd00:10:244:1::/64 ! -o docker0 -j MASQUERADE
--A DOCKER -i docker0 -j RETURN
-COMMIT
-`
+func dockerSave6() string {
+	return strings.NewReplacer("! -d 127.0.0.0/8", "! -d ::1/128", "-s 10.244.1.0/24", "-s fd00:10:244:1::/64").Replace(dockerSave)
+}
 
 // newDockerHost6 is newDockerHost with IPv6 too, as an IPv6-only or dual-stack overlay host
 // with Docker's --ipv6 has it, and Docker's ip6tables state in variant6:
@@ -72,7 +43,7 @@ func newDockerHost6(t *testing.T, variant6, other6 string) *dockerHost {
 		t.Fatal(err)
 	}
 	d.variant, d.other = variant6, other6
-	d.iptablesRestore(t, false, dockerSave6)
+	d.iptablesRestore(t, false, dockerSave6())
 	return d
 }
 
