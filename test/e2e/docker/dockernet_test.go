@@ -238,11 +238,19 @@ func TestDockerNetworksSpanHostsWithoutSwarm(t *testing.T) {
 		// cannot go back through Docker's create. Make it certain: a network cyan in etcd that
 		// no host can set up (every block reserved by a host that does not exist), then the
 		// same name with another subnet on host 1.
+		// One transaction: a daemon that saw the network before its blocks were reserved
+		// would lease one of them, and the reservation would then overwrite its lease.
 		rec := `{"Subnet":"10.253.0.0/24","VNI":720128,"Port":8474,"BlockLen":26}`
-		xnetdtest.Put(t, topo, subnetmgr.NetworkKey(xnetdtest.EtcdPrefix, "cyan"), rec)
+		ops := []clientv3.Op{clientv3.OpPut(subnetmgr.NetworkKey(xnetdtest.EtcdPrefix, "cyan"), rec)}
 		for _, b := range []string{"10.253.0.64", "10.253.0.128", "10.253.0.192"} {
-			xnetdtest.Put(t, topo, subnetmgr.PoolKey(xnetdtest.EtcdPrefix, subnetmgr.NetworkBlocksDirOf("cyan"), netip.MustParsePrefix(b+"/26")),
-				`{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":720128,"VtepMAC":"0e:78:c6:12:00:63"}}`)
+			ops = append(ops, clientv3.OpPut(subnetmgr.PoolKey(xnetdtest.EtcdPrefix, subnetmgr.NetworkBlocksDirOf("cyan"), netip.MustParsePrefix(b+"/26")),
+				`{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":720128,"VtepMAC":"0e:78:c6:12:00:63"}}`))
+		}
+		tctx, tcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := topo.EtcdClient().Txn(tctx).Then(ops...).Commit()
+		tcancel()
+		if err != nil {
+			t.Fatalf("reserve cyan's blocks: %v", err)
 		}
 		t.Cleanup(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
