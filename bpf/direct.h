@@ -158,15 +158,15 @@ static __always_inline int neighbour_mac(struct __sk_buff *skb, const struct hos
 	return 0;
 }
 
-/* direct_pull makes the Ethernet and IPv4 headers of a paged frame linear,
- * where direct packet access reads them. Frames from a veth or a NIC almost
- * always have them there already; for the rare one that does not, copying 34
- * bytes costs less than leaving a routed packet unchecked. */
-static __always_inline void direct_pull(struct __sk_buff *skb)
+/* direct_pull makes the first hdrs bytes of a paged frame linear (the
+ * Ethernet and IP headers), where direct packet access reads them. Frames from
+ * a veth or a NIC almost always have them there already; for the rare one that
+ * does not, copying 34 (IPv4) or 54 (IPv6) bytes costs less than leaving a
+ * routed packet unchecked. */
+static __always_inline void direct_pull(struct __sk_buff *skb, __u32 hdrs)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	const __u32 hdrs = sizeof(struct ethhdr) + sizeof(struct iphdr);
 
 	if (data + hdrs <= data_end || skb->len < hdrs)
 		return;
@@ -190,7 +190,7 @@ static __always_inline int direct_in(struct __sk_buff *skb, const struct host_co
 	__u32 peer_ip, daddr;
 	void *data_end;
 
-	direct_pull(skb);
+	direct_pull(skb, sizeof(struct ethhdr) + sizeof(struct iphdr));
 	nh.pos = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	if (!cfg->direct_routing || parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IP) ||

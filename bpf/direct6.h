@@ -52,20 +52,13 @@ static __always_inline int hop6_from_fib(struct __sk_buff *skb, const struct hos
 					 const struct host_config6 *cfg6, const void *peer, __u64 now,
 					 struct underlay_hop *hop)
 {
-	const __u32 *dst = ip6_words(peer), *src = ip6_words(cfg6->local_ip6);
 	struct bpf_fib_lookup fib = {};
 
 	fib.family = AF_INET6;
 	fib.l4_protocol = IPPROTO_TCP;
 	fib.ifindex = cfg->underlay_ifindex;
-	fib.ipv6_dst[0] = dst[0];
-	fib.ipv6_dst[1] = dst[1];
-	fib.ipv6_dst[2] = dst[2];
-	fib.ipv6_dst[3] = dst[3];
-	fib.ipv6_src[0] = src[0];
-	fib.ipv6_src[1] = src[1];
-	fib.ipv6_src[2] = src[2];
-	fib.ipv6_src[3] = src[3];
+	ip6_copy(fib.ipv6_dst, peer);
+	ip6_copy(fib.ipv6_src, cfg6->local_ip6);
 	/* No tot_len, as in hop_from_fib: the sizes were checked before. */
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
 		return -1;
@@ -101,7 +94,6 @@ static __always_inline int direct6_out(struct __sk_buff *skb, const struct host_
 {
 	struct bpf_redir_neigh nh = {.nh_family = AF_INET6};
 	struct underlay_hop hop = {};
-	const __u32 *peer = ip6_words(rt->remote_ip6);
 	struct ethhdr *eth;
 
 	if (seg > cfg->underlay_mtu) {
@@ -122,10 +114,7 @@ static __always_inline int direct6_out(struct __sk_buff *skb, const struct host_
 	count(VERDICT_DIRECT_OUT, skb->len);
 	count_peer6(rt, skb->len, 0);
 	if (find_hop6(skb, cfg, cfg6, rt->remote_ip6, &hop) < 0) {
-		nh.ipv6_nh[0] = peer[0];
-		nh.ipv6_nh[1] = peer[1];
-		nh.ipv6_nh[2] = peer[2];
-		nh.ipv6_nh[3] = peer[3];
+		ip6_copy(nh.ipv6_nh, rt->remote_ip6);
 		return bpf_redirect_neigh(cfg->underlay_ifindex, &nh, sizeof(nh), 0);
 	}
 	eth = (void *)(long)skb->data;
@@ -134,19 +123,6 @@ static __always_inline int direct6_out(struct __sk_buff *skb, const struct host_
 	mac_copy(eth->h_dest, hop.dmac);
 	mac_copy(eth->h_source, hop.smac);
 	return bpf_redirect(hop.ifindex, 0);
-}
-
-/* direct6_pull makes the Ethernet and IPv6 headers of a paged frame linear
- * (direct_pull's reason). */
-static __always_inline void direct6_pull(struct __sk_buff *skb)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	const __u32 hdrs = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
-
-	if (data + hdrs <= data_end || skb->len < hdrs)
-		return;
-	bpf_skb_pull_data(skb, hdrs);
 }
 
 #endif /* XNET_DIRECT6_H */

@@ -69,17 +69,6 @@ static __always_inline int ip6_in_lease(const struct in6_addr *a, const struct h
 	return ip6_in_prefix(a, cfg6->subnet_addr, cfg6->subnet_mask);
 }
 
-static __always_inline void ip6_copy(void *dst, const void *src)
-{
-	__u32 *d = dst;
-	const __u32 *s = ip6_words(src);
-
-	d[0] = s[0];
-	d[1] = s[1];
-	d[2] = s[2];
-	d[3] = s[3];
-}
-
 /*
  * ipv6_upper_layer walks the extension headers of the IPv6 packet whose fixed
  * header starts at off in skb (nexthdr is that header's next header) and
@@ -367,7 +356,7 @@ static __always_inline int direct6_in(struct __sk_buff *skb, const struct host_c
 	underlay_addr peer_key;
 	void *data_end;
 
-	direct6_pull(skb);
+	direct_pull(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
 	nh.pos = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	if (!cfg->direct_routing || !cfg6 || parse_ethhdr(&nh, data_end, &eth) != bpf_htons(ETH_P_IPV6) ||

@@ -199,17 +199,13 @@ static __always_inline void count_peer4(__u32 peer_ip, __u32 bytes, int rx)
  * an IPv6-only overlay, where it has none (0.0.0.0), its PublicIPv6. */
 static __always_inline void route6_peer(const struct route6 *rt, void *key)
 {
-	const __u32 *a = ip6_words(rt->remote_ip6);
-	__u32 ip = ip4_word(rt->remote_ip), *k = key;
+	__u32 ip = ip4_word(rt->remote_ip);
 
 	if (ip) {
 		underlay_addr4(key, ip);
 		return;
 	}
-	k[0] = a[0];
-	k[1] = a[1];
-	k[2] = a[2];
-	k[3] = a[3];
+	ip6_copy(key, rt->remote_ip6);
 }
 
 /* count_peer6 is count_peer for the peer of the IPv6 route rt. */
@@ -239,13 +235,8 @@ static __always_inline const struct host_config6 *get_config6(void)
 static __always_inline struct route6 *route6_of(const void *addr)
 {
 	struct route6_key key = {.prefixlen = 128};
-	const __u32 *a = ip6_words(addr);
-	__u32 *k = (__u32 *)key.addr;
 
-	k[0] = a[0];
-	k[1] = a[1];
-	k[2] = a[2];
-	k[3] = a[3];
+	ip6_copy(key.addr, addr);
 	return bpf_map_lookup_elem(&routes6, &key);
 }
 

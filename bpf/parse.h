@@ -147,7 +147,7 @@ static __always_inline int vxlan_classify_inner6(void *data, void *data_end, __u
 	const struct host_config6 *cfg6 = get_config6();
 	struct ipv6hdr *inner;
 	struct route6 *src_route;
-	__u32 inner_len, inner_present, *d;
+	__u32 inner_len, inner_present;
 	int nexthdr;
 
 	/* An IPv4-only host: IPv6 is as foreign to it as any other protocol. */
@@ -180,11 +180,7 @@ static __always_inline int vxlan_classify_inner6(void *data, void *data_end, __u
 	m->inner_off = (void *)inner - data;
 	m->outer_ce = (ip->tos & ECN_MASK) == ECN_CE;
 	m->inner_ipv6 = 1;
-	d = (__u32 *)m->inner_daddr6;
-	d[0] = ip6_words(&inner->daddr)[0];
-	d[1] = ip6_words(&inner->daddr)[1];
-	d[2] = ip6_words(&inner->daddr)[2];
-	d[3] = ip6_words(&inner->daddr)[3];
+	ip6_copy(m->inner_daddr6, &inner->daddr);
 	return VERDICT_DECAP;
 }
 

@@ -160,6 +160,19 @@ static __always_inline const __u32 *ip6_words(const void *a)
 	return (const __u32 *)a;
 }
 
+/* ip6_copy copies an IPv6 address between 4-byte aligned places (an
+ * ipv6_addr, an in6_addr, the __u32[4] of a helper's struct) word by word. */
+static __always_inline void ip6_copy(void *dst, const void *src)
+{
+	__u32 *d = dst;
+	const __u32 *s = ip6_words(src);
+
+	d[0] = s[0];
+	d[1] = s[1];
+	d[2] = s[2];
+	d[3] = s[3];
+}
+
 static __always_inline int ip6_equal(const void *a, const void *b)
 {
 	const __u32 *x = ip6_words(a), *y = ip6_words(b);

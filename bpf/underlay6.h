@@ -55,7 +55,6 @@ static __always_inline int tunnel6_send(struct __sk_buff *skb, const struct host
 	void *data_end = (void *)(long)skb->data_end;
 	struct bpf_tunnel_key key = {};
 	struct ethhdr *eth = data;
-	const __u32 *dst = ip6_words(rt->remote_ip6), *src = ip6_words(cfg6->local_ip6);
 
 	if ((void *)(eth + 1) > data_end) {
 		count(VERDICT_DROP_MALFORMED, skb->len);
@@ -67,14 +66,8 @@ static __always_inline int tunnel6_send(struct __sk_buff *skb, const struct host
 	key.tunnel_id = cfg->vni;
 	/* Both addresses in wire order, as the helper copies them. The source
 	 * is our PublicIPv6, which the peer's anti-spoofing rule expects. */
-	key.remote_ipv6[0] = dst[0];
-	key.remote_ipv6[1] = dst[1];
-	key.remote_ipv6[2] = dst[2];
-	key.remote_ipv6[3] = dst[3];
-	key.local_ipv6[0] = src[0];
-	key.local_ipv6[1] = src[1];
-	key.local_ipv6[2] = src[2];
-	key.local_ipv6[3] = src[3];
+	ip6_copy(key.remote_ipv6, rt->remote_ip6);
+	ip6_copy(key.local_ipv6, cfg6->local_ip6);
 	/* Traffic class 0: the kernel then copies the inner ECN field as RFC
 	 * 6040 encapsulates it (CE as ECT(0)), as encap_write_headers does. */
 	key.tunnel_tos = 0;
@@ -107,7 +100,7 @@ static __always_inline int tunnel_classify6(void *data, void *data_end, __u32 fr
 	const struct host_config6 *cfg6 = get_config6();
 	struct ipv6hdr *inner;
 	struct route6 *src_route;
-	__u32 inner_len, inner_present, *d;
+	__u32 inner_len, inner_present;
 
 	if (!cfg6)
 		return VERDICT_DROP_INNER_NOT_IPV4;
@@ -136,11 +129,7 @@ static __always_inline int tunnel_classify6(void *data, void *data_end, __u32 fr
 	}
 	route6_peer(src_route, m->peer);
 	m->inner_ipv6 = 1;
-	d = (__u32 *)m->inner_daddr6;
-	d[0] = ip6_words(&inner->daddr)[0];
-	d[1] = ip6_words(&inner->daddr)[1];
-	d[2] = ip6_words(&inner->daddr)[2];
-	d[3] = ip6_words(&inner->daddr)[3];
+	ip6_copy(m->inner_daddr6, &inner->daddr);
 	return VERDICT_DECAP;
 }
 
