@@ -177,28 +177,14 @@ func (b *Backend) attachContainer(ifindex int) error {
 	b.veths[ifindex] = struct{}{}
 	b.status.Containers = len(b.veths)
 	b.Log.Debug("encap attached to container veth", "ifindex", ifindex)
-	b.steerFlows(ifindex)
+	b.steerFlows(ifindex, true)
 	return nil
 }
 
-// steerFlows turns on RPS for a container veth that has none (rps.go). A failure costs
-// ordering, not connectivity: it is logged, and the veth keeps its encap program.
-func (b *Backend) steerFlows(ifindex int) {
-	if b.rpsMask == "" {
-		return
-	}
-	l, err := netlink.LinkByIndex(ifindex)
-	if err == nil {
-		err = setRPS(b.exec.ns, []string{l.Attrs().Name}, "0", b.rpsMask)
-	}
-	if err != nil {
-		b.Log.Warn("cannot steer a container veth's flows to one CPU each; its TCP flows may be reordered", "ifindex", ifindex, "err", err)
-	}
-}
-
-// unsteerFlows gives a veth that stays (it left the container bridge, or xnet is torn down)
-// its RPS mask back, if it is still the one steerFlows wrote.
-func (b *Backend) unsteerFlows(ifindex int) {
+// steerFlows turns on RPS for a container veth that has none (on, rps.go), or gives a veth
+// that stays (it left the container bridge, or xnet is torn down) its mask back if it is
+// still the one xnet wrote (off). A failure costs ordering, not connectivity: it is logged.
+func (b *Backend) steerFlows(ifindex int, on bool) {
 	if b.rpsMask == "" {
 		return
 	}
@@ -206,8 +192,12 @@ func (b *Backend) unsteerFlows(ifindex int) {
 	if err != nil {
 		return // gone with its container
 	}
-	if err := setRPS(b.exec.ns, []string{l.Attrs().Name}, b.rpsMask, "0"); err != nil {
-		b.Log.Warn("cannot turn off flow steering on a former container veth", "ifindex", ifindex, "err", err)
+	from, to := "0", b.rpsMask
+	if !on {
+		from, to = to, from
+	}
+	if err := setRPS(b.exec.ns, []string{l.Attrs().Name}, from, to); err != nil {
+		b.Log.Warn("cannot change flow steering on a container veth; its TCP flows may be reordered or keep xnet's RPS mask", "veth", l.Attrs().Name, "steer", on, "err", err)
 	}
 }
 
@@ -217,7 +207,7 @@ func (b *Backend) forgetContainer(ifindex int) error {
 	delete(b.veths, ifindex)
 	b.status.Containers = len(b.veths)
 	err := b.ld.Detach(ifindex, loader.Ingress)
-	b.unsteerFlows(ifindex)
+	b.steerFlows(ifindex, false)
 	n, errF := b.m.ForgetEndpoints(ifindex)
 	b.Log.Debug("container veth forgotten", "ifindex", ifindex, "forgotten_endpoints", n, "err", errors.Join(err, errF))
 	return errors.Join(err, errF)

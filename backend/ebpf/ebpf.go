@@ -379,7 +379,7 @@ func (b *Backend) Close(teardown bool) error {
 				var errs []error
 				for idx := range b.veths {
 					errs = append(errs, b.ld.Detach(idx, loader.Ingress))
-					b.unsteerFlows(idx)
+					b.steerFlows(idx, false)
 				}
 				for idx := range b.bridges {
 					errs = append(errs, b.ld.Detach(idx, loader.Egress))

@@ -70,12 +70,8 @@ func (b *Backend) addPeerIPv6Only(lease subnetmgr.Lease) error {
 	delete(b.v6.unreachable, p.Subnet)
 	r := maps.Route6{Subnet: p.Subnet, PublicIP: netip.IPv4Unspecified(), VtepMAC: p.VtepMAC, PublicIPv6: p.PublicIPv6,
 		Direct: b.peerPath6(p.Subnet, p.PublicIPv6).Direct}
-	// Counters first, as for IPv4: the programs count only into entries that exist.
-	if old, ok := b.peers[p.Subnet]; ok && old != p.PublicIPv6 && !b.publicIPInUse(old, p.Subnet) {
-		_ = b.m.DeletePeer(old)
-	}
-	if err := b.m.AddPeer(p.PublicIPv6); err != nil {
-		return fmt.Errorf("ebpf: %w", err)
+	if err := b.countPeer(p.Subnet, p.PublicIPv6); err != nil {
+		return err
 	}
 	if err := b.m.PutRoute6(r); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
@@ -108,12 +104,7 @@ func (b *Backend) removePeerIPv6Only(lease subnetmgr.Lease) error {
 	if err := b.m.DeleteRoute6(subnet); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
-	if ip.IsValid() && !b.publicIPInUse(ip, subnet) {
-		if err := b.m.DeletePeer(ip); err != nil {
-			return fmt.Errorf("ebpf: %w", err)
-		}
-	}
-	return nil
+	return b.uncountPeer(subnet, ip)
 }
 
 // prunePeersIPv6Only is PrunePeers in an IPv6-only overlay: routes6 entries of IPv6 subnets

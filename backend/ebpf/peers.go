@@ -27,11 +27,8 @@ func (b *Backend) AddPeer(lease subnetmgr.Lease) error {
 		return err
 	}
 	r := maps.Route{Subnet: p.Subnet, PublicIP: p.PublicIP, VtepMAC: p.VtepMAC, Direct: b.peerPath(p.Subnet, p.PublicIP).Direct}
-	if old, ok := b.peers[r.Subnet]; ok && old != r.PublicIP && !b.publicIPInUse(old, r.Subnet) {
-		_ = b.m.DeletePeer(old)
-	}
-	if err := b.m.AddPeer(r.PublicIP); err != nil {
-		return fmt.Errorf("ebpf: %w", err)
+	if err := b.countPeer(r.Subnet, r.PublicIP); err != nil {
+		return err
 	}
 	if err := b.m.PutRoute(r); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
@@ -72,12 +69,7 @@ func (b *Backend) RemovePeer(lease subnetmgr.Lease) error {
 	if err := b.m.DeleteRoute(subnet); err != nil {
 		return fmt.Errorf("ebpf: %w", err)
 	}
-	if ip.IsValid() && !b.publicIPInUse(ip, subnet) {
-		if err := b.m.DeletePeer(ip); err != nil {
-			return fmt.Errorf("ebpf: %w", err)
-		}
-	}
-	return nil
+	return b.uncountPeer(subnet, ip)
 }
 
 // PrunePeers removes what the pinned maps still hold for peers that are not in keep
@@ -169,6 +161,31 @@ func (b *Backend) PrunePeers(keep []subnetmgr.Lease) error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("ebpf: prune peers: %w", err)
+	}
+	return nil
+}
+
+// countPeer gives the peer of subnet, now at ip, its counter entry before its route is
+// written (the programs count only into entries that exist), and drops the entry of the
+// address the subnet had before unless another peer still has it. Called with mu held.
+func (b *Backend) countPeer(subnet netip.Prefix, ip netip.Addr) error {
+	if old, ok := b.peers[subnet]; ok && old != ip && !b.publicIPInUse(old, subnet) {
+		_ = b.m.DeletePeer(old)
+	}
+	if err := b.m.AddPeer(ip); err != nil {
+		return fmt.Errorf("ebpf: %w", err)
+	}
+	return nil
+}
+
+// uncountPeer drops the counter entry of ip, the address of subnet's removed peer, unless
+// another peer has the same address. Called with mu held.
+func (b *Backend) uncountPeer(subnet netip.Prefix, ip netip.Addr) error {
+	if !ip.IsValid() || b.publicIPInUse(ip, subnet) {
+		return nil
+	}
+	if err := b.m.DeletePeer(ip); err != nil {
+		return fmt.Errorf("ebpf: %w", err)
 	}
 	return nil
 }

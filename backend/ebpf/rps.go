@@ -107,17 +107,6 @@ func setRPS(ns netns.NsHandle, names []string, from, mask string) error {
 	})
 }
 
-// readRPS returns rx-0/rps_cpus of the named interface of ns.
-func readRPS(ns netns.NsHandle, name string) (string, error) {
-	var mask string
-	err := inSysfs(ns, func(sys string) error {
-		raw, err := os.ReadFile(filepath.Join(sys, "class/net", name, "queues/rx-0/rps_cpus"))
-		mask = strings.TrimSpace(string(raw))
-		return err
-	})
-	return mask, err
-}
-
 // inSysfs runs fn with the path of a sysfs that shows the devices of ns (see setRPS).
 func inSysfs(ns netns.NsHandle, fn func(sys string) error) error {
 	errc := make(chan error, 1)

@@ -2,6 +2,8 @@ package ebpf
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -150,4 +152,15 @@ func TestFlowSteeringSetsRPSOnContainerVeths(t *testing.T) {
 			t.Errorf("without flow steering rps_cpus of %s is %s, want 0", c.Veth, got)
 		}
 	}
+}
+
+// readRPS returns rx-0/rps_cpus of the named interface of ns.
+func readRPS(ns netns.NsHandle, name string) (string, error) {
+	var mask string
+	err := inSysfs(ns, func(sys string) error {
+		raw, err := os.ReadFile(filepath.Join(sys, "class/net", name, "queues/rx-0/rps_cpus"))
+		mask = strings.TrimSpace(string(raw))
+		return err
+	})
+	return mask, err
 }
