@@ -144,15 +144,7 @@ func TestDirect6(t *testing.T) {
 					if c.setup != nil {
 						c.setup()
 					}
-					before := verdicts(t, objs.Counters)
-					var (
-						ret uint32
-						out []byte
-						err error
-					)
-					inNS(func() { ret, out, err = runCtxErr(c.prog(), c.in, skbContext{}) })
-					must(t, err)
-					checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+					ret, out := runCounted(t, objs, inNS, c.prog(), c.in, skbContext{}, c.verdict)
 					want := c.out
 					if want == nil {
 						want = c.in

@@ -317,15 +317,7 @@ func TestEncapIPv6(t *testing.T) {
 			if c.host {
 				prog = objs.EncapHost
 			}
-			before := verdicts(t, objs.Counters)
-			var (
-				ret uint32
-				out []byte
-				err error
-			)
-			inNS(func() { ret, out, err = runCtxErr(prog, c.in, skbContext{}) })
-			must(t, err)
-			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+			ret, out := runCounted(t, objs, inNS, prog, c.in, skbContext{}, c.verdict)
 			if c.verdict != XnetVerdictVERDICT_ENCAP {
 				expectUntouched(t, "tc", ret, c.ret, out, c.in)
 				return
@@ -478,15 +470,7 @@ func TestEncapIPv6TooBig(t *testing.T) {
 			if c.host {
 				prog = objs.EncapHost
 			}
-			before := verdicts(t, objs.Counters)
-			var (
-				ret uint32
-				out []byte
-				err error
-			)
-			inNS(func() { ret, out, err = runCtxErr(prog, c.in, c.gso) })
-			must(t, err)
-			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+			ret, out := runCounted(t, objs, inNS, prog, c.in, c.gso, c.verdict)
 			switch {
 			case c.verdict == XnetVerdictVERDICT_ENCAP:
 				if ret != c.ret || !bytes.Equal(out[64:64+len(c.in)-14], c.in[14:]) {
@@ -589,14 +573,7 @@ func TestLearnIPv6(t *testing.T) {
 				build = frame
 			}
 			in := build(c.srcMAC)
-			before := verdicts(t, objs.Counters)
-			var (
-				ret uint32
-				out []byte
-			)
-			inNS(func() { ret, out, err = runCtxErr(objs.EncapContainer, in, skbContext{Ifindex: c.from}) })
-			must(t, err)
-			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+			ret, out := runCounted(t, objs, inNS, objs.EncapContainer, in, skbContext{Ifindex: c.from}, c.verdict)
 			switch c.verdict {
 			case XnetVerdictVERDICT_ENCAP:
 			case XnetVerdictVERDICT_PASS:

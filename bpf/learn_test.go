@@ -112,15 +112,7 @@ func TestLearn(t *testing.T) {
 				dst, dstMAC = remoteIP, gwMAC
 			}
 			in := frameTo(victimIP, c.srcMAC, dst, dstMAC)
-			before := verdicts(t, objs.Counters)
-			var (
-				ret uint32
-				out []byte
-				err error
-			)
-			inNS(func() { ret, out, err = runCtxErr(objs.EncapContainer, in, skbContext{Ifindex: c.from}) })
-			must(t, err)
-			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+			ret, out := runCounted(t, objs, inNS, objs.EncapContainer, in, skbContext{Ifindex: c.from}, c.verdict)
 			switch c.verdict {
 			case XnetVerdictVERDICT_ENCAP:
 			case XnetVerdictVERDICT_PASS:

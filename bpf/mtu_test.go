@@ -92,15 +92,7 @@ func TestEncapTooBig(t *testing.T) {
 			if c.host {
 				prog = objs.EncapHost
 			}
-			before := verdicts(t, objs.Counters)
-			var (
-				ret uint32
-				out []byte
-				err error
-			)
-			inNS(func() { ret, out, err = runCtxErr(prog, c.in, c.gso) })
-			must(t, err)
-			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+			ret, out := runCounted(t, objs, inNS, prog, c.in, c.gso, c.verdict)
 			switch {
 			case c.verdict == XnetVerdictVERDICT_ENCAP:
 				if ret != c.ret || !bytes.Equal(out[64:64+len(c.in)-14], c.in[14:]) {

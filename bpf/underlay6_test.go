@@ -281,15 +281,7 @@ func TestIPv6Only(t *testing.T) {
 			verdict: XnetVerdictVERDICT_PASS, ret: tcPass},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			before := verdicts(t, objs.Counters)
-			var (
-				ret uint32
-				out []byte
-				err error
-			)
-			inNS(func() { ret, out, err = runCtxErr(c.prog(), c.in, skbContext{}) })
-			must(t, err)
-			checkCounted(t, "tc", before, verdicts(t, objs.Counters), c.verdict)
+			ret, out := runCounted(t, objs, inNS, c.prog(), c.in, skbContext{}, c.verdict)
 			want := c.out
 			if want == nil {
 				want = c.in

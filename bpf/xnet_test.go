@@ -482,6 +482,23 @@ func runDecapCase(t *testing.T, objs *objects, c decapCase) {
 	}
 }
 
+// runCounted runs prog on in with ctx inside the test underlay's namespace (inNS) and checks
+// that exactly the counter of verdict want moved; it returns what the program returned and
+// its output frame.
+func runCounted(t *testing.T, objs *objects, inNS func(func()), prog *ebpf.Program, in []byte, ctx skbContext, want XnetVerdict) (uint32, []byte) {
+	t.Helper()
+	before := verdicts(t, objs.Counters)
+	var (
+		ret uint32
+		out []byte
+		err error
+	)
+	inNS(func() { ret, out, err = runCtxErr(prog, in, ctx) })
+	must(t, err)
+	checkCounted(t, "tc", before, verdicts(t, objs.Counters), want)
+	return ret, out
+}
+
 func checkCounted(t *testing.T, hook string, before, after map[XnetVerdict]uint64, want XnetVerdict) {
 	t.Helper()
 	for v := XnetVerdict(0); v < XnetVerdictVERDICT_MAX; v++ {
